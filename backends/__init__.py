@@ -1,0 +1,91 @@
+"""Lowering from the IR to backend text: one small class per backend over shared helpers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Type
+
+import jinja2
+
+from probedsl import ir
+from probedsl.ast import Span
+from probedsl.errors import ProbedslError
+
+
+@dataclass
+class Generated:
+    """Backend text plus a map from generated line (1-based) to the recipe span it came from."""
+    text: str
+    line_map: Dict[int, Span] = field(default_factory=dict)
+    loader: str = ""          # BCC: the Python loader that runs the C text
+    manifest: dict = field(default_factory=dict)  # BCC: what the loader attaches
+
+    def recipe_span(self, line: int):
+        best = None
+        for gen_line, span in sorted(self.line_map.items()):
+            if gen_line <= line:
+                best = span
+        return best
+
+
+def live_fields(resource: ir.Resource) -> List[str]:
+    """Per-live-resource fields in storage order; time is always kept (age, presence test)."""
+    return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
+
+
+def counters(resource: ir.Resource) -> List[str]:
+    return ["acquired", "released", "unknown_releases"]
+
+
+def lifetime_report(program: ir.Program, resource: ir.Resource) -> bool:
+    return any(r.kind == "lifetime" and r.resource == resource.name for r in program.reports)
+
+
+class Backend:
+    """Shared expression lowering: subclasses fill RENDER for each IR value type."""
+    name = ""
+    template = ""
+    RENDER: Dict[type, Callable] = {}
+
+    def __init__(self):
+        env = jinja2.Environment(loader=jinja2.PackageLoader("probedsl.backends", "templates"),
+                                 undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                 lstrip_blocks=True, keep_trailing_newline=True)
+        self.env = env
+
+    def expr(self, value: ir.Value) -> str:
+        render = self.RENDER.get(type(value))
+        if render is None:
+            raise ProbedslError(f"{self.name} cannot express {type(value).__name__}")
+        return render(self, value)
+
+    def binop(self, value: ir.BinOp) -> str:
+        if value.op in ("==", "!=", "<", "<=", ">", ">="):
+            return f"({self.signed(self.expr(value.left))} {value.op} {self.signed(self.expr(value.right))})"
+        return f"({self.expr(value.left)} {value.op} {self.expr(value.right)})"
+
+    def signed(self, text: str) -> str:
+        raise NotImplementedError
+
+    def comment(self, text: str) -> str:
+        """Recipe text in a generated comment: one line, no comment terminator."""
+        return " ".join(text.split()).replace("*/", "* /")
+
+    def render_template(self, **view) -> Generated:
+        text = self.env.get_template(self.template).render(**view)
+        line_map = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            marker = "recipe-line "
+            if marker in line:
+                tail = line.split(marker, 1)[1].split()[0].rstrip(")")
+                l, _, c = tail.partition(":")
+                line_map[n] = Span(int(l), int(c or 1))
+        return Generated(text, line_map)
+
+
+def backend(name: str) -> Backend:
+    from .bcc import BccBackend
+    from .bpftrace import BpftraceBackend
+    table: Dict[str, Type[Backend]] = {"bpftrace": BpftraceBackend, "bcc": BccBackend}
+    if name not in table:
+        raise ProbedslError(f"unknown backend '{name}'; choose bpftrace or bcc")
+    return table[name]()

@@ -1,0 +1,137 @@
+"""IR -> BCC: C text plus a manifest that the fixed loader (probedsl.drivers.bcc) attaches."""
+from __future__ import annotations
+
+import pprint
+from typing import List
+
+from probedsl import ir
+from probedsl.errors import ProbedslError
+
+from . import Backend, Generated, counters, lifetime_report, live_fields
+
+ARG_REGS = 6   # x86-64 passes six integer arguments in registers
+
+
+def _arg(self, v: ir.Arg) -> str:
+    if v.index >= ARG_REGS:
+        raise ProbedslError(f"BCC reads only the first {ARG_REGS} arguments")
+    return f"PT_REGS_PARM{v.index + 1}(ctx)"
+
+
+class BccBackend(Backend):
+    name = "bcc"
+    template = "bcc.c.j2"
+    RENDER = {
+        ir.Const: lambda self, v: f"{v.value}ULL",
+        ir.Arg: _arg,
+        ir.Saved: lambda self, v: f"s.a[{v.slot}]",
+        ir.Builtin: lambda self, v: {"ret": "PT_REGS_RC(ctx)", "pid": "(bpf_get_current_pid_tgid() >> 32)",
+                                     "tid": "(u32)bpf_get_current_pid_tgid()"}[v.name],
+        ir.Field: lambda self, v: f"args->{v.name}",
+        ir.Deref: lambda self, v: f"probedsl_read_u64({self.expr(v.address)})",
+        ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
+        ir.BinOp: Backend.binop,
+    }
+
+    def signed(self, text: str) -> str:
+        return f"(s64){text}"
+
+    def filter_lines(self, target: ir.Target) -> List[str]:
+        if target.mode in ("pid", "cmd"):
+            # the pid is filled in by the loader as a -D define, a validated integer
+            return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
+        if target.mode == "comm":
+            name = target.comm.encode()
+            lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
+            # byte-by-byte: the name never appears as C text, so it cannot inject anything
+            checks = [f"comm[{i}] != {b}" for i, b in enumerate(name + b"\0")]
+            lines.append(f"if ({' || '.join(checks)}) return 0;")
+            return lines
+        return []
+
+    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
+        n = res.name
+        key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
+        if action.kind == "acquire":
+            v = [f"struct {n}_live_t v = {{}};", "v.time = bpf_ktime_get_ns();"]
+            setters = {
+                "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
+                "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
+                "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
+                "ustack": "v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);",
+                "kstack": "v.kstack = probedsl_stacks.get_stackid(ctx, 0);",
+                "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
+            }
+            v += [setters[f] for f in live_fields(res) if f != "time"]
+            body = key + v + [f"{n}_live.update(&k, &v);", f"{n}_counters.atomic_increment(0);"]
+        else:
+            hit = [f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
+            if lifetime_report(program, res):
+                hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
+            body = key + [f"struct {n}_live_t *old = {n}_live.lookup(&k);", "if (old) {",
+                          *["  " + s for s in hit], "} else {", f"  {n}_counters.atomic_increment(2);", "}"]
+        guard = self.expr(action.guard) if action.guard is not None else "1"
+        return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
+
+    def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
+        n = res.name
+        actions = [line for a in probe.actions for line in self.action(program, res, a)]
+        fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
+        if probe.kind == "tracepoint":
+            category, event = probe.function.split(":")
+            return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+                    "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
+                    "return_fn": "", "return_body": []}
+        nest = [f"struct {n}_scratch_t *pending = {n}_scratch.lookup(&tid);",
+                "// skip calls made inside another call of this resource (realloc -> malloc)",
+                "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
+        if probe.at_return:
+            entry = nest + [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};", "s.sp = PT_REGS_SP(ctx);"]
+            entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
+            entry.append(f"{n}_scratch.update(&tid, &s);")
+            ret = [f"struct {n}_scratch_t *sp = {n}_scratch.lookup(&tid);",
+                   f"if (!sp || sp->probe != {probe.id}) return 0;",
+                   f"struct {n}_scratch_t s = *sp;", f"{n}_scratch.delete(&tid);"] + actions
+        else:
+            entry, ret = nest + actions, []
+        return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+                "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
+                "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
+
+    def manifest(self, program: ir.Program, views) -> dict:
+        probes = []
+        for res, res_views in zip(program.resources, views):
+            for probe, view in zip(res.probes, res_views):
+                if probe.kind == "uprobe":
+                    probes.append({"path": probe.path, "function": probe.function,
+                                   "entry": view["entry_fn"], "return": view["return_fn"]})
+        return {
+            "recipe": program.name, "target": program.target.mode,
+            "probes": probes,
+            "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
+                           "counters": counters(r), "lifetime": lifetime_report(program, r)}
+                          for r in program.resources],
+        }
+
+    def generate(self, program: ir.Program, interval: int = 0, ready_pid: int = 0) -> Generated:
+        views, resources = [], []
+        for res in program.resources:
+            res_views = [self.probe_view(program, res, p) for p in res.probes]
+            views.append(res_views)
+            resources.append({
+                "name": res.name, "arity": res.key_arity, "fields": live_fields(res), "probes": res_views,
+                "width": max(res.scratch_width, 1), "max_live": res.max_live,
+                "lifetime": lifetime_report(program, res), "ncounters": len(counters(res)),
+                "key_names": ", ".join(res.key_names)})
+        stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
+        gen = self.render_template(program=program, description=self.comment(program.description),
+                                   filename=self.comment(program.filename.rsplit("/", 1)[-1]),
+                                   resources=resources, filter=self.filter_lines(program.target),
+                                   stacks=stacks)
+        manifest = self.manifest(program, views)
+        # the C text goes in as a raw string unless it could end one; repr is always safe
+        literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)
+        gen.loader = self.env.get_template("bcc_loader.py.j2").render(
+            c_text=literal, manifest=pprint.pformat(manifest, sort_dicts=True), program=program)
+        gen.manifest = manifest
+        return gen

@@ -1,0 +1,107 @@
+"""IR -> one self-contained bpftrace script (bpftrace 0.17 syntax)."""
+from __future__ import annotations
+
+from typing import List
+
+from probedsl import ir
+from probedsl.errors import ProbedslError
+
+from . import Backend, Generated, counters, lifetime_report, live_fields
+
+SNAPSHOT_MARK = "probedsl:snapshot"
+READY_MARK = "probedsl:ready"
+LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
+              "ustack": "ustack(perf)", "kstack": "kstack(perf)", "comm": "comm"}
+
+
+def _u64(text: str) -> str:
+    return f"(uint64)({text})"
+
+
+class BpftraceBackend(Backend):
+    name = "bpftrace"
+    template = "bpftrace.bt.j2"
+    RENDER = {
+        ir.Const: lambda self, v: str(v.value),
+        ir.Arg: lambda self, v: f"arg{v.index}",
+        ir.Saved: lambda self, v: f"$s.{v.slot + 2}",
+        ir.Builtin: lambda self, v: {"ret": "retval", "pid": "pid", "tid": "tid"}[v.name],
+        ir.Field: lambda self, v: f"args->{v.name}",
+        ir.Deref: lambda self, v: f"*(uint64 *)uptr({self.expr(v.address)})",
+        ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
+        ir.BinOp: Backend.binop,
+    }
+
+    def signed(self, text: str) -> str:
+        return f"(int64){text}"
+
+    def filter(self, target: ir.Target) -> str:
+        # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
+        return {"all": "", "pid": f"/pid == {int(target.pid)}/", "cmd": f"/pid == {int(target.pid)}/",
+                "comm": "/comm == str($1)/"}[target.mode]
+
+    def key(self, action: ir.Action) -> str:
+        return ", ".join(_u64(self.expr(k)) for k in action.key)
+
+    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
+        live = f"@{res.name}_live[{self.key(action)}]"
+        if action.kind == "acquire":
+            size = self.expr(action.size) if action.size is not None else "0"
+            values = ", ".join(LIVE_VALUE[f].format(size=size) for f in live_fields(res))
+            body = [f"{live} = ({values});", f"@{res.name}_acquired = count();"]
+        else:
+            hit = [f"delete({live});", f"@{res.name}_released = count();"]
+            if lifetime_report(program, res):
+                hit.append(f"@{res.name}_lifetime = hist(nsecs - $v.0);")
+            body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
+                    f"  @{res.name}_unknown_releases = count();", "}"]
+        if action.guard is None:
+            return body
+        return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
+
+    def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
+        if probe.kind == "uprobe":
+            if not probe.path:
+                raise ProbedslError(f"{probe.label}: library not resolved")
+            entry = f"uprobe:{probe.path}:{probe.function}"
+            ret = f"uretprobe:{probe.path}:{probe.function}"
+        else:
+            entry, ret = f"tracepoint:{probe.function}", ""
+        actions = [line for a in probe.actions for line in self.action(program, res, a)]
+        scratch = f"@{res.name}_scratch[tid]"
+        width = res.scratch_width
+        if probe.at_return:
+            saved = [self.expr(ir.Arg(i)) for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
+            fields = ", ".join(_u64(x) for x in [str(probe.id), 'reg("sp")', *saved])
+            entry_body = [f"$s = {scratch};",
+                          '// skip calls made inside another call of this resource (realloc -> malloc)',
+                          'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
+            return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{", f"  delete({scratch});",
+                           *["  " + line for line in actions], "}"]
+        else:
+            entry_body = actions
+            if res.scratch_width or any(p.at_return for p in res.probes):
+                entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
+                              *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
+            return_body = []
+        return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+                "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
+                "return_body": return_body}
+
+    def generate(self, program: ir.Program, interval: int = 0, ready_pid: int = 0) -> Generated:
+        resources = []
+        for res in program.resources:
+            maps = [f"@{res.name}_live"] + [f"@{res.name}_{c}" for c in counters(res)]
+            if lifetime_report(program, res):
+                maps.append(f"@{res.name}_lifetime")
+            resources.append({
+                "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
+                "probes": [self.probe_view(program, res, p) for p in res.probes],
+                "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
+            })
+        target = program.target
+        return self.render_template(
+            program=program, description=self.comment(program.description),
+            filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
+            filter=self.filter(target), target=target, interval=int(interval),
+            snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

@@ -1,0 +1,157 @@
+"""The recipe's syntax tree: frozen dataclasses, each node with the span it came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+
+@dataclass(frozen=True)
+class Span:
+    line: int
+    column: int
+    end_line: int = 0
+    end_column: int = 0
+
+
+NO_SPAN = Span(0, 0)
+
+
+# --- expressions -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Number:
+    value: int
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Name:
+    name: str
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Deref:
+    """`*out`: the u64 that an out-parameter points to, read at return."""
+    operand: "Expr"
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Expr"
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+Expr = Union[Number, Name, Deref, Not, BinOp]
+
+
+# --- probes and members ----------------------------------------------------------------
+@dataclass(frozen=True)
+class UProbe:
+    library: str          # short name ("libc") or a path
+    function: str
+    args: Tuple[Name, ...]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Tracepoint:
+    category: str
+    event: str
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+Probe = Union[UProbe, Tracepoint]
+
+
+@dataclass(frozen=True)
+class Assign:
+    target: Name
+    value: Expr
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class AlsoRelease:
+    """`releases KEY [when COND]` on an acquire: realloc frees the old block."""
+    key: Tuple[Expr, ...]
+    guard: Optional[Expr]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str                        # "acquire" | "release"
+    probe: Probe
+    key: Tuple[Expr, ...]
+    guards: Tuple[Expr, ...]
+    assigns: Tuple[Assign, ...]
+    also_releases: Tuple[AlsoRelease, ...]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Record:
+    fields: Tuple[Name, ...]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    key_names: Tuple[str, ...]
+    events: Tuple[Event, ...]
+    records: Tuple[Record, ...]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: int
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    name: str
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    function: str                    # sum | count | hist | min | max
+    argument: Optional[Name]
+    label: Optional[str]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Report:
+    kind: str                        # outstanding | lifetime
+    resource: Name
+    group_by: Tuple[Name, ...]
+    aggregations: Tuple[Aggregation, ...]
+    top: Optional[Union[int, ParamRef]]
+    min_age: Optional[Union[int, ParamRef]]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    params: Tuple[Param, ...]
+    resources: Tuple[Resource, ...]
+    reports: Tuple[Report, ...]
+    filename: str = field(default="<recipe>", compare=False)
+    source: str = field(default="", compare=False, repr=False)
+    span: Span = field(default=NO_SPAN, compare=False)

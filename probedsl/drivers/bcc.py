@@ -1,0 +1,133 @@
+"""The BCC loader: compiles the generated C, attaches what the manifest lists, reads maps."""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+from probedsl.errors import ProbedslError
+from probedsl.rundata import Live, Snapshot, Totals
+
+
+def _import_bcc():
+    try:
+        import bcc  # Debian's python3-bpfcc, linked into the venv by scripts/setup.sh
+    except ImportError:
+        raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
+                            "or run scripts/setup.sh)") from None
+    return bcc
+
+
+def _histogram(table) -> list:
+    """BCC log2 buckets -> (min, max, count): bucket i holds values in [2^(i-1), 2^i - 1]."""
+    out = []
+    for k, v in sorted(table.items(), key=lambda kv: kv[0].value):
+        i = k.value
+        if v.value:
+            lo = 0 if i == 0 else 1 << (i - 1)
+            hi = 0 if i == 0 else (1 << i) - 1
+            out.append((lo, hi, v.value))
+    return out
+
+
+class BccLoader:
+    """Runs one compiled program; pid scopes uprobes to one process (0: all processes)."""
+
+    def __init__(self, c_text: str, manifest: dict, pid: int = 0):
+        bcc = _import_bcc()
+        cflags = [f"-DPROBEDSL_PID={int(pid)}"]
+        try:
+            self.bpf = bcc.BPF(text=c_text, cflags=cflags)
+        except Exception as exc:  # BCC raises bare Exception on compile/load errors
+            raise ProbedslError(f"BCC could not compile the program: {exc}") from None
+        self.manifest = manifest
+        for p in manifest["probes"]:
+            try:
+                self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=pid or -1)
+                if p["return"]:
+                    self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"],
+                                              pid=pid or -1)
+            except Exception as exc:
+                raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
+
+    def snapshot(self, final: bool = False) -> Snapshot:
+        now = time.monotonic_ns()
+        live: List[Live] = []
+        totals: Dict[str, Totals] = {}
+        stacks = self.bpf.get_table("probedsl_stacks") if self._has("probedsl_stacks") else None
+        walked: Dict[int, tuple] = {}
+
+        def stack(stack_id: int) -> tuple:
+            if stack_id < 0 or stacks is None:
+                return ()
+            if stack_id not in walked:
+                try:
+                    walked[stack_id] = tuple(stacks.walk(stack_id))
+                except KeyError:
+                    walked[stack_id] = ()
+            return walked[stack_id]
+
+        for res in self.manifest["resources"]:
+            name, fields = res["name"], res["fields"]
+            for k, v in self.bpf.get_table(f"{name}_live").items():
+                live.append(Live(
+                    resource=name, key=tuple(k.k[i] for i in range(res["key_arity"])), time_ns=v.time,
+                    size=v.size if "size" in fields else 0, pid=v.pid if "pid" in fields else 0,
+                    tid=v.tid if "tid" in fields else 0,
+                    ustack=stack(v.ustack) if "ustack" in fields else (),
+                    kstack=stack(v.kstack) if "kstack" in fields else (),
+                    comm=v.comm.decode(errors="replace") if "comm" in fields else ""))
+            counters = self.bpf.get_table(f"{name}_counters")
+            t = Totals(*(counters[counters.Key(i)].value for i in range(3)))
+            if res["lifetime"]:
+                t.lifetime = _histogram(self.bpf.get_table(f"{name}_lifetime"))
+            totals[name] = t
+        return Snapshot(now, live, totals, final)
+
+    def _has(self, table: str) -> bool:
+        try:
+            self.bpf.get_table(table)
+            return True
+        except KeyError:
+            return False
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+class BccDriver:
+    name = "bcc"
+
+    def __init__(self, program, generated):
+        self.program, self.generated = program, generated
+        self.loader: Optional[BccLoader] = None
+        self.exit_status = None
+
+    def start(self, timeout: float = 60) -> None:
+        target = self.program.target
+        pid = target.pid if target.mode in ("pid", "cmd") else 0
+        self.loader = BccLoader(self.generated.text, self.generated.manifest, pid)
+
+    def next_snapshot(self, timeout: float) -> Optional[Snapshot]:
+        return self.loader.snapshot()
+
+    def alive(self) -> bool:
+        return self.loader is not None
+
+    def stop(self, timeout: float = 120) -> Optional[Snapshot]:
+        if self.loader is None:
+            return None
+        snap = self.loader.snapshot(final=True)
+        self.loader.close()
+        self.loader = None
+        return snap
+
+    def kill(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+
+
+def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
+    """Entry point of a loader written by `probedsl compile --target bcc`."""
+    from probedsl.session import run_generated_bcc
+    return run_generated_bcc(c_text, manifest, argv)

@@ -1,0 +1,162 @@
+"""Runs a generated bpftrace script and turns its JSON output into Snapshots."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+from probedsl import ir
+from probedsl.backends import Generated, live_fields
+from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
+from probedsl.errors import ProbedslError
+from probedsl.rundata import Live, Snapshot, Totals
+
+NOISE = ("couldn't set RLIMIT_MEMLOCK",)
+
+
+def parse_stack(text: str) -> tuple:
+    """ustack(perf)/kstack(perf) text -> addresses; the first token of each line is hex."""
+    out = []
+    for line in text.splitlines():
+        token = line.strip().split(" ", 1)[0]
+        if token:
+            try:
+                out.append(int(token, 16))
+            except ValueError:
+                pass
+    return tuple(out)
+
+
+def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int, final: bool) -> Snapshot:
+    live: List[Live] = []
+    totals: Dict[str, Totals] = {}
+    for res in program.resources:
+        fields = live_fields(res)
+        for key, value in (maps.get(f"@{res.name}_live") or {}).items():
+            record = dict(zip(fields, value if isinstance(value, list) else [value]))
+            live.append(Live(
+                resource=res.name, key=tuple(int(k) for k in str(key).split(",")),
+                time_ns=int(record["time"]), size=int(record.get("size", 0)), pid=int(record.get("pid", 0)),
+                tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
+                kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", ""))))
+        t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in ("acquired", "released", "unknown_releases")))
+        t.lifetime = [(int(b.get("min", 0)), int(b.get("max", b.get("min", 0))), int(b["count"]))
+                      for b in (maps.get(f"@{res.name}_lifetime") or []) if b.get("count")]
+        totals[res.name] = t
+    return Snapshot(now_ns, live, totals, final)
+
+
+class BpftraceDriver:
+    name = "bpftrace"
+
+    def __init__(self, program: ir.Program, generated: Generated):
+        self.program, self.generated = program, generated
+        self.snapshots: "queue.Queue[Snapshot]" = queue.Queue()
+        self.stderr: List[str] = []
+        self.ready = threading.Event()
+        self.proc: Optional[subprocess.Popen] = None
+        self._dir = tempfile.mkdtemp(prefix="probedsl-")
+
+    def start(self, timeout: float = 60) -> None:
+        exe = shutil.which("bpftrace")
+        if exe is None:
+            raise ProbedslError("bpftrace is not installed (apt-get install bpftrace, or run scripts/setup.sh)")
+        script = os.path.join(self._dir, f"{self.program.name}.bt")
+        with open(script, "w") as f:
+            f.write(self.generated.text)
+        argv = [exe, "-f", "json", script]
+        if self.program.target.mode == "comm":
+            argv.append(self.program.target.comm)        # read by the script as str($1): never code
+        max_live = max(r.max_live for r in self.program.resources)
+        env = dict(os.environ, BPFTRACE_NO_USER_SYMBOLS="1", BPFTRACE_MAP_KEYS_MAX=str(max_live))
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        # "attached_probes" is printed before attaching, so it proves nothing: wait for the
+        # sentinel probe, attached after all others, to fire on our own getppid()
+        while not self.ready.is_set():
+            os.getppid()
+            if self.proc.poll() is not None:
+                time.sleep(0.1)
+                raise ProbedslError("bpftrace failed to start: " + self.explain_stderr())
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ProbedslError(f"bpftrace did not attach its probes within {timeout:.0f}s")
+            self.ready.wait(0.02)
+
+    def explain_stderr(self) -> str:
+        """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
+        lines = []
+        for line in self.stderr:
+            head = line.split(":", 2)
+            if len(head) == 3 and head[0].endswith(".bt") and head[1].split("-")[0].isdigit():
+                span = self.generated.recipe_span(int(head[1].split("-")[0]))
+                if span:
+                    line = f"{self.program.filename}:{span.line}:{span.column}: {head[2].strip()}"
+            lines.append(line)
+        return "; ".join(lines[:3]) or f"exit status {self.proc.returncode}"
+
+    def _read_stdout(self) -> None:
+        maps: Dict[str, object] = {}
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            kind, data = msg.get("type"), msg.get("data")
+            if kind in ("map", "hist") and isinstance(data, dict):
+                maps.update(data)
+            elif kind == "printf" and isinstance(data, str):
+                if data.startswith(READY_MARK):
+                    self.ready.set()
+                elif data.startswith(SNAPSHOT_MARK):
+                    self.snapshots.put(snapshot_from_maps(self.program, maps, time.monotonic_ns(), False))
+                    maps = {}
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            if line and not any(n in line for n in NOISE):
+                self.stderr.append(line)
+
+    def next_snapshot(self, timeout: float) -> Optional[Snapshot]:
+        try:
+            return self.snapshots.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 120) -> Optional[Snapshot]:
+        """End tracing; bpftrace's END prints the final maps. None if bpftrace died first."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        last = None
+        while True:
+            snap = self.next_snapshot(timeout=1.0 if last is None else 0.05)
+            if snap is None:
+                break
+            last = snap
+        if last is not None:
+            last.final = True
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return last
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()

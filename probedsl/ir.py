@@ -1,0 +1,141 @@
+"""The backend-neutral program: probes, per-thread scratch, keyed tables, aggregations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple, Union
+
+from .ast import Span, NO_SPAN
+
+
+# --- expressions, already bound to where their values live -------------------------------
+@dataclass(frozen=True)
+class Const:
+    value: int
+
+
+@dataclass(frozen=True)
+class Arg:
+    """Argument `index` of the probed function, read at function entry."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Argument saved per thread at entry, read back at return from scratch slot `slot`."""
+    slot: int
+    arg_index: int
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str              # ret | pid | tid
+
+
+@dataclass(frozen=True)
+class Field:
+    """A tracepoint field."""
+    name: str
+
+
+@dataclass(frozen=True)
+class Deref:
+    """The u64 in user memory at `address` (an out-parameter, read at return)."""
+    address: "Value"
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Value"
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "Value"
+    right: "Value"
+
+
+Value = Union[Const, Arg, Saved, Builtin, Field, Deref, Not, BinOp]
+
+
+# --- program -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Action:
+    kind: str                              # acquire | release
+    key: Tuple[Value, ...]
+    guard: Optional[Value]
+    size: Optional[Value] = None           # acquire only
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: int                                # 1-based within its resource; tags scratch entries
+    resource: str
+    kind: str                              # uprobe | tracepoint
+    library: str                           # as written in the recipe (uprobe)
+    function: str                          # function (uprobe) or "category:event" (tracepoint)
+    at_return: bool                        # actions run at return (uretprobe)
+    saved_args: Tuple[int, ...]            # argument indexes saved at entry for the return
+    actions: Tuple[Action, ...]            # releases first, so realloc's in-place shrink works
+    span: Span = field(default=NO_SPAN, compare=False)
+    path: str = ""                         # resolved library path; set by libraries.resolve
+
+    @property
+    def label(self) -> str:
+        return f"{self.library}:{self.function}" if self.kind == "uprobe" else f"tracepoint:{self.function}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    key_names: Tuple[str, ...]
+    record: Tuple[str, ...]                # sorted subset of RECORDABLE
+    probes: Tuple[Probe, ...]
+    max_live: int
+
+    @property
+    def key_arity(self) -> int:
+        return len(self.key_names)
+
+    @property
+    def scratch_width(self) -> int:
+        return max((len(p.saved_args) for p in self.probes), default=0)
+
+    def records(self, what: str) -> bool:
+        return what in self.record
+
+
+@dataclass(frozen=True)
+class Report:
+    kind: str                              # outstanding | lifetime
+    resource: str
+    group_by: Tuple[str, ...]
+    columns: Tuple[Tuple[str, str], ...]   # (aggregation, label): ("sum", "bytes"), ("count", "blocks")
+    top: int
+    min_age_ms: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which processes the program traces; values are validated before they get here."""
+    mode: str = "all"                      # all | pid | comm | cmd
+    pid: int = 0
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    description: str
+    filename: str
+    resources: Tuple[Resource, ...]
+    reports: Tuple[Report, ...]
+    params: Tuple[Tuple[str, int], ...]
+    target: Target = Target()
+
+    def with_target(self, target: Target) -> "Program":
+        return replace(self, target=target)
+
+
+RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
+DEFAULT_MAX_LIVE = 1_000_000

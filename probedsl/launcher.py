@@ -1,0 +1,68 @@
+"""`-- CMD`: start the command held before exec, let it go once the probes are attached."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import List, Optional
+
+from .errors import ProbedslError
+
+
+class HeldCommand:
+    """A forked child that blocks on a pipe, then execs argv (never through a shell)."""
+
+    def __init__(self, argv: List[str]):
+        if not argv:
+            raise ProbedslError("no command given after --")
+        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+        if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
+            raise ProbedslError(f"command not found or not executable: {argv[0]}")
+        self.exe = os.path.realpath(exe)
+        read_end, self._go = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # child: wait for the go byte, then exec
+            try:
+                os.close(self._go)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                if os.read(read_end, 1) == b"g":
+                    os.close(read_end)
+                    os.execv(exe, argv)
+            finally:
+                os._exit(127)
+        os.close(read_end)
+        self.pid = pid
+        self.status: Optional[int] = None
+
+    def release(self) -> None:
+        os.write(self._go, b"g")
+        os.close(self._go)
+        self._go = -1
+
+    def abandon(self) -> None:
+        """Probes failed: the child exits without running the command."""
+        if self._go >= 0:
+            os.close(self._go)
+            self._go = -1
+        self.wait()
+
+    def poll(self) -> Optional[int]:
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+    def wait(self) -> int:
+        if self.status is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

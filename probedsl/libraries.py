@@ -1,0 +1,127 @@
+"""Where probes attach: library short names -> files, symbol checks, and alias folding."""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+import subprocess
+from dataclasses import replace
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from . import elf, ir
+from .errors import Diagnostic, ProbedslError, RecipeError
+
+# Paths end up inside generated probe specs; keep them to characters that need no quoting.
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+/-]+$")
+
+
+def _short_matches(short: str, filename: str) -> bool:
+    stem = short if short.startswith("lib") else "lib" + short
+    return filename.startswith(stem + ".so") or filename.startswith(stem + "-")
+
+
+@functools.lru_cache(maxsize=1)
+def _ldconfig() -> Tuple[Tuple[str, str], ...]:
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ()
+    entries = []
+    for line in out.splitlines()[1:]:
+        m = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
+        if m and ("x86-64" in m.group(2) or "64" in m.group(2)):
+            entries.append((m.group(1), m.group(3)))
+    return tuple(entries)
+
+
+def mapped_files(pid: int) -> List[str]:
+    """Files mapped executable by a live process."""
+    files = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and "x" in parts[1] and parts[5].startswith("/"):
+                    path = parts[5].strip()
+                    if path not in files:
+                        files.append(path)
+    except OSError:
+        pass
+    return files
+
+
+def linked_libraries(command: str) -> List[str]:
+    """What the dynamic loader would map for `command` (ld.so --list, no execution of it)."""
+    loaders = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)]
+    if not loaders:
+        return []
+    try:
+        out = subprocess.run([loaders[0], "--list", command], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [m.group(1) for m in re.finditer(r"=> (/\S+)", out)]
+
+
+class LibraryResolver:
+    """Resolves a recipe's library names the way the traced program would."""
+
+    def __init__(self, pid: Optional[int] = None, command: Optional[str] = None):
+        self.pid, self.command = pid, command
+
+    def candidates(self) -> Iterable[str]:
+        if self.pid:
+            yield from mapped_files(self.pid)
+        if self.command:
+            yield from linked_libraries(self.command)
+        for _, path in _ldconfig():
+            yield path
+
+    def resolve(self, library: str) -> Optional[str]:
+        if "/" in library:
+            return os.path.realpath(library) if os.path.isfile(library) else None
+        for path in self.candidates():
+            if _short_matches(library, os.path.basename(path)):
+                return os.path.realpath(path)
+        return None
+
+
+def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") -> ir.Program:
+    """Fill in each uprobe's library path, check its symbol, and drop probes that alias an
+    earlier probe's address in the same resource (glibc's aligned_alloc is memalign):
+    attaching both would count one call twice."""
+    diagnostics: List[Diagnostic] = []
+    resources = []
+    for res in program.resources:
+        seen: Dict[Tuple[str, int, bool], ir.Probe] = {}
+        probes = []
+        for probe in res.probes:
+            if probe.kind != "uprobe":
+                probes.append(probe)
+                continue
+            path = resolver.resolve(probe.library)
+            if path is None:
+                diagnostics.append(Diagnostic(program.filename, probe.span,
+                                              f"library '{probe.library}' not found"))
+                continue
+            if not SAFE_PATH.match(path):
+                diagnostics.append(Diagnostic(program.filename, probe.span,
+                                              f"library path {path!r} has characters probedsl does not put in a probe"))
+                continue
+            syms = elf.symbols(path)
+            address = syms.address_of(probe.function) if syms else None
+            if address is None:
+                near = difflib.get_close_matches(probe.function, list(syms.by_name) if syms else [], n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                diagnostics.append(Diagnostic(program.filename, probe.span,
+                                              f"function '{probe.function}' not found in {path}{hint}"))
+                continue
+            key = (path, address, probe.at_return)
+            if key in seen:
+                continue
+            seen[key] = probe
+            probes.append(replace(probe, path=path))
+        resources.append(replace(res, probes=tuple(probes)))
+    if diagnostics:
+        raise RecipeError(diagnostics, source)
+    return replace(program, resources=tuple(resources))

@@ -1,0 +1,170 @@
+"""`probedsl run`: launch or find the target, drive a backend, print reports until the end."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+from . import compiler, ir, report
+from .drivers.bcc import BccDriver
+from .drivers.bpftrace import BpftraceDriver
+from .errors import ProbedslError
+from .launcher import HeldCommand, process_alive
+from .libraries import LibraryResolver
+from .mappings import MappingTracker
+from .symbolizer import Symbolizer
+
+TASK_COMM_LEN = 16
+
+
+@dataclass
+class RunOptions:
+    recipe: str
+    backend: str = "bpftrace"
+    comm: Optional[str] = None
+    pid: Optional[int] = None
+    command: List[str] = field(default_factory=list)
+    interval: int = 0
+    duration: float = 0
+    top: Optional[int] = None
+    sets: dict = field(default_factory=dict)
+    format: str = "text"
+    max_live: int = ir.DEFAULT_MAX_LIVE
+
+
+def validate_comm(comm: str) -> str:
+    raw = comm.encode()
+    if not raw or len(raw) >= TASK_COMM_LEN:
+        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
+                            "(the kernel keeps only the first 15)")
+    if re.search(r"[\x00-\x1f\x7f]", comm):
+        raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
+    return comm
+
+
+def _target(opts: RunOptions):
+    chosen = [x for x in (opts.comm, opts.pid, opts.command or None) if x is not None]
+    if len(chosen) != 1:
+        raise ProbedslError("choose one target: --comm NAME, --pid PID, or -- CMD ARGS...")
+    if opts.comm is not None:
+        return ir.Target("comm", comm=validate_comm(opts.comm)), LibraryResolver(), None
+    if opts.pid is not None:
+        if opts.pid <= 0 or not process_alive(opts.pid):
+            raise ProbedslError(f"--pid {opts.pid}: no such process")
+        return ir.Target("pid", pid=opts.pid), LibraryResolver(pid=opts.pid), None
+    held = HeldCommand(opts.command)
+    return ir.Target("cmd", pid=held.pid), LibraryResolver(command=held.exe), held
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the run then ends with a final report."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+        self.event.set()
+
+
+def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
+    if os.geteuid() != 0:
+        raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
+    recipe = compiler.load(opts.recipe)
+    target, resolver, held = _target(opts)
+    try:
+        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=opts.max_live).with_target(target)
+        interval = opts.interval if opts.backend == "bpftrace" else 0
+        generated = compiler.generate(program, opts.backend, interval, ready_pid=os.getpid())
+        driver = {"bpftrace": BpftraceDriver, "bcc": BccDriver}[opts.backend](program, generated)
+        tracker = MappingTracker().start()       # before attaching, so no mmap is missed
+    except BaseException:
+        if held:
+            held.abandon()
+        raise
+    if target.mode == "pid":
+        tracker.snapshot(target.pid)
+    stop = _Stop()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    describe = {"comm": f"comm {target.comm}", "pid": f"pid {target.pid}",
+                "cmd": f"command {' '.join(opts.command)} (pid {target.pid})"}[target.mode]
+    symbolizer = Symbolizer(tracker)
+    notes: List[str] = []
+    exit_status = None
+    try:
+        try:
+            driver.start()
+        except BaseException:
+            if held:
+                held.abandon()
+            raise
+        print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
+        if held:
+            held.release()
+        started = time.monotonic()
+        next_report = started + opts.interval if opts.interval else None
+
+        def emit(snap):
+            rep = report.build(program, snap, symbolizer, backend=opts.backend, target=describe,
+                               duration_s=time.monotonic() - started, top=opts.top,
+                               exit_status=exit_status, notes=notes)
+            out.write(report.to_json(rep) + "\n" if opts.format == "json" else report.to_text(rep))
+            out.flush()
+
+        while not stop.event.is_set():
+            if held and held.poll() is not None:
+                break
+            if target.mode == "pid" and not process_alive(target.pid):
+                break
+            if opts.duration and time.monotonic() - started >= opts.duration:
+                break
+            if not driver.alive():
+                notes.append(f"the {opts.backend} process ended early")
+                break
+            if next_report and time.monotonic() >= next_report:
+                next_report += opts.interval
+                snap = driver.next_snapshot(timeout=5)
+                if snap is not None:
+                    emit(snap)
+            stop.event.wait(0.05)
+        if held:
+            if held.poll() is None and stop.signal is not None:
+                held.wait()                    # Ctrl-C reached the command too; let it finish
+            exit_status = held.poll()
+        final = driver.stop()
+        if final is None:
+            print("probedsl: the tracer ended without a final report: " +
+                  getattr(driver, "explain_stderr", lambda: "no data")(), file=err)
+            return 1
+        emit(final)
+    finally:
+        driver.kill()
+        tracker.stop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return exit_status if exit_status is not None else 0
+
+
+def run_generated_bcc(c_text: str, manifest: dict, argv: List[str]) -> int:
+    """Minimal runner for a compiled BCC loader: --pid PID (optional), until Ctrl-C."""
+    from .drivers.bcc import BccLoader
+    pid = int(argv[argv.index("--pid") + 1]) if "--pid" in argv else 0
+    loader = BccLoader(c_text, manifest, pid)
+    print("tracing; Ctrl-C to print live resources", file=sys.stderr)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    snap = loader.snapshot(final=True)
+    for name, t in snap.totals.items():
+        live = [l for l in snap.live if l.resource == name]
+        print(f"{name}: {len(live)} live, {sum(l.size for l in live)} bytes; {t.acquired} acquired, "
+              f"{t.released} released, {t.unknown_releases} unknown releases")
+    loader.close()
+    return 0

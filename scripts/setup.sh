@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for probedsl on Debian 12: system packages, kernel headers for BCC,
+# and a .venv with the package installed. Says what it changed and what it found in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf 'setup: %s\n' "$*"; }
+[ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs packages and tracing needs root)" >&2; exit 1; }
+
+# 1. system packages
+pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+apt_updated=0
+apt_install() {
+  [ $apt_updated = 1 ] || { say "apt-get update"; apt-get update -qq >/dev/null; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+if [ ${#missing[@]} -gt 0 ]; then say "installing ${missing[*]}"; apt_install "${missing[@]}"; say "installed ${missing[*]}"
+else say "system packages already present: ${pkgs[*]}"; fi
+
+# 2. kernel headers for BCC: the running kernel has no headers package; Debian 6.1 headers
+#    compile uprobe/tracepoint programs, so link them where BCC looks.
+kdir=/lib/modules/$(uname -r)
+if [ -e "$kdir/build/include" ]; then say "kernel headers already at $kdir/build"
+else
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | grep -v -e cloud -e rt | sort -V | tail -n 1 || true)
+  if [ -z "$hdr" ]; then say "installing linux-headers-amd64 (Debian 6.1 headers)"; apt_install linux-headers-amd64
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 | grep -v -e cloud -e rt | sort -V | tail -n 1); fi
+  common=${hdr%-amd64}-common
+  mkdir -p "$kdir"; ln -sfn "$hdr" "$kdir/build"; ln -sfn "$common" "$kdir/source"
+  say "linked $kdir/build -> $hdr and $kdir/source -> $common"
+fi
+
+# 3. Python environment: lark, jinja2, click, pyelftools from PyPI; bcc from Debian
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then say "creating .venv with $($py --version)"; "$py" -m venv .venv; fi
+stamp=.venv/.probedsl-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing probedsl and its Python dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$want" >"$stamp"
+else say "probedsl already installed in .venv"; fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site/bcc" ]; then ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"; say "linked Debian's bcc module into .venv"; fi
+.venv/bin/python -c 'import bcc, lark, jinja2, click, elftools' || { echo "setup: Python dependencies do not import" >&2; exit 1; }
+say "ready: .venv/bin/probedsl"
