@@ -27,14 +27,20 @@ class ElfSymbols:
         spans: Dict[int, Tuple[int, str]] = {}
         self.segments: List[Segment] = []
         self.is_shared = False
+        self.debug_file = ""
         with open(path, "rb") as f:
             elf = ELFFile(f)
             self.is_shared = elf.header["e_type"] == "ET_DYN"
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD":
                     self.segments.append(Segment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"]))
-            for name in (".symtab", ".dynsym"):
-                table = elf.get_section_by_name(name)
+            tables = [elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")]
+            debug = _debug_file(elf)
+            debug_elf = ELFFile(open(debug, "rb")) if debug else None
+            if debug_elf is not None:
+                self.debug_file = debug
+                tables.append(debug_elf.get_section_by_name(".symtab"))
+            for table in tables:
                 if table is None:
                     continue
                 for sym in table.iter_symbols():
@@ -47,6 +53,8 @@ class ElfSymbols:
                     old = spans.get(addr)
                     if old is None or _nicer(base, old[1]):
                         spans[addr] = (max(size, old[0] if old else 0), base)
+            if debug_elf is not None:
+                debug_elf.stream.close()
         self._addrs = sorted(spans)
         self._entries = [spans[a] for a in self._addrs]
 
@@ -71,6 +79,22 @@ class ElfSymbols:
             if seg.offset <= offset < seg.offset + max(seg.filesz, 1):
                 return offset - seg.offset + seg.vaddr
         return offset
+
+
+DEBUG_ROOT = "/usr/lib/debug"
+
+
+def _debug_file(elf: ELFFile) -> str:
+    """The separate debug file for a stripped ELF, found by build-id (Debian's *-dbg packages)."""
+    note_section = elf.get_section_by_name(".note.gnu.build-id")
+    if note_section is None:
+        return ""
+    for note in note_section.iter_notes():
+        if note["n_type"] == "NT_GNU_BUILD_ID":
+            build_id = note["n_desc"]
+            path = os.path.join(DEBUG_ROOT, ".build-id", build_id[:2], build_id[2:] + ".debug")
+            return path if os.path.isfile(path) else ""
+    return ""
 
 
 def _nicer(new: str, old: str) -> bool:

@@ -31,14 +31,26 @@ else
   say "linked $kdir/build -> $hdr and $kdir/source -> $common"
 fi
 
-# 3. Python environment: lark, jinja2, click, pyelftools from PyPI; bcc from Debian
+# 3. tracefs: bpftrace and BCC find tracepoints there; some machines boot without it mounted
+if [ ! -d /sys/kernel/tracing/events ]; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+  [ -d /sys/kernel/tracing/events ] && say "mounted tracefs at /sys/kernel/tracing"
+fi
+if [ ! -d /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
+  mount -t debugfs nodev /sys/kernel/debug 2>/dev/null && say "mounted debugfs at /sys/kernel/debug" || true
+fi
+[ -d /sys/kernel/tracing/events ] || { echo "setup: tracefs is not available: tracepoints cannot work" >&2; exit 1; }
+
+# 4. Python environment: lark, jinja2, click, pyelftools from PyPI; bcc from Debian
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then say "creating .venv with $($py --version)"; "$py" -m venv .venv; fi
 stamp=.venv/.probedsl-installed
 want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing probedsl and its Python dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  log=$(mktemp)
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >"$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
+  rm -f "$log"
   echo "$want" >"$stamp"
 else say "probedsl already installed in .venv"; fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

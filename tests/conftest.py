@@ -1,0 +1,89 @@
+"""Shared helpers: the CLI, C fixtures built in the test run, and JSON report readers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
+BACKENDS = ("bpftrace", "bcc")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden from current output")
+
+
+@pytest.fixture
+def update_golden(request):
+    return request.config.getoption("--update-golden")
+
+
+def probedsl(*args, input=None, timeout=120, **kw):
+    """Run the CLI as a user would; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, "-m", "probedsl", *args], input=input, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def root_required():
+    if os.geteuid() != 0:
+        pytest.fail("tracing tests need root with eBPF rights (CI runs as root); run: sudo scripts/test.sh")
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """build(name) compiles tests/fixtures/NAME.c at -O0 -g (gcc drops unused mallocs at -O2)."""
+    out = tmp_path_factory.mktemp("fixtures")
+    built = {}
+
+    def _build(name: str) -> str:
+        if name not in built:
+            exe = out / name
+            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c")],
+                           check=True)
+            built[name] = str(exe)
+        return built[name]
+    return _build
+
+
+def report_json(stdout: str) -> dict:
+    """The last JSON report in the output (interval runs print several)."""
+    dec, docs, i = json.JSONDecoder(), [], 0
+    while (i := stdout.find("{", i)) >= 0:
+        try:
+            doc, i = dec.raw_decode(stdout, i)
+            docs.append(doc)
+        except ValueError:
+            i += 1
+    assert docs, f"no JSON report in output: {stdout[:500]!r}"
+    return docs[-1]
+
+
+ALLOCATOR_MODULES = ("libc.so", "ld-linux")
+
+
+def first_user_function(entry: dict) -> str:
+    """The innermost frame outside libc/ld.so: where the program called the allocator."""
+    for frame in entry["stack"]:
+        if not any(m in (frame["module"] or "") for m in ALLOCATOR_MODULES):
+            return frame["function"] or frame["text"]
+    return entry["stack"][0]["text"] if entry["stack"] else ""
+
+
+def by_site(report: dict) -> dict:
+    """{function: (bytes, blocks)} summed over the outstanding-heap entries."""
+    sites = {}
+    for rep in report["reports"]:
+        if rep["kind"] != "outstanding":
+            continue
+        for e in rep["entries"]:
+            name = first_user_function(e)
+            b, n = sites.get(name, (0, 0))
+            sites[name] = (b + e["bytes"], n + e["blocks"])
+    return sites

@@ -1,0 +1,108 @@
+"""IR -> backend text: golden files, snippets, and the backends' own acceptance of our output."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import subprocess
+
+import pytest
+
+from probedsl import compiler, ir
+from probedsl.backends import backend
+
+from conftest import MEMLEAK, ROOT
+
+GOLDEN = ROOT / "tests" / "golden"
+RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
+
+
+def fixed_paths(program: ir.Program) -> ir.Program:
+    """Goldens must not depend on where this machine keeps libc."""
+    return dataclasses.replace(program, resources=tuple(
+        dataclasses.replace(r, probes=tuple(dataclasses.replace(p, path=f"/lib/{p.library}.so") for p in r.probes))
+        for r in program.resources))
+
+
+def memleak_program(target=ir.Target("pid", pid=4242)) -> ir.Program:
+    return fixed_paths(compiler.build(compiler.load(MEMLEAK))).with_target(target)
+
+
+@pytest.mark.parametrize("name,suffix", [("bpftrace", "bt"), ("bcc", "c")])
+def test_memleak_matches_golden(name, suffix, update_golden):
+    text = backend(name).generate(memleak_program()).text
+    golden = GOLDEN / f"memleak.{suffix}"
+    if update_golden or not golden.exists():
+        golden.write_text(text)
+    assert text == golden.read_text(), f"regenerate with pytest --update-golden and review the diff of {golden}"
+
+
+def test_generation_is_deterministic():
+    a = backend("bcc").generate(memleak_program())
+    b = backend("bcc").generate(memleak_program())
+    assert a.text == b.text and a.loader == b.loader
+
+
+def test_bpftrace_filters_by_pid_and_takes_comm_as_an_argument():
+    bt = backend("bpftrace")
+    assert "/pid == 4242/" in bt.generate(memleak_program()).text
+    text = bt.generate(memleak_program(ir.Target("comm", comm='le"ak'))).text
+    assert "/comm == str($1)/" in text and 'le"ak' not in text
+
+
+def test_bcc_compares_comm_byte_by_byte():
+    text = backend("bcc").generate(memleak_program(ir.Target("comm", comm='a"*/b'))).text
+    assert "comm[0] != 97 || comm[1] != 34 || comm[2] != 42 || comm[3] != 47" in text
+    assert '"*/' not in text
+
+
+def test_recipe_text_in_comments_cannot_close_them(tmp_path):
+    recipe = tmp_path / "c.probe"
+    recipe.write_text('recipe c "ends */ here\'\'\'"\nresource h keyed by a { acquire libc:malloc(n) -> ret }\n')
+    program = compiler.build(compiler.load(str(recipe)))
+    gen = backend("bcc").generate(program)
+    assert "*/ here" not in gen.text
+    compile(gen.loader, "loader.py", "exec")        # the loader is valid Python whatever the text
+
+
+def test_line_map_points_back_to_the_recipe():
+    gen = backend("bpftrace").generate(memleak_program())
+    line = next(n for n, t in enumerate(gen.text.splitlines(), 1) if ":free /" in t)
+    span = gen.recipe_span(line)
+    assert span.line == next(n for n, t in enumerate(open(MEMLEAK).read().splitlines(), 1) if "libc:free" in t)
+
+
+def test_bcc_manifest_lists_each_uprobe_with_its_functions():
+    gen = backend("bcc").generate(memleak_program())
+    entries = {p["function"]: p for p in gen.manifest["probes"]}
+    assert entries["free"]["return"] == "" and entries["malloc"]["return"].endswith("_return")
+
+
+# --- the real backends accept what we generate (needs root, as CI has) --------------------
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+@pytest.mark.parametrize("target", [ir.Target(), ir.Target("pid", pid=1), ir.Target("comm", comm="x")],
+                         ids=["all", "pid", "comm"])
+def test_bpftrace_accepts_generated_script(recipe, target, tmp_path, root_required):
+    program = compiler.build(compiler.load(recipe)).with_target(target)
+    script = tmp_path / "p.bt"
+    script.write_text(backend("bpftrace").generate(program, interval=5, ready_pid=1).text)
+    argv = ["bpftrace", "--emit-elf", str(tmp_path / "p.o"), str(script)] + (["x"] if target.mode == "comm" else [])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p.o").stat().st_size > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+@pytest.mark.parametrize("target", [ir.Target(), ir.Target("comm", comm="x")], ids=["all", "comm"])
+def test_bcc_compiles_and_loads_generated_program(recipe, target, root_required):
+    from bcc import BPF
+    program = compiler.build(compiler.load(recipe)).with_target(target)
+    gen = backend("bcc").generate(program)
+    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1"])
+    try:
+        for p in gen.manifest["probes"]:          # loading checks the verifier, without attaching
+            bpf.load_func(p["entry"], BPF.KPROBE)
+            if p["return"]:
+                bpf.load_func(p["return"], BPF.KPROBE)
+    finally:
+        bpf.cleanup()

@@ -1,0 +1,131 @@
+"""The front end: parsing, located errors, semantic checks, and the CLI's error contract."""
+from __future__ import annotations
+
+import pytest
+
+from probedsl import ast, checker, parser
+from probedsl.errors import RecipeError
+
+from conftest import MEMLEAK, probedsl
+
+
+def parse_and_check(text: str, fields=lambda c, e: ("ptr", "bytes_alloc") if (c, e) == ("kmem", "kmalloc") else None):
+    recipe = parser.parse(text, "t.probe")
+    checker.check(recipe, fields)
+    return recipe
+
+
+def errors(text: str) -> list:
+    with pytest.raises(RecipeError) as exc:
+        parse_and_check(text)
+    return [(d.span.line, d.span.column, d.message) for d in exc.value.diagnostics]
+
+
+def test_memleak_recipe_parses_into_one_heap_resource():
+    recipe = parser.parse(open(MEMLEAK).read(), MEMLEAK)
+    checker.check(recipe)
+    (heap,) = recipe.resources
+    assert heap.key_names == ("address",)
+    functions = [e.probe.function for e in heap.events]
+    assert functions[:3] == ["malloc", "calloc", "realloc"] and functions[-1] == "free"
+    realloc = heap.events[2]
+    assert len(realloc.also_releases) == 1 and realloc.also_releases[0].guard is not None
+
+
+def test_out_parameter_key_and_tuple_key_parse():
+    recipe = parse_and_check("""
+recipe r
+resource h keyed by address { acquire libc:posix_memalign(out, a, size) -> *out when ret == 0 size = size
+  release libc:free(p) -> p }
+resource fd keyed by (pid, fd) { acquire libc:open(path, flags) -> (pid, ret) when ret >= 0
+  release libc:close(fd) -> (pid, fd) }
+""")
+    assert isinstance(recipe.resources[0].events[0].key[0], ast.Deref)
+    assert len(recipe.resources[1].events[0].key) == 2
+
+
+def test_tracepoint_fields_are_names():
+    recipe = parse_and_check("recipe k resource k keyed by p { acquire tracepoint kmem:kmalloc -> ptr size = bytes_alloc }")
+    assert recipe.resources[0].events[0].probe == ast.Tracepoint("kmem", "kmalloc")
+
+
+def test_syntax_error_is_located_with_expected_tokens():
+    (err,) = errors("recipe r\nresource h keyed by a {\n  acquire libc:malloc(size) ret\n}")
+    assert err[:2] == (3, 29)
+    assert "unexpected 'ret'" in err[2] and "'->'" in err[2]
+
+
+def test_several_semantic_errors_are_reported_at_once():
+    errs = errors("""recipe r
+resource h keyed by address {
+  acquire libc:malloc(size) -> ret when rett != 0 colour = 3
+  release libc:free(p) -> (p, p)
+  record size, ustack, weather
+}
+report outstanding h by kstack: sum(size) as bytes
+""")
+    messages = " | ".join(e[2] for e in errs)
+    assert "unknown name 'rett'" in messages
+    assert "cannot set 'colour'" in messages
+    assert "keyed by 1 value(s)" in messages
+    assert "cannot record 'weather'" in messages
+    assert "'kstack' is not recorded" in messages
+    assert [e[0] for e in errs] == sorted(e[0] for e in errs) and len(errs) == 5
+
+
+def test_deref_needs_an_argument_name():
+    (err,) = errors("recipe r resource h keyed by a { acquire libc:f(x) -> *ret }")
+    assert "out-parameter" in err[2]
+
+
+def test_unknown_tracepoint_is_an_error():
+    (err,) = errors("recipe r resource h keyed by a { acquire tracepoint kmem:nope -> ptr }")
+    assert "tracepoint kmem:nope does not exist" in err[2]
+
+
+def test_duplicate_names_are_errors():
+    errs = errors("recipe r param a = 1 param a = 2 resource h keyed by k { acquire l:f(x, x) -> x }")
+    assert any("parameter 'a' is defined twice" in e[2] for e in errs)
+    assert any("argument 'x' is named twice" in e[2] for e in errs)
+
+
+def test_rendered_error_has_file_line_col_line_and_caret():
+    with pytest.raises(RecipeError) as exc:
+        parse_and_check("recipe r\nresource h keyed by a { acquire libc:f(x) -> y }\n")
+    text = exc.value.render()
+    head, line, caret = text.splitlines()
+    assert head.startswith("t.probe:2:46: error: unknown name 'y'")
+    assert line.strip() == "resource h keyed by a { acquire libc:f(x) -> y }"
+    assert caret.index("^") == line.index("y", 40)
+
+
+def test_check_cli_reports_location_without_traceback(tmp_path):
+    bad = tmp_path / "bad.probe"
+    lines = open(MEMLEAK).read().splitlines()
+    lines[2] = "  this is not valid ((("
+    bad.write_text("\n".join(lines))
+    result = probedsl("check", str(bad))
+    assert result.returncode != 0
+    assert f"{bad}:3:" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_check_cli_accepts_memleak_and_says_what_it_found():
+    result = probedsl("check", MEMLEAK)
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 resource(s)" in result.stdout
+
+
+def test_unknown_function_in_library_suggests_near_names(tmp_path):
+    recipe = tmp_path / "typo.probe"
+    recipe.write_text("recipe t\nresource h keyed by a {\n  acquire libc:mallocc(n) -> ret\n}\n")
+    result = probedsl("check", str(recipe))
+    assert result.returncode == 1
+    assert f"{recipe}:3:3: error: function 'mallocc' not found" in result.stderr
+    assert "did you mean malloc" in result.stderr
+
+
+def test_missing_recipe_file_is_one_line_error():
+    result = probedsl("check", "/nonexistent/x.probe")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "probedsl: error: recipe not found: /nonexistent/x.probe"
