@@ -27,7 +27,7 @@ class BccBackend(Backend):
         ir.Saved: lambda self, v: f"s.a[{v.slot}]",
         ir.Builtin: lambda self, v: {"ret": "PT_REGS_RC(ctx)", "pid": "(bpf_get_current_pid_tgid() >> 32)",
                                      "tid": "(u32)bpf_get_current_pid_tgid()"}[v.name],
-        ir.Field: lambda self, v: f"args->{v.name}",
+        ir.Field: lambda self, v: f"(u64)args->{v.name}",
         ir.Deref: lambda self, v: f"probedsl_read_u64({self.expr(v.address)})",
         ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
         ir.BinOp: Backend.binop,
@@ -49,7 +49,8 @@ class BccBackend(Backend):
             return lines
         return []
 
-    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
+    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action, ctx: str = "ctx") -> List[str]:
+        """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE)."""
         n = res.name
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
@@ -58,8 +59,8 @@ class BccBackend(Backend):
                 "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
                 "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
                 "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
-                "ustack": "v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);",
-                "kstack": "v.kstack = probedsl_stacks.get_stackid(ctx, 0);",
+                "ustack": f"v.ustack = probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK);",
+                "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
             v += [setters[f] for f in live_fields(res) if f != "time"]
@@ -75,7 +76,8 @@ class BccBackend(Backend):
 
     def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
         n = res.name
-        actions = [line for a in probe.actions for line in self.action(program, res, a)]
+        ctx = "args" if probe.kind == "tracepoint" else "ctx"
+        actions = [line for a in probe.actions for line in self.action(program, res, a, ctx)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == "tracepoint":
             category, event = probe.function.split(":")

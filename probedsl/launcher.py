@@ -50,14 +50,20 @@ class HeldCommand:
         if self.status is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self.status = os.waitstatus_to_exitcode(status)
+                self.status = _shell_status(status)
         return self.status
 
     def wait(self) -> int:
         if self.status is None:
             _, status = os.waitpid(self.pid, 0)
-            self.status = os.waitstatus_to_exitcode(status)
+            self.status = _shell_status(status)
         return self.status
+
+
+def _shell_status(wait_status: int) -> int:
+    """Exit code as a shell reports it: 128+N for a command killed by signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
 
 
 def process_alive(pid: int) -> bool:

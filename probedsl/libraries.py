@@ -5,6 +5,7 @@ import difflib
 import functools
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -23,8 +24,11 @@ def _short_matches(short: str, filename: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _ldconfig() -> Tuple[Tuple[str, str], ...]:
+    exe = shutil.which("ldconfig") or next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None)
+    if exe is None:
+        return ()
     try:
-        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([exe, "-p"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return ()
     entries = []

@@ -97,7 +97,7 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
                 library=p.library if isinstance(p, ast.UProbe) else "",
                 function=p.function if isinstance(p, ast.UProbe) else f"{p.category}:{p.event}",
                 at_return=at_return, saved_args=tuple(bind.saved), actions=tuple(actions),
-                span=event.span))
+                span=event.probe.span))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []

@@ -65,7 +65,8 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         live = [l for l in snapshot.live if l.resource == res.name]
         t = snapshot.totals.get(res.name)
         resources[res.name] = {
-            "live_bytes": sum(l.size for l in live), "live_blocks": len(live),
+            **({"live_bytes": sum(l.size for l in live)} if res.records("size") else {}),
+            "live_blocks": len(live),
             "acquired": t.acquired if t else 0, "released": t.released if t else 0,
             "unknown_releases": t.unknown_releases if t else 0}
     sections = []
@@ -147,21 +148,14 @@ def to_json(report: Report) -> str:
     return json.dumps(doc, indent=2)
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def to_text(report: Report) -> str:
     out = [f"probedsl {report.recipe} report ({'final' if report.final else 'interval'}): "
            f"target {report.target}, backend {report.backend}, {report.duration_s:.1f}s"]
     if report.exit_status is not None:
         out.append(f"  target exited with status {report.exit_status}")
     for name, r in report.resources.items():
-        out.append(f"  {name}: {r['live_bytes']} bytes live in {r['live_blocks']} blocks; "
+        size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
+        out.append(f"  {name}: {size}{r['live_blocks']} live; "
                    f"{r['acquired']} acquired, {r['released']} released, "
                    f"{r['unknown_releases']} releases of unknown keys")
     for note in report.notes:

@@ -88,8 +88,9 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         if held:
             held.abandon()
         raise
-    if target.mode == "pid":
-        tracker.snapshot(target.pid)
+    for pid in ([target.pid] if target.mode == "pid" else
+                processes_named(target.comm) if target.mode == "comm" else []):
+        tracker.snapshot(pid)                  # mapped before we started listening
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     describe = {"comm": f"comm {target.comm}", "pid": f"pid {target.pid}",
@@ -135,7 +136,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
             stop.event.wait(0.05)
         if held:
             if held.poll() is None and stop.signal is not None:
-                held.wait()                    # Ctrl-C reached the command too; let it finish
+                _end_command(held, stop.signal, notes)
             exit_status = held.poll()
         final = driver.stop()
         if final is None:
@@ -149,6 +150,33 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     return exit_status if exit_status is not None else 0
+
+
+def processes_named(comm: str) -> List[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().rstrip("\n") == comm:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _end_command(held: HeldCommand, signum: int, notes: List[str]) -> None:
+    """Ctrl-C from a terminal reaches the command too; give it a moment, then pass the
+    signal on (SIGTERM sent to probedsl alone), and report even if it still runs."""
+    for wait_s, forward in ((1.0, True), (5.0, False)):
+        deadline = time.monotonic() + wait_s
+        while held.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if held.poll() is not None:
+            return
+        if forward:
+            os.kill(held.pid, signum)
+    notes.append(f"the command (pid {held.pid}) was still running when the report was taken")
 
 
 def run_generated_bcc(c_text: str, manifest: dict, argv: List[str]) -> int:

@@ -19,10 +19,11 @@ class Frame:
     module: str            # file path, "[kernel]", or "" when the address is in no known mapping
 
     def __str__(self) -> str:
+        module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
         if self.function:
-            return f"{self.function}+{self.offset} [{os.path.basename(self.module)}]"
+            return f"{self.function}+{self.offset} {module}"
         if self.module:
-            return f"{self.address:#x} [no symbols: {os.path.basename(self.module)}]"
+            return f"{self.address:#x} [no symbols: {module.strip('[]')}]"
         return f"{self.address:#x} [no mapping]"
 
     def as_dict(self) -> dict:

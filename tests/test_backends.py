@@ -14,7 +14,7 @@ from probedsl.backends import backend
 from conftest import MEMLEAK, ROOT
 
 GOLDEN = ROOT / "tests" / "golden"
-RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
+RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")) + glob.glob(str(ROOT / "tests" / "recipes" / "*.probe")))
 
 
 def fixed_paths(program: ir.Program) -> ir.Program:
@@ -101,7 +101,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, target, root_required)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1"])
     try:
         for p in gen.manifest["probes"]:          # loading checks the verifier, without attaching
-            bpf.load_func(p["entry"], BPF.KPROBE)
+            bpf.load_func(p["entry"], BPF.KPROBE)   # uprobes load as kprobe-type programs
             if p["return"]:
                 bpf.load_func(p["return"], BPF.KPROBE)
     finally:

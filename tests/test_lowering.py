@@ -76,7 +76,7 @@ def test_unknown_library_is_a_located_error(tmp_path):
     recipe.write_text("recipe x\nresource h keyed by a {\n  acquire nosuchlib:f(a) -> ret\n}\n")
     with pytest.raises(RecipeError) as exc:
         compiler.build(compiler.load(str(recipe)))
-    assert "x.probe:3:3: error: library 'nosuchlib' not found" in exc.value.render()
+    assert "x.probe:3:11: error: library 'nosuchlib' not found" in exc.value.render()
 
 
 def test_bundled_recipe_is_found_by_name():

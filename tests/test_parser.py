@@ -121,7 +121,7 @@ def test_unknown_function_in_library_suggests_near_names(tmp_path):
     recipe.write_text("recipe t\nresource h keyed by a {\n  acquire libc:mallocc(n) -> ret\n}\n")
     result = probedsl("check", str(recipe))
     assert result.returncode == 1
-    assert f"{recipe}:3:3: error: function 'mallocc' not found" in result.stderr
+    assert f"{recipe}:3:11: error: function 'mallocc' not found" in result.stderr
     assert "did you mean malloc" in result.stderr
 
 

@@ -71,7 +71,7 @@ class BpftraceDriver:
         script = os.path.join(self._dir, f"{self.program.name}.bt")
         with open(script, "w") as f:
             f.write(self.generated.text)
-        argv = [exe, "-f", "json", script]
+        argv = [exe, "-f", "json", "--", script]         # "--": a name like "-x" is not an option
         if self.program.target.mode == "comm":
             argv.append(self.program.target.comm)        # read by the script as str($1): never code
         max_live = max(r.max_live for r in self.program.resources)

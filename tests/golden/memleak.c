@@ -34,7 +34,7 @@ BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
 BPF_ARRAY(heap_counters, u64, 3);  // acquired, released, unknown releases
 BPF_HISTOGRAM(heap_lifetime, int, 64);                // log2(ns) of released lifetimes
 
-// libc:malloc  (recipe-line 8:3)
+// libc:malloc  (recipe-line 8:11)
 int heap_malloc_1_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -72,7 +72,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:calloc  (recipe-line 9:3)
+// libc:calloc  (recipe-line 9:11)
 int heap_calloc_2_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -111,7 +111,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:realloc  (recipe-line 11:3)
+// libc:realloc  (recipe-line 11:11)
 int heap_realloc_3_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -162,7 +162,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:reallocarray  (recipe-line 13:3)
+// libc:reallocarray  (recipe-line 13:11)
 int heap_reallocarray_4_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -214,7 +214,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:posix_memalign  (recipe-line 15:3)
+// libc:posix_memalign  (recipe-line 15:11)
 int heap_posix_memalign_5_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -253,7 +253,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:aligned_alloc  (recipe-line 16:3)
+// libc:aligned_alloc  (recipe-line 16:11)
 int heap_aligned_alloc_6_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -291,7 +291,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:valloc  (recipe-line 18:3)
+// libc:valloc  (recipe-line 18:11)
 int heap_valloc_8_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -329,7 +329,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:pvalloc  (recipe-line 19:3)
+// libc:pvalloc  (recipe-line 19:11)
 int heap_pvalloc_9_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -367,7 +367,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     return 0;
 }
 
-// libc:free  (recipe-line 20:3)
+// libc:free  (recipe-line 20:11)
 int heap_free_10_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;

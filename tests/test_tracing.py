@@ -1,0 +1,185 @@
+"""End to end: real probes on real C programs built in the test run, both backends, exact totals."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BACKENDS, MEMLEAK, by_site, probedsl, report_json
+
+pytestmark = pytest.mark.usefixtures("root_required")
+
+
+def run_json(backend, *target, input=None, extra=()):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra, *target,
+                      input=input)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result, report_json(result.stdout)
+
+
+def assert_seed_leak(report):
+    sites = by_site(report)
+    assert sites.get("wrapper1") == (40, 5), sites
+    assert "wrapper2" not in sites, sites              # its 16-byte blocks were all freed
+    entry = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)
+    functions = [f["function"] for f in entry["stack"]]
+    assert functions[:3] == ["wrapper1", "wrapper2", "main"], functions
+    assert all(f["module"] for f in entry["stack"]), "every frame names its module"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_leak_launched_reports_wrapper1_after_the_process_exited(backend, build):
+    result, report = run_json(backend, "--", build("leak"), input="\n")
+    assert result.returncode == 0, result.stderr
+    assert_seed_leak(report)
+    assert report["schema"] == "probedsl.report/1" and report["final"] is True
+    assert report["exit_status"] == 0 and report["backend"] == backend
+    heap = report["resources"]["heap"]
+    assert heap["released"] == 5 and heap["unknown_releases"] == 0
+    assert heap["acquired"] - heap["released"] == heap["live_blocks"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_leak_by_pid_stops_when_the_process_exits(backend, build):
+    target = subprocess.Popen([build("leak_delayed"), "6", "1"])
+    try:
+        result, report = run_json(backend, "--pid", str(target.pid))
+    finally:
+        target.wait()
+    assert result.returncode == 0, result.stderr
+    assert_seed_leak(report)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_leak_by_comm_started_before_the_program_and_ended_by_sigint(backend, build):
+    exe = build("leak_delayed")
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend,
+                               "--format", "json", "--comm", "leak_delayed"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+        assert tracer.poll() is None, tracer.stderr.read()
+    subprocess.run([exe, "0", "0"], check=True)
+    tracer.send_signal(signal.SIGINT)
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    assert_seed_leak(report_json(out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_leak_exact_blocks_and_bytes_per_thread(backend, build):
+    result, report = run_json(backend, "--", build("threads"))
+    assert result.returncode == 0, result.stderr
+    sites = by_site(report)
+    expected = {"leak_in_thread0": (3 * 24, 3), "leak_in_thread1": (5 * 40, 5),
+                "leak_in_thread2": (7 * 72, 7), "leak_in_thread3": (11 * 136, 11)}
+    assert {k: sites.get(k) for k in expected} == expected
+
+
+ALLOCS_EXPECTED = {
+    "leak_malloc": (100, 1), "leak_calloc": (120, 1), "leak_realloc_grow": (200, 1),
+    "leak_realloc_shrink": (24, 1), "leak_realloc_null": (56, 1), "leak_failed_realloc": (88, 1),
+    "leak_posix_memalign": (130, 1), "leak_aligned_alloc": (192, 1), "leak_memalign": (144, 1),
+    "leak_valloc": (300, 1), "leak_pvalloc": (5000, 1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_allocator_entry_point_leaks_exactly_once(backend, build):
+    result, report = run_json(backend, "--", build("allocs"))
+    assert result.returncode == 3, "the command's exit status is passed through"
+    sites = by_site(report)
+    assert {k: sites.get(k) for k in ALLOCS_EXPECTED} == ALLOCS_EXPECTED
+    assert "realloc_to_zero" not in sites and "no_leak" not in sites, sites
+    assert report["resources"]["heap"]["unknown_releases"] == 0
+
+
+def test_both_backends_agree_on_totals(build):
+    totals = []
+    for backend in BACKENDS:
+        _, report = run_json(backend, "--", build("allocs"))
+        heap = report["resources"]["heap"]
+        totals.append((heap["live_bytes"], heap["live_blocks"], heap["acquired"], heap["released"]))
+    assert totals[0] == totals[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interval_prints_reports_while_running(backend, build):
+    target = subprocess.Popen([build("leak_delayed"), "5", "3"])
+    try:
+        result = probedsl("run", MEMLEAK, "--backend", backend, "--interval", "1", "--pid", str(target.pid))
+    finally:
+        target.wait()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("report (interval)") >= 2
+    assert result.stdout.count("report (final)") == 1
+    assert "wrapper1+" in result.stdout.split("report (final)")[1]
+
+
+def test_text_report_shows_header_and_symbolized_frames(build):
+    result = probedsl("run", MEMLEAK, "--", build("leak"), input="\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "heap: " in out and " live; " in out and "releases of unknown keys" in out
+    assert "40 bytes, 5 blocks" in out
+    assert "wrapper1+" in out and "[leak]" in out and "[unknown]" not in out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_during_a_launched_command_still_reports(backend, build):
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend,
+                               "--format", "json", "--", build("leak_delayed"), "0", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+        assert tracer.poll() is None, tracer.stderr.read()
+    time.sleep(1)
+    tracer.send_signal(signal.SIGTERM)
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 128 + signal.SIGTERM, err     # the command was ended by SIGTERM
+    report = report_json(out)
+    assert report["exit_status"] == 128 + signal.SIGTERM
+    assert by_site(report).get("wrapper1") == (40, 5)
+
+
+def test_missing_target_and_bad_pid_are_one_line_errors():
+    result = probedsl("run", MEMLEAK)
+    assert result.returncode == 1 and "choose one target" in result.stderr and "Traceback" not in result.stderr
+    result = probedsl("run", MEMLEAK, "--pid", "999999999")
+    assert result.returncode == 1 and "no such process" in result.stderr
+
+
+def test_command_not_found_is_reported_before_tracing():
+    result = probedsl("run", MEMLEAK, "--", "/nonexistent/prog")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "probedsl: error: command not found or not executable: /nonexistent/prog"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("comm", ['a"b', "x}{y", "a*b'", "$(id)", "-dash"])
+def test_hostile_process_names_are_matched_not_executed(backend, comm, tmp_path, build):
+    # a copy of the program under a hostile name: it must be traced as that name, nothing else
+    exe = tmp_path / comm
+    exe.write_bytes(open(build("leak_delayed"), "rb").read())
+    exe.chmod(0o755)
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend,
+                               "--format", "json", "--comm", comm],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+        assert tracer.poll() is None, tracer.stderr.read()
+    subprocess.run([str(exe), "0", "0"], check=True)
+    tracer.send_signal(signal.SIGINT)
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    assert by_site(report_json(out)).get("wrapper1") == (40, 5)
+
+
+def test_overlong_and_control_character_names_are_rejected():
+    for comm in ("a" * 16, "new\nline"):
+        result = probedsl("run", MEMLEAK, "--comm", comm)
+        assert result.returncode == 1 and "--comm" in result.stderr and "Traceback" not in result.stderr
