@@ -115,7 +115,7 @@ class BccBackend(Backend):
                           for r in program.resources],
         }
 
-    def generate(self, program: ir.Program, interval: int = 0, ready_pid: int = 0) -> Generated:
+    def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
         views, resources = [], []
         for res in program.resources:
             res_views = [self.probe_view(program, res, p) for p in res.probes]

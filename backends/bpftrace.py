@@ -88,7 +88,9 @@ class BpftraceBackend(Backend):
                 "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
 
-    def generate(self, program: ir.Program, interval: int = 0, ready_pid: int = 0) -> Generated:
+    def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
+        """ready_pid: probedsl's own pid, for the probes it uses to learn that everything is
+        attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""
         resources = []
         for res in program.resources:
             maps = [f"@{res.name}_live"] + [f"@{res.name}_{c}" for c in counters(res)]
@@ -103,5 +105,5 @@ class BpftraceBackend(Backend):
         return self.render_template(
             program=program, description=self.comment(program.description),
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
-            filter=self.filter(target), target=target, interval=int(interval),
+            filter=self.filter(target), target=target,
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

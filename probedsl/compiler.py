@@ -42,6 +42,6 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     return libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
 
 
-def generate(program: ir.Program, target: str, interval: int = 0, ready_pid: int = 0) -> Generated:
-    """ready_pid: the runtime's pid, for a bpftrace probe that tells it all probes are attached."""
-    return backend(target).generate(program, interval, ready_pid)
+def generate(program: ir.Program, target: str, ready_pid: int = 0) -> Generated:
+    """ready_pid: the runtime's pid, which bpftrace probes watch for its requests."""
+    return backend(target).generate(program, ready_pid)

@@ -4,11 +4,16 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from elftools.elf.elffile import ELFFile
 from elftools.common.exceptions import ELFError
+
+
+_SYM = struct.Struct("<IBBHQQ")          # Elf64_Sym
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
 @dataclass(frozen=True)
@@ -19,51 +24,60 @@ class Segment:
 
 
 class ElfSymbols:
-    """Function symbols of one ELF file, from .symtab (when not stripped) and .dynsym."""
+    """Function symbols of one ELF file: .symtab (when not stripped) and .dynsym by name for
+    attaching; for naming addresses, also the separate debug file's .symtab, read on first use."""
 
     def __init__(self, path: str):
         self.path = path
         self.by_name: Dict[str, int] = {}
-        spans: Dict[int, Tuple[int, str]] = {}
         self.segments: List[Segment] = []
-        self.is_shared = False
         self.debug_file = ""
+        self._spans: Dict[int, Tuple[int, str]] = {}
+        self._addrs: Optional[List[int]] = None
         with open(path, "rb") as f:
             elf = ELFFile(f)
-            self.is_shared = elf.header["e_type"] == "ET_DYN"
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD":
                     self.segments.append(Segment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"]))
-            tables = [elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")]
-            debug = _debug_file(elf)
-            debug_elf = ELFFile(open(debug, "rb")) if debug else None
-            if debug_elf is not None:
-                self.debug_file = debug
-                tables.append(debug_elf.get_section_by_name(".symtab"))
-            for table in tables:
-                if table is None:
+            self._add(elf, (".symtab", ".dynsym"))
+            self.debug_file = _debug_file(elf)
+
+    def _add(self, elf: ELFFile, sections) -> None:
+        for name in sections:
+            table = elf.get_section_by_name(name)
+            if table is None or table["sh_entsize"] != _SYM.size:
+                continue
+            strings = elf.get_section(table["sh_link"]).data()
+            # struct over the raw table: pyelftools' per-symbol parsing is ~10x slower
+            for st_name, st_info, _other, shndx, addr, size in _SYM.iter_unpack(table.data()):
+                if st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0:
                     continue
-                for sym in table.iter_symbols():
-                    if sym["st_info"]["type"] not in ("STT_FUNC", "STT_GNU_IFUNC") or sym["st_shndx"] == "SHN_UNDEF":
-                        continue
-                    addr, size = sym["st_value"], sym["st_size"]
-                    base = sym.name.split("@", 1)[0]
-                    self.by_name.setdefault(base, addr)
-                    # prefer the public (shortest, no leading underscore) name for an address
-                    old = spans.get(addr)
-                    if old is None or _nicer(base, old[1]):
-                        spans[addr] = (max(size, old[0] if old else 0), base)
-            if debug_elf is not None:
-                debug_elf.stream.close()
-        self._addrs = sorted(spans)
-        self._entries = [spans[a] for a in self._addrs]
+                end = strings.find(b"\0", st_name)
+                base = strings[st_name:end].decode(errors="replace").split("@", 1)[0]
+                self.by_name.setdefault(base, addr)
+                # prefer the public (no leading underscore, shortest) name for an address
+                old = self._spans.get(addr)
+                if old is None or _nicer(base, old[1]):
+                    self._spans[addr] = (max(size, old[0] if old else 0), base)
+
+    def _index(self) -> List[int]:
+        if self._addrs is None:
+            if self.debug_file:
+                try:
+                    with open(self.debug_file, "rb") as f:
+                        self._add(ELFFile(f), (".symtab",))
+                except (OSError, ELFError):
+                    pass
+            self._addrs = sorted(self._spans)
+            self._entries = [self._spans[a] for a in self._addrs]
+        return self._addrs
 
     def address_of(self, name: str) -> Optional[int]:
         return self.by_name.get(name)
 
     def function_at(self, vaddr: int) -> Optional[Tuple[str, int]]:
         """(name, offset) of the function containing vaddr, or None."""
-        i = bisect.bisect_right(self._addrs, vaddr) - 1
+        i = bisect.bisect_right(self._index(), vaddr) - 1
         if i < 0:
             return None
         start = self._addrs[i]

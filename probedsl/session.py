@@ -80,8 +80,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     target, resolver, held = _target(opts)
     try:
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=opts.max_live).with_target(target)
-        interval = opts.interval if opts.backend == "bpftrace" else 0
-        generated = compiler.generate(program, opts.backend, interval, ready_pid=os.getpid())
+        generated = compiler.generate(program, opts.backend, ready_pid=os.getpid())
         driver = {"bpftrace": BpftraceDriver, "bcc": BccDriver}[opts.backend](program, generated)
         tracker = MappingTracker().start()       # before attaching, so no mmap is missed
     except BaseException:
@@ -130,7 +129,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                 break
             if next_report and time.monotonic() >= next_report:
                 next_report += opts.interval
-                snap = driver.next_snapshot(timeout=5)
+                snap = driver.snapshot(timeout=5)
                 if snap is not None:
                     emit(snap)
             stop.event.wait(0.05)

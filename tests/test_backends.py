@@ -85,7 +85,7 @@ def test_bcc_manifest_lists_each_uprobe_with_its_functions():
 def test_bpftrace_accepts_generated_script(recipe, target, tmp_path, root_required):
     program = compiler.build(compiler.load(recipe)).with_target(target)
     script = tmp_path / "p.bt"
-    script.write_text(backend("bpftrace").generate(program, interval=5, ready_pid=1).text)
+    script.write_text(backend("bpftrace").generate(program, ready_pid=1).text)
     argv = ["bpftrace", "--emit-elf", str(tmp_path / "p.o"), str(script)] + (["x"] if target.mode == "comm" else [])
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -107,13 +107,13 @@ class BccDriver:
         pid = target.pid if target.mode in ("pid", "cmd") else 0
         self.loader = BccLoader(self.generated.text, self.generated.manifest, pid)
 
-    def next_snapshot(self, timeout: float) -> Optional[Snapshot]:
+    def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 
     def alive(self) -> bool:
         return self.loader is not None
 
-    def stop(self, timeout: float = 120) -> Optional[Snapshot]:
+    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
         if self.loader is None:
             return None
         snap = self.loader.snapshot(final=True)

@@ -128,7 +128,11 @@ class BpftraceDriver:
             if line and not any(n in line for n in NOISE):
                 self.stderr.append(line)
 
-    def next_snapshot(self, timeout: float) -> Optional[Snapshot]:
+    def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
+        """Ask the script for its maps (its getpgid probe prints them) and wait for them."""
+        while not self.snapshots.empty():
+            self.snapshots.get_nowait()
+        os.getpgid(0)
         try:
             return self.snapshots.get(timeout=timeout)
         except queue.Empty:
@@ -137,26 +141,20 @@ class BpftraceDriver:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 120) -> Optional[Snapshot]:
-        """End tracing; bpftrace's END prints the final maps. None if bpftrace died first."""
+    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
+        """The final snapshot, then end bpftrace. None if bpftrace died first."""
+        last = self.snapshot(timeout) if self.alive() else None
+        # SIGKILL: the data is in, and a clean exit only adds work. The kernel still needs
+        # ~2 s to tear the uprobes down; kill() waits for that, after the report is out.
         if self.alive():
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        last = None
-        while True:
-            snap = self.next_snapshot(timeout=1.0 if last is None else 0.05)
-            if snap is None:
-                break
-            last = snap
+            self.proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
         if last is not None:
             last.final = True
-        shutil.rmtree(self._dir, ignore_errors=True)
         return last
 
     def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
+        if self.proc is not None:
+            if self.alive():
+                self.proc.kill()
             self.proc.wait()
