@@ -1,11 +1,13 @@
 """Command line: compile, check and run recipes. Errors are one located line, never a traceback."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import click
 
-from . import compiler, ir, session
+from . import compiler, formats, ir, report, session
 from .errors import ProbedslError, RecipeError
 
 
@@ -17,6 +19,14 @@ def _set_pairs(values):
             raise ProbedslError(f"--set {item!r}: write --set NAME=VALUE")
         pairs[name] = value
     return pairs
+
+
+def format_options(fn):
+    fn = click.option("--color/--no-color", default=None, help="colour text output (default: when a terminal)")(fn)
+    fn = click.option("-o", "--output", type=click.Path(dir_okay=False), help="write reports to FILE")(fn)
+    fn = click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS)), default="text",
+                      show_default=True)(fn)
+    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,15 +78,67 @@ def compile(recipe, target, output, pid, comm, sets):
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
 @click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@format_options
+@click.option("--min-age", type=click.FloatRange(min=0), help="hide resources younger than SECONDS")
+@click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
+              help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
               help="live resources each table holds")
-def run(recipe, command, backend, comm, pid, interval, duration, top, sets, fmt, max_live):
+def run(recipe, command, backend, comm, pid, interval, duration, top, sets, fmt, output, color, min_age,
+        growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
-                              format=fmt, max_live=max_live)
+                              format=fmt, output=output, color=color, min_age=min_age,
+                              growth_intervals=growth_intervals, max_live=max_live)
     sys.exit(session.run(opts))
+
+
+@cli.command("report")
+@click.argument("saved", type=click.Path(exists=True, dir_okay=False))
+@format_options
+def report_cmd(saved, fmt, output, color):
+    """Re-render a run saved with --format json (the last report in the file)."""
+    rep = _load_report(saved)
+    session.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
+
+
+@cli.command("diff")
+@click.argument("before", type=click.Path(exists=True, dir_okay=False))
+@click.argument("after", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--color/--no-color", default=None)
+def diff_cmd(before, after, fmt, color):
+    """Which stacks grew between two saved runs (matched by symbolic stack, not address)."""
+    rows = report.diff(_load_report(before), _load_report(after))
+    render = formats.diff_json if fmt == "json" else formats.diff_text
+    click.echo(render(rows, _color(color, fmt, None)), nl=False)
+
+
+def _color(color, fmt, output) -> bool:
+    if fmt != "text" or output:
+        return False
+    return color if color is not None else sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _load_report(path: str) -> report.Report:
+    """The last probedsl JSON report in a file (a saved --format json run, maybe with interval reports)."""
+    text = open(path, errors="replace").read()
+    decoder, found, i = json.JSONDecoder(), None, 0
+    while (i := text.find("{", i)) >= 0:
+        try:
+            doc, i = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(doc, dict) and doc.get("schema") == report.SCHEMA:
+            found = doc
+    if found is None:
+        raise ProbedslError(f"{path}: no probedsl JSON report in it (save one with run --format json)")
+    try:
+        return report.Report.from_dict(found)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProbedslError(f"{path}: cannot read the report: {exc}") from None
 
 
 def main():

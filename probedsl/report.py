@@ -1,8 +1,10 @@
-"""Snapshot -> report model -> text or JSON. The same for every backend."""
+"""Snapshot -> report model: aggregated, symbolized, plain data that round-trips through JSON.
+
+The model is what every format renders (probedsl.formats) and what `probedsl report` and
+`probedsl diff` read back from a saved JSON run.
+"""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -10,28 +12,45 @@ from . import ir
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
-SCHEMA = "probedsl.report/1"
+SCHEMA = "probedsl.report"
+VERSION = 1
 
 
 @dataclass
 class Entry:
-    group: Tuple                       # what the entry is grouped by (stack addresses, pid, comm)
-    values: Dict[str, int]             # column label -> value
+    values: Dict[str, int]             # column label -> value ("bytes", "blocks")
     oldest_age_s: float
     pids: List[int]
-    ustack: List[Frame] = field(default_factory=list)
-    kstack: List[Frame] = field(default_factory=list)
+    stack: List[Frame] = field(default_factory=list)
+    kernel_stack: List[Frame] = field(default_factory=list)
     pid: Optional[int] = None
     comm: Optional[str] = None
+    delta: Dict[str, int] = field(default_factory=dict)   # since the previous interval report
+    growing: bool = False              # grew in each of the last K interval reports
+
+    def signature(self) -> str:
+        """Identity across reports and runs: symbolic frames, not addresses (ASLR moves those)."""
+        parts = [f"{f.function or hex(f.address)}+{f.offset}@{f.module.rsplit('/', 1)[-1]}"
+                 for f in self.stack + self.kernel_stack if not f.inlined]
+        if self.pid is not None:
+            parts.append(f"pid={self.pid}")
+        if self.comm is not None:
+            parts.append(f"comm={self.comm}")
+        return ";".join(parts)
 
 
 @dataclass
 class Section:
-    report: ir.Report
-    entries: List[Entry]
-    omitted_entries: int = 0
-    omitted_values: Dict[str, int] = field(default_factory=dict)
-    histogram: List[Tuple[int, int, int]] = field(default_factory=list)
+    kind: str                          # outstanding | lifetime
+    resource: str
+    by: List[str] = field(default_factory=list)
+    columns: List[str] = field(default_factory=list)
+    top: int = 0
+    min_age_ms: int = 0
+    entries: List[Entry] = field(default_factory=list)
+    total_entries: int = 0
+    omitted: Dict[str, int] = field(default_factory=dict)  # summed values of entries past top
+    histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # (min_ns, max_ns, count)
 
 
 @dataclass
@@ -45,6 +64,64 @@ class Report:
     sections: List[Section]
     exit_status: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    sequence: int = 0                  # 1, 2, ... for interval reports of one run
+
+    def to_dict(self) -> dict:
+        doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
+               "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
+               "sequence": self.sequence, "exit_status": self.exit_status, "notes": self.notes,
+               "resources": self.resources, "reports": []}
+        for s in self.sections:
+            if s.kind == "lifetime":
+                doc["reports"].append({"kind": "lifetime", "resource": s.resource, "histogram_ns": [
+                    {"min": lo, "max": hi, "count": n} for lo, hi, n in s.histogram]})
+                continue
+            entries = []
+            for e in s.entries:
+                item = dict(e.values)
+                item.update(oldest_age_s=e.oldest_age_s, pids=e.pids)
+                if e.delta:
+                    item["delta"] = e.delta
+                item["growing"] = e.growing
+                if e.pid is not None:
+                    item["pid"] = e.pid
+                if e.comm is not None:
+                    item["comm"] = e.comm
+                if "ustack" in s.by:
+                    item["stack"] = [f.as_dict() for f in e.stack]
+                if "kstack" in s.by:
+                    item["kernel_stack"] = [f.as_dict() for f in e.kernel_stack]
+                entries.append(item)
+            doc["reports"].append({"kind": "outstanding", "resource": s.resource, "by": s.by,
+                                   "columns": s.columns, "top": s.top, "min_age_ms": s.min_age_ms,
+                                   "total_entries": s.total_entries, "entries": entries,
+                                   "omitted": {"entries": s.total_entries - len(s.entries), **s.omitted}})
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Report":
+        if doc.get("schema") != SCHEMA:
+            raise ValueError("not a probedsl report (no \"schema\": \"probedsl.report\")")
+        if doc.get("version", 0) > VERSION:
+            raise ValueError(f"report version {doc.get('version')} is newer than this probedsl reads ({VERSION})")
+        sections = []
+        for r in doc["reports"]:
+            if r["kind"] == "lifetime":
+                sections.append(Section("lifetime", r["resource"], histogram=[
+                    (b["min"], b["max"], b["count"]) for b in r["histogram_ns"]]))
+                continue
+            columns = r["columns"]
+            entries = [Entry(values={c: e[c] for c in columns}, oldest_age_s=e["oldest_age_s"], pids=e["pids"],
+                             stack=[Frame.from_dict(f) for f in e.get("stack", [])],
+                             kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
+                             pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
+                             growing=e.get("growing", False)) for e in r["entries"]]
+            omitted = {k: v for k, v in r["omitted"].items() if k != "entries"}
+            sections.append(Section("outstanding", r["resource"], r["by"], columns, r["top"], r["min_age_ms"],
+                                    entries, r["total_entries"], omitted))
+        return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
+                   doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
+                   doc.get("sequence", 0))
 
 
 def _group_key(live: Live, by: Sequence[str]) -> Tuple:
@@ -57,9 +134,9 @@ def _group_key(live: Live, by: Sequence[str]) -> Tuple:
     return tuple(parts)
 
 
-def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, backend: str,
-          target: str, duration_s: float, top: Optional[int] = None, exit_status: Optional[int] = None,
-          notes: Sequence[str] = ()) -> Report:
+def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, backend: str, target: str,
+          duration_s: float, top: Optional[int] = None, min_age_s: Optional[float] = None,
+          exit_status: Optional[int] = None, notes: Sequence[str] = ()) -> Report:
     resources = {}
     for res in program.resources:
         live = [l for l in snapshot.live if l.resource == res.name]
@@ -73,119 +150,95 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
     for rep in program.reports:
         if rep.kind == "lifetime":
             t = snapshot.totals.get(rep.resource)
-            sections.append(Section(rep, [], histogram=list(t.lifetime) if t else []))
+            sections.append(Section("lifetime", rep.resource, histogram=list(t.lifetime) if t else []))
             continue
-        min_age_ns = rep.min_age_ms * 1_000_000
-        groups: Dict[Tuple, List[Live]] = {}
-        for l in snapshot.live:
-            if l.resource == rep.resource and snapshot.now_ns - l.time_ns >= min_age_ns:
-                groups.setdefault(_group_key(l, rep.group_by), []).append(l)
-        entries = [_entry(rep, key, members, snapshot.now_ns) for key, members in groups.items()]
-        first = rep.columns[0][1] if rep.columns else None
-        entries.sort(key=lambda e: (-(e.values.get(first, 0) if first else 0), -len(e.pids), e.oldest_age_s))
-        limit = top if top is not None else rep.top
-        shown, rest = entries[:limit], entries[limit:]
-        for e in shown:
-            _symbolize(e, rep, groups[e.group], symbolizer)
-        omitted = {label: sum(e.values[label] for e in rest) for _, label in rep.columns}
-        sections.append(Section(rep, shown, len(rest), omitted))
+        min_age_ms = rep.min_age_ms if min_age_s is None else int(min_age_s * 1000)
+        res = next(r for r in program.resources if r.name == rep.resource)
+        leaf_returns = all(p.at_return for p in res.probes if any(a.kind == "acquire" for a in p.actions))
+        sections.append(_outstanding(rep, snapshot, symbolizer, top if top is not None else rep.top, min_age_ms,
+                                     leaf_returns))
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
                   exit_status, list(notes))
 
 
-def _entry(rep: ir.Report, key: Tuple, members: List[Live], now_ns: int) -> Entry:
-    values = {}
-    for function, label in rep.columns:
-        values[label] = sum(m.size for m in members) if function == "sum" else len(members)
-    e = Entry(key, values, round((now_ns - min(m.time_ns for m in members)) / 1e9, 3),
-              sorted({m.pid for m in members}))
-    for g in rep.group_by:
-        if g == "pid":
-            e.pid = members[0].pid
-        elif g == "comm":
-            e.comm = members[0].comm
-    return e
+def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
+                 leaf_returns: bool) -> Section:
+    groups: Dict[Tuple, List[Live]] = {}
+    for l in snapshot.live:
+        if l.resource == rep.resource and snapshot.now_ns - l.time_ns >= min_age_ms * 1_000_000:
+            groups.setdefault(_group_key(l, rep.group_by), []).append(l)
+    labels = [label for _, label in rep.columns]
+    rows = []
+    for members in groups.values():
+        values = {label: (sum(m.size for m in members) if fn == "sum" else len(members))
+                  for fn, label in rep.columns}
+        rows.append((values, members))
+    first = labels[0] if labels else None
+    rows.sort(key=lambda r: (-(r[0][first] if first else 0), -len(r[1]), min(m.time_ns for m in r[1])))
+    shown, rest = rows[:top], rows[top:]
+    # symbolize only what is shown, all stacks in one batch
+    ustacks = symbolizer.user_stacks([(r[1][0].pid, r[1][0].ustack) for r in shown], leaf_returns) \
+        if "ustack" in rep.group_by else [[] for _ in shown]
+    entries = []
+    for (values, members), stack in zip(shown, ustacks):
+        sample = members[0]
+        entries.append(Entry(
+            values=values, oldest_age_s=round((snapshot.now_ns - min(m.time_ns for m in members)) / 1e9, 3),
+            pids=sorted({m.pid for m in members}), stack=stack,
+            kernel_stack=symbolizer.kernel_stack(sample.kstack) if "kstack" in rep.group_by else [],
+            pid=sample.pid if "pid" in rep.group_by else None,
+            comm=sample.comm if "comm" in rep.group_by else None))
+    omitted = {label: sum(r[0][label] for r in rest) for label in labels}
+    return Section("outstanding", rep.resource, list(rep.group_by), labels, top, min_age_ms, entries,
+                   len(rows), omitted)
 
 
-def _symbolize(e: Entry, rep: ir.Report, members: List[Live], symbolizer: Symbolizer) -> None:
-    sample = members[0]
-    if "ustack" in rep.group_by:
-        e.ustack = symbolizer.user_stack(sample.pid, sample.ustack)
-    if "kstack" in rep.group_by:
-        e.kstack = symbolizer.kernel_stack(sample.kstack)
+class Growth:
+    """Across interval reports: change since the last report, and a steady-growth flag when
+    an entry grew in each of the last `intervals` reports (a leak does; a cache that fills
+    and then stops does not)."""
+
+    def __init__(self, intervals: int = 3):
+        self.intervals = intervals
+        self._last: Dict[Tuple[str, str], Dict[str, int]] = {}
+        self._streak: Dict[Tuple[str, str], int] = {}
+
+    def annotate(self, report: Report) -> None:
+        seen = {}
+        for s in report.sections:
+            if s.kind != "outstanding":
+                continue
+            for e in s.entries:
+                key = (s.resource, e.signature())
+                before = self._last.get(key)
+                first = s.columns[0] if s.columns else None
+                if before is not None:
+                    e.delta = {c: e.values[c] - before.get(c, 0) for c in s.columns}
+                    grew = first is not None and e.delta[first] > 0
+                    self._streak[key] = self._streak.get(key, 0) + 1 if grew else 0
+                else:
+                    e.delta = {}
+                    self._streak[key] = 0
+                e.growing = self._streak[key] >= self.intervals
+                seen[key] = dict(e.values)
+        self._last = seen
 
 
-# --- rendering ---------------------------------------------------------------------------
-def to_json(report: Report) -> str:
-    doc = {
-        "schema": SCHEMA, "recipe": report.recipe, "backend": report.backend, "target": report.target,
-        "duration_s": round(report.duration_s, 3), "final": report.final, "exit_status": report.exit_status,
-        "notes": report.notes, "resources": report.resources, "reports": [],
-    }
-    for s in report.sections:
-        r = s.report
-        if r.kind == "lifetime":
-            doc["reports"].append({"kind": "lifetime", "resource": r.resource, "histogram_ns": [
-                {"min": lo, "max": hi, "count": n} for lo, hi, n in s.histogram]})
+def diff(old: Report, new: Report) -> List[dict]:
+    """Entries of two saved runs matched by symbolic stack: what grew, shrank, appeared."""
+    rows = []
+    for s_new in new.sections:
+        if s_new.kind != "outstanding":
             continue
-        entries = []
-        for e in s.entries:
-            item = dict(e.values)
-            item["oldest_age_s"] = e.oldest_age_s
-            item["pids"] = e.pids
-            if e.pid is not None:
-                item["pid"] = e.pid
-            if e.comm is not None:
-                item["comm"] = e.comm
-            if "ustack" in r.group_by:
-                item["stack"] = [f.as_dict() for f in e.ustack]
-            if "kstack" in r.group_by:
-                item["kernel_stack"] = [f.as_dict() for f in e.kstack]
-            entries.append(item)
-        doc["reports"].append({"kind": "outstanding", "resource": r.resource, "by": list(r.group_by),
-                               "top": r.top, "min_age_ms": r.min_age_ms, "entries": entries,
-                               "omitted": {"entries": s.omitted_entries, **s.omitted_values}})
-    return json.dumps(doc, indent=2)
-
-
-def to_text(report: Report) -> str:
-    out = [f"probedsl {report.recipe} report ({'final' if report.final else 'interval'}): "
-           f"target {report.target}, backend {report.backend}, {report.duration_s:.1f}s"]
-    if report.exit_status is not None:
-        out.append(f"  target exited with status {report.exit_status}")
-    for name, r in report.resources.items():
-        size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
-        out.append(f"  {name}: {size}{r['live_blocks']} live; "
-                   f"{r['acquired']} acquired, {r['released']} released, "
-                   f"{r['unknown_releases']} releases of unknown keys")
-    for note in report.notes:
-        out.append(f"  note: {note}")
-    for s in report.sections:
-        r = s.report
-        out.append("")
-        if r.kind == "lifetime":
-            out.append(f"Lifetime of released {r.resource} (ns):")
-            peak = max((n for _, _, n in s.histogram), default=0)
-            for lo, hi, n in s.histogram:
-                bar = "@" * (round(40 * n / peak) if peak else 0)
-                out.append(f"  [{lo}, {hi}] {n:>10} |{bar}")
-            if not s.histogram:
-                out.append("  (no releases)")
-            continue
-        by = ", ".join(r.group_by) or "all"
-        out.append(f"Outstanding {r.resource} by {by} (top {len(s.entries)}):")
-        if not s.entries:
-            out.append("  (none)")
-        for e in s.entries:
-            cols = ", ".join(f"{v} {k}" for k, v in e.values.items())
-            who = f" pid {e.pid}" if e.pid is not None else ""
-            who += f" comm {e.comm}" if e.comm is not None else ""
-            out.append(f"  {cols}{who}, oldest {e.oldest_age_s:.3f}s, pids {','.join(map(str, e.pids))}")
-            for f in e.ustack:
-                out.append(f"      {f}")
-            for f in e.kstack:
-                out.append(f"      {f}")
-        if s.omitted_entries:
-            cols = ", ".join(f"{v} {k}" for k, v in s.omitted_values.items())
-            out.append(f"  ... {s.omitted_entries} more entries: {cols}")
-    return "\n".join(out) + "\n"
+        s_old = next((s for s in old.sections if s.kind == "outstanding" and s.resource == s_new.resource
+                      and s.by == s_new.by), None)
+        before = {e.signature(): e for e in (s_old.entries if s_old else [])}
+        after = {e.signature(): e for e in s_new.entries}
+        for sig in list(after) + [k for k in before if k not in after]:
+            a, b = before.get(sig), after.get(sig)
+            values = {c: ((a.values.get(c, 0) if a else 0), (b.values.get(c, 0) if b else 0)) for c in s_new.columns}
+            rows.append({"resource": s_new.resource, "signature": sig, "values": values,
+                         "entry": b or a, "status": "new" if a is None else "gone" if b is None else "both"})
+    first = lambda r: next(iter(r["values"].values()), (0, 0))
+    rows.sort(key=lambda r: -(first(r)[1] - first(r)[0]))
+    return rows

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from . import compiler, ir, report
+from . import compiler, formats, ir, report
 from .drivers.bcc import BccDriver
 from .drivers.bpftrace import BpftraceDriver
 from .errors import ProbedslError
@@ -34,6 +34,10 @@ class RunOptions:
     top: Optional[int] = None
     sets: dict = field(default_factory=dict)
     format: str = "text"
+    output: Optional[str] = None       # each report replaces this file's content
+    color: Optional[bool] = None       # None: colour when writing text to a terminal
+    min_age: Optional[float] = None    # seconds; overrides the recipe's min_age
+    growth_intervals: int = 3
     max_live: int = ir.DEFAULT_MAX_LIVE
 
 
@@ -110,12 +114,18 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         started = time.monotonic()
         next_report = started + opts.interval if opts.interval else None
 
+        growth = report.Growth(opts.growth_intervals)
+        sequence = 0
+
         def emit(snap):
+            nonlocal sequence
+            sequence += 1
             rep = report.build(program, snap, symbolizer, backend=opts.backend, target=describe,
-                               duration_s=time.monotonic() - started, top=opts.top,
+                               duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
                                exit_status=exit_status, notes=notes)
-            out.write(report.to_json(rep) + "\n" if opts.format == "json" else report.to_text(rep))
-            out.flush()
+            rep.sequence = sequence
+            growth.annotate(rep)
+            write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
 
         while not stop.event.is_set():
             if held and held.poll() is not None:
@@ -149,6 +159,25 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     return exit_status if exit_status is not None else 0
+
+
+def _use_color(opts: RunOptions, out) -> bool:
+    if opts.format != "text" or opts.output:
+        return False
+    if opts.color is not None:
+        return opts.color
+    return hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
+
+
+def write_report(text: str, output: Optional[str], out) -> None:
+    if output:
+        tmp = f"{output}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, output)             # readers never see half a report
+    else:
+        out.write(text)
+        out.flush()
 
 
 def processes_named(comm: str) -> List[int]:

@@ -1,14 +1,15 @@
-"""Raw stack addresses -> frames (function+offset, module), for user and kernel stacks."""
+"""Raw stack addresses -> frames (function+offset, module, file:line), user and kernel."""
 from __future__ import annotations
 
 import bisect
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import elf
 from .mappings import MappingTracker, find
+from .sourcelines import SourceLines
 
 
 @dataclass(frozen=True)
@@ -17,18 +18,31 @@ class Frame:
     function: str          # "" when unknown
     offset: int
     module: str            # file path, "[kernel]", or "" when the address is in no known mapping
+    file: str = ""         # source file, when DWARF says
+    line: int = 0
+    inlined: bool = False  # a call inlined into the frame below it (same address)
 
     def __str__(self) -> str:
         module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
+        where = f" {self.file}:{self.line}" if self.file and self.line else (f" {self.file}" if self.file else "")
+        if self.inlined:
+            return f"{self.function} (inlined) {module}{where}"
         if self.function:
-            return f"{self.function}+{self.offset} {module}"
+            return f"{self.function}+{self.offset} {module}{where}"
         if self.module:
             return f"{self.address:#x} [no symbols: {module.strip('[]')}]"
         return f"{self.address:#x} [no mapping]"
 
     def as_dict(self) -> dict:
         return {"address": f"{self.address:#x}", "function": self.function or None,
-                "offset": self.offset, "module": self.module or None, "text": str(self)}
+                "offset": self.offset, "module": self.module or None, "file": self.file or None,
+                "line": self.line or None, "inlined": self.inlined, "text": str(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Frame":
+        return cls(int(d["address"], 16), d.get("function") or "", int(d.get("offset") or 0),
+                   d.get("module") or "", d.get("file") or "", int(d.get("line") or 0),
+                   bool(d.get("inlined")))
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,36 +62,66 @@ def _kallsyms() -> Tuple[List[int], List[str]]:
 
 
 class Symbolizer:
-    def __init__(self, tracker: Optional[MappingTracker]):
+    """Names addresses: ELF symbols for function+offset, DWARF (via addr2line) for file:line
+    and inlined calls. Everything is cached per (process, address) and per module."""
+
+    def __init__(self, tracker: Optional[MappingTracker], source_lines: Optional[SourceLines] = None):
         self.tracker = tracker
-        self._cache: Dict[Tuple[int, int], Frame] = {}
+        self.lines = source_lines or SourceLines()
+        self._cache: Dict[Tuple[int, int], List[Frame]] = {}
 
-    def user_stack(self, pid: int, addresses: Sequence[int]) -> List[Frame]:
-        mappings = self.tracker.mappings(pid) if self.tracker else []
-        frames = []
-        for depth, address in enumerate(addresses):
-            key = (pid, address)
-            frame = self._cache.get(key)
-            if frame is None:
-                # return addresses point after the call; look up the call itself
-                frame = self._user_frame(mappings, address, address - 1 if depth else address)
-                self._cache[key] = frame
-            frames.append(frame)
-        return frames
+    def user_stacks(self, stacks: Sequence[Tuple[int, Sequence[int]]], leaf_returns: bool = True) -> List[List[Frame]]:
+        """Symbolize many (pid, addresses) stacks at once: one addr2line run per module.
 
-    def _user_frame(self, mappings, address: int, lookup: int) -> Frame:
+        Every frame but the leaf is a return address; so is the leaf when the stack was taken
+        at a function's return (leaf_returns), but not when taken at a function's entry."""
+        located: Dict[Tuple[int, int], Tuple[Frame, int]] = {}     # (pid, address) -> (frame, vaddr)
+        per_module: Dict[str, set] = {}
+        for pid, addresses in stacks:
+            mappings = None
+            for depth, address in enumerate(addresses):
+                if (pid, address) in self._cache or (pid, address) in located:
+                    continue
+                if mappings is None:
+                    mappings = self.tracker.mappings(pid) if self.tracker else []
+                # a return address points after its call: look up the call itself
+                is_return = depth > 0 or leaf_returns
+                frame, vaddr = self._elf_frame(mappings, address, address - 1 if is_return else address)
+                located[(pid, address)] = (frame, vaddr)
+                if vaddr is not None:
+                    per_module.setdefault(frame.module, set()).add(vaddr)
+        sources = {m: self.lines.lookup(m, vaddrs) for m, vaddrs in per_module.items()}
+        names = self.lines.demangle([f.function for f, _ in located.values() if f.function])
+        for key, (frame, vaddr) in located.items():
+            frame = replace(frame, function=names.get(frame.function, frame.function))
+            expanded = [frame]
+            src = sources.get(frame.module, {}).get(vaddr, ()) if vaddr is not None else ()
+            if src:
+                # addr2line -i: innermost inlined callee first, the real function last
+                *inlined, outer = src
+                expanded = [Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True)
+                            for s in inlined]
+                expanded.append(replace(frame, file=outer.file, line=outer.line,
+                                        function=frame.function or outer.function))
+            self._cache[key] = expanded
+        return [[f for a in addresses for f in self._cache[(pid, a)]] for pid, addresses in stacks]
+
+    def user_stack(self, pid: int, addresses: Sequence[int], leaf_returns: bool = True) -> List[Frame]:
+        return self.user_stacks([(pid, addresses)], leaf_returns)[0]
+
+    def _elf_frame(self, mappings, address: int, lookup: int) -> Tuple[Frame, Optional[int]]:
         m = find(mappings, lookup)
         if m is None:
-            return Frame(address, "", 0, "")
+            return Frame(address, "", 0, ""), None
         syms = elf.symbols(m.path)
         if syms is None:
-            return Frame(address, "", 0, m.path)
+            return Frame(address, "", 0, m.path), None
         vaddr = syms.file_offset_to_vaddr(lookup - m.start + m.offset)
         hit = syms.function_at(vaddr)
         if hit is None:
-            return Frame(address, "", 0, m.path)
+            return Frame(address, "", 0, m.path), vaddr
         name, offset = hit
-        return Frame(address, name, offset + (address - lookup), m.path)
+        return Frame(address, name, offset + (address - lookup), m.path), vaddr
 
     def kernel_stack(self, addresses: Sequence[int]) -> List[Frame]:
         addrs, names = _kallsyms()

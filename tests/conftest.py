@@ -38,16 +38,27 @@ def root_required():
 
 @pytest.fixture(scope="session")
 def build(tmp_path_factory):
-    """build(name) compiles tests/fixtures/NAME.c at -O0 -g (gcc drops unused mallocs at -O2)."""
+    """build(name) compiles tests/fixtures/NAME.c (or .cpp) at -O0 -g (gcc drops unused mallocs at
+    -O2); build("libNAME.so") builds a shared library from NAME.c; build("NAME-stripped") a
+    stripped copy."""
     out = tmp_path_factory.mktemp("fixtures")
     built = {}
 
     def _build(name: str) -> str:
-        if name not in built:
-            exe = out / name
-            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c")],
+        if name in built:
+            return built[name]
+        exe = out / name
+        if name.endswith("-stripped"):
+            subprocess.run(["strip", "-o", str(exe), _build(name[:-len("-stripped")])], check=True)
+        elif name.startswith("lib") and name.endswith(".so"):
+            src = FIXTURES / f"{name[3:-3]}.c"
+            subprocess.run(["gcc", "-O0", "-g", "-shared", "-fPIC", "-o", str(exe), str(src)], check=True)
+        elif (FIXTURES / f"{name}.cpp").exists():
+            subprocess.run(["g++", "-O0", "-g", "-o", str(exe), str(FIXTURES / f"{name}.cpp")], check=True)
+        else:
+            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c"), "-ldl"],
                            check=True)
-            built[name] = str(exe)
+        built[name] = str(exe)
         return built[name]
     return _build
 

@@ -1,0 +1,181 @@
+"""Report model -> text, JSON, folded stacks, speedscope. Renderers never compute; they lay out."""
+from __future__ import annotations
+
+import json
+from typing import Callable, Dict, List
+
+from .report import Entry, Report, Section
+from .symbolizer import Frame
+
+SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"
+
+
+class _Style:
+    def __init__(self, color: bool):
+        self.color = color
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def bold(self, t): return self._wrap("1", t)
+    def dim(self, t): return self._wrap("2", t)
+    def red(self, t): return self._wrap("1;31", t)
+    def value(self, t): return self._wrap("33", t)
+
+
+def _frame_text(f: Frame, style: _Style) -> str:
+    text = str(f)
+    if f.file and style.color:
+        head, _, where = text.rpartition(" ")
+        return f"{head} {style.dim(where)}"
+    return text
+
+
+def _section_text(s: Section, style: _Style, out: List[str]) -> None:
+    if s.kind == "lifetime":
+        out.append(style.bold(f"Lifetime of released {s.resource} (ns):"))
+        peak = max((n for _, _, n in s.histogram), default=0)
+        width = max((len(f"[{lo}, {hi}]") for lo, hi, _ in s.histogram), default=0)
+        for lo, hi, n in s.histogram:
+            bar = "@" * (round(40 * n / peak) if peak else 0)
+            out.append(f"  {f'[{lo}, {hi}]':<{width}} {n:>10} |{bar}")
+        if not s.histogram:
+            out.append("  (no releases)")
+        return
+    by = ", ".join(s.by) or "all"
+    out.append(style.bold(f"Outstanding {s.resource} by {by}: {len(s.entries)} of {s.total_entries} entries"
+                          + (f", older than {s.min_age_ms} ms" if s.min_age_ms else "")))
+    if not s.entries:
+        out.append("  (none)")
+        return
+    heads = s.columns + ["oldest"]
+    cells = [[str(e.values[c]) for c in s.columns] + [f"{e.oldest_age_s:.2f}s"] for e in s.entries]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    out.append("  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+    for e, row in zip(s.entries, cells):
+        line = "  " + "  ".join(style.value(f"{c:>{w}}") for c, w in zip(row, widths))
+        extra = []
+        if e.delta and s.columns:
+            change = e.delta[s.columns[0]]
+            extra.append(f"{change:+d} {s.columns[0]} since last report")
+        if e.growing:
+            extra.append(style.red("GROWING"))
+        if e.pid is not None:
+            extra.append(f"pid {e.pid}")
+        if e.comm is not None:
+            extra.append(f"comm {e.comm}")
+        if "pid" not in s.by:
+            extra.append(f"pids {','.join(map(str, e.pids[:8]))}{',...' if len(e.pids) > 8 else ''}")
+        out.append(line + "   " + "; ".join(extra))
+        for f in e.stack + e.kernel_stack:
+            out.append("      " + _frame_text(f, style))
+    if s.total_entries > len(s.entries):
+        rest = ", ".join(f"{v} {k}" for k, v in s.omitted.items())
+        out.append(f"  ... and {s.total_entries - len(s.entries)} more entries: {rest}")
+
+
+def to_text(report: Report, color: bool = False) -> str:
+    style = _Style(color)
+    kind = "final" if report.final else f"interval {report.sequence}"
+    head = f"probedsl {report.recipe} report ({kind}): {report.target}, {report.backend}, {report.duration_s:.1f}s"
+    if report.exit_status is not None:
+        head += f", exit status {report.exit_status}"
+    out = [style.bold(head)]
+    for name, r in report.resources.items():
+        size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
+        out.append(f"  {name}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
+                   f"{r['unknown_releases']} releases of unknown keys")
+    for note in report.notes:
+        out.append(f"  note: {note}")
+    for s in report.sections:
+        out.append("")
+        _section_text(s, style, out)
+    return "\n".join(out) + "\n"
+
+
+def to_json(report: Report, color: bool = False) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def _frame_name(f: Frame) -> str:
+    name = f.function or f"{f.address:#x}"
+    return name.replace(";", ":")
+
+
+def _stacks(report: Report):
+    """(name, root-first frames, weight) for each stack entry, weight = first column."""
+    for s in report.sections:
+        if s.kind != "outstanding" or not s.columns:
+            continue
+        for e in s.entries:
+            frames = list(reversed(e.stack + e.kernel_stack))
+            yield s, frames, e.values[s.columns[0]]
+
+
+def to_folded(report: Report, color: bool = False) -> str:
+    """Brendan Gregg's folded stacks (flamegraph.pl, inferno): root;...;leaf weight"""
+    lines = []
+    for s, frames, weight in _stacks(report):
+        names = [s.resource] + [_frame_name(f) for f in frames]
+        lines.append(f"{';'.join(n.replace(' ', '_') for n in names)} {weight}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def to_speedscope(report: Report, color: bool = False) -> str:
+    frames: List[dict] = []
+    index: Dict[tuple, int] = {}
+    profiles = {}
+    for s, stack, weight in _stacks(report):
+        prof = profiles.setdefault(s.resource, {
+            "type": "sampled", "name": f"{report.recipe}: outstanding {s.resource} ({s.columns[0]})",
+            "unit": "bytes" if s.columns[0] == "bytes" else "none", "startValue": 0, "endValue": 0,
+            "samples": [], "weights": []})
+        sample = []
+        for f in stack:
+            key = (_frame_name(f), f.module, f.file, f.line)
+            if key not in index:
+                index[key] = len(frames)
+                item = {"name": _frame_name(f)}
+                if f.file:
+                    item["file"] = f.file
+                if f.line:
+                    item["line"] = f.line
+                frames.append(item)
+            sample.append(index[key])
+        prof["samples"].append(sample)
+        prof["weights"].append(weight)
+        prof["endValue"] += weight
+    doc = {"$schema": SPEEDSCOPE_SCHEMA, "shared": {"frames": frames}, "profiles": list(profiles.values()),
+           "name": f"probedsl {report.recipe} ({report.target})", "activeProfileIndex": 0,
+           "exporter": "probedsl"}
+    return json.dumps(doc) + "\n"
+
+
+FORMATS: Dict[str, Callable[..., str]] = {
+    "text": to_text, "json": to_json, "folded": to_folded, "speedscope": to_speedscope}
+
+
+def render(report: Report, fmt: str, color: bool = False) -> str:
+    return FORMATS[fmt](report, color)
+
+
+def diff_text(rows: List[dict], color: bool = False) -> str:
+    style = _Style(color)
+    out = [style.bold("probedsl diff: entries matched by symbolic stack, largest growth first")]
+    for r in rows:
+        cols = ", ".join(f"{k} {a} -> {b} ({b - a:+d})" for k, (a, b) in r["values"].items())
+        out.append(f"  {r['resource']}: {cols}{'' if r['status'] == 'both' else '  [' + r['status'] + ']'}")
+        for f in r["entry"].stack + r["entry"].kernel_stack:
+            out.append("      " + _frame_text(f, style))
+    if not rows:
+        out.append("  (no outstanding entries in either run)")
+    return "\n".join(out) + "\n"
+
+
+def diff_json(rows: List[dict], color: bool = False) -> str:
+    doc = {"schema": "probedsl.diff", "version": 1, "entries": [
+        {"resource": r["resource"], "status": r["status"],
+         "values": {k: {"before": a, "after": b, "change": b - a} for k, (a, b) in r["values"].items()},
+         "stack": [f.as_dict() for f in r["entry"].stack],
+         "kernel_stack": [f.as_dict() for f in r["entry"].kernel_stack]} for r in rows]}
+    return json.dumps(doc, indent=2) + "\n"

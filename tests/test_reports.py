@@ -1,0 +1,143 @@
+"""Report model and formats: goldens from a fixed normalized run, round trips, growth, diff."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probedsl import compiler, formats, report
+from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.symbolizer import Frame
+
+from conftest import MEMLEAK, ROOT, probedsl
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+class FixedSymbolizer:
+    """Names addresses from a table: goldens must not depend on this machine's binaries."""
+    NAMES = {0x1000: ("wrapper1", 14, "/srv/app/leak", "leak.c", 5),
+             0x1100: ("wrapper2", 18, "/srv/app/leak", "leak.c", 11),
+             0x1200: ("main", 35, "/srv/app/leak", "leak.c", 18),
+             0x2000: ("_IO_file_doallocate", 140, "/lib/libc.so.6", "", 0)}
+
+    def user_stacks(self, stacks, leaf_returns=True):
+        out = []
+        for pid, addresses in stacks:
+            frames = []
+            for a in addresses:
+                fn, off, mod, file, line = self.NAMES.get(a, ("", 0, "", "", 0))
+                if a == 0x1000:
+                    frames.append(Frame(a, "checked_alloc", 0, mod, "alloc.h", 3, inlined=True))
+                frames.append(Frame(a, fn, off, mod, file, line))
+            out.append(frames)
+        return out
+
+    def kernel_stack(self, addresses):
+        return []
+
+
+def fixed_snapshot(extra_blocks=0) -> Snapshot:
+    now = 10_000_000_000
+    live = [Live("heap", (0x5000 + i * 32,), now - 2_000_000_000, 8, 42, 42, (0x1000, 0x1100, 0x1200))
+            for i in range(5 + extra_blocks)]
+    live.append(Live("heap", (0x9000,), now - 2_500_000_000, 4096, 42, 42, (0x2000,)))
+    live += [Live("heap", (0xA000 + i,), now - 1_000_000, 1, 42, 42, (0x3000 + i,)) for i in range(3)]
+    totals = {"heap": Totals(acquired=19 + extra_blocks, released=10, unknown_releases=1,
+                             lifetime=[(1024, 2047, 6), (2048, 4095, 4)])}
+    return Snapshot(now, live, totals, final=True)
+
+
+def fixed_report(top=2, extra_blocks=0) -> report.Report:
+    program = compiler.build(compiler.load(MEMLEAK))
+    return report.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
+                        target="command ./leak (pid 42)", duration_s=2.5, top=top, exit_status=0)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("text", "txt"), ("json", "json"), ("folded", "folded"),
+                                        ("speedscope", "speedscope.json")])
+def test_format_matches_golden(fmt, suffix, update_golden):
+    text = formats.render(fixed_report(), fmt)
+    golden = GOLDEN / f"report.{suffix}"
+    if update_golden or not golden.exists():
+        golden.write_text(text)
+    assert text == golden.read_text(), f"regenerate with pytest --update-golden and review {golden}"
+
+
+def test_top_n_summarizes_the_rest_in_one_line():
+    text = formats.to_text(fixed_report(top=2))
+    assert "2 of 5 entries" in text
+    assert "... and 3 more entries: 3 bytes, 3 blocks" in text
+
+
+def test_inlined_frames_come_before_their_caller_with_file_and_line():
+    stack = fixed_report().sections[0].entries[1].stack
+    assert [str(f) for f in stack[:2]] == ["checked_alloc (inlined) [leak] alloc.h:3", "wrapper1+14 [leak] leak.c:5"]
+
+
+def test_json_round_trips_to_the_same_rendering():
+    rep = fixed_report()
+    again = report.Report.from_dict(json.loads(formats.to_json(rep)))
+    for fmt in formats.FORMATS:
+        assert formats.render(again, fmt) == formats.render(rep, fmt)
+
+
+def test_json_has_schema_and_version():
+    doc = json.loads(formats.to_json(fixed_report()))
+    assert doc["schema"] == "probedsl.report" and doc["version"] == 1
+
+
+def test_folded_is_root_first_with_weights():
+    lines = formats.to_folded(fixed_report()).splitlines()
+    assert "heap;main;wrapper2;wrapper1;checked_alloc 40" in lines
+
+
+def test_speedscope_samples_index_shared_frames():
+    doc = json.loads(formats.to_speedscope(fixed_report()))
+    (prof,) = doc["profiles"]
+    names = [doc["shared"]["frames"][i]["name"] for i in prof["samples"][1]]
+    assert names == ["main", "wrapper2", "wrapper1", "checked_alloc"]
+    assert prof["weights"] == [4096, 40] and prof["endValue"] == 4136 and prof["unit"] == "bytes"
+
+
+def test_colour_only_when_asked():
+    assert "\033[" not in formats.to_text(fixed_report())
+    assert "\033[1m" in formats.to_text(fixed_report(), color=True)
+
+
+def test_growth_flags_a_steady_leak_and_not_a_filled_cache():
+    growth = report.Growth(intervals=3)
+    flags = []
+    for n in range(5):                              # the wrapper1 stack grows by one block each time
+        rep = fixed_report(extra_blocks=n)
+        growth.annotate(rep)
+        entry = next(e for e in rep.sections[0].entries if len(e.stack) > 1 and e.stack[1].function == "wrapper1")
+        cache = next(e for e in rep.sections[0].entries if e.stack and e.stack[0].function == "_IO_file_doallocate")
+        flags.append((entry.delta.get("bytes"), entry.growing, cache.growing))
+    assert flags == [(None, False, False), (8, False, False), (8, False, False), (8, True, False), (8, True, False)]
+
+
+def test_diff_orders_by_growth(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(formats.to_json(fixed_report()))
+    b.write_text(formats.to_json(fixed_report(extra_blocks=7)))
+    rows = report.diff(report.Report.from_dict(json.loads(a.read_text())),
+                       report.Report.from_dict(json.loads(b.read_text())))
+    assert rows[0]["values"]["bytes"] == (40, 96) and rows[0]["status"] == "both"
+    result = probedsl("diff", str(a), str(b))
+    assert result.returncode == 0 and "bytes 40 -> 96 (+56)" in result.stdout
+
+
+def test_report_command_re_renders_a_saved_run(tmp_path):
+    saved = tmp_path / "run.json"
+    saved.write_text("probedsl: tracing...\n" + formats.to_json(fixed_report()))
+    result = probedsl("report", str(saved), "--format", "folded")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == formats.to_folded(fixed_report())
+
+
+def test_report_command_rejects_a_file_without_a_report(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    result = probedsl("report", str(bad))
+    assert result.returncode == 1 and "no probedsl JSON report" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,116 @@
+"""End to end: what a developer reads in each frame: names, file:line, inlines, C++, dlopen."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import BACKENDS, MEMLEAK, by_site, first_user_function, probedsl, report_json
+
+pytestmark = pytest.mark.usefixtures("root_required")
+
+
+def run_report(backend, *command, extra=()):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra,
+                      "--", *command, input="\n")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result, report_json(result.stdout)
+
+
+def entry_with(report, function):
+    for e in report["reports"][0]["entries"]:
+        if any(f["function"] == function for f in e["stack"]):
+            return e
+    raise AssertionError(f"no entry with {function}: {[first_user_function(e) for e in report['reports'][0]['entries']]}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_carry_file_and_line_from_dwarf(backend, build):
+    _, report = run_report(backend, build("leak"))
+    stack = entry_with(report, "wrapper1")["stack"]
+    where = {f["function"]: (f["file"].rsplit("/", 1)[-1], f["line"]) for f in stack if f["file"]}
+    assert where["wrapper1"] == ("leak.c", 7)       # return malloc(8);
+    assert where["wrapper2"] == ("leak.c", 12)      # char * p = wrapper1();
+    assert where["main"] == ("leak.c", 19)          # p = wrapper2();
+    assert all(f["module"] and f["address"].startswith("0x") for f in stack)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cxx_names_are_demangled(backend, build):
+    _, report = run_report(backend, build("widgets"))
+    widget = entry_with(report, "shop::Widget::make(int)")
+    assert widget["blocks"] == 3
+    frame = next(f for f in widget["stack"] if f["function"] == "shop::Widget::make(int)")
+    assert frame["file"].endswith("widgets.cpp") and frame["line"] == 8    # its resize(n)
+    assert entry_with(report, "grab_ints()")["bytes"] == 16
+    assert any(f["function"] == "operator new(unsigned long)" for e in report["reports"][0]["entries"]
+               for f in e["stack"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inlined_calls_are_expanded_like_addr2line_i(backend, build):
+    _, report = run_report(backend, build("inlined"))
+    entry = entry_with(report, "outer")
+    frames = [(f["function"], f["inlined"], (f["file"] or "").rsplit("/", 1)[-1], f["line"]) for f in entry["stack"]]
+    i = next(n for n, f in enumerate(frames) if f[0] == "helper")
+    assert frames[i:i + 3] == [("helper", True, "inlined.c", 6), ("outer", False, "inlined.c", 8),
+                               ("main", False, "inlined.c", 11)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stripped_binary_says_no_symbols_instead_of_unknown(backend, build):
+    _, report = run_report(backend, build("leak-stripped"))
+    entry = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)
+    texts = [f["text"] for f in entry["stack"]]
+    assert texts[0].endswith("[no symbols: leak-stripped]"), texts
+    assert not any("[unknown]" in t for t in texts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leak_inside_a_dlopened_library_is_named_after_dlclose(backend, build):
+    _, report = run_report(backend, build("dlopener"), build("libleaky.so"))
+    entry = entry_with(report, "leaky_alloc")
+    assert (entry["bytes"], entry["blocks"]) == (4 * 48, 4)
+    frame = next(f for f in entry["stack"] if f["function"] == "leaky_alloc")
+    assert frame["module"].endswith("libleaky.so") and frame["file"].endswith("leaky.c") and frame["line"] == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interval_reports_flag_a_steady_leak_but_not_a_filled_cache(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--interval", "1",
+                      "--growth-intervals", "2", "--", build("drip"), "6", timeout=120)
+    assert result.returncode == 0, result.stderr
+    from conftest import report_json as last
+    docs = []
+    text = result.stdout
+    import json
+    dec, i = json.JSONDecoder(), 0
+    while (i := text.find("{", i)) >= 0:
+        doc, i = dec.raw_decode(text, i)
+        docs.append(doc)
+    interval = [d for d in docs if not d["final"]]
+    assert len(interval) >= 4
+    def find(doc, fn):
+        return next((e for e in doc["reports"][0]["entries"] if first_user_function(e) == fn), None)
+    drips = [find(d, "drip") for d in interval[1:]]
+    assert all(e and e["delta"]["bytes"] > 0 for e in drips), [e and e.get("delta") for e in drips]
+    assert find(interval[-1], "drip")["growing"] is True
+    assert find(interval[-1], "fill_cache")["growing"] is False
+    assert find(interval[-1], "fill_cache")["delta"]["bytes"] == 0
+
+
+def test_min_age_hides_young_blocks(build):
+    result = probedsl("run", MEMLEAK, "--format", "json", "--min-age", "3", "--", build("drip"), "4", timeout=120)
+    report = report_json(result.stdout)
+    sites = by_site(report)
+    assert "fill_cache" in sites                         # 4 s old at the end
+    assert sites.get("drip", (0, 0))[1] < 10             # only the first second's drips are 3 s old
+
+
+def test_output_file_holds_the_final_report_and_report_rerenders_it(build, tmp_path):
+    saved = tmp_path / "run.json"
+    result = probedsl("run", MEMLEAK, "--format", "json", "--output", str(saved), "--", build("leak"), input="\n")
+    assert result.returncode == 0 and result.stdout == ""
+    folded = probedsl("report", str(saved), "--format", "folded")
+    assert folded.returncode == 0
+    assert any(line.endswith(";wrapper2;wrapper1 40") for line in folded.stdout.splitlines()), folded.stdout
