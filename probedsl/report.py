@@ -146,6 +146,13 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             "live_blocks": len(live),
             "acquired": t.acquired if t else 0, "released": t.released if t else 0,
             "unknown_releases": t.unknown_releases if t else 0}
+        if res.records("ustack"):
+            # the kernel's stack table drops a stack whose hash bucket is taken: say so
+            lost = sum(1 for l in live if not l.ustack)
+            resources[res.name]["no_stack"] = lost
+            if lost:
+                notes = [*notes, f"{lost} live {res.name} entries have no user stack (stack table "
+                                 f"collision or full); they are grouped under an empty stack"]
     sections = []
     for rep in program.reports:
         if rep.kind == "lifetime":

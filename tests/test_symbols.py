@@ -114,3 +114,19 @@ def test_output_file_holds_the_final_report_and_report_rerenders_it(build, tmp_p
     folded = probedsl("report", str(saved), "--format", "folded")
     assert folded.returncode == 0
     assert any(line.endswith(";wrapper2;wrapper1 40") for line in folded.stdout.splitlines()), folded.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thousands_of_stacks_show_top_n_and_sum_the_rest(backend, build):
+    result, report = run_report(backend, build("manystacks"), extra=("--top", "3"))
+    heap = report["resources"]["heap"]
+    assert heap["live_blocks"] == 4096 + 2 + 3 + 4 + 5 - 4 and heap["live_bytes"] == heap["live_blocks"] * 8
+    section = report["reports"][0]
+    assert len(section["entries"]) == 3
+    # every block is in a shown entry, in the omitted line, or counted as having lost its stack
+    shown = sum(e["blocks"] for e in section["entries"])
+    assert shown + section["omitted"]["blocks"] == heap["live_blocks"]
+    distinct = section["total_entries"] - (1 if heap["no_stack"] else 0)
+    assert distinct + heap["no_stack"] >= 4096 - 1
+    assert heap["no_stack"] == 0 or any("no user stack" in n for n in report["notes"])
+    assert [e["blocks"] for e in section["entries"]][:1] == [5] or heap["no_stack"] >= 5
