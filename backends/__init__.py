@@ -36,8 +36,18 @@ def counters(resource: ir.Resource) -> List[str]:
     return ["acquired", "released", "unknown_releases"]
 
 
-def lifetime_report(program: ir.Program, resource: ir.Resource) -> bool:
-    return any(r.kind == "lifetime" and r.resource == resource.name for r in program.reports)
+def lifetime_report(program: ir.Program, resource: ir.Resource):
+    """The resource's lifetime report (one at most; the checker says so), or None."""
+    return next((r for r in program.reports if r.kind == "lifetime" and r.resource == resource.name), None)
+
+
+def lifetime_keys(program: ir.Program, resource: ir.Resource) -> List[str]:
+    """Live-record fields that key the lifetime histogram; a user stack needs its pid to be named."""
+    rep = lifetime_report(program, resource)
+    keys = []
+    for g in (rep.group_by if rep else ()):
+        keys += ["ustack", "pid"] if g == "ustack" else [g]
+    return list(dict.fromkeys(keys))
 
 
 class Backend:

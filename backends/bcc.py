@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from . import Backend, Generated, counters, lifetime_report, live_fields
+from . import Backend, Generated, counters, lifetime_keys, lifetime_report, live_fields
 
 ARG_REGS = 6   # x86-64 passes six integer arguments in registers
 
@@ -22,13 +22,15 @@ class BccBackend(Backend):
     name = "bcc"
     template = "bcc.c.j2"
     RENDER = {
-        ir.Const: lambda self, v: f"{v.value}ULL",
+        ir.Const: lambda self, v: f"{v.value}ULL" if v.value >= 0 else f"({v.value}LL)",
         ir.Arg: _arg,
         ir.Saved: lambda self, v: f"s.a[{v.slot}]",
         ir.Builtin: lambda self, v: {"ret": "PT_REGS_RC(ctx)", "pid": "(bpf_get_current_pid_tgid() >> 32)",
                                      "tid": "(u32)bpf_get_current_pid_tgid()"}[v.name],
         ir.Field: lambda self, v: f"(u64)args->{v.name}",
-        ir.Deref: lambda self, v: f"probedsl_read_u64({self.expr(v.address)})",
+        ir.Deref: lambda self, v: (f"probedsl_read_u64({self.expr(v.address)} + {v.offset})" if v.size == 8
+                                   else f"(u64)probedsl_read_s32({self.expr(v.address)} + {v.offset})"),
+        ir.Int32: lambda self, v: f"(s64)(s32){self.expr(v.operand)}",
         ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
         ir.BinOp: Backend.binop,
     }
@@ -68,7 +70,15 @@ class BccBackend(Backend):
         else:
             hit = [f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
             if lifetime_report(program, res):
-                hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
+                keys = lifetime_keys(program, res)
+                if keys:
+                    copy = [f"__builtin_memcpy(&hk.comm, old->comm, sizeof(hk.comm));" if k == "comm"
+                            else f"hk.{k} = old->{k};" for k in keys]
+                    hit[:0] = [f"struct {n}_hist_key_t hk = {{}};", *copy,
+                               "hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);",
+                               f"{n}_lifetime.increment(hk);"]
+                else:
+                    hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {n}_live.lookup(&k);", "if (old) {",
                           *["  " + s for s in hit], "} else {", f"  {n}_counters.atomic_increment(2);", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
@@ -82,7 +92,7 @@ class BccBackend(Backend):
         if probe.kind == "tracepoint":
             category, event = probe.function.split(":")
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
-                    "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
+                    "filtered": probe.filtered, "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
                     "return_fn": "", "return_body": []}
         nest = [f"struct {n}_scratch_t *pending = {n}_scratch.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
@@ -97,7 +107,7 @@ class BccBackend(Backend):
         else:
             entry, ret = nest + actions, []
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
-                "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
+                "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
 
     def manifest(self, program: ir.Program, views) -> dict:
@@ -111,7 +121,8 @@ class BccBackend(Backend):
             "recipe": program.name, "target": program.target.mode,
             "probes": probes,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
-                           "counters": counters(r), "lifetime": lifetime_report(program, r)}
+                           "counters": counters(r), "lifetime": bool(lifetime_report(program, r)),
+                           "lifetime_keys": lifetime_keys(program, r)}
                           for r in program.resources],
         }
 
@@ -123,7 +134,8 @@ class BccBackend(Backend):
             resources.append({
                 "name": res.name, "arity": res.key_arity, "fields": live_fields(res), "probes": res_views,
                 "width": max(res.scratch_width, 1), "max_live": res.max_live,
-                "lifetime": lifetime_report(program, res), "ncounters": len(counters(res)),
+                "lifetime": bool(lifetime_report(program, res)), "lifetime_keys": lifetime_keys(program, res),
+                "ncounters": len(counters(res)),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),

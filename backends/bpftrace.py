@@ -1,17 +1,24 @@
 """IR -> one self-contained bpftrace script (bpftrace 0.17 syntax)."""
 from __future__ import annotations
 
+import re
 from typing import List
 
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from . import Backend, Generated, counters, lifetime_report, live_fields
+from . import Backend, Generated, counters, lifetime_keys, lifetime_report, live_fields
 
 SNAPSHOT_MARK = "probedsl:snapshot"
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
               "ustack": "ustack(perf)", "kstack": "kstack(perf)", "comm": "comm"}
+
+
+def _arg(self, v: ir.Arg) -> str:
+    if v.index >= 6:
+        raise ProbedslError("bpftrace 0.17 reads only the first 6 arguments on x86_64 (arg0..arg5)")
+    return f"arg{v.index}"
 
 
 def _u64(text: str) -> str:
@@ -22,12 +29,14 @@ class BpftraceBackend(Backend):
     name = "bpftrace"
     template = "bpftrace.bt.j2"
     RENDER = {
-        ir.Const: lambda self, v: str(v.value),
-        ir.Arg: lambda self, v: f"arg{v.index}",
+        ir.Const: lambda self, v: str(v.value) if v.value >= 0 else f"({v.value})",
+        ir.Arg: _arg,
         ir.Saved: lambda self, v: f"$s.{v.slot + 2}",
         ir.Builtin: lambda self, v: {"ret": "retval", "pid": "pid", "tid": "tid"}[v.name],
         ir.Field: lambda self, v: f"args->{v.name}",
-        ir.Deref: lambda self, v: f"*(uint64 *)uptr({self.expr(v.address)})",
+        ir.Deref: lambda self, v: (f"*(uint64 *)uptr({self.expr(v.address)} + {v.offset})" if v.size == 8
+                                   else f"*(int32 *)uptr({self.expr(v.address)} + {v.offset})"),
+        ir.Int32: lambda self, v: f"(int64)(int32){self.expr(v.operand)}",
         ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
         ir.BinOp: Backend.binop,
     }
@@ -52,7 +61,9 @@ class BpftraceBackend(Backend):
         else:
             hit = [f"delete({live});", f"@{res.name}_released = count();"]
             if lifetime_report(program, res):
-                hit.append(f"@{res.name}_lifetime = hist(nsecs - $v.0);")
+                fields = live_fields(res)
+                keys = ", ".join(f"$v.{fields.index(k)}" for k in lifetime_keys(program, res))
+                hit.append(f"@{res.name}_lifetime{f'[{keys}]' if keys else ''} = hist(nsecs - $v.0);")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
                     f"  @{res.name}_unknown_releases = count();", "}"]
         if action.guard is None:
@@ -63,8 +74,11 @@ class BpftraceBackend(Backend):
         if probe.kind == "uprobe":
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
-            entry = f"uprobe:{probe.path}:{probe.function}"
-            ret = f"uretprobe:{probe.path}:{probe.function}"
+            # bpftrace's lexer splits a bare path at characters like '+' (libstdc++): quote
+            # those; libraries.SAFE_PATH has already ruled out quotes and spaces
+            path = probe.path if re.fullmatch(r"[A-Za-z0-9_./-]+", probe.path) else f'"{probe.path}"'
+            entry = f"uprobe:{path}:{probe.function}"
+            ret = f"uretprobe:{path}:{probe.function}"
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
         actions = [line for a in probe.actions for line in self.action(program, res, a)]
@@ -85,7 +99,7 @@ class BpftraceBackend(Backend):
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
-                "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
+                "filter": self.filter(program.target) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:

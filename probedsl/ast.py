@@ -37,6 +37,22 @@ class Deref:
 
 
 @dataclass(frozen=True)
+class Index:
+    """`fds[1]`: the i-th 32-bit int of an out-parameter array (pipe's fds), read at return."""
+    array: "Name"
+    index: int
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
+class Int32:
+    """`int(ret)`: the low 32 bits, sign-extended (functions returning C int leave the upper
+    half of the register undefined, so -1 must be read this way)."""
+    operand: "Expr"
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
 class Not:
     operand: "Expr"
     span: Span = field(default=NO_SPAN, compare=False)
@@ -50,7 +66,7 @@ class BinOp:
     span: Span = field(default=NO_SPAN, compare=False)
 
 
-Expr = Union[Number, Name, Deref, Not, BinOp]
+Expr = Union[Number, Name, Deref, Index, Int32, Not, BinOp]
 
 
 # --- probes and members ----------------------------------------------------------------
@@ -88,6 +104,14 @@ class AlsoRelease:
 
 
 @dataclass(frozen=True)
+class AlsoAcquire:
+    """`acquires KEY [when COND]` on an acquire: pipe() opens two fds in one call."""
+    key: Tuple[Expr, ...]
+    guard: Optional[Expr]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
 class Event:
     kind: str                        # "acquire" | "release"
     probe: Probe
@@ -95,6 +119,7 @@ class Event:
     guards: Tuple[Expr, ...]
     assigns: Tuple[Assign, ...]
     also_releases: Tuple[AlsoRelease, ...]
+    also_acquires: Tuple[AlsoAcquire, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
 
 

@@ -16,17 +16,20 @@ AGGREGATIONS = {"outstanding": ("sum", "count"), "lifetime": ("hist",)}
 def names_in(expr: ast.Expr) -> Iterator[ast.Name]:
     if isinstance(expr, ast.Name):
         yield expr
-    elif isinstance(expr, (ast.Deref, ast.Not)):
+    elif isinstance(expr, ast.Index):
+        yield expr.array
+    elif isinstance(expr, (ast.Deref, ast.Not, ast.Int32)):
         yield from names_in(expr.operand)
     elif isinstance(expr, ast.BinOp):
         yield from names_in(expr.left)
         yield from names_in(expr.right)
 
 
-def derefs_in(expr: ast.Expr) -> Iterator[ast.Deref]:
-    if isinstance(expr, ast.Deref):
+def derefs_in(expr: ast.Expr) -> Iterator[ast.Expr]:
+    """Reads through out-parameters (`*out`, `fds[1]`): they happen at return."""
+    if isinstance(expr, (ast.Deref, ast.Index)):
         yield expr
-    if isinstance(expr, (ast.Deref, ast.Not)):
+    if isinstance(expr, (ast.Deref, ast.Not, ast.Int32)):
         yield from derefs_in(expr.operand)
     elif isinstance(expr, ast.BinOp):
         yield from derefs_in(expr.left)
@@ -38,7 +41,7 @@ def event_exprs(event: ast.Event) -> Iterator[ast.Expr]:
     yield from event.guards
     for a in event.assigns:
         yield a.value
-    for r in event.also_releases:
+    for r in event.also_releases + event.also_acquires:
         yield from r.key
         if r.guard is not None:
             yield r.guard
@@ -105,9 +108,10 @@ class _Checker:
             else:
                 allowed |= set(fields)
         self.check_key(res, event.key, event.span)
-        for extra in event.also_releases:
+        for extra in event.also_releases + event.also_acquires:
             if event.kind != "acquire":
-                self.error(extra.span, "'releases' belongs on an acquire; a release already releases its key")
+                word = "releases" if isinstance(extra, ast.AlsoRelease) else "acquires"
+                self.error(extra.span, f"'{word}' belongs on an acquire")
             self.check_key(res, extra.key, extra.span)
         for a in event.assigns:
             if a.target.name not in SETTABLE:
@@ -121,7 +125,8 @@ class _Checker:
                     self.error(n.span, f"unknown name '{n.name}': not an {where}, a parameter or one of "
                                        f"{', '.join(('ret',) + BUILTINS if isinstance(probe, ast.UProbe) else BUILTINS)}")
             for d in derefs_in(expr):
-                if not (isinstance(d.operand, ast.Name) and d.operand.name in args):
+                target = d.array if isinstance(d, ast.Index) else d.operand
+                if not (isinstance(target, ast.Name) and target.name in args):
                     self.error(d.span, "'*' reads through an out-parameter: write '*ARG' with an argument name")
 
     def check_key(self, res: ast.Resource, key, span: ast.Span) -> None:
@@ -144,8 +149,12 @@ class _Checker:
                 self.error(g.span, f"cannot group by '{g.name}'; choose from {', '.join(GROUPABLE)}")
             elif g.name not in recorded:
                 self.error(g.span, f"'{g.name}' is not recorded; add 'record {g.name}' to resource '{res.name}'")
-        if rep.kind == "lifetime" and rep.group_by:
-            self.error(rep.group_by[0].span, "a lifetime report is one histogram; it takes no 'by'")
+        if rep.kind == "lifetime":
+            if any(r.kind == "lifetime" and r.resource.name == rep.resource.name and r.span != rep.span
+                   for r in self.recipe.reports[:self.recipe.reports.index(rep)]):
+                self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
+            if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
+                self.error(rep.span, f"a lifetime report by ustack needs 'record pid' (stacks are named per process)")
         for agg in rep.aggregations:
             if agg.function not in AGGREGATIONS[rep.kind]:
                 self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "

@@ -38,10 +38,20 @@ def cli():
 @cli.command()
 @click.argument("recipe")
 def check(recipe):
-    """Validate RECIPE; print every error as file:line:col with the line and a caret."""
+    """Validate RECIPE, and lower it for both backends; print every error as file:line:col."""
     program = compiler.build(compiler.load(recipe))
+    compiler.check_backends(program)
     probes = sum(len(r.probes) for r in program.resources)
-    click.echo(f"{recipe}: ok ({len(program.resources)} resource(s), {probes} probe(s) after folding aliases)")
+    click.echo(f"{recipe}: ok ({len(program.resources)} resource(s), {probes} probe(s) after folding aliases; "
+               "lowers to bpftrace and bcc)")
+
+
+@cli.command("list")
+def list_cmd():
+    """The bundled recipes, with their descriptions and parameters (run them by name)."""
+    for name, recipe in compiler.bundled():
+        params = ", ".join(f"{p.name}={p.default}" for p in recipe.params)
+        click.echo(f"{name:<12} {recipe.description}" + (f"  [params: {params}]" if params else ""))
 
 
 @cli.command()
@@ -74,6 +84,7 @@ def compile(recipe, target, output, pid, comm, sets):
 @click.option("--backend", type=click.Choice(["bpftrace", "bcc"]), default="bpftrace", show_default=True)
 @click.option("--comm", help="trace every process with this name, now and later")
 @click.option("--pid", type=int, help="trace this live process until it exits")
+@click.option("--all", "all_", is_flag=True, help="trace every process (system-wide) until Ctrl-C")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
 @click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
@@ -84,10 +95,10 @@ def compile(recipe, target, output, pid, comm, sets):
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
               help="live resources each table holds")
-def run(recipe, command, backend, comm, pid, interval, duration, top, sets, fmt, output, color, min_age,
+def run(recipe, command, backend, comm, pid, all_, interval, duration, top, sets, fmt, output, color, min_age,
         growth_intervals, max_live):
-    """Trace with RECIPE: --comm NAME, --pid PID, or -- CMD ARGS... (launched once probes attach)."""
-    opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, command=list(command),
+    """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
+    opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_, command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age,
                               growth_intervals=growth_intervals, max_live=max_live)

@@ -2,23 +2,36 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from importlib import resources
 from typing import Mapping, Optional
 
 from . import ast, checker, ir, libraries, lower, parser
 from .backends import Generated, backend
-from .errors import ProbedslError
+from .errors import Diagnostic, ProbedslError, RecipeError
+
+
+def bundled():
+    """(name, parsed recipe) for each recipe shipped in probedsl.recipes, sorted by name."""
+    return [(name, parser.parse(entry.read_text(), entry.name)) for name, entry in bundled_names()]
 
 
 def find_recipe(name_or_path: str) -> str:
-    """A path, or the name of a bundled recipe (memleak)."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    if "/" not in name_or_path and not name_or_path.endswith(".probe"):
+    """A path (has a '/' or ends in .probe), else the name of a bundled recipe (memleak)."""
+    if "/" in name_or_path or name_or_path.endswith(".probe"):
+        if os.path.isfile(name_or_path):
+            return name_or_path
+    else:
         bundled = resources.files("probedsl.recipes").joinpath(f"{name_or_path}.probe")
         if bundled.is_file():
             return str(bundled)
-    raise ProbedslError(f"recipe not found: {name_or_path}")
+    names = ", ".join(name for name, _ in bundled_names())
+    raise ProbedslError(f"recipe not found: {name_or_path} (bundled: {names})")
+
+
+def bundled_names():
+    return [(e.name[:-len(".probe")], e) for e in sorted(resources.files("probedsl.recipes").iterdir(),
+                                                         key=lambda e: e.name) if e.name.endswith(".probe")]
 
 
 def load(path: str) -> ast.Recipe:
@@ -40,6 +53,22 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     """Checked recipe -> IR with libraries resolved and aliases folded."""
     program = lower.lower(recipe, lower.parameter_values(recipe, overrides), max_live)
     return libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
+
+
+def check_backends(program: ir.Program) -> None:
+    """Lower for every backend; a construct one cannot express is a located recipe error."""
+    diagnostics = []
+    for name in ("bpftrace", "bcc"):
+        for res in program.resources:
+            for probe in res.probes:
+                one = replace(program, resources=(replace(res, probes=(probe,)),), reports=())
+                try:
+                    backend(name).generate(one)
+                except ProbedslError as exc:
+                    diagnostics.append(Diagnostic(program.filename, probe.span, f"{name}: {exc}"))
+    if diagnostics:
+        source = open(program.filename, encoding="utf-8").read() if os.path.exists(program.filename) else ""
+        raise RecipeError(diagnostics, source)
 
 
 def generate(program: ir.Program, target: str, ready_pid: int = 0) -> Generated:

@@ -31,16 +31,34 @@ def _frame_text(f: Frame, style: _Style) -> str:
     return text
 
 
+def _histogram_text(buckets, out: List[str], indent: str = "  ") -> None:
+    peak = max((n for _, _, n in buckets), default=0)
+    width = max((len(f"[{lo}, {hi}]") for lo, hi, _ in buckets), default=0)
+    for lo, hi, n in buckets:
+        bar = "@" * (round(40 * n / peak) if peak else 0)
+        out.append(f"{indent}{f'[{lo}, {hi}]':<{width}} {n:>10} |{bar}")
+    if not buckets:
+        out.append(f"{indent}(no releases)")
+
+
 def _section_text(s: Section, style: _Style, out: List[str]) -> None:
     if s.kind == "lifetime":
-        out.append(style.bold(f"Lifetime of released {s.resource} (ns):"))
-        peak = max((n for _, _, n in s.histogram), default=0)
-        width = max((len(f"[{lo}, {hi}]") for lo, hi, _ in s.histogram), default=0)
-        for lo, hi, n in s.histogram:
-            bar = "@" * (round(40 * n / peak) if peak else 0)
-            out.append(f"  {f'[{lo}, {hi}]':<{width}} {n:>10} |{bar}")
-        if not s.histogram:
-            out.append("  (no releases)")
+        if not s.by:
+            out.append(style.bold(f"Lifetime of released {s.resource} (ns):"))
+            _histogram_text(s.histogram, out)
+            return
+        out.append(style.bold(f"Lifetime of released {s.resource} (ns) by {', '.join(s.by)}: "
+                              f"{len(s.entries)} of {s.total_entries} entries"))
+        for e in s.entries:
+            who = f" pid {e.pid}" if e.pid is not None else ""
+            who += f" comm {e.comm}" if e.comm is not None else ""
+            out.append(f"  {style.value(str(e.values['released']))} released{who}")
+            for f in e.stack + e.kernel_stack:
+                out.append("      " + _frame_text(f, style))
+            _histogram_text(e.histogram, out, indent="    ")
+        if s.total_entries > len(s.entries):
+            out.append(f"  ... and {s.total_entries - len(s.entries)} more entries: "
+                       f"{s.omitted.get('released', 0)} released")
         return
     by = ", ".join(s.by) or "all"
     out.append(style.bold(f"Outstanding {s.resource} by {by}: {len(s.entries)} of {s.total_entries} entries"

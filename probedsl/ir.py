@@ -39,8 +39,17 @@ class Field:
 
 @dataclass(frozen=True)
 class Deref:
-    """The u64 in user memory at `address` (an out-parameter, read at return)."""
+    """The integer in user memory at `address + offset` (an out-parameter, read at return):
+    8 bytes for a pointer (`*out`), 4 bytes sign-extended for an int array element (`fds[1]`)."""
     address: "Value"
+    offset: int = 0
+    size: int = 8
+
+
+@dataclass(frozen=True)
+class Int32:
+    """Low 32 bits, sign-extended."""
+    operand: "Value"
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class BinOp:
     right: "Value"
 
 
-Value = Union[Const, Arg, Saved, Builtin, Field, Deref, Not, BinOp]
+Value = Union[Const, Arg, Saved, Builtin, Field, Deref, Int32, Not, BinOp]
 
 
 # --- program -----------------------------------------------------------------------------
@@ -79,6 +88,12 @@ class Probe:
     actions: Tuple[Action, ...]            # releases first, so realloc's in-place shrink works
     span: Span = field(default=NO_SPAN, compare=False)
     path: str = ""                         # resolved library path; set by libraries.resolve
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the target filter applies. A kernel object is often freed in another task's
+        context (softirq, a worker), and its key is global: tracepoint releases see all tasks."""
+        return not (self.kind == "tracepoint" and all(a.kind == "release" for a in self.actions))
 
     @property
     def label(self) -> str:
@@ -118,7 +133,7 @@ class Report:
 @dataclass(frozen=True)
 class Target:
     """Which processes the program traces; values are validated before they get here."""
-    mode: str = "all"                      # all | pid | comm | cmd
+    mode: str = "all"                      # all (system-wide) | pid | comm | cmd
     pid: int = 0
     comm: str = ""
 

@@ -42,8 +42,12 @@ class _Binder:
             return ir.Field(name)
         if isinstance(expr, ast.Deref):
             return ir.Deref(self.value(expr.operand))
+        if isinstance(expr, ast.Index):
+            return ir.Deref(self.value(expr.array), offset=4 * expr.index, size=4)
         if isinstance(expr, ast.Not):
             return ir.Not(self.value(expr.operand))
+        if isinstance(expr, ast.Int32):
+            return ir.Int32(self.value(expr.operand))
         return ir.BinOp(expr.op, self.value(expr.left), self.value(expr.right))
 
     def guard(self, exprs) -> Optional[ir.Value]:
@@ -90,6 +94,9 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             size = next((bind.value(a.value) for a in event.assigns if a.target.name == "size"), None)
             actions.append(ir.Action(event.kind, tuple(bind.value(k) for k in event.key),
                                      bind.guard(event.guards), size if event.kind == "acquire" else None))
+            for extra in event.also_acquires:
+                guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
+                actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))
             p = event.probe
             probes.append(ir.Probe(
                 id=len(probes) + 1, resource=res.name,

@@ -79,6 +79,7 @@ class _ToAst(Transformer):
             guards=tuple(c[1] for c in clauses if c[0] == "when"),
             assigns=tuple(c[1] for c in clauses if c[0] == "set"),
             also_releases=tuple(c[1] for c in clauses if c[0] == "releases"),
+            also_acquires=tuple(c[1] for c in clauses if c[0] == "acquires"),
             span=_span(meta))
 
     def acquire(self, meta, children):
@@ -100,6 +101,10 @@ class _ToAst(Transformer):
     def releases_clause(self, meta, children):
         key, guard = children
         return ("releases", ast.AlsoRelease(key, guard, _span(meta)))
+
+    def acquires_clause(self, meta, children):
+        key, guard = children
+        return ("acquires", ast.AlsoAcquire(key, guard, _span(meta)))
 
     def uprobe(self, meta, children):
         library, function, *args = children
@@ -155,6 +160,21 @@ class _ToAst(Transformer):
 
     def name(self, meta, children):
         return _name(children[0])
+
+    def index(self, meta, children):
+        array, index = children
+        return ast.Index(_name(array), int(str(index), 0), _span(meta))
+
+    def int32(self, meta, children):
+        return ast.Int32(children[0], _span(meta))
+
+    def sign(self, meta, children):
+        op, operand = children
+        if str(op) == "+":
+            return operand
+        if isinstance(operand, ast.Number):
+            return ast.Number(-operand.value, _span(meta))
+        return ast.BinOp("-", ast.Number(0, _span(meta)), operand, _span(meta))
 
     def deref(self, meta, children):
         return ast.Deref(children[0], _span(meta))

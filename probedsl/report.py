@@ -27,6 +27,7 @@ class Entry:
     comm: Optional[str] = None
     delta: Dict[str, int] = field(default_factory=dict)   # since the previous interval report
     growing: bool = False              # grew in each of the last K interval reports
+    histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # lifetime reports by group
 
     def signature(self) -> str:
         """Identity across reports and runs: symbolic frames, not addresses (ASLR moves those)."""
@@ -73,8 +74,14 @@ class Report:
                "resources": self.resources, "reports": []}
         for s in self.sections:
             if s.kind == "lifetime":
-                doc["reports"].append({"kind": "lifetime", "resource": s.resource, "histogram_ns": [
-                    {"min": lo, "max": hi, "count": n} for lo, hi, n in s.histogram]})
+                item = {"kind": "lifetime", "resource": s.resource, "by": s.by}
+                if s.by:
+                    item["entries"] = [{"released": e.values["released"], **_group_fields(e, s.by),
+                                        "histogram_ns": _hist_json(e.histogram)} for e in s.entries]
+                    item["omitted"] = {"entries": s.total_entries - len(s.entries), **s.omitted}
+                else:
+                    item["histogram_ns"] = _hist_json(s.histogram)
+                doc["reports"].append(item)
                 continue
             entries = []
             for e in s.entries:
@@ -83,14 +90,7 @@ class Report:
                 if e.delta:
                     item["delta"] = e.delta
                 item["growing"] = e.growing
-                if e.pid is not None:
-                    item["pid"] = e.pid
-                if e.comm is not None:
-                    item["comm"] = e.comm
-                if "ustack" in s.by:
-                    item["stack"] = [f.as_dict() for f in e.stack]
-                if "kstack" in s.by:
-                    item["kernel_stack"] = [f.as_dict() for f in e.kernel_stack]
+                item.update(_group_fields(e, s.by))
                 entries.append(item)
             doc["reports"].append({"kind": "outstanding", "resource": s.resource, "by": s.by,
                                    "columns": s.columns, "top": s.top, "min_age_ms": s.min_age_ms,
@@ -107,21 +107,51 @@ class Report:
         sections = []
         for r in doc["reports"]:
             if r["kind"] == "lifetime":
-                sections.append(Section("lifetime", r["resource"], histogram=[
-                    (b["min"], b["max"], b["count"]) for b in r["histogram_ns"]]))
+                by = r.get("by", [])
+                entries = [_entry_from_dict(e, ["released"], _hist_tuples(e["histogram_ns"])) for e in r.get("entries", [])]
+                omitted = {k: v for k, v in r.get("omitted", {}).items() if k != "entries"}
+                sections.append(Section("lifetime", r["resource"], by, ["released"] if by else [],
+                                        entries=entries, omitted=omitted,
+                                        total_entries=len(entries) + r.get("omitted", {}).get("entries", 0),
+                                        histogram=_hist_tuples(r.get("histogram_ns", []))))
                 continue
             columns = r["columns"]
-            entries = [Entry(values={c: e[c] for c in columns}, oldest_age_s=e["oldest_age_s"], pids=e["pids"],
-                             stack=[Frame.from_dict(f) for f in e.get("stack", [])],
-                             kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
-                             pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
-                             growing=e.get("growing", False)) for e in r["entries"]]
+            entries = [_entry_from_dict(e, columns) for e in r["entries"]]
             omitted = {k: v for k, v in r["omitted"].items() if k != "entries"}
             sections.append(Section("outstanding", r["resource"], r["by"], columns, r["top"], r["min_age_ms"],
                                     entries, r["total_entries"], omitted))
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
                    doc.get("sequence", 0))
+
+
+def _hist_json(buckets) -> List[dict]:
+    return [{"min": lo, "max": hi, "count": n} for lo, hi, n in buckets]
+
+
+def _hist_tuples(items) -> List[Tuple[int, int, int]]:
+    return [(b["min"], b["max"], b["count"]) for b in items]
+
+
+def _group_fields(e: Entry, by: Sequence[str]) -> dict:
+    out = {}
+    if e.pid is not None:
+        out["pid"] = e.pid
+    if e.comm is not None:
+        out["comm"] = e.comm
+    if "ustack" in by:
+        out["stack"] = [f.as_dict() for f in e.stack]
+    if "kstack" in by:
+        out["kernel_stack"] = [f.as_dict() for f in e.kernel_stack]
+    return out
+
+
+def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
+    return Entry(values={c: e[c] for c in columns}, oldest_age_s=e.get("oldest_age_s", 0.0),
+                 pids=e.get("pids", []), stack=[Frame.from_dict(f) for f in e.get("stack", [])],
+                 kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
+                 pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
+                 growing=e.get("growing", False), histogram=list(histogram))
 
 
 def _group_key(live: Live, by: Sequence[str]) -> Tuple:
@@ -156,8 +186,7 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
     sections = []
     for rep in program.reports:
         if rep.kind == "lifetime":
-            t = snapshot.totals.get(rep.resource)
-            sections.append(Section("lifetime", rep.resource, histogram=list(t.lifetime) if t else []))
+            sections.append(_lifetime(program, rep, snapshot, symbolizer, top if top is not None else rep.top))
             continue
         min_age_ms = rep.min_age_ms if min_age_s is None else int(min_age_s * 1000)
         res = next(r for r in program.resources if r.name == rep.resource)
@@ -198,6 +227,30 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
     return Section("outstanding", rep.resource, list(rep.group_by), labels, top, min_age_ms, entries,
                    len(rows), omitted)
+
+
+def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int) -> Section:
+    t = snapshot.totals.get(rep.resource)
+    groups = dict(t.lifetime) if t else {}
+    if not rep.group_by:
+        return Section("lifetime", rep.resource, histogram=groups.get((), []))
+    from .backends import lifetime_keys
+    res = next(r for r in program.resources if r.name == rep.resource)
+    keys = lifetime_keys(program, res)
+    rows = sorted(groups.items(), key=lambda kv: -sum(n for _, _, n in kv[1]))
+    shown, rest = rows[:top], rows[top:]
+    named = [dict(zip(keys, key)) for key, _ in shown]
+    stacks = symbolizer.user_stacks([(k.get("pid", 0), k.get("ustack", ())) for k in named]) \
+        if "ustack" in keys else [[] for _ in shown]
+    entries = []
+    for (key, buckets), fields, stack in zip(shown, named, stacks):
+        entries.append(Entry(values={"released": sum(n for _, _, n in buckets)}, oldest_age_s=0.0,
+                             pids=[fields["pid"]] if "pid" in fields else [], stack=stack,
+                             kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],
+                             pid=fields.get("pid") if "pid" in rep.group_by else None,
+                             comm=fields.get("comm") if "comm" in rep.group_by else None, histogram=buckets))
+    omitted = {"released": sum(n for _, b in rest for _, _, n in b)}
+    return Section("lifetime", rep.resource, list(rep.group_by), ["released"], top, 0, entries, len(rows), omitted)
 
 
 class Growth:

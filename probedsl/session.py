@@ -28,6 +28,7 @@ class RunOptions:
     backend: str = "bpftrace"
     comm: Optional[str] = None
     pid: Optional[int] = None
+    all: bool = False                  # every process (system-wide)
     command: List[str] = field(default_factory=list)
     interval: int = 0
     duration: float = 0
@@ -52,9 +53,11 @@ def validate_comm(comm: str) -> str:
 
 
 def _target(opts: RunOptions):
-    chosen = [x for x in (opts.comm, opts.pid, opts.command or None) if x is not None]
+    chosen = [x for x in (opts.comm, opts.pid, opts.command or None, opts.all or None) if x is not None]
     if len(chosen) != 1:
-        raise ProbedslError("choose one target: --comm NAME, --pid PID, or -- CMD ARGS...")
+        raise ProbedslError("choose one target: --comm NAME, --pid PID, --all, or -- CMD ARGS...")
+    if opts.all:
+        return ir.Target("all"), LibraryResolver(), None
     if opts.comm is not None:
         return ir.Target("comm", comm=validate_comm(opts.comm)), LibraryResolver(), None
     if opts.pid is not None:
@@ -96,7 +99,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         tracker.snapshot(pid)                  # mapped before we started listening
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    describe = {"comm": f"comm {target.comm}", "pid": f"pid {target.pid}",
+    describe = {"all": "all processes", "comm": f"comm {target.comm}", "pid": f"pid {target.pid}",
                 "cmd": f"command {' '.join(opts.command)} (pid {target.pid})"}[target.mode]
     symbolizer = Symbolizer(tracker)
     notes: List[str] = []

@@ -7,7 +7,7 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs packages and tracing needs root)" >&2; exit 1; }
 
 # 1. system packages
-pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg)
+pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 apt_updated=0

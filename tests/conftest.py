@@ -56,7 +56,7 @@ def build(tmp_path_factory):
         elif (FIXTURES / f"{name}.cpp").exists():
             subprocess.run(["g++", "-O0", "-g", "-o", str(exe), str(FIXTURES / f"{name}.cpp")], check=True)
         else:
-            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c"), "-ldl"],
+            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c"), "-ldl", "-lz"],
                            check=True)
         built[name] = str(exe)
         return built[name]

@@ -25,13 +25,21 @@ def fixed_paths(program: ir.Program) -> ir.Program:
 
 
 def memleak_program(target=ir.Target("pid", pid=4242)) -> ir.Program:
-    return fixed_paths(compiler.build(compiler.load(MEMLEAK))).with_target(target)
+    return recipe_program(MEMLEAK, target)
 
 
+def recipe_program(path, target=ir.Target("pid", pid=4242)) -> ir.Program:
+    return fixed_paths(compiler.build(compiler.load(path))).with_target(target)
+
+
+BUNDLED = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
+
+
+@pytest.mark.parametrize("recipe", BUNDLED, ids=os.path.basename)
 @pytest.mark.parametrize("name,suffix", [("bpftrace", "bt"), ("bcc", "c")])
-def test_memleak_matches_golden(name, suffix, update_golden):
-    text = backend(name).generate(memleak_program()).text
-    golden = GOLDEN / f"memleak.{suffix}"
+def test_recipe_matches_golden(recipe, name, suffix, update_golden):
+    text = backend(name).generate(recipe_program(recipe)).text
+    golden = GOLDEN / f"{os.path.basename(recipe)[:-len('.probe')]}.{suffix}"
     if update_golden or not golden.exists():
         golden.write_text(text)
     assert text == golden.read_text(), f"regenerate with pytest --update-golden and review the diff of {golden}"

@@ -128,4 +128,4 @@ def test_unknown_function_in_library_suggests_near_names(tmp_path):
 def test_missing_recipe_file_is_one_line_error():
     result = probedsl("check", "/nonexistent/x.probe")
     assert result.returncode == 1
-    assert result.stderr.strip() == "probedsl: error: recipe not found: /nonexistent/x.probe"
+    assert result.stderr.strip().startswith("probedsl: error: recipe not found: /nonexistent/x.probe (bundled: ")

@@ -44,7 +44,7 @@ def fixed_snapshot(extra_blocks=0) -> Snapshot:
     live.append(Live("heap", (0x9000,), now - 2_500_000_000, 4096, 42, 42, (0x2000,)))
     live += [Live("heap", (0xA000 + i,), now - 1_000_000, 1, 42, 42, (0x3000 + i,)) for i in range(3)]
     totals = {"heap": Totals(acquired=19 + extra_blocks, released=10, unknown_releases=1,
-                             lifetime=[(1024, 2047, 6), (2048, 4095, 4)])}
+                             lifetime={(): [(1024, 2047, 6), (2048, 4095, 4)]})}
     return Snapshot(now, live, totals, final=True)
 
 

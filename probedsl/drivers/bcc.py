@@ -17,16 +17,24 @@ def _import_bcc():
     return bcc
 
 
-def _histogram(table) -> list:
-    """BCC log2 buckets -> (min, max, count): bucket i holds values in [2^(i-1), 2^i - 1]."""
-    out = []
-    for k, v in sorted(table.items(), key=lambda kv: kv[0].value):
-        i = k.value
-        if v.value:
-            lo = 0 if i == 0 else 1 << (i - 1)
-            hi = 0 if i == 0 else (1 << i) - 1
-            out.append((lo, hi, v.value))
-    return out
+def _bucket(i: int, count: int) -> tuple:
+    """BCC log2 slot i holds values in [2^(i-1), 2^i - 1] (slot 0: the value 0)."""
+    return (0, 0, count) if i == 0 else (1 << (i - 1), (1 << i) - 1, count)
+
+
+def _histograms(table, keys: List[str], stack) -> dict:
+    """{group key: buckets}; keys name the fields of the histogram's key struct besides slot."""
+    groups: Dict[tuple, list] = {}
+    for k, v in table.items():
+        if not v.value:
+            continue
+        if not keys:
+            groups.setdefault((), []).append(_bucket(k.value, v.value))
+            continue
+        group = tuple(stack(getattr(k, f)) if f in ("ustack", "kstack")
+                      else getattr(k, f).decode(errors="replace") if f == "comm" else getattr(k, f) for f in keys)
+        groups.setdefault(group, []).append(_bucket(k.slot, v.value))
+    return {g: sorted(b) for g, b in groups.items()}
 
 
 class BccLoader:
@@ -79,7 +87,7 @@ class BccLoader:
             counters = self.bpf.get_table(f"{name}_counters")
             t = Totals(*(counters[counters.Key(i)].value for i in range(3)))
             if res["lifetime"]:
-                t.lifetime = _histogram(self.bpf.get_table(f"{name}_lifetime"))
+                t.lifetime = _histograms(self.bpf.get_table(f"{name}_lifetime"), res["lifetime_keys"], stack)
             totals[name] = t
         return Snapshot(now, live, totals, final)
 

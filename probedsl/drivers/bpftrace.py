@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl import ir
-from probedsl.backends import Generated, live_fields
+from probedsl.backends import Generated, lifetime_keys, live_fields
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
@@ -34,6 +35,46 @@ def parse_stack(text: str) -> tuple:
     return tuple(out)
 
 
+class _Pairs(list):
+    """A JSON object whose keys repeat: bpftrace prints a map keyed by a stored stack once per
+    thread that captured it, with the same text; a dict would keep only the last."""
+    def items(self):
+        return list(self)
+
+    def get(self, key, default=None):
+        return next((v for k, v in self if k == key), default)
+
+
+def _pairs(pairs):
+    keys = [k for k, _ in pairs]
+    return _Pairs(pairs) if len(set(keys)) != len(keys) else dict(pairs)
+
+
+def _buckets(raw) -> list:
+    return [(int(b.get("min", 0)), int(b.get("max", b.get("min", 0))), int(b["count"]))
+            for b in raw or [] if b.get("count")]
+
+
+def _key_value(field: str, text: str):
+    if field in ("ustack", "kstack"):
+        return parse_stack(text)
+    return text if field == "comm" else int(text)
+
+
+def _lifetime(raw, keys: List[str]) -> dict:
+    """bpftrace hist output -> {group key: buckets}; a multi-key map joins keys with ','."""
+    if not keys:
+        return {(): _buckets(raw)} if raw else {}
+    merged: Dict[tuple, Dict[tuple, int]] = {}
+    for text, buckets in (raw or {}).items():
+        parts = text.rsplit(",", len(keys) - 1) if len(keys) > 1 else [text]
+        group = merged.setdefault(tuple(_key_value(k, v) for k, v in zip(keys, parts)), {})
+        # bpftrace keys a stored stack by thread too: equal stacks of two threads merge here
+        for lo, hi, n in _buckets(buckets):
+            group[(lo, hi)] = group.get((lo, hi), 0) + n
+    return {key: [(lo, hi, n) for (lo, hi), n in sorted(g.items())] for key, g in merged.items()}
+
+
 def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int, final: bool) -> Snapshot:
     live: List[Live] = []
     totals: Dict[str, Totals] = {}
@@ -47,8 +88,7 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
                 tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
                 kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", ""))))
         t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in ("acquired", "released", "unknown_releases")))
-        t.lifetime = [(int(b.get("min", 0)), int(b.get("max", b.get("min", 0))), int(b["count"]))
-                      for b in (maps.get(f"@{res.name}_lifetime") or []) if b.get("count")]
+        t.lifetime = _lifetime(maps.get(f"@{res.name}_lifetime"), lifetime_keys(program, res))
         totals[res.name] = t
     return Snapshot(now_ns, live, totals, final)
 
@@ -97,11 +137,10 @@ class BpftraceDriver:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
         lines = []
         for line in self.stderr:
-            head = line.split(":", 2)
-            if len(head) == 3 and head[0].endswith(".bt") and head[1].split("-")[0].isdigit():
-                span = self.generated.recipe_span(int(head[1].split("-")[0]))
-                if span:
-                    line = f"{self.program.filename}:{span.line}:{span.column}: {head[2].strip()}"
+            m = re.match(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)", line)   # FILE.bt:LINE[-L]:COL[-C]: msg
+            span = self.generated.recipe_span(int(m.group(1))) if m else None
+            if span:
+                line = f"{self.program.filename}:{span.line}:{span.column}: {m.group(2)}"
             lines.append(line)
         return "; ".join(lines[:3]) or f"exit status {self.proc.returncode}"
 
@@ -109,7 +148,7 @@ class BpftraceDriver:
         maps: Dict[str, object] = {}
         for line in self.proc.stdout:
             try:
-                msg = json.loads(line)
+                msg = json.loads(line, object_pairs_hook=_pairs)
             except ValueError:
                 continue
             kind, data = msg.get("type"), msg.get("data")

@@ -12,6 +12,13 @@ static __always_inline u64 probedsl_read_u64(u64 address)
     return value;
 }
 
+static __always_inline s64 probedsl_read_s32(u64 address)
+{
+    s32 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), (void *)address);
+    return value;
+}
+
 static __always_inline int probedsl_wanted(void)
 {
     if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
@@ -241,7 +248,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = probedsl_read_u64(s.a[1]);
+      k.k[0] = probedsl_read_u64(s.a[1] + 0);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
