@@ -108,3 +108,11 @@ def test_a_bundled_name_wins_over_a_file_of_the_same_name(tmp_path):
     (tmp_path / "memleak").write_text("not a recipe")
     result = probedsl("check", "memleak", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_tutorial_recipe_finds_the_forgotten_directory_stream(backend, build):
+    from conftest import ROOT
+    _, report = run(str(ROOT / "tests" / "recipes" / "dirstream.probe"), backend, build("dirleak"))
+    assert sites(report["reports"][0], "streams") == {"scan": 1}
+    assert report["resources"]["dir"]["acquired"] == 10 and report["resources"]["dir"]["released"] == 9
