@@ -32,8 +32,12 @@ def live_fields(resource: ir.Resource) -> List[str]:
     return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
 
 
+COUNTERS = ["acquired", "released", "unknown_releases", "untracked"]
+
+
 def counters(resource: ir.Resource) -> List[str]:
-    return ["acquired", "released", "unknown_releases"]
+    """In-kernel counters per resource; `untracked`: acquisitions the full live table refused."""
+    return COUNTERS
 
 
 def lifetime_report(program: ir.Program, resource: ir.Resource):

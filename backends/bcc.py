@@ -66,7 +66,8 @@ class BccBackend(Backend):
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
             v += [setters[f] for f in live_fields(res) if f != "time"]
-            body = key + v + [f"{n}_live.update(&k, &v);", f"{n}_counters.atomic_increment(0);"]
+            body = key + v + [f"{n}_counters.atomic_increment(0);",
+                              f"if ({n}_live.update(&k, &v) != 0) {n}_counters.atomic_increment(3);  // table full"]
         else:
             hit = [f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
             if lifetime_report(program, res):

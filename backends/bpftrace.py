@@ -57,7 +57,9 @@ class BpftraceBackend(Backend):
         if action.kind == "acquire":
             size = self.expr(action.size) if action.size is not None else "0"
             values = ", ".join(LIVE_VALUE[f].format(size=size) for f in live_fields(res))
-            body = [f"{live} = ({values});", f"@{res.name}_acquired = count();"]
+            # a full map refuses the insert silently: look it up again to count the loss
+            body = [f"{live} = ({values});", f"@{res.name}_acquired = count();", f"$w = {live};",
+                    f"if ($w.0 == 0) {{ @{res.name}_untracked = count(); }}"]
         else:
             hit = [f"delete({live});", f"@{res.name}_released = count();"]
             if lifetime_report(program, res):

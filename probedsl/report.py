@@ -175,7 +175,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             **({"live_bytes": sum(l.size for l in live)} if res.records("size") else {}),
             "live_blocks": len(live),
             "acquired": t.acquired if t else 0, "released": t.released if t else 0,
-            "unknown_releases": t.unknown_releases if t else 0}
+            "unknown_releases": t.unknown_releases if t else 0,
+            "untracked": t.untracked if t else 0}
+        if t and t.untracked:
+            notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
+                             f"{res.max_live} live; raise --max-live)"]
         if res.records("ustack"):
             # the kernel's stack table drops a stack whose hash bucket is taken: say so
             lost = sum(1 for l in live if not l.ustack)

@@ -24,6 +24,7 @@ class Totals:
     acquired: int = 0
     released: int = 0
     unknown_releases: int = 0          # releases of keys never seen acquired (e.g. before attach)
+    untracked: int = 0                 # acquisitions lost because the live table was full
     # log2 histograms of released lifetimes, (min_ns, max_ns, count) buckets, per group key:
     # the values of the lifetime report's keys (ustack addresses, pid, comm), () when ungrouped
     lifetime: Dict[Tuple, List[Tuple[int, int, int]]] = field(default_factory=dict)

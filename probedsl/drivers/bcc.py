@@ -85,7 +85,7 @@ class BccLoader:
                     kstack=stack(v.kstack) if "kstack" in fields else (),
                     comm=v.comm.decode(errors="replace") if "comm" in fields else ""))
             counters = self.bpf.get_table(f"{name}_counters")
-            t = Totals(*(counters[counters.Key(i)].value for i in range(3)))
+            t = Totals(*(counters[counters.Key(i)].value for i in range(len(res["counters"]))))
             if res["lifetime"]:
                 t.lifetime = _histograms(self.bpf.get_table(f"{name}_lifetime"), res["lifetime_keys"], stack)
             totals[name] = t

@@ -14,7 +14,7 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl import ir
-from probedsl.backends import Generated, lifetime_keys, live_fields
+from probedsl.backends import COUNTERS, Generated, lifetime_keys, live_fields
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
@@ -87,7 +87,7 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
                 time_ns=int(record["time"]), size=int(record.get("size", 0)), pid=int(record.get("pid", 0)),
                 tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
                 kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", ""))))
-        t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in ("acquired", "released", "unknown_releases")))
+        t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in COUNTERS))
         t.lifetime = _lifetime(maps.get(f"@{res.name}_lifetime"), lifetime_keys(program, res))
         totals[res.name] = t
     return Snapshot(now_ns, live, totals, final)

@@ -1,0 +1,101 @@
+"""Nothing lost, nothing silent: full tables, dying targets and tracers, strays, privileges."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json
+
+pytestmark = pytest.mark.usefixtures("root_required")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_full_table_counts_what_it_could_not_track(backend, build):
+    n = 1_200_000
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--max-live", "1000",
+                      "--", build("many_live"), str(n), timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = report_json(result.stdout)
+    heap = report["resources"]["heap"]
+    assert heap["live_blocks"] == 1000                               # the table, full
+    assert heap["live_blocks"] + heap["untracked"] == heap["acquired"] - heap["released"]
+    assert heap["acquired"] >= n + 1 and heap["untracked"] >= n + 1 - 1000
+    assert any("not tracked (table full" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how,status", [("abort", 128 + signal.SIGABRT), ("segv", 128 + signal.SIGSEGV)])
+def test_a_crashing_command_still_gets_its_report(backend, how, status, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", build("crash"), how)
+    assert result.returncode == status, result.stderr
+    report = report_json(result.stdout)
+    assert report["exit_status"] == status
+    assert by_site(report).get("leak_then") == (96, 3)
+
+
+def bpftrace_children(pid: int):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--comm", "nosuchprog"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+        assert tracer.poll() is None
+    (child,) = bpftrace_children(tracer.pid)
+    os.kill(child, signal.SIGKILL)
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 1
+    assert "bpftrace process ended" in err or "ended without a final report" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tracer_process_outlives_a_run(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--", build("leak"), input="\n")
+    assert result.returncode == 0
+    left = subprocess.run(["pgrep", "-f", "probedsl-.*\\.bt"], capture_output=True, text=True).stdout
+    assert left.strip() == ""
+
+
+def test_compile_and_check_run_without_privileges(tmp_path):
+    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    for recipe in ("memleak", "kmemleak"):
+        for argv in (["check", recipe], ["compile", recipe, "--target", "bcc"]):
+            result = subprocess.run(unprivileged + [sys.executable, "-m", "probedsl", *argv], cwd="/",
+                                    capture_output=True, text=True, env={"PATH": os.environ["PATH"],
+                                                                         "PYTHONPATH": str(ROOT)})
+            assert result.returncode == 0, (argv, result.stderr)
+
+
+def test_run_without_privileges_says_what_it_needs():
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-m", "probedsl", "run", "memleak", "--comm", "x"], cwd="/",
+                            capture_output=True, text=True, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1
+    assert "needs root" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_library_paths_with_quotes_or_spaces_are_rejected(tmp_path):
+    odd = tmp_path / 'we"ird dir'
+    odd.mkdir()
+    lib = odd / "libc.so.6"
+    lib.write_bytes(open("/lib/x86_64-linux-gnu/libc.so.6", "rb").read())
+    recipe = tmp_path / "r.probe"
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s":malloc(n) -> ret\n}\n' % str(lib).replace('"', ""))
+    # the grammar cannot even spell a quote inside a path...
+    assert probedsl("check", str(recipe)).returncode == 1
+    # ...and a path it can spell but that holds a space never reaches generated code
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    (spaced / "libc.so.6").write_bytes(lib.read_bytes())
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s/libc.so.6":malloc(n) -> ret\n}\n' % spaced)
+    result = probedsl("compile", str(recipe))
+    assert result.returncode == 1 and "has characters probedsl does not put in a probe" in result.stderr
