@@ -39,6 +39,9 @@ class BccBackend(Backend):
         return f"(s64){text}"
 
     def filter_lines(self, target: ir.Target) -> List[str]:
+        if target.tracks_children:
+            return ["u32 tgid = bpf_get_current_pid_tgid() >> 32;",
+                    "if (!probedsl_traced.lookup(&tgid)) return 0;"]
         if target.mode in ("pid", "cmd"):
             # the pid is filled in by the loader as a -D define, a validated integer
             return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
@@ -120,6 +123,7 @@ class BccBackend(Backend):
                                    "entry": view["entry_fn"], "return": view["return_fn"]})
         return {
             "recipe": program.name, "target": program.target.mode,
+            "follow_forks": program.target.tracks_children,
             "probes": probes,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
                            "counters": counters(r), "lifetime": bool(lifetime_report(program, r)),
@@ -140,6 +144,7 @@ class BccBackend(Backend):
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
+                                   target=program.target,
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.target),
                                    stacks=stacks)

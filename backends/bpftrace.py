@@ -46,6 +46,8 @@ class BpftraceBackend(Backend):
 
     def filter(self, target: ir.Target) -> str:
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
+        if target.tracks_children:
+            return "/@probedsl_traced[pid]/"
         return {"all": "", "pid": f"/pid == {int(target.pid)}/", "cmd": f"/pid == {int(target.pid)}/",
                 "comm": "/comm == str($1)/"}[target.mode]
 

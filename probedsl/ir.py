@@ -136,6 +136,11 @@ class Target:
     mode: str = "all"                      # all (system-wide) | pid | comm | cmd
     pid: int = 0
     comm: str = ""
+    follow_forks: bool = True              # pid/cmd: children forked later are traced too
+
+    @property
+    def tracks_children(self) -> bool:
+        return self.mode in ("pid", "cmd") and self.follow_forks
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # perf_event_attr flag bits (include/uapi/linux/perf_event.h)
 _MMAP, _COMM, _TASK, _WATERMARK, _MMAP2, _COMM_EXEC = 1 << 8, 1 << 9, 1 << 13, 1 << 14, 1 << 23, 1 << 24
+_SAMPLE_ID_ALL, _USE_CLOCKID, _SAMPLE_TIME, _CLOCK_MONOTONIC = 1 << 18, 1 << 25, 1 << 2, 1
 _RECORD_MMAP, _RECORD_LOST, _RECORD_COMM, _RECORD_FORK, _RECORD_MMAP2 = 1, 2, 3, 7, 10
 _MISC_COMM_EXEC = 1 << 13
 _PAGES = 64  # data pages per CPU ring: 256 KiB holds thousands of mmap records between reads
@@ -36,9 +37,13 @@ class Mapping:
 
 def _perf_attr() -> bytes:
     # type, size, config, sample_period, sample_type, read_format, flags, wakeup_events, bp_type,
-    # then zeros up to PERF_ATTR_SIZE_VER5 (112 bytes)
-    head = struct.pack("<IIQQQQQII", 1, 112, 9, 0, 0, 0,
-                       _MMAP | _COMM | _TASK | _WATERMARK | _MMAP2 | _COMM_EXEC, 1, 0)
+    # config1, config2, branch_sample_type, sample_regs_user, sample_stack_user, clockid, then
+    # zeros up to PERF_ATTR_SIZE_VER5 (112 bytes). Every record ends with its CLOCK_MONOTONIC
+    # time (sample_id_all + TIME), the clock of bpf_ktime_get_ns, so records and live
+    # resources can be ordered.
+    flags = _MMAP | _COMM | _TASK | _WATERMARK | _MMAP2 | _COMM_EXEC | _SAMPLE_ID_ALL | _USE_CLOCKID
+    head = struct.pack("<IIQQQQQIIQQQQIi", 1, 112, 9, 0, _SAMPLE_TIME, 0, flags, 1, 0, 0, 0, 0, 0, 0,
+                       _CLOCK_MONOTONIC)
     return head + b"\0" * (112 - len(head))
 
 
@@ -96,10 +101,15 @@ class _Ring:
 
 
 class MappingTracker:
-    """Keeps every process's executable mappings, fed by the kernel as they change."""
+    """Keeps every process's executable mappings, fed by the kernel as they change.
+
+    A pid has generations of mappings: a new one at exec (a fresh address space) and at fork
+    (a copy of the parent's), each starting at a CLOCK_MONOTONIC time; an address captured at
+    time T is read in the generation that was current at T, so a process that exec'd, or a
+    pid reused by another process, does not confuse stacks taken before."""
 
     def __init__(self):
-        self._maps: Dict[int, List[Mapping]] = {}
+        self._gens: Dict[int, List[Tuple[int, List[Mapping]]]] = {}
         self._lock = threading.Lock()
         self._rings: List[_Ring] = []
         self._stop = threading.Event()
@@ -136,41 +146,58 @@ class MappingTracker:
                 for rtype, misc, body in ring.records():
                     self._apply(rtype, misc, body)
 
+    def _current(self, pid: int) -> List[Mapping]:
+        gens = self._gens.setdefault(pid, [(0, [])])
+        return gens[-1][1]
+
     def _apply(self, rtype: int, misc: int, body: bytes) -> None:
+        time_ns = struct.unpack_from("<Q", body, len(body) - 8)[0] if len(body) >= 8 else 0
         if rtype in (_RECORD_MMAP, _RECORD_MMAP2):
             pid, _tid, addr, length, pgoff = struct.unpack_from("<IIQQQ", body)
             name_at = 32 if rtype == _RECORD_MMAP else 32 + 24 + 8
-            path = body[name_at:].split(b"\0", 1)[0].decode(errors="replace")
+            path = body[name_at:len(body) - 8].split(b"\0", 1)[0].decode(errors="replace")
             if path.startswith("/"):
-                self._maps.setdefault(pid, []).append(Mapping(addr, addr + length, pgoff, path))
+                self._current(pid).append(Mapping(addr, addr + length, pgoff, path))
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
             if pid == tid:
-                self._maps[pid] = []           # exec: a fresh address space
+                self._gens.setdefault(pid, []).append((time_ns, []))       # exec: a fresh address space
         elif rtype == _RECORD_FORK:
             pid, ppid, _tid, _ptid = struct.unpack_from("<IIII", body)
-            if pid != ppid and ppid in self._maps:
-                self._maps[pid] = list(self._maps[ppid])
+            if pid != ppid:                                               # a process, not a thread
+                inherited = list(self._current(ppid)) if ppid in self._gens else []
+                self._gens.setdefault(pid, []).append((time_ns, inherited))
         elif rtype == _RECORD_LOST:
             self.lost += struct.unpack_from("<QQ", body)[1]
 
-    def mappings(self, pid: int) -> List[Mapping]:
-        """The process's mappings, newest last; read from /proc when we never saw them."""
+    def generation(self, pid: int, at_ns: Optional[int] = None) -> Tuple[int, List[Mapping]]:
+        """(start time, mappings) of the pid's address space at `at_ns` (default: the latest);
+        read from /proc when the kernel never told us about it."""
         self.drain()
         with self._lock:
-            known = self._maps.get(pid)
-            if not known:
-                known = read_proc_maps(pid)
-                if known:
-                    self._maps[pid] = known
-            return list(known or [])
+            gens = self._gens.get(pid)
+            if not gens or not any(m for _, m in gens):
+                current = read_proc_maps(pid)
+                if current:
+                    gens = self._gens[pid] = [(0, current)]
+            if not gens:
+                return 0, []
+            chosen = gens[-1]
+            if at_ns is not None:
+                for start, maps in gens:
+                    if start <= at_ns:
+                        chosen = (start, maps)
+            return chosen[0], list(chosen[1])
+
+    def mappings(self, pid: int, at_ns: Optional[int] = None) -> List[Mapping]:
+        return self.generation(pid, at_ns)[1]
 
     def snapshot(self, pid: int) -> None:
         """Record a live process's current mappings (for processes older than the tracker)."""
         current = read_proc_maps(pid)
         with self._lock:
             if current:
-                self._maps[pid] = self._maps.get(pid, []) + current
+                self._current(pid).extend(current)
 
 
 def find(mappings: List[Mapping], address: int) -> Optional[Mapping]:

@@ -217,7 +217,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     rows.sort(key=lambda r: (-(r[0][first] if first else 0), -len(r[1]), min(m.time_ns for m in r[1])))
     shown, rest = rows[:top], rows[top:]
     # symbolize only what is shown, all stacks in one batch
-    ustacks = symbolizer.user_stacks([(r[1][0].pid, r[1][0].ustack) for r in shown], leaf_returns) \
+    ustacks = symbolizer.user_stacks([(r[1][0].pid, r[1][0].ustack, r[1][0].time_ns) for r in shown], leaf_returns) \
         if "ustack" in rep.group_by else [[] for _ in shown]
     entries = []
     for (values, members), stack in zip(shown, ustacks):

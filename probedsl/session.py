@@ -29,6 +29,7 @@ class RunOptions:
     comm: Optional[str] = None
     pid: Optional[int] = None
     all: bool = False                  # every process (system-wide)
+    follow_forks: bool = True          # --pid/-- CMD: trace forked children too
     command: List[str] = field(default_factory=list)
     interval: int = 0
     duration: float = 0
@@ -63,9 +64,9 @@ def _target(opts: RunOptions):
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
-        return ir.Target("pid", pid=opts.pid), LibraryResolver(pid=opts.pid), None
+        return ir.Target("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
-    return ir.Target("cmd", pid=held.pid), LibraryResolver(command=held.exe), held
+    return ir.Target("cmd", pid=held.pid, follow_forks=opts.follow_forks), LibraryResolver(command=held.exe), held
 
 
 class _Stop:

@@ -68,26 +68,29 @@ class Symbolizer:
     def __init__(self, tracker: Optional[MappingTracker], source_lines: Optional[SourceLines] = None):
         self.tracker = tracker
         self.lines = source_lines or SourceLines()
-        self._cache: Dict[Tuple[int, int], List[Frame]] = {}
+        self._cache: Dict[Tuple[int, int, int], List[Frame]] = {}
 
-    def user_stacks(self, stacks: Sequence[Tuple[int, Sequence[int]]], leaf_returns: bool = True) -> List[List[Frame]]:
+    def user_stacks(self, stacks: Sequence[Tuple], leaf_returns: bool = True) -> List[List[Frame]]:
         """Symbolize many (pid, addresses) stacks at once: one addr2line run per module.
 
         Every frame but the leaf is a return address; so is the leaf when the stack was taken
         at a function's return (leaf_returns), but not when taken at a function's entry."""
-        located: Dict[Tuple[int, int], Tuple[Frame, int]] = {}     # (pid, address) -> (frame, vaddr)
+        # stacks are (pid, addresses) or (pid, addresses, time_ns); an address means something
+        # only in the address space (generation) the process had at that time
+        keyed = []
+        located: Dict[Tuple[int, int, int], Tuple[Frame, int]] = {}   # (pid, generation, address)
         per_module: Dict[str, set] = {}
-        for pid, addresses in stacks:
-            mappings = None
+        for pid, addresses, *when in stacks:
+            start, mappings = self.tracker.generation(pid, when[0] if when else None) if self.tracker else (0, [])
+            keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
-                if (pid, address) in self._cache or (pid, address) in located:
+                key = (pid, start, address)
+                if key in self._cache or key in located:
                     continue
-                if mappings is None:
-                    mappings = self.tracker.mappings(pid) if self.tracker else []
                 # a return address points after its call: look up the call itself
                 is_return = depth > 0 or leaf_returns
                 frame, vaddr = self._elf_frame(mappings, address, address - 1 if is_return else address)
-                located[(pid, address)] = (frame, vaddr)
+                located[key] = (frame, vaddr)
                 if vaddr is not None:
                     per_module.setdefault(frame.module, set()).add(vaddr)
         sources = {m: self.lines.lookup(m, vaddrs) for m, vaddrs in per_module.items()}
@@ -104,7 +107,7 @@ class Symbolizer:
                 expanded.append(replace(frame, file=outer.file, line=outer.line,
                                         function=frame.function or outer.function))
             self._cache[key] = expanded
-        return [[f for a in addresses for f in self._cache[(pid, a)]] for pid, addresses in stacks]
+        return [[f for a in addresses for f in self._cache[(pid, start, a)]] for (pid, start), addresses in keyed]
 
     def user_stack(self, pid: int, addresses: Sequence[int], leaf_returns: bool = True) -> List[Frame]:
         return self.user_stacks([(pid, addresses)], leaf_returns)[0]

@@ -99,3 +99,42 @@ def test_recipe_library_paths_with_quotes_or_spaces_are_rejected(tmp_path):
     recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s/libc.so.6":malloc(n) -> ret\n}\n' % spaced)
     result = probedsl("compile", str(recipe))
     assert result.returncode == 1 and "has characters probedsl does not put in a probe" in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_is_traced_with_its_own_blocks(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", build("forker"))
+    assert result.returncode == 0, result.stderr
+    report = report_json(result.stdout)
+    sites = by_site(report)
+    assert sites.get("child_leak") == (120, 3) and sites.get("parent_leak") == (48, 2), sites
+    pids = {e["pids"][0] for e in report["reports"][0]["entries"] if e["stack"]}
+    assert len(pids) == 2                                             # parent and child apart
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_follow_forks_traces_only_the_command(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--no-follow-forks",
+                      "--", build("forker"))
+    sites = by_site(report_json(result.stdout))
+    assert "child_leak" not in sites and sites.get("parent_leak") == (48, 2), sites
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_from_before_an_exec_are_named_in_the_old_image(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", build("execer"))
+    assert result.returncode == 0, result.stderr
+    sites = by_site(report_json(result.stdout))
+    assert sites.get("before_exec") == (48, 1) and sites.get("after_exec") == (112, 2), sites
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_short_interval_soak_keeps_the_tracers_memory_flat(backend, build):
+    """bench/soak.py runs this for an hour; here 12 reports over ~12 s."""
+    import json
+    from bench.soak import soak
+    samples = soak(backend, seconds=12, interval=1, exe=build("drip"))
+    assert len(samples) >= 10
+    # after warm-up (caches, first symbolization), RSS may not keep climbing
+    settled = [s["rss_kb"] for s in samples[3:]]
+    assert max(settled) - min(settled) < 8 * 1024, json.dumps(samples)

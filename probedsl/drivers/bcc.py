@@ -1,6 +1,7 @@
 """The BCC loader: compiles the generated C, attaches what the manifest lists, reads maps."""
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Dict, List, Optional
 
@@ -48,12 +49,16 @@ class BccLoader:
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             raise ProbedslError(f"BCC could not compile the program: {exc}") from None
         self.manifest = manifest
+        scope = pid or -1
+        if manifest.get("follow_forks"):
+            # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
+            self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            scope = -1
         for p in manifest["probes"]:
             try:
-                self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=pid or -1)
+                self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=scope)
                 if p["return"]:
-                    self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"],
-                                              pid=pid or -1)
+                    self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"], pid=scope)
             except Exception as exc:
                 raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
 

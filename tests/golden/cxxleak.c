@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,13 +41,14 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
 
-// resource object keyed by (address)
-struct object_key_t { u64 k[1]; };
+// resource object keyed by (pid, address)
+struct object_key_t { u64 k[2]; };
 struct object_live_t {
     u64 time;
     u64 size;
@@ -38,7 +59,7 @@ struct object_live_t {
 struct object_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(object_live, struct object_key_t, struct object_live_t, 1000000);
 BPF_HASH(object_scratch, u32, struct object_scratch_t, 65536);
-BPF_ARRAY(object_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(object_counters, u64, 4);  // acquired, released, unknown releases, untracked
 
 // libstdc++:_Znwm  (recipe-line 7:11)
 int object__Znwm_1_entry(struct pt_regs *ctx)
@@ -66,14 +87,15 @@ int object__Znwm_1_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -104,14 +126,15 @@ int object__Znam_2_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -142,14 +165,15 @@ int object__ZnwmRKSt9nothrow_t_3_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -180,14 +204,15 @@ int object__ZnamRKSt9nothrow_t_4_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -218,14 +243,15 @@ int object__ZnwmSt11align_val_t_5_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -256,14 +282,15 @@ int object__ZnamSt11align_val_t_6_return(struct pt_regs *ctx)
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct object_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_live.update(&k, &v);
       object_counters.atomic_increment(0);
+      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -278,7 +305,8 @@ int object__ZdlPv_7_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct object_live_t *old = object_live.lookup(&k);
       if (old) {
         object_live.delete(&k);
@@ -300,7 +328,8 @@ int object__ZdlPvSt11align_val_t_8_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct object_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct object_live_t *old = object_live.lookup(&k);
       if (old) {
         object_live.delete(&k);

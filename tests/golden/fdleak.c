@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,7 +41,8 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
@@ -37,7 +58,7 @@ struct fd_live_t {
 struct fd_scratch_t { u64 probe; u64 sp; u64 a[2]; };
 BPF_HASH(fd_live, struct fd_key_t, struct fd_live_t, 1000000);
 BPF_HASH(fd_scratch, u32, struct fd_scratch_t, 65536);
-BPF_ARRAY(fd_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(fd_counters, u64, 4);  // acquired, released, unknown releases, untracked
 
 // libc:open  (recipe-line 6:11)
 int fd_open_1_entry(struct pt_regs *ctx)
@@ -70,8 +91,8 @@ int fd_open_1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -107,8 +128,8 @@ int fd_openat_2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -144,8 +165,8 @@ int fd_creat_3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -181,8 +202,8 @@ int fd_socket_4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -218,8 +239,8 @@ int fd_accept_5_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -255,8 +276,8 @@ int fd_accept4_6_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -292,8 +313,8 @@ int fd_dup_7_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -343,8 +364,8 @@ int fd_dup2_8_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -393,8 +414,8 @@ int fd_dup3_9_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -431,8 +452,8 @@ int fd_pipe_10_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct fd_key_t k = {};
@@ -442,8 +463,8 @@ int fd_pipe_10_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -480,8 +501,8 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct fd_key_t k = {};
@@ -491,8 +512,8 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -528,8 +549,8 @@ int fd_eventfd_12_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -565,8 +586,8 @@ int fd_epoll_create1_13_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_live.update(&k, &v);
       fd_counters.atomic_increment(0);
+      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
     }
     return 0;
 }

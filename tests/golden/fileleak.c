@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,13 +41,14 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
 
-// resource stream keyed by (file)
-struct stream_key_t { u64 k[1]; };
+// resource stream keyed by (pid, file)
+struct stream_key_t { u64 k[2]; };
 struct stream_live_t {
     u64 time;
     u64 pid;
@@ -37,7 +58,7 @@ struct stream_live_t {
 struct stream_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(stream_live, struct stream_key_t, struct stream_live_t, 1000000);
 BPF_HASH(stream_scratch, u32, struct stream_scratch_t, 65536);
-BPF_ARRAY(stream_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(stream_counters, u64, 4);  // acquired, released, unknown releases, untracked
 BPF_HISTOGRAM(stream_lifetime, int, 64);                // log2(ns) of released lifetimes
 
 // libc:fopen  (recipe-line 6:11)
@@ -65,13 +86,14 @@ int stream_fopen_1_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -101,13 +123,14 @@ int stream_fdopen_2_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -138,7 +161,8 @@ int stream_freopen_3_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)s.a[0] != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
         stream_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
@@ -150,13 +174,14 @@ int stream_freopen_3_return(struct pt_regs *ctx)
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -186,13 +211,14 @@ int stream_tmpfile_4_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -222,13 +248,14 @@ int stream_popen_5_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -243,7 +270,8 @@ int stream_fclose_6_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
         stream_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));

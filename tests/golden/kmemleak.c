@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,7 +41,8 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
@@ -39,7 +60,7 @@ struct kmem_live_t {
 struct kmem_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(kmem_live, struct kmem_key_t, struct kmem_live_t, 1000000);
 BPF_HASH(kmem_scratch, u32, struct kmem_scratch_t, 65536);
-BPF_ARRAY(kmem_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(kmem_counters, u64, 4);  // acquired, released, unknown releases, untracked
 
 // tracepoint:kmem:kmalloc  (recipe-line 6:11)
 TRACEPOINT_PROBE(kmem, kmalloc)
@@ -54,8 +75,8 @@ TRACEPOINT_PROBE(kmem, kmalloc)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.kstack = probedsl_stacks.get_stackid(args, 0);
       bpf_get_current_comm(&v.comm, sizeof(v.comm));
-      kmem_live.update(&k, &v);
       kmem_counters.atomic_increment(0);
+      if (kmem_live.update(&k, &v) != 0) kmem_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -73,8 +94,8 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.kstack = probedsl_stacks.get_stackid(args, 0);
       bpf_get_current_comm(&v.comm, sizeof(v.comm));
-      kmem_live.update(&k, &v);
       kmem_counters.atomic_increment(0);
+      if (kmem_live.update(&k, &v) != 0) kmem_counters.atomic_increment(3);  // table full
     }
     return 0;
 }

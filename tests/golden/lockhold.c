@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,7 +41,8 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
@@ -38,7 +59,7 @@ struct lock_live_t {
 struct lock_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(lock_live, struct lock_key_t, struct lock_live_t, 1000000);
 BPF_HASH(lock_scratch, u32, struct lock_scratch_t, 65536);
-BPF_ARRAY(lock_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(lock_counters, u64, 4);  // acquired, released, unknown releases, untracked
 // log2(ns) of released lifetimes, per ustack, pid
 struct lock_hist_key_t {
     s64 ustack;
@@ -80,8 +101,8 @@ int lock_pthread_mutex_lock_1_return(struct pt_regs *ctx)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.tid = (u32)bpf_get_current_pid_tgid();
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      lock_live.update(&k, &v);
       lock_counters.atomic_increment(0);
+      if (lock_live.update(&k, &v) != 0) lock_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -119,8 +140,8 @@ int lock_pthread_mutex_trylock_2_return(struct pt_regs *ctx)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.tid = (u32)bpf_get_current_pid_tgid();
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      lock_live.update(&k, &v);
       lock_counters.atomic_increment(0);
+      if (lock_live.update(&k, &v) != 0) lock_counters.atomic_increment(3);  // table full
     }
     return 0;
 }

@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,13 +41,14 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
 
-// resource heap keyed by (address)
-struct heap_key_t { u64 k[1]; };
+// resource heap keyed by (pid, address)
+struct heap_key_t { u64 k[2]; };
 struct heap_live_t {
     u64 time;
     u64 size;
@@ -38,10 +59,10 @@ struct heap_live_t {
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
-BPF_ARRAY(heap_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(heap_counters, u64, 4);  // acquired, released, unknown releases, untracked
 BPF_HISTOGRAM(heap_lifetime, int, 64);                // log2(ns) of released lifetimes
 
-// libc:malloc  (recipe-line 8:11)
+// libc:malloc  (recipe-line 9:11)
 int heap_malloc_1_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -67,19 +88,20 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:calloc  (recipe-line 9:11)
+// libc:calloc  (recipe-line 10:11)
 int heap_calloc_2_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -106,19 +128,20 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:realloc  (recipe-line 11:11)
+// libc:realloc  (recipe-line 12:11)
 int heap_realloc_3_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -145,7 +168,8 @@ int heap_realloc_3_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if ((((s64)s.a[0] != (s64)0ULL) && (((s64)PT_REGS_RC(ctx) != (s64)0ULL) || ((s64)s.a[1] == (s64)0ULL)))) {
       struct heap_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
@@ -157,19 +181,20 @@ int heap_realloc_3_return(struct pt_regs *ctx)
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:reallocarray  (recipe-line 13:11)
+// libc:reallocarray  (recipe-line 14:11)
 int heap_reallocarray_4_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -197,7 +222,8 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if ((((s64)s.a[0] != (s64)0ULL) && ((s64)PT_REGS_RC(ctx) != (s64)0ULL))) {
       struct heap_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
@@ -209,19 +235,20 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:posix_memalign  (recipe-line 15:11)
+// libc:posix_memalign  (recipe-line 16:11)
 int heap_posix_memalign_5_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -248,19 +275,20 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = probedsl_read_u64(s.a[1] + 0);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = probedsl_read_u64(s.a[1] + 0);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:aligned_alloc  (recipe-line 16:11)
+// libc:aligned_alloc  (recipe-line 17:11)
 int heap_aligned_alloc_6_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -286,19 +314,20 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:valloc  (recipe-line 18:11)
+// libc:valloc  (recipe-line 19:11)
 int heap_valloc_8_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -324,19 +353,20 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:pvalloc  (recipe-line 19:11)
+// libc:pvalloc  (recipe-line 20:11)
 int heap_pvalloc_9_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -362,19 +392,20 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_RC(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_live.update(&k, &v);
       heap_counters.atomic_increment(0);
+      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
 
-// libc:free  (recipe-line 20:11)
+// libc:free  (recipe-line 21:11)
 int heap_free_10_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
@@ -384,7 +415,8 @@ int heap_free_10_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));

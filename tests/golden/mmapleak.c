@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,7 +41,8 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
@@ -38,7 +59,7 @@ struct mapping_live_t {
 struct mapping_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(mapping_live, struct mapping_key_t, struct mapping_live_t, 1000000);
 BPF_HASH(mapping_scratch, u32, struct mapping_scratch_t, 65536);
-BPF_ARRAY(mapping_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(mapping_counters, u64, 4);  // acquired, released, unknown releases, untracked
 
 // libc:mmap  (recipe-line 5:11)
 int mapping_mmap_1_entry(struct pt_regs *ctx)
@@ -73,8 +94,8 @@ int mapping_mmap_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      mapping_live.update(&k, &v);
       mapping_counters.atomic_increment(0);
+      if (mapping_live.update(&k, &v) != 0) mapping_counters.atomic_increment(3);  // table full
     }
     return 0;
 }

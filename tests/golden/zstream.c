@@ -5,6 +5,26 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// the traced process and the children it forks (the loader adds PROBEDSL_PID)
+BPF_HASH(probedsl_traced, u32, u8, 65536);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->child_pid;
+    u8 yes = 1;
+    if (probedsl_traced.lookup(&parent))
+        probedsl_traced.update(&child, &yes);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    probedsl_traced.delete(&tid);
+    return 0;
+}
+
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -21,13 +41,14 @@ static __always_inline s64 probedsl_read_s32(u64 address)
 
 static __always_inline int probedsl_wanted(void)
 {
-    if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
 
 
-// resource stream keyed by (strm)
-struct stream_key_t { u64 k[1]; };
+// resource stream keyed by (pid, strm)
+struct stream_key_t { u64 k[2]; };
 struct stream_live_t {
     u64 time;
     u64 pid;
@@ -37,7 +58,7 @@ struct stream_live_t {
 struct stream_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(stream_live, struct stream_key_t, struct stream_live_t, 1000000);
 BPF_HASH(stream_scratch, u32, struct stream_scratch_t, 65536);
-BPF_ARRAY(stream_counters, u64, 3);  // acquired, released, unknown releases
+BPF_ARRAY(stream_counters, u64, 4);  // acquired, released, unknown releases, untracked
 
 // z:inflateInit_  (recipe-line 6:11)
 int stream_inflateInit__1_entry(struct pt_regs *ctx)
@@ -65,13 +86,14 @@ int stream_inflateInit__1_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -102,13 +124,14 @@ int stream_inflateInit2__2_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -139,13 +162,14 @@ int stream_deflateInit__3_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -176,13 +200,14 @@ int stream_deflateInit2__4_return(struct pt_regs *ctx)
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = s.a[0];
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = s.a[0];
       struct stream_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_live.update(&k, &v);
       stream_counters.atomic_increment(0);
+      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
     }
     return 0;
 }
@@ -197,7 +222,8 @@ int stream_inflateEnd_5_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
         stream_live.delete(&k);
@@ -219,7 +245,8 @@ int stream_deflateEnd_6_entry(struct pt_regs *ctx)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct stream_key_t k = {};
-      k.k[0] = PT_REGS_PARM1(ctx);
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_PARM1(ctx);
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
         stream_live.delete(&k);
