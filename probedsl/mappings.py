@@ -189,6 +189,14 @@ class MappingTracker:
                         chosen = (start, maps)
             return chosen[0], list(chosen[1])
 
+    def generation_start(self, pid: int, at_ns: int) -> int:
+        """Start time of the pid's address space at at_ns (0 if unknown): cheap, no draining,
+        for telling apart equal stacks of two processes that had the same pid."""
+        gens = self._gens.get(pid, ())
+        if len(gens) <= 1:
+            return gens[0][0] if gens else 0
+        return max((start for start, _ in gens if start <= at_ns), default=0)
+
     def mappings(self, pid: int, at_ns: Optional[int] = None) -> List[Mapping]:
         return self.generation(pid, at_ns)[1]
 

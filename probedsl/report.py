@@ -154,11 +154,12 @@ def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
                  growing=e.get("growing", False), histogram=list(histogram))
 
 
-def _group_key(live: Live, by: Sequence[str]) -> Tuple:
+def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0) -> Tuple:
     parts = []
     for g in by:
         if g == "ustack":
-            parts.append((live.pid, live.ustack))   # addresses only mean something per process
+            # addresses only mean something in one address space: a process, since an exec
+            parts.append((live.pid, generation(live.pid, live.time_ns), live.ustack))
         else:
             parts.append(getattr(live, g))
     return tuple(parts)
@@ -204,9 +205,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
 def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
                  leaf_returns: bool) -> Section:
     groups: Dict[Tuple, List[Live]] = {}
+    tracker = getattr(symbolizer, "tracker", None)
+    generation = tracker.generation_start if tracker is not None else (lambda pid, t: 0)
     for l in snapshot.live:
         if l.resource == rep.resource and snapshot.now_ns - l.time_ns >= min_age_ms * 1_000_000:
-            groups.setdefault(_group_key(l, rep.group_by), []).append(l)
+            groups.setdefault(_group_key(l, rep.group_by, generation), []).append(l)
     labels = [label for _, label in rep.columns]
     rows = []
     for members in groups.values():

@@ -124,9 +124,11 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         def emit(snap):
             nonlocal sequence
             sequence += 1
+            lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
+                if tracker.lost else []
             rep = report.build(program, snap, symbolizer, backend=opts.backend, target=describe,
                                duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
-                               exit_status=exit_status, notes=notes)
+                               exit_status=exit_status, notes=notes + lost)
             rep.sequence = sequence
             growth.annotate(rep)
             write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)

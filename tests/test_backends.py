@@ -53,7 +53,9 @@ def test_generation_is_deterministic():
 
 def test_bpftrace_filters_by_pid_and_takes_comm_as_an_argument():
     bt = backend("bpftrace")
-    assert "/pid == 4242/" in bt.generate(memleak_program()).text
+    following = bt.generate(memleak_program()).text
+    assert "@probedsl_traced[4242] = 1;" in following and ":malloc /@probedsl_traced[pid]/" in following
+    assert "/pid == 4242/" in bt.generate(memleak_program(ir.Target("pid", pid=4242, follow_forks=False))).text
     text = bt.generate(memleak_program(ir.Target("comm", comm='le"ak'))).text
     assert "/comm == str($1)/" in text and 'le"ak' not in text
 

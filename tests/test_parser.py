@@ -25,7 +25,7 @@ def test_memleak_recipe_parses_into_one_heap_resource():
     recipe = parser.parse(open(MEMLEAK).read(), MEMLEAK)
     checker.check(recipe)
     (heap,) = recipe.resources
-    assert heap.key_names == ("address",)
+    assert heap.key_names == ("pid", "address")
     functions = [e.probe.function for e in heap.events]
     assert functions[:3] == ["malloc", "calloc", "realloc"] and functions[-1] == "free"
     realloc = heap.events[2]

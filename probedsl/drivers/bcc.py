@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from typing import Dict, List, Optional
 
@@ -43,6 +44,10 @@ class BccLoader:
 
     def __init__(self, c_text: str, manifest: dict, pid: int = 0):
         bcc = _import_bcc()
+        headers = f"/lib/modules/{os.uname().release}/build"
+        if not os.path.exists(os.path.join(headers, "include")):
+            raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
+                                "Debian's linux-headers there), or use --backend bpftrace")
         cflags = [f"-DPROBEDSL_PID={int(pid)}"]
         try:
             self.bpf = bcc.BPF(text=c_text, cflags=cflags)
