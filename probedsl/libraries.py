@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import elf, ir
+from .mappings import read_proc_maps
 from .errors import Diagnostic, ProbedslError, RecipeError
 
 # Paths end up inside generated probe specs; keep them to characters that need no quoting.
@@ -40,19 +41,8 @@ def _ldconfig() -> Tuple[Tuple[str, str], ...]:
 
 
 def mapped_files(pid: int) -> List[str]:
-    """Files mapped executable by a live process."""
-    files = []
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and "x" in parts[1] and parts[5].startswith("/"):
-                    path = parts[5].strip()
-                    if path not in files:
-                        files.append(path)
-    except OSError:
-        pass
-    return files
+    """Files mapped executable by a live process, in map order."""
+    return list(dict.fromkeys(m.path for m in read_proc_maps(pid)))
 
 
 def linked_libraries(command: str) -> List[str]:

@@ -1,0 +1,143 @@
+"""Benchmark: per-call overhead of tracing malloc/free, interleaved runs, medians and ratios.
+
+    sudo .venv/bin/python -m bench.run [--runs 5] [--threads 2] [--calls 1000000]
+
+Configurations, each run in turn R times (interleaved, so drift hits all alike):
+  untraced          the workload alone
+  floor             bpftrace with empty probes on malloc entry+return and free entry
+  probedsl-bpftrace probedsl run memleak --pid PID (bpftrace backend)
+  probedsl-bcc      probedsl run memleak --pid PID --backend bcc --no-follow-forks
+  bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
+and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
+name. The workload times its own loop, so start-up and reporting are not in the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+FLOOR = f"uprobe:{LIBC}:malloc {{}} uretprobe:{LIBC}:malloc {{}} uprobe:{LIBC}:free {{}} " \
+        f"tracepoint:syscalls:sys_enter_getppid /pid == $1/ {{ printf(\"ready\\n\"); }}"
+DELAY = 6          # seconds the workload waits before its loop: tracers attach meanwhile
+
+
+def build(tmp: str) -> str:
+    exe = os.path.join(tmp, "mallocfree")
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", exe, str(ROOT / "bench" / "workloads" / "mallocfree.c")],
+                   check=True)
+    return exe
+
+
+def workload(exe: str, args, delay: int) -> subprocess.Popen:
+    return subprocess.Popen([exe, str(args.threads), str(args.calls), str(delay)], stdout=subprocess.PIPE, text=True)
+
+
+def loop_seconds(proc: subprocess.Popen) -> float:
+    out, _ = proc.communicate(timeout=600)
+    return float(out.strip().splitlines()[-1])
+
+
+def run_untraced(exe, args):
+    return loop_seconds(workload(exe, args, 0))
+
+
+def run_floor(exe, args):
+    tracer = subprocess.Popen(["bpftrace", "-e", FLOOR, str(os.getpid())], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    os.set_blocking(tracer.stdout.fileno(), False)
+    buf, deadline = "", time.monotonic() + 60
+    while "ready" not in buf and time.monotonic() < deadline:      # attached: the sentinel fired
+        os.getppid()
+        buf += tracer.stdout.read() or ""
+        time.sleep(0.05)
+    try:
+        return loop_seconds(workload(exe, args, 0))
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
+def run_probedsl(exe, args, backend):
+    proc = workload(exe, args, DELAY)
+    extra = ["--no-follow-forks"] if backend == "bcc" else []
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
+                               "--pid", str(proc.pid), "--format", "json", *extra],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        return loop_seconds(proc)
+    finally:
+        tracer.wait(timeout=120)
+
+
+def run_bcc_memleak(exe, args):
+    tool = shutil.which("memleak-bpfcc")
+    proc = workload(exe, args, DELAY)
+    tracer = subprocess.Popen([tool, "-p", str(proc.pid), "60"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        return loop_seconds(proc)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+
+
+def run_bystander(exe, args, backend):
+    """An unrelated process (named mallocfree) while probedsl traces --comm nosuchprog."""
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
+                               "--comm", "nosuchprog"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    while "tracing" not in (tracer.stderr.readline() or "tracing"):
+        pass
+    try:
+        return loop_seconds(workload(exe, args, 0))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=1_000_000)
+    args = ap.parse_args()
+    exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
+    configs = {"untraced": lambda: run_untraced(exe, args), "floor": lambda: run_floor(exe, args),
+               "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
+               "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc"),
+               "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
+               "bystander-bcc": lambda: run_bystander(exe, args, "bcc")}
+    if shutil.which("memleak-bpfcc"):
+        configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
+    times = {name: [] for name in configs}
+    for r in range(args.runs):
+        for name, fn in configs.items():
+            times[name].append(fn())
+            print(f"run {r + 1}/{args.runs} {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
+    calls = 2 * args.threads * args.calls                     # each pair is a malloc and a free
+    base = statistics.median(times["untraced"])
+    floor = (statistics.median(times["floor"]) - base) / calls * 1e9
+    print(f"\n{args.threads} threads x {args.calls} malloc/free, medians of {args.runs} interleaved runs\n")
+    print(f"| configuration | loop time (s) | extra ns per call | vs floor | vs untraced |")
+    print(f"|---|---:|---:|---:|---:|")
+    for name, samples in times.items():
+        med = statistics.median(samples)
+        extra = (med - base) / calls * 1e9
+        print(f"| {name} | {med:.3f} | {extra:.0f} | {extra / floor:.2f}x | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
