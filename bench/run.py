@@ -9,7 +9,7 @@ Configurations, each run in turn R times (interleaved, so drift hits all alike):
   probedsl-bcc      probedsl run memleak --pid PID --backend bcc --no-follow-forks
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
-name. The workload times its own loop, so start-up and reporting are not in the numbers.
+name (bystander-*), or a launched command (bystander-of-cmd-*: probes on private copies). The workload times its own loop, so start-up and reporting are not in the numbers.
 """
 from __future__ import annotations
 
@@ -53,12 +53,15 @@ def run_untraced(exe, args):
 
 def run_floor(exe, args):
     tracer = subprocess.Popen(["bpftrace", "-e", FLOOR, str(os.getpid())], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              stderr=subprocess.DEVNULL)
     os.set_blocking(tracer.stdout.fileno(), False)
-    buf, deadline = "", time.monotonic() + 60
-    while "ready" not in buf and time.monotonic() < deadline:      # attached: the sentinel fired
+    buf, deadline = b"", time.monotonic() + 60
+    while b"ready" not in buf and time.monotonic() < deadline:     # attached: the sentinel fired
         os.getppid()
-        buf += tracer.stdout.read() or ""
+        try:
+            buf += os.read(tracer.stdout.fileno(), 4096)
+        except BlockingIOError:
+            pass
         time.sleep(0.05)
     try:
         return loop_seconds(workload(exe, args, 0))
@@ -108,6 +111,21 @@ def run_bystander(exe, args, backend):
         tracer.wait(timeout=120)
 
 
+def run_bystander_of_command(exe, args, backend):
+    """An unrelated process while probedsl traces a launched (sleeping) command: the command's
+    probes sit on private library copies, so this one should run at full speed."""
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
+                               "--", exe, "1", "1000", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    while "tracing" not in (tracer.stderr.readline() or "tracing"):
+        pass
+    try:
+        return loop_seconds(workload(exe, args, 0))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -119,7 +137,9 @@ def main() -> None:
                "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
                "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc"),
                "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
-               "bystander-bcc": lambda: run_bystander(exe, args, "bcc")}
+               "bystander-bcc": lambda: run_bystander(exe, args, "bcc"),
+               "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
+               "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc")}
     if shutil.which("memleak-bpfcc"):
         configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
     times = {name: [] for name in configs}

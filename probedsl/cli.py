@@ -88,6 +88,8 @@ def compile(recipe, target, output, pid, comm, sets):
 @click.option("--follow-forks/--no-follow-forks", default=True, show_default=True,
               help="with --pid or -- CMD, trace the children it forks (BCC then attaches to every "
                    "process and filters in BPF; --no-follow-forks keeps BCC's per-pid uprobes)")
+@click.option("--private-libs/--no-private-libs", default=True, show_default=True,
+              help="with -- CMD, probe private copies of its libraries so other processes pay nothing")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
 @click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
@@ -98,11 +100,11 @@ def compile(recipe, target, output, pid, comm, sets):
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
               help="live resources each table holds")
-def run(recipe, command, backend, comm, pid, all_, follow_forks, interval, duration, top, sets, fmt, output, color, min_age,
+def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, interval, duration, top, sets, fmt, output, color, min_age,
         growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
-                              follow_forks=follow_forks, command=list(command),
+                              follow_forks=follow_forks, private_libs=private_libs, command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age,
                               growth_intervals=growth_intervals, max_live=max_live)

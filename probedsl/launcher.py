@@ -25,17 +25,27 @@ class HeldCommand:
             try:
                 os.close(self._go)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                if os.read(read_end, 1) == b"g":
+                message = b""
+                while chunk := os.read(read_end, 4096):
+                    message += chunk
+                if message.startswith(b"g"):
                     os.close(read_end)
-                    os.execv(exe, argv)
+                    env = dict(os.environb)
+                    # "g" then NAME=VALUE\0 pairs: variables set at release (LD_LIBRARY_PATH)
+                    for pair in filter(None, message[1:].split(b"\0")):
+                        name, _, value = pair.partition(b"=")
+                        env[name] = value
+                    os.execve(exe, argv, env)
             finally:
                 os._exit(127)
         os.close(read_end)
         self.pid = pid
         self.status: Optional[int] = None
 
-    def release(self) -> None:
-        os.write(self._go, b"g")
+    def release(self, env: Optional[dict] = None) -> None:
+        """Let the command exec, with `env` added to its environment."""
+        extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
+        os.write(self._go, b"g" + extra)
         os.close(self._go)
         self._go = -1
 

@@ -45,16 +45,22 @@ def mapped_files(pid: int) -> List[str]:
     return list(dict.fromkeys(m.path for m in read_proc_maps(pid)))
 
 
-def linked_libraries(command: str) -> List[str]:
-    """What the dynamic loader would map for `command` (ld.so --list, no execution of it)."""
+def loader_map(command: str, env: Optional[dict] = None) -> List[Tuple[str, str]]:
+    """(name asked for, file) for each library the dynamic loader would map for `command`,
+    from `ld.so --list` (which loads but does not run it), under `env` added to ours."""
     loaders = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)]
     if not loaders:
         return []
     try:
-        out = subprocess.run([loaders[0], "--list", command], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([loaders[0], "--list", command], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, **(env or {})}).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [m.group(1) for m in re.finditer(r"=> (/\S+)", out)]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^\s*(\S+) => (/\S+)", out, re.M)]
+
+
+def linked_libraries(command: str, env: Optional[dict] = None) -> List[str]:
+    return [path for _, path in loader_map(command, env)]
 
 
 class LibraryResolver:

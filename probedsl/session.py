@@ -17,6 +17,7 @@ from .errors import ProbedslError
 from .launcher import HeldCommand, process_alive
 from .libraries import LibraryResolver
 from .mappings import MappingTracker
+from .private_libs import PrivateLibraries
 from .symbolizer import Symbolizer
 
 TASK_COMM_LEN = 16
@@ -30,6 +31,7 @@ class RunOptions:
     pid: Optional[int] = None
     all: bool = False                  # every process (system-wide)
     follow_forks: bool = True          # --pid/-- CMD: trace forked children too
+    private_libs: bool = True          # -- CMD: probe private copies of its libraries
     command: List[str] = field(default_factory=list)
     interval: int = 0
     duration: float = 0
@@ -86,8 +88,12 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
     recipe = compiler.load(opts.recipe)
     target, resolver, held = _target(opts)
+    private = None
     try:
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=opts.max_live).with_target(target)
+        if held and opts.private_libs:
+            private = PrivateLibraries()
+            program = private.apply(program, held.exe)
         generated = compiler.generate(program, opts.backend, ready_pid=os.getpid())
         driver = {"bpftrace": BpftraceDriver, "bcc": BccDriver}[opts.backend](program, generated)
         tracker = MappingTracker().start()       # before attaching, so no mmap is missed
@@ -113,8 +119,10 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                 held.abandon()
             raise
         print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
+        for line in _bystander_notes(program, opts):
+            print(f"probedsl: note: {line}", file=err, flush=True)
         if held:
-            held.release()
+            held.release(private.env if private else None)
         started = time.monotonic()
         next_report = started + opts.interval if opts.interval else None
 
@@ -162,9 +170,28 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     finally:
         driver.kill()
         tracker.stop()
+        if private:
+            private.cleanup()
         for s, handler in old.items():
             signal.signal(s, handler)
     return exit_status if exit_status is not None else 0
+
+
+def _bystander_notes(program: ir.Program, opts: RunOptions) -> List[str]:
+    """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter)."""
+    target = program.target
+    scoped = (target.mode == "cmd" and all(os.path.basename(os.path.dirname(p.path)).startswith("probedsl-libs-")
+                                           for r in program.resources for p in r.probes if p.kind == "uprobe")) \
+        or (opts.backend == "bcc" and target.mode in ("pid", "cmd") and not target.tracks_children)
+    if scoped:
+        return []
+    files = sorted({p.path for r in program.resources for p in r.probes if p.kind == "uprobe"})
+    if not files:
+        return []
+    avoid = ("-- CMD (private library copies) or --backend bcc --pid PID --no-follow-forks avoid it"
+             if target.mode != "cmd" else "the command loads them from elsewhere; see docs/usage.md")
+    return [f"every process using {', '.join(os.path.basename(f) for f in files)} pays a uprobe trap "
+            f"(~3 us per probed call) while this runs; {avoid}"]
 
 
 def _use_color(opts: RunOptions, out) -> bool:
