@@ -76,7 +76,7 @@ class BccBackend(Backend):
             if lifetime_report(program, res):
                 keys = lifetime_keys(program, res)
                 if keys:
-                    copy = [f"__builtin_memcpy(&hk.comm, old->comm, sizeof(hk.comm));" if k == "comm"
+                    copy = ["__builtin_memcpy(&hk.comm, old->comm, sizeof(hk.comm));" if k == "comm"
                             else f"hk.{k} = old->{k};" for k in keys]
                     hit[:0] = [f"struct {n}_hist_key_t hk = {{}};", *copy,
                                "hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);",

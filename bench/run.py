@@ -151,8 +151,8 @@ def main() -> None:
     base = statistics.median(times["untraced"])
     floor = (statistics.median(times["floor"]) - base) / calls * 1e9
     print(f"\n{args.threads} threads x {args.calls} malloc/free, medians of {args.runs} interleaved runs\n")
-    print(f"| configuration | loop time (s) | extra ns per call | vs floor | vs untraced |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| configuration | loop time (s) | extra ns per call | vs floor | vs untraced |")
+    print("|---|---:|---:|---:|---:|")
     for name, samples in times.items():
         med = statistics.median(samples)
         extra = (med - base) / calls * 1e9

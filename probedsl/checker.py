@@ -1,7 +1,7 @@
 """Semantic checks on a parsed recipe: every problem found at once, each located."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Set
 
 from . import ast
 from .errors import Diagnostic, RecipeError
@@ -156,7 +156,7 @@ class _Checker:
                    for r in self.recipe.reports[:self.recipe.reports.index(rep)]):
                 self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
             if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
-                self.error(rep.span, f"a lifetime report by ustack needs 'record pid' (stacks are named per process)")
+                self.error(rep.span, "a lifetime report by ustack needs 'record pid' (stacks are named per process)")
         for agg in rep.aggregations:
             if agg.function not in AGGREGATIONS[rep.kind]:
                 self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Dict, List
 
-from .report import Entry, Report, Section
+from .report import Report, Section
 from .symbolizer import Frame
 
 SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import elf, ir
 from .mappings import read_proc_maps
-from .errors import Diagnostic, ProbedslError, RecipeError
+from .errors import Diagnostic, RecipeError
 
 # Paths end up inside generated probe specs; keep them to characters that need no quoting.
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+/-]+$")

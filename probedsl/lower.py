@@ -1,7 +1,7 @@
 """Checked AST -> IR: bind names to where their values live, and plan entry/return correlation."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 from . import ast, ir
 from .checker import event_exprs, names_in, derefs_in

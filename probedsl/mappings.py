@@ -7,7 +7,6 @@ on each CPU, and fall back to /proc/PID/maps for processes that were mapped befo
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
 import mmap
 import os

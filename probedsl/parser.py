@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Optional
-
 from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, v_args
 
 from . import ast

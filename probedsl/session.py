@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from . import compiler, formats, ir, report
 from .drivers.bcc import BccDriver
@@ -100,6 +100,8 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     except BaseException:
         if held:
             held.abandon()
+        if private:
+            private.cleanup()
         raise
     for pid in ([target.pid] if target.mode == "pid" else
                 processes_named(target.comm) if target.mode == "comm" else []):

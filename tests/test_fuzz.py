@@ -5,10 +5,9 @@ from __future__ import annotations
 import glob
 import subprocess
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import compiler, libraries, lower, parser, checker
+from probedsl import checker, libraries, lower, parser
 from probedsl.backends import backend
 from probedsl.errors import ProbedslError, RecipeError
 

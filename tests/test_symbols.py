@@ -1,7 +1,7 @@
 """End to end: what a developer reads in each frame: names, file:line, inlines, C++, dlopen."""
 from __future__ import annotations
 
-import subprocess
+import json
 
 import pytest
 
@@ -80,10 +80,8 @@ def test_interval_reports_flag_a_steady_leak_but_not_a_filled_cache(backend, bui
     result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--interval", "1",
                       "--growth-intervals", "2", "--", build("drip"), "6", timeout=120)
     assert result.returncode == 0, result.stderr
-    from conftest import report_json as last
     docs = []
     text = result.stdout
-    import json
     dec, i = json.JSONDecoder(), 0
     while (i := text.find("{", i)) >= 0:
         doc, i = dec.raw_decode(text, i)

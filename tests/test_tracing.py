@@ -1,7 +1,6 @@
 """End to end: real probes on real C programs built in the test run, both backends, exact totals."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
