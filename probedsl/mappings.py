@@ -32,6 +32,7 @@ class Mapping:
     end: int
     offset: int
     path: str
+    time: int = 0          # CLOCK_MONOTONIC ns of the mmap (0: read from /proc)
 
 
 def _perf_attr() -> bytes:
@@ -44,6 +45,11 @@ def _perf_attr() -> bytes:
     head = struct.pack("<IIQQQQQIIQQQQIi", 1, 112, 9, 0, _SAMPLE_TIME, 0, flags, 1, 0, 0, 0, 0, 0, 0,
                        _CLOCK_MONOTONIC)
     return head + b"\0" * (112 - len(head))
+
+
+def _time(body: bytes) -> int:
+    """The record's CLOCK_MONOTONIC time: its trailing sample_id (sample_id_all + TIME)."""
+    return struct.unpack_from("<Q", body, len(body) - 8)[0] if len(body) >= 8 else 0
 
 
 def read_proc_maps(pid: int) -> List[Mapping]:
@@ -141,31 +147,48 @@ class MappingTracker:
 
     def drain(self) -> None:
         with self._lock:
-            for ring in self._rings:
-                for rtype, misc, body in ring.records():
-                    self._apply(rtype, misc, body)
+            # each CPU has its own ring: a process that moved CPUs during exec can have its
+            # mmaps in one ring and its exec in another, so apply a batch in time order
+            batch = [rec for ring in self._rings for rec in ring.records()]
+            batch.sort(key=lambda rec: _time(rec[2]))
+            for rtype, misc, body in batch:
+                self._apply(rtype, misc, body)
 
     def _current(self, pid: int) -> List[Mapping]:
         gens = self._gens.setdefault(pid, [(0, [])])
         return gens[-1][1]
 
+    def _at(self, pid: int, time_ns: int) -> List[Mapping]:
+        gens = self._gens.setdefault(pid, [(0, [])])
+        return max((g for g in gens if g[0] <= time_ns), key=lambda g: g[0], default=gens[0])[1]
+
+    def _new_generation(self, pid: int, time_ns: int, inherited: List[Mapping]) -> None:
+        """Start an address space at time_ns; mmaps already filed under the one before it but
+        stamped later (they arrived in an earlier batch) move into it."""
+        gens = self._gens.setdefault(pid, [])
+        before = self._at(pid, time_ns) if gens else []
+        moved = [m for m in before if m.time >= time_ns]
+        before[:] = [m for m in before if m.time < time_ns]
+        gens.append((time_ns, inherited + moved))
+        gens.sort(key=lambda g: g[0])
+
     def _apply(self, rtype: int, misc: int, body: bytes) -> None:
-        time_ns = struct.unpack_from("<Q", body, len(body) - 8)[0] if len(body) >= 8 else 0
+        time_ns = _time(body)
         if rtype in (_RECORD_MMAP, _RECORD_MMAP2):
             pid, _tid, addr, length, pgoff = struct.unpack_from("<IIQQQ", body)
             name_at = 32 if rtype == _RECORD_MMAP else 32 + 24 + 8
             path = body[name_at:len(body) - 8].split(b"\0", 1)[0].decode(errors="replace")
             if path.startswith("/"):
-                self._current(pid).append(Mapping(addr, addr + length, pgoff, path))
+                self._at(pid, time_ns).append(Mapping(addr, addr + length, pgoff, path, time_ns))
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
             if pid == tid:
-                self._gens.setdefault(pid, []).append((time_ns, []))       # exec: a fresh address space
+                self._new_generation(pid, time_ns, [])                   # exec: a fresh address space
         elif rtype == _RECORD_FORK:
             pid, ppid, _tid, _ptid = struct.unpack_from("<IIII", body)
             if pid != ppid:                                               # a process, not a thread
-                inherited = list(self._current(ppid)) if ppid in self._gens else []
-                self._gens.setdefault(pid, []).append((time_ns, inherited))
+                parent = self._at(ppid, time_ns) if ppid in self._gens else []
+                self._new_generation(pid, time_ns, [m for m in parent if m.time < time_ns])
         elif rtype == _RECORD_LOST:
             self.lost += struct.unpack_from("<QQ", body)[1]
 

@@ -50,3 +50,11 @@ def test_a_reused_pid_does_not_mix_two_processes():
 def test_threads_do_not_start_generations():
     tr = tracker(mmap2(7, 0x1000, "/bin/app", 10), fork(7, 7, 20))    # a new thread of pid 7
     assert [m.path for m in tr.mappings(7, at_ns=5)] == ["/bin/app"] == [m.path for m in tr.mappings(7)]
+
+
+def test_mmaps_that_arrive_before_their_exec_record_move_into_the_new_image():
+    # another CPU's ring delivered the exec (t=20) after the new image's mmaps (t=21, 22)
+    tr = tracker(mmap2(7, 0x1000, "/bin/old", 10), mmap2(7, 0x5000, "/bin/new", 21),
+                 mmap2(7, 0x6000, "/lib/libc.so.6", 22), comm_exec(7, 20))
+    assert [m.path for m in tr.mappings(7, at_ns=15)] == ["/bin/old"]
+    assert [m.path for m in tr.mappings(7, at_ns=30)] == ["/bin/new", "/lib/libc.so.6"]
