@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, Type
 
 import jinja2
 
@@ -25,33 +25,6 @@ class Generated:
             if gen_line <= line:
                 best = span
         return best
-
-
-def live_fields(resource: ir.Resource) -> List[str]:
-    """Per-live-resource fields in storage order; time is always kept (age, presence test)."""
-    return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
-
-
-COUNTERS = ["acquired", "released", "unknown_releases", "untracked"]
-
-
-def counters(resource: ir.Resource) -> List[str]:
-    """In-kernel counters per resource; `untracked`: acquisitions the full live table refused."""
-    return COUNTERS
-
-
-def lifetime_report(program: ir.Program, resource: ir.Resource):
-    """The resource's lifetime report (one at most; the checker says so), or None."""
-    return next((r for r in program.reports if r.kind == "lifetime" and r.resource == resource.name), None)
-
-
-def lifetime_keys(program: ir.Program, resource: ir.Resource) -> List[str]:
-    """Live-record fields that key the lifetime histogram; a user stack needs its pid to be named."""
-    rep = lifetime_report(program, resource)
-    keys = []
-    for g in (rep.group_by if rep else ()):
-        keys += ["ustack", "pid"] if g == "ustack" else [g]
-    return list(dict.fromkeys(keys))
 
 
 class Backend:

@@ -7,7 +7,9 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from . import Backend, Generated, counters, lifetime_keys, lifetime_report, live_fields
+from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields
+
+from . import Backend, Generated
 
 ARG_REGS = 6   # x86-64 passes six integer arguments in registers
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from .ast import Span, NO_SPAN
 
@@ -155,6 +155,34 @@ class Program:
 
     def with_target(self, target: Target) -> "Program":
         return replace(self, target=target)
+
+
+# --- record layout: shared by the backends (what they store) and drivers (what they read) ---
+def live_fields(resource: Resource) -> List[str]:
+    """Per-live-resource fields in storage order; time is always kept (age, presence test)."""
+    return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
+
+
+COUNTERS = ["acquired", "released", "unknown_releases", "untracked"]
+
+
+def counters(resource: Resource) -> List[str]:
+    """In-kernel counters per resource; `untracked`: acquisitions the full live table refused."""
+    return COUNTERS
+
+
+def lifetime_report(program: Program, resource: Resource):
+    """The resource's lifetime report (one at most; the checker says so), or None."""
+    return next((r for r in program.reports if r.kind == "lifetime" and r.resource == resource.name), None)
+
+
+def lifetime_keys(program: Program, resource: Resource) -> List[str]:
+    """Live-record fields that key the lifetime histogram; a user stack needs its pid to be named."""
+    rep = lifetime_report(program, resource)
+    keys = []
+    for g in (rep.group_by if rep else ()):
+        keys += ["ustack", "pid"] if g == "ustack" else [g]
+    return list(dict.fromkeys(keys))
 
 
 RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")

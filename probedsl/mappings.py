@@ -192,10 +192,11 @@ class MappingTracker:
         elif rtype == _RECORD_LOST:
             self.lost += struct.unpack_from("<QQ", body)[1]
 
-    def generation(self, pid: int, at_ns: Optional[int] = None) -> Tuple[int, List[Mapping]]:
+    def generation(self, pid: int, at_ns: Optional[int] = None, drain: bool = True) -> Tuple[int, List[Mapping]]:
         """(start time, mappings) of the pid's address space at `at_ns` (default: the latest);
-        read from /proc when the kernel never told us about it."""
-        self.drain()
+        read from /proc when the kernel never told us about it. drain=False: the caller just did."""
+        if drain:
+            self.drain()
         with self._lock:
             gens = self._gens.get(pid)
             if not gens or not any(m for _, m in gens):

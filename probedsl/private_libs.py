@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
-from typing import Dict, Optional
+from typing import Dict
 
 from . import ir
 from .libraries import linked_libraries, loader_map
@@ -25,11 +25,13 @@ class PrivateLibraries:
         """Copy the shared libraries `program` probes; return the program retargeted to the
         copies the command's loader will really pick (checked with ld.so --list), others kept."""
         originals = {p.path for r in program.resources for p in r.probes if p.kind == "uprobe" and p.path}
+        # the file name the loader asks for (the soname link, e.g. libc.so.6), per real file
+        asked = {os.path.realpath(where): name for name, where in loader_map(command)}
         copies = {}
         for path in sorted(originals):
             if path == os.path.realpath(command) or ".so" not in os.path.basename(path):
                 continue                                  # the program itself cannot be swapped
-            target = os.path.join(self.dir, _loaded_name(path, command) or os.path.basename(path))
+            target = os.path.join(self.dir, asked.get(os.path.realpath(path), os.path.basename(path)))
             if not os.path.exists(target):
                 shutil.copy2(path, target)
             copies[path] = target
@@ -45,13 +47,9 @@ class PrivateLibraries:
             replace(r, probes=tuple(replace(p, path=used.get(p.path, p.path)) for p in r.probes))
             for r in program.resources))
 
+    def owns(self, path: str) -> bool:
+        return os.path.dirname(path) == self.dir
+
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def _loaded_name(path: str, command: str) -> Optional[str]:
-    """The file name the command's loader asks for (the soname link, e.g. libc.so.6)."""
-    for name, where in loader_map(command):
-        if os.path.realpath(where) == os.path.realpath(path):
-            return name
-    return None

@@ -241,9 +241,8 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
     groups = dict(t.lifetime) if t else {}
     if not rep.group_by:
         return Section("lifetime", rep.resource, histogram=groups.get((), []))
-    from .backends import lifetime_keys
     res = next(r for r in program.resources if r.name == rep.resource)
-    keys = lifetime_keys(program, res)
+    keys = ir.lifetime_keys(program, res)
     rows = sorted(groups.items(), key=lambda kv: -sum(n for _, _, n in kv[1]))
     shown, rest = rows[:top], rows[top:]
     named = [dict(zip(keys, key)) for key, _ in shown]

@@ -121,7 +121,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                 held.abandon()
             raise
         print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
-        for line in _bystander_notes(program, opts):
+        for line in _bystander_notes(program, opts, private):
             print(f"probedsl: note: {line}", file=err, flush=True)
         if held:
             held.release(private.env if private else None)
@@ -179,11 +179,11 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     return exit_status if exit_status is not None else 0
 
 
-def _bystander_notes(program: ir.Program, opts: RunOptions) -> List[str]:
+def _bystander_notes(program: ir.Program, opts: RunOptions, private: Optional[PrivateLibraries]) -> List[str]:
     """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter)."""
     target = program.target
-    scoped = (target.mode == "cmd" and all(os.path.basename(os.path.dirname(p.path)).startswith("probedsl-libs-")
-                                           for r in program.resources for p in r.probes if p.kind == "uprobe")) \
+    scoped = (private is not None and all(private.owns(p.path)
+                                          for r in program.resources for p in r.probes if p.kind == "uprobe")) \
         or (opts.backend == "bcc" and target.mode in ("pid", "cmd") and not target.tracks_children)
     if scoped:
         return []

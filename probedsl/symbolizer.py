@@ -78,10 +78,13 @@ class Symbolizer:
         # stacks are (pid, addresses) or (pid, addresses, time_ns); an address means something
         # only in the address space (generation) the process had at that time
         keyed = []
+        if self.tracker:
+            self.tracker.drain()               # once per batch, not per stack
         located: Dict[Tuple[int, int, int], Tuple[Frame, int]] = {}   # (pid, generation, address)
         per_module: Dict[str, set] = {}
         for pid, addresses, *when in stacks:
-            start, mappings = self.tracker.generation(pid, when[0] if when else None) if self.tracker else (0, [])
+            start, mappings = self.tracker.generation(pid, when[0] if when else None, drain=False) \
+                if self.tracker else (0, [])
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
                 key = (pid, start, address)

@@ -71,7 +71,10 @@ class BccLoader:
         now = time.monotonic_ns()
         live: List[Live] = []
         totals: Dict[str, Totals] = {}
-        stacks = self.bpf.get_table("probedsl_stacks") if self._has("probedsl_stacks") else None
+        try:
+            stacks = self.bpf.get_table("probedsl_stacks")
+        except KeyError:                       # the recipe records no stacks
+            stacks = None
         walked: Dict[int, tuple] = {}
 
         def stack(stack_id: int) -> tuple:
@@ -101,13 +104,6 @@ class BccLoader:
             totals[name] = t
         return Snapshot(now, live, totals, final)
 
-    def _has(self, table: str) -> bool:
-        try:
-            self.bpf.get_table(table)
-            return True
-        except KeyError:
-            return False
-
     def close(self) -> None:
         self.bpf.cleanup()
 
@@ -118,7 +114,6 @@ class BccDriver:
     def __init__(self, program, generated):
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
-        self.exit_status = None
 
     def start(self, timeout: float = 60) -> None:
         target = self.program.target

@@ -13,7 +13,8 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl import ir
-from probedsl.backends import COUNTERS, Generated, lifetime_keys, live_fields
+from probedsl.backends import Generated
+from probedsl.ir import COUNTERS, lifetime_keys, live_fields
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
