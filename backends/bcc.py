@@ -7,11 +7,12 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields
+from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, tallies
 
 from . import Backend, Generated
 
 ARG_REGS = 6   # x86-64 passes six integer arguments in registers
+TALLY_SIZE = 65536  # groups per tally: the stack table's size; the loader drops empty groups of exited processes
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -71,10 +72,24 @@ class BccBackend(Backend):
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
             v += [setters[f] for f in live_fields(res) if f != "time"]
-            body = key + v + [f"{n}_counters.atomic_increment(0);",
-                              f"if ({n}_live.update(&k, &v) != 0) {n}_counters.atomic_increment(3);  // table full"]
+            # insert, not update: a key acquired again without a release we saw replaces the
+            # old entry, which must leave its group's tally first
+            store = [f"int err = {n}_live.insert(&k, &v);",
+                     "if (err == -17) {  // -EEXIST",
+                     f"  struct {n}_live_t *stale = {n}_live.lookup(&k);",
+                     f"  if (stale) {n}_tally(stale, -1);",
+                     f"  err = {n}_live.update(&k, &v);",
+                     f"  {n}_counters.atomic_increment(4);",
+                     "}",
+                     f"if (err) {n}_counters.atomic_increment(3);  // table full",
+                     f"else {n}_tally(&v, 1);"]
+            recorded = key + v + store
+            if program.sample > 1:
+                recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
+                            *["  " + s for s in recorded], "}"]
+            body = [f"{n}_counters.atomic_increment(0);"] + recorded
         else:
-            hit = [f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
+            hit = [f"{n}_tally(old, -1);", f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
             if lifetime_report(program, res):
                 keys = lifetime_keys(program, res)
                 if keys:
@@ -116,6 +131,9 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
 
+    def tally_views(self, program: ir.Program, res: ir.Resource) -> List[dict]:
+        return [{"name": f"{res.name}_tally{i}", "fields": list(keys)} for i, keys in enumerate(tallies(program, res))]
+
     def manifest(self, program: ir.Program, views) -> dict:
         probes = []
         for res, res_views in zip(program.resources, views):
@@ -126,10 +144,11 @@ class BccBackend(Backend):
         return {
             "recipe": program.name, "target": program.target.mode,
             "follow_forks": program.target.tracks_children,
-            "probes": probes,
+            "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
                            "counters": counters(r), "lifetime": bool(lifetime_report(program, r)),
-                           "lifetime_keys": lifetime_keys(program, r)}
+                           "lifetime_keys": lifetime_keys(program, r),
+                           "tallies": [{"table": t["name"], "keys": t["fields"]} for t in self.tally_views(program, r)]}
                           for r in program.resources],
         }
 
@@ -142,7 +161,8 @@ class BccBackend(Backend):
                 "name": res.name, "arity": res.key_arity, "fields": live_fields(res), "probes": res_views,
                 "width": max(res.scratch_width, 1), "max_live": res.max_live,
                 "lifetime": bool(lifetime_report(program, res)), "lifetime_keys": lifetime_keys(program, res),
-                "ncounters": len(counters(res)),
+                "ncounters": len(counters(res)), "tallies": self.tally_views(program, res),
+                "tally_size": TALLY_SIZE,
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),

@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields
+from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, tallies
 
 from . import Backend, Generated
 
@@ -56,16 +56,37 @@ class BpftraceBackend(Backend):
     def key(self, action: ir.Action) -> str:
         return ", ".join(_u64(self.expr(k)) for k in action.key)
 
+    def tally(self, program: ir.Program, res: ir.Resource, record: str, sign: str) -> List[str]:
+        """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
+        tally of the resource. Per-CPU sums: no two CPUs race on one counter."""
+        fields = live_fields(res)
+        lines = []
+        for i, keys in enumerate(tallies(program, res)):
+            key = f"[{', '.join(f'{record}.{fields.index(k)}' for k in keys)}]" if keys else ""
+            if res.records("size"):
+                lines.append(f"@{res.name}_tally{i}_bytes{key} = sum({sign}{record}.{fields.index('size')});")
+            lines.append(f"@{res.name}_tally{i}_count{key} = sum({sign}1);")
+            if not sign:      # when its stack was captured: which process image names it
+                lines.append(f"@{res.name}_tally{i}_seen{key} = max({record}.0);")
+        return lines
+
     def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
         live = f"@{res.name}_live[{self.key(action)}]"
         if action.kind == "acquire":
             size = self.expr(action.size) if action.size is not None else "0"
             values = ", ".join(LIVE_VALUE[f].format(size=size) for f in live_fields(res))
-            # a full map refuses the insert silently: look it up again to count the loss
-            body = [f"{live} = ({values});", f"@{res.name}_acquired = count();", f"$w = {live};",
-                    f"if ($w.0 == 0) {{ @{res.name}_untracked = count(); }}"]
+            # $o: an entry under this key with no release seen leaves its tallies first.
+            # $w: a full map refuses the insert silently, so look the key up again
+            recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
+                        "if ($o.0 != 0) {", f"  @{res.name}_replaced = count();",
+                        *["  " + t for t in self.tally(program, res, "$o", "-")], "}",
+                        f"if ($w.0 == 0) {{ @{res.name}_untracked = count(); }} else {{",
+                        *["  " + t for t in self.tally(program, res, "$w", "")], "}"]
+            if program.sample > 1:
+                recorded = [f"if (rand % {int(program.sample)} == 0) {{", *["  " + s for s in recorded], "}"]
+            body = [f"@{res.name}_acquired = count();", *recorded]
         else:
-            hit = [f"delete({live});", f"@{res.name}_released = count();"]
+            hit = [*self.tally(program, res, "$v", "-"), f"delete({live});", f"@{res.name}_released = count();"]
             if lifetime_report(program, res):
                 fields = live_fields(res)
                 keys = ", ".join(f"$v.{fields.index(k)}" for k in lifetime_keys(program, res))
@@ -113,13 +134,23 @@ class BpftraceBackend(Backend):
         attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""
         resources = []
         for res in program.resources:
-            maps = [f"@{res.name}_live"] + [f"@{res.name}_{c}" for c in counters(res)]
+            maps = [f"@{res.name}_live"] if program.read_live else []
+            maps += [f"@{res.name}_{c}" for c in counters(res) if c != "ungrouped"]
+            for i, _ in enumerate(tallies(program, res)):
+                maps += [f"@{res.name}_tally{i}_bytes"] if res.records("size") else []
+                maps += [f"@{res.name}_tally{i}_count", f"@{res.name}_tally{i}_seen"]
             if lifetime_report(program, res):
                 maps.append(f"@{res.name}_lifetime")
             resources.append({
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
                 "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
+                "tallies": [f"@{res.name}_tally{i}_{'bytes/count' if res.records('size') else 'count'}"
+                            f"[{', '.join(keys)}]: live entries per group, kept at acquire and release"
+                            for i, keys in enumerate(tallies(program, res))],
+                # bpftrace prints every map left at exit: clear the large ones nobody asked for
+                "cleared": list(dict.fromkeys(maps + [f"@{res.name}_live"] + (
+                    [f"@{res.name}_scratch"] if any(p.at_return for p in res.probes) else []))),
             })
         target = program.target
         return self.render_template(

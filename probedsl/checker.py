@@ -155,8 +155,8 @@ class _Checker:
             if any(r.kind == "lifetime" and r.resource.name == rep.resource.name and r.span != rep.span
                    for r in self.recipe.reports[:self.recipe.reports.index(rep)]):
                 self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
-            if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
-                self.error(rep.span, "a lifetime report by ustack needs 'record pid' (stacks are named per process)")
+        if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
+            self.error(rep.span, "a report by ustack needs 'record pid' (stacks are named per process)")
         for agg in rep.aggregations:
             if agg.function not in AGGREGATIONS[rep.kind]:
                 self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "

@@ -61,14 +61,15 @@ def list_cmd():
 @click.option("--pid", type=int, help="filter the generated program to this pid")
 @click.option("--comm", help="filter the generated program to processes with this name")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
-def compile(recipe, target, output, pid, comm, sets):
+@click.option("--sample", type=click.IntRange(min=1), default=1, help="record one acquisition in N")
+def compile(recipe, target, output, pid, comm, sets, sample):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
     tgt = ir.Target()
     if pid is not None:
         tgt = ir.Target("pid", pid=pid)
     elif comm is not None:
         tgt = ir.Target("comm", comm=session.validate_comm(comm))
-    program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_target(tgt)
+    program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_target(tgt).sampled(sample)
     generated = compiler.generate(program, target)
     text = generated.text if target == "bpftrace" else generated.loader
     if output:
@@ -95,18 +96,23 @@ def compile(recipe, target, output, pid, comm, sets):
 @click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
 @format_options
-@click.option("--min-age", type=click.FloatRange(min=0), help="hide resources younger than SECONDS")
+@click.option("--min-age", type=click.FloatRange(min=0),
+              help="hide resources younger than SECONDS (reads every live entry at each report)")
+@click.option("--ages", is_flag=True, help="show each group's oldest age: reads every live entry at each "
+                                           "report (seconds with a million live); default: the kernel's tallies")
+@click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
+              help="record one acquisition in N (chosen at random); reports show estimates scaled by N")
 @click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
               help="live resources each table holds")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, interval, duration, top, sets, fmt, output, color, min_age,
-        growth_intervals, max_live):
+        ages, sample, growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
-                              format=fmt, output=output, color=color, min_age=min_age,
+                              format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample,
                               growth_intervals=growth_intervals, max_live=max_live)
     sys.exit(session.run(opts))
 

@@ -66,8 +66,10 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
     if not s.entries:
         out.append("  (none)")
         return
-    heads = s.columns + ["oldest"]
-    cells = [[str(e.values[c]) for c in s.columns] + [f"{e.oldest_age_s:.2f}s"] for e in s.entries]
+    aged = any(e.oldest_age_s is not None for e in s.entries)     # ages come only from read entries
+    heads = s.columns + (["oldest"] if aged else [])
+    cells = [[str(e.values[c]) for c in s.columns] + ([f"{e.oldest_age_s or 0:.2f}s"] if aged else [])
+             for e in s.entries]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
     out.append("  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
     for e, row in zip(s.entries, cells):
@@ -98,11 +100,14 @@ def to_text(report: Report, color: bool = False) -> str:
     head = f"probedsl {report.recipe} report ({kind}): {report.target}, {report.backend}, {report.duration_s:.1f}s"
     if report.exit_status is not None:
         head += f", exit status {report.exit_status}"
+    if report.sample > 1:
+        head += f", ESTIMATES from 1 in {report.sample} acquisitions"
     out = [style.bold(head)]
     for name, r in report.resources.items():
         size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
+        replaced = f", {r['replaced']} acquired again without a release" if r.get("replaced") else ""
         out.append(f"  {name}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
-                   f"{r['unknown_releases']} releases of unknown keys")
+                   f"{r['unknown_releases']} releases of unknown keys{replaced}")
     for note in report.notes:
         out.append(f"  note: {note}")
     for s in report.sections:

@@ -152,9 +152,25 @@ class Program:
     reports: Tuple[Report, ...]
     params: Tuple[Tuple[str, int], ...]
     target: Target = Target()
+    # reports read the per-group tallies the kernel keeps; reading every live entry (exact
+    # oldest ages, --min-age) is opt-in: a million entries take seconds to read
+    read_live: bool = False
+    sample: int = 1                        # record one acquisition in `sample` (1: all)
 
     def with_target(self, target: Target) -> "Program":
         return replace(self, target=target)
+
+    def sampled(self, n: int) -> "Program":
+        return replace(self, sample=int(n))
+
+    def reading_live(self, read: bool) -> "Program":
+        return replace(self, read_live=bool(read))
+
+    def needs_live(self, min_age_s=None) -> bool:
+        """Whether reports must read every live entry: some outstanding report filters by age."""
+        ages = [min_age_s * 1000] if min_age_s is not None else [r.min_age_ms for r in self.reports
+                                                                   if r.kind == "outstanding"]
+        return any(a > 0 for a in ages)
 
 
 # --- record layout: shared by the backends (what they store) and drivers (what they read) ---
@@ -163,12 +179,34 @@ def live_fields(resource: Resource) -> List[str]:
     return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
 
 
-COUNTERS = ["acquired", "released", "unknown_releases", "untracked"]
+# In-kernel counters per resource. untracked: acquisitions the full live table refused;
+# replaced: a key acquired again with no release seen (the old entry is dropped);
+# ungrouped: entries the full group-tally table could not count
+COUNTERS = ["acquired", "released", "unknown_releases", "untracked", "replaced", "ungrouped"]
 
 
 def counters(resource: Resource) -> List[str]:
-    """In-kernel counters per resource; `untracked`: acquisitions the full live table refused."""
     return COUNTERS
+
+
+def group_keys(group_by) -> List[str]:
+    """Live-record fields that key a tally or histogram grouped `by` these names. A user stack
+    needs its pid to be named; comm goes first because bpftrace joins multi-part keys with ','
+    and only the first part may contain one."""
+    keys = []
+    for g in group_by:
+        keys += ["ustack", "pid"] if g == "ustack" else [g]
+    keys = list(dict.fromkeys(keys))
+    return sorted(keys, key=lambda k: k != "comm")
+
+
+def tallies(program: Program, resource: Resource) -> List[Tuple[str, ...]]:
+    """The per-group tallies (bytes, count) the kernel keeps for a resource, as key-field tuples:
+    one per distinct grouping of its outstanding reports; () is the ungrouped total, kept when
+    no report groups the resource so that its live totals are known without reading entries."""
+    groups = [tuple(group_keys(r.group_by)) for r in program.reports
+              if r.kind == "outstanding" and r.resource == resource.name]
+    return list(dict.fromkeys(groups)) or [()]
 
 
 def lifetime_report(program: Program, resource: Resource):
@@ -179,10 +217,7 @@ def lifetime_report(program: Program, resource: Resource):
 def lifetime_keys(program: Program, resource: Resource) -> List[str]:
     """Live-record fields that key the lifetime histogram; a user stack needs its pid to be named."""
     rep = lifetime_report(program, resource)
-    keys = []
-    for g in (rep.group_by if rep else ()):
-        keys += ["ustack", "pid"] if g == "ustack" else [g]
-    return list(dict.fromkeys(keys))
+    return group_keys(rep.group_by if rep else ())
 
 
 RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")

@@ -19,7 +19,7 @@ VERSION = 1
 @dataclass
 class Entry:
     values: Dict[str, int]             # column label -> value ("bytes", "blocks")
-    oldest_age_s: float
+    oldest_age_s: Optional[float]      # None unless every live entry was read (--ages, --min-age)
     pids: List[int]
     stack: List[Frame] = field(default_factory=list)
     kernel_stack: List[Frame] = field(default_factory=list)
@@ -66,11 +66,12 @@ class Report:
     exit_status: Optional[int] = None
     notes: List[str] = field(default_factory=list)
     sequence: int = 0                  # 1, 2, ... for interval reports of one run
+    sample: int = 1                    # 1 in `sample` acquisitions recorded; values are scaled
 
     def to_dict(self) -> dict:
         doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
                "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
-               "sequence": self.sequence, "exit_status": self.exit_status, "notes": self.notes,
+               "sequence": self.sequence, "sample": self.sample, "exit_status": self.exit_status, "notes": self.notes,
                "resources": self.resources, "reports": []}
         for s in self.sections:
             if s.kind == "lifetime":
@@ -122,7 +123,7 @@ class Report:
                                     entries, r["total_entries"], omitted))
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
-                   doc.get("sequence", 0))
+                   doc.get("sequence", 0), doc.get("sample", 1))
 
 
 def _hist_json(buckets) -> List[dict]:
@@ -147,7 +148,7 @@ def _group_fields(e: Entry, by: Sequence[str]) -> dict:
 
 
 def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
-    return Entry(values={c: e[c] for c in columns}, oldest_age_s=e.get("oldest_age_s", 0.0),
+    return Entry(values={c: e[c] for c in columns}, oldest_age_s=e.get("oldest_age_s"),
                  pids=e.get("pids", []), stack=[Frame.from_dict(f) for f in e.get("stack", [])],
                  kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
                  pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
@@ -165,29 +166,57 @@ def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0) -> Tu
     return tuple(parts)
 
 
+def live_totals(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> Tuple[int, int]:
+    """(bytes, entries) live for a resource: from its entries when read, else from a tally."""
+    if snapshot.live is not None:
+        live = [l for l in snapshot.live if l.resource == res.name]
+        return sum(l.size for l in live), len(live)
+    groups = snapshot.tallies.get(res.name, {}).get(tuple(ir.tallies(program, res)[0]), {})
+    return sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
+
+
+def _stackless(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> int:
+    """Live entries with no user stack (the kernel's stack table dropped it)."""
+    if snapshot.live is not None:
+        return sum(1 for l in snapshot.live if l.resource == res.name and not l.ustack)
+    for keys, groups in snapshot.tallies.get(res.name, {}).items():
+        if "ustack" in keys:
+            at = keys.index("ustack")
+            return sum(g[1] for group, g in groups.items() if not group[at])
+    return 0
+
+
 def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, backend: str, target: str,
           duration_s: float, top: Optional[int] = None, min_age_s: Optional[float] = None,
           exit_status: Optional[int] = None, notes: Sequence[str] = ()) -> Report:
+    scale = program.sample                 # 1 in `scale` acquisitions recorded
     resources = {}
     for res in program.resources:
-        live = [l for l in snapshot.live if l.resource == res.name]
         t = snapshot.totals.get(res.name)
+        live_bytes, live_count = live_totals(program, snapshot, res)
         resources[res.name] = {
-            **({"live_bytes": sum(l.size for l in live)} if res.records("size") else {}),
-            "live_blocks": len(live),
-            "acquired": t.acquired if t else 0, "released": t.released if t else 0,
+            **({"live_bytes": live_bytes * scale} if res.records("size") else {}),
+            "live_blocks": live_count * scale,
+            "acquired": t.acquired if t else 0, "released": (t.released if t else 0) * scale,
             "unknown_releases": t.unknown_releases if t else 0,
-            "untracked": t.untracked if t else 0}
+            "untracked": (t.untracked if t else 0) * scale,
+            "replaced": t.replaced if t else 0}
         if t and t.untracked:
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
                              f"{res.max_live} live; raise --max-live)"]
+        if t and t.ungrouped:
+            notes = [*notes, f"{t.ungrouped} {res.name} entries are missing from the per-group tallies "
+                             f"(tally table full); the totals above are exact"]
         if res.records("ustack"):
             # the kernel's stack table drops a stack whose hash bucket is taken: say so
-            lost = sum(1 for l in live if not l.ustack)
-            resources[res.name]["no_stack"] = lost
+            lost = _stackless(program, snapshot, res)
+            resources[res.name]["no_stack"] = lost * scale
             if lost:
-                notes = [*notes, f"{lost} live {res.name} entries have no user stack (stack table "
+                notes = [*notes, f"{lost * scale} live {res.name} entries have no user stack (stack table "
                                  f"collision or full); they are grouped under an empty stack"]
+    if scale > 1:
+        notes = [*notes, f"sampled: 1 in {scale} acquisitions recorded; live bytes, counts and releases are "
+                         f"estimates (x{scale}); releases of unsampled entries count as unknown releases"]
     sections = []
     for rep in program.reports:
         if rep.kind == "lifetime":
@@ -196,14 +225,46 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         min_age_ms = rep.min_age_ms if min_age_s is None else int(min_age_s * 1000)
         res = next(r for r in program.resources if r.name == rep.resource)
         leaf_returns = all(p.at_return for p in res.probes if any(a.kind == "acquire" for a in p.actions))
-        sections.append(_outstanding(rep, snapshot, symbolizer, top if top is not None else rep.top, min_age_ms,
-                                     leaf_returns))
+        shown = top if top is not None else rep.top
+        if snapshot.live is None:
+            sections.append(_tallied(rep, snapshot, symbolizer, shown, leaf_returns, scale))
+        else:
+            sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale))
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
-                  exit_status, list(notes))
+                  exit_status, list(notes), sample=scale)
+
+
+def _rank(rows, labels):
+    first = labels[0] if labels else None
+    rows.sort(key=lambda r: (-(r[0][first] if first else 0), -r[1]))
+
+
+def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, leaf_returns: bool,
+             scale: int) -> Section:
+    """The report from the kernel's per-group tallies: no entry is read, no oldest age."""
+    keys = ir.group_keys(rep.group_by)
+    groups = snapshot.tallies.get(rep.resource, {}).get(tuple(keys), {})
+    labels = [label for _, label in rep.columns]
+    rows = []
+    for group, (nbytes, count, seen) in groups.items():
+        values = {label: (nbytes if fn == "sum" else count) * scale for fn, label in rep.columns}
+        rows.append((values, count, dict(zip(keys, group), seen=seen)))
+    _rank(rows, labels)
+    shown, rest = rows[:top], rows[top:]
+    ustacks = symbolizer.user_stacks([(g["pid"], g["ustack"], g["seen"]) for _, _, g in shown], leaf_returns) \
+        if "ustack" in keys else [[] for _ in shown]
+    entries = [Entry(values=values, oldest_age_s=None, pids=[g["pid"]] if "pid" in g else [], stack=stack,
+                     kernel_stack=symbolizer.kernel_stack(g["kstack"]) if "kstack" in g else [],
+                     pid=g.get("pid") if "pid" in rep.group_by else None,
+                     comm=g.get("comm") if "comm" in rep.group_by else None)
+               for (values, _, g), stack in zip(shown, ustacks)]
+    omitted = {label: sum(r[0][label] for r in rest) for label in labels}
+    return Section("outstanding", rep.resource, list(rep.group_by), labels, top, 0, entries, len(rows), omitted)
 
 
 def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
-                 leaf_returns: bool) -> Section:
+                 leaf_returns: bool, scale: int) -> Section:
+    """The report from every live entry (read on request): exact oldest ages, --min-age."""
     groups: Dict[Tuple, List[Live]] = {}
     tracker = getattr(symbolizer, "tracker", None)
     generation = tracker.generation_start if tracker is not None else (lambda pid, t: 0)
@@ -213,17 +274,16 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     labels = [label for _, label in rep.columns]
     rows = []
     for members in groups.values():
-        values = {label: (sum(m.size for m in members) if fn == "sum" else len(members))
+        values = {label: (sum(m.size for m in members) if fn == "sum" else len(members)) * scale
                   for fn, label in rep.columns}
-        rows.append((values, members))
-    first = labels[0] if labels else None
-    rows.sort(key=lambda r: (-(r[0][first] if first else 0), -len(r[1]), min(m.time_ns for m in r[1])))
+        rows.append((values, len(members), members))
+    _rank(rows, labels)
     shown, rest = rows[:top], rows[top:]
     # symbolize only what is shown, all stacks in one batch
-    ustacks = symbolizer.user_stacks([(r[1][0].pid, r[1][0].ustack, r[1][0].time_ns) for r in shown], leaf_returns) \
+    ustacks = symbolizer.user_stacks([(r[2][0].pid, r[2][0].ustack, r[2][0].time_ns) for r in shown], leaf_returns) \
         if "ustack" in rep.group_by else [[] for _ in shown]
     entries = []
-    for (values, members), stack in zip(shown, ustacks):
+    for (values, _, members), stack in zip(shown, ustacks):
         sample = members[0]
         entries.append(Entry(
             values=values, oldest_age_s=round((snapshot.now_ns - min(m.time_ns for m in members)) / 1e9, 3),
@@ -238,7 +298,8 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
 
 def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int) -> Section:
     t = snapshot.totals.get(rep.resource)
-    groups = dict(t.lifetime) if t else {}
+    scale = program.sample
+    groups = {k: [(lo, hi, n * scale) for lo, hi, n in b] for k, b in t.lifetime.items()} if t else {}
     if not rep.group_by:
         return Section("lifetime", rep.resource, histogram=groups.get((), []))
     res = next(r for r in program.resources if r.name == rep.resource)

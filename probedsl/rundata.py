@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,24 @@ class Totals:
     released: int = 0
     unknown_releases: int = 0          # releases of keys never seen acquired (e.g. before attach)
     untracked: int = 0                 # acquisitions lost because the live table was full
+    replaced: int = 0                  # keys acquired again with no release seen in between
+    ungrouped: int = 0                 # live entries the full tally table could not count
     # log2 histograms of released lifetimes, (min_ns, max_ns, count) buckets, per group key:
     # the values of the lifetime report's keys (ustack addresses, pid, comm), () when ungrouped
     lifetime: Dict[Tuple, List[Tuple[int, int, int]]] = field(default_factory=dict)
 
 
+# live entries per group, as the kernel tallies them at every acquire and release:
+# {group key values in ir.tallies() field order: (bytes, count, seen)}; seen: CLOCK_MONOTONIC
+# ns of one of its acquisitions (which process image its stack belongs to)
+Tally = Dict[Tuple, Tuple[int, int, int]]
+
+
 @dataclass
 class Snapshot:
     now_ns: int                        # CLOCK_MONOTONIC when taken
-    live: List[Live]
+    live: Optional[List[Live]]         # every live entry; None when not read (the default)
     totals: Dict[str, Totals]
     final: bool = False
+    # resource -> tally fields (ir.tallies) -> Tally
+    tallies: Dict[str, Dict[Tuple[str, ...], Tally]] = field(default_factory=dict)

@@ -41,6 +41,8 @@ class RunOptions:
     output: Optional[str] = None       # each report replaces this file's content
     color: Optional[bool] = None       # None: colour when writing text to a terminal
     min_age: Optional[float] = None    # seconds; overrides the recipe's min_age
+    ages: bool = False                 # read every live entry at each report (exact oldest ages)
+    sample: int = 1                    # record one acquisition in N
     growth_intervals: int = 3
     max_live: int = ir.DEFAULT_MAX_LIVE
 
@@ -91,6 +93,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     private = None
     try:
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=opts.max_live).with_target(target)
+        program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
         if held and opts.private_libs:
             private = PrivateLibraries()
             program = private.apply(program, held.exe)
@@ -121,6 +124,10 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                 held.abandon()
             raise
         print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
+        mb = driver.map_memory() / 2**20
+        print(f"probedsl: note: BPF maps hold {mb:.0f} MB of kernel memory (live tables sized for --max-live "
+              f"{opts.max_live}{'; bpftrace sizes every keyed map so' if opts.backend == 'bpftrace' else ''})",
+              file=err, flush=True)
         for line in _bystander_notes(program, opts, private):
             print(f"probedsl: note: {line}", file=err, flush=True)
         if held:
@@ -254,8 +261,9 @@ def run_generated_bcc(c_text: str, manifest: dict, argv: List[str]) -> int:
         pass
     snap = loader.snapshot(final=True)
     for name, t in snap.totals.items():
-        live = [l for l in snap.live if l.resource == name]
-        print(f"{name}: {len(live)} live, {sum(l.size for l in live)} bytes; {t.acquired} acquired, "
+        groups = next(iter(snap.tallies.get(name, {}).values()), {})     # any tally covers every entry
+        print(f"{name}: {sum(g[1] for g in groups.values())} live, {sum(g[0] for g in groups.values())} bytes; "
+              f"{t.acquired} acquired, "
               f"{t.released} released, {t.unknown_releases} unknown releases")
     loader.close()
     return 0

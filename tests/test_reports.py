@@ -141,3 +141,39 @@ def test_report_command_rejects_a_file_without_a_report(tmp_path):
     bad.write_text('{"hello": 1}')
     result = probedsl("report", str(bad))
     assert result.returncode == 1 and "no probedsl JSON report" in result.stderr and "Traceback" not in result.stderr
+
+
+def tallied_snapshot() -> Snapshot:
+    """fixed_snapshot as the kernel's per-group tallies give it: no entries read."""
+    snap, groups = fixed_snapshot(), {}
+    for l in snap.live:
+        nbytes, count, seen = groups.get((l.ustack, l.pid), (0, 0, l.time_ns))
+        groups[(l.ustack, l.pid)] = (nbytes + l.size, count + 1, seen)
+    return Snapshot(snap.now_ns, None, snap.totals, True, {"heap": {("ustack", "pid"): groups}})
+
+
+def test_tallied_report_equals_the_report_from_entries():
+    program = compiler.build(compiler.load(MEMLEAK))
+    args = dict(backend="bpftrace", target="t", duration_s=1.0, top=5)
+    walked = report.build(program, fixed_snapshot(), FixedSymbolizer(), **args)
+    tallied = report.build(program, tallied_snapshot(), FixedSymbolizer(), **args)
+    assert tallied.resources == walked.resources
+    (w, _), (t, _) = walked.sections, tallied.sections
+    assert [(e.values, e.stack, e.pids) for e in t.entries] == [(e.values, e.stack, e.pids) for e in w.entries]
+    assert t.total_entries == w.total_entries == 5
+    assert all(e.oldest_age_s is None for e in t.entries)
+    text = formats.to_text(tallied)
+    assert "oldest" not in text and "bytes  blocks" in text
+    assert report.Report.from_dict(json.loads(formats.to_json(tallied))).sections[0].entries[0].oldest_age_s is None
+
+
+def test_sampled_report_is_scaled_and_says_it_estimates():
+    program = compiler.build(compiler.load(MEMLEAK)).sampled(10)
+    rep = report.build(program, tallied_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1.0)
+    assert rep.resources["heap"]["live_blocks"] == 90 and rep.resources["heap"]["live_bytes"] == 10 * (40 + 4096 + 3)
+    assert rep.resources["heap"]["acquired"] == 19          # counted before sampling: exact
+    assert rep.sections[0].entries[0].values == {"bytes": 40960, "blocks": 10}
+    assert rep.sections[1].histogram == [(1024, 2047, 60), (2048, 4095, 40)]
+    text = formats.to_text(rep)
+    assert "ESTIMATES from 1 in 10 acquisitions" in text and "sampled: 1 in 10" in text
+    assert report.Report.from_dict(json.loads(formats.to_json(rep))).sample == 10

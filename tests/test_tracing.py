@@ -125,8 +125,17 @@ def test_text_report_shows_header_and_symbolized_frames(build):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "heap: " in out and " live; " in out and "releases of unknown keys" in out
-    assert re.search(r"^\s+40\s+5\s+[0-9.]+s", out, re.M), out
+    assert re.search(r"^\s+40\s+5\s+pids", out, re.M), out          # from the kernel's tallies
     assert "wrapper1+" in out and "[leak]" in out and "[unknown]" not in out
+    assert "BPF maps hold" in result.stderr                          # kernel memory, stated
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ages_reads_every_entry_for_the_oldest_age(backend, build):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--ages", "--", build("leak"), input="\n")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s+40\s+5\s+[0-9.]+s\s+pids", result.stdout, re.M), result.stdout
+    assert "oldest" in result.stdout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

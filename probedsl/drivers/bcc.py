@@ -19,9 +19,37 @@ def _import_bcc():
     return bcc
 
 
+def map_memory(pid: int) -> int:
+    """Bytes of kernel memory charged to the BPF maps that process `pid` holds open."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except OSError:
+            continue
+        if "map_type:" in info:
+            total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
+    return total
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
 def _bucket(i: int, count: int) -> tuple:
     """BCC log2 slot i holds values in [2^(i-1), 2^i - 1] (slot 0: the value 0)."""
     return (0, 0, count) if i == 0 else (1 << (i - 1), (1 << i) - 1, count)
+
+
+def _group(k, keys: List[str], stack) -> tuple:
+    """A group key struct -> the values of its fields (stacks walked, comm decoded)."""
+    return tuple(stack(getattr(k, f)) if f in ("ustack", "kstack")
+                 else getattr(k, f).decode(errors="replace") if f == "comm" else getattr(k, f) for f in keys)
 
 
 def _histograms(table, keys: List[str], stack) -> dict:
@@ -33,9 +61,7 @@ def _histograms(table, keys: List[str], stack) -> dict:
         if not keys:
             groups.setdefault((), []).append(_bucket(k.value, v.value))
             continue
-        group = tuple(stack(getattr(k, f)) if f in ("ustack", "kstack")
-                      else getattr(k, f).decode(errors="replace") if f == "comm" else getattr(k, f) for f in keys)
-        groups.setdefault(group, []).append(_bucket(k.slot, v.value))
+        groups.setdefault(_group(k, keys, stack), []).append(_bucket(k.slot, v.value))
     return {g: sorted(b) for g, b in groups.items()}
 
 
@@ -69,7 +95,7 @@ class BccLoader:
 
     def snapshot(self, final: bool = False) -> Snapshot:
         now = time.monotonic_ns()
-        live: List[Live] = []
+        live: Optional[List[Live]] = None
         totals: Dict[str, Totals] = {}
         try:
             stacks = self.bpf.get_table("probedsl_stacks")
@@ -87,22 +113,42 @@ class BccLoader:
                     walked[stack_id] = ()
             return walked[stack_id]
 
+        tallies: Dict[str, dict] = {}
         for res in self.manifest["resources"]:
             name, fields = res["name"], res["fields"]
-            for k, v in self.bpf.get_table(f"{name}_live").items():
-                live.append(Live(
+            tallies[name] = {tuple(t["keys"]): self._tally(t["table"], t["keys"], stack) for t in res["tallies"]}
+            if self.manifest.get("read_live"):
+                live = (live or []) + [Live(
                     resource=name, key=tuple(k.k[i] for i in range(res["key_arity"])), time_ns=v.time,
                     size=v.size if "size" in fields else 0, pid=v.pid if "pid" in fields else 0,
                     tid=v.tid if "tid" in fields else 0,
                     ustack=stack(v.ustack) if "ustack" in fields else (),
                     kstack=stack(v.kstack) if "kstack" in fields else (),
-                    comm=v.comm.decode(errors="replace") if "comm" in fields else ""))
+                    comm=v.comm.decode(errors="replace") if "comm" in fields else "")
+                    for k, v in self.bpf.get_table(f"{name}_live").items()]
             counters = self.bpf.get_table(f"{name}_counters")
             t = Totals(*(counters[counters.Key(i)].value for i in range(len(res["counters"]))))
             if res["lifetime"]:
                 t.lifetime = _histograms(self.bpf.get_table(f"{name}_lifetime"), res["lifetime_keys"], stack)
             totals[name] = t
-        return Snapshot(now, live, totals, final)
+        return Snapshot(now, live, totals, final, tallies)
+
+    def _tally(self, table_name: str, keys: List[str], stack) -> dict:
+        """{group: (bytes, count, seen ns)}; empty groups of exited processes are dropped from the table
+        (no later event can touch them: their pid's entries are keyed by that pid)."""
+        table, out, gone = self.bpf.get_table(table_name), {}, []
+        for k, v in table.items():
+            if v.count <= 0:
+                if "pid" in keys and not _alive(k.pid):
+                    gone.append(k)
+                continue
+            out[_group(k, keys, stack)] = (v.bytes, v.count, v.seen)
+        for k in gone:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        return out
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -127,12 +173,12 @@ class BccDriver:
         return self.loader is not None
 
     def stop(self, timeout: float = 30) -> Optional[Snapshot]:
-        if self.loader is None:
-            return None
-        snap = self.loader.snapshot(final=True)
-        self.loader.close()
-        self.loader = None
-        return snap
+        """The final snapshot; detaching (~2 s of kernel uprobe teardown) waits for kill(),
+        after the report is out."""
+        return self.loader.snapshot(final=True) if self.loader is not None else None
+
+    def map_memory(self) -> int:
+        return map_memory(os.getpid())
 
     def kill(self) -> None:
         if self.loader is not None:

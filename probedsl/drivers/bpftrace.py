@@ -14,8 +14,9 @@ from typing import Dict, List, Optional
 
 from probedsl import ir
 from probedsl.backends import Generated
-from probedsl.ir import COUNTERS, lifetime_keys, live_fields
+from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
+from probedsl.drivers.bcc import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
 
@@ -61,14 +62,36 @@ def _key_value(field: str, text: str):
     return text if field == "comm" else int(text)
 
 
+def _group(text: str, keys: List[str]) -> tuple:
+    """A printed map key -> the values of its parts; multi-part keys are joined with ',' and
+    only the first part may contain one (ir.group_keys puts comm first)."""
+    parts = text.rsplit(",", len(keys) - 1) if len(keys) > 1 else [text]
+    return tuple(_key_value(k, v) for k, v in zip(keys, parts))
+
+
+def _tally(raw_bytes, raw_count, raw_seen, keys: List[str]) -> dict:
+    """Per-group sums -> {group: (bytes, count, seen ns)}; a stored stack keys one entry per
+    thread that captured it (same text), so equal groups add up here."""
+    if not keys:
+        return {(): (int(raw_bytes or 0), int(raw_count or 0), int(raw_seen or 0))} if raw_count else {}
+    out: Dict[tuple, List[int]] = {}
+    for raw, column in ((raw_bytes, 0), (raw_count, 1)):
+        for text, value in (raw or {}).items():
+            out.setdefault(_group(text, keys), [0, 0, 0])[column] += int(value)
+    for text, value in (raw_seen or {}).items():
+        group = out.get(_group(text, keys))
+        if group is not None:
+            group[2] = max(group[2], int(value))
+    return {group: (b, n, seen) for group, (b, n, seen) in out.items() if n > 0}
+
+
 def _lifetime(raw, keys: List[str]) -> dict:
     """bpftrace hist output -> {group key: buckets}; a multi-key map joins keys with ','."""
     if not keys:
         return {(): _buckets(raw)} if raw else {}
     merged: Dict[tuple, Dict[tuple, int]] = {}
     for text, buckets in (raw or {}).items():
-        parts = text.rsplit(",", len(keys) - 1) if len(keys) > 1 else [text]
-        group = merged.setdefault(tuple(_key_value(k, v) for k, v in zip(keys, parts)), {})
+        group = merged.setdefault(_group(text, keys), {})
         # bpftrace keys a stored stack by thread too: equal stacks of two threads merge here
         for lo, hi, n in _buckets(buckets):
             group[(lo, hi)] = group.get((lo, hi), 0) + n
@@ -76,8 +99,9 @@ def _lifetime(raw, keys: List[str]) -> dict:
 
 
 def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int, final: bool) -> Snapshot:
-    live: List[Live] = []
+    live: Optional[List[Live]] = [] if program.read_live else None
     totals: Dict[str, Totals] = {}
+    tallied: Dict[str, dict] = {}
     for res in program.resources:
         fields = live_fields(res)
         for key, value in (maps.get(f"@{res.name}_live") or {}).items():
@@ -90,7 +114,9 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in COUNTERS))
         t.lifetime = _lifetime(maps.get(f"@{res.name}_lifetime"), lifetime_keys(program, res))
         totals[res.name] = t
-    return Snapshot(now_ns, live, totals, final)
+        tallied[res.name] = {keys: _tally(*(maps.get(f"@{res.name}_tally{i}_{m}") for m in ("bytes", "count", "seen")),
+                                          list(keys)) for i, keys in enumerate(tallies(program, res))}
+    return Snapshot(now_ns, live, totals, final, tallied)
 
 
 class BpftraceDriver:
@@ -176,6 +202,9 @@ class BpftraceDriver:
             return self.snapshots.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def map_memory(self) -> int:
+        return map_memory(self.proc.pid) if self.proc is not None else 0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -59,7 +63,32 @@ struct object_live_t {
 struct object_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(object_live, struct object_key_t, struct object_live_t, 1000000);
 BPF_HASH(object_scratch, u32, struct object_scratch_t, 65536);
-BPF_ARRAY(object_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(object_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// live object per ustack, pid: reports read these, not every entry
+struct object_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(object_tally0, struct object_tally0_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of object
+static __always_inline void object_tally(struct object_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct object_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = object_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            object_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // libstdc++:_Znwm  (recipe-line 7:11)
 int object__Znwm_1_entry(struct pt_regs *ctx)
@@ -86,6 +115,7 @@ int object__Znwm_1_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -94,8 +124,15 @@ int object__Znwm_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -125,6 +162,7 @@ int object__Znam_2_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -133,8 +171,15 @@ int object__Znam_2_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -164,6 +209,7 @@ int object__ZnwmRKSt9nothrow_t_3_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -172,8 +218,15 @@ int object__ZnwmRKSt9nothrow_t_3_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -203,6 +256,7 @@ int object__ZnamRKSt9nothrow_t_4_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -211,8 +265,15 @@ int object__ZnamRKSt9nothrow_t_4_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -242,6 +303,7 @@ int object__ZnwmSt11align_val_t_5_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -250,8 +312,15 @@ int object__ZnwmSt11align_val_t_5_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -281,6 +350,7 @@ int object__ZnamSt11align_val_t_6_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      object_counters.atomic_increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -289,8 +359,15 @@ int object__ZnamSt11align_val_t_6_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      object_counters.atomic_increment(0);
-      if (object_live.update(&k, &v) != 0) object_counters.atomic_increment(3);  // table full
+      int err = object_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct object_live_t *stale = object_live.lookup(&k);
+        if (stale) object_tally(stale, -1);
+        err = object_live.update(&k, &v);
+        object_counters.atomic_increment(4);
+      }
+      if (err) object_counters.atomic_increment(3);  // table full
+      else object_tally(&v, 1);
     }
     return 0;
 }
@@ -309,6 +386,7 @@ int object__ZdlPv_7_entry(struct pt_regs *ctx)
       k.k[1] = PT_REGS_PARM1(ctx);
       struct object_live_t *old = object_live.lookup(&k);
       if (old) {
+        object_tally(old, -1);
         object_live.delete(&k);
         object_counters.atomic_increment(1);
       } else {
@@ -332,6 +410,7 @@ int object__ZdlPvSt11align_val_t_8_entry(struct pt_regs *ctx)
       k.k[1] = PT_REGS_PARM1(ctx);
       struct object_live_t *old = object_live.lookup(&k);
       if (old) {
+        object_tally(old, -1);
         object_live.delete(&k);
         object_counters.atomic_increment(1);
       } else {

@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -58,7 +62,46 @@ struct fd_live_t {
 struct fd_scratch_t { u64 probe; u64 sp; u64 a[2]; };
 BPF_HASH(fd_live, struct fd_key_t, struct fd_live_t, 1000000);
 BPF_HASH(fd_scratch, u32, struct fd_scratch_t, 65536);
-BPF_ARRAY(fd_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(fd_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// live fd per ustack, pid: reports read these, not every entry
+struct fd_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(fd_tally0, struct fd_tally0_key_t, struct probedsl_tally_t, 65536);
+// live fd per pid: reports read these, not every entry
+struct fd_tally1_key_t {
+    u64 pid;
+};
+BPF_HASH(fd_tally1, struct fd_tally1_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of fd
+static __always_inline void fd_tally(struct fd_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct fd_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = fd_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            fd_counters.atomic_increment(5);  // tally table full
+        }
+    }
+    {
+        struct fd_tally1_key_t g = {};
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = fd_tally1.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            fd_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // libc:open  (recipe-line 6:11)
 int fd_open_1_entry(struct pt_regs *ctx)
@@ -84,6 +127,7 @@ int fd_open_1_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -91,8 +135,15 @@ int fd_open_1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -121,6 +172,7 @@ int fd_openat_2_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -128,8 +180,15 @@ int fd_openat_2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -158,6 +217,7 @@ int fd_creat_3_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -165,8 +225,15 @@ int fd_creat_3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -195,6 +262,7 @@ int fd_socket_4_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -202,8 +270,15 @@ int fd_socket_4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -232,6 +307,7 @@ int fd_accept_5_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -239,8 +315,15 @@ int fd_accept_5_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -269,6 +352,7 @@ int fd_accept4_6_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -276,8 +360,15 @@ int fd_accept4_6_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -306,6 +397,7 @@ int fd_dup_7_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -313,8 +405,15 @@ int fd_dup_7_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -350,6 +449,7 @@ int fd_dup2_8_return(struct pt_regs *ctx)
       k.k[1] = (s64)(s32)s.a[0];
       struct fd_live_t *old = fd_live.lookup(&k);
       if (old) {
+        fd_tally(old, -1);
         fd_live.delete(&k);
         fd_counters.atomic_increment(1);
       } else {
@@ -357,6 +457,7 @@ int fd_dup2_8_return(struct pt_regs *ctx)
       }
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -364,8 +465,15 @@ int fd_dup2_8_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -400,6 +508,7 @@ int fd_dup3_9_return(struct pt_regs *ctx)
       k.k[1] = (s64)(s32)s.a[0];
       struct fd_live_t *old = fd_live.lookup(&k);
       if (old) {
+        fd_tally(old, -1);
         fd_live.delete(&k);
         fd_counters.atomic_increment(1);
       } else {
@@ -407,6 +516,7 @@ int fd_dup3_9_return(struct pt_regs *ctx)
       }
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -414,8 +524,15 @@ int fd_dup3_9_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -445,6 +562,7 @@ int fd_pipe_10_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 0);
@@ -452,10 +570,18 @@ int fd_pipe_10_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 4);
@@ -463,8 +589,15 @@ int fd_pipe_10_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -494,6 +627,7 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 0);
@@ -501,10 +635,18 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 4);
@@ -512,8 +654,15 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -542,6 +691,7 @@ int fd_eventfd_12_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -549,8 +699,15 @@ int fd_eventfd_12_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -579,6 +736,7 @@ int fd_epoll_create1_13_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
+      fd_counters.atomic_increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -586,8 +744,15 @@ int fd_epoll_create1_13_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      fd_counters.atomic_increment(0);
-      if (fd_live.update(&k, &v) != 0) fd_counters.atomic_increment(3);  // table full
+      int err = fd_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct fd_live_t *stale = fd_live.lookup(&k);
+        if (stale) fd_tally(stale, -1);
+        err = fd_live.update(&k, &v);
+        fd_counters.atomic_increment(4);
+      }
+      if (err) fd_counters.atomic_increment(3);  // table full
+      else fd_tally(&v, 1);
     }
     return 0;
 }
@@ -622,6 +787,7 @@ int fd_close_14_return(struct pt_regs *ctx)
       k.k[1] = (s64)(s32)s.a[0];
       struct fd_live_t *old = fd_live.lookup(&k);
       if (old) {
+        fd_tally(old, -1);
         fd_live.delete(&k);
         fd_counters.atomic_increment(1);
       } else {

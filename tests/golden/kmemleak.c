@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -60,13 +64,53 @@ struct kmem_live_t {
 struct kmem_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(kmem_live, struct kmem_key_t, struct kmem_live_t, 1000000);
 BPF_HASH(kmem_scratch, u32, struct kmem_scratch_t, 65536);
-BPF_ARRAY(kmem_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(kmem_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// live kmem per kstack: reports read these, not every entry
+struct kmem_tally0_key_t {
+    s64 kstack;
+};
+BPF_HASH(kmem_tally0, struct kmem_tally0_key_t, struct probedsl_tally_t, 65536);
+// live kmem per comm: reports read these, not every entry
+struct kmem_tally1_key_t {
+    char comm[TASK_COMM_LEN];
+};
+BPF_HASH(kmem_tally1, struct kmem_tally1_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of kmem
+static __always_inline void kmem_tally(struct kmem_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct kmem_tally0_key_t g = {};
+        g.kstack = v->kstack;
+        struct probedsl_tally_t *t = kmem_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            kmem_counters.atomic_increment(5);  // tally table full
+        }
+    }
+    {
+        struct kmem_tally1_key_t g = {};
+        __builtin_memcpy(&g.comm, v->comm, sizeof(g.comm));
+        struct probedsl_tally_t *t = kmem_tally1.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            kmem_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // tracepoint:kmem:kmalloc  (recipe-line 6:11)
 TRACEPOINT_PROBE(kmem, kmalloc)
 {
     if (!probedsl_wanted()) return 0;
     if (((s64)(u64)args->ptr != (s64)0ULL)) {
+      kmem_counters.atomic_increment(0);
       struct kmem_key_t k = {};
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t v = {};
@@ -75,8 +119,15 @@ TRACEPOINT_PROBE(kmem, kmalloc)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.kstack = probedsl_stacks.get_stackid(args, 0);
       bpf_get_current_comm(&v.comm, sizeof(v.comm));
-      kmem_counters.atomic_increment(0);
-      if (kmem_live.update(&k, &v) != 0) kmem_counters.atomic_increment(3);  // table full
+      int err = kmem_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct kmem_live_t *stale = kmem_live.lookup(&k);
+        if (stale) kmem_tally(stale, -1);
+        err = kmem_live.update(&k, &v);
+        kmem_counters.atomic_increment(4);
+      }
+      if (err) kmem_counters.atomic_increment(3);  // table full
+      else kmem_tally(&v, 1);
     }
     return 0;
 }
@@ -86,6 +137,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
 {
     if (!probedsl_wanted()) return 0;
     if (((s64)(u64)args->ptr != (s64)0ULL)) {
+      kmem_counters.atomic_increment(0);
       struct kmem_key_t k = {};
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t v = {};
@@ -94,8 +146,15 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.kstack = probedsl_stacks.get_stackid(args, 0);
       bpf_get_current_comm(&v.comm, sizeof(v.comm));
-      kmem_counters.atomic_increment(0);
-      if (kmem_live.update(&k, &v) != 0) kmem_counters.atomic_increment(3);  // table full
+      int err = kmem_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct kmem_live_t *stale = kmem_live.lookup(&k);
+        if (stale) kmem_tally(stale, -1);
+        err = kmem_live.update(&k, &v);
+        kmem_counters.atomic_increment(4);
+      }
+      if (err) kmem_counters.atomic_increment(3);  // table full
+      else kmem_tally(&v, 1);
     }
     return 0;
 }
@@ -108,6 +167,7 @@ TRACEPOINT_PROBE(kmem, kfree)
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t *old = kmem_live.lookup(&k);
       if (old) {
+        kmem_tally(old, -1);
         kmem_live.delete(&k);
         kmem_counters.atomic_increment(1);
       } else {
@@ -125,6 +185,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t *old = kmem_live.lookup(&k);
       if (old) {
+        kmem_tally(old, -1);
         kmem_live.delete(&k);
         kmem_counters.atomic_increment(1);
       } else {

@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -59,7 +63,7 @@ struct lock_live_t {
 struct lock_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(lock_live, struct lock_key_t, struct lock_live_t, 1000000);
 BPF_HASH(lock_scratch, u32, struct lock_scratch_t, 65536);
-BPF_ARRAY(lock_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(lock_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // log2(ns) of released lifetimes, per ustack, pid
 struct lock_hist_key_t {
     s64 ustack;
@@ -67,6 +71,30 @@ struct lock_hist_key_t {
     u64 slot;
 };
 BPF_HISTOGRAM(lock_lifetime, struct lock_hist_key_t, 65536);
+// live lock per ustack, pid: reports read these, not every entry
+struct lock_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(lock_tally0, struct lock_tally0_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of lock
+static __always_inline void lock_tally(struct lock_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct lock_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = lock_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            lock_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // libc:pthread_mutex_lock  (recipe-line 6:11)
 int lock_pthread_mutex_lock_1_entry(struct pt_regs *ctx)
@@ -93,6 +121,7 @@ int lock_pthread_mutex_lock_1_return(struct pt_regs *ctx)
     struct lock_scratch_t s = *sp;
     lock_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      lock_counters.atomic_increment(0);
       struct lock_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -101,8 +130,15 @@ int lock_pthread_mutex_lock_1_return(struct pt_regs *ctx)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.tid = (u32)bpf_get_current_pid_tgid();
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      lock_counters.atomic_increment(0);
-      if (lock_live.update(&k, &v) != 0) lock_counters.atomic_increment(3);  // table full
+      int err = lock_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct lock_live_t *stale = lock_live.lookup(&k);
+        if (stale) lock_tally(stale, -1);
+        err = lock_live.update(&k, &v);
+        lock_counters.atomic_increment(4);
+      }
+      if (err) lock_counters.atomic_increment(3);  // table full
+      else lock_tally(&v, 1);
     }
     return 0;
 }
@@ -132,6 +168,7 @@ int lock_pthread_mutex_trylock_2_return(struct pt_regs *ctx)
     struct lock_scratch_t s = *sp;
     lock_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      lock_counters.atomic_increment(0);
       struct lock_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -140,8 +177,15 @@ int lock_pthread_mutex_trylock_2_return(struct pt_regs *ctx)
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.tid = (u32)bpf_get_current_pid_tgid();
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      lock_counters.atomic_increment(0);
-      if (lock_live.update(&k, &v) != 0) lock_counters.atomic_increment(3);  // table full
+      int err = lock_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct lock_live_t *stale = lock_live.lookup(&k);
+        if (stale) lock_tally(stale, -1);
+        err = lock_live.update(&k, &v);
+        lock_counters.atomic_increment(4);
+      }
+      if (err) lock_counters.atomic_increment(3);  // table full
+      else lock_tally(&v, 1);
     }
     return 0;
 }
@@ -165,6 +209,7 @@ int lock_pthread_mutex_unlock_3_entry(struct pt_regs *ctx)
         hk.pid = old->pid;
         hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);
         lock_lifetime.increment(hk);
+        lock_tally(old, -1);
         lock_live.delete(&k);
         lock_counters.atomic_increment(1);
       } else {

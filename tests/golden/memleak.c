@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -59,8 +63,33 @@ struct heap_live_t {
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
-BPF_ARRAY(heap_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(heap_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 BPF_HISTOGRAM(heap_lifetime, int, 64);                // log2(ns) of released lifetimes
+// live heap per ustack, pid: reports read these, not every entry
+struct heap_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(heap_tally0, struct heap_tally0_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of heap
+static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct heap_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = heap_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            heap_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // libc:malloc  (recipe-line 9:11)
 int heap_malloc_1_entry(struct pt_regs *ctx)
@@ -87,6 +116,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -95,8 +125,15 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -127,6 +164,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -135,8 +173,15 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -173,6 +218,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
+        heap_tally(old, -1);
         heap_live.delete(&k);
         heap_counters.atomic_increment(1);
       } else {
@@ -180,6 +226,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -188,8 +235,15 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -227,6 +281,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
+        heap_tally(old, -1);
         heap_live.delete(&k);
         heap_counters.atomic_increment(1);
       } else {
@@ -234,6 +289,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -242,8 +298,15 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -274,6 +337,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = probedsl_read_u64(s.a[1] + 0);
@@ -282,8 +346,15 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -313,6 +384,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -321,8 +393,15 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -352,6 +431,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -360,8 +440,15 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -391,6 +478,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.atomic_increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -399,8 +487,15 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      heap_counters.atomic_increment(0);
-      if (heap_live.update(&k, &v) != 0) heap_counters.atomic_increment(3);  // table full
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) heap_tally(stale, -1);
+        err = heap_live.update(&k, &v);
+        heap_counters.atomic_increment(4);
+      }
+      if (err) heap_counters.atomic_increment(3);  // table full
+      else heap_tally(&v, 1);
     }
     return 0;
 }
@@ -420,6 +515,7 @@ int heap_free_10_entry(struct pt_regs *ctx)
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
+        heap_tally(old, -1);
         heap_live.delete(&k);
         heap_counters.atomic_increment(1);
       } else {

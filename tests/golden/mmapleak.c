@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -59,7 +63,32 @@ struct mapping_live_t {
 struct mapping_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(mapping_live, struct mapping_key_t, struct mapping_live_t, 1000000);
 BPF_HASH(mapping_scratch, u32, struct mapping_scratch_t, 65536);
-BPF_ARRAY(mapping_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(mapping_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// live mapping per ustack, pid: reports read these, not every entry
+struct mapping_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(mapping_tally0, struct mapping_tally0_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of mapping
+static __always_inline void mapping_tally(struct mapping_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct mapping_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = mapping_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            mapping_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // libc:mmap  (recipe-line 5:11)
 int mapping_mmap_1_entry(struct pt_regs *ctx)
@@ -86,6 +115,7 @@ int mapping_mmap_1_return(struct pt_regs *ctx)
     struct mapping_scratch_t s = *sp;
     mapping_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)(-1LL))) {
+      mapping_counters.atomic_increment(0);
       struct mapping_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -94,8 +124,15 @@ int mapping_mmap_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      mapping_counters.atomic_increment(0);
-      if (mapping_live.update(&k, &v) != 0) mapping_counters.atomic_increment(3);  // table full
+      int err = mapping_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct mapping_live_t *stale = mapping_live.lookup(&k);
+        if (stale) mapping_tally(stale, -1);
+        err = mapping_live.update(&k, &v);
+        mapping_counters.atomic_increment(4);
+      }
+      if (err) mapping_counters.atomic_increment(3);  // table full
+      else mapping_tally(&v, 1);
     }
     return 0;
 }
@@ -130,6 +167,7 @@ int mapping_munmap_2_return(struct pt_regs *ctx)
       k.k[1] = s.a[0];
       struct mapping_live_t *old = mapping_live.lookup(&k);
       if (old) {
+        mapping_tally(old, -1);
         mapping_live.delete(&k);
         mapping_counters.atomic_increment(1);
       } else {

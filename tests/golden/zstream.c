@@ -5,6 +5,10 @@
 
 BPF_STACK_TRACE(probedsl_stacks, 65536);
 
+// bytes and entries live in one group (a tally), updated at every acquire and release;
+// seen: when one of its entries was acquired (which process image its stack belongs to)
+struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
@@ -58,7 +62,31 @@ struct stream_live_t {
 struct stream_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(stream_live, struct stream_key_t, struct stream_live_t, 1000000);
 BPF_HASH(stream_scratch, u32, struct stream_scratch_t, 65536);
-BPF_ARRAY(stream_counters, u64, 4);  // acquired, released, unknown releases, untracked
+BPF_ARRAY(stream_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// live stream per ustack, pid: reports read these, not every entry
+struct stream_tally0_key_t {
+    s64 ustack;
+    u64 pid;
+};
+BPF_HASH(stream_tally0, struct stream_tally0_key_t, struct probedsl_tally_t, 65536);
+
+// add (sign 1) or remove (sign -1) one live entry in every tally of stream
+static __always_inline void stream_tally(struct stream_live_t *v, s64 sign)
+{
+    struct probedsl_tally_t zero = {};
+    zero.seen = v->time;
+    {
+        struct stream_tally0_key_t g = {};
+        g.ustack = v->ustack;
+        g.pid = v->pid;
+        struct probedsl_tally_t *t = stream_tally0.lookup_or_try_init(&g, &zero);
+        if (t) {
+            __sync_fetch_and_add(&t->count, sign);
+        } else {
+            stream_counters.atomic_increment(5);  // tally table full
+        }
+    }
+}
 
 // z:inflateInit_  (recipe-line 6:11)
 int stream_inflateInit__1_entry(struct pt_regs *ctx)
@@ -85,6 +113,7 @@ int stream_inflateInit__1_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      stream_counters.atomic_increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -92,8 +121,15 @@ int stream_inflateInit__1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_counters.atomic_increment(0);
-      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
+      int err = stream_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct stream_live_t *stale = stream_live.lookup(&k);
+        if (stale) stream_tally(stale, -1);
+        err = stream_live.update(&k, &v);
+        stream_counters.atomic_increment(4);
+      }
+      if (err) stream_counters.atomic_increment(3);  // table full
+      else stream_tally(&v, 1);
     }
     return 0;
 }
@@ -123,6 +159,7 @@ int stream_inflateInit2__2_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      stream_counters.atomic_increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -130,8 +167,15 @@ int stream_inflateInit2__2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_counters.atomic_increment(0);
-      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
+      int err = stream_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct stream_live_t *stale = stream_live.lookup(&k);
+        if (stale) stream_tally(stale, -1);
+        err = stream_live.update(&k, &v);
+        stream_counters.atomic_increment(4);
+      }
+      if (err) stream_counters.atomic_increment(3);  // table full
+      else stream_tally(&v, 1);
     }
     return 0;
 }
@@ -161,6 +205,7 @@ int stream_deflateInit__3_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      stream_counters.atomic_increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -168,8 +213,15 @@ int stream_deflateInit__3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_counters.atomic_increment(0);
-      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
+      int err = stream_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct stream_live_t *stale = stream_live.lookup(&k);
+        if (stale) stream_tally(stale, -1);
+        err = stream_live.update(&k, &v);
+        stream_counters.atomic_increment(4);
+      }
+      if (err) stream_counters.atomic_increment(3);  // table full
+      else stream_tally(&v, 1);
     }
     return 0;
 }
@@ -199,6 +251,7 @@ int stream_deflateInit2__4_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
+      stream_counters.atomic_increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -206,8 +259,15 @@ int stream_deflateInit2__4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
-      stream_counters.atomic_increment(0);
-      if (stream_live.update(&k, &v) != 0) stream_counters.atomic_increment(3);  // table full
+      int err = stream_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct stream_live_t *stale = stream_live.lookup(&k);
+        if (stale) stream_tally(stale, -1);
+        err = stream_live.update(&k, &v);
+        stream_counters.atomic_increment(4);
+      }
+      if (err) stream_counters.atomic_increment(3);  // table full
+      else stream_tally(&v, 1);
     }
     return 0;
 }
@@ -226,6 +286,7 @@ int stream_inflateEnd_5_entry(struct pt_regs *ctx)
       k.k[1] = PT_REGS_PARM1(ctx);
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
+        stream_tally(old, -1);
         stream_live.delete(&k);
         stream_counters.atomic_increment(1);
       } else {
@@ -249,6 +310,7 @@ int stream_deflateEnd_6_entry(struct pt_regs *ctx)
       k.k[1] = PT_REGS_PARM1(ctx);
       struct stream_live_t *old = stream_live.lookup(&k);
       if (old) {
+        stream_tally(old, -1);
         stream_live.delete(&k);
         stream_counters.atomic_increment(1);
       } else {
