@@ -79,17 +79,17 @@ class BccBackend(Backend):
                      f"  struct {n}_live_t *stale = {n}_live.lookup(&k);",
                      f"  if (stale) {n}_tally(stale, -1);",
                      f"  err = {n}_live.update(&k, &v);",
-                     f"  {n}_counters.atomic_increment(4);",
+                     f"  {n}_counters.increment(4);",
                      "}",
-                     f"if (err) {n}_counters.atomic_increment(3);  // table full",
+                     f"if (err) {n}_counters.increment(3);  // table full",
                      f"else {n}_tally(&v, 1);"]
             recorded = key + v + store
             if program.sample > 1:
                 recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
                             *["  " + s for s in recorded], "}"]
-            body = [f"{n}_counters.atomic_increment(0);"] + recorded
+            body = [f"{n}_counters.increment(0);"] + recorded
         else:
-            hit = [f"{n}_tally(old, -1);", f"{n}_live.delete(&k);", f"{n}_counters.atomic_increment(1);"]
+            hit = [f"{n}_tally(old, -1);", f"{n}_live.delete(&k);", f"{n}_counters.increment(1);"]
             if lifetime_report(program, res):
                 keys = lifetime_keys(program, res)
                 if keys:
@@ -101,7 +101,7 @@ class BccBackend(Backend):
                 else:
                     hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {n}_live.lookup(&k);", "if (old) {",
-                          *["  " + s for s in hit], "} else {", f"  {n}_counters.atomic_increment(2);", "}"]
+                          *["  " + s for s in hit], "} else {", f"  {n}_counters.increment(2);", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
@@ -142,7 +142,8 @@ class BccBackend(Backend):
                     probes.append({"path": probe.path, "function": probe.function,
                                    "entry": view["entry_fn"], "return": view["return_fn"]})
         return {
-            "recipe": program.name, "target": program.target.mode,
+            "recipe": program.name, "target": program.target.mode, "comm": program.target.comm,
+            "per_process": program.target.mode == "comm" and program.target.per_process,
             "follow_forks": program.target.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,

@@ -5,8 +5,8 @@
 Configurations, each run in turn R times (interleaved, so drift hits all alike):
   untraced          the workload alone
   floor             bpftrace with empty probes on malloc entry+return and free entry
-  probedsl-bpftrace probedsl run memleak --pid PID (bpftrace backend)
-  probedsl-bcc      probedsl run memleak --pid PID --backend bcc --no-follow-forks
+  probedsl-bpftrace probedsl run memleak --pid PID --no-follow-forks (bpftrace backend)
+  probedsl-bcc      probedsl run memleak --pid PID --no-follow-forks --backend bcc
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
 name (bystander-*), or a launched command (bystander-of-cmd-*: probes on private copies). The workload times its own loop, so start-up and reporting are not in the numbers.
@@ -72,7 +72,7 @@ def run_floor(exe, args):
 
 def run_probedsl(exe, args, backend):
     proc = workload(exe, args, DELAY)
-    extra = ["--no-follow-forks"] if backend == "bcc" else []
+    extra = ["--no-follow-forks"]          # one process: a pid filter, and per-pid uprobes on BCC
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
                                "--pid", str(proc.pid), "--format", "json", *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=1_000_000)
+    ap.add_argument("--only", help="comma-separated configurations to run (untraced and floor always run)")
     args = ap.parse_args()
     exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     configs = {"untraced": lambda: run_untraced(exe, args), "floor": lambda: run_floor(exe, args),
@@ -142,6 +143,9 @@ def main() -> None:
                "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc")}
     if shutil.which("memleak-bpfcc"):
         configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
+    if args.only:
+        wanted = {"untraced", "floor", *args.only.split(",")}
+        configs = {name: fn for name, fn in configs.items() if name in wanted}
     times = {name: [] for name in configs}
     for r in range(args.runs):
         for name, fn in configs.items():

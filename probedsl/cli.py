@@ -91,6 +91,9 @@ def compile(recipe, target, output, pid, comm, sets, sample):
                    "process and filters in BPF; --no-follow-forks keeps BCC's per-pid uprobes)")
 @click.option("--private-libs/--no-private-libs", default=True, show_default=True,
               help="with -- CMD, probe private copies of its libraries so other processes pay nothing")
+@click.option("--per-process", is_flag=True,
+              help="with --comm on BCC: attach to each process with the name (found at start, at exec, at "
+                   "fork) so others pay nothing; what one does in its first milliseconds is missed")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
 @click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
@@ -102,17 +105,20 @@ def compile(recipe, target, output, pid, comm, sets, sample):
                                            "report (seconds with a million live); default: the kernel's tallies")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
               help="record one acquisition in N (chosen at random); reports show estimates scaled by N")
+@click.option("--estimate", is_flag=True, help="first count calls of the probed functions for a second "
+                                              "(cheapest probe) and print what tracing them will cost")
 @click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
               help="live resources each table holds")
-def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, interval, duration, top, sets, fmt, output, color, min_age,
-        ages, sample, growth_intervals, max_live):
+def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
+        ages, sample, estimate, growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
-                              follow_forks=follow_forks, private_libs=private_libs, command=list(command),
+                              follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
+                              command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
-                              format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample,
+                              format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, max_live=max_live)
     sys.exit(session.run(opts))
 

@@ -137,6 +137,7 @@ class Target:
     pid: int = 0
     comm: str = ""
     follow_forks: bool = True              # pid/cmd: children forked later are traced too
+    per_process: bool = False              # comm (BCC): uprobes on each matching process only
 
     @property
     def tracks_children(self) -> bool:

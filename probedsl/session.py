@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, formats, ir, report
+from . import compiler, estimate, formats, ir, report
 from .drivers.bcc import BccDriver
 from .drivers.bpftrace import BpftraceDriver
 from .errors import ProbedslError
-from .launcher import HeldCommand, process_alive
+from .launcher import HeldCommand, process_alive, processes_named
 from .libraries import LibraryResolver
 from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
@@ -43,6 +43,8 @@ class RunOptions:
     min_age: Optional[float] = None    # seconds; overrides the recipe's min_age
     ages: bool = False                 # read every live entry at each report (exact oldest ages)
     sample: int = 1                    # record one acquisition in N
+    estimate: bool = False             # count calls for a second first and print the expected cost
+    per_process: bool = False          # --comm on BCC: attach to each matching process only
     growth_intervals: int = 3
     max_live: int = ir.DEFAULT_MAX_LIVE
 
@@ -64,7 +66,9 @@ def _target(opts: RunOptions):
     if opts.all:
         return ir.Target("all"), LibraryResolver(), None
     if opts.comm is not None:
-        return ir.Target("comm", comm=validate_comm(opts.comm)), LibraryResolver(), None
+        if opts.per_process and opts.backend != "bcc":
+            raise ProbedslError("--per-process needs --backend bcc (bpftrace 0.17 cannot scope a uprobe to a pid)")
+        return ir.Target("comm", comm=validate_comm(opts.comm), per_process=opts.per_process), LibraryResolver(), None
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
@@ -89,6 +93,8 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     if os.geteuid() != 0:
         raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
     recipe = compiler.load(opts.recipe)
+    if opts.estimate and opts.command:
+        raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
     target, resolver, held = _target(opts)
     private = None
     try:
@@ -106,6 +112,14 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         if private:
             private.cleanup()
         raise
+    if opts.estimate:
+        try:
+            for line in estimate.measure(program).lines():
+                print(f"probedsl: {line}", file=err, flush=True)
+        except BaseException:
+            driver.kill()
+            tracker.stop()
+            raise
     for pid in ([target.pid] if target.mode == "pid" else
                 processes_named(target.comm) if target.mode == "comm" else []):
         tracker.snapshot(pid)                  # mapped before we started listening
@@ -160,6 +174,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
             if not driver.alive():
                 notes.append(f"the {opts.backend} process ended early")
                 break
+            driver.tick()
             if next_report and time.monotonic() >= next_report:
                 next_report += opts.interval
                 snap = driver.snapshot(timeout=5)
@@ -191,13 +206,15 @@ def _bystander_notes(program: ir.Program, opts: RunOptions, private: Optional[Pr
     target = program.target
     scoped = (private is not None and all(private.owns(p.path)
                                           for r in program.resources for p in r.probes if p.kind == "uprobe")) \
-        or (opts.backend == "bcc" and target.mode in ("pid", "cmd") and not target.tracks_children)
+        or (opts.backend == "bcc" and target.mode in ("pid", "cmd") and not target.tracks_children) \
+        or target.per_process
     if scoped:
         return []
     files = sorted({p.path for r in program.resources for p in r.probes if p.kind == "uprobe"})
     if not files:
         return []
-    avoid = ("-- CMD (private library copies) or --backend bcc --pid PID --no-follow-forks avoid it"
+    avoid = ("-- CMD (private library copies), --backend bcc --comm NAME --per-process, or --backend bcc "
+             "--pid PID --no-follow-forks avoid it"
              if target.mode != "cmd" else "the command loads them from elsewhere; see docs/usage.md")
     return [f"every process using {', '.join(os.path.basename(f) for f in files)} pays a uprobe trap "
             f"(~3 us per probed call) while this runs; {avoid}"]
@@ -220,19 +237,6 @@ def write_report(text: str, output: Optional[str], out) -> None:
     else:
         out.write(text)
         out.flush()
-
-
-def processes_named(comm: str) -> List[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().rstrip("\n") == comm:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 def _end_command(held: HeldCommand, signum: int, notes: List[str]) -> None:

@@ -7,6 +7,7 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl.errors import ProbedslError
+from probedsl.launcher import is_process, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
 
 
@@ -53,15 +54,17 @@ def _group(k, keys: List[str], stack) -> tuple:
 
 
 def _histograms(table, keys: List[str], stack) -> dict:
-    """{group key: buckets}; keys name the fields of the histogram's key struct besides slot."""
+    """{group key: buckets}; keys name the fields of the histogram's key struct besides slot.
+    The table is per-CPU: each value is one count per CPU."""
     groups: Dict[tuple, list] = {}
-    for k, v in table.items():
-        if not v.value:
+    for k, per_cpu in table.items():
+        n = sum(per_cpu)
+        if not n:
             continue
         if not keys:
-            groups.setdefault((), []).append(_bucket(k.value, v.value))
+            groups.setdefault((), []).append(_bucket(k.value, n))
             continue
-        groups.setdefault(_group(k, keys, stack), []).append(_bucket(k.slot, v.value))
+        groups.setdefault(_group(k, keys, stack), []).append(_bucket(k.slot, n))
     return {g: sorted(b) for g, b in groups.items()}
 
 
@@ -85,13 +88,60 @@ class BccLoader:
             # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
             self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             scope = -1
-        for p in manifest["probes"]:
-            try:
+        # --comm --per-process: uprobes on each process with the name, now and as they exec or
+        # fork (admit); otherwise on every process, and the BPF filter compares names
+        self.attached: Dict[int, bool] = {}
+        self.per_process = bool(manifest.get("per_process"))
+        if self.per_process:
+            for found in processes_named(manifest["comm"]):
+                self._attach(found, missing_ok=True)
+        else:
+            self._attach(scope)
+
+    def _attach(self, scope: int, missing_ok: bool = False) -> None:
+        try:
+            for p in self.manifest["probes"]:
                 self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=scope)
                 if p["return"]:
                     self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"], pid=scope)
-            except Exception as exc:
-                raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
+        except Exception as exc:
+            if missing_ok and not process_alive(scope):      # it ended meanwhile
+                self._detach(scope)
+                return
+            raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
+        if scope > 0:
+            self.attached[scope] = True
+
+    def _detach(self, pid: int) -> None:
+        for p in self.manifest["probes"]:
+            for detach in (self.bpf.detach_uprobe, self.bpf.detach_uretprobe):
+                try:
+                    detach(name=p["path"], sym=p["function"], pid=pid)
+                except Exception:            # not attached (the process ended half-way)
+                    pass
+        self.attached.pop(pid, None)
+
+    def admit(self) -> List[int]:
+        """--comm: attach to processes that took the name since the last call, detach from
+        those that ended. Returns the pids newly attached."""
+        if not self.per_process:
+            return []
+        arrivals = self.bpf["probedsl_arrivals"]
+        pids = [k.value for k in arrivals.keys()]
+        for pid in pids:
+            try:
+                del arrivals[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+        added = []
+        for pid in pids:
+            if pid not in self.attached and is_process(pid):
+                self._attach(pid, missing_ok=True)
+                if pid in self.attached:
+                    added.append(pid)
+        for pid in [p for p in self.attached if not process_alive(p)]:
+            self._detach(pid)
+        return added
 
     def snapshot(self, final: bool = False) -> Snapshot:
         now = time.monotonic_ns()
@@ -127,7 +177,7 @@ class BccLoader:
                     comm=v.comm.decode(errors="replace") if "comm" in fields else "")
                     for k, v in self.bpf.get_table(f"{name}_live").items()]
             counters = self.bpf.get_table(f"{name}_counters")
-            t = Totals(*(counters[counters.Key(i)].value for i in range(len(res["counters"]))))
+            t = Totals(*(counters.sum(counters.Key(i)).value for i in range(len(res["counters"]))))
             if res["lifetime"]:
                 t.lifetime = _histograms(self.bpf.get_table(f"{name}_lifetime"), res["lifetime_keys"], stack)
             totals[name] = t
@@ -137,12 +187,13 @@ class BccLoader:
         """{group: (bytes, count, seen ns)}; empty groups of exited processes are dropped from the table
         (no later event can touch them: their pid's entries are keyed by that pid)."""
         table, out, gone = self.bpf.get_table(table_name), {}, []
-        for k, v in table.items():
-            if v.count <= 0:
+        for k, per_cpu in table.items():
+            count = sum(v.count for v in per_cpu)
+            if count <= 0:
                 if "pid" in keys and not _alive(k.pid):
                     gone.append(k)
                 continue
-            out[_group(k, keys, stack)] = (v.bytes, v.count, v.seen)
+            out[_group(k, keys, stack)] = (sum(v.bytes for v in per_cpu), count, max(v.seen for v in per_cpu))
         for k in gone:
             try:
                 del table[k]
@@ -168,6 +219,11 @@ class BccDriver:
 
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
+
+    def tick(self) -> None:
+        """Called by the run loop every ~50 ms: --comm processes come and go."""
+        if self.loader is not None:
+            self.loader.admit()
 
     def alive(self) -> bool:
         return self.loader is not None

@@ -203,6 +203,9 @@ class BpftraceDriver:
         except queue.Empty:
             return None
 
+    def tick(self) -> None:
+        pass
+
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
 
