@@ -97,7 +97,9 @@ class BccBackend(Backend):
                             else f"hk.{k} = old->{k};" for k in keys]
                     hit[:0] = [f"struct {n}_hist_key_t hk = {{}};", *copy,
                                "hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);",
-                               f"{n}_lifetime.increment(hk);"]
+                               # (BCC 0.26's increment() does nothing on a per-CPU hash)
+                               "u64 none = 0, *slot = " + f"{n}_lifetime.lookup_or_try_init(&hk, &none);",
+                               "if (slot) *slot += 1;"]
                 else:
                     hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {n}_live.lookup(&k);", "if (old) {",

@@ -58,16 +58,20 @@ class BpftraceBackend(Backend):
 
     def tally(self, program: ir.Program, res: ir.Resource, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
-        tally of the resource. Per-CPU sums: no two CPUs race on one counter."""
+        tally of the resource. Per-CPU sums: no two CPUs race on one counter. Bytes and count
+        share one map (last key part 0 and 1): bpftrace 0.17 preallocates every keyed map at
+        --max-live entries, so each map costs start-up time and kernel memory."""
         fields = live_fields(res)
         lines = []
         for i, keys in enumerate(tallies(program, res)):
-            key = f"[{', '.join(f'{record}.{fields.index(k)}' for k in keys)}]" if keys else ""
+            parts = [f"{record}.{fields.index(k)}" for k in keys]
+            key = lambda column: f"[{', '.join(parts + [column])}]"
             if res.records("size"):
-                lines.append(f"@{res.name}_tally{i}_bytes{key} = sum({sign}{record}.{fields.index('size')});")
-            lines.append(f"@{res.name}_tally{i}_count{key} = sum({sign}1);")
+                lines.append(f"@{res.name}_tally{i}{key('0')} = sum({sign}{record}.{fields.index('size')});")
+            lines.append(f"@{res.name}_tally{i}{key('1')} = sum({sign}1);")
             if not sign:      # when its stack was captured: which process image names it
-                lines.append(f"@{res.name}_tally{i}_seen{key} = max({record}.0);")
+                seen_key = f"[{', '.join(parts)}]" if parts else ""
+                lines.append(f"@{res.name}_tally{i}_seen{seen_key} = max({record}.0);")
         return lines
 
     def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
@@ -137,16 +141,15 @@ class BpftraceBackend(Backend):
             maps = [f"@{res.name}_live"] if program.read_live else []
             maps += [f"@{res.name}_{c}" for c in counters(res) if c != "ungrouped"]
             for i, _ in enumerate(tallies(program, res)):
-                maps += [f"@{res.name}_tally{i}_bytes"] if res.records("size") else []
-                maps += [f"@{res.name}_tally{i}_count", f"@{res.name}_tally{i}_seen"]
+                maps += [f"@{res.name}_tally{i}", f"@{res.name}_tally{i}_seen"]
             if lifetime_report(program, res):
                 maps.append(f"@{res.name}_lifetime")
             resources.append({
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
                 "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
-                "tallies": [f"@{res.name}_tally{i}_{'bytes/count' if res.records('size') else 'count'}"
-                            f"[{', '.join(keys)}]: live entries per group, kept at acquire and release"
+                "tallies": [f"@{res.name}_tally{i}[{', '.join(keys + ('0 bytes | 1 count',))}]: live entries "
+                            f"per group, kept at acquire and release"
                             for i, keys in enumerate(tallies(program, res))],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
                 "cleared": list(dict.fromkeys(maps + [f"@{res.name}_live"] + (

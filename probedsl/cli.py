@@ -109,8 +109,9 @@ def compile(recipe, target, output, pid, comm, sets, sample):
                                               "(cheapest probe) and print what tracing them will cost")
 @click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
               help="flag a stack GROWING after it grew in this many interval reports in a row")
-@click.option("--max-live", type=click.IntRange(min=1), default=ir.DEFAULT_MAX_LIVE, show_default=True,
-              help="live resources each table holds")
+@click.option("--max-live", type=click.IntRange(min=1),
+              help="live resources each table holds (default: 1000000 on bcc, 262144 on bpftrace, which "
+                   "preallocates every map at this size)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
         ages, sample, estimate, growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""

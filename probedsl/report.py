@@ -13,7 +13,7 @@ from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
 SCHEMA = "probedsl.report"
-VERSION = 1
+VERSION = 2                # 2: oldest_age_s may be null (tallied reports); sample, replaced
 
 
 @dataclass

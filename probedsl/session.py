@@ -46,7 +46,7 @@ class RunOptions:
     estimate: bool = False             # count calls for a second first and print the expected cost
     per_process: bool = False          # --comm on BCC: attach to each matching process only
     growth_intervals: int = 3
-    max_live: int = ir.DEFAULT_MAX_LIVE
+    max_live: Optional[int] = None     # None: the backend's default (ir.BACKEND_MAX_LIVE)
 
 
 def validate_comm(comm: str) -> str:
@@ -98,7 +98,8 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     target, resolver, held = _target(opts)
     private = None
     try:
-        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=opts.max_live).with_target(target)
+        max_live = opts.max_live or ir.BACKEND_MAX_LIVE[opts.backend]
+        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=max_live).with_target(target)
         program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
         if held and opts.private_libs:
             private = PrivateLibraries()
@@ -140,7 +141,8 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
         mb = driver.map_memory() / 2**20
         print(f"probedsl: note: BPF maps hold {mb:.0f} MB of kernel memory (live tables sized for --max-live "
-              f"{opts.max_live}{'; bpftrace sizes every keyed map so' if opts.backend == 'bpftrace' else ''})",
+              f"{max((r.max_live for r in program.resources), default=0)}"
+              f"{'; bpftrace sizes every keyed map so' if opts.backend == 'bpftrace' else ''})",
               file=err, flush=True)
         for line in _bystander_notes(program, opts, private):
             print(f"probedsl: note: {line}", file=err, flush=True)

@@ -84,7 +84,7 @@ def test_json_round_trips_to_the_same_rendering():
 
 def test_json_has_schema_and_version():
     doc = json.loads(formats.to_json(fixed_report()))
-    assert doc["schema"] == "probedsl.report" and doc["version"] == 1
+    assert doc["schema"] == "probedsl.report" and doc["version"] == 2
 
 
 def test_folded_is_root_first_with_weights():

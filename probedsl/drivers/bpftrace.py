@@ -59,7 +59,7 @@ def _buckets(raw) -> list:
 def _key_value(field: str, text: str):
     if field in ("ustack", "kstack"):
         return parse_stack(text)
-    return text if field == "comm" else int(text)
+    return text if field == "comm" else int(text)   # "column": 0 bytes, 1 count
 
 
 def _group(text: str, keys: List[str]) -> tuple:
@@ -69,17 +69,18 @@ def _group(text: str, keys: List[str]) -> tuple:
     return tuple(_key_value(k, v) for k, v in zip(keys, parts))
 
 
-def _tally(raw_bytes, raw_count, raw_seen, keys: List[str]) -> dict:
-    """Per-group sums -> {group: (bytes, count, seen ns)}; a stored stack keys one entry per
-    thread that captured it (same text), so equal groups add up here."""
-    if not keys:
-        return {(): (int(raw_bytes or 0), int(raw_count or 0), int(raw_seen or 0))} if raw_count else {}
+def _tally(raw, raw_seen, keys: List[str]) -> dict:
+    """Per-group sums, keyed by the group then 0 (bytes) or 1 (count) -> {group: (bytes, count,
+    seen ns)}. A stored stack keys one entry per thread that captured it (same text), so
+    equal groups add up here."""
     out: Dict[tuple, List[int]] = {}
-    for raw, column in ((raw_bytes, 0), (raw_count, 1)):
-        for text, value in (raw or {}).items():
-            out.setdefault(_group(text, keys), [0, 0, 0])[column] += int(value)
-    for text, value in (raw_seen or {}).items():
-        group = out.get(_group(text, keys))
+    for text, value in (raw or {}).items():
+        *group, column = _group(text, keys + ["column"])
+        out.setdefault(tuple(group), [0, 0, 0])[int(column)] += int(value)
+    # an ungrouped tally's time is one number, not a map
+    seen = raw_seen.items() if isinstance(raw_seen, dict) else [("", raw_seen or 0)]
+    for text, value in seen:
+        group = out.get(_group(text, keys) if keys else ())
         if group is not None:
             group[2] = max(group[2], int(value))
     return {group: (b, n, seen) for group, (b, n, seen) in out.items() if n > 0}
@@ -114,7 +115,7 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in COUNTERS))
         t.lifetime = _lifetime(maps.get(f"@{res.name}_lifetime"), lifetime_keys(program, res))
         totals[res.name] = t
-        tallied[res.name] = {keys: _tally(*(maps.get(f"@{res.name}_tally{i}_{m}") for m in ("bytes", "count", "seen")),
+        tallied[res.name] = {keys: _tally(maps.get(f"@{res.name}_tally{i}"), maps.get(f"@{res.name}_tally{i}_seen"),
                                           list(keys)) for i, keys in enumerate(tallies(program, res))}
     return Snapshot(now_ns, live, totals, final, tallied)
 

@@ -63,13 +63,14 @@ struct object_live_t {
 struct object_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(object_live, struct object_key_t, struct object_live_t, 1000000);
 BPF_HASH(object_scratch, u32, struct object_scratch_t, 65536);
-BPF_ARRAY(object_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(object_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // live object per ustack, pid: reports read these, not every entry
 struct object_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(object_tally0, struct object_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(object_tally0, struct object_tally0_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of object
 static __always_inline void object_tally(struct object_live_t *v, s64 sign)
@@ -82,10 +83,10 @@ static __always_inline void object_tally(struct object_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = object_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
-            __sync_fetch_and_add(&t->count, sign);
+            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
+            t->count += sign;
         } else {
-            object_counters.atomic_increment(5);  // tally table full
+            object_counters.increment(5);  // tally table full
         }
     }
 }
@@ -115,7 +116,7 @@ int object__Znwm_1_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -129,9 +130,9 @@ int object__Znwm_1_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -162,7 +163,7 @@ int object__Znam_2_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -176,9 +177,9 @@ int object__Znam_2_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -209,7 +210,7 @@ int object__ZnwmRKSt9nothrow_t_3_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -223,9 +224,9 @@ int object__ZnwmRKSt9nothrow_t_3_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -256,7 +257,7 @@ int object__ZnamRKSt9nothrow_t_4_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -270,9 +271,9 @@ int object__ZnamRKSt9nothrow_t_4_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -303,7 +304,7 @@ int object__ZnwmSt11align_val_t_5_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -317,9 +318,9 @@ int object__ZnwmSt11align_val_t_5_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -350,7 +351,7 @@ int object__ZnamSt11align_val_t_6_return(struct pt_regs *ctx)
     struct object_scratch_t s = *sp;
     object_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      object_counters.atomic_increment(0);
+      object_counters.increment(0);
       struct object_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -364,9 +365,9 @@ int object__ZnamSt11align_val_t_6_return(struct pt_regs *ctx)
         struct object_live_t *stale = object_live.lookup(&k);
         if (stale) object_tally(stale, -1);
         err = object_live.update(&k, &v);
-        object_counters.atomic_increment(4);
+        object_counters.increment(4);
       }
-      if (err) object_counters.atomic_increment(3);  // table full
+      if (err) object_counters.increment(3);  // table full
       else object_tally(&v, 1);
     }
     return 0;
@@ -388,9 +389,9 @@ int object__ZdlPv_7_entry(struct pt_regs *ctx)
       if (old) {
         object_tally(old, -1);
         object_live.delete(&k);
-        object_counters.atomic_increment(1);
+        object_counters.increment(1);
       } else {
-        object_counters.atomic_increment(2);
+        object_counters.increment(2);
       }
     }
     return 0;
@@ -412,9 +413,9 @@ int object__ZdlPvSt11align_val_t_8_entry(struct pt_regs *ctx)
       if (old) {
         object_tally(old, -1);
         object_live.delete(&k);
-        object_counters.atomic_increment(1);
+        object_counters.increment(1);
       } else {
-        object_counters.atomic_increment(2);
+        object_counters.increment(2);
       }
     }
     return 0;

@@ -62,18 +62,19 @@ struct fd_live_t {
 struct fd_scratch_t { u64 probe; u64 sp; u64 a[2]; };
 BPF_HASH(fd_live, struct fd_key_t, struct fd_live_t, 1000000);
 BPF_HASH(fd_scratch, u32, struct fd_scratch_t, 65536);
-BPF_ARRAY(fd_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(fd_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // live fd per ustack, pid: reports read these, not every entry
 struct fd_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(fd_tally0, struct fd_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(fd_tally0, struct fd_tally0_key_t, struct probedsl_tally_t, 65536);
 // live fd per pid: reports read these, not every entry
 struct fd_tally1_key_t {
     u64 pid;
 };
-BPF_HASH(fd_tally1, struct fd_tally1_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(fd_tally1, struct fd_tally1_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of fd
 static __always_inline void fd_tally(struct fd_live_t *v, s64 sign)
@@ -86,9 +87,9 @@ static __always_inline void fd_tally(struct fd_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = fd_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->count, sign);
+            t->count += sign;
         } else {
-            fd_counters.atomic_increment(5);  // tally table full
+            fd_counters.increment(5);  // tally table full
         }
     }
     {
@@ -96,9 +97,9 @@ static __always_inline void fd_tally(struct fd_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = fd_tally1.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->count, sign);
+            t->count += sign;
         } else {
-            fd_counters.atomic_increment(5);  // tally table full
+            fd_counters.increment(5);  // tally table full
         }
     }
 }
@@ -127,7 +128,7 @@ int fd_open_1_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -140,9 +141,9 @@ int fd_open_1_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -172,7 +173,7 @@ int fd_openat_2_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -185,9 +186,9 @@ int fd_openat_2_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -217,7 +218,7 @@ int fd_creat_3_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -230,9 +231,9 @@ int fd_creat_3_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -262,7 +263,7 @@ int fd_socket_4_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -275,9 +276,9 @@ int fd_socket_4_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -307,7 +308,7 @@ int fd_accept_5_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -320,9 +321,9 @@ int fd_accept_5_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -352,7 +353,7 @@ int fd_accept4_6_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -365,9 +366,9 @@ int fd_accept4_6_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -397,7 +398,7 @@ int fd_dup_7_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -410,9 +411,9 @@ int fd_dup_7_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -451,13 +452,13 @@ int fd_dup2_8_return(struct pt_regs *ctx)
       if (old) {
         fd_tally(old, -1);
         fd_live.delete(&k);
-        fd_counters.atomic_increment(1);
+        fd_counters.increment(1);
       } else {
-        fd_counters.atomic_increment(2);
+        fd_counters.increment(2);
       }
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -470,9 +471,9 @@ int fd_dup2_8_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -510,13 +511,13 @@ int fd_dup3_9_return(struct pt_regs *ctx)
       if (old) {
         fd_tally(old, -1);
         fd_live.delete(&k);
-        fd_counters.atomic_increment(1);
+        fd_counters.increment(1);
       } else {
-        fd_counters.atomic_increment(2);
+        fd_counters.increment(2);
       }
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -529,9 +530,9 @@ int fd_dup3_9_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -562,7 +563,7 @@ int fd_pipe_10_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 0);
@@ -575,13 +576,13 @@ int fd_pipe_10_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 4);
@@ -594,9 +595,9 @@ int fd_pipe_10_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -627,7 +628,7 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 0);
@@ -640,13 +641,13 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (u64)probedsl_read_s32(s.a[0] + 4);
@@ -659,9 +660,9 @@ int fd_pipe2_11_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -691,7 +692,7 @@ int fd_eventfd_12_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -704,9 +705,9 @@ int fd_eventfd_12_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -736,7 +737,7 @@ int fd_epoll_create1_13_return(struct pt_regs *ctx)
     struct fd_scratch_t s = *sp;
     fd_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) >= (s64)0ULL)) {
-      fd_counters.atomic_increment(0);
+      fd_counters.increment(0);
       struct fd_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = (s64)(s32)PT_REGS_RC(ctx);
@@ -749,9 +750,9 @@ int fd_epoll_create1_13_return(struct pt_regs *ctx)
         struct fd_live_t *stale = fd_live.lookup(&k);
         if (stale) fd_tally(stale, -1);
         err = fd_live.update(&k, &v);
-        fd_counters.atomic_increment(4);
+        fd_counters.increment(4);
       }
-      if (err) fd_counters.atomic_increment(3);  // table full
+      if (err) fd_counters.increment(3);  // table full
       else fd_tally(&v, 1);
     }
     return 0;
@@ -789,9 +790,9 @@ int fd_close_14_return(struct pt_regs *ctx)
       if (old) {
         fd_tally(old, -1);
         fd_live.delete(&k);
-        fd_counters.atomic_increment(1);
+        fd_counters.increment(1);
       } else {
-        fd_counters.atomic_increment(2);
+        fd_counters.increment(2);
       }
     }
     return 0;

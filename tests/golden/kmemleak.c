@@ -64,17 +64,18 @@ struct kmem_live_t {
 struct kmem_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(kmem_live, struct kmem_key_t, struct kmem_live_t, 1000000);
 BPF_HASH(kmem_scratch, u32, struct kmem_scratch_t, 65536);
-BPF_ARRAY(kmem_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(kmem_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // live kmem per kstack: reports read these, not every entry
 struct kmem_tally0_key_t {
     s64 kstack;
 };
-BPF_HASH(kmem_tally0, struct kmem_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(kmem_tally0, struct kmem_tally0_key_t, struct probedsl_tally_t, 65536);
 // live kmem per comm: reports read these, not every entry
 struct kmem_tally1_key_t {
     char comm[TASK_COMM_LEN];
 };
-BPF_HASH(kmem_tally1, struct kmem_tally1_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(kmem_tally1, struct kmem_tally1_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of kmem
 static __always_inline void kmem_tally(struct kmem_live_t *v, s64 sign)
@@ -86,10 +87,10 @@ static __always_inline void kmem_tally(struct kmem_live_t *v, s64 sign)
         g.kstack = v->kstack;
         struct probedsl_tally_t *t = kmem_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
-            __sync_fetch_and_add(&t->count, sign);
+            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
+            t->count += sign;
         } else {
-            kmem_counters.atomic_increment(5);  // tally table full
+            kmem_counters.increment(5);  // tally table full
         }
     }
     {
@@ -97,10 +98,10 @@ static __always_inline void kmem_tally(struct kmem_live_t *v, s64 sign)
         __builtin_memcpy(&g.comm, v->comm, sizeof(g.comm));
         struct probedsl_tally_t *t = kmem_tally1.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
-            __sync_fetch_and_add(&t->count, sign);
+            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
+            t->count += sign;
         } else {
-            kmem_counters.atomic_increment(5);  // tally table full
+            kmem_counters.increment(5);  // tally table full
         }
     }
 }
@@ -110,7 +111,7 @@ TRACEPOINT_PROBE(kmem, kmalloc)
 {
     if (!probedsl_wanted()) return 0;
     if (((s64)(u64)args->ptr != (s64)0ULL)) {
-      kmem_counters.atomic_increment(0);
+      kmem_counters.increment(0);
       struct kmem_key_t k = {};
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t v = {};
@@ -124,9 +125,9 @@ TRACEPOINT_PROBE(kmem, kmalloc)
         struct kmem_live_t *stale = kmem_live.lookup(&k);
         if (stale) kmem_tally(stale, -1);
         err = kmem_live.update(&k, &v);
-        kmem_counters.atomic_increment(4);
+        kmem_counters.increment(4);
       }
-      if (err) kmem_counters.atomic_increment(3);  // table full
+      if (err) kmem_counters.increment(3);  // table full
       else kmem_tally(&v, 1);
     }
     return 0;
@@ -137,7 +138,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
 {
     if (!probedsl_wanted()) return 0;
     if (((s64)(u64)args->ptr != (s64)0ULL)) {
-      kmem_counters.atomic_increment(0);
+      kmem_counters.increment(0);
       struct kmem_key_t k = {};
       k.k[0] = (u64)args->ptr;
       struct kmem_live_t v = {};
@@ -151,9 +152,9 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc)
         struct kmem_live_t *stale = kmem_live.lookup(&k);
         if (stale) kmem_tally(stale, -1);
         err = kmem_live.update(&k, &v);
-        kmem_counters.atomic_increment(4);
+        kmem_counters.increment(4);
       }
-      if (err) kmem_counters.atomic_increment(3);  // table full
+      if (err) kmem_counters.increment(3);  // table full
       else kmem_tally(&v, 1);
     }
     return 0;
@@ -169,9 +170,9 @@ TRACEPOINT_PROBE(kmem, kfree)
       if (old) {
         kmem_tally(old, -1);
         kmem_live.delete(&k);
-        kmem_counters.atomic_increment(1);
+        kmem_counters.increment(1);
       } else {
-        kmem_counters.atomic_increment(2);
+        kmem_counters.increment(2);
       }
     }
     return 0;
@@ -187,9 +188,9 @@ TRACEPOINT_PROBE(kmem, kmem_cache_free)
       if (old) {
         kmem_tally(old, -1);
         kmem_live.delete(&k);
-        kmem_counters.atomic_increment(1);
+        kmem_counters.increment(1);
       } else {
-        kmem_counters.atomic_increment(2);
+        kmem_counters.increment(2);
       }
     }
     return 0;

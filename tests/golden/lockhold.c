@@ -63,20 +63,21 @@ struct lock_live_t {
 struct lock_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(lock_live, struct lock_key_t, struct lock_live_t, 1000000);
 BPF_HASH(lock_scratch, u32, struct lock_scratch_t, 65536);
-BPF_ARRAY(lock_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(lock_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // log2(ns) of released lifetimes, per ustack, pid
 struct lock_hist_key_t {
     s64 ustack;
     u64 pid;
     u64 slot;
 };
-BPF_HISTOGRAM(lock_lifetime, struct lock_hist_key_t, 65536);
+BPF_PERCPU_HASH(lock_lifetime, struct lock_hist_key_t, u64, 65536);
 // live lock per ustack, pid: reports read these, not every entry
 struct lock_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(lock_tally0, struct lock_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(lock_tally0, struct lock_tally0_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of lock
 static __always_inline void lock_tally(struct lock_live_t *v, s64 sign)
@@ -89,9 +90,9 @@ static __always_inline void lock_tally(struct lock_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = lock_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->count, sign);
+            t->count += sign;
         } else {
-            lock_counters.atomic_increment(5);  // tally table full
+            lock_counters.increment(5);  // tally table full
         }
     }
 }
@@ -121,7 +122,7 @@ int lock_pthread_mutex_lock_1_return(struct pt_regs *ctx)
     struct lock_scratch_t s = *sp;
     lock_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      lock_counters.atomic_increment(0);
+      lock_counters.increment(0);
       struct lock_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -135,9 +136,9 @@ int lock_pthread_mutex_lock_1_return(struct pt_regs *ctx)
         struct lock_live_t *stale = lock_live.lookup(&k);
         if (stale) lock_tally(stale, -1);
         err = lock_live.update(&k, &v);
-        lock_counters.atomic_increment(4);
+        lock_counters.increment(4);
       }
-      if (err) lock_counters.atomic_increment(3);  // table full
+      if (err) lock_counters.increment(3);  // table full
       else lock_tally(&v, 1);
     }
     return 0;
@@ -168,7 +169,7 @@ int lock_pthread_mutex_trylock_2_return(struct pt_regs *ctx)
     struct lock_scratch_t s = *sp;
     lock_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      lock_counters.atomic_increment(0);
+      lock_counters.increment(0);
       struct lock_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -182,9 +183,9 @@ int lock_pthread_mutex_trylock_2_return(struct pt_regs *ctx)
         struct lock_live_t *stale = lock_live.lookup(&k);
         if (stale) lock_tally(stale, -1);
         err = lock_live.update(&k, &v);
-        lock_counters.atomic_increment(4);
+        lock_counters.increment(4);
       }
-      if (err) lock_counters.atomic_increment(3);  // table full
+      if (err) lock_counters.increment(3);  // table full
       else lock_tally(&v, 1);
     }
     return 0;
@@ -208,12 +209,13 @@ int lock_pthread_mutex_unlock_3_entry(struct pt_regs *ctx)
         hk.ustack = old->ustack;
         hk.pid = old->pid;
         hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);
-        lock_lifetime.increment(hk);
+        u64 none = 0, *slot = lock_lifetime.lookup_or_try_init(&hk, &none);
+        if (slot) *slot += 1;
         lock_tally(old, -1);
         lock_live.delete(&k);
-        lock_counters.atomic_increment(1);
+        lock_counters.increment(1);
       } else {
-        lock_counters.atomic_increment(2);
+        lock_counters.increment(2);
       }
     }
     return 0;

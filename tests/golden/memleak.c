@@ -63,14 +63,15 @@ struct heap_live_t {
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
-BPF_ARRAY(heap_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
-BPF_HISTOGRAM(heap_lifetime, int, 64);                // log2(ns) of released lifetimes
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(heap_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+BPF_PERCPU_ARRAY(heap_lifetime, u64, 64);             // log2(ns) of released lifetimes
 // live heap per ustack, pid: reports read these, not every entry
 struct heap_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(heap_tally0, struct heap_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(heap_tally0, struct heap_tally0_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of heap
 static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
@@ -83,10 +84,10 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = heap_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
-            __sync_fetch_and_add(&t->count, sign);
+            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
+            t->count += sign;
         } else {
-            heap_counters.atomic_increment(5);  // tally table full
+            heap_counters.increment(5);  // tally table full
         }
     }
 }
@@ -116,7 +117,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -130,9 +131,9 @@ int heap_malloc_1_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -164,7 +165,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -178,9 +179,9 @@ int heap_calloc_2_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -220,13 +221,13 @@ int heap_realloc_3_return(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.atomic_increment(1);
+        heap_counters.increment(1);
       } else {
-        heap_counters.atomic_increment(2);
+        heap_counters.increment(2);
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -240,9 +241,9 @@ int heap_realloc_3_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -283,13 +284,13 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.atomic_increment(1);
+        heap_counters.increment(1);
       } else {
-        heap_counters.atomic_increment(2);
+        heap_counters.increment(2);
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -303,9 +304,9 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -337,7 +338,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = probedsl_read_u64(s.a[1] + 0);
@@ -351,9 +352,9 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -384,7 +385,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -398,9 +399,9 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -431,7 +432,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -445,9 +446,9 @@ int heap_valloc_8_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -478,7 +479,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.atomic_increment(0);
+      heap_counters.increment(0);
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -492,9 +493,9 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.atomic_increment(4);
+        heap_counters.increment(4);
       }
-      if (err) heap_counters.atomic_increment(3);  // table full
+      if (err) heap_counters.increment(3);  // table full
       else heap_tally(&v, 1);
     }
     return 0;
@@ -517,9 +518,9 @@ int heap_free_10_entry(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.atomic_increment(1);
+        heap_counters.increment(1);
       } else {
-        heap_counters.atomic_increment(2);
+        heap_counters.increment(2);
       }
     }
     return 0;

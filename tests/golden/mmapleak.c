@@ -63,13 +63,14 @@ struct mapping_live_t {
 struct mapping_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(mapping_live, struct mapping_key_t, struct mapping_live_t, 1000000);
 BPF_HASH(mapping_scratch, u32, struct mapping_scratch_t, 65536);
-BPF_ARRAY(mapping_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(mapping_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // live mapping per ustack, pid: reports read these, not every entry
 struct mapping_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(mapping_tally0, struct mapping_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(mapping_tally0, struct mapping_tally0_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of mapping
 static __always_inline void mapping_tally(struct mapping_live_t *v, s64 sign)
@@ -82,10 +83,10 @@ static __always_inline void mapping_tally(struct mapping_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = mapping_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
-            __sync_fetch_and_add(&t->count, sign);
+            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
+            t->count += sign;
         } else {
-            mapping_counters.atomic_increment(5);  // tally table full
+            mapping_counters.increment(5);  // tally table full
         }
     }
 }
@@ -115,7 +116,7 @@ int mapping_mmap_1_return(struct pt_regs *ctx)
     struct mapping_scratch_t s = *sp;
     mapping_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)(-1LL))) {
-      mapping_counters.atomic_increment(0);
+      mapping_counters.increment(0);
       struct mapping_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -129,9 +130,9 @@ int mapping_mmap_1_return(struct pt_regs *ctx)
         struct mapping_live_t *stale = mapping_live.lookup(&k);
         if (stale) mapping_tally(stale, -1);
         err = mapping_live.update(&k, &v);
-        mapping_counters.atomic_increment(4);
+        mapping_counters.increment(4);
       }
-      if (err) mapping_counters.atomic_increment(3);  // table full
+      if (err) mapping_counters.increment(3);  // table full
       else mapping_tally(&v, 1);
     }
     return 0;
@@ -169,9 +170,9 @@ int mapping_munmap_2_return(struct pt_regs *ctx)
       if (old) {
         mapping_tally(old, -1);
         mapping_live.delete(&k);
-        mapping_counters.atomic_increment(1);
+        mapping_counters.increment(1);
       } else {
-        mapping_counters.atomic_increment(2);
+        mapping_counters.increment(2);
       }
     }
     return 0;

@@ -62,13 +62,14 @@ struct stream_live_t {
 struct stream_scratch_t { u64 probe; u64 sp; u64 a[1]; };
 BPF_HASH(stream_live, struct stream_key_t, struct stream_live_t, 1000000);
 BPF_HASH(stream_scratch, u32, struct stream_scratch_t, 65536);
-BPF_ARRAY(stream_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
+BPF_PERCPU_ARRAY(stream_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 // live stream per ustack, pid: reports read these, not every entry
 struct stream_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_HASH(stream_tally0, struct stream_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(stream_tally0, struct stream_tally0_key_t, struct probedsl_tally_t, 65536);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of stream
 static __always_inline void stream_tally(struct stream_live_t *v, s64 sign)
@@ -81,9 +82,9 @@ static __always_inline void stream_tally(struct stream_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = stream_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            __sync_fetch_and_add(&t->count, sign);
+            t->count += sign;
         } else {
-            stream_counters.atomic_increment(5);  // tally table full
+            stream_counters.increment(5);  // tally table full
         }
     }
 }
@@ -113,7 +114,7 @@ int stream_inflateInit__1_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      stream_counters.atomic_increment(0);
+      stream_counters.increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -126,9 +127,9 @@ int stream_inflateInit__1_return(struct pt_regs *ctx)
         struct stream_live_t *stale = stream_live.lookup(&k);
         if (stale) stream_tally(stale, -1);
         err = stream_live.update(&k, &v);
-        stream_counters.atomic_increment(4);
+        stream_counters.increment(4);
       }
-      if (err) stream_counters.atomic_increment(3);  // table full
+      if (err) stream_counters.increment(3);  // table full
       else stream_tally(&v, 1);
     }
     return 0;
@@ -159,7 +160,7 @@ int stream_inflateInit2__2_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      stream_counters.atomic_increment(0);
+      stream_counters.increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -172,9 +173,9 @@ int stream_inflateInit2__2_return(struct pt_regs *ctx)
         struct stream_live_t *stale = stream_live.lookup(&k);
         if (stale) stream_tally(stale, -1);
         err = stream_live.update(&k, &v);
-        stream_counters.atomic_increment(4);
+        stream_counters.increment(4);
       }
-      if (err) stream_counters.atomic_increment(3);  // table full
+      if (err) stream_counters.increment(3);  // table full
       else stream_tally(&v, 1);
     }
     return 0;
@@ -205,7 +206,7 @@ int stream_deflateInit__3_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      stream_counters.atomic_increment(0);
+      stream_counters.increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -218,9 +219,9 @@ int stream_deflateInit__3_return(struct pt_regs *ctx)
         struct stream_live_t *stale = stream_live.lookup(&k);
         if (stale) stream_tally(stale, -1);
         err = stream_live.update(&k, &v);
-        stream_counters.atomic_increment(4);
+        stream_counters.increment(4);
       }
-      if (err) stream_counters.atomic_increment(3);  // table full
+      if (err) stream_counters.increment(3);  // table full
       else stream_tally(&v, 1);
     }
     return 0;
@@ -251,7 +252,7 @@ int stream_deflateInit2__4_return(struct pt_regs *ctx)
     struct stream_scratch_t s = *sp;
     stream_scratch.delete(&tid);
     if (((s64)(s64)(s32)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      stream_counters.atomic_increment(0);
+      stream_counters.increment(0);
       struct stream_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = s.a[0];
@@ -264,9 +265,9 @@ int stream_deflateInit2__4_return(struct pt_regs *ctx)
         struct stream_live_t *stale = stream_live.lookup(&k);
         if (stale) stream_tally(stale, -1);
         err = stream_live.update(&k, &v);
-        stream_counters.atomic_increment(4);
+        stream_counters.increment(4);
       }
-      if (err) stream_counters.atomic_increment(3);  // table full
+      if (err) stream_counters.increment(3);  // table full
       else stream_tally(&v, 1);
     }
     return 0;
@@ -288,9 +289,9 @@ int stream_inflateEnd_5_entry(struct pt_regs *ctx)
       if (old) {
         stream_tally(old, -1);
         stream_live.delete(&k);
-        stream_counters.atomic_increment(1);
+        stream_counters.increment(1);
       } else {
-        stream_counters.atomic_increment(2);
+        stream_counters.increment(2);
       }
     }
     return 0;
@@ -312,9 +313,9 @@ int stream_deflateEnd_6_entry(struct pt_regs *ctx)
       if (old) {
         stream_tally(old, -1);
         stream_live.delete(&k);
-        stream_counters.atomic_increment(1);
+        stream_counters.increment(1);
       } else {
-        stream_counters.atomic_increment(2);
+        stream_counters.increment(2);
       }
     }
     return 0;
