@@ -234,9 +234,10 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
                   exit_status, list(notes), sample=scale)
 
 
-def _rank(rows, labels):
+def _rank(rows, labels, since):
+    """Largest first column first, then most entries, then the earliest `since(row)`."""
     first = labels[0] if labels else None
-    rows.sort(key=lambda r: (-(r[0][first] if first else 0), -r[1]))
+    rows.sort(key=lambda r: (-(r[0][first] if first else 0), -r[1], since(r)))
 
 
 def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, leaf_returns: bool,
@@ -249,7 +250,7 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
     for group, (nbytes, count, seen) in groups.items():
         values = {label: (nbytes if fn == "sum" else count) * scale for fn, label in rep.columns}
         rows.append((values, count, dict(zip(keys, group), seen=seen)))
-    _rank(rows, labels)
+    _rank(rows, labels, lambda r: r[2]["seen"])
     shown, rest = rows[:top], rows[top:]
     ustacks = symbolizer.user_stacks([(g["pid"], g["ustack"], g["seen"]) for _, _, g in shown], leaf_returns) \
         if "ustack" in keys else [[] for _ in shown]
@@ -277,7 +278,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
         values = {label: (sum(m.size for m in members) if fn == "sum" else len(members)) * scale
                   for fn, label in rep.columns}
         rows.append((values, len(members), members))
-    _rank(rows, labels)
+    _rank(rows, labels, lambda r: min(m.time_ns for m in r[2]))
     shown, rest = rows[:top], rows[top:]
     # symbolize only what is shown, all stacks in one batch
     ustacks = symbolizer.user_stacks([(r[2][0].pid, r[2][0].ustack, r[2][0].time_ns) for r in shown], leaf_returns) \

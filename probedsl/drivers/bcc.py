@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from probedsl.errors import ProbedslError
 from probedsl.launcher import is_process, process_alive, processes_named
@@ -36,10 +36,6 @@ def map_memory(pid: int) -> int:
         if "map_type:" in info:
             total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
     return total
-
-
-def _alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
 
 
 def _bucket(i: int, count: int) -> tuple:
@@ -90,7 +86,7 @@ class BccLoader:
             scope = -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
-        self.attached: Dict[int, bool] = {}
+        self.attached: Set[int] = set()
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process:
             for found in processes_named(manifest["comm"]):
@@ -110,7 +106,7 @@ class BccLoader:
                 return
             raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
         if scope > 0:
-            self.attached[scope] = True
+            self.attached.add(scope)
 
     def _detach(self, pid: int) -> None:
         for p in self.manifest["probes"]:
@@ -119,7 +115,7 @@ class BccLoader:
                     detach(name=p["path"], sym=p["function"], pid=pid)
                 except Exception:            # not attached (the process ended half-way)
                     pass
-        self.attached.pop(pid, None)
+        self.attached.discard(pid)
 
     def admit(self) -> List[int]:
         """--comm: attach to processes that took the name since the last call, detach from
@@ -190,7 +186,7 @@ class BccLoader:
         for k, per_cpu in table.items():
             count = sum(v.count for v in per_cpu)
             if count <= 0:
-                if "pid" in keys and not _alive(k.pid):
+                if "pid" in keys and not process_alive(k.pid):
                     gone.append(k)
                 continue
             out[_group(k, keys, stack)] = (sum(v.bytes for v in per_cpu), count, max(v.seen for v in per_cpu))
