@@ -7,9 +7,10 @@ Configurations, each run in turn R times (interleaved, so drift hits all alike):
   floor             bpftrace with empty probes on malloc entry+return and free entry
   probedsl-bpftrace probedsl run memleak --pid PID --no-follow-forks (bpftrace backend)
   probedsl-bcc      probedsl run memleak --pid PID --no-follow-forks --backend bcc
+  probedsl-*-sample10  the same with --sample 10 (one acquisition in ten recorded)
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
-name (bystander-*), or a launched command (bystander-of-cmd-*: probes on private copies). The workload times its own loop, so start-up and reporting are not in the numbers.
+name (bystander-*; bystander-bcc-per-process: BCC attaching per matching process), or a launched command (bystander-of-cmd-*: probes on private copies). The workload times its own loop, so start-up and reporting are not in the numbers.
 """
 from __future__ import annotations
 
@@ -70,9 +71,9 @@ def run_floor(exe, args):
         tracer.wait()
 
 
-def run_probedsl(exe, args, backend):
+def run_probedsl(exe, args, backend, *more):
     proc = workload(exe, args, DELAY)
-    extra = ["--no-follow-forks"]          # one process: a pid filter, and per-pid uprobes on BCC
+    extra = ["--no-follow-forks", *more]   # one process: a pid filter, and per-pid uprobes on BCC
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
                                "--pid", str(proc.pid), "--format", "json", *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -97,10 +98,10 @@ def run_bcc_memleak(exe, args):
             tracer.kill()
 
 
-def run_bystander(exe, args, backend):
+def run_bystander(exe, args, backend, *extra):
     """An unrelated process (named mallocfree) while probedsl traces --comm nosuchprog."""
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                               "--comm", "nosuchprog"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               "--comm", "nosuchprog", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT)
     while "tracing" not in (tracer.stderr.readline() or "tracing"):
         pass
@@ -137,8 +138,11 @@ def main() -> None:
     configs = {"untraced": lambda: run_untraced(exe, args), "floor": lambda: run_floor(exe, args),
                "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
                "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc"),
+               "probedsl-bpftrace-sample10": lambda: run_probedsl(exe, args, "bpftrace", "--sample", "10"),
+               "probedsl-bcc-sample10": lambda: run_probedsl(exe, args, "bcc", "--sample", "10"),
                "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
                "bystander-bcc": lambda: run_bystander(exe, args, "bcc"),
+               "bystander-bcc-per-process": lambda: run_bystander(exe, args, "bcc", "--per-process"),
                "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
                "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc")}
     if shutil.which("memleak-bpfcc"):
