@@ -6,7 +6,7 @@ import pytest
 from probedsl import compiler, ir, libraries, lower, parser, checker
 from probedsl.errors import ProbedslError, RecipeError
 
-from conftest import MEMLEAK
+from conftest import MEMLEAK, probedsl
 
 
 def program_of(text: str, overrides=None) -> ir.Program:
@@ -81,3 +81,12 @@ def test_unknown_library_is_a_located_error(tmp_path):
 
 def test_bundled_recipe_is_found_by_name():
     assert compiler.find_recipe("memleak").endswith("memleak.probe")
+
+
+def test_sampling_is_decided_in_the_kernel_on_both_backends():
+    bt = probedsl("compile", "memleak", "--sample", "4")
+    bcc = probedsl("compile", "memleak", "--target", "bcc", "--sample", "4")
+    assert bt.returncode == 0 and bcc.returncode == 0, bt.stderr + bcc.stderr
+    assert "if (rand % 4 == 0) {" in bt.stdout
+    assert "if (bpf_get_prandom_u32() % 4 == 0) {" in bcc.stdout
+    assert "rand %" not in probedsl("compile", "memleak").stdout         # 1: every acquisition
