@@ -12,6 +12,9 @@ from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, t
 from . import Backend, Generated
 
 SNAPSHOT_MARK = "probedsl:snapshot"
+# a tally's sum packs bytes above the low TALLY_SHIFT bits of the entry count: the count of
+# a group stays below 2^24 because --max-live must (checked), bytes below 2^39 (512 GiB)
+TALLY_SHIFT = 24
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
               "ustack": "ustack(perf)", "kstack": "kstack(perf)", "comm": "comm"}
@@ -58,20 +61,16 @@ class BpftraceBackend(Backend):
 
     def tally(self, program: ir.Program, res: ir.Resource, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
-        tally of the resource. Per-CPU sums: no two CPUs race on one counter. Bytes and count
-        share one map (last key part 0 and 1): bpftrace 0.17 preallocates every keyed map at
-        --max-live entries, so each map costs start-up time and kernel memory."""
+        tally of the resource: one per-CPU sum per event, of (bytes << TALLY_SHIFT) + 1, so
+        bytes and count travel in one map update (no two CPUs race on one counter)."""
         fields = live_fields(res)
         lines = []
         for i, keys in enumerate(tallies(program, res)):
-            parts = [f"{record}.{fields.index(k)}" for k in keys]
-            key = lambda column: f"[{', '.join(parts + [column])}]"
-            if res.records("size"):
-                lines.append(f"@{res.name}_tally{i}{key('0')} = sum({sign}{record}.{fields.index('size')});")
-            lines.append(f"@{res.name}_tally{i}{key('1')} = sum({sign}1);")
+            key = f"[{', '.join(f'{record}.{fields.index(k)}' for k in keys)}]" if keys else ""
+            packed = f"(({record}.{fields.index('size')} << {TALLY_SHIFT}) + 1)" if res.records("size") else "1"
+            lines.append(f"@{res.name}_tally{i}{key} = sum({sign}{packed});")
             if not sign:      # when its stack was captured: which process image names it
-                seen_key = f"[{', '.join(parts)}]" if parts else ""
-                lines.append(f"@{res.name}_tally{i}_seen{seen_key} = max({record}.0);")
+                lines.append(f"@{res.name}_tally{i}_seen{key} = max({record}.0);")
         return lines
 
     def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
@@ -138,6 +137,9 @@ class BpftraceBackend(Backend):
         attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""
         resources = []
         for res in program.resources:
+            if res.max_live >= 1 << TALLY_SHIFT:
+                raise ProbedslError(f"bpftrace: --max-live must be below {1 << TALLY_SHIFT} (tallies pack the "
+                                    f"count in {TALLY_SHIFT} bits); use --backend bcc for more")
             maps = [f"@{res.name}_live"] if program.read_live else []
             maps += [f"@{res.name}_{c}" for c in counters(res) if c != "ungrouped"]
             for i, _ in enumerate(tallies(program, res)):
@@ -148,8 +150,8 @@ class BpftraceBackend(Backend):
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
                 "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
-                "tallies": [f"@{res.name}_tally{i}[{', '.join(keys + ('0 bytes | 1 count',))}]: live entries "
-                            f"per group, kept at acquire and release"
+                "tallies": [f"@{res.name}_tally{i}[{', '.join(keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
+                            f"per live entry of the group, kept at acquire and release"
                             for i, keys in enumerate(tallies(program, res))],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
                 "cleared": list(dict.fromkeys(maps + [f"@{res.name}_live"] + (

@@ -90,3 +90,10 @@ def test_sampling_is_decided_in_the_kernel_on_both_backends():
     assert "if (rand % 4 == 0) {" in bt.stdout
     assert "if (bpf_get_prandom_u32() % 4 == 0) {" in bcc.stdout
     assert "rand %" not in probedsl("compile", "memleak").stdout         # 1: every acquisition
+
+
+def test_bpftrace_refuses_live_tables_its_packed_tallies_cannot_count():
+    program = compiler.build(compiler.load(MEMLEAK), max_live=1 << 24)
+    with pytest.raises(ProbedslError, match="--max-live must be below 16777216"):
+        compiler.generate(program, "bpftrace")
+    compiler.generate(program, "bcc")                    # BCC keeps bytes and count apart

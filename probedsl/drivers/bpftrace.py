@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from probedsl import ir
 from probedsl.backends import Generated
 from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
-from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK
+from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, TALLY_SHIFT
 from probedsl.drivers.bcc import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
@@ -59,7 +59,7 @@ def _buckets(raw) -> list:
 def _key_value(field: str, text: str):
     if field in ("ustack", "kstack"):
         return parse_stack(text)
-    return text if field == "comm" else int(text)   # "column": 0 bytes, 1 count
+    return text if field == "comm" else int(text)
 
 
 def _group(text: str, keys: List[str]) -> tuple:
@@ -70,20 +70,24 @@ def _group(text: str, keys: List[str]) -> tuple:
 
 
 def _tally(raw, raw_seen, keys: List[str]) -> dict:
-    """Per-group sums, keyed by the group then 0 (bytes) or 1 (count) -> {group: (bytes, count,
-    seen ns)}. A stored stack keys one entry per thread that captured it (same text), so
-    equal groups add up here."""
-    out: Dict[tuple, List[int]] = {}
-    for text, value in (raw or {}).items():
-        *group, column = _group(text, keys + ["column"])
-        out.setdefault(tuple(group), [0, 0, 0])[int(column)] += int(value)
-    # an ungrouped tally's time is one number, not a map
-    seen = raw_seen.items() if isinstance(raw_seen, dict) else [("", raw_seen or 0)]
-    for text, value in seen:
-        group = out.get(_group(text, keys) if keys else ())
-        if group is not None:
-            group[2] = max(group[2], int(value))
-    return {group: (b, n, seen) for group, (b, n, seen) in out.items() if n > 0}
+    """Per-group packed sums ((bytes << TALLY_SHIFT) + count) -> {group: (bytes, count, seen
+    ns)}. A stored stack keys one entry per thread that captured it (same text), so equal
+    groups add up here, before unpacking."""
+    totals: Dict[tuple, int] = {}
+    items = raw.items() if isinstance(raw, dict) else [("", raw or 0)]    # ungrouped: a number
+    for text, value in items:
+        group = _group(text, keys) if keys else ()
+        totals[group] = totals.get(group, 0) + int(value)
+    seen: Dict[tuple, int] = {}
+    for text, value in (raw_seen.items() if isinstance(raw_seen, dict) else [("", raw_seen or 0)]):
+        group = _group(text, keys) if keys else ()
+        seen[group] = max(seen.get(group, 0), int(value))
+    out = {}
+    for group, total in totals.items():
+        count, nbytes = total & ((1 << TALLY_SHIFT) - 1), total >> TALLY_SHIFT
+        if count > 0:
+            out[group] = (nbytes, count, seen.get(group, 0))
+    return out
 
 
 def _lifetime(raw, keys: List[str]) -> dict:
