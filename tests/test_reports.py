@@ -177,3 +177,12 @@ def test_sampled_report_is_scaled_and_says_it_estimates():
     text = formats.to_text(rep)
     assert "ESTIMATES from 1 in 10 acquisitions" in text and "sampled: 1 in 10" in text
     assert report.Report.from_dict(json.loads(formats.to_json(rep))).sample == 10
+
+
+def test_bpftrace_tallies_of_one_stack_from_two_threads_add_up():
+    """bpftrace prints a map keyed by a stored stack once per capturing thread, same text."""
+    from probedsl.drivers.bpftrace import _pairs, _tally
+    text = '{"@t": {"\\n\\t401000 0x401000 ([unknown])\\n,42": %d, "\\n\\t401000 0x401000 ([unknown])\\n,42": %d}}'
+    raw = json.loads(text % ((16 << 24) + 1, (32 << 24) + 2), object_pairs_hook=_pairs)["@t"]
+    assert _tally(raw, {}, ["ustack", "pid"]) == {((0x401000,), 42): (48, 3, 0)}
+    assert _tally(5 << 24 | 2, 7, []) == {(): (5, 2, 7)}          # ungrouped: bare numbers

@@ -69,17 +69,21 @@ def _group(text: str, keys: List[str]) -> tuple:
     return tuple(_key_value(k, v) for k, v in zip(keys, parts))
 
 
+def _entries(raw) -> list:
+    """A printed map's (key text, value) pairs; a map without keys prints as a bare number."""
+    return list(raw.items()) if hasattr(raw, "items") else [("", raw or 0)]
+
+
 def _tally(raw, raw_seen, keys: List[str]) -> dict:
     """Per-group packed sums ((bytes << TALLY_SHIFT) + count) -> {group: (bytes, count, seen
     ns)}. A stored stack keys one entry per thread that captured it (same text), so equal
     groups add up here, before unpacking."""
     totals: Dict[tuple, int] = {}
-    items = raw.items() if isinstance(raw, dict) else [("", raw or 0)]    # ungrouped: a number
-    for text, value in items:
+    for text, value in _entries(raw):
         group = _group(text, keys) if keys else ()
         totals[group] = totals.get(group, 0) + int(value)
     seen: Dict[tuple, int] = {}
-    for text, value in (raw_seen.items() if isinstance(raw_seen, dict) else [("", raw_seen or 0)]):
+    for text, value in _entries(raw_seen):
         group = _group(text, keys) if keys else ()
         seen[group] = max(seen.get(group, 0), int(value))
     out = {}
@@ -189,7 +193,10 @@ class BpftraceDriver:
                 if data.startswith(READY_MARK):
                     self.ready.set()
                 elif data.startswith(SNAPSHOT_MARK):
-                    self.snapshots.put(snapshot_from_maps(self.program, maps, time.monotonic_ns(), False))
+                    try:
+                        self.snapshots.put(snapshot_from_maps(self.program, maps, time.monotonic_ns(), False))
+                    except (ValueError, TypeError, KeyError) as exc:    # said once the run ends
+                        self.stderr.append(f"probedsl could not read bpftrace's maps: {exc!r}")
                     maps = {}
 
     def _read_stderr(self) -> None:
