@@ -13,7 +13,9 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
+
+from .launcher import process_alive
 
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -191,6 +193,14 @@ class MappingTracker:
                 self._new_generation(pid, time_ns, [m for m in parent if m.time < time_ns])
         elif rtype == _RECORD_LOST:
             self.lost += struct.unpack_from("<QQ", body)[1]
+
+    def prune(self, keep: Set[int]) -> None:
+        """Forget processes that have ended and that nothing reported still names: records come
+        from every process on the machine, and over a long run they would pile up (an hour
+        on a busy machine grew probedsl by ~32 MB before this)."""
+        with self._lock:
+            for pid in [p for p in self._gens if p not in keep and not process_alive(p)]:
+                del self._gens[pid]
 
     def generation(self, pid: int, at_ns: Optional[int] = None, drain: bool = True) -> Tuple[int, List[Mapping]]:
         """(start time, mappings) of the pid's address space at `at_ns` (default: the latest);

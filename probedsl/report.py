@@ -6,7 +6,7 @@ The model is what every format renders (probedsl.formats) and what `probedsl rep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from . import ir
 from .rundata import Live, Snapshot
@@ -164,6 +164,21 @@ def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0) -> Tu
         else:
             parts.append(getattr(live, g))
     return tuple(parts)
+
+
+def referenced_pids(program: ir.Program, snapshot: Snapshot) -> Set[int]:
+    """Processes whose mappings a report of this snapshot may need: owners of live entries,
+    tally groups and lifetime groups keyed by pid."""
+    pids = {l.pid for l in snapshot.live or []}
+    for res in program.resources:
+        for keys, groups in snapshot.tallies.get(res.name, {}).items():
+            if "pid" in keys:
+                pids.update(group[keys.index("pid")] for group in groups)
+        keys = ir.lifetime_keys(program, res)
+        t = snapshot.totals.get(res.name)
+        if t and "pid" in keys:
+            pids.update(group[keys.index("pid")] for group in t.lifetime)
+    return pids
 
 
 def live_totals(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> Tuple[int, int]:

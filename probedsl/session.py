@@ -163,6 +163,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                                duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
                                exit_status=exit_status, notes=notes + lost)
             rep.sequence = sequence
+            tracker.prune(report.referenced_pids(program, snap))
             growth.annotate(rep)
             write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
 

@@ -1,6 +1,7 @@
 """Process mappings by generation: exec and fork (and so pid reuse) start new address spaces."""
 from __future__ import annotations
 
+import os
 import struct
 
 from probedsl.mappings import MappingTracker, _RECORD_COMM, _RECORD_FORK, _RECORD_MMAP2, _MISC_COMM_EXEC
@@ -58,3 +59,12 @@ def test_mmaps_that_arrive_before_their_exec_record_move_into_the_new_image():
                  mmap2(7, 0x6000, "/lib/libc.so.6", 22), comm_exec(7, 20))
     assert [m.path for m in tr.mappings(7, at_ns=15)] == ["/bin/old"]
     assert [m.path for m in tr.mappings(7, at_ns=30)] == ["/bin/new", "/lib/libc.so.6"]
+
+
+def test_prune_forgets_ended_processes_nothing_names():
+    tracker = MappingTracker()                      # not started: no rings needed
+    dead, alive = 2 ** 22 + 12345, os.getpid()      # above pid_max's default: never a process
+    for pid in (dead, alive, dead + 1):
+        tracker._gens[pid] = [(0, [])]
+    tracker.prune(keep={dead + 1})
+    assert set(tracker._gens) == {alive, dead + 1}
