@@ -26,6 +26,12 @@ def _arg(self, v: ir.Arg) -> str:
     return f"arg{v.index}"
 
 
+def probe_path(path: str) -> str:
+    """A library path in a probe: bpftrace's lexer splits a bare path at characters like '+'
+    (libstdc++), so quote those; libraries.SAFE_PATH has already ruled out quotes and spaces."""
+    return path if re.fullmatch(r"[A-Za-z0-9_./-]+", path) else f'"{path}"'
+
+
 def _u64(text: str) -> str:
     return f"(uint64)({text})"
 
@@ -104,9 +110,7 @@ class BpftraceBackend(Backend):
         if probe.kind == "uprobe":
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
-            # bpftrace's lexer splits a bare path at characters like '+' (libstdc++): quote
-            # those; libraries.SAFE_PATH has already ruled out quotes and spaces
-            path = probe.path if re.fullmatch(r"[A-Za-z0-9_./-]+", probe.path) else f'"{probe.path}"'
+            path = probe_path(probe.path)
             entry = f"uprobe:{path}:{probe.function}"
             ret = f"uretprobe:{path}:{probe.function}"
         else:

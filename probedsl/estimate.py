@@ -7,13 +7,13 @@ The cost is the kernel's trap, not our BPF work: ~3 us per probe hit on this kin
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Dict, List
 
 from . import ir
+from .backends.bpftrace import probe_path
 from .errors import ProbedslError
 
 TRAP_US = 3.0          # measured per probe hit (bench: the floor's extra time per call)
@@ -27,7 +27,7 @@ class Estimate:
 
     @property
     def hits_per_s(self) -> float:
-        return sum(n * self.hits_per_call[k] for k, n in self.calls.items()) / self.seconds
+        return sum(n * self.hits_per_call.get(k, 1) for k, n in self.calls.items()) / self.seconds
 
     def lines(self) -> List[str]:
         busy = sorted(self.calls.items(), key=lambda kv: -kv[1])
@@ -47,8 +47,7 @@ def count_script(program: ir.Program) -> str:
         for p in res.probes:
             if p.kind != "uprobe":
                 continue
-            path = p.path if re.fullmatch(r"[A-Za-z0-9_./-]+", p.path) else f'"{p.path}"'
-            lines.append(f"uprobe:{path}:{p.function} {filt} {{ @calls[probe] = count(); }}")
+            lines.append(f"uprobe:{probe_path(p.path)}:{p.function} {filt} {{ @calls[probe] = count(); }}")
     return "\n".join(dict.fromkeys(lines)) + "\n"
 
 
