@@ -98,11 +98,10 @@ def run_bcc_memleak(exe, args):
             tracer.kill()
 
 
-def run_bystander(exe, args, backend, *extra):
-    """An unrelated process (named mallocfree) while probedsl traces --comm nosuchprog."""
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                               "--comm", "nosuchprog", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT)
+def loop_while_tracing(exe, args, backend, *target):
+    """The workload's loop time while `probedsl run memleak ... TARGET` traces something else."""
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     while "tracing" not in (tracer.stderr.readline() or "tracing"):
         pass
     try:
@@ -110,21 +109,17 @@ def run_bystander(exe, args, backend, *extra):
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=120)
+
+
+def run_bystander(exe, args, backend, *extra):
+    """An unrelated process (named mallocfree) while probedsl traces --comm nosuchprog."""
+    return loop_while_tracing(exe, args, backend, "--comm", "nosuchprog", *extra)
 
 
 def run_bystander_of_command(exe, args, backend):
     """An unrelated process while probedsl traces a launched (sleeping) command: the command's
     probes sit on private library copies, so this one should run at full speed."""
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                               "--", exe, "1", "1000", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT)
-    while "tracing" not in (tracer.stderr.readline() or "tracing"):
-        pass
-    try:
-        return loop_seconds(workload(exe, args, 0))
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=120)
+    return loop_while_tracing(exe, args, backend, "--", exe, "1", "1000", "30")
 
 
 def main() -> None:

@@ -74,33 +74,3 @@ def _shell_status(wait_status: int) -> int:
     """Exit code as a shell reports it: 128+N for a command killed by signal N."""
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def is_process(pid: int) -> bool:
-    """A live process (thread group leader), not one of its threads (/proc/TID exists too)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return any(line.split() == ["Tgid:", str(pid)] for line in f) and process_alive(pid)
-    except OSError:
-        return False
-
-
-def processes_named(comm: str) -> List[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().rstrip("\n") == comm:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
-from .launcher import process_alive
+from .procfs import process_alive
 
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
 _libc = ctypes.CDLL(None, use_errno=True)

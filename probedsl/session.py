@@ -14,7 +14,8 @@ from . import compiler, estimate, formats, ir, report
 from .drivers.bcc import BccDriver
 from .drivers.bpftrace import BpftraceDriver
 from .errors import ProbedslError
-from .launcher import HeldCommand, process_alive, processes_named
+from .launcher import HeldCommand
+from .procfs import process_alive, processes_named
 from .libraries import LibraryResolver
 from .mappings import MappingTracker
 from .private_libs import PrivateLibraries

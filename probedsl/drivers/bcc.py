@@ -7,7 +7,7 @@ import time
 from typing import Dict, List, Optional, Set
 
 from probedsl.errors import ProbedslError
-from probedsl.launcher import is_process, process_alive, processes_named
+from probedsl.procfs import is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
 
 
@@ -18,24 +18,6 @@ def _import_bcc():
         raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
                             "or run scripts/setup.sh)") from None
     return bcc
-
-
-def map_memory(pid: int) -> int:
-    """Bytes of kernel memory charged to the BPF maps that process `pid` holds open."""
-    total = 0
-    try:
-        fds = os.listdir(f"/proc/{pid}/fdinfo")
-    except OSError:
-        return 0
-    for fd in fds:
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = f.read()
-        except OSError:
-            continue
-        if "map_type:" in info:
-            total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
-    return total
 
 
 def _bucket(i: int, count: int) -> tuple:

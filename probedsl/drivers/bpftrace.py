@@ -16,7 +16,7 @@ from probedsl import ir
 from probedsl.backends import Generated
 from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, TALLY_SHIFT
-from probedsl.drivers.bcc import map_memory
+from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
 

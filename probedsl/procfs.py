@@ -1,0 +1,53 @@
+"""What /proc says about processes: alive, named, a thread group leader, BPF map memory."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_process(pid: int) -> bool:
+    """A live process (thread group leader), not one of its threads (/proc/TID exists too)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split() == ["Tgid:", str(pid)] for line in f) and process_alive(pid)
+    except OSError:
+        return False
+
+
+def processes_named(comm: str) -> List[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().rstrip("\n") == comm:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def map_memory(pid: int) -> int:
+    """Bytes of kernel memory charged to the BPF maps that process `pid` holds open."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except OSError:
+            continue
+        if "map_type:" in info:
+            total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
+    return total
