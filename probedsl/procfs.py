@@ -1,4 +1,4 @@
-"""What /proc says about processes: alive, named, a thread group leader, BPF map memory."""
+"""What /proc says about processes: alive, named, a thread group leader, has memory, BPF map memory."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,15 @@ def is_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
             return any(line.split() == ["Tgid:", str(pid)] for line in f) and process_alive(pid)
+    except OSError:
+        return False
+
+
+def has_memory(pid: int) -> bool:
+    """A process with a user address space: not a kernel thread, not one exiting past exit_mm."""
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+        return True
     except OSError:
         return False
 

@@ -2,12 +2,15 @@
 Speed targets are measured in bench/, not here; these assert behaviour with wide margins."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+
+from probedsl.drivers import bcc as bcc_driver
 
 from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json
 
@@ -47,6 +50,49 @@ def test_per_process_comm_traces_the_named_process_and_spares_the_others(build, 
     assert bystander < 0.2, f"an untraced process took {bystander:.3f} s: it paid the uprobe trap"
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
     assert "pays a uprobe trap" not in err
+
+
+def test_per_process_skips_a_process_that_cannot_take_uprobes(root_required):
+    # kthreadd (pid 2) refuses uprobes with EINVAL like a process exiting past exit_mm does,
+    # which is what a --comm process ending during attach looks like (a red CI run once)
+    tracer = start_tracer("--backend", "bcc", "--comm", "kthreadd", "--per-process")
+    tracer.send_signal(signal.SIGINT)
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    assert "cannot attach" not in err and "error" not in err
+    assert report_json(out)["final"]
+
+
+class RefusingBpf:
+    """Stands in for bcc.BPF: every uprobe attach fails, as libbcc's does, after printing."""
+    def __init__(self):
+        self.attempts = 0
+
+    def attach_uprobe(self, **kw):
+        self.attempts += 1
+        os.write(2, b"cannot attach uprobe, Invalid argument\n")
+        raise Exception("Failed to attach BPF to uprobe")
+
+    def detach_uprobe(self, **kw):
+        raise Exception("not attached")
+
+    detach_uretprobe = detach_uprobe
+
+
+def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
+    loader = object.__new__(bcc_driver.BccLoader)
+    loader.bpf, loader.attached, loader.refusals = RefusingBpf(), set(), {}
+    loader.manifest = {"probes": [{"path": "/lib/libc.so.6", "function": "free", "entry": "e", "return": None}]}
+    me = os.getpid()                      # has memory, so a refusal is not an exit in progress
+    for _ in range(bcc_driver.ATTACH_TRIES):
+        assert not capfd.readouterr().err
+        loader._attach_process(me)
+    assert loader.bpf.attempts == bcc_driver.ATTACH_TRIES and not loader.attached and not loader.refusals
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"warning: pid {me} is not traced: cannot attach to free" in err and "Invalid argument" in err
+    loader._attach_process(2)             # kthreadd: no memory, skipped without a word
+    assert not loader.refusals and not capfd.readouterr().err
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,13 +1,16 @@
 """The BCC loader: compiles the generated C, attaches what the manifest lists, reads maps."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Set
 
 from probedsl.errors import ProbedslError
-from probedsl.procfs import is_process, map_memory, process_alive, processes_named
+from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
 
 
@@ -17,7 +20,48 @@ def _import_bcc():
     except ImportError:
         raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
                             "or run scripts/setup.sh)") from None
+    _pass_a_zero_ref_ctr_offset(bcc.libbcc.lib)
     return bcc
+
+
+def _pass_a_zero_ref_ctr_offset(lib) -> None:
+    """bcc 0.26's Python declares bpf_attach_uprobe with 6 arguments; libbcc takes a 7th,
+    ref_ctr_offset, which then gets whatever is on the stack (iovisor/bcc#5236). The kernel
+    keeps one ref_ctr_offset per probed address: a garbage one (6, measured) makes the attach
+    fail with EINVAL ("ref_ctr_offset mismatch" in dmesg) whenever a plain uprobe already sits
+    there, and otherwise makes the kernel bump a 16-bit "semaphore" in every process mapping
+    the file. Every attach goes through a wrapper that passes 0, as bpftrace does."""
+    if getattr(lib.bpf_attach_uprobe, "probedsl_wrapped", False):
+        return
+    real = lib.bpf_attach_uprobe
+    real.restype = ctypes.c_int
+    real.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                     ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
+
+    def attach(progfd, attach_type, ev_name, path, offset, pid):
+        return real(progfd, attach_type, ev_name, path, offset, pid, 0)
+    attach.probedsl_wrapped = True
+    lib.bpf_attach_uprobe = attach
+
+
+ATTACH_TRIES = 3      # --per-process: attempts (one per ~50 ms tick) before a process is given up
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """What C code (libbcc) writes to fd 2 meanwhile is kept, in the list yielded, not shown."""
+    said: List[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said.append(sink.read())
 
 
 def _bucket(i: int, count: int) -> tuple:
@@ -69,26 +113,48 @@ class BccLoader:
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
         self.attached: Set[int] = set()
+        self.refusals: Dict[int, int] = {}     # pid -> failed attempts so far
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process:
             for found in processes_named(manifest["comm"]):
-                self._attach(found, missing_ok=True)
+                self._attach_process(found)
         else:
-            self._attach(scope)
+            failure = self._attach(scope)
+            if failure:
+                raise ProbedslError(failure)
 
-    def _attach(self, scope: int, missing_ok: bool = False) -> None:
+    def _attach(self, scope: int) -> Optional[str]:
+        """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
         try:
             for p in self.manifest["probes"]:
                 self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=scope)
                 if p["return"]:
                     self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"], pid=scope)
         except Exception as exc:
-            if missing_ok and not process_alive(scope):      # it ended meanwhile
-                self._detach(scope)
-                return
-            raise ProbedslError(f"cannot attach to {p['function']} in {p['path']}: {exc}") from None
-        if scope > 0:
-            self.attached.add(scope)
+            return f"cannot attach to {p['function']} in {p['path']}: {exc}"
+        return None
+
+    def _attach_process(self, pid: int) -> None:
+        """--per-process: uprobes on one process. A process between releasing its memory and
+        becoming a zombie (or a kernel thread) refuses them with EINVAL: it is skipped. A live
+        one that refuses is tried again at the next ticks, then said and left untraced."""
+        with _stderr_captured() as chatter:          # libbcc prints every refusal itself
+            failure = self._attach(pid)
+            if failure:
+                self._detach(pid)
+        if failure is None:
+            self.attached.add(pid)
+            self.refusals.pop(pid, None)
+            return
+        tries = self.refusals.pop(pid, 0) + 1
+        if not has_memory(pid):
+            return
+        if tries < ATTACH_TRIES:
+            self.refusals[pid] = tries
+            return
+        said = " ".join(chatter[0].split())
+        print(f"probedsl: warning: pid {pid} is not traced: {failure}" + (f" ({said})" if said else ""),
+              file=sys.stderr)
 
     def _detach(self, pid: int) -> None:
         for p in self.manifest["probes"]:
@@ -112,11 +178,13 @@ class BccLoader:
             except KeyError:
                 pass
         added = []
-        for pid in pids:
+        for pid in set(pids) | set(self.refusals):
             if pid not in self.attached and is_process(pid):
-                self._attach(pid, missing_ok=True)
+                self._attach_process(pid)
                 if pid in self.attached:
                     added.append(pid)
+            elif pid in self.refusals and not is_process(pid):
+                del self.refusals[pid]
         for pid in [p for p in self.attached if not process_alive(p)]:
             self._detach(pid)
         return added
