@@ -93,7 +93,9 @@ class BpftraceBackend(Backend):
                         *["  " + t for t in self.tally(program, res, "$w", "")], "}"]
             if program.sample > 1:
                 recorded = [f"if (rand % {int(program.sample)} == 0) {{", *["  " + s for s in recorded], "}"]
-            body = [f"@{res.name}_acquired = count();", *recorded]
+            # sampled: the only exact count of acquisitions; otherwise the driver derives it
+            # (live + released + replaced + untracked), which saves a map update per acquire
+            body = [f"@{res.name}_acquired = count();", *recorded] if program.sample > 1 else recorded
         else:
             hit = [*self.tally(program, res, "$v", "-"), f"delete({live});", f"@{res.name}_released = count();"]
             if lifetime_report(program, res):
@@ -145,7 +147,8 @@ class BpftraceBackend(Backend):
                 raise ProbedslError(f"bpftrace: --max-live must be below {1 << TALLY_SHIFT} (tallies pack the "
                                     f"count in {TALLY_SHIFT} bits); use --backend bcc for more")
             maps = [f"@{res.name}_live"] if program.read_live else []
-            maps += [f"@{res.name}_{c}" for c in counters(res) if c != "ungrouped"]
+            maps += [f"@{res.name}_{c}" for c in counters(res)
+                     if c != "ungrouped" and (c != "acquired" or program.sample > 1)]
             for i, _ in enumerate(tallies(program, res)):
                 maps += [f"@{res.name}_tally{i}", f"@{res.name}_tally{i}_seen"]
             if lifetime_report(program, res):

@@ -116,3 +116,22 @@ def test_the_tutorial_recipe_finds_the_forgotten_directory_stream(backend, build
     _, report = run(str(ROOT / "tests" / "recipes" / "dirstream.probe"), backend, build("dirleak"))
     assert sites(report["reports"][0], "streams") == {"scan": 1}
     assert report["resources"]["dir"]["acquired"] == 10 and report["resources"]["dir"]["released"] == 9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_acquired_again_replaces_the_entry_and_its_tally(backend, build, tmp_path):
+    exe = build("rekey")
+    recipe = tmp_path / "rekey.probe"
+    recipe.write_text(f'''recipe rekey "handles by id"
+resource handle keyed by (pid, id) {{
+  acquire "{exe}":grab(id) -> (pid, ret)
+  release "{exe}":drop(id) -> (pid, id)
+  record ustack, time, pid
+}}
+report outstanding handle by ustack: count() as handles
+''')
+    result, report = run(str(recipe), backend, exe)
+    assert result.returncode == 0, result.stderr
+    handle = report["resources"]["handle"]
+    assert (handle["acquired"], handle["released"], handle["replaced"], handle["live_blocks"]) == (3, 1, 1, 1), handle
+    assert sites(report["reports"][0], "handles") == {"second_site": 1}

@@ -125,6 +125,10 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         totals[res.name] = t
         tallied[res.name] = {keys: _tally(maps.get(f"@{res.name}_tally{i}"), maps.get(f"@{res.name}_tally{i}_seen"),
                                           list(keys)) for i, keys in enumerate(tallies(program, res))}
+        if program.sample == 1:     # not counted in the kernel (backends/bpftrace.py): every
+            # acquisition is live, released, replaced or untracked
+            live_count = sum(count for _, count, _ in next(iter(tallied[res.name].values())).values())
+            t.acquired = live_count + t.released + t.replaced + t.untracked
     return Snapshot(now_ns, live, totals, final, tallied)
 
 
