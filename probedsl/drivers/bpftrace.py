@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from probedsl import ir
 from probedsl.backends import Generated
 from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
-from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, TALLY_SHIFT
+from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, TALLY_SHIFT, counted
 from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
@@ -125,8 +125,11 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         totals[res.name] = t
         tallied[res.name] = {keys: _tally(maps.get(f"@{res.name}_tally{i}"), maps.get(f"@{res.name}_tally{i}_seen"),
                                           list(keys)) for i, keys in enumerate(tallies(program, res))}
-        if program.sample == 1:     # not counted in the kernel (backends/bpftrace.py): every
-            # acquisition is live, released, replaced or untracked
+        # counters the kernel does not keep (backends.bpftrace.counted)
+        kept = counted(program, res)
+        if "released" not in kept:      # each release adds one lifetime-histogram entry
+            t.released = sum(n for buckets in t.lifetime.values() for _, _, n in buckets)
+        if "acquired" not in kept:      # every acquisition is live, released, replaced or untracked
             live_count = sum(count for _, count, _ in next(iter(tallied[res.name].values())).values())
             t.acquired = live_count + t.released + t.replaced + t.untracked
     return Snapshot(now_ns, live, totals, final, tallied)
