@@ -178,13 +178,12 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
             if not driver.alive():
                 notes.append(f"the {opts.backend} process ended early")
                 break
-            driver.tick()
             if next_report and time.monotonic() >= next_report:
                 next_report += opts.interval
                 snap = driver.snapshot(timeout=5)
                 if snap is not None:
                     emit(snap)
-            stop.event.wait(0.05)
+            driver.idle(0.05, stop.event)
         if held:
             if held.poll() is None and stop.signal is not None:
                 _end_command(held, stop.signal, notes)

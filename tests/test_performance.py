@@ -2,7 +2,9 @@
 Speed targets are measured in bench/, not here; these assert behaviour with wide margins."""
 from __future__ import annotations
 
+import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +25,9 @@ def mallocfree(tmp_path_factory):
     return str(exe)
 
 
-def start_tracer(*args):
+def start_tracer(*args, env=None):
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
     while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
         assert tracer.poll() is None, tracer.stderr.read()
@@ -52,6 +54,35 @@ def test_per_process_comm_traces_the_named_process_and_spares_the_others(build, 
     assert "pays a uprobe trap" not in err
 
 
+def test_per_process_closes_the_uprobes_of_processes_that_ended(build, tmp_path, root_required):
+    # each traced process holds 17 uprobes, and BCC allows BCC_PROBE_LIMIT in all (1,000 by
+    # default). Detaching used to resolve the library through /proc/PID, gone by then: every
+    # ended process's uprobes stayed open, and past the limit no new process was traced.
+    churn, final = tmp_path / "a" / "pp_churn", tmp_path / "b" / "pp_churn"
+    churn.parent.mkdir()
+    final.parent.mkdir()
+    churn.symlink_to(shutil.which("sleep"))
+    shutil.copy(build("leak_delayed"), final)
+    tracer = start_tracer("--backend", "bcc", "--comm", "pp_churn", "--per-process",
+                          env={**os.environ, "BCC_PROBE_LIMIT": "60"})      # room for 3 processes
+    open_files = lambda: len(os.listdir(f"/proc/{tracer.pid}/fd"))
+    try:
+        idle = open_files()
+        for _ in range(4):
+            subprocess.run([str(churn), "0.1"], check=True)       # alive long enough to be attached
+            deadline = time.monotonic() + 15        # ~90 ms per uprobe, some after a quiet 3 s
+            while open_files() > idle and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert open_files() == idle, "the uprobes of an ended process are still open"
+        subprocess.run([str(final), "1", "0"], check=True)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    assert "not traced" not in err, err
+    assert by_site(report_json(out)).get("wrapper1") == (40, 5)
+
+
 def test_per_process_skips_a_process_that_cannot_take_uprobes(root_required):
     # kthreadd (pid 2) refuses uprobes with EINVAL like a process exiting past exit_mm does,
     # which is what a --comm process ending during attach looks like (a red CI run once)
@@ -66,22 +97,17 @@ def test_per_process_skips_a_process_that_cannot_take_uprobes(root_required):
 class RefusingBpf:
     """Stands in for bcc.BPF: every uprobe attach fails, as libbcc's does, after printing."""
     def __init__(self):
-        self.attempts = 0
+        self.attempts, self.uprobe_fds = 0, {}
 
     def attach_uprobe(self, **kw):
         self.attempts += 1
         os.write(2, b"cannot attach uprobe, Invalid argument\n")
         raise Exception("Failed to attach BPF to uprobe")
 
-    def detach_uprobe(self, **kw):
-        raise Exception("not attached")
-
-    detach_uretprobe = detach_uprobe
-
 
 def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     loader = object.__new__(bcc_driver.BccLoader)
-    loader.bpf, loader.attached, loader.refusals = RefusingBpf(), set(), {}
+    loader.bpf, loader.attached, loader.refusals, loader.unclosed = RefusingBpf(), {}, {}, collections.deque()
     loader.manifest = {"probes": [{"path": "/lib/libc.so.6", "function": "free", "entry": "e", "return": None}]}
     me = os.getpid()                      # has memory, so a refusal is not an exit in progress
     for _ in range(bcc_driver.ATTACH_TRIES):

@@ -4,10 +4,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import sys
 import tempfile
+import threading
 import time
-from typing import Dict, List, Optional, Set
+from collections import deque
+from typing import Dict, List, Optional, Tuple
 
 from probedsl.errors import ProbedslError
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
@@ -21,6 +24,7 @@ def _import_bcc():
         raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
                             "or run scripts/setup.sh)") from None
     _pass_a_zero_ref_ctr_offset(bcc.libbcc.lib)
+    _resolve_each_symbol_once(bcc.BPF)
     return bcc
 
 
@@ -44,7 +48,56 @@ def _pass_a_zero_ref_ctr_offset(lib) -> None:
     lib.bpf_attach_uprobe = attach
 
 
-ATTACH_TRIES = 3      # --per-process: attempts (one per ~50 ms tick) before a process is given up
+def _resolve_each_symbol_once(bpf_class) -> None:
+    """BCC resolves the symbol again (an ELF symbol-table walk, ~0.3 ms) for every attach;
+    --per-process attaches every uprobe (17 for memleak) to each new process, and what the
+    process does until they are on is missed. The answer (file, offset) is kept per file
+    version, and used for a process that sees the same file at that path; one in another
+    mount namespace (a container) sees another file there and is resolved by BCC as before."""
+    real = bpf_class._check_path_symbol
+    if getattr(real, "probedsl_wrapped", False):
+        return
+    known: Dict[tuple, tuple] = {}
+
+    def resolve(module, symname, addr, pid, sym_off=0):
+        module = os.fsencode(module)
+        try:
+            ours = os.stat(module)
+            if pid > 0 and not os.path.samestat(ours, os.stat(b"/proc/%d/root%s" % (pid, module))):
+                return real(module, symname, addr, pid, sym_off)
+        except (OSError, ValueError):       # a short name ("c"), or the process is gone
+            return real(module, symname, addr, pid, sym_off)
+        key = (module, symname, addr, sym_off, ours.st_dev, ours.st_ino, ours.st_mtime_ns)
+        if key not in known:
+            known[key] = real(module, symname, addr, -1, sym_off)
+        return known[key]
+    resolve.probedsl_wrapped = True
+    bpf_class._check_path_symbol = staticmethod(resolve)
+
+
+def _allow_many_uprobes() -> None:
+    """--per-process holds every uprobe (17 for memleak) per traced process, each an open
+    file: BCC refuses more than 1,000 in all (58 processes) unless BCC_PROBE_LIMIT says so. Raise the
+    open-file limit to its hard maximum and let BCC use most of it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    os.environ.setdefault("BCC_PROBE_LIMIT", str(max(1000, soft - 256)))   # 256 for everything else
+
+
+ATTACH_TRIES = 3      # --per-process: attempts, RETRY_S apart, before a process is given up
+RETRY_S = 0.05
+# uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
+# delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes' worth;
+# fewer if BCC_PROBE_LIMIT is low)
+QUIET_S = 3.0
+MAX_UNCLOSED = 340
 
 
 @contextlib.contextmanager
@@ -112,10 +165,19 @@ class BccLoader:
             scope = -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
-        self.attached: Set[int] = set()
-        self.refusals: Dict[int, int] = {}     # pid -> failed attempts so far
+        self.attached: Dict[int, List[bytes]] = {}     # pid -> its uprobe events (BCC's names)
+        self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
+        self.unclosed: deque = deque()                     # uprobe events of ended processes
+        self.last_arrival = 0.0
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process:
+            _allow_many_uprobes()
+            self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
+            for p in manifest["probes"]:        # resolved and loaded now, not while a process waits
+                bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
+                for fn in filter(None, (p["entry"], p["return"])):
+                    self.bpf.load_func(fn, bcc.BPF.KPROBE)
+            self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
             for found in processes_named(manifest["comm"]):
                 self._attach_process(found)
         else:
@@ -137,39 +199,52 @@ class BccLoader:
     def _attach_process(self, pid: int) -> None:
         """--per-process: uprobes on one process. A process between releasing its memory and
         becoming a zombie (or a kernel thread) refuses them with EINVAL: it is skipped. A live
-        one that refuses is tried again at the next ticks, then said and left untraced."""
+        one that refuses is tried again RETRY_S later, twice, then said and left untraced."""
+        before = set(self.bpf.uprobe_fds)
         with _stderr_captured() as chatter:          # libbcc prints every refusal itself
             failure = self._attach(pid)
-            if failure:
-                self._detach(pid)
-        if failure is None:
-            self.attached.add(pid)
+        # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
+        # fails once the process has ended (its uprobes then stayed open until the end)
+        self.attached[pid] = [e for e in self.bpf.uprobe_fds if e not in before]
+        if failure:
+            self._detach(pid)
+        else:
             self.refusals.pop(pid, None)
             return
-        tries = self.refusals.pop(pid, 0) + 1
+        tries = self.refusals.pop(pid, (0, 0))[0] + 1
         if not has_memory(pid):
             return
         if tries < ATTACH_TRIES:
-            self.refusals[pid] = tries
+            self.refusals[pid] = (tries, time.monotonic() + RETRY_S)
             return
         said = " ".join(chatter[0].split())
         print(f"probedsl: warning: pid {pid} is not traced: {failure}" + (f" ({said})" if said else ""),
               file=sys.stderr)
 
     def _detach(self, pid: int) -> None:
-        for p in self.manifest["probes"]:
-            for detach in (self.bpf.detach_uprobe, self.bpf.detach_uretprobe):
-                try:
-                    detach(name=p["path"], sym=p["function"], pid=pid)
-                except Exception:            # not attached (the process ended half-way)
-                    pass
-        self.attached.discard(pid)
+        """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each
+        (it waits for a grace period, holding the lock every attach needs too), so closing a
+        process's 17 as it ended held up the next arrivals by up to 0.1 s; admit() closes one
+        per turn once no process has arrived for QUIET_S, or when too many wait."""
+        self.unclosed.extend(self.attached.pop(pid, []))
 
-    def admit(self) -> List[int]:
-        """--comm: attach to processes that took the name since the last call, detach from
-        those that ended. Returns the pids newly attached."""
+    def _close_one(self) -> None:
+        event = self.unclosed.popleft()
+        try:
+            self.bpf.detach_uprobe_event(event)
+        except Exception as exc:              # BCC raises bare Exception
+            print(f"probedsl: warning: {exc}", file=sys.stderr)
+
+    def admit(self, wait_s: float = 0) -> List[int]:
+        """--comm: attach to processes that took the name since the last call (waiting up to
+        wait_s for one: the doorbell rings at its exec or fork), detach from those that ended.
+        Returns the pids newly attached."""
         if not self.per_process:
             return []
+        closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
+                                     or len(self.unclosed) > self.max_unclosed)
+        if wait_s > 0:      # closing a uprobe (~90 ms) is then the pause
+            self.bpf.ring_buffer_poll(0 if closing else max(1, int(wait_s * 1000)))
         arrivals = self.bpf["probedsl_arrivals"]
         pids = [k.value for k in arrivals.keys()]
         for pid in pids:
@@ -177,8 +252,8 @@ class BccLoader:
                 del arrivals[ctypes.c_uint32(pid)]
             except KeyError:
                 pass
-        added = []
-        for pid in set(pids) | set(self.refusals):
+        added, now = [], time.monotonic()
+        for pid in set(pids) | {p for p, (_, retry_at) in self.refusals.items() if retry_at <= now}:
             if pid not in self.attached and is_process(pid):
                 self._attach_process(pid)
                 if pid in self.attached:
@@ -187,6 +262,10 @@ class BccLoader:
                 del self.refusals[pid]
         for pid in [p for p in self.attached if not process_alive(p)]:
             self._detach(pid)
+        if added:
+            self.last_arrival = time.monotonic()
+        elif closing:
+            self._close_one()
         return added
 
     def snapshot(self, final: bool = False) -> Snapshot:
@@ -268,10 +347,13 @@ class BccDriver:
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 
-    def tick(self) -> None:
-        """Called by the run loop every ~50 ms: --comm processes come and go."""
-        if self.loader is not None:
-            self.loader.admit()
+    def idle(self, seconds: float, stop: threading.Event) -> None:
+        """The run loop's pause between turns; with --per-process it ends as soon as a process
+        takes the name, which is then attached at once."""
+        if self.loader is not None and self.loader.per_process:
+            self.loader.admit(wait_s=seconds)
+        else:
+            stop.wait(seconds)
 
     def alive(self) -> bool:
         return self.loader is not None

@@ -222,8 +222,9 @@ class BpftraceDriver:
         except queue.Empty:
             return None
 
-    def tick(self) -> None:
-        pass
+    def idle(self, seconds: float, stop: threading.Event) -> None:
+        """The run loop's pause between turns."""
+        stop.wait(seconds)
 
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
