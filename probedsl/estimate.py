@@ -1,8 +1,8 @@
 """--estimate: count calls of the probed functions for a moment with the cheapest probe (an
 empty-bodied counter at entry), then say what tracing them will cost.
 
-The cost is the kernel's trap, not our BPF work: ~3 us per probe hit on this kind of machine
-(bench/README.md), and a function probed at return is hit twice per call (entry and return).
+The cost is the kernel's trap, not our BPF work: ~1.9 us per probe hit on this kind of machine,
+and a function probed at return is hit twice per call (entry and return).
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from . import ir
 from .backends.bpftrace import probe_path
 from .errors import ProbedslError
 
-TRAP_US = 3.0          # measured per probe hit (bench: the floor's extra time per call)
+# per probe hit: bench.run's floor (uprobe + uretprobe on malloc, uprobe on free: 3 hits per
+# malloc/free pair) adds 2,812 ns per call, i.e. 1.5 hits. (3 us was the cost per *call* and
+# overstated a return probe's two hits by half.) Timing hits of a libc function called from
+# Python through ctypes gave 10-13 us, far from what C callers pay, so it is not measured live.
+TRAP_US = 1.9
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Estimate:
         calls = ", ".join(f"{k.split(':')[-1]} {n / self.seconds:,.0f}/s" for k, n in busy if n) or "no calls"
         cpu_ms = self.hits_per_s * TRAP_US / 1000
         return [f"estimate: in {self.seconds:.1f} s the target called {calls}",
-                f"estimate: tracing adds ~{TRAP_US:.0f} us per probe hit: ~{cpu_ms:,.0f} ms of CPU per second "
+                f"estimate: tracing adds ~{TRAP_US:.1f} us per probe hit: ~{cpu_ms:,.0f} ms of CPU per second "
                 f"({cpu_ms / 10:.1f}% of one CPU) spread over the traced threads, at this call rate"]
 
 
