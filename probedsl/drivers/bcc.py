@@ -222,8 +222,8 @@ class BccLoader:
               file=sys.stderr)
 
     def _detach(self, pid: int) -> None:
-        """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each
-        (it waits for a grace period, holding the lock every attach needs too), so closing a
+        """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each,
+        one at a time, and attaches wait meanwhile (measured, docs/design.md), so closing a
         process's 17 as it ended held up the next arrivals by up to 0.1 s; admit() closes one
         per turn once no process has arrived for QUIET_S, or when too many wait."""
         self.unclosed.extend(self.attached.pop(pid, []))
