@@ -12,7 +12,7 @@ from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, t
 from . import Backend, Generated
 
 ARG_REGS = 6   # x86-64 passes six integer arguments in registers
-TALLY_SIZE = 65536  # groups per tally: the stack table's size; the loader drops empty groups of exited processes
+TALLY_SIZE = ir.STACK_BUCKETS  # groups per tally; the loader drops empty groups of exited processes
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -172,7 +172,7 @@ class BccBackend(Backend):
                                    target=program.target,
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.target),
-                                   stacks=stacks)
+                                   stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS)
         manifest = self.manifest(program, views)
         # the C text goes in as a raw string unless it could end one; repr is always safe
         literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)

@@ -17,7 +17,8 @@ SNAPSHOT_MARK = "probedsl:snapshot"
 TALLY_SHIFT = 24
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
-              "ustack": "ustack(perf)", "kstack": "kstack(perf)", "comm": "comm"}
+              "ustack": f"ustack(perf, {ir.STACK_DEPTH})", "kstack": f"kstack(perf, {ir.STACK_DEPTH})",
+              "comm": "comm"}
 
 
 def _arg(self, v: ir.Arg) -> str:

@@ -222,8 +222,14 @@ def lifetime_keys(program: Program, resource: Resource) -> List[str]:
 
 
 RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
+# Stacks keep their innermost STACK_DEPTH frames, on both backends. A stack table holds one
+# 8-byte slot per frame for each of its buckets, so 64 frames instead of the kernel's 127
+# buy twice the buckets (half the collisions, which cost a block its stack) on BCC, and half
+# the kernel memory on bpftrace, whose table size is its own.
+STACK_DEPTH = 64
+STACK_BUCKETS = 131_072     # BCC's stack table, and each tally (groups are keyed by stack)
 DEFAULT_MAX_LIVE = 1_000_000
 # bpftrace 0.17 sizes every keyed map (scratch, tallies, histograms) at the live table's size
-# and preallocates them all: 1M costs ~2 s more start-up and ~710 MB of kernel memory there
-# (262,144: +0.5 s, ~190 MB). Past the size, acquisitions are counted as untracked.
+# and preallocates them all: 1M costs ~2 s more start-up and ~650 MB of kernel memory there
+# (262,144: +0.5 s, ~220 MB). Past the size, acquisitions are counted as untracked.
 BACKEND_MAX_LIVE = {"bcc": DEFAULT_MAX_LIVE, "bpftrace": 262_144}

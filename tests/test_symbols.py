@@ -128,3 +128,14 @@ def test_thousands_of_stacks_show_top_n_and_sum_the_rest(backend, build):
     assert distinct + heap["no_stack"] >= 4096 - 1
     assert heap["no_stack"] == 0 or any("no user stack" in n for n in report["notes"])
     assert [e["blocks"] for e in section["entries"]][:1] == [5] or heap["no_stack"] >= 5
+    # 131,072 buckets: ~64 expected; 65,536 buckets of 127 frames lost ~138 on BCC
+    assert heap["no_stack"] < 110, heap["no_stack"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deep_stack_keeps_its_innermost_64_frames(backend, build):
+    result, report = run_report(backend, build("deepstack"))
+    entry = entry_with(report, "dive")
+    assert entry["blocks"] == 1 and entry["bytes"] == 32
+    assert len(entry["stack"]) == 64, [f["text"] for f in entry["stack"]]
+    assert all(f["function"] == "dive" for f in entry["stack"])     # main is past the cut

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import resource
 import sys
@@ -284,8 +285,8 @@ class BccLoader:
             if stack_id < 0 or stacks is None:
                 return ()
             if stack_id not in walked:
-                try:
-                    walked[stack_id] = tuple(stacks.walk(stack_id))
+                try:          # not stacks.walk(): it reads 127 frames, the table holds fewer
+                    walked[stack_id] = tuple(itertools.takewhile(bool, stacks[stacks.Key(stack_id)].ip))
                 except KeyError:
                     walked[stack_id] = ()
             return walked[stack_id]

@@ -3,7 +3,9 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-BPF_STACK_TRACE(probedsl_stacks, 65536);
+// the innermost 64 frames of each stack (BPF_STACK_TRACE keeps 127 in buckets twice the size)
+struct probedsl_stack_t { u64 ip[64]; };
+BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
 
 // bytes and entries live in one group (a tally), updated at every acquire and release;
 // seen: when one of its entries was acquired (which process image its stack belongs to)
@@ -70,12 +72,12 @@ BPF_PERCPU_ARRAY(kmem_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
 struct kmem_tally0_key_t {
     s64 kstack;
 };
-BPF_PERCPU_HASH(kmem_tally0, struct kmem_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(kmem_tally0, struct kmem_tally0_key_t, struct probedsl_tally_t, 131072);
 // live kmem per comm: reports read these, not every entry
 struct kmem_tally1_key_t {
     char comm[TASK_COMM_LEN];
 };
-BPF_PERCPU_HASH(kmem_tally1, struct kmem_tally1_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(kmem_tally1, struct kmem_tally1_key_t, struct probedsl_tally_t, 131072);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of kmem
 static __always_inline void kmem_tally(struct kmem_live_t *v, s64 sign)

@@ -3,7 +3,9 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-BPF_STACK_TRACE(probedsl_stacks, 65536);
+// the innermost 64 frames of each stack (BPF_STACK_TRACE keeps 127 in buckets twice the size)
+struct probedsl_stack_t { u64 ip[64]; };
+BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
 
 // bytes and entries live in one group (a tally), updated at every acquire and release;
 // seen: when one of its entries was acquired (which process image its stack belongs to)
@@ -77,7 +79,7 @@ struct lock_tally0_key_t {
     s64 ustack;
     u64 pid;
 };
-BPF_PERCPU_HASH(lock_tally0, struct lock_tally0_key_t, struct probedsl_tally_t, 65536);
+BPF_PERCPU_HASH(lock_tally0, struct lock_tally0_key_t, struct probedsl_tally_t, 131072);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of lock
 static __always_inline void lock_tally(struct lock_live_t *v, s64 sign)
