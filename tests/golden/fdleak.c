@@ -3,7 +3,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-// the innermost 64 frames of each stack (BPF_STACK_TRACE keeps 127 in buckets twice the size)
+// the innermost 64 frames of each stack: BPF_STACK_TRACE's 127 would fit half the buckets
 struct probedsl_stack_t { u64 ip[64]; };
 BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
 
