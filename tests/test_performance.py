@@ -84,6 +84,24 @@ def test_per_process_closes_the_uprobes_of_processes_that_ended(build, tmp_path,
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
 
 
+def test_tracefs_uprobes_libbcc_left_behind_are_removed(root_required):
+    # libbcc names a tracefs fallback event ..._bcc_<its pid> and keeps it when attaching
+    # fails (a --per-process target ending during attach); the loader removes its own at close
+    libc = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
+    ours, other = f"probedsl_test_bcc_{os.getpid()}", f"probedsl_test_bcc_{os.getpid()}0"
+    events = bcc_driver.TRACEFS_UPROBES[0]
+    fd = os.open(events, os.O_WRONLY | os.O_APPEND)
+    try:
+        for name in (ours, other):
+            os.write(fd, f"p:uprobes/{name} {libc}:0x1000\n".encode())
+        assert bcc_driver.remove_tracefs_uprobes(os.getpid()) == 1
+        left = [line.split()[0] for line in open(events)]
+        assert f"p:uprobes/{ours}" not in left and f"p:uprobes/{other}" in left   # not another's
+    finally:
+        os.write(fd, f"-:uprobes/{other}\n".encode())
+        os.close(fd)
+
+
 def test_per_process_skips_a_process_that_cannot_take_uprobes(root_required):
     # kthreadd (pid 2) refuses uprobes with EINVAL like a process exiting past exit_mm does,
     # which is what a --comm process ending during attach looks like (a red CI run once)

@@ -92,6 +92,36 @@ def _allow_many_uprobes() -> None:
     os.environ.setdefault("BCC_PROBE_LIMIT", str(max(1000, soft - 256)))   # 256 for everything else
 
 
+TRACEFS_UPROBES = ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
+
+
+def remove_tracefs_uprobes(bcc_pid: int) -> int:
+    """Remove the tracefs uprobe events libbcc made for process bcc_pid and left behind; returns
+    how many. When attaching through perf fails (a --per-process target ending meanwhile),
+    libbcc falls back to a tracefs event named ..._bcc_<its pid>, and keeps it when that fails
+    too. Disabled, they cost nothing, but they outlive the run."""
+    suffix, removed = f"_bcc_{bcc_pid}", 0
+    for path in TRACEFS_UPROBES:
+        try:
+            with open(path) as f:
+                names = [line.split()[0].split(":", 1)[1] for line in f if line.strip()]
+        except (OSError, IndexError):
+            continue
+        for name in names:
+            if name.endswith(suffix):
+                try:             # not open(path, "a"): its seek to the end fails on tracefs
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                    try:
+                        os.write(fd, f"-:{name}\n".encode())
+                        removed += 1
+                    finally:
+                        os.close(fd)
+                except OSError:              # in use, or gone meanwhile
+                    pass
+        return removed
+    return removed
+
+
 ATTACH_TRIES = 3      # --per-process: attempts, RETRY_S apart, before a process is given up
 RETRY_S = 0.05
 # uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
@@ -331,6 +361,7 @@ class BccLoader:
 
     def close(self) -> None:
         self.bpf.cleanup()
+        remove_tracefs_uprobes(os.getpid())
 
 
 class BccDriver:
