@@ -100,25 +100,28 @@ def remove_tracefs_uprobes(bcc_pid: int) -> int:
     how many. When attaching through perf fails (a --per-process target ending meanwhile),
     libbcc falls back to a tracefs event named ..._bcc_<its pid>, and keeps it when that fails
     too. Disabled, they cost nothing, but they outlive the run."""
-    suffix, removed = f"_bcc_{bcc_pid}", 0
-    for path in TRACEFS_UPROBES:
-        try:
-            with open(path) as f:
-                names = [line.split()[0].split(":", 1)[1] for line in f if line.strip()]
-        except (OSError, IndexError):
-            continue
-        for name in names:
-            if name.endswith(suffix):
-                try:             # not open(path, "a"): its seek to the end fails on tracefs
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-                    try:
-                        os.write(fd, f"-:{name}\n".encode())
-                        removed += 1
-                    finally:
-                        os.close(fd)
-                except OSError:              # in use, or gone meanwhile
-                    pass
-        return removed
+    path = next((p for p in TRACEFS_UPROBES if os.path.exists(p)), None)
+    if path is None:
+        return 0
+    try:
+        with open(path) as f:
+            names = [line.split()[0].split(":", 1)[1] for line in f if line.strip()]
+    except (OSError, IndexError):
+        return 0
+    removed = 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)    # not open(path, "a"): its seek fails on tracefs
+    except OSError:
+        return 0
+    try:
+        for name in (n for n in names if n.endswith(f"_bcc_{bcc_pid}")):
+            try:
+                os.write(fd, f"-:{name}\n".encode())
+                removed += 1
+            except OSError:                  # in use, or gone meanwhile
+                pass
+    finally:
+        os.close(fd)
     return removed
 
 
