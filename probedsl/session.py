@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -79,15 +78,16 @@ def _target(opts: RunOptions):
 
 
 class _Stop:
-    """Set by SIGINT/SIGTERM; the run then ends with a final report."""
+    """Set by SIGINT/SIGTERM; the run then ends with a final report. The handler only stores
+    the signal: it runs in the main thread, and an Event.set() there deadlocked when the
+    signal came while the main thread held that Event's lock inside Event.wait() (seen: a
+    tracer hung at Ctrl-C)."""
 
     def __init__(self):
-        self.event = threading.Event()
         self.signal = None
 
     def __call__(self, signum, frame):
         self.signal = signum
-        self.event.set()
 
 
 def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
@@ -168,7 +168,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
             growth.annotate(rep)
             write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
 
-        while not stop.event.is_set():
+        while stop.signal is None:
             if held and held.poll() is not None:
                 break
             if target.mode == "pid" and not process_alive(target.pid):
@@ -183,7 +183,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
                 snap = driver.snapshot(timeout=5)
                 if snap is not None:
                     emit(snap)
-            driver.idle(0.05, stop.event)
+            driver.idle(0.05)
         if held:
             if held.poll() is None and stop.signal is not None:
                 _end_command(held, stop.signal, notes)

@@ -8,7 +8,6 @@ import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
@@ -382,13 +381,13 @@ class BccDriver:
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 
-    def idle(self, seconds: float, stop: threading.Event) -> None:
+    def idle(self, seconds: float) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""
         if self.loader is not None and self.loader.per_process:
             self.loader.admit(wait_s=seconds)
         else:
-            stop.wait(seconds)
+            time.sleep(seconds)
 
     def alive(self) -> bool:
         return self.loader is not None

@@ -222,9 +222,9 @@ class BpftraceDriver:
         except queue.Empty:
             return None
 
-    def idle(self, seconds: float, stop: threading.Event) -> None:
+    def idle(self, seconds: float) -> None:
         """The run loop's pause between turns."""
-        stop.wait(seconds)
+        time.sleep(seconds)
 
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
