@@ -1,8 +1,10 @@
-"""Lowering from the IR to backend text: one small class per backend over shared helpers."""
+"""Lowering from the IR to backend text: one small class per backend over shared helpers.
+Which generator a run uses, configured for which version, is its target's choice (probedsl.targets)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Type
+from typing import Callable, Dict
 
 import jinja2
 
@@ -19,6 +21,11 @@ class Generated:
     loader: str = ""          # BCC: the Python loader that runs the C text
     manifest: dict = field(default_factory=dict)  # BCC: what the loader attaches
 
+    @property
+    def standalone(self) -> str:
+        """What `probedsl compile` prints: the loader that runs the text, or the text itself."""
+        return self.loader or self.text
+
     def recipe_span(self, line: int):
         best = None
         for gen_line, span in sorted(self.line_map.items()):
@@ -33,11 +40,9 @@ class Backend:
     template = ""
     RENDER: Dict[type, Callable] = {}
 
-    def __init__(self):
-        env = jinja2.Environment(loader=jinja2.PackageLoader("probedsl.backends", "templates"),
-                                 undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                 lstrip_blocks=True, keep_trailing_newline=True)
-        self.env = env
+    def __init__(self, target):
+        self.target = target          # a probedsl.targets.Target: the version's flags and limits
+        self.env = _environment()
 
     def expr(self, value: ir.Value) -> str:
         render = self.RENDER.get(type(value))
@@ -69,10 +74,8 @@ class Backend:
         return Generated(text, line_map)
 
 
-def backend(name: str) -> Backend:
-    from .bcc import BccBackend
-    from .bpftrace import BpftraceBackend
-    table: Dict[str, Type[Backend]] = {"bpftrace": BpftraceBackend, "bcc": BccBackend}
-    if name not in table:
-        raise ProbedslError(f"unknown backend '{name}'; choose bpftrace or bcc")
-    return table[name]()
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("probedsl.backends", "templates"),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)

@@ -11,13 +11,12 @@ from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, t
 
 from . import Backend, Generated
 
-ARG_REGS = 6   # x86-64 passes six integer arguments in registers
 TALLY_SIZE = ir.STACK_BUCKETS  # groups per tally; the loader drops empty groups of exited processes
 
 
 def _arg(self, v: ir.Arg) -> str:
-    if v.index >= ARG_REGS:
-        raise ProbedslError(f"BCC reads only the first {ARG_REGS} arguments")
+    if v.index >= self.target.max_args:
+        raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
@@ -41,15 +40,15 @@ class BccBackend(Backend):
     def signed(self, text: str) -> str:
         return f"(s64){text}"
 
-    def filter_lines(self, target: ir.Target) -> List[str]:
-        if target.tracks_children:
+    def filter_lines(self, scope: ir.Scope) -> List[str]:
+        if scope.tracks_children:
             return ["u32 tgid = bpf_get_current_pid_tgid() >> 32;",
                     "if (!probedsl_traced.lookup(&tgid)) return 0;"]
-        if target.mode in ("pid", "cmd"):
+        if scope.mode in ("pid", "cmd"):
             # the pid is filled in by the loader as a -D define, a validated integer
             return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
-        if target.mode == "comm":
-            name = target.comm.encode()
+        if scope.mode == "comm":
+            name = scope.comm.encode()
             lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
             # byte-by-byte: the name never appears as C text, so it cannot inject anything
             checks = [f"comm[{i}] != {b}" for i, b in enumerate(name + b"\0")]
@@ -144,9 +143,9 @@ class BccBackend(Backend):
                     probes.append({"path": probe.path, "function": probe.function,
                                    "entry": view["entry_fn"], "return": view["return_fn"]})
         return {
-            "recipe": program.name, "target": program.target.mode, "comm": program.target.comm,
-            "per_process": program.target.mode == "comm" and program.target.per_process,
-            "follow_forks": program.target.tracks_children,
+            "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
+            "per_process": program.scope.mode == "comm" and program.scope.per_process,
+            "follow_forks": program.scope.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
                            "counters": counters(r), "lifetime": bool(lifetime_report(program, r)),
@@ -169,9 +168,9 @@ class BccBackend(Backend):
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
-                                   target=program.target,
+                                   scope=program.scope,
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
-                                   resources=resources, filter=self.filter_lines(program.target),
+                                   resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS)
         manifest = self.manifest(program, views)
         # the C text goes in as a raw string unless it could end one; repr is always safe

@@ -1,4 +1,4 @@
-"""IR -> one self-contained bpftrace script (bpftrace 0.17 syntax)."""
+"""IR -> one self-contained bpftrace script, in the dialect of its target (probedsl.targets.bpftrace)."""
 from __future__ import annotations
 
 import re
@@ -8,13 +8,11 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, tallies
+from probedsl.targets.bpftrace import TALLY_SHIFT
 
 from . import Backend, Generated
 
 SNAPSHOT_MARK = "probedsl:snapshot"
-# a tally's sum packs bytes above the low TALLY_SHIFT bits of the entry count: the count of
-# a group stays below 2^24 because --max-live must (checked), bytes below 2^39 (512 GiB)
-TALLY_SHIFT = 24
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
               "ustack": f"ustack(perf, {ir.STACK_DEPTH})", "kstack": f"kstack(perf, {ir.STACK_DEPTH})",
@@ -22,8 +20,9 @@ LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": 
 
 
 def _arg(self, v: ir.Arg) -> str:
-    if v.index >= 6:
-        raise ProbedslError("bpftrace 0.17 reads only the first 6 arguments on x86_64 (arg0..arg5)")
+    if v.index >= self.target.max_args:
+        raise ProbedslError(f"bpftrace reads only the first {self.target.max_args} arguments on x86_64 "
+                            f"(arg0..arg{self.target.max_args - 1})")
     return f"arg{v.index}"
 
 
@@ -69,15 +68,29 @@ class BpftraceBackend(Backend):
     def signed(self, text: str) -> str:
         return f"(int64){text}"
 
-    def filter(self, target: ir.Target) -> str:
-        # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
-        if target.tracks_children:
-            return "/@probedsl_traced[pid]/"
-        return {"all": "", "pid": f"/pid == {int(target.pid)}/", "cmd": f"/pid == {int(target.pid)}/",
-                "comm": "/comm == str($1)/"}[target.mode]
+    def delete(self, map_name: str, key: List[str]) -> str:
+        if not self.target.delete_with_key_argument:
+            return f"delete({map_name}[{', '.join(key)}]);"
+        return f"delete({map_name}, {key[0] if len(key) == 1 else '(' + ', '.join(key) + ')'});"
 
-    def key(self, action: ir.Action) -> str:
-        return ", ".join(_u64(self.expr(k)) for k in action.key)
+    def typing_writes(self, res: ir.Resource) -> List[str]:
+        """Writes of the resource's live and scratch maps with the types every probe uses, for a
+        dialect whose type checker must see a write before a read (they never run)."""
+        values = ", ".join(LIVE_VALUE[f].format(size="0") for f in live_fields(res))
+        lines = [f"@{res.name}_live[{', '.join(['(uint64)0'] * res.key_arity)}] = ({values});"]
+        if any(p.at_return for p in res.probes):
+            lines.append(f"@{res.name}_scratch[tid] = ({', '.join(['(uint64)0'] * (res.scratch_width + 2))});")
+        return lines
+
+    def filter(self, scope: ir.Scope) -> str:
+        # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
+        if scope.tracks_children:
+            return "/@probedsl_traced[(uint64)pid]/"
+        return {"all": "", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
+                "comm": "/comm == str($1)/"}[scope.mode]
+
+    def key(self, action: ir.Action) -> List[str]:
+        return [_u64(self.expr(k)) for k in action.key]
 
     def tally(self, program: ir.Program, res: ir.Resource, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
@@ -94,7 +107,7 @@ class BpftraceBackend(Backend):
         return lines
 
     def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
-        live = f"@{res.name}_live[{self.key(action)}]"
+        live = f"@{res.name}_live[{', '.join(self.key(action))}]"
         if action.kind == "acquire":
             size = self.expr(action.size) if action.size is not None else "0"
             values = ", ".join(LIVE_VALUE[f].format(size=size) for f in live_fields(res))
@@ -109,7 +122,7 @@ class BpftraceBackend(Backend):
                 recorded = [f"if (rand % {int(program.sample)} == 0) {{", *["  " + s for s in recorded], "}"]
             body = [f"@{res.name}_acquired = count();", *recorded] if "acquired" in counted(program, res) else recorded
         else:
-            hit = [*self.tally(program, res, "$v", "-"), f"delete({live});"]
+            hit = [*self.tally(program, res, "$v", "-"), self.delete(f"@{res.name}_live", self.key(action))]
             if not lifetime_report(program, res):      # else the driver counts the histogram
                 hit.append(f"@{res.name}_released = count();")
             else:
@@ -140,7 +153,8 @@ class BpftraceBackend(Backend):
             entry_body = [f"$s = {scratch};",
                           '// skip calls made inside another call of this resource (realloc -> malloc)',
                           'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
-            return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{", f"  delete({scratch});",
+            return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{",
+                           "  " + self.delete(f"@{res.name}_scratch", ["tid"]),
                            *["  " + line for line in actions], "}"]
         else:
             entry_body = actions
@@ -149,7 +163,7 @@ class BpftraceBackend(Backend):
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
-                "filter": self.filter(program.target) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
+                "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
@@ -168,6 +182,7 @@ class BpftraceBackend(Backend):
                 maps.append(f"@{res.name}_lifetime")
             resources.append({
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
+                "typing": self.typing_writes(res) if self.target.type_maps_first else [],
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
                 "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
                 "tallies": [f"@{res.name}_tally{i}[{', '.join(keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
@@ -177,9 +192,10 @@ class BpftraceBackend(Backend):
                 "cleared": list(dict.fromkeys(maps + [f"@{res.name}_live"] + (
                     [f"@{res.name}_scratch"] if any(p.at_return for p in res.probes) else []))),
             })
-        target = program.target
+        scope = program.scope
         return self.render_template(
-            program=program, description=self.comment(program.description),
+            program=program, dialect=self.target.name,
+            untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
-            filter=self.filter(target), target=target,
+            filter=self.filter(scope), scope=scope,
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

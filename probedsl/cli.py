@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import compiler, formats, ir, report, session
+from . import compiler, formats, ir, report, session, targets
 from .errors import ProbedslError, RecipeError
 
 
@@ -38,12 +38,13 @@ def cli():
 @cli.command()
 @click.argument("recipe")
 def check(recipe):
-    """Validate RECIPE, and lower it for both backends; print every error as file:line:col."""
-    program = compiler.build(compiler.load(recipe))
-    compiler.check_backends(program)
+    """Validate RECIPE, and lower it for every backend and version; print every error as file:line:col."""
+    parsed = compiler.load(recipe)
+    program = compiler.build(parsed)
+    compiler.check_backends(program, parsed.source)
     probes = sum(len(r.probes) for r in program.resources)
     click.echo(f"{recipe}: ok ({len(program.resources)} resource(s), {probes} probe(s) after folding aliases; "
-               "lowers to bpftrace and bcc)")
+               f"lowers to {targets.supported()})")
 
 
 @cli.command("list")
@@ -56,22 +57,27 @@ def list_cmd():
 
 @cli.command()
 @click.argument("recipe")
-@click.option("--target", "target", type=click.Choice(["bpftrace", "bcc"]), default="bpftrace", show_default=True)
+@click.option("--target", "target", default=targets.DEFAULT_BACKEND, show_default=True,
+              help="bpftrace or bcc (the installed version's dialect, else the newest), or one version's "
+                   "dialect: bpftrace-0.17, bpftrace-0.23, ...")
+@click.option("--dump", type=click.Choice(["ir"]), help="print the IR and its storage layout instead")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="write here instead of stdout")
 @click.option("--pid", type=int, help="filter the generated program to this pid")
 @click.option("--comm", help="filter the generated program to processes with this name")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
 @click.option("--sample", type=click.IntRange(min=1), default=1, help="record one acquisition in N")
-def compile(recipe, target, output, pid, comm, sets, sample):
+def compile(recipe, target, dump, output, pid, comm, sets, sample):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
-    tgt = ir.Target()
+    scope = ir.Scope()
     if pid is not None:
-        tgt = ir.Target("pid", pid=pid)
+        scope = ir.Scope("pid", pid=pid)
     elif comm is not None:
-        tgt = ir.Target("comm", comm=session.validate_comm(comm))
-    program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_target(tgt).sampled(sample)
-    generated = compiler.generate(program, target)
-    text = generated.text if target == "bpftrace" else generated.loader
+        scope = ir.Scope("comm", comm=session.validate_comm(comm))
+    program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_scope(scope).sampled(sample)
+    if dump == "ir":
+        text = ir.dump(program)
+    else:
+        text = compiler.generate(program, targets.from_name(target)).standalone
     if output:
         with open(output, "w") as f:
             f.write(text)
@@ -82,7 +88,8 @@ def compile(recipe, target, output, pid, comm, sets, sample):
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("recipe")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option("--backend", type=click.Choice(["bpftrace", "bcc"]), default="bpftrace", show_default=True)
+@click.option("--backend", type=click.Choice(targets.BACKENDS), default=targets.DEFAULT_BACKEND, show_default=True,
+              help="the installed version picks the dialect; probedsl supports " + targets.supported())
 @click.option("--comm", help="trace every process with this name, now and later")
 @click.option("--pid", type=int, help="trace this live process until it exits")
 @click.option("--all", "all_", is_flag=True, help="trace every process (system-wide) until Ctrl-C")
@@ -90,9 +97,11 @@ def compile(recipe, target, output, pid, comm, sets, sample):
               help="with --pid or -- CMD, trace the children it forks (BCC then attaches to every "
                    "process and filters in BPF; --no-follow-forks keeps BCC's per-pid uprobes)")
 @click.option("--private-libs/--no-private-libs", default=True, show_default=True,
-              help="with -- CMD, probe private copies of its libraries so other processes pay nothing")
+              help="with -- CMD, probe private copies of its libraries so other processes pay nothing "
+                   "(not needed where the backend scopes uprobes to the command: bcc, bpftrace 0.20+, "
+                   "with --no-follow-forks)")
 @click.option("--per-process", is_flag=True,
-              help="with --comm on BCC: attach to each process with the name (found at start, at exec, at "
+              help="with --comm (bcc): attach to each process with the name (found at start, at exec, at "
                    "fork) so others pay nothing; what one does in its first milliseconds is missed")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
@@ -111,7 +120,7 @@ def compile(recipe, target, output, pid, comm, sets, sample):
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc, 262144 on bpftrace, which "
-                   "preallocates every map at this size)")
+                   "sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
         ages, sample, estimate, growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""

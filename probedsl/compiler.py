@@ -6,8 +6,8 @@ from dataclasses import replace
 from importlib import resources
 from typing import Mapping, Optional
 
-from . import ast, checker, ir, libraries, lower, parser
-from .backends import Generated, backend
+from . import ast, checker, ir, libraries, lower, parser, targets
+from .backends import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
 
 
@@ -55,22 +55,23 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     return libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
 
 
-def check_backends(program: ir.Program) -> None:
-    """Lower for every backend; a construct one cannot express is a located recipe error."""
+def check_backends(program: ir.Program, source: str = "") -> None:
+    """Lower for every target (each backend, each dialect); a construct one cannot express is a
+    located recipe error. Probes are generated one at a time so that each error has its place."""
     diagnostics = []
-    for name in ("bpftrace", "bcc"):
+    for cls in targets.TARGETS:
+        generator = cls().generator()
         for res in program.resources:
             for probe in res.probes:
                 one = replace(program, resources=(replace(res, probes=(probe,)),), reports=())
                 try:
-                    backend(name).generate(one)
+                    generator.generate(one)
                 except ProbedslError as exc:
-                    diagnostics.append(Diagnostic(program.filename, probe.span, f"{name}: {exc}"))
+                    diagnostics.append(Diagnostic(program.filename, probe.span, f"{cls().name}: {exc}"))
     if diagnostics:
-        source = open(program.filename, encoding="utf-8").read() if os.path.exists(program.filename) else ""
         raise RecipeError(diagnostics, source)
 
 
-def generate(program: ir.Program, target: str, ready_pid: int = 0) -> Generated:
+def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) -> Generated:
     """ready_pid: the runtime's pid, which bpftrace probes watch for its requests."""
-    return backend(target).generate(program, ready_pid)
+    return target.generator().generate(program, ready_pid)

@@ -44,7 +44,7 @@ class Estimate:
 
 def count_script(program: ir.Program) -> str:
     """A bpftrace program counting entries of every probed function, filtered like the run."""
-    t = program.target
+    t = program.scope
     filt = {"all": "", "comm": "/comm == str($1)/"}.get(t.mode, f"/pid == {int(t.pid)}/")
     lines = []
     for res in program.resources:
@@ -56,7 +56,7 @@ def count_script(program: ir.Program) -> str:
 
 
 def measure(program: ir.Program, seconds: float = 1.0) -> Estimate:
-    if program.target.mode == "cmd":
+    if program.scope.mode == "cmd":
         raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
     exe = shutil.which("bpftrace")
     if exe is None:
@@ -70,7 +70,7 @@ def measure(program: ir.Program, seconds: float = 1.0) -> Estimate:
     if not hits:
         raise ProbedslError("--estimate: this recipe probes no user functions (tracepoints cost little)")
     # the script on stdin; "--": a process name like "-x" is an argument, not an option
-    argv = [exe, "-f", "json", "--", "/dev/stdin"] + ([program.target.comm] if program.target.mode == "comm" else [])
+    argv = [exe, "-f", "json", "--", "/dev/stdin"] + ([program.scope.comm] if program.scope.mode == "comm" else [])
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = 'printf("done\\n"); exit();'
     proc.stdin.write(count_script(program) + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")

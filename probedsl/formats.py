@@ -97,7 +97,9 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
 def to_text(report: Report, color: bool = False) -> str:
     style = _Style(color)
     kind = "final" if report.final else f"interval {report.sequence}"
-    head = f"probedsl {report.recipe} report ({kind}): {report.target}, {report.backend}, {report.duration_s:.1f}s"
+    head = f"probedsl {report.recipe} report ({kind}): {report.target}, {report.backend}"
+    head += f" {report.backend_version}" if report.backend_version else ""
+    head += f", {report.duration_s:.1f}s"
     if report.exit_status is not None:
         head += f", exit status {report.exit_status}"
     if report.sample > 1:

@@ -131,7 +131,7 @@ class Report:
 
 
 @dataclass(frozen=True)
-class Target:
+class Scope:
     """Which processes the program traces; values are validated before they get here."""
     mode: str = "all"                      # all (system-wide) | pid | comm | cmd
     pid: int = 0
@@ -152,14 +152,14 @@ class Program:
     resources: Tuple[Resource, ...]
     reports: Tuple[Report, ...]
     params: Tuple[Tuple[str, int], ...]
-    target: Target = Target()
+    scope: Scope = Scope()
     # reports read the per-group tallies the kernel keeps; reading every live entry (exact
     # oldest ages, --min-age) is opt-in: a million entries take seconds to read
     read_live: bool = False
     sample: int = 1                        # record one acquisition in `sample` (1: all)
 
-    def with_target(self, target: Target) -> "Program":
-        return replace(self, target=target)
+    def with_scope(self, scope: "Scope") -> "Program":
+        return replace(self, scope=scope)
 
     def sampled(self, n: int) -> "Program":
         return replace(self, sample=int(n))
@@ -229,7 +229,52 @@ RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 STACK_DEPTH = 64
 STACK_BUCKETS = 131_072     # BCC's stack table, and each tally (groups are keyed by stack)
 DEFAULT_MAX_LIVE = 1_000_000
-# bpftrace 0.17 sizes every keyed map (scratch, tallies, histograms) at the live table's size
-# and preallocates them all: 1M costs ~2 s more start-up and ~650 MB of kernel memory there
-# (262,144: +0.5 s, ~220 MB). Past the size, acquisitions are counted as untracked.
-BACKEND_MAX_LIVE = {"bcc": DEFAULT_MAX_LIVE, "bpftrace": 262_144}
+
+
+# --- text form (`probedsl compile --dump ir`): the IR and the storage layout derived from it ---
+def show(value) -> str:
+    if isinstance(value, Const):
+        return str(value.value)
+    if isinstance(value, Arg):
+        return f"arg{value.index}"
+    if isinstance(value, Saved):
+        return f"saved[{value.slot}]=arg{value.arg_index}"
+    if isinstance(value, (Builtin, Field)):
+        return value.name if isinstance(value, Builtin) else f"field.{value.name}"
+    if isinstance(value, Deref):
+        return f"*{value.size}({show(value.address)} + {value.offset})"
+    if isinstance(value, Int32):
+        return f"int32({show(value.operand)})"
+    if isinstance(value, Not):
+        return f"!{show(value.operand)}"
+    return f"({show(value.left)} {value.op} {show(value.right)})"
+
+
+def dump(program: Program) -> str:
+    lines = [f"program {program.name}: scope {program.scope.mode}"
+             + (f" pid {program.scope.pid}" if program.scope.mode in ("pid", "cmd") else "")
+             + (f" comm {program.scope.comm!r}" if program.scope.mode == "comm" else "")
+             + f", sample 1/{program.sample}, read_live {program.read_live}"]
+    for res in program.resources:
+        lines.append(f"resource {res.name} keyed by ({', '.join(res.key_names)}), max_live {res.max_live}")
+        lines.append(f"  live record: ({', '.join(live_fields(res))})")
+        lines.append(f"  scratch per thread: (probe, sp, {res.scratch_width} saved argument(s))")
+        lines.append(f"  counters: {', '.join(counters(res))}")
+        for keys in tallies(program, res):
+            lines.append(f"  tally by ({', '.join(keys)}): (bytes, count, seen)")
+        if lifetime_report(program, res):
+            lines.append(f"  lifetime histogram by ({', '.join(lifetime_keys(program, res))}): log2(ns)")
+        for p in res.probes:
+            where = "return" if p.at_return else "entry"
+            lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{p.path}]" if p.path else "")
+                         + (f", saves ({', '.join(f'arg{i}' for i in p.saved_args)})" if p.saved_args else ""))
+            for a in p.actions:
+                text = f"    {a.kind} ({', '.join(show(k) for k in a.key)})"
+                text += f" when {show(a.guard)}" if a.guard is not None else ""
+                text += f" size {show(a.size)}" if a.size is not None else ""
+                lines.append(text)
+    for r in program.reports:
+        cols = ", ".join(f"{fn} as {label}" for fn, label in r.columns)
+        lines.append(f"report {r.kind} {r.resource} by ({', '.join(r.group_by)})"
+                     + (f": {cols}" if cols else "") + f", top {r.top}, min_age {r.min_age_ms} ms")
+    return "\n".join(lines) + "\n"

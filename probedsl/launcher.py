@@ -50,10 +50,11 @@ class HeldCommand:
         self._go = -1
 
     def abandon(self) -> None:
-        """Probes failed: the child exits without running the command."""
-        if self._go >= 0:
-            os.close(self._go)
-            self._go = -1
+        """Probes failed: the child exits without running the command (nothing once released)."""
+        if self._go < 0:
+            return
+        os.close(self._go)
+        self._go = -1
         self.wait()
 
     def poll(self) -> Optional[int]:

@@ -67,10 +67,11 @@ class Report:
     notes: List[str] = field(default_factory=list)
     sequence: int = 0                  # 1, 2, ... for interval reports of one run
     sample: int = 1                    # 1 in `sample` acquisitions recorded; values are scaled
+    backend_version: str = ""          # the tracer's version ("0.23.2"), when known
 
     def to_dict(self) -> dict:
         doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
-               "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
+               "backend_version": self.backend_version, "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
                "sequence": self.sequence, "sample": self.sample, "exit_status": self.exit_status, "notes": self.notes,
                "resources": self.resources, "reports": []}
         for s in self.sections:
@@ -123,7 +124,7 @@ class Report:
                                     entries, r["total_entries"], omitted))
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
-                   doc.get("sequence", 0), doc.get("sample", 1))
+                   doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""))
 
 
 def _hist_json(buckets) -> List[dict]:
@@ -202,6 +203,7 @@ def _stackless(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> int
 
 
 def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, backend: str, target: str,
+          backend_version: str = "",
           duration_s: float, top: Optional[int] = None, min_age_s: Optional[float] = None,
           exit_status: Optional[int] = None, notes: Sequence[str] = ()) -> Report:
     scale = program.sample                 # 1 in `scale` acquisitions recorded
@@ -216,6 +218,17 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             "unknown_releases": t.unknown_releases if t else 0,
             "untracked": (t.untracked if t else 0) * scale,
             "replaced": t.replaced if t else 0}
+        if t and scale == 1:
+            # every report checks itself: what the counters say is live against what it shows
+            expected = t.acquired - t.released - t.untracked - t.replaced
+            missing = expected - live_count - (t.ungrouped if snapshot.live is None else 0)
+            resources[res.name]["unaccounted"] = missing
+            if missing:
+                cause = ("read while tracing: events in flight between the counters and the tallies"
+                         if not snapshot.final else "the per-group tallies lost or gained entries")
+                notes = [*notes, f"{missing} live {res.name} entries unaccounted for: the counters say {expected} "
+                                 f"(acquired - released - untracked - replaced), the report holds {live_count}; "
+                                 f"{cause}"]
         if t and t.untracked:
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
                              f"{res.max_live} live; raise --max-live)"]
@@ -246,7 +259,7 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         else:
             sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale))
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
-                  exit_status, list(notes), sample=scale)
+                  exit_status, list(notes), sample=scale, backend_version=backend_version)
 
 
 def _rank(rows, labels, since):

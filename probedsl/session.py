@@ -1,6 +1,7 @@
 """`probedsl run`: launch or find the target, drive a backend, print reports until the end."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,9 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, estimate, formats, ir, report
-from .drivers.bcc import BccDriver
-from .drivers.bpftrace import BpftraceDriver
+from . import compiler, estimate, formats, ir, report, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -26,7 +25,7 @@ TASK_COMM_LEN = 16
 @dataclass
 class RunOptions:
     recipe: str
-    backend: str = "bpftrace"
+    backend: str = targets.DEFAULT_BACKEND
     comm: Optional[str] = None
     pid: Optional[int] = None
     all: bool = False                  # every process (system-wide)
@@ -44,9 +43,9 @@ class RunOptions:
     ages: bool = False                 # read every live entry at each report (exact oldest ages)
     sample: int = 1                    # record one acquisition in N
     estimate: bool = False             # count calls for a second first and print the expected cost
-    per_process: bool = False          # --comm on BCC: attach to each matching process only
+    per_process: bool = False          # --comm: attach to each matching process only
     growth_intervals: int = 3
-    max_live: Optional[int] = None     # None: the backend's default (ir.BACKEND_MAX_LIVE)
+    max_live: Optional[int] = None     # None: the target's default
 
 
 def validate_comm(comm: str) -> str:
@@ -59,22 +58,27 @@ def validate_comm(comm: str) -> str:
     return comm
 
 
-def _target(opts: RunOptions):
+def _scope(opts: RunOptions, target: targets.Target):
+    """(scope, library resolver, held command or None) for the options."""
     chosen = [x for x in (opts.comm, opts.pid, opts.command or None, opts.all or None) if x is not None]
     if len(chosen) != 1:
         raise ProbedslError("choose one target: --comm NAME, --pid PID, --all, or -- CMD ARGS...")
+    if opts.per_process and opts.comm is None:
+        raise ProbedslError("--per-process goes with --comm NAME")
     if opts.all:
-        return ir.Target("all"), LibraryResolver(), None
+        return ir.Scope("all"), LibraryResolver(), None
     if opts.comm is not None:
-        if opts.per_process and opts.backend != "bcc":
-            raise ProbedslError("--per-process needs --backend bcc (bpftrace 0.17 cannot scope a uprobe to a pid)")
-        return ir.Target("comm", comm=validate_comm(opts.comm), per_process=opts.per_process), LibraryResolver(), None
+        if opts.per_process and not target.per_process_comm:
+            backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
+            raise ProbedslError(f"--per-process: {target.name} cannot attach uprobes per process; "
+                                f"use --backend {backends}")
+        return ir.Scope("comm", comm=validate_comm(opts.comm), per_process=opts.per_process), LibraryResolver(), None
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
-        return ir.Target("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
+        return ir.Scope("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
-    return ir.Target("cmd", pid=held.pid, follow_forks=opts.follow_forks), LibraryResolver(command=held.exe), held
+    return ir.Scope("cmd", pid=held.pid, follow_forks=opts.follow_forks), LibraryResolver(command=held.exe), held
 
 
 class _Stop:
@@ -90,137 +94,129 @@ class _Stop:
         self.signal = signum
 
 
+def _say(err, text: str) -> None:
+    print(f"probedsl: {text}", file=err, flush=True)
+
+
 def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
     if os.geteuid() != 0:
         raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
     recipe = compiler.load(opts.recipe)
     if opts.estimate and opts.command:
         raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
-    target, resolver, held = _target(opts)
-    private = None
-    try:
-        max_live = opts.max_live or ir.BACKEND_MAX_LIVE[opts.backend]
-        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=max_live).with_target(target)
-        program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
-        if held and opts.private_libs:
-            private = PrivateLibraries()
-            program = private.apply(program, held.exe)
-        generated = compiler.generate(program, opts.backend, ready_pid=os.getpid())
-        driver = {"bpftrace": BpftraceDriver, "bcc": BccDriver}[opts.backend](program, generated)
-        tracker = MappingTracker().start()       # before attaching, so no mmap is missed
-    except BaseException:
+    target = targets.detect(opts.backend)
+    max_live = opts.max_live or target.default_max_live
+    if target.max_live_limit is not None and max_live > target.max_live_limit:
+        raise ProbedslError(f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
+                            f"live entries per table (tallies pack the count in its bits); use --backend bcc")
+    with contextlib.ExitStack() as cleanup:      # undone in reverse order, however the run ends
+        scope, resolver, held = _scope(opts, target)
         if held:
-            held.abandon()
-        if private:
-            private.cleanup()
-        raise
-    if opts.estimate:
-        try:
+            cleanup.callback(held.abandon)        # a no-op once the command was released
+        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=max_live).with_scope(scope)
+        program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
+        private = None
+        if held and opts.private_libs and not target.scopes_uprobes(scope):
+            private = PrivateLibraries()
+            cleanup.callback(private.cleanup)
+            program = private.apply(program, held.exe)
+        generated = compiler.generate(program, target, ready_pid=os.getpid())
+        driver = target.driver(program, generated)
+        tracker = MappingTracker().start()       # before attaching, so no mmap is missed
+        cleanup.callback(tracker.stop)
+        if opts.estimate:
             for line in estimate.measure(program).lines():
-                print(f"probedsl: {line}", file=err, flush=True)
-        except BaseException:
-            driver.kill()
-            tracker.stop()
-            raise
-    for pid in ([target.pid] if target.mode == "pid" else
-                processes_named(target.comm) if target.mode == "comm" else []):
-        tracker.snapshot(pid)                  # mapped before we started listening
-    stop = _Stop()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    describe = {"all": "all processes", "comm": f"comm {target.comm}", "pid": f"pid {target.pid}",
-                "cmd": f"command {' '.join(opts.command)} (pid {target.pid})"}[target.mode]
-    symbolizer = Symbolizer(tracker)
-    notes: List[str] = []
-    exit_status = None
-    try:
-        try:
-            driver.start()
-        except BaseException:
-            if held:
-                held.abandon()
-            raise
-        print(f"probedsl: tracing {describe} with {opts.backend}; Ctrl-C ends with a report", file=err, flush=True)
-        mb = driver.map_memory() / 2**20
-        print(f"probedsl: note: BPF maps hold {mb:.0f} MB of kernel memory (live tables sized for --max-live "
-              f"{max((r.max_live for r in program.resources), default=0)}"
-              f"{'; bpftrace sizes every keyed map so' if opts.backend == 'bpftrace' else ''})",
-              file=err, flush=True)
-        for line in _bystander_notes(program, opts, private):
-            print(f"probedsl: note: {line}", file=err, flush=True)
+                _say(err, line)
+        for pid in ([scope.pid] if scope.mode == "pid" else
+                    processes_named(scope.comm) if scope.mode == "comm" else []):
+            tracker.snapshot(pid)                  # mapped before we started listening
+        stop = _Stop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            cleanup.callback(signal.signal, s, signal.signal(s, stop))
+        cleanup.callback(driver.kill)
+        driver.start()
+        describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
+                    "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
+        # tests and scripts wait for this line: every probe is attached
+        _say(err, f"tracing {describe} with {target.name}; Ctrl-C ends with a report")
+        _say(err, f"note: BPF maps hold {driver.map_memory() / 2**20:.0f} MB of kernel memory (live tables "
+                  f"sized for --max-live {max_live})")
+        for line in target.notes(program) + _bystander_notes(program, target, private):
+            _say(err, f"note: {line}")
         if held:
             held.release(private.env if private else None)
-        started = time.monotonic()
-        next_report = started + opts.interval if opts.interval else None
+        return _trace(opts, program, target, driver, tracker, held, stop, describe, out, err)
 
-        growth = report.Growth(opts.growth_intervals)
-        sequence = 0
 
-        def emit(snap):
-            nonlocal sequence
-            sequence += 1
-            lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
-                if tracker.lost else []
-            rep = report.build(program, snap, symbolizer, backend=opts.backend, target=describe,
-                               duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
-                               exit_status=exit_status, notes=notes + lost)
-            rep.sequence = sequence
-            tracker.prune(report.referenced_pids(program, snap))
-            growth.annotate(rep)
-            write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
+def _trace(opts, program, target, driver, tracker, held, stop, describe, out, err) -> int:
+    """The run loop: reports at intervals until the run ends, then the final one."""
+    scope = program.scope
+    symbolizer = Symbolizer(tracker)
+    notes: List[str] = []
+    started = time.monotonic()
+    next_report = started + opts.interval if opts.interval else None
+    growth = report.Growth(opts.growth_intervals)
+    sequence = 0
 
-        while stop.signal is None:
-            if held and held.poll() is not None:
-                break
-            if target.mode == "pid" and not process_alive(target.pid):
-                break
-            if opts.duration and time.monotonic() - started >= opts.duration:
-                break
-            if not driver.alive():
-                notes.append(f"the {opts.backend} process ended early")
-                break
-            if next_report and time.monotonic() >= next_report:
-                next_report += opts.interval
-                snap = driver.snapshot(timeout=5)
-                if snap is not None:
-                    emit(snap)
-            driver.idle(0.05)
-        if held:
-            if held.poll() is None and stop.signal is not None:
-                _end_command(held, stop.signal, notes)
-            exit_status = held.poll()
-        final = driver.stop()
-        if final is None:
-            print("probedsl: the tracer ended without a final report: " +
-                  getattr(driver, "explain_stderr", lambda: "no data")(), file=err)
-            return 1
-        emit(final)
-    finally:
-        driver.kill()
-        tracker.stop()
-        if private:
-            private.cleanup()
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    def emit(snap, exit_status=None):
+        nonlocal sequence
+        sequence += 1
+        lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
+            if tracker.lost else []
+        rep = report.build(program, snap, symbolizer, backend=target.backend,
+                           backend_version=targets.version_text(target.version), target=describe,
+                           duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
+                           exit_status=exit_status, notes=notes + lost)
+        rep.sequence = sequence
+        tracker.prune(report.referenced_pids(program, snap))
+        growth.annotate(rep)
+        write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
+
+    while stop.signal is None:
+        if held and held.poll() is not None:
+            break
+        if scope.mode == "pid" and not process_alive(scope.pid):
+            break
+        if opts.duration and time.monotonic() - started >= opts.duration:
+            break
+        if not driver.alive():
+            notes.append(f"{target.name} ended early: {driver.explain_failure()}")
+            break
+        if next_report and time.monotonic() >= next_report:
+            next_report += opts.interval
+            snap = driver.snapshot(timeout=5)
+            if snap is not None:
+                emit(snap)
+        driver.idle(0.05)
+    exit_status = None
+    if held:
+        if held.poll() is None and stop.signal is not None:
+            _end_command(held, stop.signal, notes)
+        exit_status = held.poll()
+    final = driver.stop()
+    if final is None:
+        _say(err, f"the tracer ended without a final report: {driver.explain_failure()}")
+        return 1
+    emit(final, exit_status)
     return exit_status if exit_status is not None else 0
 
 
-def _bystander_notes(program: ir.Program, opts: RunOptions, private: Optional[PrivateLibraries]) -> List[str]:
+def _bystander_notes(program: ir.Program, target: targets.Target,
+                     private: Optional[PrivateLibraries]) -> List[str]:
     """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter)."""
-    target = program.target
-    scoped = (private is not None and all(private.owns(p.path)
-                                          for r in program.resources for p in r.probes if p.kind == "uprobe")) \
-        or (opts.backend == "bcc" and target.mode in ("pid", "cmd") and not target.tracks_children) \
-        or target.per_process
-    if scoped:
+    scope = program.scope
+    paths = [p.path for r in program.resources for p in r.probes if p.kind == "uprobe"]
+    if target.scopes_uprobes(scope) or (private is not None and all(private.owns(p) for p in paths)):
         return []
-    files = sorted({p.path for r in program.resources for p in r.probes if p.kind == "uprobe"})
+    files = sorted(set(paths))
     if not files:
         return []
-    avoid = ("-- CMD (private library copies), --backend bcc --comm NAME --per-process, or --backend bcc "
-             "--pid PID --no-follow-forks avoid it"
-             if target.mode != "cmd" else "the command loads them from elsewhere; see docs/usage.md")
+    scoping = [t for t in targets.TARGETS if t.per_pid_uprobes]
+    avoid = (f"-- CMD (private library copies), --comm NAME --per-process (bcc), or --pid PID "
+             f"--no-follow-forks ({', '.join(t().name for t in scoping)}) avoid it"
+             if scope.mode != "cmd" else "the command loads them from elsewhere; see docs/usage.md")
     return [f"every process using {', '.join(os.path.basename(f) for f in files)} pays a uprobe trap "
-            f"(~3 us per probed call) while this runs; {avoid}"]
+            f"(~2 us per probed call) while this runs; {avoid}"]
 
 
 def _use_color(opts: RunOptions, out) -> bool:
@@ -254,23 +250,3 @@ def _end_command(held: HeldCommand, signum: int, notes: List[str]) -> None:
         if forward:
             os.kill(held.pid, signum)
     notes.append(f"the command (pid {held.pid}) was still running when the report was taken")
-
-
-def run_generated_bcc(c_text: str, manifest: dict, argv: List[str]) -> int:
-    """Minimal runner for a compiled BCC loader: --pid PID (optional), until Ctrl-C."""
-    from .drivers.bcc import BccLoader
-    pid = int(argv[argv.index("--pid") + 1]) if "--pid" in argv else 0
-    loader = BccLoader(c_text, manifest, pid)
-    print("tracing; Ctrl-C to print live resources", file=sys.stderr)
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    snap = loader.snapshot(final=True)
-    for name, t in snap.totals.items():
-        groups = next(iter(snap.tallies.get(name, {}).values()), {})     # any tally covers every entry
-        print(f"{name}: {sum(g[1] for g in groups.values())} live, {sum(g[0] for g in groups.values())} bytes; "
-              f"{t.acquired} acquired, "
-              f"{t.released} released, {t.unknown_releases} unknown releases")
-    loader.close()
-    return 0

@@ -30,6 +30,37 @@ def probedsl(*args, input=None, timeout=120, **kw):
                           text=True, timeout=timeout, **kw)
 
 
+def start_run(*args, env=None):
+    """`probedsl run ARGS` in the background, returned once it says that tracing has begun
+    (every probe attached); its output is read later with communicate()."""
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    said = []
+    while not said or not said[-1].startswith("probedsl: tracing "):
+        said.append(tracer.stderr.readline())
+        if not said[-1]:
+            out, err = tracer.communicate()
+            pytest.fail(f"probedsl ended before tracing: {''.join(said) + err}")
+    return tracer
+
+
+class WaitingTarget:
+    """A fixture program started with "wait": it allocates once go() writes its line."""
+
+    def __init__(self, exe: str, *args: str):
+        self.proc = subprocess.Popen([exe, "wait", *args], stdin=subprocess.PIPE)
+        self.pid = self.proc.pid
+
+    def go(self) -> None:
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def end(self) -> None:
+        if self.proc.poll() is None and not self.proc.stdin.closed:
+            self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def root_required():
     if os.geteuid() != 0:

@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, ir
-from probedsl.backends import backend
+from probedsl import compiler, ir, targets
 
 from conftest import MEMLEAK, ROOT
 
@@ -24,25 +23,40 @@ def fixed_paths(program: ir.Program) -> ir.Program:
         for r in program.resources))
 
 
-def memleak_program(target=ir.Target("pid", pid=4242)) -> ir.Program:
+def memleak_program(target=ir.Scope("pid", pid=4242)) -> ir.Program:
     return recipe_program(MEMLEAK, target)
 
 
-def recipe_program(path, target=ir.Target("pid", pid=4242)) -> ir.Program:
-    return fixed_paths(compiler.build(compiler.load(path))).with_target(target)
+def recipe_program(path, target=ir.Scope("pid", pid=4242)) -> ir.Program:
+    return fixed_paths(compiler.build(compiler.load(path))).with_scope(target)
 
 
 BUNDLED = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
 
 
-@pytest.mark.parametrize("recipe", BUNDLED, ids=os.path.basename)
-@pytest.mark.parametrize("name,suffix", [("bpftrace", "bt"), ("bcc", "c")])
-def test_recipe_matches_golden(recipe, name, suffix, update_golden):
-    text = backend(name).generate(recipe_program(recipe)).text
-    golden = GOLDEN / f"{os.path.basename(recipe)[:-len('.probe')]}.{suffix}"
-    if update_golden or not golden.exists():
+def backend(name: str):
+    """The generator of a backend's newest dialect."""
+    return targets.for_version(name, None).generator()
+
+
+def assert_golden(text: str, golden, update: bool) -> None:
+    if update:
         golden.write_text(text)
+    assert golden.exists(), f"{golden} is missing: write it with pytest --update-golden and review it"
     assert text == golden.read_text(), f"regenerate with pytest --update-golden and review the diff of {golden}"
+
+
+@pytest.mark.parametrize("recipe", BUNDLED, ids=os.path.basename)
+def test_recipe_ir_and_layout_match_golden(recipe, update_golden):
+    name = os.path.basename(recipe)[:-len(".probe")]
+    assert_golden(ir.dump(recipe_program(recipe)), GOLDEN / "ir" / f"{name}.ir", update_golden)
+
+
+@pytest.mark.parametrize("cls", targets.TARGETS, ids=lambda c: f"{c.backend}-{c.range_text()}")
+def test_memleak_program_per_dialect_matches_golden(cls, update_golden):
+    suffix = "bt" if cls.backend == "bpftrace" else "c"
+    text = cls().generator().generate(memleak_program()).text
+    assert_golden(text, GOLDEN / f"memleak.{cls.backend}-{cls.range_text()}.{suffix}", update_golden)
 
 
 def test_generation_is_deterministic():
@@ -54,14 +68,14 @@ def test_generation_is_deterministic():
 def test_bpftrace_filters_by_pid_and_takes_comm_as_an_argument():
     bt = backend("bpftrace")
     following = bt.generate(memleak_program()).text
-    assert "@probedsl_traced[4242] = 1;" in following and ":malloc /@probedsl_traced[pid]/" in following
-    assert "/pid == 4242/" in bt.generate(memleak_program(ir.Target("pid", pid=4242, follow_forks=False))).text
-    text = bt.generate(memleak_program(ir.Target("comm", comm='le"ak'))).text
+    assert "@probedsl_traced[(uint64)4242] = 1;" in following and ":malloc /@probedsl_traced[(uint64)pid]/" in following
+    assert "/pid == 4242/" in bt.generate(memleak_program(ir.Scope("pid", pid=4242, follow_forks=False))).text
+    text = bt.generate(memleak_program(ir.Scope("comm", comm='le"ak'))).text
     assert "/comm == str($1)/" in text and 'le"ak' not in text
 
 
 def test_bcc_compares_comm_byte_by_byte():
-    text = backend("bcc").generate(memleak_program(ir.Target("comm", comm='a"*/b'))).text
+    text = backend("bcc").generate(memleak_program(ir.Scope("comm", comm='a"*/b'))).text
     assert "comm[0] != 97 || comm[1] != 34 || comm[2] != 42 || comm[3] != 47" in text
     assert '"*/' not in text
 
@@ -89,25 +103,27 @@ def test_bcc_manifest_lists_each_uprobe_with_its_functions():
 
 
 # --- the real backends accept what we generate (needs root, as CI has) --------------------
+@pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-@pytest.mark.parametrize("target", [ir.Target(), ir.Target("pid", pid=1), ir.Target("comm", comm="x")],
+@pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")],
                          ids=["all", "pid", "comm"])
-def test_bpftrace_accepts_generated_script(recipe, target, tmp_path, root_required):
-    program = compiler.build(compiler.load(recipe)).with_target(target)
+def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required):
+    program = compiler.build(compiler.load(recipe)).with_scope(scope)
     script = tmp_path / "p.bt"
-    script.write_text(backend("bpftrace").generate(program, ready_pid=1).text)
-    argv = ["bpftrace", "--emit-elf", str(tmp_path / "p.o"), str(script)] + (["x"] if target.mode == "comm" else [])
+    script.write_text(targets.detect("bpftrace").generator().generate(program, ready_pid=1).text)
+    argv = ["bpftrace", "--emit-elf", str(tmp_path / "p.o"), str(script)] + (["x"] if scope.mode == "comm" else [])
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "p.o").stat().st_size > 0
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-@pytest.mark.parametrize("target", [ir.Target(), ir.Target("comm", comm="x")], ids=["all", "comm"])
-def test_bcc_compiles_and_loads_generated_program(recipe, target, root_required):
+@pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
+def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required):
     from bcc import BPF
-    program = compiler.build(compiler.load(recipe)).with_target(target)
-    gen = backend("bcc").generate(program)
+    program = compiler.build(compiler.load(recipe)).with_scope(scope)
+    gen = targets.detect("bcc").generator().generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1"])
     try:
         for p in gen.manifest["probes"]:          # loading checks the verifier, without attaching

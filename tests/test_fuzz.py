@@ -7,8 +7,7 @@ import subprocess
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import checker, libraries, lower, parser
-from probedsl.backends import backend
+from probedsl import checker, libraries, lower, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl
@@ -26,7 +25,7 @@ def pipeline(text: str):
     checker.check(recipe)
     program = lower.lower(recipe, lower.parameter_values(recipe, {}))
     program = libraries.resolve(program, libraries.LibraryResolver(), text)
-    return program, [backend(name).generate(program) for name in ("bpftrace", "bcc")]
+    return program, [cls().generator().generate(program) for cls in targets.TARGETS]
 
 
 @st.composite
@@ -92,9 +91,12 @@ def test_random_text_never_crashes_the_parser(text):
 @given(st.one_of(well_formed(), mutated()))
 def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory, text):
     try:
-        program, (bt, bcc_gen) = pipeline(text)
+        program, generated = pipeline(text)
     except (RecipeError, ProbedslError):
         return
+    # the installed versions' dialects
+    bt = targets.detect("bpftrace").generator().generate(program)
+    bcc_gen = targets.detect("bcc").generator().generate(program)
     work = tmp_path_factory.mktemp("fuzz")
     script = work / "f.bt"
     script.write_text(bt.text)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from probedsl import compiler, ir, libraries, lower, parser, checker
+from probedsl import checker, compiler, ir, libraries, lower, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import MEMLEAK, probedsl
@@ -95,5 +95,5 @@ def test_sampling_is_decided_in_the_kernel_on_both_backends():
 def test_bpftrace_refuses_live_tables_its_packed_tallies_cannot_count():
     program = compiler.build(compiler.load(MEMLEAK), max_live=1 << 24)
     with pytest.raises(ProbedslError, match="--max-live must be below 16777216"):
-        compiler.generate(program, "bpftrace")
-    compiler.generate(program, "bcc")                    # BCC keeps bytes and count apart
+        compiler.generate(program, targets.for_version("bpftrace", None))
+    compiler.generate(program, targets.for_version("bcc", None))                    # BCC keeps bytes and count apart

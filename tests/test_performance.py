@@ -14,7 +14,7 @@ import pytest
 
 from probedsl.drivers import bcc as bcc_driver
 
-from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json
+from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json, start_run
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,7 @@ def mallocfree(tmp_path_factory):
 
 
 def start_tracer(*args, env=None):
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 60
-    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
-        assert tracer.poll() is None, tracer.stderr.read()
-    return tracer
+    return start_run(MEMLEAK, "--format", "json", *args, env=env)
 
 
 def loop_seconds(exe, calls=100_000):

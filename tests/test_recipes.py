@@ -25,6 +25,7 @@ def sites(section, column):
     return out
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fdleak_counts_each_leaked_descriptor_once(backend, build):
     result, report = run("fdleak", backend, build("fdleak"))
@@ -36,6 +37,7 @@ def test_fdleak_counts_each_leaked_descriptor_once(backend, build):
     assert per_pid["fds"] == 9 and per_pid["pid"] == report["reports"][1]["entries"][0]["pids"][0]
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fileleak_counts_streams_from_each_opener(backend, build):
     _, report = run("fileleak", backend, build("fileleak"))
@@ -44,6 +46,7 @@ def test_fileleak_counts_streams_from_each_opener(backend, build):
     assert report["resources"]["stream"]["unknown_releases"] == 0     # pclose is not a second release
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mmapleak_sums_mapping_lengths_and_ignores_failed_maps(backend, build):
     _, report = run("mmapleak", backend, build("mmapleak"))
@@ -52,6 +55,7 @@ def test_mmapleak_sums_mapping_lengths_and_ignores_failed_maps(backend, build):
     assert sites(section, "mappings") == {"leak_small": 3, "leak_big": 1}
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lockhold_finds_stuck_locks_and_hold_times_per_site(backend, build):
     _, report = run("lockhold", backend, build("lockhold"))
@@ -65,6 +69,7 @@ def test_lockhold_finds_stuck_locks_and_hold_times_per_site(backend, build):
     assert sum(b["count"] for b in work["histogram_ns"] if b["min"] >= 1 << 19) == 400
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cxxleak_counts_every_new_form_once(backend, build):
     _, report = run("cxxleak", backend, build("cxxleak"))
@@ -76,6 +81,7 @@ def test_cxxleak_counts_every_new_form_once(backend, build):
     assert report["resources"]["object"]["unknown_releases"] == 0   # delete forms are released once
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zstream_finds_streams_never_ended(backend, build):
     _, report = run("zstream", backend, build("zstream"))
@@ -84,6 +90,7 @@ def test_zstream_finds_streams_never_ended(backend, build):
     assert heap["acquired"] == 2 + 3 * 2 and heap["released"] == 3 * 2   # inflateInit_ -> inflateInit2_ once
 
 
+@pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kmemleak_sees_kernel_objects_made_for_the_process(backend, build):
     # the report is taken while the fixture still holds its 40 eventfds open

@@ -6,6 +6,7 @@ import ctypes
 import itertools
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -353,7 +354,11 @@ class BccLoader:
                 if "pid" in keys and not process_alive(k.pid):
                     gone.append(k)
                 continue
-            out[_group(k, keys, stack)] = (sum(v.bytes for v in per_cpu), count, max(v.seen for v in per_cpu))
+            # two stack ids can read as the same frames (a garbage frame-pointer walk ends at
+            # a 0 frame, and frames are read up to it): their groups add up, never replace
+            group = _group(k, keys, stack)
+            nbytes, n, seen = out.get(group, (0, 0, 0))
+            out[group] = (nbytes + sum(v.bytes for v in per_cpu), n + count, max([seen] + [v.seen for v in per_cpu]))
         for k in gone:
             try:
                 del table[k]
@@ -367,15 +372,13 @@ class BccLoader:
 
 
 class BccDriver:
-    name = "bcc"
-
     def __init__(self, program, generated):
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
 
     def start(self, timeout: float = 60) -> None:
-        target = self.program.target
-        pid = target.pid if target.mode in ("pid", "cmd") else 0
+        scope = self.program.scope
+        pid = scope.pid if scope.mode in ("pid", "cmd") else 0
         self.loader = BccLoader(self.generated.text, self.generated.manifest, pid)
 
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
@@ -400,6 +403,9 @@ class BccDriver:
     def map_memory(self) -> int:
         return map_memory(os.getpid())
 
+    def explain_failure(self) -> str:
+        return "the BCC loader was closed" if self.loader is None else "no data"
+
     def kill(self) -> None:
         if self.loader is not None:
             self.loader.close()
@@ -407,6 +413,19 @@ class BccDriver:
 
 
 def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
-    """Entry point of a loader written by `probedsl compile --target bcc`."""
-    from probedsl.session import run_generated_bcc
-    return run_generated_bcc(c_text, manifest, argv)
+    """Entry point of a loader written by `probedsl compile --target bcc`: --pid PID
+    (optional), until Ctrl-C, then the live totals."""
+    pid = int(argv[argv.index("--pid") + 1]) if "--pid" in argv else 0
+    loader = BccLoader(c_text, manifest, pid)
+    print("tracing; Ctrl-C to print live resources", file=sys.stderr)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    snap = loader.snapshot(final=True)
+    for name, t in snap.totals.items():
+        groups = next(iter(snap.tallies.get(name, {}).values()), {})     # any tally covers every entry
+        print(f"{name}: {sum(g[1] for g in groups.values())} live, {sum(g[0] for g in groups.values())} bytes; "
+              f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
+    loader.close()
+    return 0

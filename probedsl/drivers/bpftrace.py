@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 from probedsl import ir
 from probedsl.backends import Generated
 from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
-from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, TALLY_SHIFT, counted
+from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
+from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
 from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
@@ -24,9 +25,10 @@ NOISE = ("couldn't set RLIMIT_MEMLOCK",)
 
 
 def parse_stack(text: str) -> tuple:
-    """ustack(perf)/kstack(perf) text -> addresses; the first token of each line is hex."""
+    """ustack(perf)/kstack(perf) text -> addresses; the first token of each line is hex.
+    bpftrace 0.23 escapes a stack that is a map key once more in JSON (a literal \\n, \\t)."""
     out = []
-    for line in text.splitlines():
+    for line in text.replace("\\n", "\n").replace("\\t", "\t").splitlines():
         token = line.strip().split(" ", 1)[0]
         if token:
             try:
@@ -136,11 +138,10 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
 
 
 class BpftraceDriver:
-    name = "bpftrace"
-
-    def __init__(self, program: ir.Program, generated: Generated):
-        self.program, self.generated = program, generated
+    def __init__(self, program: ir.Program, generated: Generated, target: Bpftrace):
+        self.program, self.generated, self.target = program, generated, target
         self.snapshots: "queue.Queue[Snapshot]" = queue.Queue()
+        self.last: Optional[Snapshot] = None     # the latest one printed (END's, if bpftrace ended)
         self.stderr: List[str] = []
         self.ready = threading.Event()
         self.proc: Optional[subprocess.Popen] = None
@@ -153,14 +154,17 @@ class BpftraceDriver:
         script = os.path.join(self._dir, f"{self.program.name}.bt")
         with open(script, "w") as f:
             f.write(self.generated.text)
-        argv = [exe, "-f", "json", "--", script]         # "--": a name like "-x" is not an option
-        if self.program.target.mode == "comm":
-            argv.append(self.program.target.comm)        # read by the script as str($1): never code
-        max_live = max(r.max_live for r in self.program.resources)
-        env = dict(os.environ, BPFTRACE_NO_USER_SYMBOLS="1", BPFTRACE_MAP_KEYS_MAX=str(max_live))
+        # "--": a name like "-x" is not an option
+        argv = [exe, "-f", "json", *self.target.options(self.program.scope), "--", script]
+        if self.program.scope.mode == "comm":
+            argv.append(self.program.scope.comm)        # read by the script as str($1): never code
+        max_live = max((r.max_live for r in self.program.resources), default=1)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
+        env.update(self.target.environment(max_live))
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-        threading.Thread(target=self._read_stdout, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
         deadline = time.monotonic() + timeout
         # "attached_probes" is printed before attaching, so it proves nothing: wait for the
@@ -169,13 +173,13 @@ class BpftraceDriver:
             os.getppid()
             if self.proc.poll() is not None:
                 time.sleep(0.1)
-                raise ProbedslError("bpftrace failed to start: " + self.explain_stderr())
+                raise ProbedslError(f"{self.target.name} failed to start: " + self.explain_failure())
             if time.monotonic() > deadline:
                 self.kill()
                 raise ProbedslError(f"bpftrace did not attach its probes within {timeout:.0f}s")
             self.ready.wait(0.02)
 
-    def explain_stderr(self) -> str:
+    def explain_failure(self) -> str:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
         lines = []
         for line in self.stderr:
@@ -201,7 +205,8 @@ class BpftraceDriver:
                     self.ready.set()
                 elif data.startswith(SNAPSHOT_MARK):
                     try:
-                        self.snapshots.put(snapshot_from_maps(self.program, maps, time.monotonic_ns(), False))
+                        self.last = snapshot_from_maps(self.program, maps, time.monotonic_ns(), False)
+                        self.snapshots.put(self.last)
                     except (ValueError, TypeError, KeyError) as exc:    # said once the run ends
                         self.stderr.append(f"probedsl could not read bpftrace's maps: {exc!r}")
                     maps = {}
@@ -213,14 +218,20 @@ class BpftraceDriver:
                 self.stderr.append(line)
 
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
-        """Ask the script for its maps (its getpgid probe prints them) and wait for them."""
+        """Ask the script for its maps (its getpgid probe prints them) and wait for them; if
+        bpftrace ends meanwhile, the maps its END probe printed."""
         while not self.snapshots.empty():
             self.snapshots.get_nowait()
         os.getpgid(0)
-        try:
-            return self.snapshots.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.snapshots.get(timeout=0.1)
+            except queue.Empty:
+                if not self.alive():
+                    self._reader.join(timeout)      # it reads END's maps to the end of the pipe
+                    return self.last
+        return None
 
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns."""
@@ -233,8 +244,13 @@ class BpftraceDriver:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30) -> Optional[Snapshot]:
-        """The final snapshot, then end bpftrace. None if bpftrace died first."""
-        last = self.snapshot(timeout) if self.alive() else None
+        """The final snapshot, then end bpftrace. Once bpftrace has ended by itself (with -p it
+        ends with its process), the one its END probe printed; None if it printed none."""
+        if self.alive():
+            last = self.snapshot(timeout)
+        else:
+            self._reader.join(timeout)
+            last = self.last
         # SIGKILL: the data is in, and a clean exit only adds work. The kernel still needs
         # ~2 s to tear the uprobes down; kill() waits for that, after the report is out.
         if self.alive():

@@ -1,0 +1,32 @@
+"""What the session asks of a backend's driver (one running program)."""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+from probedsl.rundata import Snapshot
+
+
+class Driver(Protocol):
+    def start(self, timeout: float = 60) -> None:
+        """Load and attach everything; returns once every probe is attached (tracing has begun)."""
+
+    def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
+        """The tracing state now; None if the tracer could not give it in time."""
+
+    def idle(self, seconds: float) -> None:
+        """The run loop's pause between turns (a driver may do its own work meanwhile)."""
+
+    def alive(self) -> bool:
+        """Whether the tracer still runs."""
+
+    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
+        """The final snapshot; None if the tracer died without one."""
+
+    def kill(self) -> None:
+        """Detach and release everything; safe to call twice, and after a failed start."""
+
+    def map_memory(self) -> int:
+        """Bytes of kernel memory its BPF maps hold."""
+
+    def explain_failure(self) -> str:
+        """One line on why the tracer ended or failed, for the user."""

@@ -1,0 +1,84 @@
+"""Choose the target for a backend from the version installed (or asked for)."""
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+from typing import Optional, Tuple, Type
+
+from probedsl.errors import ProbedslError
+
+from .base import Target, Version, version_text
+from .bcc import Bcc
+from .bpftrace import DIALECTS
+
+TARGETS: Tuple[Type[Target], ...] = (*DIALECTS, Bcc)
+BACKENDS = tuple(dict.fromkeys(t.backend for t in TARGETS))
+DEFAULT_BACKEND = "bpftrace"
+
+
+def supported() -> str:
+    """Every supported range, per backend: "bpftrace 0.17-0.19, 0.20-0.23, ...; bcc 0.26-0.37"."""
+    return "; ".join(f"{b} " + ", ".join(t.range_text() for t in TARGETS if t.backend == b) for b in BACKENDS)
+
+
+def parse_version(text: str) -> Optional[Version]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def installed_version(backend: str) -> Optional[Version]:
+    """The installed version of a backend, or None when it is not installed."""
+    if backend == "bpftrace":
+        exe = shutil.which("bpftrace")
+        if exe is None:
+            return None
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return parse_version(out)
+    try:
+        import bcc
+    except ImportError:
+        return None
+    return parse_version(getattr(bcc, "__version__", ""))
+
+
+def for_version(backend: str, version: Optional[Version]) -> Target:
+    """The target of a backend at a version; None: the newest dialect (compiling offline)."""
+    if backend not in BACKENDS:
+        raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
+    classes = [t for t in TARGETS if t.backend == backend]
+    if version is None:
+        return classes[-1]()
+    for cls in classes:
+        if cls.covers(version):
+            return cls(version)
+    other = " or ".join(b for b in BACKENDS if b != backend)
+    raise ProbedslError(f"{backend} {version_text(version)} is not supported: probedsl supports {supported()}; "
+                        f"install a supported version or use --backend {other}")
+
+
+def detect(backend: str) -> Target:
+    """The target for the backend installed here; a clear error when it is missing."""
+    if backend not in BACKENDS:
+        raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
+    version = installed_version(backend)
+    if version is None:
+        hint = {"bpftrace": "apt-get install bpftrace", "bcc": "apt-get install python3-bpfcc"}.get(backend, "")
+        raise ProbedslError(f"{backend} is not installed ({hint}, or run scripts/setup.sh)")
+    return for_version(backend, version)
+
+
+def from_name(name: str) -> Target:
+    """compile --target: "bpftrace" (the installed version, else the newest dialect),
+    "bpftrace-0.17" (that version's dialect), "bcc"."""
+    backend, _, version = name.partition("-")
+    if version:
+        parsed = parse_version(version)
+        if parsed is None:
+            raise ProbedslError(f"--target {name}: write BACKEND or BACKEND-VERSION (bpftrace-0.23)")
+        return for_version(backend, parsed)
+    if backend not in BACKENDS:
+        raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
+    return for_version(backend, installed_version(backend))

@@ -1,0 +1,85 @@
+"""bpftrace dialects: one class per range of versions whose language and runtime agree.
+
+Each names what its versions need or offer; the generator (probedsl.backends.bpftrace) and
+the driver (probedsl.drivers.bpftrace) read these flags and nothing else about the version.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, List, Tuple
+
+from probedsl import ir
+
+from .base import Target
+
+# a tally's sum packs bytes above the low TALLY_SHIFT bits of the entry count (one map update
+# for both): a group's count stays below 2^24 because --max-live must, bytes below 2^39
+TALLY_SHIFT = 24
+
+
+class Bpftrace(Target):
+    backend = "bpftrace"
+    # every keyed map (scratch, tallies, histograms) is sized at the live table's size and
+    # preallocated: 1M costs ~2 s more start-up and ~650 MB of kernel memory on 0.17
+    # (262,144: +0.5 s, ~220 MB). Past the size, acquisitions are counted as untracked.
+    default_max_live = 262_144
+    max_live_limit = (1 << TALLY_SHIFT) - 1
+    # environment variables that size maps (bpftrace reads one name or the other)
+    map_keys_env: ClassVar[Tuple[str, ...]] = ()
+    # the type checker types a map at its first use in the text: a map read into a variable
+    # before any write there gets no key type ("map expects no arguments", 0.23.2). A write
+    # that never runs, in BEGIN, types each such map first.
+    type_maps_first: ClassVar[bool] = False
+    # delete(@m, k) (0.22+; delete(@m[k]) deprecated) instead of delete(@m[k])
+    delete_with_key_argument: ClassVar[bool] = False
+
+    def generator(self):
+        from probedsl.backends.bpftrace import BpftraceBackend
+        return BpftraceBackend(self)
+
+    def driver(self, program: ir.Program, generated):
+        from probedsl.drivers.bpftrace import BpftraceDriver
+        return BpftraceDriver(program, generated, self)
+
+    def environment(self, max_live: int) -> dict:
+        env = {"BPFTRACE_NO_USER_SYMBOLS": "1"}     # raw addresses: probedsl symbolizes itself
+        env.update({name: str(max_live) for name in self.map_keys_env})
+        return env
+
+    def options(self, scope: ir.Scope) -> List[str]:
+        """Command-line options for a program traced in this scope."""
+        return ["-p", str(int(scope.pid))] if self.scopes_uprobes(scope) else []
+
+
+class Bpftrace017(Bpftrace):
+    """Debian 12 (0.17), kubectl-trace's runner (0.19.1)."""
+    first, last = (0, 17), (0, 19)
+    tested_on = "0.17.0 (Debian 12)"
+    map_keys_env = ("BPFTRACE_MAP_KEYS_MAX",)      # 0.17 ignores the newer name
+
+    def notes(self, program: ir.Program) -> List[str]:
+        scope = program.scope
+        if scope.mode in ("pid", "cmd") and not scope.tracks_children:
+            return [f"bpftrace {self.range_text()} cannot scope uprobes to one process (-p does not); "
+                    "other processes using the probed libraries pay the trap"]
+        return []
+
+
+class Bpftrace020(Bpftrace):
+    """Ubuntu 24.04 (0.20.2), Debian 13 and Ubuntu 25.10 (0.23), Fedora 42."""
+    first, last = (0, 20), (0, 23)
+    tested_on = "0.23.2 (Debian 13)"
+    map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # the old name only warns that it is deprecated
+    per_pid_uprobes = True                         # -p PID scopes uprobes (0.20 "uprobe pid targeting")
+    probe_offsets = True
+    type_maps_first = True
+
+
+class Bpftrace024(Bpftrace020):
+    """Fedora 43 (0.24), Arch (0.25), Alpine 3.24 (0.26)."""
+    first, last = (0, 24), (0, 26)
+    tested_on = ""
+    map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # 0.24+ ignores the old name
+    delete_with_key_argument = True
+
+
+DIALECTS = (Bpftrace017, Bpftrace020, Bpftrace024)
