@@ -140,8 +140,8 @@ class BccBackend(Backend):
         for res, res_views in zip(program.resources, views):
             for probe, view in zip(res.probes, res_views):
                 if probe.kind == "uprobe":
-                    probes.append({"path": probe.path, "function": probe.function,
-                                   "entry": view["entry_fn"], "return": view["return_fn"]})
+                    probes += [{"path": path, "function": probe.function,
+                                "entry": view["entry_fn"], "return": view["return_fn"]} for path in probe.files]
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,

@@ -139,9 +139,9 @@ class BpftraceBackend(Backend):
         if probe.kind == "uprobe":
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
-            path = probe_path(probe.path)
-            entry = f"uprobe:{path}:{probe.function}"
-            ret = f"uretprobe:{path}:{probe.function}"
+            paths = [probe_path(p) for p in probe.files]
+            entry = ", ".join(f"uprobe:{path}:{probe.function}" for path in paths)
+            ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
         actions = [line for a in probe.actions for line in self.action(program, res, a)]

@@ -88,6 +88,13 @@ class Probe:
     actions: Tuple[Action, ...]            # releases first, so realloc's in-place shrink works
     span: Span = field(default=NO_SPAN, compare=False)
     path: str = ""                         # resolved library path; set by libraries.resolve
+    # the same library in other roots (a chroot, a container's mount namespace), where it is
+    # another file: the probe is attached to each of those too
+    also: Tuple[str, ...] = ()
+
+    @property
+    def files(self) -> Tuple[str, ...]:
+        return (self.path, *self.also) if self.path else ()
 
     @property
     def filtered(self) -> bool:
@@ -266,7 +273,7 @@ def dump(program: Program) -> str:
             lines.append(f"  lifetime histogram by ({', '.join(lifetime_keys(program, res))}): log2(ns)")
         for p in res.probes:
             where = "return" if p.at_return else "entry"
-            lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{p.path}]" if p.path else "")
+            lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")
                          + (f", saves ({', '.join(f'arg{i}' for i in p.saved_args)})" if p.saved_args else ""))
             for a in p.actions:
                 text = f"    {a.kind} ({', '.join(show(k) for k in a.key)})"

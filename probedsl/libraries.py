@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from . import elf, ir
+from . import elf, ir, roots
 from .mappings import read_proc_maps
 from .errors import Diagnostic, RecipeError
 
@@ -41,18 +41,20 @@ def _ldconfig() -> Tuple[Tuple[str, str], ...]:
 
 
 def mapped_files(pid: int) -> List[str]:
-    """Files mapped executable by a live process, in map order."""
-    return list(dict.fromkeys(m.path for m in read_proc_maps(pid)))
+    """Files mapped executable by a live process, in map order, named inside its root."""
+    return list(dict.fromkeys(roots.inside(pid, m.path) for m in read_proc_maps(pid)))
 
 
-def loader_map(command: str, env: Optional[dict] = None) -> List[Tuple[str, str]]:
+def loader_map(command: str, env: Optional[dict] = None, root: str = "") -> List[Tuple[str, str]]:
     """(name asked for, file) for each library the dynamic loader would map for `command`,
-    from `ld.so --list` (which loads but does not run it), under `env` added to ours."""
-    loaders = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)]
+    from `ld.so --list` (which loads but does not run it), under `env` added to ours; with
+    `root`, as the command will see it chrooted there (paths inside the root)."""
+    loaders = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(root + p)]
     if not loaders:
         return []
+    argv = (["chroot", root] if root else []) + [loaders[0], "--list", command]
     try:
-        out = subprocess.run([loaders[0], "--list", command], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10,
                              env={**os.environ, **(env or {})}).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
@@ -64,26 +66,49 @@ def linked_libraries(command: str, env: Optional[dict] = None) -> List[str]:
 
 
 class LibraryResolver:
-    """Resolves a recipe's library names the way the traced program would."""
+    """Resolves a recipe's library names the way the traced program would, to files probedsl
+    can attach to: pid, a live process (its maps, in its own root); command, a program about
+    to run (with root: chrooted there); others, processes in other roots (containers) whose
+    copies of each library are probed too."""
 
-    def __init__(self, pid: Optional[int] = None, command: Optional[str] = None):
-        self.pid, self.command = pid, command
+    def __init__(self, pid: Optional[int] = None, command: Optional[str] = None, root: str = "",
+                 others: Iterable[int] = ()):
+        self.pid, self.command, self.root, self.others = pid, command, root.rstrip("/"), tuple(others)
+        self._prefix = roots.root_prefix(pid) if pid else self.root
 
     def candidates(self) -> Iterable[str]:
+        """Library paths as the traced program names them (inside its root)."""
         if self.pid:
             yield from mapped_files(self.pid)
         if self.command:
-            yield from linked_libraries(self.command)
-        for _, path in _ldconfig():
-            yield path
+            yield from (path for _, path in loader_map(self.command, root=self.root))
+        if self._prefix == "":            # our root: what ldconfig knows is what it can load
+            for _, path in _ldconfig():
+                yield path
+
+    def here(self, path: str) -> str:
+        """A path in the program's root -> the file here."""
+        if self.pid and self._prefix is None:
+            return roots.attach_path(self.pid, path)
+        return os.path.realpath((self._prefix or "") + path)
 
     def resolve(self, library: str) -> Optional[str]:
         if "/" in library:
-            return os.path.realpath(library) if os.path.isfile(library) else None
+            path = self.here(library)
+            return path if os.path.isfile(path) else None
         for path in self.candidates():
             if _short_matches(library, os.path.basename(path)):
-                return os.path.realpath(path)
+                return self.here(path)
         return None
+
+    def elsewhere(self, library: str) -> List[str]:
+        """The library as each process of `others` maps it: files other than ours."""
+        found = []
+        for pid in self.others:
+            path = LibraryResolver(pid=pid).resolve(library)
+            if path and os.path.isfile(path):
+                found.append(path)
+        return found
 
 
 def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") -> ir.Program:
@@ -120,8 +145,22 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
             if key in seen:
                 continue
             seen[key] = probe
-            probes.append(replace(probe, path=path))
+            probes.append(replace(probe, path=path, also=_other_copies(path, probe, resolver)))
         resources.append(replace(res, probes=tuple(probes)))
     if diagnostics:
         raise RecipeError(diagnostics, source)
     return replace(program, resources=tuple(resources))
+
+
+def _other_copies(path: str, probe: ir.Probe, resolver: LibraryResolver) -> Tuple[str, ...]:
+    """The probe's library in other roots, once per file, where it has the function."""
+    copies: Dict[Tuple[int, int], str] = {}
+    for other in [path] + resolver.elsewhere(probe.library):
+        try:
+            st = os.stat(other)
+        except OSError:
+            continue
+        syms = elf.symbols(other)
+        if SAFE_PATH.match(other) and syms and syms.address_of(probe.function) is not None:
+            copies.setdefault((st.st_dev, st.st_ino), other)
+    return tuple(p for p in copies.values() if p != path)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 from .procfs import process_alive
+from . import roots
+from .roots import RootedFiles
 
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -33,8 +35,9 @@ class Mapping:
     start: int
     end: int
     offset: int
-    path: str
+    path: str              # as the process names it (inside its root)
     time: int = 0          # CLOCK_MONOTONIC ns of the mmap (0: read from /proc)
+    file: Optional[str] = None  # where probedsl opens it ("": nowhere); None: the same as path
 
 
 def _perf_attr() -> bytes:
@@ -122,6 +125,24 @@ class MappingTracker:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.lost = 0
+        self.files = RootedFiles()
+
+    def _rooted(self, pid: int, maps: List[Mapping], identity=None) -> List[Mapping]:
+        """Mappings with the path the process names each file by (inside its root) and the
+        file probedsl opens for it (its root may be another: a chroot, a container)."""
+        out = []
+        for m in maps:
+            file = self.files.path(pid, m.path, identity)
+            out.append(m if file == m.path else Mapping(m.start, m.end, m.offset, m.path, m.time, file))
+        return out
+
+    def _from_proc(self, pid: int) -> List[Mapping]:
+        """A live process's mappings from /proc, named as in its own root."""
+        out = []
+        for m in read_proc_maps(pid):
+            inside = Mapping(m.start, m.end, m.offset, roots.inside(pid, m.path))
+            out += self._rooted(pid, [inside], roots.mapped_identity(pid, m.start, m.end))
+        return out
 
     def start(self) -> "MappingTracker":
         for cpu in range(os.cpu_count() or 1):
@@ -142,6 +163,7 @@ class MappingTracker:
         for ring in self._rings:
             ring.close()
         self._rings = []
+        self.files.close()
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
@@ -180,8 +202,11 @@ class MappingTracker:
             pid, _tid, addr, length, pgoff = struct.unpack_from("<IIQQQ", body)
             name_at = 32 if rtype == _RECORD_MMAP else 32 + 24 + 8
             path = body[name_at:len(body) - 8].split(b"\0", 1)[0].decode(errors="replace")
+            # MMAP2 says which file (device, inode): ours at that path, or another root's
+            identity = struct.unpack_from("<IIQ", body, 32) if rtype == _RECORD_MMAP2 else None
             if path.startswith("/"):
-                self._at(pid, time_ns).append(Mapping(addr, addr + length, pgoff, path, time_ns))
+                mapped = Mapping(addr, addr + length, pgoff, path, time_ns)
+                self._at(pid, time_ns).extend(self._rooted(pid, [mapped], identity))
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
             if pid == tid:
@@ -210,7 +235,7 @@ class MappingTracker:
         with self._lock:
             gens = self._gens.get(pid)
             if not gens or not any(m for _, m in gens):
-                current = read_proc_maps(pid)
+                current = self._from_proc(pid)
                 if current:
                     gens = self._gens[pid] = [(0, current)]
             if not gens:
@@ -235,7 +260,7 @@ class MappingTracker:
 
     def snapshot(self, pid: int) -> None:
         """Record a live process's current mappings (for processes older than the tracker)."""
-        current = read_proc_maps(pid)
+        current = self._from_proc(pid)
         with self._lock:
             if current:
                 self._current(pid).extend(current)

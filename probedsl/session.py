@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, estimate, formats, ir, report, targets
+from . import compiler, estimate, formats, ir, report, roots, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -66,19 +67,35 @@ def _scope(opts: RunOptions, target: targets.Target):
     if opts.per_process and opts.comm is None:
         raise ProbedslError("--per-process goes with --comm NAME")
     if opts.all:
-        return ir.Scope("all"), LibraryResolver(), None
+        # processes in other roots (containers) load other files: probe theirs too
+        everyone = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+        return ir.Scope("all"), LibraryResolver(others=roots.one_per_other_root(everyone)), None
     if opts.comm is not None:
         if opts.per_process and not target.per_process_comm:
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
             raise ProbedslError(f"--per-process: {target.name} cannot attach uprobes per process; "
                                 f"use --backend {backends}")
-        return ir.Scope("comm", comm=validate_comm(opts.comm), per_process=opts.per_process), LibraryResolver(), None
+        comm = validate_comm(opts.comm)
+        # --per-process: BCC resolves each process's libraries in its own root as it attaches
+        others = [] if opts.per_process else roots.one_per_other_root(processes_named(comm))
+        resolver = LibraryResolver(others=others)
+        return ir.Scope("comm", comm=comm, per_process=opts.per_process), resolver, None
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
         return ir.Scope("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
-    return ir.Scope("cmd", pid=held.pid, follow_forks=opts.follow_forks), LibraryResolver(command=held.exe), held
+    root, command = roots.chroot_command([held.exe] + opts.command[1:])
+    if root:            # chroot ROOT CMD: the libraries CMD loads there
+        inside = shutil.which(command[0], path=":".join(root + d for d in os.defpath.split(":") + ["/usr/sbin"])) \
+            if "/" not in command[0] else root + command[0]
+        if inside is None:
+            held.abandon()
+            raise ProbedslError(f"command not found in {root}: {command[0]}")
+        resolver = LibraryResolver(command=inside[len(root):], root=root)
+    else:
+        resolver = LibraryResolver(command=held.exe)
+    return ir.Scope("cmd", pid=held.pid, follow_forks=opts.follow_forks), resolver, held
 
 
 class _Stop:
@@ -116,7 +133,7 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=max_live).with_scope(scope)
         program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
         private = None
-        if held and opts.private_libs and not target.scopes_uprobes(scope):
+        if held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
             private = PrivateLibraries()
             cleanup.callback(private.cleanup)
             program = private.apply(program, held.exe)
@@ -124,6 +141,8 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
         driver = target.driver(program, generated)
         tracker = MappingTracker().start()       # before attaching, so no mmap is missed
         cleanup.callback(tracker.stop)
+        if resolver.root:
+            tracker.files.known_roots.add(resolver.root)
         if opts.estimate:
             for line in estimate.measure(program).lines():
                 _say(err, line)

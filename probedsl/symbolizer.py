@@ -92,16 +92,16 @@ class Symbolizer:
                     continue
                 # a return address points after its call: look up the call itself
                 is_return = depth > 0 or leaf_returns
-                frame, vaddr = self._elf_frame(mappings, address, address - 1 if is_return else address)
-                located[key] = (frame, vaddr)
+                frame, vaddr, file = self._elf_frame(mappings, address, address - 1 if is_return else address)
+                located[key] = (frame, vaddr, file)
                 if vaddr is not None:
-                    per_module.setdefault(frame.module, set()).add(vaddr)
+                    per_module.setdefault(file, set()).add(vaddr)
         sources = {m: self.lines.lookup(m, vaddrs) for m, vaddrs in per_module.items()}
-        names = self.lines.demangle([f.function for f, _ in located.values() if f.function])
-        for key, (frame, vaddr) in located.items():
+        names = self.lines.demangle([f.function for f, _, _ in located.values() if f.function])
+        for key, (frame, vaddr, file) in located.items():
             frame = replace(frame, function=names.get(frame.function, frame.function))
             expanded = [frame]
-            src = sources.get(frame.module, {}).get(vaddr, ()) if vaddr is not None else ()
+            src = sources.get(file, {}).get(vaddr, ()) if vaddr is not None else ()
             if src:
                 # addr2line -i: innermost inlined callee first, the real function last
                 *inlined, outer = src
@@ -115,19 +115,21 @@ class Symbolizer:
     def user_stack(self, pid: int, addresses: Sequence[int], leaf_returns: bool = True) -> List[Frame]:
         return self.user_stacks([(pid, addresses)], leaf_returns)[0]
 
-    def _elf_frame(self, mappings, address: int, lookup: int) -> Tuple[Frame, Optional[int]]:
+    def _elf_frame(self, mappings, address: int, lookup: int) -> Tuple[Frame, Optional[int], str]:
+        """(frame, address in the file's ELF view or None, the file opened for it)."""
         m = find(mappings, lookup)
         if m is None:
-            return Frame(address, "", 0, ""), None
-        syms = elf.symbols(m.path)
+            return Frame(address, "", 0, ""), None, ""
+        file = m.path if m.file is None else m.file      # another root's file, opened from here
+        syms = elf.symbols(file) if file else None
         if syms is None:
-            return Frame(address, "", 0, m.path), None
+            return Frame(address, "", 0, m.path), None, file
         vaddr = syms.file_offset_to_vaddr(lookup - m.start + m.offset)
         hit = syms.function_at(vaddr)
         if hit is None:
-            return Frame(address, "", 0, m.path), vaddr
+            return Frame(address, "", 0, m.path), vaddr, file
         name, offset = hit
-        return Frame(address, name, offset + (address - lookup), m.path), vaddr
+        return Frame(address, name, offset + (address - lookup), m.path), vaddr, file
 
     def kernel_stack(self, addresses: Sequence[int]) -> List[Frame]:
         addrs, names = _kallsyms()

@@ -169,7 +169,7 @@ def test_estimate_refuses_a_command_it_cannot_count_yet():
 
 def test_per_process_needs_bcc():
     result = probedsl("run", MEMLEAK, "--comm", "x", "--per-process")
-    assert result.returncode == 1 and "--per-process needs --backend bcc" in result.stderr
+    assert result.returncode == 1 and "cannot attach uprobes per process; use --backend bcc" in result.stderr
 
 
 def test_the_scale_harness_reports_every_block(root_required):

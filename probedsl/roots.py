@@ -1,0 +1,129 @@
+"""A process's files as probedsl can open them. A process in a chroot or in another mount
+namespace (a container) names files inside its own root: /usr/lib/.../libc.so.6 there is
+another file than ours."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+
+def root_prefix(pid: int) -> Optional[str]:
+    """"" when the process shares our root; the directory that is its root, seen from here (a
+    chroot in our mount namespace); None when no path here reaches it (another mount
+    namespace) or the process is gone."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/root")
+        if os.path.samestat(theirs, os.stat("/")):
+            return ""
+        link = os.readlink(f"/proc/{pid}/root")
+        if link.startswith("/") and os.path.samestat(os.stat(link), theirs):
+            return link.rstrip("/")
+    except OSError:
+        pass
+    return None
+
+
+def one_per_other_root(pids: Iterable[int]) -> List[int]:
+    """One process for each root other than ours that these processes have."""
+    ours, chosen = os.stat("/"), {}
+    for pid in pids:
+        try:
+            st = os.stat(f"/proc/{pid}/root")
+        except OSError:
+            continue
+        if not os.path.samestat(st, ours):
+            chosen.setdefault((st.st_dev, st.st_ino), pid)
+    return sorted(chosen.values())
+
+
+def chroot_command(argv: List[str]) -> Tuple[str, List[str]]:
+    """(root, command) when argv runs a command through chroot(8), else ("", argv)."""
+    if not argv or os.path.basename(argv[0]) != "chroot":
+        return "", argv
+    rest = argv[1:]
+    while rest and rest[0].startswith("-"):      # chroot's own options (--userspec=U:G, ...)
+        rest = rest[1:] if "=" in rest[0] or rest[0] == "--" else rest[2:]
+    if len(rest) < 2 or not os.path.isdir(rest[0]):
+        return "", argv
+    return os.path.realpath(rest[0]), rest[1:]
+
+
+def inside(pid: int, path: str) -> str:
+    """A path from /proc/PID/maps (as its mount namespace names it) -> the path inside the
+    process's root, as the process itself (and its perf mmap records) names it."""
+    try:
+        root = os.readlink(f"/proc/{pid}/root").rstrip("/")
+    except OSError:
+        return path
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+def mapped_identity(pid: int, start: int, end: int) -> Optional[Tuple[int, int, int]]:
+    """(major, minor, inode) of the file mapped at [start, end) in the process."""
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{start:x}-{end:x}")
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def attach_path(pid: int, path: str) -> str:
+    """A path naming the file `path` is in the process's root, for attaching a uprobe now."""
+    prefix = root_prefix(pid)
+    if prefix is None:
+        return f"/proc/{pid}/root{path}"
+    return prefix + path
+
+
+class RootedFiles:
+    """Paths here for files that processes name in their own roots. A file in another mount
+    namespace is opened while its process lives and held open (named /proc/OUR-PID/fd/N), so
+    that it can still be read to name frames after the process ends."""
+
+    def __init__(self):
+        self._held: Dict[Tuple[int, int, str], str] = {}
+        # chroot directories seen (or given: chroot ROOT CMD): a file of a process that ended
+        # before we looked is found in one of them when its identity matches there
+        self.known_roots: Set[str] = set()
+
+    def path(self, pid: int, path: str, identity: Optional[Tuple[int, int, int]] = None) -> str:
+        """path: as the process names it, inside its root. identity: (major, minor, inode) of
+        the file, when known: a file here with that identity is the one. "" when it cannot be
+        opened from here (its process, in another root, ended before we looked)."""
+        if identity is not None and _is(path, identity):
+            return path
+        prefix = root_prefix(pid)
+        if prefix:
+            self.known_roots.add(prefix)
+        if prefix is not None and (identity is None or _is(prefix + path, identity)):
+            return prefix + path
+        try:
+            root = os.stat(f"/proc/{pid}/root")
+        except OSError:            # gone: ours only if nothing said otherwise
+            if identity is None:
+                return path
+            return next((r + path for r in sorted(self.known_roots) if _is(r + path, identity)), "")
+        key = (root.st_dev, root.st_ino, path)
+        if key not in self._held:
+            try:
+                fd = os.open(f"/proc/{pid}/root{path}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return ""
+            self._held[key] = f"/proc/{os.getpid()}/fd/{fd}"
+        return self._held[key]
+
+    def close(self) -> None:
+        for name in self._held.values():
+            try:
+                os.close(int(name.rsplit("/", 1)[1]))
+            except OSError:
+                pass
+        self._held.clear()
+
+
+def _is(path: str, identity: Tuple[int, int, int]) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == identity

@@ -1,0 +1,126 @@
+"""Processes with their own root and libc (a chroot; a new mount and pid namespace) are traced
+like any other: --pid, --comm and -- chroot ROOT CMD, both backends, stacks named."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BACKENDS, MEMLEAK, probedsl, report_json, start_run
+from test_tracing import assert_accounted, assert_seed_leak
+
+pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.debian13]
+
+
+@pytest.fixture(scope="session")
+def leak_root(build, tmp_path_factory):
+    """A root directory holding leak_delayed and copies of its loader and libraries: another
+    libc file than the system's, as in a container image."""
+    root = tmp_path_factory.mktemp("root")
+    exe = build("leak_delayed")
+    listed = subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--list", exe], capture_output=True, text=True,
+                            check=True).stdout
+    files = [line.split("=>")[1].split()[0] for line in listed.splitlines() if "=> /" in line]
+    files.append("/lib64/ld-linux-x86-64.so.2")
+    for path in files:
+        dest = root / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), dest)
+    shutil.copy2(exe, root / "leak_delayed")
+    return str(root)
+
+
+class Held:
+    """argv ending in `leak_delayed wait 1`: it allocates once go() writes its line."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+
+    def go(self):
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def end(self):
+        if self.proc.poll() is None and not self.proc.stdin.closed:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def libc_of(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return next(line.split()[-1] for line in f if "libc.so" in line)
+
+
+def leak_process() -> int:
+    """The pid of the leak_delayed process, once it has mapped its libc (0: none within 5 s)."""
+    for _ in range(500):
+        for p in (int(e) for e in os.listdir("/proc") if e.isdigit()):
+            try:
+                if _named(p, "leak_delayed") and libc_of(p):
+                    return p
+            except (OSError, StopIteration):
+                pass
+        subprocess.run(["sleep", "0.01"])
+    return 0
+
+
+def trace_held(backend, argv, comm=False):
+    """Start argv (held), trace its leak_delayed by pid or by comm, release it; the JSON report."""
+    held = Held(argv)
+    try:
+        pid = leak_process()
+        assert pid, "leak_delayed did not start"
+        target = ["--comm", "leak_delayed"] if comm else ["--pid", str(pid)]
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *target)
+        held.go()
+        if comm:
+            held.proc.wait(timeout=60)
+            tracer.send_signal(2)
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        held.end()
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    assert_accounted(report)
+    return report
+
+
+@pytest.mark.parametrize("mode", ["pid", "comm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_chrooted_process_with_its_own_libc(backend, mode, leak_root):
+    report = trace_held(backend, ["chroot", leak_root, "/leak_delayed", "wait", "1"], comm=mode == "comm")
+    assert_seed_leak(report)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_command_run_through_chroot(backend, leak_root):
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--",
+                      "chroot", leak_root, "/leak_delayed", "0", "0")
+    assert result.returncode == 0, result.stderr
+    report = report_json(result.stdout)
+    assert_seed_leak(report)
+    assert_accounted(report)
+
+
+@pytest.mark.parametrize("mode", ["pid", "comm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(backend, mode, leak_root, tmp_path):
+    # the root is a tmpfs mounted only inside the new mount namespace: from here, the
+    # directory is empty, so its files are reached through /proc/PID/root alone
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    script = f"mount -t tmpfs tmpfs {hidden} && cp -a {leak_root}/. {hidden} && exec chroot {hidden} /leak_delayed wait 1"
+    argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script]
+    report = trace_held(backend, argv, comm=mode == "comm")
+    assert not os.listdir(hidden), "the namespace's root should be invisible here"
+    assert_seed_leak(report)
+
+
+def _named(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == name
+    except OSError:
+        return False
