@@ -140,11 +140,12 @@ class BccBackend(Backend):
         for res, res_views in zip(program.resources, views):
             for probe, view in zip(res.probes, res_views):
                 if probe.kind == "uprobe":
-                    probes += [{"path": path, "function": probe.function,
+                    probes += [{"path": path, "library": probe.library, "function": probe.function,
                                 "entry": view["entry_fn"], "return": view["return_fn"]} for path in probe.files]
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
+            "watch_roots": program.scope.mode == "comm" and not program.scope.per_process,
             "follow_forks": program.scope.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,

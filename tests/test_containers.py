@@ -124,3 +124,26 @@ def _named(pid: int, name: str) -> bool:
             return f.read().strip() == name
     except OSError:
         return False
+
+
+def test_bcc_comm_probes_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
+    root = tmp_path / "late"                 # a root (and a name) no process has yet
+    shutil.copytree(leak_root, root, symlinks=True)
+    os.rename(root / "leak_delayed", root / "leak_late")
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "50", "--comm", "leak_late")
+    held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
+    try:
+        said = []
+        while not any("another root's copy of libc" in line for line in said):
+            said.append(tracer.stderr.readline())
+            assert said[-1], f"the tracer ended: {''.join(said)}"
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        held.end()
+        tracer.send_signal(2)
+    out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    assert_seed_leak(report)
+    assert_accounted(report)

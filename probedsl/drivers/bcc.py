@@ -13,7 +13,9 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
+from probedsl import roots
 from probedsl.errors import ProbedslError
+from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
 
@@ -126,6 +128,7 @@ def remove_tracefs_uprobes(bcc_pid: int) -> int:
 
 
 ATTACH_TRIES = 3      # --per-process: attempts, RETRY_S apart, before a process is given up
+ROOT_WAIT_S = 2.0     # --comm: how long an arrival in another root may take to map its libraries
 RETRY_S = 0.05
 # uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
 # delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes' worth;
@@ -149,6 +152,14 @@ def _stderr_captured():
             os.close(saved)
             sink.seek(0)
             said.append(sink.read())
+
+
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _bucket(i: int, count: int) -> tuple:
@@ -218,6 +229,13 @@ class BccLoader:
             failure = self._attach(scope)
             if failure:
                 raise ProbedslError(failure)
+        # --comm: a process with the name in a root not seen yet (a container started later)
+        # maps other library files: the probes go on those too, as it arrives
+        self.watch_roots = bool(manifest.get("watch_roots"))
+        self.unresolved: Dict[int, float] = {}    # arrivals whose libraries are not mapped yet
+        self.probed = {(_identity(p["path"]), p["function"], p["entry"]) for p in manifest["probes"]}
+        if self.watch_roots:
+            self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
 
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
@@ -273,19 +291,22 @@ class BccLoader:
         """--comm: attach to processes that took the name since the last call (waiting up to
         wait_s for one: the doorbell rings at its exec or fork), detach from those that ended.
         Returns the pids newly attached."""
-        if not self.per_process:
+        if not (self.per_process or self.watch_roots):
+            return []
+        if self.watch_roots:
+            self.bpf.ring_buffer_poll(max(1, int(wait_s * 1000)))
+            now = time.monotonic()
+            for pid in self._arrivals():
+                self.unresolved.setdefault(pid, now + ROOT_WAIT_S)
+            for pid, until in list(self.unresolved.items()):
+                if self._probe_other_root(pid) or now > until or not process_alive(pid):
+                    del self.unresolved[pid]
             return []
         closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
                                      or len(self.unclosed) > self.max_unclosed)
         if wait_s > 0:      # closing a uprobe (~90 ms) is then the pause
             self.bpf.ring_buffer_poll(0 if closing else max(1, int(wait_s * 1000)))
-        arrivals = self.bpf["probedsl_arrivals"]
-        pids = [k.value for k in arrivals.keys()]
-        for pid in pids:
-            try:
-                del arrivals[ctypes.c_uint32(pid)]
-            except KeyError:
-                pass
+        pids = self._arrivals()
         added, now = [], time.monotonic()
         for pid in set(pids) | {p for p, (_, retry_at) in self.refusals.items() if retry_at <= now}:
             if pid not in self.attached and is_process(pid):
@@ -301,6 +322,52 @@ class BccLoader:
         elif closing:
             self._close_one()
         return added
+
+    def _arrivals(self) -> List[int]:
+        """Pids that exec'd the name or were forked by such a process since the last call."""
+        arrivals = self.bpf["probedsl_arrivals"]
+        pids = [k.value for k in arrivals.keys()]
+        for pid in pids:
+            try:
+                del arrivals[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+        return pids
+
+    def _probe_other_root(self, pid: int) -> bool:
+        """Attach every probe to the process's copy of its library when that is a file not
+        probed yet; False while a library cannot be found yet. At exec the process has not
+        mapped its libraries: the copy is the one at the probed path inside its root, or the
+        one its maps name once the loader has mapped it (admit() asks again meanwhile)."""
+        if roots.root_prefix(pid) == "":
+            return True
+        found, new_files = True, []
+        for p in self.manifest["probes"]:
+            candidates = [roots.attach_path(pid, p["path"])]
+            mapped = LibraryResolver(pid=pid).resolve(p["library"])
+            candidates += [mapped] if mapped else []
+            if not any(_identity(path) for path in candidates):
+                found = False
+            for path in candidates:
+                key = (_identity(path), p["function"], p["entry"])
+                if key[0] is None or key in self.probed:
+                    continue
+                try:
+                    self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=-1)
+                    if p["return"]:
+                        self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=-1)
+                except Exception as exc:          # BCC raises bare Exception
+                    print(f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
+                          file=sys.stderr)
+                    continue
+                if not any(k[0] == key[0] for k in self.probed):
+                    new_files.append((path, p["library"]))
+                self.probed.add(key)
+                break
+        for path, library in new_files:         # said once all its probes are on
+            print(f"probedsl: probing {path}, another root's copy of {library} (pid {pid})",
+                  file=sys.stderr, flush=True)
+        return found
 
     def snapshot(self, final: bool = False) -> Snapshot:
         now = time.monotonic_ns()
@@ -387,7 +454,7 @@ class BccDriver:
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""
-        if self.loader is not None and self.loader.per_process:
+        if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         else:
             time.sleep(seconds)

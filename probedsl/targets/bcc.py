@@ -13,6 +13,7 @@ class Bcc(Target):
     per_pid_uprobes = True
     probe_offsets = True
     per_process_comm = True
+    follows_new_roots = True
 
     def generator(self):
         from probedsl.backends.bcc import BccBackend

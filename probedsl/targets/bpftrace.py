@@ -61,7 +61,7 @@ class Bpftrace017(Bpftrace):
         if scope.mode in ("pid", "cmd") and not scope.tracks_children:
             return [f"bpftrace {self.range_text()} cannot scope uprobes to one process (-p does not); "
                     "other processes using the probed libraries pay the trap"]
-        return []
+        return super().notes(program)
 
 
 class Bpftrace020(Bpftrace):
