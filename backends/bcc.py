@@ -7,7 +7,8 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, tallies
+from probedsl import layout
+from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
 
@@ -56,9 +57,12 @@ class BccBackend(Backend):
             return lines
         return []
 
-    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action, ctx: str = "ctx") -> List[str]:
+    def count(self, lay: ResourceLayout, counter: Counter) -> str:
+        return f"{lay.counters}.increment({int(counter)});  // {counter.label}"
+
+    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, ctx: str = "ctx") -> List[str]:
         """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE)."""
-        n = res.name
+        n, live = lay.name, lay.live
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
             v = [f"struct {n}_live_t v = {{}};", "v.time = bpf_ktime_get_ns();"]
@@ -70,70 +74,68 @@ class BccBackend(Backend):
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
-            v += [setters[f] for f in live_fields(res) if f != "time"]
+            v += [setters[f] for f in lay.fields if f != "time"]
             # insert, not update: a key acquired again without a release we saw replaces the
             # old entry, which must leave its group's tally first
-            store = [f"int err = {n}_live.insert(&k, &v);",
+            store = [f"int err = {live}.insert(&k, &v);",
                      "if (err == -17) {  // -EEXIST",
-                     f"  struct {n}_live_t *stale = {n}_live.lookup(&k);",
+                     f"  struct {n}_live_t *stale = {live}.lookup(&k);",
                      f"  if (stale) {n}_tally(stale, -1);",
-                     f"  err = {n}_live.update(&k, &v);",
-                     f"  {n}_counters.increment(4);",
+                     f"  err = {live}.update(&k, &v);",
+                     "  " + self.count(lay, Counter.REPLACED),
                      "}",
-                     f"if (err) {n}_counters.increment(3);  // table full",
+                     f"if (err) {self.count(lay, Counter.UNTRACKED)}",
                      f"else {n}_tally(&v, 1);"]
             recorded = key + v + store
             if program.sample > 1:
                 recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
                             *["  " + s for s in recorded], "}"]
-            body = [f"{n}_counters.increment(0);"] + recorded
+            body = [self.count(lay, Counter.ACQUIRED)] + recorded
         else:
-            hit = [f"{n}_tally(old, -1);", f"{n}_live.delete(&k);", f"{n}_counters.increment(1);"]
-            if lifetime_report(program, res):
-                keys = lifetime_keys(program, res)
+            hit = [f"{n}_tally(old, -1);", f"{live}.delete(&k);", self.count(lay, Counter.RELEASED)]
+            if lay.lifetime:
+                keys, hist = lay.lifetime.keys, lay.lifetime.map
                 if keys:
                     copy = ["__builtin_memcpy(&hk.comm, old->comm, sizeof(hk.comm));" if k == "comm"
                             else f"hk.{k} = old->{k};" for k in keys]
                     hit[:0] = [f"struct {n}_hist_key_t hk = {{}};", *copy,
                                "hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);",
                                # (BCC 0.26's increment() does nothing on a per-CPU hash)
-                               "u64 none = 0, *slot = " + f"{n}_lifetime.lookup_or_try_init(&hk, &none);",
+                               "u64 none = 0, *slot = " + f"{hist}.lookup_or_try_init(&hk, &none);",
                                "if (slot) *slot += 1;"]
                 else:
-                    hit.insert(0, f"{n}_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
-            body = key + [f"struct {n}_live_t *old = {n}_live.lookup(&k);", "if (old) {",
-                          *["  " + s for s in hit], "} else {", f"  {n}_counters.increment(2);", "}"]
+                    hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
+            body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
+                          *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
-        n = res.name
+        lay = layout.of(program, res)
+        n, scratch = res.name, lay.scratch
         ctx = "args" if probe.kind == "tracepoint" else "ctx"
-        actions = [line for a in probe.actions for line in self.action(program, res, a, ctx)]
+        actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == "tracepoint":
             category, event = probe.function.split(":")
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                     "filtered": probe.filtered, "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
                     "return_fn": "", "return_body": []}
-        nest = [f"struct {n}_scratch_t *pending = {n}_scratch.lookup(&tid);",
+        nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
         if probe.at_return:
             entry = nest + [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};", "s.sp = PT_REGS_SP(ctx);"]
             entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
-            entry.append(f"{n}_scratch.update(&tid, &s);")
-            ret = [f"struct {n}_scratch_t *sp = {n}_scratch.lookup(&tid);",
+            entry.append(f"{scratch}.update(&tid, &s);")
+            ret = [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
                    f"if (!sp || sp->probe != {probe.id}) return 0;",
-                   f"struct {n}_scratch_t s = *sp;", f"{n}_scratch.delete(&tid);"] + actions
+                   f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
             entry, ret = nest + actions, []
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
-
-    def tally_views(self, program: ir.Program, res: ir.Resource) -> List[dict]:
-        return [{"name": f"{res.name}_tally{i}", "fields": list(keys)} for i, keys in enumerate(tallies(program, res))]
 
     def manifest(self, program: ir.Program, views) -> dict:
         probes = []
@@ -148,11 +150,7 @@ class BccBackend(Backend):
             "watch_roots": program.scope.mode == "comm" and not program.scope.per_process,
             "follow_forks": program.scope.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
-            "resources": [{"name": r.name, "fields": live_fields(r), "key_arity": r.key_arity,
-                           "counters": counters(r), "lifetime": bool(lifetime_report(program, r)),
-                           "lifetime_keys": lifetime_keys(program, r),
-                           "tallies": [{"table": t["name"], "keys": t["fields"]} for t in self.tally_views(program, r)]}
-                          for r in program.resources],
+            "resources": [layout.of(program, r).to_json() for r in program.resources],
         }
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
@@ -160,13 +158,11 @@ class BccBackend(Backend):
         for res in program.resources:
             res_views = [self.probe_view(program, res, p) for p in res.probes]
             views.append(res_views)
+            lay = layout.of(program, res)
             resources.append({
-                "name": res.name, "arity": res.key_arity, "fields": live_fields(res), "probes": res_views,
-                "width": max(res.scratch_width, 1), "max_live": res.max_live,
-                "lifetime": bool(lifetime_report(program, res)), "lifetime_keys": lifetime_keys(program, res),
-                "ncounters": len(counters(res)), "tallies": self.tally_views(program, res),
-                "tally_size": TALLY_SIZE,
-                "key_names": ", ".join(res.key_names)})
+                "name": res.name, "layout": lay, "probes": res_views, "width": max(lay.scratch_width, 1),
+                "max_live": res.max_live, "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
+                "tally_size": TALLY_SIZE, "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
                                    scope=program.scope,

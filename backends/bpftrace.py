@@ -7,7 +7,8 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl.ir import counters, lifetime_keys, lifetime_report, live_fields, tallies
+from probedsl.layout import Counter, ResourceLayout
+from probedsl import layout
 from probedsl.targets.bpftrace import TALLY_SHIFT
 
 from . import Backend, Generated
@@ -36,17 +37,17 @@ def _u64(text: str) -> str:
     return f"(uint64)({text})"
 
 
-def counted(program: ir.Program, res: ir.Resource) -> List[str]:
+def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
     """The counters kept in the kernel; the driver derives the others, saving a map update on
     every acquire and release (~0.04x of the uprobe floor each): `released` is the number of
     lifetime-histogram entries, `acquired` is live + released + replaced + untracked, unless
     sampled (then only the counter is exact). `ungrouped` is BCC's (a failed stack id)."""
-    derived = {"ungrouped"}
-    if lifetime_report(program, res):
-        derived.add("released")
+    derived = {Counter.UNGROUPED}
+    if lay.lifetime:
+        derived.add(Counter.RELEASED)
     if program.sample == 1:
-        derived.add("acquired")
-    return [c for c in counters(res) if c not in derived]
+        derived.add(Counter.ACQUIRED)
+    return [c for c in Counter if c not in derived]
 
 
 class BpftraceBackend(Backend):
@@ -73,13 +74,13 @@ class BpftraceBackend(Backend):
             return f"delete({map_name}[{', '.join(key)}]);"
         return f"delete({map_name}, {key[0] if len(key) == 1 else '(' + ', '.join(key) + ')'});"
 
-    def typing_writes(self, res: ir.Resource) -> List[str]:
+    def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size="0") for f in live_fields(res))
-        lines = [f"@{res.name}_live[{', '.join(['(uint64)0'] * res.key_arity)}] = ({values});"]
+        values = ", ".join(LIVE_VALUE[f].format(size="0") for f in lay.fields)
+        lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
-            lines.append(f"@{res.name}_scratch[tid] = ({', '.join(['(uint64)0'] * (res.scratch_width + 2))});")
+            lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
         return lines
 
     def filter(self, scope: ir.Scope) -> str:
@@ -92,45 +93,48 @@ class BpftraceBackend(Backend):
     def key(self, action: ir.Action) -> List[str]:
         return [_u64(self.expr(k)) for k in action.key]
 
-    def tally(self, program: ir.Program, res: ir.Resource, record: str, sign: str) -> List[str]:
+    def tally(self, lay: ResourceLayout, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
         tally of the resource: one per-CPU sum per event, of (bytes << TALLY_SHIFT) + 1, so
         bytes and count travel in one map update (no two CPUs race on one counter)."""
-        fields = live_fields(res)
+        fields = lay.fields
         lines = []
-        for i, keys in enumerate(tallies(program, res)):
-            key = f"[{', '.join(f'{record}.{fields.index(k)}' for k in keys)}]" if keys else ""
-            packed = f"(({record}.{fields.index('size')} << {TALLY_SHIFT}) + 1)" if res.records("size") else "1"
-            lines.append(f"@{res.name}_tally{i}{key} = sum({sign}{packed});")
+        for t in lay.tallies:
+            key = f"[{', '.join(f'{record}.{fields.index(k)}' for k in t.keys)}]" if t.keys else ""
+            packed = f"(({record}.{fields.index('size')} << {TALLY_SHIFT}) + 1)" if "size" in fields else "1"
+            lines.append(f"@{t.map}{key} = sum({sign}{packed});")
             if not sign:      # when its stack was captured: which process image names it
-                lines.append(f"@{res.name}_tally{i}_seen{key} = max({record}.0);")
+                lines.append(f"@{t.seen_map}{key} = max({record}.0);")
         return lines
 
-    def action(self, program: ir.Program, res: ir.Resource, action: ir.Action) -> List[str]:
-        live = f"@{res.name}_live[{', '.join(self.key(action))}]"
+    def count(self, lay: ResourceLayout, counter: Counter) -> str:
+        return f"@{lay.counter_map(counter)} = count();"
+
+    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
+        live = f"@{lay.live}[{', '.join(self.key(action))}]"
         if action.kind == "acquire":
             size = self.expr(action.size) if action.size is not None else "0"
-            values = ", ".join(LIVE_VALUE[f].format(size=size) for f in live_fields(res))
+            values = ", ".join(LIVE_VALUE[f].format(size=size) for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
             recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
-                        "if ($o.0 != 0) {", f"  @{res.name}_replaced = count();",
-                        *["  " + t for t in self.tally(program, res, "$o", "-")], "}",
-                        f"if ($w.0 == 0) {{ @{res.name}_untracked = count(); }} else {{",
-                        *["  " + t for t in self.tally(program, res, "$w", "")], "}"]
+                        "if ($o.0 != 0) {", "  " + self.count(lay, Counter.REPLACED),
+                        *["  " + t for t in self.tally(lay, "$o", "-")], "}",
+                        f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
+                        *["  " + t for t in self.tally(lay, "$w", "")], "}"]
             if program.sample > 1:
                 recorded = [f"if (rand % {int(program.sample)} == 0) {{", *["  " + s for s in recorded], "}"]
-            body = [f"@{res.name}_acquired = count();", *recorded] if "acquired" in counted(program, res) else recorded
+            counts = Counter.ACQUIRED in counted(program, lay)
+            body = [self.count(lay, Counter.ACQUIRED), *recorded] if counts else recorded
         else:
-            hit = [*self.tally(program, res, "$v", "-"), self.delete(f"@{res.name}_live", self.key(action))]
-            if not lifetime_report(program, res):      # else the driver counts the histogram
-                hit.append(f"@{res.name}_released = count();")
+            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", self.key(action))]
+            if not lay.lifetime:      # else the driver counts the histogram's entries
+                hit.append(self.count(lay, Counter.RELEASED))
             else:
-                fields = live_fields(res)
-                keys = ", ".join(f"$v.{fields.index(k)}" for k in lifetime_keys(program, res))
-                hit.append(f"@{res.name}_lifetime{f'[{keys}]' if keys else ''} = hist(nsecs - $v.0);")
+                keys = ", ".join(f"$v.{lay.fields.index(k)}" for k in lay.lifetime.keys)
+                hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist(nsecs - $v.0);")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
-                    f"  @{res.name}_unknown_releases = count();", "}"]
+                    "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
@@ -144,9 +148,10 @@ class BpftraceBackend(Backend):
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
-        actions = [line for a in probe.actions for line in self.action(program, res, a)]
-        scratch = f"@{res.name}_scratch[tid]"
-        width = res.scratch_width
+        lay = layout.of(program, res)
+        actions = [line for a in probe.actions for line in self.action(program, lay, a)]
+        scratch = f"@{lay.scratch}[tid]"
+        width = lay.scratch_width
         if probe.at_return:
             saved = [self.expr(ir.Arg(i)) for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
             fields = ", ".join(_u64(x) for x in [str(probe.id), 'reg("sp")', *saved])
@@ -154,7 +159,7 @@ class BpftraceBackend(Backend):
                           '// skip calls made inside another call of this resource (realloc -> malloc)',
                           'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
             return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{",
-                           "  " + self.delete(f"@{res.name}_scratch", ["tid"]),
+                           "  " + self.delete(f"@{lay.scratch}", ["tid"]),
                            *["  " + line for line in actions], "}"]
         else:
             entry_body = actions
@@ -174,23 +179,24 @@ class BpftraceBackend(Backend):
             if res.max_live >= 1 << TALLY_SHIFT:
                 raise ProbedslError(f"bpftrace: --max-live must be below {1 << TALLY_SHIFT} (tallies pack the "
                                     f"count in {TALLY_SHIFT} bits); use --backend bcc for more")
-            maps = [f"@{res.name}_live"] if program.read_live else []
-            maps += [f"@{res.name}_{c}" for c in counters(res) if c in counted(program, res)]
-            for i, _ in enumerate(tallies(program, res)):
-                maps += [f"@{res.name}_tally{i}", f"@{res.name}_tally{i}_seen"]
-            if lifetime_report(program, res):
-                maps.append(f"@{res.name}_lifetime")
+            lay = layout.of(program, res)
+            scratch = f"@{lay.scratch}" if any(p.at_return for p in res.probes) else ""
+            maps = [f"@{lay.live}"] if program.read_live else []
+            maps += [f"@{lay.counter_map(c)}" for c in counted(program, lay)]
+            for t in lay.tallies:
+                maps += [f"@{t.map}", f"@{t.seen_map}"]
+            if lay.lifetime:
+                maps.append(f"@{lay.lifetime.map}")
             resources.append({
-                "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(live_fields(res)),
-                "typing": self.typing_writes(res) if self.target.type_maps_first else [],
+                "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
+                "live": f"@{lay.live}",
+                "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
-                "printed": maps, "scratch": f"@{res.name}_scratch" if any(p.at_return for p in res.probes) else "",
-                "tallies": [f"@{res.name}_tally{i}[{', '.join(keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
-                            f"per live entry of the group, kept at acquire and release"
-                            for i, keys in enumerate(tallies(program, res))],
+                "printed": maps, "scratch": scratch,
+                "tallies": [f"@{t.map}[{', '.join(t.keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
+                            f"per live entry of the group, kept at acquire and release" for t in lay.tallies],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
-                "cleared": list(dict.fromkeys(maps + [f"@{res.name}_live"] + (
-                    [f"@{res.name}_scratch"] if any(p.at_return for p in res.probes) else []))),
+                "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else []))),
             })
         scope = program.scope
         return self.render_template(

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import compiler, formats, ir, report, session, targets
+from . import compiler, formats, ir, layout, report, session, targets
 from .errors import ProbedslError, RecipeError
 
 
@@ -75,7 +75,7 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample):
         scope = ir.Scope("comm", comm=session.validate_comm(comm))
     program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_scope(scope).sampled(sample)
     if dump == "ir":
-        text = ir.dump(program)
+        text = ir.dump(program) + layout.dump(program)
     else:
         text = compiler.generate(program, targets.from_name(target)).standalone
     if output:

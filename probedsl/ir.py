@@ -181,20 +181,10 @@ class Program:
         return any(a > 0 for a in ages)
 
 
-# --- record layout: shared by the backends (what they store) and drivers (what they read) ---
+# --- what the storage derives from (probedsl.layout computes the maps) ----------------------
 def live_fields(resource: Resource) -> List[str]:
     """Per-live-resource fields in storage order; time is always kept (age, presence test)."""
     return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
-
-
-# In-kernel counters per resource. untracked: acquisitions the full live table refused;
-# replaced: a key acquired again with no release seen (the old entry is dropped);
-# ungrouped: entries the full group-tally table could not count
-COUNTERS = ["acquired", "released", "unknown_releases", "untracked", "replaced", "ungrouped"]
-
-
-def counters(resource: Resource) -> List[str]:
-    return COUNTERS
 
 
 def group_keys(group_by) -> List[str]:
@@ -263,14 +253,8 @@ def dump(program: Program) -> str:
              + (f" comm {program.scope.comm!r}" if program.scope.mode == "comm" else "")
              + f", sample 1/{program.sample}, read_live {program.read_live}"]
     for res in program.resources:
-        lines.append(f"resource {res.name} keyed by ({', '.join(res.key_names)}), max_live {res.max_live}")
-        lines.append(f"  live record: ({', '.join(live_fields(res))})")
-        lines.append(f"  scratch per thread: (probe, sp, {res.scratch_width} saved argument(s))")
-        lines.append(f"  counters: {', '.join(counters(res))}")
-        for keys in tallies(program, res):
-            lines.append(f"  tally by ({', '.join(keys)}): (bytes, count, seen)")
-        if lifetime_report(program, res):
-            lines.append(f"  lifetime histogram by ({', '.join(lifetime_keys(program, res))}): log2(ns)")
+        lines.append(f"resource {res.name} keyed by ({', '.join(res.key_names)}), records "
+                     f"({', '.join(res.record)}), max_live {res.max_live}")
         for p in res.probes:
             where = "return" if p.at_return else "entry"
             lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import ir
+from . import ir, layout
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
@@ -187,7 +187,7 @@ def live_totals(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> Tu
     if snapshot.live is not None:
         live = [l for l in snapshot.live if l.resource == res.name]
         return sum(l.size for l in live), len(live)
-    groups = snapshot.tallies.get(res.name, {}).get(tuple(ir.tallies(program, res)[0]), {})
+    groups = snapshot.tallies.get(res.name, {}).get(layout.of(program, res).tallies[0].keys, {})
     return sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
 
 

@@ -33,7 +33,7 @@ class Totals:
 
 
 # live entries per group, as the kernel tallies them at every acquire and release:
-# {group key values in ir.tallies() field order: (bytes, count, seen)}; seen: CLOCK_MONOTONIC
+# {group key values in layout Tally.keys order: (bytes, count, seen)}; seen: CLOCK_MONOTONIC
 # ns of one of its acquisitions (which process image its stack belongs to)
 Tally = Dict[Tuple, Tuple[int, int, int]]
 
@@ -44,5 +44,5 @@ class Snapshot:
     live: Optional[List[Live]]         # every live entry; None when not read (the default)
     totals: Dict[str, Totals]
     final: bool = False
-    # resource -> tally fields (ir.tallies) -> Tally
+    # resource -> tally fields (layout Tally.keys) -> Tally
     tallies: Dict[str, Dict[Tuple[str, ...], Tally]] = field(default_factory=dict)

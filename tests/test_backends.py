@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, ir, targets
+from probedsl import compiler, ir, layout, targets
 
 from conftest import MEMLEAK, ROOT
 
@@ -49,7 +49,8 @@ def assert_golden(text: str, golden, update: bool) -> None:
 @pytest.mark.parametrize("recipe", BUNDLED, ids=os.path.basename)
 def test_recipe_ir_and_layout_match_golden(recipe, update_golden):
     name = os.path.basename(recipe)[:-len(".probe")]
-    assert_golden(ir.dump(recipe_program(recipe)), GOLDEN / "ir" / f"{name}.ir", update_golden)
+    program = recipe_program(recipe)
+    assert_golden(ir.dump(program) + layout.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
 
 
 @pytest.mark.parametrize("cls", targets.TARGETS, ids=lambda c: f"{c.backend}-{c.range_text()}")

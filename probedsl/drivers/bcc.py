@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from probedsl import roots
 from probedsl.errors import ProbedslError
+from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
@@ -392,22 +393,22 @@ class BccLoader:
             return walked[stack_id]
 
         tallies: Dict[str, dict] = {}
-        for res in self.manifest["resources"]:
-            name, fields = res["name"], res["fields"]
-            tallies[name] = {tuple(t["keys"]): self._tally(t["table"], t["keys"], stack) for t in res["tallies"]}
+        for lay in map(ResourceLayout.from_json, self.manifest["resources"]):
+            name, fields = lay.name, lay.fields
+            tallies[name] = {t.keys: self._tally(t.map, list(t.keys), stack) for t in lay.tallies}
             if self.manifest.get("read_live"):
                 live = (live or []) + [Live(
-                    resource=name, key=tuple(k.k[i] for i in range(res["key_arity"])), time_ns=v.time,
+                    resource=name, key=tuple(k.k[i] for i in range(lay.key_arity)), time_ns=v.time,
                     size=v.size if "size" in fields else 0, pid=v.pid if "pid" in fields else 0,
                     tid=v.tid if "tid" in fields else 0,
                     ustack=stack(v.ustack) if "ustack" in fields else (),
                     kstack=stack(v.kstack) if "kstack" in fields else (),
                     comm=v.comm.decode(errors="replace") if "comm" in fields else "")
-                    for k, v in self.bpf[f"{name}_live"].items()]
-            counters = self.bpf[f"{name}_counters"]
-            t = Totals(*(counters.sum(counters.Key(i)).value for i in range(len(res["counters"]))))
-            if res["lifetime"]:
-                t.lifetime = _histograms(self.bpf[f"{name}_lifetime"], res["lifetime_keys"], stack)
+                    for k, v in self.bpf[lay.live].items()]
+            counters = self.bpf[lay.counters]
+            t = Totals(*(counters.sum(counters.Key(int(c))).value for c in Counter))
+            if lay.lifetime:
+                t.lifetime = _histograms(self.bpf[lay.lifetime.map], list(lay.lifetime.keys), stack)
             totals[name] = t
         return Snapshot(now, live, totals, final, tallies)
 

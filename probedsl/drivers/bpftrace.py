@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 from probedsl import ir
 from probedsl.backends import Generated
-from probedsl.ir import COUNTERS, lifetime_keys, live_fields, tallies
+from probedsl import layout
+from probedsl.layout import Counter
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
 from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
 from probedsl.procfs import map_memory
@@ -114,24 +115,25 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
     totals: Dict[str, Totals] = {}
     tallied: Dict[str, dict] = {}
     for res in program.resources:
-        fields = live_fields(res)
-        for key, value in (maps.get(f"@{res.name}_live") or {}).items():
+        lay = layout.of(program, res)
+        fields = lay.fields
+        for key, value in (maps.get(f"@{lay.live}") or {}).items():
             record = dict(zip(fields, value if isinstance(value, list) else [value]))
             live.append(Live(
                 resource=res.name, key=tuple(int(k) for k in str(key).split(",")),
                 time_ns=int(record["time"]), size=int(record.get("size", 0)), pid=int(record.get("pid", 0)),
                 tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
                 kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", ""))))
-        t = Totals(*(int(maps.get(f"@{res.name}_{c}") or 0) for c in COUNTERS))
-        t.lifetime = _lifetime(maps.get(f"@{res.name}_lifetime"), lifetime_keys(program, res))
+        t = Totals(*(int(maps.get(f"@{lay.counter_map(c)}") or 0) for c in Counter))
+        t.lifetime = _lifetime(maps.get(f"@{lay.lifetime.map}"), list(lay.lifetime.keys)) if lay.lifetime else {}
         totals[res.name] = t
-        tallied[res.name] = {keys: _tally(maps.get(f"@{res.name}_tally{i}"), maps.get(f"@{res.name}_tally{i}_seen"),
-                                          list(keys)) for i, keys in enumerate(tallies(program, res))}
+        tallied[res.name] = {t_.keys: _tally(maps.get(f"@{t_.map}"), maps.get(f"@{t_.seen_map}"), list(t_.keys))
+                             for t_ in lay.tallies}
         # counters the kernel does not keep (backends.bpftrace.counted)
-        kept = counted(program, res)
-        if "released" not in kept:      # each release adds one lifetime-histogram entry
+        kept = counted(program, lay)
+        if Counter.RELEASED not in kept:      # each release adds one lifetime-histogram entry
             t.released = sum(n for buckets in t.lifetime.values() for _, _, n in buckets)
-        if "acquired" not in kept:      # every acquisition is live, released, replaced or untracked
+        if Counter.ACQUIRED not in kept:      # every acquisition is live, released, replaced or untracked
             live_count = sum(count for _, count, _ in next(iter(tallied[res.name].values())).values())
             t.acquired = live_count + t.released + t.replaced + t.untracked
     return Snapshot(now_ns, live, totals, final, tallied)

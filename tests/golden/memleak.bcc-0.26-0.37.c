@@ -66,7 +66,7 @@ struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
 // per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
-BPF_PERCPU_ARRAY(heap_counters, u64, 6);  // probedsl.ir.COUNTERS, in order
+BPF_PERCPU_ARRAY(heap_counters, u64, 6);  // slots: probedsl.layout.Counter
 BPF_PERCPU_ARRAY(heap_lifetime, u64, 64);             // log2(ns) of released lifetimes
 // live heap per ustack, pid: reports read these, not every entry
 struct heap_tally0_key_t {
@@ -89,7 +89,7 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
             t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
             t->count += sign;
         } else {
-            heap_counters.increment(5);  // tally table full
+            heap_counters.increment(5);  // ungrouped: tally table full
         }
     }
 }
@@ -119,7 +119,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -133,9 +133,9 @@ int heap_malloc_1_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -167,7 +167,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -181,9 +181,9 @@ int heap_calloc_2_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -223,13 +223,13 @@ int heap_realloc_3_return(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.increment(1);
+        heap_counters.increment(1);  // released
       } else {
-        heap_counters.increment(2);
+        heap_counters.increment(2);  // unknown_releases
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -243,9 +243,9 @@ int heap_realloc_3_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -286,13 +286,13 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.increment(1);
+        heap_counters.increment(1);  // released
       } else {
-        heap_counters.increment(2);
+        heap_counters.increment(2);  // unknown_releases
       }
     }
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -306,9 +306,9 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -340,7 +340,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = probedsl_read_u64(s.a[1] + 0);
@@ -354,9 +354,9 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -387,7 +387,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -401,9 +401,9 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -434,7 +434,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -448,9 +448,9 @@ int heap_valloc_8_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -481,7 +481,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
-      heap_counters.increment(0);
+      heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
       k.k[1] = PT_REGS_RC(ctx);
@@ -495,9 +495,9 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);
+        heap_counters.increment(4);  // replaced
       }
-      if (err) heap_counters.increment(3);  // table full
+      if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
     }
     return 0;
@@ -520,9 +520,9 @@ int heap_free_10_entry(struct pt_regs *ctx)
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
         heap_live.delete(&k);
-        heap_counters.increment(1);
+        heap_counters.increment(1);  // released
       } else {
-        heap_counters.increment(2);
+        heap_counters.increment(2);  // unknown_releases
       }
     }
     return 0;

@@ -1,0 +1,94 @@
+"""The storage a program needs, computed once from the IR: the maps each generator declares
+and writes, and that each driver reads back (names, record fields, counter slots)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+from . import ir
+
+
+class Counter(enum.IntEnum):
+    """In-kernel counters per resource, in slot order (rundata.Totals has the same order).
+    untracked: acquisitions the full live table refused; replaced: a key acquired again with
+    no release seen (the old entry is dropped); ungrouped: entries the full group-tally table
+    could not count."""
+    ACQUIRED = 0
+    RELEASED = 1
+    UNKNOWN_RELEASES = 2
+    UNTRACKED = 3
+    REPLACED = 4
+    UNGROUPED = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Live (bytes, count, seen) per group of live-record fields `keys` (() : the total)."""
+    map: str
+    keys: Tuple[str, ...]
+
+    @property
+    def seen_map(self) -> str:        # bpftrace keeps `seen` in a map of its own
+        return f"{self.map}_seen"
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """log2(ns) of released lifetimes per group of live-record fields `keys`."""
+    map: str
+    keys: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResourceLayout:
+    name: str
+    live: str                              # key -> live record
+    key_arity: int
+    fields: Tuple[str, ...]                # the live record, in storage order
+    scratch: str                           # tid -> (probe, sp, saved arguments) between entry and return
+    scratch_width: int
+    counters: str                          # one slot per Counter (or one map per counter: counter_map)
+    tallies: Tuple[Tally, ...]
+    lifetime: Optional[Histogram]
+
+    def counter_map(self, counter: Counter) -> str:
+        return f"{self.name}_{counter.label}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "ResourceLayout":
+        return cls(doc["name"], doc["live"], doc["key_arity"], tuple(doc["fields"]), doc["scratch"],
+                   doc["scratch_width"], doc["counters"],
+                   tuple(Tally(t["map"], tuple(t["keys"])) for t in doc["tallies"]),
+                   Histogram(doc["lifetime"]["map"], tuple(doc["lifetime"]["keys"])) if doc["lifetime"] else None)
+
+
+def of(program: ir.Program, res: ir.Resource) -> ResourceLayout:
+    hist = ir.lifetime_report(program, res)
+    return ResourceLayout(
+        name=res.name, live=f"{res.name}_live", key_arity=res.key_arity, fields=tuple(ir.live_fields(res)),
+        scratch=f"{res.name}_scratch", scratch_width=res.scratch_width, counters=f"{res.name}_counters",
+        tallies=tuple(Tally(f"{res.name}_tally{i}", keys) for i, keys in enumerate(ir.tallies(program, res))),
+        lifetime=Histogram(f"{res.name}_lifetime", tuple(ir.lifetime_keys(program, res))) if hist else None)
+
+
+def dump(program: ir.Program) -> str:
+    lines = []
+    for res in program.resources:
+        lay = of(program, res)
+        lines.append(f"layout {lay.name}")
+        lines.append(f"  {lay.live}: ({', '.join(res.key_names)}) -> ({', '.join(lay.fields)})")
+        lines.append(f"  {lay.scratch}: tid -> (probe, sp, {lay.scratch_width} saved argument(s))")
+        lines.append(f"  {lay.counters}: {', '.join(c.label for c in Counter)}")
+        for t in lay.tallies:
+            lines.append(f"  {t.map}: ({', '.join(t.keys)}) -> (bytes, count, seen)")
+        if lay.lifetime:
+            lines.append(f"  {lay.lifetime.map}: ({', '.join(lay.lifetime.keys)}) -> log2(ns) histogram")
+    return "\n".join(lines) + "\n"
