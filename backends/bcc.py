@@ -12,7 +12,6 @@ from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
 
-TALLY_SIZE = ir.STACK_BUCKETS  # groups per tally; the loader drops empty groups of exited processes
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -161,8 +160,8 @@ class BccBackend(Backend):
             lay = layout.of(program, res)
             resources.append({
                 "name": res.name, "layout": lay, "probes": res_views, "width": max(lay.scratch_width, 1),
-                "max_live": res.max_live, "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
-                "tally_size": TALLY_SIZE, "key_names": ", ".join(res.key_names)})
+                "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
+                "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
                                    scope=program.scope,

@@ -93,6 +93,18 @@ class BpftraceBackend(Backend):
     def key(self, action: ir.Action) -> List[str]:
         return [_u64(self.expr(k)) for k in action.key]
 
+    def declarations(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
+        """Each keyed map sized for what it holds (aggregations live in per-CPU maps)."""
+        maps = [("hash", lay.live, lay.live_size)]
+        if any(p.at_return for p in res.probes):
+            maps.append(("hash", lay.scratch, lay.scratch_size))
+        for t in lay.tallies:
+            if t.keys:
+                maps += [("percpuhash", t.map, t.size), ("percpuhash", t.seen_map, t.size)]
+        if lay.lifetime and lay.lifetime.keys:
+            maps.append(("percpuhash", lay.lifetime.map, lay.lifetime.size))
+        return [f"let @{name} = {kind}({int(size)});" for kind, name, size in maps]
+
     def tally(self, lay: ResourceLayout, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
         tally of the resource: one per-CPU sum per event, of (bytes << TALLY_SHIFT) + 1, so
@@ -189,7 +201,7 @@ class BpftraceBackend(Backend):
                 maps.append(f"@{lay.lifetime.map}")
             resources.append({
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
-                "live": f"@{lay.live}",
+                "live": f"@{lay.live}", "declared": self.declarations(res, lay) if self.target.map_declarations else [],
                 "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
                 "probes": [self.probe_view(program, res, p) for p in res.probes],
                 "printed": maps, "scratch": scratch,
@@ -202,6 +214,7 @@ class BpftraceBackend(Backend):
         return self.render_template(
             program=program, dialect=self.target.name,
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
+            declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
             filter=self.filter(scope), scope=scope,
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

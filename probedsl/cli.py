@@ -119,8 +119,8 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample):
 @click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
               help="flag a stack GROWING after it grew in this many interval reports in a row")
 @click.option("--max-live", type=click.IntRange(min=1),
-              help="live resources each table holds (default: 1000000 on bcc, 262144 on bpftrace, which "
-                   "sizes every keyed map so)")
+              help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
+                   "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
         ages, sample, estimate, growth_intervals, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""

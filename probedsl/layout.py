@@ -9,6 +9,14 @@ from typing import Optional, Tuple
 from . import ir
 
 
+# entries per map: the live table holds --max-live; scratch one per thread inside a probed
+# call; tallies one per group (keyed by stack: as many as the stack table has buckets);
+# grouped lifetime histograms one per group and log2 bucket
+THREADS = 65_536
+GROUPS = ir.STACK_BUCKETS
+HISTOGRAM_GROUPS = 65_536
+
+
 class Counter(enum.IntEnum):
     """In-kernel counters per resource, in slot order (rundata.Totals has the same order).
     untracked: acquisitions the full live table refused; replaced: a key acquired again with
@@ -31,6 +39,7 @@ class Tally:
     """Live (bytes, count, seen) per group of live-record fields `keys` (() : the total)."""
     map: str
     keys: Tuple[str, ...]
+    size: int = GROUPS
 
     @property
     def seen_map(self) -> str:        # bpftrace keeps `seen` in a map of its own
@@ -42,16 +51,19 @@ class Histogram:
     """log2(ns) of released lifetimes per group of live-record fields `keys`."""
     map: str
     keys: Tuple[str, ...]
+    size: int = HISTOGRAM_GROUPS
 
 
 @dataclass(frozen=True)
 class ResourceLayout:
     name: str
     live: str                              # key -> live record
+    live_size: int                         # --max-live
     key_arity: int
     fields: Tuple[str, ...]                # the live record, in storage order
     scratch: str                           # tid -> (probe, sp, saved arguments) between entry and return
     scratch_width: int
+    scratch_size: int
     counters: str                          # one slot per Counter (or one map per counter: counter_map)
     tallies: Tuple[Tally, ...]
     lifetime: Optional[Histogram]
@@ -64,17 +76,19 @@ class ResourceLayout:
 
     @classmethod
     def from_json(cls, doc: dict) -> "ResourceLayout":
-        return cls(doc["name"], doc["live"], doc["key_arity"], tuple(doc["fields"]), doc["scratch"],
-                   doc["scratch_width"], doc["counters"],
-                   tuple(Tally(t["map"], tuple(t["keys"])) for t in doc["tallies"]),
-                   Histogram(doc["lifetime"]["map"], tuple(doc["lifetime"]["keys"])) if doc["lifetime"] else None)
+        hist = doc["lifetime"]
+        return cls(doc["name"], doc["live"], doc["live_size"], doc["key_arity"], tuple(doc["fields"]), doc["scratch"],
+                   doc["scratch_width"], doc["scratch_size"], doc["counters"],
+                   tuple(Tally(t["map"], tuple(t["keys"]), t["size"]) for t in doc["tallies"]),
+                   Histogram(hist["map"], tuple(hist["keys"]), hist["size"]) if hist else None)
 
 
 def of(program: ir.Program, res: ir.Resource) -> ResourceLayout:
     hist = ir.lifetime_report(program, res)
     return ResourceLayout(
-        name=res.name, live=f"{res.name}_live", key_arity=res.key_arity, fields=tuple(ir.live_fields(res)),
-        scratch=f"{res.name}_scratch", scratch_width=res.scratch_width, counters=f"{res.name}_counters",
+        name=res.name, live=f"{res.name}_live", live_size=res.max_live, key_arity=res.key_arity,
+        fields=tuple(ir.live_fields(res)), scratch=f"{res.name}_scratch", scratch_width=res.scratch_width,
+        scratch_size=THREADS, counters=f"{res.name}_counters",
         tallies=tuple(Tally(f"{res.name}_tally{i}", keys) for i, keys in enumerate(ir.tallies(program, res))),
         lifetime=Histogram(f"{res.name}_lifetime", tuple(ir.lifetime_keys(program, res))) if hist else None)
 
@@ -84,11 +98,11 @@ def dump(program: ir.Program) -> str:
     for res in program.resources:
         lay = of(program, res)
         lines.append(f"layout {lay.name}")
-        lines.append(f"  {lay.live}: ({', '.join(res.key_names)}) -> ({', '.join(lay.fields)})")
-        lines.append(f"  {lay.scratch}: tid -> (probe, sp, {lay.scratch_width} saved argument(s))")
+        lines.append(f"  {lay.live}[{lay.live_size}]: ({', '.join(res.key_names)}) -> ({', '.join(lay.fields)})")
+        lines.append(f"  {lay.scratch}[{lay.scratch_size}]: tid -> (probe, sp, {lay.scratch_width} saved argument(s))")
         lines.append(f"  {lay.counters}: {', '.join(c.label for c in Counter)}")
         for t in lay.tallies:
-            lines.append(f"  {t.map}: ({', '.join(t.keys)}) -> (bytes, count, seen)")
+            lines.append(f"  {t.map}[{t.size}]: ({', '.join(t.keys)}) -> (bytes, count, seen)")
         if lay.lifetime:
-            lines.append(f"  {lay.lifetime.map}: ({', '.join(lay.lifetime.keys)}) -> log2(ns) histogram")
+            lines.append(f"  {lay.lifetime.map}[{lay.lifetime.size}]: ({', '.join(lay.lifetime.keys)}) -> log2(ns) histogram")
     return "\n".join(lines) + "\n"

@@ -3,10 +3,13 @@
 # BCC 0.31, Python 3.13, glibc 2.41) on this machine's kernel. The root is built once with
 # debootstrap and kept (PROBEDSL_DEBIAN13_ROOT, default /var/cache/probedsl/debian13); the
 # checkout's files (committed or not) are copied into it afresh each run. Extra arguments go to pytest.
+# PROBEDSL_DEBIAN_SUITE=sid (with another PROBEDSL_DEBIAN13_ROOT) builds a Debian unstable root
+# instead, to try newer tracers (its bpftrace 0.27 is past the supported range today).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf 'debian13: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "debian13: must run as root (debootstrap, chroot, tracing)" >&2; exit 1; }
+suite=${PROBEDSL_DEBIAN_SUITE:-trixie}
 root=${PROBEDSL_DEBIAN13_ROOT:-/var/cache/probedsl/debian13}
 pkgs=python3,python3-venv,ca-certificates,git,bpftrace,bpfcc-tools,python3-bpfcc,gcc,g++,libc6-dbg,zlib1g-dev,linux-headers-amd64
 
@@ -16,13 +19,13 @@ if ! command -v debootstrap >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
 if [ ! -e "$root/.probedsl-root" ]; then
-  say "building $root with debootstrap (Debian 13 trixie, once: about 2 minutes)"
+  say "building $root with debootstrap (Debian $suite, once: about 2 minutes)"
   rm -rf "$root.tmp"; mkdir -p "$(dirname "$root")"
   log=$(mktemp)
-  debootstrap --variant=minbase --include="$pkgs" trixie "$root.tmp" http://deb.debian.org/debian >"$log" 2>&1 \
+  debootstrap --variant=minbase --include="$pkgs" "$suite" "$root.tmp" http://deb.debian.org/debian >"$log" 2>&1 \
     || { tail -20 "$log" >&2; exit 1; }
   rm -f "$log"; touch "$root.tmp/.probedsl-root"; rm -rf "$root"; mv "$root.tmp" "$root"
-else say "using the Debian 13 root at $root"; fi
+else say "using the Debian $suite root at $root"; fi
 
 # the host's way to the registries (its CA bundle may hold a proxy's CA), and name service
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"

@@ -100,8 +100,8 @@ def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory
     work = tmp_path_factory.mktemp("fuzz")
     script = work / "f.bt"
     script.write_text(bt.text)
-    result = subprocess.run(["bpftrace", "--emit-elf", str(work / "f.o"), str(script)],
-                            capture_output=True, text=True, timeout=120)
+    checking = targets.detect("bpftrace").check_options(str(work / "f.o"))
+    result = subprocess.run(["bpftrace", *checking, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (text, result.stderr)
     from bcc import BPF
     bpf = BPF(text=bcc_gen.text, cflags=["-DPROBEDSL_PID=1"])

@@ -25,17 +25,20 @@ from probedsl.rundata import Live, Snapshot, Totals
 NOISE = ("couldn't set RLIMIT_MEMLOCK",)
 
 
+# a frame line starts with its address in hex; bpftrace 0.27 prints a stack that is part of a
+# map key with every space removed ("7f6a37500cb00x7f6a37500cb0([unknown])"), so the address
+# ends at a space, at the "0x" of its repetition, or at "("
+_FRAME = re.compile(r"\s*([0-9a-fA-F]+?)(?=\s|0x|\(|$)")
+
+
 def parse_stack(text: str) -> tuple:
-    """ustack(perf)/kstack(perf) text -> addresses; the first token of each line is hex.
-    bpftrace 0.23 escapes a stack that is a map key once more in JSON (a literal \\n, \\t)."""
+    """ustack(perf)/kstack(perf) text -> addresses. bpftrace 0.23 escapes a stack that is a map
+    key once more in JSON (a literal \\n, \\t); 0.27 also drops its spaces."""
     out = []
     for line in text.replace("\\n", "\n").replace("\\t", "\t").splitlines():
-        token = line.strip().split(" ", 1)[0]
-        if token:
-            try:
-                out.append(int(token, 16))
-            except ValueError:
-                pass
+        m = _FRAME.match(line)
+        if m:
+            out.append(int(m.group(1), 16))
     return tuple(out)
 
 

@@ -18,9 +18,9 @@ TALLY_SHIFT = 24
 
 class Bpftrace(Target):
     backend = "bpftrace"
-    # every keyed map (scratch, tallies, histograms) is sized at the live table's size and
-    # preallocated: 1M costs ~2 s more start-up and ~650 MB of kernel memory on 0.17
-    # (262,144: +0.5 s, ~220 MB). Past the size, acquisitions are counted as untracked.
+    # without map declarations every keyed map (scratch, tallies, histograms) is sized at the
+    # live table's size and preallocated: 1M costs ~2 s more start-up and ~650 MB of kernel
+    # memory on 0.17 (262,144: +0.5 s, ~220 MB). Past the size, acquisitions are untracked.
     default_max_live = 262_144
     max_live_limit = (1 << TALLY_SHIFT) - 1
     # environment variables that size maps (bpftrace reads one name or the other)
@@ -44,6 +44,10 @@ class Bpftrace(Target):
         env = {"BPFTRACE_NO_USER_SYMBOLS": "1"}     # raw addresses: probedsl symbolizes itself
         env.update({name: str(max_live) for name in self.map_keys_env})
         return env
+
+    def check_options(self, output: str) -> List[str]:
+        """Options that compile and load a script without running it (tests, `check`)."""
+        return ["--emit-elf", output]
 
     def options(self, scope: ir.Scope) -> List[str]:
         """Command-line options for a program traced in this scope."""
@@ -73,13 +77,27 @@ class Bpftrace020(Bpftrace):
     probe_offsets = True
     type_maps_first = True
 
+    def check_options(self, output: str) -> List[str]:
+        # 0.27's --emit-elf writes the object, then attaches and runs the script (measured)
+        return ["--dry-run"]
+
 
 class Bpftrace024(Bpftrace020):
-    """Fedora 43 (0.24), Arch (0.25), Alpine 3.24 (0.26)."""
-    first, last = (0, 24), (0, 26)
+    """Fedora 43 (0.24)."""
+    first, last = (0, 24), (0, 24)
     tested_on = ""
     map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # 0.24+ ignores the old name
     delete_with_key_argument = True
 
 
-DIALECTS = (Bpftrace017, Bpftrace020, Bpftrace024)
+class Bpftrace025(Bpftrace024):
+    """Arch (0.25), Alpine 3.24 (0.26)."""
+    first, last = (0, 25), (0, 26)
+    tested_on = ""        # no 0.25/0.26 package here; Debian unstable's 0.27.1 loads its programs
+    # `let @m = hash(N)` sizes each map: the live table at --max-live, the others at what they
+    # need, so a million live entries no longer preallocate every map a million times
+    map_declarations = True
+    default_max_live = ir.DEFAULT_MAX_LIVE
+
+
+DIALECTS = (Bpftrace017, Bpftrace020, Bpftrace024, Bpftrace025)
