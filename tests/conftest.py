@@ -44,11 +44,12 @@ def start_run(*args, env=None):
     return tracer
 
 
-class WaitingTarget:
-    """A fixture program started with "wait": it allocates once go() writes its line."""
+class Held:
+    """A program started with argv ending in `leak_delayed wait ...`: it allocates once go()
+    writes its line (after the tracer says it is tracing)."""
 
-    def __init__(self, exe: str, *args: str):
-        self.proc = subprocess.Popen([exe, "wait", *args], stdin=subprocess.PIPE)
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
         self.pid = self.proc.pid
 
     def go(self) -> None:

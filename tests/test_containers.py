@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run
 from test_tracing import assert_accounted, assert_seed_leak
 
 pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.debian13]
@@ -30,22 +30,6 @@ def leak_root(build, tmp_path_factory):
         shutil.copy2(os.path.realpath(path), dest)
     shutil.copy2(exe, root / "leak_delayed")
     return str(root)
-
-
-class Held:
-    """argv ending in `leak_delayed wait 1`: it allocates once go() writes its line."""
-
-    def __init__(self, argv):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
-
-    def go(self):
-        self.proc.stdin.write(b"go\n")
-        self.proc.stdin.close()
-
-    def end(self):
-        if self.proc.poll() is None and not self.proc.stdin.closed:
-            self.proc.kill()
-        self.proc.wait()
 
 
 def libc_of(pid: int) -> str:

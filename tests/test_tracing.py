@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, WaitingTarget, by_site, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -32,7 +32,7 @@ def assert_accounted(report):
 
 def traced_pid_run(backend, exe, *extra, after_s="1"):
     """Trace a waiting target by pid; it allocates once tracing has begun. (stdout, stderr, rc)"""
-    target = WaitingTarget(exe, after_s)
+    target = Held([exe, "wait", after_s])
     try:
         tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra,
                            "--pid", str(target.pid))
@@ -162,7 +162,7 @@ def test_both_backends_agree_on_totals(build):
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_interval_prints_reports_while_running(backend, build):
-    target = WaitingTarget(build("leak_delayed"), "3")
+    target = Held([build("leak_delayed"), "wait", "3"])
     try:
         tracer = start_run(MEMLEAK, "--backend", backend, "--interval", "1", "--pid", str(target.pid))
         target.go()
