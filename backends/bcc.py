@@ -141,8 +141,10 @@ class BccBackend(Backend):
         for res, res_views in zip(program.resources, views):
             for probe, view in zip(res.probes, res_views):
                 if probe.kind == "uprobe":
+                    # also: another root's copy, whose process may end before the attach
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "entry": view["entry_fn"], "return": view["return_fn"]} for path in probe.files]
+                                "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
+                               for path in probe.files]
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,

@@ -240,13 +240,15 @@ class BccLoader:
 
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
-        try:
-            for p in self.manifest["probes"]:
+        for p in self.manifest["probes"]:
+            try:
                 self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=scope)
                 if p["return"]:
                     self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"], pid=scope)
-        except Exception as exc:
-            return f"cannot attach to {p['function']} in {p['path']}: {exc}"
+            except Exception as exc:                  # BCC raises bare Exception
+                if not p.get("also"):
+                    return f"cannot attach to {p['function']} in {p['path']}: {exc}"
+                print(f"probedsl: warning: not probing {p['path']} (its process ended?): {exc}", file=sys.stderr)
         return None
 
     def _attach_process(self, pid: int) -> None:
@@ -337,21 +339,25 @@ class BccLoader:
 
     def _probe_other_root(self, pid: int) -> bool:
         """Attach every probe to the process's copy of its library when that is a file not
-        probed yet; False while a library cannot be found yet. At exec the process has not
-        mapped its libraries: the copy is the one at the probed path inside its root, or the
-        one its maps name once the loader has mapped it (admit() asks again meanwhile)."""
+        probed yet; False (nothing attached) while a library cannot be found yet. At exec the
+        process has not mapped its libraries: the copy is the one at the probed path inside
+        its root, or the one its maps name once the loader has mapped it (admit() asks again
+        meanwhile). Said once all of a file's probes are on."""
         if roots.root_prefix(pid) == "":
             return True
-        found, new_files = True, []
+        copies: Dict[str, List[str]] = {}
         for p in self.manifest["probes"]:
-            candidates = [roots.attach_path(pid, p["path"])]
-            mapped = LibraryResolver(pid=pid).resolve(p["library"])
-            candidates += [mapped] if mapped else []
-            if not any(_identity(path) for path in candidates):
-                found = False
-            for path in candidates:
+            if p["library"] not in copies:
+                mapped = LibraryResolver(pid=pid).resolve(p["library"])
+                found = [roots.attach_path(pid, p["path"])] + ([mapped] if mapped else [])
+                copies[p["library"]] = [path for path in found if _identity(path)]
+                if not copies[p["library"]]:
+                    return False
+        new_files = []
+        for p in self.manifest["probes"]:
+            for path in copies[p["library"]]:
                 key = (_identity(path), p["function"], p["entry"])
-                if key[0] is None or key in self.probed:
+                if key in self.probed:
                     continue
                 try:
                     self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=-1)
@@ -365,10 +371,10 @@ class BccLoader:
                     new_files.append((path, p["library"]))
                 self.probed.add(key)
                 break
-        for path, library in new_files:         # said once all its probes are on
+        for path, library in new_files:
             print(f"probedsl: probing {path}, another root's copy of {library} (pid {pid})",
                   file=sys.stderr, flush=True)
-        return found
+        return True
 
     def snapshot(self, final: bool = False) -> Snapshot:
         now = time.monotonic_ns()
