@@ -41,8 +41,8 @@ def chroot_command(argv: List[str]) -> Tuple[str, List[str]]:
     if not argv or os.path.basename(argv[0]) != "chroot":
         return "", argv
     rest = argv[1:]
-    while rest and rest[0].startswith("-"):      # chroot's own options (--userspec=U:G, ...)
-        rest = rest[1:] if "=" in rest[0] or rest[0] == "--" else rest[2:]
+    while rest and rest[0].startswith("-"):      # chroot's own options: --userspec[=]U:G, --skip-chdir...
+        rest = rest[2:] if rest[0] in ("--userspec", "--groups") else rest[1:]
     if len(rest) < 2 or not os.path.isdir(rest[0]):
         return "", argv
     return os.path.realpath(rest[0]), rest[1:]
