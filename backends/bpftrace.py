@@ -183,6 +183,14 @@ class BpftraceBackend(Backend):
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
 
+    def count_script(self, program: ir.Program) -> str:
+        """--estimate: a script counting entries of every probed function in @calls[probe],
+        filtered like the program (the cheapest probe: an empty-bodied counter at entry)."""
+        filt = self.filter(program.scope)
+        lines = [f"uprobe:{probe_path(path)}:{p.function} {filt} {{ @calls[probe] = count(); }}"
+                 for res in program.resources for p in res.probes if p.kind == "uprobe" for path in p.files]
+        return "\n".join(dict.fromkeys(lines)) + "\n"
+
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
         """ready_pid: probedsl's own pid, for the probes it uses to learn that everything is
         attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""

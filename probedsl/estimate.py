@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List
 
-from . import ir
-from .backends.bpftrace import probe_path
+from . import ir, targets
 from .errors import ProbedslError
 
 # per probe hit: bench.run's floor (uprobe + uretprobe on malloc, uprobe on free: 3 hits per
@@ -42,25 +41,14 @@ class Estimate:
                 f"({cpu_ms / 10:.1f}% of one CPU) spread over the traced threads, at this call rate"]
 
 
-def count_script(program: ir.Program) -> str:
-    """A bpftrace program counting entries of every probed function, filtered like the run."""
-    t = program.scope
-    filt = {"all": "", "comm": "/comm == str($1)/"}.get(t.mode, f"/pid == {int(t.pid)}/")
-    lines = []
-    for res in program.resources:
-        for p in res.probes:
-            if p.kind != "uprobe":
-                continue
-            lines.append(f"uprobe:{probe_path(p.path)}:{p.function} {filt} {{ @calls[probe] = count(); }}")
-    return "\n".join(dict.fromkeys(lines)) + "\n"
-
-
 def measure(program: ir.Program, seconds: float = 1.0) -> Estimate:
     if program.scope.mode == "cmd":
         raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
     exe = shutil.which("bpftrace")
     if exe is None:
         raise ProbedslError("--estimate uses bpftrace, which is not installed (run scripts/setup.sh)")
+    bpftrace = targets.detect("bpftrace")
+    scope = replace(program.scope, follow_forks=False)      # counting needs no children's map
     hits = {}
     for res in program.resources:
         for p in res.probes:
@@ -70,10 +58,12 @@ def measure(program: ir.Program, seconds: float = 1.0) -> Estimate:
     if not hits:
         raise ProbedslError("--estimate: this recipe probes no user functions (tracepoints cost little)")
     # the script on stdin; "--": a process name like "-x" is an argument, not an option
-    argv = [exe, "-f", "json", "--", "/dev/stdin"] + ([program.scope.comm] if program.scope.mode == "comm" else [])
+    argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin"] + \
+        ([scope.comm] if scope.mode == "comm" else [])
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = 'printf("done\\n"); exit();'
-    proc.stdin.write(count_script(program) + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")
+    script = bpftrace.generator().count_script(replace(program, scope=scope))
+    proc.stdin.write(script + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")
     proc.stdin.close()
     calls: Dict[str, int] = {label: 0 for label in hits}
     counted = False
