@@ -39,13 +39,15 @@ find "$dest" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$dest"
 say "copied $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes') to $dest"
 
+# inside the root: the README's set-up, the subset, the demo
+inner='cd /work/probedsl && bash scripts/setup.sh &&
+  .venv/bin/python -m pytest -q -p no:cacheprovider -m debian13 "$@" && bash scripts/check-demo.sh'
 # mounts live in a private mount namespace: they go when this script ends, whatever happens
 exec unshare --mount --propagation private bash -c '
 set -euo pipefail
-root=$1; shift
+root=$1; inner=$2; shift 2
 for d in proc sys dev dev/pts sys/kernel/tracing sys/kernel/debug; do
   mkdir -p "$root/$d"; mount --rbind "/$d" "$root/$d"
 done
-chroot "$root" /bin/bash -c "cd /work/probedsl && bash scripts/setup.sh && \
-  exec .venv/bin/python -m pytest -q -p no:cacheprovider -m debian13 \"\$@\"" _ "$@"
-' _ "$root" "$@"
+chroot "$root" /bin/bash -c "$inner" _ "$@"
+' _ "$root" "$inner" "$@"
