@@ -111,113 +111,135 @@ class _Stop:
         self.signal = signum
 
 
-def _say(err, text: str) -> None:
-    print(f"probedsl: {text}", file=err, flush=True)
-
-
 def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
-    if os.geteuid() != 0:
-        raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
-    recipe = compiler.load(opts.recipe)
-    if opts.estimate and opts.command:
-        raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
-    target = targets.detect(opts.backend)
-    max_live = opts.max_live or target.default_max_live
-    if target.max_live_limit is not None and max_live > target.max_live_limit:
-        raise ProbedslError(f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
-                            f"live entries per table (tallies pack the count in its bits); use --backend bcc")
-    with contextlib.ExitStack() as cleanup:      # undone in reverse order, however the run ends
-        scope, resolver, held = _scope(opts, target)
-        if held:
-            cleanup.callback(held.abandon)        # a no-op once the command was released
-        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=max_live).with_scope(scope)
+    return Session(opts, out, err).run()
+
+
+class Session:
+    """One `probedsl run`: prepare (target, scope, program, driver), attach (probes on, the
+    command let go), trace (reports until the run ends, then the final one). Everything it
+    sets up is undone by one ExitStack, in reverse order, however the run ends."""
+
+    def __init__(self, opts: RunOptions, out=sys.stdout, err=sys.stderr):
+        self.opts, self.out, self.err = opts, out, err
+        self.stop = _Stop()
+        self.notes: List[str] = []
+
+    def say(self, text: str) -> None:
+        print(f"probedsl: {text}", file=self.err, flush=True)
+
+    def run(self) -> int:
+        if os.geteuid() != 0:
+            raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
+        if self.opts.estimate and self.opts.command:
+            raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
+        with contextlib.ExitStack() as self.cleanup:
+            self.prepare()
+            self.attach()
+            return self.trace()
+
+    def prepare(self) -> None:
+        opts, cleanup = self.opts, self.cleanup
+        recipe = compiler.load(opts.recipe)
+        self.target = target = targets.detect(opts.backend)
+        self.max_live = opts.max_live or target.default_max_live
+        if target.max_live_limit is not None and self.max_live > target.max_live_limit:
+            raise ProbedslError(f"--max-live {self.max_live}: {target.name} holds at most {target.max_live_limit} "
+                                f"live entries per table (tallies pack the count in its bits); use --backend bcc")
+        scope, resolver, self.held = _scope(opts, target)
+        if self.held:
+            cleanup.callback(self.held.abandon)        # a no-op once the command was released
+        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live).with_scope(scope)
         program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
-        private = None
-        if held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
-            private = PrivateLibraries()
-            cleanup.callback(private.cleanup)
-            program = private.apply(program, held.exe)
-        generated = compiler.generate(program, target, ready_pid=os.getpid())
-        driver = target.driver(program, generated)
-        tracker = MappingTracker().start()       # before attaching, so no mmap is missed
-        cleanup.callback(tracker.stop)
+        self.private = None
+        if self.held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
+            self.private = PrivateLibraries()
+            cleanup.callback(self.private.cleanup)
+            program = self.private.apply(program, self.held.exe)
+        self.program = program
+        self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.tracker = MappingTracker().start()        # before attaching, so no mmap is missed
+        cleanup.callback(self.tracker.stop)
         if resolver.root:
-            tracker.files.known_roots.add(resolver.root)
+            self.tracker.files.known_roots.add(resolver.root)
         if opts.estimate:
             for line in estimate.measure(program).lines():
-                _say(err, line)
+                self.say(line)
         for pid in ([scope.pid] if scope.mode == "pid" else
                     processes_named(scope.comm) if scope.mode == "comm" else []):
-            tracker.snapshot(pid)                  # mapped before we started listening
-        stop = _Stop()
+            self.tracker.snapshot(pid)                  # mapped before we started listening
+        self.describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
+                         "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
+
+    def attach(self) -> None:
         for s in (signal.SIGINT, signal.SIGTERM):
-            cleanup.callback(signal.signal, s, signal.signal(s, stop))
-        cleanup.callback(driver.kill)
-        driver.start()
-        describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
-                    "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
-        # tests and scripts wait for this line: every probe is attached
-        _say(err, f"tracing {describe} with {target.name}; Ctrl-C ends with a report")
-        _say(err, f"note: BPF maps hold {driver.map_memory() / 2**20:.0f} MB of kernel memory (live tables "
-                  f"sized for --max-live {max_live})")
-        for line in target.notes(program) + _bystander_notes(program, target, private):
-            _say(err, f"note: {line}")
+            self.cleanup.callback(signal.signal, s, signal.signal(s, self.stop))
+        self.cleanup.callback(self.driver.kill)
+        self.driver.start()
+        # scripts and tests wait for this line: every probe is attached
+        self.say(f"tracing {self.describe} with {self.target.name}; Ctrl-C ends with a report")
+        self.say(f"note: BPF maps hold {self.driver.map_memory() / 2**20:.0f} MB of kernel memory (live tables "
+                 f"sized for --max-live {self.max_live})")
+        for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private):
+            self.say(f"note: {line}")
+        if self.held:
+            self.held.release(self.private.env if self.private else None)
+
+    def ended(self) -> bool:
+        """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
+        scope, held = self.program.scope, self.held
+        if self.stop.signal is not None or (held and held.poll() is not None):
+            return True
+        if scope.mode == "pid" and not process_alive(scope.pid):
+            return True
+        if self.opts.duration and time.monotonic() - self.started >= self.opts.duration:
+            return True
+        if not self.driver.alive():
+            self.notes.append(f"{self.target.name} ended early: {self.driver.explain_failure()}")
+            return True
+        return False
+
+    def trace(self) -> int:
+        """Reports at intervals until the run ends, then the final one; the command's status."""
+        opts, driver, held = self.opts, self.driver, self.held
+        self.symbolizer = Symbolizer(self.tracker)
+        self.growth = report.Growth(opts.growth_intervals)
+        self.sequence = 0
+        self.started = time.monotonic()
+        next_report = self.started + opts.interval if opts.interval else None
+        while not self.ended():
+            if next_report and time.monotonic() >= next_report:
+                next_report += opts.interval
+                snap = driver.snapshot(timeout=5)
+                if snap is not None:
+                    self.emit(snap)
+            driver.idle(0.05)
+        exit_status = None
         if held:
-            held.release(private.env if private else None)
-        return _trace(opts, program, target, driver, tracker, held, stop, describe, out, err)
+            if held.poll() is None and self.stop.signal is not None:
+                _end_command(held, self.stop.signal, self.notes)
+            exit_status = held.poll()
+        final = driver.stop()
+        if final is None:
+            self.say(f"the tracer ended without a final report: {driver.explain_failure()}")
+            return 1
+        self.emit(final, exit_status)
+        return exit_status if exit_status is not None else 0
 
-
-def _trace(opts, program, target, driver, tracker, held, stop, describe, out, err) -> int:
-    """The run loop: reports at intervals until the run ends, then the final one."""
-    scope = program.scope
-    symbolizer = Symbolizer(tracker)
-    notes: List[str] = []
-    started = time.monotonic()
-    next_report = started + opts.interval if opts.interval else None
-    growth = report.Growth(opts.growth_intervals)
-    sequence = 0
-
-    def emit(snap, exit_status=None):
-        nonlocal sequence
-        sequence += 1
+    def emit(self, snap, exit_status=None) -> None:
+        program, tracker = self.program, self.tracker
+        self.sequence += 1
         lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
             if tracker.lost else []
-        rep = report.build(program, snap, symbolizer, backend=target.backend,
-                           backend_version=targets.version_text(target.version), target=describe,
-                           duration_s=time.monotonic() - started, top=opts.top, min_age_s=opts.min_age,
-                           exit_status=exit_status, notes=notes + lost)
-        rep.sequence = sequence
+        rep = report.build(program, snap, self.symbolizer, backend=self.target.backend,
+                           backend_version=targets.version_text(self.target.version), target=self.describe,
+                           duration_s=time.monotonic() - self.started, top=self.opts.top,
+                           min_age_s=self.opts.min_age, exit_status=exit_status, notes=self.notes + lost)
+        rep.sequence = self.sequence
         tracker.prune(report.referenced_pids(program, snap))
-        growth.annotate(rep)
-        write_report(formats.render(rep, opts.format, _use_color(opts, out)), opts.output, out)
-
-    while stop.signal is None:
-        if held and held.poll() is not None:
-            break
-        if scope.mode == "pid" and not process_alive(scope.pid):
-            break
-        if opts.duration and time.monotonic() - started >= opts.duration:
-            break
-        if not driver.alive():
-            notes.append(f"{target.name} ended early: {driver.explain_failure()}")
-            break
-        if next_report and time.monotonic() >= next_report:
-            next_report += opts.interval
-            snap = driver.snapshot(timeout=5)
-            if snap is not None:
-                emit(snap)
-        driver.idle(0.05)
-    exit_status = None
-    if held:
-        if held.poll() is None and stop.signal is not None:
-            _end_command(held, stop.signal, notes)
-        exit_status = held.poll()
-    final = driver.stop()
-    if final is None:
-        _say(err, f"the tracer ended without a final report: {driver.explain_failure()}")
-        return 1
-    emit(final, exit_status)
-    return exit_status if exit_status is not None else 0
+        self.growth.annotate(rep)
+        write_report(formats.render(rep, self.opts.format, _use_color(self.opts, self.out)), self.opts.output,
+                     self.out)
 
 
 def _bystander_notes(program: ir.Program, target: targets.Target,
