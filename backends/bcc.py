@@ -109,9 +109,8 @@ class BccBackend(Backend):
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
-    def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
-        lay = layout.of(program, res)
-        n, scratch = res.name, lay.scratch
+    def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
+        n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind == "tracepoint" else "ctx"
         actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
@@ -136,7 +135,7 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
 
-    def manifest(self, program: ir.Program, views) -> dict:
+    def manifest(self, program: ir.Program, views, layouts) -> dict:
         probes = []
         for res, res_views in zip(program.resources, views):
             for probe, view in zip(res.probes, res_views):
@@ -151,15 +150,15 @@ class BccBackend(Backend):
             "watch_roots": program.scope.mode == "comm" and not program.scope.per_process,
             "follow_forks": program.scope.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
-            "resources": [layout.of(program, r).to_json() for r in program.resources],
+            "resources": [lay.to_json() for lay in layouts],
         }
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
         views, resources = [], []
-        for res in program.resources:
-            res_views = [self.probe_view(program, res, p) for p in res.probes]
+        layouts = [layout.of(program, res) for res in program.resources]
+        for res, lay in zip(program.resources, layouts):
+            res_views = [self.probe_view(program, lay, p) for p in res.probes]
             views.append(res_views)
-            lay = layout.of(program, res)
             resources.append({
                 "name": res.name, "layout": lay, "probes": res_views, "width": max(lay.scratch_width, 1),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
@@ -170,7 +169,7 @@ class BccBackend(Backend):
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS)
-        manifest = self.manifest(program, views)
+        manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe
         literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)
         gen.loader = self.env.get_template("bcc_loader.py.j2").render(

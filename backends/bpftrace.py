@@ -151,7 +151,7 @@ class BpftraceBackend(Backend):
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
 
-    def probe_view(self, program: ir.Program, res: ir.Resource, probe: ir.Probe) -> dict:
+    def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "uprobe":
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
@@ -160,7 +160,6 @@ class BpftraceBackend(Backend):
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
-        lay = layout.of(program, res)
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
@@ -211,7 +210,7 @@ class BpftraceBackend(Backend):
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
                 "live": f"@{lay.live}", "declared": self.declarations(res, lay) if self.target.map_declarations else [],
                 "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
-                "probes": [self.probe_view(program, res, p) for p in res.probes],
+                "probes": [self.probe_view(program, res, lay, p) for p in res.probes],
                 "printed": maps, "scratch": scratch,
                 "tallies": [f"@{t.map}[{', '.join(t.keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
                             f"per live entry of the group, kept at acquire and release" for t in lay.tallies],

@@ -75,6 +75,7 @@ class LibraryResolver:
                  others: Iterable[int] = ()):
         self.pid, self.command, self.root, self.others = pid, command, root.rstrip("/"), tuple(others)
         self._prefix = roots.root_prefix(pid) if pid else self.root
+        self._elsewhere: Dict[str, List[str]] = {}
 
     def candidates(self) -> Iterable[str]:
         """Library paths as the traced program names them (inside its root)."""
@@ -102,13 +103,12 @@ class LibraryResolver:
         return None
 
     def elsewhere(self, library: str) -> List[str]:
-        """The library as each process of `others` maps it: files other than ours."""
-        found = []
-        for pid in self.others:
-            path = LibraryResolver(pid=pid).resolve(library)
-            if path and os.path.isfile(path):
-                found.append(path)
-        return found
+        """The library as each process of `others` maps it: files other than ours (asked once
+        per library: every probe of a recipe names the same few)."""
+        if library not in self._elsewhere:
+            paths = (LibraryResolver(pid=pid).resolve(library) for pid in self.others)
+            self._elsewhere[library] = [p for p in paths if p and os.path.isfile(p)]
+        return self._elsewhere[library]
 
 
 def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") -> ir.Program:

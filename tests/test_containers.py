@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from probedsl.procfs import processes_named
+
 from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run
 from test_tracing import assert_accounted, assert_seed_leak
 
@@ -40,9 +42,9 @@ def libc_of(pid: int) -> str:
 def leak_process() -> int:
     """The pid of the leak_delayed process, once it has mapped its libc (0: none within 5 s)."""
     for _ in range(500):
-        for p in (int(e) for e in os.listdir("/proc") if e.isdigit()):
+        for p in processes_named("leak_delayed"):
             try:
-                if _named(p, "leak_delayed") and libc_of(p):
+                if libc_of(p):
                     return p
             except (OSError, StopIteration):
                 pass
@@ -104,35 +106,3 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
     report = trace_held(backend, argv, comm=mode == "comm")
     assert not os.listdir(hidden), "the namespace's root should be invisible here"
     assert_seed_leak(report)
-
-
-def _named(pid: int, name: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == name
-    except OSError:
-        return False
-
-
-@pytest.mark.debian13
-def test_bcc_comm_probes_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
-    root = tmp_path / "late"                 # a root (and a name) no process has yet
-    shutil.copytree(leak_root, root, symlinks=True)
-    os.rename(root / "leak_delayed", root / "leak_late")
-    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "50", "--comm", "leak_late")
-    held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
-    try:
-        said = []
-        while not any("another root's copy of libc" in line for line in said):
-            said.append(tracer.stderr.readline())
-            assert said[-1], f"the tracer ended: {''.join(said)}"
-        held.go()
-        held.proc.wait(timeout=60)
-    finally:
-        held.end()
-        tracer.send_signal(2)
-    out, err = tracer.communicate(timeout=120)
-    assert tracer.returncode == 0, err
-    report = report_json(out)
-    assert_seed_leak(report)
-    assert_accounted(report)

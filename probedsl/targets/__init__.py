@@ -44,10 +44,15 @@ def installed_version(backend: str) -> Optional[Version]:
     return parse_version(getattr(bcc, "__version__", ""))
 
 
-def for_version(backend: str, version: Optional[Version]) -> Target:
-    """The target of a backend at a version; None: the newest dialect (compiling offline)."""
+def _known(backend: str) -> str:
     if backend not in BACKENDS:
         raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
+    return backend
+
+
+def for_version(backend: str, version: Optional[Version]) -> Target:
+    """The target of a backend at a version; None: the newest dialect (compiling offline)."""
+    _known(backend)
     classes = [t for t in TARGETS if t.backend == backend]
     if version is None:
         return classes[-1]()
@@ -61,9 +66,7 @@ def for_version(backend: str, version: Optional[Version]) -> Target:
 
 def detect(backend: str) -> Target:
     """The target for the backend installed here; a clear error when it is missing."""
-    if backend not in BACKENDS:
-        raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
-    version = installed_version(backend)
+    version = installed_version(_known(backend))
     if version is None:
         hint = {"bpftrace": "apt-get install bpftrace", "bcc": "apt-get install python3-bpfcc"}.get(backend, "")
         raise ProbedslError(f"{backend} is not installed ({hint}, or run scripts/setup.sh)")
@@ -79,6 +82,4 @@ def from_name(name: str) -> Target:
         if parsed is None:
             raise ProbedslError(f"--target {name}: write BACKEND or BACKEND-VERSION (bpftrace-0.23)")
         return for_version(backend, parsed)
-    if backend not in BACKENDS:
-        raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
-    return for_version(backend, installed_version(backend))
+    return for_version(backend, installed_version(_known(backend)))

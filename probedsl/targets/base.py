@@ -20,8 +20,6 @@ class Target:
     # inclusive (major, minor) bounds of the versions this class generates for
     first: ClassVar[Tuple[int, int]] = (0, 0)
     last: ClassVar[Tuple[int, int]] = (0, 0)
-    # where it was run end to end (docs and `probedsl doctor` say so)
-    tested_on: ClassVar[str] = ""
     # capabilities
     per_pid_uprobes: ClassVar[bool] = False     # the tracer can scope a uprobe to one process
     probe_offsets: ClassVar[bool] = False       # a uprobe may sit inside a function (free+3)

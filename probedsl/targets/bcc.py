@@ -9,7 +9,6 @@ from .base import Target
 class Bcc(Target):
     backend = "bcc"
     first, last = (0, 26), (0, 37)
-    tested_on = "0.26 (Debian 12), 0.31 (Debian 13)"
     per_pid_uprobes = True
     probe_offsets = True
     per_process_comm = True

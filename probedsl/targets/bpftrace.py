@@ -57,7 +57,6 @@ class Bpftrace(Target):
 class Bpftrace017(Bpftrace):
     """Debian 12 (0.17), kubectl-trace's runner (0.19.1)."""
     first, last = (0, 17), (0, 19)
-    tested_on = "0.17.0 (Debian 12)"
     map_keys_env = ("BPFTRACE_MAP_KEYS_MAX",)      # 0.17 ignores the newer name
 
     def notes(self, program: ir.Program) -> List[str]:
@@ -71,7 +70,6 @@ class Bpftrace017(Bpftrace):
 class Bpftrace020(Bpftrace):
     """Ubuntu 24.04 (0.20.2), Debian 13 and Ubuntu 25.10 (0.23), Fedora 42."""
     first, last = (0, 20), (0, 23)
-    tested_on = "0.23.2 (Debian 13)"
     map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # the old name only warns that it is deprecated
     per_pid_uprobes = True                         # -p PID scopes uprobes (0.20 "uprobe pid targeting")
     probe_offsets = True
@@ -85,15 +83,12 @@ class Bpftrace020(Bpftrace):
 class Bpftrace024(Bpftrace020):
     """Fedora 43 (0.24)."""
     first, last = (0, 24), (0, 24)
-    tested_on = ""
-    map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # 0.24+ ignores the old name
-    delete_with_key_argument = True
+    delete_with_key_argument = True      # (and 0.24+ reads only BPFTRACE_MAX_MAP_KEYS)
 
 
 class Bpftrace025(Bpftrace024):
     """Arch (0.25), Alpine 3.24 (0.26)."""
     first, last = (0, 25), (0, 26)
-    tested_on = ""        # no 0.25/0.26 package here; Debian unstable's 0.27.1 loads its programs
     # `let @m = hash(N)` sizes each map: the live table at --max-live, the others at what they
     # need, so a million live entries no longer preallocate every map a million times
     map_declarations = True
