@@ -47,6 +47,9 @@ class BccBackend(Backend):
         if scope.mode in ("pid", "cmd"):
             # the pid is filled in by the loader as a -D define, a validated integer
             return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
+        if scope.mode == "all":
+            # the loader fills in its own pid: its reading of the maps is not traced
+            return ["if ((bpf_get_current_pid_tgid() >> 32) == PROBEDSL_SELF) return 0;"]
         if scope.mode == "comm":
             name = scope.comm.encode()
             lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
@@ -135,10 +138,18 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
 
+    @staticmethod
+    def watches_roots(scope: ir.Scope) -> bool:
+        """--comm and --all: the libraries of a root that appears later (a container) are probed
+        as a process there arrives (--per-process attaches to each process anyway)."""
+        return scope.mode == "all" or (scope.mode == "comm" and not scope.per_process)
+
     def manifest(self, program: ir.Program, views, layouts) -> dict:
         probes = []
         for res, res_views in zip(program.resources, views):
-            for probe, view in zip(res.probes, res_views):
+            views_of = dict(zip(res.probes, res_views))
+            for probe in ir.attach_order(res.probes):
+                view = views_of[probe]
                 if probe.kind == "uprobe":
                     # also: another root's copy, whose process may end before the attach
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
@@ -147,7 +158,7 @@ class BccBackend(Backend):
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
-            "watch_roots": program.scope.mode == "comm" and not program.scope.per_process,
+            "watch_roots": self.watches_roots(program.scope),
             "follow_forks": program.scope.tracks_children,
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [lay.to_json() for lay in layouts],
@@ -165,7 +176,7 @@ class BccBackend(Backend):
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
-                                   scope=program.scope,
+                                   scope=program.scope, watch_arrivals=program.scope.mode in ("comm", "all"),
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS)

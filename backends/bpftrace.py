@@ -83,11 +83,17 @@ class BpftraceBackend(Backend):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
         return lines
 
+    def attach_order(self, probes) -> list:
+        """The text order that makes bpftrace attach the release probes first."""
+        order = ir.attach_order(probes)
+        return order[::-1] if self.target.attaches_in_reverse else order
+
     def filter(self, scope: ir.Scope) -> str:
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
             return "/@probedsl_traced[(uint64)pid]/"
-        return {"all": "", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
+        # all: $1 is probedsl's own pid (its reading of the maps is not traced)
+        return {"all": "/pid != $1/", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
                 "comm": "/comm == str($1)/"}[scope.mode]
 
     def key(self, action: ir.Action) -> List[str]:
@@ -210,7 +216,7 @@ class BpftraceBackend(Backend):
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
                 "live": f"@{lay.live}", "declared": self.declarations(res, lay) if self.target.map_declarations else [],
                 "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
-                "probes": [self.probe_view(program, res, lay, p) for p in res.probes],
+                "probes": [self.probe_view(program, res, lay, p) for p in self.attach_order(res.probes)],
                 "printed": maps, "scratch": scratch,
                 "tallies": [f"@{t.map}[{', '.join(t.keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
                             f"per live entry of the group, kept at acquire and release" for t in lay.tallies],

@@ -58,8 +58,7 @@ def measure(program: ir.Program, seconds: float = 1.0) -> Estimate:
     if not hits:
         raise ProbedslError("--estimate: this recipe probes no user functions (tracepoints cost little)")
     # the script on stdin; "--": a process name like "-x" is an argument, not an option
-    argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin"] + \
-        ([scope.comm] if scope.mode == "comm" else [])
+    argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = 'printf("done\\n"); exit();'
     script = bpftrace.generator().count_script(replace(program, scope=scope))

@@ -107,6 +107,14 @@ class Probe:
         return f"{self.library}:{self.function}" if self.kind == "uprobe" else f"tracepoint:{self.function}"
 
 
+def attach_order(probes: Tuple[Probe, ...]) -> List[Probe]:
+    """Probes that only release first: a block acquired while its release was not probed yet
+    would stay live for ever (attaching memleak's 17 uprobes system-wide takes a while, and a
+    busy shell loop left ~900 such blocks); a release seen without its acquire is just an
+    unknown release."""
+    return sorted(probes, key=lambda p: any(a.kind == "acquire" for a in p.actions))
+
+
 @dataclass(frozen=True)
 class Resource:
     name: str

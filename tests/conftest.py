@@ -69,6 +69,15 @@ def root_required():
 
 
 @pytest.fixture(scope="session")
+def mallocfree(tmp_path_factory):
+    """bench's workload: mallocfree THREADS CALLS DELAY_S (malloc/free pairs, nothing kept)."""
+    exe = tmp_path_factory.mktemp("bench") / "mallocfree"
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(ROOT / "bench" / "workloads" / "mallocfree.c")],
+                   check=True)
+    return str(exe)
+
+
+@pytest.fixture(scope="session")
 def build(tmp_path_factory):
     """build(name) compiles tests/fixtures/NAME.c (or .cpp) at -O0 -g (gcc drops unused mallocs at
     -O2); build("libNAME.so") builds a shared library from NAME.c; build("NAME-stripped") a

@@ -113,7 +113,7 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
     script = tmp_path / "p.bt"
     target = targets.detect("bpftrace")
     script.write_text(target.generator().generate(program, ready_pid=1).text)
-    argv = ["bpftrace", *target.check_options(str(tmp_path / "p.o")), str(script)] + (["x"] if scope.mode == "comm" else [])
+    argv = ["bpftrace", *target.check_options(str(tmp_path / "p.o")), str(script)] + target.positional(scope)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -125,7 +125,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required):
     from bcc import BPF
     program = compiler.build(compiler.load(recipe)).with_scope(scope)
     gen = targets.detect("bcc").generator().generate(program)
-    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1"])
+    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         for p in gen.manifest["probes"]:          # loading checks the verifier, without attaching
             bpf.load_func(p["entry"], BPF.KPROBE)   # uprobes load as kprobe-type programs

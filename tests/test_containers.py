@@ -106,3 +106,32 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
     report = trace_held(backend, argv, comm=mode == "comm")
     assert not os.listdir(hidden), "the namespace's root should be invisible here"
     assert_seed_leak(report)
+
+
+@pytest.mark.debian13
+@pytest.mark.parametrize("mode", ["comm", "all"])
+def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp_path):
+    root = tmp_path / "late"                 # a root (and a name) no process has yet
+    shutil.copytree(leak_root, root, symlinks=True)
+    os.rename(root / "leak_delayed", root / "leak_late")
+    target = ["--comm", "leak_late", "--top", "50"] if mode == "comm" else ["--all", "--top", "1000000"]
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", *target)
+    held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
+    try:
+        said = []
+        while not any("another root's copy of libc" in line for line in said):
+            said.append(tracer.stderr.readline())
+            assert said[-1], f"the tracer ended: {''.join(said)}"
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        held.end()
+        tracer.send_signal(2)
+    out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    if mode == "all":        # the whole system's report: the leak is the entries under wrapper1
+        entries = report["reports"][0]["entries"]
+        report["reports"][0]["entries"] = [e for e in entries if any(f["function"] == "wrapper1" for f in e["stack"])]
+    assert_seed_leak(report)
+    assert_accounted(report)

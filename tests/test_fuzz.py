@@ -104,7 +104,7 @@ def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory
     result = subprocess.run(["bpftrace", *checking, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (text, result.stderr)
     from bcc import BPF
-    bpf = BPF(text=bcc_gen.text, cflags=["-DPROBEDSL_PID=1"])
+    bpf = BPF(text=bcc_gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         for p in bcc_gen.manifest["probes"]:
             bpf.load_func(p["entry"], BPF.KPROBE)

@@ -17,14 +17,6 @@ from probedsl.drivers import bcc as bcc_driver
 from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json, start_run
 
 
-@pytest.fixture(scope="module")
-def mallocfree(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("bench") / "mallocfree"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(ROOT / "bench" / "workloads" / "mallocfree.c")],
-                   check=True)
-    return str(exe)
-
-
 def start_tracer(*args, env=None):
     return start_run(MEMLEAK, "--format", "json", *args, env=env)
 

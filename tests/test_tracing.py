@@ -261,3 +261,24 @@ def test_a_real_program_gives_the_same_live_totals_on_both_backends_and_every_bl
         assert sum(e["bytes"] for e in entries) == heap["live_bytes"], (backend, heap)
         totals.append((heap["live_blocks"], heap["live_bytes"]))
     assert totals[0] == totals[1] and totals[0][0] > 500, totals
+
+
+@pytest.mark.debian13
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_block_freed_while_the_probes_attach_is_not_left_live(backend, mallocfree):
+    """Attaching to a process that mallocs and frees all the while: the release probes go on
+    first, so no block is seen acquired without its release."""
+    loop = subprocess.Popen([mallocfree, "1", "100000000000", "0"], stdout=subprocess.DEVNULL)
+    try:
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--pid", str(loop.pid))
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        loop.kill()
+        loop.wait()
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    heap = report["resources"]["heap"]
+    assert heap["acquired"] > 0, heap
+    assert heap["replaced"] == 0 and heap["live_blocks"] <= 1, heap
+    assert_accounted(report)

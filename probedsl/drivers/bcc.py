@@ -136,6 +136,7 @@ RETRY_S = 0.05
 # fewer if BCC_PROBE_LIMIT is low)
 QUIET_S = 3.0
 MAX_UNCLOSED = 340
+READ_TRIES = 3        # reads of a snapshot while the counters move under it
 
 
 @contextlib.contextmanager
@@ -198,12 +199,13 @@ class BccLoader:
         if not os.path.exists(os.path.join(headers, "include")):
             raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
                                 "Debian's linux-headers there), or use --backend bpftrace")
-        cflags = [f"-DPROBEDSL_PID={int(pid)}"]
+        cflags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
         try:
             self.bpf = bcc.BPF(text=c_text, cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             raise ProbedslError(f"BCC could not compile the program: {exc}") from None
         self.manifest = manifest
+        self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
         scope = pid or -1
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
@@ -377,6 +379,26 @@ class BccLoader:
         return True
 
     def snapshot(self, final: bool = False) -> Snapshot:
+        """What the maps hold. Read while processes run, the counters and the tallies can be
+        read across an event: they are read again until the counters did not move meanwhile.
+        The final one first stops every probe, so it always settles."""
+        if final:
+            self.bpf["probedsl_stopped"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        for _ in range(READ_TRIES):
+            counted = self._counters()
+            snap = self._read(counted, final)
+            if self._counters() == counted:
+                break
+        return snap
+
+    def _counters(self) -> Dict[str, List[int]]:
+        out = {}
+        for lay in self.layouts:
+            counters = self.bpf[lay.counters]
+            out[lay.name] = [counters.sum(counters.Key(int(c))).value for c in Counter]
+        return out
+
+    def _read(self, counted: Dict[str, List[int]], final: bool) -> Snapshot:
         now = time.monotonic_ns()
         live: Optional[List[Live]] = None
         totals: Dict[str, Totals] = {}
@@ -399,7 +421,7 @@ class BccLoader:
             return walked[stack_id]
 
         tallies: Dict[str, dict] = {}
-        for lay in map(ResourceLayout.from_json, self.manifest["resources"]):
+        for lay in self.layouts:
             name, fields = lay.name, lay.fields
             tallies[name] = {t.keys: self._tally(t.map, list(t.keys), stack) for t in lay.tallies}
             if self.manifest.get("read_live"):
@@ -411,8 +433,7 @@ class BccLoader:
                     kstack=stack(v.kstack) if "kstack" in fields else (),
                     comm=v.comm.decode(errors="replace") if "comm" in fields else "")
                     for k, v in self.bpf[lay.live].items()]
-            counters = self.bpf[lay.counters]
-            t = Totals(*(counters.sum(counters.Key(int(c))).value for c in Counter))
+            t = Totals(*counted[name])
             if lay.lifetime:
                 t.lifetime = _histograms(self.bpf[lay.lifetime.map], list(lay.lifetime.keys), stack)
             totals[name] = t

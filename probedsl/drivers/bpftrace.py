@@ -160,9 +160,8 @@ class BpftraceDriver:
         with open(script, "w") as f:
             f.write(self.generated.text)
         # "--": a name like "-x" is not an option
-        argv = [exe, "-f", "json", *self.target.options(self.program.scope), "--", script]
-        if self.program.scope.mode == "comm":
-            argv.append(self.program.scope.comm)        # read by the script as str($1): never code
+        scope = self.program.scope
+        argv = [exe, "-f", "json", *self.target.options(scope), "--", script, *self.target.positional(scope)]
         max_live = max((r.max_live for r in self.program.resources), default=1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
         env.update(self.target.environment(max_live))

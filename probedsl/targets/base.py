@@ -25,7 +25,7 @@ class Target:
     probe_offsets: ClassVar[bool] = False       # a uprobe may sit inside a function (free+3)
     map_declarations: ClassVar[bool] = False    # maps are sized one by one
     per_process_comm: ClassVar[bool] = False    # --comm --per-process: uprobes on each matching process
-    follows_new_roots: ClassVar[bool] = False   # --comm: probes another root's libraries as it appears
+    follows_new_roots: ClassVar[bool] = False   # --comm, --all: probe another root's libraries as it appears
     # limits
     max_args: ClassVar[int] = 6                 # x86-64 integer argument registers
     default_max_live: ClassVar[int] = ir.DEFAULT_MAX_LIVE
@@ -65,8 +65,7 @@ class Target:
     def notes(self, program: ir.Program) -> List[str]:
         """What this target cannot do for the program, said once at start."""
         scope = program.scope
-        if scope.mode == "all" or (scope.mode == "comm" and not scope.per_process and not self.follows_new_roots):
+        if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots:
             return [f"{self.name}: processes in a root that none had at start (a container started later) load "
-                    "other library files, which are not probed" +
-                    ("; --backend bcc --comm follows them" if scope.mode == "comm" else "")]
+                    "other library files, which are not probed; --backend bcc follows them"]
         return []

@@ -5,6 +5,7 @@ the driver (probedsl.drivers.bpftrace) read these flags and nothing else about t
 """
 from __future__ import annotations
 
+import os
 from typing import ClassVar, List, Tuple
 
 from probedsl import ir
@@ -31,6 +32,8 @@ class Bpftrace(Target):
     type_maps_first: ClassVar[bool] = False
     # delete(@m, k) (0.22+; delete(@m[k]) deprecated) instead of delete(@m[k])
     delete_with_key_argument: ClassVar[bool] = False
+    # bpftrace attaches a script's probes last to first (so that they fire in text order)
+    attaches_in_reverse: ClassVar[bool] = True
 
     def generator(self):
         from probedsl.backends.bpftrace import BpftraceBackend
@@ -52,6 +55,12 @@ class Bpftrace(Target):
     def options(self, scope: ir.Scope) -> List[str]:
         """Command-line options for a program traced in this scope."""
         return ["-p", str(int(scope.pid))] if self.scopes_uprobes(scope) else []
+
+    @staticmethod
+    def positional(scope: ir.Scope) -> List[str]:
+        """The script's $1: the traced name (--comm: data, never code), or probedsl's own pid
+        (--all leaves out the process reading the maps)."""
+        return {"comm": [scope.comm], "all": [str(os.getpid())]}.get(scope.mode, [])
 
 
 class Bpftrace017(Bpftrace):

@@ -45,8 +45,20 @@ static __always_inline s64 probedsl_read_s32(u64 address)
     return value;
 }
 
+// set by the loader before its final read: every probe returns at once from then on, so the
+// counters and the tallies it reads agree even while the traced processes run on
+BPF_ARRAY(probedsl_stopped, u32, 1);
+
+static __always_inline int probedsl_running(void)
+{
+    int zero = 0;
+    u32 *stopped = probedsl_stopped.lookup(&zero);
+    return !(stopped && *stopped);
+}
+
 static __always_inline int probedsl_wanted(void)
 {
+    if (!probedsl_running()) return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
