@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 from elftools.elf.elffile import ELFFile
 from elftools.common.exceptions import ELFError
+
+from . import debuginfo
 
 
 _SYM = struct.Struct("<IBBHQQ")          # Elf64_Sym
@@ -25,13 +28,14 @@ class Segment:
 
 class ElfSymbols:
     """Function symbols of one ELF file: .symtab (when not stripped) and .dynsym by name for
-    attaching; for naming addresses, also the separate debug file's .symtab, read on first use."""
+    attaching; for naming addresses, also those of its debug information (probedsl.debuginfo),
+    found on first use. root: the directory that is the file's process's root, seen from here."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, root: str = ""):
+        self.path, self.root = path, root
         self.by_name: Dict[str, int] = {}
         self.segments: List[Segment] = []
-        self.debug_file = ""
+        self._debug_file: Optional[str] = None
         self._spans: Dict[int, Tuple[int, str]] = {}
         self._addrs: Optional[List[int]] = None
         with open(path, "rb") as f:
@@ -40,7 +44,22 @@ class ElfSymbols:
                 if seg["p_type"] == "PT_LOAD":
                     self.segments.append(Segment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"]))
             self._add(elf, (".symtab", ".dynsym"))
-            self.debug_file = _debug_file(elf)
+
+    @property
+    def debug_file(self) -> str:
+        """The separate debug file ("" when none is found), looked for once."""
+        if self._debug_file is None:
+            try:
+                with open(self.path, "rb") as f:
+                    self._debug_file = debuginfo.find(self.path, ELFFile(f), self.root)
+            except (OSError, ELFError):
+                self._debug_file = ""
+        return self._debug_file
+
+    @property
+    def dwarf_file(self) -> str:
+        """The file addr2line reads for lines: the debug file, else the file itself."""
+        return self.debug_file or self.path
 
     def _add(self, elf: ELFFile, sections) -> None:
         for name in sections:
@@ -68,6 +87,13 @@ class ElfSymbols:
                         self._add(ELFFile(f), (".symtab",))
                 except (OSError, ELFError):
                     pass
+            try:
+                with open(self.path, "rb") as f:
+                    mini = debuginfo.minidebuginfo(ELFFile(f))
+                if mini:
+                    self._add(ELFFile(io.BytesIO(mini)), (".symtab",))
+            except (OSError, ELFError):
+                pass
             self._addrs = sorted(self._spans)
             self._entries = [self._spans[a] for a in self._addrs]
         return self._addrs
@@ -76,15 +102,14 @@ class ElfSymbols:
         return self.by_name.get(name)
 
     def function_at(self, vaddr: int) -> Optional[Tuple[str, int]]:
-        """(name, offset) of the function containing vaddr, or None."""
+        """(name, offset) of the function whose extent holds vaddr, or None: never the name of
+        a symbol before it (a symbol without a size names its own address only)."""
         i = bisect.bisect_right(self._index(), vaddr) - 1
         if i < 0:
             return None
         start = self._addrs[i]
         size, name = self._entries[i]
-        if size and vaddr >= start + size:
-            return None
-        if not size and vaddr - start > 0x10000:
+        if vaddr >= start + max(size, 1):
             return None
         return name, vaddr - start
 
@@ -95,38 +120,23 @@ class ElfSymbols:
         return offset
 
 
-DEBUG_ROOT = "/usr/lib/debug"
-
-
-def _debug_file(elf: ELFFile) -> str:
-    """The separate debug file for a stripped ELF, found by build-id (Debian's *-dbg packages)."""
-    note_section = elf.get_section_by_name(".note.gnu.build-id")
-    if note_section is None:
-        return ""
-    for note in note_section.iter_notes():
-        if note["n_type"] == "NT_GNU_BUILD_ID":
-            build_id = note["n_desc"]
-            path = os.path.join(DEBUG_ROOT, ".build-id", build_id[:2], build_id[2:] + ".debug")
-            return path if os.path.isfile(path) else ""
-    return ""
-
-
 def _nicer(new: str, old: str) -> bool:
     return (new.startswith("_"), len(new)) < (old.startswith("_"), len(old))
 
 
 @functools.lru_cache(maxsize=256)
-def _load(path: str, mtime_ns: int, size: int) -> Optional[ElfSymbols]:
+def _load(path: str, root: str, mtime_ns: int, size: int) -> Optional[ElfSymbols]:
     try:
-        return ElfSymbols(path)
+        return ElfSymbols(path, root)
     except (OSError, ELFError, ValueError):
         return None
 
 
-def symbols(path: str) -> Optional[ElfSymbols]:
-    """Cached symbols for path (keyed on its mtime and size), or None if it is not a readable ELF."""
+def symbols(path: str, root: str = "") -> Optional[ElfSymbols]:
+    """Cached symbols for path (keyed on its mtime and size), or None if it is not a readable
+    ELF. root: where its process's root is, seen from here (for its debug files)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return _load(path, st.st_mtime_ns, st.st_size)
+    return _load(path, root, st.st_mtime_ns, st.st_size)

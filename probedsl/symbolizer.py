@@ -21,6 +21,7 @@ class Frame:
     file: str = ""         # source file, when DWARF says
     line: int = 0
     inlined: bool = False  # a call inlined into the frame below it (same address)
+    vaddr: int = -1        # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
 
     def __str__(self) -> str:
         module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
@@ -29,20 +30,24 @@ class Frame:
             return f"{self.function} (inlined) {module}{where}"
         if self.function:
             return f"{self.function}+{self.offset} {module}{where}"
+        if self.module and self.vaddr >= 0:
+            # no symbol's extent holds it: the module and the ELF address, never a guess
+            return f"{os.path.basename(self.module)}+{self.vaddr:#x}{where}"
         if self.module:
-            return f"{self.address:#x} [no symbols: {module.strip('[]')}]"
+            return f"{self.address:#x} [{module.strip('[]')}: unreadable]"
         return f"{self.address:#x} [no mapping]"
 
     def as_dict(self) -> dict:
         return {"address": f"{self.address:#x}", "function": self.function or None,
-                "offset": self.offset, "module": self.module or None, "file": self.file or None,
+                "offset": self.offset, "module": self.module or None,
+                "vaddr": f"{self.vaddr:#x}" if self.vaddr >= 0 else None, "file": self.file or None,
                 "line": self.line or None, "inlined": self.inlined, "text": str(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Frame":
         return cls(int(d["address"], 16), d.get("function") or "", int(d.get("offset") or 0),
                    d.get("module") or "", d.get("file") or "", int(d.get("line") or 0),
-                   bool(d.get("inlined")))
+                   bool(d.get("inlined")), int(d["vaddr"], 16) if d.get("vaddr") else -1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,8 +112,10 @@ class Symbolizer:
                 *inlined, outer = src
                 expanded = [Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True)
                             for s in inlined]
+                # addr2line names an address without DWARF after the nearest symbol before
+                # it: its name is taken only with a source location (from DWARF)
                 expanded.append(replace(frame, file=outer.file, line=outer.line,
-                                        function=frame.function or outer.function))
+                                        function=frame.function or (outer.function if outer.file else "")))
             self._cache[key] = expanded
         return [[f for a in addresses for f in self._cache[(pid, start, a)]] for (pid, start), addresses in keyed]
 
@@ -121,15 +128,18 @@ class Symbolizer:
         if m is None:
             return Frame(address, "", 0, ""), None, ""
         file = m.path if m.file is None else m.file      # another root's file, opened from here
-        syms = elf.symbols(file) if file else None
+        # a chroot's file is ROOT/PATH here: its debug files may be under ROOT/usr/lib/debug
+        root = file[:-len(m.path)] if file != m.path and file.endswith(m.path) else ""
+        syms = elf.symbols(file, root) if file else None
         if syms is None:
             return Frame(address, "", 0, m.path), None, file
         vaddr = syms.file_offset_to_vaddr(lookup - m.start + m.offset)
+        shown = vaddr + (address - lookup)
         hit = syms.function_at(vaddr)
         if hit is None:
-            return Frame(address, "", 0, m.path), vaddr, file
+            return Frame(address, "", 0, m.path, vaddr=shown), vaddr, syms.dwarf_file
         name, offset = hit
-        return Frame(address, name, offset + (address - lookup), m.path), vaddr, file
+        return Frame(address, name, offset + (address - lookup), m.path, vaddr=shown), vaddr, syms.dwarf_file
 
     def kernel_stack(self, addresses: Sequence[int]) -> List[Frame]:
         addrs, names = _kallsyms()
