@@ -143,6 +143,7 @@ def _group_fields(e: Entry, by: Sequence[str]) -> dict:
         out["comm"] = e.comm
     if "ustack" in by:
         out["stack"] = [f.as_dict() for f in e.stack]
+        out["truncated"] = bool(e.stack and e.stack[-1].truncated)
     if "kstack" in by:
         out["kernel_stack"] = [f.as_dict() for f in e.kernel_stack]
     return out
@@ -156,12 +157,13 @@ def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
                  growing=e.get("growing", False), histogram=list(histogram))
 
 
-def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0) -> Tuple:
+def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0,
+               trusted=lambda pid, stack, t: stack) -> Tuple:
     parts = []
     for g in by:
         if g == "ustack":
             # addresses only mean something in one address space: a process, since an exec
-            parts.append((live.pid, generation(live.pid, live.time_ns), live.ustack))
+            parts.append((live.pid, generation(live.pid, live.time_ns), trusted(live.pid, live.ustack, live.time_ns)))
         else:
             parts.append(getattr(live, g))
     return tuple(parts)
@@ -258,6 +260,12 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             sections.append(_tallied(rep, snapshot, symbolizer, shown, leaf_returns, scale))
         else:
             sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale))
+    cut = {e.stack[-1].truncated.split(" in ")[-1] for sec in sections for e in sec.entries
+           if e.stack and e.stack[-1].truncated.startswith("no frame pointer")}
+    if cut:
+        notes = [*notes, "stacks end at the first frame whose code keeps no frame pointer ("
+                         + ", ".join(sorted(cut)) + "): the kernel's frame-pointer walk cannot be "
+                         "trusted past it, so those frames are not shown (marked [truncated: ...])"]
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
                   exit_status, list(notes), sample=scale, backend_version=backend_version)
 
@@ -273,6 +281,14 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
     """The report from the kernel's per-group tallies: no entry is read, no oldest age."""
     keys = ir.group_keys(rep.group_by)
     groups = snapshot.tallies.get(rep.resource, {}).get(tuple(keys), {})
+    if "ustack" in keys:         # stacks that read the same once cut where they stop being certain
+        at, merged = keys.index("ustack"), {}
+        for group, (nbytes, count, seen) in groups.items():
+            fields = dict(zip(keys, group))
+            key = group[:at] + (symbolizer.trusted(fields.get("pid", 0), group[at], seen),) + group[at + 1:]
+            b, n, s = merged.get(key, (0, 0, 0))
+            merged[key] = (b + nbytes, n + count, max(s, seen))
+        groups = merged
     labels = [label for _, label in rep.columns]
     rows = []
     for group, (nbytes, count, seen) in groups.items():
@@ -299,7 +315,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     generation = tracker.generation_start if tracker is not None else (lambda pid, t: 0)
     for l in snapshot.live:
         if l.resource == rep.resource and snapshot.now_ns - l.time_ns >= min_age_ms * 1_000_000:
-            groups.setdefault(_group_key(l, rep.group_by, generation), []).append(l)
+            groups.setdefault(_group_key(l, rep.group_by, generation, symbolizer.trusted), []).append(l)
     labels = [label for _, label in rep.columns]
     rows = []
     for members in groups.values():
@@ -333,6 +349,15 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
         return Section("lifetime", rep.resource, histogram=groups.get((), []))
     res = next(r for r in program.resources if r.name == rep.resource)
     keys = ir.lifetime_keys(program, res)
+    if "ustack" in keys:
+        at, merged = keys.index("ustack"), {}
+        for key, buckets in groups.items():
+            fields = dict(zip(keys, key))
+            cut = key[:at] + (symbolizer.trusted(fields.get("pid", 0), key[at]),) + key[at + 1:]
+            counts = merged.setdefault(cut, {})
+            for lo, hi, n in buckets:
+                counts[(lo, hi)] = counts.get((lo, hi), 0) + n
+        groups = {k: [(lo, hi, n) for (lo, hi), n in sorted(c.items())] for k, c in merged.items()}
     rows = sorted(groups.items(), key=lambda kv: -sum(n for _, _, n in kv[1]))
     shown, rest = rows[:top], rows[top:]
     named = [dict(zip(keys, key)) for key, _ in shown]

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import elf
+from . import elf, stacktrust
 from .mappings import MappingTracker, find
 from .sourcelines import SourceLines
 
@@ -22,8 +22,11 @@ class Frame:
     line: int = 0
     inlined: bool = False  # a call inlined into the frame below it (same address)
     vaddr: int = -1        # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
+    truncated: str = ""    # a marker ending a cut stack: why the frames past it are not shown
 
     def __str__(self) -> str:
+        if self.truncated:
+            return f"[truncated: {self.truncated}]"
         module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
         where = f" {self.file}:{self.line}" if self.file and self.line else (f" {self.file}" if self.file else "")
         if self.inlined:
@@ -38,6 +41,10 @@ class Frame:
         return f"{self.address:#x} [no mapping]"
 
     def as_dict(self) -> dict:
+        if self.truncated:
+            return {"address": None, "function": None, "offset": 0, "module": self.module or None,
+                    "vaddr": None, "file": None, "line": None, "inlined": False,
+                    "truncated": self.truncated, "text": str(self)}
         return {"address": f"{self.address:#x}", "function": self.function or None,
                 "offset": self.offset, "module": self.module or None,
                 "vaddr": f"{self.vaddr:#x}" if self.vaddr >= 0 else None, "file": self.file or None,
@@ -45,6 +52,8 @@ class Frame:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Frame":
+        if d.get("truncated"):
+            return cls(0, "", 0, d.get("module") or "", truncated=d["truncated"])
         return cls(int(d["address"], 16), d.get("function") or "", int(d.get("offset") or 0),
                    d.get("module") or "", d.get("file") or "", int(d.get("line") or 0),
                    bool(d.get("inlined")), int(d["vaddr"], 16) if d.get("vaddr") else -1)
@@ -74,6 +83,7 @@ class Symbolizer:
         self.tracker = tracker
         self.lines = source_lines or SourceLines()
         self._cache: Dict[Tuple[int, int, int], List[Frame]] = {}
+        self._trust: Dict[Tuple[int, int, Tuple[int, ...]], Tuple[int, ...]] = {}
 
     def user_stacks(self, stacks: Sequence[Tuple], leaf_returns: bool = True) -> List[List[Frame]]:
         """Symbolize many (pid, addresses) stacks at once: one addr2line run per module.
@@ -90,8 +100,11 @@ class Symbolizer:
         for pid, addresses, *when in stacks:
             start, mappings = self.tracker.generation(pid, when[0] if when else None, drain=False) \
                 if self.tracker else (0, [])
+            addresses = self._trusted(pid, start, mappings, tuple(addresses))
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
+                if address in stacktrust.MARKERS:
+                    continue
                 key = (pid, start, address)
                 if key in self._cache or key in located:
                     continue
@@ -117,7 +130,46 @@ class Symbolizer:
                 expanded.append(replace(frame, file=outer.file, line=outer.line,
                                         function=frame.function or (outer.function if outer.file else "")))
             self._cache[key] = expanded
-        return [[f for a in addresses for f in self._cache[(pid, start, a)]] for (pid, start), addresses in keyed]
+        return [self._frames(pid, start, addresses) for (pid, start), addresses in keyed]
+
+    def _frames(self, pid: int, start: int, addresses: Tuple[int, ...]) -> List[Frame]:
+        frames: List[Frame] = []
+        for a in addresses:
+            if a in stacktrust.MARKERS:
+                module = os.path.basename(frames[-1].module) if frames else ""
+                frames.append(Frame(a, "", 0, frames[-1].module if frames else "",
+                                    truncated=stacktrust.reason(a, module)))
+            else:
+                frames.extend(self._cache[(pid, start, a)])
+        return frames
+
+    def trusted(self, pid: int, addresses: Sequence[int], when: Optional[int] = None) -> Tuple[int, ...]:
+        """The certain part of a frame-pointer stack, ending in a marker when cut (stacktrust):
+        the stack that reports group by."""
+        start, mappings = self.tracker.generation(pid, when) if self.tracker else (0, [])
+        return self._trusted(pid, start, mappings, tuple(addresses))
+
+    def _trusted(self, pid: int, start: int, mappings, addresses: Tuple[int, ...]) -> Tuple[int, ...]:
+        if not addresses or addresses[-1] in stacktrust.MARKERS:
+            return addresses
+        key = (pid, start, addresses)
+        if key in self._trust:
+            return self._trust[key]
+        cut = stacktrust.trusted(addresses, lambda a: self._elf_address(mappings, a))
+        if cut[-1] != stacktrust.NO_UNWIND_INFO:       # (a mapping may be told later)
+            self._trust[key] = cut
+        return cut
+
+    def _elf_address(self, mappings, address: int) -> Optional[Tuple[str, int]]:
+        """(file opened from here, address in its ELF view) of a process address."""
+        m = find(mappings, address)
+        if m is None:
+            return None
+        file = m.path if m.file is None else m.file
+        syms = elf.symbols(file) if file else None
+        if syms is None:
+            return None
+        return file, syms.file_offset_to_vaddr(address - m.start + m.offset)
 
     def user_stack(self, pid: int, addresses: Sequence[int], leaf_returns: bool = True) -> List[Frame]:
         return self.user_stacks([(pid, addresses)], leaf_returns)[0]

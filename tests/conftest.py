@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
+CXXLEAK = str(ROOT / "recipes" / "cxxleak.probe")
 BACKENDS = ("bpftrace", "bcc")
 
 
@@ -81,7 +82,7 @@ def mallocfree(tmp_path_factory):
 def build(tmp_path_factory):
     """build(name) compiles tests/fixtures/NAME.c (or .cpp) at -O0 -g (gcc drops unused mallocs at
     -O2); build("libNAME.so") builds a shared library from NAME.c; build("NAME-stripped") a
-    stripped copy."""
+    stripped copy; build("NAME-O2") NAME.c at -O2 -g, as distributions build (no frame pointers)."""
     out = tmp_path_factory.mktemp("fixtures")
     built = {}
 
@@ -91,6 +92,9 @@ def build(tmp_path_factory):
         exe = out / name
         if name.endswith("-stripped"):
             subprocess.run(["strip", "-o", str(exe), _build(name[:-len("-stripped")])], check=True)
+        elif name.endswith("-O2"):
+            subprocess.run(["gcc", "-O2", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name[:-3]}.c")],
+                           check=True)
         elif name.startswith("lib") and name.endswith(".so"):
             src = FIXTURES / f"{name[3:-3]}.c"
             subprocess.run(["gcc", "-O0", "-g", "-shared", "-fPIC", "-o", str(exe), str(src)], check=True)

@@ -1,0 +1,53 @@
+"""How much of a frame-pointer stack is certain.
+
+The kernel walks user stacks by frame pointers: the caller's return address is read at
+[rbp+8]. That holds only while each function on the way keeps rbp as its frame pointer.
+Code built without one (gcc -O2, most distribution libraries) leaves rbp to anything, and
+the walk goes on through garbage or skips callers. The call-frame information (.eh_frame)
+says, at each address, whether rbp is the frame pointer there: the stack is kept up to the
+first frame where it is not, then ends with a marker saying why.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+from . import cfi, ir
+
+# marker "addresses" ending a cut stack: above every user address
+NO_FRAME_POINTER = 0xFFFF_FFFF_FFFF_FF01
+NO_UNWIND_INFO = 0xFFFF_FFFF_FFFF_FF02
+DEPTH_LIMIT = 0xFFFF_FFFF_FFFF_FF03
+MARKERS = (NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT)
+
+
+def reason(marker: int, module: str) -> str:
+    """What a marker says, for a stack whose last kept frame is in module."""
+    if marker == NO_FRAME_POINTER:
+        return f"no frame pointer in {module}"
+    if marker == NO_UNWIND_INFO:
+        return f"no unwind information for {module or 'this address'}"
+    return f"only the innermost {ir.STACK_DEPTH} frames are kept"
+
+
+# resolve(address to look up) -> (file opened from here, address in its ELF view), or None
+Resolver = Callable[[int], Optional[Tuple[str, int]]]
+
+
+def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
+    """The frames of a frame-pointer walk that are certain, then a marker when it was cut.
+
+    Frame 0 is where the probe stopped the thread (its exact address); every other frame is
+    a return address, whose call is the byte before it."""
+    for depth, address in enumerate(addresses):
+        where = resolve(address if depth == 0 else address - 1)
+        table = cfi.table(where[0]) if where else None
+        row = table.row_at(where[1]) if table else None
+        if row is None:
+            return addresses[:depth + 1] + (NO_UNWIND_INFO,)
+        if row.outermost:                      # the thread's first function: complete
+            return addresses[:depth + 1]
+        if not row.frame_pointer_based:
+            return addresses[:depth + 1] + (NO_FRAME_POINTER,)
+    if len(addresses) >= ir.STACK_DEPTH:
+        return tuple(addresses) + (DEPTH_LIMIT,)
+    return tuple(addresses)

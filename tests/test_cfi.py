@@ -1,0 +1,81 @@
+"""The .eh_frame decoder, row by row against binutils' readelf on real files."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from probedsl import cfi
+
+FDE = re.compile(r"^\S+ \S+ \S+ FDE cie=\S+ pc=([0-9a-f]+)\.\.([0-9a-f]+)")
+
+
+def readelf_rows(path: str):
+    """[(fde start, end, [(loc, cfa, rbp, ra)])] from readelf --debug-dump=frames-interp."""
+    # (it exits 1 on libc after printing every frame: it looks for a .debug_frame too)
+    out = subprocess.run(["readelf", "--debug-dump=frames-interp", path], capture_output=True, text=True).stdout
+    fdes, columns, in_fde = [], [], False
+    for line in out.splitlines():
+        m = FDE.match(line)
+        if m:
+            fdes.append((int(m.group(1), 16), int(m.group(2), 16), []))
+            columns, in_fde = [], True
+        elif " CIE " in line:
+            in_fde = False
+        elif line.strip().startswith("LOC") and in_fde:
+            columns = line.split()
+        elif columns and re.match(r"^[0-9a-f]{16} ", line) and fdes:
+            values = dict(zip(columns, re.sub(r"(r\d+) \(\w+\)", r"\1", line).split()))
+            fdes[-1][2].append((int(values["LOC"], 16), values["CFA"], values.get("rbp", "u"), values.get("ra", "u")))
+        elif not line.strip():
+            columns = []
+    return fdes
+
+
+def shown(rule) -> str:
+    """A rule as readelf prints it."""
+    if rule is None or rule == ("undefined",):
+        return "u"
+    if rule[0] == "offset":
+        return f"c{rule[1]:+d}"
+    return "other"
+
+
+def other(text: str) -> str:
+    return "other" if text.startswith(("r", "exp", "vexp", "v")) and text != "u" else text
+
+
+def cfa_shown(row) -> str:
+    if row.cfa_register < 0:
+        return "exp"
+    return f"{cfi.REGISTER_NAMES[row.cfa_register]}{row.cfa_offset:+d}"
+
+
+@pytest.mark.parametrize("path", ["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2",
+                                  "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/bin/git",
+                                  "/usr/bin/python3.11"], ids=os.path.basename)
+def test_rows_equal_readelfs(path):
+    table = cfi.table(path)
+    expected = readelf_rows(path)
+    assert table is not None and len(table.fdes) == len(expected)
+    checked = 0
+    for start, end, rows in expected:
+        for loc, cfa, rbp, ra in rows:
+            row = table.row_at(loc)
+            assert row is not None and row.address == loc, (path, hex(loc))
+            got = (cfa_shown(row), shown(row.rbp), shown(row.ra))
+            assert got == (cfa, other(rbp), other(ra)), (path, hex(start), hex(loc), got, (cfa, rbp, ra))
+            checked += 1
+    assert checked > 1000
+
+
+def test_frame_pointer_rows_of_a_frame_pointer_build(build):
+    """-fno-omit-frame-pointer code keeps rbp as its frame pointer past the prologue."""
+    exe = build("leak")
+    nm = subprocess.run(["nm", exe], capture_output=True, text=True, check=True).stdout
+    wrapper1 = next(int(l.split()[0], 16) for l in nm.splitlines() if l.endswith(" wrapper1"))
+    table = cfi.table(exe)
+    assert not table.row_at(wrapper1).frame_pointer_based       # push %rbp not done yet
+    assert table.row_at(wrapper1 + 8).frame_pointer_based
