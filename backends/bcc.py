@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import layout
+from probedsl import layout, stacktrust, unwind_tables
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -18,6 +18,18 @@ def _arg(self, v: ir.Arg) -> str:
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
+
+
+# the unwinder's constants, shared with probedsl.unwind_tables and probedsl.stacktrust
+_UNWINDER = {
+    "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
+    "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
+    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS,
+    "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
+    "signal": unwind_tables.SIGNAL, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
+    "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
+    "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
+}
 
 
 class BccBackend(Backend):
@@ -72,7 +84,8 @@ class BccBackend(Backend):
                 "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
                 "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
                 "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
-                "ustack": f"v.ustack = probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK);",
+                "ustack": (f"v.ustack = probedsl_unwind({ctx});" if self.unwinds(program)
+                           else f"v.ustack = probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK);"),
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
@@ -139,6 +152,14 @@ class BccBackend(Backend):
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
 
     @staticmethod
+    def unwinds(program: ir.Program) -> bool:
+        """--stacks dwarf, for user stacks taken in uprobes (a tracepoint has no user registers
+        at hand: such a program keeps the frame-pointer walk)."""
+        recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
+                    if any(a.kind == "acquire" for a in p.actions)]
+        return program.stacks == "dwarf" and bool(recorded) and all(p.kind == "uprobe" for p in recorded)
+
+    @staticmethod
     def watches_roots(scope: ir.Scope) -> bool:
         """--comm and --all: the libraries of a root that appears later (a container) are probed
         as a process there arrives (--per-process attaches to each process anyway)."""
@@ -160,6 +181,7 @@ class BccBackend(Backend):
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
             "watch_roots": self.watches_roots(program.scope),
             "follow_forks": program.scope.tracks_children,
+            "dwarf": self.unwinds(program),
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [lay.to_json() for lay in layouts],
         }
@@ -179,7 +201,8 @@ class BccBackend(Backend):
                                    scope=program.scope, watch_arrivals=program.scope.mode in ("comm", "all"),
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
-                                   stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS)
+                                   stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
+                                   dwarf=self.unwinds(program), unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe
         literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)

@@ -66,7 +66,10 @@ def list_cmd():
 @click.option("--comm", help="filter the generated program to processes with this name")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
 @click.option("--sample", type=click.IntRange(min=1), default=1, help="record one acquisition in N")
-def compile(recipe, target, dump, output, pid, comm, sets, sample):
+@click.option("--stacks", type=click.Choice(["fp", "dwarf"]), default="fp", show_default=True,
+              help="bcc: include the call-frame unwinder (its tables are filled by `probedsl run`; the "
+                   "standalone loader leaves them empty, so its stacks are frame-pointer walks)")
+def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
     scope = ir.Scope()
     if pid is not None:
@@ -74,6 +77,7 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample):
     elif comm is not None:
         scope = ir.Scope("comm", comm=session.validate_comm(comm))
     program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_scope(scope).sampled(sample)
+    program = program.walking_stacks(stacks)
     if dump == "ir":
         text = ir.dump(program) + layout.dump(program)
     else:
@@ -118,18 +122,22 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample):
                                               "(cheapest probe) and print what tracing them will cost")
 @click.option("--growth-intervals", type=click.IntRange(min=1), default=3, show_default=True,
               help="flag a stack GROWING after it grew in this many interval reports in a row")
+@click.option("--stacks", type=click.Choice(["dwarf", "fp"]),
+              help="how user stacks are walked: dwarf (bcc's default: unwound from each file's call-frame "
+                   "information, complete on code built without frame pointers) or fp (frame pointers: "
+                   "cheaper, cut where they stop being certain; bpftrace's only way)")
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
-        ages, sample, estimate, growth_intervals, max_live):
+        ages, sample, estimate, growth_intervals, stacks, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
                               command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
-                              growth_intervals=growth_intervals, max_live=max_live)
+                              growth_intervals=growth_intervals, stacks=stacks, max_live=max_live)
     sys.exit(session.run(opts))
 
 

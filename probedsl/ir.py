@@ -172,9 +172,15 @@ class Program:
     # oldest ages, --min-age) is opt-in: a million entries take seconds to read
     read_live: bool = False
     sample: int = 1                        # record one acquisition in `sample` (1: all)
+    # how user stacks are walked: fp (the kernel's frame-pointer walk, cut where it stops
+    # being certain) or dwarf (BCC's unwinder over the call-frame rows of each mapped file)
+    stacks: str = "fp"
 
     def with_scope(self, scope: "Scope") -> "Program":
         return replace(self, scope=scope)
+
+    def walking_stacks(self, kind: str) -> "Program":
+        return replace(self, stacks=kind)
 
     def sampled(self, n: int) -> "Program":
         return replace(self, sample=int(n))

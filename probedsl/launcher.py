@@ -1,10 +1,12 @@
 """`-- CMD`: start the command held before exec, let it go once the probes are attached."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .errors import ProbedslError
 
@@ -28,8 +30,10 @@ class HeldCommand:
                 message = b""
                 while chunk := os.read(read_end, 4096):
                     message += chunk
-                if message.startswith(b"g"):
+                if message[:1] in (b"g", b"s"):
                     os.close(read_end)
+                    if message.startswith(b"s"):          # stop right after exec (see release)
+                        _ptrace(_PTRACE_TRACEME, 0)
                     env = dict(os.environb)
                     # "g" then NAME=VALUE\0 pairs: variables set at release (LD_LIBRARY_PATH)
                     for pair in filter(None, message[1:].split(b"\0")):
@@ -42,12 +46,32 @@ class HeldCommand:
         self.pid = pid
         self.status: Optional[int] = None
 
-    def release(self, env: Optional[dict] = None) -> None:
-        """Let the command exec, with `env` added to its environment."""
+    def release(self, env: Optional[dict] = None, at_exec: Optional[Callable[[], None]] = None,
+                mapped: Callable[[], bool] = lambda: True) -> None:
+        """Let the command exec, with `env` added to its environment. With at_exec, the command
+        is held from its exec (traced, stopped at each system call) until mapped() says its
+        loader has mapped what it waited for (or MAX_HELD_SYSCALLS), then at_exec() is called
+        and the command is let go, whatever at_exec does."""
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
-        os.write(self._go, b"g" + extra)
+        os.write(self._go, (b"s" if at_exec else b"g") + extra)
         os.close(self._go)
         self._go = -1
+        if at_exec is None:
+            return
+        _, status = os.waitpid(self.pid, 0)          # the stop after exec
+        try:
+            for _ in range(MAX_HELD_SYSCALLS):
+                if not os.WIFSTOPPED(status):          # the exec failed, or it ended: exited
+                    self.status = _shell_status(status)
+                    return
+                if mapped():
+                    break
+                _ptrace(_PTRACE_SYSCALL, self.pid)
+                _, status = os.waitpid(self.pid, 0)
+            at_exec()
+        finally:
+            if self.status is None:
+                _ptrace(_PTRACE_DETACH, self.pid)
 
     def abandon(self) -> None:
         """Probes failed: the child exits without running the command (nothing once released)."""
@@ -69,6 +93,15 @@ class HeldCommand:
             _, status = os.waitpid(self.pid, 0)
             self.status = _shell_status(status)
         return self.status
+
+
+_PTRACE_TRACEME, _PTRACE_DETACH, _PTRACE_SYSCALL = 0, 17, 24
+MAX_HELD_SYSCALLS = 2000      # the loader of a program with ~50 libraries makes ~1,000
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _ptrace(request: int, pid: int) -> int:
+    return _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, None)
 
 
 def _shell_status(wait_status: int) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import select
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from .procfs import process_alive
 from . import roots
@@ -126,6 +127,25 @@ class MappingTracker:
         self._thread: Optional[threading.Thread] = None
         self.lost = 0
         self.files = RootedFiles()
+        # told (pid, its current mappings) whenever a process's mappings change
+        self._listeners: List[Callable[[int, List[Mapping]], None]] = []
+
+    def listen(self, listener: Callable[[int, List[Mapping]], None]) -> None:
+        """Call listener(pid, mappings) for every process known now, then at every change."""
+        with self._lock:
+            self._listeners.append(listener)
+            known = [(pid, list(gens[-1][1])) for pid, gens in self._gens.items() if gens and gens[-1][1]]
+        for pid, maps in known:
+            listener(pid, maps)
+
+    def _tell(self, pids) -> None:
+        if not self._listeners:
+            return
+        with self._lock:
+            changed = [(pid, list(self._current(pid))) for pid in pids]
+        for pid, maps in changed:
+            for listener in self._listeners:
+                listener(pid, maps)
 
     def _rooted(self, pid: int, maps: List[Mapping], identity=None) -> List[Mapping]:
         """Mappings with the path the process names each file by (inside its root) and the
@@ -166,7 +186,13 @@ class MappingTracker:
         self.files.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.02):
+        # woken by the first byte of a record (wakeup watermark 1): a process's new mappings
+        # reach listeners (BCC's unwinder) within about a millisecond, not the next poll turn
+        poller = select.poll()
+        for ring in self._rings:
+            poller.register(ring.fd, select.POLLIN)
+        while not self._stop.is_set():
+            poller.poll(20)
             self.drain()
 
     def drain(self) -> None:
@@ -175,8 +201,9 @@ class MappingTracker:
             # mmaps in one ring and its exec in another, so apply a batch in time order
             batch = [rec for ring in self._rings for rec in ring.records()]
             batch.sort(key=lambda rec: _time(rec[2]))
-            for rtype, misc, body in batch:
-                self._apply(rtype, misc, body)
+            touched = {self._apply(rtype, misc, body) for rtype, misc, body in batch}
+        touched.discard(None)
+        self._tell(touched)
 
     def _current(self, pid: int) -> List[Mapping]:
         gens = self._gens.setdefault(pid, [(0, [])])
@@ -196,7 +223,8 @@ class MappingTracker:
         gens.append((time_ns, inherited + moved))
         gens.sort(key=lambda g: g[0])
 
-    def _apply(self, rtype: int, misc: int, body: bytes) -> None:
+    def _apply(self, rtype: int, misc: int, body: bytes) -> Optional[int]:
+        """Apply one record; the pid whose mappings it changed, if any."""
         time_ns = _time(body)
         if rtype in (_RECORD_MMAP, _RECORD_MMAP2):
             pid, _tid, addr, length, pgoff = struct.unpack_from("<IIQQQ", body)
@@ -207,17 +235,21 @@ class MappingTracker:
             if path.startswith("/"):
                 mapped = Mapping(addr, addr + length, pgoff, path, time_ns)
                 self._at(pid, time_ns).extend(self._rooted(pid, [mapped], identity))
+                return pid
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
             if pid == tid:
                 self._new_generation(pid, time_ns, [])                   # exec: a fresh address space
+                return pid
         elif rtype == _RECORD_FORK:
             pid, ppid, _tid, _ptid = struct.unpack_from("<IIII", body)
             if pid != ppid:                                               # a process, not a thread
                 parent = self._at(ppid, time_ns) if ppid in self._gens else []
                 self._new_generation(pid, time_ns, [m for m in parent if m.time < time_ns])
+                return pid
         elif rtype == _RECORD_LOST:
             self.lost += struct.unpack_from("<QQ", body)[1]
+        return None
 
     def prune(self, keep: Set[int]) -> None:
         """Forget processes that have ended and that nothing reported still names: records come
@@ -264,6 +296,8 @@ class MappingTracker:
         with self._lock:
             if current:
                 self._current(pid).extend(current)
+        if current:
+            self._tell([pid])
 
 
 def find(mappings: List[Mapping], address: int) -> Optional[Mapping]:

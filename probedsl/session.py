@@ -15,7 +15,7 @@ from . import compiler, estimate, formats, ir, report, roots, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
-from .libraries import LibraryResolver
+from .libraries import LibraryResolver, linked_libraries, mapped_files
 from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
 from .symbolizer import Symbolizer
@@ -47,6 +47,7 @@ class RunOptions:
     per_process: bool = False          # --comm: attach to each matching process only
     growth_intervals: int = 3
     max_live: Optional[int] = None     # None: the target's default
+    stacks: Optional[str] = None       # dwarf | fp; None: dwarf where the target can
 
 
 def validate_comm(comm: str) -> str:
@@ -151,6 +152,10 @@ class Session:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live).with_scope(scope)
         program = program.sampled(opts.sample).reading_live(opts.ages or program.needs_live(opts.min_age))
+        if opts.stacks == "dwarf" and not target.dwarf_stacks:
+            raise ProbedslError(f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
+                                "(they are cut where they stop being certain); --backend bcc unwinds them")
+        program = program.walking_stacks(opts.stacks or ("dwarf" if target.dwarf_stacks else "fp"))
         self.private = None
         if self.held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
             self.private = PrivateLibraries()
@@ -176,14 +181,27 @@ class Session:
             self.cleanup.callback(signal.signal, s, signal.signal(s, self.stop))
         self.cleanup.callback(self.driver.kill)
         self.driver.start()
+        # the unwinder's rows for what the command will map, and for every process as it maps
+        self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [])
         # scripts and tests wait for this line: every probe is attached
         self.say(f"tracing {self.describe} with {self.target.name}; Ctrl-C ends with a report")
+        unwinder = self.driver.unwind_memory()
         self.say(f"note: BPF maps hold {self.driver.map_memory() / 2**20:.0f} MB of kernel memory (live tables "
-                 f"sized for --max-live {self.max_live})")
+                 f"sized for --max-live {self.max_live}"
+                 + (f"; {unwinder / 2**20:.0f} MB for --stacks dwarf's unwind tables and stacks" if unwinder else "")
+                 + ")")
         for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private):
             self.say(f"note: {line}")
         if self.held:
-            self.held.release(self.private.env if self.private else None)
+            env = self.private.env if self.private else None
+            if self.driver.unwinds_stacks():
+                # held until the loader has mapped the libraries it needs, whose rows then go
+                # in before the program's first instruction
+                needed = {os.path.realpath(p) for p in linked_libraries(self.held.exe, env)}
+                self.held.release(env, at_exec=lambda: self.tracker.snapshot(self.held.pid),
+                                  mapped=lambda: needed <= set(mapped_files(self.held.pid)))
+            else:
+                self.held.release(env)
 
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
@@ -240,6 +258,10 @@ class Session:
         self.growth.annotate(rep)
         write_report(formats.render(rep, self.opts.format, _use_color(self.opts, self.out)), self.opts.output,
                      self.out)
+
+
+def _probed_files(program: ir.Program) -> List[str]:
+    return sorted({f for r in program.resources for p in r.probes if p.kind == "uprobe" for f in p.files})
 
 
 def _bystander_notes(program: ir.Program, target: targets.Target,

@@ -13,11 +13,15 @@ from typing import Callable, Optional, Tuple
 
 from . import cfi, ir
 
-# marker "addresses" ending a cut stack: above every user address
+# marker "addresses" ending a stack, above every user address. BCC's unwinder (--stacks
+# dwarf) ends each stack with one: COMPLETE, NO_UNWIND_INFO, DEPTH_LIMIT, or FP_WALK (it had
+# no rows for the process yet and took the frame-pointer walk, to be cut here)
+COMPLETE = 0xFFFF_FFFF_FFFF_FF00
 NO_FRAME_POINTER = 0xFFFF_FFFF_FFFF_FF01
 NO_UNWIND_INFO = 0xFFFF_FFFF_FFFF_FF02
 DEPTH_LIMIT = 0xFFFF_FFFF_FFFF_FF03
-MARKERS = (NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT)
+FP_WALK = 0xFFFF_FFFF_FFFF_FF04
+MARKERS = (COMPLETE, NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT, FP_WALK)
 
 
 def reason(marker: int, module: str) -> str:
@@ -35,9 +39,14 @@ Resolver = Callable[[int], Optional[Tuple[str, int]]]
 
 def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
     """The frames of a frame-pointer walk that are certain, then a marker when it was cut.
+    A stack the unwinder ended with a marker is kept as it is (but FP_WALK's).
 
     Frame 0 is where the probe stopped the thread (its exact address); every other frame is
     a return address, whose call is the byte before it."""
+    if addresses and addresses[-1] in MARKERS:
+        if addresses[-1] != FP_WALK:
+            return tuple(addresses)
+        addresses = tuple(addresses[:-1])
     for depth, address in enumerate(addresses):
         where = resolve(address if depth == 0 else address - 1)
         table = cfi.table(where[0]) if where else None

@@ -135,6 +135,8 @@ class Symbolizer:
     def _frames(self, pid: int, start: int, addresses: Tuple[int, ...]) -> List[Frame]:
         frames: List[Frame] = []
         for a in addresses:
+            if a == stacktrust.COMPLETE:
+                continue
             if a in stacktrust.MARKERS:
                 module = os.path.basename(frames[-1].module) if frames else ""
                 frames.append(Frame(a, "", 0, frames[-1].module if frames else "",
@@ -150,7 +152,7 @@ class Symbolizer:
         return self._trusted(pid, start, mappings, tuple(addresses))
 
     def _trusted(self, pid: int, start: int, mappings, addresses: Tuple[int, ...]) -> Tuple[int, ...]:
-        if not addresses or addresses[-1] in stacktrust.MARKERS:
+        if not addresses:
             return addresses
         key = (pid, start, addresses)
         if key in self._trust:

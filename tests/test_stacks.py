@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, probedsl, report_json
+from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run
 from test_tracing import assert_accounted
 
 pytestmark = pytest.mark.usefixtures("root_required")
@@ -42,11 +42,12 @@ def our_stacks(report) -> list:
 
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_o2_stacks_show_only_frames_valgrind_shows_and_mark_the_cut(backend, build, tmp_path):
+def test_o2_frame_pointer_stacks_show_only_frames_valgrind_shows_and_mark_the_cut(backend, build, tmp_path):
     exe = build("deep-O2")
     expected = valgrind_stacks(exe, tmp_path)
     assert sum(n for _, n in expected.values()) == 16, expected
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--", exe)
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50",
+                      "--", exe)
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_accounted(report)
@@ -68,11 +69,87 @@ def test_frame_pointer_code_keeps_its_whole_stack(backend, build, tmp_path):
     """-O0 code keeps frame pointers: the stack reaches main, as valgrind's does, and stops at
     the C library's start-up code, which has none."""
     exe = build("leak")
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--", exe,
-                      input="\n")
+    result = probedsl("run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50",
+                      "--", exe, input="\n")
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     entry = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)
     names = [f["function"] for f in entry["stack"] if not f.get("truncated")]
     assert names[:4] == ["wrapper1", "wrapper2", "main", "__libc_start_call_main"], names
     assert entry["stack"][-1]["text"] == "[truncated: no frame pointer in libc.so.6]"
+
+
+def up_to_main(names) -> tuple:
+    """The frames from the allocating function to main (valgrind says "(below main)" past it)."""
+    names = tuple(names)
+    return names[:names.index("main") + 1] if "main" in names else names
+
+
+def assert_same_as_valgrind(report, expected):
+    """Every entry of the program's own blocks has valgrind's stack, frame by frame to main,
+    and the (bytes, blocks) of each stack are valgrind's."""
+    ours = {}
+    for names, truncated, nbytes, blocks in our_stacks(report):
+        if names[:1] != ("level4",):
+            continue
+        b, n = ours.get(up_to_main(names), (0, 0))
+        ours[up_to_main(names)] = (b + nbytes, n + blocks)
+    assert ours == {up_to_main(k): v for k, v in expected.items()}, (ours, expected)
+
+
+@pytest.mark.debian13
+def test_dwarf_stacks_of_an_o2_program_equal_valgrinds(build, tmp_path):
+    """BCC unwinds from call-frame information: the two callers of the shared -O2 chain are
+    told apart, every frame to main, and the stack goes on to _start (complete)."""
+    exe = build("deep-O2")
+    expected = valgrind_stacks(exe, tmp_path)
+    held = Held([exe, "wait"])
+    try:
+        tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "50", "--pid", str(held.pid))
+        held.go()
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        held.end()
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    assert_accounted(report)
+    assert_same_as_valgrind(report, expected)
+    for names, truncated, _, _ in our_stacks(report):
+        if names[:1] == ("level4",):
+            assert not truncated and names[-1] == "_start", names
+
+
+@pytest.mark.debian13
+def test_dwarf_stacks_of_a_launched_o2_command(build, tmp_path):
+    """-- CMD: the command is stopped at its exec while its program's rows are loaded."""
+    exe = build("deep-O2")
+    expected = valgrind_stacks(exe, tmp_path)
+    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "50", "--", exe)
+    assert result.returncode == 0, result.stderr
+    report = report_json(result.stdout)
+    assert_accounted(report)
+    assert_same_as_valgrind(report, expected)
+
+
+@pytest.mark.debian13
+@pytest.mark.parametrize("command", [["git", "--version"], ["/usr/bin/python3", "-c", "import json"],
+                                     ["sqlite3", ":memory:", "create table t(x); insert into t values(1);"]],
+                         ids=["git", "python3", "sqlite3"])
+def test_dwarf_stacks_of_debians_programs_are_deep_and_never_garbage(command):
+    """Distribution programs are stripped and built without frame pointers."""
+    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "5", "--", *command)
+    assert result.returncode == 0, result.stderr
+    report = report_json(result.stdout)
+    assert_accounted(report)
+    entries = report["reports"][0]["entries"]
+    assert entries
+    for e in entries:
+        frames = [f for f in e["stack"] if not f["inlined"] and not f.get("truncated")]
+        assert len(frames) >= 4, [f["text"] for f in e["stack"]]
+        assert all(f["module"] for f in frames), [f["text"] for f in e["stack"]]     # none in no mapping
+
+
+def test_bpftrace_refuses_dwarf_stacks_in_one_line():
+    result = probedsl("run", MEMLEAK, "--backend", "bpftrace", "--stacks", "dwarf", "--", "true")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--stacks dwarf" in result.stderr, result.stderr

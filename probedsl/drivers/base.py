@@ -1,7 +1,7 @@
 """What the session asks of a backend's driver (one running program)."""
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import List, Optional, Protocol
 
 from probedsl.rundata import Snapshot
 
@@ -24,6 +24,16 @@ class Driver(Protocol):
 
     def kill(self) -> None:
         """Detach and release everything; safe to call twice, and after a failed start."""
+
+    def unwind_memory(self) -> int:
+        """Bytes of kernel memory its stack unwinder's tables hold (0: none)."""
+
+    def unwinds_stacks(self) -> bool:
+        """Whether it unwinds user stacks itself (and so needs each process's mappings)."""
+
+    def follow_mappings(self, tracker, preload: List[str]) -> None:
+        """Be told of processes' mappings (probedsl.mappings.MappingTracker); preload: files a
+        command about to start will map. For a tracer that unwinds stacks itself."""
 
     def map_memory(self) -> int:
         """Bytes of kernel memory its BPF maps hold."""

@@ -19,6 +19,7 @@ from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.unwind_tables import UnwindTables
 
 
 def _import_bcc():
@@ -171,7 +172,7 @@ def _bucket(i: int, count: int) -> tuple:
 
 def _group(k, keys: List[str], stack) -> tuple:
     """A group key struct -> the values of its fields (stacks walked, comm decoded)."""
-    return tuple(stack(getattr(k, f)) if f in ("ustack", "kstack")
+    return tuple(stack(getattr(k, f), f) if f in ("ustack", "kstack")
                  else getattr(k, f).decode(errors="replace") if f == "comm" else getattr(k, f) for f in keys)
 
 
@@ -206,6 +207,8 @@ class BccLoader:
             raise ProbedslError(f"BCC could not compile the program: {exc}") from None
         self.manifest = manifest
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        # --stacks dwarf: the unwinder's rows, loaded as processes map files
+        self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
         scope = pid or -1
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
@@ -404,21 +407,25 @@ class BccLoader:
         totals: Dict[str, Totals] = {}
         # self.bpf[name] caches each table: get_table() builds new ctypes key/leaf types on
         # every call, which are never freed (the hour-long soak grew ~32 MB that way)
-        try:
-            stacks = self.bpf["probedsl_stacks"]
-        except KeyError:                       # the recipe records no stacks
-            stacks = None
-        walked: Dict[int, tuple] = {}
+        tables = {}
+        for field, name in (("kstack", "probedsl_stacks"), ("ustack", "probedsl_stacks"),
+                            ("ustack", "probedsl_ustacks")):      # the unwinder's, when dwarf
+            try:
+                tables[field] = self.bpf[name]
+            except KeyError:                   # the recipe records no such stacks
+                pass
+        walked: Dict[Tuple[str, int], tuple] = {}
 
-        def stack(stack_id: int) -> tuple:
-            if stack_id < 0 or stacks is None:
+        def stack(stack_id: int, field: str = "ustack") -> tuple:
+            table = tables.get(field)
+            if stack_id < 0 or table is None:
                 return ()
-            if stack_id not in walked:
+            if (field, stack_id) not in walked:
                 try:          # not stacks.walk(): it reads 127 frames, the table holds fewer
-                    walked[stack_id] = tuple(itertools.takewhile(bool, stacks[stacks.Key(stack_id)].ip))
+                    walked[field, stack_id] = tuple(itertools.takewhile(bool, table[table.Key(stack_id)].ip))
                 except KeyError:
-                    walked[stack_id] = ()
-            return walked[stack_id]
+                    walked[field, stack_id] = ()
+            return walked[field, stack_id]
 
         tallies: Dict[str, dict] = {}
         for lay in self.layouts:
@@ -429,8 +436,8 @@ class BccLoader:
                     resource=name, key=tuple(k.k[i] for i in range(lay.key_arity)), time_ns=v.time,
                     size=v.size if "size" in fields else 0, pid=v.pid if "pid" in fields else 0,
                     tid=v.tid if "tid" in fields else 0,
-                    ustack=stack(v.ustack) if "ustack" in fields else (),
-                    kstack=stack(v.kstack) if "kstack" in fields else (),
+                    ustack=stack(v.ustack, "ustack") if "ustack" in fields else (),
+                    kstack=stack(v.kstack, "kstack") if "kstack" in fields else (),
                     comm=v.comm.decode(errors="replace") if "comm" in fields else "")
                     for k, v in self.bpf[lay.live].items()]
             t = Totals(*counted[name])
@@ -494,6 +501,17 @@ class BccDriver:
         """The final snapshot; detaching (~2 s of kernel uprobe teardown) waits for kill(),
         after the report is out."""
         return self.loader.snapshot(final=True) if self.loader is not None else None
+
+    def unwind_memory(self) -> int:
+        return self.loader.unwind.memory() if self.unwinds_stacks() else 0
+
+    def unwinds_stacks(self) -> bool:
+        return self.loader is not None and self.loader.unwind is not None
+
+    def follow_mappings(self, tracker, preload) -> None:
+        if self.loader is not None and self.loader.unwind is not None:
+            self.loader.unwind.preload(preload)
+            tracker.listen(self.loader.unwind.process)
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())

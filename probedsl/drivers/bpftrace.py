@@ -241,6 +241,15 @@ class BpftraceDriver:
         """The run loop's pause between turns."""
         time.sleep(seconds)
 
+    def unwind_memory(self) -> int:
+        return 0
+
+    def unwinds_stacks(self) -> bool:
+        return False
+
+    def follow_mappings(self, tracker, preload) -> None:
+        """bpftrace walks frame pointers in the kernel: nothing to load."""
+
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
 

@@ -26,6 +26,7 @@ class Target:
     map_declarations: ClassVar[bool] = False    # maps are sized one by one
     per_process_comm: ClassVar[bool] = False    # --comm --per-process: uprobes on each matching process
     follows_new_roots: ClassVar[bool] = False   # --comm, --all: probe another root's libraries as it appears
+    dwarf_stacks: ClassVar[bool] = False        # unwinds user stacks from call-frame rows (--stacks dwarf)
     # limits
     max_args: ClassVar[int] = 6                 # x86-64 integer argument registers
     default_max_live: ClassVar[int] = ir.DEFAULT_MAX_LIVE

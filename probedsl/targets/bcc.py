@@ -13,6 +13,7 @@ class Bcc(Target):
     probe_offsets = True
     per_process_comm = True
     follows_new_roots = True
+    dwarf_stacks = True
 
     def generator(self):
         from probedsl.backends.bcc import BccBackend

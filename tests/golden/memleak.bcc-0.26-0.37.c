@@ -65,6 +65,7 @@ static __always_inline int probedsl_wanted(void)
 }
 
 
+
 // resource heap keyed by (pid, address)
 struct heap_key_t { u64 k[2]; };
 struct heap_live_t {

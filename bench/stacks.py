@@ -1,0 +1,80 @@
+"""Benchmark: what --stacks dwarf (BCC's call-frame unwinder) costs against --stacks fp.
+
+    sudo .venv/bin/python -m bench.stacks [--runs 5] [--calls 100000] [--depths 16,64]
+
+bench/workloads/deepchain.c (-O2) does CALLS malloc/free pairs from DEPTH nested calls (the
+stack memleak records has DEPTH + main + libc's start frames, capped at 64). Each run attaches
+`probedsl run memleak --backend bcc --pid PID --no-follow-forks` first, then releases the loop;
+"extra us per acquisition" = (dwarf loop time - fp loop time) / CALLS, medians of interleaved
+runs. Also: the time to decode .eh_frame into rows (libc, python3) and the unwinder's kernel
+memory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loop_seconds(exe: str, depth: int, calls: int, stacks: str) -> float:
+    work = subprocess.Popen([exe, str(depth), str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", "bcc",
+                               "--stacks", stacks, "--pid", str(work.pid), "--no-follow-forks", "--top", "1"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while "tracing" not in tracer.stderr.readline():
+        assert tracer.poll() is None, "probedsl ended before tracing"
+    out, _ = work.communicate("go\n", timeout=600)
+    tracer.send_signal(signal.SIGINT)
+    tracer.communicate(timeout=300)
+    return float(out.split()[-1])
+
+
+def table_times() -> list:
+    """(file, rows, cold s, cached s) of decoding .eh_frame into the unwinder's rows."""
+    from probedsl import cfi, unwind_tables
+    rows = []
+    for path in ("/lib/x86_64-linux-gnu/libc.so.6", os.path.realpath("/usr/bin/python3")):
+        cfi._load.cache_clear()
+        t = time.perf_counter()
+        encoded = unwind_tables.encode(cfi.table(path))
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        cfi.table(path)
+        rows.append((os.path.basename(path), len(encoded), cold, time.perf_counter() - t))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=100_000)
+    ap.add_argument("--depths", default="16,64")
+    args = ap.parse_args()
+    exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-bench-"), "deepchain")
+    subprocess.run(["gcc", "-O2", "-o", exe, str(ROOT / "bench" / "workloads" / "deepchain.c")], check=True)
+    print("| nested calls | fp loop (s) | dwarf loop (s) | extra us per acquisition (dwarf - fp) |")
+    print("|---:|---:|---:|---:|")
+    for depth in (int(d) for d in args.depths.split(",")):
+        times = {"fp": [], "dwarf": []}
+        for _ in range(args.runs):
+            for stacks in times:
+                times[stacks].append(loop_seconds(exe, depth, args.calls, stacks))
+        fp, dwarf = statistics.median(times["fp"]), statistics.median(times["dwarf"])
+        print(f"| {depth} | {fp:.3f} | {dwarf:.3f} | {(dwarf - fp) / args.calls * 1e6:.2f} |")
+    print()
+    print("| file | rows | decode, cold (s) | cached (s) |")
+    print("|---|---:|---:|---:|")
+    for name, n, cold, cached in table_times():
+        print(f"| {name} | {n} | {cold:.3f} | {cached:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

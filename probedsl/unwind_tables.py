@@ -1,0 +1,184 @@
+"""The kernel's copy of the call-frame rows that BCC's stack unwinder walks (--stacks dwarf).
+
+Two maps, written here and read by the BPF program (backends/templates/bcc.c.j2):
+- probedsl_unw_rows: every loaded file's rows, one file's contiguous and ordered by address;
+- probedsl_unw_maps: per process, its executable mappings ordered by start, each with the
+  file's rows (first, count) and the bias from a process address to the file's ELF address.
+Files are loaded once (by identity) and shared by every process that maps them. The tracker
+of process mappings (probedsl.mappings) says when a process maps, execs or forks.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from . import cfi, elf
+from .mappings import Mapping, read_proc_maps
+
+# row kinds, as the BPF program reads them
+INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL = 0, 1, 2, 3, 4
+RBP_SAME, RBP_AT_CFA = 0, 1
+MAX_MAPS = 64               # executable mappings per process the unwinder can search
+ROWS = 1 << 21              # rows in the kernel table (16 B each: 32 MB)
+PROCESSES = 8192            # processes with mappings at once (least recently used go first)
+CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming its mappings
+PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
+CHUNKS = 1 << 18
+
+
+def encode(table: cfi.Table) -> List[Tuple[int, int, int, int, int]]:
+    """(pc, kind, cfa offset, rbp kind, rbp offset) rows of a file, ordered, with a row of
+    kind INVALID where no FDE covers the code and consecutive equal rules merged."""
+    out: List[Tuple[int, int, int, int, int]] = []
+
+    def add(pc, kind, cfa_off=0, rbp_kind=RBP_SAME, rbp_off=0):
+        rule = (kind, cfa_off, rbp_kind, rbp_off)
+        if out and out[-1][0] == pc:
+            out[-1] = (pc, *rule)
+        elif not out or out[-1][1:] != rule:
+            out.append((pc, *rule))
+
+    for start, end, rows in table.fdes:
+        for row in rows:
+            add(row.address, *_rule(row))
+        add(end, INVALID)
+    return out
+
+
+def _still_mapped(pid: int, entries) -> bool:
+    """Whether the process still has these mappings (it has not exec'd since they were told)."""
+    starts = {m.start for m in read_proc_maps(pid)}
+    return bool(starts) and all(start in starts for start, *_rest in entries)
+
+
+def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
+    if row.signal:
+        return SIGNAL, 0, RBP_SAME, 0
+    if row.outermost:
+        return OUTERMOST, 0, RBP_SAME, 0
+    if row.ra != ("offset", -8) or row.cfa_register not in (cfi.RSP, cfi.RBP):
+        return INVALID, 0, RBP_SAME, 0
+    kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
+    if row.rbp is None:
+        return kind, row.cfa_offset, RBP_SAME, 0
+    if row.rbp[0] == "offset":
+        return kind, row.cfa_offset, RBP_AT_CFA, row.rbp[1]
+    return INVALID, 0, RBP_SAME, 0          # rbp kept elsewhere: the frames above cannot use it
+
+
+class UnwindTables:
+    def __init__(self, bpf):
+        self.bpf = bpf
+        self.rows = bpf["probedsl_unw_rows"]
+        self.maps = bpf["probedsl_unw_maps"]
+        self.chunks = bpf["probedsl_unw_chunks"]
+        self.chunks_of: Dict[int, set] = {}             # pid -> its chunk keys written
+        self.used = 0                                   # rows written so far
+        self.files: Dict[Tuple[int, int], Optional[Tuple[int, int]]] = {}   # identity -> (first, count)
+        self.full = 0                                   # files left out: the row table was full
+        self._lock = threading.Lock()
+
+    def preload(self, paths: Iterable[str]) -> None:
+        """Load files a command is about to map (before it runs)."""
+        for path in paths:
+            self._file(path)
+
+    def _file(self, path: str) -> Optional[Tuple[int, int]]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        identity = (st.st_dev, st.st_ino)
+        if identity in self.files:
+            return self.files[identity]
+        table = cfi.table(path)
+        rows = encode(table) if table else []
+        placed = None
+        if rows and rows[-1][0] < 1 << 32:
+            if self.used + len(rows) > ROWS:
+                self.full += 1
+            else:
+                self._write(self.used, rows)
+                placed = (self.used, len(rows))
+                self.used += len(rows)
+        self.files[identity] = placed
+        return placed
+
+    def _write(self, first: int, rows) -> None:
+        leaf, key = self.rows.Leaf, self.rows.Key
+        keys = (key * len(rows))(*[key(first + i) for i in range(len(rows))])
+        values = (leaf * len(rows))()
+        for v, (pc, kind, cfa_off, rbp_kind, rbp_off) in zip(values, rows):
+            v.pc, v.kind, v.cfa_off, v.rbp_kind, v.rbp_off = pc, kind, cfa_off, rbp_kind, rbp_off
+        try:
+            self.rows.items_update_batch(keys, values)
+        except Exception:              # BCC raises bare Exception; older kernels lack batches
+            for k, v in zip(keys, values):
+                self.rows[k] = v
+
+    def process(self, pid: int, mappings: List[Mapping]) -> None:
+        """(Re)write the pid's entry from its current executable mappings."""
+        with self._lock:
+            entries = []
+            for m in sorted(mappings, key=lambda m: m.start)[-MAX_MAPS:]:
+                file = m.path if m.file is None else m.file
+                placed = self._file(file) if file else None
+                syms = elf.symbols(file) if placed else None
+                if placed is None or syms is None:
+                    continue
+                seg = next((s for s in syms.segments if s.offset <= m.offset < s.offset + max(s.filesz, 1)), None)
+                if seg is None:
+                    continue
+                bias = m.start - m.offset + seg.offset - seg.vaddr
+                entries.append((m.start, m.end, bias & 0xFFFFFFFFFFFFFFFF, *placed))
+            try:
+                if not entries or not _still_mapped(pid, entries):
+                    # nothing to unwind with, or the process has exec'd since (the BPF program
+                    # dropped its entry then): frame-pointer walks until its new mappings come
+                    self._forget(pid)
+                    return
+                self._store(pid, entries)
+            except Exception as exc:      # BCC raises bare Exception
+                print(f"probedsl: warning: unwind tables of pid {pid}: {exc}", file=sys.stderr)
+
+    def _store(self, pid: int, entries) -> None:
+        value = self.maps.Leaf()
+        value.n = len(entries)
+        for slot, (start, end, bias, first, count) in zip(value.m, entries):
+            slot.start, slot.end, slot.bias, slot.first, slot.count = start, end, bias, first, count
+        chunks: Dict[int, List[int]] = {}
+        for slot, (start, end, *_rest) in enumerate(entries, 1):
+            for chunk in range(start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1):
+                chunks.setdefault(chunk, []).append(slot)
+        for chunk, slots in chunks.items():
+            leaf = self.chunks.Leaf()
+            for i, slot in enumerate(slots[-PER_CHUNK:]):
+                leaf.slot[i] = slot
+            self.chunks[self.chunks.Key(pid, 0, chunk)] = leaf
+        self._drop_chunks(pid, self.chunks_of.get(pid, set()) - set(chunks))
+        self.chunks_of[pid] = set(chunks)
+        self.maps[self.maps.Key(pid)] = value
+
+    def _forget(self, pid: int) -> None:
+        try:
+            del self.maps[self.maps.Key(pid)]
+        except KeyError:
+            pass
+        self._drop_chunks(pid, self.chunks_of.pop(pid, set()))
+
+    def _drop_chunks(self, pid: int, chunks) -> None:
+        for chunk in chunks:
+            try:
+                del self.chunks[self.chunks.Key(pid, 0, chunk)]
+            except KeyError:
+                pass
+
+    def memory(self) -> int:
+        """The rows, mappings and chunk tables, and the table of unwound stacks."""
+        stacks = self.bpf["probedsl_ustacks"]
+        return (ROWS * ctypes.sizeof(self.rows.Leaf) + PROCESSES * ctypes.sizeof(self.maps.Leaf)
+                + CHUNKS * (ctypes.sizeof(self.chunks.Key) + ctypes.sizeof(self.chunks.Leaf))
+                + stacks.max_entries * (ctypes.sizeof(stacks.Key) + ctypes.sizeof(stacks.Leaf)))
