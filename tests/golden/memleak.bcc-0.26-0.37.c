@@ -7,6 +7,111 @@
 struct probedsl_stack_t { u64 ip[64]; };
 BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
 
+// --stacks dwarf: user stacks unwound here from call-frame rows (probedsl/unwind_tables.py
+// writes them): at each frame the row in force gives the caller's frame address (CFA) from
+// rsp or rbp, the return address sits at CFA-8, and rbp is reloaded where it was saved.
+#define PROBEDSL_UNW_MAPS 64
+struct probedsl_unw_map_t { u64 start; u64 end; u64 bias; u32 first; u32 count; };
+struct probedsl_unw_maps_t { u32 n; u32 pad; struct probedsl_unw_map_t m[PROBEDSL_UNW_MAPS]; };
+struct probedsl_unw_row_t { u32 pc; u8 kind; u8 rbp_kind; s16 rbp_off; s32 cfa_off; u32 pad; };
+BPF_TABLE("lru_hash", u32, struct probedsl_unw_maps_t, probedsl_unw_maps, 8192);
+// (pid, address >> 18) -> the mappings overlapping that chunk of the address
+// space: one lookup finds a frame's mapping (a search over the mappings cost the verifier
+// ~0.5 s per program)
+struct probedsl_unw_chunk_key_t { u32 pid; u32 pad; u64 chunk; };
+struct probedsl_unw_chunk_t { u8 slot[8]; };
+BPF_TABLE("lru_hash", struct probedsl_unw_chunk_key_t, struct probedsl_unw_chunk_t, probedsl_unw_chunks, 262144);
+BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
+// a stack: its frames, then a marker saying how it ended (probedsl/stacktrust.py)
+struct probedsl_ustack_t { u64 ip[65]; };
+BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_ustack_t, 1);
+BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
+
+static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct probedsl_ustack_t *st = probedsl_unw_scratch.lookup(&zero);
+    if (!st) return -1;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
+    u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
+    u32 n = 0;
+    if (maps) {
+        u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), back = 0;
+        end = 0xffffffffffffff03ULL;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < 64; i++) {
+            st->ip[i & 63] = ip;
+            n = i + 1;
+            u64 pc = ip - back;           // a return address: its call is the byte before
+            struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
+            struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
+            if (!chunk) { end = 0xffffffffffffff02ULL; break; }
+            struct probedsl_unw_map_t *m = 0;
+#pragma unroll
+            for (u32 j = 0; j < 8; j++) {
+                u8 slot = chunk->slot[j];
+                if (slot) {           // slots count from 1
+                    struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
+                    if (c->start <= pc && pc < c->end) m = c;
+                }
+            }
+            if (!m) { end = 0xffffffffffffff02ULL; break; }
+            u64 rel = pc - m->bias;
+            u32 first = m->first, rows = m->count;
+#pragma clang loop unroll(disable)
+            for (u32 s = 0; s < 22; s++) {
+                if (rows <= 1) break;
+                u32 half = rows / 2, mid = first + half;
+                struct probedsl_unw_row_t *r = probedsl_unw_rows.lookup(&mid);
+                if (!r) break;
+                if (r->pc <= rel) { first = mid; rows -= half; } else rows = half;
+            }
+            struct probedsl_unw_row_t *row = probedsl_unw_rows.lookup(&first);
+            if (!row || row->pc > rel || row->kind == 0) { end = 0xffffffffffffff02ULL; break; }
+            if (row->kind == 3) { end = 0xffffffffffffff00ULL; break; }
+            u64 ra = 0, cfa;
+            if (row->kind == 4) {
+                // a signal handler's return trampoline: the interrupted registers are in the
+                // ucontext at sp (uc_mcontext at +40: rbp, rsp, rip of gregs)
+                if (bpf_probe_read_user(&bp, 8, (void *)(sp + 0x78)) ||
+                    bpf_probe_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
+                    bpf_probe_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
+                if (!ra) { end = 0xffffffffffffff00ULL; break; }
+                sp = cfa; ip = ra; back = 0;      // the interrupted instruction itself
+                continue;
+            }
+            cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
+            if (bpf_probe_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
+            if (row->rbp_kind == 1 && bpf_probe_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
+                end = 0xffffffffffffff02ULL;
+                break;
+            }
+            if (!ra) { end = 0xffffffffffffff00ULL; break; }
+            if (cfa <= sp) { end = 0xffffffffffffff02ULL; break; }   // a caller's frame lies above
+            sp = cfa; ip = ra; back = 1;
+        }
+    }
+    if (!maps || (n == 1 && end == 0xffffffffffffff02ULL)) {
+        // no rows for this process yet (it just started or exec'd), or none for where it
+        // stopped: the frame-pointer walk, which the report cuts where it stops being certain
+        long got = bpf_get_stack(ctx, st->ip, sizeof(u64) * 64, BPF_F_USER_STACK);
+        n = got > 0 ? got / sizeof(u64) : 0;
+        end = 0xffffffffffffff04ULL;
+    }
+    // the marker after the last frame, zeros after it (indexed by the loop: bounded); the id
+    // is a hash of the frames and the marker
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i <= 64; i++) {
+        if (i >= n) st->ip[i] = i == n ? end : 0;
+        if (i <= n) hash = (hash ^ st->ip[i]) * 0x100000001b3ULL;
+    }
+    u64 id = hash >> 1;               // non-negative: a negative id means no stack
+    if (!id) id = 1;
+    probedsl_ustacks.insert(&id, st);
+    return id;
+}
+
 // bytes and entries live in one group (a tally), updated at every acquire and release;
 // seen: when one of its entries was acquired (which process image its stack belongs to)
 struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
@@ -64,6 +169,15 @@ static __always_inline int probedsl_wanted(void)
     return 1;
 }
 
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    // the old image's mappings are gone: its rows would unwind the new image into garbage;
+    // until the loader writes the new ones, stacks are frame-pointer walks
+    probedsl_unw_maps.delete(&pid);
+    return 0;
+}
 
 
 // resource heap keyed by (pid, address)
@@ -140,7 +254,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -188,7 +302,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -250,7 +364,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -313,7 +427,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -361,7 +475,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -408,7 +522,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -455,7 +569,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
@@ -502,7 +616,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+      v.ustack = probedsl_unwind(ctx);
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
