@@ -265,7 +265,8 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
     if cut:
         notes = [*notes, "stacks end at the first frame whose code keeps no frame pointer ("
                          + ", ".join(sorted(cut)) + "): the kernel's frame-pointer walk cannot be "
-                         "trusted past it, so those frames are not shown (marked [truncated: ...])"]
+                         "trusted past it, so those frames are not shown (marked [truncated: ...]); "
+                         "--backend bcc --stacks dwarf unwinds them"]
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
                   exit_status, list(notes), sample=scale, backend_version=backend_version)
 

@@ -7,8 +7,8 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs packages and tracing needs root)" >&2; exit 1; }
 
 # 1. system packages
-# debuginfod and valgrind: the tests' debug-info server and stack oracle
-pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils)
+# debuginfod, valgrind, git, sqlite3: the tests' debug-info server, stack oracle and real programs
+pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils git sqlite3)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 apt_updated=0
