@@ -86,16 +86,13 @@ class _Reader:
         return v
 
     def uleb(self) -> int:
-        result = shift = 0
-        while True:
-            b = self.data[self.pos]
-            self.pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return result
+        return self._leb(signed=False)
 
     def sleb(self) -> int:
+        return self._leb(signed=True)
+
+    def _leb(self, signed: bool) -> int:
+        """A LEB128 number: 7 bits a byte, low first; signed ones extend the last byte's 0x40."""
         result = shift = 0
         while True:
             b = self.data[self.pos]
@@ -103,7 +100,7 @@ class _Reader:
             result |= (b & 0x7F) << shift
             shift += 7
             if b < 0x80:
-                return result - (1 << shift) if b & 0x40 else result
+                return result - (1 << shift) if signed and b & 0x40 else result
 
     def skip_block(self) -> None:
         """A ULEB128 length, then that many bytes."""

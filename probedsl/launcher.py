@@ -66,12 +66,15 @@ class HeldCommand:
                     return
                 if mapped():
                     break
-                _ptrace(_PTRACE_SYSCALL, self.pid)
+                # a signal that arrived meanwhile (not the trap of a system call) goes on to it
+                sig = os.WSTOPSIG(status)
+                _ptrace(_PTRACE_SYSCALL, self.pid, 0 if sig == signal.SIGTRAP else sig)
                 _, status = os.waitpid(self.pid, 0)
             at_exec()
         finally:
             if self.status is None:
-                _ptrace(_PTRACE_DETACH, self.pid)
+                sig = os.WSTOPSIG(status) if os.WIFSTOPPED(status) else 0
+                _ptrace(_PTRACE_DETACH, self.pid, 0 if sig == signal.SIGTRAP else sig)
 
     def abandon(self) -> None:
         """Probes failed: the child exits without running the command (nothing once released)."""
@@ -100,8 +103,8 @@ MAX_HELD_SYSCALLS = 2000      # the loader of a program with ~50 libraries makes
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def _ptrace(request: int, pid: int) -> int:
-    return _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, None)
+def _ptrace(request: int, pid: int, signal_number: int = 0) -> int:
+    return _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, ctypes.c_void_p(signal_number))
 
 
 def _shell_status(wait_status: int) -> int:

@@ -1,0 +1,52 @@
+"""`-- CMD`'s held command, run for real: held at its exec while something is loaded, then let
+go whatever happens; signals that arrive while it is held reach it."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from probedsl.launcher import HeldCommand
+
+
+def test_a_command_held_at_exec_is_let_go_when_the_callback_fails():
+    held = HeldCommand(["sh", "-c", "exit 7"])
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise RuntimeError("loading failed")
+
+    with pytest.raises(RuntimeError):
+        held.release(at_exec=fail)
+    assert calls == [1]
+    assert held.wait() == 7                   # it ran to its end after all
+
+
+def test_a_command_is_held_until_its_libraries_are_mapped():
+    held = HeldCommand(["sh", "-c", "exit 3"])
+    seen = []
+
+    def libc_mapped() -> bool:
+        with open(f"/proc/{held.pid}/maps") as f:
+            seen.append(any("libc.so" in line for line in f))
+        return seen[-1]
+
+    held.release(at_exec=lambda: None, mapped=libc_mapped)
+    assert seen[0] is False and seen[-1] is True, seen    # stopped at exec, went on to libc
+    assert held.wait() == 3
+
+
+def test_a_signal_sent_while_held_reaches_the_command():
+    held = HeldCommand(["sleep", "30"])
+    state = {"stops": 0}
+
+    def after_a_few_syscalls() -> bool:
+        state["stops"] += 1
+        if state["stops"] == 3:
+            os.kill(held.pid, signal.SIGTERM)
+        return state["stops"] > 6
+
+    held.release(at_exec=lambda: None, mapped=after_a_few_syscalls)
+    assert held.wait() == 128 + signal.SIGTERM
