@@ -1,9 +1,10 @@
 """The kernel's copy of the call-frame rows that BCC's stack unwinder walks (--stacks dwarf).
 
-Two maps, written here and read by the BPF program (backends/templates/bcc.c.j2):
+Three maps, written here and read by the BPF program (backends/templates/bcc.c.j2):
 - probedsl_unw_rows: every loaded file's rows, one file's contiguous and ordered by address;
 - probedsl_unw_maps: per process, its executable mappings ordered by start, each with the
-  file's rows (first, count) and the bias from a process address to the file's ELF address.
+  file's rows (first, count) and the bias from a process address to the file's ELF address;
+- probedsl_unw_chunks: per process and 256 KB chunk of its address space, the mappings in it.
 Files are loaded once (by identity) and shared by every process that maps them. The tracker
 of process mappings (probedsl.mappings) says when a process maps, execs or forks.
 """
@@ -64,7 +65,7 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
     kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
     if row.rbp is None:
         return kind, row.cfa_offset, RBP_SAME, 0
-    if row.rbp[0] == "offset":
+    if row.rbp[0] == "offset" and -(1 << 15) <= row.rbp[1] < 1 << 15:      # an s16 in the kernel row
         return kind, row.cfa_offset, RBP_AT_CFA, row.rbp[1]
     return INVALID, 0, RBP_SAME, 0          # rbp kept elsewhere: the frames above cannot use it
 
