@@ -38,28 +38,25 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
     u32 n = 0;
     if (maps) {
         u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), back = 0;
-        struct probedsl_unw_map_t *m = 0;         // the mapping of the frame before
         end = 0xffffffffffffff03ULL;
 #pragma clang loop unroll(disable)
         for (u32 i = 0; i < 64; i++) {
             st->ip[i & 63] = ip;
             n = i + 1;
             u64 pc = ip - back;           // a return address: its call is the byte before
-            if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
-                struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
-                struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
-                if (!chunk) { end = 0xffffffffffffff02ULL; break; }
-                m = 0;
+            struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
+            struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
+            if (!chunk) { end = 0xffffffffffffff02ULL; break; }
+            struct probedsl_unw_map_t *m = 0;
 #pragma unroll
-                for (u32 j = 0; j < 8; j++) {
-                    u8 slot = chunk->slot[j];
-                    if (slot) {           // slots count from 1
-                        struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
-                        if (c->start <= pc && pc < c->end) m = c;
-                    }
+            for (u32 j = 0; j < 8; j++) {
+                u8 slot = chunk->slot[j];
+                if (slot) {           // slots count from 1
+                    struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
+                    if (c->start <= pc && pc < c->end) m = c;
                 }
-                if (!m) { end = 0xffffffffffffff02ULL; break; }
             }
+            if (!m) { end = 0xffffffffffffff02ULL; break; }
             u64 rel = pc - m->bias;
             u32 first = m->first, rows = m->count;
 #pragma clang loop unroll(disable)
