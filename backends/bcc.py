@@ -74,8 +74,10 @@ class BccBackend(Backend):
     def count(self, lay: ResourceLayout, counter: Counter) -> str:
         return f"{lay.counters}.increment({int(counter)});  // {counter.label}"
 
-    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, ctx: str = "ctx") -> List[str]:
-        """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE)."""
+    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, ctx: str = "ctx",
+               ustack: str = "") -> List[str]:
+        """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE); ustack: a variable
+        holding the stack already taken, else the action takes it."""
         n, live = lay.name, lay.live
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
@@ -84,8 +86,7 @@ class BccBackend(Backend):
                 "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
                 "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
                 "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
-                "ustack": (f"v.ustack = probedsl_unwind({ctx});" if self.unwinds(program)
-                           else f"v.ustack = probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK);"),
+                "ustack": f"v.ustack = {ustack or self.ustack(program, ctx)};",
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
             }
@@ -128,7 +129,15 @@ class BccBackend(Backend):
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind == "tracepoint" else "ctx"
-        actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
+        acquires = [a for a in probe.actions if a.kind == "acquire"]
+        if "ustack" in lay.fields and len(acquires) > 1:
+            # one walk for all (pipe's two descriptors): the unwinder is inlined where it is
+            # called, and two copies of it overflow the program
+            guards = " || ".join(f"({self.expr(a.guard)})" if a.guard is not None else "1" for a in acquires)
+            actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx)} : -1;"]
+            actions += [line for a in probe.actions for line in self.action(program, lay, a, ctx, "ustack")]
+        else:
+            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == "tracepoint":
             category, event = probe.function.split(":")
@@ -150,6 +159,12 @@ class BccBackend(Backend):
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
+
+    def ustack(self, program: ir.Program, ctx: str) -> str:
+        """The expression taking the user stack's id."""
+        if self.unwinds(program):
+            return f"probedsl_unwind({ctx})"
+        return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
 
     @staticmethod
     def unwinds(program: ir.Program) -> bool:

@@ -247,6 +247,7 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
     if scale > 1:
         notes = [*notes, f"sampled: 1 in {scale} acquisitions recorded; live bytes, counts and releases are "
                          f"estimates (x{scale}); releases of unsampled entries count as unknown releases"]
+    symbolizer.refresh()                   # the mappings told so far, for every stack below
     sections = []
     for rep in program.reports:
         if rep.kind == "lifetime":

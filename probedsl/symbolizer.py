@@ -75,6 +75,17 @@ def _kallsyms() -> Tuple[List[int], List[str]]:
     return [addrs[i] for i in order], [names[i] for i in order]
 
 
+def _module(mappings, address: int):
+    """(mapping, file opened from here, its symbols) of a process address; Nones where unknown."""
+    m = find(mappings, address)
+    if m is None:
+        return None, "", None
+    file = m.path if m.file is None else m.file      # another root's file, opened from here
+    # a chroot's file is ROOT/PATH here: its debug files may be under ROOT/usr/lib/debug
+    root = file[:-len(m.path)] if file != m.path and file.endswith(m.path) else ""
+    return m, file, elf.symbols(file, root) if file else None
+
+
 class Symbolizer:
     """Names addresses: ELF symbols for function+offset, DWARF (via addr2line) for file:line
     and inlined calls. Everything is cached per (process, address) and per module."""
@@ -93,8 +104,7 @@ class Symbolizer:
         # stacks are (pid, addresses) or (pid, addresses, time_ns); an address means something
         # only in the address space (generation) the process had at that time
         keyed = []
-        if self.tracker:
-            self.tracker.drain()               # once per batch, not per stack
+        self.refresh()                         # once per batch, not per stack
         located: Dict[Tuple[int, int, int], Tuple[Frame, int]] = {}   # (pid, generation, address)
         per_module: Dict[str, set] = {}
         for pid, addresses, *when in stacks:
@@ -145,10 +155,15 @@ class Symbolizer:
                 frames.extend(self._cache[(pid, start, a)])
         return frames
 
+    def refresh(self) -> None:
+        """Take in the mappings told since the last call: once before a report's stacks."""
+        if self.tracker:
+            self.tracker.drain()
+
     def trusted(self, pid: int, addresses: Sequence[int], when: Optional[int] = None) -> Tuple[int, ...]:
         """The certain part of a frame-pointer stack, ending in a marker when cut (stacktrust):
-        the stack that reports group by."""
-        start, mappings = self.tracker.generation(pid, when) if self.tracker else (0, [])
+        the stack that reports group by. Mappings as of the last refresh()."""
+        start, mappings = self.tracker.generation(pid, when, drain=False) if self.tracker else (0, [])
         return self._trusted(pid, start, mappings, tuple(addresses))
 
     def _trusted(self, pid: int, start: int, mappings, addresses: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -164,11 +179,7 @@ class Symbolizer:
 
     def _elf_address(self, mappings, address: int) -> Optional[Tuple[str, int]]:
         """(file opened from here, address in its ELF view) of a process address."""
-        m = find(mappings, address)
-        if m is None:
-            return None
-        file = m.path if m.file is None else m.file
-        syms = elf.symbols(file) if file else None
+        m, file, syms = _module(mappings, address)
         if syms is None:
             return None
         return file, syms.file_offset_to_vaddr(address - m.start + m.offset)
@@ -178,13 +189,9 @@ class Symbolizer:
 
     def _elf_frame(self, mappings, address: int, lookup: int) -> Tuple[Frame, Optional[int], str]:
         """(frame, address in the file's ELF view or None, the file opened for it)."""
-        m = find(mappings, lookup)
+        m, file, syms = _module(mappings, lookup)
         if m is None:
             return Frame(address, "", 0, ""), None, ""
-        file = m.path if m.file is None else m.file      # another root's file, opened from here
-        # a chroot's file is ROOT/PATH here: its debug files may be under ROOT/usr/lib/debug
-        root = file[:-len(m.path)] if file != m.path and file.endswith(m.path) else ""
-        syms = elf.symbols(file, root) if file else None
         if syms is None:
             return Frame(address, "", 0, m.path), None, file
         vaddr = syms.file_offset_to_vaddr(lookup - m.start + m.offset)

@@ -6,17 +6,23 @@ Three maps, written here and read by the BPF program (backends/templates/bcc.c.j
   file's rows (first, count) and the bias from a process address to the file's ELF address;
 - probedsl_unw_chunks: per process and 256 KB chunk of its address space, the mappings in it.
 Files are loaded once (by identity) and shared by every process that maps them. The tracker
-of process mappings (probedsl.mappings) says when a process maps, execs or forks.
+of process mappings (probedsl.mappings) says when a process maps, execs or forks. A file's
+rows are kept on disk by its build id, so the next run does not decode its .eh_frame again.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import sys
+import tempfile
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from . import cfi, elf
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from . import cfi, debuginfo, elf
 from .mappings import Mapping, read_proc_maps
 
 # row kinds, as the BPF program reads them
@@ -28,6 +34,56 @@ PROCESSES = 8192            # processes with mappings at once (least recently us
 CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming its mappings
 PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
 CHUNKS = 1 << 18
+
+
+# a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
+# the file says which encoding, so a change of it never reads old files
+_DISK_ROW = struct.Struct("<IBBhi")
+_DISK_FORMAT = 1
+
+
+def cache_dir() -> str:
+    """$XDG_CACHE_HOME/probedsl/unwind-rows (~/.cache/... without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "probedsl", "unwind-rows")
+
+
+def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
+    """The file's rows: from the disk cache by build id, else decoded (and then cached)."""
+    try:
+        with open(path, "rb") as f:
+            ident = debuginfo.build_id(ELFFile(f))
+    except (OSError, ELFError):
+        return []
+    cached = os.path.join(cache_dir(), f"{ident}.v{_DISK_FORMAT}") if ident else ""
+    if cached:
+        try:
+            with open(cached, "rb") as f:
+                data = f.read()
+            if data:
+                return [(pc, kind, cfa_off, rbp_kind, rbp_off)
+                        for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)]
+        except (OSError, struct.error):
+            pass
+    table = cfi.table(path)
+    rows = encode(table) if table else []
+    if cached and rows and rows[-1][0] < 1 << 32:
+        _save(cached, rows)
+    return rows
+
+
+def _save(cached: str, rows) -> None:
+    """Write whole or not at all (a rename): two runs may write the same file at once."""
+    try:
+        data = b"".join(_DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off)
+                        for pc, kind, cfa_off, rbp_kind, rbp_off in rows)
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), prefix=".rows-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cached)
+    except (OSError, struct.error):
+        pass                     # a cache that cannot be written only costs the next run time
 
 
 def encode(table: cfi.Table) -> List[Tuple[int, int, int, int, int]]:
@@ -95,8 +151,7 @@ class UnwindTables:
         identity = (st.st_dev, st.st_ino)
         if identity in self.files:
             return self.files[identity]
-        table = cfi.table(path)
-        rows = encode(table) if table else []
+        rows = rows_of(path)
         placed = None
         if rows and rows[-1][0] < 1 << 32:
             if self.used + len(rows) > ROWS:
@@ -130,10 +185,7 @@ class UnwindTables:
                 syms = elf.symbols(file) if placed else None
                 if placed is None or syms is None:
                     continue
-                seg = next((s for s in syms.segments if s.offset <= m.offset < s.offset + max(s.filesz, 1)), None)
-                if seg is None:
-                    continue
-                bias = m.start - m.offset + seg.offset - seg.vaddr
+                bias = m.start - syms.file_offset_to_vaddr(m.offset)     # process address - ELF address
                 entries.append((m.start, m.end, bias & 0xFFFFFFFFFFFFFFFF, *placed))
             try:
                 if not entries or not _still_mapped(pid, entries):

@@ -21,6 +21,9 @@ class FixedSymbolizer:
              0x1200: ("main", 35, "/srv/app/leak", "leak.c", 18),
              0x2000: ("_IO_file_doallocate", 140, "/lib/libc.so.6", "", 0)}
 
+    def refresh(self):
+        pass
+
     def trusted(self, pid, addresses, when=None):
         return tuple(addresses)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import itertools
 import os
 import resource
 import signal
@@ -13,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import roots
+from probedsl import roots, stacktrust
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -422,7 +421,7 @@ class BccLoader:
                 return ()
             if (field, stack_id) not in walked:
                 try:          # not stacks.walk(): it reads 127 frames, the table holds fewer
-                    walked[field, stack_id] = tuple(itertools.takewhile(bool, table[table.Key(stack_id)].ip))
+                    walked[field, stack_id] = _frames(table[table.Key(stack_id)].ip)
                 except KeyError:
                     walked[field, stack_id] = ()
             return walked[field, stack_id]
@@ -542,3 +541,16 @@ def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
               f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
     loader.close()
     return 0
+
+
+def _frames(ips) -> tuple:
+    """A stack's frames: up to the first zero (a kernel walk), or through the marker that ends
+    an unwound one (what follows it in the table is stale)."""
+    frames = []
+    for ip in ips:
+        if not ip:
+            break
+        frames.append(ip)
+        if ip in stacktrust.MARKERS:
+            break
+    return tuple(frames)

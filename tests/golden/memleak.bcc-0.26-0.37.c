@@ -24,13 +24,15 @@ BPF_TABLE("lru_hash", struct probedsl_unw_chunk_key_t, struct probedsl_unw_chunk
 BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
 // a stack: its frames, then a marker saying how it ended (probedsl/stacktrust.py)
 struct probedsl_ustack_t { u64 ip[65]; };
-BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_ustack_t, 1);
+// the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds
+struct probedsl_unw_scratch_t { u64 ip[128]; };
+BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
 
 static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
 {
     u32 zero = 0;
-    struct probedsl_ustack_t *st = probedsl_unw_scratch.lookup(&zero);
+    struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
     if (!st) return -1;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
@@ -38,25 +40,29 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
     u32 n = 0;
     if (maps) {
         u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), back = 0;
+        struct probedsl_unw_map_t *m = 0;         // the mapping of the frame before
         end = 0xffffffffffffff03ULL;
 #pragma clang loop unroll(disable)
         for (u32 i = 0; i < 64; i++) {
             st->ip[i & 63] = ip;
+            hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
             n = i + 1;
             u64 pc = ip - back;           // a return address: its call is the byte before
-            struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
-            struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
-            if (!chunk) { end = 0xffffffffffffff02ULL; break; }
-            struct probedsl_unw_map_t *m = 0;
+            if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
+                struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
+                struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
+                if (!chunk) { end = 0xffffffffffffff02ULL; break; }
+                m = 0;
 #pragma unroll
-            for (u32 j = 0; j < 8; j++) {
-                u8 slot = chunk->slot[j];
-                if (slot) {           // slots count from 1
-                    struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
-                    if (c->start <= pc && pc < c->end) m = c;
+                for (u32 j = 0; j < 8; j++) {
+                    u8 slot = chunk->slot[j];
+                    if (slot) {           // slots count from 1
+                        struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
+                        if (c->start <= pc && pc < c->end) m = c;
+                    }
                 }
+                if (!m) { end = 0xffffffffffffff02ULL; break; }
             }
-            if (!m) { end = 0xffffffffffffff02ULL; break; }
             u64 rel = pc - m->bias;
             u32 first = m->first, rows = m->count;
 #pragma clang loop unroll(disable)
@@ -98,17 +104,19 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
         long got = bpf_get_stack(ctx, st->ip, sizeof(u64) * 64, BPF_F_USER_STACK);
         n = got > 0 ? got / sizeof(u64) : 0;
         end = 0xffffffffffffff04ULL;
-    }
-    // the marker after the last frame, zeros after it (indexed by the loop: bounded); the id
-    // is a hash of the frames and the marker
+        hash = 0xcbf29ce484222325ULL;
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i <= 64; i++) {
-        if (i >= n) st->ip[i] = i == n ? end : 0;
-        if (i <= n) hash = (hash ^ st->ip[i]) * 0x100000001b3ULL;
+        for (u32 i = 0; i < 64; i++) {
+            if (i >= n) break;
+            hash = (hash ^ st->ip[i]) * 0x100000001b3ULL;
+        }
     }
+    // the marker ends the stack: what lies after it in the scratch is stale, and never read
+    st->ip[n & 127] = end;
+    hash = (hash ^ end) * 0x100000001b3ULL;
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
     if (!id) id = 1;
-    probedsl_ustacks.insert(&id, st);
+    probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
     return id;
 }
 

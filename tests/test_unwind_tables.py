@@ -1,0 +1,34 @@
+"""The unwinder's rows: encoded from the decoder's, kept on disk by build id."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+from probedsl import cfi, unwind_tables
+
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
+
+
+def build_id(path: str) -> str:
+    out = subprocess.run(["readelf", "-n", path], capture_output=True, text=True, check=True).stdout
+    return next(line.split()[-1] for line in out.splitlines() if "Build ID:" in line)
+
+
+def test_rows_are_cached_on_disk_by_build_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    decoded = unwind_tables.encode(cfi.table(LIBC))
+    assert unwind_tables.rows_of(LIBC) == decoded
+    cached = tmp_path / "probedsl" / "unwind-rows" / f"{build_id(LIBC)}.v1"
+    assert cached.stat().st_size == 12 * len(decoded)
+    # the second run reads the file, not .eh_frame: a file holding other rows is believed
+    cached.write_bytes(cached.read_bytes()[:12 * 3])
+    assert unwind_tables.rows_of(LIBC) == decoded[:3]
+
+
+def test_a_file_without_build_id_is_decoded_every_time(tmp_path, monkeypatch, build):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    exe = str(tmp_path / "no-id")
+    subprocess.run(["cp", build("leak"), exe], check=True)
+    subprocess.run(["objcopy", "--remove-section=.note.gnu.build-id", exe], check=True)
+    assert unwind_tables.rows_of(exe) == unwind_tables.encode(cfi.table(exe))
+    assert not os.path.exists(tmp_path / "probedsl")
