@@ -24,9 +24,9 @@ def _arg(self, v: ir.Arg) -> str:
 _UNWINDER = {
     "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
     "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS,
+    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
     "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
-    "signal": unwind_tables.SIGNAL, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
+    "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
     "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
     "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
 }
@@ -147,11 +147,15 @@ class BccBackend(Backend):
         nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
+        if probe.at_return and self.keeps_returns(program):
+            # the return address the uretprobe is about to replace, for the unwinder
+            nest = ["probedsl_unw_keep_return(ctx, tid);"] + nest
         if probe.at_return:
             entry = nest + [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};", "s.sp = PT_REGS_SP(ctx);"]
             entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
             entry.append(f"{scratch}.update(&tid, &s);")
-            ret = [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
+            ret = ["probedsl_unw_drop_return(ctx, tid);"] if self.keeps_returns(program) else []
+            ret += [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
                    f"if (!sp || sp->probe != {probe.id}) return 0;",
                    f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
@@ -173,6 +177,14 @@ class BccBackend(Backend):
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
         return program.stacks == "dwarf" and bool(recorded) and all(p.kind == "uprobe" for p in recorded)
+
+    def keeps_returns(self, program: ir.Program) -> bool:
+        """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
+        stack of one resource can pass through a call another resource is waiting to return
+        from (fopen -> malloc). Within one resource nested calls are skipped, so a single
+        resource never pays the extra map update at each entry."""
+        probed = [r for r in program.resources if any(p.kind == "uprobe" for p in r.probes)]
+        return self.unwinds(program) and len(probed) > 1
 
     @staticmethod
     def watches_roots(scope: ir.Scope) -> bool:
@@ -217,7 +229,8 @@ class BccBackend(Backend):
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
-                                   dwarf=self.unwinds(program), unw=_UNWINDER)
+                                   dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
+                                   unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe
         literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)

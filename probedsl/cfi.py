@@ -19,6 +19,10 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 RBP, RSP, RA = 6, 7, 16          # DWARF register numbers (x86-64 psABI)
+EXPRESSION, PLT = -1, -2         # CFA "registers": an expression we do not evaluate; a PLT stub's
+# the expression every PLT's FDE has (binutils): CFA = rsp + 8, + 8 more once the stub's push
+# ran, i.e. when (rip & 15) >= 11 (the operand of DW_OP_lit11, kept as the row's offset)
+_PLT_EXPRESSION = (bytes.fromhex("770880003f1a"), bytes.fromhex("2a332422"))
 REGISTER_NAMES = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6: "rbp", 7: "rsp",
                   **{n: f"r{n}" for n in range(8, 16)}, 16: "rip"}
 
@@ -30,7 +34,7 @@ Rule = Optional[Tuple]
 @dataclass(frozen=True)
 class Row:
     address: int                 # first address (ELF view) the row holds for
-    cfa_register: int            # -1: an expression computes the CFA
+    cfa_register: int            # EXPRESSION, or PLT (cfa_offset: the rip & 15 from which +16)
     cfa_offset: int
     rbp: Rule
     ra: Rule
@@ -215,8 +219,14 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
         elif op == 0x0E:                                   # def_cfa_offset
             state.cfa_offset = r.uleb()
         elif op == 0x0F:                                   # def_cfa_expression
-            r.skip_block()
-            state.cfa_register, state.cfa_offset = -1, 0
+            length = r.uleb()
+            expr = r.data[r.pos:r.pos + length]
+            r.pos += length
+            head, tail = _PLT_EXPRESSION
+            if len(expr) == 11 and expr.startswith(head) and expr.endswith(tail) and 0x30 <= expr[6] <= 0x4f:
+                state.cfa_register, state.cfa_offset = PLT, expr[6] - 0x30      # DW_OP_litN
+            else:
+                state.cfa_register, state.cfa_offset = EXPRESSION, 0
         elif op in (0x10, 0x16):                           # expression, val_expression
             reg = r.uleb()
             r.skip_block()

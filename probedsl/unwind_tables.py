@@ -26,7 +26,7 @@ from . import cfi, debuginfo, elf
 from .mappings import Mapping, read_proc_maps
 
 # row kinds, as the BPF program reads them
-INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL = 0, 1, 2, 3, 4
+INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL, PLT = 0, 1, 2, 3, 4, 5
 RBP_SAME, RBP_AT_CFA = 0, 1
 MAX_MAPS = 64               # executable mappings per process the unwinder can search
 ROWS = 1 << 21              # rows in the kernel table (16 B each: 32 MB)
@@ -34,12 +34,13 @@ PROCESSES = 8192            # processes with mappings at once (least recently us
 CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming its mappings
 PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
 CHUNKS = 1 << 18
+RETURNS = 1 << 16           # return addresses replaced by pending uretprobes, kept at entry
 
 
 # a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
 # the file says which encoding, so a change of it never reads old files
 _DISK_ROW = struct.Struct("<IBBhi")
-_DISK_FORMAT = 1
+_DISK_FORMAT = 2
 
 
 def cache_dir() -> str:
@@ -116,6 +117,8 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
         return SIGNAL, 0, RBP_SAME, 0
     if row.outermost:
         return OUTERMOST, 0, RBP_SAME, 0
+    if row.cfa_register == cfi.PLT:         # cfa offset: the (rip & 15) from which CFA = rsp+16
+        return PLT, row.cfa_offset, RBP_SAME, 0
     if row.ra != ("offset", -8) or row.cfa_register not in (cfi.RSP, cfi.RBP):
         return INVALID, 0, RBP_SAME, 0
     kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
@@ -230,8 +233,12 @@ class UnwindTables:
                 pass
 
     def memory(self) -> int:
-        """The rows, mappings and chunk tables, and the table of unwound stacks."""
-        stacks = self.bpf["probedsl_ustacks"]
-        return (ROWS * ctypes.sizeof(self.rows.Leaf) + PROCESSES * ctypes.sizeof(self.maps.Leaf)
-                + CHUNKS * (ctypes.sizeof(self.chunks.Key) + ctypes.sizeof(self.chunks.Leaf))
-                + stacks.max_entries * (ctypes.sizeof(stacks.Key) + ctypes.sizeof(stacks.Leaf)))
+        """The rows, mappings and chunk tables, the kept return addresses, and the table of
+        unwound stacks."""
+        tables = [self.bpf["probedsl_ustacks"], self.chunks, self.maps]
+        try:
+            tables.append(self.bpf["probedsl_unw_returns"])
+        except KeyError:                  # only where a stack can pass a pending uretprobe
+            pass
+        return ROWS * ctypes.sizeof(self.rows.Leaf) + sum(
+            t.max_entries * (ctypes.sizeof(t.Key) + ctypes.sizeof(t.Leaf)) for t in tables)

@@ -38,11 +38,23 @@ def start_run(*args, env=None):
                               stderr=subprocess.PIPE, text=True, env=env)
     said = []
     while not said or not said[-1].startswith("probedsl: tracing "):
-        said.append(tracer.stderr.readline())
+        said.append(stderr_line(tracer))
         if not said[-1]:
             out, err = tracer.communicate()
             pytest.fail(f"probedsl ended before tracing: {''.join(said) + err}")
     return tracer
+
+
+def stderr_line(proc) -> str:
+    """A line of proc's stderr, read a byte at a time: a buffered readline could take lines
+    after it, which communicate() (reading the descriptor itself) would then never see."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(proc.stderr.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode(errors="replace")
 
 
 class Held:

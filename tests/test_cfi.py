@@ -79,3 +79,12 @@ def test_frame_pointer_rows_of_a_frame_pointer_build(build):
     table = cfi.table(exe)
     assert not table.row_at(wrapper1).frame_pointer_based       # push %rbp not done yet
     assert table.row_at(wrapper1 + 8).frame_pointer_based
+
+
+def test_plt_stubs_have_their_own_rule():
+    """A PLT's FDE computes the CFA by an expression (rsp + 8, + 8 after the stub's push): it
+    is recognized, with the stub offset from which it adds 8."""
+    sections = subprocess.run(["readelf", "-SW", "/usr/bin/git"], capture_output=True, text=True, check=True).stdout
+    plt = next(int(line.split()[3], 16) for line in sections.splitlines() if " .plt " in line)
+    row = cfi.table("/usr/bin/git").row_at(plt + 0x20)
+    assert (row.cfa_register, row.cfa_offset) == (cfi.PLT, 11)

@@ -10,7 +10,7 @@ import pytest
 
 from probedsl.procfs import processes_named
 
-from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run, stderr_line
 from test_tracing import assert_accounted, assert_seed_leak
 
 pytestmark = pytest.mark.usefixtures("root_required")
@@ -120,7 +120,7 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
     try:
         said = []
         while not any("another root's copy of libc" in line for line in said):
-            said.append(tracer.stderr.readline())
+            said.append(stderr_line(tracer))
             assert said[-1], f"the tracer ended: {''.join(said)}"
         held.go()
         held.proc.wait(timeout=60)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json
+from conftest import BACKENDS, MEMLEAK, ROOT, by_site, probedsl, report_json, stderr_line
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -47,7 +47,7 @@ def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--comm", "nosuchprog"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+    while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
         assert tracer.poll() is None
     (child,) = bpftrace_children(tracer.pid)
     os.kill(child, signal.SIGKILL)

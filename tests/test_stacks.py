@@ -16,10 +16,11 @@ pytestmark = pytest.mark.usefixtures("root_required")
 
 def valgrind_stacks(exe: str, tmp_path) -> dict:
     """{functions past the allocator, caller first at index 0: (bytes, blocks)} of every block
-    live at exit, from valgrind --xml."""
+    live at exit, from valgrind --xml; real frames only (ours leave inlined calls out too), "?"
+    for a frame it cannot name."""
     xml = tmp_path / "vg.xml"
-    subprocess.run(["valgrind", "--leak-check=full", "--show-leak-kinds=all", "--num-callers=64", "--xml=yes",
-                    f"--xml-file={xml}", exe], capture_output=True, check=True)
+    subprocess.run(["valgrind", "--leak-check=full", "--show-leak-kinds=all", "--num-callers=64",
+                    "--read-inline-info=no", "--xml=yes", f"--xml-file={xml}", exe], capture_output=True, check=True)
     out = {}
     for error in ET.parse(xml).getroot().iter("error"):
         if not error.findtext("kind", "").startswith("Leak_"):
@@ -31,12 +32,13 @@ def valgrind_stacks(exe: str, tmp_path) -> dict:
     return out
 
 
-def our_stacks(report) -> list:
-    """[(functions, truncated, bytes, blocks)] of the report's entries, inlined frames left out."""
+def our_stacks(report, count: str = "blocks") -> list:
+    """[(functions, truncated, bytes, count)] of the report's entries, inlined frames left out,
+    "?" for a frame without a name (shown as module+0xaddress)."""
     rows = []
     for e in report["reports"][0]["entries"]:
-        names = tuple(f["function"] or f["text"] for f in e["stack"] if not f["inlined"] and not f.get("truncated"))
-        rows.append((names, e["truncated"], e["bytes"], e["blocks"]))
+        names = tuple(f["function"] or "?" for f in e["stack"] if not f["inlined"] and not f.get("truncated"))
+        rows.append((names, e["truncated"], e["bytes"], e[count]))
     return rows
 
 

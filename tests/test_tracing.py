@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run, stderr_line
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -230,7 +230,7 @@ def test_hostile_process_names_are_matched_not_executed(backend, comm, tmp_path,
                                "--format", "json", "--comm", comm],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while "tracing" not in (tracer.stderr.readline() or "") and time.monotonic() < deadline:
+    while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
         assert tracer.poll() is None, tracer.stderr.read()
     subprocess.run([str(exe), "0", "0"], check=True)
     tracer.send_signal(signal.SIGINT)

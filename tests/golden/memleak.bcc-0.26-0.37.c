@@ -87,7 +87,10 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
                 sp = cfa; ip = ra; back = 0;      // the interrupted instruction itself
                 continue;
             }
-            cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
+            if (row->kind == 5)      // a PLT stub (the thread stopped in it): 16 once it pushed
+                cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
+            else
+                cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
             if (bpf_probe_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
             if (row->rbp_kind == 1 && bpf_probe_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
                 end = 0xffffffffffffff02ULL;
