@@ -45,6 +45,10 @@ def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
     derived = {Counter.UNGROUPED}
     if lay.lifetime:
         derived.add(Counter.RELEASED)
+    res = next(r for r in program.resources if r.name == lay.name)
+    if not any(a.kind == "release" for p in res.probes for a in p.actions):
+        # never written, so never declared: bpftrace refuses to print such a map
+        derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
     if program.sample == 1:
         derived.add(Counter.ACQUIRED)
     return [c for c in Counter if c not in derived]

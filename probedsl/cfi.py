@@ -60,6 +60,11 @@ class Table:
         self.fdes = fdes
         self.starts = [f[0] for f in fdes]
 
+    def starts_function(self, address: int) -> bool:
+        """address is the first of an FDE's: a function's entry."""
+        i = bisect.bisect_left(self.starts, address)
+        return i < len(self.starts) and self.starts[i] == address
+
     def row_at(self, address: int) -> Optional[Row]:
         i = bisect.bisect_right(self.starts, address) - 1
         if i < 0:

@@ -113,6 +113,18 @@ class ElfSymbols:
             return None
         return name, vaddr - start
 
+    def read(self, vaddr: int, size: int) -> bytes:
+        """The file's bytes at an address of a loaded segment (b"" outside them)."""
+        for seg in self.segments:
+            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+                try:
+                    with open(self.path, "rb") as f:
+                        f.seek(vaddr - seg.vaddr + seg.offset)
+                        return f.read(size)
+                except OSError:
+                    return b""
+        return b""
+
     def file_offset_to_vaddr(self, offset: int) -> int:
         for seg in self.segments:
             if seg.offset <= offset < seg.offset + max(seg.filesz, 1):

@@ -9,9 +9,11 @@ first frame where it is not, then ends with a marker saying why.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable, Optional, Tuple
 
-from . import cfi, ir
+from . import cfi, elf, ir
 
 # marker "addresses" ending a stack, above every user address. BCC's unwinder (--stacks
 # dwarf) ends each stack with one: COMPLETE, NO_UNWIND_INFO, DEPTH_LIMIT, or FP_WALK (it had
@@ -55,8 +57,33 @@ def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
             return addresses[:depth + 1] + (NO_UNWIND_INFO,)
         if row.outermost:                      # the thread's first function: complete
             return addresses[:depth + 1]
+        if depth == 0 and table.starts_function(where[1]) and _kernel_adds_caller(*where):
+            continue                           # frame 1 was read at [rsp]: the immediate caller
         if not row.frame_pointer_based:
             return addresses[:depth + 1] + (NO_FRAME_POINTER,)
     if len(addresses) >= ir.STACK_DEPTH:
         return tuple(addresses) + (DEPTH_LIMIT,)
     return tuple(addresses)
+
+
+_PUSH_RBP, _ENDBR64 = b"\x55", b"\xf3\x0f\x1e\xfa"
+
+
+def _kernel_adds_caller(path: str, vaddr: int) -> bool:
+    """At a probe on a function's first instruction the frame-pointer walk from rbp skips the
+    immediate caller (rbp is still the caller's). Linux 6.12 reads it at [rsp] and puts it
+    second when that instruction is `push %rbp` or `endbr64` (perf_callchain_user, commit
+    cfa7f3d2c526): then it is certain. Older kernels (some stable ones have it too, unknown
+    here) leave it out: the stack is cut after frame 0."""
+    syms = elf.symbols(path)
+    first = syms.read(vaddr, 4) if syms else b""
+    return _kernel_release() >= (6, 12) and (first[:1] == _PUSH_RBP or first == _ENDBR64)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_release() -> Tuple[int, int]:
+    major, minor = (os.uname().release.split("-")[0].split(".") + ["0"])[:2]
+    try:
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0

@@ -155,3 +155,43 @@ def test_bpftrace_refuses_dwarf_stacks_in_one_line():
     result = probedsl("run", MEMLEAK, "--backend", "bpftrace", "--stacks", "dwarf", "--", "true")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--stacks dwarf" in result.stderr, result.stderr
+
+
+ENTRY_RECIPE = """recipe calls "target's calls, by the stack at its entry"
+resource call keyed by (pid, id) {
+  acquire "%s":target(id) -> (pid, id)
+  record ustack, time, pid
+}
+report outstanding call by ustack: count() as calls, top 10
+"""
+
+
+@pytest.mark.parametrize("backend,stacks", [("bpftrace", "fp"), ("bcc", "fp"), ("bcc", "dwarf")])
+def test_entry_probe_stacks_keep_the_immediate_caller(backend, stacks, build, tmp_path):
+    """At a function's first instruction rbp is still its caller's: a frame-pointer walk from
+    there skips the caller. Kept on frame-pointer code where the kernel reads it at [rsp]
+    (6.12+, a first instruction `push %rbp`), and by the unwinder everywhere."""
+    exe = build("entry_chain")
+    recipe = tmp_path / "calls.probe"
+    recipe.write_text(ENTRY_RECIPE % exe)
+    result = probedsl("run", str(recipe), "--backend", backend, "--stacks", stacks, "--format", "json", "--", exe)
+    assert result.returncode == 0, result.stderr
+    (entry,) = report_json(result.stdout)["reports"][0]["entries"]
+    names = [f["function"] for f in entry["stack"] if not f.get("truncated")]
+    assert names[:4] == ["target", "middle", "outer", "main"], names
+    assert entry["calls"] == 3
+
+
+def test_entry_probe_stacks_of_o2_code(build, tmp_path):
+    """-O2: no frame pointer, so the walk is cut after the probed function, where the
+    unwinder goes on to _start."""
+    exe = build("entry_chain-O2")
+    recipe = tmp_path / "calls.probe"
+    recipe.write_text(ENTRY_RECIPE % exe)
+    walked, unwound = (probedsl("run", str(recipe), "--backend", "bcc", "--stacks", stacks, "--format", "json",
+                                "--", exe) for stacks in ("fp", "dwarf"))
+    (cut,) = report_json(walked.stdout)["reports"][0]["entries"]
+    assert [f["function"] for f in cut["stack"] if not f.get("truncated")] == ["target"] and cut["truncated"]
+    for whole in report_json(unwound.stdout)["reports"][0]["entries"]:     # (main's loop may be unrolled)
+        names = [f["function"] for f in whole["stack"]]
+        assert names[:4] == ["target", "middle", "outer", "main"] and names[-1] == "_start", names
