@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import ir, layout
+from . import ir, layout, stacktrust
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
@@ -52,6 +52,7 @@ class Section:
     total_entries: int = 0
     omitted: Dict[str, int] = field(default_factory=dict)  # summed values of entries past top
     histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # (min_ns, max_ns, count)
+    cut_stacks: Dict[str, int] = field(default_factory=dict)   # entries whose stack ends early, by why
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Report:
             doc["reports"].append({"kind": "outstanding", "resource": s.resource, "by": s.by,
                                    "columns": s.columns, "top": s.top, "min_age_ms": s.min_age_ms,
                                    "total_entries": s.total_entries, "entries": entries,
-                                   "omitted": {"entries": s.total_entries - len(s.entries), **s.omitted}})
+                                   "omitted": {"entries": s.total_entries - len(s.entries), **s.omitted},
+                                   **({"cut_stacks": s.cut_stacks} if "ustack" in s.by else {})})
         return doc
 
     @classmethod
@@ -121,7 +123,7 @@ class Report:
             entries = [_entry_from_dict(e, columns) for e in r["entries"]]
             omitted = {k: v for k, v in r["omitted"].items() if k != "entries"}
             sections.append(Section("outstanding", r["resource"], r["by"], columns, r["top"], r["min_age_ms"],
-                                    entries, r["total_entries"], omitted))
+                                    entries, r["total_entries"], omitted, cut_stacks=r.get("cut_stacks", {})))
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
                    doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""))
@@ -268,6 +270,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
                          + ", ".join(sorted(cut)) + "): the kernel's frame-pointer walk cannot be "
                          "trusted past it, so those frames are not shown (marked [truncated: ...]); "
                          "--backend bcc --stacks dwarf unwinds them"]
+    for sec in sections:
+        if sec.cut_stacks:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(sec.cut_stacks.items()))
+            notes = [*notes, f"{sum(sec.cut_stacks.values())} of {sec.total_entries} {sec.resource} stacks end early "
+                             f"({kinds}): their last line says why"]
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
                   exit_status, list(notes), sample=scale, backend_version=backend_version)
 
@@ -306,7 +313,9 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
                      comm=g.get("comm") if "comm" in rep.group_by else None)
                for (values, _, g), stack in zip(shown, ustacks)]
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
-    return Section("outstanding", rep.resource, list(rep.group_by), labels, top, 0, entries, len(rows), omitted)
+    cut = _cut_stacks(g["ustack"] for _, _, g in rows) if "ustack" in keys else {}
+    return Section("outstanding", rep.resource, list(rep.group_by), labels, top, 0, entries, len(rows), omitted,
+                   cut_stacks=cut)
 
 
 def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
@@ -339,8 +348,19 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
             pid=sample.pid if "pid" in rep.group_by else None,
             comm=sample.comm if "comm" in rep.group_by else None))
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
+    cut = _cut_stacks(key[rep.group_by.index("ustack")][2] for key in groups) if "ustack" in rep.group_by else {}
     return Section("outstanding", rep.resource, list(rep.group_by), labels, top, min_age_ms, entries,
-                   len(rows), omitted)
+                   len(rows), omitted, cut_stacks=cut)
+
+
+def _cut_stacks(stacks) -> Dict[str, int]:
+    """How many of these (trusted) stacks end early, by why."""
+    counts: Dict[str, int] = {}
+    for stack in stacks:
+        kind = stacktrust.cut_kind(stack)
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int) -> Section:

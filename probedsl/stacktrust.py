@@ -26,6 +26,16 @@ FP_WALK = 0xFFFF_FFFF_FFFF_FF04
 MARKERS = (COMPLETE, NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT, FP_WALK)
 
 
+# how a cut stack ended, by its marker: what reports count
+CUT_KINDS = {NO_FRAME_POINTER: "no frame pointer", NO_UNWIND_INFO: "no unwind information",
+             DEPTH_LIMIT: "depth limit"}
+
+
+def cut_kind(addresses: Tuple[int, ...]) -> Optional[str]:
+    """Why a trusted() stack ends early, or None when it is whole."""
+    return CUT_KINDS.get(addresses[-1]) if addresses else None
+
+
 def reason(marker: int, module: str) -> str:
     """What a marker says, for a stack whose last kept frame is in module."""
     if marker == NO_FRAME_POINTER:

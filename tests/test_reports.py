@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from probedsl import compiler, formats, report
+from probedsl import compiler, formats, report, stacktrust
 from probedsl.rundata import Live, Snapshot, Totals
 from probedsl.symbolizer import Frame
 
@@ -192,3 +192,19 @@ def test_bpftrace_tallies_of_one_stack_from_two_threads_add_up():
     raw = json.loads(text % ((16 << 24) + 1, (32 << 24) + 2), object_pairs_hook=_pairs)["@t"]
     assert _tally(raw, {}, ["ustack", "pid"]) == {((0x401000,), 42): (48, 3, 0)}
     assert _tally(5 << 24 | 2, 7, []) == {(): (5, 2, 7)}          # ungrouped: bare numbers
+
+
+def test_stacks_that_end_early_are_counted_by_why():
+    """Every stack of the report, shown or not, is counted when it ends in a marker."""
+    snap = tallied_snapshot()
+    groups = snap.tallies["heap"][("ustack", "pid")]
+    (stack, pid), value = next(iter(groups.items()))
+    groups[(stack + (stacktrust.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
+    groups[((0x1200, stacktrust.DEPTH_LIMIT), pid)] = value
+    program = compiler.build(compiler.load(MEMLEAK))
+    rep = report.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
+    assert rep.sections[0].cut_stacks == {"no frame pointer": 1, "depth limit": 1}
+    assert any(n.startswith("2 of ") and "heap stacks end early (1 depth limit, 1 no frame pointer)" in n
+               for n in rep.notes), rep.notes
+    back = report.Report.from_dict(json.loads(formats.to_json(rep)))
+    assert back.sections[0].cut_stacks == rep.sections[0].cut_stacks
