@@ -118,7 +118,7 @@ class BccBackend(Backend):
                                "hk.slot = bpf_log2l(bpf_ktime_get_ns() - old->time);",
                                # (BCC 0.26's increment() does nothing on a per-CPU hash)
                                "u64 none = 0, *slot = " + f"{hist}.lookup_or_try_init(&hk, &none);",
-                               "if (slot) *slot += 1;"]
+                               "if (slot) __sync_fetch_and_add(slot, 1);"]
                 else:
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",

@@ -268,6 +268,16 @@ def _push(rows: List[Row], loc: int, state: _State, signal: bool) -> None:
 
 def parse_eh_frame(data: bytes, address: int) -> Table:
     """All FDEs of an .eh_frame section loaded at address (ELF view)."""
+    return Table(_fdes(data, address, debug_frame=False))
+
+
+def parse_debug_frame(data: bytes) -> Table:
+    """All FDEs of a .debug_frame section (DWARF's own: absolute addresses, CIEs found by
+    their offset in the section, no augmentation data in practice)."""
+    return Table(_fdes(data, 0, debug_frame=True))
+
+
+def _fdes(data: bytes, address: int, debug_frame: bool) -> list:
     cies: Dict[int, _Cie] = {}
     fdes = []
     pos = 0
@@ -275,17 +285,21 @@ def parse_eh_frame(data: bytes, address: int) -> Table:
         length = struct.unpack_from("<I", data, pos)[0]
         header = 4
         if length == 0:
+            if debug_frame:            # padding, not a terminator
+                pos += 4
+                continue
             break                                          # the terminator
         if length == 0xFFFFFFFF:
-            length = struct.unpack_from("<Q", data, pos + 4)[0]
-            header = 12
+            pos = pos + 12 + struct.unpack_from("<Q", data, pos + 4)[0]
+            continue                   # 64-bit DWARF: not made for x86-64 user code
         body = pos + header
         end = body + length
         cie_id = struct.unpack_from("<I", data, body)[0]
-        if cie_id == 0:
+        if cie_id == (0xFFFFFFFF if debug_frame else 0):
             cies[pos] = _parse_cie(data, body + 4, end, address)
         else:
-            cie = cies.get(body - cie_id)           # the pointer counts back from this field
+            # .eh_frame's pointer counts back from this field; .debug_frame's from the start
+            cie = cies.get(cie_id if debug_frame else body - cie_id)
             if cie is None:                         # (a CIE always comes first in practice)
                 pos = end
                 continue
@@ -297,7 +311,7 @@ def parse_eh_frame(data: bytes, address: int) -> Table:
                 r.skip_block()
             fdes.append((start, start + size, _fde_rows(cie, data[r.pos:end], start, address, r.pos)))
         pos = end
-    return Table(fdes)
+    return fdes
 
 
 def _parse_cie(data: bytes, pos: int, end: int, address: int) -> _Cie:
@@ -307,6 +321,9 @@ def _parse_cie(data: bytes, pos: int, end: int, address: int) -> _Cie:
     augmentation = r.cstring().decode(errors="replace")
     if "eh" in augmentation:
         r.fixed("<Q")
+    if version >= 4:                   # address and segment selector sizes
+        r.u8()
+        r.u8()
     code_align, data_align = r.uleb(), r.sleb()
     ra_register = r.u8() if version == 1 else r.uleb()
     fde_encoding, signal = 0, False
@@ -339,12 +356,20 @@ def _fde_rows(cie: _Cie, program: bytes, start: int, address: int, offset: int) 
 
 @functools.lru_cache(maxsize=64)
 def _load(path: str, mtime_ns: int, size: int) -> Optional[Table]:
+    """.eh_frame's FDEs, and .debug_frame's for code .eh_frame does not cover (a build with
+    -fno-asynchronous-unwind-tables has only the C runtime's in .eh_frame)."""
     try:
         with open(path, "rb") as f:
-            section = ELFFile(f).get_section_by_name(".eh_frame")
-            if section is None:
-                return None
-            return parse_eh_frame(section.data(), section["sh_addr"])
+            elf = ELFFile(f)
+            fdes = []
+            section = elf.get_section_by_name(".eh_frame")
+            if section is not None:
+                fdes = _fdes(section.data(), section["sh_addr"], debug_frame=False)
+            section = elf.get_section_by_name(".debug_frame")
+            if section is not None and section["sh_type"] != "SHT_NOBITS":
+                covered = Table(list(fdes))
+                fdes += [f for f in _fdes(section.data(), 0, debug_frame=True) if covered.row_at(f[0]) is None]
+            return Table(fdes) if fdes else None
     except (OSError, ValueError, IndexError, KeyError, struct.error, ELFError):   # damaged: no rows
         return None
 

@@ -240,12 +240,16 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             notes = [*notes, f"{t.ungrouped} {res.name} entries are missing from the per-group tallies "
                              f"(tally table full); the totals above are exact"]
         if res.records("ustack"):
-            # the kernel's stack table drops a stack whose hash bucket is taken: say so
+            # the kernel's stack table drops a stack whose hash bucket is taken, the unwinder one
+            # it cannot take while preempted: say so
             lost = _stackless(program, snapshot, res)
             resources[res.name]["no_stack"] = lost * scale
             if lost:
-                notes = [*notes, f"{lost * scale} live {res.name} entries have no user stack (stack table "
-                                 f"collision or full); they are grouped under an empty stack"]
+                cause = ("the stack table was full, or the probe preempted another one's walk on the "
+                         "same CPU" if program.stacks == "dwarf" and backend == "bcc"
+                         else "stack table collision or full")
+                notes = [*notes, f"{lost * scale} live {res.name} entries have no user stack ({cause}); "
+                                 f"they are grouped under an empty stack"]
     if scale > 1:
         notes = [*notes, f"sampled: 1 in {scale} acquisitions recorded; live bytes, counts and releases are "
                          f"estimates (x{scale}); releases of unsampled entries count as unknown releases"]

@@ -40,7 +40,7 @@ RETURNS = 1 << 16           # return addresses replaced by pending uretprobes, k
 # a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
 # the file says which encoding, so a change of it never reads old files
 _DISK_ROW = struct.Struct("<IBBhi")
-_DISK_FORMAT = 2
+_DISK_FORMAT = 3
 
 
 def cache_dir() -> str:

@@ -18,7 +18,7 @@ def test_rows_are_cached_on_disk_by_build_id(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     decoded = unwind_tables.encode(cfi.table(LIBC))
     assert unwind_tables.rows_of(LIBC) == decoded
-    cached = tmp_path / "probedsl" / "unwind-rows" / f"{build_id(LIBC)}.v2"
+    cached = tmp_path / "probedsl" / "unwind-rows" / f"{build_id(LIBC)}.v3"
     assert cached.stat().st_size == 12 * len(decoded)
     # the second run reads the file, not .eh_frame: a file holding other rows is believed
     cached.write_bytes(cached.read_bytes()[:12 * 3])

@@ -27,13 +27,19 @@ struct probedsl_ustack_t { u64 ip[65]; };
 // the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds
 struct probedsl_unw_scratch_t { u64 ip[128]; };
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
+// set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
+// program on the same CPU then gets no stack (counted as one without) rather than garbling it
+BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
 
 static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
 {
     u32 zero = 0;
     struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
-    if (!st) return -1;
+    u32 *busy = probedsl_unw_busy.lookup(&zero);
+    if (!st || !busy) return -1;
+    if (*busy) return -1;        // (a test and set: BCC's LLVM has no fetching atomics; only a
+    *busy = 1;                   // preemption between these two lines could still interleave)
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
     u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
@@ -120,6 +126,7 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
     if (!id) id = 1;
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
+    *busy = 0;
     return id;
 }
 
@@ -224,8 +231,10 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
         g.pid = v->pid;
         struct probedsl_tally_t *t = heap_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
-            t->bytes += sign * (s64)v->size;   // this CPU's copy; BPF programs do not migrate
-            t->count += sign;
+            // this CPU's copy (BPF programs do not migrate), but a uprobe's program can be
+            // preempted by another's on the same CPU: adds are atomic, so none is lost
+            __sync_fetch_and_add(&t->bytes, sign * (s64)v->size);
+            __sync_fetch_and_add(&t->count, sign);
         } else {
             heap_counters.increment(5);  // ungrouped: tally table full
         }
