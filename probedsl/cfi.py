@@ -266,18 +266,10 @@ def _push(rows: List[Row], loc: int, state: _State, signal: bool) -> None:
         rows.append(row)
 
 
-def parse_eh_frame(data: bytes, address: int) -> Table:
-    """All FDEs of an .eh_frame section loaded at address (ELF view)."""
-    return Table(_fdes(data, address, debug_frame=False))
-
-
-def parse_debug_frame(data: bytes) -> Table:
-    """All FDEs of a .debug_frame section (DWARF's own: absolute addresses, CIEs found by
-    their offset in the section, no augmentation data in practice)."""
-    return Table(_fdes(data, 0, debug_frame=True))
-
-
 def _fdes(data: bytes, address: int, debug_frame: bool) -> list:
+    """[(start, end, rows)] of every FDE of an .eh_frame section loaded at address (ELF view),
+    or of a .debug_frame (DWARF's own: absolute addresses, a CIE found by its offset in the
+    section, no augmentation data in practice)."""
     cies: Dict[int, _Cie] = {}
     fdes = []
     pos = 0
