@@ -58,6 +58,17 @@ class Backend:
     def signed(self, text: str) -> str:
         raise NotImplementedError
 
+    def placed(self, probe, path: str, why_not: str = "") -> str:
+        """Where the probe sits, for the generated comment ("" at the entry when that is the
+        place); why_not: why it stays at the entry although placement chose another place."""
+        offset, instruction = probe.place_in(path)
+        if not offset:
+            return ""
+        where = f"{probe.function}+{offset}: {instruction}"
+        if why_not:
+            return self.comment(f"at the entry, not {where}: {why_not}")
+        return self.comment(f"at {where} (emulated; the entry's instruction would be single-stepped)")
+
     def comment(self, text: str) -> str:
         """Recipe text in a generated comment: one line, no comment terminator."""
         return " ".join(text.split()).replace("*/", "* /")

@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import layout, stacktrust, unwind_tables
+from probedsl import layout, placement, stacktrust, unwind_tables
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -143,7 +143,7 @@ class BccBackend(Backend):
             category, event = probe.function.split(":")
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                     "filtered": probe.filtered, "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
-                    "return_fn": "", "return_body": []}
+                    "return_fn": "", "return_body": [], "placed": ""}
         nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
@@ -162,7 +162,8 @@ class BccBackend(Backend):
             entry, ret = nest + actions, []
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
-                "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret}
+                "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
+                "placed": self.placed(probe, probe.path)}
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
         """The expression taking the user stack's id."""
@@ -200,7 +201,10 @@ class BccBackend(Backend):
                 view = views_of[probe]
                 if probe.kind == "uprobe":
                     # also: another root's copy, whose process may end before the attach
+                    # offset: where in the function both probes sit (probedsl.placement); code:
+                    # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
+                                "offset": probe.place_in(path)[0], "code": placement.code(path, probe),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.files]
         return {

@@ -166,7 +166,8 @@ class BpftraceBackend(Backend):
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
             paths = [probe_path(p) for p in probe.files]
-            entry = ", ".join(f"uprobe:{path}:{probe.function}" for path in paths)
+            entry = ", ".join(f"uprobe:{probe_path(path)}:{probe.function}{self.offset(probe, path)}"
+                              for path in probe.files)
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
@@ -188,9 +189,18 @@ class BpftraceBackend(Backend):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
-        return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+        why_not = ("" if self.offset(probe, probe.path) else
+                   "bpftrace puts a uretprobe at a function's entry only, and both would trap" if probe.at_return
+                   else f"bpftrace {self.target.range_text()} attaches at entries only")
+        placed = self.placed(probe, probe.path, why_not) if probe.kind == "uprobe" else ""
+        return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
+
+    def offset(self, probe: ir.Probe, path: str) -> str:
+        """"+N" where the probe sits inside the function (placement), else "" (the entry)."""
+        offset = self.target.attaches_at(probe, path)
+        return f"+{int(offset)}" if offset else ""
 
     def count_script(self, program: ir.Program) -> str:
         """--estimate: a script counting entries of every probed function in @calls[probe],

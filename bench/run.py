@@ -4,9 +4,11 @@
 
 Configurations, each run in turn R times (interleaved, so drift hits all alike):
   untraced          the workload alone
-  floor             bpftrace with empty probes on malloc entry+return and free entry
+  floor             bpftrace with empty probes on malloc entry+return and free entry (the naive floor)
+  floor-bcc-entry   the same with BCC's empty programs; floor-bcc-placed: free's where probedsl places it
   probedsl-bpftrace probedsl run memleak --pid PID --no-follow-forks (bpftrace backend)
-  probedsl-bcc      probedsl run memleak --pid PID --no-follow-forks --backend bcc
+  probedsl-bcc      probedsl run memleak --pid PID --no-follow-forks --backend bcc (fp stacks,
+                    probes placed); -at-entry: --probe-at entry; -dwarf: --stacks dwarf
   probedsl-*-sample10  the same with --sample 10 (one acquisition in ten recorded)
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
@@ -65,6 +67,34 @@ def run_floor(exe, args):
             pass
         time.sleep(0.05)
     try:
+        return loop_seconds(workload(exe, args, 0))
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
+# empty BCC programs on malloc's entry and return and on free, at the entry or where
+# probedsl.placement puts free's probe (floor-bcc-entry / floor-bcc-placed)
+BCC_FLOOR = """
+import sys, time
+from bcc import BPF
+b = BPF(text="int f(void *ctx) { return 0; }")
+libc, free_at = sys.argv[1], int(sys.argv[2])
+b.attach_uprobe(name=libc, sym="malloc", fn_name="f")
+b.attach_uretprobe(name=libc, sym="malloc", fn_name="f")
+b.attach_uprobe(name=libc, sym="free", sym_off=free_at, fn_name="f")
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def run_floor_bcc(exe, args, placed: bool):
+    from probedsl import placement
+    where = placement.place(LIBC, "free", (0,)) if placed else None
+    tracer = subprocess.Popen([sys.executable, "-c", BCC_FLOOR, LIBC, str(where.offset if where else 0)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "ready"
         return loop_seconds(workload(exe, args, 0))
     finally:
         tracer.kill()
@@ -132,9 +162,13 @@ def main() -> None:
     exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     configs = {"untraced": lambda: run_untraced(exe, args), "floor": lambda: run_floor(exe, args),
                "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
-               "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc"),
+               "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp"),
+               "floor-bcc-entry": lambda: run_floor_bcc(exe, args, placed=False),
+               "floor-bcc-placed": lambda: run_floor_bcc(exe, args, placed=True),
+               "probedsl-bcc-at-entry": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--probe-at", "entry"),
+               "probedsl-bcc-dwarf": lambda: run_probedsl(exe, args, "bcc", "--stacks", "dwarf"),
                "probedsl-bpftrace-sample10": lambda: run_probedsl(exe, args, "bpftrace", "--sample", "10"),
-               "probedsl-bcc-sample10": lambda: run_probedsl(exe, args, "bcc", "--sample", "10"),
+               "probedsl-bcc-sample10": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--sample", "10"),
                "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
                "bystander-bcc": lambda: run_bystander(exe, args, "bcc"),
                "bystander-bcc-per-process": lambda: run_bystander(exe, args, "bcc", "--per-process"),

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import compiler, formats, ir, layout, report, session, targets
+from . import compiler, formats, ir, layout, placement, report, session, targets
 from .errors import ProbedslError, RecipeError
 
 
@@ -45,6 +45,11 @@ def check(recipe):
     probes = sum(len(r.probes) for r in program.resources)
     click.echo(f"{recipe}: ok ({len(program.resources)} resource(s), {probes} probe(s) after folding aliases; "
                f"lowers to {targets.supported()})")
+    for probe in (p for r in placement.apply(program).resources for p in r.probes):
+        offset, instruction = probe.place_in(probe.path)
+        if offset:
+            click.echo(f"  {probe.label}: probed at {probe.function}+{offset} ({instruction}, emulated; its "
+                       f"entry's instruction is single-stepped) in {probe.path}")
 
 
 @cli.command("list")
@@ -69,7 +74,10 @@ def list_cmd():
 @click.option("--stacks", type=click.Choice(["fp", "dwarf"]), default="fp", show_default=True,
               help="bcc: include the call-frame unwinder (its tables are filled by `probedsl run`; the "
                    "standalone loader leaves them empty, so its stacks are frame-pointer walks)")
-def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks):
+@click.option("--probe-at", type=click.Choice(["placed", "entry"]), default="placed", show_default=True,
+              help="placed: each uprobe on an emulated instruction of its function's entry path, for "
+                   "this machine's libraries (a comment shows where); entry: at function entries")
+def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
     scope = ir.Scope()
     if pid is not None:
@@ -78,6 +86,8 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks):
         scope = ir.Scope("comm", comm=session.validate_comm(comm))
     program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_scope(scope).sampled(sample)
     program = program.walking_stacks(stacks)
+    if probe_at == "placed":
+        program = placement.apply(program)
     if dump == "ir":
         text = ir.dump(program) + layout.dump(program)
     else:
@@ -126,18 +136,22 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks):
               help="how user stacks are walked: dwarf (bcc's default: unwound from each file's call-frame "
                    "information, complete on code built without frame pointers) or fp (frame pointers: "
                    "cheaper, cut where they stop being certain; bpftrace's only way)")
+@click.option("--probe-at", type=click.Choice(["placed", "entry"]), default="placed", show_default=True,
+              help="placed: each uprobe on the first instruction of its function's entry path that the "
+                   "kernel emulates (one trap, not two; docs/usage.md); entry: at the function's entry")
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
-        ages, sample, estimate, growth_intervals, stacks, max_live):
+        ages, sample, estimate, growth_intervals, stacks, probe_at, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
                               command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
-                              growth_intervals=growth_intervals, stacks=stacks, max_live=max_live)
+                              growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
+                              max_live=max_live)
     sys.exit(session.run(opts))
 
 

@@ -114,13 +114,14 @@ class ElfSymbols:
         return name, vaddr - start
 
     def read(self, vaddr: int, size: int) -> bytes:
-        """The file's bytes at an address of a loaded segment (b"" outside them)."""
+        """Up to size bytes of the file at an address of a loaded segment, not past its end
+        (b"" outside the segments)."""
         for seg in self.segments:
-            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+            if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
                 try:
                     with open(self.path, "rb") as f:
                         f.seek(vaddr - seg.vaddr + seg.offset)
-                        return f.read(size)
+                        return f.read(min(size, seg.vaddr + seg.filesz - vaddr))
                 except OSError:
                     return b""
         return b""

@@ -67,6 +67,18 @@ class BinOp:
 Value = Union[Const, Arg, Saved, Builtin, Field, Deref, Int32, Not, BinOp]
 
 
+def _arg_indexes(v: Value) -> List[int]:
+    if isinstance(v, Arg):
+        return [v.index]
+    if isinstance(v, Deref):
+        return _arg_indexes(v.address)
+    if isinstance(v, (Int32, Not)):
+        return _arg_indexes(v.operand)
+    if isinstance(v, BinOp):
+        return _arg_indexes(v.left) + _arg_indexes(v.right)
+    return []
+
+
 # --- program -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Action:
@@ -91,10 +103,25 @@ class Probe:
     # the same library in other roots (a chroot, a container's mount namespace), where it is
     # another file: the probe is attached to each of those too
     also: Tuple[str, ...] = ()
+    # (file, offset, instruction): where in the function the probe sits in that file, when
+    # not at its entry (probedsl.placement)
+    places: Tuple[Tuple[str, int, str], ...] = ()
 
     @property
     def files(self) -> Tuple[str, ...]:
         return (self.path, *self.also) if self.path else ()
+
+    def place_in(self, path: str) -> Tuple[int, str]:
+        """(offset from the entry, instruction there) in that file; (0, "") at the entry."""
+        return next(((off, ins) for file, off, ins in self.places if file == path), (0, ""))
+
+    @property
+    def args_read(self) -> Tuple[int, ...]:
+        """The argument registers read where the probe sits (at the entry)."""
+        if self.at_return:
+            return self.saved_args
+        values = [v for a in self.actions for v in (*a.key, a.guard, a.size) if v is not None]
+        return tuple(sorted({i for v in values for i in _arg_indexes(v)}))
 
     @property
     def filtered(self) -> bool:

@@ -1,8 +1,9 @@
 """What /proc says about processes: alive, named, a thread group leader, has memory, BPF map memory."""
 from __future__ import annotations
 
+import functools
 import os
-from typing import List
+from typing import List, Tuple
 
 
 def process_alive(pid: int) -> bool:
@@ -60,3 +61,13 @@ def map_memory(pid: int) -> int:
         if "map_type:" in info:
             total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
     return total
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_release() -> Tuple[int, int]:
+    """(major, minor) of the running kernel; (0, 0) when unreadable."""
+    major, minor = (os.uname().release.split("-")[0].split(".") + ["0"])[:2]
+    try:
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, estimate, formats, ir, report, roots, targets
+from . import compiler, estimate, formats, ir, placement, report, roots, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -48,6 +48,7 @@ class RunOptions:
     growth_intervals: int = 3
     max_live: Optional[int] = None     # None: the target's default
     stacks: Optional[str] = None       # dwarf | fp; None: dwarf where the target can
+    probe_at: str = "placed"           # placed (probedsl.placement) | entry
 
 
 def validate_comm(comm: str) -> str:
@@ -161,6 +162,8 @@ class Session:
             self.private = PrivateLibraries()
             cleanup.callback(self.private.cleanup)
             program = self.private.apply(program, self.held.exe)
+        if opts.probe_at == "placed":
+            program = placement.apply(program)
         self.program = program
         self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
         self.tracker = MappingTracker().start()        # before attaching, so no mmap is missed
@@ -168,7 +171,7 @@ class Session:
         if resolver.root:
             self.tracker.files.known_roots.add(resolver.root)
         if opts.estimate:
-            for line in estimate.measure(program).lines():
+            for line in estimate.measure(program, target).lines():
                 self.say(line)
         for pid in ([scope.pid] if scope.mode == "pid" else
                     processes_named(scope.comm) if scope.mode == "comm" else []):

@@ -9,11 +9,9 @@ first frame where it is not, then ends with a marker saying why.
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Callable, Optional, Tuple
 
-from . import cfi, elf, ir
+from . import cfi, elf, ir, procfs
 
 # marker "addresses" ending a stack, above every user address. BCC's unwinder (--stacks
 # dwarf) ends each stack with one: COMPLETE, NO_UNWIND_INFO, DEPTH_LIMIT, or FP_WALK (it had
@@ -87,13 +85,4 @@ def _kernel_adds_caller(path: str, vaddr: int) -> bool:
     here) leave it out: the stack is cut after frame 0."""
     syms = elf.symbols(path)
     first = syms.read(vaddr, 4) if syms else b""
-    return _kernel_release() >= (6, 12) and (first[:1] == _PUSH_RBP or first == _ENDBR64)
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_release() -> Tuple[int, int]:
-    major, minor = (os.uname().release.split("-")[0].split(".") + ["0"])[:2]
-    try:
-        return int(major), int(minor)
-    except ValueError:
-        return 0, 0
+    return procfs.kernel_release() >= (6, 12) and (first[:1] == _PUSH_RBP or first == _ENDBR64)

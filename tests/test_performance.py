@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def test_estimate_counts_calls_before_tracing(mallocfree, root_required):
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stderr.splitlines() if "estimate: in" in l)
     assert "malloc" in line and "free" in line and "/s" in line
+    costs = next(l for l in result.stderr.splitlines() if "tracing adds per call" in l)
+    assert re.search(r"free \d+\.\d us", costs) and re.search(r"malloc \d+\.\d us", costs), costs
     assert "ms of CPU per second" in result.stderr
 
 

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import roots, stacktrust
+from probedsl import elf, placement, roots, stacktrust
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -242,13 +242,28 @@ class BccLoader:
         if self.watch_roots:
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
 
+    def _attach_one(self, p: dict, path: str, offset: int, pid: int) -> None:
+        """The probe's uprobe (and uretprobe) on path: at the entry, or both at entry+offset
+        (probedsl.placement: the return address is still at [rsp] there)."""
+        if offset and not placement.still_there(path, p["function"], offset, p.get("code", "")):
+            print(f"probedsl: warning: {p['function']} in {path} is not the code probedsl placed its probe in; "
+                  "probing its entry", file=sys.stderr)
+            offset = 0
+        if not offset:
+            self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
+            if p["return"]:
+                self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
+            return
+        self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=offset, fn_name=p["entry"], pid=pid)
+        if p["return"]:
+            address = elf.symbols(path).address_of(p["function"]) + offset    # BCC: no sym_off here
+            self.bpf.attach_uretprobe(name=path, addr=address, fn_name=p["return"], pid=pid)
+
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
         for p in self.manifest["probes"]:
             try:
-                self.bpf.attach_uprobe(name=p["path"], sym=p["function"], fn_name=p["entry"], pid=scope)
-                if p["return"]:
-                    self.bpf.attach_uretprobe(name=p["path"], sym=p["function"], fn_name=p["return"], pid=scope)
+                self._attach_one(p, p["path"], p.get("offset", 0), scope)
             except Exception as exc:                  # BCC raises bare Exception
                 if not p.get("also"):
                     return f"cannot attach to {p['function']} in {p['path']}: {exc}"
@@ -364,9 +379,7 @@ class BccLoader:
                 if key in self.probed:
                     continue
                 try:
-                    self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=-1)
-                    if p["return"]:
-                        self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=-1)
+                    self._attach_one(p, path, 0, -1)    # another root's copy: at the entry
                 except Exception as exc:          # BCC raises bare Exception
                     print(f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
                           file=sys.stderr)

@@ -63,10 +63,23 @@ class Target:
             return scope.per_process and self.per_process_comm
         return self.per_pid_uprobes and scope.mode in ("pid", "cmd") and not scope.tracks_children
 
+    def attaches_at(self, probe: ir.Probe, path: str) -> int:
+        """The offset in the function where this target attaches the probe (0: its entry)."""
+        return probe.place_in(path)[0] if self.probe_offsets else 0
+
     def notes(self, program: ir.Program) -> List[str]:
         """What this target cannot do for the program, said once at start."""
         scope = program.scope
+        notes = []
         if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots:
-            return [f"{self.name}: processes in a root that none had at start (a container started later) load "
-                    "other library files, which are not probed; --backend bcc follows them"]
-        return []
+            notes.append(f"{self.name}: processes in a root that none had at start (a container started later) "
+                         "load other library files, which are not probed; --backend bcc follows them")
+        if not self.probe_offsets:
+            unplaced = [f"{p.function}+{off}" for r in program.resources for p in r.probes
+                        for off, _ in [p.place_in(p.path)] if off]
+            if unplaced:
+                notes.append(f"{self.name} attaches uprobes at function entries only, where the kernel "
+                             "single-steps the first instruction (a second trap a call) of functions probedsl "
+                             f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
+                             "probe there")
+        return notes

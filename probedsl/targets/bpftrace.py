@@ -56,6 +56,11 @@ class Bpftrace(Target):
         """Command-line options for a program traced in this scope."""
         return ["-p", str(int(scope.pid))] if self.scopes_uprobes(scope) else []
 
+    def attaches_at(self, probe: ir.Probe, path: str) -> int:
+        """A probe with a uretprobe stays at the entry: bpftrace puts a uretprobe there only,
+        and two places would be two traps."""
+        return 0 if probe.at_return else super().attaches_at(probe, path)
+
     @staticmethod
     def positional(scope: ir.Scope) -> List[str]:
         """The script's $1: the traced name (--comm: data, never code), or probedsl's own pid
@@ -72,7 +77,7 @@ class Bpftrace017(Bpftrace):
         scope = program.scope
         if scope.mode in ("pid", "cmd") and not scope.tracks_children:
             return [f"bpftrace {self.range_text()} cannot scope uprobes to one process (-p does not); "
-                    "other processes using the probed libraries pay the trap"]
+                    "other processes using the probed libraries pay the trap"] + super().notes(program)
         return super().notes(program)
 
 
