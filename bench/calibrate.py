@@ -26,16 +26,17 @@ EMPTY_PROBE = """
 import sys, time
 from bcc import BPF
 b = BPF(text="int f(void *ctx) { return 0; }")
-b.attach_uprobe(name=sys.argv[1], sym=sys.argv[2], fn_name="f")
+b.attach_uprobe(name=sys.argv[1], sym=sys.argv[2], sym_off=int(sys.argv[3]), fn_name="f")
 print("ready", flush=True)
 time.sleep(3600)
 """
 
 
-def loop_seconds(exe: str, kind: str, calls: int, probed: bool) -> float:
+def loop_seconds(exe: str, kind: str, calls: int, probed_at: int = -1) -> float:
+    """The loop's seconds with an empty probe at kind+probed_at (-1: none)."""
     tracer = None
-    if probed:
-        tracer = subprocess.Popen([sys.executable, "-c", EMPTY_PROBE, exe, kind], stdout=subprocess.PIPE,
+    if probed_at >= 0:
+        tracer = subprocess.Popen([sys.executable, "-c", EMPTY_PROBE, exe, kind, str(probed_at)], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
         assert tracer.stdout.readline().strip() == "ready", "the empty probe did not attach"
     try:
@@ -58,18 +59,24 @@ def main() -> None:
     syms = elf.symbols(exe)
     release = procfs.kernel_release()
     print(f"kernel {os.uname().release}, {args.calls} calls, medians of {args.runs} interleaved runs\n")
-    print("| first instruction | placement.py says | ns per hit | measured | agrees |")
-    print("|---|---|---:|---|---|")
+    print("| probed at | instruction | placement.py says | ns per hit | measured | agrees |")
+    print("|---|---|---|---:|---|---|")
     for kind in KINDS:
-        untraced, traced = [], []
-        for _ in range(args.runs):
-            untraced.append(loop_seconds(exe, kind, args.calls, False))
-            traced.append(loop_seconds(exe, kind, args.calls, True))
-        ns = (statistics.median(traced) - statistics.median(untraced)) / args.calls * 1e9
-        believed = placement.emulated(syms.read(syms.address_of(kind), 15), release)
-        measured = ns < 2000
-        print(f"| {kind[3:]} | {'emulated' if believed else 'single-stepped'} | {ns:.0f} | "
-              f"{'emulated' if measured else 'single-stepped'} | {'yes' if believed == measured else 'NO'} |")
+        places = [0]
+        placed = placement.place(exe, kind, ())
+        if placed:                       # where probedsl would probe instead (endbr64: past it)
+            places.append(placed.offset)
+        for offset in places:
+            untraced, traced = [], []
+            for _ in range(args.runs):
+                untraced.append(loop_seconds(exe, kind, args.calls))
+                traced.append(loop_seconds(exe, kind, args.calls, offset))
+            ns = (statistics.median(traced) - statistics.median(untraced)) / args.calls * 1e9
+            code = syms.read(syms.address_of(kind) + offset, 15)
+            believed, measured = placement.emulated(code, release), ns < 2000
+            text = placement.disassemble(code)
+            print(f"| {kind}+{offset} | {text} | {'emulated' if believed else 'single-stepped'} | {ns:.0f} | "
+                  f"{'emulated' if measured else 'single-stepped'} | {'yes' if believed == measured else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -137,3 +137,9 @@ def _place(path: str, address: int, args_read: Tuple[int, ...], release: Tuple[i
                for r in used.used_registers()):
             return None                # it changes rsp or an argument the probe reads
     return None
+
+
+def disassemble(code: bytes) -> str:
+    """The first instruction of code, AT&T syntax."""
+    from iced_x86 import Decoder, Formatter, FormatterSyntax
+    return Formatter(FormatterSyntax.GAS).format(next(iter(Decoder(64, code, ip=0))))

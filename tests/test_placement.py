@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import FIXTURES, MEMLEAK, probedsl
+from conftest import BACKENDS, FIXTURES, MEMLEAK, probedsl, report_json
 from probedsl import compiler, placement, targets
 
 RELEASE = (6, 18)
@@ -87,3 +87,31 @@ def test_each_target_attaches_where_it_can_and_pays_for_it():
     assert at["bpftrace-0.23"].attaches_at(memalign, memalign.path) == 0 < at["bcc"].attaches_at(memalign, memalign.path)
     assert placement.hit_us(free.path, "free", at["bcc"].attaches_at(free, free.path)) == placement.EMULATED_US
     assert placement.hit_us(free.path, "free", 0) == placement.STEPPED_US
+
+
+POOL = """recipe pool "blocks from pool_get not yet put back"
+resource block keyed by (pid, address) {
+  acquire "%s":pool_get(n) -> (pid, ret) when ret != 0  size = n
+  release "%s":pool_put(p) -> (pid, p)
+  record size, time, pid
+}
+report outstanding block: sum(size) as bytes, count() as blocks
+"""
+
+
+@pytest.mark.debian13
+@pytest.mark.usefixtures("root_required")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cf_protection_functions_are_probed_past_endbr64(backend, tmp_path):
+    """-fcf-protection: the probes move past endbr64 to the tail jumps (BCC: the uretprobe
+    too; bpftrace 0.20+: the entry-only one), and every block is still counted."""
+    exe = str(tmp_path / "cet_pool")
+    subprocess.run(["gcc", "-O2", "-fcf-protection=full", "-o", exe, str(FIXTURES / "cet_pool.c")], check=True)
+    recipe = tmp_path / "pool.probe"
+    recipe.write_text(POOL % (exe, exe))
+    listed = probedsl("check", str(recipe))
+    assert "pool_get+4" in listed.stdout and "pool_put+4" in listed.stdout, listed.stdout
+    result = probedsl("run", str(recipe), "--backend", backend, "--format", "json", "--", exe)
+    assert result.returncode == 0, result.stderr
+    heap = report_json(result.stdout)["resources"]["block"]
+    assert (heap["live_bytes"], heap["live_blocks"], heap["acquired"], heap["released"]) == (24, 3, 10, 7), heap
