@@ -2,8 +2,8 @@
 empty-bodied counter at entry), then say what tracing them will cost.
 
 The cost is the kernel's traps, not our BPF work: per call, the hit where the probe sits
-(~0.9 us where the kernel emulates the instruction, ~4 us where it single-steps it:
-probedsl.placement) and, for a function probed at return, the return's (~0.7 us).
+(~0.5 us where the kernel emulates the instruction, ~5 us where it single-steps it:
+probedsl.placement) and, for a function probed at return, the return's (~0.5 us).
 """
 from __future__ import annotations
 

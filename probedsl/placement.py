@@ -3,8 +3,8 @@ kernel emulates, instead of the entry itself when the kernel must single-step th
 
 A uprobe replaces one instruction by a breakpoint. After the BPF programs ran, the kernel
 either emulates the instruction it replaced (a few kinds: branches, calls, push, nop) or
-copies it out of line and single-steps it, a second trap: ~4 us against ~0.8 us (bench.run
-calibrates it on the running kernel). glibc's free() starts with a single-stepped
+copies it out of line and single-steps it, a second trap: ~5-10 us against ~0.5 us here
+(bench.calibrate measures it on the running kernel). glibc's free() starts with a single-stepped
 `test %rdi,%rdi` followed by an emulated `je`; code built with -fcf-protection starts every
 function with a single-stepped `endbr64`.
 
@@ -26,9 +26,10 @@ from typing import Optional, Tuple
 
 from . import elf, ir, procfs
 
-# per-hit costs on this kind of machine (kernel 6.18, empty BCC programs, the table
-# and bench.run's floors): an emulated instruction, a single-stepped one, a uretprobe's return
-EMULATED_US, STEPPED_US, RETURN_US = 0.9, 4.0, 0.7
+# per-hit costs on this kind of machine (kernel 6.18, empty BCC programs): bench.calibrate
+# measured 0.5 us emulated and 9.7 single-stepped in a one-thread loop; bench.run's floors
+# (two threads, malloc/free) put free's single step at ~5 us and a uretprobe's return at ~0.5
+EMULATED_US, STEPPED_US, RETURN_US = 0.5, 5.0, 0.5
 
 # the System V argument registers, in order (ir.Arg's index)
 _ARGUMENTS = ("RDI", "RSI", "RDX", "RCX", "R8", "R9")
