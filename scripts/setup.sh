@@ -46,7 +46,7 @@ if [ ! -d /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
 fi
 [ -d /sys/kernel/tracing/events ] || { echo "setup: tracefs is not available: tracepoints cannot work" >&2; exit 1; }
 
-# 4. Python environment: lark, jinja2, click, pyelftools from PyPI; bcc from Debian
+# 4. Python environment: lark, jinja2, click, pyelftools, iced-x86 from PyPI; bcc from Debian
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then say "creating .venv with $($py --version)"; "$py" -m venv .venv; fi
 stamp=.venv/.probedsl-installed
