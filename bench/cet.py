@@ -20,14 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = """recipe pool "blocks from pool_get not yet put back"
-resource block keyed by (pid, address) {
-  acquire "%(exe)s":pool_get(n) -> (pid, ret) when ret != 0  size = n
-  release "%(exe)s":pool_put(p) -> (pid, p)
-  record size, time, pid
-}
-report outstanding block: sum(size) as bytes, count() as blocks
-"""
 
 
 def loop_seconds(exe: str, calls: int, recipe: str = "", *options: str) -> float:
@@ -57,7 +49,7 @@ def main() -> None:
                    check=True)
     recipe = os.path.join(tmp, "pool.probe")
     with open(recipe, "w") as f:
-        f.write(RECIPE % {"exe": exe})
+        f.write((ROOT / "tests" / "fixtures" / "pool.probe").read_text().replace("EXE", exe))
     configs = {"untraced": (), "bcc placed": ("--backend", "bcc", "--stacks", "fp"),
                "bcc at entry": ("--backend", "bcc", "--stacks", "fp", "--probe-at", "entry"),
                "bpftrace placed": ("--backend", "bpftrace"),

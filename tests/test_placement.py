@@ -89,16 +89,6 @@ def test_each_target_attaches_where_it_can_and_pays_for_it():
     assert placement.hit_us(free.path, "free", 0) == placement.STEPPED_US
 
 
-POOL = """recipe pool "blocks from pool_get not yet put back"
-resource block keyed by (pid, address) {
-  acquire "%s":pool_get(n) -> (pid, ret) when ret != 0  size = n
-  release "%s":pool_put(p) -> (pid, p)
-  record size, time, pid
-}
-report outstanding block: sum(size) as bytes, count() as blocks
-"""
-
-
 @pytest.mark.debian13
 @pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,7 +98,7 @@ def test_cf_protection_functions_are_probed_past_endbr64(backend, tmp_path):
     exe = str(tmp_path / "cet_pool")
     subprocess.run(["gcc", "-O2", "-fcf-protection=full", "-o", exe, str(FIXTURES / "cet_pool.c")], check=True)
     recipe = tmp_path / "pool.probe"
-    recipe.write_text(POOL % (exe, exe))
+    recipe.write_text((FIXTURES / "pool.probe").read_text().replace("EXE", exe))
     listed = probedsl("check", str(recipe))
     assert "pool_get+4" in listed.stdout and "pool_put+4" in listed.stdout, listed.stdout
     result = probedsl("run", str(recipe), "--backend", backend, "--format", "json", "--", exe)
