@@ -23,7 +23,6 @@ import os
 from dataclasses import dataclass, replace as _replace
 from typing import Optional, Tuple
 
-
 from . import elf, ir, procfs
 
 # per-hit costs on this kind of machine (kernel 6.18, empty BCC programs): bench.calibrate
@@ -47,9 +46,9 @@ def emulated(code: bytes, release: Tuple[int, int]) -> bool:
     """Whether the kernel `release` emulates the instruction starting code (its uprobe costs
     one trap) rather than single-stepping it (two). arch/x86/kernel/uprobes.c decides it from
     the opcode: branch_setup_xol_ops (jmp, call, jcc: every kernel with uprobes; nop) and
-    push_setup_xol_ops (push of a register; measured emulated on 6.18, and assumed from 6.1,
-    where it is in Debian 12's kernel). Prefixed forms are single-stepped, as the kernel
-    rejects most prefixes for emulation."""
+    push_setup_xol_ops (push of a register; measured emulated on 6.18 by bench.calibrate,
+    assumed from 6.1 and not measured below 6.18: a wrong guess costs time, never
+    correctness). Prefixed forms are single-stepped, as the kernel rejects most prefixes."""
     if not code:
         return False
     first = code[0]
