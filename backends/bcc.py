@@ -204,7 +204,7 @@ class BccBackend(Backend):
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "offset": probe.place_in(path)[0], "code": placement.code(path, probe),
+                                "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.files]
         return {

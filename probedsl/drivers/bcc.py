@@ -204,7 +204,8 @@ class BccLoader:
             self.bpf = bcc.BPF(text=c_text, cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             raise ProbedslError(f"BCC could not compile the program: {exc}") from None
-        self.manifest = manifest
+        # placed probes checked once against the files (not again at each attach)
+        self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
@@ -242,28 +243,23 @@ class BccLoader:
         if self.watch_roots:
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
 
-    def _attach_one(self, p: dict, path: str, offset: int, pid: int) -> None:
-        """The probe's uprobe (and uretprobe) on path: at the entry, or both at entry+offset
-        (probedsl.placement: the return address is still at [rsp] there)."""
-        if offset and not placement.still_there(path, p["function"], offset, p.get("code", "")):
-            print(f"probedsl: warning: {p['function']} in {path} is not the code probedsl placed its probe in; "
-                  "probing its entry", file=sys.stderr)
-            offset = 0
-        if not offset:
+    def _attach_one(self, p: dict, path: str, placed: bool, pid: int) -> None:
+        """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
+        offset (probedsl.placement: the return address is still at [rsp] there)."""
+        if not (placed and p["offset"]):
             self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
             if p["return"]:
                 self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
             return
-        self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=offset, fn_name=p["entry"], pid=pid)
-        if p["return"]:
-            address = elf.symbols(path).address_of(p["function"]) + offset    # BCC: no sym_off here
-            self.bpf.attach_uretprobe(name=path, addr=address, fn_name=p["return"], pid=pid)
+        self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=p["offset"], fn_name=p["entry"], pid=pid)
+        if p["return"]:           # BCC has no sym_off for uretprobes: by address
+            self.bpf.attach_uretprobe(name=path, addr=p["address"], fn_name=p["return"], pid=pid)
 
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
         for p in self.manifest["probes"]:
             try:
-                self._attach_one(p, p["path"], p.get("offset", 0), scope)
+                self._attach_one(p, p["path"], True, scope)
             except Exception as exc:                  # BCC raises bare Exception
                 if not p.get("also"):
                     return f"cannot attach to {p['function']} in {p['path']}: {exc}"
@@ -379,7 +375,7 @@ class BccLoader:
                 if key in self.probed:
                     continue
                 try:
-                    self._attach_one(p, path, 0, -1)    # another root's copy: at the entry
+                    self._attach_one(p, path, False, -1)    # another root's copy: at the entry
                 except Exception as exc:          # BCC raises bare Exception
                     print(f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
                           file=sys.stderr)
@@ -554,6 +550,19 @@ def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
               f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
     loader.close()
     return 0
+
+
+def _placed(p: dict) -> dict:
+    """A manifest probe with its offset kept only while the file still holds the code it was
+    placed in (a loader may run on another machine, or after an upgrade), and the address of
+    its placed instruction."""
+    offset = p.get("offset", 0)
+    if offset and not placement.still_there(p["path"], p["function"], offset, p.get("code", "")):
+        print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
+              "in; probing its entry", file=sys.stderr)
+        offset = 0
+    address = elf.symbols(p["path"]).address_of(p["function"]) + offset if offset else 0
+    return dict(p, offset=offset, address=address)
 
 
 def _frames(ips) -> tuple:
