@@ -9,6 +9,7 @@ first frame where it is not, then ends with a marker saying why.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple
 
 from . import cfi, elf, ir, procfs
@@ -77,6 +78,7 @@ def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
 _PUSH_RBP, _ENDBR64 = b"\x55", b"\xf3\x0f\x1e\xfa"
 
 
+@functools.lru_cache(maxsize=4096)
 def _kernel_adds_caller(path: str, vaddr: int) -> bool:
     """At a probe on a function's first instruction the frame-pointer walk from rbp skips the
     immediate caller (rbp is still the caller's). Linux 6.12 reads it at [rsp] and puts it
