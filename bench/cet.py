@@ -12,30 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from bench import held
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def loop_seconds(exe: str, calls: int, recipe: str = "", *options: str) -> float:
-    work = subprocess.Popen([exe, str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    tracer = None
-    if recipe:
-        tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", recipe, "--pid", str(work.pid),
-                                   "--no-follow-forks", *options], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
-        while "tracing" not in tracer.stderr.readline():
-            assert tracer.poll() is None, "probedsl ended before tracing"
-    out, _ = work.communicate("go\n", timeout=600)
-    if tracer:
-        tracer.send_signal(signal.SIGINT)
-        tracer.communicate(timeout=300)
-    return float(out.split()[-1])
 
 
 def main() -> None:
@@ -57,7 +41,7 @@ def main() -> None:
     times = {name: [] for name in configs}
     for _ in range(args.runs):
         for name, options in configs.items():
-            times[name].append(loop_seconds(exe, args.calls, recipe if options else "", *options))
+            times[name].append(held.loop_seconds([exe, str(args.calls)], [recipe, *options] if options else []))
     base = statistics.median(times["untraced"])
     print(f"{args.calls} pool_get/pool_put pairs, medians of {args.runs} interleaved runs\n")
     print("| configuration | loop time (s) | extra ns per pair |")

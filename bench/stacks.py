@@ -13,28 +13,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import held
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def loop_seconds(exe: str, depth: int, calls: int, stacks: str) -> float:
-    work = subprocess.Popen([exe, str(depth), str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", "bcc",
-                               "--stacks", stacks, "--pid", str(work.pid), "--no-follow-forks", "--top", "1"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while "tracing" not in tracer.stderr.readline():
-        assert tracer.poll() is None, "probedsl ended before tracing"
-    out, _ = work.communicate("go\n", timeout=600)
-    tracer.send_signal(signal.SIGINT)
-    tracer.communicate(timeout=300)
-    return float(out.split()[-1])
+    return held.loop_seconds([exe, str(depth), str(calls)],
+                             ["memleak", "--backend", "bcc", "--stacks", stacks, "--top", "1"])
 
 
 def table_times() -> list:
