@@ -90,11 +90,18 @@ def mallocfree(tmp_path_factory):
     return str(exe)
 
 
+# build("NAME-FLAVOUR"): gcc's flags for each optimized flavour of a fixture
+OPTIMIZED = {"O2": ["-O2", "-g"], "nounwind": ["-O2", "-g", "-fno-asynchronous-unwind-tables"],
+             "cet": ["-O2", "-fcf-protection=full"]}
+
+
 @pytest.fixture(scope="session")
 def build(tmp_path_factory):
     """build(name) compiles tests/fixtures/NAME.c (or .cpp) at -O0 -g (gcc drops unused mallocs at
     -O2); build("libNAME.so") builds a shared library from NAME.c; build("NAME-stripped") a
-    stripped copy; build("NAME-O2") NAME.c at -O2 -g, as distributions build (no frame pointers)."""
+    stripped copy; build("NAME-O2") NAME.c at -O2 -g, as distributions build (no frame pointers);
+    "NAME-nounwind" the same without asynchronous unwind tables (rows in .debug_frame only);
+    "NAME-cet" at -O2 -fcf-protection=full (every function starts with endbr64)."""
     out = tmp_path_factory.mktemp("fixtures")
     built = {}
 
@@ -104,8 +111,9 @@ def build(tmp_path_factory):
         exe = out / name
         if name.endswith("-stripped"):
             subprocess.run(["strip", "-o", str(exe), _build(name[:-len("-stripped")])], check=True)
-        elif name.endswith("-O2"):
-            subprocess.run(["gcc", "-O2", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name[:-3]}.c")],
+        elif name.rsplit("-", 1)[-1] in OPTIMIZED:
+            base, flavour = name.rsplit("-", 1)
+            subprocess.run(["gcc", *OPTIMIZED[flavour], "-pthread", "-o", str(exe), str(FIXTURES / f"{base}.c")],
                            check=True)
         elif name.startswith("lib") and name.endswith(".so"):
             src = FIXTURES / f"{name[3:-3]}.c"

@@ -60,12 +60,10 @@ def test_rows_equal_readelfs(path):
     assert rows_equal_readelfs(path) > 1000
 
 
-def test_debug_frame_rows_equal_readelfs(tmp_path):
+def test_debug_frame_rows_equal_readelfs(build):
     """Built without asynchronous unwind tables, a program's own rows are only in .debug_frame
     (its .eh_frame holds the C runtime's)."""
-    exe = str(tmp_path / "deep")
-    subprocess.run(["gcc", "-O2", "-g", "-fno-asynchronous-unwind-tables", "-o", exe,
-                    os.path.join(os.path.dirname(__file__), "fixtures", "deep.c")], check=True)
+    exe = build("deep-nounwind")
     sections = subprocess.run(["readelf", "-SW", exe], capture_output=True, text=True, check=True).stdout
     assert ".debug_frame" in sections
     assert rows_equal_readelfs(exe) > 10

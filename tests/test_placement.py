@@ -92,11 +92,10 @@ def test_each_target_attaches_where_it_can_and_pays_for_it():
 @pytest.mark.debian13
 @pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cf_protection_functions_are_probed_past_endbr64(backend, tmp_path):
+def test_cf_protection_functions_are_probed_past_endbr64(backend, build, tmp_path):
     """-fcf-protection: the probes move past endbr64 to the tail jumps (BCC: the uretprobe
     too; bpftrace 0.20+: the entry-only one), and every block is still counted."""
-    exe = str(tmp_path / "cet_pool")
-    subprocess.run(["gcc", "-O2", "-fcf-protection=full", "-o", exe, str(FIXTURES / "cet_pool.c")], check=True)
+    exe = build("cet_pool-cet")
     recipe = tmp_path / "pool.probe"
     recipe.write_text((FIXTURES / "pool.probe").read_text().replace("EXE", exe))
     listed = probedsl("check", str(recipe))

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import BACKENDS, FIXTURES, MEMLEAK, Held, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run
 from test_tracing import assert_accounted
 
 pytestmark = pytest.mark.usefixtures("root_required")
@@ -134,11 +134,9 @@ def test_dwarf_stacks_of_a_launched_o2_command(build, tmp_path):
 
 
 @pytest.mark.debian13
-def test_dwarf_stacks_from_debug_frame(tmp_path):
+def test_dwarf_stacks_from_debug_frame(build, tmp_path):
     """Code built without asynchronous unwind tables has its rows in .debug_frame only."""
-    exe = str(tmp_path / "deep")
-    subprocess.run(["gcc", "-O2", "-g", "-fno-asynchronous-unwind-tables", "-o", exe,
-                    str(FIXTURES / "deep.c")], check=True)
+    exe = build("deep-nounwind")
     expected = valgrind_stacks(exe, tmp_path)
     result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "50", "--", exe)
     assert result.returncode == 0, result.stderr

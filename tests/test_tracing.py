@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -91,16 +92,28 @@ def test_bcc_per_pid_attach_beside_another_tracers_uprobe(build):
     # bcc 0.26's Python passes garbage as libbcc's ref_ctr_offset; the kernel then refused
     # (EINVAL) any uprobe on an address another tracer held with 0: a red CI run once.
     # pvalloc, not free: a uprobe on free would tax BCC's own clang (~15 s of traps)
-    other = subprocess.Popen(["bpftrace", "-e", "uprobe:/usr/lib/x86_64-linux-gnu/libc.so.6:pvalloc { @n = count(); }"],
+    # bpftrace attaches a script's probes last to first: "ready" means pvalloc's is on
+    script = ('tracepoint:syscalls:sys_enter_getppid /pid == $1/ { printf("ready\\n"); } '
+              "uprobe:/usr/lib/x86_64-linux-gnu/libc.so.6:pvalloc { @n = count(); }")
+    other = subprocess.Popen(["bpftrace", "-e", script, str(os.getpid())],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    attached = threading.Event()
+
+    def knock():                                  # the sentinel fires on our getppid()
+        while not attached.wait(0.01):
+            os.getppid()
+    knocker = threading.Thread(target=knock)
+    knocker.start()
     try:
         lines = []
-        while not lines or "Attaching" not in lines[-1]:
+        while not lines or "ready" not in lines[-1]:
             lines.append(other.stdout.readline())
             assert lines[-1], lines               # bpftrace ended without attaching
-        time.sleep(0.5)                          # bpftrace attaches after printing it
+        attached.set()
         out, err, rc = traced_pid_run("bcc", build("leak_delayed"), "--no-follow-forks")
     finally:
+        attached.set()
+        knocker.join()
         other.kill()
         other.wait()
     assert rc == 0, err
@@ -197,13 +210,40 @@ def test_ages_reads_every_entry_for_the_oldest_age(backend, build):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_during_a_launched_command_still_reports(backend, build):
     tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--", build("leak_delayed"), "0", "60")
-    time.sleep(1)                              # the command's allocations, not the tracer
+    wait_for_sleep(child_named(tracer.pid, "leak_delayed"), 60)     # its allocations are done
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)
     assert tracer.returncode == 128 + signal.SIGTERM, err     # the command was ended by SIGTERM
     report = report_json(out)
     assert report["exit_status"] == 128 + signal.SIGTERM
     assert by_site(report).get("wrapper1") == (40, 5)
+
+
+def child_named(parent: int, comm: str) -> int:
+    """The pid of parent's child process called comm."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for task in os.listdir(f"/proc/{parent}/task"):
+            with open(f"/proc/{parent}/task/{task}/children") as f:
+                for pid in map(int, f.read().split()):
+                    with open(f"/proc/{pid}/comm") as c:
+                        if c.read().strip() == comm:
+                            return pid
+    pytest.fail(f"no child {comm} of {parent}")
+
+
+def wait_for_sleep(pid: int, seconds: int) -> None:
+    """Until pid is blocked in clock_nanosleep for `seconds` (read from its request)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+        if fields and fields[0] == "230":              # clock_nanosleep(clock, flags, request, ...)
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(int(fields[3], 16))
+                if int.from_bytes(mem.read(8), "little") == seconds:
+                    return
+    pytest.fail(f"pid {pid} never slept {seconds} s")
 
 
 def test_missing_target_and_bad_pid_are_one_line_errors():
