@@ -226,9 +226,12 @@ def child_named(parent: int, comm: str) -> int:
         for task in os.listdir(f"/proc/{parent}/task"):
             with open(f"/proc/{parent}/task/{task}/children") as f:
                 for pid in map(int, f.read().split()):
-                    with open(f"/proc/{pid}/comm") as c:
-                        if c.read().strip() == comm:
-                            return pid
+                    try:
+                        with open(f"/proc/{pid}/comm") as c:
+                            if c.read().strip() == comm:
+                                return pid
+                    except OSError:             # a short-lived helper that has ended
+                        pass
     pytest.fail(f"no child {comm} of {parent}")
 
 

@@ -246,7 +246,7 @@ class BccLoader:
     def _attach_one(self, p: dict, path: str, placed: bool, pid: int) -> None:
         """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
         offset (probedsl.placement: the return address is still at [rsp] there)."""
-        if not (placed and p["offset"]):
+        if not (placed and p.get("offset")):
             self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
             if p["return"]:
                 self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
