@@ -139,11 +139,17 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
 @click.option("--probe-at", type=click.Choice(["placed", "entry"]), default="placed", show_default=True,
               help="placed: each uprobe on the first instruction of its function's entry path that the "
                    "kernel emulates (one trap, not two; docs/usage.md); entry: at the function's entry")
+@click.option("--reachability", is_flag=True,
+              help="with --pid or -- CMD: at each report and at its exit, pause the process, scan its memory "
+                   "and split live blocks as valgrind does: definitely/indirectly/possibly lost, still "
+                   "reachable (docs/reachability.md)")
+@click.option("--leaks-only", is_flag=True, help="with --reachability: leave still-reachable blocks out of the "
+                                                 "stack entries")
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
-        ages, sample, estimate, growth_intervals, stacks, probe_at, max_live):
+        ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
@@ -151,7 +157,7 @@ def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, p
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
-                              max_live=max_live)
+                              reachability=reachability, leaks_only=leaks_only, max_live=max_live)
     sys.exit(session.run(opts))
 
 

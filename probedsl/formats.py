@@ -84,6 +84,9 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
             extra.append(f"pid {e.pid}")
         if e.comm is not None:
             extra.append(f"comm {e.comm}")
+        lost = [f"{k.replace('_', ' ')} {v['bytes']}/{v['blocks']}" for k, v in e.kinds.items() if v["blocks"]]
+        if lost:
+            extra.append(", ".join(lost))
         if "pid" not in s.by:
             extra.append(f"pids {','.join(map(str, e.pids[:8]))}{',...' if len(e.pids) > 8 else ''}")
         out.append(line + "   " + "; ".join(extra))
@@ -92,6 +95,25 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
     if s.total_entries > len(s.entries):
         rest = ", ".join(f"{v} {k}" for k, v in s.omitted.items())
         out.append(f"  ... and {s.total_entries - len(s.entries)} more entries: {rest}")
+
+
+def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
+    """valgrind's LEAK SUMMARY, per resource a --reachability scan classified."""
+    scan = report.scan
+    for name, r in report.resources.items():
+        kinds = r.get("reachability")
+        if not kinds or scan is None:
+            continue
+        when = "at its exit" if scan["at"] == "exit" else "while running"
+        out.append("")
+        out.append(style.bold(f"LEAK SUMMARY ({name}, pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
+                              f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms):"))
+        for kind, label in (("definitely_lost", "definitely lost"), ("indirectly_lost", "indirectly lost"),
+                            ("possibly_lost", "possibly lost"), ("still_reachable", "still reachable"),
+                            ("not_scanned", "not scanned")):
+            if kind in kinds:
+                text = f"{label:>17}: {kinds[kind]['bytes']} bytes in {kinds[kind]['blocks']} blocks"
+                out.append("  " + (style.red(text) if kind == "definitely_lost" and kinds[kind]["blocks"] else text))
 
 
 def to_text(report: Report, color: bool = False) -> str:
@@ -112,6 +134,7 @@ def to_text(report: Report, color: bool = False) -> str:
                    f"{r['unknown_releases']} releases of unknown keys{replaced}")
     for note in report.notes:
         out.append(f"  note: {note}")
+    _leak_summary(report, out, style)
     for s in report.sections:
         out.append("")
         _section_text(s, style, out)

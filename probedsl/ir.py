@@ -1,6 +1,7 @@
 """The backend-neutral program: probes, per-thread scratch, keyed tables, aggregations."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple, Union
 
@@ -160,6 +161,17 @@ class Resource:
 
     def records(self, what: str) -> bool:
         return what in self.record
+
+    @functools.cached_property
+    def block_address(self) -> Optional[int]:
+        """For blocks of a process's memory (keyed by (pid, address), with a size, acquired by
+        uprobes), which key part is the address; None for anything else (--reachability)."""
+        acquires = [a for p in self.probes for a in p.actions if a.kind == "acquire"]
+        if (self.key_arity == 2 and self.records("size") and acquires
+                and all(p.kind == "uprobe" for p in self.probes)
+                and all(a.key[0] == Builtin("pid") for a in acquires)):
+            return 1
+        return None
 
 
 @dataclass(frozen=True)

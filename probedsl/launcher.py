@@ -1,13 +1,12 @@
 """`-- CMD`: start the command held before exec, let it go once the probes are attached."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
 from typing import Callable, List, Optional
 
+from . import ptrace
 from .errors import ProbedslError
 
 
@@ -33,7 +32,7 @@ class HeldCommand:
                 if message[:1] in (b"g", b"s"):
                     os.close(read_end)
                     if message.startswith(b"s"):          # stop right after exec (see release)
-                        _ptrace(_PTRACE_TRACEME, 0)
+                        ptrace.request(ptrace.TRACEME, 0)
                     env = dict(os.environb)
                     # "g" then NAME=VALUE\0 pairs: variables set at release (LD_LIBRARY_PATH)
                     for pair in filter(None, message[1:].split(b"\0")):
@@ -45,36 +44,43 @@ class HeldCommand:
         os.close(read_end)
         self.pid = pid
         self.status: Optional[int] = None
+        self.tether = None                 # a probedsl.tether.Tether: it reaps the command
 
     def release(self, env: Optional[dict] = None, at_exec: Optional[Callable[[], None]] = None,
-                mapped: Callable[[], bool] = lambda: True) -> None:
+                mapped: Callable[[], bool] = lambda: True, tether=None) -> None:
         """Let the command exec, with `env` added to its environment. With at_exec, the command
         is held from its exec (traced, stopped at each system call) until mapped() says its
         loader has mapped what it waited for (or MAX_HELD_SYSCALLS), then at_exec() is called
-        and the command is let go, whatever at_exec does."""
+        and the command is let go, whatever at_exec does. With a tether (started, given the
+        same at_exec and mapped), the tether holds it so, and stays."""
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
-        os.write(self._go, (b"s" if at_exec else b"g") + extra)
+        os.write(self._go, (b"s" if at_exec and not tether else b"g") + extra)
         os.close(self._go)
         self._go = -1
+        if tether is not None:
+            self.tether = tether
+            if at_exec is not None:
+                tether.exec_done.wait()
+            return
         if at_exec is None:
             return
         _, status = os.waitpid(self.pid, 0)          # the stop after exec
         try:
             for _ in range(MAX_HELD_SYSCALLS):
                 if not os.WIFSTOPPED(status):          # the exec failed, or it ended: exited
-                    self.status = _shell_status(status)
+                    self.status = shell_status(status)
                     return
                 if mapped():
                     break
                 # a signal that arrived meanwhile (not the trap of a system call) goes on to it
                 sig = os.WSTOPSIG(status)
-                _ptrace(_PTRACE_SYSCALL, self.pid, 0 if sig == signal.SIGTRAP else sig)
+                ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
                 _, status = os.waitpid(self.pid, 0)
             at_exec()
         finally:
             if self.status is None:
                 sig = os.WSTOPSIG(status) if os.WIFSTOPPED(status) else 0
-                _ptrace(_PTRACE_DETACH, self.pid, 0 if sig == signal.SIGTRAP else sig)
+                ptrace.request(ptrace.DETACH, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
 
     def abandon(self) -> None:
         """Probes failed: the child exits without running the command (nothing once released)."""
@@ -85,29 +91,27 @@ class HeldCommand:
         self.wait()
 
     def poll(self) -> Optional[int]:
+        if self.status is None and self.tether is not None and not self.tether.ended.is_set():
+            return None                    # the tether waits for it (a wait here would take its stops)
+        if self.status is None and self.tether is not None and self.tether.exit_status is not None:
+            self.status = self.tether.exit_status
         if self.status is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self.status = _shell_status(status)
+                self.status = shell_status(status)
         return self.status
 
     def wait(self) -> int:
         if self.status is None:
             _, status = os.waitpid(self.pid, 0)
-            self.status = _shell_status(status)
+            self.status = shell_status(status)
         return self.status
 
 
-_PTRACE_TRACEME, _PTRACE_DETACH, _PTRACE_SYSCALL = 0, 17, 24
 MAX_HELD_SYSCALLS = 2000      # the loader of a program with ~50 libraries makes ~1,000
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def _ptrace(request: int, pid: int, signal_number: int = 0) -> int:
-    return _libc.ptrace(ctypes.c_long(request), ctypes.c_long(pid), None, ctypes.c_void_p(signal_number))
-
-
-def _shell_status(wait_status: int) -> int:
+def shell_status(wait_status: int) -> int:
     """Exit code as a shell reports it: 128+N for a command killed by signal N."""
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code

@@ -13,7 +13,10 @@ from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
 SCHEMA = "probedsl.report"
-VERSION = 2                # 2: oldest_age_s may be null (tallied reports); sample, replaced
+# valgrind's leak kinds (probedsl.heapscan), worst first
+KINDS = ("definitely_lost", "indirectly_lost", "possibly_lost", "still_reachable")
+VERSION = 3                # 2: oldest_age_s may be null (tallied reports); sample, replaced
+                           # 3: --reachability's kinds (resources.NAME.reachability, entries' reachability, reachability_scan)
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Entry:
     delta: Dict[str, int] = field(default_factory=dict)   # since the previous interval report
     growing: bool = False              # grew in each of the last K interval reports
     histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # lifetime reports by group
+    # --reachability: {kind: {"bytes": N, "blocks": N}} of its blocks (probedsl.heapscan.KINDS)
+    kinds: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     def signature(self) -> str:
         """Identity across reports and runs: symbolic frames, not addresses (ASLR moves those)."""
@@ -38,6 +43,29 @@ class Entry:
         if self.comm is not None:
             parts.append(f"comm={self.comm}")
         return ";".join(parts)
+
+
+@dataclass
+class Reachability:
+    """What a scan found (probedsl.heapscan): the kind of each block it saw, how it went."""
+    kinds: Dict[Tuple[int, int], str]      # (pid, address) -> one of KINDS
+    scan: dict                             # pid, at ("exit" | "report"), pause_ms, scanned_bytes, scan_s
+    leaks_only: bool = False               # stack entries leave still-reachable blocks out
+    notes: List[str] = field(default_factory=list)
+
+    def kind_of(self, res: ir.Resource, live: Live) -> Optional[str]:
+        at = res.block_address
+        return None if at is None else self.kinds.get((live.pid, live.key[at]))
+
+
+def _kind_totals(blocks) -> Dict[str, Dict[str, int]]:
+    """{kind: {bytes, blocks}} of (kind, size) pairs; blocks no scan saw count as not_scanned."""
+    totals = {k: {"bytes": 0, "blocks": 0} for k in KINDS}
+    for kind, size in blocks:
+        t = totals.setdefault(kind or "not_scanned", {"bytes": 0, "blocks": 0})
+        t["bytes"] += size
+        t["blocks"] += 1
+    return totals
 
 
 @dataclass
@@ -69,12 +97,17 @@ class Report:
     sequence: int = 0                  # 1, 2, ... for interval reports of one run
     sample: int = 1                    # 1 in `sample` acquisitions recorded; values are scaled
     backend_version: str = ""          # the tracer's version ("0.23.2"), when known
+    # --reachability: the scan behind the kinds: pid, at ("exit" | "report"), pause_ms,
+    # scanned_bytes, scan_s
+    scan: Optional[dict] = None
 
     def to_dict(self) -> dict:
         doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
                "backend_version": self.backend_version, "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
                "sequence": self.sequence, "sample": self.sample, "exit_status": self.exit_status, "notes": self.notes,
                "resources": self.resources, "reports": []}
+        if self.scan is not None:
+            doc["reachability_scan"] = self.scan
         for s in self.sections:
             if s.kind == "lifetime":
                 item = {"kind": "lifetime", "resource": s.resource, "by": s.by}
@@ -93,6 +126,8 @@ class Report:
                 if e.delta:
                     item["delta"] = e.delta
                 item["growing"] = e.growing
+                if e.kinds:
+                    item["reachability"] = e.kinds
                 item.update(_group_fields(e, s.by))
                 entries.append(item)
             doc["reports"].append({"kind": "outstanding", "resource": s.resource, "by": s.by,
@@ -126,7 +161,8 @@ class Report:
                                     entries, r["total_entries"], omitted, cut_stacks=r.get("cut_stacks", {})))
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
-                   doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""))
+                   doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""),
+                   doc.get("reachability_scan"))
 
 
 def _hist_json(buckets) -> List[dict]:
@@ -156,7 +192,7 @@ def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
                  pids=e.get("pids", []), stack=[Frame.from_dict(f) for f in e.get("stack", [])],
                  kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
                  pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
-                 growing=e.get("growing", False), histogram=list(histogram))
+                 growing=e.get("growing", False), histogram=list(histogram), kinds=e.get("reachability", {}))
 
 
 def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0,
@@ -209,7 +245,8 @@ def _stackless(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> int
 def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, backend: str, target: str,
           backend_version: str = "",
           duration_s: float, top: Optional[int] = None, min_age_s: Optional[float] = None,
-          exit_status: Optional[int] = None, notes: Sequence[str] = ()) -> Report:
+          exit_status: Optional[int] = None, notes: Sequence[str] = (),
+          reachability: Optional[Reachability] = None) -> Report:
     scale = program.sample                 # 1 in `scale` acquisitions recorded
     resources = {}
     for res in program.resources:
@@ -233,6 +270,9 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
                 notes = [*notes, f"{missing} live {res.name} entries unaccounted for: the counters say {expected} "
                                  f"(acquired - released - untracked - replaced), the report holds {live_count}; "
                                  f"{cause}"]
+        if reachability is not None and res.block_address is not None and snapshot.live is not None:
+            resources[res.name]["reachability"] = _kind_totals(
+                (reachability.kind_of(res, l), l.size) for l in snapshot.live if l.resource == res.name)
         if t and t.untracked:
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
                              f"{res.max_live} live; raise --max-live)"]
@@ -266,7 +306,8 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         if snapshot.live is None:
             sections.append(_tallied(rep, snapshot, symbolizer, shown, leaf_returns, scale))
         else:
-            sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale))
+            sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale,
+                                         res, reachability))
     cut = {e.stack[-1].truncated.split(" in ")[-1] for sec in sections for e in sec.entries
            if e.stack and e.stack[-1].truncated.startswith("no frame pointer")}
     if cut:
@@ -280,7 +321,8 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             notes = [*notes, f"{sum(sec.cut_stacks.values())} of {sec.total_entries} {sec.resource} stacks end early "
                              f"({kinds}): their last line says why"]
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
-                  exit_status, list(notes), sample=scale, backend_version=backend_version)
+                  exit_status, list(notes), sample=scale, backend_version=backend_version,
+                  scan=reachability.scan if reachability is not None else None)
 
 
 def _rank(rows, labels, since):
@@ -323,13 +365,19 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
 
 
 def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
-                 leaf_returns: bool, scale: int) -> Section:
-    """The report from every live entry (read on request): exact oldest ages, --min-age."""
+                 leaf_returns: bool, scale: int, res: Optional[ir.Resource] = None,
+                 reachability: Optional[Reachability] = None) -> Section:
+    """The report from every live entry (read on request): exact oldest ages, --min-age, and
+    with a scan, each entry's leak kinds."""
     groups: Dict[Tuple, List[Live]] = {}
     tracker = getattr(symbolizer, "tracker", None)
     generation = tracker.generation_start if tracker is not None else (lambda pid, t: 0)
+    scanned = reachability is not None and res is not None and res.block_address is not None
+    kind_of = (lambda l: reachability.kind_of(res, l)) if scanned else (lambda l: None)
     for l in snapshot.live:
-        if l.resource == rep.resource and snapshot.now_ns - l.time_ns >= min_age_ms * 1_000_000:
+        if l.resource != rep.resource or (scanned and reachability.leaks_only and kind_of(l) == "still_reachable"):
+            continue
+        if snapshot.now_ns - l.time_ns >= min_age_ms * 1_000_000:
             groups.setdefault(_group_key(l, rep.group_by, generation, symbolizer.trusted), []).append(l)
     labels = [label for _, label in rep.columns]
     rows = []
@@ -350,7 +398,8 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
             pids=sorted({m.pid for m in members}), stack=stack,
             kernel_stack=symbolizer.kernel_stack(sample.kstack) if "kstack" in rep.group_by else [],
             pid=sample.pid if "pid" in rep.group_by else None,
-            comm=sample.comm if "comm" in rep.group_by else None))
+            comm=sample.comm if "comm" in rep.group_by else None,
+            kinds=_kind_totals((kind_of(m), m.size * scale) for m in members) if scanned else {}))
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
     cut = _cut_stacks(key[rep.group_by.index("ustack")][2] for key in groups) if "ustack" in rep.group_by else {}
     return Section("outstanding", rep.resource, list(rep.group_by), labels, top, min_age_ms, entries,

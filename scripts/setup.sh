@@ -46,7 +46,7 @@ if [ ! -d /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
 fi
 [ -d /sys/kernel/tracing/events ] || { echo "setup: tracefs is not available: tracepoints cannot work" >&2; exit 1; }
 
-# 4. Python environment: lark, jinja2, click, pyelftools, iced-x86 from PyPI; bcc from Debian
+# 4. Python environment: lark, jinja2, click, pyelftools, iced-x86, numpy from PyPI; bcc from Debian
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then say "creating .venv with $($py --version)"; "$py" -m venv .venv; fi
 stamp=.venv/.probedsl-installed
@@ -60,5 +60,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 else say "probedsl already installed in .venv"; fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ ! -e "$site/bcc" ]; then ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"; say "linked Debian's bcc module into .venv"; fi
-.venv/bin/python -c 'import bcc, lark, jinja2, click, elftools' || { echo "setup: Python dependencies do not import" >&2; exit 1; }
+.venv/bin/python -c 'import bcc, lark, jinja2, click, elftools, numpy' || { echo "setup: Python dependencies do not import" >&2; exit 1; }
 say "ready: .venv/bin/probedsl"

@@ -90,7 +90,7 @@ def test_json_round_trips_to_the_same_rendering():
 
 def test_json_has_schema_and_version():
     doc = json.loads(formats.to_json(fixed_report()))
-    assert doc["schema"] == "probedsl.report" and doc["version"] == 2
+    assert doc["schema"] == "probedsl.report" and doc["version"] == 3
 
 
 def test_folded_is_root_first_with_weights():
@@ -208,3 +208,36 @@ def test_stacks_that_end_early_are_counted_by_why():
                for n in rep.notes), rep.notes
     back = report.Report.from_dict(json.loads(formats.to_json(rep)))
     assert back.sections[0].cut_stacks == rep.sections[0].cut_stacks
+
+
+def test_reachability_kinds_per_resource_and_entry_round_trip_and_print_a_leak_summary():
+    program = compiler.build(compiler.load(MEMLEAK))
+    now = 10_000_000_000
+    stack = (0x1000, 0x1100, 0x1200)
+    live = [Live("heap", (42, 0x5000 + i * 32), now - 1, 8, 42, 42, stack) for i in range(4)]
+    live.append(Live("heap", (42, 0x9000), now - 1, 4096, 42, 42, (0x2000,)))
+    live.append(Live("heap", (43, 0xB000), now - 1, 16, 43, 43, (0x2000,)))      # another process
+    snap = Snapshot(now, live, {"heap": Totals(acquired=6)}, final=True)
+    kinds = {(42, 0x5000): "definitely_lost", (42, 0x5020): "indirectly_lost", (42, 0x5040): "possibly_lost",
+             (42, 0x5060): "still_reachable", (42, 0x9000): "still_reachable"}
+    scan = {"pid": 42, "at": "exit", "blocks": 5, "scanned_bytes": 4096, "scan_s": 0.01, "pause_ms": 3.5}
+    for leaks_only in (False, True):
+        reach = report.Reachability(kinds, scan, leaks_only)
+        rep = report.build(program, snap, FixedSymbolizer(), backend="bcc", target="pid 42", duration_s=1,
+                           top=10, reachability=reach)
+        totals = rep.resources["heap"]["reachability"]
+        assert totals["definitely_lost"] == {"bytes": 8, "blocks": 1}
+        assert totals["still_reachable"] == {"bytes": 4104, "blocks": 2}
+        assert totals["not_scanned"] == {"bytes": 16, "blocks": 1}
+        entries = rep.sections[0].entries
+        wrapped = next(e for e in entries if e.stack and e.stack[-1].function == "main")
+        assert wrapped.kinds["possibly_lost"] == {"bytes": 8, "blocks": 1}
+        assert wrapped.kinds["still_reachable"]["blocks"] == (0 if leaks_only else 1)
+        assert wrapped.values == {"bytes": 24 if leaks_only else 32, "blocks": 3 if leaks_only else 4}
+        assert all(e.kinds.get("still_reachable", {}).get("blocks", 0) == 0 for e in entries) or not leaks_only
+        again = report.Report.from_dict(json.loads(formats.to_json(rep)))
+        assert formats.to_text(again) == formats.to_text(rep)
+        text = formats.to_text(rep)
+        assert "LEAK SUMMARY (heap, pid 42 at its exit: 4096 bytes scanned in 0.01 s, paused 3.5 ms):" in text
+        assert "    definitely lost: 8 bytes in 1 blocks" in text
+        assert "        not scanned: 16 bytes in 1 blocks" in text

@@ -60,7 +60,7 @@ def test_seed_leak_launched_reports_wrapper1_after_the_process_exited(backend, b
     result, report = run_json(backend, "--", build("leak"), input="\n")
     assert result.returncode == 0, result.stderr
     assert_seed_leak(report)
-    assert report["schema"] == "probedsl.report" and report["version"] == 2 and report["final"] is True
+    assert report["schema"] == "probedsl.report" and report["version"] == 3 and report["final"] is True
     assert report["exit_status"] == 0 and report["backend"] == backend
     heap = report["resources"]["heap"]
     assert heap["released"] == 5 and heap["unknown_releases"] == 0

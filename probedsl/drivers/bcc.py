@@ -447,7 +447,7 @@ class BccLoader:
                     ustack=stack(v.ustack, "ustack") if "ustack" in fields else (),
                     kstack=stack(v.kstack, "kstack") if "kstack" in fields else (),
                     comm=v.comm.decode(errors="replace") if "comm" in fields else "")
-                    for k, v in self.bpf[lay.live].items()]
+                    for k, v in _items(self.bpf[lay.live])]
             t = Totals(*counted[name])
             if lay.lifetime:
                 t.lifetime = _histograms(self.bpf[lay.lifetime.map], list(lay.lifetime.keys), stack)
@@ -550,6 +550,16 @@ def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
               f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
     loader.close()
     return 0
+
+
+def _items(table):
+    """A hash table's (key, value) pairs, read in batches (one system call per few thousand:
+    ~10x faster than items(), which looks each key up alone); items() where the kernel has no
+    batch lookup (before 5.6)."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:                  # bcc raises plain Exception for the failing system call
+        return list(table.items())
 
 
 def _placed(p: dict) -> dict:

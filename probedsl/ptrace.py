@@ -1,0 +1,88 @@
+"""The ptrace(2) requests probedsl makes (x86-64 Linux), and why the system refused one."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Dict
+
+TRACEME, CONT, GETREGS, DETACH, SYSCALL = 0, 7, 12, 17, 24
+GETEVENTMSG, SEIZE, INTERRUPT, LISTEN = 0x4201, 0x4206, 0x4207, 0x4208
+O_TRACESYSGOOD, O_TRACECLONE, O_TRACEEXEC, O_TRACEEXIT = 0x01, 0x08, 0x10, 0x40
+EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_STOP = 3, 4, 6, 128
+WALL = 0x40000000                       # waitpid: threads (clone children) too
+
+_REGS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss "
+         "fs_base gs_base ds es fs gs").split()
+# the registers a pointer can live in (not segment selectors, flags, rip)
+POINTER_REGISTERS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi rsp").split()
+
+
+class _UserRegs(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_ulonglong) for name in _REGS]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+
+
+def request(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """One ptrace request; OSError on failure."""
+    ctypes.set_errno(0)
+    result = _libc.ptrace(ctypes.c_long(req), ctypes.c_long(tid), ctypes.c_void_p(addr), ctypes.c_void_p(data))
+    err = ctypes.get_errno()
+    if result == -1 and err:
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def registers(tid: int) -> Dict[str, int]:
+    regs = _UserRegs()
+    ctypes.set_errno(0)
+    if _libc.ptrace(ctypes.c_long(GETREGS), ctypes.c_long(tid), None, ctypes.byref(regs)) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return {name: getattr(regs, name) for name in _REGS}
+
+
+def event_message(tid: int) -> int:
+    value = ctypes.c_ulong()
+    ctypes.set_errno(0)
+    if _libc.ptrace(ctypes.c_long(GETEVENTMSG), ctypes.c_long(tid), None, ctypes.byref(value)) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return value.value
+
+
+def tracer_of(pid: int) -> int:
+    """The pid tracing `pid` (0: none)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(l.split()[1]) for l in f if l.startswith("TracerPid:")), 0)
+    except OSError:
+        return 0
+
+
+def why_refused(pid: int, exc: OSError) -> str:
+    """One line on why attaching to `pid` failed, naming what the user can change."""
+    if exc.errno == errno.ESRCH:
+        return f"process {pid} ended"
+    tracer = tracer_of(pid)
+    if tracer:
+        try:
+            with open(f"/proc/{tracer}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            name = "?"
+        return f"process {pid} is already traced by pid {tracer} ({name}); a process has one tracer at a time"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = int(f.read())
+    except (OSError, ValueError):
+        scope = 0
+    if scope == 3:
+        return "the kernel forbids ptrace (kernel.yama.ptrace_scope = 3, until reboot)"
+    if scope == 2:
+        return "ptrace needs CAP_SYS_PTRACE here (kernel.yama.ptrace_scope = 2)"
+    return f"ptrace of process {pid} refused: {os.strerror(exc.errno)}"

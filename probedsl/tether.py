@@ -1,0 +1,306 @@
+"""Hold one process under ptrace for a run: pause every thread on request, hold it at its
+exit while its memory still exists, let it go at the end.
+
+PTRACE_SEIZE sends no signal, and a tracer that dies, even by SIGKILL, is detached by the
+kernel and the process runs on: nothing probedsl does can leave the target stopped. Every
+ptrace request comes from one thread (the kernel ties a tracee to the thread that attached);
+the session talks to it through a queue.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from . import ptrace
+from .errors import ProbedslError
+from .launcher import MAX_HELD_SYSCALLS, shell_status
+
+_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+_SYS_EXIT = 60                 # x86-64: exit(2), one thread; exit_group(2) is 231
+POLL_S = 0.005                 # a signal to the target waits at most this long for us
+PAUSE_TIMEOUT_S = 2.0          # a thread that does not stop by then (uninterruptible I/O)
+
+
+@dataclass
+class Paused:
+    """Every thread stopped (or held at its exit): their registers."""
+    registers: Dict[int, Dict[str, int]]
+    missing: Tuple[int, ...] = ()          # threads that would not stop in time
+
+
+@dataclass
+class _Thread:
+    state: str = "running"                 # running | held | exit | new
+    signal: int = 0                        # a signal to deliver when it goes on
+    listen: bool = False                   # in a group stop (SIGSTOP): stays stopped on resume
+
+
+class Tether:
+    def __init__(self, pid: int, exec_hold: Optional[Tuple[Callable[[], bool], Callable[[], None]]] = None):
+        """pid: a running process, or a launched command blocked before its exec; then
+        exec_hold (mapped, at_exec) holds it from its exec, stopped at each system call, until
+        mapped() says the loader has mapped what it waits for, calls at_exec() and lets it go."""
+        self.pid = pid
+        self.exit_status: Optional[int] = None     # the leader reaped (a launched command)
+        self.at_exit = threading.Event()           # held at its exit: scan, then release_exit()
+        self.ended = threading.Event()             # gone, or let go
+        self.exec_done = threading.Event()
+        self._exec_hold = exec_hold
+        self._execed = exec_hold is None           # a running process: its exit is the one
+        self._steps = 0
+        self._threads: Dict[int, _Thread] = {}
+        self._pausing = False
+        self._error: Optional[str] = None
+        self._ready = threading.Event()
+        self._commands: "queue.Queue[str]" = queue.Queue()
+        self._replies: "queue.Queue[object]" = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"probedsl-tether-{pid}", daemon=True)
+
+    # --- the session's side ----------------------------------------------------------------
+    def start(self) -> None:
+        """Attach to every thread; ProbedslError (one line) when the system refuses."""
+        self._worker.start()
+        self._ready.wait()
+        if self._error:
+            raise ProbedslError(self._error)
+
+    @property
+    def attached(self) -> bool:
+        return self._ready.is_set() and not self._error and not self.ended.is_set()
+
+    def pause(self) -> Optional[Paused]:
+        """Stop every thread; None when the process is gone. Call resume() after."""
+        return self._ask("pause")
+
+    def resume(self) -> None:
+        """Let the paused threads go (not those held at their exit)."""
+        self._ask("resume")
+
+    def release_exit(self) -> None:
+        """Let a process held at its exit finish exiting."""
+        self._ask("release")
+
+    def close(self) -> None:
+        """Detach from every thread (they run on); safe to call twice."""
+        if self._worker.is_alive():
+            self._commands.put("close")
+            self._worker.join(10)
+
+    def _ask(self, command: str):
+        if not self._worker.is_alive():
+            return None
+        self._commands.put(command)
+        while self._worker.is_alive():
+            try:
+                return self._replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    # --- the tracer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._seize()
+        except OSError as exc:
+            self._error = f"--reachability: cannot attach: {ptrace.why_refused(self.pid, exc)}"
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._threads:
+                self._drain()
+                try:
+                    command = self._commands.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if command == "close":
+                    break
+                self._replies.put(self._pause() if command == "pause" else self._resume(command == "release"))
+        finally:
+            self._detach_all()
+            self.exec_done.set()
+            self.ended.set()
+
+    def _seize(self) -> None:
+        options = ptrace.O_TRACECLONE | ptrace.O_TRACEEXIT | ptrace.O_TRACEEXEC | ptrace.O_TRACESYSGOOD
+        while True:
+            try:
+                tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")} - set(self._threads)
+            except FileNotFoundError:
+                raise OSError(errno.ESRCH, "no such process") from None
+            if not tids:
+                break
+            for tid in sorted(tids):
+                try:
+                    ptrace.request(ptrace.SEIZE, tid, 0, options)
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH and tid != self.pid:
+                        continue                   # a thread that just ended
+                    if exc.errno == errno.EPERM and ptrace.tracer_of(tid) == os.getpid():
+                        pass                       # a thread born after we seized its parent
+                    else:
+                        raise
+                self._threads[tid] = _Thread()
+
+    def _drain(self) -> None:
+        # one system call says whether any child or tracee has news (without taking it): an
+        # idle process then costs one call per turn, not one per thread
+        try:
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | ptrace.WALL) is None:
+                return
+        except ChildProcessError:
+            pass
+        for tid in list(self._threads):
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | ptrace.WALL)
+            except ChildProcessError:
+                got, status = tid, 0x9          # gone without a word (reaped elsewhere)
+            if got:
+                self._event(tid, status)
+
+    def _event(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        if thread is None:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            del self._threads[tid]
+            if tid == self.pid:
+                self.exit_status = shell_status(status)
+                self._threads.clear()
+            self._exit_complete()
+            return
+        sig, event = os.WSTOPSIG(status), status >> 16
+        if event == ptrace.EVENT_CLONE:
+            self._threads.setdefault(ptrace.event_message(tid), _Thread(state="new"))
+            self._stopped(tid, 0)
+        elif event == ptrace.EVENT_EXEC:
+            for other in [t for t in self._threads if t != tid]:
+                del self._threads[other]
+            self._execed = True
+            if self._exec_hold:
+                self._step(tid, 0)
+            else:
+                self.exec_done.set()
+                self._stopped(tid, 0)
+        elif event == ptrace.EVENT_EXIT:
+            self._exit_stop(tid)
+        elif event == ptrace.EVENT_STOP:
+            if thread.state == "new":
+                thread.state = "running"
+            self._stopped(tid, 0, listen=sig in _STOP_SIGNALS)
+        elif self._exec_hold and not self.exec_done.is_set():
+            self._step(tid, 0 if sig in (_SYSCALL_STOP, signal.SIGTRAP) else sig)
+        else:
+            self._stopped(tid, sig)              # a signal on its way: delivered when it goes on
+
+    def _stopped(self, tid: int, sig: int, listen: bool = False) -> None:
+        """A thread stopped: held while pausing, else sent on."""
+        thread = self._threads[tid]
+        thread.signal, thread.listen = sig, listen
+        if self._pausing:
+            thread.state = "held"
+        else:
+            self._go(tid, thread)
+
+    def _go(self, tid: int, thread: _Thread) -> None:
+        try:
+            if thread.listen:
+                ptrace.request(ptrace.LISTEN, tid)
+            else:
+                ptrace.request(ptrace.CONT, tid, 0, thread.signal)
+        except OSError:
+            pass                                  # killed meanwhile: its exit comes next
+        thread.state, thread.signal = "running", 0
+
+    def _step(self, tid: int, sig: int) -> None:
+        """The exec hold: one more system call, or done."""
+        self._steps += 1
+        mapped, at_exec = self._exec_hold
+        if self._steps > MAX_HELD_SYSCALLS or mapped():
+            try:
+                at_exec()
+            finally:
+                self.exec_done.set()
+                self._threads[tid].signal = sig
+                self._go(tid, self._threads[tid])
+            return
+        ptrace.request(ptrace.SYSCALL, tid, 0, sig)
+
+    def _exit_stop(self, tid: int) -> None:
+        """A thread at its exit. One ending alone (exit(2), the others running on) goes on;
+        otherwise the process is ending (exit_group, a fatal signal, or killed by either) and
+        every thread is held at its exit, memory intact, until the scan is done."""
+        thread = self._threads[tid]
+        try:
+            regs = ptrace.registers(tid)
+        except OSError:
+            regs = {}
+        alone = regs.get("orig_rax") == _SYS_EXIT and any(
+            t != tid and other.state != "exit" for t, other in self._threads.items())
+        if self._execed and not alone:
+            thread.state, thread.signal, thread.listen = "exit", 0, False
+            self._exit_complete()
+        else:
+            self._go(tid, thread)
+
+    def _exit_complete(self) -> None:
+        if self._threads and all(t.state == "exit" for t in self._threads.values()):
+            self.at_exit.set()
+
+    def _pause(self) -> Optional[Paused]:
+        if not self._threads:
+            return None
+        self._stop_all()
+        if not self._threads:
+            self._pausing = False
+            return None
+        registers = {}
+        for tid, thread in self._threads.items():
+            if thread.state in ("held", "exit"):
+                try:
+                    registers[tid] = ptrace.registers(tid)
+                except OSError:
+                    pass
+        missing = tuple(t for t in self._threads if t not in registers)
+        return Paused(registers, missing)
+
+    def _resume(self, exits: bool) -> bool:
+        self._pausing = False
+        for tid, thread in list(self._threads.items()):
+            if thread.state == "held" or (exits and thread.state == "exit"):
+                self._go(tid, thread)
+        if exits:
+            self.at_exit.clear()
+        return True
+
+    def _stop_all(self) -> None:
+        """Interrupt every running thread and wait (PAUSE_TIMEOUT_S at most) for each to stop;
+        a thread born meanwhile stops by itself."""
+        self._pausing = True
+        for tid, thread in self._threads.items():
+            if thread.state == "running":
+                try:
+                    ptrace.request(ptrace.INTERRUPT, tid)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        while any(t.state in ("running", "new") for t in self._threads.values()) and time.monotonic() < deadline:
+            self._drain()
+            time.sleep(0.0002)
+
+    def _detach_all(self) -> None:
+        """Only a stopped thread can be detached: stop them all, then let each go."""
+        self._stop_all()
+        for tid, thread in self._threads.items():
+            try:
+                ptrace.request(ptrace.DETACH, tid, 0, thread.signal)
+            except OSError:
+                pass
+        self._threads.clear()
