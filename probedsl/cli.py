@@ -21,6 +21,12 @@ def _set_pairs(values):
     return pairs
 
 
+def _check_output(fmt: str, output) -> None:
+    """pprof is binary: refuse to pour it on a terminal (before any tracing, not after)."""
+    if fmt == "pprof" and not output and sys.stdout.isatty():
+        raise ProbedslError("--format pprof writes a binary file: add -o FILE.pb.gz (or redirect stdout)")
+
+
 def format_options(fn):
     fn = click.option("--color/--no-color", default=None, help="colour text output (default: when a terminal)")(fn)
     fn = click.option("-o", "--output", type=click.Path(dir_okay=False), help="write reports to FILE")(fn)
@@ -145,19 +151,24 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
                    "reachable (docs/reachability.md)")
 @click.option("--leaks-only", is_flag=True, help="with --reachability: leave still-reachable blocks out of the "
                                                  "stack entries")
+@click.option("--prometheus", metavar="ADDR:PORT",
+              help="serve the latest report as Prometheus gauges at http://ADDR:PORT/metrics while tracing "
+                   "(refreshed at each --interval report, else every 10 s; docs/fleet.md)")
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
-        ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, max_live):
+        ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, prometheus, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
+    _check_output(fmt, output)
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
                               command=list(command),
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
-                              reachability=reachability, leaks_only=leaks_only, max_live=max_live)
+                              reachability=reachability, leaks_only=leaks_only, prometheus=prometheus,
+                              max_live=max_live)
     sys.exit(session.run(opts))
 
 
@@ -166,7 +177,19 @@ def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, p
 @format_options
 def report_cmd(saved, fmt, output, color):
     """Re-render a run saved with --format json (the last report in the file)."""
+    _check_output(fmt, output)
     rep = _load_report(saved)
+    session.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
+
+
+@cli.command("merge")
+@click.argument("saved", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@format_options
+def merge_cmd(saved, fmt, output, color):
+    """Combine runs saved with --format json (from many hosts) into one report: entries matched
+    by symbolic stack and summed."""
+    _check_output(fmt, output)
+    rep = report.merge([_load_report(path) for path in saved])
     session.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from typing import Callable, Dict, List
 
-from .report import Report, Section
+from .pprof import to_pprof
+from .flamegraph import to_svg
+from .report import Report, Section, stack_entries
 from .symbolizer import Frame
 
 SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"
@@ -47,32 +49,33 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
             out.append(style.bold(f"Lifetime of released {s.resource} (ns):"))
             _histogram_text(s.histogram, out)
             return
+        shown, rest = _top(s)
         out.append(style.bold(f"Lifetime of released {s.resource} (ns) by {', '.join(s.by)}: "
-                              f"{len(s.entries)} of {s.total_entries} entries"))
-        for e in s.entries:
+                              f"{len(shown)} of {s.total_entries} entries"))
+        for e in shown:
             who = f" pid {e.pid}" if e.pid is not None else ""
             who += f" comm {e.comm}" if e.comm is not None else ""
             out.append(f"  {style.value(str(e.values['released']))} released{who}")
             for f in e.stack + e.kernel_stack:
                 out.append("      " + _frame_text(f, style))
             _histogram_text(e.histogram, out, indent="    ")
-        if s.total_entries > len(s.entries):
-            out.append(f"  ... and {s.total_entries - len(s.entries)} more entries: "
-                       f"{s.omitted.get('released', 0)} released")
+        if s.total_entries > len(shown):
+            out.append(f"  ... and {s.total_entries - len(shown)} more entries: {rest.get('released', 0)} released")
         return
     by = ", ".join(s.by) or "all"
-    out.append(style.bold(f"Outstanding {s.resource} by {by}: {len(s.entries)} of {s.total_entries} entries"
+    shown, rest = _top(s)
+    out.append(style.bold(f"Outstanding {s.resource} by {by}: {len(shown)} of {s.total_entries} entries"
                           + (f", older than {s.min_age_ms} ms" if s.min_age_ms else "")))
-    if not s.entries:
+    if not shown:
         out.append("  (none)")
         return
-    aged = any(e.oldest_age_s is not None for e in s.entries)     # ages come only from read entries
+    aged = any(e.oldest_age_s is not None for e in shown)     # ages come only from read entries
     heads = s.columns + (["oldest"] if aged else [])
     cells = [[str(e.values[c]) for c in s.columns] + ([f"{e.oldest_age_s or 0:.2f}s"] if aged else [])
-             for e in s.entries]
+             for e in shown]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
     out.append("  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
-    for e, row in zip(s.entries, cells):
+    for e, row in zip(shown, cells):
         line = "  " + "  ".join(style.value(f"{c:>{w}}") for c, w in zip(row, widths))
         extra = []
         if e.delta and s.columns:
@@ -92,9 +95,20 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
         out.append(line + "   " + "; ".join(extra))
         for f in e.stack + e.kernel_stack:
             out.append("      " + _frame_text(f, style))
-    if s.total_entries > len(s.entries):
-        rest = ", ".join(f"{v} {k}" for k, v in s.omitted.items())
-        out.append(f"  ... and {s.total_entries - len(s.entries)} more entries: {rest}")
+    if s.total_entries > len(shown):
+        out.append(f"  ... and {s.total_entries - len(shown)} more entries: "
+                   + ", ".join(f"{v} {k}" for k, v in rest.items()))
+
+
+def _top(s: Section):
+    """(the entries the text view shows: the section's top, the summed values of the rest);
+    a section may hold every entry (saved and machine formats) or only its top."""
+    shown = s.entries[:s.top] if s.top else s.entries
+    rest = dict(s.omitted)
+    for e in s.entries[len(shown):]:
+        for k, v in e.values.items():
+            rest[k] = rest.get(k, 0) + v
+    return shown, rest
 
 
 def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
@@ -145,27 +159,15 @@ def to_json(report: Report, color: bool = False) -> str:
     return json.dumps(report.to_dict(), indent=2) + "\n"
 
 
-def _frame_name(f: Frame) -> str:
-    name = f.function or f"{f.address:#x}"
-    return name.replace(";", ":")
-
-
-def _stacks(report: Report):
-    """(name, root-first frames, weight) for each stack entry, weight = first column."""
-    for s in report.sections:
-        if s.kind != "outstanding" or not s.columns:
-            continue
-        for e in s.entries:
-            frames = list(reversed(e.stack + e.kernel_stack))
-            yield s, frames, e.values[s.columns[0]]
-
-
 def to_folded(report: Report, color: bool = False) -> str:
-    """Brendan Gregg's folded stacks (flamegraph.pl, inferno): root;...;leaf weight"""
+    """Brendan Gregg's folded stacks (flamegraph.pl, inferno): root;...;leaf weight. Names keep
+    their spaces (flamegraph.pl splits the weight off at the last one); kernel frames end
+    `_[k]` and inlined ones `_[i]`, which flamegraph.pl colours."""
     lines = []
-    for s, frames, weight in _stacks(report):
-        names = [s.resource] + [_frame_name(f) for f in frames]
-        lines.append(f"{';'.join(n.replace(' ', '_') for n in names)} {weight}")
+    for s, frames, weight in stack_entries(report):
+        names = [s.resource] + [f.name.replace(";", ":") + ("_[k]" if kernel else "_[i]" if f.inlined else "")
+                                for f, kernel in frames]
+        lines.append(f"{';'.join(names)} {weight}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -173,17 +175,17 @@ def to_speedscope(report: Report, color: bool = False) -> str:
     frames: List[dict] = []
     index: Dict[tuple, int] = {}
     profiles = {}
-    for s, stack, weight in _stacks(report):
+    for s, stack, weight in stack_entries(report):
         prof = profiles.setdefault(s.resource, {
             "type": "sampled", "name": f"{report.recipe}: outstanding {s.resource} ({s.columns[0]})",
             "unit": "bytes" if s.columns[0] == "bytes" else "none", "startValue": 0, "endValue": 0,
             "samples": [], "weights": []})
         sample = []
-        for f in stack:
-            key = (_frame_name(f), f.module, f.file, f.line)
+        for f, _ in stack:
+            key = (f.name, f.module, f.file, f.line)
             if key not in index:
                 index[key] = len(frames)
-                item = {"name": _frame_name(f)}
+                item = {"name": f.name}
                 if f.file:
                     item["file"] = f.file
                 if f.line:
@@ -199,11 +201,13 @@ def to_speedscope(report: Report, color: bool = False) -> str:
     return json.dumps(doc) + "\n"
 
 
-FORMATS: Dict[str, Callable[..., str]] = {
-    "text": to_text, "json": to_json, "folded": to_folded, "speedscope": to_speedscope}
+FORMATS: Dict[str, Callable[..., object]] = {
+    "text": to_text, "json": to_json, "folded": to_folded, "speedscope": to_speedscope, "pprof": to_pprof,
+    "svg": to_svg}
 
 
-def render(report: Report, fmt: str, color: bool = False) -> str:
+def render(report: Report, fmt: str, color: bool = False):
+    """The report in a format: text, or bytes for pprof (gzipped protobuf)."""
     return FORMATS[fmt](report, color)
 
 

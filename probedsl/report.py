@@ -110,7 +110,7 @@ class Report:
             doc["reachability_scan"] = self.scan
         for s in self.sections:
             if s.kind == "lifetime":
-                item = {"kind": "lifetime", "resource": s.resource, "by": s.by}
+                item = {"kind": "lifetime", "resource": s.resource, "by": s.by, "top": s.top}
                 if s.by:
                     item["entries"] = [{"released": e.values["released"], **_group_fields(e, s.by),
                                         "histogram_ns": _hist_json(e.histogram)} for e in s.entries]
@@ -150,7 +150,7 @@ class Report:
                 entries = [_entry_from_dict(e, ["released"], _hist_tuples(e["histogram_ns"])) for e in r.get("entries", [])]
                 omitted = {k: v for k, v in r.get("omitted", {}).items() if k != "entries"}
                 sections.append(Section("lifetime", r["resource"], by, ["released"] if by else [],
-                                        entries=entries, omitted=omitted,
+                                        top=r.get("top", len(entries)), entries=entries, omitted=omitted,
                                         total_entries=len(entries) + r.get("omitted", {}).get("entries", 0),
                                         histogram=_hist_tuples(r.get("histogram_ns", []))))
                 continue
@@ -163,6 +163,18 @@ class Report:
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
                    doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""),
                    doc.get("reachability_scan"))
+
+
+def stack_entries(report: Report):
+    """(section, root-first [(frame, in the kernel)], weight) of each stack entry of the
+    outstanding sections, weight = the first column: what the stack formats draw."""
+    for s in report.sections:
+        if s.kind != "outstanding" or not s.columns:
+            continue
+        for e in s.entries:
+            # innermost first, the kernel's frames (a system call's) inside the user's
+            frames = [(f, True) for f in e.kernel_stack] + [(f, False) for f in e.stack]
+            yield s, frames[::-1], e.values[s.columns[0]]
 
 
 def _hist_json(buckets) -> List[dict]:
@@ -246,7 +258,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
           backend_version: str = "",
           duration_s: float, top: Optional[int] = None, min_age_s: Optional[float] = None,
           exit_status: Optional[int] = None, notes: Sequence[str] = (),
-          reachability: Optional[Reachability] = None) -> Report:
+          reachability: Optional[Reachability] = None, complete: bool = False) -> Report:
+    """The report of a snapshot. Sections keep their `top` (what the text view shows); with
+    `complete` they hold every entry, symbolized (saved and machine formats), else only the
+    top ones and a sum of the rest (the text view: symbolizing thousands of stacks takes
+    seconds)."""
     scale = program.sample                 # 1 in `scale` acquisitions recorded
     resources = {}
     for res in program.resources:
@@ -297,17 +313,18 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
     sections = []
     for rep in program.reports:
         if rep.kind == "lifetime":
-            sections.append(_lifetime(program, rep, snapshot, symbolizer, top if top is not None else rep.top))
+            sections.append(_lifetime(program, rep, snapshot, symbolizer, top if top is not None else rep.top,
+                                      complete))
             continue
         min_age_ms = rep.min_age_ms if min_age_s is None else int(min_age_s * 1000)
         res = next(r for r in program.resources if r.name == rep.resource)
         leaf_returns = all(p.at_return for p in res.probes if any(a.kind == "acquire" for a in p.actions))
         shown = top if top is not None else rep.top
         if snapshot.live is None:
-            sections.append(_tallied(rep, snapshot, symbolizer, shown, leaf_returns, scale))
+            sections.append(_tallied(rep, snapshot, symbolizer, shown, leaf_returns, scale, complete))
         else:
             sections.append(_outstanding(rep, snapshot, symbolizer, shown, min_age_ms, leaf_returns, scale,
-                                         res, reachability))
+                                         res, reachability, complete))
     cut = {e.stack[-1].truncated.split(" in ")[-1] for sec in sections for e in sec.entries
            if e.stack and e.stack[-1].truncated.startswith("no frame pointer")}
     if cut:
@@ -332,7 +349,7 @@ def _rank(rows, labels, since):
 
 
 def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, leaf_returns: bool,
-             scale: int) -> Section:
+             scale: int, complete: bool = False) -> Section:
     """The report from the kernel's per-group tallies: no entry is read, no oldest age."""
     keys = ir.group_keys(rep.group_by)
     groups = snapshot.tallies.get(rep.resource, {}).get(tuple(keys), {})
@@ -350,7 +367,7 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
         values = {label: (nbytes if fn == "sum" else count) * scale for fn, label in rep.columns}
         rows.append((values, count, dict(zip(keys, group), seen=seen)))
     _rank(rows, labels, lambda r: r[2]["seen"])
-    shown, rest = rows[:top], rows[top:]
+    shown, rest = _keep(rows, top, complete)
     ustacks = symbolizer.user_stacks([(g["pid"], g["ustack"], g["seen"]) for _, _, g in shown], leaf_returns) \
         if "ustack" in keys else [[] for _ in shown]
     entries = [Entry(values=values, oldest_age_s=None, pids=[g["pid"]] if "pid" in g else [], stack=stack,
@@ -366,7 +383,7 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
 
 def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int, min_age_ms: int,
                  leaf_returns: bool, scale: int, res: Optional[ir.Resource] = None,
-                 reachability: Optional[Reachability] = None) -> Section:
+                 reachability: Optional[Reachability] = None, complete: bool = False) -> Section:
     """The report from every live entry (read on request): exact oldest ages, --min-age, and
     with a scan, each entry's leak kinds."""
     groups: Dict[Tuple, List[Live]] = {}
@@ -386,7 +403,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
                   for fn, label in rep.columns}
         rows.append((values, len(members), members))
     _rank(rows, labels, lambda r: min(m.time_ns for m in r[2]))
-    shown, rest = rows[:top], rows[top:]
+    shown, rest = _keep(rows, top, complete)
     # symbolize only what is shown, all stacks in one batch
     ustacks = symbolizer.user_stacks([(r[2][0].pid, r[2][0].ustack, r[2][0].time_ns) for r in shown], leaf_returns) \
         if "ustack" in rep.group_by else [[] for _ in shown]
@@ -406,6 +423,11 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
                    len(rows), omitted, cut_stacks=cut)
 
 
+def _keep(rows: list, top: int, complete: bool):
+    """(rows kept in the section, rows only summed)."""
+    return (rows, []) if complete else (rows[:top], rows[top:])
+
+
 def _cut_stacks(stacks) -> Dict[str, int]:
     """How many of these (trusted) stacks end early, by why."""
     counts: Dict[str, int] = {}
@@ -416,7 +438,8 @@ def _cut_stacks(stacks) -> Dict[str, int]:
     return counts
 
 
-def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int) -> Section:
+def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: int,
+              complete: bool = False) -> Section:
     t = snapshot.totals.get(rep.resource)
     scale = program.sample
     groups = {k: [(lo, hi, n * scale) for lo, hi, n in b] for k, b in t.lifetime.items()} if t else {}
@@ -434,7 +457,7 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
                 counts[(lo, hi)] = counts.get((lo, hi), 0) + n
         groups = {k: [(lo, hi, n) for (lo, hi), n in sorted(c.items())] for k, c in merged.items()}
     rows = sorted(groups.items(), key=lambda kv: -sum(n for _, _, n in kv[1]))
-    shown, rest = rows[:top], rows[top:]
+    shown, rest = _keep(rows, top, complete)
     named = [dict(zip(keys, key)) for key, _ in shown]
     stacks = symbolizer.user_stacks([(k.get("pid", 0), k.get("ustack", ())) for k in named]) \
         if "ustack" in keys else [[] for _ in shown]
@@ -490,11 +513,86 @@ def diff(old: Report, new: Report) -> List[dict]:
                       and s.by == s_new.by), None)
         before = {e.signature(): e for e in (s_old.entries if s_old else [])}
         after = {e.signature(): e for e in s_new.entries}
+        # a run saved with only its top entries (by an older probedsl) may hold
+        # the stack among those it summed: not "new" or "gone" then, but unknown
+        old_whole = s_old is None or s_old.total_entries == len(s_old.entries)
+        new_whole = s_new.total_entries == len(s_new.entries)
         for sig in list(after) + [k for k in before if k not in after]:
             a, b = before.get(sig), after.get(sig)
             values = {c: ((a.values.get(c, 0) if a else 0), (b.values.get(c, 0) if b else 0)) for c in s_new.columns}
+            status = ("both" if a and b else "new" if b and old_whole else "gone" if a and new_whole
+                      else "not in the other run's top entries")
             rows.append({"resource": s_new.resource, "signature": sig, "values": values,
-                         "entry": b or a, "status": "new" if a is None else "gone" if b is None else "both"})
+                         "entry": b or a, "status": status})
     first = lambda r: next(iter(r["values"].values()), (0, 0))
     rows.sort(key=lambda r: -(first(r)[1] - first(r)[0]))
     return rows
+
+
+def merge(reports: Sequence[Report]) -> Report:
+    """Saved runs of many hosts as one: entries matched by symbolic stack (addresses differ
+    between hosts) and summed, totals and leak kinds summed, lifetime histograms added."""
+    first = reports[0]
+    resources: Dict[str, dict] = {}
+    for r in reports:
+        for name, counts in r.resources.items():
+            _add_counts(resources.setdefault(name, {}), counts)
+    sections: List[Section] = []
+    for r in reports:
+        for s in r.sections:
+            into = next((m for m in sections if (m.kind, m.resource, m.by) == (s.kind, s.resource, s.by)), None)
+            if into is None:
+                into = Section(s.kind, s.resource, list(s.by), list(s.columns), s.top, s.min_age_ms)
+                sections.append(into)
+            _merge_section(into, s)
+    for s in sections:
+        first_column = s.columns[0] if s.columns else None
+        s.entries.sort(key=lambda e: -(e.values.get(first_column, 0) if first_column else 0))
+    targets = "; ".join(dict.fromkeys(r.target for r in reports))
+    notes = [f"merged from {len(reports)} runs: {targets}"]
+    cut = sum(1 for r in reports for s in r.sections if s.total_entries > len(s.entries))
+    if cut:
+        notes.append(f"{cut} sections of the runs held only their top entries: their other entries are "
+                     "summed in `omitted`, not matched by stack")
+    return Report(first.recipe, first.backend, f"{len(reports)} runs", max(r.duration_s for r in reports),
+                  all(r.final for r in reports), resources, sections, None, notes, 0,
+                  max(r.sample for r in reports), first.backend_version)
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    """Numbers summed, nested dicts (leak kinds) summed field by field."""
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _add_counts(into.setdefault(key, {}), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            into[key] = into.get(key, 0) + value
+
+
+def _merge_section(into: Section, s: Section) -> None:
+    by_signature = {e.signature(): e for e in into.entries}
+    for e in s.entries:
+        same = by_signature.get(e.signature())
+        if same is None:
+            same = Entry(values={}, oldest_age_s=None, pids=[], stack=e.stack, kernel_stack=e.kernel_stack,
+                         pid=e.pid, comm=e.comm)
+            by_signature[e.signature()] = same
+            into.entries.append(same)
+            into.total_entries += 1
+        _add_counts(same.values, e.values)
+        _add_counts(same.kinds, e.kinds)
+        same.pids = sorted(set(same.pids) | set(e.pids))
+        if e.oldest_age_s is not None:
+            same.oldest_age_s = max(same.oldest_age_s or 0, e.oldest_age_s)
+        same.histogram = _add_buckets(same.histogram, e.histogram)
+    into.total_entries += s.total_entries - len(s.entries)
+    _add_counts(into.omitted, s.omitted)
+    into.histogram = _add_buckets(into.histogram, s.histogram)
+    for kind, n in s.cut_stacks.items():
+        into.cut_stacks[kind] = into.cut_stacks.get(kind, 0) + n
+
+
+def _add_buckets(a, b) -> List[Tuple[int, int, int]]:
+    counts: Dict[Tuple[int, int], int] = {}
+    for lo, hi, n in list(a) + list(b):
+        counts[(lo, hi)] = counts.get((lo, hi), 0) + n
+    return [(lo, hi, n) for (lo, hi), n in sorted(counts.items())]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, estimate, formats, ir, placement, report, roots, scanner, targets
+from . import compiler, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -21,6 +21,7 @@ from .private_libs import PrivateLibraries
 from .symbolizer import Symbolizer
 
 TASK_COMM_LEN = 16
+METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RunOptions:
     probe_at: str = "placed"           # placed (probedsl.placement) | entry
     reachability: bool = False         # scan the process at each report: valgrind's leak kinds
     leaks_only: bool = False           # with reachability: stack entries leave still-reachable blocks out
+    prometheus: Optional[str] = None   # ADDR:PORT to serve the latest report's gauges on
 
 
 def validate_comm(comm: str) -> str:
@@ -170,6 +172,10 @@ class Session:
             program = placement.apply(program)
         self.program = program
         self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.exporter = None
+        if opts.prometheus:
+            self.exporter = prometheus.Exporter(opts.prometheus)
+            cleanup.callback(self.exporter.close)
         self.tracker = MappingTracker().start()        # before attaching, so no mmap is missed
         cleanup.callback(self.tracker.stop)
         if resolver.root:
@@ -250,6 +256,8 @@ class Session:
         self.sequence = 0
         self.started = time.monotonic()
         next_report = self.started + opts.interval if opts.interval else None
+        # --prometheus without --interval: the gauges are refreshed this often, nothing printed
+        next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
         while True:
             if self.scanner:
                 self.scanner.at_exit()
@@ -264,6 +272,11 @@ class Session:
                     snap = driver.snapshot(timeout=5)
                 if snap is not None:
                     self.emit(snap, reachability=reach)
+            if next_metrics and time.monotonic() >= next_metrics:
+                next_metrics += METRICS_REFRESH_S
+                snap = driver.snapshot(timeout=5)
+                if snap is not None:
+                    self.exporter.publish(self.build_report(snap))
             driver.idle(0.05)
         exit_status = None
         if held:
@@ -281,9 +294,8 @@ class Session:
         self.emit(final, exit_status, reachability=reach)
         return exit_status if exit_status is not None else 0
 
-    def emit(self, snap, exit_status=None, reachability=None) -> None:
+    def build_report(self, snap, exit_status=None, reachability=None) -> report.Report:
         program, tracker = self.program, self.tracker
-        self.sequence += 1
         lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
             if tracker.lost else []
         rep = report.build(program, snap, self.symbolizer, backend=self.target.backend,
@@ -291,10 +303,17 @@ class Session:
                            duration_s=time.monotonic() - self.started, top=self.opts.top,
                            min_age_s=self.opts.min_age, exit_status=exit_status,
                            notes=self.notes + lost + (reachability.notes if reachability else []),
-                           reachability=reachability)
-        rep.sequence = self.sequence
+                           reachability=reachability, complete=self.opts.format != "text")
         tracker.prune(report.referenced_pids(program, snap))
         self.growth.annotate(rep)
+        return rep
+
+    def emit(self, snap, exit_status=None, reachability=None) -> None:
+        self.sequence += 1
+        rep = self.build_report(snap, exit_status, reachability)
+        rep.sequence = self.sequence
+        if self.exporter:
+            self.exporter.publish(rep)
         write_report(formats.render(rep, self.opts.format, _use_color(self.opts, self.out)), self.opts.output,
                      self.out)
 
@@ -329,12 +348,17 @@ def _use_color(opts: RunOptions, out) -> bool:
     return hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
 
 
-def write_report(text: str, output: Optional[str], out) -> None:
+def write_report(text, output: Optional[str], out) -> None:
+    """A rendered report (str, or bytes: pprof) to the output file, else to `out`."""
     if output:
         tmp = f"{output}.tmp"
-        with open(tmp, "w") as f:
+        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, output)             # readers never see half a report
+    elif isinstance(text, bytes):
+        out.flush()
+        getattr(out, "buffer", out).write(text)
+        getattr(out, "buffer", out).flush()
     else:
         out.write(text)
         out.flush()

@@ -24,6 +24,16 @@ class Frame:
     vaddr: int = -1        # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
     truncated: str = ""    # a marker ending a cut stack: why the frames past it are not shown
 
+    @property
+    def name(self) -> str:
+        """Its name in stack formats (folded, speedscope, pprof, flame graphs): the function,
+        else MODULE+0xVADDR (the same in every run, unlike an address), or the cut marker."""
+        if self.function:
+            return self.function
+        if self.module and self.vaddr >= 0 and not self.truncated:
+            return f"{os.path.basename(self.module)}+{self.vaddr:#x}"
+        return str(self)
+
     def __str__(self) -> str:
         if self.truncated:
             return f"[truncated: {self.truncated}]"

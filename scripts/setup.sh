@@ -7,8 +7,11 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs packages and tracing needs root)" >&2; exit 1; }
 
 # 1. system packages
-# debuginfod, valgrind, git, sqlite3: the tests' debug-info server, stack oracle and real programs
-pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils git sqlite3)
+# debuginfod, valgrind, git, sqlite3: the tests' debug-info server, stack oracle and real programs;
+# golang-go, chromium, prometheus: go tool pprof, a headless browser and a Prometheus server read
+# the pprof, SVG and --prometheus outputs in the tests
+pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils git sqlite3
+      golang-go chromium prometheus)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 apt_updated=0
@@ -18,10 +21,12 @@ apt_install() {
 }
 if [ ${#missing[@]} -gt 0 ]; then say "installing ${missing[*]}"; apt_install "${missing[@]}"; say "installed ${missing[*]}"
 else say "system packages already present: ${pkgs[*]}"; fi
-# the tests start their own debuginfod on loopback; the package's service is not wanted
-if command -v systemctl >/dev/null && systemctl is-enabled debuginfod >/dev/null 2>&1; then
-  systemctl disable --now debuginfod >/dev/null 2>&1 && say "disabled the debuginfod service (the tests run their own)"
-fi
+# the tests start their own debuginfod and Prometheus on loopback; the packages' services are not wanted
+for service in debuginfod prometheus; do
+  if command -v systemctl >/dev/null && systemctl is-active "$service" >/dev/null 2>&1; then
+    systemctl disable --now "$service" >/dev/null 2>&1 && say "disabled the $service service (the tests run their own)"
+  fi
+done
 
 # 2. kernel headers for BCC: the running kernel has no headers package; Debian 6.1 headers
 #    compile uprobe/tracepoint programs, so link them where BCC looks.

@@ -31,11 +31,12 @@ def probedsl(*args, input=None, timeout=120, **kw):
                           text=True, timeout=timeout, **kw)
 
 
-def start_run(*args, env=None):
+def start_run(*args, env=None, stdin=None):
     """`probedsl run ARGS` in the background, returned once it says that tracing has begun
-    (every probe attached); its output is read later with communicate()."""
+    (every probe attached); its output is read later with communicate(). stdin=PIPE keeps a
+    launched command that reads its input (the seed's leak) running until it is closed."""
     tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+                              stderr=subprocess.PIPE, stdin=stdin, text=True, env=env)
     said = []
     while not said or not said[-1].startswith("probedsl: tracing "):
         said.append(stderr_line(tracer))

@@ -6,7 +6,6 @@ refusal (another tracer), and the target always let go."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess

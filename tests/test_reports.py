@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -95,7 +99,47 @@ def test_json_has_schema_and_version():
 
 def test_folded_is_root_first_with_weights():
     lines = formats.to_folded(fixed_report()).splitlines()
-    assert "heap;main;wrapper2;wrapper1;checked_alloc 40" in lines
+    assert "heap;main;wrapper2;wrapper1;checked_alloc_[i] 40" in lines
+
+
+def test_machine_formats_hold_every_entry_and_the_text_view_the_top():
+    program = compiler.build(compiler.load(MEMLEAK))
+    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace", target="t",
+                       duration_s=1, top=2, complete=True)
+    live = rep.resources["heap"]["live_bytes"]
+    folded = formats.to_folded(rep).splitlines()
+    assert len(folded) == 5 and sum(int(l.rsplit(" ", 1)[1]) for l in folded) == live
+    doc = json.loads(formats.to_json(rep))
+    (section,) = [r for r in doc["reports"] if r["kind"] == "outstanding"]
+    assert len(section["entries"]) == section["total_entries"] == 5 and section["omitted"]["entries"] == 0
+    assert sum(json.loads(formats.to_speedscope(rep))["profiles"][0]["weights"]) == live
+    text = formats.to_text(rep)                   # the text view still shows the top 2
+    assert "2 of 5 entries" in text and "... and 3 more entries: 3 bytes, 3 blocks" in text
+    again = report.Report.from_dict(doc)          # and so does a saved run re-rendered
+    assert formats.to_text(again) == text
+
+
+def test_folded_names_keep_spaces_mark_kernel_and_inlined_frames_and_name_stripped_ones_by_module():
+    frames = [Frame(0x10, "operator new(unsigned long)", 4, "/usr/lib/libstdc++.so.6", "", 0),
+              Frame(0x20, "", 0, "/srv/app/server", "", 0, vaddr=0x1234),
+              Frame(0x30, "helper", 0, "/srv/app/server", "a.c", 3, inlined=True),
+              Frame(0x30, "a;b", 0, "/srv/app/server", "", 0)]
+    entry = report.Entry(values={"bytes": 7}, oldest_age_s=None, pids=[1], stack=frames,
+                         kernel_stack=[Frame(0xffff, "kmalloc_trace", 9, "[kernel]", "", 0)])
+    rep = report.Report("memleak", "bcc", "t", 1, True, {}, [report.Section(
+        "outstanding", "heap", ["ustack"], ["bytes"], 10, 0, [entry], 1)])
+    assert formats.to_folded(rep) == (
+        "heap;a:b;helper_[i];server+0x1234;operator new(unsigned long);kmalloc_trace_[k] 7\n")
+
+
+def test_diff_calls_a_stack_missing_from_a_cut_run_unknown_not_gone():
+    program = compiler.build(compiler.load(MEMLEAK))
+    build = lambda complete: report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace",
+                                          target="t", duration_s=1, top=2, complete=complete)
+    rows = report.diff(build(True), build(True))
+    assert {r["status"] for r in rows} == {"both"} and len(rows) == 5
+    rows = report.diff(build(True), build(False))       # the new run kept only its top 2
+    assert sorted(r["status"] for r in rows) == ["both"] * 2 + ["not in the other run's top entries"] * 3
 
 
 def test_speedscope_samples_index_shared_frames():
@@ -241,3 +285,75 @@ def test_reachability_kinds_per_resource_and_entry_round_trip_and_print_a_leak_s
         assert "LEAK SUMMARY (heap, pid 42 at its exit: 4096 bytes scanned in 0.01 s, paused 3.5 ms):" in text
         assert "    definitely lost: 8 bytes in 1 blocks" in text
         assert "        not scanned: 16 bytes in 1 blocks" in text
+
+
+def _go_pprof(*args) -> str:
+    go = shutil.which("go")
+    assert go, "go tool pprof reads the pprof output: install golang-go (scripts/setup.sh does)"
+    result = subprocess.run([go, "tool", "pprof", *args], capture_output=True, text=True,
+                            env={**os.environ, "HOME": os.environ.get("HOME", "/root"), "PPROF_TMPDIR": "/tmp"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _pprof_samples(path) -> list:
+    """[(values, location ids)] as go tool pprof -raw lists them."""
+    raw = _go_pprof("-raw", str(path))
+    samples = []
+    for line in raw.split("Samples:")[1].split("Locations")[0].splitlines():
+        m = re.match(r"^\s+([\d\s]+):\s*([\d\s]*)$", line)
+        if m:
+            samples.append(([int(v) for v in m.group(1).split()], m.group(2).split()))
+    return samples
+
+
+def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_path):
+    program = compiler.build(compiler.load(MEMLEAK))
+    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
+                       top=2, complete=True)
+    path = tmp_path / "heap.pb.gz"
+    path.write_bytes(formats.render(rep, "pprof"))
+    raw = _go_pprof("-raw", str(path))
+    assert "inuse_space/bytes inuse_objects/count" in raw
+    samples = _pprof_samples(path)
+    assert len(samples) == 5                                  # every entry, not the top 2
+    assert sum(v[0] for v, _ in samples) == rep.resources["heap"]["live_bytes"]
+    assert sum(v[1] for v, _ in samples) == rep.resources["heap"]["live_blocks"]
+    # the inlined call and its caller share one location, with file and line
+    assert re.search(r"checked_alloc alloc.h:3 s=0\n\s+wrapper1 leak.c:5 s=0", raw), raw
+    top = _go_pprof("-top", "-nodefraction=0", "-sample_index=inuse_objects", str(path))
+    assert "Type: inuse_objects" in top and " wrapper1" in top
+    # -diff_base: the second run has two more 8-byte blocks under wrapper1
+    more = report.build(program, fixed_snapshot(extra_blocks=2), FixedSymbolizer(), backend="bcc", target="t",
+                        duration_s=1, top=2, complete=True)
+    after = tmp_path / "after.pb.gz"
+    after.write_bytes(formats.render(more, "pprof"))
+    diff = _go_pprof("-top", "-nodefraction=0", "-unit=B", "-sample_index=inuse_space", f"-diff_base={path}",
+                     str(after))
+    assert re.search(r"accounting for 16B.*\n(.*\n)*\s+16B .*checked_alloc", diff), diff
+
+
+def test_merge_sums_runs_of_many_hosts_by_symbolic_stack(tmp_path):
+    program = compiler.build(compiler.load(MEMLEAK))
+    host = lambda extra, target: report.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(),
+                                              backend="bcc", target=target, duration_s=1, top=2, complete=True)
+    a, b = host(0, "host-a pid 42"), host(3, "host-b pid 42")
+    paths = []
+    for name, rep in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(formats.to_json(rep))
+    result = probedsl("merge", *map(str, paths), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    merged = json.loads(result.stdout)
+    heap = merged["resources"]["heap"]
+    assert heap["live_bytes"] == a.resources["heap"]["live_bytes"] + b.resources["heap"]["live_bytes"]
+    assert heap["acquired"] == a.resources["heap"]["acquired"] + b.resources["heap"]["acquired"]
+    (section,) = [r for r in merged["reports"] if r["kind"] == "outstanding"]
+    assert section["total_entries"] == 5 == len(section["entries"])     # the same 5 stacks on both hosts
+    wrapped = next(e for e in section["entries"] if e["stack"][0]["function"] == "checked_alloc")
+    assert wrapped["bytes"] == 8 * (5 + 8) and wrapped["blocks"] == 13
+    (lifetime,) = [r for r in merged["reports"] if r["kind"] == "lifetime"]
+    assert sum(b["count"] for b in lifetime["histogram_ns"]) == 20
+    assert "merged from 2 runs: host-a pid 42; host-b pid 42" in merged["notes"]
+    text = probedsl("merge", *map(str, paths))
+    assert text.returncode == 0 and "2 of 5 entries" in text.stdout

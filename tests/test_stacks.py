@@ -154,7 +154,7 @@ def test_dwarf_stacks_of_debians_programs_are_deep_and_never_garbage(command):
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_accounted(report)
-    entries = report["reports"][0]["entries"]
+    entries = report["reports"][0]["entries"][:5]          # the largest (JSON holds them all)
     assert entries
     for e in entries:
         frames = [f for f in e["stack"] if not f["inlined"] and not f.get("truncated")]

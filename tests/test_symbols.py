@@ -7,6 +7,8 @@ import subprocess
 import pytest
 
 from conftest import BACKENDS, CXXLEAK, MEMLEAK, by_site, first_user_function, probedsl, report_json
+from probedsl import formats
+from probedsl.report import Report
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -132,15 +134,17 @@ def test_output_file_holds_the_final_report_and_report_rerenders_it(build, tmp_p
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_thousands_of_stacks_show_top_n_and_sum_the_rest(backend, build):
+def test_thousands_of_stacks_are_all_saved_and_the_text_view_sums_past_top_n(backend, build):
     result, report = run_report(backend, build("manystacks"), extra=("--top", "3"))
     heap = report["resources"]["heap"]
     assert heap["live_blocks"] == 4096 + 2 + 3 + 4 + 5 - 4 and heap["live_bytes"] == heap["live_blocks"] * 8
     section = report["reports"][0]
-    assert len(section["entries"]) == 3
-    # every block is in a shown entry, in the omitted line, or counted as having lost its stack
-    shown = sum(e["blocks"] for e in section["entries"])
-    assert shown + section["omitted"]["blocks"] == heap["live_blocks"]
+    # JSON holds every entry (--top limits the text view): every block is in one
+    assert len(section["entries"]) == section["total_entries"] and section["omitted"]["entries"] == 0
+    assert sum(e["blocks"] for e in section["entries"]) == heap["live_blocks"]
+    text = formats.to_text(Report.from_dict(report))
+    assert f"3 of {section['total_entries']} entries" in text
+    assert f"... and {section['total_entries'] - 3} more entries: " in text
     distinct = section["total_entries"] - (1 if heap["no_stack"] else 0)
     assert distinct + heap["no_stack"] >= 4096 - 1
     assert heap["no_stack"] == 0 or any("no user stack" in n for n in report["notes"])
