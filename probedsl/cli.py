@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import compiler, formats, ir, layout, placement, report, session, targets
+from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
 
@@ -35,8 +36,19 @@ def format_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="probedsl")
+EXAMPLES = """\b
+Examples:
+  probedsl run memleak -- ./leak                  launch a command, report its outstanding heap
+  probedsl run memleak --pid 1234 --backend bcc   a live process, complete -O2 stacks
+  probedsl run memleak --comm app --interval 10   every process named app, a report every 10 s
+  probedsl run memleak --reachability -- ./leak   which blocks are lost, as valgrind says
+  probedsl compile memleak --target bpftrace      the generated bpftrace script
+  probedsl doctor                                 what this machine can trace with
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXAMPLES)
+@click.version_option(package_name="probedsl", prog_name="probedsl")
 def cli():
     """probedsl: describe a paired resource (acquire/release) once; trace it with bpftrace or BCC."""
 
@@ -56,6 +68,22 @@ def check(recipe):
         if offset:
             click.echo(f"  {probe.label}: probed at {probe.function}+{offset} ({instruction}, emulated; its "
                        f"entry's instruction is single-stepped) in {probe.path}")
+
+
+@cli.command()
+def doctor():
+    """What this machine has for tracing (backends and the target each gets, kernel features,
+    rights, tools), what is missing and the command that fixes it; exit 1 when no backend can run."""
+    found = checks()
+    click.echo(report_checks(found), nl=False)
+    sys.exit(0 if backends_usable(found) else 1)
+
+
+@cli.command()
+@click.argument("recipe")
+def show(recipe):
+    """Print a recipe's text: a bundled one by name (memleak), to read or to copy and edit."""
+    click.echo(compiler.read_source(recipe)[0], nl=False)
 
 
 @cli.command("list")

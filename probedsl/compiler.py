@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from importlib import resources
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from . import ast, checker, ir, libraries, lower, parser, targets
 from .backends import Generated
@@ -35,16 +36,33 @@ def bundled_names():
 
 
 def load(path: str) -> ast.Recipe:
-    """Parse and check a recipe file; RecipeError lists every located problem."""
-    path = find_recipe(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProbedslError(f"cannot read recipe {path}: {exc}") from None
+    """Parse and check a recipe file ("-": standard input, read once and kept); RecipeError
+    lists every located problem."""
+    source, path = read_source(path)
     recipe = parser.parse(source, path)
     checker.check(recipe)
     return recipe
+
+
+_stdin_source: Optional[str] = None
+
+
+def read_source(name_or_path: str) -> Tuple[str, str]:
+    """(text, where) of a recipe: a file, a bundled name, or "-" (standard input, "<stdin>")."""
+    global _stdin_source
+    if name_or_path == "-":
+        if _stdin_source is None:        # read once: a second read would find it empty
+            try:
+                _stdin_source = sys.stdin.read()
+            except UnicodeDecodeError as exc:
+                raise ProbedslError(f"cannot read the recipe on standard input: {exc}") from None
+        return _stdin_source, "<stdin>"
+    path = find_recipe(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProbedslError(f"cannot read recipe {path}: {exc}") from None
 
 
 def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,

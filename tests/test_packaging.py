@@ -13,6 +13,10 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("probedsl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License: Apache-2.0" in metadata and "Classifier: License :: OSI Approved" in metadata
+    assert "# probedsl" in metadata                      # the README is the long description
+    assert any(n.endswith("LICENSE") for n in names)
     for needed in ("probedsl/grammar/recipe.lark", "probedsl/recipes/memleak.probe",
                    "probedsl/backends/templates/bpftrace.bt.j2", "probedsl/backends/templates/bcc.c.j2"):
         assert needed in names
@@ -25,3 +29,36 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(site))
     assert "uprobe:" in result.stdout and ":malloc" in result.stdout
+
+
+def test_doctor_lists_what_is_here_and_exits_1_when_no_backend_can_run():
+    result = subprocess.run([sys.executable, "-m", "probedsl", "doctor"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(l.startswith("ok   bpftrace     0.") and "dialect" in l for l in lines), result.stdout
+    assert any(l.startswith("ok   bcc          0.") for l in lines) and "can run: bpftrace, bcc" in result.stdout
+    # kprobes do not work on these machines; nothing needs them, so it is a warning, not a miss
+    assert any(l.startswith(("warn kprobes", "ok   kprobes")) for l in lines)
+    # the same as an unprivileged user: no rights, no backend, exit 1, the fix named
+    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                             "probedsl", "doctor"], capture_output=True, text=True, cwd=str(ROOT))
+    assert nobody.returncode == 1, nobody.stdout + nobody.stderr
+    assert "MISS rights" in nobody.stdout and "fix: run as root" in nobody.stdout
+    assert "no backend can run here" in nobody.stdout and "Traceback" not in nobody.stderr
+
+
+def test_show_prints_a_bundled_recipe_and_dash_reads_one_from_standard_input():
+    shown = subprocess.run([sys.executable, "-m", "probedsl", "show", "memleak"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout == (ROOT / "recipes" / "memleak.probe").read_text()
+    checked = subprocess.run([sys.executable, "-m", "probedsl", "check", "-"], input=shown.stdout,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.startswith("-: ok (1 resource(s)"), checked.stderr
+    compiled = subprocess.run([sys.executable, "-m", "probedsl", "compile", "-", "--target", "bpftrace"],
+                              input=shown.stdout, capture_output=True, text=True)
+    assert compiled.returncode == 0 and ":malloc" in compiled.stdout
+    broken = subprocess.run([sys.executable, "-m", "probedsl", "check", "-"],
+                            input=shown.stdout.replace("keyed by (pid, address)", "keyed by (pid address)"),
+                            capture_output=True, text=True)
+    assert broken.returncode == 1 and broken.stderr.startswith("<stdin>:8:"), broken.stderr
+    version = subprocess.run([sys.executable, "-m", "probedsl", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("probedsl, version 0.")
