@@ -10,7 +10,11 @@ from typing import List
 from . import targets
 from .errors import ProbedslError
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 21, 38, 39
+# what a run needs without root (tested with BCC): BPF programs and uprobes, perf side-band
+# records, and reading tracefs (tracepoint formats, root's only)
+TRACING_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_DAC_READ_SEARCH)
+CAP_NAMES = "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH"
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
@@ -27,6 +31,12 @@ class Check:
         return f"{mark} {self.name:<12} {self.found}" + (f"\n       fix: {self.fix}" if not self.ok and self.fix else "")
 
 
+def has_tracing_rights() -> bool:
+    """root, or the capabilities that loading BPF programs and attaching uprobes need."""
+    caps = _capabilities()
+    return os.geteuid() == 0 or all(caps >> c & 1 for c in TRACING_CAPS)
+
+
 def _capabilities() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -41,13 +51,11 @@ def _tracefs() -> str:
 
 def checks() -> List[Check]:
     out = [Check("kernel", True, os.uname().release)]
-    caps = _capabilities()
-    bpf_rights = all(caps >> c & 1 for c in (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN))
-    out.append(Check("rights", os.geteuid() == 0 or bpf_rights,
+    rights = has_tracing_rights()
+    out.append(Check("rights", rights,
                      "root" if os.geteuid() == 0 else
-                     "CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN" if bpf_rights else
-                     f"uid {os.geteuid()} without CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN",
-                     "run as root (sudo probedsl ...), or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"))
+                     CAP_NAMES if rights else f"uid {os.geteuid()} without {CAP_NAMES}",
+                     f"run as root (sudo probedsl ...), or grant {CAP_NAMES}"))
     for backend in targets.BACKENDS:
         try:
             target = targets.detect(backend)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
+from . import compiler, doctor, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -135,8 +135,9 @@ class Session:
         print(f"probedsl: {text}", file=self.err, flush=True)
 
     def run(self) -> int:
-        if os.geteuid() != 0:
-            raise ProbedslError("probedsl run needs root (or CAP_BPF and CAP_PERFMON) to attach probes")
+        if not doctor.has_tracing_rights():
+            raise ProbedslError(f"probedsl run needs root, or {doctor.CAP_NAMES}, to attach probes "
+                                "(probedsl doctor says what is missing)")
         if self.opts.estimate and self.opts.command:
             raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
         with contextlib.ExitStack() as self.cleanup:
