@@ -86,7 +86,7 @@ def to_pprof(report: Report, color: bool = False) -> bytes:
         key = (real.address, real.module, tuple((f.name, f.line) for f in group))
         if key not in locations:
             locations[key] = len(locations) + 1
-            mapping = _mapping(mappings, real, strings) if real.module and not real.module.startswith("[") else 0
+            mapping = _mapping(mappings, real) if real.module and not real.module.startswith("[") else 0
             lines = [_message((1, function_id(f)), (2, f.line or 0)) for f in group]
             location_msgs.append(_message((1, locations[key]), (2, mapping), (3, real.address),
                                           *((4, line) for line in lines)))
@@ -97,7 +97,7 @@ def to_pprof(report: Report, color: bool = False) -> bytes:
         for e in s.entries:
             root = next((f for f in reversed(e.stack) if f.module and not f.truncated), None)
             if root is not None and not root.module.startswith("["):
-                _mapping(mappings, root, strings)
+                _mapping(mappings, root)
     for s in sections:
         for e in s.entries:
             ids = [location_id(group) for group in _by_address(e.kernel_stack + e.stack)]   # leaf first
@@ -135,7 +135,7 @@ def _by_address(frames: List[Frame]) -> List[List[Frame]]:
     return groups
 
 
-def _mapping(mappings: Dict[str, dict], f: Frame, strings: _Strings) -> int:
+def _mapping(mappings: Dict[str, dict], f: Frame) -> int:
     m = mappings.get(f.module)
     if m is None:
         m = mappings[f.module] = {"id": len(mappings) + 1, "start": f.address, "limit": f.address + 1,

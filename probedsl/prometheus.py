@@ -63,10 +63,6 @@ class Exporter:
         self.thread = threading.Thread(target=self.server.serve_forever, name="probedsl-prometheus", daemon=True)
         self.thread.start()
 
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
     def publish(self, report: Report) -> None:
         self.text = metrics(report)
 
@@ -84,11 +80,11 @@ def stack_id(signature: str) -> str:
     return hashlib.sha1(signature.encode()).hexdigest()[:16]
 
 
-def short_stack(entry, frames: int = 3) -> str:
+def short_stack(entry, depth: int = 3) -> str:
     """The innermost named frames outside the C library, leaf first: what a graph legend shows."""
-    frames_ = [f for f in entry.stack + entry.kernel_stack if not f.inlined and not f.truncated]
-    own = [f for f in frames_ if "libc.so" not in f.module] or frames_
-    return ";".join(f.name for f in own[:frames])
+    frames = [f for f in entry.stack + entry.kernel_stack if not f.inlined and not f.truncated]
+    own = [f for f in frames if "libc.so" not in f.module] or frames
+    return ";".join(f.name for f in own[:depth])
 
 
 def metrics(report: Report) -> str:
