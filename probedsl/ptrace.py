@@ -28,7 +28,7 @@ _libc.ptrace.restype = ctypes.c_long
 
 
 def request(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
-    """One ptrace request; OSError on failure."""
+    """One ptrace request (data: a number, or the address of a buffer); OSError on failure."""
     ctypes.set_errno(0)
     result = _libc.ptrace(ctypes.c_long(req), ctypes.c_long(tid), ctypes.c_void_p(addr), ctypes.c_void_p(data))
     err = ctypes.get_errno()
@@ -39,19 +39,13 @@ def request(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
 
 def registers(tid: int) -> Dict[str, int]:
     regs = _UserRegs()
-    ctypes.set_errno(0)
-    if _libc.ptrace(ctypes.c_long(GETREGS), ctypes.c_long(tid), None, ctypes.byref(regs)) == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    request(GETREGS, tid, 0, ctypes.addressof(regs))
     return {name: getattr(regs, name) for name in _REGS}
 
 
 def event_message(tid: int) -> int:
     value = ctypes.c_ulong()
-    ctypes.set_errno(0)
-    if _libc.ptrace(ctypes.c_long(GETEVENTMSG), ctypes.c_long(tid), None, ctypes.byref(value)) == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    request(GETEVENTMSG, tid, 0, ctypes.addressof(value))
     return value.value
 
 

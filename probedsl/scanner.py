@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from typing import Callable, List, Optional, Tuple
 
-from . import compiler, ir, report
+from . import ir, report
 from .errors import ProbedslError
 from .procfs import process_alive
 from .rundata import Snapshot
 from .tether import Tether
 
 
-def check(recipe, sets: dict, reachability: bool, leaks_only: bool, pid: Optional[int], command: List[str],
-          sample: int) -> None:
-    """Refuse, in one line, what --reachability cannot do."""
+def check_options(reachability: bool, leaks_only: bool, pid: Optional[int], command: List[str], sample: int) -> None:
+    """Refuse, in one line, what --reachability cannot do (before a command is started)."""
     if leaks_only and not reachability:
         raise ProbedslError("--leaks-only goes with --reachability (it hides the blocks a scan finds still reachable)")
     if not reachability:
@@ -23,7 +22,9 @@ def check(recipe, sets: dict, reachability: bool, leaks_only: bool, pid: Optiona
         raise ProbedslError("--reachability goes with --pid PID or -- CMD: it pauses and scans one process")
     if sample > 1:
         raise ProbedslError("--reachability needs every block (--sample 1): a block not recorded cannot be classified")
-    program = compiler.build(recipe, sets)
+
+
+def check_program(program: ir.Program) -> None:
     if not any(r.block_address is not None for r in program.resources):
         raise ProbedslError(f"--reachability: {program.name} has no resource of memory blocks (keyed by "
                             "(pid, address), with a size, acquired by uprobes)")

@@ -153,11 +153,13 @@ class Session:
         if target.max_live_limit is not None and self.max_live > target.max_live_limit:
             raise ProbedslError(f"--max-live {self.max_live}: {target.name} holds at most {target.max_live_limit} "
                                 f"live entries per table (tallies pack the count in its bits); use --backend bcc")
-        scanner.check(recipe, opts.sets, opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
+        scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
         scope, resolver, self.held = _scope(opts, target)
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
         program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live).with_scope(scope)
+        if opts.reachability:
+            scanner.check_program(program)
         program = program.sampled(opts.sample).reading_live(opts.ages or opts.reachability
                                                             or program.needs_live(opts.min_age))
         if opts.stacks == "dwarf" and not target.dwarf_stacks:

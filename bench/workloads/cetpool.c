@@ -2,9 +2,9 @@
  * Built -O2 -fcf-protection=full (every function starts with endbr64, as on Ubuntu and
  * Fedora). Waits for a line on stdin (a tracer attaching by pid), then gets and puts back
  * CALLS blocks through pool_get/pool_put (which a recipe probes); prints the loop's time. */
-#include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
+
+#include "held_loop.h"
 
 static void *volatile sink;
 
@@ -14,16 +14,13 @@ __attribute__((noinline)) void pool_put(void *p) { free(p); }
 int main(int argc, char **argv)
 {
     long calls = argc > 1 ? atol(argv[1]) : 100000;
-    char line[8];
-    if (!fgets(line, sizeof(line), stdin))
+    if (!wait_for_tracer())
         return 1;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC, &a);
+    struct timespec start = loop_start();
     for (long i = 0; i < calls; i++) {
         sink = pool_get(32);
         pool_put(sink);
     }
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    printf("%.6f\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
+    print_loop_seconds(start);
     return 0;
 }
