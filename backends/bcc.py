@@ -147,6 +147,8 @@ class BccBackend(Backend):
         nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
+        if probe.entry_guard is not None:
+            nest = [f"if (!({self.expr(probe.entry_guard)})) return 0;"] + nest
         if probe.at_return and self.keeps_returns(program):
             # the return address the uretprobe is about to replace, for the unwinder
             nest = ["probedsl_unw_keep_return(ctx, tid);"] + nest

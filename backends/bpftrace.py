@@ -180,6 +180,8 @@ class BpftraceBackend(Backend):
             entry_body = [f"$s = {scratch};",
                           '// skip calls made inside another call of this resource (realloc -> malloc)',
                           'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
+            if probe.entry_guard is not None:
+                entry_body = [f"if ({self.expr(probe.entry_guard)}) {{", *["  " + s for s in entry_body], "}"]
             return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{",
                            "  " + self.delete(f"@{lay.scratch}", ["tid"]),
                            *["  " + line for line in actions], "}"]

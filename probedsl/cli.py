@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
 import click
 
-from . import compiler, formats, ir, layout, placement, report, session, targets
+from . import allocators, compiler, formats, ir, layout, libraries, placement, report, session, targets
 from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
@@ -33,6 +34,23 @@ def format_options(fn):
     fn = click.option("-o", "--output", type=click.Path(dir_okay=False), help="write reports to FILE")(fn)
     fn = click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS)), default="text",
                       show_default=True)(fn)
+    return fn
+
+
+def allocation_options(fn):
+    """Which calls acquire: the allocator's library and a size range (BCC memleak's -O, -z, -Z)."""
+    fn = click.option("-Z", "--max-size", type=click.IntRange(min=0), metavar="BYTES",
+                      help="trace only acquisitions of at most BYTES (tested in the kernel, at entry)")(fn)
+    fn = click.option("-z", "--min-size", type=click.IntRange(min=0), metavar="BYTES",
+                      help="trace only acquisitions of at least BYTES (tested in the kernel, at entry)")(fn)
+    fn = click.option("--symbols-prefix", metavar="PREFIX",
+                      help="the allocator's C calls carry this prefix (je_ for a prefixed jemalloc)")(fn)
+    fn = click.option("-O", "--object", "obj", metavar="LIB",
+                      help="the library the allocation calls are in, instead of libc (a path, or a name: "
+                           "jemalloc)")(fn)
+    fn = click.option("--allocator", type=click.Choice(sorted(allocators.KNOWN)),
+                      help="the program's allocator: memleak's calls move to its library, and its own calls "
+                           "(jemalloc's mallocx family, C++ operators) are added")(fn)
     return fn
 
 
@@ -111,14 +129,18 @@ def list_cmd():
 @click.option("--probe-at", type=click.Choice(["placed", "entry"]), default="placed", show_default=True,
               help="placed: each uprobe on an emulated instruction of its function's entry path, for "
                    "this machine's libraries (a comment shows where); entry: at function entries")
-def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at):
+@allocation_options
+def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at, allocator, obj, symbols_prefix,
+            min_size, max_size):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
     scope = ir.Scope()
     if pid is not None:
         scope = ir.Scope("pid", pid=pid)
     elif comm is not None:
         scope = ir.Scope("comm", comm=session.validate_comm(comm))
-    program = compiler.build(compiler.load(recipe), _set_pairs(sets)).with_scope(scope).sampled(sample)
+    choice = allocators.choose(allocator, obj, symbols_prefix, libraries.LibraryResolver().resolve)
+    program = compiler.build(compiler.load(recipe), _set_pairs(sets), allocator=choice)
+    program = session.sized(program, min_size, max_size).with_scope(scope).sampled(sample)
     program = program.walking_stacks(stacks)
     if probe_at == "placed":
         program = placement.apply(program)
@@ -133,13 +155,48 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
         click.echo(text, nl=False)
 
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+class _RunCommand(click.Command):
+    """Remembers how many arguments came after `--` (the command): the ones before it may be
+    BCC memleak's [interval [count]]."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["after_dashes"] = len(args) - args.index("--") - 1 if "--" in args else None
+        return super().parse_args(ctx, args)
+
+
+def _positional(ctx, words, command_line):
+    """(interval, count, command) from what followed RECIPE: numbers first are interval and
+    count, the rest (or what came after --, or -c's text) the command."""
+    after = ctx.meta.get("after_dashes")
+    before = list(words[:len(words) - after]) if after is not None else list(words)
+    command = list(words[len(words) - after:]) if after is not None else []
+    numbers = []
+    while before and before[0].isdigit() and len(numbers) < 2:
+        numbers.append(int(before.pop(0)))
+    if before and after is not None:
+        raise ProbedslError(f"unexpected argument {before[0]!r} before --: after RECIPE come [interval [count]], "
+                            f"the command after --")
+    command = before + command                  # `run memleak ./prog` without -- still launches it
+    if command_line is not None:
+        if command:
+            raise ProbedslError("-c gives the command as one string: leave out the command after --")
+        command = shlex.split(command_line)
+        if not command:
+            raise ProbedslError("-c: the command is empty")
+    if numbers and numbers[0] == 0:
+        raise ProbedslError("interval: must be at least 1 second")
+    return (numbers + [None, None])[:2] + [command]
+
+
+@cli.command(cls=_RunCommand)
 @click.argument("recipe")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--backend", type=click.Choice(targets.BACKENDS), default=targets.DEFAULT_BACKEND, show_default=True,
               help="the installed version picks the dialect; probedsl supports " + targets.supported())
 @click.option("--comm", help="trace every process with this name, now and later")
-@click.option("--pid", type=int, help="trace this live process until it exits")
+@click.option("-p", "--pid", type=int, help="trace this live process until it exits")
+@click.option("-c", "--command", "command_line", metavar="'CMD ARGS'",
+              help="launch and trace this command line (split as a shell would, never run by one)")
 @click.option("--all", "all_", is_flag=True, help="trace every process (system-wide) until Ctrl-C")
 @click.option("--follow-forks/--no-follow-forks", default=True, show_default=True,
               help="with --pid or -- CMD, trace the children it forks (BCC then attaches to every "
@@ -153,14 +210,17 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
                    "fork) so others pay nothing; what one does in its first milliseconds is missed")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
-@click.option("--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
+@click.option("-T", "--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
 @format_options
+@allocation_options
 @click.option("--min-age", type=click.FloatRange(min=0),
               help="hide resources younger than SECONDS (reads every live entry at each report)")
+@click.option("--older", type=click.IntRange(min=0), metavar="MS",
+              help="BCC memleak's -o: hide resources younger than MS milliseconds (--min-age in ms)")
 @click.option("--ages", is_flag=True, help="show each group's oldest age: reads every live entry at each "
                                            "report (seconds with a million live); default: the kernel's tallies")
-@click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("-s", "--sample", type=click.IntRange(min=1), default=1, show_default=True,
               help="record one acquisition in N (chosen at random); reports show estimates scaled by N")
 @click.option("--estimate", is_flag=True, help="first count calls of the probed functions for a second "
                                               "(cheapest probe) and print what tracing them will cost")
@@ -185,13 +245,28 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
 @click.option("--max-live", type=click.IntRange(min=1),
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
-def run(recipe, command, backend, comm, pid, all_, follow_forks, private_libs, per_process, interval, duration, top, sets, fmt, output, color, min_age,
+def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, private_libs, per_process, interval,
+        duration, top, sets, fmt, output, color, allocator, obj, symbols_prefix, min_size, max_size, min_age, older,
         ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, prometheus, max_live):
-    """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach)."""
+    """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach).
+    [INTERVAL [COUNT]] after RECIPE, as BCC memleak: a report every INTERVAL seconds, COUNT reports."""
     _check_output(fmt, output)
+    every, count, command = _positional(click.get_current_context(), command, command_line)
+    if every is not None and interval is not None and every != interval:
+        raise ProbedslError(f"interval given twice: {every} and --interval {interval}")
+    interval = interval or every
+    if count is not None:
+        if duration:
+            raise ProbedslError("COUNT and --duration both say when to stop: give one")
+        duration = interval * count             # the count-th report is the final one
+    if older is not None:
+        if min_age is not None:
+            raise ProbedslError("--older and --min-age both set the age: give one")
+        min_age = older / 1000
     opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
-                              command=list(command),
+                              command=command, allocator=allocator, object=obj, symbols_prefix=symbols_prefix,
+                              min_size=min_size, max_size=max_size,
                               interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,

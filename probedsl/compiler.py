@@ -7,7 +7,7 @@ from dataclasses import replace
 from importlib import resources
 from typing import Mapping, Optional, Tuple
 
-from . import ast, checker, ir, libraries, lower, parser, targets
+from . import allocators, ast, checker, ir, libraries, lower, parser, targets
 from .backends import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
 
@@ -67,10 +67,18 @@ def read_source(name_or_path: str) -> Tuple[str, str]:
 
 def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
           resolver: Optional[libraries.LibraryResolver] = None,
-          max_live: int = ir.DEFAULT_MAX_LIVE) -> ir.Program:
-    """Checked recipe -> IR with libraries resolved and aliases folded."""
+          max_live: int = ir.DEFAULT_MAX_LIVE, allocator: Optional[allocators.Choice] = None) -> ir.Program:
+    """Checked recipe -> IR with libraries resolved and aliases folded; allocator: its probes
+    moved to another allocator's library (probedsl.allocators)."""
     program = lower.lower(recipe, lower.parameter_values(recipe, overrides), max_live)
-    return libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
+    program = allocators.apply(program, allocator)
+    moved = {r.name for r in program.resources if any(p.optional for p in r.probes)}
+    program = libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
+    for res in program.resources:
+        if res.name in moved and not any(a.kind == "acquire" for p in res.probes for a in p.actions):
+            raise ProbedslError(f"{allocator.library}: none of {res.name}'s allocation calls is there"
+                                + (f" with the prefix {allocator.prefix}" if allocator.prefix else ""))
+    return program
 
 
 def check_backends(program: ir.Program, source: str = "") -> None:

@@ -80,6 +80,22 @@ def _arg_indexes(v: Value) -> List[int]:
     return []
 
 
+def _at_entry(v: Value) -> Optional[Value]:
+    """The value computed from the entry's registers (saved arguments read as arguments), or
+    None when it needs the return (ret, an out-parameter)."""
+    if isinstance(v, (Const, Arg)):
+        return v
+    if isinstance(v, Saved):
+        return Arg(v.arg_index)
+    if isinstance(v, (Int32, Not)):
+        inner = _at_entry(v.operand)
+        return None if inner is None else replace(v, operand=inner)
+    if isinstance(v, BinOp):
+        left, right = _at_entry(v.left), _at_entry(v.right)
+        return None if left is None or right is None else replace(v, left=left, right=right)
+    return None
+
+
 # --- program -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Action:
@@ -107,6 +123,12 @@ class Probe:
     # (file, offset, instruction): where in the function the probe sits in that file, when
     # not at its entry (probedsl.placement)
     places: Tuple[Tuple[str, int, str], ...] = ()
+    # checked at entry before any map work (--min-size/--max-size): a call failing it is not
+    # traced at all (only probes that acquire and release nothing get one)
+    entry_guard: Optional["Value"] = None
+    # moved to another allocator's library (--allocator, -O): dropped, with a note, where that
+    # library lacks the function (jemalloc has no pvalloc)
+    optional: bool = False
 
     @property
     def files(self) -> Tuple[str, ...]:
@@ -119,10 +141,11 @@ class Probe:
     @property
     def args_read(self) -> Tuple[int, ...]:
         """The argument registers read where the probe sits (at the entry)."""
+        guarded = _arg_indexes(self.entry_guard) if self.entry_guard is not None else []
         if self.at_return:
-            return self.saved_args
+            return tuple(sorted({*self.saved_args, *guarded}))
         values = [v for a in self.actions for v in (*a.key, a.guard, a.size) if v is not None]
-        return tuple(sorted({i for v in values for i in _arg_indexes(v)}))
+        return tuple(sorted({*guarded, *(i for v in values for i in _arg_indexes(v))}))
 
     @property
     def filtered(self) -> bool:
@@ -214,6 +237,8 @@ class Program:
     # how user stacks are walked: fp (the kernel's frame-pointer walk, cut where it stops
     # being certain) or dwarf (BCC's unwinder over the call-frame rows of each mapped file)
     stacks: str = "fp"
+    # labels of optional probes whose function the library lacks (see Probe.optional)
+    unprobed: Tuple[str, ...] = ()
 
     def with_scope(self, scope: "Scope") -> "Program":
         return replace(self, scope=scope)
@@ -223,6 +248,32 @@ class Program:
 
     def sampled(self, n: int) -> "Program":
         return replace(self, sample=int(n))
+
+    def size_filtered(self, least: Optional[int], most: Optional[int]) -> "Program":
+        """Only acquisitions of least <= size <= most are traced (BCC memleak's -z/-Z). Where the
+        size is known at entry and the probe releases nothing, the test runs there, before any
+        map work; realloc's must still see its release, so its test guards the acquire only."""
+        if least is None and most is None:
+            return self
+        def within(size: Value) -> Value:
+            tests = ([BinOp(">=", size, Const(least))] if least is not None else []) + \
+                    ([BinOp("<=", size, Const(most))] if most is not None else [])
+            return functools.reduce(lambda a, b: BinOp("&&", a, b), tests)
+        resources = []
+        for res in self.resources:
+            probes = []
+            for p in res.probes:
+                sizes = [a.size for a in p.actions if a.kind == "acquire" and a.size is not None]
+                at_entry = _at_entry(sizes[0]) if len(set(sizes)) == 1 else None
+                if p.at_return and at_entry is not None and all(a.kind == "acquire" for a in p.actions):
+                    p = replace(p, entry_guard=within(at_entry))
+                elif sizes:
+                    p = replace(p, actions=tuple(
+                        replace(a, guard=within(a.size) if a.guard is None else BinOp("&&", a.guard, within(a.size)))
+                        if a.kind == "acquire" and a.size is not None else a for a in p.actions))
+                probes.append(p)
+            resources.append(replace(res, probes=tuple(probes)))
+        return replace(self, resources=tuple(resources))
 
     def reading_live(self, read: bool) -> "Program":
         return replace(self, read_live=bool(read))
@@ -312,6 +363,8 @@ def dump(program: Program) -> str:
             where = "return" if p.at_return else "entry"
             lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")
                          + (f", saves ({', '.join(f'arg{i}' for i in p.saved_args)})" if p.saved_args else ""))
+            if p.entry_guard is not None:
+                lines.append(f"    at entry, only when {show(p.entry_guard)}")
             for a in p.actions:
                 text = f"    {a.kind} ({', '.join(show(k) for k in a.key)})"
                 text += f" when {show(a.guard)}" if a.guard is not None else ""

@@ -116,6 +116,7 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
     earlier probe's address in the same resource (glibc's aligned_alloc is memalign):
     attaching both would count one call twice."""
     diagnostics: List[Diagnostic] = []
+    unprobed: List[str] = []
     resources = []
     for res in program.resources:
         seen: Dict[Tuple[str, int, bool], ir.Probe] = {}
@@ -135,6 +136,9 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
                 continue
             syms = elf.symbols(path)
             address = syms.address_of(probe.function) if syms else None
+            if address is None and probe.optional:
+                unprobed.append(f"{os.path.basename(path)}:{probe.function}")
+                continue
             if address is None:
                 near = difflib.get_close_matches(probe.function, list(syms.by_name) if syms else [], n=3)
                 hint = f"; did you mean {', '.join(near)}?" if near else ""
@@ -149,7 +153,7 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
         resources.append(replace(res, probes=tuple(probes)))
     if diagnostics:
         raise RecipeError(diagnostics, source)
-    return replace(program, resources=tuple(resources))
+    return replace(program, resources=tuple(resources), unprobed=tuple(dict.fromkeys(unprobed)))
 
 
 def _other_copies(path: str, probe: ir.Probe, resolver: LibraryResolver) -> Tuple[str, ...]:

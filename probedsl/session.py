@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import compiler, doctor, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
+from . import allocators, compiler, doctor, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -53,6 +53,11 @@ class RunOptions:
     reachability: bool = False         # scan the process at each report: valgrind's leak kinds
     leaks_only: bool = False           # with reachability: stack entries leave still-reachable blocks out
     prometheus: Optional[str] = None   # ADDR:PORT to serve the latest report's gauges on
+    allocator: Optional[str] = None    # probedsl.allocators.KNOWN
+    object: Optional[str] = None       # -O: the library allocation calls are in
+    symbols_prefix: Optional[str] = None
+    min_size: Optional[int] = None     # only acquisitions of min_size <= size <= max_size
+    max_size: Optional[int] = None
 
 
 def validate_comm(comm: str) -> str:
@@ -157,7 +162,14 @@ class Session:
         scope, resolver, self.held = _scope(opts, target)
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
-        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live).with_scope(scope)
+        choice = allocators.choose(opts.allocator, opts.object, opts.symbols_prefix, resolver.resolve)
+        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live, allocator=choice)
+        program = sized(program, opts.min_size, opts.max_size).with_scope(scope)
+        if opts.min_size is not None or opts.max_size is not None:
+            self.notes.append("--min-size/--max-size: blocks outside the size range are not recorded, so their "
+                              "releases count as releases of unknown keys")
+        if program.unprobed:
+            self.say(f"note: not probed, not in the allocator's library: {', '.join(program.unprobed)}")
         if opts.reachability:
             scanner.check_program(program)
         program = program.sampled(opts.sample).reading_live(opts.ages or opts.reachability
@@ -319,6 +331,17 @@ class Session:
             self.exporter.publish(rep)
         write_report(formats.render(rep, self.opts.format, _use_color(self.opts, self.out)), self.opts.output,
                      self.out)
+
+
+def sized(program: ir.Program, least: Optional[int], most: Optional[int]) -> ir.Program:
+    """--min-size/--max-size, refused where nothing records a size."""
+    if least is None and most is None:
+        return program
+    if least is not None and most is not None and least > most:
+        raise ProbedslError(f"--min-size {least} is above --max-size {most}: nothing would be traced")
+    if not any(r.records("size") for r in program.resources):
+        raise ProbedslError(f"--min-size/--max-size: recipe {program.name} records no size")
+    return program.size_filtered(least, most)
 
 
 def _probed_files(program: ir.Program) -> List[str]:

@@ -10,8 +10,13 @@ say() { printf 'setup: %s\n' "$*"; }
 # debuginfod, valgrind, git, sqlite3: the tests' debug-info server, stack oracle and real programs;
 # golang-go, chromium, prometheus: go tool pprof, a headless browser and a Prometheus server read
 # the pprof, SVG and --prometheus outputs in the tests
+# jemalloc, tcmalloc, mimalloc: --allocator's tests; systemtap-sdt-dev: sys/sdt.h for the USDT fixture;
+# pipx: the install the docs give is tested
 pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils git sqlite3
-      golang-go chromium prometheus)
+      golang-go chromium prometheus libjemalloc2 systemtap-sdt-dev pipx)
+# the same libraries under Debian 13's names (the 64-bit time_t rename, mimalloc 3)
+if grep -q '^VERSION_ID="12"' /etc/os-release; then pkgs+=(libtcmalloc-minimal4 libmimalloc2.0)
+else pkgs+=(libtcmalloc-minimal4t64 libmimalloc3); fi
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
 apt_updated=0

@@ -17,7 +17,7 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
     assert "License: Apache-2.0" in metadata and "Classifier: License :: OSI Approved" in metadata
     assert "# probedsl" in metadata                      # the README is the long description
     assert any(n.endswith("LICENSE") for n in names)
-    for needed in ("probedsl/grammar/recipe.lark", "probedsl/recipes/memleak.probe",
+    for needed in ("probedsl/grammar/recipe.lark", "probedsl/recipes/memleak.probe", "probedsl/recipes/allocators/jemalloc.probe",
                    "probedsl/backends/templates/bpftrace.bt.j2", "probedsl/backends/templates/bcc.c.j2"):
         assert needed in names
     site = tmp_path / "site"
