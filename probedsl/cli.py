@@ -23,6 +23,15 @@ def _set_pairs(values):
     return pairs
 
 
+def _complete_recipe(ctx, param, incomplete):
+    """RECIPE completes to bundled recipe names, and to files (the shell's own completion, which
+    bash uses where no name matches). The file item goes first: click's bash script clears the
+    names it has collected when it meets one."""
+    from click.shell_completion import CompletionItem
+    names = [CompletionItem(name) for name, _ in compiler.bundled_names() if name.startswith(incomplete)]
+    return [CompletionItem(incomplete, type="file")] + names
+
+
 def _check_output(fmt: str, output) -> None:
     """pprof is binary: refuse to pour it on a terminal (before any tracing, not after)."""
     if fmt == "pprof" and not output and sys.stdout.isatty():
@@ -72,7 +81,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("recipe")
+@click.argument("recipe", shell_complete=_complete_recipe)
 def check(recipe):
     """Validate RECIPE, and lower it for every backend and version; print every error as file:line:col."""
     parsed = compiler.load(recipe)
@@ -98,7 +107,7 @@ def doctor():
 
 
 @cli.command()
-@click.argument("recipe")
+@click.argument("recipe", shell_complete=_complete_recipe)
 def show(recipe):
     """Print a recipe's text: a bundled one by name (memleak), to read or to copy and edit."""
     click.echo(compiler.read_source(recipe)[0], nl=False)
@@ -113,7 +122,7 @@ def list_cmd():
 
 
 @cli.command()
-@click.argument("recipe")
+@click.argument("recipe", shell_complete=_complete_recipe)
 @click.option("--target", "target", default=targets.DEFAULT_BACKEND, show_default=True,
               help="bpftrace or bcc (the installed version's dialect, else the newest), or one version's "
                    "dialect: bpftrace-0.17, bpftrace-0.23, ...")
@@ -189,7 +198,7 @@ def _positional(ctx, words, command_line):
 
 
 @cli.command(cls=_RunCommand)
-@click.argument("recipe")
+@click.argument("recipe", shell_complete=_complete_recipe)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--backend", type=click.Choice(targets.BACKENDS), default=targets.DEFAULT_BACKEND, show_default=True,
               help="the installed version picks the dialect; probedsl supports " + targets.supported())

@@ -1,11 +1,12 @@
 """The installed package carries its grammar, templates and recipes (no source tree needed)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 
-from conftest import ROOT
+from conftest import ROOT, by_site, report_json
 
 
 def test_wheel_works_outside_the_source_tree(tmp_path):
@@ -62,3 +63,35 @@ def test_show_prints_a_bundled_recipe_and_dash_reads_one_from_standard_input():
     assert broken.returncode == 1 and broken.stderr.startswith("<stdin>:8:"), broken.stderr
     version = subprocess.run([sys.executable, "-m", "probedsl", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("probedsl, version 0.")
+
+
+def test_pipx_install_gives_a_working_tool(tmp_path, build, root_required):
+    """docs/usage.md's install: pipx with the system's site-packages (where Debian's python3-bpfcc
+    puts bcc), then a real trace of the seed leak with each backend from the installed command."""
+    env = {**os.environ, "PIPX_HOME": str(tmp_path / "pipx"), "PIPX_BIN_DIR": str(tmp_path / "bin"),
+           "PIPX_DEFAULT_PYTHON": "/usr/bin/python3"}
+    installed = subprocess.run(["pipx", "install", "--system-site-packages", str(ROOT)], env=env,
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    tool = str(tmp_path / "bin" / "probedsl")
+    assert subprocess.run([tool, "--version"], capture_output=True, text=True).stdout == "probedsl, version 0.1.0\n"
+    for backend in ("bcc", "bpftrace"):
+        result = subprocess.run([tool, "run", "memleak", "--backend", backend, "--format", "json", "--",
+                                 build("leak")], input="\n", capture_output=True, text=True, cwd="/", timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert by_site(report_json(result.stdout)).get("wrapper1") == (40, 5), backend
+
+
+def test_shell_completion_offers_bundled_recipes_and_files(tmp_path):
+    """docs/usage.md's bash completion line, sourced in a real bash: RECIPE completes to bundled
+    names; the file item comes first, so bash falls back to file names where none matches."""
+    exe = os.path.dirname(sys.executable)
+    script = ('eval "$(_PROBEDSL_COMPLETE=bash_source probedsl)"; COMP_WORDS=(probedsl run mem); COMP_CWORD=2; '
+              '_probedsl_completion probedsl 2>/dev/null; printf "%s\\n" "${COMPREPLY[@]}"')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{exe}:{os.environ['PATH']}"})
+    assert result.stdout.split() == ["memleak"], result.stderr
+    raw = subprocess.run([os.path.join(exe, "probedsl")], capture_output=True, text=True,
+                         env={**os.environ, "COMP_WORDS": "probedsl show ./rec", "COMP_CWORD": "2",
+                              "_PROBEDSL_COMPLETE": "bash_complete"})
+    assert raw.stdout.splitlines() == ["file,./rec"]
