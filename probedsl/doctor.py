@@ -49,6 +49,20 @@ def _tracefs() -> str:
     return next((d for d in TRACEFS if os.path.isdir(os.path.join(d, "events"))), "")
 
 
+LOCKDOWN = "/sys/kernel/security/lockdown"
+
+
+def _lockdown() -> str:
+    """The kernel lockdown mode in force (none, integrity, confidentiality), "" without the LSM."""
+    try:
+        with open(LOCKDOWN) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    chosen = [w.strip("[]") for w in text.split() if w.startswith("[")]
+    return chosen[0] if chosen else ""
+
+
 def checks() -> List[Check]:
     out = [Check("kernel", True, os.uname().release)]
     rights = has_tracing_rights()
@@ -81,6 +95,11 @@ def checks() -> List[Check]:
     kprobes = os.path.isdir("/sys/bus/event_source/devices/kprobe")
     out.append(Check("kprobes", kprobes, "the kprobe PMU is there" if kprobes else
                      "no kprobe PMU: recipes use uprobes and tracepoints only, none needs them", needed=False))
+    lockdown = _lockdown()
+    out.append(Check("lockdown", lockdown != "confidentiality", lockdown or "no lockdown LSM",
+                     "confidentiality mode (Secure Boot kernels) refuses BPF reads of kernel memory: "
+                     "boot with lockdown=integrity, or without Secure Boot; uprobe recipes are not affected",
+                     needed=False))
     build = f"/lib/modules/{os.uname().release}/build/include"
     out.append(Check("headers", os.path.isdir(build), build if os.path.isdir(build) else f"no {build}",
                      "(BCC compiles with them) apt-get install linux-headers-$(uname -r), or link Debian's "

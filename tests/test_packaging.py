@@ -95,3 +95,15 @@ def test_shell_completion_offers_bundled_recipes_and_files(tmp_path):
                          env={**os.environ, "COMP_WORDS": "probedsl show ./rec", "COMP_CWORD": "2",
                               "_PROBEDSL_COMPLETE": "bash_complete"})
     assert raw.stdout.splitlines() == ["file,./rec"]
+
+
+def test_doctor_reads_the_lockdown_mode(tmp_path, monkeypatch):
+    """This kernel has no lockdown LSM; a Secure Boot kernel's file marks the mode in force."""
+    from probedsl import doctor
+    state = tmp_path / "lockdown"
+    state.write_text("none integrity [confidentiality]\n")
+    monkeypatch.setattr(doctor, "LOCKDOWN", str(state))
+    check = next(c for c in doctor.checks() if c.name == "lockdown")
+    assert (check.ok, check.found) == (False, "confidentiality") and "lockdown=integrity" in check.line()
+    state.write_text("[none] integrity confidentiality\n")
+    assert next(c for c in doctor.checks() if c.name == "lockdown").ok
