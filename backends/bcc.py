@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import layout, placement, stacktrust, unwind_tables
+from probedsl import layout, placement, stacktrust, unwind_tables, usdt
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -15,6 +15,8 @@ from . import Backend, Generated
 
 
 def _arg(self, v: ir.Arg) -> str:
+    if self.usdt_site is not None:            # where this site's note says the argument is
+        return usdt.bcc_read(usdt.location(self.usdt_site.args[v.index]), "ctx")
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
@@ -126,7 +128,11 @@ class BccBackend(Backend):
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
+    usdt_site = None          # the usdt site whose program is being generated
+
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
+        if probe.kind == "usdt":
+            return self.usdt_view(program, lay, probe)
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind == "tracepoint" else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
@@ -167,6 +173,22 @@ class BccBackend(Backend):
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
                 "placed": self.placed(probe, probe.path)}
 
+    def usdt_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
+        """One program per site: each site's note says where its arguments are."""
+        fn = f"{lay.name}_{probe.function.replace(':', '_')}_{probe.id}"
+        sites = []
+        for i, site in enumerate(probe.sites):
+            self.usdt_site = site
+            try:
+                body = [line for a in probe.actions for line in self.action(program, lay, a, "ctx")]
+            finally:
+                self.usdt_site = None
+            sites.append({"entry_fn": f"{fn}_site{i}", "entry_body": body, "address": site.address,
+                          "ref_ctr": site.semaphore})
+        return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+                "filtered": True, "tracepoint": None, "usdt": sites, "entry_fn": "", "entry_body": [],
+                "return_fn": "", "return_body": [], "placed": ""}
+
     def ustack(self, program: ir.Program, ctx: str) -> str:
         """The expression taking the user stack's id."""
         if self.unwinds(program):
@@ -179,14 +201,14 @@ class BccBackend(Backend):
         at hand: such a program keeps the frame-pointer walk)."""
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
-        return program.stacks == "dwarf" and bool(recorded) and all(p.kind == "uprobe" for p in recorded)
+        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in ("uprobe", "usdt") for p in recorded)
 
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
         stack of one resource can pass through a call another resource is waiting to return
         from (fopen -> malloc). Within one resource nested calls are skipped, so a single
         resource never pays the extra map update at each entry."""
-        probed = [r for r in program.resources if any(p.kind == "uprobe" for p in r.probes)]
+        probed = [r for r in program.resources if any(p.kind in ("uprobe", "usdt") for p in r.probes)]
         return self.unwinds(program) and len(probed) > 1
 
     @staticmethod
@@ -201,6 +223,12 @@ class BccBackend(Backend):
             views_of = dict(zip(res.probes, res_views))
             for probe in ir.attach_order(res.probes):
                 view = views_of[probe]
+                if probe.kind == "usdt":
+                    # by address, with the semaphore's file offset for the kernel to raise
+                    probes += [{"path": probe.path, "library": "", "function": probe.label, "usdt": True,
+                                "address": site["address"], "ref_ctr": site["ref_ctr"], "offset": 0,
+                                "code": "", "entry": site["entry_fn"], "return": "", "also": False}
+                               for site in view["usdt"]]
                 if probe.kind == "uprobe":
                     # also: another root's copy, whose process may end before the attach
                     # offset: where in the function both probes sit (probedsl.placement); code:

@@ -169,6 +169,8 @@ class BpftraceBackend(Backend):
             entry = ", ".join(f"uprobe:{probe_path(path)}:{probe.function}{self.offset(probe, path)}"
                               for path in probe.files)
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
+        elif probe.kind == "usdt":        # bpftrace reads the note: every site, its arguments, its semaphore
+            entry, ret = f"usdt:{probe_path(probe.path)}:{probe.function}", ""
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]

@@ -85,7 +85,17 @@ class Tracepoint:
     span: Span = field(default=NO_SPAN, compare=False)
 
 
-Probe = Union[UProbe, Tracepoint]
+@dataclass(frozen=True)
+class Usdt:
+    """`usdt:PROVIDER:NAME(args)`: a statically defined probe (sys/sdt.h) in the program or
+    its libraries, naming its arguments; it fires where the program put it, with no return."""
+    provider: str
+    name: str
+    args: Tuple[Name, ...]
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+Probe = Union[UProbe, Tracepoint, Usdt]
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,18 @@ class _Checker:
         probe = event.probe
         allowed: Set[str] = set(BUILTINS) | set(self.params)
         args: Set[str] = set()
-        if isinstance(probe, ast.UProbe):
+        if isinstance(probe, (ast.UProbe, ast.Usdt)):
             for a in probe.args:
                 if a.name in args:
                     self.error(a.span, f"argument '{a.name}' is named twice")
                 if a.name in ("ret",) + BUILTINS:
                     self.error(a.span, f"'{a.name}' is a built-in name; call the argument something else")
                 args.add(a.name)
-            allowed |= args | {"ret"}
+            allowed |= args | ({"ret"} if isinstance(probe, ast.UProbe) else set())
+            if isinstance(probe, ast.Usdt):
+                for expr in event_exprs(event):
+                    for d in derefs_in(expr):
+                        self.error(d.span, "a usdt probe has no return: it cannot read out-parameters")
         else:
             fields = self.tracepoint_fields(probe.category, probe.event)
             if fields == ("*",):                      # tracefs unreadable: trust the names
@@ -124,8 +128,10 @@ class _Checker:
             for n in names_in(expr):
                 if n.name not in allowed:
                     where = "tracepoint field" if isinstance(probe, ast.Tracepoint) else "argument"
+                    hint = " (a usdt probe has no return value)" if n.name == "ret" and isinstance(probe, ast.Usdt) else ""
                     self.error(n.span, f"unknown name '{n.name}': not an {where}, a parameter or one of "
-                                       f"{', '.join(('ret',) + BUILTINS if isinstance(probe, ast.UProbe) else BUILTINS)}")
+                                       f"{', '.join(('ret',) + BUILTINS if isinstance(probe, ast.UProbe) else BUILTINS)}"
+                                       + hint)
             for d in derefs_in(expr):
                 target = d.array if isinstance(d, ast.Index) else d.operand
                 if not (isinstance(target, ast.Name) and target.name in args):

@@ -85,11 +85,14 @@ def cli():
 def check(recipe):
     """Validate RECIPE, and lower it for every backend and version; print every error as file:line:col."""
     parsed = compiler.load(recipe)
-    program = compiler.build(parsed)
+    program = compiler.build(parsed, complete=False)
     compiler.check_backends(program, parsed.source)
     probes = sum(len(r.probes) for r in program.resources)
     click.echo(f"{recipe}: ok ({len(program.resources)} resource(s), {probes} probe(s) after folding aliases; "
                f"lowers to {targets.supported()})")
+    for label in program.unprobed:
+        click.echo(f"  {label}: looked for in the traced program's files when it runs "
+                   f"(compile --program EXE shows where)")
     for probe in (p for r in placement.apply(program).resources for p in r.probes):
         offset, instruction = probe.place_in(probe.path)
         if offset:
@@ -138,18 +141,21 @@ def list_cmd():
 @click.option("--probe-at", type=click.Choice(["placed", "entry"]), default="placed", show_default=True,
               help="placed: each uprobe on an emulated instruction of its function's entry path, for "
                    "this machine's libraries (a comment shows where); entry: at function entries")
+@click.option("--program", metavar="EXE", type=click.Path(exists=True, dir_okay=False),
+              help="resolve libraries and usdt probes as this program would (else: as ldconfig knows them)")
 @allocation_options
-def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at, allocator, obj, symbols_prefix,
-            min_size, max_size):
+def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at, program, allocator, obj,
+            symbols_prefix, min_size, max_size):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
     scope = ir.Scope()
     if pid is not None:
         scope = ir.Scope("pid", pid=pid)
     elif comm is not None:
         scope = ir.Scope("comm", comm=session.validate_comm(comm))
-    choice = allocators.choose(allocator, obj, symbols_prefix, libraries.LibraryResolver().resolve)
-    program = compiler.build(compiler.load(recipe), _set_pairs(sets), allocator=choice)
-    program = session.sized(program, min_size, max_size).with_scope(scope).sampled(sample)
+    resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
+    choice = allocators.choose(allocator, obj, symbols_prefix, resolver.resolve)
+    built = compiler.build(compiler.load(recipe), _set_pairs(sets), resolver=resolver, allocator=choice)
+    program = session.sized(built, min_size, max_size).with_scope(scope).sampled(sample)
     program = program.walking_stacks(stacks)
     if probe_at == "placed":
         program = placement.apply(program)

@@ -67,17 +67,24 @@ def read_source(name_or_path: str) -> Tuple[str, str]:
 
 def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
           resolver: Optional[libraries.LibraryResolver] = None,
-          max_live: int = ir.DEFAULT_MAX_LIVE, allocator: Optional[allocators.Choice] = None) -> ir.Program:
+          max_live: int = ir.DEFAULT_MAX_LIVE, allocator: Optional[allocators.Choice] = None,
+          complete: bool = True) -> ir.Program:
     """Checked recipe -> IR with libraries resolved and aliases folded; allocator: its probes
-    moved to another allocator's library (probedsl.allocators)."""
+    moved to another allocator's library (probedsl.allocators). complete: a resource whose
+    optional probes (moved ones, usdt) all went must be an error (check only looks)."""
     program = lower.lower(recipe, lower.parameter_values(recipe, overrides), max_live)
     program = allocators.apply(program, allocator)
-    moved = {r.name for r in program.resources if any(p.optional for p in r.probes)}
+    optional = {r.name: [p.label for p in r.probes if p.optional and any(a.kind == "acquire" for a in p.actions)]
+                for r in program.resources}
     program = libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
     for res in program.resources:
-        if res.name in moved and not any(a.kind == "acquire" for p in res.probes for a in p.actions):
+        if not complete or not optional[res.name] or any(a.kind == "acquire" for p in res.probes for a in p.actions):
+            continue
+        if allocator:
             raise ProbedslError(f"{allocator.library}: none of {res.name}'s allocation calls is there"
                                 + (f" with the prefix {allocator.prefix}" if allocator.prefix else ""))
+        raise ProbedslError(f"no file of the program has {' or '.join(optional[res.name])} (looked in the "
+                            f"program given by --pid or -- CMD and its libraries)")
     return program
 
 

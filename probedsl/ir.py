@@ -129,6 +129,8 @@ class Probe:
     # moved to another allocator's library (--allocator, -O): dropped, with a note, where that
     # library lacks the function (jemalloc has no pvalloc)
     optional: bool = False
+    # usdt: the sites of provider:name in `path` (probedsl.usdt.Site), each a uprobe
+    sites: Tuple = ()
 
     @property
     def files(self) -> Tuple[str, ...]:
@@ -155,7 +157,7 @@ class Probe:
 
     @property
     def label(self) -> str:
-        return f"{self.library}:{self.function}" if self.kind == "uprobe" else f"tracepoint:{self.function}"
+        return f"{self.library}:{self.function}" if self.kind == "uprobe" else f"{self.kind}:{self.function}"
 
 
 def attach_order(probes: Tuple[Probe, ...]) -> List[Probe]:

@@ -10,9 +10,9 @@ import subprocess
 from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from . import elf, ir, roots
+from . import elf, ir, roots, usdt
 from .mappings import read_proc_maps
-from .errors import Diagnostic, RecipeError
+from .errors import Diagnostic, ProbedslError, RecipeError
 
 # Paths end up inside generated probe specs; keep them to characters that need no quoting.
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+/-]+$")
@@ -93,6 +93,13 @@ class LibraryResolver:
             return roots.attach_path(self.pid, path)
         return os.path.realpath((self._prefix or "") + path)
 
+    def program_files(self) -> Iterable[str]:
+        """The program itself, then its libraries, as files here: where usdt probes are looked for."""
+        if self.command:
+            yield self.here(self.command)
+        for path in self.candidates():
+            yield self.here(path)
+
     def resolve(self, library: str) -> Optional[str]:
         if "/" in library:
             path = self.here(library)
@@ -122,6 +129,13 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
         seen: Dict[Tuple[str, int, bool], ir.Probe] = {}
         probes = []
         for probe in res.probes:
+            if probe.kind == "usdt":
+                found = _usdt_sites(probe, resolver, program.filename, diagnostics)
+                if found:
+                    probes.append(replace(probe, path=found[0], sites=found[1]))
+                elif found is None:
+                    unprobed.append(probe.label)
+                continue
             if probe.kind != "uprobe":
                 probes.append(probe)
                 continue
@@ -154,6 +168,32 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
     if diagnostics:
         raise RecipeError(diagnostics, source)
     return replace(program, resources=tuple(resources), unprobed=tuple(dict.fromkeys(unprobed)))
+
+
+def _usdt_sites(probe: ir.Probe, resolver: LibraryResolver, filename: str, diagnostics: List[Diagnostic]):
+    """(file, sites) of the first of the program's files holding the probe; None when none does;
+    () when it is there but cannot be probed (a diagnostic says why)."""
+    provider, name = probe.function.split(":")
+    for path in dict.fromkeys(resolver.program_files()):
+        found = usdt.sites(path, provider, name)
+        if not found:
+            continue
+        if not SAFE_PATH.match(path):
+            diagnostics.append(Diagnostic(filename, probe.span,
+                                          f"file path {path!r} has characters probedsl does not put in a probe"))
+            return ()
+        try:
+            for site in found:
+                for index in probe.args_read:
+                    if index >= len(site.args):
+                        raise ProbedslError(f"{probe.label} in {path} has {len(site.args)} argument(s); the "
+                                            f"recipe reads argument {index + 1}")
+                    usdt.location(site.args[index])
+        except ProbedslError as exc:
+            diagnostics.append(Diagnostic(filename, probe.span, str(exc)))
+            return ()
+        return path, tuple(found)
+    return None
 
 
 def _other_copies(path: str, probe: ir.Probe, resolver: LibraryResolver) -> Tuple[str, ...]:

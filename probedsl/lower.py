@@ -20,7 +20,7 @@ class _Binder:
         self.probe = probe
         self.at_return = at_return
         self.params = params
-        self.arg_index = {a.name: i for i, a in enumerate(probe.args)} if isinstance(probe, ast.UProbe) else {}
+        self.arg_index = {a.name: i for i, a in enumerate(probe.args)} if isinstance(probe, (ast.UProbe, ast.Usdt)) else {}
         self.saved: List[int] = []          # argument indexes saved at entry, in slot order
 
     def value(self, expr: ast.Expr) -> ir.Value:
@@ -98,13 +98,15 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
                 actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))
             p = event.probe
+            kind, library, function = (("uprobe", p.library, p.function) if isinstance(p, ast.UProbe) else
+                                       ("usdt", "", f"{p.provider}:{p.name}") if isinstance(p, ast.Usdt) else
+                                       ("tracepoint", "", f"{p.category}:{p.event}"))
+            # a process fires one provider's probes (otel_memory or ddheap): those not in its
+            # files are left out, with a note
             probes.append(ir.Probe(
-                id=len(probes) + 1, resource=res.name,
-                kind="uprobe" if isinstance(p, ast.UProbe) else "tracepoint",
-                library=p.library if isinstance(p, ast.UProbe) else "",
-                function=p.function if isinstance(p, ast.UProbe) else f"{p.category}:{p.event}",
+                id=len(probes) + 1, resource=res.name, kind=kind, library=library, function=function,
                 at_return=at_return, saved_args=tuple(bind.saved), actions=tuple(actions),
-                span=event.probe.span))
+                span=event.probe.span, optional=kind == "usdt"))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []

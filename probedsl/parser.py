@@ -108,6 +108,10 @@ class _ToAst(Transformer):
         library, function, *args = children
         return ast.UProbe(library, str(function), tuple(_name(a) for a in args if a is not None), _span(meta))
 
+    def usdt(self, meta, children):
+        provider, name, *args = children
+        return ast.Usdt(str(provider), str(name), tuple(_name(a) for a in args if a is not None), _span(meta))
+
     def tracepoint(self, meta, children):
         category, event = children
         return ast.Tracepoint(str(category), str(event), _span(meta))

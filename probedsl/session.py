@@ -168,8 +168,12 @@ class Session:
         if opts.min_size is not None or opts.max_size is not None:
             self.notes.append("--min-size/--max-size: blocks outside the size range are not recorded, so their "
                               "releases count as releases of unknown keys")
-        if program.unprobed:
-            self.say(f"note: not probed, not in the allocator's library: {', '.join(program.unprobed)}")
+        usdts = [label for label in program.unprobed if label.startswith("usdt:")]
+        calls = [label for label in program.unprobed if not label.startswith("usdt:")]
+        if calls:
+            self.say(f"note: not probed, not in the allocator's library: {', '.join(calls)}")
+        if usdts:
+            self.say(f"note: not probed, no file of the program has them: {', '.join(usdts)}")
         if opts.reachability:
             scanner.check_program(program)
         program = program.sampled(opts.sample).reading_live(opts.ages or opts.reachability

@@ -107,7 +107,8 @@ def test_list_shows_bundled_recipes_with_descriptions():
     result = probedsl("list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == sorted(["cxxleak", "fdleak", "fileleak", "kmemleak", "lockhold", "memleak", "mmapleak", "zstream"])
+    assert names == sorted(["cxxleak", "fdleak", "fileleak", "kmemleak", "lockhold", "memleak", "mmapleak",
+                            "sampledheap", "zstream"])
     assert "min_age_ms=0" in result.stdout
 
 

@@ -27,18 +27,27 @@ def _import_bcc():
     except ImportError:
         raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
                             "or run scripts/setup.sh)") from None
-    _pass_a_zero_ref_ctr_offset(bcc.libbcc.lib)
+    _pass_the_ref_ctr_offset(bcc.libbcc.lib)
     _resolve_each_symbol_once(bcc.BPF)
     return bcc
 
 
-def _pass_a_zero_ref_ctr_offset(lib) -> None:
+class _Semaphore:
+    """The ref_ctr_offset the next attach passes: a usdt site's semaphore, else 0."""
+    offset = 0
+
+
+_semaphore = _Semaphore()
+
+
+def _pass_the_ref_ctr_offset(lib) -> None:
     """bcc 0.26's Python declares bpf_attach_uprobe with 6 arguments; libbcc takes a 7th,
     ref_ctr_offset, which then gets whatever is on the stack (iovisor/bcc#5236). The kernel
     keeps one ref_ctr_offset per probed address: a garbage one (6, measured) makes the attach
     fail with EINVAL ("ref_ctr_offset mismatch" in dmesg) whenever a plain uprobe already sits
     there, and otherwise makes the kernel bump a 16-bit "semaphore" in every process mapping
-    the file. Every attach goes through a wrapper that passes 0, as bpftrace does."""
+    the file. Every attach goes through a wrapper that passes 0, as bpftrace does, or the
+    semaphore of the usdt site being attached."""
     if getattr(lib.bpf_attach_uprobe, "probedsl_wrapped", False):
         return
     real = lib.bpf_attach_uprobe
@@ -47,7 +56,7 @@ def _pass_a_zero_ref_ctr_offset(lib) -> None:
                      ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
 
     def attach(progfd, attach_type, ev_name, path, offset, pid):
-        return real(progfd, attach_type, ev_name, path, offset, pid, 0)
+        return real(progfd, attach_type, ev_name, path, offset, pid, _semaphore.offset)
     attach.probedsl_wrapped = True
     lib.bpf_attach_uprobe = attach
 
@@ -225,7 +234,8 @@ class BccLoader:
             _allow_many_uprobes()
             self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
             for p in manifest["probes"]:        # resolved and loaded now, not while a process waits
-                bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
+                if not p.get("usdt"):
+                    bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
                 for fn in filter(None, (p["entry"], p["return"])):
                     self.bpf.load_func(fn, bcc.BPF.KPROBE)
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
@@ -245,7 +255,15 @@ class BccLoader:
 
     def _attach_one(self, p: dict, path: str, placed: bool, pid: int) -> None:
         """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
-        offset (probedsl.placement: the return address is still at [rsp] there)."""
+        offset (probedsl.placement: the return address is still at [rsp] there). A usdt site by
+        its address, the kernel raising its semaphore while the uprobe is on."""
+        if p.get("usdt"):
+            _semaphore.offset = p["ref_ctr"]
+            try:
+                self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
+            finally:
+                _semaphore.offset = 0
+            return
         if not (placed and p.get("offset")):
             self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
             if p["return"]:
@@ -361,7 +379,8 @@ class BccLoader:
         if roots.root_prefix(pid) == "":
             return True
         copies: Dict[str, List[str]] = {}
-        for p in self.manifest["probes"]:
+        uprobes = [p for p in self.manifest["probes"] if not p.get("usdt")]   # usdt: the program's own files
+        for p in uprobes:
             if p["library"] not in copies:
                 mapped = LibraryResolver(pid=pid).resolve(p["library"])
                 found = [roots.attach_path(pid, p["path"])] + ([mapped] if mapped else [])
@@ -369,7 +388,7 @@ class BccLoader:
                 if not copies[p["library"]]:
                     return False
         new_files = []
-        for p in self.manifest["probes"]:
+        for p in uprobes:
             for path in copies[p["library"]]:
                 key = (_identity(path), p["function"], p["entry"])
                 if key in self.probed:
@@ -566,6 +585,8 @@ def _placed(p: dict) -> dict:
     """A manifest probe with its offset kept only while the file still holds the code it was
     placed in (a loader may run on another machine, or after an upgrade), and the address of
     its placed instruction."""
+    if p.get("usdt"):
+        return p
     offset = p.get("offset", 0)
     if offset and not placement.still_there(p["path"], p["function"], offset, p.get("code", "")):
         print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
