@@ -70,8 +70,10 @@ class Backend:
         return self.comment(f"at {where} (emulated; the entry's instruction would be single-stepped)")
 
     def comment(self, text: str) -> str:
-        """Recipe text in a generated comment: one line, no comment terminator."""
-        return " ".join(text.split()).replace("*/", "* /")
+        """Recipe text in a generated comment: one line, no comment terminator, no control
+        character (bpftrace's lexer stops at a NUL even inside a comment)."""
+        printable = "".join(c if c.isprintable() else " " for c in text)
+        return " ".join(printable.split()).replace("*/", "* /")
 
     def render_template(self, **view) -> Generated:
         text = self.env.get_template(self.template).render(**view)

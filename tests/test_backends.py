@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, ir, layout, targets
+from probedsl import ast, compiler, ir, layout, libraries, targets
 
 from conftest import MEMLEAK, ROOT
 
@@ -28,7 +28,9 @@ def memleak_program(target=ir.Scope("pid", pid=4242)) -> ir.Program:
 
 
 def recipe_program(path, target=ir.Scope("pid", pid=4242)) -> ir.Program:
-    return fixed_paths(compiler.build(compiler.load(path))).with_scope(target)
+    """usdt probes are found in a program's files only: without one they are left out here
+    (tests/test_usdt.py generates them for a real program)."""
+    return fixed_paths(compiler.build(compiler.load(path), complete=False)).with_scope(target)
 
 
 BUNDLED = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
@@ -106,12 +108,27 @@ def test_bcc_manifest_lists_each_uprobe_with_its_functions():
 
 
 # --- the real backends accept what we generate (needs root, as CI has) --------------------
+@pytest.fixture(scope="module")
+def usdt_program(tmp_path_factory):
+    """A program with otel_memory probes, where sampledheap's usdt probes are found."""
+    exe = tmp_path_factory.mktemp("usdt") / "sampled"
+    subprocess.run(["gcc", "-O2", "-DOTEL", "-o", str(exe), str(ROOT / "tests" / "fixtures" / "sampled.c")],
+                   check=True)
+    return str(exe)
+
+
+def built(recipe: str, usdt_program: str) -> ir.Program:
+    parsed = compiler.load(recipe)
+    uses_usdt = any(isinstance(e.probe, ast.Usdt) for r in parsed.resources for e in r.events)
+    return compiler.build(parsed, resolver=libraries.LibraryResolver(command=usdt_program) if uses_usdt else None)
+
+
 @pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")],
                          ids=["all", "pid", "comm"])
-def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required):
-    program = compiler.build(compiler.load(recipe)).with_scope(scope)
+def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required, usdt_program):
+    program = built(recipe, usdt_program).with_scope(scope)
     script = tmp_path / "p.bt"
     target = targets.detect("bpftrace")
     script.write_text(target.generator().generate(program, ready_pid=1).text)
@@ -123,9 +140,9 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
-def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required):
+def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, usdt_program):
     from bcc import BPF
-    program = compiler.build(compiler.load(recipe)).with_scope(scope)
+    program = built(recipe, usdt_program).with_scope(scope)
     gen = targets.detect("bcc").generator().generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
@@ -135,3 +152,15 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required):
                 bpf.load_func(p["return"], BPF.KPROBE)
     finally:
         bpf.cleanup()
+
+
+def test_control_characters_in_a_description_stay_out_of_generated_text():
+    """bpftrace's lexer stops at a NUL even inside a comment (found by tests/test_fuzz.py)."""
+    from probedsl import parser
+    source = open(MEMLEAK).read().replace('"Heap blocks', '"\\x00 \x1b[31m Heap blocks', 1)
+    source = source.replace("\\x00", "\x00")
+    recipe = parser.parse(source, "m.probe")
+    program = compiler.build(recipe).with_scope(ir.Scope("pid", pid=1))
+    for cls in targets.TARGETS:
+        text = cls().generator().generate(program).text
+        assert "\x00" not in text and "\x1b" not in text and "Heap blocks" in text
