@@ -7,7 +7,7 @@ import subprocess
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import checker, libraries, lower, parser, targets
+from probedsl import checker, compiler, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl
@@ -15,7 +15,7 @@ from conftest import ROOT, probedsl
 RECIPES = {p: open(p).read() for p in sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))}
 TOKENS = ["acquire", "release", "releases", "acquires", "record", "report", "resource", "when", "keyed",
           "by", "->", "(", ")", "{", "}", ",", ":", "=", "*", "[", "]", "!", "&&", "||", "==", "int",
-          "ret", "pid", "tid", "size", "ustack", "libc", "malloc", "free", "tracepoint", "kmem", "0", "-1",
+          "ret", "pid", "tid", "size", "ustack", "libc", "malloc", "free", "tracepoint", "usdt", "kmem", "0", "-1",
           "0x10", "x", '"', "#", "\n", "hist", "count", "sum", "top", "outstanding", "lifetime", "ß", "\x00"]
 
 
@@ -23,8 +23,7 @@ def pipeline(text: str):
     """Everything `probedsl compile` does, for both backends; returns the programs."""
     recipe = parser.parse(text, "fuzz.probe")
     checker.check(recipe)
-    program = lower.lower(recipe, lower.parameter_values(recipe, {}))
-    program = libraries.resolve(program, libraries.LibraryResolver(), text)
+    program = compiler.build(recipe)
     return program, [cls().generator().generate(program) for cls in targets.TARGETS]
 
 
