@@ -77,12 +77,18 @@ class LibraryResolver:
         self._prefix = roots.root_prefix(pid) if pid else self.root
         self._elsewhere: Dict[str, List[str]] = {}
 
+    @functools.cached_property
+    def _command_libraries(self) -> List[str]:
+        """What the loader maps for the command: asked once (`ld.so --list` per probe added up
+        to 26 runs for memleak with --allocator), as a program not yet started cannot change it."""
+        return [path for _, path in loader_map(self.command, root=self.root)]
+
     def candidates(self) -> Iterable[str]:
         """Library paths as the traced program names them (inside its root)."""
         if self.pid:
             yield from mapped_files(self.pid)
         if self.command:
-            yield from (path for _, path in loader_map(self.command, root=self.root))
+            yield from self._command_libraries
         if self._prefix == "":            # our root: what ldconfig knows is what it can load
             for _, path in _ldconfig():
                 yield path

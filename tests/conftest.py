@@ -91,6 +91,18 @@ def mallocfree(tmp_path_factory):
     return str(exe)
 
 
+@pytest.fixture(scope="session")
+def sampled(tmp_path_factory):
+    """tests/fixtures/sampled.c for each USDT provider: {provider: executable}, built -O2 (no frame
+    pointers) as distributions build."""
+    out = tmp_path_factory.mktemp("usdt")
+    built = {}
+    for provider, define in (("otel_memory", "-DOTEL"), ("ddheap", "-DDD")):
+        built[provider] = str(out / f"sampled_{provider}")
+        subprocess.run(["gcc", "-O2", "-g", define, "-o", built[provider], str(FIXTURES / "sampled.c")], check=True)
+    return built
+
+
 # build("NAME-FLAVOUR"): gcc's flags for each optimized flavour of a fixture
 OPTIMIZED = {"O2": ["-O2", "-g"], "nounwind": ["-O2", "-g", "-fno-asynchronous-unwind-tables"],
              "cet": ["-O2", "-fcf-protection=full"]}

@@ -108,27 +108,20 @@ def test_bcc_manifest_lists_each_uprobe_with_its_functions():
 
 
 # --- the real backends accept what we generate (needs root, as CI has) --------------------
-@pytest.fixture(scope="module")
-def usdt_program(tmp_path_factory):
-    """A program with otel_memory probes, where sampledheap's usdt probes are found."""
-    exe = tmp_path_factory.mktemp("usdt") / "sampled"
-    subprocess.run(["gcc", "-O2", "-DOTEL", "-o", str(exe), str(ROOT / "tests" / "fixtures" / "sampled.c")],
-                   check=True)
-    return str(exe)
-
-
-def built(recipe: str, usdt_program: str) -> ir.Program:
+def built(recipe: str, sampled: dict) -> ir.Program:
+    """The recipe resolved for this machine; one with usdt probes for a program that has them."""
     parsed = compiler.load(recipe)
     uses_usdt = any(isinstance(e.probe, ast.Usdt) for r in parsed.resources for e in r.events)
-    return compiler.build(parsed, resolver=libraries.LibraryResolver(command=usdt_program) if uses_usdt else None)
+    program = sampled["otel_memory"] if uses_usdt else None
+    return compiler.build(parsed, resolver=libraries.LibraryResolver(command=program) if program else None)
 
 
 @pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")],
                          ids=["all", "pid", "comm"])
-def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required, usdt_program):
-    program = built(recipe, usdt_program).with_scope(scope)
+def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required, sampled):
+    program = built(recipe, sampled).with_scope(scope)
     script = tmp_path / "p.bt"
     target = targets.detect("bpftrace")
     script.write_text(target.generator().generate(program, ready_pid=1).text)
@@ -140,9 +133,9 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
-def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, usdt_program):
+def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
     from bcc import BPF
-    program = built(recipe, usdt_program).with_scope(scope)
+    program = built(recipe, sampled).with_scope(scope)
     gen = targets.detect("bcc").generator().generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:

@@ -1,11 +1,10 @@
 """USDT probes in the language (usdt:PROVIDER:NAME(args)) and the sampledheap recipe: a process
 that samples its own allocations and fires otel_memory/ddheap probes behind their semaphores is
 traced on both backends, launched or running, with exact totals."""
-import subprocess
 
 import pytest
 
-from conftest import BACKENDS, FIXTURES, ROOT, Held, probedsl, report_json, start_run
+from conftest import BACKENDS, ROOT, Held, probedsl, report_json, start_run
 from probedsl import usdt
 from probedsl.errors import ProbedslError, RecipeError
 from probedsl import checker, parser
@@ -13,18 +12,6 @@ from probedsl import checker, parser
 RECIPE = str(ROOT / "recipes" / "sampledheap.probe")
 # sampled.c: 12 sampled blocks stay live, weighing 4 x (64 + i) for i = 4, 12, ..., 92
 LIVE = (5376, 12)
-
-
-@pytest.fixture(scope="module")
-def sampled(tmp_path_factory):
-    """{provider: executable}, built -O2 (no frame pointers) as distributions build."""
-    out = tmp_path_factory.mktemp("usdt")
-    built = {}
-    for provider, define in (("otel_memory", "-DOTEL"), ("ddheap", "-DDD")):
-        exe = out / f"sampled_{provider}"
-        subprocess.run(["gcc", "-O2", "-g", define, "-o", str(exe), str(FIXTURES / "sampled.c")], check=True)
-        built[provider] = str(exe)
-    return built
 
 
 def heap_of(stdout: str) -> tuple:
