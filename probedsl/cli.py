@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import allocators, compiler, formats, ir, layout, libraries, placement, report, session, targets
+from . import allocators, compiler, escape, formats, ir, layout, libraries, placement, report, session, targets
 from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
@@ -353,10 +353,10 @@ def main():
     try:
         cli.main(standalone_mode=False)
     except RecipeError as exc:
-        click.echo(exc.render(), err=True)
+        click.echo(escape.message(exc.render()), err=True)
         sys.exit(1)
-    except ProbedslError as exc:
-        click.echo(f"probedsl: error: {exc}", err=True)
+    except ProbedslError as exc:          # may quote a traced program's names: escaped, one line
+        click.echo(f"probedsl: error: {escape.for_terminal(str(exc), escape.MAX_MESSAGE)}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("probedsl: aborted", err=True)

@@ -12,6 +12,7 @@ import hashlib
 from html import escape
 from typing import Dict, List
 
+from .escape import MAX_MESSAGE, for_terminal
 from .report import Report, stack_entries
 
 WIDTH, ROW, FONT = 1200, 16, 12
@@ -65,18 +66,20 @@ def to_svg(report: Report, color: bool = False) -> str:
             return
         y = height - PAD_BOTTOM - ROW * (level + 1)
         share = 100.0 * node.value / root.value if root.value else 0
-        label = f"{node.name} ({node.value} {unit}, {share:.2f}%)"
+        name = for_terminal(node.name)          # a traced program's name: visible escapes, capped
+        label = f"{name} ({node.value} {unit}, {share:.2f}%)"
         rects.append(f'<g class="f" data-x="{x:.2f}" data-w="{width:.2f}" data-path="{escape(path)}">'
                      f'<title>{escape(label)}</title>'
                      f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW - 1}" fill="{_color(node)}" '
-                     f'rx="2"/><text x="{x + 3:.2f}" y="{y + ROW - 4}">{escape(_fit(node.name, width))}</text></g>')
+                     f'rx="2"/><text x="{x + 3:.2f}" y="{y + ROW - 4}">{escape(_fit(name, width))}</text></g>')
         child_x = x
         for i, child in enumerate(sorted(node.children.values(), key=lambda c: c.name)):
             draw(child, child_x, level + 1, f"{path}/{i}")
             child_x += child.value * scale
 
     draw(root, PAD_SIDE, 0, "0")
-    title = escape(f"probedsl {report.recipe}: outstanding {unit} by stack ({report.target})")
+    title = escape(for_terminal(f"probedsl {report.recipe}: outstanding {unit} by stack ({report.target})",
+                                MAX_MESSAGE))
     return f"""<?xml version="1.0" standalone="no"?>
 <svg version="1.1" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" onload="init(evt)"
  xmlns="http://www.w3.org/2000/svg">

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Callable, Dict, List
+
+from .escape import MAX_MESSAGE, for_folded, for_terminal
 
 from .pprof import to_pprof
 from .flamegraph import to_svg
+from .html_report import to_html
 from .report import Report, Section, stack_entries
 from .symbolizer import Frame
 
@@ -26,7 +30,9 @@ class _Style:
 
 
 def _frame_text(f: Frame, style: _Style) -> str:
-    text = str(f)
+    # names come from the traced program and its files: escaped, each capped
+    text = str(replace(f, function=for_terminal(f.function), module=for_terminal(f.module),
+                       file=for_terminal(f.file)))
     if f.file and style.color:
         head, _, where = text.rpartition(" ")
         return f"{head} {style.dim(where)}"
@@ -54,7 +60,7 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
                               f"{len(shown)} of {s.total_entries} entries"))
         for e in shown:
             who = f" pid {e.pid}" if e.pid is not None else ""
-            who += f" comm {e.comm}" if e.comm is not None else ""
+            who += f" comm {for_terminal(e.comm)}" if e.comm is not None else ""
             out.append(f"  {style.value(str(e.values['released']))} released{who}")
             for f in e.stack + e.kernel_stack:
                 out.append("      " + _frame_text(f, style))
@@ -86,7 +92,7 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
         if e.pid is not None:
             extra.append(f"pid {e.pid}")
         if e.comm is not None:
-            extra.append(f"comm {e.comm}")
+            extra.append(f"comm {for_terminal(e.comm)}")
         lost = [f"{k.replace('_', ' ')} {v['bytes']}/{v['blocks']}" for k, v in e.kinds.items() if v["blocks"]]
         if lost:
             extra.append(", ".join(lost))
@@ -133,7 +139,7 @@ def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
 def to_text(report: Report, color: bool = False) -> str:
     style = _Style(color)
     kind = "final" if report.final else f"interval {report.sequence}"
-    head = f"probedsl {report.recipe} report ({kind}): {report.target}, {report.backend}"
+    head = f"probedsl {for_terminal(report.recipe)} report ({kind}): {for_terminal(report.target, MAX_MESSAGE)}, {report.backend}"
     head += f" {report.backend_version}" if report.backend_version else ""
     head += f", {report.duration_s:.1f}s"
     if report.exit_status is not None:
@@ -144,10 +150,10 @@ def to_text(report: Report, color: bool = False) -> str:
     for name, r in report.resources.items():
         size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
         replaced = f", {r['replaced']} acquired again without a release" if r.get("replaced") else ""
-        out.append(f"  {name}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
+        out.append(f"  {for_terminal(name)}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
                    f"{r['unknown_releases']} releases of unknown keys{replaced}")
     for note in report.notes:
-        out.append(f"  note: {note}")
+        out.append(f"  note: {for_terminal(note, MAX_MESSAGE)}")
     _leak_summary(report, out, style)
     for s in report.sections:
         out.append("")
@@ -165,7 +171,7 @@ def to_folded(report: Report, color: bool = False) -> str:
     `_[k]` and inlined ones `_[i]`, which flamegraph.pl colours."""
     lines = []
     for s, frames, weight in stack_entries(report):
-        names = [s.resource] + [f.name.replace(";", ":") + ("_[k]" if kernel else "_[i]" if f.inlined else "")
+        names = [for_folded(s.resource)] + [for_folded(f.name) + ("_[k]" if kernel else "_[i]" if f.inlined else "")
                                 for f, kernel in frames]
         lines.append(f"{';'.join(names)} {weight}")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -203,7 +209,7 @@ def to_speedscope(report: Report, color: bool = False) -> str:
 
 FORMATS: Dict[str, Callable[..., object]] = {
     "text": to_text, "json": to_json, "folded": to_folded, "speedscope": to_speedscope, "pprof": to_pprof,
-    "svg": to_svg}
+    "svg": to_svg, "html": to_html}
 
 
 def render(report: Report, fmt: str, color: bool = False):
@@ -216,7 +222,7 @@ def diff_text(rows: List[dict], color: bool = False) -> str:
     out = [style.bold("probedsl diff: entries matched by symbolic stack, largest growth first")]
     for r in rows:
         cols = ", ".join(f"{k} {a} -> {b} ({b - a:+d})" for k, (a, b) in r["values"].items())
-        out.append(f"  {r['resource']}: {cols}{'' if r['status'] == 'both' else '  [' + r['status'] + ']'}")
+        out.append(f"  {for_terminal(r['resource'])}: {cols}{'' if r['status'] == 'both' else '  [' + r['status'] + ']'}")
         for f in r["entry"].stack + r["entry"].kernel_stack:
             out.append("      " + _frame_text(f, style))
     if not rows:

@@ -13,6 +13,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import debuginfo
+from .escape import for_utf8
 from .report import Report
 from .symbolizer import Frame
 
@@ -118,7 +119,7 @@ def to_pprof(report: Report, color: bool = False) -> bytes:
                     *((3, m) for m in mapping_msgs), *((4, m) for m in location_msgs),
                     *((5, m) for m in function_msgs), (10, int(report.duration_s * 1e9)), (13, comments))
     # every string, "" first as profile.proto requires (written even though empty)
-    body += b"".join(_field(6, text.encode()) for text in strings.table)
+    body += b"".join(_field(6, for_utf8(text)) for text in strings.table)
     return gzip.compress(body, mtime=0)
 
 

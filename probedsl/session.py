@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import allocators, compiler, doctor, estimate, formats, ir, placement, prometheus, report, roots, scanner, targets
+from . import allocators, compiler, doctor, estimate, formats, ir, notices, placement, prometheus, report, roots, scanner, targets
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
@@ -321,7 +321,8 @@ class Session:
                            backend_version=targets.version_text(self.target.version), target=self.describe,
                            duration_s=time.monotonic() - self.started, top=self.opts.top,
                            min_age_s=self.opts.min_age, exit_status=exit_status,
-                           notes=self.notes + lost + (reachability.notes if reachability else []),
+                           notes=self.notes + notices.all_notes() + lost
+                           + (reachability.notes if reachability else []),
                            reachability=reachability, complete=self.opts.format != "text")
         tracker.prune(report.referenced_pids(program, snap))
         self.growth.annotate(rep)

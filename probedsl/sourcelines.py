@@ -7,10 +7,23 @@ per batch of addresses keeps thousands of frames fast; results are cached per ad
 from __future__ import annotations
 
 import os
+import re
+import resource
+import secrets
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .notices import note
+
+# one addr2line run's bounds: a hostile debug file costs at most this, then has no lines
+ADDR2LINE_SECONDS = 60
+ADDR2LINE_OUTPUT = 64 << 20               # bytes of output
+ADDR2LINE_MEMORY = 4 << 30                # bytes of address space
+_LOCATION = re.compile(r"(.*):(\d+|\?)(?: \(discriminator \d+\))?")
+_MANGLED = re.compile(r"_Z[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -38,38 +51,35 @@ class SourceLines:
         return {a: self._cache[(module, a)] for a in vaddrs}
 
     def _run(self, module: str, addrs: List[int]) -> None:
-        argv = [self._addr2line, "-e", module, "-a", "-i", "-f", "-C"] + [f"{a:#x}" for a in addrs]
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
-        except (OSError, subprocess.TimeoutExpired):
+        # addr2line prints one name a line, and a name (from the file's DWARF) may hold a
+        # newline: after every address a sentinel address nobody can guess (random, outside
+        # any code) whose three output lines close that address's record
+        sentinel = secrets.randbits(62) | 1 << 62
+        closing = [f"{sentinel:#018x}", "??", "??:0"]
+        argv = [self._addr2line, "-e", module, "-a", "-i", "-f", "-C"]
+        for a in addrs:
+            argv += [f"{a:#x}", closing[0]]
+        out = _bounded_run(argv)
+        if out is None:
+            note(f"{module}: addr2line exceeded its bounds ({ADDR2LINE_SECONDS} s, "
+                 f"{ADDR2LINE_OUTPUT >> 20} MB): no file:line for its frames")
             return
-        current: Optional[int] = None
-        pending: List[str] = []
-        results: Dict[int, List[SourceFrame]] = {}
-
-        def flush():
-            if current is None:
+        lines = out.decode("utf-8", "surrogateescape").split("\n")
+        pos = 0
+        for a in addrs:
+            if pos >= len(lines) or lines[pos] != f"{a:#018x}":
+                return                           # not addr2line's framing: nothing from here on
+            end = pos + 1
+            while end < len(lines) and lines[end:end + 3] != closing:
+                end += 1
+            if end >= len(lines):
                 return
-            frames = []
-            for fn, where in zip(pending[0::2], pending[1::2]):
-                file, _, line = where.rpartition(":")
-                line = line.split(" ", 1)[0]
-                frames.append(SourceFrame("" if fn == "??" else fn, "" if file in ("??", "") else os.path.normpath(file),
-                                          int(line) if line.isdigit() else 0))
-            results[current] = [f for f in frames if f.function or f.file]
-
-        for text in out.splitlines():
-            if text.startswith("0x") and len(pending) % 2 == 0:
-                flush()
-                current, pending = int(text, 16), []
-            else:
-                pending.append(text)
-        flush()
-        for a, frames in results.items():
-            self._cache[(module, a)] = tuple(frames)
+            self._cache[(module, a)] = _frames(lines[pos + 1:end])
+            pos = end + 3
 
     def demangle(self, names: Sequence[str]) -> Dict[str, str]:
-        todo = sorted({n for n in names if n.startswith("_Z") and n not in self._names})
+        # c++filt reads a name a line: only names that are one printable line go to it
+        todo = sorted({n for n in names if _MANGLED.fullmatch(n) and n not in self._names})
         if todo and self._cxxfilt:
             try:
                 out = subprocess.run([self._cxxfilt], input="\n".join(todo) + "\n", capture_output=True,
@@ -79,3 +89,47 @@ class SourceLines:
             if len(out) == len(todo):
                 self._names.update(zip(todo, out))
         return {n: self._names.get(n, n) for n in names}
+
+
+def _frames(lines: List[str]) -> Tuple[SourceFrame, ...]:
+    """One address's (function, file:line) pairs; none when they are not pairs (a name held
+    a newline): its frame is then named from the symbol table alone."""
+    if len(lines) % 2:
+        return ()
+    frames = []
+    for fn, where in zip(lines[0::2], lines[1::2]):
+        m = _LOCATION.fullmatch(where)
+        if m is None:
+            return ()
+        file, line = m.group(1), m.group(2)
+        frames.append(SourceFrame("" if fn == "??" else fn, "" if file in ("??", "") else os.path.normpath(file),
+                                  int(line) if line.isdigit() else 0))
+    return tuple(f for f in frames if f.function or f.file)
+
+
+def _bounded_run(argv: List[str]) -> Optional[bytes]:
+    """argv's output (b"" when it failed), or None when it went past the time, output or
+    memory bound (the output goes to a file whose size the kernel limits)."""
+    try:
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            try:
+                for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT),
+                                     (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
+                    resource.prlimit(proc.pid, limit, (value, value))
+            except (OSError, ValueError):
+                pass                       # it ended already
+            try:
+                status = proc.wait(timeout=ADDR2LINE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return None
+            if status < 0:                 # killed: past the output or memory bound
+                return None
+            if status > 0:                 # not a file it reads: nothing to say
+                return b""
+            out.seek(0)
+            return out.read()
+    except OSError:
+        return None
