@@ -18,6 +18,9 @@ from typing import Dict, List, Optional, Tuple
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from . import bounds
+from .notices import note
+
 RBP, RSP, RA = 6, 7, 16          # DWARF register numbers (x86-64 psABI)
 EXPRESSION, PLT = -1, -2         # CFA "registers": an expression we do not evaluate; a PLT stub's
 # the expression every PLT's FDE has (binutils): CFA = rsp + 8, + 8 more once the stub's push
@@ -101,13 +104,16 @@ class _Reader:
         return self._leb(signed=True)
 
     def _leb(self, signed: bool) -> int:
-        """A LEB128 number: 7 bits a byte, low first; signed ones extend the last byte's 0x40."""
+        """A LEB128 number: 7 bits a byte, low first; signed ones extend the last byte's 0x40.
+        At most 10 bytes (64 bits): a longer run would build an ever larger integer."""
         result = shift = 0
         while True:
             b = self.data[self.pos]
             self.pos += 1
             result |= (b & 0x7F) << shift
             shift += 7
+            if shift > 70:
+                raise ValueError("LEB128 number over 64 bits")
             if b < 0x80:
                 return result - (1 << shift) if signed and b & 0x40 else result
 
@@ -266,7 +272,7 @@ def _push(rows: List[Row], loc: int, state: _State, signal: bool) -> None:
         rows.append(row)
 
 
-def _fdes(data: bytes, address: int, debug_frame: bool) -> list:
+def _fdes(data: bytes, address: int, debug_frame: bool, deadline: Optional[bounds.Deadline] = None) -> list:
     """[(start, end, rows)] of every FDE of an .eh_frame section loaded at address (ELF view),
     or of a .debug_frame (DWARF's own: absolute addresses, a CIE found by its offset in the
     section, no augmentation data in practice)."""
@@ -274,6 +280,8 @@ def _fdes(data: bytes, address: int, debug_frame: bool) -> list:
     fdes = []
     pos = 0
     while pos + 4 <= len(data):
+        if deadline is not None and len(fdes) & 0xFF == 0:
+            deadline.check()
         length = struct.unpack_from("<I", data, pos)[0]
         header = 4
         if length == 0:
@@ -349,20 +357,30 @@ def _fde_rows(cie: _Cie, program: bytes, start: int, address: int, offset: int) 
 @functools.lru_cache(maxsize=64)
 def _load(path: str, mtime_ns: int, size: int) -> Optional[Table]:
     """.eh_frame's FDEs, and .debug_frame's for code .eh_frame does not cover (a build with
-    -fno-asynchronous-unwind-tables has only the C runtime's in .eh_frame)."""
+    -fno-asynchronous-unwind-tables has only the C runtime's in .eh_frame). Bounded per file
+    (probedsl.bounds): a file past the bounds has no rows, and a note says so."""
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
+            deadline = bounds.Deadline(f"{path} call-frame information")
             fdes = []
             section = elf.get_section_by_name(".eh_frame")
             if section is not None:
-                fdes = _fdes(section.data(), section["sh_addr"], debug_frame=False)
+                fdes = _fdes(bounds.section_data(section, f"{path} .eh_frame"), section["sh_addr"],
+                             debug_frame=False, deadline=deadline)
             section = elf.get_section_by_name(".debug_frame")
             if section is not None and section["sh_type"] != "SHT_NOBITS":
                 covered = Table(list(fdes))
-                fdes += [f for f in _fdes(section.data(), 0, debug_frame=True) if covered.row_at(f[0]) is None]
+                fdes += [f for f in _fdes(bounds.section_data(section, f"{path} .debug_frame"), 0,
+                                          debug_frame=True, deadline=deadline) if covered.row_at(f[0]) is None]
             return Table(fdes) if fdes else None
+    except bounds.OverBound as exc:
+        note(f"{exc}: no unwind rows from it")
+        return None
     except (OSError, ValueError, IndexError, KeyError, struct.error, ELFError):   # damaged: no rows
+        return None
+    except Exception as exc:          # pyelftools on a damaged file raises many kinds
+        note(f"{path}: call-frame information unreadable ({type(exc).__name__}): no unwind rows from it")
         return None
 
 

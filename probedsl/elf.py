@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Tuple
 from elftools.elf.elffile import ELFFile
 from elftools.common.exceptions import ELFError
 
-from . import debuginfo
+from . import bounds, debuginfo
+from .notices import note
 
 
 _SYM = struct.Struct("<IBBHQQ")          # Elf64_Sym
@@ -52,7 +53,7 @@ class ElfSymbols:
             try:
                 with open(self.path, "rb") as f:
                     self._debug_file = debuginfo.find(self.path, ELFFile(f), self.root)
-            except (OSError, ELFError):
+            except Exception:                # unreadable or damaged: no debug file
                 self._debug_file = ""
         return self._debug_file
 
@@ -61,38 +62,54 @@ class ElfSymbols:
         """The file addr2line reads for lines: the debug file, else the file itself."""
         return self.debug_file or self.path
 
-    def _add(self, elf: ELFFile, sections) -> None:
+    def _add(self, elf: ELFFile, sections, path: str = "") -> None:
         for name in sections:
-            table = elf.get_section_by_name(name)
-            if table is None or table["sh_entsize"] != _SYM.size:
+            try:
+                self._add_table(elf, name, path or self.path)
+            except bounds.OverBound as exc:
+                note(f"{exc}: its symbols are left out")
+            except Exception as exc:         # pyelftools on a damaged file raises many kinds
+                note(f"{path or self.path}: {name} unreadable ({type(exc).__name__}): its symbols are left out")
+
+    def _add_table(self, elf: ELFFile, name: str, path: str) -> None:
+        table = elf.get_section_by_name(name)
+        if table is None or table["sh_entsize"] != _SYM.size:
+            return
+        what = f"{path} {name}"
+        data = bounds.section_data(table, what)
+        strings = bounds.section_data(elf.get_section(table["sh_link"]), what + " names")
+        deadline = bounds.Deadline(what)
+        # struct over the raw table: pyelftools' per-symbol parsing is ~10x slower
+        for i, (st_name, st_info, _other, shndx, addr, size) in \
+                enumerate(_SYM.iter_unpack(data[:len(data) - len(data) % _SYM.size])):
+            if not i & 0xFFF:
+                deadline.check()
+            if st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0:
                 continue
-            strings = elf.get_section(table["sh_link"]).data()
-            # struct over the raw table: pyelftools' per-symbol parsing is ~10x slower
-            for st_name, st_info, _other, shndx, addr, size in _SYM.iter_unpack(table.data()):
-                if st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0:
-                    continue
-                end = strings.find(b"\0", st_name)
-                base = strings[st_name:end].decode(errors="replace").split("@", 1)[0]
-                self.by_name.setdefault(base, addr)
-                # prefer the public (no leading underscore, shortest) name for an address
-                old = self._spans.get(addr)
-                if old is None or _nicer(base, old[1]):
-                    self._spans[addr] = (max(size, old[0] if old else 0), base)
+            # a name ends at its NUL, or at the bound (a table without NULs costs no more)
+            end = strings.find(b"\0", st_name, st_name + bounds.MAX_NAME_BYTES)
+            raw = strings[st_name:end if end >= 0 else st_name + bounds.MAX_NAME_BYTES]
+            base = raw.decode(errors="surrogateescape").split("@", 1)[0]
+            self.by_name.setdefault(base, addr)
+            # prefer the public (no leading underscore, shortest) name for an address
+            old = self._spans.get(addr)
+            if old is None or _nicer(base, old[1]):
+                self._spans[addr] = (max(size, old[0] if old else 0), base)
 
     def _index(self) -> List[int]:
         if self._addrs is None:
             if self.debug_file:
                 try:
                     with open(self.debug_file, "rb") as f:
-                        self._add(ELFFile(f), (".symtab",))
-                except (OSError, ELFError):
+                        self._add(ELFFile(f), (".symtab",), self.debug_file)
+                except Exception:            # unreadable or damaged: its names are left out
                     pass
             try:
                 with open(self.path, "rb") as f:
                     mini = debuginfo.minidebuginfo(ELFFile(f))
                 if mini:
-                    self._add(ELFFile(io.BytesIO(mini)), (".symtab",))
-            except (OSError, ELFError):
+                    self._add(ELFFile(io.BytesIO(mini)), (".symtab",), self.path + " MiniDebugInfo")
+            except Exception:                # unreadable or damaged: its names are left out
                 pass
             self._addrs = sorted(self._spans)
             self._entries = [self._spans[a] for a in self._addrs]
@@ -142,6 +159,9 @@ def _load(path: str, root: str, mtime_ns: int, size: int) -> Optional[ElfSymbols
     try:
         return ElfSymbols(path, root)
     except (OSError, ELFError, ValueError):
+        return None
+    except Exception as exc:          # pyelftools on a damaged file raises many kinds
+        note(f"{path}: not a readable ELF file ({type(exc).__name__}): its frames are unnamed")
         return None
 
 
