@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from . import cfi, debuginfo, elf
+from . import cachedir, cfi, debuginfo, elf, notices
 from .mappings import Mapping, read_proc_maps
 
 # row kinds, as the BPF program reads them
@@ -35,6 +35,7 @@ CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming it
 PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
 CHUNKS = 1 << 18
 RETURNS = 1 << 16           # return addresses replaced by pending uretprobes, kept at entry
+_KINDS = (INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL, PLT)
 
 
 # a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
@@ -44,9 +45,9 @@ _DISK_FORMAT = 3
 
 
 def cache_dir() -> str:
-    """$XDG_CACHE_HOME/probedsl/unwind-rows (~/.cache/... without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "probedsl", "unwind-rows")
+    """$XDG_CACHE_HOME/probedsl/unwind-rows (~/.cache/... without it) when it may be trusted
+    (probedsl.cachedir), else a private one; "" for none (rows computed, not cached)."""
+    return cachedir.directory("unwind-rows")
 
 
 def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
@@ -56,20 +57,45 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
             ident = debuginfo.build_id(ELFFile(f))
     except (OSError, ELFError):
         return []
-    cached = os.path.join(cache_dir(), f"{ident}.v{_DISK_FORMAT}") if ident else ""
-    if cached:
-        try:
-            with open(cached, "rb") as f:
-                data = f.read()
-            if data:
-                return [(pc, kind, cfa_off, rbp_kind, rbp_off)
-                        for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)]
-        except (OSError, struct.error):
-            pass
+    except Exception:                  # pyelftools on a damaged file: no rows from it
+        return []
+    where = cache_dir() if ident else ""
+    cached = os.path.join(where, f"{ident}.v{_DISK_FORMAT}") if where else ""
+    if cached and os.path.lexists(cached) and cachedir.file_ok(where, cached):
+        rows = _read_rows(cached)
+        if rows:
+            return rows
     table = cfi.table(path)
     rows = encode(table) if table else []
     if cached and rows and rows[-1][0] < 1 << 32:
         _save(cached, rows)
+    return rows
+
+
+def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
+    """A cache file's rows if they have the shape encode() gives (whole rows, a sane count,
+    pcs in order, known kinds, ending where code ends); else [] and a note."""
+    try:
+        with open(cached, "rb") as f:
+            data = f.read(ROWS * _DISK_ROW.size + 1)
+    except OSError:
+        return []
+    why = ""
+    if not data or len(data) % _DISK_ROW.size or len(data) > ROWS * _DISK_ROW.size:
+        why = f"{len(data)} bytes is not a whole number of rows up to {ROWS}"
+    rows = [] if why else [(pc, kind, cfa_off, rbp_kind, rbp_off)
+                           for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)]
+    last = -1
+    for pc, kind, _cfa_off, rbp_kind, _rbp_off in rows:
+        if pc <= last or kind not in _KINDS or rbp_kind not in (RBP_SAME, RBP_AT_CFA):
+            why = f"row at {pc:#x} out of order or of an unknown kind"
+            break
+        last = pc
+    if not why and rows[-1][1] != INVALID:
+        why = "the last row does not end the code"
+    if why:
+        notices.note(f"unwind-row cache {cached} discarded: {why}")
+        return []
     return rows
 
 
@@ -78,13 +104,17 @@ def _save(cached: str, rows) -> None:
     try:
         data = b"".join(_DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off)
                         for pc, kind, cfa_off, rbp_kind, rbp_off in rows)
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), prefix=".rows-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, cached)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, cached)
+        except OSError:
+            os.unlink(tmp)
+            raise
     except (OSError, struct.error):
-        pass                     # a cache that cannot be written only costs the next run time
+        # a cache that cannot be written only costs the next run time
+        notices.note(f"unwind-row cache {os.path.dirname(cached)} is not writable: rows computed, not cached")
 
 
 def encode(table: cfi.Table) -> List[Tuple[int, int, int, int, int]]:
