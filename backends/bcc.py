@@ -134,7 +134,7 @@ class BccBackend(Backend):
         if probe.kind == "usdt":
             return self.usdt_view(program, lay, probe)
         n, scratch = lay.name, lay.scratch
-        ctx = "args" if probe.kind == "tracepoint" else "ctx"
+        ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
         if "ustack" in lay.fields and len(acquires) > 1:
             # one walk for all (pipe's two descriptors): the unwinder is inlined where it is
@@ -150,6 +150,8 @@ class BccBackend(Backend):
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                     "filtered": probe.filtered, "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
                     "return_fn": "", "return_body": [], "placed": ""}
+        if probe.kind == "syscall":
+            return self.syscall_views(probe, lay, actions)
         nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
@@ -172,6 +174,27 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
                 "placed": self.placed(probe, probe.path)}
+
+    def syscall_views(self, probe: ir.Probe, lay: ResourceLayout, actions: List[str]) -> dict:
+        """A system call's entry and exit tracepoints (two views, rendered one after the other):
+        the entry saves the fields the exit needs, per thread (system calls do not nest)."""
+        def view(event, body):
+            return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
+                    "filtered": True, "tracepoint": ("syscalls", f"{event}_{probe.function}"), "entry_fn": "",
+                    "entry_body": ["u32 tid = (u32)bpf_get_current_pid_tgid();", *body] if body else [],
+                    "return_fn": "", "return_body": [], "placed": ""}
+        if not probe.at_return:
+            return {**view("sys_enter", actions), "then": []}
+        if not probe.saved_args:          # nothing to carry: the exit alone
+            return {**view("sys_exit", actions), "then": []}
+        n, scratch = lay.name, lay.scratch
+        entry = [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};"]
+        entry += [f"s.a[{slot}] = {self.expr(ir.Field(probe.fields[i]))};" for slot, i in enumerate(probe.saved_args)]
+        entry.append(f"{scratch}.update(&tid, &s);")
+        ret = [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
+               f"if (!sp || sp->probe != {probe.id}) return 0;",
+               f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
+        return {**view("sys_enter", entry), "then": [view("sys_exit", ret)]}
 
     def usdt_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         """One program per site: each site's note says where its arguments are."""
@@ -253,8 +276,9 @@ class BccBackend(Backend):
         for res, lay in zip(program.resources, layouts):
             res_views = [self.probe_view(program, lay, p) for p in res.probes]
             views.append(res_views)
+            rendered = [v for view in res_views for v in (view, *view.get("then", ()))]
             resources.append({
-                "name": res.name, "layout": lay, "probes": res_views, "width": max(lay.scratch_width, 1),
+                "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)

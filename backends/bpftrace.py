@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import List
 
 from probedsl import ir
@@ -171,17 +172,27 @@ class BpftraceBackend(Backend):
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         elif probe.kind == "usdt":        # bpftrace reads the note: every site, its arguments, its semaphore
             entry, ret = f"usdt:{probe_path(probe.path)}:{probe.function}", ""
+        elif probe.kind == "syscall":
+            entry = f"tracepoint:syscalls:sys_enter_{probe.function}"
+            ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
+            if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
+                probe, entry, ret = replace(probe, at_return=False), ret, ""
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
         if probe.at_return:
-            saved = [self.expr(ir.Arg(i)) for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
-            fields = ", ".join(_u64(x) for x in [str(probe.id), 'reg("sp")', *saved])
-            entry_body = [f"$s = {scratch};",
-                          '// skip calls made inside another call of this resource (realloc -> malloc)',
-                          'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
+            saved = [self.expr(ir.Field(probe.fields[i]) if probe.kind == "syscall" else ir.Arg(i))
+                     for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
+            if probe.kind == "syscall":      # system calls do not nest: no stack pointer to compare
+                fields = ", ".join(_u64(x) for x in [str(probe.id), "0", *saved])
+                entry_body = [f"{scratch} = ({fields});"]
+            else:
+                fields = ", ".join(_u64(x) for x in [str(probe.id), 'reg("sp")', *saved])
+                entry_body = [f"$s = {scratch};",
+                              '// skip calls made inside another call of this resource (realloc -> malloc)',
+                              'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]
             if probe.entry_guard is not None:
                 entry_body = [f"if ({self.expr(probe.entry_guard)}) {{", *["  " + s for s in entry_body], "}"]
             return_body = [f"$s = {scratch};", f"if ($s.0 == {probe.id}) {{",

@@ -95,7 +95,16 @@ class Usdt:
     span: Span = field(default=NO_SPAN, compare=False)
 
 
-Probe = Union[UProbe, Tracepoint, Usdt]
+@dataclass(frozen=True)
+class Syscall:
+    """`syscall NAME`: the system call's entry and exit tracepoints (syscalls:sys_enter_NAME,
+    sys_exit_NAME), correlated per thread like a function's entry and return: the entry's fields
+    are names, `ret` is the exit's."""
+    name: str
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+Probe = Union[UProbe, Tracepoint, Usdt, Syscall]
 
 
 @dataclass(frozen=True)

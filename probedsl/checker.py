@@ -104,6 +104,17 @@ class _Checker:
                 for expr in event_exprs(event):
                     for d in derefs_in(expr):
                         self.error(d.span, "a usdt probe has no return: it cannot read out-parameters")
+        elif isinstance(probe, ast.Syscall):
+            enter = self.tracepoint_fields("syscalls", f"sys_enter_{probe.name}")
+            leave = self.tracepoint_fields("syscalls", f"sys_exit_{probe.name}")
+            if enter is None or leave is None:
+                self.error(probe.span, f"system call '{probe.name}' has no tracepoints "
+                                       f"syscalls:sys_enter_{probe.name}/sys_exit_{probe.name} on this kernel")
+            if enter in (None, ("*",)):
+                args = {n.name for e in event_exprs(event) for n in names_in(e)} - {"ret"}
+            else:
+                args = set(enter) - {"__syscall_nr"}
+            allowed |= args | {"ret"}
         else:
             fields = self.tracepoint_fields(probe.category, probe.event)
             if fields == ("*",):                      # tracefs unreadable: trust the names
@@ -127,10 +138,10 @@ class _Checker:
         for expr in event_exprs(event):
             for n in names_in(expr):
                 if n.name not in allowed:
-                    where = "tracepoint field" if isinstance(probe, ast.Tracepoint) else "argument"
+                    where = "tracepoint field" if isinstance(probe, (ast.Tracepoint, ast.Syscall)) else "argument"
                     hint = " (a usdt probe has no return value)" if n.name == "ret" and isinstance(probe, ast.Usdt) else ""
                     self.error(n.span, f"unknown name '{n.name}': not an {where}, a parameter or one of "
-                                       f"{', '.join(('ret',) + BUILTINS if isinstance(probe, ast.UProbe) else BUILTINS)}"
+                                       f"{', '.join(('ret',) + BUILTINS if isinstance(probe, (ast.UProbe, ast.Syscall)) else BUILTINS)}"
                                        + hint)
             for d in derefs_in(expr):
                 target = d.array if isinstance(d, ast.Index) else d.operand

@@ -109,12 +109,15 @@ class Action:
 class Probe:
     id: int                                # 1-based within its resource; tags scratch entries
     resource: str
-    kind: str                              # uprobe | tracepoint
+    kind: str                              # uprobe | tracepoint | usdt | syscall
     library: str                           # as written in the recipe (uprobe)
-    function: str                          # function (uprobe) or "category:event" (tracepoint)
-    at_return: bool                        # actions run at return (uretprobe)
+    function: str                          # function (uprobe), "category:event" (tracepoint), name (syscall)
+    at_return: bool                        # actions run at return (uretprobe, sys_exit_NAME)
     saved_args: Tuple[int, ...]            # argument indexes saved at entry for the return
     actions: Tuple[Action, ...]            # releases first, so realloc's in-place shrink works
+    # syscall: the entry tracepoint's fields that saved_args index (a tracepoint has no argument
+    # registers: the exit reads what the entry saved)
+    fields: Tuple[str, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
     path: str = ""                         # resolved library path; set by libraries.resolve
     # the same library in other roots (a chroot, a container's mount namespace), where it is
@@ -363,8 +366,9 @@ def dump(program: Program) -> str:
                      f"({', '.join(res.record)}), max_live {res.max_live}")
         for p in res.probes:
             where = "return" if p.at_return else "entry"
+            saves = [f"field.{p.fields[i]}" if p.kind == "syscall" else f"arg{i}" for i in p.saved_args]
             lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")
-                         + (f", saves ({', '.join(f'arg{i}' for i in p.saved_args)})" if p.saved_args else ""))
+                         + (f", saves ({', '.join(saves)})" if saves else ""))
             if p.entry_guard is not None:
                 lines.append(f"    at entry, only when {show(p.entry_guard)}")
             for a in p.actions:

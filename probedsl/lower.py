@@ -22,6 +22,8 @@ class _Binder:
         self.params = params
         self.arg_index = {a.name: i for i, a in enumerate(probe.args)} if isinstance(probe, (ast.UProbe, ast.Usdt)) else {}
         self.saved: List[int] = []          # argument indexes saved at entry, in slot order
+        self.syscall = isinstance(probe, ast.Syscall)
+        self.fields: List[str] = []         # syscall: entry fields saved for the exit (Probe.fields)
 
     def value(self, expr: ast.Expr) -> ir.Value:
         if isinstance(expr, ast.Number):
@@ -32,6 +34,15 @@ class _Binder:
                 index = self.arg_index[name]
                 if not self.at_return:
                     return ir.Arg(index)
+                if index not in self.saved:
+                    self.saved.append(index)
+                return ir.Saved(self.saved.index(index), index)
+            if self.syscall and name not in ("pid", "tid") and name not in self.params:
+                if name == "ret" or not self.at_return:
+                    return ir.Field(name)
+                if name not in self.fields:
+                    self.fields.append(name)
+                index = self.fields.index(name)
                 if index not in self.saved:
                     self.saved.append(index)
                 return ir.Saved(self.saved.index(index), index)
@@ -100,12 +111,13 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             p = event.probe
             kind, library, function = (("uprobe", p.library, p.function) if isinstance(p, ast.UProbe) else
                                        ("usdt", "", f"{p.provider}:{p.name}") if isinstance(p, ast.Usdt) else
+                                       ("syscall", "", p.name) if isinstance(p, ast.Syscall) else
                                        ("tracepoint", "", f"{p.category}:{p.event}"))
             # a process fires one provider's probes (otel_memory or ddheap): those not in its
             # files are left out, with a note
             probes.append(ir.Probe(
                 id=len(probes) + 1, resource=res.name, kind=kind, library=library, function=function,
-                at_return=at_return, saved_args=tuple(bind.saved), actions=tuple(actions),
+                at_return=at_return, saved_args=tuple(bind.saved), fields=tuple(bind.fields), actions=tuple(actions),
                 span=event.probe.span, optional=kind == "usdt"))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))

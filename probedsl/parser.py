@@ -116,6 +116,9 @@ class _ToAst(Transformer):
         category, event = children
         return ast.Tracepoint(str(category), str(event), _span(meta))
 
+    def syscall(self, meta, children):
+        return ast.Syscall(str(children[0]), _span(meta))
+
     def library(self, meta, children):
         tok = children[0]
         return _unquote(tok) if tok.type == "STRING" else str(tok)
