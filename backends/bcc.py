@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -91,16 +91,25 @@ class BccBackend(Backend):
                 "ustack": f"v.ustack = {ustack or self.ustack(program, ctx)};",
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
+                "image": "v.image = probedsl_image();",
             }
             v += [setters[f] for f in lay.fields if f != "time"]
+            replaced = ["  " + self.count(lay, Counter.REPLACED)]
+            if lay.ends_with_image:
+                # the entry of an image an exec ended: that image's end, not a replacement
+                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};",
+                            "  if (was.image != v.image && probedsl_ended.lookup(&was))",
+                            "    " + self.count(lay, Counter.ENDED_BY_EXEC),
+                            "  else",
+                            "    " + self.count(lay, Counter.REPLACED)]
             # insert, not update: a key acquired again without a release we saw replaces the
             # old entry, which must leave its group's tally first
             store = [f"int err = {live}.insert(&k, &v);",
                      "if (err == -17) {  // -EEXIST",
                      f"  struct {n}_live_t *stale = {live}.lookup(&k);",
                      f"  if (stale) {n}_tally(stale, -1);",
+                     *replaced,
                      f"  err = {live}.update(&k, &v);",
-                     "  " + self.count(lay, Counter.REPLACED),
                      "}",
                      f"if (err) {self.count(lay, Counter.UNTRACKED)}",
                      f"else {n}_tally(&v, 1);"]
@@ -288,6 +297,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
+                                   images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

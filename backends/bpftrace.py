@@ -9,7 +9,7 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import layout
+from probedsl import images, layout
 from probedsl.targets.bpftrace import TALLY_SHIFT
 
 from . import Backend, Generated
@@ -18,7 +18,7 @@ SNAPSHOT_MARK = "probedsl:snapshot"
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
               "ustack": f"ustack(perf, {ir.STACK_DEPTH})", "kstack": f"kstack(perf, {ir.STACK_DEPTH})",
-              "comm": "comm"}
+              "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -52,6 +52,8 @@ def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
         derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
     if program.sample == 1:
         derived.add(Counter.ACQUIRED)
+    if not lay.ends_with_image:
+        derived.add(Counter.ENDED_BY_EXEC)
     return [c for c in Counter if c not in derived]
 
 
@@ -140,8 +142,16 @@ class BpftraceBackend(Backend):
             values = ", ".join(LIVE_VALUE[f].format(size=size) for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
+            replaced = ["  " + self.count(lay, Counter.REPLACED)]
+            if lay.ends_with_image:
+                # the entry of an image an exec ended: that image's end, not a replacement
+                pid, image = (f"$o.{lay.fields.index(f)}" for f in layout.IMAGE_FIELDS)
+                replaced = [f"  if ({image} != $w.{lay.fields.index('image')} && "
+                            f"@probedsl_ended[{pid}, {image}] != 0) {{",
+                            "    " + self.count(lay, Counter.ENDED_BY_EXEC), "  } else {",
+                            "    " + self.count(lay, Counter.REPLACED), "  }"]
             recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
-                        "if ($o.0 != 0) {", "  " + self.count(lay, Counter.REPLACED),
+                        "if ($o.0 != 0) {", *replaced,
                         *["  " + t for t in self.tally(lay, "$o", "-")], "}",
                         f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
                         *["  " + t for t in self.tally(lay, "$w", "")], "}"]
@@ -252,9 +262,21 @@ class BpftraceBackend(Backend):
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
                 "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else []))),
             })
+        ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
+        if ending:       # the process-image maps, global, declared and printed with the first such resource
+            ending[0]["declared"] += ([f"let @probedsl_images = hash({layout.THREADS});",
+                                       f"let @probedsl_ended = hash({images.ENDED_IMAGES});"]
+                                      if self.target.map_declarations else [])
+            ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
+                                        "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]
+                                       if self.target.type_maps_first else [])
+            ending[0]["printed"].append("@probedsl_ended")
+            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_images"]
         scope = program.scope
         return self.render_template(
-            program=program, dialect=self.target.name,
+            program=program, dialect=self.target.name, images=bool(ending),
+            forget_image=self.delete("@probedsl_images", ["(uint64)pid"]),
+            images_filter="" if scope.mode == "comm" else self.filter(scope),
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,

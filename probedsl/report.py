@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import ir, layout, stacktrust
+from . import ir, stacktrust
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
@@ -239,7 +239,7 @@ def live_totals(program: ir.Program, snapshot: Snapshot, res: ir.Resource) -> Tu
     if snapshot.live is not None:
         live = [l for l in snapshot.live if l.resource == res.name]
         return sum(l.size for l in live), len(live)
-    groups = snapshot.tallies.get(res.name, {}).get(layout.of(program, res).tallies[0].keys, {})
+    groups = snapshot.tallies.get(res.name, {}).get(ir.tallies(program, res)[0], {})
     return sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values())
 
 
@@ -274,21 +274,26 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             "acquired": t.acquired if t else 0, "released": (t.released if t else 0) * scale,
             "unknown_releases": t.unknown_releases if t else 0,
             "untracked": (t.untracked if t else 0) * scale,
-            "replaced": t.replaced if t else 0}
+            "replaced": t.replaced if t else 0,
+            "ended_by_exec": (t.ended_by_exec if t else 0) * scale}
         if t and scale == 1:
             # every report checks itself: what the counters say is live against what it shows
-            expected = t.acquired - t.released - t.untracked - t.replaced
+            expected = t.acquired - t.released - t.untracked - t.replaced - t.ended_by_exec
             missing = expected - live_count - (t.ungrouped if snapshot.live is None else 0)
             resources[res.name]["unaccounted"] = missing
             if missing:
                 cause = ("read while tracing: events in flight between the counters and the tallies"
                          if not snapshot.final else "the per-group tallies lost or gained entries")
                 notes = [*notes, f"{missing} live {res.name} entries unaccounted for: the counters say {expected} "
-                                 f"(acquired - released - untracked - replaced), the report holds {live_count}; "
+                                 f"(acquired - released - untracked - replaced - ended_by_exec), the report "
+                                 f"holds {live_count}; "
                                  f"{cause}"]
         if reachability is not None and res.block_address is not None and snapshot.live is not None:
             resources[res.name]["reachability"] = _kind_totals(
                 (reachability.kind_of(res, l), l.size) for l in snapshot.live if l.resource == res.name)
+        if t and t.ended_by_exec:
+            notes = [*notes, f"{t.ended_by_exec * scale} {res.name} entries ended with their process image at "
+                             f"exec (the old program's, gone with its address space): not reported as leaks"]
         if t and t.untracked:
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
                              f"{res.max_live} live; raise --max-live)"]

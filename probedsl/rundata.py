@@ -17,6 +17,7 @@ class Live:
     ustack: Tuple[int, ...] = ()       # raw return addresses, innermost first
     kstack: Tuple[int, ...] = ()
     comm: str = ""
+    image: int = 0                     # its process image (probedsl.images), when it ends with it
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Totals:
     untracked: int = 0                 # acquisitions lost because the live table was full
     replaced: int = 0                  # keys acquired again with no release seen in between
     ungrouped: int = 0                 # live entries the full tally table could not count
+    ended_by_exec: int = 0             # entries whose process image an exec ended (not leaks)
     # log2 histograms of released lifetimes, (min_ns, max_ns, count) buckets, per group key:
     # the values of the lifetime report's keys (ustack addresses, pid, comm), () when ungrouped
     lifetime: Dict[Tuple, List[Tuple[int, int, int]]] = field(default_factory=dict)

@@ -126,14 +126,6 @@ def test_no_follow_forks_traces_only_the_command(backend, build):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blocks_from_before_an_exec_are_named_in_the_old_image(backend, build):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", build("execer"))
-    assert result.returncode == 0, result.stderr
-    sites = by_site(report_json(result.stdout))
-    assert sites.get("before_exec") == (48, 1) and sites.get("after_exec") == (112, 2), sites
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_short_interval_soak_keeps_the_tracers_memory_flat(backend, build):
     """bench/soak.py runs this for an hour; here 12 reports over ~12 s."""
     import json

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, placement, roots, stacktrust
+from probedsl import elf, images, placement, roots, stacktrust
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -465,13 +465,17 @@ class BccLoader:
                     tid=v.tid if "tid" in fields else 0,
                     ustack=stack(v.ustack, "ustack") if "ustack" in fields else (),
                     kstack=stack(v.kstack, "kstack") if "kstack" in fields else (),
-                    comm=v.comm.decode(errors="replace") if "comm" in fields else "")
+                    comm=v.comm.decode(errors="replace") if "comm" in fields else "",
+                    image=v.image if "image" in fields else 0)
                     for k, v in _items(self.bpf[lay.live])]
             t = Totals(*counted[name])
             if lay.lifetime:
                 t.lifetime = _histograms(self.bpf[lay.lifetime.map], list(lay.lifetime.keys), stack)
             totals[name] = t
-        return Snapshot(now, live, totals, final, tallies)
+        snap = Snapshot(now, live, totals, final, tallies)
+        if any(lay.ends_with_image for lay in self.layouts):
+            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])))
+        return snap
 
     def _tally(self, table_name: str, keys: List[str], stack) -> dict:
         """{group: (bytes, count, seen ns)}; empty groups of exited processes are dropped from the table

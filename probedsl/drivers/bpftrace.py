@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from probedsl import ir
 from probedsl.backends import Generated
-from probedsl import layout
+from probedsl import images, layout
 from probedsl.layout import Counter
 from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
 from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
@@ -126,7 +126,8 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
                 resource=res.name, key=tuple(int(k) for k in str(key).split(",")),
                 time_ns=int(record["time"]), size=int(record.get("size", 0)), pid=int(record.get("pid", 0)),
                 tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
-                kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", ""))))
+                kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", "")),
+                image=int(record.get("image", 0))))
         t = Totals(*(int(maps.get(f"@{lay.counter_map(c)}") or 0) for c in Counter))
         t.lifetime = _lifetime(maps.get(f"@{lay.lifetime.map}"), list(lay.lifetime.keys)) if lay.lifetime else {}
         totals[res.name] = t
@@ -138,8 +139,10 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
             t.released = sum(n for buckets in t.lifetime.values() for _, _, n in buckets)
         if Counter.ACQUIRED not in kept:      # every acquisition is live, released, replaced or untracked
             live_count = sum(count for _, count, _ in next(iter(tallied[res.name].values())).values())
-            t.acquired = live_count + t.released + t.replaced + t.untracked
-    return Snapshot(now_ns, live, totals, final, tallied)
+            t.acquired = live_count + t.released + t.replaced + t.untracked + t.ended_by_exec
+    snap = Snapshot(now_ns, live, totals, final, tallied)
+    ended = [tuple(int(k) for k in str(text).split(",")) for text, _ in _entries(maps.get("@probedsl_ended") or {})]
+    return images.settle([layout.of(program, res) for res in program.resources], snap, ended)
 
 
 class BpftraceDriver:

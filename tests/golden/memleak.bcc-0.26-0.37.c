@@ -31,6 +31,12 @@ BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // program on the same CPU then gets no stack (counted as one without) rather than garbling it
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
+// The walk's loops pass a loop counter through this at the top of each iteration: the compiler
+// then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
+// indices, which the verifier needs. (clang 21 turned `i < 64 && i < n` into a count-down of
+// min(n, 64) iterations and dropped a mask it had proved redundant: the verifier, not knowing
+// that min was at least 1, walked the scratch off its end.)
+#define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
 static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
 {
@@ -50,6 +56,8 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
         end = 0xffffffffffffff03ULL;
 #pragma clang loop unroll(disable)
         for (u32 i = 0; i < 64; i++) {
+            PROBEDSL_OPAQUE(i);
+            if (i >= 64) break;
             st->ip[i & 63] = ip;
             hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
             n = i + 1;
@@ -116,11 +124,13 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
         hash = 0xcbf29ce484222325ULL;
 #pragma clang loop unroll(disable)
         for (u32 i = 0; i < 64; i++) {
-            if (i >= n) break;
-            hash = (hash ^ st->ip[i]) * 0x100000001b3ULL;
+            PROBEDSL_OPAQUE(i);
+            if (i >= n || i >= 64) break;
+            hash = (hash ^ st->ip[i & 63]) * 0x100000001b3ULL;
         }
     }
     // the marker ends the stack: what lies after it in the scratch is stale, and never read
+    PROBEDSL_OPAQUE(n);
     st->ip[n & 127] = end;
     hash = (hash ^ end) * 0x100000001b3ULL;
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
@@ -133,6 +143,19 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
 // bytes and entries live in one group (a tally), updated at every acquire and release;
 // seen: when one of its entries was acquired (which process image its stack belongs to)
 struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
+
+// process images (probedsl/images.py): pid -> CLOCK_MONOTONIC ns of the exec that started its
+// image (none: an image older than the run), and the (pid, image) pairs an exec ended
+BPF_HASH(probedsl_images, u32, u64, 65536);
+struct probedsl_ended_t { u64 pid; u64 image; };
+BPF_HASH(probedsl_ended, struct probedsl_ended_t, u8, 65536);
+
+static __always_inline u64 probedsl_image(void)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u64 *image = probedsl_images.lookup(&pid);
+    return image ? *image : 0;
+}
 
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
@@ -149,8 +172,11 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
     probedsl_traced.delete(&tid);
+    if (tid == id >> 32)            // the process ends: a new one may take its pid
+        probedsl_images.delete(&tid);
     return 0;
 }
 
@@ -191,6 +217,16 @@ static __always_inline int probedsl_wanted(void)
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
+    // the old image's entries end here (probedsl/images.py); fired in the exec'ing task once
+    // the new image is in place. --comm: the name is already the new image's, so every exec
+    if (probedsl_wanted()) {
+        u64 *was = probedsl_images.lookup(&pid);
+        struct probedsl_ended_t ended = {.pid = pid, .image = was ? *was : 0};
+        u64 now = bpf_ktime_get_ns();
+        u8 yes = 1;
+        if (!probedsl_images.update(&pid, &now))
+            probedsl_ended.update(&ended, &yes);
+    }
     // the old image's mappings are gone: its rows would unwind the new image into garbage;
     // until the loader writes the new ones, stacks are frame-pointer walks
     probedsl_unw_maps.delete(&pid);
@@ -205,18 +241,20 @@ struct heap_live_t {
     u64 size;
     u64 pid;
     s64 ustack;
+    u64 image;
 };
 // entry arguments held per thread until the call returns
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
 // per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
-BPF_PERCPU_ARRAY(heap_counters, u64, 6);  // slots: probedsl.layout.Counter
+BPF_PERCPU_ARRAY(heap_counters, u64, 7);  // slots: probedsl.layout.Counter
 BPF_PERCPU_ARRAY(heap_lifetime, u64, 64);             // log2(ns) of released lifetimes
-// live heap per ustack, pid: reports read these, not every entry
+// live heap per ustack, pid, image: reports read these, not every entry
 struct heap_tally0_key_t {
     s64 ustack;
     u64 pid;
+    u64 image;
 };
 BPF_PERCPU_HASH(heap_tally0, struct heap_tally0_key_t, struct probedsl_tally_t, 131072);
 
@@ -229,6 +267,7 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
         struct heap_tally0_key_t g = {};
         g.ustack = v->ustack;
         g.pid = v->pid;
+        g.image = v->image;
         struct probedsl_tally_t *t = heap_tally0.lookup_or_try_init(&g, &zero);
         if (t) {
             // this CPU's copy (BPF programs do not migrate), but a uprobe's program can be
@@ -275,12 +314,17 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -323,12 +367,17 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -385,12 +434,17 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -448,12 +502,17 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -496,12 +555,17 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -543,12 +607,17 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -590,12 +659,17 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
@@ -637,12 +711,17 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.ustack = probedsl_unwind(ctx);
+      v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
         struct heap_live_t *stale = heap_live.lookup(&k);
         if (stale) heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
         err = heap_live.update(&k, &v);
-        heap_counters.increment(4);  // replaced
       }
       if (err) heap_counters.increment(3);  // untracked
       else heap_tally(&v, 1);
