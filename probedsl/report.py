@@ -17,6 +17,7 @@ SCHEMA = "probedsl.report"
 KINDS = ("definitely_lost", "indirectly_lost", "possibly_lost", "still_reachable")
 VERSION = 3                # 2: oldest_age_s may be null (tallied reports); sample, replaced
                            # 3: --reachability's kinds (resources.NAME.reachability, entries' reachability, reachability_scan)
+                           # (fields added since without a bump, as readers ignore unknown ones: series)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Report:
     # --reachability: the scan behind the kinds: pid, at ("exit" | "report"), pause_ms,
     # scanned_bytes, scan_s
     scan: Optional[dict] = None
+    series: Optional[dict] = None      # live memory over time (probedsl.timeseries), saved as is
 
     def to_dict(self) -> dict:
         doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
@@ -108,6 +110,8 @@ class Report:
                "resources": self.resources, "reports": []}
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
+        if self.series is not None:
+            doc["series"] = self.series
         for s in self.sections:
             if s.kind == "lifetime":
                 item = {"kind": "lifetime", "resource": s.resource, "by": s.by, "top": s.top}
@@ -162,7 +166,7 @@ class Report:
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
                    doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""),
-                   doc.get("reachability_scan"))
+                   doc.get("reachability_scan"), doc.get("series"))
 
 
 def stack_entries(report: Report):
@@ -559,9 +563,11 @@ def merge(reports: Sequence[Report]) -> Report:
     if cut:
         notes.append(f"{cut} sections of the runs held only their top entries: their other entries are "
                      "summed in `omitted`, not matched by stack")
+    from .timeseries import merge as merge_series
     return Report(first.recipe, first.backend, f"{len(reports)} runs", max(r.duration_s for r in reports),
                   all(r.final for r in reports), resources, sections, None, notes, 0,
-                  max(r.sample for r in reports), first.backend_version)
+                  max(r.sample for r in reports), first.backend_version,
+                  series=merge_series([r.series for r in reports if r.series]))
 
 
 def _add_counts(into: dict, counts: dict) -> None:
