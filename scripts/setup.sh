@@ -11,9 +11,9 @@ say() { printf 'setup: %s\n' "$*"; }
 # golang-go, chromium, prometheus: go tool pprof, a headless browser and a Prometheus server read
 # the pprof, SVG and --prometheus outputs in the tests
 # jemalloc, tcmalloc, mimalloc: --allocator's tests; systemtap-sdt-dev: sys/sdt.h for the USDT fixture;
-# pipx: the install the docs give is tested
+# pipx: the install the docs give is tested; tmux: a real terminal for the --live view's test
 pkgs=(bpftrace bpfcc-tools python3-bpfcc gcc g++ libc6-dbg zlib1g-dev debuginfod valgrind xz-utils git sqlite3
-      golang-go chromium prometheus libjemalloc2 systemtap-sdt-dev pipx)
+      golang-go chromium prometheus libjemalloc2 systemtap-sdt-dev pipx tmux)
 # the same libraries under Debian 13's names (the 64-bit time_t rename, mimalloc 3)
 if grep -q '^VERSION_ID="12"' /etc/os-release; then pkgs+=(libtcmalloc-minimal4 libmimalloc2.0)
 else pkgs+=(libtcmalloc-minimal4t64 libmimalloc3); fi
