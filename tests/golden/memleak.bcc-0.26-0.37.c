@@ -33,9 +33,8 @@ BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
 // The walk's loops pass a loop counter through this at the top of each iteration: the compiler
 // then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
-// indices, which the verifier needs. (clang 21 turned `i < 64 && i < n` into a count-down of
-// min(n, 64) iterations and dropped a mask it had proved redundant: the verifier, not knowing
-// that min was at least 1, walked the scratch off its end.)
+// indices, which the verifier needs (clang 21 makes `i < 64 && i < n` a count-down of min(n, 64)
+// iterations without the mask, which the verifier cannot bound).
 #define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
 static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
