@@ -11,6 +11,11 @@ from . import elf, stacktrust
 from .mappings import MappingTracker, find
 from .sourcelines import SourceLines
 
+# the kernel's uprobe page in a process: a pending uretprobe puts its start, the return
+# trampoline, in place of its function's return address until the call returns
+UPROBES = "[uprobes]"
+TRAMPOLINE = "uretprobe trampoline: caller hidden by another tracer"
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -37,6 +42,8 @@ class Frame:
     def __str__(self) -> str:
         if self.truncated:
             return f"[truncated: {self.truncated}]"
+        if self.module == UPROBES:
+            return f"[{TRAMPOLINE}]"
         module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
         where = f" {self.file}:{self.line}" if self.file and self.line else (f" {self.file}" if self.file else "")
         if self.inlined:
@@ -85,6 +92,21 @@ def _kallsyms() -> Tuple[List[int], List[str]]:
     return [addrs[i] for i in order], [names[i] for i in order]
 
 
+def uprobe_trampoline(pid: int) -> Optional[int]:
+    """The address of the kernel's uretprobe trampoline in a live process (where its [uprobes]
+    page starts), or None: not mapped (no uprobe ever hit it) or the process is gone. BCC's
+    unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
+    another tracer's are known only to the kernel, so a stack ends there."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if line.rstrip("\n").endswith(UPROBES):
+                    return int(line.split("-", 1)[0], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _module(mappings, address: int):
     """(mapping, file opened from here, its symbols) of a process address; Nones where unknown."""
     m = find(mappings, address)
@@ -105,6 +127,7 @@ class Symbolizer:
         self.lines = source_lines or SourceLines()
         self._cache: Dict[Tuple[int, int, int], List[Frame]] = {}
         self._trust: Dict[Tuple[int, int, Tuple[int, ...]], Tuple[int, ...]] = {}
+        self._trampolines: Dict[Tuple[int, int], Optional[int]] = {}    # (pid, generation)
 
     def user_stacks(self, stacks: Sequence[Tuple], leaf_returns: bool = True) -> List[List[Frame]]:
         """Symbolize many (pid, addresses) stacks at once: one addr2line run per module.
@@ -131,6 +154,8 @@ class Symbolizer:
                 # a return address points after its call: look up the call itself
                 is_return = depth > 0 or leaf_returns
                 frame, vaddr, file = self._elf_frame(mappings, address, address - 1 if is_return else address)
+                if not frame.module and address == self._trampoline(pid, start):
+                    frame = Frame(address, "", 0, UPROBES)
                 located[key] = (frame, vaddr, file)
                 if vaddr is not None:
                     per_module.setdefault(file, set()).add(vaddr)
@@ -164,6 +189,11 @@ class Symbolizer:
             else:
                 frames.extend(self._cache[(pid, start, a)])
         return frames
+
+    def _trampoline(self, pid: int, start: int) -> Optional[int]:
+        if (pid, start) not in self._trampolines:
+            self._trampolines[pid, start] = uprobe_trampoline(pid)
+        return self._trampolines[pid, start]
 
     def refresh(self) -> None:
         """Take in the mappings told since the last call: once before a report's stacks."""
