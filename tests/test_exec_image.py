@@ -1,0 +1,110 @@
+"""An exec ends a process image: the old program's heap goes with its address space (counted as
+ended_by_exec, never reported), its descriptors without close-on-exec stay. Both backends."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import BACKENDS, MEMLEAK, ROOT, Held, by_site, probedsl, report_json, start_run
+
+pytestmark = pytest.mark.usefixtures("root_required")
+
+FDLEAK = str(ROOT / "recipes" / "fdleak.probe")
+
+
+def run(backend, *command, recipe=MEMLEAK, input=None):
+    result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "100", "--", *command,
+                      input=input)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    report = report_json(result.stdout)
+    for name, res in report["resources"].items():      # the counters agree with what is shown
+        assert res["unaccounted"] == 0, (name, res, report["notes"])
+    return report
+
+
+def heap(report) -> dict:
+    return report["resources"]["heap"]
+
+
+def pids_shown(report) -> set:
+    return {pid for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"]
+            for pid in e["pids"]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_wrapper_that_execs_leaves_nothing_of_its_own(backend):
+    """env allocates ~140 blocks, then execs /bin/true: none of them is a leak."""
+    alone, wrapped = run(backend, "/bin/true"), run(backend, "env", "/bin/true")
+    assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
+    assert (heap(wrapped)["live_blocks"], heap(wrapped)["live_bytes"]) == \
+        (heap(alone)["live_blocks"], heap(alone)["live_bytes"]), (heap(alone), heap(wrapped))
+    assert heap(alone)["ended_by_exec"] == 0
+    assert any("ended with their process image at exec" in n for n in wrapped["notes"]), wrapped["notes"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shell", ["exec {}", "{}"])
+def test_the_program_a_shell_starts_is_reported_exactly(backend, shell, build):
+    """sh -c 'exec LEAK' replaces the shell; sh -c 'LEAK' forks a child that execs (dash): either
+    way the program's leaks are exactly those it has alone, under its own pid, and what the
+    shell's image held when it was replaced is ended_by_exec."""
+    leak = build("leak")
+    alone = run(backend, leak, input="\n")
+    wrapped = run(backend, "sh", "-c", shell.format(leak), input="\n")
+    assert by_site(alone).get("wrapper1") == (40, 5), by_site(alone)
+    assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
+    (leak_pid,) = {e["pids"][0] for e in wrapped["reports"][0]["entries"]
+                   if any(f["function"] == "wrapper1" for f in e["stack"])}
+    mine = [e for e in wrapped["reports"][0]["entries"] if e["pids"] == [leak_pid]]
+    assert (sum(e["bytes"] for e in mine), sum(e["blocks"] for e in mine)) == \
+        (heap(alone)["live_bytes"], heap(alone)["live_blocks"]), (mine, heap(alone))
+    if shell.startswith("exec"):                       # nothing but the program's own image
+        assert pids_shown(wrapped) == {leak_pid}
+        assert heap(wrapped)["live_blocks"] == heap(alone)["live_blocks"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_program_that_leaks_then_execs_itself(backend, build):
+    """execer leaks 48 bytes, execs itself, leaks 2 x 56: one pid, two images."""
+    report = run(backend, build("execer"))
+    sites = by_site(report)
+    assert "before_exec" not in sites and sites.get("after_exec") == (112, 2), sites
+    assert heap(report)["ended_by_exec"] >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_pid_that_execs(backend, build):
+    """--pid on a shell that execs the program once told to: the report is the program's."""
+    leak = build("leak")
+    alone = run(backend, leak, input="\n")
+    shell = Held(["sh", "-c", f"read line; exec {leak}"])
+    try:
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "100",
+                           "--pid", str(shell.pid))
+        shell.proc.stdin.write(b"go\n\n")
+        shell.go()
+        shell.proc.wait(timeout=60)
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        shell.end()
+    assert tracer.returncode == 0 and "Traceback" not in err, err
+    report = report_json(out)
+    assert by_site(report).get("wrapper1") == (40, 5), by_site(report)
+    assert (heap(report)["live_blocks"], heap(report)["live_bytes"]) == \
+        (heap(alone)["live_blocks"], heap(alone)["live_bytes"]), (heap(report), heap(alone))
+    assert heap(report)["unaccounted"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_descriptor_without_close_on_exec_survives_the_exec(backend, build):
+    """fd_exec opens /dev/null (no O_CLOEXEC), mallocs, execs itself: the descriptor is still
+    open in the new image (a leak of the program), the first image's block is not."""
+    exe = build("fd_exec")
+    fds = run(backend, exe, recipe=FDLEAK)
+    fd = fds["resources"]["fd"]
+    assert fd["ended_by_exec"] == 0 and fd["live_blocks"] == 1, (fd, fds["notes"])
+    (entry,) = fds["reports"][0]["entries"]
+    if backend == "bcc":       # (bpftrace's frame-pointer walk ends in libc, which keeps none)
+        assert any(f["function"] == "keep_open" for f in entry["stack"]), entry["stack"]
+    blocks = run(backend, exe)
+    assert by_site(blocks) == {"after_exec": (24, 1)}, by_site(blocks)
+    assert heap(blocks)["ended_by_exec"] >= 1
