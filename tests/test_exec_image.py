@@ -2,6 +2,9 @@
 ended_by_exec, never reported), its descriptors without close-on-exec stay. Both backends."""
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import pytest
 
 from conftest import BACKENDS, MEMLEAK, ROOT, Held, by_site, probedsl, report_json, start_run
@@ -108,3 +111,20 @@ def test_a_descriptor_without_close_on_exec_survives_the_exec(backend, build):
     blocks = run(backend, exe)
     assert by_site(blocks) == {"after_exec": (24, 1)}, by_site(blocks)
     assert heap(blocks)["ended_by_exec"] >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_process_traced_by_name_that_execs(backend, build):
+    """--comm execer: its first image leaks 48 bytes, then it execs /proc/self/exe (named
+    "exe" from then on, so not traced): the block ended with the image it belonged to."""
+    exe = build("execer")
+    tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--comm", "execer")
+    try:
+        assert subprocess.run([exe], timeout=60).returncode == 0
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0 and "Traceback" not in err, err
+    report = report_json(out)
+    assert "before_exec" not in by_site(report), by_site(report)
+    assert heap(report)["ended_by_exec"] >= 1 and heap(report)["unaccounted"] == 0, heap(report)
