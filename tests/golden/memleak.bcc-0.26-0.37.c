@@ -217,9 +217,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     // the old image's entries end here (probedsl/images.py); fired in the exec'ing task once
-    // the new image is in place. --comm: the name is already the new image's, so every exec
+    // the new image is in place (--comm: the name is already the new image's)
+    u64 *was = probedsl_images.lookup(&pid);
     if (probedsl_wanted()) {
-        u64 *was = probedsl_images.lookup(&pid);
         struct probedsl_ended_t ended = {.pid = pid, .image = was ? *was : 0};
         u64 now = bpf_ktime_get_ns();
         u8 yes = 1;
