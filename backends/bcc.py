@@ -224,16 +224,18 @@ class BccBackend(Backend):
     def ustack(self, program: ir.Program, ctx: str) -> str:
         """The expression taking the user stack's id."""
         if self.unwinds(program):
-            return f"probedsl_unwind({ctx})"
+            return f"probedsl_unwind({ctx}, {ctx})" if ctx == "ctx" else f"probedsl_unwind_syscall({ctx})"
         return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
 
     @staticmethod
     def unwinds(program: ir.Program) -> bool:
-        """--stacks dwarf, for user stacks taken in uprobes (a tracepoint has no user registers
-        at hand: such a program keeps the frame-pointer walk)."""
+        """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user
+        registers the task saved on entering the kernel); another tracepoint may fire in any
+        context: such a program keeps the frame-pointer walk."""
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
-        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in ("uprobe", "usdt") for p in recorded)
+        return program.stacks == "dwarf" and bool(recorded) and \
+            all(p.kind in ("uprobe", "usdt", "syscall") for p in recorded)
 
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a

@@ -37,7 +37,8 @@ BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
 // iterations without the mask, which the verifier cannot bound).
 #define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
-static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
+// regs: the user registers to start from (ctx itself in a uprobe)
+static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
 {
     u32 zero = 0;
     struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
@@ -50,7 +51,7 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
     u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
     u32 n = 0;
     if (maps) {
-        u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), back = 0;
+        u64 ip = PT_REGS_IP(regs), sp = PT_REGS_SP(regs), bp = PT_REGS_FP(regs), back = 0;
         struct probedsl_unw_map_t *m = 0;         // the mapping of the frame before
         end = 0xffffffffffffff03ULL;
 #pragma clang loop unroll(disable)
@@ -137,6 +138,14 @@ static __always_inline s64 probedsl_unwind(struct pt_regs *ctx)
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
     *busy = 0;
     return id;
+}
+
+// in a system call's tracepoint: the user registers the task entered the kernel with
+static __always_inline s64 probedsl_unwind_syscall(void *ctx)
+{
+    struct pt_regs regs = {};
+    bpf_probe_read_kernel(&regs, sizeof(regs), (void *)bpf_task_pt_regs(bpf_get_current_task_btf()));
+    return probedsl_unwind(ctx, &regs);
 }
 
 // bytes and entries live in one group (a tally), updated at every acquire and release;
@@ -312,7 +321,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -365,7 +374,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -432,7 +441,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -500,7 +509,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -553,7 +562,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -605,7 +614,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -657,7 +666,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
@@ -709,7 +718,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx);
+      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
       int err = heap_live.insert(&k, &v);
       if (err == -17) {  // -EEXIST
