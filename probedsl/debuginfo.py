@@ -100,8 +100,8 @@ def matches(candidate: str, ident: str, binary: str, source: str = "") -> bool:
     found = build_id_of(candidate)
     if found == ident:
         return True
-    note(f"debug file {candidate}{f' from {source}' if source else ''} not used for {binary}: "
-         f"its build id is {found or 'missing'}, not {ident}; frames there are module+offset")
+    note(f"debug file for {binary} from {source or candidate} not used: its build id is "
+         f"{found or 'missing'}, not {ident}; frames there are module+offset")
     return False
 
 
