@@ -75,6 +75,17 @@ def test_a_program_that_leaks_then_execs_itself(backend, build):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_image_reusing_an_old_images_address(backend, build):
+    """Without address randomization the second image's first block takes the address of the
+    first image's (the heap starts at the same place): the kernel counts the old entry as ended
+    by the exec, not as replaced, and the new one is reported."""
+    report = run(backend, "setarch", "-R", build("execer"))
+    sites = by_site(report)
+    assert "before_exec" not in sites and sites.get("after_exec") == (112, 2), sites
+    assert heap(report)["replaced"] == 0 and heap(report)["ended_by_exec"] >= 1, heap(report)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_traced_pid_that_execs(backend, build):
     """--pid on a shell that execs the program once told to: the report is the program's."""
     leak = build("leak")
