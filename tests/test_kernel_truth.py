@@ -28,7 +28,10 @@ def fixture_lines(fd: int) -> dict:
             pytest.fail(f"the fixture did not get ready: {said}, {line!r}")
         if byte == b"\n":
             word, *numbers = line.decode().split()
-            said[word] = [int(n) for n in numbers]
+            if word == "opened":
+                said.setdefault("opened", {})[numbers[0]] = [int(n) for n in numbers[1:]]
+            else:
+                said[word] = [int(n) for n in numbers]
             line = b""
         else:
             line += byte
@@ -51,15 +54,33 @@ def live_of(report: dict, pid: int) -> int:
     return sum(e["fds"] for e in by_pid["entries"] if e["pid"] == pid)
 
 
-def check(report: dict, said: dict, truth: set) -> None:
+def opened_by(report: dict, pid: int) -> dict:
+    """{innermost function of the fixture in the stack: live descriptors} for that pid."""
+    by_site = {}
+    for e in next(r for r in report["reports"] if r["by"] == ["ustack"])["entries"]:
+        if e["pids"] == [pid]:
+            frame = next((f for f in e["stack"] if f["module"].endswith("/fdpaths")), None)
+            name = frame["function"] if frame else "?"
+            by_site[name] = by_site.get(name, 0) + e["fds"]
+    return by_site
+
+
+def check(report: dict, said: dict, truth: set, backend: str) -> None:
     pid = said["ready"][0]
     kept = truth - set(said["inherited"])
     assert len(kept) >= 20, f"the fixture kept too few descriptors to compare: {sorted(truth)}"
     assert not kept & (set(said["exec-closed"]) | set(said["range-closed"])), (sorted(truth), said)
+    # what the fixture says each function left open is what the kernel has
+    opened = said["opened"]
+    assert {fd for fds in opened.values() for fd in fds} - set(said["exec-closed"]) == kept, (opened, sorted(truth))
     want = expected_live(said, truth)
-    # the report carries counts per pid, not keys: a phantom and a miss would cancel out, so the
-    # fixture keeps the count of what can go wrong in each direction known (see expected_live)
+    # the report carries counts, not keys: per process, and (where stacks are whole: BCC's
+    # unwinder) per function that opened them, each against the kernel's set
     assert live_of(report, pid) == len(want), (live_of(report, pid), sorted(want), report["resources"])
+    if backend == "bcc":
+        per_function = {fn: len(set(fds) & want) for fn, fds in opened.items()}
+        per_function["via_close_range"] += len(said["range-closed"]) - 1
+        assert opened_by(report, pid) == {fn: n for fn, n in per_function.items() if n}, opened_by(report, pid)
     assert report["resources"]["fd"]["untracked"] == 0
 
 
@@ -78,7 +99,7 @@ def test_fdleak_live_descriptors_are_the_kernels_for_a_command(backend, build):
     out, err = tracer.communicate(input="", timeout=BOUND_S)
     assert tracer.returncode == 0, err
     assert "Traceback" not in err, err
-    check(report_json(out), said, truth)
+    check(report_json(out), said, truth, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +121,7 @@ def test_fdleak_live_descriptors_are_the_kernels_for_a_pid(backend, build):
             target.wait()
     assert tracer.returncode == 0, err
     assert "Traceback" not in err, err
-    check(report_json(out), said, truth)
+    check(report_json(out), said, truth, backend)
 
 
 # --- mmapleak against /proc/PID/maps ----------------------------------------------------------
