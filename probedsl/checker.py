@@ -138,9 +138,9 @@ class _Checker:
         for expr in event_exprs(event):
             for n in names_in(expr):
                 if n.name not in allowed:
-                    where = "tracepoint field" if isinstance(probe, (ast.Tracepoint, ast.Syscall)) else "argument"
+                    where = "a tracepoint field" if isinstance(probe, (ast.Tracepoint, ast.Syscall)) else "an argument"
                     hint = " (a usdt probe has no return value)" if n.name == "ret" and isinstance(probe, ast.Usdt) else ""
-                    self.error(n.span, f"unknown name '{n.name}': not an {where}, a parameter or one of "
+                    self.error(n.span, f"unknown name '{n.name}': not {where}, a parameter or one of "
                                        f"{', '.join(('ret',) + BUILTINS if isinstance(probe, (ast.UProbe, ast.Syscall)) else BUILTINS)}"
                                        + hint)
             for d in derefs_in(expr):

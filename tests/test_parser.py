@@ -129,3 +129,35 @@ def test_missing_recipe_file_is_one_line_error():
     result = probedsl("check", "/nonexistent/x.probe")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("probedsl: error: recipe not found: /nonexistent/x.probe (bundled: ")
+
+
+SYSCALL_FIELDS = {("syscalls", "sys_enter_pipe2"): ("__syscall_nr", "fildes", "flags"),
+                  ("syscalls", "sys_exit_pipe2"): ("__syscall_nr", "ret"),
+                  ("syscalls", "sys_enter_close"): ("__syscall_nr", "fd"),
+                  ("syscalls", "sys_exit_close"): ("__syscall_nr", "ret")}
+
+
+def test_syscall_probes_name_entry_fields_and_the_exits_ret():
+    from probedsl import ir, lower
+    recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+  acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0 acquires (pid, fildes[1])
+  release syscall close -> (pid, fd) }""", "t.probe")
+    checker.check(recipe, lambda c, e: SYSCALL_FIELDS.get((c, e)))
+    assert recipe.resources[0].events[0].probe == ast.Syscall("pipe2")
+    pipe2, close = lower.lower(recipe, {}).resources[0].probes
+    # the exit acts, with the entry's field saved per thread; close acts at its entry
+    assert (pipe2.kind, pipe2.function, pipe2.at_return, pipe2.fields, pipe2.saved_args) == \
+        ("syscall", "pipe2", True, ("fildes",), (0,))
+    assert pipe2.actions[0].key == (ir.Builtin("pid"), ir.Deref(ir.Saved(0, 0), 0, 4))
+    assert pipe2.actions[0].guard == ir.BinOp("==", ir.Field("ret"), ir.Const(0))
+    assert (close.at_return, close.actions[0].key) == (False, (ir.Builtin("pid"), ir.Field("fd")))
+
+
+def test_syscall_errors_are_located():
+    recipe = parser.parse("recipe r resource fd keyed by (pid, fd) {\n  acquire syscall nope -> (pid, ret)\n"
+                          "  release syscall close -> (pid, fildes) }", "t.probe")
+    with pytest.raises(RecipeError) as exc:
+        checker.check(recipe, lambda c, e: SYSCALL_FIELDS.get((c, e)))
+    got = [(d.span.line, d.span.column, d.message) for d in exc.value.diagnostics]
+    assert (2, 11) == got[0][:2] and "system call 'nope' has no tracepoints" in got[0][2], got
+    assert got[1][0] == 3 and "unknown name 'fildes': not a tracepoint field" in got[1][2], got
