@@ -16,7 +16,7 @@ from . import Backend, Generated
 
 SNAPSHOT_MARK = "probedsl:snapshot"
 READY_MARK = "probedsl:ready"
-LIVE_VALUE = {"time": "nsecs", "size": "(uint64)({size})", "pid": "pid", "tid": "tid",
+LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack(perf, {ir.STACK_DEPTH})", "kstack": f"kstack(perf, {ir.STACK_DEPTH})",
               "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
 
@@ -36,6 +36,15 @@ def probe_path(path: str) -> str:
 
 def _u64(text: str) -> str:
     return f"(uint64)({text})"
+
+
+def is_u64(v: ir.Value) -> bool:
+    """Whether bpftrace types the value uint64 already: arguments, return values, scratch
+    slots, 8-byte reads, and the unsigned arithmetic of such values."""
+    if isinstance(v, ir.BinOp):
+        return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
+    return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
+        (isinstance(v, ir.Deref) and v.size == 8)
 
 
 def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
@@ -79,12 +88,30 @@ class BpftraceBackend(Backend):
     def delete(self, map_name: str, key: List[str]) -> str:
         if not self.target.delete_with_key_argument:
             return f"delete({map_name}[{', '.join(key)}]);"
-        return f"delete({map_name}, {key[0] if len(key) == 1 else '(' + ', '.join(key) + ')'});"
+        call = f"delete({map_name}, {key[0] if len(key) == 1 else '(' + ', '.join(key) + ')'})"
+        return f"$deleted = {call};" if self.target.delete_result_used else f"{call};"
+
+    def u64(self, v: ir.Value) -> str:
+        """The value as uint64 (map keys and record fields agree on it): cast, unless the
+        dialect warns about a cast to the type a value already has."""
+        if self.target.warns_same_type_cast and is_u64(v):
+            return self.expr(v)
+        return _u64(self.expr(v))
+
+    def u64_text(self, text: str) -> str:
+        """u64() for generated text: reg() and nsecs are uint64 already."""
+        if self.target.warns_same_type_cast and re.fullmatch(r'nsecs|reg\("\w+"\)|arg\d+', text):
+            return text
+        return _u64(text)
+
+    def elapsed(self, since: str) -> str:
+        """nsecs - since, without the sign warning of dialects whose subtraction is signed."""
+        return f"(int64)nsecs - (int64){since}" if self.target.signed_subtraction else f"nsecs - {since}"
 
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size="0") for f in lay.fields)
+        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0")) for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -104,7 +131,7 @@ class BpftraceBackend(Backend):
                 "comm": "/comm == str($1)/"}[scope.mode]
 
     def key(self, action: ir.Action) -> List[str]:
-        return [_u64(self.expr(k)) for k in action.key]
+        return [self.u64(k) for k in action.key]
 
     def declarations(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Each keyed map sized for what it holds (aggregations live in per-CPU maps)."""
@@ -138,7 +165,7 @@ class BpftraceBackend(Backend):
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
         live = f"@{lay.live}[{', '.join(self.key(action))}]"
         if action.kind == "acquire":
-            size = self.expr(action.size) if action.size is not None else "0"
+            size = self.u64(action.size) if action.size is not None else _u64("0")
             values = ", ".join(LIVE_VALUE[f].format(size=size) for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
@@ -165,7 +192,7 @@ class BpftraceBackend(Backend):
                 hit.append(self.count(lay, Counter.RELEASED))
             else:
                 keys = ", ".join(f"$v.{lay.fields.index(k)}" for k in lay.lifetime.keys)
-                hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist(nsecs - $v.0);")
+                hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
                     "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
         if action.guard is None:
@@ -196,10 +223,10 @@ class BpftraceBackend(Backend):
             saved = [self.expr(ir.Field(probe.fields[i]) if probe.kind == "syscall" else ir.Arg(i))
                      for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
             if probe.kind == "syscall":      # system calls do not nest: no stack pointer to compare
-                fields = ", ".join(_u64(x) for x in [str(probe.id), "0", *saved])
+                fields = ", ".join(self.u64_text(x) for x in [str(probe.id), "0", *saved])
                 entry_body = [f"{scratch} = ({fields});"]
             else:
-                fields = ", ".join(_u64(x) for x in [str(probe.id), 'reg("sp")', *saved])
+                fields = ", ".join(self.u64_text(x) for x in [str(probe.id), 'reg("sp")', *saved])
                 entry_body = [f"$s = {scratch};",
                               '// skip calls made inside another call of this resource (realloc -> malloc)',
                               'if ($s.0 == 0 || $s.1 <= reg("sp")) {', f"  {scratch} = ({fields});", "}"]

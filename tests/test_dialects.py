@@ -28,3 +28,58 @@ def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
                     bpf.load_func(name, BPF.KPROBE)      # the verifier runs here
     finally:
         bpf.cleanup()
+
+
+# --- bpftrace: each dialect flag, with the text it changes --------------------------------
+def memleak_text(version, scope=ir.Scope("pid", pid=4242)) -> str:
+    from test_backends import memleak_program
+    return targets.for_version("bpftrace", version).generator().generate(memleak_program(scope)).text
+
+
+def test_bpftrace_027_is_a_dialect_of_its_own():
+    for version in ((0, 27, 0), (0, 27, 1)):
+        target = targets.for_version("bpftrace", version)
+        assert target.range_text() == "0.27" and target.warns_same_type_cast
+    assert targets.from_name("bpftrace-0.27").range_text() == "0.27"
+    assert "bpftrace 0.17-0.19, 0.20-0.23, 0.24, 0.25-0.26, 0.27;" in targets.supported()
+
+
+def test_casts_to_the_type_a_value_has_are_left_out_from_027():
+    """0.27 warns for each `(uint64)arg0`; older dialects keep every cast (map keys and
+    record fields agree on uint64)."""
+    new, old = memleak_text((0, 27, 1)), memleak_text((0, 26, 1))
+    assert "@heap_live[(uint64)(pid), retval] = (nsecs, $s.2," in new
+    assert 'reg("sp"), arg0' in new and "(uint64)(arg0)" not in new and "(uint64)(retval)" not in new
+    assert "@heap_live[(uint64)(pid), (uint64)(retval)] = (nsecs, (uint64)($s.2)," in old
+    assert "(uint64)(pid)" in new        # pid is uint32: its cast stays
+
+
+def test_delete_results_are_used_from_025():
+    """0.25 warns on a discarded result; delete returns one from 0.24; 0.17 has delete(@m[k])."""
+    assert "$deleted = delete(@heap_scratch, tid);" in memleak_text((0, 25, 1))
+    assert "$deleted" not in memleak_text((0, 24, 2)) and "  delete(@heap_scratch, tid);" in memleak_text((0, 24, 2))
+    assert "delete(@heap_scratch[tid]);" in memleak_text((0, 17, 0))
+
+
+def test_lifetimes_subtract_as_signed_from_026():
+    """0.26 makes subtraction int64 and warns for each uint64 operand cast implicitly."""
+    assert "hist((int64)nsecs - (int64)$v.0)" in memleak_text((0, 26, 1))
+    assert "hist(nsecs - $v.0)" in memleak_text((0, 23, 2))
+
+
+def test_pid_option_is_not_used_where_it_filters_every_probe():
+    """0.24+ applies -p to every probe (measured on 0.27.0 and 0.27.1): probedsl's own ready
+    and snapshot tracepoints would never fire. The run is unscoped and says so."""
+    from test_backends import memleak_program
+    scope = ir.Scope("pid", pid=4242, follow_forks=False)
+    assert targets.for_version("bpftrace", (0, 23, 2)).options(scope) == ["-p", "4242"]
+    for version in ((0, 24, 2), (0, 26, 1), (0, 27, 1)):
+        target = targets.for_version("bpftrace", version)
+        assert "-p" not in target.options(scope) and not target.scopes_uprobes(scope)
+        assert any("-p filters every probe" in n for n in target.notes(memleak_program(scope)))
+
+
+def test_warnings_are_off_where_they_are_about_generated_code():
+    scope = ir.Scope("pid", pid=4242)
+    assert targets.for_version("bpftrace", (0, 27, 0)).options(scope) == ["--no-warnings"]
+    assert targets.for_version("bpftrace", (0, 23, 2)).options(scope) == []

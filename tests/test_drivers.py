@@ -1,6 +1,8 @@
 """Driver decoding without root: the text each tracer version prints -> addresses and tallies."""
 from __future__ import annotations
 
+import json
+
 from probedsl.drivers.bpftrace import parse_stack
 
 
@@ -19,3 +21,67 @@ def test_stacks_as_each_bpftrace_version_prints_them():
 
 def test_kernel_frames_keep_their_addresses():
     assert parse_stack("\n\tffffffff8123a0c0 kmem_cache_alloc+12 ([kernel.kallsyms])\n") == (0xFFFFFFFF8123A0C0,)
+
+
+# --- what bpftrace 0.27 prints (measured on 0.27.0 and 0.27.1 in the Debian sid root) -------
+def memleak_driver():
+    import types
+    from probedsl import ir, targets
+    from probedsl.drivers.bpftrace import BpftraceDriver
+    from test_backends import memleak_program
+    program = memleak_program(ir.Scope("pid", pid=4242))
+    target = targets.for_version("bpftrace", (0, 27, 1))
+    driver = BpftraceDriver(program, target.generator().generate(program, ready_pid=1), target)
+    return driver, program, types.SimpleNamespace
+
+
+def read_printed(lines):
+    """The snapshots the driver reads from these stdout lines."""
+    driver, program, namespace = memleak_driver()
+    driver.proc = namespace(stdout=iter(line + "\n" for line in lines))
+    driver._read_stdout()
+    return [driver.snapshots.get_nowait() for _ in range(driver.snapshots.qsize())], program
+
+
+def test_empty_scalar_maps_printed_as_zero_read_as_absent_ones():
+    """0.27.0 prints an empty count() map as 0 (`{"@x": 0}`); earlier versions print nothing."""
+    from probedsl import layout
+    from probedsl.backends.bpftrace import counted
+    from probedsl.layout import Counter
+    _, program = read_printed([])
+    lay = layout.of(program, program.resources[0])
+    name = f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}"
+    zeros = [json.dumps({"type": "map", "data": {f"@{lay.counter_map(c)}": 0}}) for c in counted(program, lay)]
+    mark = json.dumps({"type": "printf", "data": "probedsl:snapshot\n"})
+    (with_zeros,), _ = read_printed(zeros + [mark])
+    (without,), _ = read_printed([mark])
+    assert with_zeros.totals == without.totals
+    (three,), _ = read_printed(zeros + [json.dumps({"type": "map", "data": {name: 3}}), mark])
+    assert three.totals["heap"].unknown_releases == 3
+
+
+def test_warnings_printed_among_the_json_by_0_27_0_are_skipped():
+    """0.27.0 writes compile warnings (the source line and a marker under it) to stdout, before
+    the JSON lines; 0.27.1 moved them to stderr."""
+    from probedsl import layout
+    from probedsl.layout import Counter
+    _, program = read_printed([])
+    lay = layout.of(program, program.resources[0])
+    printed = ["/tmp/p.bt:36:3-40: WARNING: Return value discarded.",
+               "  delete(@heap_scratch, tid);", "  ~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+               '{"type": "attached_probes", "count": 2, "data": {"probes": 2}}',
+               json.dumps({"type": "map", "data": {f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}": 2}}),
+               "{", json.dumps({"type": "printf", "data": "probedsl:snapshot\n"})]
+    (snap,), _ = read_printed(printed)
+    assert snap.totals["heap"].unknown_releases == 2
+
+
+def test_a_failure_is_explained_by_its_errors_not_the_warnings_before_them():
+    from probedsl.drivers.bpftrace import errors_first
+    printed = ["WARNING: Could not read functions from /sys/kernel/debug/tracing/available_filter_functions.",
+               "/tmp/p.bt:12:3-9: WARNING: Unnecessary cast: expression is already of type uint64",
+               "  $x = (uint64)nsecs;", "       ~~~~~~~~",
+               "/tmp/p.bt:20:1-5: ERROR: uprobe target file '/lib/x.so' does not exist or is not executable",
+               "uprobe:/lib/x.so:f", "~~~~~"]
+    assert errors_first(printed) == printed[4:]
+    assert errors_first(printed[:4]) == printed[:4]      # only warnings: all of them

@@ -22,7 +22,22 @@ from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl.rundata import Live, Snapshot, Totals
 
-NOISE = ("couldn't set RLIMIT_MEMLOCK",)
+# harmless here: memory is accounted by cgroup; kernel-function lists matter to kprobes only
+NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
+
+
+def errors_first(lines: List[str]) -> List[str]:
+    """bpftrace's messages with its warnings left out when it also printed errors: a warning
+    (0.25+ warn about generated code) comes with the source line and a marker line under it."""
+    if not any("ERROR" in line for line in lines):
+        return lines
+    out, in_warning = [], False
+    for line in lines:
+        if "WARNING" in line or "ERROR" in line:
+            in_warning = "ERROR" not in line
+        if not in_warning:
+            out.append(line)
+    return out
 
 
 # a frame line starts with its address in hex; bpftrace 0.27 prints a stack that is part of a
@@ -189,7 +204,7 @@ class BpftraceDriver:
     def explain_failure(self) -> str:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
         lines = []
-        for line in self.stderr:
+        for line in errors_first(self.stderr):
             m = re.match(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)", line)   # FILE.bt:LINE[-L]:COL[-C]: msg
             span = self.generated.recipe_span(int(m.group(1))) if m else None
             if span:
