@@ -77,7 +77,9 @@ def checks() -> List[Check]:
                 "probes at function entries only"
             out.append(Check(backend, True, f"{targets.version_text(target.version)}: the {target.backend}-"
                              f"{target.range_text()} dialect; {placed}"
-                             + ("; unwinds -O2 stacks (--stacks dwarf)" if target.dwarf_stacks else "")))
+                             + ("; unwinds -O2 stacks (--stacks dwarf)" if target.dwarf_stacks else "")
+                             + (f"; built with: {target.build_text()}" if getattr(target, "build_text", None)
+                                and target.build_text() else "")))
         except ProbedslError as exc:
             fix = {"bpftrace": "apt-get install bpftrace", "bcc": "apt-get install bpfcc-tools python3-bpfcc"}[backend]
             out.append(Check(backend, False, str(exc).split(" (")[0], fix, needed=False))

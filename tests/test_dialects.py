@@ -83,3 +83,50 @@ def test_warnings_are_off_where_they_are_about_generated_code():
     scope = ir.Scope("pid", pid=4242)
     assert targets.for_version("bpftrace", (0, 27, 0)).options(scope) == ["--no-warnings"]
     assert targets.for_version("bpftrace", (0, 23, 2)).options(scope) == []
+
+
+# --- capabilities read from `bpftrace --info`, not guessed from the version -----------------
+INFO_017 = """Build
+  version: v0.17.0
+  LLVM: 14.0.6
+  unsafe uprobe: no
+  bfd: no
+  libdw (DWARF support): yes
+"""
+INFO_0271 = """Build
+  version: v0.27.1
+  LLVM: 21.1.8
+  bfd: yes
+  libdw (DWARF support): yes
+  libsystemd (systemd notify support): no
+  blazesym (advanced symbolization): no
+  dwunwind (DWARF stack unwinding): yes
+"""
+
+
+def test_build_features_are_read_from_bpftrace_info():
+    """Debian 12's 0.17 and Debian sid's 0.27.1, as they print them."""
+    assert targets.parse_info(INFO_017) == {"bfd": False, "dwarf": True}
+    assert targets.parse_info(INFO_0271) == {"bfd": True, "dwarf": True, "blazesym": False, "dwunwind": True}
+
+
+def test_a_build_without_bfd_probes_at_entries_whatever_its_version():
+    target = targets.for_version("bpftrace", (0, 23, 2))
+    assert target.probe_offsets
+    assert not target.with_build(targets.parse_info(INFO_017)).probe_offsets
+    assert targets.for_version("bpftrace", (0, 23, 2)).probe_offsets     # the class is untouched
+    assert targets.for_version("bpftrace", (0, 27, 1)).with_build(targets.parse_info(INFO_0271)).probe_offsets
+
+
+@pytest.mark.debian13
+def test_doctor_names_the_installed_builds_features():
+    import shutil
+    import subprocess
+    from conftest import probedsl
+    exe = shutil.which("bpftrace")
+    printed = subprocess.run([exe, "--info"], capture_output=True, text=True)
+    info = targets.parse_info(printed.stdout + printed.stderr)      # 0.17 prints it on stderr
+    assert "bfd" in info
+    line = next(l for l in probedsl("doctor").stdout.splitlines() if " bpftrace " in l)
+    assert f"bfd {'yes' if info['bfd'] else 'no'}" in line
+    assert ("places probes past" in line) == (info["bfd"] and targets.detect("bpftrace").probe_offsets)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
-from typing import Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type
 
 from probedsl.errors import ProbedslError
 
@@ -44,6 +45,36 @@ def installed_version(backend: str) -> Optional[Version]:
     return parse_version(getattr(bcc, "__version__", ""))
 
 
+# `bpftrace --info`'s Build lines -> what a build can do; a distribution's build may lack one
+BUILD_FEATURES = {"bfd": "bfd", "libdw (DWARF support)": "dwarf", "dwunwind (DWARF stack unwinding)": "dwunwind",
+                  "blazesym (advanced symbolization)": "blazesym"}
+
+
+def parse_info(text: str) -> Dict[str, bool]:
+    """The build features `bpftrace --info` names ("  bfd: yes"); those it does not name are absent."""
+    found = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().rpartition(": ")
+        if sep and name in BUILD_FEATURES:
+            found[BUILD_FEATURES[name]] = value.strip() == "yes"
+    return found
+
+
+def build_info(exe: str) -> Dict[str, bool]:
+    """What this bpftrace binary was built with, asked once per binary (path, size, mtime)."""
+    st = os.stat(exe)
+    return _build_info(exe, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_info(exe: str, size: int, mtime: int) -> Dict[str, bool]:
+    try:
+        out = subprocess.run([exe, "--info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_info(out.stdout + out.stderr)
+
+
 def _known(backend: str) -> str:
     if backend not in BACKENDS:
         raise ProbedslError(f"unknown backend '{backend}'; choose {' or '.join(BACKENDS)}")
@@ -70,7 +101,10 @@ def detect(backend: str) -> Target:
     if version is None:
         hint = {"bpftrace": "apt-get install bpftrace", "bcc": "apt-get install python3-bpfcc"}.get(backend, "")
         raise ProbedslError(f"{backend} is not installed ({hint}, or run scripts/setup.sh)")
-    return for_version(backend, version)
+    target = for_version(backend, version)
+    if backend == "bpftrace":
+        target.with_build(build_info(shutil.which("bpftrace")))
+    return target
 
 
 def from_name(name: str) -> Target:

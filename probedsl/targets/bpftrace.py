@@ -6,7 +6,7 @@ the driver (probedsl.drivers.bpftrace) read these flags and nothing else about t
 from __future__ import annotations
 
 import os
-from typing import ClassVar, List, Tuple
+from typing import ClassVar, Dict, List, Tuple
 
 from probedsl import ir
 
@@ -42,6 +42,21 @@ class Bpftrace(Target):
     signed_subtraction: ClassVar[bool] = False
     # a cast to the type a value already has warns (0.27: `(uint64)arg0`, `(uint64)nsecs`)
     warns_same_type_cast: ClassVar[bool] = False
+
+    def with_build(self, build: Dict[str, bool]) -> "Bpftrace":
+        """The installed binary's features (`bpftrace --info`): without bfd it refuses a uprobe
+        inside a function ("compiled without (k|u)probe offset support", Debian 12's 0.17)."""
+        self.build = build
+        if build.get("bfd") is False:
+            self.probe_offsets = False
+        return self
+
+    def build_text(self) -> str:
+        """What `doctor` says of the build ("" before with_build)."""
+        build = getattr(self, "build", None)
+        if not build:
+            return ""
+        return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in build.items())
 
     def generator(self):
         from probedsl.backends.bpftrace import BpftraceBackend
