@@ -157,18 +157,35 @@ def mapped_lines(fd: int) -> dict:
     return said
 
 
+@pytest.mark.parametrize("mode", ["command", "pid"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mmapleak_live_mappings_are_the_kernels(backend, build):
-    tracer = start_run("mmapleak", "--backend", backend, "--format", "json", "--top", "100", "--",
-                       build("mmappaths"), stdin=subprocess.PIPE)
+def test_mmapleak_live_mappings_are_the_kernels(backend, mode, build):
+    options = ("--backend", backend, "--format", "json", "--top", "100")
+    target = None
+    if mode == "command":
+        tracer = start_run("mmapleak", *options, "--", build("mmappaths"), stdin=subprocess.PIPE)
+        stream = tracer.stdout
+    else:
+        target = subprocess.Popen([build("mmappaths"), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        tracer = start_run("mmapleak", *options, "--pid", str(target.pid))
+        target.stdin.write(b"go\n")
+        target.stdin.flush()
+        stream = target.stdout
     try:
-        said = mapped_lines(tracer.stdout.fileno())
+        said = mapped_lines(stream.fileno())
         pages = anonymous_pages(said["ready"])
+        if target:
+            target.stdin.close()
+            target.wait(timeout=BOUND_S)
+            out, err = tracer.communicate(timeout=BOUND_S)
+        else:
+            out, err = tracer.communicate(input="", timeout=BOUND_S)
     except BaseException:
-        tracer.kill()
-        tracer.communicate()
+        for proc in (target, tracer):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         raise
-    out, err = tracer.communicate(input="", timeout=BOUND_S)
     assert tracer.returncode == 0, err
     # the kernel has every region the fixture says it kept
     for start, length in said["seen"] + said["raw"]:
