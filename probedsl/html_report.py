@@ -52,15 +52,15 @@ def page_data(report: Report) -> dict:
 
     def frame_id(f, kernel: bool) -> int:
         kind = "kernel" if kernel else "inlined" if f.inlined else "marker" if f.truncated else ""
-        name = escape.for_terminal(f.name)
-        where = escape.for_terminal(f"{f.file}:{f.line}" if f.file else "")
-        module = escape.for_terminal(f.module.rsplit("/", 1)[-1] if f.module else "")
-        key = (name, module, where, kind)
-        if key not in frame_index:
-            frame_index[key] = len(frames)
-            frames.append([name, module, where, KINDS[kind]])
+        key = (f.name, f.module, f.file, f.line, kind)
+        found = frame_index.get(key)
+        if found is None:                  # escaped once per distinct frame
+            found = frame_index[key] = len(frames)
+            frames.append([escape.for_terminal(f.name),
+                           escape.for_terminal(f.module.rsplit("/", 1)[-1] if f.module else ""),
+                           escape.for_terminal(f"{f.file}:{f.line}" if f.file else ""), KINDS[kind]])
             colors.append(_color(_Node(f.name, kind)))
-        return frame_index[key]
+        return found
 
     entries, resources, columns = [], [], {}
     for s in report.sections:
@@ -100,6 +100,7 @@ def page_data(report: Report) -> dict:
                        "stacks": [{"b": s["bytes"], "n": s["blocks"]} for s in series.get("stacks", [])],
                        "acquired": [a["times"] for a in series.get("acquired", [])],
                        "untracked": series.get("untracked_stacks", 0), "thinned": series.get("thinned", 0),
+                       "slowest": series.get("slowest_period_s", period),
                        "totals_since": totals_since},
             "histograms": histograms, "duration": report.duration_s}
 
