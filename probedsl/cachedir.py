@@ -101,7 +101,10 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) 
     wanted = os.path.join(root, sub if sub is not None else os.path.join("probedsl", kind))
     why = why_untrusted(root, wanted)
     if not why:
-        return wanted if _make(wanted) else ""
+        if _make(wanted):
+            return wanted
+        note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
+        return ""
     fallback = private_root()
     place = os.path.join(fallback, kind) if fallback else ""
     if place and not why_untrusted(fallback, place) and _make(place):

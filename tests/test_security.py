@@ -230,6 +230,27 @@ def test_cached_rows_of_the_wrong_shape_are_discarded(tmp_path, monkeypatch):
     assert len([n for n in notices.all_notes() if "discarded" in n]) == 4, notices.all_notes()
 
 
+@pytest.mark.usefixtures("root_required")
+def test_a_read_only_cache_computes_and_says_so_once(tmp_path, monkeypatch):
+    """Root writes through file modes, not through a read-only mount: a tmpfs made read-only."""
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", str(ro)], check=True)
+    try:
+        (ro / "probedsl" / "unwind-rows").mkdir(parents=True, mode=0o700)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(ro))
+        notices.clear()
+        decoded = unwind_tables.encode(unwind_tables.cfi.table(LIBC))
+        assert unwind_tables.rows_of(LIBC) == decoded
+        assert unwind_tables.rows_of(LIBC) == decoded
+        said = [n for n in notices.all_notes() if "not cached" in n]
+        assert len(said) == 1 and str(ro) in said[0], notices.all_notes()
+        assert list((ro / "probedsl" / "unwind-rows").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 IMPOSTOR = """#include <stdlib.h>
 void *impostor_a(void) { return malloc(1); }
 void *impostor_b(void) { return impostor_a(); }
