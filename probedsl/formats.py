@@ -154,6 +154,8 @@ def to_text(report: Report, color: bool = False) -> str:
                    f"{r['unknown_releases']} releases of unknown keys{replaced}")
     for note in report.notes:
         out.append(f"  note: {for_terminal(note, MAX_MESSAGE)}")
+    for why in report.incomplete:
+        out.append(style.bold(f"  INCOMPLETE: {for_terminal(why, MAX_MESSAGE)}"))
     _leak_summary(report, out, style)
     for s in report.sections:
         out.append("")

@@ -80,7 +80,10 @@ class HeldCommand:
         finally:
             if self.status is None:
                 sig = os.WSTOPSIG(status) if os.WIFSTOPPED(status) else 0
-                ptrace.request(ptrace.DETACH, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
+                try:
+                    ptrace.request(ptrace.DETACH, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
+                except ProcessLookupError:      # killed while held: poll() reaps it
+                    pass
 
     def abandon(self) -> None:
         """Probes failed: the child exits without running the command (nothing once released)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from .procfs import process_alive
-from . import roots
+from . import roots, threads
 from .roots import RootedFiles
 
 _PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
@@ -125,6 +125,7 @@ class MappingTracker:
         self._rings: List[_Ring] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._joined = True
         self.lost = 0
         self.files = RootedFiles()
         # told (pid, its current mappings) whenever a process's mappings change
@@ -136,7 +137,13 @@ class MappingTracker:
             self._listeners.append(listener)
             known = [(pid, list(gens[-1][1])) for pid, gens in self._gens.items() if gens and gens[-1][1]]
         for pid, maps in known:
-            listener(pid, maps)
+            self._call(listener, pid, maps)
+
+    def unlisten(self, listener: Callable[[int, List[Mapping]], None]) -> None:
+        """No call to listener starts after this returns (one already running may finish)."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def _tell(self, pids) -> None:
         if not self._listeners:
@@ -144,8 +151,18 @@ class MappingTracker:
         with self._lock:
             changed = [(pid, list(self._current(pid))) for pid in pids]
         for pid, maps in changed:
-            for listener in self._listeners:
-                listener(pid, maps)
+            for listener in list(self._listeners):
+                # asked each time: the run may end while a long batch is being told
+                if listener in self._listeners:
+                    self._call(listener, pid, maps)
+
+    @staticmethod
+    def _call(listener, pid: int, maps: List[Mapping]) -> None:
+        """A listener's failure is the run's note (probedsl.threads), not the tracker's end."""
+        try:
+            listener(pid, maps)
+        except Exception as exc:          # BCC raises bare Exception
+            threads.failed("the mapping listener (unwind tables)", exc)
 
     def _rooted(self, pid: int, maps: List[Mapping], identity=None) -> List[Mapping]:
         """Mappings with the path the process names each file by (inside its root) and the
@@ -171,14 +188,22 @@ class MappingTracker:
             except OSError:
                 if cpu == 0:
                     raise
-        self._thread = threading.Thread(target=self._run, name="probedsl-mappings", daemon=True)
-        self._thread.start()
+        self._thread = threads.start("probedsl-mappings", self._run)
         return self
 
-    def stop(self) -> None:
+    def stop_thread(self, bound_s: float = 5.0) -> None:
+        """End the thread that drains the rings (and tells listeners); the rings stay, so
+        drain() from the caller's thread still reads what the kernel says until close()."""
         self._stop.set()
-        if self._thread:
-            self._thread.join()
+        if self._thread is not None:
+            self._joined = threads.join(self._thread, bound_s)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop the thread, read what is left, close the rings; safe to call twice."""
+        self.stop_thread()
+        if not self._joined:
+            return                    # it may still read the rings: they go with the process
         self.drain()
         for ring in self._rings:
             ring.close()

@@ -102,11 +102,15 @@ class Report:
     # scanned_bytes, scan_s
     scan: Optional[dict] = None
     series: Optional[dict] = None      # live memory over time (probedsl.timeseries), saved as is
+    # why the data may miss something (a thread failed, the tracer died, a read never settled);
+    # empty: complete. JSON: "complete" and "incomplete" (the reasons)
+    incomplete: List[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         doc = {"schema": SCHEMA, "version": VERSION, "recipe": self.recipe, "backend": self.backend,
                "backend_version": self.backend_version, "target": self.target, "duration_s": round(self.duration_s, 3), "final": self.final,
-               "sequence": self.sequence, "sample": self.sample, "exit_status": self.exit_status, "notes": self.notes,
+               "sequence": self.sequence, "sample": self.sample, "exit_status": self.exit_status,
+               "complete": not self.incomplete, "incomplete": self.incomplete, "notes": self.notes,
                "resources": self.resources, "reports": []}
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
@@ -166,7 +170,7 @@ class Report:
         return cls(doc["recipe"], doc["backend"], doc["target"], doc["duration_s"], doc["final"],
                    doc["resources"], sections, doc.get("exit_status"), doc.get("notes", []),
                    doc.get("sequence", 0), doc.get("sample", 1), doc.get("backend_version", ""),
-                   doc.get("reachability_scan"), doc.get("series"))
+                   doc.get("reachability_scan"), doc.get("series"), doc.get("incomplete", []))
 
 
 def stack_entries(report: Report):

@@ -48,3 +48,4 @@ class Snapshot:
     final: bool = False
     # resource -> tally fields (layout Tally.keys) -> Tally
     tallies: Dict[str, Dict[Tuple[str, ...], Tally]] = field(default_factory=dict)
+    incomplete: List[str] = field(default_factory=list)   # why it may miss something

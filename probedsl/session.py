@@ -11,17 +11,20 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import allocators, compiler, doctor, estimate, formats, ir, notices, placement, prometheus, report, roots, scanner, targets
+from . import (allocators, compiler, doctor, escape, estimate, faults, formats, ir, notices, placement, prometheus, report,
+               roots, scanner, targets, threads)
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from .procfs import process_alive, processes_named
 from .libraries import LibraryResolver, linked_libraries, mapped_files
 from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
+from .rundata import Snapshot
 from .symbolizer import Symbolizer
 
 TASK_COMM_LEN = 16
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
+INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
 
 
 @dataclass
@@ -127,17 +130,39 @@ def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
 
 
 class Session:
-    """One `probedsl run`: prepare (target, scope, program, driver), attach (probes on, the
-    command let go), trace (reports until the run ends, then the final one). Everything it
-    sets up is undone by one ExitStack, in reverse order, however the run ends."""
+    """One `probedsl run`, in the states below; Session.run is the only place that moves
+    between them, so a new part of a run is started and ended at a named step.
+
+    prepare   the program compiled for the target and the scope resolved (a `-- CMD` is
+              forked, blocked before its exec); nothing is attached yet
+    start     1. the mapping tracker (perf rings, thread probedsl-mappings): before any probe,
+                 so no mmap is missed
+              2. the driver: program loaded, maps created, every probe attached
+              3. feeders: the driver's unwinder told of mappings (tracker -> kernel maps)
+              4. the tether (--reachability), then the command let go ("tracing ..." is said)
+    trace     reports at intervals until a signal, the target's end, --duration or the tracer's end
+    end       always, in this order, each step run even if one before it failed:
+              1. feeders stopped: listeners detached, the unwinder closed to writes, the
+                 tracker's thread joined (bounded)
+              2. the final snapshot (scanned first with --reachability)
+              3. the report rendered and written, with every thread failure in its notes
+              4. the maps closed (driver.kill: the kernel's uprobe teardown)
+              5. the target let go: tether detached, a command never released abandoned
+              6. the exporter closed, private library copies removed, signal handlers restored
+    A failure before "tracing" is a one-line error; after it, the run always ends with a report.
+    """
 
     def __init__(self, opts: RunOptions, out=sys.stdout, err=sys.stderr):
         self.opts, self.out, self.err = opts, out, err
         self.stop = _Stop()
         self.notes: List[str] = []
+        self.held: Optional[HeldCommand] = None
+        self.scanner: Optional[scanner.Scanner] = None
+        self.incomplete: List[str] = []
 
     def say(self, text: str) -> None:
-        print(f"probedsl: {text}", file=self.err, flush=True)
+        # may quote the traced program's names (its command line, errors naming its files)
+        print(f"probedsl: {escape.for_terminal(text, escape.MAX_MESSAGE)}", file=self.err, flush=True)
 
     def run(self) -> int:
         if not doctor.has_tracing_rights():
@@ -145,10 +170,18 @@ class Session:
                                 "(probedsl doctor says what is missing)")
         if self.opts.estimate and self.opts.command:
             raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
-        with contextlib.ExitStack() as self.cleanup:
+        _check_output(self.opts.output)
+        threads.reset()
+        with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
             self.prepare()
-            self.attach()
-            return self.trace()
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.cleanup.callback(signal.signal, s, signal.signal(s, self.stop))
+            self.cleanup.callback(self._let_go)
+            self.cleanup.callback(self.driver.kill)
+            with contextlib.ExitStack() as self.feeders:       # end step 1
+                self.start()
+                self.trace()
+            return self.finish()
 
     def prepare(self) -> None:
         opts, cleanup = self.opts, self.cleanup
@@ -195,28 +228,29 @@ class Session:
         if opts.prometheus:
             self.exporter = prometheus.Exporter(opts.prometheus)
             cleanup.callback(self.exporter.close)
-        self.tracker = MappingTracker().start()        # before attaching, so no mmap is missed
-        cleanup.callback(self.tracker.stop)
-        if resolver.root:
-            self.tracker.files.known_roots.add(resolver.root)
+        self.resolver_root = resolver.root
+        self.describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
+                         "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
+
+    def start(self) -> None:
+        opts, scope = self.opts, self.program.scope
+        self.tracker = MappingTracker().start()        # 1: before attaching, so no mmap is missed
+        self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
+        self.feeders.callback(self.tracker.stop_thread)
+        if self.resolver_root:
+            self.tracker.files.known_roots.add(self.resolver_root)
         if opts.estimate:
-            for line in estimate.measure(program, target).lines():
+            for line in estimate.measure(self.program, self.target).lines():
                 self.say(line)
         for pid in ([scope.pid] if scope.mode == "pid" else
                     processes_named(scope.comm) if scope.mode == "comm" else []):
             self.tracker.snapshot(pid)                  # mapped before we started listening
-        self.describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
-                         "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
-
-    def attach(self) -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.cleanup.callback(signal.signal, s, signal.signal(s, self.stop))
-        self.cleanup.callback(self.driver.kill)
-        self.driver.start()
-        self.scanner = None
-        if self.opts.reachability and self.program.scope.mode == "pid":
-            self._tie(self.program.scope.pid)
-        # the unwinder's rows for what the command will map, and for every process as it maps
+        faults.wait("attach")
+        self.driver.start()                            # 2
+        if self.opts.reachability and scope.mode == "pid":
+            self._tie(scope.pid)
+        # 3: the unwinder's rows for what the command will map, and for every process as it maps
+        self.feeders.callback(self.driver.stop_following, self.tracker)
         self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [])
         # scripts and tests wait for this line: every probe is attached
         self.say(f"tracing {self.describe} with {self.target.name}; Ctrl-C ends with a report")
@@ -228,17 +262,23 @@ class Session:
         for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private):
             self.say(f"note: {line}")
         if self.held:
-            env = self.private.env if self.private else None
-            hold = {}
-            if self.driver.unwinds_stacks():
-                # held until the loader has mapped the libraries it needs, whose rows then go
-                # in before the program's first instruction
-                needed = {os.path.realpath(p) for p in linked_libraries(self.held.exe, env)}
-                hold = dict(at_exec=lambda: self.tracker.snapshot(self.held.pid),
-                            mapped=lambda: needed <= set(mapped_files(self.held.pid)))
-            if self.opts.reachability:
-                self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
-            self.held.release(env, tether=self.scanner.tether if self.scanner else None, **hold)
+            self._release()                            # 4
+
+    def _release(self) -> None:
+        """Let the command exec; with dwarf stacks, held until the loader has mapped the
+        libraries it needs, whose rows then go in before the program's first instruction."""
+        env = self.private.env if self.private else None
+        hold = {}
+        if self.driver.unwinds_stacks():
+            needed = {os.path.realpath(p) for p in linked_libraries(self.held.exe, env)}
+
+            def at_exec():
+                faults.wait("exec-hold")
+                self.tracker.snapshot(self.held.pid)
+            hold = dict(at_exec=at_exec, mapped=lambda: needed <= set(mapped_files(self.held.pid)))
+        if self.opts.reachability:
+            self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
+        self.held.release(env, tether=self.scanner.tether if self.scanner else None, **hold)
 
     def _tie(self, pid: int, exec_hold=None) -> None:
         """--reachability: hold the process under ptrace; a refusal is a note, not the end."""
@@ -248,10 +288,16 @@ class Session:
             self.notes.append(str(exc))
             self.say(f"note: {exc}")
             return
-        self.cleanup.callback(self.scanner.close)
         if self.target.backend == "bpftrace":
             self.say("note: --reachability pauses the process while bpftrace prints every live block, naming "
                      "each frame (~0.4 ms a block: 7 s for 16,000); --backend bcc reads them in ~12 us a block")
+
+    def _let_go(self) -> None:
+        """End step 5: the target runs on (or was reaped); never left stopped."""
+        if self.scanner:
+            self.scanner.close()
+        if self.held:
+            self.held.abandon()
 
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
@@ -263,17 +309,18 @@ class Session:
         if self.opts.duration and time.monotonic() - self.started >= self.opts.duration:
             return True
         if not self.driver.alive():
-            self.notes.append(f"{self.target.name} ended early: {self.driver.explain_failure()}")
+            self.incomplete.append(f"{self.target.name} ended early: {self.driver.explain_failure()}")
             return True
         return False
 
-    def trace(self) -> int:
-        """Reports at intervals until the run ends, then the final one; the command's status."""
-        opts, driver, held = self.opts, self.driver, self.held
+    def trace(self) -> None:
+        """Reports at intervals until the run ends."""
+        opts, driver = self.opts, self.driver
         self.symbolizer = Symbolizer(self.tracker)
         self.growth = report.Growth(opts.growth_intervals)
         self.sequence = 0
         self.started = time.monotonic()
+        self.last_snapshot = None
         next_report = self.started + opts.interval if opts.interval else None
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
         next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
@@ -290,28 +337,52 @@ class Session:
                 else:
                     snap = driver.snapshot(timeout=5)
                 if snap is not None:
+                    self.last_snapshot = snap
                     self.emit(snap, reachability=reach)
             if next_metrics and time.monotonic() >= next_metrics:
                 next_metrics += METRICS_REFRESH_S
                 snap = driver.snapshot(timeout=5)
                 if snap is not None:
+                    self.last_snapshot = snap
                     self.exporter.publish(self.build_report(snap))
             driver.idle(0.05)
-        exit_status = None
-        if held:
-            if held.poll() is None and self.stop.signal is not None:
-                _end_command(held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
-            exit_status = held.poll()
+        if self.held and self.held.poll() is None and self.stop.signal is not None:
+            _end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
+        if self.stop.signal is not None:
+            # a second Ctrl-C now would cost the report: say what happens instead
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, self._finishing)
+
+    @staticmethod
+    def _finishing(signum, frame) -> None:
+        # os.write: a print here could re-enter the stream the main thread is writing
+        os.write(2, b"probedsl: writing the final report; it follows (SIGKILL ends without it)\n")
+
+    def finish(self) -> int:
+        """End steps 2 and 3: the final snapshot and its report; the exit status."""
+        faults.wait("final")
+        driver, held = self.driver, self.held
+        exit_status = held.poll() if held else None
         if self.scanner:
             final, reach = self.scanner.final(driver.stop)
             self.notes += self.scanner.notes
         else:
             final, reach = driver.stop(), None
         if final is None:
-            self.say(f"the tracer ended without a final report: {driver.explain_failure()}")
-            return 1
-        self.emit(final, exit_status, reachability=reach)
-        return exit_status if exit_status is not None else 0
+            why = f"{self.target.name} gave no final snapshot: {driver.explain_failure()}"
+            if self.last_snapshot is None:
+                self.incomplete.append(why + "; nothing was read")
+                final = Snapshot(time.monotonic_ns(), None, {}, final=True)
+            else:
+                self.incomplete.append(why + "; this is the last report's data")
+                final = self.last_snapshot
+        if held and exit_status is None:
+            exit_status = held.poll()
+        rep = self.emit(final, exit_status, reachability=reach)
+        status = exit_status if exit_status is not None else 0
+        if not self.saved:
+            return status or 1
+        return INCOMPLETE if rep.incomplete and status == 0 else status
 
     def build_report(self, snap, exit_status=None, reachability=None) -> report.Report:
         program, tracker = self.program, self.tracker
@@ -321,21 +392,37 @@ class Session:
                            backend_version=targets.version_text(self.target.version), target=self.describe,
                            duration_s=time.monotonic() - self.started, top=self.opts.top,
                            min_age_s=self.opts.min_age, exit_status=exit_status,
-                           notes=self.notes + notices.all_notes() + lost
+                           notes=self.notes + lost + self.driver.notes()
                            + (reachability.notes if reachability else []),
                            reachability=reachability, complete=self.opts.format != "text")
+        rep.incomplete = list(dict.fromkeys(self.incomplete + snap.incomplete + threads.failures()))
+        # said while the stacks were named (a debug file refused, a file over a parser's bound)
+        rep.notes = rep.notes + [n for n in notices.all_notes() if n not in rep.notes]
         tracker.prune(report.referenced_pids(program, snap))
         self.growth.annotate(rep)
         return rep
 
-    def emit(self, snap, exit_status=None, reachability=None) -> None:
+    def emit(self, snap, exit_status=None, reachability=None) -> report.Report:
+        """Render and write one report; self.saved is False if it could not go where asked
+        (then it went to stdout, and the error was said)."""
         self.sequence += 1
         rep = self.build_report(snap, exit_status, reachability)
         rep.sequence = self.sequence
         if self.exporter:
             self.exporter.publish(rep)
-        write_report(formats.render(rep, self.opts.format, _use_color(self.opts, self.out)), self.opts.output,
-                     self.out)
+        text = formats.render(rep, self.opts.format, _use_color(self.opts, self.out))
+        self.saved = False
+        try:
+            write_report(text, self.opts.output, self.out)
+            self.saved = True
+        except OSError as exc:
+            if not self.opts.output:
+                self.say(f"error: cannot write the report: {exc.strerror or exc}")
+                return rep
+            self.say(f"error: cannot write the report to {self.opts.output}: {exc.strerror or exc}; it follows here")
+            with contextlib.suppress(OSError):
+                write_report(text, None, self.out)
+        return rep
 
 
 def sized(program: ir.Program, least: Optional[int], most: Optional[int]) -> ir.Program:
@@ -379,13 +466,36 @@ def _use_color(opts: RunOptions, out) -> bool:
     return hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
 
 
+def _check_output(output: Optional[str]) -> None:
+    """-o where no report could be written is said before tracing begins."""
+    if not output:
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ProbedslError(f"-o {output}: no such directory {folder}")
+    if os.path.isdir(output):
+        raise ProbedslError(f"-o {output}: is a directory")
+    special = os.path.exists(output) and not os.path.isfile(output)
+    if not os.access(output if special else folder, os.W_OK):
+        raise ProbedslError(f"-o {output}: not writable")
+
+
 def write_report(text, output: Optional[str], out) -> None:
     """A rendered report (str, or bytes: pprof) to the output file, else to `out`."""
-    if output:
-        tmp = f"{output}.tmp"
-        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
+    mode = "wb" if isinstance(text, bytes) else "w"
+    if output and os.path.exists(output) and not os.path.isfile(output):
+        with open(output, mode) as f:       # a device or a pipe: written as it is
             f.write(text)
-        os.replace(tmp, output)             # readers never see half a report
+    elif output:
+        tmp = f"{output}.tmp"
+        try:
+            with open(tmp, mode) as f:
+                f.write(text)
+            os.replace(tmp, output)         # readers never see half a report
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     elif isinstance(text, bytes):
         out.flush()
         getattr(out, "buffer", out).write(text)

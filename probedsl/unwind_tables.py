@@ -11,18 +11,19 @@ rows are kept on disk by its build id, so the next run does not decode its .eh_f
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
-import sys
 import tempfile
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from . import cachedir, cfi, debuginfo, elf, notices
+from . import cachedir, cfi, debuginfo, elf, faults, notices
 from .mappings import Mapping, read_proc_maps
 
 # row kinds, as the BPF program reads them
@@ -159,6 +160,10 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
     return INVALID, 0, RBP_SAME, 0          # rbp kept elsewhere: the frames above cannot use it
 
 
+class _Closed(Exception):
+    """The tables were closed: the write is skipped."""
+
+
 class UnwindTables:
     def __init__(self, bpf):
         self.bpf = bpf
@@ -170,11 +175,33 @@ class UnwindTables:
         self.files: Dict[Tuple[int, int], Optional[Tuple[int, int]]] = {}   # identity -> (first, count)
         self.full = 0                                   # files left out: the row table was full
         self._lock = threading.Lock()
+        self._raised = False
+        self.following = False          # told of mappings as they change (the run is tracing)
+        # held around every write to the kernel maps; once closed, writes are skipped: the
+        # maps may be gone (the run is ending), and a listener may still be running
+        self._writing = threading.Lock()
+        self.closed = False
+        self.errors: List[str] = []     # processes whose entry could not be written
+
+    def close(self) -> None:
+        """No write to the maps after this returns (one in progress finishes first)."""
+        with self._writing:
+            self.closed = True
+
+    @contextlib.contextmanager
+    def _maps_open(self):
+        with self._writing:
+            if self.closed:
+                raise _Closed
+            yield
 
     def preload(self, paths: Iterable[str]) -> None:
         """Load files a command is about to map (before it runs)."""
-        for path in paths:
-            self._file(path)
+        try:
+            for path in paths:
+                self._file(path)
+        except _Closed:
+            pass
 
     def _file(self, path: str) -> Optional[Tuple[int, int]]:
         try:
@@ -197,6 +224,10 @@ class UnwindTables:
         return placed
 
     def _write(self, first: int, rows) -> None:
+        with self._maps_open():
+            self._write_rows(first, rows)
+
+    def _write_rows(self, first: int, rows) -> None:
         leaf, key = self.rows.Leaf, self.rows.Key
         keys = (key * len(rows))(*[key(first + i) for i in range(len(rows))])
         values = (leaf * len(rows))()
@@ -210,25 +241,38 @@ class UnwindTables:
 
     def process(self, pid: int, mappings: List[Mapping]) -> None:
         """(Re)write the pid's entry from its current executable mappings."""
-        with self._lock:
-            entries = []
-            for m in sorted(mappings, key=lambda m: m.start)[-MAX_MAPS:]:
-                file = m.path if m.file is None else m.file
-                placed = self._file(file) if file else None
-                syms = elf.symbols(file) if placed else None
-                if placed is None or syms is None:
-                    continue
-                bias = m.start - syms.file_offset_to_vaddr(m.offset)     # process address - ELF address
-                entries.append((m.start, m.end, bias & 0xFFFFFFFFFFFFFFFF, *placed))
-            try:
-                if not entries or not _still_mapped(pid, entries):
-                    # nothing to unwind with, or the process has exec'd since (the BPF program
-                    # dropped its entry then): frame-pointer walks until its new mappings come
-                    self._forget(pid)
-                    return
-                self._store(pid, entries)
-            except Exception as exc:      # BCC raises bare Exception
-                print(f"probedsl: warning: unwind tables of pid {pid}: {exc}", file=sys.stderr)
+        if faults.on("listener-raises") and self.following and not self._raised:
+            self._raised = True
+            raise RuntimeError("injected listener fault")
+        if faults.on("slow-listener"):
+            time.sleep(0.2)
+        if self.closed:
+            return
+        try:
+            with self._lock:
+                self._process(pid, mappings)
+        except _Closed:
+            pass
+        except Exception as exc:      # BCC raises bare Exception: this process's stacks fall back
+            self.errors.append(f"pid {pid}: {exc}")
+
+    def _process(self, pid: int, mappings: List[Mapping]) -> None:
+        entries = []
+        for m in sorted(mappings, key=lambda m: m.start)[-MAX_MAPS:]:
+            file = m.path if m.file is None else m.file
+            placed = self._file(file) if file else None
+            syms = elf.symbols(file) if placed else None
+            if placed is None or syms is None:
+                continue
+            bias = m.start - syms.file_offset_to_vaddr(m.offset)     # process address - ELF address
+            entries.append((m.start, m.end, bias & 0xFFFFFFFFFFFFFFFF, *placed))
+        with self._maps_open():
+            if not entries or not _still_mapped(pid, entries):
+                # nothing to unwind with, or the process has exec'd since (the BPF program
+                # dropped its entry then): frame-pointer walks until its new mappings come
+                self._forget(pid)
+                return
+            self._store(pid, entries)
 
     def _store(self, pid: int, entries) -> None:
         value = self.maps.Leaf()
@@ -261,6 +305,12 @@ class UnwindTables:
                 del self.chunks[self.chunks.Key(pid, 0, chunk)]
             except KeyError:
                 pass
+
+    def notes(self) -> List[str]:
+        if not self.errors:
+            return []
+        return [f"the unwind tables of {len(self.errors)} process entries could not be written (first: "
+                f"{self.errors[0]}): their stacks were walked by frame pointers"]
 
     def memory(self) -> int:
         """The rows, mappings and chunk tables, the kept return addresses, and the table of

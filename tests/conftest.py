@@ -76,6 +76,13 @@ class Held:
         self.proc.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_cache(tmp_path_factory):
+    """The suite runs as a user's first run does: probedsl's caches (XDG_CACHE_HOME) start
+    empty in a directory of this test run; a test about the cache sets its own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def root_required():
     if os.geteuid() != 0:

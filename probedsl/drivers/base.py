@@ -35,6 +35,12 @@ class Driver(Protocol):
         """Be told of processes' mappings (probedsl.mappings.MappingTracker); preload: files a
         command about to start will map. For a tracer that unwinds stacks itself."""
 
+    def stop_following(self, tracker) -> None:
+        """No more writes from mappings (the run is ending); one in progress has finished."""
+
+    def notes(self) -> List[str]:
+        """What the report should say of the driver's own losses (one line each)."""
+
     def map_memory(self) -> int:
         """Bytes of kernel memory its BPF maps hold."""
 

@@ -419,6 +419,9 @@ class BccLoader:
             snap = self._read(counted, final)
             if self._counters() == counted:
                 break
+        else:
+            snap.incomplete.append(f"the counters moved during each of {READ_TRIES} reads: totals and tables "
+                                   "may disagree by the events of one read")
         return snap
 
     def _counters(self) -> Dict[str, List[int]]:
@@ -500,6 +503,8 @@ class BccLoader:
         return out
 
     def close(self) -> None:
+        if self.unwind is not None:
+            self.unwind.close()
         self.bpf.cleanup()
         remove_tracefs_uprobes(os.getpid())
 
@@ -543,6 +548,15 @@ class BccDriver:
         if self.loader is not None and self.loader.unwind is not None:
             self.loader.unwind.preload(preload)
             tracker.listen(self.loader.unwind.process)
+            self.loader.unwind.following = True
+
+    def stop_following(self, tracker) -> None:
+        if self.loader is not None and self.loader.unwind is not None:
+            tracker.unlisten(self.loader.unwind.process)
+            self.loader.unwind.close()
+
+    def notes(self) -> List[str]:
+        return self.loader.unwind.notes() if self.unwinds_stacks() else []
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())

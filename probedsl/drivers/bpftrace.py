@@ -20,6 +20,7 @@ from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
 from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
 from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
+from probedsl import threads
 from probedsl.rundata import Live, Snapshot, Totals
 
 # harmless here: memory is accounted by cgroup; kernel-function lists matter to kprobes only
@@ -185,9 +186,8 @@ class BpftraceDriver:
         env.update(self.target.environment(max_live))
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
-        self._reader.start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._reader = threads.start("probedsl-bpftrace-stdout", self._read_stdout)
+        self._errors = threads.start("probedsl-bpftrace-stderr", self._read_stderr)
         deadline = time.monotonic() + timeout
         # "attached_probes" is printed before attaching, so it proves nothing: wait for the
         # sentinel probe, attached after all others, to fire on our own getppid()
@@ -268,6 +268,12 @@ class BpftraceDriver:
     def follow_mappings(self, tracker, preload) -> None:
         """bpftrace walks frame pointers in the kernel: nothing to load."""
 
+    def stop_following(self, tracker) -> None:
+        """Nothing follows mappings."""
+
+    def notes(self) -> List[str]:
+        return []
+
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
 
@@ -296,3 +302,5 @@ class BpftraceDriver:
             if self.alive():
                 self.proc.kill()
             self.proc.wait()
+            for reader in (self._reader, self._errors):
+                threads.join(reader, 5)

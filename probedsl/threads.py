@@ -1,0 +1,68 @@
+"""Threads probedsl starts: named, joined with a bound, and never ending the run with a traceback.
+
+An exception in one of them becomes one line in `failures()`, which the session puts in the
+report's notes (the report is then marked incomplete); the measurement is untouched. Threads
+started by libraries go through the same hook (threading.excepthook).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, List
+
+_lock = threading.Lock()
+_failures: Dict[str, List[str]] = {}     # thread name -> one line per failure (first few kept)
+_KEPT = 3
+
+
+def failed(where: str, exc: BaseException) -> None:
+    """Record an exception caught in a thread (or a callback it runs) as one line."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    with _lock:
+        lines = _failures.setdefault(where, [])
+        lines.append(line)
+
+
+def failures() -> List[str]:
+    """One line per thread that failed: how often, and the first failures."""
+    with _lock:
+        out = []
+        for where, lines in _failures.items():
+            shown = "; ".join(dict.fromkeys(lines[:_KEPT]))
+            out.append(f"{where} failed {len(lines)} time{'s' if len(lines) != 1 else ''}: {shown}")
+        return out
+
+
+def reset() -> None:
+    with _lock:
+        _failures.clear()
+
+
+def _hook(args) -> None:
+    if args.exc_type is SystemExit:
+        return
+    failed(args.thread.name if args.thread else "a thread", args.exc_value or args.exc_type())
+
+
+threading.excepthook = _hook
+
+
+def start(name: str, target: Callable[[], None]) -> threading.Thread:
+    """A daemon thread named `name` whose exception is recorded, not printed."""
+    def run():
+        try:
+            target()
+        except Exception as exc:      # anything: the run goes on and says so
+            failed(name, exc)
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def join(thread: threading.Thread, bound_s: float) -> bool:
+    """Join with a bound; False (recorded) if the thread did not end in time."""
+    thread.join(bound_s)
+    if thread.is_alive():
+        failed(thread.name, TimeoutError(f"did not end within {bound_s:.0f} s"))
+        return False
+    return True
