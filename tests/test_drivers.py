@@ -21,6 +21,10 @@ def test_stacks_as_each_bpftrace_version_prints_them():
 
 def test_kernel_frames_keep_their_addresses():
     assert parse_stack("\n\tffffffff8123a0c0 kmem_cache_alloc+12 ([kernel.kallsyms])\n") == (0xFFFFFFFF8123A0C0,)
+    # 0.27.1, a kstack(perf) in a map key: no spaces, no module, a symbol that may start with a hex letter
+    printed = "\n\tffffffff81652e9f__kmalloc_cache_noprof+575\n\tffffffff817c39ffext4_dir_open+31\n" \
+              "\tffffffff816d47d6do_dentry_open+422\n"
+    assert parse_stack(printed) == (0xFFFFFFFF81652E9F, 0xFFFFFFFF817C39FF, 0xFFFFFFFF816D47D6)
 
 
 # --- what bpftrace 0.27 prints (measured on 0.27.0 and 0.27.1 in the Debian sid root) -------

@@ -43,8 +43,9 @@ def errors_first(lines: List[str]) -> List[str]:
 
 # a frame line starts with its address in hex; bpftrace 0.27 prints a stack that is part of a
 # map key with every space removed ("7f6a37500cb00x7f6a37500cb0([unknown])"), so the address
-# ends at a space, at the "0x" of its repetition, or at "("
-_FRAME = re.compile(r"\s*([0-9a-fA-F]+?)(?=\s|0x|\(|$)")
+# ends at a space, at the "0x" of its repetition, or at "("; a kernel address is 16 digits,
+# then its symbol, which may start with a hex letter ("ffffffff81652e9fdo_eventfd+12")
+_FRAME = re.compile(r"\s*([0-9a-fA-F]{16}|[0-9a-fA-F]+?(?=\s|0x|\(|$))")
 
 
 def parse_stack(text: str) -> tuple:
