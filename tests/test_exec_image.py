@@ -17,8 +17,9 @@ FDLEAK = str(ROOT / "recipes" / "fdleak.probe")
 def run(backend, *command, recipe=MEMLEAK, input=None):
     result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "100", "--", *command,
                       input=input)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     report = report_json(result.stdout)
+    assert result.returncode == 0, (result.stderr, report.get("incomplete"), report["notes"])
     for name, res in report["resources"].items():      # the counters agree with what is shown
         assert res["unaccounted"] == 0, (name, res, report["notes"])
     return report
@@ -54,7 +55,6 @@ def test_the_program_a_shell_starts_is_reported_exactly(backend, shell, build):
     alone = run(backend, leak, input="\n")
     wrapped = run(backend, "sh", "-c", shell.format(leak), input="\n")
     assert by_site(alone).get("wrapper1") == (40, 5), by_site(alone)
-    assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
     (leak_pid,) = {e["pids"][0] for e in wrapped["reports"][0]["entries"]
                    if any(f["function"] == "wrapper1" for f in e["stack"])}
     mine = [e for e in wrapped["reports"][0]["entries"] if e["pids"] == [leak_pid]]
@@ -63,6 +63,8 @@ def test_the_program_a_shell_starts_is_reported_exactly(backend, shell, build):
     if shell.startswith("exec"):                       # nothing but the program's own image
         assert pids_shown(wrapped) == {leak_pid}
         assert heap(wrapped)["live_blocks"] == heap(alone)["live_blocks"]
+        assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
+    # (the forked child execs at once: what it allocates first depends on the environment)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
