@@ -17,7 +17,7 @@ from . import Backend, Generated
 SNAPSHOT_MARK = "probedsl:snapshot"
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
-              "ustack": f"ustack(perf, {ir.STACK_DEPTH})", "kstack": f"kstack(perf, {ir.STACK_DEPTH})",
+              "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
               "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
 
 
@@ -111,7 +111,7 @@ class BpftraceBackend(Backend):
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0")) for f in lay.fields)
+        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -166,7 +166,7 @@ class BpftraceBackend(Backend):
         live = f"@{lay.live}[{', '.join(self.key(action))}]"
         if action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
-            values = ", ".join(LIVE_VALUE[f].format(size=size) for f in lay.fields)
+            values = ", ".join(LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode) for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
             replaced = ["  " + self.count(lay, Counter.REPLACED)]

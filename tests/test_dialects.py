@@ -79,10 +79,10 @@ def test_pid_option_is_not_used_where_it_filters_every_probe():
         assert any("-p filters every probe" in n for n in target.notes(memleak_program(scope)))
 
 
-def test_warnings_are_off_where_they_are_about_generated_code():
-    scope = ir.Scope("pid", pid=4242)
-    assert targets.for_version("bpftrace", (0, 27, 0)).options(scope) == ["--no-warnings"]
-    assert targets.for_version("bpftrace", (0, 23, 2)).options(scope) == []
+def test_a_probe_that_cannot_attach_is_a_warning_as_before_024():
+    """0.24 made it an error: a --comm process ending before attach ended the run (0.27.1)."""
+    assert targets.for_version("bpftrace", (0, 27, 1)).environment(10)["BPFTRACE_MISSING_PROBES"] == "warn"
+    assert "BPFTRACE_MISSING_PROBES" not in targets.for_version("bpftrace", (0, 23, 2)).environment(10)
 
 
 # --- capabilities read from `bpftrace --info`, not guessed from the version -----------------
@@ -130,3 +130,10 @@ def test_doctor_names_the_installed_builds_features():
     line = next(l for l in probedsl("doctor").stdout.splitlines() if " bpftrace " in l)
     assert f"bfd {'yes' if info['bfd'] else 'no'}" in line
     assert ("places probes past" in line) == (info["bfd"] and targets.detect("bpftrace").probe_offsets)
+
+
+def test_stacks_print_as_raw_addresses_from_024():
+    """0.27.1 names a live process's frames in perf mode whatever BPFTRACE_NO_USER_SYMBOLS says
+    (measured: "557d4a8201b4wrapper2+27(/tmp/ld)"); raw mode prints the addresses alone."""
+    assert "ustack(raw, 64)" in memleak_text((0, 27, 1)) and "ustack(perf" not in memleak_text((0, 24, 2))
+    assert "ustack(perf, 64)" in memleak_text((0, 23, 2)) and "ustack(perf, 64)" in memleak_text((0, 17, 0))

@@ -14,6 +14,8 @@ def test_stacks_as_each_bpftrace_version_prints_them():
         "0.23 key": "\\n\\t7f6a37500cb0 0x7f6a37500cb0 ([unknown])\\n\\t55d0c1a3b1c7 0x55d0c1a3b1c7 ([unknown])\\n",
         # 0.27 also removes every space from it
         "0.27 key": "\n\t7f6a37500cb00x7f6a37500cb0([unknown])\n\t55d0c1a3b1c70x55d0c1a3b1c7([unknown])\n",
+        # ustack(raw), the 0.24+ dialects' mode
+        "0.27 raw": "\n7f6a37500cb0\n55d0c1a3b1c7\n",
     }
     for version, text in printed.items():
         assert parse_stack(text) == frames, version

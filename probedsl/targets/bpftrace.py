@@ -42,6 +42,9 @@ class Bpftrace(Target):
     signed_subtraction: ClassVar[bool] = False
     # a cast to the type a value already has warns (0.27: `(uint64)arg0`, `(uint64)nsecs`)
     warns_same_type_cast: ClassVar[bool] = False
+    # how stacks print: perf ("ADDR SYMBOL (MODULE)", symbols off by BPFTRACE_NO_USER_SYMBOLS)
+    # or raw (addresses only, 0.18+)
+    stack_mode: ClassVar[str] = "perf"
 
     def with_build(self, build: Dict[str, bool]) -> "Bpftrace":
         """The installed binary's features (`bpftrace --info`): without bfd it refuses a uprobe
@@ -125,6 +128,16 @@ class Bpftrace024(Bpftrace020):
     # 0.27.0 and 0.27.1): the tracepoints probedsl fires itself (ready, snapshot) never reach
     # the script, so uprobes are not scoped to the process
     per_pid_uprobes = False
+    # BPFTRACE_NO_USER_SYMBOLS is gone: 0.27.1 named the frames of a live process in perf mode
+    # ("557d4a8201b4wrapper2+27(/tmp/ld)" in a map key), where a symbol starting with a hex
+    # letter cannot be told from the address
+    stack_mode = "raw"
+
+    def environment(self, max_live: int) -> dict:
+        # a probe that fails to attach ends bpftrace from 0.24 ("error by default"); 0.20-0.23
+        # warned and went on, which --comm needs: a matching process may end (and its
+        # /proc/PID/root with it) between resolution and attach (measured on 0.27.1)
+        return {**super().environment(max_live), "BPFTRACE_MISSING_PROBES": "warn"}
 
     def notes(self, program: ir.Program) -> List[str]:
         scope = program.scope
@@ -144,12 +157,6 @@ class Bpftrace025(Bpftrace024):
     default_max_live = ir.DEFAULT_MAX_LIVE
     delete_result_used = True
     signed_subtraction = True
-
-    def options(self, scope: ir.Scope) -> List[str]:
-        # warnings about generated code (a discarded result, 0.25; sign casts, 0.26; casts to
-        # the same type, 0.27: 640 over the bundled recipes on 0.27.1) are noise to a user,
-        # and 0.27.0 prints them on stdout, among the JSON
-        return ["--no-warnings", *super().options(scope)]
 
 
 class Bpftrace027(Bpftrace025):
