@@ -224,6 +224,9 @@ def _positional(ctx, words, command_line):
               help="with --comm (bcc): attach to each process with the name (found at start, at exec, at "
                    "fork) so others pay nothing; what one does in its first milliseconds is missed")
 @click.option("--interval", type=click.IntRange(min=1), help="print a report every N seconds")
+@click.option("--live", is_flag=True,
+              help="a full-screen view refreshed every --interval (default 1 s), like top: s sorts, enter "
+                   "expands a stack, p pauses, q quits with the final report; plain reports when not a terminal")
 @click.option("--duration", type=click.FloatRange(min=0), default=0, help="stop after N seconds")
 @click.option("-T", "--top", type=click.IntRange(min=1), help="stacks per report (overrides the recipe)")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="override a recipe parameter")
@@ -261,7 +264,7 @@ def _positional(ctx, words, command_line):
               help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, private_libs, per_process, interval,
-        duration, top, sets, fmt, output, color, allocator, obj, symbols_prefix, min_size, max_size, min_age, older,
+        live, duration, top, sets, fmt, output, color, allocator, obj, symbols_prefix, min_size, max_size, min_age, older,
         ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, prometheus, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach).
     [INTERVAL [COUNT]] after RECIPE, as BCC memleak: a report every INTERVAL seconds, COUNT reports."""
@@ -282,7 +285,7 @@ def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, p
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
                               command=command, allocator=allocator, object=obj, symbols_prefix=symbols_prefix,
                               min_size=min_size, max_size=max_size,
-                              interval=interval or 0, duration=duration, top=top, sets=_set_pairs(sets),
+                              interval=interval or (1 if live else 0), live=live, duration=duration, top=top, sets=_set_pairs(sets),
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
                               reachability=reachability, leaks_only=leaks_only, prometheus=prometheus,

@@ -7,6 +7,7 @@ Only drawing and keys live here; the session decides when to refresh (probedsl.s
 """
 from __future__ import annotations
 
+import contextlib
 import curses
 import os
 from dataclasses import dataclass
@@ -24,6 +25,20 @@ def usable(out, stdin=None) -> bool:
     stdin = stdin or sys.stdin
     return (hasattr(out, "isatty") and out.isatty() and hasattr(stdin, "isatty") and stdin.isatty()
             and os.environ.get("TERM", "dumb") != "dumb")
+
+
+def start(out, period: float, say) -> Optional["LiveView"]:
+    """The view on this terminal, or None (said) where plain reports must do."""
+    if not usable(out):
+        say("note: --live needs a terminal on stdin and stdout: plain reports follow")
+        return None
+    try:
+        return LiveView(period)
+    except curses.error as exc:              # a terminal type terminfo does not know
+        with contextlib.suppress(curses.error):
+            curses.endwin()
+        say(f"note: --live: this terminal cannot show it ({exc}): plain reports follow")
+        return None
 
 
 @dataclass

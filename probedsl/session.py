@@ -21,6 +21,7 @@ from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
 from .rundata import Snapshot
 from .symbolizer import Symbolizer
+from . import live, timeseries
 
 TASK_COMM_LEN = 16
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
@@ -61,6 +62,7 @@ class RunOptions:
     symbols_prefix: Optional[str] = None
     min_size: Optional[int] = None     # only acquisitions of min_size <= size <= max_size
     max_size: Optional[int] = None
+    live: bool = False                 # a full-screen view refreshed at each report (probedsl.live)
 
 
 def validate_comm(comm: str) -> str:
@@ -321,6 +323,7 @@ class Session:
         self.sequence = 0
         self.started = time.monotonic()
         self.last_snapshot = None
+        self._start_series()
         next_report = self.started + opts.interval if opts.interval else None
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
         next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
@@ -345,6 +348,7 @@ class Session:
                 if snap is not None:
                     self.last_snapshot = snap
                     self.exporter.publish(self.build_report(snap))
+            self._sample_if_due()
             driver.idle(0.05)
         if self.held and self.held.poll() is None and self.stop.signal is not None:
             _end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
@@ -378,6 +382,8 @@ class Session:
                 final = self.last_snapshot
         if held and exit_status is None:
             exit_status = held.poll()
+        if getattr(self, "view", None) is not None:
+            self.view.close()                  # the screen gives way to the final report
         rep = self.emit(final, exit_status, reachability=reach)
         status = exit_status if exit_status is not None else 0
         if not self.saved:
@@ -398,15 +404,53 @@ class Session:
         rep.incomplete = list(dict.fromkeys(self.incomplete + snap.incomplete + threads.failures()))
         # said while the stacks were named (a debug file refused, a file over a parser's bound)
         rep.notes = rep.notes + [n for n in notices.all_notes() if n not in rep.notes]
+        if self.opts.format in ("json", "html") and getattr(self, "series", None) is not None:
+            rep.series = self.series.to_dict(timeseries.signer(program, self.symbolizer),
+                                             snap if snap.live is not None else None, int(self.started * 1e9))
         tracker.prune(report.referenced_pids(program, snap))
         self.growth.annotate(rep)
         return rep
+
+    def _start_series(self) -> None:
+        """Live memory over time, one sample a period (probedsl.timeseries); --live's screen."""
+        self.series = timeseries.Series(self.program)
+        self.next_sample = self.started
+        self.view = None
+        if self.opts.live:
+            self.view = live.start(self.out, self.opts.interval or 1, self.say)
+            if self.view is not None:
+                self.cleanup.callback(self.view.close)
+
+    def _sample_if_due(self) -> None:
+        """One snapshot a period at most, off the probes' path; slow snapshots (bpftrace prints
+        every tally) stretch the period. Also the --live view's keys (q ends the run)."""
+        if self.view is not None and self.view.poll():
+            self.stop.signal = signal.SIGINT
+        if time.monotonic() < self.next_sample:
+            return
+        began = time.monotonic()
+        snap = self.driver.snapshot(timeout=5)
+        if snap is not None:
+            self.last_snapshot = snap
+            self._sampled(snap, time.monotonic() - began)
+
+    def _sampled(self, snap, cost_s: float = 0.0) -> None:
+        if getattr(self, "series", None) is None:          # no report before tracing began
+            return
+        self.series.add(max(0.0, time.monotonic() - self.started), snap)
+        self.next_sample = time.monotonic() + self.series.next_delay(cost_s)
 
     def emit(self, snap, exit_status=None, reachability=None) -> report.Report:
         """Render and write one report; self.saved is False if it could not go where asked
         (then it went to stdout, and the error was said)."""
         self.sequence += 1
+        self._sampled(snap)
         rep = self.build_report(snap, exit_status, reachability)
+        if getattr(self, "view", None) is not None and not self.view.closed:
+            rep.sequence = self.sequence       # --live: interval reports go to the screen
+            self.view.show(rep)
+            self.saved = True
+            return rep
         rep.sequence = self.sequence
         if self.exporter:
             self.exporter.publish(rep)

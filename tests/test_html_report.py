@@ -137,8 +137,7 @@ def test_the_seed_leaks_page_charts_every_sample_without_network(build, tmp_path
     tracer = start_run(MEMLEAK, "--interval", "1", "--format", "html", "-o", str(page), "--", build("leak"),
                        stdin=subprocess.PIPE)
     wait_for(page, lambda d: len(d["series"]["t"]) >= 3, tracer, "three samples")
-    tracer.stdin.close()                                   # the seed's getchar() returns
-    out, err = tracer.communicate(timeout=60)
+    out, err = tracer.communicate(input="\n", timeout=60)       # the seed's getchar() returns
     assert tracer.returncode == 0, err
     data = page_data(page)
     text = page.read_text()
@@ -172,8 +171,7 @@ def test_a_late_leak_is_flagged_and_alone_in_the_window_after_it_began(build, tm
     tracer.stdin.flush()
     late = lambda d: next((e for e in d["entries"] if d["frames"][e[1][-1]][0] == "late_leak"), None)
     wait_for(page, lambda d: late(d) is not None and late(d)[5], tracer, "the late leak flagged growing")
-    tracer.stdin.close()
-    out, err = tracer.communicate(timeout=60)
+    out, err = tracer.communicate(input="", timeout=60)         # stdin ends: so does the leak
     assert tracer.returncode == 0, err
     data = page_data(page)
     entry = late(data)
@@ -188,7 +186,8 @@ def test_a_late_leak_is_flagged_and_alone_in_the_window_after_it_began(build, tm
                      dom, re.S)
     # the window from the go to the end: only the late leak's stack, in every view
     end = data["series"]["t"][-1]
-    dom, console = browse(page, f"#window={went:.2f}-{end + 1:.2f}")
+    # (the bounds exactly at samples: the page knows what was live at each sample, not in between)
+    dom, console = browse(page, f"#window={went}-{end + 1}")
     assert console == []
     body = re.search(r'<table id="stacks">.*?</table>', dom, re.S).group(0)
     assert "late_leak" in body and "fill_cache" not in body
@@ -199,6 +198,6 @@ def test_a_late_leak_is_flagged_and_alone_in_the_window_after_it_began(build, tm
     assert "late_leak" in flame and "fill_cache" not in flame
     assert 'class="window"' in dom
     # and the window before it: the cache alone
-    dom, _ = browse(page, f"#window=0-{went:.2f}")
+    dom, _ = browse(page, f"#window=0-{went}")
     body = re.search(r'<table id="stacks">.*?</table>', dom, re.S).group(0)
     assert "fill_cache" in body and "late_leak" not in body
