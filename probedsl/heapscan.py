@@ -74,7 +74,9 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
     ends = starts + np.asarray(sizes, dtype=np.uint64)[order]
     graph = _Graph(starts, ends)
     regions = read_maps(pid)
-    heap, roots, notes = _split(regions, paused, starts)
+    live = _stack_tops(pid, paused, regions)
+    heap, roots, notes = _split(regions, paused, starts, live)
+    dead = _dead_heap_stacks(heap, starts, ends, live)
     excluded = _allocator_state(regions)
     if excluded is None:
         notes.append("glibc's arena (main_arena) was not found in libc's symbols: its pointers to free "
@@ -86,10 +88,12 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
                 got = _scan(mem, a, b, graph, root=True)
                 scanned, unreadable = scanned + got, unreadable + (b - a - got)
         for lo, hi in heap:
-            got = _scan(mem, lo, hi, graph, root=False, outside_is_root=not all_blocks_known)
+            got = _scan(mem, lo, hi, graph, root=False, outside_is_root=not all_blocks_known, dead=dead)
             scanned, unreadable = scanned + got, unreadable + (hi - lo - got)
     for regs in paused.registers.values():
         graph.add_root_words(np.array([regs[r] for r in (*ptrace.POINTER_REGISTERS, "fs_base")], dtype=np.uint64))
+    for words in paused.vectors.values():
+        graph.add_root_words(np.frombuffer(words, dtype=np.uint64, count=len(words) // 8))
     kinds_sorted = graph.kinds()
     kinds = np.empty_like(kinds_sorted)
     kinds[order] = kinds_sorted
@@ -99,13 +103,14 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
     return Scan(kinds, scanned, time.monotonic() - t0, unreadable, notes)
 
 
-def _split(regions: List[Region], paused: Paused, starts: np.ndarray):
+def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List[int]):
     """(heap mappings, root ranges, notes): a writable mapping holding a block start, or the
     brk heap, is the allocator's (scanned only inside blocks); the others are roots, a paused
-    thread's stack only from its stack pointer up (the stack of a thread that ended, which
-    glibc keeps for reuse, whole, as valgrind does)."""
+    thread's stack only from the top of its live frames up (_stack_tops; the stack of a
+    thread that ended, which glibc keeps for reuse, or one a thread switched away from, whole,
+    as valgrind does)."""
     heap, roots, notes = [], [], []
-    sps = [regs["rsp"] for regs in paused.registers.values()]
+    sps = live
     for r in regions:
         if "r" not in r.perms or "w" not in r.perms or r.path in ("[vvar]", "[vsyscall]", "[vdso]"):
             continue
@@ -117,13 +122,85 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray):
             continue
         inside = [sp for sp in sps if r.start <= sp < r.end]
         if inside:
-            roots.append((max(r.start, min(inside) - RED_ZONE) & ~7, r.end))
+            roots.append((max(r.start, min(inside)) & ~7, r.end))
         else:
             roots.append((r.start, r.end))
     if paused.missing:
         notes.append(f"{len(paused.missing)} thread(s) did not stop in {PAUSE_TIMEOUT_S:.0f} s (uninterruptible): "
                      "their registers were not read, their stacks were scanned whole")
     return heap, roots, notes
+
+
+def _stack_tops(pid: int, paused: Paused, regions: List[Region]) -> List[int]:
+    """Where each paused thread's live stack begins: the frame that called exit() for the
+    thread ending the process (libc's exit path below it is not a root); the stack pointer
+    less the red zone for a thread stopped in user code (a leaf function may keep live data
+    there); the stack pointer for one stopped in a system call (its wrapper keeps none)."""
+    tops = []
+    for regs in paused.registers.values():
+        call = regs["orig_rax"]
+        if call in (_SYS_EXIT, _SYS_EXIT_GROUP):
+            tops.append(_exit_caller_sp(pid, regs, regions) or regs["rsp"])
+        elif call == _NO_SYSCALL:
+            tops.append(max(regs["rsp"] - RED_ZONE, 0))
+        else:
+            tops.append(regs["rsp"])
+    return tops
+
+
+_SYS_EXIT, _SYS_EXIT_GROUP = 60, 231
+_NO_SYSCALL = (1 << 64) - 1            # orig_rax of a thread stopped outside a system call
+# libc's functions between a call of exit() (or _exit) and the exit_group system call
+EXIT_PATH = frozenset({"exit", "__GI_exit", "__run_exit_handlers", "_exit", "_Exit", "__GI__exit",
+                       "quick_exit", "__GI_quick_exit", "syscall"})
+
+
+def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
+    """The stack pointer of the frame that called into libc's exit path, found by unwinding
+    the exiting thread with its libc's call-frame rows (probedsl.cfi) while the frames are
+    EXIT_PATH functions; None when the first frame is not one, or a rule cannot be followed."""
+    from . import cfi
+    pc, sp, rbp = regs["rip"], regs["rsp"], regs["rbp"]
+    top = None
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            word = lambda at: int.from_bytes(os.pread(mem.fileno(), 8, at), "little")
+            for depth in range(16):
+                # a caller's pc is a return address: look up the call before it
+                at = pc if depth == 0 else pc - 1
+                region = next((r for r in regions if r.start <= at < r.end and "x" in r.perms and r.path), None)
+                symbols = elf.symbols(region.path) if region else None
+                table = cfi.table(region.path) if region else None
+                if symbols is None or table is None:
+                    break
+                vaddr = at - region.start + symbols.file_offset_to_vaddr(region.offset)
+                function = symbols.function_at(vaddr)
+                if function is None or function[0] not in EXIT_PATH:
+                    break
+                row = table.row_at(vaddr)
+                if row is None or row.cfa_register not in (cfi.RSP, cfi.RBP):
+                    return None
+                cfa = (sp if row.cfa_register == cfi.RSP else rbp) + row.cfa_offset
+                if row.rbp and row.rbp[0] == "offset":
+                    rbp = word(cfa + row.rbp[1])
+                pc, sp = word(cfa - 8), cfa
+                top = cfa
+    except OSError:
+        return None
+    return top
+
+
+def _dead_heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int]]:
+    """A thread running on a stack that is a heap block (swapcontext, coroutines): the part of
+    the block below its live frames is dead, not a source of pointers."""
+    dead = []
+    for top in live:
+        if not any(lo <= top < hi for lo, hi in heap):
+            continue
+        i = int(np.searchsorted(starts, np.uint64(top), side="right")) - 1
+        if i >= 0 and top < int(ends[i]):
+            dead.append((int(starts[i]), top & ~7))
+    return dead
 
 
 def _allocator_state(regions: List[Region]) -> Optional[Tuple[int, int]]:
@@ -183,8 +260,9 @@ def _without(lo: int, hi: int, hole: Optional[Tuple[int, int]]):
     return [(a, b) for a, b in ((lo, hole[0]), (hole[1], hi)) if a < b]
 
 
-def _scan(mem, lo: int, hi: int, graph: "_Graph", root: bool, outside_is_root: bool = False) -> int:
-    """Read [lo, hi) in chunks and add the pointers found; bytes read."""
+def _scan(mem, lo: int, hi: int, graph: "_Graph", root: bool, outside_is_root: bool = False,
+          dead: Sequence[Tuple[int, int]] = ()) -> int:
+    """Read [lo, hi) in chunks and add the pointers found, none from the `dead` ranges; bytes read."""
     done = 0
     at = lo
     while at < hi:
@@ -198,6 +276,9 @@ def _scan(mem, lo: int, hi: int, graph: "_Graph", root: bool, outside_is_root: b
         if not got:                                # an unreadable page: skip it
             at = (at + 4096) & ~4095
             continue
+        for a, b in dead:
+            if a < at + got and b > at:
+                buf[max(a, at) - at:min(b, at + got) - at] = bytes(min(b, at + got) - max(a, at))
         words = np.frombuffer(buf, dtype=np.uint64, count=got // 8)
         if root:
             graph.add_root_words(words)

@@ -8,7 +8,8 @@ import os
 from typing import Dict
 
 TRACEME, CONT, GETREGS, DETACH, SYSCALL = 0, 7, 12, 17, 24
-GETEVENTMSG, SEIZE, INTERRUPT, LISTEN = 0x4201, 0x4206, 0x4207, 0x4208
+GETEVENTMSG, GETREGSET, SEIZE, INTERRUPT, LISTEN = 0x4201, 0x4204, 0x4206, 0x4207, 0x4208
+NT_X86_XSTATE = 0x202
 O_TRACESYSGOOD, O_TRACECLONE, O_TRACEEXEC, O_TRACEEXIT = 0x01, 0x08, 0x10, 0x40
 EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_STOP = 3, 4, 6, 128
 WALL = 0x40000000                       # waitpid: threads (clone children) too
@@ -17,6 +18,12 @@ _REGS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip
          "fs_base gs_base ds es fs gs").split()
 # the registers a pointer can live in (not segment selectors, flags, rip)
 POINTER_REGISTERS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi rsp").split()
+# the vector registers in the XSAVE area's standard (uncompacted) layout, which ptrace gives:
+# (XSTATE_BV bit, offset, bytes): xmm0-15; the upper halves of ymm0-15; the upper halves of
+# zmm0-15; zmm16-31 (Intel SDM vol. 1, 13.4-13.5; the same offsets on AMD)
+VECTOR_COMPONENTS = ((1, 160, 256), (2, 576, 256), (6, 1152, 512), (7, 1664, 1024))
+_XSTATE_BV = 512
+_XSAVE_MAX = 16384                      # more than any XSAVE area so far (AMX: ~11 KB)
 
 
 class _UserRegs(ctypes.Structure):
@@ -41,6 +48,22 @@ def registers(tid: int) -> Dict[str, int]:
     regs = _UserRegs()
     request(GETREGS, tid, 0, ctypes.addressof(regs))
     return {name: getattr(regs, name) for name in _REGS}
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def vector_words(tid: int) -> bytes:
+    """The thread's xmm, ymm and zmm registers (those in use), as bytes to scan as 8-byte
+    words; OSError when the kernel gives no XSAVE area."""
+    buf = ctypes.create_string_buffer(_XSAVE_MAX)
+    iov = _Iovec(ctypes.addressof(buf), _XSAVE_MAX)
+    request(GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    area = buf.raw[:iov.len]
+    in_use = int.from_bytes(area[_XSTATE_BV:_XSTATE_BV + 8], "little") if len(area) >= _XSTATE_BV + 8 else 0b10
+    return b"".join(area[at:at + size] for bit, at, size in VECTOR_COMPONENTS
+                    if in_use >> bit & 1 and at + size <= len(area))
 
 
 def event_message(tid: int) -> int:

@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 from . import ptrace
@@ -33,6 +33,7 @@ class Paused:
     """Every thread stopped (or held at its exit): their registers."""
     registers: Dict[int, Dict[str, int]]
     missing: Tuple[int, ...] = ()          # threads that would not stop in time
+    vectors: Dict[int, bytes] = field(default_factory=dict)   # xmm/ymm/zmm (ptrace.vector_words)
 
 
 @dataclass
@@ -261,15 +262,19 @@ class Tether:
         if not self._threads:
             self._pausing = False
             return None
-        registers = {}
+        registers, vectors = {}, {}
         for tid, thread in self._threads.items():
             if thread.state in ("held", "exit"):
                 try:
                     registers[tid] = ptrace.registers(tid)
                 except OSError:
-                    pass
+                    continue
+                try:
+                    vectors[tid] = ptrace.vector_words(tid)
+                except OSError:
+                    pass                          # no XSAVE area: general registers only
         missing = tuple(t for t in self._threads if t not in registers)
-        return Paused(registers, missing)
+        return Paused(registers, missing, vectors)
 
     def _resume(self, exits: bool) -> bool:
         self._pausing = False
