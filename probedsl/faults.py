@@ -15,7 +15,7 @@ GATE_S = 60.0
 
 # the points, where they sit, and what they do
 POINTS = {
-    "slow-listener": "the unwinder's mapping listener sleeps 0.2 s before each write",
+    "slow-listener": "the unwinder's mapping listener sleeps 0.2 s before each write from the tracker's thread",
     "listener-raises": "the mapping listener raises at its first call once tracing has begun",
     "attach": "waits before the driver attaches its probes",
     "exec-hold": "waits while a launched command is held at its exec (the loader hold)",

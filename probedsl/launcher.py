@@ -54,7 +54,13 @@ class HeldCommand:
         and the command is let go, whatever at_exec does. With a tether (started, given the
         same at_exec and mapped), the tether holds it so, and stays."""
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
-        os.write(self._go, (b"s" if at_exec and not tether else b"g") + extra)
+        try:
+            os.write(self._go, (b"s" if at_exec and not tether else b"g") + extra)
+        except BrokenPipeError:                   # it died while held (a Ctrl-C reached it)
+            os.close(self._go)
+            self._go = -1
+            self.wait()
+            return
         os.close(self._go)
         self._go = -1
         if tether is not None:
@@ -74,7 +80,10 @@ class HeldCommand:
                     break
                 # a signal that arrived meanwhile (not the trap of a system call) goes on to it
                 sig = os.WSTOPSIG(status)
-                ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
+                try:
+                    ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
+                except ProcessLookupError:      # killed meanwhile: its exit is the next wait's
+                    pass
                 _, status = os.waitpid(self.pid, 0)
             at_exec()
         finally:

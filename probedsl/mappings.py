@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from . import procfs
 from .procfs import process_alive
 from . import roots, threads
 from .roots import RootedFiles
@@ -126,13 +127,16 @@ class MappingTracker:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._joined = True
+        self.family: Set[int] = set()        # followed processes and all they forked (follow)
         self.lost = 0
         self.files = RootedFiles()
         # told (pid, its current mappings) whenever a process's mappings change
         self._listeners: List[Callable[[int, List[Mapping]], None]] = []
 
     def listen(self, listener: Callable[[int, List[Mapping]], None]) -> None:
-        """Call listener(pid, mappings) for every process known now, then at every change."""
+        """Call listener(pid, mappings) for every process known now, then at every change
+        (a listener that wants only some processes filters them itself: it is called for
+        every process on the machine)."""
         with self._lock:
             self._listeners.append(listener)
             known = [(pid, list(gens[-1][1])) for pid, gens in self._gens.items() if gens and gens[-1][1]]
@@ -193,10 +197,12 @@ class MappingTracker:
 
     def stop_thread(self, bound_s: float = 5.0) -> None:
         """End the thread that drains the rings (and tells listeners); the rings stay, so
-        drain() from the caller's thread still reads what the kernel says until close()."""
+        drain() from the caller's thread still reads what the kernel says until close().
+        Called once the listeners are detached: a thread still inside one (decoding a large
+        file's call-frame rows) has nothing left to change, so not ending in time is no failure."""
         self._stop.set()
         if self._thread is not None:
-            self._joined = threads.join(self._thread, bound_s)
+            self._joined = threads.join(self._thread, bound_s, harmless=not self._listeners)
             self._thread = None
 
     def close(self) -> None:
@@ -258,8 +264,12 @@ class MappingTracker:
             # MMAP2 says which file (device, inode): ours at that path, or another root's
             identity = struct.unpack_from("<IIQ", body, 32) if rtype == _RECORD_MMAP2 else None
             if path.startswith("/"):
-                mapped = Mapping(addr, addr + length, pgoff, path, time_ns)
-                self._at(pid, time_ns).extend(self._rooted(pid, [mapped], identity))
+                mapped = self._rooted(pid, [Mapping(addr, addr + length, pgoff, path, time_ns)], identity)[0]
+                maps = self._at(pid, time_ns)
+                # a mapping a newer one covers is never found again (find() takes the newest):
+                # a process that maps code in a loop would otherwise grow its list without end
+                maps[:] = [m for m in maps if not (mapped.start <= m.start and m.end <= mapped.end)]
+                maps.append(mapped)
                 return pid
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
@@ -269,6 +279,8 @@ class MappingTracker:
         elif rtype == _RECORD_FORK:
             pid, ppid, _tid, _ptid = struct.unpack_from("<IIII", body)
             if pid != ppid:                                               # a process, not a thread
+                if ppid in self.family:
+                    self.family.add(pid)
                 parent = self._at(ppid, time_ns) if ppid in self._gens else []
                 self._new_generation(pid, time_ns, [m for m in parent if m.time < time_ns])
                 return pid
@@ -283,6 +295,20 @@ class MappingTracker:
         with self._lock:
             for pid in [p for p in self._gens if p not in keep and not process_alive(p)]:
                 del self._gens[pid]
+
+    def follow(self, root: int) -> None:
+        """Keep root's family: root and every process forked by one of it (descends_from)."""
+        self.family.add(root)
+
+    def descends_from(self, pid: int) -> bool:
+        """Whether pid is in a followed family. Joined at its fork, so a child whose parent
+        has ended stays; if fork records were lost, its parent is read from /proc."""
+        if pid in self.family:
+            return True
+        if self.lost and procfs.parent(pid) in self.family:
+            self.family.add(pid)
+            return True
+        return False
 
     def generation(self, pid: int, at_ns: Optional[int] = None, drain: bool = True) -> Tuple[int, List[Mapping]]:
         """(start time, mappings) of the pid's address space at `at_ns` (default: the latest);

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 def process_alive(pid: int) -> bool:
@@ -32,17 +32,47 @@ def has_memory(pid: int) -> bool:
         return False
 
 
-def processes_named(comm: str) -> List[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().rstrip("\n") == comm:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
+def comm(pid: int) -> Optional[str]:
+    """The process's name, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def parent(pid: int) -> int:
+    """The pid of the process's parent (0 when unknown or gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def named(pid: int, name: str) -> bool:
+    """Whether one of the process's threads has the name (the kernel compares each thread's)."""
+    if comm(pid) == name:
+        return True
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().rstrip("\n") == name:
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def processes_named(name: str) -> List[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and comm(int(e)) == name]
 
 
 def map_memory(pid: int) -> int:

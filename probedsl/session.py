@@ -15,6 +15,7 @@ from . import (allocators, compiler, doctor, escape, estimate, faults, formats, 
                roots, scanner, targets, threads)
 from .errors import ProbedslError
 from .launcher import HeldCommand
+from . import procfs
 from .procfs import process_alive, processes_named
 from .libraries import LibraryResolver, linked_libraries, mapped_files
 from .mappings import MappingTracker
@@ -163,8 +164,10 @@ class Session:
         self.incomplete: List[str] = []
 
     def say(self, text: str) -> None:
-        # may quote the traced program's names (its command line, errors naming its files)
-        print(f"probedsl: {escape.for_terminal(text, escape.MAX_MESSAGE)}", file=self.err, flush=True)
+        # may quote the traced program's names (its command line, errors naming its files);
+        # a closed terminal is no error: the report still goes to -o
+        with contextlib.suppress(OSError):
+            print(f"probedsl: {escape.for_terminal(text, escape.MAX_MESSAGE)}", file=self.err, flush=True)
 
     def run(self) -> int:
         if not doctor.has_tracing_rights():
@@ -174,15 +177,24 @@ class Session:
             raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
         _check_output(self.opts.output)
         threads.reset()
+        self.tracing = False
         with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
+            handlers: dict = {}
+            self.cleanup.callback(_restore, handlers)          # last: a Ctrl-C in any cleanup is held
             self.prepare()
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                self.cleanup.callback(signal.signal, s, signal.signal(s, self.stop))
+                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:   # under nohup: ignored
+                    handlers[s] = signal.signal(s, self.stop)
             self.cleanup.callback(self._let_go)
             self.cleanup.callback(self.driver.kill)
             with contextlib.ExitStack() as self.feeders:       # end step 1
-                self.start()
-                self.trace()
+                try:
+                    self.start()
+                    self.trace()
+                except Exception as exc:       # once tracing, whatever fails, the report is made
+                    if not self.tracing:
+                        raise
+                    self.incomplete.append(f"the run failed while tracing: {_one_line(exc)}")
             return self.finish()
 
     def prepare(self) -> None:
@@ -237,6 +249,8 @@ class Session:
     def start(self) -> None:
         opts, scope = self.opts, self.program.scope
         self.tracker = MappingTracker().start()        # 1: before attaching, so no mmap is missed
+        if scope.mode in ("pid", "cmd") and scope.follow_forks:
+            self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
@@ -253,7 +267,11 @@ class Session:
             self._tie(scope.pid)
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
         self.feeders.callback(self.driver.stop_following, self.tracker)
-        self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [])
+        self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [],
+                                    _traced(scope, self.tracker))
+        if self.stop.signal is not None:      # interrupted while attaching: no command runs
+            raise KeyboardInterrupt
+        self._tracing()
         # scripts and tests wait for this line: every probe is attached
         self.say(f"tracing {self.describe} with {self.target.name}; Ctrl-C ends with a report")
         unwinder = self.driver.unwind_memory()
@@ -315,14 +333,19 @@ class Session:
             return True
         return False
 
-    def trace(self) -> None:
-        """Reports at intervals until the run ends."""
-        opts, driver = self.opts, self.driver
+    def _tracing(self) -> None:
+        """From here on the run ends with a report: what finish() needs exists."""
         self.symbolizer = Symbolizer(self.tracker)
-        self.growth = report.Growth(opts.growth_intervals)
+        self.growth = report.Growth(self.opts.growth_intervals)
         self.sequence = 0
         self.started = time.monotonic()
         self.last_snapshot = None
+        self.tracing = True
+
+    def trace(self) -> None:
+        """Reports at intervals until the run ends."""
+        opts, driver = self.opts, self.driver
+        self.started = time.monotonic()
         self._start_series()
         next_report = self.started + opts.interval if opts.interval else None
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
@@ -355,23 +378,30 @@ class Session:
         if self.stop.signal is not None:
             # a second Ctrl-C now would cost the report: say what happens instead
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(s, self._finishing)
+                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:
+                    signal.signal(s, self._finishing)
 
     @staticmethod
     def _finishing(signum, frame) -> None:
-        # os.write: a print here could re-enter the stream the main thread is writing
-        os.write(2, b"probedsl: writing the final report; it follows (SIGKILL ends without it)\n")
+        # os.write: a print here could re-enter the stream the main thread is writing; a
+        # closed terminal must not raise into the report being written
+        with contextlib.suppress(OSError):
+            os.write(2, b"probedsl: writing the final report; it follows (SIGKILL ends without it)\n")
 
     def finish(self) -> int:
         """End steps 2 and 3: the final snapshot and its report; the exit status."""
         faults.wait("final")
         driver, held = self.driver, self.held
         exit_status = held.poll() if held else None
-        if self.scanner:
-            final, reach = self.scanner.final(driver.stop)
-            self.notes += self.scanner.notes
-        else:
-            final, reach = driver.stop(), None
+        try:
+            if self.scanner:
+                final, reach = self.scanner.final(driver.stop)
+                self.notes += self.scanner.notes
+            else:
+                final, reach = driver.stop(), None
+        except Exception as exc:              # BCC raises bare Exception
+            self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")
+            final, reach = None, None
         if final is None:
             why = f"{self.target.name} gave no final snapshot: {driver.explain_failure()}"
             if self.last_snapshot is None:
@@ -469,6 +499,19 @@ class Session:
         return rep
 
 
+def _traced(scope: ir.Scope, tracker: MappingTracker):
+    """Which processes' mappings the unwinder needs: the traced ones (None: every process). On
+    a busy machine the others' files would cost rows computed for nothing."""
+    if scope.mode in ("pid", "cmd"):
+        root = scope.pid
+        if not scope.follow_forks:
+            return lambda pid: pid == root
+        return tracker.descends_from
+    if scope.mode == "comm":
+        return lambda pid: procfs.named(pid, scope.comm)
+    return None
+
+
 def sized(program: ir.Program, least: Optional[int], most: Optional[int]) -> ir.Program:
     """--min-size/--max-size, refused where nothing records a size."""
     if least is None and most is None:
@@ -510,32 +553,51 @@ def _use_color(opts: RunOptions, out) -> bool:
     return hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
 
 
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def _check_output(output: Optional[str]) -> None:
     """-o where no report could be written is said before tracing begins."""
     if not output:
         return
-    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        real = os.path.realpath(output)
+    except OSError as exc:
+        raise ProbedslError(f"-o {output}: {exc.strerror}") from None
+    folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise ProbedslError(f"-o {output}: no such directory {folder}")
-    if os.path.isdir(output):
+    if os.path.isdir(real):
         raise ProbedslError(f"-o {output}: is a directory")
-    special = os.path.exists(output) and not os.path.isfile(output)
-    if not os.access(output if special else folder, os.W_OK):
+    special = os.path.exists(real) and not os.path.isfile(real)
+    if not os.access(real if special else folder, os.W_OK):
         raise ProbedslError(f"-o {output}: not writable")
 
 
 def write_report(text, output: Optional[str], out) -> None:
-    """A rendered report (str, or bytes: pprof) to the output file, else to `out`."""
-    mode = "wb" if isinstance(text, bytes) else "w"
-    if output and os.path.exists(output) and not os.path.isfile(output):
-        with open(output, mode) as f:       # a device or a pipe: written as it is
-            f.write(text)
+    """A rendered report (str, or bytes: pprof) to the output file (through a symlink: its
+    target), else to `out`. A regular file is replaced whole; a device or a pipe is written
+    as it is (a pipe with no reader is an error, not a wait)."""
+    real = os.path.realpath(output) if output else ""
+    if output and os.path.exists(real) and not os.path.isfile(real):
+        data = text if isinstance(text, bytes) else text.encode()
+        fd = os.open(real, os.O_WRONLY | os.O_NONBLOCK)     # ENXIO: a pipe nobody reads
+        with os.fdopen(fd, "wb") as f:
+            os.set_blocking(fd, True)
+            f.write(data)
     elif output:
-        tmp = f"{output}.tmp"
+        tmp = f"{real}.tmp"
         try:
-            with open(tmp, mode) as f:
+            with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
                 f.write(text)
-            os.replace(tmp, output)         # readers never see half a report
+            os.replace(tmp, real)           # readers never see half a report
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

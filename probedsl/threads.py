@@ -59,10 +59,12 @@ def start(name: str, target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def join(thread: threading.Thread, bound_s: float) -> bool:
-    """Join with a bound; False (recorded) if the thread did not end in time."""
+def join(thread: threading.Thread, bound_s: float, harmless: bool = False) -> bool:
+    """Join with a bound; False if the thread did not end in time: a failure (recorded),
+    or, harmless, work whose result nothing will use any more (the thread ends with the process)."""
     thread.join(bound_s)
     if thread.is_alive():
-        failed(thread.name, TimeoutError(f"did not end within {bound_s:.0f} s"))
+        if not harmless:
+            failed(thread.name, TimeoutError(f"did not end within {bound_s:.0f} s"))
         return False
     return True

@@ -244,7 +244,7 @@ class UnwindTables:
         if faults.on("listener-raises") and self.following and not self._raised:
             self._raised = True
             raise RuntimeError("injected listener fault")
-        if faults.on("slow-listener"):
+        if faults.on("slow-listener") and threading.current_thread() is not threading.main_thread():
             time.sleep(0.2)
         if self.closed:
             return

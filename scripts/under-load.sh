@@ -9,11 +9,14 @@ trap end_load EXIT
 for _ in 1 2; do (while :; do :; done) & pids+=($!); done
 python3 -c '
 import mmap, os, time
-fd = os.open("/usr/lib/x86_64-linux-gnu/libc.so.6", os.O_RDONLY)
+libc = next(l.split()[-1] for l in open("/proc/self/maps") if "/libc.so" in l or "/libc-" in l)
+fd = os.open(libc, os.O_RDONLY)
 while True:
-    for _ in range(100):
+    for _ in range(10):
         mmap.mmap(fd, 1 << 20, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC).close()
     time.sleep(0.01)
 ' & pids+=($!)
-echo "under-load: bystanders ${pids[*]} (two CPU-bound, one mapping code ~10,000 times a second)" >&2
+sleep 0.5
+kill -0 "${pids[@]}" || { echo "under-load: a bystander did not start" >&2; exit 1; }
+echo "under-load: bystanders ${pids[*]} (two CPU-bound, one mapping code ~1,000 times a second)" >&2
 "$@"

@@ -16,6 +16,14 @@ CXXLEAK = str(ROOT / "recipes" / "cxxleak.probe")
 BACKENDS = ("bpftrace", "bcc")
 
 
+def pytest_collection_modifyitems(items):
+    """`tracing`: every test that needs root's rights or a real backend (it asks for
+    root_required), so `pytest -m "not tracing"` is the unit layer, runnable unprivileged."""
+    for item in items:
+        if "root_required" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.tracing)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden from current output")
 

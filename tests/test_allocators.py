@@ -57,6 +57,7 @@ def traced(backend, exe, *options, preload=None):
     return report_json(result.stdout), result.stderr
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("allocator", ["glibc", "jemalloc", "tcmalloc", "mimalloc"])
@@ -80,6 +81,7 @@ def test_each_allocator_gives_every_sites_exact_bytes_and_blocks(backend, alloca
         assert "not probed, not in the allocator's library: libjemalloc.so.2:reallocarray" in stderr
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_object_option_moves_probes_to_the_library_without_its_own_calls(backend, build):
     """BCC's -O: memleak's calls in libjemalloc, the mallocx family not added."""
@@ -89,6 +91,7 @@ def test_object_option_moves_probes_to_the_library_without_its_own_calls(backend
     assert "leak_mallocx()" not in got
 
 
+@pytest.mark.usefixtures("root_required")
 def test_symbols_prefix_finds_prefixed_calls(build, tmp_path):
     """A library whose calls are je_malloc/je_free (a jemalloc built with --with-jemalloc-prefix)."""
     src = tmp_path / "prefixed.c"
@@ -119,6 +122,7 @@ def test_allocator_errors_are_one_line():
     assert other.returncode == 1 and "adds to a resource named heap" in other.stderr
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_size_range_is_filtered_in_the_kernel(backend, build):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import subprocess
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from probedsl import checker, compiler, parser, targets
@@ -86,6 +88,7 @@ def test_random_text_never_crashes_the_parser(text):
         pass
 
 
+@pytest.mark.usefixtures("root_required")
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(well_formed(), mutated()))
 def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory, text):

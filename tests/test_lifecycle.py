@@ -14,7 +14,8 @@ import tempfile
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, Held, by_site, report_json, start_run, stderr_line
+from conftest import BACKENDS, MEMLEAK, Held, by_site, report_json, stderr_line
+from test_tracing import wait_for_sleep
 
 pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.lifecycle]
 
@@ -47,6 +48,13 @@ def wait_said(proc, text: str) -> list:
 def run_tracer(*args, env=None, stdin=None):
     return subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin, text=True, env=env)
+
+
+def stop(target: Held) -> None:
+    """End a Held target whatever it was told (go() leaves it sleeping for its AFTER_S)."""
+    if target.proc.poll() is None:
+        target.proc.kill()
+    target.end()
 
 
 def assert_clean(err: str) -> None:
@@ -120,7 +128,7 @@ def test_the_target_exits_during_attach(backend, build):
         gate.open()
         out, err = tracer.communicate(timeout=120)
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     if "probedsl: tracing" in err:           # attached before it was gone: a report, as usual
         assert tracer.returncode == 0, err
@@ -134,11 +142,17 @@ def test_the_command_exits_during_the_loader_hold(build):
     """BCC with dwarf stacks holds `-- CMD` at its exec until its libraries have rows."""
     gate = Gate("exec-hold")
     tracer = run_tracer("--backend", "bcc", "--", build("leak_delayed"), "0", "60", env=gate.env)
-    wait_said(tracer, "fault exec-hold reached")
-    command = child(tracer.pid, "leak_delayed")
-    os.kill(command, signal.SIGKILL)
-    gate.open()
-    out, err = tracer.communicate(timeout=120)
+    command = 0
+    try:
+        wait_said(tracer, "fault exec-hold reached")
+        command = child(tracer.pid, "leak_delayed")
+        os.kill(command, signal.SIGKILL)
+        gate.open()
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        for pid in (tracer.pid, command):
+            if pid and state(pid):
+                os.kill(pid, signal.SIGKILL)
     assert_clean(err)
     assert tracer.returncode == 128 + signal.SIGKILL, err     # the command's status, as always
     report = report_json(out)
@@ -154,7 +168,7 @@ def test_the_target_exits_while_a_slow_listener_writes_rows(build):
         target.go()                               # allocates, then exits; the listener lags
         out, err = tracer.communicate(timeout=300)
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
@@ -175,7 +189,7 @@ def test_the_target_exits_during_the_final_snapshot(backend, build):
         gate.open()
         out, err = tracer.communicate(timeout=120)
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     report = report_json(out)
@@ -200,7 +214,7 @@ def test_a_second_sigint_during_the_final_report_does_not_lose_it(backend, build
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target was ended"
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert report_json(out)["final"] is True
@@ -219,7 +233,7 @@ def test_sigterm_and_sighup_end_a_pid_run_with_its_report(backend, signum, build
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert report_json(out)["final"] is True
@@ -237,7 +251,7 @@ def test_bpftrace_killed_mid_run_ends_with_an_incomplete_report(build):
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
     finally:
-        target.end()
+        stop(target)
     assert_clean(err)
     assert tracer.returncode == INCOMPLETE, err
     report = report_json(out)
@@ -251,13 +265,13 @@ def small_tmpfs(tmp_path):
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir()
     ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "probedsl-full", str(full)], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "probedsl-ro", str(ro)], check=True)
     try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "probedsl-full", str(full)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "probedsl-ro", str(ro)], check=True)
         yield full, ro
     finally:
-        subprocess.run(["umount", str(full)])
-        subprocess.run(["umount", str(ro)])
+        for d in (full, ro):
+            subprocess.run(["umount", str(d)], stderr=subprocess.DEVNULL, check=False)
 
 
 def test_output_on_a_full_filesystem_says_so_and_prints_the_report(build, small_tmpfs):
@@ -302,3 +316,41 @@ def test_a_taken_prometheus_port_is_refused_before_the_command_runs(build, tmp_p
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("probedsl: error: --prometheus") and "cannot listen" in line, result.stderr
     assert not marker.exists(), "the command ran although tracing never began"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tmp_path):
+    """The terminal probedsl runs in goes away (SIGHUP, then EIO on every write to it): the
+    report still reaches -o, and the target runs on."""
+    import fcntl
+    import pty
+    import termios
+    target = Held([build("leak_delayed"), "wait", "600"])
+    saved = tmp_path / "run.json"
+    master, slave = pty.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend, "--format",
+                               "json", "-o", str(saved), "--pid", str(target.pid)],
+                              stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal)
+    os.close(slave)
+    try:
+        said = b""
+        while b"probedsl: tracing" not in said:
+            chunk = os.read(master, 4096)
+            assert chunk, said
+            said += chunk
+        target.go()
+        wait_for_sleep(target.pid, 600)               # its allocations are done
+        os.close(master)                              # the terminal is gone: SIGHUP
+        assert tracer.wait(timeout=120) == 0
+        assert_not_stopped(target.pid)
+        assert state(target.pid) != "", "the target runs on"
+    finally:
+        stop(target)
+        if tracer.poll() is None:
+            tracer.kill()
+    report = report_json(saved.read_text())
+    assert report["final"] is True and by_site(report).get("wrapper1") == (40, 5)

@@ -7,6 +7,7 @@ import pytest
 from conftest import MEMLEAK, Held, by_site, probedsl, report_json, start_run
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", ["bpftrace", "bcc"])
 def test_dash_c_launches_a_command_line_split_as_a_shell_would(backend, build):
     result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "-T", "1",
@@ -18,6 +19,7 @@ def test_dash_c_launches_a_command_line_split_as_a_shell_would(backend, build):
     assert by_site(report).get("wrapper1") == (40, 5)
 
 
+@pytest.mark.usefixtures("root_required")
 def test_interval_and_count_after_the_recipe_print_count_reports_then_stop(build):
     """memleak -p PID 1 3: a report a second, the third one final, the process left running."""
     held = Held([build("leak_delayed"), "wait", "600"])
@@ -42,6 +44,7 @@ def json_documents(text: str) -> list:
     return docs
 
 
+@pytest.mark.usefixtures("root_required")
 def test_older_hides_blocks_younger_than_its_milliseconds(build):
     result = probedsl("run", MEMLEAK, "--format", "json", "--older", "600000", "--", build("leak"), input="\n")
     report = report_json(result.stdout)

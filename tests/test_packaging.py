@@ -6,6 +6,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from conftest import ROOT, by_site, report_json
 
 
@@ -32,6 +34,7 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
     assert "uprobe:" in result.stdout and ":malloc" in result.stdout
 
 
+@pytest.mark.usefixtures("root_required")
 def test_doctor_lists_what_is_here_and_exits_1_when_no_backend_can_run():
     result = subprocess.run([sys.executable, "-m", "probedsl", "doctor"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -128,6 +128,7 @@ def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     assert not loader.refusals and not capfd.readouterr().err
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sampling_scales_the_estimate_and_says_so(backend, build):
     result = probedsl("run", MEMLEAK, "--backend", backend, "--sample", "4", "--format", "json",

@@ -19,6 +19,7 @@ def heap_of(stdout: str) -> tuple:
     return heap["live_bytes"], heap["live_blocks"], heap["acquired"], heap["released"], heap["unknown_releases"]
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("provider", ["otel_memory", "ddheap"])
@@ -33,6 +34,7 @@ def test_a_launched_process_that_fires_sampled_allocation_probes_is_traced_exact
     assert entry["stack"][0]["function"] == "sampled_malloc"
 
 
+@pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_running_process_gets_its_semaphore_raised(backend, sampled):
     """--pid: the kernel raises the semaphore in a process that mapped the file before."""

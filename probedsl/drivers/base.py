@@ -31,9 +31,10 @@ class Driver(Protocol):
     def unwinds_stacks(self) -> bool:
         """Whether it unwinds user stacks itself (and so needs each process's mappings)."""
 
-    def follow_mappings(self, tracker, preload: List[str]) -> None:
+    def follow_mappings(self, tracker, preload: List[str], wanted=None) -> None:
         """Be told of processes' mappings (probedsl.mappings.MappingTracker); preload: files a
-        command about to start will map. For a tracer that unwinds stacks itself."""
+        command about to start will map; wanted(pid): whether a process is traced (None: all).
+        For a tracer that unwinds stacks itself."""
 
     def stop_following(self, tracker) -> None:
         """No more writes from mappings (the run is ending); one in progress has finished."""

@@ -544,15 +544,21 @@ class BccDriver:
     def unwinds_stacks(self) -> bool:
         return self.loader is not None and self.loader.unwind is not None
 
-    def follow_mappings(self, tracker, preload) -> None:
+    def follow_mappings(self, tracker, preload, wanted=None) -> None:
         if self.loader is not None and self.loader.unwind is not None:
-            self.loader.unwind.preload(preload)
-            tracker.listen(self.loader.unwind.process)
-            self.loader.unwind.following = True
+            unwind = self.loader.unwind
+            unwind.preload(preload)
+
+            def told(pid, maps):
+                if wanted is None or wanted(pid):
+                    unwind.process(pid, maps)
+            self._told = told
+            tracker.listen(told)
+            unwind.following = True
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:
-            tracker.unlisten(self.loader.unwind.process)
+            tracker.unlisten(getattr(self, "_told", None))
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:

@@ -1,6 +1,7 @@
 """Runs a generated bpftrace script and turns its JSON output into Snapshots."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -266,7 +267,7 @@ class BpftraceDriver:
     def unwinds_stacks(self) -> bool:
         return False
 
-    def follow_mappings(self, tracker, preload) -> None:
+    def follow_mappings(self, tracker, preload, wanted=None) -> None:
         """bpftrace walks frame pointers in the kernel: nothing to load."""
 
     def stop_following(self, tracker) -> None:
@@ -289,6 +290,11 @@ class BpftraceDriver:
         else:
             self._reader.join(timeout)
             last = self.last
+            if last is not None and self.proc.returncode != 0:
+                # its END probe did not print: what is here is an earlier print's
+                last = dataclasses.replace(last, incomplete=last.incomplete + [
+                    f"bpftrace ended with status {self.proc.returncode} before its final print: "
+                    "the data is its last print's"])
         # SIGKILL: the data is in, and a clean exit only adds work. The kernel still needs
         # ~2 s to tear the uprobes down; kill() waits for that, after the report is out.
         if self.alive():
