@@ -1,7 +1,8 @@
 """--reachability's root set at its edges, against valgrind's leak check on the same binary
 (tests/fixtures/reach_roots.c): the dead frames of the exit path, a pointer only in a vector
 register, a thread running on a heap-allocated stack with a guard page, a self-pointing block,
-a pointer stored only unaligned. Also: the exit-path unwinder and the XSAVE reader alone."""
+a pointer stored only unaligned, a pointer only in the red zone of a leaf function computing.
+Also: the exit-path unwinder and the XSAVE reader alone."""
 from __future__ import annotations
 
 import subprocess
@@ -24,6 +25,8 @@ EXPECTED = {
     "swapctx": {300: "still_reachable", 400: "still_reachable", 73728: "still_reachable",
                 120: "definitely_lost"},
     "small": {32: "definitely_lost", 64: "definitely_lost"},
+    # a thread stopped computing in a leaf function: its red zone is live
+    "redzone": {250: "still_reachable"},
 }
 # valgrind reads only the general registers (memcheck's leak check: VG_(apply_to_GP_regs));
 # LeakSanitizer reads the XSAVE area too, and the program can still use the pointer
