@@ -354,3 +354,13 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
             tracer.kill()
     report = report_json(saved.read_text())
     assert report["final"] is True and by_site(report).get("wrapper1") == (40, 5)
+
+
+def test_output_to_a_device_writes_it_in_place(build):
+    """-o /dev/null (bench does it) must not replace the device by a file (as root it could)."""
+    import stat
+    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", "-o", "/dev/null",
+                             "--", build("leak")], input="\n", capture_output=True, text=True, timeout=300)
+    assert_clean(result.stderr)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and not os.path.exists("/dev/null.tmp")
