@@ -216,11 +216,20 @@ def _allocator_state(regions: List[Region]) -> Optional[Tuple[int, int]]:
 
 
 def prepare(pid: int) -> None:
-    """What a scan looks up once (libc's symbols), done before any pause."""
+    """What a scan looks up once (libc's symbols, its arena, its call-frame rows for the exit
+    path), done before any pause."""
+    from . import cfi
     try:
-        _allocator_state(read_maps(pid))
+        regions = read_maps(pid)
+        _allocator_state(regions)
     except OSError:
-        pass
+        return
+    libc = next((r.path for r in regions if os.path.basename(r.path).startswith("libc.so")), None)
+    if libc:
+        symbols = elf.symbols(libc)
+        if symbols is not None:
+            symbols.function_at(0)
+        cfi.table(libc)
 
 
 @functools.lru_cache(maxsize=16)
