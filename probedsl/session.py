@@ -415,6 +415,8 @@ class Session:
         if getattr(self, "view", None) is not None:
             self.view.close()                  # the screen gives way to the final report
         rep = self.emit(final, exit_status, reachability=reach)
+        for why in rep.incomplete:
+            self.say(f"the report is incomplete: {why}")
         status = exit_status if exit_status is not None else 0
         if not self.saved:
             return status or 1
