@@ -72,9 +72,10 @@ find "$dest" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$dest"
 say "copied $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes') to $dest"
 
-# inside the root: the README's set-up, the subset, the demo
+# inside the root: the README's set-up, the subset, the demo on each backend
 inner='cd /work/probedsl && bash scripts/setup.sh &&
-  .venv/bin/python -m pytest -q -p no:cacheprovider -m debian13 "$@" && bash scripts/check-demo.sh'
+  .venv/bin/python -m pytest -q -p no:cacheprovider -m debian13 "$@" && bash scripts/check-demo.sh &&
+  BACKEND=bcc bash scripts/check-demo.sh'
 # mounts live in a private mount namespace: they go when this script ends, whatever happens
 start=$SECONDS
 status=0
