@@ -15,7 +15,7 @@ import tempfile
 import pytest
 
 from conftest import BACKENDS, MEMLEAK, Held, by_site, report_json, stderr_line
-from test_tracing import wait_for_sleep
+from test_tracing import child_named, wait_for_sleep
 
 pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.lifecycle]
 
@@ -72,19 +72,6 @@ def state(pid: int) -> str:
 
 def assert_not_stopped(pid: int) -> None:
     assert state(pid) not in ("T", "t"), f"pid {pid} was left stopped"
-
-
-def child(parent: int, comm: str) -> int:
-    for task in os.listdir(f"/proc/{parent}/task"):
-        with open(f"/proc/{parent}/task/{task}/children") as f:
-            for pid in map(int, f.read().split()):
-                try:
-                    with open(f"/proc/{pid}/comm") as c:
-                        if c.read().strip() == comm:
-                            return pid
-                except OSError:
-                    pass
-    pytest.fail(f"no child {comm} of {parent}")
 
 
 # --- threads that feed the kernel maps ---------------------------------------------------
@@ -145,7 +132,7 @@ def test_the_command_exits_during_the_loader_hold(build):
     command = 0
     try:
         wait_said(tracer, "fault exec-hold reached")
-        command = child(tracer.pid, "leak_delayed")
+        command = child_named(tracer.pid, "leak_delayed")
         os.kill(command, signal.SIGKILL)
         gate.open()
         out, err = tracer.communicate(timeout=120)
@@ -246,7 +233,7 @@ def test_bpftrace_killed_mid_run_ends_with_an_incomplete_report(build):
     tracer = run_tracer("--backend", "bpftrace", "--pid", str(target.pid))
     try:
         wait_said(tracer, "probedsl: tracing")
-        os.kill(child(tracer.pid, "bpftrace"), signal.SIGKILL)
+        os.kill(child_named(tracer.pid, "bpftrace"), signal.SIGKILL)
         out, err = tracer.communicate(timeout=120)
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
