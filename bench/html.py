@@ -65,7 +65,7 @@ def synthetic(stacks: int, samples: int = 600, seed: int = 1) -> dict:
                                    "replaced": 0}},
             "series": {"period_s": 1.0, "t": t, "max_points": 512, "thinned": 0, "untracked_stacks": 0,
                        "resources": {"heap": {"bytes": total, "blocks": [v // 32 for v in total]}},
-                       "stacks": series_stacks},
+                       "groups": series_stacks},
             "reports": [{"kind": "outstanding", "resource": "heap", "by": ["ustack"], "columns": ["bytes", "blocks"],
                          "top": 10, "min_age_ms": 0, "total_entries": stacks, "entries": entries,
                          "omitted": {"entries": 0, "bytes": 0, "blocks": 0}, "cut_stacks": {}},

@@ -44,7 +44,7 @@ def page_data(report: Report) -> dict:
     series = report.series or {}
     t = series.get("t", [])
     period = series.get("period_s", timeseries.PERIOD_S)
-    stack_index = {(s["resource"], s["signature"]): i for i, s in enumerate(series.get("stacks", []))}
+    stack_index = {(s["resource"], s["signature"]): i for i, s in enumerate(series.get("groups", []))}
     acquired_index = {(a["resource"], a["signature"]): i for i, a in enumerate(series.get("acquired", []))}
     frames: List[list] = []
     colors: List[str] = []
@@ -79,7 +79,7 @@ def page_data(report: Report) -> dict:
             k = stack_index.get((s.resource, sig), -1)
             since = None
             if k >= 0:
-                since = timeseries.growing_since(t, series["stacks"][k]["bytes"], GROWTH_STEPS, period)
+                since = timeseries.growing_since(t, series["groups"][k]["bytes"], GROWTH_STEPS, period)
             who = (f"pid {e.pid}" if e.pid is not None else "") + (f" comm {escape.for_terminal(e.comm)}"
                                                                      if e.comm is not None else "")
             entries.append([r, ids, e.values.get(first, 0) if first else 0, e.values.get(second, 0) if second else 0,
@@ -97,7 +97,7 @@ def page_data(report: Report) -> dict:
                     for name, r in series.get("resources", {}).items()}
     return {"resources": resources, "columns": columns, "frames": frames, "colors": colors, "entries": entries,
             "series": {"t": t, "period": period, "resources": series.get("resources", {}),
-                       "stacks": [{"b": s["bytes"], "n": s["blocks"]} for s in series.get("stacks", [])],
+                       "stacks": [{"b": s["bytes"], "n": s["blocks"]} for s in series.get("groups", [])],
                        "acquired": [a["times"] for a in series.get("acquired", [])],
                        "untracked": series.get("untracked_stacks", 0), "thinned": series.get("thinned", 0),
                        "slowest": series.get("slowest_period_s", period),

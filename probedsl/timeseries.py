@@ -135,7 +135,7 @@ class Series:
         doc = {"period_s": self.period_s, "t": list(self.t), "max_points": self.max_points,
                "thinned": self.thinned, "untracked_stacks": self.untracked, "slowest_period_s": round(self.every_s, 3),
                "resources": {name: {"bytes": list(b), "blocks": list(n)} for name, (b, n) in self.totals.items()},
-               "stacks": [{"resource": res, "signature": sig, "bytes": b, "blocks": n}
+               "groups": [{"resource": res, "signature": sig, "bytes": b, "blocks": n}
                           for (res, sig), (b, n) in stacks.items()]}
         if snapshot is not None and snapshot.live is not None and started_ns is not None:
             doc["acquired"] = self._acquired(snapshot, started_ns, signature)
@@ -224,7 +224,7 @@ def merge(docs: Sequence[dict]) -> Optional[dict]:
         for name, r in d["resources"].items():
             for col in ("bytes", "blocks"):
                 total(resources, (name, col), resampled(d, r[col]))
-        for s in d["stacks"]:
+        for s in d["groups"]:
             for col in ("bytes", "blocks"):
                 total(stacks, (s["resource"], s["signature"], col), resampled(d, s[col]))
     names = dict.fromkeys(k[0] for k in resources)
@@ -235,7 +235,7 @@ def merge(docs: Sequence[dict]) -> Optional[dict]:
             "untracked_stacks": sum(d.get("untracked_stacks", 0) for d in docs),
             "resources": {n: {"bytes": [v or 0 for v in resources[(n, "bytes")]],
                               "blocks": [v or 0 for v in resources[(n, "blocks")]]} for n in names},
-            "stacks": [{"resource": r, "signature": s, "bytes": stacks[(r, s, "bytes")],
+            "groups": [{"resource": r, "signature": s, "bytes": stacks[(r, s, "bytes")],
                         "blocks": stacks[(r, s, "blocks")]} for r, s in sigs],
             **({"acquired": _merge_acquired(docs, period)} if any("acquired" in d for d in docs) else {})}
 

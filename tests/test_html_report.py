@@ -53,7 +53,7 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
     rep = report.build(prog, fixed_snapshot(), sym, backend="bcc", target="t", duration_s=5, complete=True)
     rep.series = series.to_dict(timeseries.signer(prog, sym), snapshot_at(4, 8), started_ns=0)
     entries = {e.signature(): e for e in rep.sections[0].entries}
-    named = {s["signature"]: s for s in rep.series["stacks"]}
+    named = {s["signature"]: s for s in rep.series["groups"]}
     leak = next(sig for sig in named if "wrapper1" in sig)
     assert leak in entries                                    # the same identity as the entry's
     assert named[leak]["bytes"] == [0, 16, 32, 48, 64]
@@ -68,7 +68,7 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
     again = report.Report.from_dict(json.loads(saved.read_text()))
     assert again.series == json.loads(json.dumps(rep.series))
     merged = report.merge([again, again])
-    both = next(s for s in merged.series["stacks"] if s["signature"] == leak)
+    both = next(s for s in merged.series["groups"] if s["signature"] == leak)
     assert both["bytes"] == [0, 32, 64, 96, 128] and merged.series["resources"]["heap"]["blocks"][-1] == 18
     result = probedsl("report", str(saved), "--format", "html")
     assert result.returncode == 0 and "wrapper1" in result.stdout, result.stderr
