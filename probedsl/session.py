@@ -444,9 +444,10 @@ class Session:
         return rep
 
     def _start_series(self) -> None:
-        """Live memory over time, one sample a period (probedsl.timeseries); --live's screen."""
-        self.series = timeseries.Series(self.program)
-        self.next_sample = self.started
+        """Live memory over time, one sample a period (probedsl.timeseries), for the formats that
+        keep it (a sample is a snapshot: bpftrace prints every tally); --live's screen."""
+        self.series = timeseries.Series(self.program) if self.opts.format in ("json", "html") else None
+        self.next_sample = self.started if self.series is not None else float("inf")
         self.view = None
         if self.opts.live:
             self.view = live.start(self.out, self.opts.interval or 1, self.say)

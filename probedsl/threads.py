@@ -7,10 +7,10 @@ started by libraries go through the same hook (threading.excepthook).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 _lock = threading.Lock()
-_failures: Dict[str, List[str]] = {}     # thread name -> one line per failure (first few kept)
+_failures: Dict[str, Tuple[int, List[str]]] = {}   # thread name -> (failures, the first few as lines)
 _KEPT = 3
 
 
@@ -19,17 +19,17 @@ def failed(where: str, exc: BaseException) -> None:
     text = str(exc).strip().splitlines()
     line = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
     with _lock:
-        lines = _failures.setdefault(where, [])
-        lines.append(line)
+        count, lines = _failures.get(where, (0, []))
+        _failures[where] = (count + 1, lines if len(lines) >= _KEPT else lines + [line])
 
 
 def failures() -> List[str]:
     """One line per thread that failed: how often, and the first failures."""
     with _lock:
         out = []
-        for where, lines in _failures.items():
-            shown = "; ".join(dict.fromkeys(lines[:_KEPT]))
-            out.append(f"{where} failed {len(lines)} time{'s' if len(lines) != 1 else ''}: {shown}")
+        for where, (count, lines) in _failures.items():
+            shown = "; ".join(dict.fromkeys(lines))
+            out.append(f"{where} failed {count} time{'s' if count != 1 else ''}: {shown}")
         return out
 
 
