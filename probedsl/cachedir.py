@@ -97,14 +97,18 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) 
     """A trusted directory for one cache (e.g. "unwind-rows"), created private (0700), or ""
     when there is none (then compute, do not cache). root: the cache root the environment
     names ($XDG_CACHE_HOME by default, with `probedsl/KIND` under it; sub overrides that)."""
-    root = root or user_cache_root()
+    # resolved once: every later use goes through the components checked, never again
+    # through a link (a user's symlink in sticky /tmp could be swapped after the check)
+    root = os.path.realpath(root or user_cache_root())
     wanted = os.path.join(root, sub if sub is not None else os.path.join("probedsl", kind))
     why = why_untrusted(root, wanted)
     if not why:
-        if _make(wanted):
+        if not _make(wanted):
+            note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
+            return ""
+        why = why_untrusted(root, wanted)      # a component someone else made meanwhile
+        if not why:
             return wanted
-        note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
-        return ""
     fallback = private_root()
     place = os.path.join(fallback, kind) if fallback else ""
     if place and not why_untrusted(fallback, place) and _make(place):
