@@ -42,28 +42,31 @@ def why_untrusted(root: str, path: str = "") -> str:
     current = "/"
     for i, part in enumerate([""] + parts):
         current = os.path.join(current, part) if part else current
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            return ""
-        except OSError as exc:
-            return f"{current}: {exc.strerror}"
-        if not _safe(st, sticky_ok=i < len(parts)):
-            return _describe(current, st)
+        why = _component(current, sticky_ok=i < len(parts), link_ok=True)
+        if why is not None:
+            return why
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if path else "."
     if rel.startswith(".."):
         return f"{path}: not under {root}"
     for part in ([] if rel == "." else rel.split("/")):
         current = os.path.join(current, part)
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            return ""
-        except OSError as exc:
-            return f"{current}: {exc.strerror}"
-        if stat.S_ISLNK(st.st_mode) or not _safe(st):
-            return _describe(current, st)
+        why = _component(current, sticky_ok=False, link_ok=False)
+        if why is not None:
+            return why
     return ""
+
+
+def _component(path: str, sticky_ok: bool, link_ok: bool) -> Optional[str]:
+    """None: trusted, look further; "": absent (we create the rest private); else why not."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if (not link_ok and stat.S_ISLNK(st.st_mode)) or not _safe(st, sticky_ok):
+        return _describe(path, st)
+    return None
 
 
 def _describe(path: str, st: os.stat_result) -> str:

@@ -162,6 +162,8 @@ class Session:
         self.held: Optional[HeldCommand] = None
         self.scanner: Optional[scanner.Scanner] = None
         self.incomplete: List[str] = []
+        self.series: Optional[timeseries.Series] = None    # json, html: live memory over time
+        self.view = None                                    # --live's screen
 
     def say(self, text: str) -> None:
         # may quote the traced program's names (its command line, errors naming its files);
@@ -313,11 +315,10 @@ class Session:
                      "each frame (~0.4 ms a block: 7 s for 16,000); --backend bcc reads them in ~12 us a block")
 
     def _let_go(self) -> None:
-        """End step 5: the target runs on (or was reaped); never left stopped."""
+        """End step 5: the target runs on (or was reaped); never left stopped. (A command never
+        released is abandoned by prepare's callback, which runs after this.)"""
         if self.scanner:
             self.scanner.close()
-        if self.held:
-            self.held.abandon()
 
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
@@ -345,7 +346,6 @@ class Session:
     def trace(self) -> None:
         """Reports at intervals until the run ends."""
         opts, driver = self.opts, self.driver
-        self.started = time.monotonic()
         self._start_series()
         next_report = self.started + opts.interval if opts.interval else None
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
@@ -412,7 +412,7 @@ class Session:
                 final = self.last_snapshot
         if held and exit_status is None:
             exit_status = held.poll()
-        if getattr(self, "view", None) is not None:
+        if self.view is not None:
             self.view.close()                  # the screen gives way to the final report
         rep = self.emit(final, exit_status, reachability=reach)
         for why in rep.incomplete:
@@ -436,7 +436,7 @@ class Session:
         rep.incomplete = list(dict.fromkeys(self.incomplete + snap.incomplete + threads.failures()))
         # said while the stacks were named (a debug file refused, a file over a parser's bound)
         rep.notes = rep.notes + [n for n in notices.all_notes() if n not in rep.notes]
-        if self.opts.format in ("json", "html") and getattr(self, "series", None) is not None:
+        if self.series is not None:
             rep.series = self.series.to_dict(timeseries.signer(program, self.symbolizer),
                                              snap if snap.live is not None else None, int(self.started * 1e9))
         tracker.prune(report.referenced_pids(program, snap))
@@ -448,7 +448,6 @@ class Session:
         keep it (a sample is a snapshot: bpftrace prints every tally); --live's screen."""
         self.series = timeseries.Series(self.program) if self.opts.format in ("json", "html") else None
         self.next_sample = self.started if self.series is not None else float("inf")
-        self.view = None
         if self.opts.live:
             self.view = live.start(self.out, self.opts.interval or 1, self.say)
             if self.view is not None:
@@ -468,7 +467,7 @@ class Session:
             self._sampled(snap, time.monotonic() - began)
 
     def _sampled(self, snap, cost_s: float = 0.0) -> None:
-        if getattr(self, "series", None) is None:          # no report before tracing began
+        if self.series is None:           # not kept by this format, or no report before tracing
             return
         self.series.add(max(0.0, time.monotonic() - self.started), snap)
         self.next_sample = time.monotonic() + self.series.next_delay(cost_s)
@@ -479,7 +478,7 @@ class Session:
         self.sequence += 1
         self._sampled(snap)
         rep = self.build_report(snap, exit_status, reachability)
-        if getattr(self, "view", None) is not None and not self.view.closed:
+        if self.view is not None and not self.view.closed:
             rep.sequence = self.sequence       # --live: interval reports go to the screen
             self.view.show(rep)
             self.saved = True

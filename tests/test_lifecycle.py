@@ -5,6 +5,7 @@ when it reached one and waits for the test's gate file; the test acts, then open
 No fixed waits."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -57,6 +58,19 @@ def stop(target: Held) -> None:
     target.end()
 
 
+@contextlib.contextmanager
+def pid_run(exe: str, after_s: str, backend: str, env=None, said: str = "probedsl: tracing"):
+    """A leak_delayed target traced by pid: (target, tracer) once the run said `said`; the
+    target is ended afterwards, whatever it was told."""
+    target = Held([exe, "wait", after_s])
+    tracer = run_tracer("--backend", backend, "--pid", str(target.pid), env=env)
+    try:
+        wait_said(tracer, said)
+        yield target, tracer
+    finally:
+        stop(target)
+
+
 def assert_clean(err: str) -> None:
     assert "Traceback" not in err and "Exception in thread" not in err, err
 
@@ -105,17 +119,12 @@ def test_a_listener_that_raises_is_a_note_and_an_incomplete_report(build):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_target_exits_during_attach(backend, build):
-    target = Held([build("leak_delayed"), "wait", "0"])
     gate = Gate("attach")
-    tracer = run_tracer("--backend", backend, "--pid", str(target.pid), env=gate.env)
-    try:
-        wait_said(tracer, "fault attach reached")
+    with pid_run(build("leak_delayed"), "0", backend, gate.env, said="fault attach reached") as (target, tracer):
         target.proc.kill()
         target.proc.wait()
         gate.open()
         out, err = tracer.communicate(timeout=120)
-    finally:
-        stop(target)
     assert_clean(err)
     if "probedsl: tracing" in err:           # attached before it was gone: a report, as usual
         assert tracer.returncode == 0, err
@@ -148,14 +157,9 @@ def test_the_command_exits_during_the_loader_hold(build):
 
 
 def test_the_target_exits_while_a_slow_listener_writes_rows(build):
-    target = Held([build("leak_delayed"), "wait", "0"])
-    tracer = run_tracer("--backend", "bcc", "--pid", str(target.pid), env=Gate("slow-listener").env)
-    try:
-        wait_said(tracer, "probedsl: tracing")
+    with pid_run(build("leak_delayed"), "0", "bcc", Gate("slow-listener").env) as (target, tracer):
         target.go()                               # allocates, then exits; the listener lags
         out, err = tracer.communicate(timeout=300)
-    finally:
-        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
@@ -163,11 +167,8 @@ def test_the_target_exits_while_a_slow_listener_writes_rows(build):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_target_exits_during_the_final_snapshot(backend, build):
-    target = Held([build("leak_delayed"), "wait", "600"])
     gate = Gate("final")
-    tracer = run_tracer("--backend", backend, "--pid", str(target.pid), env=gate.env)
-    try:
-        wait_said(tracer, "probedsl: tracing")
+    with pid_run(build("leak_delayed"), "600", backend, gate.env) as (target, tracer):
         target.go()
         tracer.send_signal(signal.SIGTERM)
         wait_said(tracer, "fault final reached")
@@ -175,8 +176,6 @@ def test_the_target_exits_during_the_final_snapshot(backend, build):
         target.proc.wait()
         gate.open()
         out, err = tracer.communicate(timeout=120)
-    finally:
-        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     report = report_json(out)
@@ -187,11 +186,8 @@ def test_the_target_exits_during_the_final_snapshot(backend, build):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_sigint_during_the_final_report_does_not_lose_it(backend, build):
-    target = Held([build("leak_delayed"), "wait", "600"])
     gate = Gate("final")
-    tracer = run_tracer("--backend", backend, "--pid", str(target.pid), env=gate.env)
-    try:
-        wait_said(tracer, "probedsl: tracing")
+    with pid_run(build("leak_delayed"), "600", backend, gate.env) as (target, tracer):
         tracer.send_signal(signal.SIGINT)
         wait_said(tracer, "fault final reached")
         tracer.send_signal(signal.SIGINT)
@@ -200,8 +196,6 @@ def test_a_second_sigint_during_the_final_report_does_not_lose_it(backend, build
         out, err = tracer.communicate(timeout=120)
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target was ended"
-    finally:
-        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert report_json(out)["final"] is True
@@ -210,17 +204,12 @@ def test_a_second_sigint_during_the_final_report_does_not_lose_it(backend, build
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_and_sighup_end_a_pid_run_with_its_report(backend, signum, build):
-    target = Held([build("leak_delayed"), "wait", "600"])
-    tracer = run_tracer("--backend", backend, "--pid", str(target.pid))
-    try:
-        wait_said(tracer, "probedsl: tracing")
+    with pid_run(build("leak_delayed"), "600", backend) as (target, tracer):
         target.go()
         tracer.send_signal(signum)
         out, err = tracer.communicate(timeout=120)
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
-    finally:
-        stop(target)
     assert_clean(err)
     assert tracer.returncode == 0, err
     assert report_json(out)["final"] is True
@@ -229,16 +218,11 @@ def test_sigterm_and_sighup_end_a_pid_run_with_its_report(backend, signum, build
 # --- the tracer and the outputs fail ---------------------------------------------------------
 
 def test_bpftrace_killed_mid_run_ends_with_an_incomplete_report(build):
-    target = Held([build("leak_delayed"), "wait", "600"])
-    tracer = run_tracer("--backend", "bpftrace", "--pid", str(target.pid))
-    try:
-        wait_said(tracer, "probedsl: tracing")
+    with pid_run(build("leak_delayed"), "600", "bpftrace") as (target, tracer):
         os.kill(child_named(tracer.pid, "bpftrace"), signal.SIGKILL)
         out, err = tracer.communicate(timeout=120)
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
-    finally:
-        stop(target)
     assert_clean(err)
     assert tracer.returncode == INCOMPLETE, err
     report = report_json(out)

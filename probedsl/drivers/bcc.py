@@ -513,6 +513,7 @@ class BccDriver:
     def __init__(self, program, generated):
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
+        self._told = None                # the listener given to the mapping tracker
 
     def start(self, timeout: float = 60) -> None:
         scope = self.program.scope
@@ -558,7 +559,7 @@ class BccDriver:
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:
-            tracker.unlisten(getattr(self, "_told", None))
+            tracker.unlisten(self._told)
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
