@@ -17,24 +17,33 @@ pytestmark = pytest.mark.usefixtures("root_required")
 BOUND_S = 300      # only a failing run waits this long: the fixture says when it is ready
 
 
-def fixture_lines(fd: int) -> dict:
-    """The fixture's lines up to `ready PID`, read from its stdout a byte at a time (the rest
-    of that stream, a report, is read later by communicate()): {word: [numbers]}."""
-    said, line = {}, b""
-    while "ready" not in said:
+def lines_until_ready(fd: int):
+    """(word, [numbers]) of each line a fixture prints up to `ready PID`, read from its stdout a
+    byte at a time (the rest of that stream, a report, is read later by communicate())."""
+    line = b""
+    while True:
         ready, _, _ = select.select([fd], [], [], BOUND_S)
         byte = os.read(fd, 1) if ready else b""
         if not byte:
-            pytest.fail(f"the fixture did not get ready: {said}, {line!r}")
-        if byte == b"\n":
-            word, *numbers = line.decode().split()
-            if word == "opened":
-                said.setdefault("opened", {})[numbers[0]] = [int(n) for n in numbers[1:]]
-            else:
-                said[word] = [int(n) for n in numbers]
-            line = b""
-        else:
+            pytest.fail(f"the fixture did not get ready: {line!r}")
+        if byte != b"\n":
             line += byte
+            continue
+        word, *numbers = line.decode().split()
+        line = b""
+        yield word, numbers
+        if word == "ready":
+            return
+
+
+def fixture_lines(fd: int) -> dict:
+    """tests/fixtures/fdpaths.c's lines: {word: [numbers]}, "opened": {function: [fds]}."""
+    said = {}
+    for word, numbers in lines_until_ready(fd):
+        if word == "opened":
+            said.setdefault("opened", {})[numbers[0]] = [int(n) for n in numbers[1:]]
+        else:
+            said[word] = [int(n) for n in numbers]
     return said
 
 
@@ -140,21 +149,12 @@ def anonymous_pages(pid: int) -> set:
 
 def mapped_lines(fd: int) -> dict:
     """tests/fixtures/mmappaths.c's lines: {"seen": [(start, length)], "raw": [...], "ready": pid}."""
-    said, line = {"seen": [], "raw": []}, b""
-    while "ready" not in said:
-        ready, _, _ = select.select([fd], [], [], BOUND_S)
-        byte = os.read(fd, 1) if ready else b""
-        if not byte:
-            pytest.fail(f"the fixture did not get ready: {said}, {line!r}")
-        if byte == b"\n":
-            word, *numbers = line.decode().split()
-            if word == "ready":
-                said["ready"] = int(numbers[0])
-            else:
-                said[word].append((int(numbers[0]), int(numbers[1])))
-            line = b""
+    said = {"seen": [], "raw": []}
+    for word, numbers in lines_until_ready(fd):
+        if word == "ready":
+            said["ready"] = int(numbers[0])
         else:
-            line += byte
+            said[word].append((int(numbers[0]), int(numbers[1])))
     return said
 
 
