@@ -7,10 +7,12 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import images, layout, placement, stackformat, usdt
 from probedsl.layout import Counter, ResourceLayout
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
+
+from .base import Backend
 
 
 
@@ -22,15 +24,15 @@ def _arg(self, v: ir.Arg) -> str:
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the unwinder's constants, shared with probedsl.unwind_tables and probedsl.stacktrust
+# the unwinder's numbers, as the runtime writes and reads them (probedsl.stackformat)
 _UNWINDER = {
-    "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
-    "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
-    "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
-    "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
-    "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
-    "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
+    "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
+    "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
+    "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
+    "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
+    "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
+    "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
+    "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
 }
 
 

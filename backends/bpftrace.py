@@ -10,12 +10,13 @@ from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
 from probedsl import images, layout
-from probedsl.targets.bpftrace import TALLY_SHIFT
+from probedsl.layout import TALLY_SHIFT, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
-SNAPSHOT_MARK = "probedsl:snapshot"
-READY_MARK = "probedsl:ready"
+from .base import Backend
+
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
               "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
@@ -45,25 +46,6 @@ def is_u64(v: ir.Value) -> bool:
         return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
     return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
         (isinstance(v, ir.Deref) and v.size == 8)
-
-
-def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
-    """The counters kept in the kernel; the driver derives the others, saving a map update on
-    every acquire and release (~0.04x of the uprobe floor each): `released` is the number of
-    lifetime-histogram entries, `acquired` is live + released + replaced + untracked, unless
-    sampled (then only the counter is exact). `ungrouped` is BCC's (a failed stack id)."""
-    derived = {Counter.UNGROUPED}
-    if lay.lifetime:
-        derived.add(Counter.RELEASED)
-    res = next(r for r in program.resources if r.name == lay.name)
-    if not any(a.kind == "release" for p in res.probes for a in p.actions):
-        # never written, so never declared: bpftrace refuses to print such a map
-        derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
-    if program.sample == 1:
-        derived.add(Counter.ACQUIRED)
-    if not lay.ends_with_image:
-        derived.add(Counter.ENDED_BY_EXEC)
-    return [c for c in Counter if c not in derived]
 
 
 class BpftraceBackend(Backend):

@@ -4,16 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-
-@dataclass(frozen=True)
-class Span:
-    line: int
-    column: int
-    end_line: int = 0
-    end_column: int = 0
+from .errors import NO_SPAN, Span
 
 
-NO_SPAN = Span(0, 0)
+# what a recipe may record per live entry
+RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 
 
 # --- expressions -----------------------------------------------------------------------

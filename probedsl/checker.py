@@ -5,7 +5,6 @@ from typing import Dict, Iterator, List, Set
 
 from . import ast
 from .errors import Diagnostic, RecipeError
-from .ir import RECORDABLE
 
 BUILTINS = ("pid", "tid")
 SETTABLE = ("size",)
@@ -80,8 +79,8 @@ class _Checker:
         recorded: Set[str] = set()
         for rec in res.records:
             for f in rec.fields:
-                if f.name not in RECORDABLE:
-                    self.error(f.span, f"cannot record '{f.name}'; choose from {', '.join(RECORDABLE)}")
+                if f.name not in ast.RECORDABLE:
+                    self.error(f.span, f"cannot record '{f.name}'; choose from {', '.join(ast.RECORDABLE)}")
                 recorded.add(f.name)
         if not any(e.kind == "acquire" for e in res.events):
             self.error(res.span, f"resource '{res.name}' has no acquire")

@@ -8,7 +8,8 @@ from importlib import resources
 from typing import Mapping, Optional, Tuple
 
 from . import allocators, ast, checker, ir, libraries, lower, parser, targets
-from .backends import Generated
+from . import backends
+from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
 
 
@@ -93,7 +94,7 @@ def check_backends(program: ir.Program, source: str = "") -> None:
     located recipe error. Probes are generated one at a time so that each error has its place."""
     diagnostics = []
     for cls in targets.TARGETS:
-        generator = cls().generator()
+        generator = backends.for_target(cls())
         for res in program.resources:
             for probe in res.probes:
                 one = replace(program, resources=(replace(res, probes=(probe,)),), reports=())
@@ -107,4 +108,4 @@ def check_backends(program: ir.Program, source: str = "") -> None:
 
 def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) -> Generated:
     """ready_pid: the runtime's pid, which bpftrace probes watch for its requests."""
-    return target.generator().generate(program, ready_pid)
+    return backends.for_target(target).generate(program, ready_pid)

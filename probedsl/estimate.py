@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass, replace
 from typing import Dict, List
 
-from . import ir, placement, targets
+from . import backends, ir, placement, targets
 from .errors import ProbedslError
 
 @dataclass
@@ -54,7 +54,7 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = 'printf("done\\n"); exit();'
-    script = bpftrace.generator().count_script(replace(program, scope=scope))
+    script = backends.for_target(bpftrace).count_script(replace(program, scope=scope))
     proc.stdin.write(script + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")
     proc.stdin.close()
     calls: Dict[str, int] = {label: 0 for label in hits}

@@ -5,7 +5,7 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple, Union
 
-from .ast import Span, NO_SPAN
+from .errors import NO_SPAN, Span
 
 
 # --- expressions, already bound to where their values live -------------------------------
@@ -327,7 +327,6 @@ def lifetime_keys(program: Program, resource: Resource) -> List[str]:
     return group_keys(rep.group_by if rep else ())
 
 
-RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 # Stacks keep their innermost STACK_DEPTH frames, on both backends. A stack table holds one
 # 8-byte slot per frame for each of its buckets, so 64 frames instead of the kernel's 127
 # buy twice the buckets (half the collisions, which cost a block its stack) on BCC, and half

@@ -22,7 +22,7 @@ from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
 from .rundata import Snapshot
 from .symbolizer import Symbolizer
-from . import live, timeseries
+from . import drivers, live, timeseries
 
 TASK_COMM_LEN = 16
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
@@ -239,7 +239,7 @@ class Session:
         if opts.probe_at == "placed":
             program = placement.apply(program)
         self.program = program
-        self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
         self.exporter = None
         if opts.prometheus:
             self.exporter = prometheus.Exporter(opts.prometheus)
