@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stackformat, usdt
+from probedsl import layout, stackformat
 from probedsl.layout import Counter, ResourceLayout
 
 from probedsl.targets.base import Generated
@@ -16,9 +16,22 @@ from .base import Backend
 
 
 
+def usdt_read(loc, ctx: str) -> str:
+    """A C expression (a statement expression for memory) giving the argument as a u64, as
+    the probed code saw it: sign- or zero-extended from its size."""
+    ctype = {1: "s8", 2: "s16", 4: "s32", 8: "s64"}[loc.size] if loc.signed else \
+        {1: "u8", 2: "u16", 4: "u32", 8: "u64"}[loc.size]
+    if loc.constant is not None:
+        return f"(u64)(s64){int(loc.constant)}"
+    if not loc.memory:
+        return f"(u64)({ctype}){ctx}->{loc.register}"
+    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
+            f"({int(loc.offset)}))); (u64)v_; }})")
+
+
 def _arg(self, v: ir.Arg) -> str:
     if self.usdt_site is not None:            # where this site's note says the argument is
-        return usdt.bcc_read(usdt.location(self.usdt_site.args[v.index]), "ctx")
+        return usdt_read(self.usdt_site.location(v.index), "ctx")
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
@@ -270,7 +283,7 @@ class BccBackend(Backend):
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
+                                "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.files]
         return {
@@ -301,7 +314,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
-                                   images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
+                                   images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

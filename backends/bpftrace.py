@@ -9,7 +9,7 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import images, layout
+from probedsl import layout
 from probedsl.layout import TALLY_SHIFT, counted
 from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
@@ -274,7 +274,7 @@ class BpftraceBackend(Backend):
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource
             ending[0]["declared"] += ([f"let @probedsl_images = hash({layout.THREADS});",
-                                       f"let @probedsl_ended = hash({images.ENDED_IMAGES});"]
+                                       f"let @probedsl_ended = hash({layout.ENDED_IMAGES});"]
                                       if self.target.map_declarations else [])
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]

@@ -7,7 +7,7 @@ from dataclasses import replace
 from importlib import resources
 from typing import Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, libraries, lower, parser, targets
+from . import allocators, ast, checker, ir, libraries, lower, parser, resolve, targets
 from . import backends
 from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
@@ -77,7 +77,7 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     program = allocators.apply(program, allocator)
     optional = {r.name: [p.label for p in r.probes if p.optional and any(a.kind == "acquire" for a in p.actions)]
                 for r in program.resources}
-    program = libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
+    program = resolve.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
     for res in program.resources:
         if not complete or not optional[res.name] or any(a.kind == "acquire" for p in res.probes for a in p.actions):
             continue

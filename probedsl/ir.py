@@ -119,13 +119,14 @@ class Probe:
     # registers: the exit reads what the entry saved)
     fields: Tuple[str, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
-    path: str = ""                         # resolved library path; set by libraries.resolve
+    path: str = ""                         # resolved library path; set by probedsl.resolve
     # the same library in other roots (a chroot, a container's mount namespace), where it is
     # another file: the probe is attached to each of those too
     also: Tuple[str, ...] = ()
-    # (file, offset, instruction): where in the function the probe sits in that file, when
-    # not at its entry (probedsl.placement)
-    places: Tuple[Tuple[str, int, str], ...] = ()
+    # (file, offset, instruction, code): where in the function the probe sits in that file,
+    # when not at its entry, and the bytes (hex) from the entry to there, which a loader checks
+    # again before attaching inside the function (probedsl.placement)
+    places: Tuple[Tuple[str, int, str, str], ...] = ()
     # checked at entry before any map work (--min-size/--max-size): a call failing it is not
     # traced at all (only probes that acquire and release nothing get one)
     entry_guard: Optional["Value"] = None
@@ -141,7 +142,11 @@ class Probe:
 
     def place_in(self, path: str) -> Tuple[int, str]:
         """(offset from the entry, instruction there) in that file; (0, "") at the entry."""
-        return next(((off, ins) for file, off, ins in self.places if file == path), (0, ""))
+        return next(((off, ins) for file, off, ins, _ in self.places if file == path), (0, ""))
+
+    def code_in(self, path: str) -> str:
+        """The bytes (hex) from the entry to the placed instruction in that file; "" at the entry."""
+        return next((code for file, _, _, code in self.places if file == path), "")
 
     @property
     def args_read(self) -> Tuple[int, ...]:

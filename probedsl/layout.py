@@ -18,6 +18,9 @@ HISTOGRAM_GROUPS = 65_536
 # bpftrace's tallies pack bytes above the low TALLY_SHIFT bits of the entry count (one map
 # update for both): a group's count stays below 2^24 because --max-live must, bytes below 2^39
 TALLY_SHIFT = 24
+# the kernel's set of ended images holds this many (pid, image) pairs; past that, an old
+# image's entries stay in the report (runs of this many execs are unusual for a traced program)
+ENDED_IMAGES = 65_536
 
 
 class Counter(enum.IntEnum):

@@ -67,8 +67,8 @@ def apply(program: ir.Program) -> ir.Program:
         probes = []
         for probe in res.probes:
             if probe.kind == "uprobe":
-                places = [(path, p.offset, p.instruction) for path in probe.files
-                          for p in [place(path, probe.function, probe.args_read)] if p]
+                places = [(path, p.offset, p.instruction, _bytes(path, probe.function, p.offset).hex())
+                          for path in probe.files for p in [place(path, probe.function, probe.args_read)] if p]
                 probe = _replace(probe, places=tuple(places))
             probes.append(probe)
         resources.append(_replace(res, probes=tuple(probes)))
@@ -79,13 +79,6 @@ def hit_us(path: str, function: str, offset: int) -> float:
     """What one hit of a uprobe at function+offset costs: emulated or single-stepped."""
     code_there = _bytes(path, function, offset + 15)[offset:]
     return EMULATED_US if emulated(code_there, procfs.kernel_release()) else STEPPED_US
-
-
-def code(path: str, probe: ir.Probe) -> str:
-    """The bytes from the function's entry to its placed instruction (hex; "" at the entry):
-    a loader checks them again before attaching inside the function."""
-    offset = probe.place_in(path)[0]
-    return _bytes(path, probe.function, offset).hex() if offset else ""
 
 
 def still_there(path: str, function: str, offset: int, expected_hex: str) -> bool:

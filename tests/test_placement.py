@@ -58,7 +58,7 @@ def test_memleak_on_this_c_library():
         if offset:
             code = placement._bytes(probe.path, probe.function, offset + 15)
             assert placement.emulated(code[offset:], RELEASE)
-            assert placement.still_there(probe.path, probe.function, offset, placement.code(probe.path, probe))
+            assert placement.still_there(probe.path, probe.function, offset, probe.code_in(probe.path))
 
 
 def test_a_changed_file_is_probed_at_its_entry():
