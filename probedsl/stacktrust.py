@@ -13,7 +13,7 @@ import functools
 from typing import Callable, Optional, Tuple
 
 from . import cfi, elf, ir, procfs
-from .stackformat import COMPLETE, DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
+from .stackformat import DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
 
 
 

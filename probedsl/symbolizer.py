@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import elf, stacktrust
+from . import elf, stackformat, stacktrust
 from .mappings import MappingTracker, find
 from .sourcelines import SourceLines
 
@@ -146,7 +146,7 @@ class Symbolizer:
             addresses = self._trusted(pid, start, mappings, tuple(addresses))
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
-                if address in stacktrust.MARKERS:
+                if address in stackformat.MARKERS:
                     continue
                 key = (pid, start, address)
                 if key in self._cache or key in located:
@@ -180,9 +180,9 @@ class Symbolizer:
     def _frames(self, pid: int, start: int, addresses: Tuple[int, ...]) -> List[Frame]:
         frames: List[Frame] = []
         for a in addresses:
-            if a == stacktrust.COMPLETE:
+            if a == stackformat.COMPLETE:
                 continue
-            if a in stacktrust.MARKERS:
+            if a in stackformat.MARKERS:
                 module = os.path.basename(frames[-1].module) if frames else ""
                 frames.append(Frame(a, "", 0, frames[-1].module if frames else "",
                                     truncated=stacktrust.reason(a, module)))
@@ -213,7 +213,7 @@ class Symbolizer:
         if key in self._trust:
             return self._trust[key]
         cut = stacktrust.trusted(addresses, lambda a: self._elf_address(mappings, a))
-        if cut[-1] != stacktrust.NO_UNWIND_INFO:       # (a mapping may be told later)
+        if cut[-1] != stackformat.NO_UNWIND_INFO:       # (a mapping may be told later)
             self._trust[key] = cut
         return cut
 

@@ -25,8 +25,8 @@ from elftools.elf.elffile import ELFFile
 
 from . import cachedir, cfi, debuginfo, elf, faults, notices
 from .mappings import Mapping, read_proc_maps
-from .stackformat import (CFA_RBP, CFA_RSP, CHUNK_SHIFT, CHUNKS, INVALID, MAX_MAPS, OUTERMOST, PER_CHUNK, PLT,
-                          PROCESSES, RBP_AT_CFA, RBP_SAME, RETURNS, ROW_KINDS, ROWS, SIGNAL)
+from .stackformat import (CFA_RBP, CFA_RSP, CHUNK_SHIFT, INVALID, MAX_MAPS, OUTERMOST, PER_CHUNK, PLT,
+                          RBP_AT_CFA, RBP_SAME, ROW_KINDS, ROWS, SIGNAL)
 
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, formats, report, stacktrust
+from probedsl import compiler, formats, report, stackformat
 from probedsl.rundata import Live, Snapshot, Totals
 from probedsl.symbolizer import Frame
 
@@ -243,8 +243,8 @@ def test_stacks_that_end_early_are_counted_by_why():
     snap = tallied_snapshot()
     groups = snap.tallies["heap"][("ustack", "pid")]
     (stack, pid), value = next(iter(groups.items()))
-    groups[(stack + (stacktrust.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
-    groups[((0x1200, stacktrust.DEPTH_LIMIT), pid)] = value
+    groups[(stack + (stackformat.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
+    groups[((0x1200, stackformat.DEPTH_LIMIT), pid)] = value
     program = compiler.build(compiler.load(MEMLEAK))
     rep = report.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
     assert rep.sections[0].cut_stacks == {"no frame pointer": 1, "depth limit": 1}

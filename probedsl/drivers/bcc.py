@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, placement, roots, stacktrust
+from probedsl import elf, images, placement, roots, stackformat
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -629,6 +629,6 @@ def _frames(ips) -> tuple:
         if not ip:
             break
         frames.append(ip)
-        if ip in stacktrust.MARKERS:
+        if ip in stackformat.MARKERS:
             break
     return tuple(frames)
