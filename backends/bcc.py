@@ -157,6 +157,8 @@ class BccBackend(Backend):
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "usdt":
             return self.usdt_view(program, lay, probe)
+        if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
+            raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]

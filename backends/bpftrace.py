@@ -196,8 +196,10 @@ class BpftraceBackend(Backend):
             ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
             if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
                 probe, entry, ret = replace(probe, at_return=False), ret, ""
-        else:
+        elif probe.kind == ir.ProbeKind.TRACEPOINT:
             entry, ret = f"tracepoint:{probe.function}", ""
+        else:
+            raise ProbedslError(f"{probe.label}: bpftrace has no lowering for a {probe.kind.value} probe")
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width

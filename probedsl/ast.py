@@ -167,10 +167,15 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class Aggregation:
-    function: str                    # sum | count | hist | min | max
+    function: str                    # sum | count | hist (the checker refuses others)
     argument: Optional[Name]
     label: Optional[str]
     span: Span = field(default=NO_SPAN, compare=False)
+
+    @property
+    def column(self) -> str:
+        """The column's name in reports: its `as` label, else sum_size, count, ..."""
+        return self.label or (f"{self.function}_{self.argument.name}" if self.argument else self.function)
 
 
 @dataclass(frozen=True)

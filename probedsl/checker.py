@@ -173,7 +173,11 @@ class _Checker:
                 self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
         if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
             self.error(rep.span, "a report by ustack needs 'record pid' (stacks are named per process)")
+        labels: Set[str] = set()
         for agg in rep.aggregations:
+            if agg.column in labels:
+                self.error(agg.span, f"column '{agg.column}' is already in this report; name one with 'as'")
+            labels.add(agg.column)
             if agg.function not in AGGREGATIONS[rep.kind]:
                 self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "
                                      f"use {', '.join(AGGREGATIONS[rep.kind])}")

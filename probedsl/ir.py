@@ -1,6 +1,7 @@
 """The backend-neutral program: probes, per-thread scratch, keyed tables, aggregations."""
 from __future__ import annotations
 
+import enum
 import functools
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple, Union
@@ -97,6 +98,29 @@ def _at_entry(v: Value) -> Optional[Value]:
 
 
 # --- program -----------------------------------------------------------------------------
+class ProbeKind(str, enum.Enum):
+    """Where a probe attaches. A new kind is a member here and one lowering in each generator;
+    a generator meeting a kind it does not lower refuses it (never a default)."""
+    UPROBE = "uprobe"            # a function in a file (entry, or return with at_return)
+    TRACEPOINT = "tracepoint"    # category:event
+    USDT = "usdt"                # provider:name sites in a file's notes
+    SYSCALL = "syscall"          # sys_enter_NAME / sys_exit_NAME
+
+
+class Aggregation(str, enum.Enum):
+    """A report column's function. `of` is the one place a group's value is computed."""
+    SUM = "sum"                  # sum(size): bytes
+    COUNT = "count"              # count(): entries
+    HIST = "hist"                # hist(age): a lifetime report's histogram, not a column value
+
+    def of(self, nbytes: int, count: int) -> int:
+        if self is Aggregation.SUM:
+            return nbytes
+        if self is Aggregation.COUNT:
+            return count
+        raise ValueError(f"{self.value} is not a column of an outstanding report")
+
+
 @dataclass(frozen=True)
 class Action:
     kind: str                              # acquire | release
@@ -109,7 +133,7 @@ class Action:
 class Probe:
     id: int                                # 1-based within its resource; tags scratch entries
     resource: str
-    kind: str                              # uprobe | tracepoint | usdt | syscall
+    kind: ProbeKind
     library: str                           # as written in the recipe (uprobe)
     function: str                          # function (uprobe), "category:event" (tracepoint), name (syscall)
     at_return: bool                        # actions run at return (uretprobe, sys_exit_NAME)
@@ -135,6 +159,9 @@ class Probe:
     optional: bool = False
     # usdt: the sites of provider:name in `path` (probedsl.usdt.Site), each a uprobe
     sites: Tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ProbeKind(self.kind))     # a name from a test or a dump
 
     @property
     def files(self) -> Tuple[str, ...]:

@@ -116,15 +116,14 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             # a process fires one provider's probes (otel_memory or ddheap): those not in its
             # files are left out, with a note
             probes.append(ir.Probe(
-                id=len(probes) + 1, resource=res.name, kind=kind, library=library, function=function,
+                id=len(probes) + 1, resource=res.name, kind=ir.ProbeKind(kind), library=library, function=function,
                 at_return=at_return, saved_args=tuple(bind.saved), fields=tuple(bind.fields), actions=tuple(actions),
                 span=event.probe.span, optional=kind == "usdt"))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []
     for rep in recipe.reports:
-        columns = tuple((a.function, a.label or (f"{a.function}_{a.argument.name}" if a.argument else a.function))
-                        for a in rep.aggregations)
+        columns = tuple((a.function, a.column) for a in rep.aggregations)
         reports.append(ir.Report(rep.kind, rep.resource.name, tuple(g.name for g in rep.group_by), columns,
                                  _report_number(rep.top, params, 10), _report_number(rep.min_age, params, 0)))
     return ir.Program(recipe.name, recipe.description, recipe.filename, tuple(resources), tuple(reports),

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from probedsl import ast, backends, compiler, ir, layout, libraries, targets
+from probedsl import ast, backends, checker, compiler, ir, layout, libraries, parser, targets
+from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import MEMLEAK, ROOT
 
@@ -157,3 +158,28 @@ def test_control_characters_in_a_description_stay_out_of_generated_text():
     for cls in targets.TARGETS:
         text = backends.for_target(cls()).generate(program).text
         assert "\x00" not in text and "\x1b" not in text and "Heap blocks" in text
+
+
+class _NewKind(str):
+    """A probe kind no generator lowers yet (what adding one to ir.ProbeKind starts as)."""
+    value = "newkind"
+
+
+@pytest.mark.parametrize("name", ["bpftrace", "bcc"])
+def test_a_probe_kind_a_generator_does_not_lower_is_refused_by_name(name):
+    program = compiler.build(compiler.load(MEMLEAK))
+    res = program.resources[0]
+    probe = res.probes[0]
+    object.__setattr__(probe, "kind", _NewKind("newkind"))
+    with pytest.raises(ProbedslError, match=f"{name if name == 'bpftrace' else 'BCC'} has no lowering for a newkind probe"):
+        backends.for_target(targets.for_version(name, None)).generate(program)
+
+
+def test_two_columns_of_one_name_are_refused_where_the_second_is():
+    source = ('recipe t "two columns"\nresource heap keyed by (pid, address) {\n'
+              "  acquire libc:malloc(size) -> (pid, ret) when ret != 0 size = size\n"
+              "  release libc:free(ptr) -> (pid, ptr)\n  record size, ustack, pid\n}\n"
+              "report outstanding heap by ustack: sum(size) as x, count() as x\n")
+    with pytest.raises(RecipeError) as exc:
+        checker.check(parser.parse(source, "t.probe"))
+    assert "t.probe:7:" in exc.value.render() and "column 'x' is already in this report" in exc.value.render()
