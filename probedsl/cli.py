@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import allocators, compiler, escape, formats, ir, libraries, report, session, targets
+from . import allocators, compiler, escape, formats, report, session, targets
 from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
@@ -145,17 +145,11 @@ def list_cmd():
 def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at, program, allocator, obj,
             symbols_prefix, min_size, max_size):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
-    scope = ir.Scope()
-    if pid is not None:
-        scope = ir.Scope("pid", pid=pid)
-    elif comm is not None:
-        scope = ir.Scope("comm", comm=session.validate_comm(comm))
-    resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
-    choices = compiler.Choices(sets=_set_pairs(sets), allocator=allocators.choose(allocator, obj, symbols_prefix,
-                                                                                 resolver.resolve),
-                               min_size=min_size, max_size=max_size, scope=scope, sample=sample, stacks=stacks,
-                               placed=probe_at == "placed")
     chosen = targets.from_name(target)
+    choices, resolver = compiler.compile_choices(
+        pid=pid, comm=comm, program=program, sets=_set_pairs(sets), allocator=allocator, obj=obj,
+        symbols_prefix=symbols_prefix, min_size=min_size, max_size=max_size, sample=sample, stacks=stacks,
+        placed=probe_at == "placed")
     program, _ = compiler.plan(compiler.load(recipe), chosen, choices, resolver)
     text = compiler.dump(program) if dump == "ir" else compiler.generate(program, chosen).standalone
     if output:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, resolve, targets
+from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, procfs, resolve, targets
 from . import backends
 from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
@@ -105,6 +105,23 @@ class Choices:
     placed: bool = True            # --probe-at placed
     # --private-libs: a copy of each probed library for the traced command only
     private: Optional[Callable[[ir.Program], ir.Program]] = None
+
+
+def compile_choices(*, pid: Optional[int], comm: Optional[str], program: Optional[str], sets: Mapping[str, str],
+                    allocator: Optional[str], obj: Optional[str], symbols_prefix: Optional[str],
+                    min_size: Optional[int], max_size: Optional[int], sample: int, stacks: Optional[str],
+                    placed: bool) -> Tuple[Choices, libraries.LibraryResolver]:
+    """`probedsl compile`'s options as choices, and the resolver that finds libraries as
+    `program` (an executable) would, else as ldconfig knows them."""
+    scope = ir.Scope()
+    if pid is not None:
+        scope = ir.Scope("pid", pid=pid)
+    elif comm is not None:
+        scope = ir.Scope("comm", comm=procfs.valid_comm(comm))
+    resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
+    return Choices(sets=sets, allocator=allocators.choose(allocator, obj, symbols_prefix, resolver.resolve),
+                   min_size=min_size, max_size=max_size, scope=scope, sample=sample, stacks=stacks,
+                   placed=placed), resolver
 
 
 def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,

@@ -106,12 +106,18 @@ class ProbeKind(str, enum.Enum):
     USDT = "usdt"                # provider:name sites in a file's notes
     SYSCALL = "syscall"          # sys_enter_NAME / sys_exit_NAME
 
+    def __str__(self) -> str:    # labels and generated text say "uprobe", not ProbeKind.UPROBE
+        return self.value
+
 
 class Aggregation(str, enum.Enum):
     """A report column's function. `of` is the one place a group's value is computed."""
     SUM = "sum"                  # sum(size): bytes
     COUNT = "count"              # count(): entries
     HIST = "hist"                # hist(age): a lifetime report's histogram, not a column value
+
+    def __str__(self) -> str:
+        return self.value
 
     def of(self, nbytes: int, count: int) -> int:
         if self is Aggregation.SUM:

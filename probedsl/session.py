@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import sys
@@ -24,7 +23,6 @@ from .rundata import Snapshot
 from .symbolizer import Symbolizer
 from . import drivers, live, timeseries
 
-TASK_COMM_LEN = 16
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
 INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
 
@@ -66,16 +64,6 @@ class RunOptions:
     live: bool = False                 # a full-screen view refreshed at each report (probedsl.live)
 
 
-def validate_comm(comm: str) -> str:
-    raw = comm.encode()
-    if not raw or len(raw) >= TASK_COMM_LEN:
-        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
-                            "(the kernel keeps only the first 15)")
-    if re.search(r"[\x00-\x1f\x7f]", comm):
-        raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
-    return comm
-
-
 def _scope(opts: RunOptions, target: targets.Target):
     """(scope, library resolver, held command or None) for the options."""
     chosen = [x for x in (opts.comm, opts.pid, opts.command or None, opts.all or None) if x is not None]
@@ -92,7 +80,7 @@ def _scope(opts: RunOptions, target: targets.Target):
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
             raise ProbedslError(f"--per-process: {target.name} cannot attach uprobes per process; "
                                 f"use --backend {backends}")
-        comm = validate_comm(opts.comm)
+        comm = procfs.valid_comm(opts.comm)
         # --per-process: BCC resolves each process's libraries in its own root as it attaches
         others = [] if opts.per_process else roots.one_per_other_root(processes_named(comm))
         resolver = LibraryResolver(others=others)

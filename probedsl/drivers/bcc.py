@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, placement, roots, stackformat
+from probedsl import elf, images, roots, stackformat, x86
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -613,7 +613,7 @@ def _placed(p: dict) -> dict:
     if p.get("usdt"):
         return p
     offset = p.get("offset", 0)
-    if offset and not placement.still_there(p["path"], p["function"], offset, p.get("code", "")):
+    if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
         print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
               "in; probing its entry", file=sys.stderr)
         offset = 0
