@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from .errors import NO_SPAN, Span
 
@@ -164,9 +164,9 @@ class Probe:
     # library lacks the function (jemalloc has no pvalloc)
     optional: bool = False
     # usdt: the sites of provider:name in `path` (probedsl.usdt.Site), each a uprobe
-    sites: Tuple = ()
+    sites: Tuple[Any, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ProbeKind(self.kind))     # a name from a test or a dump
 
     @property
@@ -321,7 +321,7 @@ class Program:
     def reading_live(self, read: bool) -> "Program":
         return replace(self, read_live=bool(read))
 
-    def needs_live(self, min_age_s=None) -> bool:
+    def needs_live(self, min_age_s: Optional[float] = None) -> bool:
         """Whether reports must read every live entry: some outstanding report filters by age."""
         ages = [min_age_s * 1000] if min_age_s is not None else [r.min_age_ms for r in self.reports
                                                                    if r.kind == "outstanding"]
@@ -334,7 +334,7 @@ def live_fields(resource: Resource) -> List[str]:
     return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
 
 
-def group_keys(group_by) -> List[str]:
+def group_keys(group_by: Sequence[str]) -> List[str]:
     """Live-record fields that key a tally or histogram grouped `by` these names. A user stack
     needs its pid to be named; comm goes first because bpftrace joins multi-part keys with ','
     and only the first part may contain one."""
@@ -354,7 +354,7 @@ def tallies(program: Program, resource: Resource) -> List[Tuple[str, ...]]:
     return list(dict.fromkeys(groups)) or [()]
 
 
-def lifetime_report(program: Program, resource: Resource):
+def lifetime_report(program: Program, resource: Resource) -> Optional[Report]:
     """The resource's lifetime report (one at most; the checker says so), or None."""
     return next((r for r in program.reports if r.kind == "lifetime" and r.resource == resource.name), None)
 
@@ -375,7 +375,7 @@ DEFAULT_MAX_LIVE = 1_000_000
 
 
 # --- text form (`probedsl compile --dump ir`): the IR and the storage layout derived from it ---
-def show(value) -> str:
+def show(value: Value) -> str:
     if isinstance(value, Const):
         return str(value.value)
     if isinstance(value, Arg):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import ir
 
@@ -83,11 +83,11 @@ class ResourceLayout:
     def counter_map(self, counter: Counter) -> str:
         return f"{self.name}_{counter.label}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, doc: dict) -> "ResourceLayout":
+    def from_json(cls, doc: Dict[str, Any]) -> "ResourceLayout":
         hist = doc["lifetime"]
         return cls(doc["name"], doc["live"], doc["live_size"], doc["key_arity"], tuple(doc["fields"]), doc["scratch"],
                    doc["scratch_width"], doc["scratch_size"], doc["counters"],

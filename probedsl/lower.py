@@ -1,7 +1,7 @@
 """Checked AST -> IR: bind names to where their values live, and plan entry/return correlation."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from . import ast, ir
 from .checker import event_exprs, names_in, derefs_in
@@ -61,7 +61,7 @@ class _Binder:
             return ir.Int32(self.value(expr.operand))
         return ir.BinOp(expr.op, self.value(expr.left), self.value(expr.right))
 
-    def guard(self, exprs) -> Optional[ir.Value]:
+    def guard(self, exprs: Sequence[ast.Expr]) -> Optional[ir.Value]:
         result = None
         for e in exprs:
             v = self.value(e)
@@ -84,7 +84,7 @@ def parameter_values(recipe: ast.Recipe, overrides: Mapping[str, str]) -> Dict[s
     return values
 
 
-def _report_number(value, params: Mapping[str, int], default: int) -> int:
+def _report_number(value: Union[int, ast.ParamRef, None], params: Mapping[str, int], default: int) -> int:
     if value is None:
         return default
     if isinstance(value, ast.ParamRef):
@@ -95,7 +95,7 @@ def _report_number(value, params: Mapping[str, int], default: int) -> int:
 def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFAULT_MAX_LIVE) -> ir.Program:
     resources = []
     for res in recipe.resources:
-        probes = []
+        probes: List[ir.Probe] = []
         for event in res.events:
             at_return = _needs_return(event)
             bind = _Binder(event.probe, at_return, params)

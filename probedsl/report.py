@@ -475,7 +475,7 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
     stacks = symbolizer.user_stacks([(k.get("pid", 0), k.get("ustack", ())) for k in named]) \
         if "ustack" in keys else [[] for _ in shown]
     entries = []
-    for (key, buckets), fields, stack in zip(shown, named, stacks):
+    for (_key, buckets), fields, stack in zip(shown, named, stacks):
         entries.append(Entry(values={"released": sum(n for _, _, n in buckets)}, oldest_age_s=0.0,
                              pids=[fields["pid"]] if "pid" in fields else [], stack=stack,
                              kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],

@@ -121,7 +121,7 @@ def encode(table: cfi.Table) -> List[Tuple[int, int, int, int, int]]:
         elif not out or out[-1][1:] != rule:
             out.append((pc, *rule))
 
-    for start, end, rows in table.fdes:
+    for _start, end, rows in table.fdes:
         for row in rows:
             add(row.address, *_rule(row))
         add(end, INVALID)

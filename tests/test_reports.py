@@ -33,7 +33,7 @@ class FixedSymbolizer:
 
     def user_stacks(self, stacks, leaf_returns=True):
         out = []
-        for pid, addresses, *_ in stacks:
+        for _pid, addresses, *_ in stacks:
             frames = []
             for a in addresses:
                 fn, off, mod, file, line = self.NAMES.get(a, ("", 0, "", "", 0))
