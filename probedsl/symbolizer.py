@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import elf, stacktrust
+from . import elf, procfs, stacktrust
 from .mappings import MappingTracker, find
 from .sourcelines import SourceLines
 
@@ -98,13 +98,10 @@ def uprobe_trampoline(pid: int) -> Optional[int]:
     unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
     another tracer's are known only to the kernel, so a stack ends there."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if line.rstrip("\n").endswith(UPROBES):
-                    return int(line.split("-", 1)[0], 16)
+        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")
+        return next((int(line.split("-", 1)[0], 16) for line in lines if line.endswith(UPROBES)), None)
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _module(mappings, address: int):
