@@ -71,7 +71,6 @@ class SourceLines:
         # any code) whose three output lines close that address's record
         sentinel = secrets.randbits(62) | 1 << 62
         closing = [f"{sentinel:#018x}", "??", "??:0"]
-        out = None
         with tempfile.TemporaryDirectory(prefix="probedsl-lines-") as alone:
             os.symlink(os.path.abspath(module), os.path.join(alone, "m"))
             argv = [self._addr2line, "-e", "m", "-a", "-i", "-f", "-C"]
