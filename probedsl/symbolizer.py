@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import elf, procfs, stacktrust
+from . import elf, stacktrust
 from .mappings import MappingTracker, find
+from .procfs import read_lines
 from .sourcelines import SourceLines
 
 # the kernel's uprobe page in a process: a pending uretprobe puts its start, the return
@@ -98,7 +99,7 @@ def uprobe_trampoline(pid: int) -> Optional[int]:
     unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
     another tracer's are known only to the kernel, so a stack ends there."""
     try:
-        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")
+        lines, _ = read_lines(f"/proc/{pid}/maps")
         return next((int(line.split("-", 1)[0], 16) for line in lines if line.endswith(UPROBES)), None)
     except (OSError, ValueError):
         return None
