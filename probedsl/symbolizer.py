@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import elf, stackformat, stacktrust
 from .mappings import MappingTracker, find
+from .procfs import read_lines
 from .sourcelines import SourceLines
 
 # the kernel's uprobe page in a process: a pending uretprobe puts its start, the return
@@ -101,13 +102,10 @@ def uprobe_trampoline(pid: int) -> Optional[int]:
     unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
     another tracer's are known only to the kernel, so a stack ends there."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if line.rstrip("\n").endswith(UPROBES):
-                    return int(line.split("-", 1)[0], 16)
+        lines, _ = read_lines(f"/proc/{pid}/maps")
+        return next((int(line.split("-", 1)[0], 16) for line in lines if line.endswith(UPROBES)), None)
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _module(mappings, address: int):
