@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, procfs, resolve, targets
+from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, printer, procfs, resolve, targets
 from . import backends
 from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
@@ -189,7 +189,7 @@ def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) 
 
 def dump(program: ir.Program) -> str:
     """The IR and the storage it needs, as `compile --dump ir` prints them."""
-    return ir.dump(program) + layout.dump(program)
+    return printer.dump(program) + layout.dump(program)
 
 
 def placements(program: ir.Program) -> List[Tuple[str, str, int, str, str]]:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from probedsl import ast, backends, checker, compiler, ir, layout, libraries, parser, targets
+from probedsl import ast, backends, checker, compiler, ir, libraries, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import MEMLEAK, ROOT
@@ -53,7 +53,7 @@ def assert_golden(text: str, golden, update: bool) -> None:
 def test_recipe_ir_and_layout_match_golden(recipe, update_golden):
     name = os.path.basename(recipe)[:-len(".probe")]
     program = recipe_program(recipe)
-    assert_golden(ir.dump(program) + layout.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
+    assert_golden(compiler.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
 
 
 @pytest.mark.parametrize("cls", targets.TARGETS, ids=lambda c: f"{c.backend}-{c.range_text()}")
