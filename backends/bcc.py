@@ -300,6 +300,7 @@ class BccBackend(Backend):
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
+                                   threads=layout.THREADS,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

@@ -18,7 +18,7 @@ SNAPSHOT_MARK = "probedsl:snapshot"
 READY_MARK = "probedsl:ready"
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
-              "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
+              "comm": "comm", "image": "$i"}
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -111,7 +111,8 @@ class BpftraceBackend(Backend):
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
+        values = ", ".join("(uint64)0" if f == "image" else LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode)
+                           for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -177,7 +178,8 @@ class BpftraceBackend(Backend):
                             f"@probedsl_ended[{pid}, {image}] != 0) {{",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC), "  } else {",
                             "    " + self.count(lay, Counter.REPLACED), "  }"]
-            recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
+            recorded = [*(self.register_image() if lay.ends_with_image else []),
+                        f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
                         "if ($o.0 != 0) {", *replaced,
                         *["  " + t for t in self.tally(lay, "$o", "-")], "}",
                         f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
@@ -198,6 +200,16 @@ class BpftraceBackend(Backend):
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
+
+    @staticmethod
+    def register_image() -> List[str]:
+        """$i = the process's image (probedsl/images.py): the first acquisition of a process
+        registers it as the process's start time, the same number whichever thread comes first
+        (a new process reusing the pid has another); a full table refuses it silently, so look
+        again."""
+        return ["$i = @probedsl_images[(uint64)pid];", "if ($i == 0) {",
+                "  $i = curtask->group_leader->start_time;", "  @probedsl_images[(uint64)pid] = $i;",
+                "  if (@probedsl_images[(uint64)pid] == 0) { @probedsl_image_lost = count(); }", "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "uprobe":
@@ -297,13 +309,12 @@ class BpftraceBackend(Backend):
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]
                                        if self.target.type_maps_first else [])
-            ending[0]["printed"].append("@probedsl_ended")
-            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_images"]
+            ending[0]["printed"] += ["@probedsl_ended", "@probedsl_image_lost"]
+            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_image_lost", "@probedsl_images"]
         scope = program.scope
         return self.render_template(
             program=program, dialect=self.target.name, images=bool(ending),
             forget_image=self.delete("@probedsl_images", ["(uint64)pid"]),
-            images_filter="" if scope.mode == "comm" else self.filter(scope),
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,

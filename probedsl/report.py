@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import ir, stacktrust
+from . import ir, layout, stacktrust
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
@@ -299,6 +299,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         if reachability is not None and res.block_address is not None and snapshot.live is not None:
             resources[res.name]["reachability"] = _kind_totals(
                 (reachability.kind_of(res, l), l.size) for l in snapshot.live if l.resource == res.name)
+        if layout.ends_with_image(res):
+            resources[res.name].update(images_ended=t.images_ended if t else 0, image_lost=t.image_lost if t else 0)
+        if t and t.image_lost:
+            notes = [*notes, f"{t.image_lost} process-image records lost (a full table refused them): the "
+                             f"{res.name} entries of an image an exec ended may be reported as leaks"]
         if t and t.ended_by_exec:
             notes = [*notes, f"{t.ended_by_exec * scale} {res.name} entries ended with their process image at "
                              f"exec (the old program's, gone with its address space): not reported as leaks"]

@@ -477,7 +477,9 @@ class BccLoader:
             totals[name] = t
         snap = Snapshot(now, live, totals, final, tallies)
         if any(lay.ends_with_image for lay in self.layouts):
-            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])))
+            lost = self.bpf["probedsl_image_lost"]
+            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])),
+                          lost[lost.Key(0)].value)
         return snap
 
     def _tally(self, table_name: str, keys: List[str], stack) -> dict:
