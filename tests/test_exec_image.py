@@ -141,3 +141,45 @@ def test_a_process_traced_by_name_that_execs(backend, build):
     report = report_json(out)
     assert "before_exec" not in by_site(report), by_site(report)
     assert heap(report)["ended_by_exec"] >= 1 and heap(report)["unaccounted"] == 0, heap(report)
+
+
+def reused_pid_report(backend: str, mode: str, exe: str) -> tuple:
+    """pidreuse's report: its first child leaks in old_image() then execs; a second child at the
+    same pid leaks in reused_pid(). --comm: while it runs, 20 `env /bin/true` (env allocates, is
+    not traced) exec elsewhere on the machine. Returns (report, the fixture's words)."""
+    if mode == "cmd":
+        result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", exe)
+        out, err, status = result.stdout, result.stderr, result.returncode
+    else:
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--comm", "pidreuse")
+        try:
+            subprocess.run(["sh", "-c", "for i in $(seq 20); do env /bin/true; done"], check=True, timeout=120)
+            fixture = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            out, err = tracer.communicate(timeout=120)
+        out, status = fixture.stdout + out, tracer.returncode
+    assert status == 0 and "Traceback" not in err, err
+    said = out.split("\n", 1)[0] if out.startswith(("reused", "not-reused")) else \
+        next(line for line in out.splitlines() if line.startswith(("reused", "not-reused")))
+    assert said.startswith("reused "), f"the pid was not reused: {said}"
+    return report_json(out), said
+
+
+@pytest.mark.parametrize("mode", ["cmd", "comm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_process_at_an_ended_images_pid_reports_its_leaks(backend, mode, build, tmp_path):
+    """A pid whose process exec'd (its image ended) and exited is taken by a new process that
+    leaks without exec: it has an image of its own, so its leak is reported, not counted as the
+    old image's end. --comm: only the traced process's exec is recorded, not the machine's."""
+    exe = tmp_path / "pidreuse"
+    exe.write_bytes(open(build("pidreuse"), "rb").read())
+    exe.chmod(0o755)
+    report, said = reused_pid_report(backend, mode, str(exe))
+    pid = int(said.split()[1])
+    sites = by_site(report)
+    assert sites.get("reused_pid") == (40, 1) and "old_image" not in sites, (sites, heap(report))
+    assert pids_shown(report) >= {pid}, report["reports"]
+    assert heap(report)["ended_by_exec"] >= 1 and heap(report)["unaccounted"] == 0, heap(report)
+    # the first child's exec alone (the fixture's own start, env's execs: never registered)
+    assert heap(report)["images_ended"] == 1 and heap(report)["image_lost"] == 0, heap(report)
