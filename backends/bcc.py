@@ -97,7 +97,7 @@ class BccBackend(Backend):
             replaced = ["  " + self.count(lay, Counter.REPLACED)]
             if lay.ends_with_image:
                 # the entry of an image an exec ended: that image's end, not a replacement
-                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};",
+                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};",
                             "  if (was.image != v.image && probedsl_ended.lookup(&was))",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC),
                             "  else",
@@ -107,8 +107,11 @@ class BccBackend(Backend):
             store = [f"int err = {live}.insert(&k, &v);",
                      "if (err == -17) {  // -EEXIST",
                      f"  struct {n}_live_t *stale = {live}.lookup(&k);",
-                     f"  if (stale) {n}_tally(stale, -1);",
-                     *replaced,
+                     # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
+                     "  if (stale) {",
+                     f"    {n}_tally(stale, -1);",
+                     *["  " + r for r in replaced],
+                     "  }",
                      f"  err = {live}.update(&k, &v);",
                      "}",
                      f"if (err) {self.count(lay, Counter.UNTRACKED)}",

@@ -2,12 +2,14 @@
 ended_by_exec, never reported), its descriptors without close-on-exec stay. Both backends."""
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, ROOT, Held, by_site, probedsl, report_json, start_run
+from conftest import BACKENDS, MEMLEAK, ROOT, Held, by_site, probedsl, report_json, start_run, stderr_line
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -183,3 +185,31 @@ def test_a_new_process_at_an_ended_images_pid_reports_its_leaks(backend, mode, b
     assert heap(report)["ended_by_exec"] >= 1 and heap(report)["unaccounted"] == 0, heap(report)
     # the first child's exec alone (the fixture's own start, env's execs: never registered)
     assert heap(report)["images_ended"] == 1 and heap(report)["image_lost"] == 0, heap(report)
+
+
+def test_bcc_frees_the_entries_of_ended_images_while_tracing():
+    """A shell runs env (~140 blocks left at its exec) once per line given, the next line only
+    once the loader has freed an ended image's entries: 8 of them (~1,100 entries) through a
+    live table of 400, with nothing untracked, and the report exact."""
+    env = {**os.environ, "PROBEDSL_FAULTS": "image-sweep"}
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--max-live", "400", "--",
+                       "sh", "-c", "while read line; do env /bin/true; done", stdin=subprocess.PIPE, env=env)
+    try:
+        for _ in range(8):
+            tracer.stdin.write("go\n")
+            tracer.stdin.flush()
+            line = ""
+            while not line.startswith("probedsl: fault image-sweep reached"):
+                # bounded: only a run that never frees waits this long
+                assert select.select([tracer.stderr], [], [], 120)[0], "no entries of ended images were freed"
+                line = stderr_line(tracer)
+                assert line, "probedsl ended before freeing anything"
+        out, err = tracer.communicate(input="", timeout=120)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.communicate()
+    assert tracer.returncode == 0 and "Traceback" not in err, err
+    h = heap(report_json(out))
+    assert h["untracked"] == 0 and h["unaccounted"] == 0 and h["image_lost"] == 0, h
+    assert h["ended_by_exec"] >= 8 * 100 and h["images_ended"] >= 8, h
