@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import images, layout, placement, procfs, stacktrust, unwind_tables, usdt
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -32,6 +32,14 @@ _UNWINDER = {
     "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
     "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
 }
+
+
+# bpf_task_pt_regs, which gives a system call's tracepoint the user registers to unwind from
+TASK_PT_REGS = (5, 15)
+
+
+def syscall_registers() -> bool:
+    return procfs.kernel_release() >= TASK_PT_REGS
 
 
 class BccBackend(Backend):
@@ -233,12 +241,13 @@ class BccBackend(Backend):
     @staticmethod
     def unwinds(program: ir.Program) -> bool:
         """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user
-        registers the task saved on entering the kernel); another tracepoint may fire in any
-        context: such a program keeps the frame-pointer walk."""
+        registers the task saved on entering the kernel: bpf_task_pt_regs, kernel 5.15); another
+        tracepoint may fire in any context, and an older kernel has no such registers to start
+        from: such a program keeps the frame-pointer walk (Bcc.notes says so)."""
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
-        return program.stacks == "dwarf" and bool(recorded) and \
-            all(p.kind in ("uprobe", "usdt", "syscall") for p in recorded)
+        kinds = ("uprobe", "usdt", "syscall") if syscall_registers() else ("uprobe", "usdt")
+        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
 
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a

@@ -157,3 +157,22 @@ def test_control_characters_in_a_description_stay_out_of_generated_text():
     for cls in targets.TARGETS:
         text = cls().generator().generate(program).text
         assert "\x00" not in text and "\x1b" not in text and "Heap blocks" in text
+
+
+def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(monkeypatch):
+    """A system call's tracepoint unwinds from the task's saved user registers
+    (bpf_task_pt_regs, kernel 5.15); on an older kernel fdleak's program is --stacks fp's, said
+    in one note, never a program the kernel refuses."""
+    from probedsl import procfs
+    program = dataclasses.replace(recipe_program(str(ROOT / "recipes" / "fdleak.probe")), stacks="dwarf")
+    target = targets.for_version("bcc", None)
+    assert "bpf_task_pt_regs" in target.generator().generate(program).text
+    monkeypatch.setattr(procfs, "kernel_release", lambda: (5, 10))
+    old = target.generator().generate(program)
+    assert "bpf_task_pt_regs" not in old.text and not old.manifest["dwarf"]
+    assert old.text == target.generator().generate(dataclasses.replace(program, stacks="fp")).text
+    (note,) = [n for n in target.notes(program) if "bpf_task_pt_regs" in n]
+    assert "frame-pointer" in note and "\n" not in note
+    memleak = dataclasses.replace(memleak_program(), stacks="dwarf")     # uprobes unwind as before
+    assert target.generator().generate(memleak).manifest["dwarf"]
+    assert not [n for n in target.notes(memleak) if "bpf_task_pt_regs" in n]
