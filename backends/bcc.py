@@ -145,6 +145,15 @@ class BccBackend(Backend):
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
                           *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # the range's keys, one by one; most were never acquired (close_range(3, ~0U)):
+                # no unknown release
+                last = len(action.key) - 1
+                body = [f"u64 first = {self.expr(action.key[-1])}, last = {self.expr(action.through)};",
+                        "#pragma clang loop unroll(disable)",
+                        f"for (u32 i = 0; i < {int(self.target.range_keys)}; i++) {{", "  if (first + i > last) break;",
+                        *["  " + s for s in key[:-1]], f"  k.k[{last}] = first + i;",
+                        *["  " + s for s in body[len(key):-3]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 

@@ -164,7 +164,10 @@ class BpftraceBackend(Backend):
         return f"@{lay.counter_map(counter)} = count();"
 
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
-        live = f"@{lay.live}[{', '.join(self.key(action))}]"
+        key = self.key(action)
+        if action.through is not None:       # the range's keys, one by one: $first + $n
+            key = key[:-1] + ["$first + $n"]
+        live = f"@{lay.live}[{', '.join(key)}]"
         if action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
             values = ", ".join(LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode) for f in lay.fields)
@@ -189,7 +192,7 @@ class BpftraceBackend(Backend):
             counts = Counter.ACQUIRED in counted(program, lay)
             body = [self.count(lay, Counter.ACQUIRED), *recorded] if counts else recorded
         else:
-            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", self.key(action))]
+            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", key)]
             if not lay.lifetime:      # else the driver counts the histogram's entries
                 hit.append(self.count(lay, Counter.RELEASED))
             else:
@@ -197,6 +200,11 @@ class BpftraceBackend(Backend):
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
                     "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
+                body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
+                        "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
+                        *["  " + s for s in body[:-3]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]

@@ -103,6 +103,9 @@ class Action:
     key: Tuple[Value, ...]
     guard: Optional[Value]
     size: Optional[Value] = None           # acquire only
+    # release only: every key from `key` to the one whose last part is `through`, at most
+    # the target's range_keys of them (close_range's descriptors)
+    through: Optional[Value] = None
 
 
 @dataclass(frozen=True)
@@ -375,6 +378,7 @@ def dump(program: Program) -> str:
                 text = f"    {a.kind} ({', '.join(show(k) for k in a.key)})"
                 text += f" when {show(a.guard)}" if a.guard is not None else ""
                 text += f" size {show(a.size)}" if a.size is not None else ""
+                text += f" through {show(a.through)}" if a.through is not None else ""
                 lines.append(text)
     for r in program.reports:
         cols = ", ".join(f"{fn} as {label}" for fn, label in r.columns)

@@ -78,7 +78,7 @@ class _ToAst(Transformer):
             assigns=tuple(c[1] for c in clauses if c[0] == "set"),
             also_releases=tuple(c[1] for c in clauses if c[0] == "releases"),
             also_acquires=tuple(c[1] for c in clauses if c[0] == "acquires"),
-            span=_span(meta))
+            span=_span(meta), through=tuple(c[1] for c in clauses if c[0] == "through"))
 
     def acquire(self, meta, children):
         return self._event("acquire", meta, children)
@@ -99,6 +99,9 @@ class _ToAst(Transformer):
     def releases_clause(self, meta, children):
         key, guard = children
         return ("releases", ast.AlsoRelease(key, guard, _span(meta)))
+
+    def through_clause(self, meta, children):
+        return ("through", children[0])
 
     def acquires_clause(self, meta, children):
         key, guard = children

@@ -54,8 +54,8 @@ def descriptors(pid: int) -> set:
 def expected_live(said: dict, truth: set) -> set:
     """What fdleak reports live: the kernel's descriptors less those the program inherited
     (acquired before tracing), plus what fdleak cannot see closing (docs/writing-recipes.md):
-    the close-on-exec descriptors the exec closed, and close_range's beyond its first."""
-    return (truth - set(said["inherited"])) | set(said["exec-closed"]) | set(said["range-closed"][1:])
+    the close-on-exec descriptors the exec closed."""
+    return (truth - set(said["inherited"])) | set(said["exec-closed"])
 
 
 def live_fds(report: dict, pid: int) -> set:
@@ -93,7 +93,6 @@ def check(report: dict, said: dict, truth: set, backend: str) -> None:
     by_function = opened_by(report, pid)
     if backend == "bcc" and "?" not in by_function:   # whole stacks (else cut and marked: test_recipes)
         per_function = {fn: set(fds) & want for fn, fds in opened.items()}
-        per_function["via_close_range"] |= set(said["range-closed"][1:])
         assert by_function == {fn: fds for fn, fds in per_function.items() if fds}, by_function
     assert report["resources"]["fd"]["untracked"] == 0
 

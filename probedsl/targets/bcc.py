@@ -16,6 +16,7 @@ class Bcc(Target):
     per_process_comm = True
     follows_new_roots = True
     dwarf_stacks = True
+    range_keys = 1024
 
     def generator(self):
         from probedsl.backends.bcc import BccBackend
