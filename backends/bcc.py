@@ -49,6 +49,7 @@ _UNWINDER = {
 }
 
 
+# bpf_task_pt_regs, which gives a system call's tracepoint the user registers to unwind from
 class BccBackend(Backend):
     name = "bcc"
     template = "bcc.c.j2"
@@ -112,7 +113,7 @@ class BccBackend(Backend):
             replaced = ["  " + self.count(lay, Counter.REPLACED)]
             if lay.ends_with_image:
                 # the entry of an image an exec ended: that image's end, not a replacement
-                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};",
+                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};",
                             "  if (was.image != v.image && probedsl_ended.lookup(&was))",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC),
                             "  else",
@@ -122,8 +123,11 @@ class BccBackend(Backend):
             store = [f"int err = {live}.insert(&k, &v);",
                      "if (err == -17) {  // -EEXIST",
                      f"  struct {n}_live_t *stale = {live}.lookup(&k);",
-                     f"  if (stale) {n}_tally(stale, -1);",
-                     *replaced,
+                     # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
+                     "  if (stale) {",
+                     f"    {n}_tally(stale, -1);",
+                     *["  " + r for r in replaced],
+                     "  }",
                      f"  err = {live}.update(&k, &v);",
                      "}",
                      f"if (err) {self.count(lay, Counter.UNTRACKED)}",
@@ -149,6 +153,15 @@ class BccBackend(Backend):
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
                           *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # the range's keys, one by one; most were never acquired (close_range(3, ~0U)):
+                # no unknown release
+                last = len(action.key) - 1
+                body = [f"u64 first = {self.expr(action.key[-1])}, last = {self.expr(action.through)};",
+                        "#pragma clang loop unroll(disable)",
+                        f"for (u32 i = 0; i < {int(self.target.range_keys)}; i++) {{", "  if (first + i > last) break;",
+                        *["  " + s for s in key[:-1]], f"  k.k[{last}] = first + i;",
+                        *["  " + s for s in body[len(key):-3]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
@@ -244,15 +257,15 @@ class BccBackend(Backend):
             return f"probedsl_unwind({ctx}, {ctx})" if ctx == "ctx" else f"probedsl_unwind_syscall({ctx})"
         return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
 
-    @staticmethod
-    def unwinds(program: ir.Program) -> bool:
+    def unwinds(self, program: ir.Program) -> bool:
         """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user
-        registers the task saved on entering the kernel); another tracepoint may fire in any
-        context: such a program keeps the frame-pointer walk."""
+        registers the task saved on entering the kernel: bpf_task_pt_regs, kernel 5.15); another
+        tracepoint may fire in any context, and an older kernel has no such registers to start
+        from: such a program keeps the frame-pointer walk (Bcc.notes says so)."""
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
-        return program.stacks == "dwarf" and bool(recorded) and \
-            all(p.kind in ("uprobe", "usdt", "syscall") for p in recorded)
+        kinds = ("uprobe", "usdt", "syscall") if self.target.syscall_registers() else ("uprobe", "usdt")
+        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
 
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
@@ -317,6 +330,7 @@ class BccBackend(Backend):
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
+                                   threads=layout.THREADS,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

@@ -19,7 +19,7 @@ from .base import Backend
 
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
-              "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
+              "comm": "comm", "image": "$i"}
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -93,7 +93,8 @@ class BpftraceBackend(Backend):
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
+        values = ", ".join("(uint64)0" if f == "image" else LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode)
+                           for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -145,7 +146,10 @@ class BpftraceBackend(Backend):
         return f"@{lay.counter_map(counter)} = count();"
 
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
-        live = f"@{lay.live}[{', '.join(self.key(action))}]"
+        key = self.key(action)
+        if action.through is not None:       # the range's keys, one by one: $first + $n
+            key = key[:-1] + ["$first + $n"]
+        live = f"@{lay.live}[{', '.join(key)}]"
         if action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
             values = ", ".join(LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode) for f in lay.fields)
@@ -159,7 +163,8 @@ class BpftraceBackend(Backend):
                             f"@probedsl_ended[{pid}, {image}] != 0) {{",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC), "  } else {",
                             "    " + self.count(lay, Counter.REPLACED), "  }"]
-            recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
+            recorded = [*(self.register_image() if lay.ends_with_image else []),
+                        f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
                         "if ($o.0 != 0) {", *replaced,
                         *["  " + t for t in self.tally(lay, "$o", "-")], "}",
                         f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
@@ -169,7 +174,7 @@ class BpftraceBackend(Backend):
             counts = Counter.ACQUIRED in counted(program, lay)
             body = [self.count(lay, Counter.ACQUIRED), *recorded] if counts else recorded
         else:
-            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", self.key(action))]
+            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", key)]
             if not lay.lifetime:      # else the driver counts the histogram's entries
                 hit.append(self.count(lay, Counter.RELEASED))
             else:
@@ -177,9 +182,24 @@ class BpftraceBackend(Backend):
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
                     "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
+                body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
+                        "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
+                        *["  " + s for s in body[:-3]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
+
+    @staticmethod
+    def register_image() -> List[str]:
+        """$i = the process's image (probedsl/images.py): the first acquisition of a process
+        registers it as the process's start time, the same number whichever thread comes first
+        (a new process reusing the pid has another); a full table refuses it silently, so look
+        again."""
+        return ["$i = @probedsl_images[(uint64)pid];", "if ($i == 0) {",
+                "  $i = curtask->group_leader->start_time;", "  @probedsl_images[(uint64)pid] = $i;",
+                "  if (@probedsl_images[(uint64)pid] == 0) { @probedsl_image_lost = count(); }", "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "uprobe":
@@ -281,13 +301,12 @@ class BpftraceBackend(Backend):
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]
                                        if self.target.type_maps_first else [])
-            ending[0]["printed"].append("@probedsl_ended")
-            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_images"]
+            ending[0]["printed"] += ["@probedsl_ended", "@probedsl_image_lost"]
+            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_image_lost", "@probedsl_images"]
         scope = program.scope
         return self.render_template(
             program=program, dialect=self.target.name, images=bool(ending),
             forget_image=self.delete("@probedsl_images", ["(uint64)pid"]),
-            images_filter="" if scope.mode == "comm" else self.filter(scope),
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,

@@ -135,6 +135,8 @@ class Event:
     also_releases: Tuple[AlsoRelease, ...]
     also_acquires: Tuple[AlsoAcquire, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
+    # `through EXPR` on a release: every key from KEY to its last part = EXPR (close_range)
+    through: Tuple[Expr, ...] = ()
 
 
 @dataclass(frozen=True)

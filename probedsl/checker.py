@@ -47,6 +47,7 @@ def event_exprs(event: ast.Event) -> Iterator[ast.Expr]:
         yield from r.key
         if r.guard is not None:
             yield r.guard
+    yield from event.through
 
 
 class _Checker:
@@ -132,6 +133,9 @@ class _Checker:
                 word = "releases" if isinstance(extra, ast.AlsoRelease) else "acquires"
                 self.error(extra.span, f"'{word}' belongs on an acquire")
             self.check_key(res, extra.key, extra.span)
+        if event.through and (event.kind != "release" or len(event.through) > 1):
+            self.error(event.through[-1].span if event.kind == "release" else event.span,
+                       "'through LAST' belongs on a release, once (it releases KEY up to LAST)")
         for assign in event.assigns:
             if assign.target.name not in SETTABLE:
                 self.error(assign.target.span,

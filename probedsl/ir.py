@@ -133,6 +133,9 @@ class Action:
     key: Tuple[Value, ...]
     guard: Optional[Value]
     size: Optional[Value] = None           # acquire only
+    # release only: every key from `key` to the one whose last part is `through`, at most
+    # the target's range_keys of them (close_range's descriptors)
+    through: Optional[Value] = None
 
 
 @dataclass(frozen=True)

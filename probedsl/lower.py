@@ -104,7 +104,8 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
                        for extra in event.also_releases]
             size = next((bind.value(a.value) for a in event.assigns if a.target.name == "size"), None)
             actions.append(ir.Action(event.kind, tuple(bind.value(k) for k in event.key),
-                                     bind.guard(event.guards), size if event.kind == "acquire" else None))
+                                     bind.guard(event.guards), size if event.kind == "acquire" else None,
+                                     bind.value(event.through[0]) if event.through else None))
             for extra in event.also_acquires:
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
                 actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))

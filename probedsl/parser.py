@@ -80,7 +80,7 @@ class _ToAst(Transformer[Token, Any]):
             assigns=tuple(c[1] for c in clauses if c[0] == "set"),
             also_releases=tuple(c[1] for c in clauses if c[0] == "releases"),
             also_acquires=tuple(c[1] for c in clauses if c[0] == "acquires"),
-            span=_span(meta))
+            span=_span(meta), through=tuple(c[1] for c in clauses if c[0] == "through"))
 
     def acquire(self, meta: Meta, children: List[Any]) -> Any:
         return self._event("acquire", meta, children)
@@ -101,6 +101,9 @@ class _ToAst(Transformer[Token, Any]):
     def releases_clause(self, meta: Meta, children: List[Any]) -> Any:
         key, guard = children
         return ("releases", ast.AlsoRelease(key, guard, _span(meta)))
+
+    def through_clause(self, meta: Meta, children: List[Any]) -> Any:
+        return ("through", children[0])
 
     def acquires_clause(self, meta: Meta, children: List[Any]) -> Any:
         key, guard = children

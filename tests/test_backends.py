@@ -183,3 +183,22 @@ def test_two_columns_of_one_name_are_refused_where_the_second_is():
     with pytest.raises(RecipeError) as exc:
         checker.check(parser.parse(source, "t.probe"))
     assert "t.probe:7:" in exc.value.render() and "column 'x' is already in this report" in exc.value.render()
+
+
+def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(monkeypatch):
+    """A system call's tracepoint unwinds from the task's saved user registers
+    (bpf_task_pt_regs, kernel 5.15); on an older kernel fdleak's program is --stacks fp's, said
+    in one note, never a program the kernel refuses."""
+    from probedsl import procfs
+    program = dataclasses.replace(recipe_program(str(ROOT / "recipes" / "fdleak.probe")), stacks="dwarf")
+    target = targets.for_version("bcc", None)
+    assert "bpf_task_pt_regs" in backends.for_target(target).generate(program).text
+    monkeypatch.setattr(procfs, "kernel_release", lambda: (5, 10))
+    old = backends.for_target(target).generate(program)
+    assert "bpf_task_pt_regs" not in old.text and not old.manifest["dwarf"]
+    assert old.text == backends.for_target(target).generate(dataclasses.replace(program, stacks="fp")).text
+    (note,) = [n for n in target.notes(program) if "bpf_task_pt_regs" in n]
+    assert "frame-pointer" in note and "\n" not in note
+    memleak = dataclasses.replace(memleak_program(), stacks="dwarf")     # uprobes unwind as before
+    assert backends.for_target(target).generate(memleak).manifest["dwarf"]
+    assert not [n for n in target.notes(memleak) if "bpf_task_pt_regs" in n]

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, formats, report, stackformat
+from probedsl import compiler, formats, images, layout, report, stackformat
 from probedsl.rundata import Live, Snapshot, Totals
 from probedsl.symbolizer import Frame
 
@@ -62,6 +62,19 @@ def fixed_report(top=2, extra_blocks=0) -> report.Report:
     program = compiler.build(compiler.load(MEMLEAK))
     return report.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
                         target="command ./leak (pid 42)", duration_s=2.5, top=top, exit_status=0)
+
+
+def test_refused_image_records_are_counted_and_said():
+    """Image records a full kernel table refused (probedsl.images) reach the JSON and a note:
+    the entries of an image an exec ended may then read as leaks."""
+    program = compiler.build(compiler.load(MEMLEAK))
+    snap = images.settle([layout.of(program, r) for r in program.resources], fixed_snapshot(), [(7, 1), (8, 2)],
+                         lost=3)
+    doc = json.loads(formats.render(report.build(program, snap, FixedSymbolizer(), backend="bcc", target="all",
+                                                 duration_s=1.0), "json"))
+    assert (doc["resources"]["heap"]["images_ended"], doc["resources"]["heap"]["image_lost"]) == (2, 3)
+    assert any(n.startswith("3 process-image records lost") for n in doc["notes"]), doc["notes"]
+    assert doc["resources"]["heap"]["live_blocks"] == 9       # none of the fixed entries' images ended
 
 
 @pytest.mark.parametrize("fmt,suffix", [("text", "txt"), ("json", "json"), ("folded", "folded"),

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from probedsl import elf, images, roots, stackformat, x86
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
+from probedsl.drivers.bcc_images import EndedImages
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
@@ -216,6 +217,9 @@ class BccLoader:
         # placed probes checked once against the files (not again at each attach)
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        # entries of ended process images, freed between reports (not when every report reads them)
+        self.ended_images = EndedImages(self.bpf, self.layouts, _items) \
+            if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
         scope = pid or -1
@@ -477,7 +481,11 @@ class BccLoader:
             totals[name] = t
         snap = Snapshot(now, live, totals, final, tallies)
         if any(lay.ends_with_image for lay in self.layouts):
-            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])))
+            lost = self.bpf["probedsl_image_lost"]
+            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])),
+                          lost[lost.Key(0)].value)
+            if self.ended_images is not None:
+                self.ended_images.add_to(snap)
         return snap
 
     def _tally(self, table_name: str, keys: List[str], stack) -> dict:
@@ -526,6 +534,8 @@ class BccDriver:
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""
+        if self.loader is not None and self.loader.ended_images is not None and self.loader.ended_images.due():
+            self.loader.ended_images.sweep()
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         else:

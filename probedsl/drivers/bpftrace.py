@@ -159,7 +159,8 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
             t.acquired = live_count + t.released + t.replaced + t.untracked + t.ended_by_exec
     snap = Snapshot(now_ns, live, totals, final, tallied)
     ended = [tuple(int(k) for k in str(text).split(",")) for text, _ in _entries(maps.get("@probedsl_ended") or {})]
-    return images.settle([layout.of(program, res) for res in program.resources], snap, ended)
+    return images.settle([layout.of(program, res) for res in program.resources], snap, ended,
+                         int(maps.get("@probedsl_image_lost") or 0))
 
 
 class BpftraceDriver:
