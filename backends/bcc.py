@@ -26,7 +26,7 @@ def _arg(self, v: ir.Arg) -> str:
 _UNWINDER = {
     "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
     "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
+    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS, "ancestors": unwind_tables.ANCESTORS,
     "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
     "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
     "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
@@ -237,6 +237,12 @@ class BccBackend(Backend):
         return program.stacks == "dwarf" and bool(recorded) and \
             all(p.kind in ("uprobe", "usdt", "syscall") for p in recorded)
 
+    def holds_mappings(self, program: ir.Program) -> bool:
+        """A launched command (and what it forks) is stopped at each mmap of a file's code
+        until its rows are in (the template's sys_exit_mmap). Not a --pid, --comm or --all
+        target: a process probedsl did not start is never stopped for it."""
+        return self.unwinds(program) and program.scope.mode == "cmd"
+
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
         stack of one resource can pass through a call another resource is waiting to return
@@ -276,7 +282,7 @@ class BccBackend(Backend):
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
             "watch_roots": self.watches_roots(program.scope),
             "follow_forks": program.scope.tracks_children,
-            "dwarf": self.unwinds(program),
+            "dwarf": self.unwinds(program), "hold_mappings": self.holds_mappings(program),
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [lay.to_json() for lay in layouts],
         }
@@ -299,6 +305,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
+                                   hold_maps=self.holds_mappings(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)

@@ -18,6 +18,7 @@ from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.mapping_hold import MappingHold
 from probedsl.unwind_tables import UnwindTables
 
 
@@ -218,6 +219,8 @@ class BccLoader:
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
+        # a launched command stopped at each mmap of code until its rows are in
+        self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
@@ -503,6 +506,8 @@ class BccLoader:
         return out
 
     def close(self) -> None:
+        if self.hold is not None:
+            self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
         self.bpf.cleanup()
@@ -556,10 +561,16 @@ class BccDriver:
             self._told = told
             tracker.listen(told)
             unwind.following = True
+            if self.loader.hold is not None:
+                tracker.on_turn(self.loader.hold.turn)
+                self.loader.hold.start()
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:
             tracker.unlisten(self._told)
+            if self.loader.hold is not None:
+                tracker.off_turn(self.loader.hold.turn)
+                self.loader.hold.close()
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
