@@ -19,7 +19,8 @@ import ctypes
 import os
 import signal
 import threading
-from typing import Callable, List
+import time
+from typing import Callable, Dict, List
 
 
 class MappingHold:
@@ -29,6 +30,7 @@ class MappingHold:
         self._lock = threading.Lock()       # the tracker's thread and close() both release
         self.closed = False
         self.released = 0                    # stops ended here (how many times code waited)
+        self.longest_ns = 0                  # the longest of them, from the stop to SIGCONT
 
     def start(self) -> None:
         self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
@@ -58,14 +60,22 @@ class MappingHold:
                     pass
             self._release(self._marked())
 
-    def _marked(self) -> List[int]:
-        try:
-            return [k.value for k in self.marks.keys()]
-        except Exception:                        # BCC raises bare Exception: the maps are gone
+    def notes(self) -> List[str]:
+        if not self.released:
             return []
+        return [f"the command waited {self.released} times after mapping a file's code, until the unwinder "
+                f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"]
 
-    def _release(self, pids: List[int]) -> None:
-        for pid in pids:
+    def _marked(self) -> Dict[int, int]:
+        """pid -> CLOCK_MONOTONIC ns of its stop."""
+        try:
+            return {k.value: v.value for k, v in self.marks.items()}
+        except Exception:                        # BCC raises bare Exception: the maps are gone
+            return {}
+
+    def _release(self, pids: Dict[int, int]) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for pid, stopped in pids.items():
             try:
                 del self.marks[self.marks.Key(pid)]
             except Exception:                    # BCC: KeyError, or bare Exception once closed
@@ -73,5 +83,6 @@ class MappingHold:
             try:
                 os.kill(pid, signal.SIGCONT)
                 self.released += 1
+                self.longest_ns = max(self.longest_ns, now - stopped)
             except ProcessLookupError:           # it ended meanwhile (killed while stopped)
                 pass

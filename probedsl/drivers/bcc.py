@@ -574,7 +574,10 @@ class BccDriver:
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
-        return self.loader.unwind.notes() if self.unwinds_stacks() else []
+        if not self.unwinds_stacks():
+            return []
+        hold = self.loader.hold.notes() if self.loader.hold is not None else []
+        return self.loader.unwind.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())
