@@ -185,7 +185,7 @@ class Tether:
             for other in [t for t in self._threads if t != tid]:
                 del self._threads[other]
             self._execed = True
-            if self._exec_hold:
+            if self._exec_hold and not self.exec_done.is_set():   # later execs: probedsl.mapping_hold
                 self._step(tid, 0)
             else:
                 self.exec_done.set()
