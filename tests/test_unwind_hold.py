@@ -18,16 +18,18 @@ COMMANDS = {
     "direct": [PYTHON, SCRIPT],
     # a shim's shape: bash forks (a subshell, which forks a pipeline), then execs env, which
     # execs the interpreter; the listener is slowed so that every new image and child is
-    # early for its rows, as on a busy machine
+    # early for its rows, as on a busy machine; --reachability's ptrace hold (the tether)
+    # takes the first exec, the mapping hold the others
     "wrapped": ["bash", "-c", f'x=$(echo a | cat); exec env {PYTHON} "$0"', SCRIPT],
 }
+OPTIONS = {"direct": [], "wrapped": ["--reachability"]}
 
 
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="needs the distribution's python3")
 @pytest.mark.parametrize("how", COMMANDS)
 def test_ctypes_leak_unwinds_to_the_interpreter_and_main(how):
     env = dict(os.environ, PROBEDSL_FAULTS="slow-listener") if how == "wrapped" else None
-    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "1000",
+    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "1000", *OPTIONS[how],
                       "--", *COMMANDS[how], env=env, timeout=300)
     assert "Traceback" not in result.stderr, result.stderr
     report = report_json(result.stdout)
