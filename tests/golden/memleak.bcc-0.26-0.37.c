@@ -53,10 +53,20 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
     // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
     // record): its address space is a copy of its parent's, and so are the rows (the
     // parent's, or a grandparent's when the parent is such a child too: a shell's subshells)
-#pragma unroll
-    for (int k = 0; k < 4 && !maps; k++) {
-        u32 *parent = probedsl_unw_parents.lookup(&pid);
-        if (!parent) break;
+    u32 *parent = 0;
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
         pid = *parent;
         maps = probedsl_unw_maps.lookup(&pid);
     }
