@@ -42,6 +42,7 @@ _UNWINDER = {
     "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
     "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
     "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
+    "ancestors": stackformat.ANCESTORS,
     "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
     "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
     "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
@@ -267,6 +268,12 @@ class BccBackend(Backend):
         kinds = ("uprobe", "usdt", "syscall") if self.target.syscall_registers() else ("uprobe", "usdt")
         return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
 
+    def holds_mappings(self, program: ir.Program) -> bool:
+        """A launched command (and what it forks) is stopped at each mmap of a file's code
+        until its rows are in (the template's sys_exit_mmap). Not a --pid, --comm or --all
+        target: a process probedsl did not start is never stopped for it."""
+        return self.unwinds(program) and program.scope.mode == "cmd"
+
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
         stack of one resource can pass through a call another resource is waiting to return
@@ -306,7 +313,7 @@ class BccBackend(Backend):
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
             "watch_roots": self.watches_roots(program.scope),
             "follow_forks": program.scope.tracks_children,
-            "dwarf": self.unwinds(program),
+            "dwarf": self.unwinds(program), "hold_mappings": self.holds_mappings(program),
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [lay.to_json() for lay in layouts],
         }
@@ -329,6 +336,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
+                                   hold_maps=self.holds_mappings(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    threads=layout.THREADS,
                                    unw=_UNWINDER)

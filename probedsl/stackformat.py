@@ -22,4 +22,5 @@ PROCESSES = 8192            # processes with mappings at once (least recently us
 CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming its mappings
 PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
 CHUNKS = 1 << 18
+ANCESTORS = 4               # a new child without its entry unwinds with the nearest of these that has one
 RETURNS = 1 << 16           # return addresses replaced by pending uretprobes, kept at entry

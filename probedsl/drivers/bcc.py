@@ -19,6 +19,7 @@ from probedsl.drivers.bcc_images import EndedImages
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.mapping_hold import MappingHold
 from probedsl.unwind_tables import UnwindTables
 
 
@@ -222,6 +223,8 @@ class BccLoader:
             if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
+        # a launched command stopped at each mmap of code until its rows are in
+        self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
@@ -511,6 +514,8 @@ class BccLoader:
         return out
 
     def close(self) -> None:
+        if self.hold is not None:
+            self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
         self.bpf.cleanup()
@@ -566,14 +571,23 @@ class BccDriver:
             self._told = told
             tracker.listen(told)
             unwind.following = True
+            if self.loader.hold is not None:
+                tracker.on_turn(self.loader.hold.turn)
+                self.loader.hold.start()
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:
             tracker.unlisten(self._told)
+            if self.loader.hold is not None:
+                tracker.off_turn(self.loader.hold.turn)
+                self.loader.hold.close()
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
-        return self.loader.unwind.notes() if self.unwinds_stacks() else []
+        if not self.unwinds_stacks():
+            return []
+        hold = self.loader.hold.notes() if self.loader.hold is not None else []
+        return self.loader.unwind.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())

@@ -23,6 +23,8 @@ struct probedsl_unw_chunk_key_t { u32 pid; u32 pad; u64 chunk; };
 struct probedsl_unw_chunk_t { u8 slot[8]; };
 BPF_TABLE("lru_hash", struct probedsl_unw_chunk_key_t, struct probedsl_unw_chunk_t, probedsl_unw_chunks, 262144);
 BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
+// a traced process's children (a thread too), kept until they exec or end: child -> parent
+BPF_TABLE("lru_hash", u32, u32, probedsl_unw_parents, 65536);
 // a stack: its frames, then a marker saying how it ended (probedsl/stacktrust.py)
 struct probedsl_ustack_t { u64 ip[65]; };
 // the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds
@@ -49,6 +51,26 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
     *busy = 1;                   // preemption between these two lines could still interleave)
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
+    // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
+    // record): its address space is a copy of its parent's, and so are the rows (the
+    // parent's, or a grandparent's when the parent is such a child too: a shell's subshells)
+    u32 *parent = 0;
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
     u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
     u32 n = 0;
     if (maps) {
@@ -207,8 +229,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u32 parent = bpf_get_current_pid_tgid() >> 32;
     u32 child = args->child_pid;
     u8 yes = 1;
-    if (probedsl_traced.lookup(&parent))
+    if (probedsl_traced.lookup(&parent)) {
         probedsl_traced.update(&child, &yes);
+        probedsl_unw_parents.update(&child, &parent);
+    }
     return 0;
 }
 
@@ -216,6 +240,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
+    probedsl_unw_parents.delete(&tid);
     probedsl_traced.delete(&tid);
     if (probedsl_process_ends()) {   // a new process may take its pid
         u32 pid = id >> 32;
@@ -275,6 +300,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     // the old image's mappings are gone: its rows would unwind the new image into garbage;
     // until the loader writes the new ones, stacks are frame-pointer walks
     probedsl_unw_maps.delete(&pid);
+    probedsl_unw_parents.delete(&pid);              // not its parent's image any more
     return 0;
 }
 
