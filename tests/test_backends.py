@@ -17,8 +17,9 @@ RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")) + glob.glob(str(RO
 
 
 # The machine the goldens are generated for, described here so that they are the same on every
-# host (glibc 2.36 makes memalign an alias of aligned_alloc, later ones do not): each library is
-# the file /lib/NAME.so, each function at its own address unless ALIASES names it another's.
+# host (this host's glibc 2.36 makes memalign an alias of aligned_alloc; another glibc may not):
+# each library is the file /lib/NAME.so, each function at its own address (build_on_fixed_machine's
+# aliases give a function another's).
 FIXED_LIBRARIES = {
     "libc": ("malloc calloc realloc reallocarray posix_memalign aligned_alloc memalign valloc pvalloc free "
              "fopen fdopen freopen tmpfile popen fclose mmap munmap "
