@@ -66,9 +66,12 @@ def well_formed(draw):
     return text
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated())
-def test_mutated_recipes_compile_or_fail_with_a_located_error(text):
+# the unit layer's budgets; the `slow` variants (the full suite's) try QUICK's tenfold and more
+QUICK = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DEEP = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def compiles_or_fails_with_a_located_error(text):
     try:
         pipeline(text)
     except RecipeError as exc:
@@ -79,13 +82,21 @@ def test_mutated_recipes_compile_or_fail_with_a_located_error(text):
         assert str(exc) and "\n" not in str(exc)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=300))
-def test_random_text_never_crashes_the_parser(text):
+test_mutated_recipes_compile_or_fail_with_a_located_error = QUICK(given(mutated())(compiles_or_fails_with_a_located_error))
+test_many_mutated_recipes_compile_or_fail_with_a_located_error = pytest.mark.slow(
+    DEEP(given(mutated())(compiles_or_fails_with_a_located_error)))
+
+
+def never_crashes_the_parser(text):
     try:
         pipeline(text)
     except (RecipeError, ProbedslError):
         pass
+
+
+test_random_text_never_crashes_the_parser = QUICK(given(st.text(max_size=300))(never_crashes_the_parser))
+test_much_random_text_never_crashes_the_parser = pytest.mark.slow(
+    DEEP(given(st.text(max_size=300))(never_crashes_the_parser)))
 
 
 @pytest.mark.usefixtures("root_required")

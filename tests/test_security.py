@@ -369,3 +369,21 @@ def test_a_debug_file_by_build_id_path_must_carry_that_build_id(build, tmp_path,
     elf._load.cache_clear()
     assert elf.symbols(str(root / "bin" / "leak"), str(root)).debug_file == ""
     assert [n for n in notices.all_notes() if str(where) in n and ident in n], notices.all_notes()
+
+
+def test_recipe_library_paths_with_quotes_or_spaces_are_rejected(tmp_path):
+    odd = tmp_path / 'we"ird dir'
+    odd.mkdir()
+    lib = odd / "libc.so.6"
+    lib.write_bytes(open("/lib/x86_64-linux-gnu/libc.so.6", "rb").read())
+    recipe = tmp_path / "r.probe"
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s":malloc(n) -> ret\n}\n' % str(lib).replace('"', ""))
+    # the grammar cannot even spell a quote inside a path...
+    assert probedsl("check", str(recipe)).returncode == 1
+    # ...and a path it can spell but that holds a space never reaches generated code
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    (spaced / "libc.so.6").write_bytes(lib.read_bytes())
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s/libc.so.6":malloc(n) -> ret\n}\n' % spaced)
+    result = probedsl("compile", str(recipe))
+    assert result.returncode == 1 and "has characters probedsl does not put in a probe" in result.stderr

@@ -708,6 +708,60 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     return 0;
 }
 
+// libc:memalign  (recipe-line 18:11)
+int heap_memalign_7_entry(struct pt_regs *ctx)
+{
+    if (!probedsl_wanted()) return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    // skip calls made inside another call of this resource (realloc -> malloc)
+    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    struct heap_scratch_t s = {};
+    s.probe = 7;
+    s.sp = PT_REGS_SP(ctx);
+    s.a[0] = PT_REGS_PARM2(ctx);
+    heap_scratch.update(&tid, &s);
+    return 0;
+}
+
+int heap_memalign_7_return(struct pt_regs *ctx)
+{
+    if (!probedsl_wanted()) return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
+    if (!sp || sp->probe != 7) return 0;
+    struct heap_scratch_t s = *sp;
+    heap_scratch.delete(&tid);
+    if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
+      heap_counters.increment(0);  // acquired
+      struct heap_key_t k = {};
+      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[1] = PT_REGS_RC(ctx);
+      struct heap_live_t v = {};
+      v.time = bpf_ktime_get_ns();
+      v.size = s.a[0];
+      v.pid = bpf_get_current_pid_tgid() >> 32;
+      v.ustack = probedsl_unwind(ctx, ctx);
+      v.image = probedsl_image();
+      int err = heap_live.insert(&k, &v);
+      if (err == -17) {  // -EEXIST
+        struct heap_live_t *stale = heap_live.lookup(&k);
+        if (stale) {
+          heap_tally(stale, -1);
+          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
+          if (was.image != v.image && probedsl_ended.lookup(&was))
+            heap_counters.increment(6);  // ended_by_exec
+          else
+            heap_counters.increment(4);  // replaced
+        }
+        err = heap_live.update(&k, &v);
+      }
+      if (err) heap_counters.increment(3);  // untracked
+      else heap_tally(&v, 1);
+    }
+    return 0;
+}
+
 // libc:valloc  (recipe-line 19:11)
 int heap_valloc_8_entry(struct pt_regs *ctx)
 {
