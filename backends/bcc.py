@@ -169,12 +169,12 @@ class BccBackend(Backend):
     usdt_site = None          # the usdt site whose program is being generated
 
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
-        if probe.kind == "usdt":
+        if probe.kind == ir.ProbeKind.USDT:
             return self.usdt_view(program, lay, probe)
         if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
             raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
         n, scratch = lay.name, lay.scratch
-        ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
+        ctx = "args" if probe.kind in (ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL) else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
         if "ustack" in lay.fields and len(acquires) > 1:
             # one walk for all (pipe's two descriptors): the unwinder is inlined where it is
@@ -185,12 +185,12 @@ class BccBackend(Backend):
         else:
             actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
-        if probe.kind == "tracepoint":
+        if probe.kind == ir.ProbeKind.TRACEPOINT:
             category, event = probe.function.split(":")
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                     "filtered": probe.filtered, "tracepoint": (category, event), "entry_fn": "", "entry_body": actions,
                     "return_fn": "", "return_body": [], "placed": ""}
-        if probe.kind == "syscall":
+        if probe.kind == ir.ProbeKind.SYSCALL:
             return self.syscall_views(probe, lay, actions)
         nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
@@ -279,7 +279,7 @@ class BccBackend(Backend):
         stack of one resource can pass through a call another resource is waiting to return
         from (fopen -> malloc). Within one resource nested calls are skipped, so a single
         resource never pays the extra map update at each entry."""
-        probed = [r for r in program.resources if any(p.kind in ("uprobe", "usdt") for p in r.probes)]
+        probed = [r for r in program.resources if any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in r.probes)]
         return self.unwinds(program) and len(probed) > 1
 
     @staticmethod
@@ -294,13 +294,13 @@ class BccBackend(Backend):
             views_of = dict(zip(res.probes, res_views))
             for probe in ir.attach_order(res.probes):
                 view = views_of[probe]
-                if probe.kind == "usdt":
+                if probe.kind == ir.ProbeKind.USDT:
                     # by address, with the semaphore's file offset for the kernel to raise
                     probes += [{"path": probe.path, "library": "", "function": probe.label, "usdt": True,
                                 "address": site["address"], "ref_ctr": site["ref_ctr"], "offset": 0,
                                 "code": "", "entry": site["entry_fn"], "return": "", "also": False}
                                for site in view["usdt"]]
-                if probe.kind == "uprobe":
+                if probe.kind == ir.ProbeKind.UPROBE:
                     # also: another root's copy, whose process may end before the attach
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there

@@ -202,16 +202,16 @@ class BpftraceBackend(Backend):
                 "  if (@probedsl_images[(uint64)pid] == 0) { @probedsl_image_lost = count(); }", "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
-        if probe.kind == "uprobe":
+        if probe.kind == ir.ProbeKind.UPROBE:
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
             paths = [probe_path(p) for p in probe.files]
             entry = ", ".join(f"uprobe:{probe_path(path)}:{probe.function}{self.offset(probe, path)}"
                               for path in probe.files)
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
-        elif probe.kind == "usdt":        # bpftrace reads the note: every site, its arguments, its semaphore
+        elif probe.kind == ir.ProbeKind.USDT:        # bpftrace reads the note: every site, its arguments, its semaphore
             entry, ret = f"usdt:{probe_path(probe.path)}:{probe.function}", ""
-        elif probe.kind == "syscall":
+        elif probe.kind == ir.ProbeKind.SYSCALL:
             entry = f"tracepoint:syscalls:sys_enter_{probe.function}"
             ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
             if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
@@ -224,9 +224,9 @@ class BpftraceBackend(Backend):
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
         if probe.at_return:
-            saved = [self.expr(ir.Field(probe.fields[i]) if probe.kind == "syscall" else ir.Arg(i))
+            saved = [self.expr(ir.Field(probe.fields[i]) if probe.kind == ir.ProbeKind.SYSCALL else ir.Arg(i))
                      for i in probe.saved_args] + ["0"] * (width - len(probe.saved_args))
-            if probe.kind == "syscall":      # system calls do not nest: no stack pointer to compare
+            if probe.kind == ir.ProbeKind.SYSCALL:      # system calls do not nest: no stack pointer to compare
                 fields = ", ".join(self.u64_text(x) for x in [str(probe.id), "0", *saved])
                 entry_body = [f"{scratch} = ({fields});"]
             else:
@@ -243,12 +243,12 @@ class BpftraceBackend(Backend):
             entry_body = actions
             if res.scratch_width or any(p.at_return for p in res.probes):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
-                              *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
+                              *["  " + line for line in actions], "}"] if probe.kind == ir.ProbeKind.UPROBE else actions
             return_body = []
         why_not = ("" if self.offset(probe, probe.path) else
                    "bpftrace puts a uretprobe at a function's entry only, and both would trap" if probe.at_return
                    else f"bpftrace {self.target.range_text()} attaches at entries only")
-        placed = self.placed(probe, probe.path, why_not) if probe.kind == "uprobe" else ""
+        placed = self.placed(probe, probe.path, why_not) if probe.kind == ir.ProbeKind.UPROBE else ""
         return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
@@ -263,7 +263,7 @@ class BpftraceBackend(Backend):
         filtered like the program (the cheapest probe: an empty-bodied counter at entry)."""
         filt = self.filter(program.scope)
         lines = [f"uprobe:{probe_path(path)}:{p.function} {filt} {{ @calls[probe] = count(); }}"
-                 for res in program.resources for p in res.probes if p.kind == "uprobe" for path in p.files]
+                 for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.files]
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:

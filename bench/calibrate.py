@@ -7,7 +7,7 @@ bench/workloads/entries.c has one function per first instruction (push, jcc, nop
 test, mov, lea, endbr64: single-stepped out of line). Each is called CALLS times with an empty
 BCC program on its first instruction, and once untraced; ns per hit = (traced - untraced) /
 CALLS, medians of interleaved runs. A kind whose measured cost disagrees with the table (under
-2 us but believed single-stepped, or the reverse) is flagged: the table in placement.py is
+2 us but believed single-stepped, or the reverse) is flagged: the table in x86.py is
 then wrong for this kernel.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     syms = elf.symbols(exe)
     release = procfs.kernel_release()
     print(f"kernel {os.uname().release}, {args.calls} calls, medians of {args.runs} interleaved runs\n")
-    print("| probed at | instruction | placement.py says | ns per hit | measured | agrees |")
+    print("| probed at | instruction | x86.py says | ns per hit | measured | agrees |")
     print("|---|---|---|---:|---|---|")
     for kind in KINDS:
         places = [0]

@@ -66,7 +66,7 @@ def apply(program: ir.Program, choice: Optional[Choice]) -> ir.Program:
     moved_from = {DEFAULT_OBJECT} | ({p.library for r in extra.resources for p in r.probes} if extra else set())
     resources = []
     for res in program.resources:
-        probes = [_move(p, choice) if p.kind == "uprobe" and p.library in moved_from else p for p in res.probes]
+        probes = [_move(p, choice) if p.kind == ir.ProbeKind.UPROBE and p.library in moved_from else p for p in res.probes]
         if extra:
             added = [p for r in extra.resources if r.name == res.name and r.key_names == res.key_names
                      for p in r.probes]

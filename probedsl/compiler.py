@@ -124,11 +124,8 @@ def compile_choices(*, pid: Optional[int], comm: Optional[str], program: Optiona
                    placed=placed), resolver
 
 
-def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
-         resolver: Optional[libraries.LibraryResolver] = None) -> Tuple[ir.Program, List[str]]:
-    """Every pass, in one order, shared by `compile`, `check --program`, `run` and --estimate:
-    lowered, allocator moved, libraries resolved, sized, scoped, sampled, stacks chosen,
-    private copies, placed. Returns the program and notes for the user (what was not probed)."""
+def check_choices(target: "targets.Target", choices: Choices) -> int:
+    """The options' checks against the target, before anything is started; the live table's size."""
     max_live = choices.max_live or target.default_max_live
     if target.max_live_limit is not None and max_live > target.max_live_limit:
         raise ProbedslError(f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
@@ -136,7 +133,16 @@ def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
     if choices.stacks == "dwarf" and not target.dwarf_stacks:
         raise ProbedslError(f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
                             "(they are cut where they stop being certain); --backend bcc unwinds them")
-    program = build(recipe, choices.sets, resolver=resolver, max_live=max_live, allocator=choices.allocator)
+    return max_live
+
+
+def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
+         resolver: Optional[libraries.LibraryResolver] = None) -> Tuple[ir.Program, List[str]]:
+    """Every pass, in one order, shared by `compile` and `run` (and so --estimate):
+    lowered, allocator moved, libraries resolved, sized, scoped, sampled, stacks chosen,
+    private copies, placed. Returns the program and notes for the user (what was not probed)."""
+    program = build(recipe, choices.sets, resolver=resolver, max_live=check_choices(target, choices),
+                    allocator=choices.allocator)
     program = sized(program, choices.min_size, choices.max_size).with_scope(choices.scope)
     notes = []
     calls = [label for label in program.unprobed if not label.startswith("usdt:")]

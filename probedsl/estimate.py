@@ -44,7 +44,7 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     hits: Dict[str, float] = {}
     for res in program.resources:
         for p in res.probes:
-            if p.kind == "uprobe":
+            if p.kind == ir.ProbeKind.UPROBE:
                 label = f"uprobe:{p.path}:{p.function}"
                 cost = x86.hit_us(p.path, p.function, target.attaches_at(p, p.path))
                 hits[label] = max(hits.get(label, 0), cost + (x86.RETURN_US if p.at_return else 0))

@@ -197,11 +197,11 @@ class Probe:
     def filtered(self) -> bool:
         """Whether the target filter applies. A kernel object is often freed in another task's
         context (softirq, a worker), and its key is global: tracepoint releases see all tasks."""
-        return not (self.kind == "tracepoint" and all(a.kind == "release" for a in self.actions))
+        return not (self.kind == ProbeKind.TRACEPOINT and all(a.kind == "release" for a in self.actions))
 
     @property
     def label(self) -> str:
-        return f"{self.library}:{self.function}" if self.kind == "uprobe" else f"{self.kind}:{self.function}"
+        return f"{self.library}:{self.function}" if self.kind == ProbeKind.UPROBE else f"{self.kind}:{self.function}"
 
 
 def attach_order(probes: Tuple[Probe, ...]) -> List[Probe]:
@@ -237,7 +237,7 @@ class Resource:
         uprobes), which key part is the address; None for anything else (--reachability)."""
         acquires = [a for p in self.probes for a in p.actions if a.kind == "acquire"]
         if (self.key_arity == 2 and self.records("size") and acquires
-                and all(p.kind == "uprobe" for p in self.probes)
+                and all(p.kind == ProbeKind.UPROBE for p in self.probes)
                 and all(a.key[0] == Builtin("pid") for a in acquires)):
             return 1
         return None

@@ -104,7 +104,7 @@ def ends_with_image(res: ir.Resource) -> bool:
     kernel acquired at system calls or tracepoints (descriptors, kernel memory) outlive an
     exec; descriptors closed on exec are the recipe's to release."""
     acquires = [a for p in res.probes for a in p.actions if a.kind == "acquire"]
-    return bool(acquires) and all(p.kind in ("uprobe", "usdt") for p in res.probes
+    return bool(acquires) and all(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in res.probes
                                   if any(a.kind == "acquire" for a in p.actions)) \
         and all(a.key and a.key[0] == ir.Builtin("pid") for a in acquires)
 

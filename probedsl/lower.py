@@ -119,7 +119,7 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             probes.append(ir.Probe(
                 id=len(probes) + 1, resource=res.name, kind=ir.ProbeKind(kind), library=library, function=function,
                 at_return=at_return, saved_args=tuple(bind.saved), fields=tuple(bind.fields), actions=tuple(actions),
-                span=event.probe.span, optional=kind == "usdt"))
+                span=event.probe.span, optional=kind == ir.ProbeKind.USDT))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []

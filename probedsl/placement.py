@@ -16,7 +16,7 @@ def apply(program: ir.Program) -> ir.Program:
     for res in program.resources:
         probes = []
         for probe in res.probes:
-            if probe.kind == "uprobe":
+            if probe.kind == ir.ProbeKind.UPROBE:
                 places = [(path, p.offset, p.instruction, code_before(path, probe.function, p.offset))
                           for path in probe.files for p in [place(path, probe.function, probe.args_read)] if p]
                 probe = _replace(probe, places=tuple(places))

@@ -132,11 +132,11 @@ def _by_address(frames: List[Frame]) -> List[List[Frame]]:
     return groups
 
 
-def _mapping(mappings: Dict[str, dict], f: Frame) -> int:
-    m = mappings.get(f.module)
+def _mapping(mappings: Dict[Tuple[str, str], dict], f: Frame) -> int:
+    # one mapping per file and build: hosts merged may run other builds at one path
+    m = mappings.get((f.module, f.build_id))
     if m is None:
-        m = mappings[f.module] = {"id": len(mappings) + 1, "start": f.address, "limit": f.address + 1,
+        m = mappings[(f.module, f.build_id)] = {"id": len(mappings) + 1, "start": f.address, "limit": f.address + 1,
                                   "build_id": f.build_id}
     m["start"], m["limit"] = min(m["start"], f.address), max(m["limit"], f.address + 1)
-    m["build_id"] = m["build_id"] or f.build_id
     return m["id"]

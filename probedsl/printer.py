@@ -2,7 +2,7 @@
 follows, from probedsl.layout)."""
 from __future__ import annotations
 
-from .ir import (Arg, Builtin, Const, Deref, Field, Int32, Not, Program, Saved, Value)
+from .ir import (Arg, ProbeKind, Builtin, Const, Deref, Field, Int32, Not, Program, Saved, Value)
 
 
 def show(value: Value) -> str:
@@ -33,7 +33,7 @@ def dump(program: Program) -> str:
                      f"({', '.join(res.record)}), max_live {res.max_live}")
         for p in res.probes:
             where = "return" if p.at_return else "entry"
-            saves = [f"field.{p.fields[i]}" if p.kind == "syscall" else f"arg{i}" for i in p.saved_args]
+            saves = [f"field.{p.fields[i]}" if p.kind == ProbeKind.SYSCALL else f"arg{i}" for i in p.saved_args]
             lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")
                          + (f", saves ({', '.join(saves)})" if saves else ""))
             if p.entry_guard is not None:

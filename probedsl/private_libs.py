@@ -24,7 +24,7 @@ class PrivateLibraries:
     def apply(self, program: ir.Program, command: str) -> ir.Program:
         """Copy the shared libraries `program` probes; return the program retargeted to the
         copies the command's loader will really pick (checked with ld.so --list), others kept."""
-        originals = {p.path for r in program.resources for p in r.probes if p.kind == "uprobe" and p.path}
+        originals = {p.path for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE and p.path}
         # the file name the loader asks for (the soname link, e.g. libc.so.6), per real file
         asked = {os.path.realpath(where): name for name, where in loader_map(command)}
         copies = {}

@@ -24,14 +24,14 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
         seen: Dict[Tuple[str, int, bool], ir.Probe] = {}
         probes = []
         for probe in res.probes:
-            if probe.kind == "usdt":
+            if probe.kind == ir.ProbeKind.USDT:
                 found = _usdt_sites(probe, resolver, program.filename, diagnostics)
                 if found:
                     probes.append(replace(probe, path=found[0], sites=found[1]))
                 elif found is None:
                     unprobed.append(probe.label)
                 continue
-            if probe.kind != "uprobe":
+            if probe.kind != ir.ProbeKind.UPROBE:
                 probes.append(probe)
                 continue
             path = resolver.resolve(probe.library)

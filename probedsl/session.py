@@ -192,6 +192,7 @@ class Session:
         recipe = compiler.load(opts.recipe)
         self.target = target = targets.detect(opts.backend)
         scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
+        self.max_live = compiler.check_choices(target, compiler.Choices(max_live=opts.max_live or 0, stacks=opts.stacks))
         scope, resolver, self.held = _scope(opts, target)
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
@@ -214,7 +215,6 @@ class Session:
                               "releases count as releases of unknown keys")
         if opts.reachability:
             scanner.check_program(program)
-        self.max_live = opts.max_live or target.default_max_live
         self.program = program
         self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
         self.exporter = None
@@ -492,14 +492,14 @@ def _traced(scope: ir.Scope, tracker: MappingTracker):
 
 
 def _probed_files(program: ir.Program) -> List[str]:
-    return sorted({f for r in program.resources for p in r.probes if p.kind == "uprobe" for f in p.files})
+    return sorted({f for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE for f in p.files})
 
 
 def _bystander_notes(program: ir.Program, target: targets.Target,
                      private: Optional[PrivateLibraries]) -> List[str]:
     """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter)."""
     scope = program.scope
-    paths = [p.path for r in program.resources for p in r.probes if p.kind == "uprobe"]
+    paths = [p.path for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE]
     if target.scopes_uprobes(scope) or (private is not None and all(private.owns(p) for p in paths)):
         return []
     files = sorted(set(paths))

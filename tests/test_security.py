@@ -176,7 +176,7 @@ int main(void) {
 @pytest.mark.parametrize("backend", ["bpftrace", "bcc"])
 def test_a_thread_renamed_with_escapes(backend, tmp_path):
     """A thread names itself with escapes (prctl) and allocates. --comm selects threads by
-    their own name, which cannot hold control characters (validate_comm), so the renamed
+    their own name, which cannot hold control characters (procfs.valid_comm), so the renamed
     thread is reached through its launched process."""
     recipe = tmp_path / "commleak.probe"
     recipe.write_text(COMM_RECIPE)

@@ -150,7 +150,7 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         totals[res.name] = t
         tallied[res.name] = {t_.keys: _tally(maps.get(f"@{t_.map}"), maps.get(f"@{t_.seen_map}"), list(t_.keys))
                              for t_ in lay.tallies}
-        # counters the kernel does not keep (backends.bpftrace.counted)
+        # counters the kernel does not keep (layout.counted)
         kept = counted(program, lay)
         if Counter.RELEASED not in kept:      # each release adds one lifetime-histogram entry
             t.released = sum(n for buckets in t.lifetime.values() for _, _, n in buckets)

@@ -24,7 +24,7 @@ class Bcc(Target):
     def notes(self, program: ir.Program) -> List[str]:
         notes = super().notes(program)
         if program.stacks == "dwarf" and not self.syscall_registers() and any(
-                p.kind == "syscall" for r in program.resources if r.records("ustack") for p in r.probes):
+                p.kind == ir.ProbeKind.SYSCALL for r in program.resources if r.records("ustack") for p in r.probes):
             notes.append(f"{self.name}: this kernel gives a system call's probe no user registers to unwind "
                          f"from (bpf_task_pt_regs, {TASK_PT_REGS[0]}.{TASK_PT_REGS[1]}+): stacks are "
                          "frame-pointer walks")
