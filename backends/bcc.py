@@ -179,10 +179,26 @@ class BccBackend(Backend):
                    f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
             entry, ret = nest + actions, []
+        sites = self.reentries(probe)
+        if sites:
+            entry = [f"u64 *again = {n}_reentered.lookup(&tid);",
+                     "// this call's second hit, after a tail jump back (probedsl/reentry.py)",
+                     f"if (again && *again == PT_REGS_SP(ctx)) {{ {n}_reentered.delete(&tid); return 0; }}"] + entry
+        # each branch entering the probe again leaves the thread's stack pointer for that hit
+        then = [{"label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
+                                       "(a tail jump: the same call)"),
+                 "line": probe.span.line, "column": probe.span.column, "filtered": True, "tracepoint": None,
+                 "entry_fn": f"{fn}_reentry{i}", "return_fn": "", "return_body": [], "placed": "", "site": s,
+                 "entry_body": ["u64 sp = PT_REGS_SP(ctx);", f"{n}_reentered.update(&tid, &sp);"]}
+                for i, s in enumerate(sites)]
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
-                "placed": self.placed(probe, probe.path)}
+                "placed": self.placed(probe, probe.path), "then": then}
+
+    def reentries(self, probe: ir.Probe) -> list:
+        """The branches entering the probe again that pass where it is attached."""
+        return [s for s in probe.reentered if s.target <= self.target.attaches_at(probe, s.path)]
 
     def syscall_views(self, probe: ir.Probe, lay: ResourceLayout, actions: List[str]) -> dict:
         """A system call's entry and exit tracepoints (two views, rendered one after the other):
@@ -270,7 +286,12 @@ class BccBackend(Backend):
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
                                 "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
-                               for path in probe.files]
+                               for path in probe.attached_files]
+                    # by address, in that file only: the code is checked again before attaching
+                    probes += [{"path": t["site"].path, "library": probe.library, "function": probe.function,
+                                "reentry": True, "address": t["site"].address, "code": t["site"].code,
+                                "offset": 0, "entry": t["entry_fn"], "return": "",
+                                "also": t["site"].path != probe.path} for t in view.get("then", ())]
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
@@ -290,6 +311,7 @@ class BccBackend(Backend):
             rendered = [v for view in res_views for v in (view, *view.get("then", ()))]
             resources.append({
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
+                "reentered": any(self.reentries(p) for p in res.probes),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)

@@ -113,6 +113,8 @@ class BpftraceBackend(Backend):
         dialect whose type checker must see a write before a read (they never run)."""
         values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
+        if any(self.reentries(p) for p in res.probes):
+            lines.append(f"@{self.reentered_map(lay)}[tid] = {_u64('0')};")
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
         return lines
@@ -138,6 +140,8 @@ class BpftraceBackend(Backend):
         maps = [("hash", lay.live, lay.live_size)]
         if any(p.at_return for p in res.probes):
             maps.append(("hash", lay.scratch, lay.scratch_size))
+        if any(self.reentries(p) for p in res.probes):
+            maps.append(("hash", self.reentered_map(lay), lay.scratch_size))
         for t in lay.tallies:
             if t.keys:
                 maps += [("percpuhash", t.map, t.size), ("percpuhash", t.seen_map, t.size)]
@@ -203,9 +207,9 @@ class BpftraceBackend(Backend):
         if probe.kind == "uprobe":
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
-            paths = [probe_path(p) for p in probe.files]
+            paths = [probe_path(p) for p in probe.attached_files]
             entry = ", ".join(f"uprobe:{probe_path(path)}:{probe.function}{self.offset(probe, path)}"
-                              for path in probe.files)
+                              for path in probe.attached_files)
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         elif probe.kind == "usdt":        # bpftrace reads the note: every site, its arguments, its semaphore
             entry, ret = f"usdt:{probe_path(probe.path)}:{probe.function}", ""
@@ -241,6 +245,12 @@ class BpftraceBackend(Backend):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
+            if self.reentries(probe):
+                again = f"@{self.reentered_map(lay)}[tid]"
+                entry_body = [f'if ({again} == reg("sp")) {{',
+                              "  // this call's second hit, after a tail jump back (probedsl/reentry.py)",
+                              f"  {self.delete('@' + self.reentered_map(lay), ['tid'])}", "} else {",
+                              *["  " + line for line in entry_body], "}"]
         why_not = ("" if self.offset(probe, probe.path) else
                    "bpftrace puts a uretprobe at a function's entry only, and both would trap" if probe.at_return
                    else f"bpftrace {self.target.range_text()} attaches at entries only")
@@ -248,6 +258,27 @@ class BpftraceBackend(Backend):
         return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
+
+    def reentries(self, probe: ir.Probe) -> list:
+        """The branches entering the probe again that pass where this target puts it; none
+        where it attaches at entries only (such builds may refuse a probe by address)."""
+        if not self.target.probe_offsets:
+            return []
+        return [s for s in probe.reentered if s.target <= self.target.attaches_at(probe, s.path)]
+
+    @staticmethod
+    def reentered_map(lay: ResourceLayout) -> str:
+        return f"{lay.name}_reentered"
+
+    def reentry_views(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> List[dict]:
+        """A probe on each branch that enters the probe again: the thread's stack pointer, which
+        the second hit compares (a tail jump leaves it as at the call's entry)."""
+        return [{"placed": "", "label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
+                                                        f"(a tail jump: the same call)"),
+                 "line": probe.span.line, "column": probe.span.column, "filter": self.filter(program.scope),
+                 "entry": f"uprobe:{probe_path(s.path)}:0x{s.address:x}",
+                 "entry_body": [f'@{self.reentered_map(lay)}[tid] = reg("sp");'], "ret": "", "return_body": []}
+                for s in self.reentries(probe)]
 
     def offset(self, probe: ir.Probe, path: str) -> str:
         """"+N" where the probe sits inside the function (placement), else "" (the entry)."""
@@ -259,7 +290,7 @@ class BpftraceBackend(Backend):
         filtered like the program (the cheapest probe: an empty-bodied counter at entry)."""
         filt = self.filter(program.scope)
         lines = [f"uprobe:{probe_path(path)}:{p.function} {filt} {{ @calls[probe] = count(); }}"
-                 for res in program.resources for p in res.probes if p.kind == "uprobe" for path in p.files]
+                 for res in program.resources for p in res.probes if p.kind == "uprobe" for path in p.attached_files]
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
@@ -282,12 +313,15 @@ class BpftraceBackend(Backend):
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
                 "live": f"@{lay.live}", "declared": self.declarations(res, lay) if self.target.map_declarations else [],
                 "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
-                "probes": [self.probe_view(program, res, lay, p) for p in self.attach_order(res.probes)],
+                "probes": [view for p in self.attach_order(res.probes) if p.attached_files or p.kind != "uprobe"
+                           for view in (*self.reentry_views(program, lay, p), self.probe_view(program, res, lay, p))],
                 "printed": maps, "scratch": scratch,
                 "tallies": [f"@{t.map}[{', '.join(t.keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
                             f"per live entry of the group, kept at acquire and release" for t in lay.tallies],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
-                "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else []))),
+                "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else [])
+                                              + [f"@{self.reentered_map(lay)}" for p in res.probes
+                                                 if self.reentries(p)])),
             })
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource

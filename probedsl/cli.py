@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import allocators, compiler, escape, formats, ir, layout, libraries, placement, report, session, targets
+from . import allocators, compiler, escape, formats, ir, layout, libraries, placement, reentry, report, session, targets
 from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
@@ -159,6 +159,7 @@ def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe
     program = program.walking_stacks(stacks)
     if probe_at == "placed":
         program = placement.apply(program)
+    program = reentry.apply(program)
     if dump == "ir":
         text = ir.dump(program) + layout.dump(program)
     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from . import (allocators, compiler, doctor, escape, estimate, faults, formats, ir, notices, placement, prometheus, report,
-               roots, scanner, targets, threads)
+               reentry, roots, scanner, targets, threads)
 from .errors import ProbedslError
 from .launcher import HeldCommand
 from . import procfs
@@ -238,6 +238,7 @@ class Session:
             program = self.private.apply(program, self.held.exe)
         if opts.probe_at == "placed":
             program = placement.apply(program)
+        program = reentry.apply(program)
         self.program = program
         self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
         self.exporter = None
