@@ -57,7 +57,8 @@ def apply(program: ir.Program) -> ir.Program:
         probes = []
         for p in res.probes:
             if p.id in found:
-                sites = tuple(s for s in dict.fromkeys(found[p.id]) if s.path not in forwards[p.id])
+                unique = {(s.path, s.address): s for s in reversed(found[p.id])}   # the first origin named
+                sites = tuple(s for s in reversed(unique.values()) if s.path not in forwards[p.id])
                 p = _replace(p, reentered=sites, forwards=tuple(dict.fromkeys(forwards[p.id])))
             probes.append(p)
         resources.append(_replace(res, probes=tuple(probes)))
