@@ -94,11 +94,16 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
         return ()
     entries = {syms.address_of(f): f for f in entered if syms.address_of(f)}
 
+    slots = _plt_slots(path, _mtime_ns)
+
     def landing(target: int) -> Optional[Tuple[str, int]]:
         for start, fn in entries.items():
             if start <= target < start + WINDOW:
                 return fn, target - start
-        return None
+        # a PLT stub: the function its slot names (this file's own, when the process binds
+        # the name to it: a preloaded or first-linked allocator, as --allocator assumes)
+        called = slots.get(_stub_slot(syms.read(target, 32), target))
+        return (called, 0) if called in entered else None
 
     start = syms.address_of(origin)
     todo, seen, found, decoded = [start], set(), [], 0
@@ -131,6 +136,41 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
                 todo.append(ins.next_ip)       # decode the rest from a fresh read
                 break
     return tuple(found)
+
+
+def _stub_slot(code: bytes, address: int) -> int:
+    """The GOT slot a PLT stub at address jumps through (`endbr64; bnd jmp *slot(%rip)`), or 0."""
+    from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind, Register
+    for count, ins in enumerate(Decoder(64, code, ip=address)):
+        if count >= 2 or ins.is_invalid:
+            return 0
+        if ins.mnemonic == Mnemonic.ENDBR64:
+            continue
+        if ins.flow_control == FlowControl.INDIRECT_BRANCH and ins.op0_kind == OpKind.MEMORY \
+                and ins.memory_base == Register.RIP:
+            return ins.memory_displacement        # iced gives the absolute address for rip-relative
+        return 0
+    return 0
+
+
+@functools.lru_cache(maxsize=64)
+def _plt_slots(path: str, _mtime_ns: int) -> Dict[int, str]:
+    """GOT slot address -> the function its PLT stub calls (.rela.plt's jump slots)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+    slots: Dict[int, str] = {}
+    try:
+        with open(path, "rb") as f:
+            elf_file = ELFFile(f)
+            for section in elf_file.iter_sections():
+                if isinstance(section, RelocationSection) and section.name in (".rela.plt", ".rel.plt"):
+                    symbols = elf_file.get_section(section["sh_link"])
+                    for rel in section.iter_relocations():
+                        if rel["r_info_sym"]:
+                            slots[rel["r_offset"]] = symbols.get_symbol(rel["r_info_sym"]).name
+    except Exception:          # pyelftools on a damaged file raises many kinds: no stubs named
+        return {}
+    return slots
 
 
 def still_there(path: str, address: int, expected_hex: str) -> bool:
