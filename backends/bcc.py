@@ -7,7 +7,7 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import images, layout, placement, reentry, stacktrust, unwind_tables, usdt
 from probedsl.layout import Counter, ResourceLayout
 
 from . import Backend, Generated
@@ -77,9 +77,10 @@ class BccBackend(Backend):
         return f"{lay.counters}.increment({int(counter)});  // {counter.label}"
 
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, ctx: str = "ctx",
-               ustack: str = "") -> List[str]:
+               ustack: str = "", again: bool = False) -> List[str]:
         """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE); ustack: a variable
-        holding the stack already taken, else the action takes it."""
+        holding the stack already taken, else the action takes it; again: a release of an unknown
+        key asks whether it is its call's second hit."""
         n, live = lay.name, lay.live
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
@@ -132,8 +133,13 @@ class BccBackend(Backend):
                                "if (slot) __sync_fetch_and_add(slot, 1);"]
                 else:
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
+            unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
+            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+                unknown = [f"u64 *again = {n}_reentered.lookup(&tid);",
+                           f"if (again && *again == PT_REGS_SP(ctx)) {n}_reentered.delete(&tid);",
+                           f"else {unknown[0]}"]
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
-                          *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+                          *["  " + s for s in hit], "} else {", *["  " + s for s in unknown], "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
@@ -152,7 +158,8 @@ class BccBackend(Backend):
             actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx)} : -1;"]
             actions += [line for a in probe.actions for line in self.action(program, lay, a, ctx, "ustack")]
         else:
-            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
+            again = probe.kind == "uprobe" and reentry.checks(probe, self.target)
+            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx, again=again)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == "tracepoint":
             category, event = probe.function.split(":")
@@ -179,11 +186,7 @@ class BccBackend(Backend):
                    f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
             entry, ret = nest + actions, []
-        sites = self.reentries(probe)
-        if sites:
-            entry = [f"u64 *again = {n}_reentered.lookup(&tid);",
-                     "// this call's second hit, after a tail jump back (probedsl/reentry.py)",
-                     f"if (again && *again == PT_REGS_SP(ctx)) {{ {n}_reentered.delete(&tid); return 0; }}"] + entry
+        sites = reentry.branch_sites(probe, self.target)
         # each branch entering the probe again leaves the thread's stack pointer for that hit
         then = [{"label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
                                        "(a tail jump: the same call)"),
@@ -196,9 +199,7 @@ class BccBackend(Backend):
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
                 "placed": self.placed(probe, probe.path), "then": then}
 
-    def reentries(self, probe: ir.Probe) -> list:
-        """The branches entering the probe again that pass where it is attached."""
-        return [s for s in probe.reentered if s.target <= self.target.attaches_at(probe, s.path)]
+
 
     def syscall_views(self, probe: ir.Probe, lay: ResourceLayout, actions: List[str]) -> dict:
         """A system call's entry and exit tracepoints (two views, rendered one after the other):
@@ -311,7 +312,7 @@ class BccBackend(Backend):
             rendered = [v for view in res_views for v in (view, *view.get("then", ()))]
             resources.append({
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
-                "reentered": any(self.reentries(p) for p in res.probes),
+                "reentered": reentry.uses_map(res, self.target),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)

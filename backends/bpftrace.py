@@ -9,7 +9,7 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import images, layout
+from probedsl import images, layout, reentry
 from probedsl.targets.bpftrace import TALLY_SHIFT
 
 from . import Backend, Generated
@@ -113,7 +113,7 @@ class BpftraceBackend(Backend):
         dialect whose type checker must see a write before a read (they never run)."""
         values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
-        if any(self.reentries(p) for p in res.probes):
+        if reentry.uses_map(res, self.target):
             lines.append(f"@{self.reentered_map(lay)}[tid] = {_u64('0')};")
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -140,7 +140,7 @@ class BpftraceBackend(Backend):
         maps = [("hash", lay.live, lay.live_size)]
         if any(p.at_return for p in res.probes):
             maps.append(("hash", lay.scratch, lay.scratch_size))
-        if any(self.reentries(p) for p in res.probes):
+        if reentry.uses_map(res, self.target):
             maps.append(("hash", self.reentered_map(lay), lay.scratch_size))
         for t in lay.tallies:
             if t.keys:
@@ -166,7 +166,8 @@ class BpftraceBackend(Backend):
     def count(self, lay: ResourceLayout, counter: Counter) -> str:
         return f"@{lay.counter_map(counter)} = count();"
 
-    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
+    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, again: str = "") -> List[str]:
+        """again: the map holding each thread's rsp at a tail jump, for a release that asks."""
         live = f"@{lay.live}[{', '.join(self.key(action))}]"
         if action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
@@ -197,8 +198,12 @@ class BpftraceBackend(Backend):
             else:
                 keys = ", ".join(f"$v.{lay.fields.index(k)}" for k in lay.lifetime.keys)
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
+            unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
+            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+                unknown = [f'if ({again}[tid] == reg("sp")) {{', f"  {self.delete(again, ['tid'])}",
+                           "} else {", f"  {unknown[0]}", "}"]
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
-                    "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+                    *["  " + s for s in unknown], "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
@@ -220,7 +225,8 @@ class BpftraceBackend(Backend):
                 probe, entry, ret = replace(probe, at_return=False), ret, ""
         else:
             entry, ret = f"tracepoint:{probe.function}", ""
-        actions = [line for a in probe.actions for line in self.action(program, lay, a)]
+        again = f"@{self.reentered_map(lay)}" if reentry.checks(probe, self.target) else ""
+        actions = [line for a in probe.actions for line in self.action(program, lay, a, again)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
         if probe.at_return:
@@ -245,12 +251,9 @@ class BpftraceBackend(Backend):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
-            if self.reentries(probe):
-                again = f"@{self.reentered_map(lay)}[tid]"
-                entry_body = [f'if ({again} == reg("sp")) {{',
-                              "  // this call's second hit, after a tail jump back (probedsl/reentry.py)",
-                              f"  {self.delete('@' + self.reentered_map(lay), ['tid'])}", "} else {",
-                              *["  " + line for line in entry_body], "}"]
+            if reentry.marks_at_hit(res, probe, self.target):
+                entry_body = entry_body + [f'@{self.reentered_map(lay)}[tid] = reg("sp");  '
+                                           "// a tail jump in this call may enter a probed function again"]
         why_not = ("" if self.offset(probe, probe.path) else
                    "bpftrace puts a uretprobe at a function's entry only, and both would trap" if probe.at_return
                    else f"bpftrace {self.target.range_text()} attaches at entries only")
@@ -258,13 +261,6 @@ class BpftraceBackend(Backend):
         return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
-
-    def reentries(self, probe: ir.Probe) -> list:
-        """The branches entering the probe again that pass where this target puts it; none
-        where it attaches at entries only (such builds may refuse a probe by address)."""
-        if not self.target.probe_offsets:
-            return []
-        return [s for s in probe.reentered if s.target <= self.target.attaches_at(probe, s.path)]
 
     @staticmethod
     def reentered_map(lay: ResourceLayout) -> str:
@@ -278,7 +274,7 @@ class BpftraceBackend(Backend):
                  "line": probe.span.line, "column": probe.span.column, "filter": self.filter(program.scope),
                  "entry": f"uprobe:{probe_path(s.path)}:0x{s.address:x}",
                  "entry_body": [f'@{self.reentered_map(lay)}[tid] = reg("sp");'], "ret": "", "return_body": []}
-                for s in self.reentries(probe)]
+                for s in reentry.branch_sites(probe, self.target)]
 
     def offset(self, probe: ir.Probe, path: str) -> str:
         """"+N" where the probe sits inside the function (placement), else "" (the entry)."""
@@ -320,8 +316,8 @@ class BpftraceBackend(Backend):
                             f"per live entry of the group, kept at acquire and release" for t in lay.tallies],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
                 "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else [])
-                                              + [f"@{self.reentered_map(lay)}" for p in res.probes
-                                                 if self.reentries(p)])),
+                                              + ([f"@{self.reentered_map(lay)}"]
+                                                 if reentry.uses_map(res, self.target) else []))),
             })
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource

@@ -7,8 +7,11 @@ whose tcache key matches is checked for a double free) with `jmp free`; Debian s
 makes sized `delete[]` one `jmp` to sized `delete`. A tail jump leaves rsp as it was at the
 call's entry (the return address on top), so the second hit of the probe shows the same
 thread and stack pointer: each such branch gets a small probe that leaves (thread, rsp) in a
-map, and the probed function skips a hit whose (thread, rsp) was left there. A function whose
-every call is such a jump (the thunk) is not probed at all in that file (`forwards`).
+map, and a release of an unknown key at the (thread, rsp) left there is that call's second
+hit: not counted as unknown (a hit whose key is known is always a release, so a mark left
+behind can never hide one). Where the branches cannot be probed (bpftrace built without bfd),
+the probe of the function holding them leaves the mark after each of its releases. A function
+whose every call is such a jump (the thunk) is not probed at all in that file (`forwards`).
 
 The code reached from each probed release function by jumps (not calls: a call pushes, and a
 callee's release is another call) is decoded with iced-x86, up to MAX_INSTRUCTIONS.
@@ -63,6 +66,31 @@ def apply(program: ir.Program) -> ir.Program:
             probes.append(p)
         resources.append(_replace(res, probes=tuple(probes)))
     return _replace(program, resources=tuple(resources))
+
+
+def branch_sites(probe: ir.Probe, target) -> list:
+    """The branches entering the probe again that the target probes by address: those passing
+    where it attaches the probe; none for a target attaching at entries only (a bpftrace built
+    without bfd refuses a probe by address)."""
+    if not target.probe_offsets:
+        return []
+    return [s for s in probe.reentered if s.target <= target.attaches_at(probe, s.path)]
+
+
+def checks(probe: ir.Probe, target) -> bool:
+    """Whether the probe's release of an unknown key asks whether it is a second hit."""
+    return bool(branch_sites(probe, target)) if target.probe_offsets else bool(probe.reentered)
+
+
+def marks_at_hit(res: ir.Resource, probe: ir.Probe, target) -> bool:
+    """Whether the probe itself leaves (thread, rsp) after its release: where the branches
+    cannot be probed, the call whose code holds them leaves it on every call instead (its rsp
+    at the entry is the branch's)."""
+    return not target.probe_offsets and any(s.origin == probe.function for p in res.probes for s in p.reentered)
+
+
+def uses_map(res: ir.Resource, target) -> bool:
+    return any(checks(p, target) for p in res.probes)
 
 
 def _same_actions(a: ir.Probe, b: ir.Probe) -> bool:

@@ -82,10 +82,4 @@ class Target:
                              "single-steps the first instruction (a second trap a call) of functions probedsl "
                              f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
                              "probe there")
-            again = [f"{p.function} at 0x{s.address:x}" for r in program.resources for p in r.probes
-                     for s in p.reentered]
-            if again:
-                notes.append(f"{self.name} cannot probe the tail jumps that enter a probed function again "
-                             f"within one call ({', '.join(again)}; probedsl/reentry.py): each such call's second "
-                             "hit counts as an unknown release; --backend bcc or a bpftrace built with bfd tell them apart")
         return notes
