@@ -125,9 +125,9 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
     slots = _plt_slots(path, _mtime_ns)
 
     def landing(target: int) -> Optional[Tuple[str, int]]:
-        for start, fn in entries.items():
-            if start <= target < start + WINDOW:
-                return fn, target - start
+        near = [start for start in entries if start <= target < start + WINDOW]
+        if near:                               # the nearest entry at or before it
+            return entries[max(near)], target - max(near)
         # a PLT stub: the function its slot names (this file's own, when the process binds
         # the name to it: a preloaded or first-linked allocator, as --allocator assumes)
         called = slots.get(_stub_slot(syms.read(target, 32), target))
@@ -153,8 +153,9 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
                     offset = ins.ip - block
                     found.append((lands[0], Site(path, ins.ip, code[offset:offset + ins.len].hex(),
                                                  lands[1], origin)))
-                if target:
-                    todo.append(target)        # within the same call: follow it
+                if target and not (lands and lands[1] == 0):
+                    todo.append(target)        # within the same call: follow it (an entry's own
+                                               # code is walked from that entry)
                 if flow == FlowControl.UNCONDITIONAL_BRANCH:
                     break
             elif flow in (FlowControl.RETURN, FlowControl.INDIRECT_BRANCH, FlowControl.INTERRUPT,
