@@ -93,11 +93,16 @@ def check(recipe):
     for label in program.unprobed:
         click.echo(f"  {label}: looked for in the traced program's files when it runs "
                    f"(compile --program EXE shows where)")
-    for probe in (p for r in placement.apply(program).resources for p in r.probes):
+    for probe in (p for r in reentry.apply(placement.apply(program)).resources for p in r.probes):
         offset, instruction = probe.place_in(probe.path)
         if offset:
             click.echo(f"  {probe.label}: probed at {probe.function}+{offset} ({instruction}, emulated; its "
                        f"entry's instruction is single-stepped) in {probe.path}")
+        for path in probe.forwards:
+            click.echo(f"  {probe.label}: not probed in {path}: each call is a jump to another probed function")
+        for site in probe.reentered:
+            click.echo(f"  {probe.label}: entered again within one {site.origin} call by the tail jump at "
+                       f"0x{site.address:x} in {site.path} (told apart, not counted twice)")
 
 
 @cli.command()

@@ -60,33 +60,39 @@ def apply(program: ir.Program) -> ir.Program:
         probes = []
         for p in res.probes:
             if p.id in found:
-                unique = {(s.path, s.address): s for s in reversed(found[p.id])}   # the first origin named
-                sites = tuple(s for s in reversed(unique.values()) if s.path not in forwards[p.id])
+                unique: Dict[Tuple[str, int], Site] = {}
+                for site in found[p.id]:       # a branch reached from several origins: once
+                    unique.setdefault((site.path, site.address), site)
+                # where p only forwards, nothing of p is attached to be entered again
+                sites = tuple(s for s in unique.values() if s.path not in forwards[p.id])
                 p = _replace(p, reentered=sites, forwards=tuple(dict.fromkeys(forwards[p.id])))
             probes.append(p)
         resources.append(_replace(res, probes=tuple(probes)))
     return _replace(program, resources=tuple(resources))
 
 
-def branch_sites(probe: ir.Probe, target) -> list:
-    """The branches entering the probe again that the target probes by address: those passing
-    where it attaches the probe; none for a target attaching at entries only (a bpftrace built
-    without bfd refuses a probe by address)."""
-    if not target.probe_offsets:
-        return []
+def passing(probe: ir.Probe, target) -> list:
+    """The branches entering the probe again that pass where the target attaches it."""
     return [s for s in probe.reentered if s.target <= target.attaches_at(probe, s.path)]
+
+
+def branch_sites(probe: ir.Probe, target) -> list:
+    """The branches the target probes by address: none for a target attaching at entries only
+    (a bpftrace built without bfd refuses a probe by address)."""
+    return passing(probe, target) if target.probe_offsets else []
 
 
 def checks(probe: ir.Probe, target) -> bool:
     """Whether the probe's release of an unknown key asks whether it is a second hit."""
-    return bool(branch_sites(probe, target)) if target.probe_offsets else bool(probe.reentered)
+    return bool(passing(probe, target))
 
 
 def marks_at_hit(res: ir.Resource, probe: ir.Probe, target) -> bool:
     """Whether the probe itself leaves (thread, rsp) after its release: where the branches
-    cannot be probed, the call whose code holds them leaves it on every call instead (its rsp
-    at the entry is the branch's)."""
-    return not target.probe_offsets and any(s.origin == probe.function for p in res.probes for s in p.reentered)
+    cannot be probed, the function whose code holds them leaves it on every call instead (its
+    rsp at the entry is the branch's)."""
+    return not target.probe_offsets and any(s.origin == probe.function for p in res.probes
+                                            for s in passing(p, target))
 
 
 def uses_map(res: ir.Resource, target) -> bool:

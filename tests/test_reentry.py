@@ -34,6 +34,9 @@ def test_the_jump_back_is_found_and_the_forwarding_function_left_unprobed(traced
     for forwarding in (array, probes["block_put_nothrow"]):
         assert forwarding.forwards == (exe,) and forwarding.attached_files == () and forwarding.reentered == ()
     assert put.forwards == () and put.attached_files == (exe,)
+    listed = probedsl("check", recipe).stdout
+    assert f"block_put: entered again within one block_put call by the tail jump at 0x{site.address:x}" in listed
+    assert listed.count("not probed in") == 2, listed
     # bpftrace 0.27 probes the jump by address; 0.17 cannot (no bfd): block_put leaves the mark
     new, old = (compiler.generate(program, targets.from_name(t)).standalone for t in ("bpftrace-0.27", "bpftrace-0.17"))
     assert f"{exe}:0x{site.address:x}" in new and f"{exe}:block_put_array" not in new
