@@ -7,30 +7,45 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, reentry, stacktrust, unwind_tables, usdt
+from probedsl import layout, stackformat
 from probedsl.layout import Counter, ResourceLayout
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
+from .base import Backend
+
+
+
+def usdt_read(loc, ctx: str) -> str:
+    """A C expression (a statement expression for memory) giving the argument as a u64, as
+    the probed code saw it: sign- or zero-extended from its size."""
+    ctype = {1: "s8", 2: "s16", 4: "s32", 8: "s64"}[loc.size] if loc.signed else \
+        {1: "u8", 2: "u16", 4: "u32", 8: "u64"}[loc.size]
+    if loc.constant is not None:
+        return f"(u64)(s64){int(loc.constant)}"
+    if not loc.memory:
+        return f"(u64)({ctype}){ctx}->{loc.register}"
+    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
+            f"({int(loc.offset)}))); (u64)v_; }})")
 
 
 def _arg(self, v: ir.Arg) -> str:
     if self.usdt_site is not None:            # where this site's note says the argument is
-        return usdt.bcc_read(usdt.location(self.usdt_site.args[v.index]), "ctx")
+        return usdt_read(self.usdt_site.location(v.index), "ctx")
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the unwinder's constants, shared with probedsl.unwind_tables and probedsl.stacktrust
+# the unwinder's numbers, as the runtime writes and reads them (probedsl.stackformat)
 _UNWINDER = {
-    "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
-    "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
-    "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
-    "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
-    "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
-    "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
+    "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
+    "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
+    "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
+    "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
+    "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
+    "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
+    "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
 }
 
 
@@ -148,6 +163,8 @@ class BccBackend(Backend):
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "usdt":
             return self.usdt_view(program, lay, probe)
+        if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
+            raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
@@ -158,7 +175,7 @@ class BccBackend(Backend):
             actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx)} : -1;"]
             actions += [line for a in probe.actions for line in self.action(program, lay, a, ctx, "ustack")]
         else:
-            again = probe.kind == "uprobe" and reentry.checks(probe, self.target)
+            again = probe.kind == "uprobe" and self.target.asks_reentry(probe)
             actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx, again=again)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == "tracepoint":
@@ -186,7 +203,7 @@ class BccBackend(Backend):
                    f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
             entry, ret = nest + actions, []
-        sites = reentry.branch_sites(probe, self.target)
+        sites = self.target.reentry_branches(probe)
         # each branch entering the probe again leaves the thread's stack pointer for that hit
         then = [{"label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
                                        "(a tail jump: the same call)"),
@@ -198,8 +215,6 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
                 "placed": self.placed(probe, probe.path), "then": then}
-
-
 
     def syscall_views(self, probe: ir.Probe, lay: ResourceLayout, actions: List[str]) -> dict:
         """A system call's entry and exit tracepoints (two views, rendered one after the other):
@@ -285,7 +300,7 @@ class BccBackend(Backend):
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
+                                "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.attached_files]
                     # by address, in that file only: the code is checked again before attaching
@@ -312,7 +327,7 @@ class BccBackend(Backend):
             rendered = [v for view in res_views for v in (view, *view.get("then", ()))]
             resources.append({
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
-                "reentered": reentry.uses_map(res, self.target),
+                "reentered": any(self.target.asks_reentry(p) for p in res.probes),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
@@ -322,7 +337,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
-                                   images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
+                                   images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

@@ -9,13 +9,14 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import images, layout, reentry
-from probedsl.targets.bpftrace import TALLY_SHIFT
+from probedsl import layout
+from probedsl.layout import TALLY_SHIFT, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
-SNAPSHOT_MARK = "probedsl:snapshot"
-READY_MARK = "probedsl:ready"
+from .base import Backend
+
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
               "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
@@ -45,25 +46,6 @@ def is_u64(v: ir.Value) -> bool:
         return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
     return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
         (isinstance(v, ir.Deref) and v.size == 8)
-
-
-def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
-    """The counters kept in the kernel; the driver derives the others, saving a map update on
-    every acquire and release (~0.04x of the uprobe floor each): `released` is the number of
-    lifetime-histogram entries, `acquired` is live + released + replaced + untracked, unless
-    sampled (then only the counter is exact). `ungrouped` is BCC's (a failed stack id)."""
-    derived = {Counter.UNGROUPED}
-    if lay.lifetime:
-        derived.add(Counter.RELEASED)
-    res = next(r for r in program.resources if r.name == lay.name)
-    if not any(a.kind == "release" for p in res.probes for a in p.actions):
-        # never written, so never declared: bpftrace refuses to print such a map
-        derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
-    if program.sample == 1:
-        derived.add(Counter.ACQUIRED)
-    if not lay.ends_with_image:
-        derived.add(Counter.ENDED_BY_EXEC)
-    return [c for c in Counter if c not in derived]
 
 
 class BpftraceBackend(Backend):
@@ -113,7 +95,7 @@ class BpftraceBackend(Backend):
         dialect whose type checker must see a write before a read (they never run)."""
         values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
-        if reentry.uses_map(res, self.target):
+        if any(self.target.asks_reentry(p) for p in res.probes):
             lines.append(f"@{self.reentered_map(lay)}[tid] = {_u64('0')};")
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -140,7 +122,7 @@ class BpftraceBackend(Backend):
         maps = [("hash", lay.live, lay.live_size)]
         if any(p.at_return for p in res.probes):
             maps.append(("hash", lay.scratch, lay.scratch_size))
-        if reentry.uses_map(res, self.target):
+        if any(self.target.asks_reentry(p) for p in res.probes):
             maps.append(("hash", self.reentered_map(lay), lay.scratch_size))
         for t in lay.tallies:
             if t.keys:
@@ -223,9 +205,11 @@ class BpftraceBackend(Backend):
             ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
             if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
                 probe, entry, ret = replace(probe, at_return=False), ret, ""
-        else:
+        elif probe.kind == ir.ProbeKind.TRACEPOINT:
             entry, ret = f"tracepoint:{probe.function}", ""
-        again = f"@{self.reentered_map(lay)}" if reentry.checks(probe, self.target) else ""
+        else:
+            raise ProbedslError(f"{probe.label}: bpftrace has no lowering for a {probe.kind.value} probe")
+        again = f"@{self.reentered_map(lay)}" if self.target.asks_reentry(probe) else ""
         actions = [line for a in probe.actions for line in self.action(program, lay, a, again)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
@@ -251,7 +235,7 @@ class BpftraceBackend(Backend):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
                               *["  " + line for line in actions], "}"] if probe.kind == "uprobe" else actions
             return_body = []
-            if reentry.marks_at_hit(res, probe, self.target):
+            if self.target.marks_reentry(res, probe):
                 entry_body = entry_body + [f'@{self.reentered_map(lay)}[tid] = reg("sp");  '
                                            "// a tail jump in this call may enter a probed function again"]
         why_not = ("" if self.offset(probe, probe.path) else
@@ -274,7 +258,7 @@ class BpftraceBackend(Backend):
                  "line": probe.span.line, "column": probe.span.column, "filter": self.filter(program.scope),
                  "entry": f"uprobe:{probe_path(s.path)}:0x{s.address:x}",
                  "entry_body": [f'@{self.reentered_map(lay)}[tid] = reg("sp");'], "ret": "", "return_body": []}
-                for s in reentry.branch_sites(probe, self.target)]
+                for s in self.target.reentry_branches(probe)]
 
     def offset(self, probe: ir.Probe, path: str) -> str:
         """"+N" where the probe sits inside the function (placement), else "" (the entry)."""
@@ -317,12 +301,12 @@ class BpftraceBackend(Backend):
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
                 "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else [])
                                               + ([f"@{self.reentered_map(lay)}"]
-                                                 if reentry.uses_map(res, self.target) else []))),
+                                                 if any(self.target.asks_reentry(p) for p in res.probes) else []))),
             })
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource
             ending[0]["declared"] += ([f"let @probedsl_images = hash({layout.THREADS});",
-                                       f"let @probedsl_ended = hash({images.ENDED_IMAGES});"]
+                                       f"let @probedsl_ended = hash({layout.ENDED_IMAGES});"]
                                       if self.target.map_declarations else [])
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import List, Optional, Tuple
+
+from .errors import ProbedslError
+
+TASK_COMM_LEN = 16            # the kernel keeps a process name in 16 bytes, its NUL included
 
 
 def process_alive(pid: int) -> bool:
@@ -101,3 +106,14 @@ def kernel_release() -> Tuple[int, int]:
         return int(major), int(minor)
     except ValueError:
         return 0, 0
+
+
+def valid_comm(comm: str) -> str:
+    """comm, if the kernel could name a process so; else a one-line error."""
+    raw = comm.encode()
+    if not raw or len(raw) >= TASK_COMM_LEN:
+        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
+                            "(the kernel keeps only the first 15)")
+    if re.search(r"[\x00-\x1f\x7f]", comm):
+        raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
+    return comm

@@ -13,7 +13,8 @@ behind can never hide one). Where the branches cannot be probed (bpftrace built 
 the probe of the function holding them leaves the mark after each of its releases. A function
 whose every call is such a jump (the thunk) is not probed at all in that file (`forwards`).
 
-The code reached from each probed release function by jumps (not calls: a call pushes, and a
+Which of these a target probes, and how the generated code tells the second hit, is the
+target's (probedsl.targets.base: reentries). The code reached from each probed release function by jumps (not calls: a call pushes, and a
 callee's release is another call) is decoded with iced-x86, up to MAX_INSTRUCTIONS.
 """
 from __future__ import annotations
@@ -23,10 +24,11 @@ import os
 from dataclasses import dataclass, replace as _replace
 from typing import Dict, Optional, Tuple
 
-from . import elf, ir, placement
+from . import elf, ir
+from .x86 import LOOKAHEAD
 
 MAX_INSTRUCTIONS = 20000       # decoded per probed function and file (glibc's free: ~2,000)
-WINDOW = 15 * placement.LOOKAHEAD  # a branch landing this close to an entry may pass its probe
+WINDOW = 15 * LOOKAHEAD  # a branch landing this close to an entry may pass its probe
 
 
 @dataclass(frozen=True)
@@ -69,34 +71,6 @@ def apply(program: ir.Program) -> ir.Program:
             probes.append(p)
         resources.append(_replace(res, probes=tuple(probes)))
     return _replace(program, resources=tuple(resources))
-
-
-def passing(probe: ir.Probe, target) -> list:
-    """The branches entering the probe again that pass where the target attaches it."""
-    return [s for s in probe.reentered if s.target <= target.attaches_at(probe, s.path)]
-
-
-def branch_sites(probe: ir.Probe, target) -> list:
-    """The branches the target probes by address: none for a target attaching at entries only
-    (a bpftrace built without bfd refuses a probe by address)."""
-    return passing(probe, target) if target.probe_offsets else []
-
-
-def checks(probe: ir.Probe, target) -> bool:
-    """Whether the probe's release of an unknown key asks whether it is a second hit."""
-    return bool(passing(probe, target))
-
-
-def marks_at_hit(res: ir.Resource, probe: ir.Probe, target) -> bool:
-    """Whether the probe itself leaves (thread, rsp) after its release: where the branches
-    cannot be probed, the function whose code holds them leaves it on every call instead (its
-    rsp at the entry is the branch's)."""
-    return not target.probe_offsets and any(s.origin == probe.function for p in res.probes
-                                            for s in passing(p, target))
-
-
-def uses_map(res: ir.Resource, target) -> bool:
-    return any(checks(p, target) for p in res.probes)
 
 
 def _same_actions(a: ir.Probe, b: ir.Probe) -> bool:
@@ -206,9 +180,3 @@ def _plt_slots(path: str, _mtime_ns: int) -> Dict[int, str]:
     except Exception:          # pyelftools on a damaged file raises many kinds: no stubs named
         return {}
     return slots
-
-
-def still_there(path: str, address: int, expected_hex: str) -> bool:
-    """Whether the file still holds the branch found there (a loader may run elsewhere)."""
-    syms = elf.symbols(path)
-    return bool(syms and expected_hex) and syms.read(address, len(expected_hex) // 2).hex() == expected_hex

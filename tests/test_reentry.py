@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import BACKENDS, FIXTURES, probedsl, report_json
-from probedsl import compiler, elf, placement, reentry, targets
+from probedsl import compiler, elf, placement, reentry, targets, x86
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_the_jump_back_is_found_and_the_forwarding_function_left_unprobed(traced
     (site,) = put.reentered
     assert (site.target, site.origin) == (0, "block_put")
     assert syms.function_at(site.address) == ("block_put", site.address - syms.address_of("block_put"))
-    assert reentry.still_there(exe, site.address, site.code) and site.code.startswith(("eb", "e9"))
+    assert x86.still_at(exe, site.address, site.code) and site.code.startswith(("eb", "e9"))
     # block_put_array is `jmp block_put`, block_put_nothrow `jmp block_put_array`: every call of
     # either is a call of block_put, whose probe alone is attached
     for forwarding in (array, probes["block_put_nothrow"]):

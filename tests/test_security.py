@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from probedsl import debuginfo, elf, escape, notices, unwind_tables
+from probedsl import debuginfo, elf, escape, notices, stackformat, unwind_tables
 from probedsl.sourcelines import SourceLines
 
 from conftest import MEMLEAK, probedsl, report_json
@@ -198,7 +198,7 @@ def test_a_cache_owned_by_nobody_is_ignored(build, tmp_path):
     forged = tmp_path / "forged"
     rows = forged / "probedsl" / "unwind-rows"
     rows.mkdir(parents=True)
-    (rows / f"{ident}.v3").write_bytes(struct.pack("<IBBhi", 0, unwind_tables.OUTERMOST, 0, 0, 0))
+    (rows / f"{ident}.v3").write_bytes(struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0))
     nobody_owned(forged)
     clean = tmp_path / "clean"
     clean.mkdir(mode=0o700)
@@ -224,7 +224,7 @@ def test_cached_rows_of_the_wrong_shape_are_discarded(tmp_path, monkeypatch):
     for bad in (good[:-5],                                           # not whole rows
                 good[12:24] + good[:12] + good[24:],                 # pcs out of order
                 struct.pack("<IBBhi", 0, 9, 0, 0, 0) + good[12:],    # an unknown kind
-                struct.pack("<IBBhi", 0, unwind_tables.OUTERMOST, 0, 0, 0)):   # the forgery
+                struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0)):   # the forgery
         cached.write_bytes(bad)
         assert unwind_tables.rows_of(LIBC) == decoded
     assert len([n for n in notices.all_notes() if "discarded" in n]) == 4, notices.all_notes()

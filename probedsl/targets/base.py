@@ -4,9 +4,11 @@ The CLI, session, estimate and report ask a target; none of them names a backend
 """
 from __future__ import annotations
 
-from typing import ClassVar, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from probedsl import ir
+from probedsl.errors import Span
 
 Version = Tuple[int, int, int]
 
@@ -49,14 +51,6 @@ class Target:
         """"bpftrace 0.23.2" or, with no tracer installed, "bpftrace 0.20-0.23"."""
         return f"{self.backend} {version_text(self.version) if self.version else self.range_text()}"
 
-    def generator(self):
-        """The code generator for this target (a probedsl.backends.Backend)."""
-        raise NotImplementedError
-
-    def driver(self, program: ir.Program, generated):
-        """The runtime driver for one generated program (probedsl.drivers.base.Driver)."""
-        raise NotImplementedError
-
     def scopes_uprobes(self, scope: ir.Scope) -> bool:
         """Whether the kernel keeps uprobes off processes outside the scope (no bystander trap)."""
         if scope.mode == "comm":
@@ -66,6 +60,27 @@ class Target:
     def attaches_at(self, probe: ir.Probe, path: str) -> int:
         """The offset in the function where this target attaches the probe (0: its entry)."""
         return probe.place_in(path)[0] if self.probe_offsets else 0
+
+    # tail jumps that enter a probed release again within one call (probedsl/reentry.py)
+    def reentries(self, probe: ir.Probe) -> list:
+        """The branches entering the probe again that pass where this target attaches it."""
+        return [s for s in probe.reentered if s.target <= self.attaches_at(probe, s.path)]
+
+    def reentry_branches(self, probe: ir.Probe) -> list:
+        """Those this target probes by address: none where it attaches at entries only (a
+        bpftrace built without bfd refuses a probe by address)."""
+        return self.reentries(probe) if self.probe_offsets else []
+
+    def asks_reentry(self, probe: ir.Probe) -> bool:
+        """Whether the probe's release of an unknown key asks whether it is a second hit."""
+        return bool(self.reentries(probe))
+
+    def marks_reentry(self, res: ir.Resource, probe: ir.Probe) -> bool:
+        """Whether the probe itself leaves (thread, rsp) after its release: where the branches
+        cannot be probed, the function whose code holds them does on every call (its rsp at the
+        entry is the branch's)."""
+        return not self.probe_offsets and any(s.origin == probe.function for p in res.probes
+                                              for s in self.reentries(p))
 
     def notes(self, program: ir.Program) -> List[str]:
         """What this target cannot do for the program, said once at start."""
@@ -83,3 +98,24 @@ class Target:
                              f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
                              "probe there")
         return notes
+
+
+@dataclass
+class Generated:
+    """Backend text plus a map from generated line (1-based) to the recipe span it came from."""
+    text: str
+    line_map: Dict[int, Span] = field(default_factory=dict)
+    loader: str = ""          # BCC: the Python loader that runs the C text
+    manifest: dict = field(default_factory=dict)  # BCC: what the loader attaches
+
+    @property
+    def standalone(self) -> str:
+        """What `probedsl compile` prints: the loader that runs the text, or the text itself."""
+        return self.loader or self.text
+
+    def recipe_span(self, line: int):
+        best = None
+        for gen_line, span in sorted(self.line_map.items()):
+            if gen_line <= line:
+                best = span
+        return best
