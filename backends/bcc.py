@@ -94,9 +94,10 @@ class BccBackend(Backend):
         return f"{lay.counters}.increment({int(counter)});  // {counter.label}"
 
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, ctx: str = "ctx",
-               ustack: str = "") -> List[str]:
+               ustack: str = "", again: bool = False) -> List[str]:
         """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE); ustack: a variable
-        holding the stack already taken, else the action takes it."""
+        holding the stack already taken, else the action takes it; again: a release of an unknown
+        key asks whether it is its call's second hit."""
         n, live = lay.name, lay.live
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
@@ -152,8 +153,13 @@ class BccBackend(Backend):
                                "if (slot) __sync_fetch_and_add(slot, 1);"]
                 else:
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
+            unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
+            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+                unknown = [f"u64 *again = {n}_reentered.lookup(&tid);",
+                           f"if (again && *again == PT_REGS_SP(ctx)) {n}_reentered.delete(&tid);",
+                           f"else {unknown[0]}"]
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
-                          *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+                          *["  " + s for s in hit], "} else {", *["  " + s for s in unknown], "}"]
             if action.through is not None:
                 # the range's keys, one by one; most were never acquired (close_range(3, ~0U)):
                 # no unknown release
@@ -162,7 +168,7 @@ class BccBackend(Backend):
                         "#pragma clang loop unroll(disable)",
                         f"for (u32 i = 0; i < {int(self.target.range_keys)}; i++) {{", "  if (first + i > last) break;",
                         *["  " + s for s in key[:-1]], f"  k.k[{last}] = first + i;",
-                        *["  " + s for s in body[len(key):-3]], "  }", "}"]
+                        *["  " + s for s in body[len(key):-(2 + len(unknown))]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
@@ -183,7 +189,8 @@ class BccBackend(Backend):
             actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx)} : -1;"]
             actions += [line for a in probe.actions for line in self.action(program, lay, a, ctx, "ustack")]
         else:
-            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
+            again = probe.kind == "uprobe" and self.target.asks_reentry(probe)
+            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx, again=again)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == ir.ProbeKind.TRACEPOINT:
             category, event = probe.function.split(":")
@@ -210,10 +217,18 @@ class BccBackend(Backend):
                    f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
         else:
             entry, ret = nest + actions, []
+        sites = self.target.reentry_branches(probe)
+        # each branch entering the probe again leaves the thread's stack pointer for that hit
+        then = [{"label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
+                                       "(a tail jump: the same call)"),
+                 "line": probe.span.line, "column": probe.span.column, "filtered": True, "tracepoint": None,
+                 "entry_fn": f"{fn}_reentry{i}", "return_fn": "", "return_body": [], "placed": "", "site": s,
+                 "entry_body": ["u64 sp = PT_REGS_SP(ctx);", f"{n}_reentered.update(&tid, &sp);"]}
+                for i, s in enumerate(sites)]
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "entry_fn": fn + "_entry", "entry_body": entry,
                 "return_fn": fn + "_return" if probe.at_return else "", "return_body": ret,
-                "placed": self.placed(probe, probe.path)}
+                "placed": self.placed(probe, probe.path), "then": then}
 
     def syscall_views(self, probe: ir.Probe, lay: ResourceLayout, actions: List[str]) -> dict:
         """A system call's entry and exit tracepoints (two views, rendered one after the other):
@@ -307,7 +322,12 @@ class BccBackend(Backend):
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
                                 "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
-                               for path in probe.files]
+                               for path in probe.attached_files]
+                    # by address, in that file only: the code is checked again before attaching
+                    probes += [{"path": t["site"].path, "library": probe.library, "function": probe.function,
+                                "reentry": True, "address": t["site"].address, "code": t["site"].code,
+                                "offset": 0, "entry": t["entry_fn"], "return": "",
+                                "also": t["site"].path != probe.path} for t in view.get("then", ())]
         return {
             "recipe": program.name, "target": program.scope.mode, "comm": program.scope.comm,
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
@@ -327,6 +347,7 @@ class BccBackend(Backend):
             rendered = [v for view in res_views for v in (view, *view.get("then", ()))]
             resources.append({
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
+                "reentered": any(self.target.asks_reentry(p) for p in res.probes),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
                 "key_names": ", ".join(res.key_names)})
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)

@@ -96,6 +96,8 @@ class BpftraceBackend(Backend):
         values = ", ".join("(uint64)0" if f == "image" else LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode)
                            for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
+        if any(self.target.asks_reentry(p) for p in res.probes):
+            lines.append(f"@{self.reentered_map(lay)}[tid] = {_u64('0')};")
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
         return lines
@@ -121,6 +123,8 @@ class BpftraceBackend(Backend):
         maps = [("hash", lay.live, lay.live_size)]
         if any(p.at_return for p in res.probes):
             maps.append(("hash", lay.scratch, lay.scratch_size))
+        if any(self.target.asks_reentry(p) for p in res.probes):
+            maps.append(("hash", self.reentered_map(lay), lay.scratch_size))
         for t in lay.tallies:
             if t.keys:
                 maps += [("percpuhash", t.map, t.size), ("percpuhash", t.seen_map, t.size)]
@@ -145,7 +149,8 @@ class BpftraceBackend(Backend):
     def count(self, lay: ResourceLayout, counter: Counter) -> str:
         return f"@{lay.counter_map(counter)} = count();"
 
-    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
+    def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, again: str = "") -> List[str]:
+        """again: the map holding each thread's rsp at a tail jump, for a release that asks."""
         key = self.key(action)
         if action.through is not None:       # the range's keys, one by one: $first + $n
             key = key[:-1] + ["$first + $n"]
@@ -180,13 +185,17 @@ class BpftraceBackend(Backend):
             else:
                 keys = ", ".join(f"$v.{lay.fields.index(k)}" for k in lay.lifetime.keys)
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
+            unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
+            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+                unknown = [f'if ({again}[tid] == reg("sp")) {{', f"  {self.delete(again, ['tid'])}",
+                           "} else {", f"  {unknown[0]}", "}"]
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
-                    "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+                    *["  " + s for s in unknown], "}"]
             if action.through is not None:
                 # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
                 body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
                         "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
-                        *["  " + s for s in body[:-3]], "  }", "  $n = $n + 1;", "}"]
+                        *["  " + s for s in body[:-(2 + len(unknown))]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
@@ -205,9 +214,9 @@ class BpftraceBackend(Backend):
         if probe.kind == ir.ProbeKind.UPROBE:
             if not probe.path:
                 raise ProbedslError(f"{probe.label}: library not resolved")
-            paths = [probe_path(p) for p in probe.files]
+            paths = [probe_path(p) for p in probe.attached_files]
             entry = ", ".join(f"uprobe:{probe_path(path)}:{probe.function}{self.offset(probe, path)}"
-                              for path in probe.files)
+                              for path in probe.attached_files)
             ret = ", ".join(f"uretprobe:{path}:{probe.function}" for path in paths)
         elif probe.kind == ir.ProbeKind.USDT:        # bpftrace reads the note: every site, its arguments, its semaphore
             entry, ret = f"usdt:{probe_path(probe.path)}:{probe.function}", ""
@@ -220,7 +229,8 @@ class BpftraceBackend(Backend):
             entry, ret = f"tracepoint:{probe.function}", ""
         else:
             raise ProbedslError(f"{probe.label}: bpftrace has no lowering for a {probe.kind.value} probe")
-        actions = [line for a in probe.actions for line in self.action(program, lay, a)]
+        again = f"@{self.reentered_map(lay)}" if self.target.asks_reentry(probe) else ""
+        actions = [line for a in probe.actions for line in self.action(program, lay, a, again)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
         if probe.at_return:
@@ -245,6 +255,9 @@ class BpftraceBackend(Backend):
                 entry_body = [f"$s = {scratch};", 'if ($s.0 == 0 || $s.1 <= reg("sp")) {',
                               *["  " + line for line in actions], "}"] if probe.kind == ir.ProbeKind.UPROBE else actions
             return_body = []
+            if self.target.marks_reentry(res, probe):
+                entry_body = entry_body + [f'@{self.reentered_map(lay)}[tid] = reg("sp");  '
+                                           "// a tail jump in this call may enter a probed function again"]
         why_not = ("" if self.offset(probe, probe.path) else
                    "bpftrace puts a uretprobe at a function's entry only, and both would trap" if probe.at_return
                    else f"bpftrace {self.target.range_text()} attaches at entries only")
@@ -252,6 +265,20 @@ class BpftraceBackend(Backend):
         return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
+
+    @staticmethod
+    def reentered_map(lay: ResourceLayout) -> str:
+        return f"{lay.name}_reentered"
+
+    def reentry_views(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> List[dict]:
+        """A probe on each branch that enters the probe again: the thread's stack pointer, which
+        the second hit compares (a tail jump leaves it as at the call's entry)."""
+        return [{"placed": "", "label": self.comment(f"{s.origin} enters {probe.label} again at 0x{s.address:x} "
+                                                        f"(a tail jump: the same call)"),
+                 "line": probe.span.line, "column": probe.span.column, "filter": self.filter(program.scope),
+                 "entry": f"uprobe:{probe_path(s.path)}:0x{s.address:x}",
+                 "entry_body": [f'@{self.reentered_map(lay)}[tid] = reg("sp");'], "ret": "", "return_body": []}
+                for s in self.target.reentry_branches(probe)]
 
     def offset(self, probe: ir.Probe, path: str) -> str:
         """"+N" where the probe sits inside the function (placement), else "" (the entry)."""
@@ -263,7 +290,7 @@ class BpftraceBackend(Backend):
         filtered like the program (the cheapest probe: an empty-bodied counter at entry)."""
         filt = self.filter(program.scope)
         lines = [f"uprobe:{probe_path(path)}:{p.function} {filt} {{ @calls[probe] = count(); }}"
-                 for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.files]
+                 for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.attached_files]
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
     def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
@@ -286,12 +313,15 @@ class BpftraceBackend(Backend):
                 "name": res.name, "key_names": ", ".join(res.key_names), "fields": ", ".join(lay.fields),
                 "live": f"@{lay.live}", "declared": self.declarations(res, lay) if self.target.map_declarations else [],
                 "typing": self.typing_writes(res, lay) if self.target.type_maps_first else [],
-                "probes": [self.probe_view(program, res, lay, p) for p in self.attach_order(res.probes)],
+                "probes": [view for p in self.attach_order(res.probes) if p.attached_files or p.kind != "uprobe"
+                           for view in (*self.reentry_views(program, lay, p), self.probe_view(program, res, lay, p))],
                 "printed": maps, "scratch": scratch,
                 "tallies": [f"@{t.map}[{', '.join(t.keys)}] = sum of (bytes << {TALLY_SHIFT}) + 1 "
                             f"per live entry of the group, kept at acquire and release" for t in lay.tallies],
                 # bpftrace prints every map left at exit: clear the large ones nobody asked for
-                "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else []))),
+                "cleared": list(dict.fromkeys(maps + [f"@{lay.live}"] + ([scratch] if scratch else [])
+                                              + ([f"@{self.reentered_map(lay)}"]
+                                                 if any(self.target.asks_reentry(p) for p in res.probes) else []))),
             })
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource

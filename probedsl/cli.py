@@ -96,6 +96,8 @@ def check(recipe):
     for label, function, offset, instruction, path in compiler.placements(program):
         click.echo(f"  {label}: probed at {function}+{offset} ({instruction}, emulated; its "
                    f"entry's instruction is single-stepped) in {path}")
+    for line in compiler.tail_jumps(program):
+        click.echo(f"  {line}")
 
 
 @cli.command()

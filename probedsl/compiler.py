@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, printer, procfs, resolve, targets
+from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, printer, procfs, reentry, resolve, targets
 from . import backends
 from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
@@ -157,6 +157,7 @@ def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
         program = choices.private(program)
     if choices.placed:
         program = placement.apply(program)
+    program = reentry.apply(program)       # where it is placed (or at entries), tail jumps
     return program, notes
 
 
@@ -196,6 +197,17 @@ def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) 
 def dump(program: ir.Program) -> str:
     """The IR and the storage it needs, as `compile --dump ir` prints them."""
     return printer.dump(program) + layout.dump(program)
+
+
+def tail_jumps(program: ir.Program) -> List[str]:
+    """What check says of tail jumps into probed releases (probedsl.reentry)."""
+    lines = []
+    for probe in (p for r in reentry.apply(placement.apply(program)).resources for p in r.probes):
+        lines += [f"{probe.label}: not probed in {path}: each call is a jump to another probed function"
+                  for path in probe.forwards]
+        lines += [f"{probe.label}: entered again within one {s.origin} call by the tail jump at 0x{s.address:x} "
+                  f"in {s.path} (told apart, not counted twice)" for s in probe.reentered]
+    return lines
 
 
 def placements(program: ir.Program) -> List[Tuple[str, str, int, str, str]]:

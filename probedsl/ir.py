@@ -168,6 +168,11 @@ class Probe:
     optional: bool = False
     # usdt: the sites of provider:name in `path` (probedsl.usdt.Site), each a uprobe
     sites: Tuple[Any, ...] = ()
+    # branches that enter this function's probed instructions again within one call (tail
+    # jumps, probedsl.reentry.Site): the hit after one is that call's second, not counted
+    reentered: Tuple[Any, ...] = ()
+    # files where every call of this function jumps to another probed one: not probed there
+    forwards: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ProbeKind(self.kind))     # a name from a test or a dump
@@ -175,6 +180,11 @@ class Probe:
     @property
     def files(self) -> Tuple[str, ...]:
         return (self.path, *self.also) if self.path else ()
+
+    @property
+    def attached_files(self) -> Tuple[str, ...]:
+        """The files this probe is attached to (all but those where it only forwards)."""
+        return tuple(f for f in self.files if f not in self.forwards)
 
     def place_in(self, path: str) -> Tuple[int, str]:
         """(offset from the entry, instruction there) in that file; (0, "") at the entry."""

@@ -77,6 +77,12 @@ def still_there(path: str, function: str, offset: int, expected_hex: str) -> boo
     return bool(expected_hex) and _bytes(path, function, offset).hex() == expected_hex
 
 
+def still_at(path: str, address: int, expected_hex: str) -> bool:
+    """Whether the file still holds these bytes at this address (a branch probedsl.reentry found)."""
+    syms = elf.symbols(path)
+    return bool(syms and expected_hex) and syms.read(address, len(expected_hex) // 2).hex() == expected_hex
+
+
 def _bytes(path: str, function: str, offset: int) -> bytes:
     syms = elf.symbols(path)
     address = syms.address_of(function) if syms else None

@@ -264,6 +264,9 @@ class BccLoader:
         """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
         offset (probedsl.placement: the return address is still at [rsp] there). A usdt site by
         its address, the kernel raising its semaphore while the uprobe is on."""
+        if p.get("reentry"):      # a branch of that file (probedsl.reentry), by its address
+            self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
+            return
         if p.get("usdt"):
             _semaphore.offset = p["ref_ctr"]
             try:
@@ -283,6 +286,8 @@ class BccLoader:
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
         for p in self.manifest["probes"]:
+            if p.get("gone"):         # the branch is not in the file any more: nothing enters again there
+                continue
             try:
                 self._attach_one(p, p["path"], True, scope)
             except Exception as exc:                  # BCC raises bare Exception
@@ -386,7 +391,8 @@ class BccLoader:
         if roots.root_prefix(pid) == "":
             return True
         copies: Dict[str, List[str]] = {}
-        uprobes = [p for p in self.manifest["probes"] if not p.get("usdt")]   # usdt: the program's own files
+        # usdt: the program's own files; a reentry branch: an address in the file it was found in
+        uprobes = [p for p in self.manifest["probes"] if not p.get("usdt") and not p.get("reentry")]
         for p in uprobes:
             if p["library"] not in copies:
                 mapped = LibraryResolver(pid=pid).resolve(p["library"])
@@ -636,6 +642,8 @@ def _placed(p: dict) -> dict:
     its placed instruction."""
     if p.get("usdt"):
         return p
+    if p.get("reentry"):
+        return p if x86.still_at(p["path"], p["address"], p["code"]) else dict(p, gone=True)
     offset = p.get("offset", 0)
     if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
         print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "

@@ -64,6 +64,27 @@ class Target:
         """The offset in the function where this target attaches the probe (0: its entry)."""
         return probe.place_in(path)[0] if self.probe_offsets else 0
 
+    # tail jumps that enter a probed release again within one call (probedsl/reentry.py)
+    def reentries(self, probe: ir.Probe) -> list:
+        """The branches entering the probe again that pass where this target attaches it."""
+        return [s for s in probe.reentered if s.target <= self.attaches_at(probe, s.path)]
+
+    def reentry_branches(self, probe: ir.Probe) -> list:
+        """Those this target probes by address: none where it attaches at entries only (a
+        bpftrace built without bfd refuses a probe by address)."""
+        return self.reentries(probe) if self.probe_offsets else []
+
+    def asks_reentry(self, probe: ir.Probe) -> bool:
+        """Whether the probe's release of an unknown key asks whether it is a second hit."""
+        return bool(self.reentries(probe))
+
+    def marks_reentry(self, res: ir.Resource, probe: ir.Probe) -> bool:
+        """Whether the probe itself leaves (thread, rsp) after its release: where the branches
+        cannot be probed, the function whose code holds them does on every call (its rsp at the
+        entry is the branch's)."""
+        return not self.probe_offsets and any(s.origin == probe.function for p in res.probes
+                                              for s in self.reentries(p))
+
     def notes(self, program: ir.Program) -> List[str]:
         """What this target cannot do for the program, said once at start."""
         scope = program.scope
