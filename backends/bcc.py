@@ -96,7 +96,7 @@ class BccBackend(Backend):
             deferred = self.defers(program, lay)
             # deferred: the unwinder program takes the stack once the program's actions are done
             v += [setters[f] for f in lay.fields if f != "time" and not (deferred and f == "ustack")]
-            store = [f"{n}_defer(&k, &v, &deferred);"] if deferred else self.store(lay)
+            store = [f"{n}_defer_entry(&k, &v, &deferred);"] if deferred else self.store(lay)
             recorded = key + v + store
             if program.sample > 1:
                 recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
@@ -246,7 +246,7 @@ class BccBackend(Backend):
         return ["int deferred = 0;", *actions,
                 "if (deferred) {",
                 f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-                f"  {lay.name}_finish_pending(-1);  // (it is not loaded: stored without a stack)",
+                f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
                 "  probedsl_unw_release();",
                 "}"]
 
