@@ -29,8 +29,8 @@ struct probedsl_unw_scratch_t { u64 ip[128]; };
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
 // program on the same CPU then gets no stack (counted as one without) rather than garbling it.
-// An acquire program sets it as it defers its first entry (the resource's _defer), and the
-// unwinder program clears it once it stored them.
+// An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
+// the unwinder program clears it once it stored them.
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 // The unwinder is one program, verified once, that every acquire program tail-calls (a tail
 // call keeps the context: the registers to start from); one per program type.
@@ -302,7 +302,7 @@ struct heap_pending_t { u32 n; u32 pad; struct heap_key_t k[1]; struct heap_live
 BPF_PERCPU_ARRAY(heap_pending, struct heap_pending_t, 1);
 
 // store one new entry and add it to its tallies
-static __always_inline void heap_acquired(struct heap_key_t *kp, struct heap_live_t *vp)
+static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_live_t *vp)
 {
     struct heap_key_t k = *kp;
     struct heap_live_t v = *vp;
@@ -322,7 +322,7 @@ static __always_inline void heap_acquired(struct heap_key_t *kp, struct heap_liv
 }
 
 // keep a new entry for the unwinder program; *deferred: this program holds the walk's scratch
-static __always_inline void heap_defer(struct heap_key_t *k, struct heap_live_t *v, int *deferred)
+static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_live_t *v, int *deferred)
 {
     u32 zero = 0;
     u32 *busy = probedsl_unw_busy.lookup(&zero);
@@ -337,7 +337,7 @@ static __always_inline void heap_defer(struct heap_key_t *k, struct heap_live_t 
     }
     if (!busy || !p || p->n >= heap_PENDING) {     // no stack for this one
         v->ustack = -1;
-        heap_acquired(k, v);
+        heap_store_entry(k, v);
         return;
     }
     u32 i = p->n & (heap_PENDING - 1);
@@ -346,7 +346,7 @@ static __always_inline void heap_defer(struct heap_key_t *k, struct heap_live_t 
     p->n = i + 1;
 }
 
-static __always_inline void heap_finish_pending(s64 ustack)
+static __always_inline void heap_store_pending(s64 ustack)
 {
     u32 zero = 0;
     struct heap_pending_t *p = heap_pending.lookup(&zero);
@@ -355,7 +355,7 @@ static __always_inline void heap_finish_pending(s64 ustack)
     for (u32 i = 0; i < heap_PENDING; i++) {
         if (i >= p->n) break;
         p->v[i].ustack = ustack;
-        heap_acquired(&p->k[i], &p->v[i]);
+        heap_store_entry(&p->k[i], &p->v[i]);
     }
     p->n = 0;
 }
@@ -395,11 +395,11 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -441,11 +441,11 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -501,11 +501,11 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -562,11 +562,11 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -608,11 +608,11 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -653,11 +653,11 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -698,11 +698,11 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -743,11 +743,11 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
       v.image = probedsl_image();
-      heap_defer(&k, &v, &deferred);
+      heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_finish_pending(-1);  // (it is not loaded: stored without a stack)
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
       probedsl_unw_release();
     }
     return 0;
@@ -781,7 +781,7 @@ int heap_free_10_entry(struct pt_regs *ctx)
 // the unwinder programs: take the stack, store the entries the calling program deferred
 static __always_inline void probedsl_finish_deferred(s64 ustack)
 {
-    heap_finish_pending(ustack);
+    heap_store_pending(ustack);
     probedsl_unw_release();
 }
 
