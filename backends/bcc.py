@@ -221,7 +221,10 @@ class BccBackend(Backend):
         for i, site in enumerate(probe.sites):
             self.usdt_site = site
             try:
-                body = [line for a in probe.actions for line in self.action(program, lay, a, "ctx")]
+                if self.defers(program, lay) and any(a.kind == "acquire" for a in probe.actions):
+                    body = self.deferring(program, probe, lay, "ctx")
+                else:
+                    body = [line for a in probe.actions for line in self.action(program, lay, a, "ctx")]
             finally:
                 self.usdt_site = None
             sites.append({"entry_fn": f"{fn}_site{i}", "entry_body": body, "address": site.address,
