@@ -7,30 +7,45 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import layout, stackformat
 from probedsl.layout import Counter, ResourceLayout
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
+from .base import Backend
+
+
+
+def usdt_read(loc, ctx: str) -> str:
+    """A C expression (a statement expression for memory) giving the argument as a u64, as
+    the probed code saw it: sign- or zero-extended from its size."""
+    ctype = {1: "s8", 2: "s16", 4: "s32", 8: "s64"}[loc.size] if loc.signed else \
+        {1: "u8", 2: "u16", 4: "u32", 8: "u64"}[loc.size]
+    if loc.constant is not None:
+        return f"(u64)(s64){int(loc.constant)}"
+    if not loc.memory:
+        return f"(u64)({ctype}){ctx}->{loc.register}"
+    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
+            f"({int(loc.offset)}))); (u64)v_; }})")
 
 
 def _arg(self, v: ir.Arg) -> str:
     if self.usdt_site is not None:            # where this site's note says the argument is
-        return usdt.bcc_read(usdt.location(self.usdt_site.args[v.index]), "ctx")
+        return usdt_read(self.usdt_site.location(v.index), "ctx")
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the unwinder's constants, shared with probedsl.unwind_tables and probedsl.stacktrust
+# the unwinder's numbers, as the runtime writes and reads them (probedsl.stackformat)
 _UNWINDER = {
-    "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
-    "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
-    "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
-    "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
-    "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
-    "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
+    "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
+    "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
+    "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
+    "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
+    "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
+    "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
+    "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
 }
 
 
@@ -149,6 +164,8 @@ class BccBackend(Backend):
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "usdt":
             return self.usdt_view(program, lay, probe)
+        if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
+            raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
@@ -256,12 +273,12 @@ class BccBackend(Backend):
     def unwinder_programs(self, program: ir.Program) -> List[dict]:
         """The unwinder programs the acquire programs tail-call, one per program type: the
         loader loads each and puts it in its array before attaching anything."""
-        kinds = {p.kind for res in program.resources if self.defers(program, layout.of(program, res))
-                 for p in res.probes if any(a.kind == "acquire" for a in p.actions)}
+        kinds = [p.kind for res in program.resources if self.defers(program, layout.of(program, res))
+                 for p in res.probes if any(a.kind == "acquire" for a in p.actions)]
         found = []
-        if kinds & {"uprobe", "usdt"}:
+        if any(k in ("uprobe", "usdt") for k in kinds):
             found.append({"program": "probedsl_unwinder", "array": "probedsl_unwinders", "type": "kprobe"})
-        if "syscall" in kinds:
+        if any(k == "syscall" for k in kinds):
             found.append({"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall",
                           "type": "tracepoint"})
         return found
@@ -313,7 +330,7 @@ class BccBackend(Backend):
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
+                                "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.files]
         return {
@@ -348,7 +365,7 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
-                                   images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
+                                   images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    unw=_UNWINDER, unwinders=[u["program"] for u in unwinders])
         manifest = self.manifest(program, views, layouts)
         if unwinders:

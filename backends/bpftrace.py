@@ -9,13 +9,14 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import images, layout
-from probedsl.targets.bpftrace import TALLY_SHIFT
+from probedsl import layout
+from probedsl.layout import TALLY_SHIFT, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
-SNAPSHOT_MARK = "probedsl:snapshot"
-READY_MARK = "probedsl:ready"
+from .base import Backend
+
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
               "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
@@ -45,25 +46,6 @@ def is_u64(v: ir.Value) -> bool:
         return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
     return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
         (isinstance(v, ir.Deref) and v.size == 8)
-
-
-def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
-    """The counters kept in the kernel; the driver derives the others, saving a map update on
-    every acquire and release (~0.04x of the uprobe floor each): `released` is the number of
-    lifetime-histogram entries, `acquired` is live + released + replaced + untracked, unless
-    sampled (then only the counter is exact). `ungrouped` is BCC's (a failed stack id)."""
-    derived = {Counter.UNGROUPED}
-    if lay.lifetime:
-        derived.add(Counter.RELEASED)
-    res = next(r for r in program.resources if r.name == lay.name)
-    if not any(a.kind == "release" for p in res.probes for a in p.actions):
-        # never written, so never declared: bpftrace refuses to print such a map
-        derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
-    if program.sample == 1:
-        derived.add(Counter.ACQUIRED)
-    if not lay.ends_with_image:
-        derived.add(Counter.ENDED_BY_EXEC)
-    return [c for c in Counter if c not in derived]
 
 
 class BpftraceBackend(Backend):
@@ -214,8 +196,10 @@ class BpftraceBackend(Backend):
             ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
             if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
                 probe, entry, ret = replace(probe, at_return=False), ret, ""
-        else:
+        elif probe.kind == ir.ProbeKind.TRACEPOINT:
             entry, ret = f"tracepoint:{probe.function}", ""
+        else:
+            raise ProbedslError(f"{probe.label}: bpftrace has no lowering for a {probe.kind.value} probe")
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
@@ -292,7 +276,7 @@ class BpftraceBackend(Backend):
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource
             ending[0]["declared"] += ([f"let @probedsl_images = hash({layout.THREADS});",
-                                       f"let @probedsl_ended = hash({images.ENDED_IMAGES});"]
+                                       f"let @probedsl_ended = hash({layout.ENDED_IMAGES});"]
                                       if self.target.map_declarations else [])
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from probedsl import compiler, ir, libraries
+from probedsl import backends, compiler, ir, libraries, targets
 from probedsl.drivers.bcc import _import_bcc
-from probedsl import targets
 
 
 def verified_instructions(fd: int) -> int:
@@ -25,7 +24,7 @@ def measure(recipe: str, stacks: str) -> None:
     bcc = _import_bcc()
     program = compiler.build(compiler.load(recipe), resolver=libraries.LibraryResolver())
     program = program.with_scope(ir.Scope("pid", pid=1)).walking_stacks(stacks)
-    gen = targets.detect("bcc").generator().generate(program)
+    gen = backends.for_target(targets.detect("bcc")).generate(program)
     started = time.monotonic()
     bpf = bcc.BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     compiled = time.monotonic() - started

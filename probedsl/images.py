@@ -17,9 +17,6 @@ from .rundata import Snapshot
 
 Ended = Set[Tuple[int, int]]       # (pid, image)
 
-# the kernel's set of ended images holds this many (pid, image) pairs; past that, an old
-# image's entries stay in the report (runs of this many execs are unusual for a traced program)
-ENDED_IMAGES = 65_536
 
 
 def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterable[Tuple[int, int]]) -> Snapshot:

@@ -62,15 +62,18 @@ def _time(body: bytes) -> int:
 def read_proc_maps(pid: int) -> List[Mapping]:
     result = []
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
-                    continue
-                lo, hi = parts[0].split("-")
-                result.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5].rstrip("\n")))
+        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")         # bounded: the process sets its length
     except OSError:
-        pass
+        return result
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
+            continue
+        try:
+            lo, hi = parts[0].split("-")
+            result.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5]))
+        except ValueError:
+            continue
     return result
 
 

@@ -377,7 +377,7 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
     labels = [label for _, label in rep.columns]
     rows = []
     for group, (nbytes, count, seen) in groups.items():
-        values = {label: (nbytes if fn == "sum" else count) * scale for fn, label in rep.columns}
+        values = {label: ir.Aggregation(fn).of(nbytes, count) * scale for fn, label in rep.columns}
         rows.append((values, count, dict(zip(keys, group), seen=seen)))
     _rank(rows, labels, lambda r: r[2]["seen"])
     shown, rest = _keep(rows, top, complete)
@@ -412,7 +412,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     labels = [label for _, label in rep.columns]
     rows = []
     for members in groups.values():
-        values = {label: (sum(m.size for m in members) if fn == "sum" else len(members)) * scale
+        values = {label: ir.Aggregation(fn).of(sum(m.size for m in members), len(members)) * scale
                   for fn, label in rep.columns}
         rows.append((values, len(members), members))
     _rank(rows, labels, lambda r: min(m.time_ns for m in r[2]))
@@ -475,7 +475,7 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
     stacks = symbolizer.user_stacks([(k.get("pid", 0), k.get("ustack", ())) for k in named]) \
         if "ustack" in keys else [[] for _ in shown]
     entries = []
-    for (key, buckets), fields, stack in zip(shown, named, stacks):
+    for (_key, buckets), fields, stack in zip(shown, named, stacks):
         entries.append(Entry(values={"released": sum(n for _, _, n in buckets)}, oldest_age_s=0.0,
                              pids=[fields["pid"]] if "pid" in fields else [], stack=stack,
                              kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],

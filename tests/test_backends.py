@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from probedsl import ast, compiler, ir, layout, libraries, targets
+from probedsl import ast, backends, checker, compiler, ir, libraries, parser, targets
+from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import MEMLEAK, ROOT
 
@@ -38,7 +39,7 @@ BUNDLED = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))
 
 def backend(name: str):
     """The generator of a backend's newest dialect."""
-    return targets.for_version(name, None).generator()
+    return backends.for_target(targets.for_version(name, None))
 
 
 def assert_golden(text: str, golden, update: bool) -> None:
@@ -52,7 +53,7 @@ def assert_golden(text: str, golden, update: bool) -> None:
 def test_recipe_ir_and_layout_match_golden(recipe, update_golden):
     name = os.path.basename(recipe)[:-len(".probe")]
     program = recipe_program(recipe)
-    assert_golden(ir.dump(program) + layout.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
+    assert_golden(compiler.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
 
 
 @pytest.mark.parametrize("cls", targets.TARGETS, ids=lambda c: f"{c.backend}-{c.range_text()}")
@@ -60,7 +61,7 @@ def test_memleak_program_per_dialect_matches_golden(cls, update_golden):
     suffix = "bt" if cls.backend == "bpftrace" else "c"
     # each target's default stacks: BCC's unwinder is in its program
     program = memleak_program().walking_stacks("dwarf" if cls.dwarf_stacks else "fp")
-    text = cls().generator().generate(program).text
+    text = backends.for_target(cls()).generate(program).text
     assert_golden(text, GOLDEN / f"memleak.{cls.backend}-{cls.range_text()}.{suffix}", update_golden)
 
 
@@ -124,7 +125,7 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
     program = built(recipe, sampled).with_scope(scope)
     script = tmp_path / "p.bt"
     target = targets.detect("bpftrace")
-    script.write_text(target.generator().generate(program, ready_pid=1).text)
+    script.write_text(backends.for_target(target).generate(program, ready_pid=1).text)
     argv = ["bpftrace", *target.check_options(str(tmp_path / "p.o")), str(script)] + target.positional(scope)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -138,7 +139,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
     dwarf, the unwinder is verified once, in its own program, which no acquire program inlines."""
     from bcc import BPF
     program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
-    gen = targets.detect("bcc").generator().generate(program)
+    gen = backends.for_target(targets.detect("bcc")).generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
@@ -169,5 +170,30 @@ def test_control_characters_in_a_description_stay_out_of_generated_text():
     recipe = parser.parse(source, "m.probe")
     program = compiler.build(recipe).with_scope(ir.Scope("pid", pid=1))
     for cls in targets.TARGETS:
-        text = cls().generator().generate(program).text
+        text = backends.for_target(cls()).generate(program).text
         assert "\x00" not in text and "\x1b" not in text and "Heap blocks" in text
+
+
+class _NewKind(str):
+    """A probe kind no generator lowers yet (what adding one to ir.ProbeKind starts as)."""
+    value = "newkind"
+
+
+@pytest.mark.parametrize("name", ["bpftrace", "bcc"])
+def test_a_probe_kind_a_generator_does_not_lower_is_refused_by_name(name):
+    program = compiler.build(compiler.load(MEMLEAK))
+    res = program.resources[0]
+    probe = res.probes[0]
+    object.__setattr__(probe, "kind", _NewKind("newkind"))
+    with pytest.raises(ProbedslError, match=f"{name if name == 'bpftrace' else 'BCC'} has no lowering for a newkind probe"):
+        backends.for_target(targets.for_version(name, None)).generate(program)
+
+
+def test_two_columns_of_one_name_are_refused_where_the_second_is():
+    source = ('recipe t "two columns"\nresource heap keyed by (pid, address) {\n'
+              "  acquire libc:malloc(size) -> (pid, ret) when ret != 0 size = size\n"
+              "  release libc:free(ptr) -> (pid, ptr)\n  record size, ustack, pid\n}\n"
+              "report outstanding heap by ustack: sum(size) as x, count() as x\n")
+    with pytest.raises(RecipeError) as exc:
+        checker.check(parser.parse(source, "t.probe"))
+    assert "t.probe:7:" in exc.value.render() and "column 'x' is already in this report" in exc.value.render()

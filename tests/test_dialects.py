@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from probedsl import compiler, ir, targets
+from probedsl import backends, compiler, ir, targets
 
 from conftest import ROOT
 
@@ -18,7 +18,7 @@ def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
     from bcc import BPF
     program = compiler.build(compiler.load(str(ROOT / "recipes" / f"{recipe}.probe")))
     program = program.with_scope(ir.Scope("pid", pid=1)).walking_stacks("dwarf")
-    gen = targets.detect("bcc").generator().generate(program)
+    gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_unw_rows" in gen.text        # the unwinder is in the program
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
@@ -33,7 +33,7 @@ def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
 # --- bpftrace: each dialect flag, with the text it changes --------------------------------
 def memleak_text(version, scope=ir.Scope("pid", pid=4242)) -> str:
     from test_backends import memleak_program
-    return targets.for_version("bpftrace", version).generator().generate(memleak_program(scope)).text
+    return backends.for_target(targets.for_version("bpftrace", version)).generate(memleak_program(scope)).text
 
 
 def test_bpftrace_027_is_a_dialect_of_its_own():

@@ -9,7 +9,7 @@ import pytest
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import checker, compiler, parser, targets
+from probedsl import backends, checker, compiler, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl
@@ -26,7 +26,7 @@ def pipeline(text: str):
     recipe = parser.parse(text, "fuzz.probe")
     checker.check(recipe)
     program = compiler.build(recipe)
-    return program, [cls().generator().generate(program) for cls in targets.TARGETS]
+    return program, [backends.for_target(cls()).generate(program) for cls in targets.TARGETS]
 
 
 @st.composite
@@ -97,8 +97,8 @@ def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory
     except (RecipeError, ProbedslError):
         return
     # the installed versions' dialects
-    bt = targets.detect("bpftrace").generator().generate(program)
-    bcc_gen = targets.detect("bcc").generator().generate(program)
+    bt = backends.for_target(targets.detect("bpftrace")).generate(program)
+    bcc_gen = backends.for_target(targets.detect("bcc")).generate(program)
     work = tmp_path_factory.mktemp("fuzz")
     script = work / "f.bt"
     script.write_text(bt.text)

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, placement, roots, stacktrust
+from probedsl import elf, images, roots, stackformat, x86
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -626,7 +626,7 @@ def _placed(p: dict) -> dict:
     if p.get("usdt"):
         return p
     offset = p.get("offset", 0)
-    if offset and not placement.still_there(p["path"], p["function"], offset, p.get("code", "")):
+    if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
         print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
               "in; probing its entry", file=sys.stderr)
         offset = 0
@@ -642,6 +642,6 @@ def _frames(ips) -> tuple:
         if not ip:
             break
         frames.append(ip)
-        if ip in stacktrust.MARKERS:
+        if ip in stackformat.MARKERS:
             break
     return tuple(frames)

@@ -14,11 +14,10 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl import ir
-from probedsl.backends import Generated
+from probedsl.targets.base import Generated
 from probedsl import images, layout
-from probedsl.layout import Counter
-from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
-from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
+from probedsl.layout import TALLY_SHIFT, Counter, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK, Bpftrace
 from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl import threads
