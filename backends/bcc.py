@@ -111,29 +111,10 @@ class BccBackend(Backend):
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
                 "image": "v.image = probedsl_image();",
             }
-            v += [setters[f] for f in lay.fields if f != "time"]
-            replaced = ["  " + self.count(lay, Counter.REPLACED)]
-            if lay.ends_with_image:
-                # the entry of an image an exec ended: that image's end, not a replacement
-                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};",
-                            "  if (was.image != v.image && probedsl_ended.lookup(&was))",
-                            "    " + self.count(lay, Counter.ENDED_BY_EXEC),
-                            "  else",
-                            "    " + self.count(lay, Counter.REPLACED)]
-            # insert, not update: a key acquired again without a release we saw replaces the
-            # old entry, which must leave its group's tally first
-            store = [f"int err = {live}.insert(&k, &v);",
-                     "if (err == -17) {  // -EEXIST",
-                     f"  struct {n}_live_t *stale = {live}.lookup(&k);",
-                     # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
-                     "  if (stale) {",
-                     f"    {n}_tally(stale, -1);",
-                     *["  " + r for r in replaced],
-                     "  }",
-                     f"  err = {live}.update(&k, &v);",
-                     "}",
-                     f"if (err) {self.count(lay, Counter.UNTRACKED)}",
-                     f"else {n}_tally(&v, 1);"]
+            deferred = self.defers(program, lay)
+            # deferred: the unwinder program takes the stack once the program's actions are done
+            v += [setters[f] for f in lay.fields if f != "time" and not (deferred and f == "ustack")]
+            store = [f"{n}_defer_entry(&k, &v, &deferred);"] if deferred else self.store(lay)
             recorded = key + v + store
             if program.sample > 1:
                 recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
@@ -172,6 +153,32 @@ class BccBackend(Backend):
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
+    def store(self, lay: ResourceLayout) -> List[str]:
+        """The lines storing a new entry v under key k, and adding it to its tallies."""
+        n, live = lay.name, lay.live
+        replaced = ["  " + self.count(lay, Counter.REPLACED)]
+        if lay.ends_with_image:
+            # the entry of an image an exec ended: that image's end, not a replacement
+            replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};",
+                        "  if (was.image != v.image && probedsl_ended.lookup(&was))",
+                        "    " + self.count(lay, Counter.ENDED_BY_EXEC),
+                        "  else",
+                        "    " + self.count(lay, Counter.REPLACED)]
+        # insert, not update: a key acquired again without a release we saw replaces the
+        # old entry, which must leave its group's tally first
+        return [f"int err = {live}.insert(&k, &v);",
+                "if (err == -17) {  // -EEXIST",
+                f"  struct {n}_live_t *stale = {live}.lookup(&k);",
+                # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
+                "  if (stale) {",
+                f"    {n}_tally(stale, -1);",
+                *["  " + r for r in replaced],
+                "  }",
+                f"  err = {live}.update(&k, &v);",
+                "}",
+                f"if (err) {self.count(lay, Counter.UNTRACKED)}",
+                f"else {n}_tally(&v, 1);"]
+
     usdt_site = None          # the usdt site whose program is being generated
 
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
@@ -182,7 +189,9 @@ class BccBackend(Backend):
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind in (ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL) else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
-        if "ustack" in lay.fields and len(acquires) > 1:
+        if self.defers(program, lay) and acquires:
+            actions = self.deferring(program, probe, lay, ctx)
+        elif "ustack" in lay.fields and len(acquires) > 1:
             # one walk for all (pipe's two descriptors): the unwinder is inlined where it is
             # called, and two copies of it overflow the program
             guards = " || ".join(f"({self.expr(a.guard)})" if a.guard is not None else "1" for a in acquires)
@@ -258,7 +267,10 @@ class BccBackend(Backend):
         for i, site in enumerate(probe.sites):
             self.usdt_site = site
             try:
-                body = [line for a in probe.actions for line in self.action(program, lay, a, "ctx")]
+                if self.defers(program, lay) and any(a.kind == "acquire" for a in probe.actions):
+                    body = self.deferring(program, probe, lay, "ctx")
+                else:
+                    body = [line for a in probe.actions for line in self.action(program, lay, a, "ctx")]
             finally:
                 self.usdt_site = None
             sites.append({"entry_fn": f"{fn}_site{i}", "entry_body": body, "address": site.address,
@@ -266,6 +278,39 @@ class BccBackend(Backend):
         return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                 "filtered": True, "tracepoint": None, "usdt": sites, "entry_fn": "", "entry_body": [],
                 "return_fn": "", "return_body": [], "placed": ""}
+
+    def defers(self, program: ir.Program, lay: ResourceLayout) -> bool:
+        """--stacks dwarf: an acquire program keeps its new entries in a per-CPU map and
+        tail-calls the one unwinder program, which takes the stack and stores them; the kernel
+        then verifies the unwinder once, not in every acquire program."""
+        return self.unwinds(program) and "ustack" in lay.fields
+
+    def deferring(self, program: ir.Program, probe: ir.Probe, lay: ResourceLayout, ctx: str) -> List[str]:
+        """A program's actions, then the tail call to the unwinder if one deferred an entry."""
+        actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
+        if any(a.kind == "release" for a in probe.actions[[a.kind for a in probe.actions].index("acquire"):]):
+            # a release after an acquire would run before the acquire's deferred store
+            raise ProbedslError(f"{probe.label}: BCC --stacks dwarf cannot release after an acquire in one probe")
+        array = "probedsl_unwinders_syscall" if probe.kind == "syscall" else "probedsl_unwinders"
+        return ["int deferred = 0;", *actions,
+                "if (deferred) {",
+                f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
+                f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
+                "  probedsl_unw_release();",
+                "}"]
+
+    def unwinder_programs(self, program: ir.Program) -> List[dict]:
+        """The unwinder programs the acquire programs tail-call, one per program type: the
+        loader loads each and puts it in its array before attaching anything."""
+        kinds = [p.kind for res in program.resources if self.defers(program, layout.of(program, res))
+                 for p in res.probes if any(a.kind == "acquire" for a in p.actions)]
+        found = []
+        if any(k in ("uprobe", "usdt") for k in kinds):
+            found.append({"program": "probedsl_unwinder", "array": "probedsl_unwinders", "type": "kprobe"})
+        if any(k == "syscall" for k in kinds):
+            found.append({"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall",
+                          "type": "tracepoint"})
+        return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
         """The expression taking the user stack's id."""
@@ -349,7 +394,11 @@ class BccBackend(Backend):
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
                 "reentered": any(self.target.asks_reentry(p) for p in res.probes),
                 "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
-                "key_names": ", ".join(res.key_names)})
+                "key_names": ", ".join(res.key_names), "pending": 0})
+            if self.defers(program, lay):
+                most = max(sum(a.kind == "acquire" for a in p.actions) for p in res.probes)
+                resources[-1].update(store=self.store(lay), pending=1 << (most - 1).bit_length())
+        unwinders = self.unwinder_programs(program)
         stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
         gen = self.render_template(program=program, description=self.comment(program.description),
                                    scope=program.scope, watch_arrivals=program.scope.mode in ("comm", "all"),
@@ -360,8 +409,10 @@ class BccBackend(Backend):
                                    hold_maps=self.holds_mappings(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    threads=layout.THREADS,
-                                   unw=_UNWINDER)
+                                   unw=_UNWINDER, unwinders=[u["program"] for u in unwinders])
         manifest = self.manifest(program, views, layouts)
+        if unwinders:
+            manifest["unwinders"] = unwinders
         # the C text goes in as a raw string unless it could end one; repr is always safe
         literal = f"r'''\n{gen.text}'''" if "'''" not in gen.text and not gen.text.endswith("\\") else repr(gen.text)
         gen.loader = self.env.get_template("bcc_loader.py.j2").render(

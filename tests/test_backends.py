@@ -198,17 +198,31 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
 def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
+    """--comm with dwarf stacks (BCC's default), --all with fp: each program is verified; with
+    dwarf, the unwinder is verified once, in its own program, which no acquire program inlines."""
     from bcc import BPF
-    program = built(recipe, sampled).with_scope(scope)
+    program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
-        for p in gen.manifest["probes"]:          # loading checks the verifier, without attaching
-            bpf.load_func(p["entry"], BPF.KPROBE)   # uprobes load as kprobe-type programs
-            if p["return"]:
-                bpf.load_func(p["return"], BPF.KPROBE)
+        # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
+        programs = [bpf.load_func(f, BPF.KPROBE) for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f]
+        unwinders = [bpf.load_func(u["program"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
+                     for u in gen.manifest.get("unwinders", [])]
+        assert bool(unwinders) == gen.manifest["dwarf"]
+        # BCC loaded and attached the system calls' tracepoint programs already
+        programs += [f for name, f in bpf.funcs.items() if name.startswith(b"tracepoint__syscalls__")]
+        if unwinders:          # (memleak: 297,000 instructions verified in the unwinder, 700 in an acquire program)
+            least = min(verified_instructions(u.fd) for u in unwinders)
+            assert all(verified_instructions(p.fd) < least / 20 for p in programs)
     finally:
         bpf.cleanup()
+
+
+def verified_instructions(fd: int) -> int:
+    """What the kernel's verifier walked to accept a loaded program (its fdinfo, kernel 5.16+)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("verified_insns:"))
 
 
 def test_control_characters_in_a_description_stay_out_of_generated_text():

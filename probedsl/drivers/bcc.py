@@ -215,6 +215,7 @@ class BccLoader:
             self.bpf = bcc.BPF(text=c_text, cflags=cflags)
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             raise ProbedslError(f"BCC could not compile the program: {exc}") from None
+        _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
         # placed probes checked once against the files (not again at each attach)
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
@@ -624,6 +625,18 @@ def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
               f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
     loader.close()
     return 0
+
+
+def _load_unwinders(bcc, bpf, unwinders) -> None:
+    """--stacks dwarf: load the unwinder programs (verified once each) into the arrays the
+    acquire programs tail-call, before any of those is attached."""
+    for u in unwinders:
+        kind = bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
+        try:
+            fn = bpf.load_func(u["program"], kind)
+        except Exception as exc:          # BCC raises bare Exception when the kernel refuses it
+            raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
+        bpf.get_table(u["array"])[ctypes.c_int(0)] = ctypes.c_int(fn.fd)
 
 
 def _items(table):

@@ -3,6 +3,9 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
+// The large hashes (entries, tallies, stacks, images) take memory as entries arrive
+// (BPF_F_NO_PREALLOC): preallocated to their limits, creating them took 0.6-1.6 s of each
+// start. The per-thread scratch, updated and deleted at every call, stays preallocated.
 
 // the innermost 64 frames of each stack: BPF_STACK_TRACE's 127 would fit half the buckets
 struct probedsl_stack_t { u64 ip[64]; };
@@ -31,9 +34,14 @@ struct probedsl_ustack_t { u64 ip[65]; };
 struct probedsl_unw_scratch_t { u64 ip[128]; };
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
-// program on the same CPU then gets no stack (counted as one without) rather than garbling it
+// program on the same CPU then gets no stack (counted as one without) rather than garbling it.
+// An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
+// the unwinder program clears it once it stored them.
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
-BPF_HASH(probedsl_ustacks, u64, struct probedsl_ustack_t, 131072);
+// The unwinder is one program, verified once, that every acquire program tail-calls (a tail
+// call keeps the context: the registers to start from); one per program type.
+BPF_PROG_ARRAY(probedsl_unwinders, 1);
+BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
 // The walk's loops pass a loop counter through this at the top of each iteration: the compiler
 // then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
 // indices, which the verifier needs (clang 21 makes `i < 64 && i < n` a count-down of min(n, 64)
@@ -45,10 +53,7 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
 {
     u32 zero = 0;
     struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
-    u32 *busy = probedsl_unw_busy.lookup(&zero);
-    if (!st || !busy) return -1;
-    if (*busy) return -1;        // (a test and set: BCC's LLVM has no fetching atomics; only a
-    *busy = 1;                   // preemption between these two lines could still interleave)
+    if (!st) return -1;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
     // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
@@ -159,8 +164,14 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
     if (!id) id = 1;
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
-    *busy = 0;
     return id;
+}
+
+static __always_inline void probedsl_unw_release(void)
+{
+    u32 zero = 0;
+    u32 *busy = probedsl_unw_busy.lookup(&zero);
+    if (busy) *busy = 0;
 }
 
 // in a system call's tracepoint: the user registers the task entered the kernel with
@@ -180,9 +191,9 @@ struct probedsl_tally_t { s64 bytes; s64 count; u64 seen; };
 // another for a new process reusing the pid), then the time of each exec it makes; and the
 // (pid, image) pairs an exec of a registered process ended (processes that never acquired
 // anything are not recorded)
-BPF_HASH(probedsl_images, u32, u64, 65536);
+BPF_F_TABLE("hash", u32, u64, probedsl_images, 65536, BPF_F_NO_PREALLOC);
 struct probedsl_ended_t { u64 pid; u64 image; };
-BPF_HASH(probedsl_ended, struct probedsl_ended_t, u8, 65536);
+BPF_F_TABLE("hash", struct probedsl_ended_t, u8, probedsl_ended, 65536, BPF_F_NO_PREALLOC);
 // records a full table refused: that image's entries could read as leaks, so they are counted
 BPF_ARRAY(probedsl_image_lost, u64, 1);
 
@@ -316,7 +327,7 @@ struct heap_live_t {
 };
 // entry arguments held per thread until the call returns
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
-BPF_HASH(heap_live, struct heap_key_t, struct heap_live_t, 1000000);
+BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 1000000, BPF_F_NO_PREALLOC);
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
 // per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
 BPF_PERCPU_ARRAY(heap_counters, u64, 7);  // slots: probedsl.layout.Counter
@@ -327,7 +338,7 @@ struct heap_tally0_key_t {
     u64 pid;
     u64 image;
 };
-BPF_PERCPU_HASH(heap_tally0, struct heap_tally0_key_t, struct probedsl_tally_t, 131072);
+BPF_F_TABLE("percpu_hash", struct heap_tally0_key_t, struct probedsl_tally_t, heap_tally0, 131072, BPF_F_NO_PREALLOC);
 
 // add (sign 1) or remove (sign -1) one live entry in every tally of heap
 static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
@@ -349,6 +360,72 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
             heap_counters.increment(5);  // ungrouped: tally table full
         }
     }
+}
+
+// --stacks dwarf: the entries a program acquired, until the unwinder program stores them
+#define heap_PENDING 1
+struct heap_pending_t { u32 n; u32 pad; struct heap_key_t k[1]; struct heap_live_t v[1]; };
+BPF_PERCPU_ARRAY(heap_pending, struct heap_pending_t, 1);
+
+// store one new entry and add it to its tallies
+static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_live_t *vp)
+{
+    struct heap_key_t k = *kp;
+    struct heap_live_t v = *vp;
+    int err = heap_live.insert(&k, &v);
+    if (err == -17) {  // -EEXIST
+      struct heap_live_t *stale = heap_live.lookup(&k);
+      if (stale) {
+        heap_tally(stale, -1);
+        struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
+        if (was.image != v.image && probedsl_ended.lookup(&was))
+          heap_counters.increment(6);  // ended_by_exec
+        else
+          heap_counters.increment(4);  // replaced
+      }
+      err = heap_live.update(&k, &v);
+    }
+    if (err) heap_counters.increment(3);  // untracked
+    else heap_tally(&v, 1);
+}
+
+// keep a new entry for the unwinder program; *deferred: this program holds the walk's scratch
+static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_live_t *v, int *deferred)
+{
+    u32 zero = 0;
+    u32 *busy = probedsl_unw_busy.lookup(&zero);
+    struct heap_pending_t *p = heap_pending.lookup(&zero);
+    if (busy && p && !*deferred) {
+        if (*busy) p = 0;       // (a test and set: BCC's LLVM has no fetching atomics; only a
+        else {                  // preemption between these lines could still interleave)
+            *busy = 1;
+            p->n = 0;
+            *deferred = 1;
+        }
+    }
+    if (!busy || !p || p->n >= heap_PENDING) {     // no stack for this one
+        v->ustack = -1;
+        heap_store_entry(k, v);
+        return;
+    }
+    u32 i = p->n & (heap_PENDING - 1);
+    p->k[i] = *k;
+    p->v[i] = *v;
+    p->n = i + 1;
+}
+
+static __always_inline void heap_store_pending(s64 ustack)
+{
+    u32 zero = 0;
+    struct heap_pending_t *p = heap_pending.lookup(&zero);
+    if (!p) return;
+#pragma unroll
+    for (u32 i = 0; i < heap_PENDING; i++) {
+        if (i >= p->n) break;
+        p->v[i].ustack = ustack;
+        heap_store_entry(&p->k[i], &p->v[i]);
+    }
+    p->n = 0;
 }
 
 // libc:malloc  (recipe-line 9:11)
@@ -375,6 +452,7 @@ int heap_malloc_1_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 1) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -384,23 +462,13 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -430,6 +498,7 @@ int heap_calloc_2_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 2) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -439,23 +508,13 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[0] * s.a[1]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -485,6 +544,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 3) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && (((s64)PT_REGS_RC(ctx) != (s64)0ULL) || ((s64)s.a[1] == (s64)0ULL)))) {
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
@@ -508,23 +568,13 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[1];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -555,6 +605,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 4) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && ((s64)PT_REGS_RC(ctx) != (s64)0ULL))) {
       struct heap_key_t k = {};
       k.k[0] = (bpf_get_current_pid_tgid() >> 32);
@@ -578,23 +629,13 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[1] * s.a[2]);
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -624,6 +665,7 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 5) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -633,23 +675,13 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -678,6 +710,7 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 6) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -687,23 +720,13 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -732,6 +755,7 @@ int heap_memalign_7_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 7) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -741,23 +765,13 @@ int heap_memalign_7_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -786,6 +800,7 @@ int heap_valloc_8_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 8) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -795,23 +810,13 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -840,6 +845,7 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
     if (!sp || sp->probe != 9) return 0;
     struct heap_scratch_t s = *sp;
     heap_scratch.delete(&tid);
+    int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
@@ -849,23 +855,13 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
       v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.ustack = probedsl_unwind(ctx, ctx);
       v.image = probedsl_image();
-      int err = heap_live.insert(&k, &v);
-      if (err == -17) {  // -EEXIST
-        struct heap_live_t *stale = heap_live.lookup(&k);
-        if (stale) {
-          heap_tally(stale, -1);
-          struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
-          if (was.image != v.image && probedsl_ended.lookup(&was))
-            heap_counters.increment(6);  // ended_by_exec
-          else
-            heap_counters.increment(4);  // replaced
-        }
-        err = heap_live.update(&k, &v);
-      }
-      if (err) heap_counters.increment(3);  // untracked
-      else heap_tally(&v, 1);
+      heap_defer_entry(&k, &v, &deferred);
+    }
+    if (deferred) {
+      probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
+      heap_store_pending(-1);  // (it is not loaded: stored without a stack)
+      probedsl_unw_release();
     }
     return 0;
 }
@@ -892,5 +888,18 @@ int heap_free_10_entry(struct pt_regs *ctx)
         heap_counters.increment(2);  // unknown_releases
       }
     }
+    return 0;
+}
+
+// the unwinder programs: take the stack, store the entries the calling program deferred
+static __always_inline void probedsl_finish_deferred(s64 ustack)
+{
+    heap_store_pending(ustack);
+    probedsl_unw_release();
+}
+
+int probedsl_unwinder(struct pt_regs *ctx)
+{
+    probedsl_finish_deferred(probedsl_unwind(ctx, ctx));
     return 0;
 }
