@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import pwd
+import signal
 import re
 import shutil
 import struct
@@ -20,7 +21,7 @@ import pytest
 from probedsl import debuginfo, elf, escape, notices, stackformat, unwind_tables
 from probedsl.sourcelines import SourceLines
 
-from conftest import MEMLEAK, probedsl, report_json
+from conftest import BACKENDS, start_run, MEMLEAK, probedsl, report_json
 
 pytestmark = pytest.mark.security
 
@@ -188,6 +189,31 @@ def test_a_thread_renamed_with_escapes(backend, tmp_path):
     assert_no_raw_control(result.stdout, result.stderr)
     assert f"comm {escape.for_terminal(THREAD_NAME)}" in result.stdout, result.stdout
 
+
+
+@pytest.mark.usefixtures("root_required")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_thread_renamed_with_escapes_under_comm(backend, tmp_path):
+    """--comm traces the threads named so: the thread that renames itself with escapes leaves
+    the name behind (its blocks are not the process's by name any more), and nothing of its
+    name reaches the terminal raw; the main thread's blocks are reported under its name."""
+    recipe = tmp_path / "commleak.probe"
+    recipe.write_text(COMM_RECIPE)
+    source = tmp_path / "renamed.c"
+    source.write_text(RENAMED)
+    exe = gcc(source, tmp_path / "secthr", "-pthread")
+    tracer = start_run(str(recipe), "--backend", backend, "--comm", "secthr")
+    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    target.stdin.write("go\n")
+    target.stdin.flush()
+    assert target.stdout.readline() == "done\n"          # the thread allocated and ended
+    target.communicate("\n")
+    tracer.send_signal(signal.SIGINT)
+    out, err = tracer.communicate()
+    assert tracer.returncode == 0, err
+    assert_no_raw_control(out, err)
+    assert "comm secthr" in out, out
+    assert escape.for_terminal(THREAD_NAME) not in out
 
 def nobody_owned(path: Path) -> None:
     who = pwd.getpwnam("nobody")
