@@ -270,6 +270,8 @@ class Session:
         self._hold_forks()                             # before the probes: no fork is missed
         self.driver.start()                            # 2
         if self.follower:
+            if self.held:               # a copy of probedsl until its exec: traced from there
+                self.follower.on_exec = lambda: self.driver.trace_from_exec(self.held.pid)
             self.follower.follow(self.driver.attach_child)
         if self.opts.reachability and scope.mode == "pid":
             self._tie(scope.pid)

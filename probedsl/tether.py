@@ -59,6 +59,7 @@ class Tether:
         self.forks, self.hold_exit = forks, hold_exit
         self._on_fork: Optional[Callable[[int], None]] = None
         self._next_on_fork: Optional[Callable[[int], None]] = None
+        self.on_exec: Optional[Callable[[], None]] = None    # at the process's exec, before it runs
         self.children = 0                          # processes followed since the start
         self.exit_status: Optional[int] = None     # the leader reaped (a launched command)
         self.at_exit = threading.Event()           # held at its exit: scan, then release_exit()
@@ -218,6 +219,8 @@ class Tether:
             for other in [t for t, th in self._threads.items() if th.process == self.pid and t != tid]:
                 del self._threads[other]
             self._execed = True
+            if self.on_exec is not None:
+                self.on_exec()
             if self._exec_hold:
                 self._step(tid, 0)
             else:
@@ -307,7 +310,7 @@ class Tether:
         except OSError:
             regs = {}
         alone = regs.get("orig_rax") == _SYS_EXIT and any(
-            t != tid and other.state != "exit" for t, other in self._threads.items())
+            t != tid and other.state != "exit" for t, other in self._threads.items() if other.process == thread.process)
         if self._execed and not alone and self.hold_exit and thread.process == self.pid:
             thread.state, thread.signal, thread.listen = "exit", 0, False
             self._exit_complete()

@@ -228,7 +228,10 @@ class BccLoader:
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: each is attached as it is forked (held
             # meanwhile), or else every process is, and the BPF filter keeps the traced ones
-            self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            # a launched command held before its exec: traced from its exec (trace_from_exec),
+            # not while it is still a copy of probedsl
+            if not (self.held_forks and manifest.get("target") == "cmd"):
+                self.trace_from_exec(pid)
             scope = pid if self.held_forks else -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
@@ -291,6 +294,10 @@ class BccLoader:
                     return f"cannot attach to {p['function']} in {p['path']}: {exc}"
                 print(f"probedsl: warning: not probing {p['path']} (its process ended?): {exc}", file=sys.stderr)
         return None
+
+    def trace_from_exec(self, pid: int) -> None:
+        """The process and the children it forks from now on pass the BPF filter."""
+        self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def attach_child(self, pid: int) -> None:
         """A child forked by a traced process, held until this returns: its own uprobes (they
@@ -556,6 +563,10 @@ class BccDriver:
         scope = self.program.scope
         pid = scope.pid if scope.mode in ("pid", "cmd") else 0
         self.loader = BccLoader(self.generated.text, self.generated.manifest, pid, self.held_forks)
+
+    def trace_from_exec(self, pid: int) -> None:
+        if self.loader is not None:
+            self.loader.trace_from_exec(pid)
 
     def attach_child(self, pid: int) -> None:
         loader = self.loader
