@@ -14,6 +14,7 @@ import errno
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -254,6 +255,8 @@ class Tether:
     def _attach_child(self, pid: int, child: _Thread) -> None:
         try:
             self._on_fork(pid)
+        except Exception as exc:             # the child runs on, untraced; the tether stays
+            print(f"probedsl: warning: pid {pid} is not traced: {exc}", file=sys.stderr)
         finally:
             child.waits = False
             if child.state == "forked":
