@@ -222,7 +222,7 @@ class Tether:
             self._execed = True
             if self.on_exec is not None:
                 self.on_exec()
-            if self._exec_hold:
+            if self._exec_hold and not self.exec_done.is_set():      # the command's own exec only
                 self._step(tid, 0)
             else:
                 self.exec_done.set()
