@@ -7,33 +7,50 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import images, layout, placement, stacktrust, unwind_tables, usdt
+from probedsl import layout, stackformat
 from probedsl.layout import Counter, ResourceLayout
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
+from .base import Backend
+
+
+
+def usdt_read(loc, ctx: str) -> str:
+    """A C expression (a statement expression for memory) giving the argument as a u64, as
+    the probed code saw it: sign- or zero-extended from its size."""
+    ctype = {1: "s8", 2: "s16", 4: "s32", 8: "s64"}[loc.size] if loc.signed else \
+        {1: "u8", 2: "u16", 4: "u32", 8: "u64"}[loc.size]
+    if loc.constant is not None:
+        return f"(u64)(s64){int(loc.constant)}"
+    if not loc.memory:
+        return f"(u64)({ctype}){ctx}->{loc.register}"
+    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
+            f"({int(loc.offset)}))); (u64)v_; }})")
 
 
 def _arg(self, v: ir.Arg) -> str:
     if self.usdt_site is not None:            # where this site's note says the argument is
-        return usdt.bcc_read(usdt.location(self.usdt_site.args[v.index]), "ctx")
+        return usdt_read(self.usdt_site.location(v.index), "ctx")
     if v.index >= self.target.max_args:
         raise ProbedslError(f"BCC reads only the first {self.target.max_args} arguments")
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the unwinder's constants, shared with probedsl.unwind_tables and probedsl.stacktrust
+# the unwinder's numbers, as the runtime writes and reads them (probedsl.stackformat)
 _UNWINDER = {
-    "maps": unwind_tables.MAX_MAPS, "rows": unwind_tables.ROWS, "processes": unwind_tables.PROCESSES,
-    "row_steps": unwind_tables.ROWS.bit_length(), "chunk_shift": unwind_tables.CHUNK_SHIFT,
-    "per_chunk": unwind_tables.PER_CHUNK, "chunks": unwind_tables.CHUNKS, "returns": unwind_tables.RETURNS,
-    "invalid": unwind_tables.INVALID, "cfa_rbp": unwind_tables.CFA_RBP, "outermost": unwind_tables.OUTERMOST,
-    "signal": unwind_tables.SIGNAL, "plt": unwind_tables.PLT, "rbp_at_cfa": unwind_tables.RBP_AT_CFA,
-    "complete": hex(stacktrust.COMPLETE), "no_info": hex(stacktrust.NO_UNWIND_INFO),
-    "depth_limit": hex(stacktrust.DEPTH_LIMIT), "fp_walk": hex(stacktrust.FP_WALK),
+    "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
+    "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
+    "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
+    "ancestors": stackformat.ANCESTORS,
+    "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
+    "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
+    "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
+    "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
 }
 
 
+# bpf_task_pt_regs, which gives a system call's tracepoint the user registers to unwind from
 class BccBackend(Backend):
     name = "bcc"
     template = "bcc.c.j2"
@@ -97,7 +114,7 @@ class BccBackend(Backend):
             replaced = ["  " + self.count(lay, Counter.REPLACED)]
             if lay.ends_with_image:
                 # the entry of an image an exec ended: that image's end, not a replacement
-                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale ? stale->image : v.image};",
+                replaced = ["  struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};",
                             "  if (was.image != v.image && probedsl_ended.lookup(&was))",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC),
                             "  else",
@@ -107,8 +124,11 @@ class BccBackend(Backend):
             store = [f"int err = {live}.insert(&k, &v);",
                      "if (err == -17) {  // -EEXIST",
                      f"  struct {n}_live_t *stale = {live}.lookup(&k);",
-                     f"  if (stale) {n}_tally(stale, -1);",
-                     *replaced,
+                     # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
+                     "  if (stale) {",
+                     f"    {n}_tally(stale, -1);",
+                     *["  " + r for r in replaced],
+                     "  }",
                      f"  err = {live}.update(&k, &v);",
                      "}",
                      f"if (err) {self.count(lay, Counter.UNTRACKED)}",
@@ -134,6 +154,15 @@ class BccBackend(Backend):
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
                           *["  " + s for s in hit], "} else {", "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # the range's keys, one by one; most were never acquired (close_range(3, ~0U)):
+                # no unknown release
+                last = len(action.key) - 1
+                body = [f"u64 first = {self.expr(action.key[-1])}, last = {self.expr(action.through)};",
+                        "#pragma clang loop unroll(disable)",
+                        f"for (u32 i = 0; i < {int(self.target.range_keys)}; i++) {{", "  if (first + i > last) break;",
+                        *["  " + s for s in key[:-1]], f"  k.k[{last}] = first + i;",
+                        *["  " + s for s in body[len(key):-3]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
 
@@ -142,6 +171,8 @@ class BccBackend(Backend):
     def probe_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "usdt":
             return self.usdt_view(program, lay, probe)
+        if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
+            raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
         n, scratch = lay.name, lay.scratch
         ctx = "args" if probe.kind in ("tracepoint", "syscall") else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
@@ -227,15 +258,21 @@ class BccBackend(Backend):
             return f"probedsl_unwind({ctx}, {ctx})" if ctx == "ctx" else f"probedsl_unwind_syscall({ctx})"
         return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
 
-    @staticmethod
-    def unwinds(program: ir.Program) -> bool:
+    def unwinds(self, program: ir.Program) -> bool:
         """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user
-        registers the task saved on entering the kernel); another tracepoint may fire in any
-        context: such a program keeps the frame-pointer walk."""
+        registers the task saved on entering the kernel: bpf_task_pt_regs, kernel 5.15); another
+        tracepoint may fire in any context, and an older kernel has no such registers to start
+        from: such a program keeps the frame-pointer walk (Bcc.notes says so)."""
         recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
                     if any(a.kind == "acquire" for a in p.actions)]
-        return program.stacks == "dwarf" and bool(recorded) and \
-            all(p.kind in ("uprobe", "usdt", "syscall") for p in recorded)
+        kinds = ("uprobe", "usdt", "syscall") if self.target.syscall_registers() else ("uprobe", "usdt")
+        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
+
+    def holds_mappings(self, program: ir.Program) -> bool:
+        """A launched command (and what it forks) is stopped at each mmap of a file's code
+        until its rows are in (the template's sys_exit_mmap). Not a --pid, --comm or --all
+        target: a process probedsl did not start is never stopped for it."""
+        return self.unwinds(program) and program.scope.mode == "cmd"
 
     def keeps_returns(self, program: ir.Program) -> bool:
         """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
@@ -268,7 +305,7 @@ class BccBackend(Backend):
                     # offset: where in the function both probes sit (probedsl.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
-                                "offset": self.target.attaches_at(probe, path), "code": placement.code(path, probe),
+                                "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),
                                 "entry": view["entry_fn"], "return": view["return_fn"], "also": path != probe.path}
                                for path in probe.files]
         return {
@@ -276,7 +313,7 @@ class BccBackend(Backend):
             "per_process": program.scope.mode == "comm" and program.scope.per_process,
             "watch_roots": self.watches_roots(program.scope),
             "follow_forks": program.scope.tracks_children,
-            "dwarf": self.unwinds(program),
+            "dwarf": self.unwinds(program), "hold_mappings": self.holds_mappings(program),
             "probes": probes, "read_live": program.read_live, "sample": program.sample,
             "resources": [lay.to_json() for lay in layouts],
         }
@@ -299,7 +336,9 @@ class BccBackend(Backend):
                                    resources=resources, filter=self.filter_lines(program.scope),
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
-                                   images=any(lay.ends_with_image for lay in layouts), ended_images=images.ENDED_IMAGES,
+                                   hold_maps=self.holds_mappings(program),
+                                   images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
+                                   threads=layout.THREADS,
                                    unw=_UNWINDER)
         manifest = self.manifest(program, views, layouts)
         # the C text goes in as a raw string unless it could end one; repr is always safe

@@ -9,16 +9,17 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.layout import Counter, ResourceLayout
-from probedsl import images, layout
-from probedsl.targets.bpftrace import TALLY_SHIFT
+from probedsl import layout
+from probedsl.layout import TALLY_SHIFT, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
-from . import Backend, Generated
+from probedsl.targets.base import Generated
 
-SNAPSHOT_MARK = "probedsl:snapshot"
-READY_MARK = "probedsl:ready"
+from .base import Backend
+
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
-              "comm": "comm", "image": "@probedsl_images[(uint64)pid]"}
+              "comm": "comm", "image": "$i"}
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -45,25 +46,6 @@ def is_u64(v: ir.Value) -> bool:
         return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
     return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
         (isinstance(v, ir.Deref) and v.size == 8)
-
-
-def counted(program: ir.Program, lay: ResourceLayout) -> List[Counter]:
-    """The counters kept in the kernel; the driver derives the others, saving a map update on
-    every acquire and release (~0.04x of the uprobe floor each): `released` is the number of
-    lifetime-histogram entries, `acquired` is live + released + replaced + untracked, unless
-    sampled (then only the counter is exact). `ungrouped` is BCC's (a failed stack id)."""
-    derived = {Counter.UNGROUPED}
-    if lay.lifetime:
-        derived.add(Counter.RELEASED)
-    res = next(r for r in program.resources if r.name == lay.name)
-    if not any(a.kind == "release" for p in res.probes for a in p.actions):
-        # never written, so never declared: bpftrace refuses to print such a map
-        derived |= {Counter.RELEASED, Counter.UNKNOWN_RELEASES}
-    if program.sample == 1:
-        derived.add(Counter.ACQUIRED)
-    if not lay.ends_with_image:
-        derived.add(Counter.ENDED_BY_EXEC)
-    return [c for c in Counter if c not in derived]
 
 
 class BpftraceBackend(Backend):
@@ -111,7 +93,8 @@ class BpftraceBackend(Backend):
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
         """Writes of the resource's live and scratch maps with the types every probe uses, for a
         dialect whose type checker must see a write before a read (they never run)."""
-        values = ", ".join(LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode) for f in lay.fields)
+        values = ", ".join("(uint64)0" if f == "image" else LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode)
+                           for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
         if any(p.at_return for p in res.probes):
             lines.append(f"@{lay.scratch}[tid] = ({', '.join(['(uint64)0'] * (lay.scratch_width + 2))});")
@@ -163,7 +146,10 @@ class BpftraceBackend(Backend):
         return f"@{lay.counter_map(counter)} = count();"
 
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
-        live = f"@{lay.live}[{', '.join(self.key(action))}]"
+        key = self.key(action)
+        if action.through is not None:       # the range's keys, one by one: $first + $n
+            key = key[:-1] + ["$first + $n"]
+        live = f"@{lay.live}[{', '.join(key)}]"
         if action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
             values = ", ".join(LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode) for f in lay.fields)
@@ -177,7 +163,8 @@ class BpftraceBackend(Backend):
                             f"@probedsl_ended[{pid}, {image}] != 0) {{",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC), "  } else {",
                             "    " + self.count(lay, Counter.REPLACED), "  }"]
-            recorded = [f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
+            recorded = [*(self.register_image() if lay.ends_with_image else []),
+                        f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
                         "if ($o.0 != 0) {", *replaced,
                         *["  " + t for t in self.tally(lay, "$o", "-")], "}",
                         f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
@@ -187,7 +174,7 @@ class BpftraceBackend(Backend):
             counts = Counter.ACQUIRED in counted(program, lay)
             body = [self.count(lay, Counter.ACQUIRED), *recorded] if counts else recorded
         else:
-            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", self.key(action))]
+            hit = [*self.tally(lay, "$v", "-"), self.delete(f"@{lay.live}", key)]
             if not lay.lifetime:      # else the driver counts the histogram's entries
                 hit.append(self.count(lay, Counter.RELEASED))
             else:
@@ -195,9 +182,24 @@ class BpftraceBackend(Backend):
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
                     "  " + self.count(lay, Counter.UNKNOWN_RELEASES), "}"]
+            if action.through is not None:
+                # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
+                body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
+                        "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
+                        *["  " + s for s in body[:-3]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
+
+    @staticmethod
+    def register_image() -> List[str]:
+        """$i = the process's image (probedsl/images.py): the first acquisition of a process
+        registers it as the process's start time, the same number whichever thread comes first
+        (a new process reusing the pid has another); a full table refuses it silently, so look
+        again."""
+        return ["$i = @probedsl_images[(uint64)pid];", "if ($i == 0) {",
+                "  $i = curtask->group_leader->start_time;", "  @probedsl_images[(uint64)pid] = $i;",
+                "  if (@probedsl_images[(uint64)pid] == 0) { @probedsl_image_lost = count(); }", "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == "uprobe":
@@ -214,8 +216,10 @@ class BpftraceBackend(Backend):
             ret = f"tracepoint:syscalls:sys_exit_{probe.function}"
             if probe.at_return and not probe.saved_args:    # nothing to carry: the exit alone
                 probe, entry, ret = replace(probe, at_return=False), ret, ""
-        else:
+        elif probe.kind == ir.ProbeKind.TRACEPOINT:
             entry, ret = f"tracepoint:{probe.function}", ""
+        else:
+            raise ProbedslError(f"{probe.label}: bpftrace has no lowering for a {probe.kind.value} probe")
         actions = [line for a in probe.actions for line in self.action(program, lay, a)]
         scratch = f"@{lay.scratch}[tid]"
         width = lay.scratch_width
@@ -292,18 +296,17 @@ class BpftraceBackend(Backend):
         ending = [r for r, res in zip(resources, program.resources) if layout.of(program, res).ends_with_image]
         if ending:       # the process-image maps, global, declared and printed with the first such resource
             ending[0]["declared"] += ([f"let @probedsl_images = hash({layout.THREADS});",
-                                       f"let @probedsl_ended = hash({images.ENDED_IMAGES});"]
+                                       f"let @probedsl_ended = hash({layout.ENDED_IMAGES});"]
                                       if self.target.map_declarations else [])
             ending[0]["typing"][:0] = (["@probedsl_images[(uint64)0] = (uint64)0;",
                                         "@probedsl_ended[pid, (uint64)0] = (uint64)0;"]
                                        if self.target.type_maps_first else [])
-            ending[0]["printed"].append("@probedsl_ended")
-            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_images"]
+            ending[0]["printed"] += ["@probedsl_ended", "@probedsl_image_lost"]
+            ending[0]["cleared"] += ["@probedsl_ended", "@probedsl_image_lost", "@probedsl_images"]
         scope = program.scope
         return self.render_template(
             program=program, dialect=self.target.name, images=bool(ending),
             forget_image=self.delete("@probedsl_images", ["(uint64)pid"]),
-            images_filter="" if scope.mode == "comm" else self.filter(scope),
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    from probedsl import elf, placement, procfs
+    from probedsl import elf, procfs, x86
     exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-calibrate-"), "entries")
     subprocess.run(["gcc", "-O1", "-o", exe, str(ROOT / "bench" / "workloads" / "entries.c")], check=True)
     syms = elf.symbols(exe)
@@ -63,7 +63,7 @@ def main() -> None:
     print("|---|---|---|---:|---|---|")
     for kind in KINDS:
         places = [0]
-        placed = placement.place(exe, kind, ())
+        placed = x86.place(exe, kind, ())
         if placed:                       # where probedsl would probe instead (endbr64: past it)
             places.append(placed.offset)
         for offset in places:
@@ -73,8 +73,8 @@ def main() -> None:
                 traced.append(loop_seconds(exe, kind, args.calls, offset))
             ns = (statistics.median(traced) - statistics.median(untraced)) / args.calls * 1e9
             code = syms.read(syms.address_of(kind) + offset, 15)
-            believed, measured = placement.emulated(code, release), ns < 2000
-            text = placement.disassemble(code)
+            believed, measured = x86.emulated(code, release), ns < 2000
+            text = x86.disassemble(code)
             print(f"| {kind}+{offset} | {text} | {'emulated' if believed else 'single-stepped'} | {ns:.0f} | "
                   f"{'emulated' if measured else 'single-stepped'} | {'yes' if believed == measured else 'NO'} |")
 

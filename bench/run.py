@@ -90,8 +90,8 @@ time.sleep(3600)
 
 
 def run_floor_bcc(exe, args, placed: bool):
-    from probedsl import placement
-    where = placement.place(LIBC, "free", (0,)) if placed else None
+    from probedsl import x86
+    where = x86.place(LIBC, "free", (0,)) if placed else None
     tracer = subprocess.Popen([sys.executable, "-c", BCC_FLOOR, LIBC, str(where.offset if where else 0)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

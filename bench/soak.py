@@ -1,6 +1,6 @@
 """Soak: a long interval run against a steadily leaking program; records probedsl's own RSS
 after every report. `python -m bench.soak --backend bcc --seconds 3600` for the hour-long run;
-tests/test_robustness.py runs a 12-second version."""
+tests/test_losses_and_failures.py runs a 12-second version."""
 from __future__ import annotations
 
 import argparse

@@ -4,16 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-
-@dataclass(frozen=True)
-class Span:
-    line: int
-    column: int
-    end_line: int = 0
-    end_column: int = 0
+from .errors import NO_SPAN, Span
 
 
-NO_SPAN = Span(0, 0)
+# what a recipe may record per live entry
+RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 
 
 # --- expressions -----------------------------------------------------------------------
@@ -140,6 +135,8 @@ class Event:
     also_releases: Tuple[AlsoRelease, ...]
     also_acquires: Tuple[AlsoAcquire, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
+    # `through EXPR` on a release: every key from KEY to its last part = EXPR (close_range)
+    through: Tuple[Expr, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,10 +169,15 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class Aggregation:
-    function: str                    # sum | count | hist | min | max
+    function: str                    # sum | count | hist (the checker refuses others)
     argument: Optional[Name]
     label: Optional[str]
     span: Span = field(default=NO_SPAN, compare=False)
+
+    @property
+    def column(self) -> str:
+        """The column's name in reports: its `as` label, else sum_size, count, ..."""
+        return self.label or (f"{self.function}_{self.argument.name}" if self.argument else self.function)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Semantic checks on a parsed recipe: every problem found at once, each located."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Set
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from . import ast
-from .errors import Diagnostic, RecipeError
-from .ir import RECORDABLE
+from .errors import Diagnostic, RecipeError, Span
+
+# (category, event) -> the tracepoint's field names, None when it does not exist, ("*",) unknown
+Fields = Callable[[str, str], Optional[Tuple[str, ...]]]
 
 BUILTINS = ("pid", "tid")
 SETTABLE = ("size",)
@@ -25,7 +27,7 @@ def names_in(expr: ast.Expr) -> Iterator[ast.Name]:
         yield from names_in(expr.right)
 
 
-def derefs_in(expr: ast.Expr) -> Iterator[ast.Expr]:
+def derefs_in(expr: ast.Expr) -> Iterator[Union[ast.Deref, ast.Index]]:
     """Reads through out-parameters (`*out`, `fds[1]`): they happen at return."""
     if isinstance(expr, (ast.Deref, ast.Index)):
         yield expr
@@ -45,16 +47,17 @@ def event_exprs(event: ast.Event) -> Iterator[ast.Expr]:
         yield from r.key
         if r.guard is not None:
             yield r.guard
+    yield from event.through
 
 
 class _Checker:
-    def __init__(self, recipe: ast.Recipe, tracepoint_fields):
+    def __init__(self, recipe: ast.Recipe, tracepoint_fields: Fields):
         self.recipe = recipe
         self.tracepoint_fields = tracepoint_fields
         self.diagnostics: List[Diagnostic] = []
         self.params: Dict[str, ast.Param] = {}
 
-    def error(self, span: ast.Span, message: str) -> None:
+    def error(self, span: Span, message: str) -> None:
         self.diagnostics.append(Diagnostic(self.recipe.filename, span, message))
 
     def run(self) -> List[Diagnostic]:
@@ -80,8 +83,8 @@ class _Checker:
         recorded: Set[str] = set()
         for rec in res.records:
             for f in rec.fields:
-                if f.name not in RECORDABLE:
-                    self.error(f.span, f"cannot record '{f.name}'; choose from {', '.join(RECORDABLE)}")
+                if f.name not in ast.RECORDABLE:
+                    self.error(f.span, f"cannot record '{f.name}'; choose from {', '.join(ast.RECORDABLE)}")
                 recorded.add(f.name)
         if not any(e.kind == "acquire" for e in res.events):
             self.error(res.span, f"resource '{res.name}' has no acquire")
@@ -130,11 +133,15 @@ class _Checker:
                 word = "releases" if isinstance(extra, ast.AlsoRelease) else "acquires"
                 self.error(extra.span, f"'{word}' belongs on an acquire")
             self.check_key(res, extra.key, extra.span)
-        for a in event.assigns:
-            if a.target.name not in SETTABLE:
-                self.error(a.target.span, f"cannot set '{a.target.name}'; an acquire can set: {', '.join(SETTABLE)}")
+        if event.through and (event.kind != "release" or len(event.through) > 1):
+            self.error(event.through[-1].span if event.kind == "release" else event.span,
+                       "'through LAST' belongs on a release, once (it releases KEY up to LAST)")
+        for assign in event.assigns:
+            if assign.target.name not in SETTABLE:
+                self.error(assign.target.span,
+                           f"cannot set '{assign.target.name}'; an acquire can set: {', '.join(SETTABLE)}")
             if event.kind == "release":
-                self.error(a.span, "a release cannot set values; move this to the acquire")
+                self.error(assign.span, "a release cannot set values; move this to the acquire")
         for expr in event_exprs(event):
             for n in names_in(expr):
                 if n.name not in allowed:
@@ -148,7 +155,7 @@ class _Checker:
                 if not (isinstance(target, ast.Name) and target.name in args):
                     self.error(d.span, "'*' reads through an out-parameter: write '*ARG' with an argument name")
 
-    def check_key(self, res: ast.Resource, key, span: ast.Span) -> None:
+    def check_key(self, res: ast.Resource, key: Sequence[ast.Expr], span: Span) -> None:
         if len(key) != len(res.key_names):
             self.error(span, f"resource '{res.name}' is keyed by {len(res.key_names)} value(s) "
                              f"({', '.join(res.key_names)}) but this key has {len(key)}")
@@ -174,7 +181,11 @@ class _Checker:
                 self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
         if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
             self.error(rep.span, "a report by ustack needs 'record pid' (stacks are named per process)")
+        labels: Set[str] = set()
         for agg in rep.aggregations:
+            if agg.column in labels:
+                self.error(agg.span, f"column '{agg.column}' is already in this report; name one with 'as'")
+            labels.add(agg.column)
             if agg.function not in AGGREGATIONS[rep.kind]:
                 self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "
                                      f"use {', '.join(AGGREGATIONS[rep.kind])}")
@@ -191,7 +202,7 @@ class _Checker:
                 self.error(value.span, f"unknown parameter '{value.name}'")
 
 
-def check(recipe: ast.Recipe, tracepoint_fields=None) -> None:
+def check(recipe: ast.Recipe, tracepoint_fields: Optional[Fields] = None) -> None:
     """Raise RecipeError listing every semantic problem in `recipe`.
 
     `tracepoint_fields(category, event)` returns a tracepoint's field names, or None when it

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import allocators, compiler, escape, formats, ir, layout, libraries, placement, report, session, targets
+from . import allocators, compiler, escape, formats, report, session, targets
 from .doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
@@ -93,11 +93,9 @@ def check(recipe):
     for label in program.unprobed:
         click.echo(f"  {label}: looked for in the traced program's files when it runs "
                    f"(compile --program EXE shows where)")
-    for probe in (p for r in placement.apply(program).resources for p in r.probes):
-        offset, instruction = probe.place_in(probe.path)
-        if offset:
-            click.echo(f"  {probe.label}: probed at {probe.function}+{offset} ({instruction}, emulated; its "
-                       f"entry's instruction is single-stepped) in {probe.path}")
+    for label, function, offset, instruction, path in compiler.placements(program):
+        click.echo(f"  {label}: probed at {function}+{offset} ({instruction}, emulated; its "
+                   f"entry's instruction is single-stepped) in {path}")
 
 
 @cli.command()
@@ -147,22 +145,13 @@ def list_cmd():
 def compile(recipe, target, dump, output, pid, comm, sets, sample, stacks, probe_at, program, allocator, obj,
             symbols_prefix, min_size, max_size):
     """Print the bpftrace script, or the BCC loader (C text inside), generated for RECIPE."""
-    scope = ir.Scope()
-    if pid is not None:
-        scope = ir.Scope("pid", pid=pid)
-    elif comm is not None:
-        scope = ir.Scope("comm", comm=session.validate_comm(comm))
-    resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
-    choice = allocators.choose(allocator, obj, symbols_prefix, resolver.resolve)
-    built = compiler.build(compiler.load(recipe), _set_pairs(sets), resolver=resolver, allocator=choice)
-    program = session.sized(built, min_size, max_size).with_scope(scope).sampled(sample)
-    program = program.walking_stacks(stacks)
-    if probe_at == "placed":
-        program = placement.apply(program)
-    if dump == "ir":
-        text = ir.dump(program) + layout.dump(program)
-    else:
-        text = compiler.generate(program, targets.from_name(target)).standalone
+    chosen = targets.from_name(target)
+    choices, resolver = compiler.compile_choices(
+        pid=pid, comm=comm, program=program, sets=_set_pairs(sets), allocator=allocator, obj=obj,
+        symbols_prefix=symbols_prefix, min_size=min_size, max_size=max_size, sample=sample, stacks=stacks,
+        placed=probe_at == "placed")
+    program, _ = compiler.plan(compiler.load(recipe), chosen, choices, resolver)
+    text = compiler.dump(program) if dump == "ir" else compiler.generate(program, chosen).standalone
     if output:
         with open(output, "w") as f:
             f.write(text)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, libraries, lower, parser, targets
-from .backends import Generated
+from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, printer, procfs, resolve, targets
+from . import backends
+from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
 
 
@@ -76,7 +77,7 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     program = allocators.apply(program, allocator)
     optional = {r.name: [p.label for p in r.probes if p.optional and any(a.kind == "acquire" for a in p.actions)]
                 for r in program.resources}
-    program = libraries.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
+    program = resolve.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
     for res in program.resources:
         if not complete or not optional[res.name] or any(a.kind == "acquire" for p in res.probes for a in p.actions):
             continue
@@ -88,12 +89,88 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
     return program
 
 
+@dataclass(frozen=True)
+class Choices:
+    """What the command line chose about the program; each pass of `plan` reads its part."""
+    sets: Mapping[str, str] = field(default_factory=dict)    # --set NAME=VALUE
+    allocator: Optional[allocators.Choice] = None              # --allocator, -O, --symbols-prefix
+    max_live: int = 0                                          # 0: the target's default
+    min_size: Optional[int] = None
+    max_size: Optional[int] = None
+    scope: ir.Scope = field(default_factory=ir.Scope)
+    sample: int = 1
+    read_live: bool = False        # the live table is read (--ages, --reachability)
+    min_age: Optional[float] = None   # --min-age (seconds): also reads it
+    stacks: Optional[str] = None   # "fp" or "dwarf"; None: the target's best
+    placed: bool = True            # --probe-at placed
+    # --private-libs: a copy of each probed library for the traced command only
+    private: Optional[Callable[[ir.Program], ir.Program]] = None
+
+
+def compile_choices(*, pid: Optional[int], comm: Optional[str], program: Optional[str], sets: Mapping[str, str],
+                    allocator: Optional[str], obj: Optional[str], symbols_prefix: Optional[str],
+                    min_size: Optional[int], max_size: Optional[int], sample: int, stacks: Optional[str],
+                    placed: bool) -> Tuple[Choices, libraries.LibraryResolver]:
+    """`probedsl compile`'s options as choices, and the resolver that finds libraries as
+    `program` (an executable) would, else as ldconfig knows them."""
+    scope = ir.Scope()
+    if pid is not None:
+        scope = ir.Scope("pid", pid=pid)
+    elif comm is not None:
+        scope = ir.Scope("comm", comm=procfs.valid_comm(comm))
+    resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
+    return Choices(sets=sets, allocator=allocators.choose(allocator, obj, symbols_prefix, resolver.resolve),
+                   min_size=min_size, max_size=max_size, scope=scope, sample=sample, stacks=stacks,
+                   placed=placed), resolver
+
+
+def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
+         resolver: Optional[libraries.LibraryResolver] = None) -> Tuple[ir.Program, List[str]]:
+    """Every pass, in one order, shared by `compile`, `check --program`, `run` and --estimate:
+    lowered, allocator moved, libraries resolved, sized, scoped, sampled, stacks chosen,
+    private copies, placed. Returns the program and notes for the user (what was not probed)."""
+    max_live = choices.max_live or target.default_max_live
+    if target.max_live_limit is not None and max_live > target.max_live_limit:
+        raise ProbedslError(f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
+                            f"live entries per table (tallies pack the count in its bits); use --backend bcc")
+    if choices.stacks == "dwarf" and not target.dwarf_stacks:
+        raise ProbedslError(f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
+                            "(they are cut where they stop being certain); --backend bcc unwinds them")
+    program = build(recipe, choices.sets, resolver=resolver, max_live=max_live, allocator=choices.allocator)
+    program = sized(program, choices.min_size, choices.max_size).with_scope(choices.scope)
+    notes = []
+    calls = [label for label in program.unprobed if not label.startswith("usdt:")]
+    usdts = [label for label in program.unprobed if label.startswith("usdt:")]
+    if calls:
+        notes.append(f"note: not probed, not in the allocator's library: {', '.join(calls)}")
+    if usdts:
+        notes.append(f"note: not probed, no file of the program has them: {', '.join(usdts)}")
+    program = program.sampled(choices.sample).reading_live(choices.read_live or program.needs_live(choices.min_age))
+    program = program.walking_stacks(choices.stacks or ("dwarf" if target.dwarf_stacks else "fp"))
+    if choices.private is not None:
+        program = choices.private(program)
+    if choices.placed:
+        program = placement.apply(program)
+    return program, notes
+
+
+def sized(program: ir.Program, least: Optional[int], most: Optional[int]) -> ir.Program:
+    """--min-size/--max-size, refused where nothing records a size."""
+    if least is None and most is None:
+        return program
+    if least is not None and most is not None and least > most:
+        raise ProbedslError(f"--min-size {least} is above --max-size {most}: nothing would be traced")
+    if not any(r.records("size") for r in program.resources):
+        raise ProbedslError(f"--min-size/--max-size: recipe {program.name} records no size")
+    return program.size_filtered(least, most)
+
+
 def check_backends(program: ir.Program, source: str = "") -> None:
     """Lower for every target (each backend, each dialect); a construct one cannot express is a
     located recipe error. Probes are generated one at a time so that each error has its place."""
     diagnostics = []
     for cls in targets.TARGETS:
-        generator = cls().generator()
+        generator = backends.for_target(cls())
         for res in program.resources:
             for probe in res.probes:
                 one = replace(program, resources=(replace(res, probes=(probe,)),), reports=())
@@ -107,4 +184,19 @@ def check_backends(program: ir.Program, source: str = "") -> None:
 
 def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) -> Generated:
     """ready_pid: the runtime's pid, which bpftrace probes watch for its requests."""
-    return target.generator().generate(program, ready_pid)
+    return backends.for_target(target).generate(program, ready_pid)
+
+
+def dump(program: ir.Program) -> str:
+    """The IR and the storage it needs, as `compile --dump ir` prints them."""
+    return printer.dump(program) + layout.dump(program)
+
+
+def placements(program: ir.Program) -> List[Tuple[str, str, int, str, str]]:
+    """(label, function, offset, instruction, file) of each probe placed past its entry."""
+    found = []
+    for probe in (p for r in placement.apply(program).resources for p in r.probes):
+        offset, instruction = probe.place_in(probe.path)
+        if offset:
+            found.append((probe.label, probe.function, offset, instruction, probe.path))
+    return found

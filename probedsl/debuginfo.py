@@ -35,9 +35,9 @@ def build_id(elf: ELFFile) -> str:
     section = elf.get_section_by_name(".note.gnu.build-id")
     if section is None:
         return ""
-    for note in section.iter_notes():
-        if note["n_type"] == "NT_GNU_BUILD_ID":
-            value = str(note["n_desc"]).lower()
+    for entry in section.iter_notes():
+        if entry["n_type"] == "NT_GNU_BUILD_ID":
+            value = str(entry["n_desc"]).lower()
             return value if _HEX.fullmatch(value) else ""
     return ""
 

@@ -41,6 +41,7 @@ class ElfSymbols:
         self._addrs: Optional[List[int]] = None
         with open(path, "rb") as f:
             elf = ELFFile(f)
+            self.build_id = debuginfo.build_id(elf) or ""       # "" when the file has none
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD":
                     self.segments.append(Segment(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"]))

@@ -4,7 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from .ast import Span
+
+@dataclass(frozen=True)
+class Span:
+    """Where in a recipe: 1-based line and column (0, 0: nowhere)."""
+    line: int
+    column: int
+    end_line: int = 0
+    end_column: int = 0
+
+
+NO_SPAN = Span(0, 0)
 
 
 @dataclass(frozen=True)

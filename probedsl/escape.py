@@ -3,7 +3,8 @@
 One rule per kind of output, applied once where a report is rendered:
 - for a person (text, notes, errors): control characters, invisible format characters
   (bidi overrides) and undecodable bytes shown as escapes (`\\x1b`, `\\u202e`), the way
-  strace does, and the length capped with a mark;
+  strace does, a backslash itself as `\\\\` (so a name holding the four characters `\\x1b`
+  never reads like one holding ESC), and the length capped with a mark;
 - XML/HTML (SVG): the same, then `<`, `>`, `&` and quotes as entities (XML 1.0 cannot hold
   most control characters even as character references);
 - folded stacks: the same, and `;` (the frame separator) shown as `:`;
@@ -28,14 +29,14 @@ def _char(c: str) -> str:
     if o < 0x20 or o == 0x7F:
         return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, f"\\x{o:02x}")
     if c == "\\":
-        return c
+        return "\\\\"
     if o >= 0x80 and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
         return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
     return c
 
 
 def _visible(s: str) -> str:
-    if s.isascii() and s.isprintable():         # the common case, fast
+    if s.isascii() and s.isprintable() and "\\" not in s:     # the common case, fast
         return s
     return "".join(_char(c) for c in s)
 

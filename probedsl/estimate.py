@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass, replace
 from typing import Dict, List
 
-from . import ir, placement, targets
+from . import backends, ir, targets, x86
 from .errors import ProbedslError
 
 @dataclass
@@ -46,15 +46,15 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
         for p in res.probes:
             if p.kind == "uprobe":
                 label = f"uprobe:{p.path}:{p.function}"
-                cost = placement.hit_us(p.path, p.function, target.attaches_at(p, p.path))
-                hits[label] = max(hits.get(label, 0), cost + (placement.RETURN_US if p.at_return else 0))
+                cost = x86.hit_us(p.path, p.function, target.attaches_at(p, p.path))
+                hits[label] = max(hits.get(label, 0), cost + (x86.RETURN_US if p.at_return else 0))
     if not hits:
         raise ProbedslError("--estimate: this recipe probes no user functions (tracepoints cost little)")
     # the script on stdin; "--": a process name like "-x" is an argument, not an option
     argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = 'printf("done\\n"); exit();'
-    script = bpftrace.generator().count_script(replace(program, scope=scope))
+    script = backends.for_target(bpftrace).count_script(replace(program, scope=scope))
     proc.stdin.write(script + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")
     proc.stdin.close()
     calls: Dict[str, int] = {label: 0 for label in hits}

@@ -20,6 +20,7 @@ POINTS = {
     "attach": "waits before the driver attaches its probes",
     "exec-hold": "waits while a launched command is held at its exec (the loader hold)",
     "final": "waits before the final snapshot",
+    "image-sweep": "says (without waiting) each time BCC's loader freed entries of ended process images",
 }
 
 
@@ -40,3 +41,9 @@ def wait(name: str) -> None:
     deadline = time.monotonic() + GATE_S
     while gate and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def say(name: str, detail: str) -> None:
+    """If the point is on: say that it was reached, and what happened there (no wait)."""
+    if on(name):
+        print(f"probedsl: fault {name} reached: {detail}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from . import elf, ptrace
+from . import elf, procfs, ptrace
 from .tether import PAUSE_TIMEOUT_S, Paused
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = range(4)
@@ -50,15 +50,19 @@ class Scan:
     notes: List[str] = field(default_factory=list)
 
 
-def read_maps(pid: int) -> List[Region]:
+def read_maps(pid: int) -> Tuple[List[Region], bool]:
+    """(the process's mappings, whether /proc's text was cut: procfs's bounds)."""
     regions = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
+    lines, cut = procfs.read_lines(f"/proc/{pid}/maps")
+    for line in lines:
+        parts = line.split(None, 5)
+        try:
             lo, hi = parts[0].split("-")
             regions.append(Region(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
                                   parts[5].strip() if len(parts) > 5 else ""))
-    return regions
+        except (ValueError, IndexError):
+            continue
+    return regions, cut
 
 
 def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence[int],
@@ -73,9 +77,12 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
     starts = starts[order]
     ends = starts + np.asarray(sizes, dtype=np.uint64)[order]
     graph = _Graph(starts, ends)
-    regions = read_maps(pid)
+    regions, cut = read_maps(pid)
     live = _stack_tops(pid, paused, regions)
     heap, roots, notes = _split(regions, paused, starts, live)
+    if cut:
+        notes.append("/proc maps read in part (over its bound): mappings past the cut were not "
+                     "scanned, so a block kept only from there may show as lost")
     dead = _dead_heap_stacks(heap, starts, ends, live)
     excluded = _allocator_state(regions)
     if excluded is None:
@@ -220,7 +227,7 @@ def prepare(pid: int) -> None:
     path), done before any pause."""
     from . import cfi
     try:
-        regions = read_maps(pid)
+        regions, _ = read_maps(pid)
         _allocator_state(regions)
     except OSError:
         return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import jinja2
 

@@ -2,9 +2,14 @@
 heap block, mapping or stream of the old image goes with it. They are not leaks.
 
 The kernel cannot walk its live table at an exec, so it stamps each entry of such a resource
-(layout.ends_with_image) with its image (the time of the exec that started it, 0 for one older
-than the run) and keys the tallies by (pid, image) too; each exec adds (pid, the image it
-ended) to a set. At a snapshot the groups of ended images are taken out here and counted as
+(layout.ends_with_image) with its image and keys the tallies by (pid, image) too. A process's
+first acquisition registers its image as the process's start time (one number per process,
+whichever thread comes first; a new process reusing the pid has another, so it never inherits
+an ended image); each exec of a registered process adds (pid, the image it ended) to a set and
+registers the new image as the exec's time. Processes that never acquired anything are never
+registered, so their execs (every exec on the machine, for --comm and --all) are not recorded;
+the registration is forgotten when the process's last thread ends. A record a full table
+refused is counted (image_lost): that image's entries may then read as leaks. At a snapshot the groups of ended images are taken out here and counted as
 ended_by_exec, and the rest folded to the report's own groups. An acquisition by the new image
 under a key an old one left live counts there in the kernel (not as `replaced`), so a release
 only ever matches an entry of its own image."""
@@ -17,14 +22,13 @@ from .rundata import Snapshot
 
 Ended = Set[Tuple[int, int]]       # (pid, image)
 
-# the kernel's set of ended images holds this many (pid, image) pairs; past that, an old
-# image's entries stay in the report (runs of this many execs are unusual for a traced program)
-ENDED_IMAGES = 65_536
 
 
-def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterable[Tuple[int, int]]) -> Snapshot:
+def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterable[Tuple[int, int]],
+           lost: int = 0) -> Snapshot:
     """Take the entries of ended images out of the snapshot (in place): its tallies are then
-    keyed by the report's fields (Tally.shown), and each resource's ended_by_exec counts them."""
+    keyed by the report's fields (Tally.shown), and each resource's ended_by_exec counts them.
+    lost: the kernel's count of image records refused."""
     ended = set(ended)
     for lay in layouts:
         if not lay.ends_with_image:
@@ -56,4 +60,5 @@ def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterabl
         totals = snapshot.totals.get(name)
         if totals is not None:
             totals.ended_by_exec += gone
+            totals.images_ended, totals.image_lost = len(ended), lost
     return snapshot

@@ -1,11 +1,12 @@
 """The backend-neutral program: probes, per-thread scratch, keyed tables, aggregations."""
 from __future__ import annotations
 
+import enum
 import functools
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from .ast import Span, NO_SPAN
+from .errors import NO_SPAN, Span
 
 
 # --- expressions, already bound to where their values live -------------------------------
@@ -97,19 +98,51 @@ def _at_entry(v: Value) -> Optional[Value]:
 
 
 # --- program -----------------------------------------------------------------------------
+class ProbeKind(str, enum.Enum):
+    """Where a probe attaches. A new kind is a member here and one lowering in each generator;
+    a generator meeting a kind it does not lower refuses it (never a default)."""
+    UPROBE = "uprobe"            # a function in a file (entry, or return with at_return)
+    TRACEPOINT = "tracepoint"    # category:event
+    USDT = "usdt"                # provider:name sites in a file's notes
+    SYSCALL = "syscall"          # sys_enter_NAME / sys_exit_NAME
+
+    def __str__(self) -> str:    # labels and generated text say "uprobe", not ProbeKind.UPROBE
+        return self.value
+
+
+class Aggregation(str, enum.Enum):
+    """A report column's function. `of` is the one place a group's value is computed."""
+    SUM = "sum"                  # sum(size): bytes
+    COUNT = "count"              # count(): entries
+    HIST = "hist"                # hist(age): a lifetime report's histogram, not a column value
+
+    def __str__(self) -> str:
+        return self.value
+
+    def of(self, nbytes: int, count: int) -> int:
+        if self is Aggregation.SUM:
+            return nbytes
+        if self is Aggregation.COUNT:
+            return count
+        raise ValueError(f"{self.value} is not a column of an outstanding report")
+
+
 @dataclass(frozen=True)
 class Action:
     kind: str                              # acquire | release
     key: Tuple[Value, ...]
     guard: Optional[Value]
     size: Optional[Value] = None           # acquire only
+    # release only: every key from `key` to the one whose last part is `through`, at most
+    # the target's range_keys of them (close_range's descriptors)
+    through: Optional[Value] = None
 
 
 @dataclass(frozen=True)
 class Probe:
     id: int                                # 1-based within its resource; tags scratch entries
     resource: str
-    kind: str                              # uprobe | tracepoint | usdt | syscall
+    kind: ProbeKind
     library: str                           # as written in the recipe (uprobe)
     function: str                          # function (uprobe), "category:event" (tracepoint), name (syscall)
     at_return: bool                        # actions run at return (uretprobe, sys_exit_NAME)
@@ -119,13 +152,14 @@ class Probe:
     # registers: the exit reads what the entry saved)
     fields: Tuple[str, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False)
-    path: str = ""                         # resolved library path; set by libraries.resolve
+    path: str = ""                         # resolved library path; set by probedsl.resolve
     # the same library in other roots (a chroot, a container's mount namespace), where it is
     # another file: the probe is attached to each of those too
     also: Tuple[str, ...] = ()
-    # (file, offset, instruction): where in the function the probe sits in that file, when
-    # not at its entry (probedsl.placement)
-    places: Tuple[Tuple[str, int, str], ...] = ()
+    # (file, offset, instruction, code): where in the function the probe sits in that file,
+    # when not at its entry, and the bytes (hex) from the entry to there, which a loader checks
+    # again before attaching inside the function (probedsl.placement)
+    places: Tuple[Tuple[str, int, str, str], ...] = ()
     # checked at entry before any map work (--min-size/--max-size): a call failing it is not
     # traced at all (only probes that acquire and release nothing get one)
     entry_guard: Optional["Value"] = None
@@ -133,7 +167,10 @@ class Probe:
     # library lacks the function (jemalloc has no pvalloc)
     optional: bool = False
     # usdt: the sites of provider:name in `path` (probedsl.usdt.Site), each a uprobe
-    sites: Tuple = ()
+    sites: Tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ProbeKind(self.kind))     # a name from a test or a dump
 
     @property
     def files(self) -> Tuple[str, ...]:
@@ -141,7 +178,11 @@ class Probe:
 
     def place_in(self, path: str) -> Tuple[int, str]:
         """(offset from the entry, instruction there) in that file; (0, "") at the entry."""
-        return next(((off, ins) for file, off, ins in self.places if file == path), (0, ""))
+        return next(((off, ins) for file, off, ins, _ in self.places if file == path), (0, ""))
+
+    def code_in(self, path: str) -> str:
+        """The bytes (hex) from the entry to the placed instruction in that file; "" at the entry."""
+        return next((code for file, _, _, code in self.places if file == path), "")
 
     @property
     def args_read(self) -> Tuple[int, ...]:
@@ -283,7 +324,7 @@ class Program:
     def reading_live(self, read: bool) -> "Program":
         return replace(self, read_live=bool(read))
 
-    def needs_live(self, min_age_s=None) -> bool:
+    def needs_live(self, min_age_s: Optional[float] = None) -> bool:
         """Whether reports must read every live entry: some outstanding report filters by age."""
         ages = [min_age_s * 1000] if min_age_s is not None else [r.min_age_ms for r in self.reports
                                                                    if r.kind == "outstanding"]
@@ -296,7 +337,7 @@ def live_fields(resource: Resource) -> List[str]:
     return ["time"] + [f for f in ("size", "pid", "tid", "ustack", "kstack", "comm") if resource.records(f)]
 
 
-def group_keys(group_by) -> List[str]:
+def group_keys(group_by: Sequence[str]) -> List[str]:
     """Live-record fields that key a tally or histogram grouped `by` these names. A user stack
     needs its pid to be named; comm goes first because bpftrace joins multi-part keys with ','
     and only the first part may contain one."""
@@ -316,7 +357,7 @@ def tallies(program: Program, resource: Resource) -> List[Tuple[str, ...]]:
     return list(dict.fromkeys(groups)) or [()]
 
 
-def lifetime_report(program: Program, resource: Resource):
+def lifetime_report(program: Program, resource: Resource) -> Optional[Report]:
     """The resource's lifetime report (one at most; the checker says so), or None."""
     return next((r for r in program.reports if r.kind == "lifetime" and r.resource == resource.name), None)
 
@@ -327,7 +368,6 @@ def lifetime_keys(program: Program, resource: Resource) -> List[str]:
     return group_keys(rep.group_by if rep else ())
 
 
-RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 # Stacks keep their innermost STACK_DEPTH frames, on both backends. A stack table holds one
 # 8-byte slot per frame for each of its buckets, so 64 frames instead of the kernel's 127
 # buy twice the buckets (half the collisions, which cost a block its stack) on BCC, and half
@@ -335,49 +375,3 @@ RECORDABLE = ("comm", "kstack", "pid", "size", "tid", "time", "ustack")
 STACK_DEPTH = 64
 STACK_BUCKETS = 131_072     # BCC's stack table, and each tally (groups are keyed by stack)
 DEFAULT_MAX_LIVE = 1_000_000
-
-
-# --- text form (`probedsl compile --dump ir`): the IR and the storage layout derived from it ---
-def show(value) -> str:
-    if isinstance(value, Const):
-        return str(value.value)
-    if isinstance(value, Arg):
-        return f"arg{value.index}"
-    if isinstance(value, Saved):
-        return f"saved[{value.slot}]=arg{value.arg_index}"
-    if isinstance(value, (Builtin, Field)):
-        return value.name if isinstance(value, Builtin) else f"field.{value.name}"
-    if isinstance(value, Deref):
-        return f"*{value.size}({show(value.address)} + {value.offset})"
-    if isinstance(value, Int32):
-        return f"int32({show(value.operand)})"
-    if isinstance(value, Not):
-        return f"!{show(value.operand)}"
-    return f"({show(value.left)} {value.op} {show(value.right)})"
-
-
-def dump(program: Program) -> str:
-    lines = [f"program {program.name}: scope {program.scope.mode}"
-             + (f" pid {program.scope.pid}" if program.scope.mode in ("pid", "cmd") else "")
-             + (f" comm {program.scope.comm!r}" if program.scope.mode == "comm" else "")
-             + f", sample 1/{program.sample}, read_live {program.read_live}"]
-    for res in program.resources:
-        lines.append(f"resource {res.name} keyed by ({', '.join(res.key_names)}), records "
-                     f"({', '.join(res.record)}), max_live {res.max_live}")
-        for p in res.probes:
-            where = "return" if p.at_return else "entry"
-            saves = [f"field.{p.fields[i]}" if p.kind == "syscall" else f"arg{i}" for i in p.saved_args]
-            lines.append(f"  probe {p.id} {p.label} at {where}" + (f" [{', '.join(p.files)}]" if p.path else "")
-                         + (f", saves ({', '.join(saves)})" if saves else ""))
-            if p.entry_guard is not None:
-                lines.append(f"    at entry, only when {show(p.entry_guard)}")
-            for a in p.actions:
-                text = f"    {a.kind} ({', '.join(show(k) for k in a.key)})"
-                text += f" when {show(a.guard)}" if a.guard is not None else ""
-                text += f" size {show(a.size)}" if a.size is not None else ""
-                lines.append(text)
-    for r in program.reports:
-        cols = ", ".join(f"{fn} as {label}" for fn, label in r.columns)
-        lines.append(f"report {r.kind} {r.resource} by ({', '.join(r.group_by)})"
-                     + (f": {cols}" if cols else "") + f", top {r.top}, min_age {r.min_age_ms} ms")
-    return "\n".join(lines) + "\n"

@@ -78,10 +78,11 @@ class HeldCommand:
                     return
                 if mapped():
                     break
-                # a signal that arrived meanwhile (not the trap of a system call) goes on to it
+                # a signal that arrived meanwhile (not the trap of a system call) goes on to it;
+                # not the SIGSTOP of the mapping hold (probedsl.mapping_hold): held here already
                 sig = os.WSTOPSIG(status)
                 try:
-                    ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
+                    ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig in HOLD_SIGNALS else sig)
                 except ProcessLookupError:      # killed meanwhile: its exit is the next wait's
                     pass
                 _, status = os.waitpid(self.pid, 0)
@@ -121,6 +122,7 @@ class HeldCommand:
         return self.status
 
 
+HOLD_SIGNALS = (signal.SIGTRAP, signal.SIGSTOP)
 MAX_HELD_SYSCALLS = 2000      # the loader of a program with ~50 libraries makes ~1,000
 
 

@@ -1,7 +1,7 @@
 """Checked AST -> IR: bind names to where their values live, and plan entry/return correlation."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from . import ast, ir
 from .checker import event_exprs, names_in, derefs_in
@@ -61,7 +61,7 @@ class _Binder:
             return ir.Int32(self.value(expr.operand))
         return ir.BinOp(expr.op, self.value(expr.left), self.value(expr.right))
 
-    def guard(self, exprs) -> Optional[ir.Value]:
+    def guard(self, exprs: Sequence[ast.Expr]) -> Optional[ir.Value]:
         result = None
         for e in exprs:
             v = self.value(e)
@@ -84,7 +84,7 @@ def parameter_values(recipe: ast.Recipe, overrides: Mapping[str, str]) -> Dict[s
     return values
 
 
-def _report_number(value, params: Mapping[str, int], default: int) -> int:
+def _report_number(value: Union[int, ast.ParamRef, None], params: Mapping[str, int], default: int) -> int:
     if value is None:
         return default
     if isinstance(value, ast.ParamRef):
@@ -95,7 +95,7 @@ def _report_number(value, params: Mapping[str, int], default: int) -> int:
 def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFAULT_MAX_LIVE) -> ir.Program:
     resources = []
     for res in recipe.resources:
-        probes = []
+        probes: List[ir.Probe] = []
         for event in res.events:
             at_return = _needs_return(event)
             bind = _Binder(event.probe, at_return, params)
@@ -104,7 +104,8 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
                        for extra in event.also_releases]
             size = next((bind.value(a.value) for a in event.assigns if a.target.name == "size"), None)
             actions.append(ir.Action(event.kind, tuple(bind.value(k) for k in event.key),
-                                     bind.guard(event.guards), size if event.kind == "acquire" else None))
+                                     bind.guard(event.guards), size if event.kind == "acquire" else None,
+                                     bind.value(event.through[0]) if event.through else None))
             for extra in event.also_acquires:
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
                 actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))
@@ -116,15 +117,14 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             # a process fires one provider's probes (otel_memory or ddheap): those not in its
             # files are left out, with a note
             probes.append(ir.Probe(
-                id=len(probes) + 1, resource=res.name, kind=kind, library=library, function=function,
+                id=len(probes) + 1, resource=res.name, kind=ir.ProbeKind(kind), library=library, function=function,
                 at_return=at_return, saved_args=tuple(bind.saved), fields=tuple(bind.fields), actions=tuple(actions),
                 span=event.probe.span, optional=kind == "usdt"))
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []
     for rep in recipe.reports:
-        columns = tuple((a.function, a.label or (f"{a.function}_{a.argument.name}" if a.argument else a.function))
-                        for a in rep.aggregations)
+        columns = tuple((a.function, a.column) for a in rep.aggregations)
         reports.append(ir.Report(rep.kind, rep.resource.name, tuple(g.name for g in rep.group_by), columns,
                                  _report_number(rep.top, params, 10), _report_number(rep.min_age, params, 0)))
     return ir.Program(recipe.name, recipe.description, recipe.filename, tuple(resources), tuple(reports),

@@ -62,15 +62,18 @@ def _time(body: bytes) -> int:
 def read_proc_maps(pid: int) -> List[Mapping]:
     result = []
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
-                    continue
-                lo, hi = parts[0].split("-")
-                result.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5].rstrip("\n")))
+        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")         # bounded: the process sets its length
     except OSError:
-        pass
+        return result
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
+            continue
+        try:
+            lo, hi = parts[0].split("-")
+            result.append(Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5]))
+        except ValueError:
+            continue
     return result
 
 
@@ -132,6 +135,8 @@ class MappingTracker:
         self.files = RootedFiles()
         # told (pid, its current mappings) whenever a process's mappings change
         self._listeners: List[Callable[[int, List[Mapping]], None]] = []
+        # called by the thread after each drain, given drain (probedsl.mapping_hold)
+        self._turns: List[Callable[[Callable[[], None]], None]] = []
 
     def listen(self, listener: Callable[[int, List[Mapping]], None]) -> None:
         """Call listener(pid, mappings) for every process known now, then at every change
@@ -148,6 +153,14 @@ class MappingTracker:
         with self._lock:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+    def on_turn(self, hook: Callable[[Callable[[], None]], None]) -> None:
+        """Call hook(drain) from the thread at each turn (a poll of the rings, 20 ms at most)."""
+        self._turns.append(hook)
+
+    def off_turn(self, hook) -> None:
+        if hook in self._turns:
+            self._turns.remove(hook)
 
     def _tell(self, pids) -> None:
         if not self._listeners:
@@ -225,6 +238,11 @@ class MappingTracker:
         while not self._stop.is_set():
             poller.poll(20)
             self.drain()
+            for hook in list(self._turns):
+                try:
+                    hook(self.drain)
+                except Exception as exc:      # BCC raises bare Exception
+                    threads.failed("the mapping hold", exc)
 
     def drain(self) -> None:
         with self._lock:

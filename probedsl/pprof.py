@@ -9,10 +9,6 @@ from __future__ import annotations
 import gzip
 from typing import Dict, List, Tuple
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
-from . import debuginfo
 from .escape import for_utf8
 from .report import Report
 from .symbolizer import Frame
@@ -140,15 +136,7 @@ def _mapping(mappings: Dict[str, dict], f: Frame) -> int:
     m = mappings.get(f.module)
     if m is None:
         m = mappings[f.module] = {"id": len(mappings) + 1, "start": f.address, "limit": f.address + 1,
-                                  "build_id": _build_id(f.module)}
+                                  "build_id": f.build_id}
     m["start"], m["limit"] = min(m["start"], f.address), max(m["limit"], f.address + 1)
+    m["build_id"] = m["build_id"] or f.build_id
     return m["id"]
-
-
-def _build_id(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return debuginfo.build_id(ELFFile(f)) or ""
-    except (OSError, ELFError):
-        return ""
-

@@ -7,6 +7,8 @@ import errno
 import os
 from typing import Dict
 
+from . import procfs
+
 TRACEME, CONT, GETREGS, DETACH, SYSCALL = 0, 7, 12, 17, 24
 GETEVENTMSG, GETREGSET, SEIZE, INTERRUPT, LISTEN = 0x4201, 0x4204, 0x4206, 0x4207, 0x4208
 NT_X86_XSTATE = 0x202
@@ -74,11 +76,8 @@ def event_message(tid: int) -> int:
 
 def tracer_of(pid: int) -> int:
     """The pid tracing `pid` (0: none)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(l.split()[1]) for l in f if l.startswith("TracerPid:")), 0)
-    except OSError:
-        return 0
+    value = procfs.status_field(pid, "TracerPid")
+    return int(value) if value and value.isdigit() else 0
 
 
 def why_refused(pid: int, exc: OSError) -> str:
@@ -87,11 +86,7 @@ def why_refused(pid: int, exc: OSError) -> str:
         return f"process {pid} ended"
     tracer = tracer_of(pid)
     if tracer:
-        try:
-            with open(f"/proc/{tracer}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            name = "?"
+        name = procfs.comm(tracer) or "?"
         return f"process {pid} is already traced by pid {tracer} ({name}); a process has one tracer at a time"
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope") as f:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import ir, stacktrust
+from . import ir, layout, stacktrust
 from .rundata import Live, Snapshot
 from .symbolizer import Frame, Symbolizer
 
@@ -34,6 +34,9 @@ class Entry:
     histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # lifetime reports by group
     # --reachability: {kind: {"bytes": N, "blocks": N}} of its blocks (probedsl.heapscan.KINDS)
     kinds: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    # the live keys of its entries, when every live entry was read (--ages...): a check against
+    # the kernel's own record (fdleak's (pid, fd) against /proc/PID/fd); a merge drops them
+    keys: List[Tuple[int, ...]] = field(default_factory=list)
 
     def signature(self) -> str:
         """Identity across reports and runs: symbolic frames, not addresses (ASLR moves those)."""
@@ -136,6 +139,8 @@ class Report:
                 item["growing"] = e.growing
                 if e.kinds:
                     item["reachability"] = e.kinds
+                if e.keys:
+                    item["keys"] = [list(k) for k in e.keys]
                 item.update(_group_fields(e, s.by))
                 entries.append(item)
             doc["reports"].append({"kind": "outstanding", "resource": s.resource, "by": s.by,
@@ -212,7 +217,8 @@ def _entry_from_dict(e: dict, columns: Sequence[str], histogram=()) -> Entry:
                  pids=e.get("pids", []), stack=[Frame.from_dict(f) for f in e.get("stack", [])],
                  kernel_stack=[Frame.from_dict(f) for f in e.get("kernel_stack", [])],
                  pid=e.get("pid"), comm=e.get("comm"), delta=e.get("delta", {}),
-                 growing=e.get("growing", False), histogram=list(histogram), kinds=e.get("reachability", {}))
+                 growing=e.get("growing", False), histogram=list(histogram), kinds=e.get("reachability", {}),
+                 keys=[tuple(k) for k in e.get("keys", [])])
 
 
 def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0,
@@ -299,6 +305,11 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
         if reachability is not None and res.block_address is not None and snapshot.live is not None:
             resources[res.name]["reachability"] = _kind_totals(
                 (reachability.kind_of(res, l), l.size) for l in snapshot.live if l.resource == res.name)
+        if layout.ends_with_image(res):
+            resources[res.name].update(images_ended=t.images_ended if t else 0, image_lost=t.image_lost if t else 0)
+        if t and t.image_lost:
+            notes = [*notes, f"{t.image_lost} process-image records lost (a full table refused them): the "
+                             f"{res.name} entries of an image an exec ended may be reported as leaks"]
         if t and t.ended_by_exec:
             notes = [*notes, f"{t.ended_by_exec * scale} {res.name} entries ended with their process image at "
                              f"exec (the old program's, gone with its address space): not reported as leaks"]
@@ -377,7 +388,7 @@ def _tallied(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top: in
     labels = [label for _, label in rep.columns]
     rows = []
     for group, (nbytes, count, seen) in groups.items():
-        values = {label: (nbytes if fn == "sum" else count) * scale for fn, label in rep.columns}
+        values = {label: ir.Aggregation(fn).of(nbytes, count) * scale for fn, label in rep.columns}
         rows.append((values, count, dict(zip(keys, group), seen=seen)))
     _rank(rows, labels, lambda r: r[2]["seen"])
     shown, rest = _keep(rows, top, complete)
@@ -412,7 +423,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
     labels = [label for _, label in rep.columns]
     rows = []
     for members in groups.values():
-        values = {label: (sum(m.size for m in members) if fn == "sum" else len(members)) * scale
+        values = {label: ir.Aggregation(fn).of(sum(m.size for m in members), len(members)) * scale
                   for fn, label in rep.columns}
         rows.append((values, len(members), members))
     _rank(rows, labels, lambda r: min(m.time_ns for m in r[2]))
@@ -429,7 +440,8 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
             kernel_stack=symbolizer.kernel_stack(sample.kstack) if "kstack" in rep.group_by else [],
             pid=sample.pid if "pid" in rep.group_by else None,
             comm=sample.comm if "comm" in rep.group_by else None,
-            kinds=_kind_totals((kind_of(m), m.size * scale) for m in members) if scanned else {}))
+            kinds=_kind_totals((kind_of(m), m.size * scale) for m in members) if scanned else {},
+            keys=sorted(m.key for m in members)))
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
     cut = _cut_stacks(key[rep.group_by.index("ustack")][2] for key in groups) if "ustack" in rep.group_by else {}
     return Section("outstanding", rep.resource, list(rep.group_by), labels, top, min_age_ms, entries,
@@ -475,7 +487,7 @@ def _lifetime(program: ir.Program, rep: ir.Report, snapshot: Snapshot, symbolize
     stacks = symbolizer.user_stacks([(k.get("pid", 0), k.get("ustack", ())) for k in named]) \
         if "ustack" in keys else [[] for _ in shown]
     entries = []
-    for (key, buckets), fields, stack in zip(shown, named, stacks):
+    for (_key, buckets), fields, stack in zip(shown, named, stacks):
         entries.append(Entry(values={"released": sum(n for _, _, n in buckets)}, oldest_age_s=0.0,
                              pids=[fields["pid"]] if "pid" in fields else [], stack=stack,
                              kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],

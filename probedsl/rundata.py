@@ -29,6 +29,10 @@ class Totals:
     replaced: int = 0                  # keys acquired again with no release seen in between
     ungrouped: int = 0                 # live entries the full tally table could not count
     ended_by_exec: int = 0             # entries whose process image an exec ended (not leaks)
+    # (not kernel counters) of a resource that ends with its image: the images execs ended, and
+    # image records a full table refused (probedsl.images)
+    images_ended: int = 0
+    image_lost: int = 0
     # log2 histograms of released lifetimes, (min_ns, max_ns, count) buckets, per group key:
     # the values of the lifetime report's keys (ustack addresses, pid, comm), () when ungrouped
     lifetime: Dict[Tuple, List[Tuple[int, int, int]]] = field(default_factory=dict)

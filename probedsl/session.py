@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import sys
@@ -11,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import (allocators, compiler, doctor, escape, estimate, faults, formats, ir, notices, placement, prometheus, report,
+from . import (allocators, compiler, doctor, escape, estimate, faults, formats, ir, notices, prometheus, report,
                roots, scanner, targets, threads)
 from .errors import ProbedslError
 from .launcher import HeldCommand
@@ -23,9 +22,8 @@ from .private_libs import PrivateLibraries
 from .rundata import Snapshot
 from .symbolizer import Symbolizer
 from .tether import Tether
-from . import live, timeseries
+from . import drivers, live, timeseries
 
-TASK_COMM_LEN = 16
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
 INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
 
@@ -67,16 +65,6 @@ class RunOptions:
     live: bool = False                 # a full-screen view refreshed at each report (probedsl.live)
 
 
-def validate_comm(comm: str) -> str:
-    raw = comm.encode()
-    if not raw or len(raw) >= TASK_COMM_LEN:
-        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
-                            "(the kernel keeps only the first 15)")
-    if re.search(r"[\x00-\x1f\x7f]", comm):
-        raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
-    return comm
-
-
 def _scope(opts: RunOptions, target: targets.Target):
     """(scope, library resolver, held command or None) for the options."""
     chosen = [x for x in (opts.comm, opts.pid, opts.command or None, opts.all or None) if x is not None]
@@ -93,7 +81,7 @@ def _scope(opts: RunOptions, target: targets.Target):
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
             raise ProbedslError(f"--per-process: {target.name} cannot attach uprobes per process; "
                                 f"use --backend {backends}")
-        comm = validate_comm(opts.comm)
+        comm = procfs.valid_comm(opts.comm)
         # --per-process: BCC resolves each process's libraries in its own root as it attaches
         others = [] if opts.per_process else roots.one_per_other_root(processes_named(comm))
         resolver = LibraryResolver(others=others)
@@ -206,43 +194,32 @@ class Session:
         opts, cleanup = self.opts, self.cleanup
         recipe = compiler.load(opts.recipe)
         self.target = target = targets.detect(opts.backend)
-        self.max_live = opts.max_live or target.default_max_live
-        if target.max_live_limit is not None and self.max_live > target.max_live_limit:
-            raise ProbedslError(f"--max-live {self.max_live}: {target.name} holds at most {target.max_live_limit} "
-                                f"live entries per table (tallies pack the count in its bits); use --backend bcc")
         scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
         scope, resolver, self.held = _scope(opts, target)
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
-        choice = allocators.choose(opts.allocator, opts.object, opts.symbols_prefix, resolver.resolve)
-        program = compiler.build(recipe, opts.sets, resolver=resolver, max_live=self.max_live, allocator=choice)
-        program = sized(program, opts.min_size, opts.max_size).with_scope(scope)
-        if opts.min_size is not None or opts.max_size is not None:
-            self.notes.append("--min-size/--max-size: blocks outside the size range are not recorded, so their "
-                              "releases count as releases of unknown keys")
-        usdts = [label for label in program.unprobed if label.startswith("usdt:")]
-        calls = [label for label in program.unprobed if not label.startswith("usdt:")]
-        if calls:
-            self.say(f"note: not probed, not in the allocator's library: {', '.join(calls)}")
-        if usdts:
-            self.say(f"note: not probed, no file of the program has them: {', '.join(usdts)}")
-        if opts.reachability:
-            scanner.check_program(program)
-        program = program.sampled(opts.sample).reading_live(opts.ages or opts.reachability
-                                                            or program.needs_live(opts.min_age))
-        if opts.stacks == "dwarf" and not target.dwarf_stacks:
-            raise ProbedslError(f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
-                                "(they are cut where they stop being certain); --backend bcc unwinds them")
-        program = program.walking_stacks(opts.stacks or ("dwarf" if target.dwarf_stacks else "fp"))
         self.private = None
         if self.held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
             self.private = PrivateLibraries()
             cleanup.callback(self.private.cleanup)
-            program = self.private.apply(program, self.held.exe)
-        if opts.probe_at == "placed":
-            program = placement.apply(program)
+        held, private = self.held, self.private
+        choices = compiler.Choices(
+            sets=opts.sets, allocator=allocators.choose(opts.allocator, opts.object, opts.symbols_prefix, resolver.resolve),
+            max_live=opts.max_live or 0, min_size=opts.min_size, max_size=opts.max_size, scope=scope,
+            sample=opts.sample, read_live=bool(opts.ages or opts.reachability), min_age=opts.min_age,
+            stacks=opts.stacks, placed=opts.probe_at == "placed",
+            private=(lambda program: private.apply(program, held.exe)) if private and held else None)
+        program, notes = compiler.plan(recipe, target, choices, resolver)
+        for note in notes:
+            self.say(note)
+        if opts.min_size is not None or opts.max_size is not None:
+            self.notes.append("--min-size/--max-size: blocks outside the size range are not recorded, so their "
+                              "releases count as releases of unknown keys")
+        if opts.reachability:
+            scanner.check_program(program)
+        self.max_live = opts.max_live or target.default_max_live
         self.program = program
-        self.driver = target.driver(program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
         self.exporter = None
         if opts.prometheus:
             self.exporter = prometheus.Exporter(opts.prometheus)
@@ -545,17 +522,6 @@ def _traced(scope: ir.Scope, tracker: MappingTracker):
     if scope.mode == "comm":
         return lambda pid: procfs.named(pid, scope.comm)
     return None
-
-
-def sized(program: ir.Program, least: Optional[int], most: Optional[int]) -> ir.Program:
-    """--min-size/--max-size, refused where nothing records a size."""
-    if least is None and most is None:
-        return program
-    if least is not None and most is not None and least > most:
-        raise ProbedslError(f"--min-size {least} is above --max-size {most}: nothing would be traced")
-    if not any(r.records("size") for r in program.resources):
-        raise ProbedslError(f"--min-size/--max-size: recipe {program.name} records no size")
-    return program.size_filtered(least, most)
 
 
 def _probed_files(program: ir.Program) -> List[str]:

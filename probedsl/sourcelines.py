@@ -1,8 +1,16 @@
 """file:line (with inlined calls expanded) and C++ demangling, through GNU binutils.
 
 Why binutils: addr2line reads every DWARF version, compressed sections, inlined subroutines,
-and finds separate debug files by build-id or debuglink, all in C. One process per module
-per batch of addresses keeps thousands of frames fast; results are cached per address.
+all in C. One process per module per batch of addresses keeps thousands of frames fast;
+results are cached per address.
+
+addr2line reads only what probedsl accepted: it is given a file that holds its own DWARF (the
+module, or the debug file probedsl.debuginfo checked against its build id), never a stripped
+one, because BFD would then follow the file's .gnu_debuglink or build-id path itself, with no
+build id check, to a file probedsl refused. It runs in an empty private directory on a link to
+the file, so nothing beside the file (a debuglink's NAME or .debug/NAME) can be found; a dwz
+.gnu_debugaltlink (an absolute path) is followed only when that file carries the build id the
+link names.
 """
 from __future__ import annotations
 
@@ -16,6 +24,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from elftools.elf.elffile import ELFFile
+
+from . import bounds
+from .debuginfo import build_id_of
 from .notices import note
 
 # one addr2line run's bounds: a hostile debug file costs at most this, then has no lines
@@ -39,11 +51,14 @@ class SourceLines:
         self._cxxfilt = shutil.which("c++filt")
         self._cache: Dict[Tuple[str, int], Tuple[SourceFrame, ...]] = {}
         self._names: Dict[str, str] = {}
+        self._readable: Dict[str, bool] = {}
 
     def lookup(self, module: str, vaddrs: Iterable[int]) -> Dict[int, Tuple[SourceFrame, ...]]:
         """vaddr -> frames innermost first (inlined callees, then the real function)."""
         wanted = sorted({a for a in vaddrs if (module, a) not in self._cache})
-        if wanted and self._addr2line:
+        if module not in self._readable and wanted:
+            self._readable[module] = _own_dwarf(module)
+        if wanted and self._addr2line and self._readable[module]:
             for chunk in range(0, len(wanted), 4096):
                 self._run(module, wanted[chunk:chunk + 4096])
         for a in wanted:
@@ -56,10 +71,12 @@ class SourceLines:
         # any code) whose three output lines close that address's record
         sentinel = secrets.randbits(62) | 1 << 62
         closing = [f"{sentinel:#018x}", "??", "??:0"]
-        argv = [self._addr2line, "-e", module, "-a", "-i", "-f", "-C"]
-        for a in addrs:
-            argv += [f"{a:#x}", closing[0]]
-        out = _bounded_run(argv)
+        with tempfile.TemporaryDirectory(prefix="probedsl-lines-") as alone:
+            os.symlink(os.path.abspath(module), os.path.join(alone, "m"))
+            argv = [self._addr2line, "-e", "m", "-a", "-i", "-f", "-C"]
+            for a in addrs:
+                argv += [f"{a:#x}", closing[0]]
+            out = _bounded_run(argv, alone)
         if out is None:
             note(f"{module}: addr2line exceeded its bounds ({ADDR2LINE_SECONDS} s, "
                  f"{ADDR2LINE_OUTPUT >> 20} MB): no file:line for its frames")
@@ -107,12 +124,37 @@ def _frames(lines: List[str]) -> Tuple[SourceFrame, ...]:
     return tuple(f for f in frames if f.function or f.file)
 
 
-def _bounded_run(argv: List[str]) -> Optional[bytes]:
+def _own_dwarf(path: str) -> bool:
+    """Whether addr2line may read path: it holds DWARF of its own (so BFD follows no debuglink
+    or build-id path), and a .gnu_debugaltlink it has names a file that carries the build id
+    the link gives (or one that does not exist: BFD then reads nothing)."""
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            own = any(s["sh_type"] != "SHT_NOBITS" and s["sh_size"] > 0 for s in elf.iter_sections()
+                      if s.name in (".debug_info", ".zdebug_info") or s.name.startswith(".gnu.linkonce.wi."))
+            alt = elf.get_section_by_name(".gnu_debugaltlink")
+            link = bounds.section_data(alt, f"{path} .gnu_debugaltlink") if own and alt is not None else b""
+    except Exception:                      # unreadable or damaged (pyelftools raises many kinds)
+        return False
+    if not link:
+        return own
+    name, _, ident = link.partition(b"\0")
+    target = name.decode("utf-8", "surrogateescape")
+    if not target.startswith("/") or not os.path.exists(target) or build_id_of(target) == ident.hex():
+        return True                        # relative: BFD looks in its empty directory
+    note(f"{path}: its .gnu_debugaltlink {target} does not carry build id {ident.hex()}: "
+         f"no file:line for its frames")
+    return False
+
+
+def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
     """argv's output (b"" when it failed), or None when it went past the time, output or
     memory bound (the output goes to a file whose size the kernel limits)."""
     try:
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                    cwd=cwd)
             try:
                 for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT),
                                      (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):

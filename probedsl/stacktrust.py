@@ -13,16 +13,8 @@ import functools
 from typing import Callable, Optional, Tuple
 
 from . import cfi, elf, ir, procfs
+from .stackformat import DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
 
-# marker "addresses" ending a stack, above every user address. BCC's unwinder (--stacks
-# dwarf) ends each stack with one: COMPLETE, NO_UNWIND_INFO, DEPTH_LIMIT, or FP_WALK (it had
-# no rows for the process yet and took the frame-pointer walk, to be cut here)
-COMPLETE = 0xFFFF_FFFF_FFFF_FF00
-NO_FRAME_POINTER = 0xFFFF_FFFF_FFFF_FF01
-NO_UNWIND_INFO = 0xFFFF_FFFF_FFFF_FF02
-DEPTH_LIMIT = 0xFFFF_FFFF_FFFF_FF03
-FP_WALK = 0xFFFF_FFFF_FFFF_FF04
-MARKERS = (COMPLETE, NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT, FP_WALK)
 
 
 # how a cut stack ended, by its marker: what reports count

@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import elf, stacktrust
+from . import elf, stackformat, stacktrust
 from .mappings import MappingTracker, find
+from .procfs import read_lines
 from .sourcelines import SourceLines
 
 # the kernel's uprobe page in a process: a pending uretprobe puts its start, the return
@@ -28,6 +29,7 @@ class Frame:
     inlined: bool = False  # a call inlined into the frame below it (same address)
     vaddr: int = -1        # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
     truncated: str = ""    # a marker ending a cut stack: why the frames past it are not shown
+    build_id: str = ""     # the module's GNU build id (hex), as read when the frame was named
 
     @property
     def name(self) -> str:
@@ -65,7 +67,8 @@ class Frame:
         return {"address": f"{self.address:#x}", "function": self.function or None,
                 "offset": self.offset, "module": self.module or None,
                 "vaddr": f"{self.vaddr:#x}" if self.vaddr >= 0 else None, "file": self.file or None,
-                "line": self.line or None, "inlined": self.inlined, "text": str(self)}
+                "line": self.line or None, "inlined": self.inlined, "text": str(self),
+                **({"build_id": self.build_id} if self.build_id else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Frame":
@@ -73,7 +76,8 @@ class Frame:
             return cls(0, "", 0, d.get("module") or "", truncated=d["truncated"])
         return cls(int(d["address"], 16), d.get("function") or "", int(d.get("offset") or 0),
                    d.get("module") or "", d.get("file") or "", int(d.get("line") or 0),
-                   bool(d.get("inlined")), int(d["vaddr"], 16) if d.get("vaddr") else -1)
+                   bool(d.get("inlined")), int(d["vaddr"], 16) if d.get("vaddr") else -1,
+                   build_id=str(d.get("build_id") or ""))
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,13 +102,10 @@ def uprobe_trampoline(pid: int) -> Optional[int]:
     unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
     another tracer's are known only to the kernel, so a stack ends there."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if line.rstrip("\n").endswith(UPROBES):
-                    return int(line.split("-", 1)[0], 16)
+        lines, _ = read_lines(f"/proc/{pid}/maps")
+        return next((int(line.split("-", 1)[0], 16) for line in lines if line.endswith(UPROBES)), None)
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _module(mappings, address: int):
@@ -146,7 +147,7 @@ class Symbolizer:
             addresses = self._trusted(pid, start, mappings, tuple(addresses))
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
-                if address in stacktrust.MARKERS:
+                if address in stackformat.MARKERS:
                     continue
                 key = (pid, start, address)
                 if key in self._cache or key in located:
@@ -168,7 +169,8 @@ class Symbolizer:
             if src:
                 # addr2line -i: innermost inlined callee first, the real function last
                 *inlined, outer = src
-                expanded = [Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True)
+                expanded = [Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True,
+                                      build_id=frame.build_id)
                             for s in inlined]
                 # addr2line names an address without DWARF after the nearest symbol before
                 # it: its name is taken only with a source location (from DWARF)
@@ -180,9 +182,9 @@ class Symbolizer:
     def _frames(self, pid: int, start: int, addresses: Tuple[int, ...]) -> List[Frame]:
         frames: List[Frame] = []
         for a in addresses:
-            if a == stacktrust.COMPLETE:
+            if a == stackformat.COMPLETE:
                 continue
-            if a in stacktrust.MARKERS:
+            if a in stackformat.MARKERS:
                 module = os.path.basename(frames[-1].module) if frames else ""
                 frames.append(Frame(a, "", 0, frames[-1].module if frames else "",
                                     truncated=stacktrust.reason(a, module)))
@@ -213,7 +215,7 @@ class Symbolizer:
         if key in self._trust:
             return self._trust[key]
         cut = stacktrust.trusted(addresses, lambda a: self._elf_address(mappings, a))
-        if cut[-1] != stacktrust.NO_UNWIND_INFO:       # (a mapping may be told later)
+        if cut[-1] != stackformat.NO_UNWIND_INFO:       # (a mapping may be told later)
             self._trust[key] = cut
         return cut
 
@@ -238,9 +240,10 @@ class Symbolizer:
         shown = vaddr + (address - lookup)
         hit = syms.function_at(vaddr)
         if hit is None:
-            return Frame(address, "", 0, m.path, vaddr=shown), vaddr, syms.dwarf_file
+            return Frame(address, "", 0, m.path, vaddr=shown, build_id=syms.build_id), vaddr, syms.dwarf_file
         name, offset = hit
-        return Frame(address, name, offset + (address - lookup), m.path, vaddr=shown), vaddr, syms.dwarf_file
+        return (Frame(address, name, offset + (address - lookup), m.path, vaddr=shown, build_id=syms.build_id),
+                vaddr, syms.dwarf_file)
 
     def kernel_stack(self, addresses: Sequence[int]) -> List[Frame]:
         addrs, names = _kallsyms()

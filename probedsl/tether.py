@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from . import ptrace
 from .errors import ProbedslError
-from .launcher import MAX_HELD_SYSCALLS, shell_status
+from .launcher import HOLD_SIGNALS, MAX_HELD_SYSCALLS, shell_status
 
 _STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _SYSCALL_STOP = signal.SIGTRAP | 0x80
@@ -222,7 +222,7 @@ class Tether:
             self._execed = True
             if self.on_exec is not None:
                 self.on_exec()
-            if self._exec_hold and not self.exec_done.is_set():      # the command's own exec only
+            if self._exec_hold and not self.exec_done.is_set():   # later execs: probedsl.mapping_hold
                 self._step(tid, 0)
             else:
                 self.exec_done.set()
@@ -237,7 +237,8 @@ class Tether:
                 thread.state = "running"
             self._stopped(tid, 0, listen=sig in _STOP_SIGNALS)
         elif self._exec_hold and not self.exec_done.is_set() and thread.process == self.pid:
-            self._step(tid, 0 if sig in (_SYSCALL_STOP, signal.SIGTRAP) else sig)
+            # (the mapping hold's SIGSTOP is dropped: the exec hold holds it already)
+            self._step(tid, 0 if sig in (_SYSCALL_STOP, *HOLD_SIGNALS) else sig)
         else:
             self._stopped(tid, sig)              # a signal on its way: delivered when it goes on
 

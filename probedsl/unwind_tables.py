@@ -25,18 +25,9 @@ from elftools.elf.elffile import ELFFile
 
 from . import cachedir, cfi, debuginfo, elf, faults, notices
 from .mappings import Mapping, read_proc_maps
+from .stackformat import (CFA_RBP, CFA_RSP, CHUNK_SHIFT, INVALID, MAX_MAPS, OUTERMOST, PER_CHUNK, PLT,
+                          RBP_AT_CFA, RBP_SAME, ROW_KINDS, ROWS, SIGNAL)
 
-# row kinds, as the BPF program reads them
-INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL, PLT = 0, 1, 2, 3, 4, 5
-RBP_SAME, RBP_AT_CFA = 0, 1
-MAX_MAPS = 64               # executable mappings per process the unwinder can search
-ROWS = 1 << 21              # rows in the kernel table (16 B each: 32 MB)
-PROCESSES = 8192            # processes with mappings at once (least recently used go first)
-CHUNK_SHIFT = 18            # the address space in 256 KB chunks, each naming its mappings
-PER_CHUNK = 8               # mappings one chunk can name (small libraries sit side by side)
-CHUNKS = 1 << 18
-RETURNS = 1 << 16           # return addresses replaced by pending uretprobes, kept at entry
-_KINDS = (INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL, PLT)
 
 
 # a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
@@ -88,7 +79,7 @@ def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
                            for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)]
     last = -1
     for pc, kind, _cfa_off, rbp_kind, _rbp_off in rows:
-        if pc <= last or kind not in _KINDS or rbp_kind not in (RBP_SAME, RBP_AT_CFA):
+        if pc <= last or kind not in ROW_KINDS or rbp_kind not in (RBP_SAME, RBP_AT_CFA):
             why = f"row at {pc:#x} out of order or of an unknown kind"
             break
         last = pc
@@ -130,7 +121,7 @@ def encode(table: cfi.Table) -> List[Tuple[int, int, int, int, int]]:
         elif not out or out[-1][1:] != rule:
             out.append((pc, *rule))
 
-    for start, end, rows in table.fdes:
+    for _start, end, rows in table.fdes:
         for row in rows:
             add(row.address, *_rule(row))
         add(end, INVALID)

@@ -30,6 +30,10 @@ class Site:
     semaphore: int             # the semaphore's file offset (the kernel's ref_ctr_offset); 0: none
     args: Tuple[str, ...]      # argument locations as the note gives them
 
+    def location(self, index: int) -> "Location":
+        """Where the argument `index` is at this site (ProbedslError for a form not read)."""
+        return location(self.args[index])
+
 
 def sites(path: str, provider: str, name: str) -> List[Site]:
     """Every site of provider:name in the file (one per expansion of the macro)."""
@@ -129,16 +133,3 @@ def location(text: str) -> Location:
     if m.group(3):
         return Location(register=_REGISTERS[reg], **common)
     return Location(register=_REGISTERS[reg], offset=int(m.group(4) or 0), memory=True, **common)
-
-
-def bcc_read(loc: Location, ctx: str) -> str:
-    """A C expression (a statement expression for memory) giving the argument as a u64, as
-    the probed code saw it: sign- or zero-extended from its size."""
-    ctype = {1: "s8", 2: "s16", 4: "s32", 8: "s64"}[loc.size] if loc.signed else \
-        {1: "u8", 2: "u16", 4: "u32", 8: "u64"}[loc.size]
-    if loc.constant is not None:
-        return f"(u64)(s64){int(loc.constant)}"
-    if not loc.memory:
-        return f"(u64)({ctype}){ctx}->{loc.register}"
-    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
-            f"({int(loc.offset)}))); (u64)v_; }})")

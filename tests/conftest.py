@@ -16,12 +16,20 @@ CXXLEAK = str(ROOT / "recipes" / "cxxleak.probe")
 BACKENDS = ("bpftrace", "bcc")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """`tracing`: every test that needs root's rights or a real backend (it asks for
-    root_required), so `pytest -m "not tracing"` is the unit layer, runnable unprivileged."""
+    root_required), so `pytest -m "not tracing"` is the unit layer, runnable unprivileged.
+    That layer is also quick: it leaves out `slow` tests (the deeper fuzzing) unless the
+    expression names `slow`; the full suite runs them."""
     for item in items:
         if "root_required" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.tracing)
+    expression = config.getoption("markexpr") or ""
+    if "not tracing" in expression and "slow" not in expression:
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 def pytest_addoption(parser):

@@ -78,7 +78,7 @@ def rows_equal_readelfs(path: str) -> int:
     expected = readelf_rows(path)
     assert table is not None and len(table.fdes) == len(expected)
     checked = 0
-    for start, end, rows in expected:
+    for start, _end, rows in expected:
         for loc, cfa, rbp, ra in rows:
             row = table.row_at(loc)
             assert row is not None and row.address == loc, (path, hex(loc))

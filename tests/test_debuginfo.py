@@ -149,7 +149,7 @@ def test_names_and_lines_from_debuginfod_then_its_cache(split, debuginfod_server
 
 
 @pytest.mark.usefixtures("root_required")
-def test_a_chrooted_stripped_program_is_named_from_its_roots_debug_file(leak_root, tmp_path):
+def test_a_chrooted_stripped_program_is_named_from_its_roots_debug_file(leak_root, tmp_path):  # noqa: F811
     """The case seen in a Debian 13 chroot: the debug file sits in the chroot's /usr/lib/debug."""
     root = tmp_path / "root"
     shutil.copytree(leak_root, root, symlinks=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from probedsl import backends
 from probedsl.drivers.bpftrace import parse_stack
 
 
@@ -37,7 +38,7 @@ def memleak_driver():
     from test_backends import memleak_program
     program = memleak_program(ir.Scope("pid", pid=4242))
     target = targets.for_version("bpftrace", (0, 27, 1))
-    driver = BpftraceDriver(program, target.generator().generate(program, ready_pid=1), target)
+    driver = BpftraceDriver(program, backends.for_target(target).generate(program, ready_pid=1), target)
     return driver, program, types.SimpleNamespace
 
 
@@ -52,7 +53,7 @@ def read_printed(lines):
 def test_empty_scalar_maps_printed_as_zero_read_as_absent_ones():
     """0.27.0 prints an empty count() map as 0 (`{"@x": 0}`); earlier versions print nothing."""
     from probedsl import layout
-    from probedsl.backends.bpftrace import counted
+    from probedsl.layout import counted
     from probedsl.layout import Counter
     _, program = read_printed([])
     lay = layout.of(program, program.resources[0])

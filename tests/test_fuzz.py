@@ -9,7 +9,7 @@ import pytest
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import checker, compiler, parser, targets
+from probedsl import backends, checker, compiler, parser, targets
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl
@@ -26,7 +26,7 @@ def pipeline(text: str):
     recipe = parser.parse(text, "fuzz.probe")
     checker.check(recipe)
     program = compiler.build(recipe)
-    return program, [cls().generator().generate(program) for cls in targets.TARGETS]
+    return program, [backends.for_target(cls()).generate(program) for cls in targets.TARGETS]
 
 
 @st.composite
@@ -66,9 +66,12 @@ def well_formed(draw):
     return text
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated())
-def test_mutated_recipes_compile_or_fail_with_a_located_error(text):
+# the unit layer's budgets; the `slow` variants (the full suite's) try QUICK's tenfold and more
+QUICK = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DEEP = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def compiles_or_fails_with_a_located_error(text):
     try:
         pipeline(text)
     except RecipeError as exc:
@@ -79,13 +82,21 @@ def test_mutated_recipes_compile_or_fail_with_a_located_error(text):
         assert str(exc) and "\n" not in str(exc)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=300))
-def test_random_text_never_crashes_the_parser(text):
+test_mutated_recipes_compile_or_fail_with_a_located_error = QUICK(given(mutated())(compiles_or_fails_with_a_located_error))
+test_many_mutated_recipes_compile_or_fail_with_a_located_error = pytest.mark.slow(
+    DEEP(given(mutated())(compiles_or_fails_with_a_located_error)))
+
+
+def never_crashes_the_parser(text):
     try:
         pipeline(text)
     except (RecipeError, ProbedslError):
         pass
+
+
+test_random_text_never_crashes_the_parser = QUICK(given(st.text(max_size=300))(never_crashes_the_parser))
+test_much_random_text_never_crashes_the_parser = pytest.mark.slow(
+    DEEP(given(st.text(max_size=300))(never_crashes_the_parser)))
 
 
 @pytest.mark.usefixtures("root_required")
@@ -97,8 +108,8 @@ def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory
     except (RecipeError, ProbedslError):
         return
     # the installed versions' dialects
-    bt = targets.detect("bpftrace").generator().generate(program)
-    bcc_gen = targets.detect("bcc").generator().generate(program)
+    bt = backends.for_target(targets.detect("bpftrace")).generate(program)
+    bcc_gen = backends.for_target(targets.detect("bcc")).generate(program)
     work = tmp_path_factory.mktemp("fuzz")
     script = work / "f.bt"
     script.write_text(bt.text)

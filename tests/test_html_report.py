@@ -15,7 +15,7 @@ from probedsl import compiler, escape, formats, html_report, report, timeseries
 from probedsl.rundata import Live, Snapshot, Totals
 
 from conftest import MEMLEAK, probedsl, start_run
-from test_flamegraph import chromium, png_pixels
+from test_flamegraph import png_pixels
 from test_reports import FixedSymbolizer, fixed_snapshot
 
 CHART_BLUE = (26, 79, 160)         # the total line and its sample points (#1a4fa0)

@@ -54,23 +54,27 @@ def descriptors(pid: int) -> set:
 def expected_live(said: dict, truth: set) -> set:
     """What fdleak reports live: the kernel's descriptors less those the program inherited
     (acquired before tracing), plus what fdleak cannot see closing (docs/writing-recipes.md):
-    the close-on-exec descriptors the exec closed, and close_range's beyond its first."""
-    return (truth - set(said["inherited"])) | set(said["exec-closed"]) | set(said["range-closed"][1:])
+    the close-on-exec descriptors the exec closed."""
+    return (truth - set(said["inherited"])) | set(said["exec-closed"])
 
 
-def live_of(report: dict, pid: int) -> int:
+def live_fds(report: dict, pid: int) -> set:
+    """The descriptor numbers fdleak reports live for that pid: each entry's live keys (pid, fd),
+    listed because every live entry is read (--ages)."""
     by_pid = next(r for r in report["reports"] if r["by"] == ["pid"])
-    return sum(e["fds"] for e in by_pid["entries"] if e["pid"] == pid)
+    keys = [k for e in by_pid["entries"] for k in e["keys"] if k[0] == pid]
+    assert len(keys) == sum(e["fds"] for e in by_pid["entries"] if e["pid"] == pid), by_pid
+    return {fd for _, fd in keys}
 
 
 def opened_by(report: dict, pid: int) -> dict:
-    """{innermost function of the fixture in the stack: live descriptors} for that pid."""
+    """{innermost function of the fixture in the stack: its live descriptors} for that pid."""
     by_site = {}
     for e in next(r for r in report["reports"] if r["by"] == ["ustack"])["entries"]:
         if e["pids"] == [pid]:
             frame = next((f for f in e["stack"] if (f["module"] or "").endswith("/fdpaths")), None)
             name = frame["function"] if frame else "?"
-            by_site[name] = by_site.get(name, 0) + e["fds"]
+            by_site.setdefault(name, set()).update(fd for _, fd in e["keys"])
     return by_site
 
 
@@ -82,21 +86,20 @@ def check(report: dict, said: dict, truth: set, backend: str) -> None:
     # what the fixture says each function left open is what the kernel has
     opened = said["opened"]
     assert {fd for fds in opened.values() for fd in fds} - set(said["exec-closed"]) == kept, (opened, sorted(truth))
+    # the very descriptors, per process and (where stacks are whole: BCC's unwinder) per function
+    # that opened them, against the kernel's set
     want = expected_live(said, truth)
-    # the report carries counts, not keys: per process, and (where stacks are whole: BCC's
-    # unwinder) per function that opened them, each against the kernel's set
-    assert live_of(report, pid) == len(want), (live_of(report, pid), sorted(want), report["resources"])
+    assert live_fds(report, pid) == want, (sorted(live_fds(report, pid)), sorted(want), report["resources"])
     by_function = opened_by(report, pid)
     if backend == "bcc" and "?" not in by_function:   # whole stacks (else cut and marked: test_recipes)
-        per_function = {fn: len(set(fds) & want) for fn, fds in opened.items()}
-        per_function["via_close_range"] += len(said["range-closed"]) - 1
-        assert by_function == {fn: n for fn, n in per_function.items() if n}, by_function
+        per_function = {fn: set(fds) & want for fn, fds in opened.items()}
+        assert by_function == {fn: fds for fn, fds in per_function.items() if fds}, by_function
     assert report["resources"]["fd"]["untracked"] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fdleak_live_descriptors_are_the_kernels_for_a_command(backend, build):
-    tracer = start_run("fdleak", "--backend", backend, "--format", "json", "--", build("fdpaths"),
+    tracer = start_run("fdleak", "--backend", backend, "--format", "json", "--ages", "--", build("fdpaths"),
                        stdin=subprocess.PIPE)
     try:
         said = fixture_lines(tracer.stdout.fileno())
@@ -116,7 +119,7 @@ def test_fdleak_live_descriptors_are_the_kernels_for_a_command(backend, build):
 def test_fdleak_live_descriptors_are_the_kernels_for_a_pid(backend, build):
     target = subprocess.Popen([build("fdpaths"), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        tracer = start_run("fdleak", "--backend", backend, "--format", "json", "--pid", str(target.pid))
+        tracer = start_run("fdleak", "--backend", backend, "--format", "json", "--ages", "--pid", str(target.pid))
         target.stdin.write(b"go\n")
         target.stdin.flush()
         said = fixture_lines(target.stdout.fileno())

@@ -161,3 +161,23 @@ def test_syscall_errors_are_located():
     got = [(d.span.line, d.span.column, d.message) for d in exc.value.diagnostics]
     assert (2, 11) == got[0][:2] and "system call 'nope' has no tracepoints" in got[0][2], got
     assert got[1][0] == 3 and "unknown name 'fildes': not a tracepoint field" in got[1][2], got
+
+
+def test_a_release_through_a_last_key_lowers_to_a_range_and_belongs_on_releases_only():
+    from probedsl import ir, lower
+    fields = {**SYSCALL_FIELDS, ("syscalls", "sys_enter_close_range"): ("fd", "max_fd", "flags"),
+              ("syscalls", "sys_exit_close_range"): ("ret",)}
+    recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+  acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0
+  release syscall close_range -> (pid, fd) through max_fd when flags % 8 < 4 }""", "t.probe")
+    checker.check(recipe, lambda c, e: fields.get((c, e)))
+    (action,) = lower.lower(recipe, {}).resources[0].probes[1].actions
+    assert (action.kind, action.key, action.through) == \
+        ("release", (ir.Builtin("pid"), ir.Field("fd")), ir.Field("max_fd"))
+    wrong = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+  acquire syscall pipe2 -> (pid, fildes[0]) through 3 when ret == 0
+  release syscall close_range -> (pid, fd) through max_fd through 9 }""", "t.probe")
+    with pytest.raises(RecipeError) as exc:
+        checker.check(wrong, lambda c, e: fields.get((c, e)))
+    got = [(d.span.line, d.message) for d in exc.value.diagnostics]
+    assert [line for line, _ in got] == [2, 3] and all("belongs on a release, once" in m for _, m in got), got

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import BACKENDS, FIXTURES, MEMLEAK, probedsl, report_json
-from probedsl import compiler, placement, targets
+from probedsl import compiler, placement, targets, x86
 
 RELEASE = (6, 18)
 
@@ -30,7 +30,7 @@ def lib(tmp_path_factory):
     ("syscall_first", (), None),                    # mov, then a syscall: no emulated instruction
 ])
 def test_place(lib, function, args, expected):
-    got = placement.place(lib, function, args)
+    got = x86.place(lib, function, args)
     if expected is None:
         assert got is None, got
     else:
@@ -44,7 +44,7 @@ def test_place(lib, function, args, expected):
     ("4885ff", RELEASE, False), ("f30f1efa", RELEASE, False), ("c3", RELEASE, False), ("", RELEASE, False),
 ])
 def test_emulated(code, release, expected):
-    assert placement.emulated(bytes.fromhex(code), release) is expected
+    assert x86.emulated(bytes.fromhex(code), release) is expected
 
 
 def test_memleak_on_this_c_library():
@@ -56,13 +56,13 @@ def test_memleak_on_this_c_library():
     for probe in probes.values():
         offset, _ = probe.place_in(probe.path)
         if offset:
-            code = placement._bytes(probe.path, probe.function, offset + 15)
-            assert placement.emulated(code[offset:], RELEASE)
-            assert placement.still_there(probe.path, probe.function, offset, placement.code(probe.path, probe))
+            code = x86._bytes(probe.path, probe.function, offset + 15)
+            assert x86.emulated(code[offset:], RELEASE)
+            assert x86.still_there(probe.path, probe.function, offset, probe.code_in(probe.path))
 
 
 def test_a_changed_file_is_probed_at_its_entry():
-    assert not placement.still_there("/lib/x86_64-linux-gnu/libc.so.6", "free", 3, "00" * 4)
+    assert not x86.still_there("/lib/x86_64-linux-gnu/libc.so.6", "free", 3, "00" * 4)
 
 
 def test_probe_at_entry_turns_placement_off():
@@ -85,8 +85,8 @@ def test_each_target_attaches_where_it_can_and_pays_for_it():
     assert at["bcc"].attaches_at(free, free.path) == at["bpftrace-0.23"].attaches_at(free, free.path) > 0
     assert at["bpftrace-0.17"].attaches_at(free, free.path) == 0
     assert at["bpftrace-0.23"].attaches_at(memalign, memalign.path) == 0 < at["bcc"].attaches_at(memalign, memalign.path)
-    assert placement.hit_us(free.path, "free", at["bcc"].attaches_at(free, free.path)) == placement.EMULATED_US
-    assert placement.hit_us(free.path, "free", 0) == placement.STEPPED_US
+    assert x86.hit_us(free.path, "free", at["bcc"].attaches_at(free, free.path)) == x86.EMULATED_US
+    assert x86.hit_us(free.path, "free", 0) == x86.STEPPED_US
 
 
 @pytest.mark.debian13

@@ -96,7 +96,7 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
     try:
         regs = paused.registers[proc.pid]
         assert regs["orig_rax"] == 231                       # exit_group
-        regions = heapscan.read_maps(proc.pid)
+        regions, _ = heapscan.read_maps(proc.pid)
         top = heapscan._exit_caller_sp(proc.pid, regs, regions)
         assert top is not None and regs["rsp"] < top
         assert heapscan._stack_tops(proc.pid, paused, regions)[list(paused.registers).index(proc.pid)] == top
@@ -121,7 +121,6 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
 
 def test_vector_registers_are_read(build):
     """The XSAVE area of a thread holds what was put in xmm15 (reach_roots' xmm holder)."""
-    from probedsl import ptrace
     from probedsl.tether import Tether
     exe = build("reach_roots-O2")
     proc = subprocess.Popen([exe, "xmm-wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, formats, report, stacktrust
+from probedsl import compiler, formats, images, layout, report, stackformat
 from probedsl.rundata import Live, Snapshot, Totals
 from probedsl.symbolizer import Frame
 
@@ -33,7 +33,7 @@ class FixedSymbolizer:
 
     def user_stacks(self, stacks, leaf_returns=True):
         out = []
-        for pid, addresses, *_ in stacks:
+        for _pid, addresses, *_ in stacks:
             frames = []
             for a in addresses:
                 fn, off, mod, file, line = self.NAMES.get(a, ("", 0, "", "", 0))
@@ -62,6 +62,19 @@ def fixed_report(top=2, extra_blocks=0) -> report.Report:
     program = compiler.build(compiler.load(MEMLEAK))
     return report.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
                         target="command ./leak (pid 42)", duration_s=2.5, top=top, exit_status=0)
+
+
+def test_refused_image_records_are_counted_and_said():
+    """Image records a full kernel table refused (probedsl.images) reach the JSON and a note:
+    the entries of an image an exec ended may then read as leaks."""
+    program = compiler.build(compiler.load(MEMLEAK))
+    snap = images.settle([layout.of(program, r) for r in program.resources], fixed_snapshot(), [(7, 1), (8, 2)],
+                         lost=3)
+    doc = json.loads(formats.render(report.build(program, snap, FixedSymbolizer(), backend="bcc", target="all",
+                                                 duration_s=1.0), "json"))
+    assert (doc["resources"]["heap"]["images_ended"], doc["resources"]["heap"]["image_lost"]) == (2, 3)
+    assert any(n.startswith("3 process-image records lost") for n in doc["notes"]), doc["notes"]
+    assert doc["resources"]["heap"]["live_blocks"] == 9       # none of the fixed entries' images ended
 
 
 @pytest.mark.parametrize("fmt,suffix", [("text", "txt"), ("json", "json"), ("folded", "folded"),
@@ -243,8 +256,8 @@ def test_stacks_that_end_early_are_counted_by_why():
     snap = tallied_snapshot()
     groups = snap.tallies["heap"][("ustack", "pid")]
     (stack, pid), value = next(iter(groups.items()))
-    groups[(stack + (stacktrust.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
-    groups[((0x1200, stacktrust.DEPTH_LIMIT), pid)] = value
+    groups[(stack + (stackformat.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
+    groups[((0x1200, stackformat.DEPTH_LIMIT), pid)] = value
     program = compiler.build(compiler.load(MEMLEAK))
     rep = report.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
     assert rep.sections[0].cut_stacks == {"no frame pointer": 1, "depth limit": 1}
@@ -357,3 +370,22 @@ def test_merge_sums_runs_of_many_hosts_by_symbolic_stack(tmp_path):
     assert "merged from 2 runs: host-a pid 42; host-b pid 42" in merged["notes"]
     text = probedsl("merge", *map(str, paths))
     assert text.returncode == 0 and "2 of 5 entries" in text.stdout
+
+
+def test_pprof_labels_mappings_with_the_build_ids_the_run_read_not_this_hosts_files(tmp_path):
+    """A saved run re-rendered elsewhere (report, merge): each mapping's build id is the one the
+    symbolizer read when it named the frame, carried in the JSON; no file is opened to render."""
+    program = compiler.build(compiler.load(MEMLEAK))
+    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
+                       top=2, complete=True)
+    saved = json.loads(formats.to_json(rep))
+    for section in saved["reports"]:
+        for entry in section.get("entries", []):
+            for frame in entry.get("stack") or []:
+                if frame.get("address"):
+                    frame["module"], frame["build_id"] = "/gone/on/this/host/libx.so", "0123abcd" * 5
+    again = report.Report.from_dict(saved)
+    path = tmp_path / "heap.pb.gz"
+    path.write_bytes(formats.render(again, "pprof"))
+    raw = _go_pprof("-raw", str(path))
+    assert "/gone/on/this/host/libx.so" in raw and "0123abcd" * 5 in raw, raw

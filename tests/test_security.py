@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from probedsl import debuginfo, elf, escape, notices, unwind_tables
+from probedsl import debuginfo, elf, escape, notices, stackformat, unwind_tables
 from probedsl.sourcelines import SourceLines
 
 from conftest import MEMLEAK, probedsl, report_json
 
 pytestmark = pytest.mark.security
 
-EVIL = "evil\033[31mRED\033]0;pwned\007"
+# ends with the four characters \x1b: shown, it must not read like the ESC before it
+EVIL = "evil\033[31mRED\033]0;pwned\007" + r"\x1b"
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")      # any but \t and \n
 
@@ -57,7 +58,11 @@ def assert_no_raw_control(*texts: str) -> None:
 
 
 def test_escape_rules():
-    assert escape.for_terminal(EVIL) == "evil\\x1b[31mRED\\x1b]0;pwned\\x07"
+    assert escape.for_terminal(EVIL) == r"evil\x1b[31mRED\x1b]0;pwned\x07\\x1b"
+    # a backslash is shown doubled everywhere a name is escaped: ESC and the text `\x1b` differ
+    assert escape.for_terminal("\x1b") != escape.for_terminal(r"\x1b") == r"\\x1b"
+    assert escape.for_folded(r"a\;b") == r"a\\:b" and escape.for_xml(r"<\n>") == r"&lt;\\n&gt;"
+    assert escape.message("a\\b\nc\x1b") == "a\\\\b\nc\\x1b"
     assert escape.for_terminal("a\nb\udcff\u202e") == "a\\nb\\xff\\u202e"
     long = escape.for_terminal("x" * 10000)
     assert long.endswith(escape.MARK) and len(long) == escape.MAX_NAME + len(escape.MARK)
@@ -99,6 +104,11 @@ def test_escape_program_in_text_json_svg(backend, evil, tmp_path):
     again = probedsl("report", str(saved_path))
     assert again.returncode == 0 and f"{shown}.c:3" in again.stdout, again.stderr
     assert_no_raw_control(again.stdout)
+    page = probedsl("report", str(saved_path), "--format", "html")
+    assert page.returncode == 0, page.stderr
+    assert_no_raw_control(page.stdout)
+    data = re.search(r'<script type="application/json" id="data">(.*?)</script>', page.stdout, re.S).group(1)
+    assert any(f[2].endswith(f"/{shown}.c:3") for f in json.loads(data)["frames"]), data[:2000]
     bogus = tmp_path / f"{EVIL}.json"
     bogus.write_text("not a report\n")
     error = probedsl("report", str(bogus))
@@ -198,7 +208,7 @@ def test_a_cache_owned_by_nobody_is_ignored(build, tmp_path):
     forged = tmp_path / "forged"
     rows = forged / "probedsl" / "unwind-rows"
     rows.mkdir(parents=True)
-    (rows / f"{ident}.v3").write_bytes(struct.pack("<IBBhi", 0, unwind_tables.OUTERMOST, 0, 0, 0))
+    (rows / f"{ident}.v3").write_bytes(struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0))
     nobody_owned(forged)
     clean = tmp_path / "clean"
     clean.mkdir(mode=0o700)
@@ -224,7 +234,7 @@ def test_cached_rows_of_the_wrong_shape_are_discarded(tmp_path, monkeypatch):
     for bad in (good[:-5],                                           # not whole rows
                 good[12:24] + good[:12] + good[24:],                 # pcs out of order
                 struct.pack("<IBBhi", 0, 9, 0, 0, 0) + good[12:],    # an unknown kind
-                struct.pack("<IBBhi", 0, unwind_tables.OUTERMOST, 0, 0, 0)):   # the issue's forgery
+                struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0)):   # the issue's forgery
         cached.write_bytes(bad)
         assert unwind_tables.rows_of(LIBC) == decoded
     assert len([n for n in notices.all_notes() if "discarded" in n]) == 4, notices.all_notes()
@@ -359,3 +369,21 @@ def test_a_debug_file_by_build_id_path_must_carry_that_build_id(build, tmp_path,
     elf._load.cache_clear()
     assert elf.symbols(str(root / "bin" / "leak"), str(root)).debug_file == ""
     assert [n for n in notices.all_notes() if str(where) in n and ident in n], notices.all_notes()
+
+
+def test_recipe_library_paths_with_quotes_or_spaces_are_rejected(tmp_path):
+    odd = tmp_path / 'we"ird dir'
+    odd.mkdir()
+    lib = odd / "libc.so.6"
+    lib.write_bytes(open("/lib/x86_64-linux-gnu/libc.so.6", "rb").read())
+    recipe = tmp_path / "r.probe"
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s":malloc(n) -> ret\n}\n' % str(lib).replace('"', ""))
+    # the grammar cannot even spell a quote inside a path...
+    assert probedsl("check", str(recipe)).returncode == 1
+    # ...and a path it can spell but that holds a space never reaches generated code
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    (spaced / "libc.so.6").write_bytes(lib.read_bytes())
+    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s/libc.so.6":malloc(n) -> ret\n}\n' % spaced)
+    result = probedsl("compile", str(recipe))
+    assert result.returncode == 1 and "has characters probedsl does not put in a probe" in result.stderr

@@ -91,7 +91,7 @@ def assert_same_as_valgrind(report, expected):
     """Every entry of the program's own blocks has valgrind's stack, frame by frame to main,
     and the (bytes, blocks) of each stack are valgrind's."""
     ours = {}
-    for names, truncated, nbytes, blocks in our_stacks(report):
+    for names, _truncated, nbytes, blocks in our_stacks(report):
         if names[:1] != ("level4",):
             continue
         b, n = ours.get(up_to_main(names), (0, 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from probedsl import cfi, unwind_tables
+from probedsl import cfi, stackformat, unwind_tables
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 
@@ -22,7 +22,7 @@ def test_rows_are_cached_on_disk_by_build_id(tmp_path, monkeypatch):
     assert cached.stat().st_size == 12 * len(decoded)
     # the second run reads the file, not .eh_frame: a file holding other rows of the right
     # shape (ending where code ends) is believed
-    end = next(i for i, row in enumerate(decoded) if i >= 2 and row[1] == unwind_tables.INVALID) + 1
+    end = next(i for i, row in enumerate(decoded) if i >= 2 and row[1] == stackformat.INVALID) + 1
     cached.write_bytes(cached.read_bytes()[:12 * end])
     assert unwind_tables.rows_of(LIBC) == decoded[:end]
 

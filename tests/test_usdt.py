@@ -4,6 +4,8 @@ traced on both backends, launched or running, with exact totals."""
 
 import pytest
 
+from probedsl.backends.bcc import usdt_read
+
 from conftest import BACKENDS, ROOT, Held, probedsl, report_json, start_run
 from probedsl import usdt
 from probedsl.errors import ProbedslError, RecipeError
@@ -81,7 +83,7 @@ def test_unreadable_argument_locations_are_refused(text):
 
 
 def test_bcc_reads_a_signed_memory_argument_with_its_width():
-    code = usdt.bcc_read(usdt.location("-4@-20(%rbp)"), "ctx")
+    code = usdt_read(usdt.location("-4@-20(%rbp)"), "ctx")
     assert "s32 v_" in code and "ctx->bp + (-20)" in code
 
 

@@ -13,12 +13,14 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, placement, roots, stacktrust
+from probedsl import elf, images, roots, stackformat, x86
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
+from probedsl.drivers.bcc_images import EndedImages
 from probedsl.libraries import LibraryResolver
 from probedsl.procfs import has_memory, is_process, map_memory, process_alive, processes_named
 from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.mapping_hold import MappingHold
 from probedsl.unwind_tables import UnwindTables
 
 
@@ -219,8 +221,13 @@ class BccLoader:
         # placed probes checked once against the files (not again at each attach)
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        # entries of ended process images, freed between reports (not when every report reads them)
+        self.ended_images = EndedImages(self.bpf, self.layouts, _items) \
+            if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
+        # a launched command stopped at each mmap of code until its rows are in
+        self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
         self.lock = threading.Lock()          # attach_child comes from the tether's thread
@@ -518,7 +525,11 @@ class BccLoader:
             totals[name] = t
         snap = Snapshot(now, live, totals, final, tallies)
         if any(lay.ends_with_image for lay in self.layouts):
-            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])))
+            lost = self.bpf["probedsl_image_lost"]
+            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])),
+                          lost[lost.Key(0)].value)
+            if self.ended_images is not None:
+                self.ended_images.add_to(snap)
         return snap
 
     def _tally(self, table_name: str, keys: List[str], stack) -> dict:
@@ -546,6 +557,8 @@ class BccLoader:
     def close(self) -> None:
         with self.lock:
             self.closed = True
+        if self.hold is not None:
+            self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
         self.bpf.cleanup()
@@ -579,6 +592,8 @@ class BccDriver:
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""
+        if self.loader is not None and self.loader.ended_images is not None and self.loader.ended_images.due():
+            self.loader.ended_images.sweep()
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         elif self.loader is not None and self.loader.held_forks:
@@ -611,14 +626,23 @@ class BccDriver:
             self._told = told
             tracker.listen(told)
             unwind.following = True
+            if self.loader.hold is not None:
+                tracker.on_turn(self.loader.hold.turn)
+                self.loader.hold.start()
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:
             tracker.unlisten(self._told)
+            if self.loader.hold is not None:
+                tracker.off_turn(self.loader.hold.turn)
+                self.loader.hold.close()
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
-        return self.loader.unwind.notes() if self.unwinds_stacks() else []
+        if not self.unwinds_stacks():
+            return []
+        hold = self.loader.hold.notes() if self.loader.hold is not None else []
+        return self.loader.unwind.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())
@@ -668,7 +692,7 @@ def _placed(p: dict) -> dict:
     if p.get("usdt"):
         return p
     offset = p.get("offset", 0)
-    if offset and not placement.still_there(p["path"], p["function"], offset, p.get("code", "")):
+    if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
         print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
               "in; probing its entry", file=sys.stderr)
         offset = 0
@@ -684,6 +708,6 @@ def _frames(ips) -> tuple:
         if not ip:
             break
         frames.append(ip)
-        if ip in stacktrust.MARKERS:
+        if ip in stackformat.MARKERS:
             break
     return tuple(frames)

@@ -14,11 +14,10 @@ import time
 from typing import Dict, List, Optional
 
 from probedsl import ir
-from probedsl.backends import Generated
+from probedsl.targets.base import Generated
 from probedsl import images, layout
-from probedsl.layout import Counter
-from probedsl.backends.bpftrace import READY_MARK, SNAPSHOT_MARK, counted
-from probedsl.targets.bpftrace import TALLY_SHIFT, Bpftrace
+from probedsl.layout import TALLY_SHIFT, Counter, counted
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK, Bpftrace
 from probedsl.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl import threads
@@ -160,7 +159,8 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
             t.acquired = live_count + t.released + t.replaced + t.untracked + t.ended_by_exec
     snap = Snapshot(now_ns, live, totals, final, tallied)
     ended = [tuple(int(k) for k in str(text).split(",")) for text, _ in _entries(maps.get("@probedsl_ended") or {})]
-    return images.settle([layout.of(program, res) for res in program.resources], snap, ended)
+    return images.settle([layout.of(program, res) for res in program.resources], snap, ended,
+                         int(maps.get("@probedsl_image_lost") or 0))
 
 
 class BpftraceDriver:

@@ -4,9 +4,11 @@ The CLI, session, estimate and report ask a target; none of them names a backend
 """
 from __future__ import annotations
 
-from typing import ClassVar, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from probedsl import ir
+from probedsl.errors import Span
 
 Version = Tuple[int, int, int]
 
@@ -30,6 +32,9 @@ class Target:
     dwarf_stacks: ClassVar[bool] = False        # unwinds user stacks from call-frame rows (--stacks dwarf)
     # limits
     max_args: ClassVar[int] = 6                 # x86-64 integer argument registers
+    # keys a release `through` LAST releases at most per event: the verifier walks each turn of
+    # the loop (bpftrace 0.17 at 1,024: ~60 s more to load under load; 128: ~1 s)
+    range_keys: ClassVar[int] = 128
     default_max_live: ClassVar[int] = ir.DEFAULT_MAX_LIVE
     max_live_limit: ClassVar[Optional[int]] = None
 
@@ -49,14 +54,6 @@ class Target:
     def name(self) -> str:
         """"bpftrace 0.23.2" or, with no tracer installed, "bpftrace 0.20-0.23"."""
         return f"{self.backend} {version_text(self.version) if self.version else self.range_text()}"
-
-    def generator(self):
-        """The code generator for this target (a probedsl.backends.Backend)."""
-        raise NotImplementedError
-
-    def driver(self, program: ir.Program, generated):
-        """The runtime driver for one generated program (probedsl.drivers.base.Driver)."""
-        raise NotImplementedError
 
     def scopes_uprobes(self, scope: ir.Scope) -> bool:
         """Whether the kernel keeps uprobes off processes outside the scope (no bystander trap)."""
@@ -84,3 +81,24 @@ class Target:
                              f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
                              "probe there")
         return notes
+
+
+@dataclass
+class Generated:
+    """Backend text plus a map from generated line (1-based) to the recipe span it came from."""
+    text: str
+    line_map: Dict[int, Span] = field(default_factory=dict)
+    loader: str = ""          # BCC: the Python loader that runs the C text
+    manifest: dict = field(default_factory=dict)  # BCC: what the loader attaches
+
+    @property
+    def standalone(self) -> str:
+        """What `probedsl compile` prints: the loader that runs the text, or the text itself."""
+        return self.loader or self.text
+
+    def recipe_span(self, line: int):
+        best = None
+        for gen_line, span in sorted(self.line_map.items()):
+            if gen_line <= line:
+                best = span
+        return best

@@ -9,12 +9,14 @@ import os
 from typing import ClassVar, Dict, List, Tuple
 
 from probedsl import ir
+from probedsl.layout import TALLY_SHIFT
 
 from .base import Target
 
-# a tally's sum packs bytes above the low TALLY_SHIFT bits of the entry count (one map update
-# for both): a group's count stays below 2^24 because --max-live must, bytes below 2^39
-TALLY_SHIFT = 24
+# the lines bpftrace prints that the driver waits for: the program's probes are attached, and
+# a snapshot's maps follow
+READY_MARK = "probedsl:ready"
+SNAPSHOT_MARK = "probedsl:snapshot"
 
 
 class Bpftrace(Target):
@@ -60,14 +62,6 @@ class Bpftrace(Target):
         if not build:
             return ""
         return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in build.items())
-
-    def generator(self):
-        from probedsl.backends.bpftrace import BpftraceBackend
-        return BpftraceBackend(self)
-
-    def driver(self, program: ir.Program, generated):
-        from probedsl.drivers.bpftrace import BpftraceDriver
-        return BpftraceDriver(program, generated, self)
 
     def environment(self, max_live: int) -> dict:
         env = {"BPFTRACE_NO_USER_SYMBOLS": "1"}     # raw addresses: probedsl symbolizes itself

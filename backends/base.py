@@ -1,0 +1,72 @@
+"""What both generators share: expression lowering helpers and the templates' environment."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict
+
+import jinja2
+
+from probedsl import ir
+from probedsl.errors import Span
+from probedsl.errors import ProbedslError
+from probedsl.targets.base import Generated
+
+
+class Backend:
+    """Shared expression lowering: subclasses fill RENDER for each IR value type."""
+    name = ""
+    template = ""
+    RENDER: Dict[type, Callable] = {}
+
+    def __init__(self, target):
+        self.target = target          # a probedsl.targets.Target: the version's flags and limits
+        self.env = _environment()
+
+    def expr(self, value: ir.Value) -> str:
+        render = self.RENDER.get(type(value))
+        if render is None:
+            raise ProbedslError(f"{self.name} cannot express {type(value).__name__}")
+        return render(self, value)
+
+    def binop(self, value: ir.BinOp) -> str:
+        if value.op in ("==", "!=", "<", "<=", ">", ">="):
+            return f"({self.signed(self.expr(value.left))} {value.op} {self.signed(self.expr(value.right))})"
+        return f"({self.expr(value.left)} {value.op} {self.expr(value.right)})"
+
+    def signed(self, text: str) -> str:
+        raise NotImplementedError
+
+    def placed(self, probe, path: str, why_not: str = "") -> str:
+        """Where the probe sits, for the generated comment ("" at the entry when that is the
+        place); why_not: why it stays at the entry although placement chose another place."""
+        offset, instruction = probe.place_in(path)
+        if not offset:
+            return ""
+        where = f"{probe.function}+{offset}: {instruction}"
+        if why_not:
+            return self.comment(f"at the entry, not {where}: {why_not}")
+        return self.comment(f"at {where} (emulated; the entry's instruction would be single-stepped)")
+
+    def comment(self, text: str) -> str:
+        """Recipe text in a generated comment: one line, no comment terminator, no control
+        character (bpftrace's lexer stops at a NUL even inside a comment)."""
+        printable = "".join(c if c.isprintable() else " " for c in text)
+        return " ".join(printable.split()).replace("*/", "* /")
+
+    def render_template(self, **view) -> Generated:
+        text = self.env.get_template(self.template).render(**view)
+        line_map = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            marker = "recipe-line "
+            if marker in line:
+                tail = line.split(marker, 1)[1].split()[0].rstrip(")")
+                l, _, c = tail.partition(":")
+                line_map[n] = Span(int(l), int(c or 1))
+        return Generated(text, line_map)
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("probedsl.backends", "templates"),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)

@@ -1,0 +1,88 @@
+"""Processes held at each mmap of a file's code until the unwinder has that file's rows.
+
+A launched command's code that was just mapped (a library dlopen'd by ctypes, the libraries
+of a new image after an exec through `sh -c`, `env` or a shim) would otherwise run before the
+mapping tracker has told the unwinder about it, and its stacks would fall back to the
+frame-pointer walk. The BPF program (bcc.c.j2, sys_exit_mmap) sends such a process SIGSTOP
+as its mmap returns and marks it in probedsl_unw_held; each turn of the mapping tracker's
+thread continues the marked ones once what the kernel reported is applied.
+
+Order is what makes it safe: BPF sends the stop before it marks, and this reads the marks
+before it drains the tracker (the kernel writes the mmap record before the system call
+returns), so a process continued here has its new mapping in its unwind entry, and every
+process stopped has a mark that is read at the next turn (20 ms at most). Ending the run
+clears the switch the BPF program reads (no new stops), then continues every marked process.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from typing import Callable, Dict, List
+
+
+class MappingHold:
+    def __init__(self, bpf):
+        self.marks = bpf["probedsl_unw_held"]
+        self.switch = bpf["probedsl_unw_holding"]
+        self._lock = threading.Lock()       # the tracker's thread and close() both release
+        self.closed = False
+        self.released = 0                    # stops ended here (how many times code waited)
+        self.longest_ns = 0                  # the longest of them, from the stop to SIGCONT
+
+    def start(self) -> None:
+        self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
+
+    def turn(self, drain: Callable[[], None]) -> None:
+        """Continue the processes marked so far, after applying the mappings reported before
+        their marks (drain tells the unwinder, which writes their entries)."""
+        with self._lock:
+            if self.closed:
+                return
+            pids = self._marked()
+        if not pids:
+            return
+        drain()
+        with self._lock:
+            if not self.closed:
+                self._release(pids)
+
+    def close(self) -> None:
+        """No new stop; every marked process goes on. Safe to call twice."""
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                try:
+                    self.switch[ctypes.c_int(0)] = ctypes.c_uint32(0)
+                except Exception:                # BCC raises bare Exception: the maps are gone
+                    pass
+            self._release(self._marked())
+
+    def notes(self) -> List[str]:
+        if not self.released:
+            return []
+        return [f"the command waited {self.released} times after mapping a file's code, until the unwinder "
+                f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"]
+
+    def _marked(self) -> Dict[int, int]:
+        """pid -> CLOCK_MONOTONIC ns of its stop."""
+        try:
+            return {k.value: v.value for k, v in self.marks.items()}
+        except Exception:                        # BCC raises bare Exception: the maps are gone
+            return {}
+
+    def _release(self, pids: Dict[int, int]) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for pid, stopped in pids.items():
+            try:
+                del self.marks[self.marks.Key(pid)]
+            except Exception:                    # BCC: KeyError, or bare Exception once closed
+                pass
+            try:
+                os.kill(pid, signal.SIGCONT)
+                self.released += 1
+                self.longest_ns = max(self.longest_ns, now - stopped)
+            except ProcessLookupError:           # it ended meanwhile (killed while stopped)
+                pass
