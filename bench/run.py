@@ -12,7 +12,8 @@ Configurations, each run in turn R times (interleaved, so drift hits all alike):
   probedsl-*-sample10  the same with --sample 10 (one acquisition in ten recorded)
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
-name (bystander-*; bystander-bcc-per-process: BCC attaching per matching process), or a launched command (bystander-of-cmd-*: probes on private copies). The workload times its own loop, so start-up and reporting are not in the numbers.
+name (bystander-*; bystander-bcc-per-process: BCC attaching per matching process), or a launched command (bystander-of-cmd-*: probes on private copies on bpftrace, per-process
+uprobes on BCC). The workload times its own loop, so start-up and reporting are not in the numbers.
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ class HeldCommand:
         self.wait()
 
     def poll(self) -> Optional[int]:
-        if self.status is None and self.tether is not None and not self.tether.ended.is_set():
+        if self.status is None and self.tether is not None and not self.tether.ended.is_set() \
+                and self.tether.exit_status is None:
             return None                    # the tether waits for it (a wait here would take its stops)
         if self.status is None and self.tether is not None and self.tether.exit_status is not None:
             self.status = self.tether.exit_status

@@ -31,11 +31,15 @@ def check_program(program: ir.Program) -> None:
 
 
 class Scanner:
-    def __init__(self, program: ir.Program, driver, pid: int, leaks_only: bool, exec_hold=None):
-        """Attach to `pid` (ProbedslError, one line, when the system refuses)."""
+    def __init__(self, program: ir.Program, driver, pid: int, leaks_only: bool, exec_hold=None,
+                 tether: Optional[Tether] = None):
+        """Attach to `pid` (ProbedslError, one line, when the system refuses), or use the
+        tether already holding it (one that follows its forks)."""
         self.program, self.driver, self.leaks_only = program, driver, leaks_only
-        self.tether = Tether(pid, exec_hold)
-        self.tether.start()
+        if tether is None:
+            tether = Tether(pid, exec_hold)
+            tether.start()
+        self.tether = tether
         self.pid = pid
         self.notes: List[str] = []         # for the final report: why there are no kinds
         self.exit_kinds: Optional[report.Reachability] = None

@@ -21,6 +21,7 @@ from .mappings import MappingTracker
 from .private_libs import PrivateLibraries
 from .rundata import Snapshot
 from .symbolizer import Symbolizer
+from .tether import Tether
 from . import drivers, live, timeseries
 
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
@@ -149,6 +150,8 @@ class Session:
         self.notes: List[str] = []
         self.held: Optional[HeldCommand] = None
         self.scanner: Optional[scanner.Scanner] = None
+        self.follower: Optional[Tether] = None              # holds each forked child (_hold_forks)
+        self.fork_refusal: Optional[str] = None
         self.incomplete: List[str] = []
         self.series: Optional[timeseries.Series] = None    # json, html: live memory over time
         self.view = None                                    # --live's screen
@@ -241,7 +244,12 @@ class Session:
                     processes_named(scope.comm) if scope.mode == "comm" else []):
             self.tracker.snapshot(pid)                  # mapped before we started listening
         faults.wait("attach")
+        self._hold_forks()                             # before the probes: no fork is missed
         self.driver.start()                            # 2
+        if self.follower:
+            if self.held:               # a copy of probedsl until its exec: traced from there
+                self.follower.on_exec = lambda: self.driver.trace_from_exec(self.held.pid)
+            self.follower.follow(self.driver.attach_child)
         if self.opts.reachability and scope.mode == "pid":
             self._tie(scope.pid)
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
@@ -258,7 +266,8 @@ class Session:
                  f"sized for --max-live {self.max_live}"
                  + (f"; {unwinder / 2**20:.0f} MB for --stacks dwarf's unwind tables and stacks" if unwinder else "")
                  + ")")
-        for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private):
+        for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private,
+                                                                       self.fork_refusal):
             self.say(f"note: {line}")
         if self.held:
             self._release()                            # 4
@@ -275,14 +284,38 @@ class Session:
                 faults.wait("exec-hold")
                 self.tracker.snapshot(self.held.pid)
             hold = dict(at_exec=at_exec, mapped=lambda: needed <= set(mapped_files(self.held.pid)))
+        if self.follower and hold:
+            self.follower.hold_exec(hold["mapped"], hold["at_exec"])
         if self.opts.reachability:
             self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
-        self.held.release(env, tether=self.scanner.tether if self.scanner else None, **hold)
+        tether = self.follower or (self.scanner.tether if self.scanner else None)
+        self.held.release(env, tether=tether, **hold)
+
+    def _hold_forks(self) -> None:
+        """--pid/-- CMD following forks where the target attaches uprobes per process: a tether
+        (ptrace) holds each child at its fork until its own uprobes are on, so other processes
+        never trap. Refused (another tracer holds the process): every process is probed and
+        the BPF filter keeps the traced ones, as said in a note."""
+        scope = self.program.scope
+        if not (scope.tracks_children and self.target.holds_forks):
+            return
+        tether = Tether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
+                        purpose="following forks")
+        try:
+            tether.start()
+        except ProbedslError as exc:
+            self.fork_refusal = str(exc)
+            self.notes.append(f"{exc}: children are followed by uprobes on every process")
+            return
+        self.cleanup.callback(tether.close)
+        self.follower = tether
+        self.driver.held_forks = True
 
     def _tie(self, pid: int, exec_hold=None) -> None:
         """--reachability: hold the process under ptrace; a refusal is a note, not the end."""
         try:
-            self.scanner = scanner.Scanner(self.program, self.driver, pid, self.opts.leaks_only, exec_hold)
+            self.scanner = scanner.Scanner(self.program, self.driver, pid, self.opts.leaks_only, exec_hold,
+                                           tether=self.follower)
         except ProbedslError as exc:
             self.notes.append(str(exc))
             self.say(f"note: {exc}")
@@ -496,11 +529,13 @@ def _probed_files(program: ir.Program) -> List[str]:
 
 
 def _bystander_notes(program: ir.Program, target: targets.Target,
-                     private: Optional[PrivateLibraries]) -> List[str]:
-    """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter)."""
+                     private: Optional[PrivateLibraries], fork_refusal: Optional[str] = None) -> List[str]:
+    """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter).
+    fork_refusal: why forks could not be held (the children are then followed machine-wide)."""
     scope = program.scope
     paths = [p.path for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE]
-    if target.scopes_uprobes(scope) or (private is not None and all(private.owns(p) for p in paths)):
+    scoped = target.scopes_uprobes(scope) and not fork_refusal
+    if scoped or (private is not None and all(private.owns(p) for p in paths)):
         return []
     files = sorted(set(paths))
     if not files:

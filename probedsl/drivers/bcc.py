@@ -8,6 +8,7 @@ import resource
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
@@ -202,9 +203,11 @@ def _histograms(table, keys: List[str], stack) -> dict:
 
 
 class BccLoader:
-    """Runs one compiled program; pid scopes uprobes to one process (0: all processes)."""
+    """Runs one compiled program; pid scopes uprobes to one process (0: all processes).
+    held_forks: the caller holds each child the process forks until attach_child() has put
+    the uprobes on it (probedsl.tether), so following forks needs no machine-wide uprobe."""
 
-    def __init__(self, c_text: str, manifest: dict, pid: int = 0):
+    def __init__(self, c_text: str, manifest: dict, pid: int = 0, held_forks: bool = False):
         bcc = _import_bcc()
         headers = f"/lib/modules/{os.uname().release}/build"
         if not os.path.exists(os.path.join(headers, "include")):
@@ -227,10 +230,17 @@ class BccLoader:
         # a launched command stopped at each mmap of code until its rows are in
         self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
+        self.held_forks = held_forks and bool(manifest.get("follow_forks"))
+        self.lock = threading.Lock()          # attach_child comes from the tether's thread
+        self.closed = False
         if manifest.get("follow_forks"):
-            # children inherit no pid-scoped uprobe: attach to every process, filter in BPF
-            self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-            scope = -1
+            # children inherit no pid-scoped uprobe: each is attached as it is forked (held
+            # meanwhile), or else every process is, and the BPF filter keeps the traced ones
+            # a launched command held before its exec: traced from its exec (trace_from_exec),
+            # not while it is still a copy of probedsl
+            if not (self.held_forks and manifest.get("target") == "cmd"):
+                self.trace_from_exec(pid)
+            scope = pid if self.held_forks else -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
         self.attached: Dict[int, List[bytes]] = {}     # pid -> its uprobe events (BCC's names)
@@ -238,9 +248,10 @@ class BccLoader:
         self.unclosed: deque = deque()                     # uprobe events of ended processes
         self.last_arrival = 0.0
         self.per_process = bool(manifest.get("per_process"))
-        if self.per_process:
+        if self.per_process or self.held_forks:
             _allow_many_uprobes()
             self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
+        if self.per_process:
             for p in manifest["probes"]:        # resolved and loaded now, not while a process waits
                 if not p.get("usdt"):
                     bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
@@ -297,12 +308,42 @@ class BccLoader:
                 print(f"probedsl: warning: not probing {p['path']} (its process ended?): {exc}", file=sys.stderr)
         return None
 
-    def _attach_process(self, pid: int) -> None:
+    def trace_from_exec(self, pid: int) -> None:
+        """The process and the children it forks from now on pass the BPF filter."""
+        self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def attach_child(self, pid: int) -> None:
+        """A child forked by a traced process, held until this returns: its own uprobes (they
+        follow its execs). A refusal is said; the child then runs untraced."""
+        with self.lock:
+            if self.closed:
+                return
+            if pid in self.attached:                 # an ended process's pid, taken again
+                self._detach(pid)
+            self._attach_process(pid, last_try=True, quiet=False)
+            self.refusals.pop(pid, None)
+            self.last_arrival = time.monotonic()
+
+    def reap(self, wait_s: float) -> None:
+        """Following held forks: the uprobes of children that ended are closed, one a turn,
+        once none has arrived for QUIET_S (a close holds up the next attach ~90 ms)."""
+        with self.lock:
+            for pid in [p for p in self.attached if not process_alive(p)]:
+                self._detach(pid)
+            closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
+                                         or len(self.unclosed) > self.max_unclosed)
+            if closing:
+                self._close_one()
+        if not closing:
+            time.sleep(wait_s)
+
+    def _attach_process(self, pid: int, last_try: bool = False, quiet: bool = True) -> None:
         """--per-process: uprobes on one process. A process between releasing its memory and
         becoming a zombie (or a kernel thread) refuses them with EINVAL: it is skipped. A live
-        one that refuses is tried again RETRY_S later, twice, then said and left untraced."""
+        one that refuses is tried again RETRY_S later, twice, then said and left untraced.
+        quiet: libbcc's own messages are kept (fd 2 taken meanwhile: not from a second thread)."""
         before = set(self.bpf.uprobe_fds)
-        with _stderr_captured() as chatter:          # libbcc prints every refusal itself
+        with (_stderr_captured() if quiet else contextlib.nullcontext([""])) as chatter:
             failure = self._attach(pid)
         # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
         # fails once the process has ended (its uprobes then stayed open until the end)
@@ -312,7 +353,7 @@ class BccLoader:
         else:
             self.refusals.pop(pid, None)
             return
-        tries = self.refusals.pop(pid, (0, 0))[0] + 1
+        tries = ATTACH_TRIES if last_try else self.refusals.pop(pid, (0, 0))[0] + 1
         if not has_memory(pid):
             return
         if tries < ATTACH_TRIES:
@@ -521,6 +562,8 @@ class BccLoader:
         return out
 
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
         if self.hold is not None:
             self.hold.close()
         if self.unwind is not None:
@@ -534,11 +577,21 @@ class BccDriver:
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
         self._told = None                # the listener given to the mapping tracker
+        self.held_forks = False          # set before start: a tether holds each child at its fork
 
     def start(self, timeout: float = 60) -> None:
         scope = self.program.scope
         pid = scope.pid if scope.mode in ("pid", "cmd") else 0
-        self.loader = BccLoader(self.generated.text, self.generated.manifest, pid)
+        self.loader = BccLoader(self.generated.text, self.generated.manifest, pid, self.held_forks)
+
+    def trace_from_exec(self, pid: int) -> None:
+        if self.loader is not None:
+            self.loader.trace_from_exec(pid)
+
+    def attach_child(self, pid: int) -> None:
+        loader = self.loader
+        if loader is not None:
+            loader.attach_child(pid)
 
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
@@ -550,6 +603,8 @@ class BccDriver:
             self.loader.ended_images.sweep()
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
+        elif self.loader is not None and self.loader.held_forks:
+            self.loader.reap(seconds)
         else:
             time.sleep(seconds)
 

@@ -24,6 +24,7 @@ class Target:
     last: ClassVar[Tuple[int, int]] = (0, 0)
     # capabilities
     per_pid_uprobes: ClassVar[bool] = False     # the tracer can scope a uprobe to one process
+    holds_forks: ClassVar[bool] = False         # follows forks by attaching each child, held at its fork
     probe_offsets: ClassVar[bool] = False       # a uprobe may sit inside a function (free+3)
     map_declarations: ClassVar[bool] = False    # maps are sized one by one
     per_process_comm: ClassVar[bool] = False    # --comm --per-process: uprobes on each matching process
@@ -58,7 +59,7 @@ class Target:
         """Whether the kernel keeps uprobes off processes outside the scope (no bystander trap)."""
         if scope.mode == "comm":
             return scope.per_process and self.per_process_comm
-        return self.per_pid_uprobes and scope.mode in ("pid", "cmd") and not scope.tracks_children
+        return self.per_pid_uprobes and scope.mode in ("pid", "cmd") and (not scope.tracks_children or self.holds_forks)
 
     def attaches_at(self, probe: ir.Probe, path: str) -> int:
         """The offset in the function where this target attaches the probe (0: its entry)."""

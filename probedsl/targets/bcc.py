@@ -15,6 +15,7 @@ class Bcc(Target):
     backend = "bcc"
     first, last = (0, 26), (0, 37)
     per_pid_uprobes = True
+    holds_forks = True
     probe_offsets = True
     per_process_comm = True
     follows_new_roots = True
