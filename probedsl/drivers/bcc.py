@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, placement, roots, stacktrust
+from probedsl import elf, images, placement, roots, stacktrust, teardown
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -502,11 +502,24 @@ class BccLoader:
                 pass
         return out
 
-    def close(self) -> None:
+    def close(self, background: bool = False) -> None:
+        """Detach everything. background: a process of its own closes the last copies of the
+        descriptors (the kernel's ~0.15 s per uprobe, probedsl.teardown), and this returns at once."""
         if self.unwind is not None:
             self.unwind.close()
+        holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
+        if holder is not None:
+            # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
+            # looks for a tracefs event: the holder's close does both's work
+            for probes in (self.bpf.uprobe_fds, self.bpf.tracepoint_fds):
+                for fd in probes.values():
+                    os.close(fd)
+                probes.clear()
         self.bpf.cleanup()
-        remove_tracefs_uprobes(os.getpid())
+        if holder is not None:
+            holder.release()
+        else:
+            remove_tracefs_uprobes(os.getpid())
 
 
 class BccDriver:
@@ -535,8 +548,8 @@ class BccDriver:
         return self.loader is not None
 
     def stop(self, timeout: float = 30) -> Optional[Snapshot]:
-        """The final snapshot; detaching (~2 s of kernel uprobe teardown) waits for kill(),
-        after the report is out."""
+        """The final snapshot; detaching waits for kill(), after the report is out (and goes
+        on in the background: probedsl.teardown)."""
         return self.loader.snapshot(final=True) if self.loader is not None else None
 
     def unwind_memory(self) -> int:
@@ -573,7 +586,7 @@ class BccDriver:
 
     def kill(self) -> None:
         if self.loader is not None:
-            self.loader.close()
+            self.loader.close(background=True)
             self.loader = None
 
 
