@@ -1,48 +1,135 @@
-"""Benchmark: start-up, from `probedsl run` to "tracing" (every probe attached and proven), per
-backend and live-table size.
+"""Benchmark: how long a user waits, start to finish, for a leak check of a short command.
 
-    sudo .venv/bin/python -m bench.startup [--runs 3]
+    sudo .venv/bin/python -m bench.startup [--runs 5] [--bystanders 2] [--only NAME,NAME]
 
-The traced command is `/bin/sleep 0.1`, held until the probes are attached, so the time is
-probedsl's start, compile, map creation and attach; the kernel's uprobe teardown after it is
-reported apart ("total").
+For memleak on `-- /bin/true` and `-- python3 -c pass`: probedsl with BCC (dwarf and fp
+stacks) and bpftrace, each with its cache cold (an empty XDG_CACHE_HOME) and warm (one run
+before), beside heaptrack and valgrind on the same commands. Runs are interleaved (drift hits
+all alike); the figures are medians. Columns:
+  to exec   probedsl started -> the command let go ("probedsl: tracing" is said right before
+            it execs; with dwarf stacks it is then held until its libraries are mapped, a few ms)
+  to exit   started -> the tool returned control (the report printed)
+  clean     started -> every process the run left ended (probedsl's detach holder, bpftrace
+            dying): the kernel has removed the probes. The bench is a child subreaper, so those
+            orphans become its children and are waited for.
+--bystanders N runs N CPU-bound loops meanwhile (a busy machine). --version LABEL=PYTHON adds
+the same probedsl rows run by another interpreter (e.g. a worktree of the code before a change,
+`--version before=/path/.venv/bin/python`), interleaved with these: on a shared machine, before
+and after then see the same load.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PR_SET_CHILD_SUBREAPER = 36
+COMMANDS = {"true": ["/bin/true"], "python": ["/usr/bin/python3", "-c", "pass"]}
+PROBEDSL = {"bcc-dwarf": ["--backend", "bcc", "--stacks", "dwarf"],
+            "bcc-fp": ["--backend", "bcc", "--stacks", "fp"],
+            "bpftrace": ["--backend", "bpftrace"]}
+OTHERS = {"untraced": [], "heaptrack": ["heaptrack"], "valgrind": ["valgrind", "--leak-check=full"]}
 
 
-def once(backend: str, max_live: str) -> tuple:
+def become_subreaper() -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise SystemExit("bench.startup: cannot become a child subreaper")
+
+
+def reap_all() -> None:
+    """Wait for every child left (orphans re-parented to us included)."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def once(argv, env, cwd) -> tuple:
+    """(to exec or None, to exit, clean) in seconds for one run of argv."""
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                             "--max-live", max_live, "--", "/bin/sleep", "0.1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    attached = None
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    to_exec = None
     for line in proc.stderr:
-        if "tracing" in line and attached is None:
-            attached = time.monotonic() - started
+        if to_exec is None and line.startswith(b"probedsl: tracing "):
+            to_exec = time.monotonic() - started
     proc.wait()
-    return attached, time.monotonic() - started
+    to_exit = time.monotonic() - started
+    reap_all()
+    return to_exec, to_exit, time.monotonic() - started
+
+
+def configurations(only, versions):
+    """(name, command key, cache kind, argv)."""
+    out = []
+    for cmd in COMMANDS:
+        for name, options in PROBEDSL.items():
+            for label, python in versions:
+                for cache in ("cold", "warm"):
+                    argv = [python, "-m", "probedsl", "run", "memleak", *options, "--", *COMMANDS[cmd]]
+                    out.append((f"{name}{label}", cmd, cache, argv))
+        for name, prefix in OTHERS.items():
+            if not prefix or shutil.which(prefix[0]):
+                out.append((name, cmd, "-", prefix + COMMANDS[cmd]))
+    return [c for c in out if not only or c[0].split(" ")[0] in only]
+
+
+def bystanders(n: int) -> list:
+    loop = [sys.executable, "-c", "while True: pass"]
+    return [subprocess.Popen(loop) for _ in range(n)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--bystanders", type=int, default=0, help="CPU-bound loops running meanwhile")
+    ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*PROBEDSL, *OTHERS]))
+    ap.add_argument("--version", action="append", default=[], metavar="LABEL=PYTHON",
+                    help="also run probedsl with this interpreter (its installed probedsl)")
     args = ap.parse_args()
-    print("| backend | --max-live | attached after (s) | whole run (s) |")
-    print("|---|---:|---:|---:|")
-    for backend, sizes in (("bpftrace", ("4096", "262144", "1000000")), ("bcc", ("4096", "1000000"))):
-        for size in sizes:
-            runs = [once(backend, size) for _ in range(args.runs)]
-            print(f"| {backend} | {size} | {statistics.median(r[0] for r in runs):.2f} | "
-                  f"{statistics.median(r[1] for r in runs):.2f} |", flush=True)
+    become_subreaper()
+    versions = [("", sys.executable)] + [(f" ({v.split('=', 1)[0]})", v.split("=", 1)[1]) for v in args.version]
+    configs = configurations(set(filter(None, args.only.split(","))), versions)
+    work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    warm = {}
+    busy = bystanders(args.bystanders)
+    try:
+        for name, cmd, cache, argv in configs:         # warm caches: one run each, not counted
+            if cache == "warm":
+                warm[name, cmd] = work / f"warm-{name}-{cmd}"
+                warm[name, cmd].mkdir()
+                once(argv, dict(os.environ, XDG_CACHE_HOME=str(warm[name, cmd])), work)
+        results = {c[:3]: [] for c in configs}
+        for i in range(args.runs):
+            for name, cmd, cache, argv in configs:
+                env = dict(os.environ)
+                if cache == "warm":
+                    env["XDG_CACHE_HOME"] = str(warm[name, cmd])
+                elif cache == "cold":
+                    env["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix=f"cold{i}-", dir=work)
+                results[name, cmd, cache].append(once(argv, env, work))
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"medians of {args.runs}, {args.bystanders} CPU-bound bystanders, {os.cpu_count()} CPUs")
+    print("| tool | command | cache | to exec (s) | to exit (s) | clean (s) |")
+    print("|---|---|---|---:|---:|---:|")
+    for (name, cmd, cache), runs in results.items():
+        execs = [r[0] for r in runs if r[0] is not None]
+        shown = f"{statistics.median(execs):.2f}" if execs else "-"
+        print(f"| {name} | {' '.join(COMMANDS[cmd])} | {cache} | {shown} | "
+              f"{statistics.median(r[1] for r in runs):.2f} | {statistics.median(r[2] for r in runs):.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 from probedsl import elf, images, placement, roots, stacktrust, teardown
+from probedsl.drivers.bcc_compile import Compilation
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.libraries import LibraryResolver
@@ -202,20 +203,14 @@ def _histograms(table, keys: List[str], stack) -> dict:
 class BccLoader:
     """Runs one compiled program; pid scopes uprobes to one process (0: all processes)."""
 
-    def __init__(self, c_text: str, manifest: dict, pid: int = 0):
+    def __init__(self, c_text: str, manifest: dict, pid: int = 0, compiled: Optional[Compilation] = None):
+        """compiled: the program's compile, begun earlier (BccDriver)."""
         bcc = _import_bcc()
-        headers = f"/lib/modules/{os.uname().release}/build"
-        if not os.path.exists(os.path.join(headers, "include")):
-            raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
-                                "Debian's linux-headers there), or use --backend bpftrace")
-        cflags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
-        try:
-            self.bpf = bcc.BPF(text=c_text, cflags=cflags)
-        except Exception as exc:  # BCC raises bare Exception on compile/load errors
-            raise ProbedslError(f"BCC could not compile the program: {exc}") from None
-        # placed probes checked once against the files (not again at each attach)
+        compiled = compiled or Compilation(bcc, c_text, pid)
+        # placed probes checked once against the files (not again at each attach), while it compiles
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        self.bpf = compiled.result()
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
         scope = pid or -1
@@ -527,11 +522,13 @@ class BccDriver:
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
         self._told = None                # the listener given to the mapping tracker
+        scope = program.scope
+        self.pid = scope.pid if scope.mode in ("pid", "cmd") else 0
+        # compiled while the session starts its tracker and the rest; loaded and attached in start()
+        self.compiled = Compilation(_import_bcc(), generated.text, self.pid)
 
     def start(self, timeout: float = 60) -> None:
-        scope = self.program.scope
-        pid = scope.pid if scope.mode in ("pid", "cmd") else 0
-        self.loader = BccLoader(self.generated.text, self.generated.manifest, pid)
+        self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.compiled)
 
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
