@@ -9,6 +9,8 @@ all alike); the figures are medians. Columns:
   to exec   probedsl started -> the command let go ("probedsl: tracing" is said right before
             it execs; with dwarf stacks it is then held until its libraries are mapped, a few ms)
   to exit   started -> the tool returned control (the report printed)
+  generate, compile...  probedsl's own account (--estimate): from its process start to the program
+            generated (Python, imports, recipe, generation), then to every probe attached
   clean     started -> every process the run left ended (probedsl's detach holder, bpftrace
             dying): the kernel has removed the probes. The bench is a child subreaper, so those
             orphans become its children and are waited for.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -54,18 +57,21 @@ def reap_all() -> None:
 
 
 def once(argv, env, cwd) -> tuple:
-    """(to exec or None, to exit, clean) in seconds for one run of argv."""
+    """(to exec or None, to exit, clean, (generate, compile-load-attach) or None) in seconds
+    for one run of argv; the last from probedsl's --estimate line."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    to_exec = None
+    to_exec = parts = None
     for line in proc.stderr:
         if to_exec is None and line.startswith(b"probedsl: tracing "):
             to_exec = time.monotonic() - started
+        if b"estimate: the command was let go" in line:
+            parts = tuple(float(x) for x in re.findall(rb"(\d+\.\d+) s", line)[1:3])
     proc.wait()
     to_exit = time.monotonic() - started
     reap_all()
-    return to_exec, to_exit, time.monotonic() - started
+    return to_exec, to_exit, time.monotonic() - started, parts
 
 
 def configurations(only, versions):
@@ -75,7 +81,8 @@ def configurations(only, versions):
         for name, options in PROBEDSL.items():
             for label, python in versions:
                 for cache in ("cold", "warm"):
-                    argv = [python, "-m", "probedsl", "run", "memleak", *options, "--", *COMMANDS[cmd]]
+                    said = ["--estimate"] if not label else []      # the breakdown (older versions refuse it)
+                    argv = [python, "-m", "probedsl", "run", "memleak", *options, *said, "--", *COMMANDS[cmd]]
                     out.append((f"{name}{label}", cmd, cache, argv))
         for name, prefix in OTHERS.items():
             if not prefix or shutil.which(prefix[0]):
@@ -123,13 +130,16 @@ def main() -> None:
             p.wait()
         shutil.rmtree(work, ignore_errors=True)
     print(f"medians of {args.runs}, {args.bystanders} CPU-bound bystanders, {os.cpu_count()} CPUs")
-    print("| tool | command | cache | to exec (s) | to exit (s) | clean (s) |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| tool | command | cache | to exec (s) | to exit (s) | clean (s) | generate (s) | compile, load, attach (s) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for (name, cmd, cache), runs in results.items():
-        execs = [r[0] for r in runs if r[0] is not None]
-        shown = f"{statistics.median(execs):.2f}" if execs else "-"
-        print(f"| {name} | {' '.join(COMMANDS[cmd])} | {cache} | {shown} | "
-              f"{statistics.median(r[1] for r in runs):.2f} | {statistics.median(r[2] for r in runs):.2f} |")
+        def median(values):
+            values = [v for v in values if v is not None]
+            return f"{statistics.median(values):.2f}" if values else "-"
+        parts = [r[3] for r in runs if r[3]]
+        print(f"| {name} | {' '.join(COMMANDS[cmd])} | {cache} | {median(r[0] for r in runs)} | "
+              f"{median(r[1] for r in runs)} | {median(r[2] for r in runs)} | {median(p[0] for p in parts)} | "
+              f"{median(p[1] for p in parts)} |")
 
 
 if __name__ == "__main__":
