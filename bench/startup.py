@@ -14,6 +14,9 @@ all alike); the figures are medians. Columns:
   clean     started -> every process the run left ended (probedsl's detach holder, bpftrace
             dying): the kernel has removed the probes. The bench is a child subreaper, so those
             orphans become its children and are waited for.
+--profile runs probedsl under cProfile instead (BCC dwarf and fp, bpftrace; /bin/true, warm cache)
+and prints the medians of where its main thread spends the time (the compile runs on its own
+thread: what shows is the wait for it).
 --bystanders N runs N CPU-bound loops meanwhile (a busy machine). --version LABEL=PYTHON adds
 the same probedsl rows run by another interpreter (e.g. a worktree of the code before a change,
 `--version before=/path/.venv/bin/python`), interleaved with these: on a shared machine, before
@@ -95,6 +98,54 @@ def bystanders(n: int) -> list:
     return [subprocess.Popen(loop) for _ in range(n)]
 
 
+# (file suffix, function) -> phase; cumulative seconds in the main thread
+PHASES = {("probedsl/cli.py", "<module>"): "imports",
+          ("probedsl/session.py", "prepare"): "prepare (recipe, placement, generate)",
+          ("bcc_compile.py", "result"): "wait for BCC's compile",
+          ("bcc/__init__.py", "load_func"): "load (the verifier)",
+          ("drivers/bcc.py", "_attach"): "attach (load included)",
+          ("drivers/bpftrace.py", "start"): "bpftrace start (LLVM, maps, attach)",
+          ("drivers/bcc.py", "close"): "detach (probedsl's part)",
+          ("drivers/bpftrace.py", "kill"): "detach (probedsl's part)",
+          ("probedsl/session.py", "finish"): "final snapshot and report"}
+
+
+# probedsl under cProfile: `probedsl run` ends with os._exit (no interpreter teardown), so the
+# profile is written there, by the run's own process only (its detach holder is a fork)
+PROFILED = """
+import cProfile, os, runpy, sys
+out, me, real_exit, prof = sys.argv[1], os.getpid(), os._exit, cProfile.Profile()
+def leave(status):
+    if os.getpid() == me:
+        prof.disable()
+        prof.dump_stats(out)
+    real_exit(status)
+os._exit = leave
+sys.argv = ["probedsl"] + sys.argv[2:]
+prof.enable()
+runpy.run_module("probedsl", run_name="__main__")
+"""
+
+
+def profile(runs: int, work: Path) -> None:
+    import pstats
+    for name, options in PROBEDSL.items():
+        phases: dict = {}
+        for i in range(runs + 1):                 # the first warms the cache
+            out = work / f"{name}-{i}.prof"
+            env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))
+            subprocess.run([sys.executable, "-c", PROFILED, str(out), "run", "memleak", *options, "--", "/bin/true"],
+                           env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            reap_all()
+            if i == 0:
+                continue
+            for (path, _, func), (_, _, _, cumulative, _) in pstats.Stats(str(out)).stats.items():
+                for (suffix, wanted), phase in PHASES.items():
+                    if func == wanted and path.endswith(suffix):
+                        phases.setdefault(phase, []).append(cumulative)
+        print(f"{name}: " + ", ".join(f"{phase} {statistics.median(v):.2f}" for phase, v in phases.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -102,8 +153,16 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*PROBEDSL, *OTHERS]))
     ap.add_argument("--version", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run probedsl with this interpreter (its installed probedsl)")
+    ap.add_argument("--profile", action="store_true", help="where probedsl's main thread spends its start and end")
     args = ap.parse_args()
     become_subreaper()
+    if args.profile:
+        work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+        try:
+            profile(args.runs, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     versions = [("", sys.executable)] + [(f" ({v.split('=', 1)[0]})", v.split("=", 1)[1]) for v in args.version]
     configs = configurations(set(filter(None, args.only.split(","))), versions)
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
