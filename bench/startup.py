@@ -77,10 +77,10 @@ def once(argv, env, cwd) -> tuple:
     return to_exec, to_exit, time.monotonic() - started, parts
 
 
-def configurations(only, versions):
+def configurations(only, versions, commands):
     """(name, command key, cache kind, argv)."""
     out = []
-    for cmd in COMMANDS:
+    for cmd in commands:
         for name, options in PROBEDSL.items():
             for label, python in versions:
                 for cache in ("cold", "warm"):
@@ -105,6 +105,8 @@ PHASES = {("probedsl/cli.py", "<module>"): "imports",
           ("bcc/__init__.py", "load_func"): "load (the verifier)",
           ("drivers/bcc.py", "_attach"): "attach (load included)",
           ("drivers/bpftrace.py", "start"): "bpftrace start (LLVM, maps, attach)",
+          ("probedsl/mappings.py", "start"): "mapping tracker start",
+          ("drivers/bcc.py", "_placed"): "placement checks",
           ("drivers/bcc.py", "close"): "detach (probedsl's part)",
           ("drivers/bpftrace.py", "kill"): "detach (probedsl's part)",
           ("probedsl/session.py", "finish"): "final snapshot and report"}
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*PROBEDSL, *OTHERS]))
     ap.add_argument("--version", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run probedsl with this interpreter (its installed probedsl)")
+    ap.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
     ap.add_argument("--profile", action="store_true", help="where probedsl's main thread spends its start and end")
     args = ap.parse_args()
     become_subreaper()
@@ -164,7 +167,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         return
     versions = [("", sys.executable)] + [(f" ({v.split('=', 1)[0]})", v.split("=", 1)[1]) for v in args.version]
-    configs = configurations(set(filter(None, args.only.split(","))), versions)
+    configs = configurations(set(filter(None, args.only.split(","))), versions, args.commands.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     warm = {}
     busy = bystanders(args.bystanders)
