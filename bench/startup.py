@@ -50,13 +50,28 @@ def become_subreaper() -> None:
         raise SystemExit("bench.startup: cannot become a child subreaper")
 
 
+BYSTANDERS: set = set()        # our children that run throughout (--bystanders)
+
+
 def reap_all() -> None:
-    """Wait for every child left (orphans re-parented to us included)."""
+    """Wait for every child left but the bystanders (orphans re-parented to us included)."""
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
+        if pid == 0:
+            if _children() <= BYSTANDERS:
+                return
+            time.sleep(0.01)
+
+
+def _children() -> set:
+    found = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            found.update(int(p) for p in f.read().split())
+    return found
 
 
 def once(argv, env, cwd) -> tuple:
@@ -95,7 +110,9 @@ def configurations(only, versions, commands):
 
 def bystanders(n: int) -> list:
     loop = [sys.executable, "-c", "while True: pass"]
-    return [subprocess.Popen(loop) for _ in range(n)]
+    started = [subprocess.Popen(loop) for _ in range(n)]
+    BYSTANDERS.update(p.pid for p in started)
+    return started
 
 
 # (file suffix, function) -> phase; cumulative seconds in the main thread
