@@ -8,8 +8,10 @@ probedsl.placement) and, for a function probed at return, the return's (~0.5 us)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from typing import Dict, List
 
@@ -32,10 +34,24 @@ class Estimate:
                 f"({cpu_ms / 10:.1f}% of one CPU) spread over the traced threads, at this call rate"]
 
 
+def process_age() -> float:
+    """Seconds since this process started (the kernel's start time, 10 ms resolution)."""
+    with open("/proc/self/stat") as f:
+        started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def startup_line(marks: Dict[str, float]) -> str:
+    """-- CMD: when the command was let go, from probedsl's own start (marks: process ages
+    at "generated", "attached", "released")."""
+    generated, attached, released = marks["generated"], marks["attached"], marks["released"]
+    return (f"estimate: the command was let go {released:.2f} s after probedsl started: {generated:.2f} s to "
+            f"start Python, read the recipe and generate the program, {attached - generated:.2f} s to "
+            f"compile, load and attach it, {released - attached:.2f} s the rest")
+
+
 def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0) -> Estimate:
     """target: the one that will trace (where it attaches decides each hit's cost)."""
-    if program.scope.mode == "cmd":
-        raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
     exe = shutil.which("bpftrace")
     if exe is None:
         raise ProbedslError("--estimate uses bpftrace, which is not installed (run scripts/setup.sh)")

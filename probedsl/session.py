@@ -166,8 +166,6 @@ class Session:
         if not doctor.has_tracing_rights():
             raise ProbedslError(f"probedsl run needs root, or {doctor.CAP_NAMES}, to attach probes "
                                 "(probedsl doctor says what is missing)")
-        if self.opts.estimate and self.opts.command:
-            raise ProbedslError("--estimate counts calls of a running process: use it with --pid, --comm or --all")
         _check_output(self.opts.output)
         threads.reset()
         self.tracing = False
@@ -220,6 +218,7 @@ class Session:
             scanner.check_program(program)
         self.program = program
         self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
             self.exporter = prometheus.Exporter(opts.prometheus)
@@ -237,7 +236,7 @@ class Session:
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
             self.tracker.files.known_roots.add(self.resolver_root)
-        if opts.estimate:
+        if opts.estimate and not self.held:        # a command has no calls to count before it runs
             for line in estimate.measure(self.program, self.target).lines():
                 self.say(line)
         for pid in ([scope.pid] if scope.mode == "pid" else
@@ -250,6 +249,7 @@ class Session:
             if self.held:               # a copy of probedsl until its exec: traced from there
                 self.follower.on_exec = lambda: self.driver.trace_from_exec(self.held.pid)
             self.follower.follow(self.driver.attach_child)
+        self.marks["attached"] = estimate.process_age()
         if self.opts.reachability and scope.mode == "pid":
             self._tie(scope.pid)
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
@@ -271,6 +271,9 @@ class Session:
             self.say(f"note: {line}")
         if self.held:
             self._release()                            # 4
+            if opts.estimate:
+                self.marks["released"] = estimate.process_age()
+                self.say(estimate.startup_line(self.marks))
 
     def _release(self) -> None:
         """Let the command exec; with dwarf stacks, held until the loader has mapped the

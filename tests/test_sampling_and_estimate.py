@@ -42,9 +42,14 @@ def test_estimate_counts_calls_before_tracing(mallocfree, root_required):
     assert "ms of CPU per second" in result.stderr
 
 
-def test_estimate_refuses_a_command_it_cannot_count_yet():
-    result = probedsl("run", MEMLEAK, "--estimate", "--", "/bin/true")
-    assert result.returncode == 1 and "--estimate counts calls of a running process" in result.stderr
+def test_estimate_with_a_command_says_when_it_was_let_go(root_required):
+    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--stacks", "fp", "--estimate", "--", "/bin/true")
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stderr.splitlines() if "estimate: the command was let go" in l)
+    total, *parts = [float(x) for x in re.findall(r"(\d+\.\d+) s", line)]
+    assert len(parts) == 3 and all(p >= 0 for p in parts) and parts[1] > 0, line
+    assert abs(total - sum(parts)) <= 0.02, line            # the parts are the whole, rounded
+    assert "estimate: in" not in result.stderr              # no calls to count before it runs
 
 
 def test_the_scale_harness_reports_every_block(root_required):

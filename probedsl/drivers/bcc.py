@@ -13,7 +13,8 @@ import time
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from probedsl import elf, images, roots, stackformat, x86
+from probedsl import elf, images, roots, stackformat, teardown, x86
+from probedsl.drivers.bcc_compile import Compilation
 from probedsl.errors import ProbedslError
 from probedsl.layout import Counter, ResourceLayout
 from probedsl.drivers.bcc_images import EndedImages
@@ -207,21 +208,16 @@ class BccLoader:
     held_forks: the caller holds each child the process forks until attach_child() has put
     the uprobes on it (probedsl.tether), so following forks needs no machine-wide uprobe."""
 
-    def __init__(self, c_text: str, manifest: dict, pid: int = 0, held_forks: bool = False):
+    def __init__(self, c_text: str, manifest: dict, pid: int = 0, held_forks: bool = False,
+                 compiled: Optional[Compilation] = None):
+        """compiled: the program's compile, begun earlier (BccDriver)."""
         bcc = _import_bcc()
-        headers = f"/lib/modules/{os.uname().release}/build"
-        if not os.path.exists(os.path.join(headers, "include")):
-            raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
-                                "Debian's linux-headers there), or use --backend bpftrace")
-        cflags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
-        try:
-            self.bpf = bcc.BPF(text=c_text, cflags=cflags)
-        except Exception as exc:  # BCC raises bare Exception on compile/load errors
-            raise ProbedslError(f"BCC could not compile the program: {exc}") from None
-        _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
-        # placed probes checked once against the files (not again at each attach)
+        compiled = compiled or Compilation(bcc, c_text, pid)
+        # placed probes checked once against the files (not again at each attach), while it compiles
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        self.bpf = compiled.result()
+        _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
         # entries of ended process images, freed between reports (not when every report reads them)
         self.ended_images = EndedImages(self.bpf, self.layouts, _items) \
             if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
@@ -561,15 +557,28 @@ class BccLoader:
                 pass
         return out
 
-    def close(self) -> None:
+    def close(self, background: bool = False) -> None:
+        """Detach everything. background: a process of its own closes the last copies of the
+        descriptors (the kernel's ~0.15 s per uprobe, probedsl.teardown), and this returns at once."""
         with self.lock:
             self.closed = True
         if self.hold is not None:
             self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
+        holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
+        if holder is not None:
+            # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
+            # looks for a tracefs event: the holder's close does both's work
+            for probes in (self.bpf.uprobe_fds, self.bpf.tracepoint_fds):
+                for fd in probes.values():
+                    os.close(fd)
+                probes.clear()
         self.bpf.cleanup()
-        remove_tracefs_uprobes(os.getpid())
+        if holder is not None:
+            holder.release()
+        else:
+            remove_tracefs_uprobes(os.getpid())
 
 
 class BccDriver:
@@ -578,11 +587,14 @@ class BccDriver:
         self.loader: Optional[BccLoader] = None
         self._told = None                # the listener given to the mapping tracker
         self.held_forks = False          # set before start: a tether holds each child at its fork
+        scope = program.scope
+        self.pid = scope.pid if scope.mode in ("pid", "cmd") else 0
+        # compiled while the session starts its tracker and the rest; loaded and attached in start()
+        self.compiled = Compilation(_import_bcc(), generated.text, self.pid)
 
     def start(self, timeout: float = 60) -> None:
-        scope = self.program.scope
-        pid = scope.pid if scope.mode in ("pid", "cmd") else 0
-        self.loader = BccLoader(self.generated.text, self.generated.manifest, pid, self.held_forks)
+        self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.held_forks,
+                                self.compiled)
 
     def trace_from_exec(self, pid: int) -> None:
         if self.loader is not None:
@@ -612,8 +624,8 @@ class BccDriver:
         return self.loader is not None
 
     def stop(self, timeout: float = 30) -> Optional[Snapshot]:
-        """The final snapshot; detaching (~2 s of kernel uprobe teardown) waits for kill(),
-        after the report is out."""
+        """The final snapshot; detaching waits for kill(), after the report is out (and goes
+        on in the background: probedsl.teardown)."""
         return self.loader.snapshot(final=True) if self.loader is not None else None
 
     def unwind_memory(self) -> int:
@@ -659,7 +671,7 @@ class BccDriver:
 
     def kill(self) -> None:
         if self.loader is not None:
-            self.loader.close()
+            self.loader.close(background=True)
             self.loader = None
 
 

@@ -1,0 +1,48 @@
+"""BCC's compile of the generated C (clang, then LLVM: most of a BCC run's start), begun on a
+thread as soon as the text exists, so that what probedsl does meanwhile (the mapping tracker,
+the probes' placement checks, the unwinder's rows) is not added to it. BCC 0.26 cannot load a
+compiled object, so there is nothing to cache between runs; libbcc releases the GIL while it
+compiles, so the two overlap on another core."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import List
+
+from probedsl.errors import ProbedslError
+
+
+def check_headers() -> None:
+    headers = f"/lib/modules/{os.uname().release}/build"
+    if not os.path.exists(os.path.join(headers, "include")):
+        raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
+                            "Debian's linux-headers there), or use --backend bpftrace")
+
+
+def cflags(pid: int) -> List[str]:
+    return [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
+
+
+class Compilation:
+    """bcc.BPF(text=...) running on its own thread; result() waits for it."""
+
+    def __init__(self, bcc, c_text: str, pid: int):
+        check_headers()
+        self._bpf = None
+        self._error = None
+        self._thread = threading.Thread(target=self._compile, args=(bcc, c_text, cflags(pid)),
+                                        name="probedsl-bcc-compile", daemon=True)
+        self._thread.start()
+
+    def _compile(self, bcc, c_text: str, flags: List[str]) -> None:
+        try:
+            self._bpf = bcc.BPF(text=c_text, cflags=flags)
+        except Exception as exc:  # BCC raises bare Exception on compile/load errors
+            self._error = exc
+
+    def result(self):
+        """The BPF object; a ProbedslError if BCC could not compile the program."""
+        self._thread.join()
+        if self._error is not None:
+            raise ProbedslError(f"BCC could not compile the program: {self._error}")
+        return self._bpf
