@@ -210,8 +210,12 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
         unwinders = [bpf.load_func(u["program"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
                      for u in gen.manifest.get("unwinders", [])]
         assert bool(unwinders) == gen.manifest["dwarf"]
-        # BCC loaded and attached the system calls' tracepoint programs already
-        programs += [f for name, f in bpf.funcs.items() if name.startswith(b"tracepoint__syscalls__")]
+        # BCC loaded and attached the system calls' tracepoint programs already; a release of a
+        # range (close_range) walks its keys in a loop of its own, verified turn by turn
+        ranges = {f"_{p.function}".encode() for r in program.resources for p in r.probes
+                  if any(a.through is not None for a in p.actions)}
+        programs += [f for name, f in bpf.funcs.items() if name.startswith(b"tracepoint__syscalls__")
+                     and not any(name.endswith(r) for r in ranges)]
         if unwinders:          # (memleak: 297,000 instructions verified in the unwinder, 700 in an acquire program)
             least = min(verified_instructions(u.fd) for u in unwinders)
             assert all(verified_instructions(p.fd) < least / 20 for p in programs)
