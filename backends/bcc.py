@@ -7,13 +7,13 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl import layout, stackformat
-from probedsl.layout import Counter, ResourceLayout
+from probedsl.ir import layout, stackformat
+from probedsl.ir.layout import Counter, ResourceLayout
 
 from probedsl.targets.base import Generated
 
 from .base import Backend
-
+from probedsl.backends.bcc_unwinder import UnwinderViews
 
 
 def usdt_read(loc, ctx: str) -> str:
@@ -37,7 +37,7 @@ def _arg(self, v: ir.Arg) -> str:
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the unwinder's numbers, as the runtime writes and reads them (probedsl.stackformat)
+# the unwinder's numbers, as the runtime writes and reads them (probedsl.ir.stackformat)
 _UNWINDER = {
     "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
     "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
@@ -51,7 +51,7 @@ _UNWINDER = {
 
 
 # bpf_task_pt_regs, which gives a system call's tracepoint the user registers to unwind from
-class BccBackend(Backend):
+class BccBackend(UnwinderViews, Backend):
     name = "bcc"
     template = "bcc.c.j2"
     RENDER = {
@@ -135,7 +135,7 @@ class BccBackend(Backend):
                 else:
                     hit.insert(0, f"{hist}.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));")
             unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
-            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+            if again:         # the same call's second hit, after a tail jump (probedsl/passes/reentry.py)
                 unknown = [f"u64 *again = {n}_reentered.lookup(&tid);",
                            f"if (again && *again == PT_REGS_SP(ctx)) {n}_reentered.delete(&tid);",
                            f"else {unknown[0]}"]
@@ -279,69 +279,6 @@ class BccBackend(Backend):
                 "filtered": True, "tracepoint": None, "usdt": sites, "entry_fn": "", "entry_body": [],
                 "return_fn": "", "return_body": [], "placed": ""}
 
-    def defers(self, program: ir.Program, lay: ResourceLayout) -> bool:
-        """--stacks dwarf: an acquire program keeps its new entries in a per-CPU map and
-        tail-calls the one unwinder program, which takes the stack and stores them; the kernel
-        then verifies the unwinder once, not in every acquire program."""
-        return self.unwinds(program) and "ustack" in lay.fields
-
-    def deferring(self, program: ir.Program, probe: ir.Probe, lay: ResourceLayout, ctx: str) -> List[str]:
-        """A program's actions, then the tail call to the unwinder if one deferred an entry."""
-        actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
-        if any(a.kind == "release" for a in probe.actions[[a.kind for a in probe.actions].index("acquire"):]):
-            # a release after an acquire would run before the acquire's deferred store
-            raise ProbedslError(f"{probe.label}: BCC --stacks dwarf cannot release after an acquire in one probe")
-        array = "probedsl_unwinders_syscall" if probe.kind == "syscall" else "probedsl_unwinders"
-        return ["int deferred = 0;", *actions,
-                "if (deferred) {",
-                f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-                f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
-                "  probedsl_unw_release();",
-                "}"]
-
-    def unwinder_programs(self, program: ir.Program) -> List[dict]:
-        """The unwinder programs the acquire programs tail-call, one per program type: the
-        loader loads each and puts it in its array before attaching anything."""
-        kinds = [p.kind for res in program.resources if self.defers(program, layout.of(program, res))
-                 for p in res.probes if any(a.kind == "acquire" for a in p.actions)]
-        found = []
-        if any(k in ("uprobe", "usdt") for k in kinds):
-            found.append({"program": "probedsl_unwinder", "array": "probedsl_unwinders", "type": "kprobe"})
-        if any(k == "syscall" for k in kinds):
-            found.append({"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall",
-                          "type": "tracepoint"})
-        return found
-
-    def ustack(self, program: ir.Program, ctx: str) -> str:
-        """The expression taking the user stack's id."""
-        if self.unwinds(program):
-            return f"probedsl_unwind({ctx}, {ctx})" if ctx == "ctx" else f"probedsl_unwind_syscall({ctx})"
-        return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
-
-    def unwinds(self, program: ir.Program) -> bool:
-        """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user
-        registers the task saved on entering the kernel: bpf_task_pt_regs, kernel 5.15); another
-        tracepoint may fire in any context, and an older kernel has no such registers to start
-        from: such a program keeps the frame-pointer walk (Bcc.notes says so)."""
-        recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
-                    if any(a.kind == "acquire" for a in p.actions)]
-        kinds = ("uprobe", "usdt", "syscall") if self.target.syscall_registers() else ("uprobe", "usdt")
-        return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
-
-    def holds_mappings(self, program: ir.Program) -> bool:
-        """A launched command (and what it forks) is stopped at each mmap of a file's code
-        until its rows are in (the template's sys_exit_mmap). Not a --pid, --comm or --all
-        target: a process probedsl did not start is never stopped for it."""
-        return self.unwinds(program) and program.scope.mode == "cmd"
-
-    def keeps_returns(self, program: ir.Program) -> bool:
-        """Whether the unwinder needs the return addresses that pending uretprobes replaced: a
-        stack of one resource can pass through a call another resource is waiting to return
-        from (fopen -> malloc). Within one resource nested calls are skipped, so a single
-        resource never pays the extra map update at each entry."""
-        probed = [r for r in program.resources if any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in r.probes)]
-        return self.unwinds(program) and len(probed) > 1
-
     @staticmethod
     def watches_roots(scope: ir.Scope) -> bool:
         """--comm and --all: the libraries of a root that appears later (a container) are probed
@@ -362,7 +299,7 @@ class BccBackend(Backend):
                                for site in view["usdt"]]
                 if probe.kind == ir.ProbeKind.UPROBE:
                     # also: another root's copy, whose process may end before the attach
-                    # offset: where in the function both probes sit (probedsl.placement); code:
+                    # offset: where in the function both probes sit (probedsl.passes.placement); code:
                     # the bytes up to it, checked again before attaching there
                     probes += [{"path": path, "library": probe.library, "function": probe.function,
                                 "offset": self.target.attaches_at(probe, path), "code": probe.code_in(path),

@@ -8,9 +8,9 @@ from typing import List
 from probedsl import ir
 from probedsl.errors import ProbedslError
 
-from probedsl.layout import Counter, ResourceLayout
-from probedsl import layout
-from probedsl.layout import TALLY_SHIFT, counted
+from probedsl.ir.layout import Counter, ResourceLayout
+from probedsl.ir import layout
+from probedsl.ir.layout import TALLY_SHIFT, counted
 from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
 from probedsl.targets.base import Generated
@@ -186,7 +186,7 @@ class BpftraceBackend(Backend):
                 keys = ", ".join(f"$v.{lay.fields.index(k)}" for k in lay.lifetime.keys)
                 hit.append(f"@{lay.lifetime.map}{f'[{keys}]' if keys else ''} = hist({self.elapsed('$v.0')});")
             unknown = [self.count(lay, Counter.UNKNOWN_RELEASES)]
-            if again:         # the same call's second hit, after a tail jump (probedsl/reentry.py)
+            if again:         # the same call's second hit, after a tail jump (probedsl/passes/reentry.py)
                 unknown = [f'if ({again}[tid] == reg("sp")) {{', f"  {self.delete(again, ['tid'])}",
                            "} else {", f"  {unknown[0]}", "}"]
             body = [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in hit], "} else {",
@@ -202,7 +202,7 @@ class BpftraceBackend(Backend):
 
     @staticmethod
     def register_image() -> List[str]:
-        """$i = the process's image (probedsl/images.py): the first acquisition of a process
+        """$i = the process's image (probedsl/drivers/images.py): the first acquisition of a process
         registers it as the process's start time, the same number whichever thread comes first
         (a new process reusing the pid has another); a full table refuses it silently, so look
         again."""

@@ -1,5 +1,5 @@
 """Calibration: what one uprobe hit costs on the running kernel, per kind of instruction
-probed, against what probedsl.placement believes the kernel emulates.
+probed, against what probedsl.passes.placement believes the kernel emulates.
 
     sudo .venv/bin/python -m bench.calibrate [--calls 200000] [--runs 3]
 
@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    from probedsl import elf, procfs, x86
+    from probedsl.binaries import elf, x86
+    from probedsl.process import procfs
     exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-calibrate-"), "entries")
     subprocess.run(["gcc", "-O1", "-o", exe, str(ROOT / "bench" / "workloads" / "entries.c")], check=True)
     syms = elf.symbols(exe)

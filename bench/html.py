@@ -25,7 +25,8 @@ import tempfile
 import time
 import tracemalloc
 
-from probedsl import report, timeseries
+from probedsl import report
+from probedsl.report import timeseries
 
 
 def synthetic(stacks: int, samples: int = 600, seed: int = 1) -> dict:
@@ -120,8 +121,9 @@ class _Program:
 
 
 def series_numbers(hours: float, stacks: int = 2000) -> tuple:
-    from probedsl import ir, layout
-    from probedsl.rundata import Snapshot, Totals
+    from probedsl import ir
+    from probedsl.ir import layout
+    from probedsl.drivers.rundata import Snapshot, Totals
     program = _Program().real
     res = program.resources[0]
     keys = tuple(ir.group_keys(next(r for r in program.reports if r.kind == "outstanding").group_by))

@@ -75,7 +75,7 @@ def run_floor(exe, args):
 
 
 # empty BCC programs on malloc's entry and return and on free, at the entry or where
-# probedsl.placement puts free's probe (floor-bcc-entry / floor-bcc-placed)
+# probedsl.passes.placement puts free's probe (floor-bcc-entry / floor-bcc-placed)
 BCC_FLOOR = """
 import sys, time
 from bcc import BPF
@@ -90,7 +90,7 @@ time.sleep(3600)
 
 
 def run_floor_bcc(exe, args, placed: bool):
-    from probedsl import x86
+    from probedsl.binaries import x86
     where = x86.place(LIBC, "free", (0,)) if placed else None
     tracer = subprocess.Popen([sys.executable, "-c", BCC_FLOOR, LIBC, str(where.offset if where else 0)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

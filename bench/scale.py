@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from probedsl.procfs import map_memory
+from probedsl.process.procfs import map_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 

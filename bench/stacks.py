@@ -32,7 +32,8 @@ def loop_seconds(exe: str, depth: int, calls: int, stacks: str) -> float:
 def table_times() -> list:
     """(file, rows, cold s, from the disk cache s) of a file's unwinder rows: decoded from
     .eh_frame on the first run, read back by build id on the next."""
-    from probedsl import cfi, unwind_tables
+    from probedsl.binaries import cfi
+    from probedsl.stacks import unwind_tables
     rows = []
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="probedsl-bench-cache-")
     for path in ("/lib/x86_64-linux-gnu/libc.so.6", os.path.realpath("/usr/bin/python3")):

@@ -117,16 +117,16 @@ def bystanders(n: int) -> list:
 
 # (file suffix, function) -> phase; cumulative seconds in the main thread
 PHASES = {("probedsl/cli.py", "<module>"): "imports",
-          ("probedsl/session.py", "prepare"): "prepare (recipe, placement, generate)",
+          ("probedsl/run/session.py", "prepare"): "prepare (recipe, placement, generate)",
           ("bcc_compile.py", "result"): "wait for BCC's compile",
           ("bcc/__init__.py", "load_func"): "load (the verifier)",
           ("drivers/bcc.py", "_attach"): "attach (load included)",
           ("drivers/bpftrace.py", "start"): "bpftrace start (LLVM, maps, attach)",
-          ("probedsl/mappings.py", "start"): "mapping tracker start",
+          ("probedsl/process/mappings.py", "start"): "mapping tracker start",
           ("drivers/bcc.py", "_placed"): "placement checks",
           ("drivers/bcc.py", "close"): "detach (probedsl's part)",
           ("drivers/bpftrace.py", "kill"): "detach (probedsl's part)",
-          ("probedsl/session.py", "finish"): "final snapshot and report"}
+          ("probedsl/run/session.py", "finish"): "final snapshot and report"}
 
 
 # probedsl under cProfile: `probedsl run` ends with os._exit (no interpreter teardown), so the

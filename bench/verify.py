@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from probedsl import backends, compiler, ir, libraries, targets
+from probedsl import backends, compiler, ir, targets
+from probedsl.process import libraries
 from probedsl.drivers.bcc import _import_bcc
 
 

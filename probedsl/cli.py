@@ -10,8 +10,15 @@ import sys
 
 import click
 
-from . import allocators, compiler, escape, formats, report, session, targets
-from .doctor import backends_usable, checks, report as report_checks
+from probedsl.passes import allocators
+from probedsl.run import options
+from probedsl.report import history
+from probedsl.outputs import write
+from probedsl import compiler, report, targets
+from probedsl.trust import escape
+from probedsl.outputs import formats
+from probedsl.run import session
+from probedsl.run.doctor import backends_usable, checks, report as report_checks
 from .errors import ProbedslError, RecipeError
 
 
@@ -274,7 +281,7 @@ def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, p
         if min_age is not None:
             raise ProbedslError("--older and --min-age both set the age: give one")
         min_age = older / 1000
-    opts = session.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
+    opts = options.RunOptions(recipe=recipe, backend=backend, comm=comm, pid=pid, all=all_,
                               follow_forks=follow_forks, private_libs=private_libs, per_process=per_process,
                               command=command, allocator=allocator, object=obj, symbols_prefix=symbols_prefix,
                               min_size=min_size, max_size=max_size,
@@ -293,7 +300,7 @@ def report_cmd(saved, fmt, output, color):
     """Re-render a run saved with --format json (the last report in the file)."""
     _check_output(fmt, output)
     rep = _load_report(saved)
-    session.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
+    write.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
 
 
 @cli.command("merge")
@@ -303,8 +310,8 @@ def merge_cmd(saved, fmt, output, color):
     """Combine runs saved with --format json (from many hosts) into one report: entries matched
     by symbolic stack and summed."""
     _check_output(fmt, output)
-    rep = report.merge([_load_report(path) for path in saved])
-    session.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
+    rep = history.merge([_load_report(path) for path in saved])
+    write.write_report(formats.render(rep, fmt, _color(color, fmt, output)), output, sys.stdout)
 
 
 @cli.command("diff")
@@ -314,7 +321,7 @@ def merge_cmd(saved, fmt, output, color):
 @click.option("--color/--no-color", default=None)
 def diff_cmd(before, after, fmt, color):
     """Which stacks grew between two saved runs (matched by symbolic stack, not address)."""
-    rows = report.diff(_load_report(before), _load_report(after))
+    rows = history.diff(_load_report(before), _load_report(after))
     render = formats.diff_json if fmt == "json" else formats.diff_text
     click.echo(render(rows, _color(color, fmt, None)), nl=False)
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from . import allocators, ast, checker, ir, layout, libraries, lower, parser, placement, printer, procfs, reentry, resolve, targets
+from probedsl.passes import allocators, placement, reentry, resolve
+from probedsl.language import ast, checker, parser
+from probedsl import ir, targets
+from probedsl.ir import layout, lower, printer
+from probedsl.process import libraries, procfs
 from . import backends
 from .targets.base import Generated
 from .errors import Diagnostic, ProbedslError, RecipeError
@@ -71,7 +75,7 @@ def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
           max_live: int = ir.DEFAULT_MAX_LIVE, allocator: Optional[allocators.Choice] = None,
           complete: bool = True) -> ir.Program:
     """Checked recipe -> IR with libraries resolved and aliases folded; allocator: its probes
-    moved to another allocator's library (probedsl.allocators). complete: a resource whose
+    moved to another allocator's library (probedsl.passes.allocators). complete: a resource whose
     optional probes (moved ones, usdt) all went must be an error (check only looks)."""
     program = lower.lower(recipe, lower.parameter_values(recipe, overrides), max_live)
     program = allocators.apply(program, allocator)
@@ -200,7 +204,7 @@ def dump(program: ir.Program) -> str:
 
 
 def tail_jumps(program: ir.Program) -> List[str]:
-    """What check says of tail jumps into probed releases (probedsl.reentry)."""
+    """What check says of tail jumps into probed releases (probedsl.passes.reentry)."""
     lines = []
     for probe in (p for r in reentry.apply(placement.apply(program)).resources for p in r.probes):
         lines += [f"{probe.label}: not probed in {path}: each call is a jump to another probed function"

@@ -9,7 +9,10 @@ import dataclasses
 
 import pytest
 
-from probedsl import ast, backends, checker, compiler, elf, ir, libraries, parser, targets
+from probedsl.language import ast, checker, parser
+from probedsl import backends, compiler, ir, targets
+from probedsl.binaries import elf
+from probedsl.process import libraries
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import BACKENDS, MEMLEAK, ROOT
@@ -231,7 +234,7 @@ def verified_instructions(fd: int) -> int:
 
 def test_control_characters_in_a_description_stay_out_of_generated_text():
     """bpftrace's lexer stops at a NUL even inside a comment (found by tests/test_fuzz.py)."""
-    from probedsl import parser
+    from probedsl.language import parser
     source = open(MEMLEAK).read().replace('"Heap blocks', '"\\x00 \x1b[31m Heap blocks', 1)
     source = source.replace("\\x00", "\x00")
     recipe = parser.parse(source, "m.probe")
@@ -270,7 +273,7 @@ def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(mo
     """A system call's tracepoint unwinds from the task's saved user registers
     (bpf_task_pt_regs, kernel 5.15); on an older kernel fdleak's program is --stacks fp's, said
     in one note, never a program the kernel refuses."""
-    from probedsl import procfs
+    from probedsl.process import procfs
     program = dataclasses.replace(recipe_program(str(ROOT / "recipes" / "fdleak.probe")), stacks="dwarf")
     target = targets.for_version("bcc", None)
     assert "bpf_task_pt_regs" in backends.for_target(target).generate(program).text

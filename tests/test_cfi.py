@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from probedsl import cfi
+from probedsl.binaries import cfi
 
 FDE = re.compile(r"^\S+ \S+ \S+ FDE cie=\S+ pc=([0-9a-f]+)\.\.([0-9a-f]+)")
 

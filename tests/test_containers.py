@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from probedsl.procfs import processes_named
+from probedsl.process.procfs import processes_named
 
 from conftest import BACKENDS, MEMLEAK, Held, probedsl, report_json, start_run, stderr_line
 from test_tracing import assert_accounted, assert_seed_leak

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from probedsl import debuginfo, elf
+from probedsl.binaries import debuginfo, elf
 
 from conftest import MEMLEAK, probedsl, report_json
 from test_containers import leak_root  # noqa: F401 (a fixture)

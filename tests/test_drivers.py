@@ -52,9 +52,9 @@ def read_printed(lines):
 
 def test_empty_scalar_maps_printed_as_zero_read_as_absent_ones():
     """0.27.0 prints an empty count() map as 0 (`{"@x": 0}`); earlier versions print nothing."""
-    from probedsl import layout
-    from probedsl.layout import counted
-    from probedsl.layout import Counter
+    from probedsl.ir import layout
+    from probedsl.ir.layout import counted
+    from probedsl.ir.layout import Counter
     _, program = read_printed([])
     lay = layout.of(program, program.resources[0])
     name = f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}"
@@ -70,8 +70,8 @@ def test_empty_scalar_maps_printed_as_zero_read_as_absent_ones():
 def test_warnings_printed_among_the_json_by_0_27_0_are_skipped():
     """0.27.0 writes compile warnings (the source line and a marker under it) to stdout, before
     the JSON lines; 0.27.1 moved them to stderr."""
-    from probedsl import layout
-    from probedsl.layout import Counter
+    from probedsl.ir import layout
+    from probedsl.ir.layout import Counter
     _, program = read_printed([])
     lay = layout.of(program, program.resources[0])
     printed = ["/tmp/p.bt:36:3-40: WARNING: Return value discarded.",

@@ -9,7 +9,8 @@ import pytest
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from probedsl import backends, checker, compiler, parser, targets
+from probedsl import backends, compiler, targets
+from probedsl.language import checker, parser
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl

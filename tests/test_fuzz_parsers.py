@@ -13,8 +13,11 @@ import time
 
 import pytest
 
-from probedsl import bounds, cfi, elf, notices, unwind_tables
-from probedsl.sourcelines import SourceLines
+from probedsl.trust import bounds
+from probedsl.binaries import cfi, elf
+from probedsl import notices
+from probedsl.stacks import unwind_tables
+from probedsl.binaries.sourcelines import SourceLines
 
 pytestmark = pytest.mark.security
 

@@ -11,8 +11,13 @@ import time
 
 import pytest
 
-from probedsl import compiler, escape, formats, html_report, report, timeseries
-from probedsl.rundata import Live, Snapshot, Totals
+from probedsl import compiler, report
+from probedsl.report import history
+from probedsl.report import assemble
+from probedsl.trust import escape
+from probedsl.outputs import formats, html_report
+from probedsl.report import timeseries
+from probedsl.drivers.rundata import Live, Snapshot, Totals
 
 from conftest import MEMLEAK, probedsl, start_run
 from test_flamegraph import png_pixels
@@ -50,7 +55,7 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
     for second in range(5):
         series.add(float(second), snapshot_at(second, 2 * second))
     sym = FixedSymbolizer()
-    rep = report.build(prog, fixed_snapshot(), sym, backend="bcc", target="t", duration_s=5, complete=True)
+    rep = assemble.build(prog, fixed_snapshot(), sym, backend="bcc", target="t", duration_s=5, complete=True)
     rep.series = series.to_dict(timeseries.signer(prog, sym), snapshot_at(4, 8), started_ns=0)
     entries = {e.signature(): e for e in rep.sections[0].entries}
     named = {s["signature"]: s for s in rep.series["groups"]}
@@ -67,7 +72,7 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
     saved.write_text(formats.to_json(rep))
     again = report.Report.from_dict(json.loads(saved.read_text()))
     assert again.series == json.loads(json.dumps(rep.series))
-    merged = report.merge([again, again])
+    merged = history.merge([again, again])
     both = next(s for s in merged.series["groups"] if s["signature"] == leak)
     assert both["bytes"] == [0, 32, 64, 96, 128] and merged.series["resources"]["heap"]["blocks"][-1] == 18
     result = probedsl("report", str(saved), "--format", "html")
@@ -86,7 +91,7 @@ def test_names_from_the_traced_program_cannot_end_the_script_or_the_markup():
     sym = FixedSymbolizer()
     hostile = "</script><script>alert(1)</script>\u2028<!--"
     sym.NAMES = {**sym.NAMES, 0x1000: (hostile, 1, "/srv/<b>app", "x.c", 1)}
-    rep = report.build(prog, fixed_snapshot(), sym, backend="bcc", target="<i>target</i>", duration_s=1,
+    rep = assemble.build(prog, fixed_snapshot(), sym, backend="bcc", target="<i>target</i>", duration_s=1,
                        complete=True, notes=["<img src=x onerror=alert(2)>"])
     page = html_report.to_html(rep)
     assert "<script>alert" not in page and "<img src" not in page and "<i>target" not in page

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from probedsl.launcher import HeldCommand
+from probedsl.process.launcher import HeldCommand
 
 
 def test_a_command_held_at_exec_is_let_go_when_the_callback_fails():

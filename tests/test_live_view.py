@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from probedsl import live
+from probedsl.outputs import live
 from probedsl.report import Entry, Report, Section
-from probedsl.symbolizer import Frame
+from probedsl.stacks.symbolizer import Frame
 
 from conftest import MEMLEAK, probedsl
 

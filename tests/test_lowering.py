@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from probedsl import checker, compiler, ir, libraries, lower, parser, targets
+from probedsl.language import checker, parser
+from probedsl import compiler, ir, targets
+from probedsl.process import libraries
+from probedsl.ir import lower
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import MEMLEAK, probedsl
@@ -58,7 +61,7 @@ def test_glibc_aliases_are_attached_once():
     program = compiler.build(compiler.load(MEMLEAK))
     functions = [p.function for p in program.resources[0].probes]
     libc = libraries.LibraryResolver().resolve("libc")
-    from probedsl import elf
+    from probedsl.binaries import elf
     syms = elf.symbols(libc)
     if syms.address_of("aligned_alloc") == syms.address_of("memalign"):
         assert ("aligned_alloc" in functions) != ("memalign" in functions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import struct
 
-from probedsl.mappings import MappingTracker, _RECORD_COMM, _RECORD_FORK, _RECORD_MMAP2, _MISC_COMM_EXEC
+from probedsl.process.mappings import MappingTracker, _RECORD_COMM, _RECORD_FORK, _RECORD_MMAP2, _MISC_COMM_EXEC
 
 
 def mmap2(pid, addr, path, t):

@@ -102,7 +102,7 @@ def test_shell_completion_offers_bundled_recipes_and_files(tmp_path):
 
 def test_doctor_reads_the_lockdown_mode(tmp_path, monkeypatch):
     """This kernel has no lockdown LSM; a Secure Boot kernel's file marks the mode in force."""
-    from probedsl import doctor
+    from probedsl.run import doctor
     state = tmp_path / "lockdown"
     state.write_text("none integrity [confidentiality]\n")
     monkeypatch.setattr(doctor, "LOCKDOWN", str(state))

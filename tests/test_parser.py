@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from probedsl import ast, checker, parser
+from probedsl.language import ast, checker, parser
 from probedsl.errors import RecipeError
 
 from conftest import MEMLEAK, probedsl
@@ -138,7 +138,8 @@ SYSCALL_FIELDS = {("syscalls", "sys_enter_pipe2"): ("__syscall_nr", "fildes", "f
 
 
 def test_syscall_probes_name_entry_fields_and_the_exits_ret():
-    from probedsl import ir, lower
+    from probedsl import ir
+    from probedsl.ir import lower
     recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {
   acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0 acquires (pid, fildes[1])
   release syscall close -> (pid, fd) }""", "t.probe")
@@ -164,7 +165,8 @@ def test_syscall_errors_are_located():
 
 
 def test_a_release_through_a_last_key_lowers_to_a_range_and_belongs_on_releases_only():
-    from probedsl import ir, lower
+    from probedsl import ir
+    from probedsl.ir import lower
     fields = {**SYSCALL_FIELDS, ("syscalls", "sys_enter_close_range"): ("fd", "max_fd", "flags"),
               ("syscalls", "sys_exit_close_range"): ("ret",)}
     recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {

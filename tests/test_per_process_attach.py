@@ -11,6 +11,8 @@ import subprocess
 import time
 
 from probedsl.drivers import bcc as bcc_driver
+from probedsl.drivers import bcc_loader
+from probedsl.drivers import bcc_compat
 
 from conftest import MEMLEAK, by_site, probedsl, report_json, start_run
 
@@ -74,12 +76,12 @@ def test_tracefs_uprobes_libbcc_left_behind_are_removed(root_required):
     # fails (a --per-process target ending during attach); the loader removes its own at close
     libc = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
     ours, other = f"probedsl_test_bcc_{os.getpid()}", f"probedsl_test_bcc_{os.getpid()}0"
-    events = bcc_driver.TRACEFS_UPROBES[0]
+    events = bcc_compat.TRACEFS_UPROBES[0]
     fd = os.open(events, os.O_WRONLY | os.O_APPEND)
     try:
         for name in (ours, other):
             os.write(fd, f"p:uprobes/{name} {libc}:0x1000\n".encode())
-        assert bcc_driver.remove_tracefs_uprobes(os.getpid()) == 1
+        assert bcc_compat.remove_tracefs_uprobes(os.getpid()) == 1
         left = [line.split()[0] for line in open(events)]
         assert f"p:uprobes/{ours}" not in left and f"p:uprobes/{other}" in left   # not another's
     finally:
@@ -114,10 +116,10 @@ def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     loader.bpf, loader.attached, loader.refusals, loader.unclosed = RefusingBpf(), {}, {}, collections.deque()
     loader.manifest = {"probes": [{"path": "/lib/libc.so.6", "function": "free", "entry": "e", "return": None}]}
     me = os.getpid()                      # has memory, so a refusal is not an exit in progress
-    for _ in range(bcc_driver.ATTACH_TRIES):
+    for _ in range(bcc_loader.ATTACH_TRIES):
         assert not capfd.readouterr().err
         loader._attach_process(me)
-    assert loader.bpf.attempts == bcc_driver.ATTACH_TRIES and not loader.attached and not loader.refusals
+    assert loader.bpf.attempts == bcc_loader.ATTACH_TRIES and not loader.attached and not loader.refusals
     err = capfd.readouterr().err
     assert err.count("\n") == 1, err
     assert f"warning: pid {me} is not traced: cannot attach to free" in err and "Invalid argument" in err

@@ -1,4 +1,4 @@
-"""Where a uprobe sits in its function (probedsl.placement): hand-made entries whose answer is
+"""Where a uprobe sits in its function (probedsl.passes.placement): hand-made entries whose answer is
 known, the kernel's emulated instructions, and the real C library."""
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import subprocess
 import pytest
 
 from conftest import BACKENDS, FIXTURES, MEMLEAK, probedsl, report_json
-from probedsl import compiler, placement, targets, x86
+from probedsl import compiler, targets
+from probedsl.passes import placement
+from probedsl.binaries import x86
 
 RELEASE = (6, 18)
 

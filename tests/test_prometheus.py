@@ -13,7 +13,9 @@ import urllib.request
 
 import pytest
 
-from probedsl import compiler, prometheus, report
+from probedsl import compiler
+from probedsl.report import assemble
+from probedsl.outputs import prometheus
 
 from conftest import MEMLEAK, ROOT, probedsl, start_run
 from test_reports import FixedSymbolizer, fixed_snapshot
@@ -27,7 +29,7 @@ def _free_port() -> int:
 
 def _fixed(extra=0):
     program = compiler.build(compiler.load(MEMLEAK))
-    return report.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(), backend="bcc",
+    return assemble.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(), backend="bcc",
                         target='command "./leak" (pid 42)', duration_s=2, top=3, complete=True)
 
 

@@ -250,7 +250,7 @@ def test_a_process_traced_by_another_is_refused_in_one_line_and_reported(reach):
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from probedsl import ptrace
+from probedsl.process import ptrace
 ptrace.request(ptrace.SEIZE, {target.pid})
 print("attached", flush=True)
 time.sleep(600)
@@ -286,7 +286,7 @@ def test_reachability_refuses_what_it_cannot_scan():
 # --- the classification alone, on hand-made graphs --------------------------------------------
 def _kinds(blocks, roots=(), edges=()):
     """blocks: [(start, size)]; roots: pointer values; edges: (from block, pointer value)."""
-    from probedsl import heapscan
+    from probedsl.reachability import heapscan
     starts = np.array([s for s, _ in blocks], dtype=np.uint64)
     graph = heapscan._Graph(starts, starts + np.array([n for _, n in blocks], dtype=np.uint64))
     graph.add_root_words(np.array(roots, dtype=np.uint64))
@@ -373,7 +373,7 @@ def test_classification_equals_memchecks_algorithm_on_random_graphs():
             if slot < size // 8:
                 used[src] = slot + 1
                 graph_edges.append((src, dst, at_start, slot))
-        from probedsl import heapscan
+        from probedsl.reachability import heapscan
         starts = np.array([b for b, _ in blocks], dtype=np.uint64)
         graph = heapscan._Graph(starts, starts + np.uint64(size))
         graph.add_root_words(np.array([pointer(d, s) for d, s in roots], dtype=np.uint64))

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import BACKENDS, ROOT, probedsl, report_json
 from test_reachability import assert_equal_to_valgrind, valgrind_kinds
+from probedsl.reachability import stackroots
 
 pytestmark = pytest.mark.usefixtures("root_required")
 MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
@@ -77,7 +78,7 @@ def test_root_set_edges_equal_valgrinds(mode, backend, reach_roots, tmp_path):
 def _held_at_exit(argv):
     """A process (reading commands from stdin: tests/fixtures/reach.c) held at its exit by a
     Tether, and the Paused of it (call .close() after)."""
-    from probedsl.tether import Tether
+    from probedsl.process.tether import Tether
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     tether = Tether(proc.pid)
     tether.start()
@@ -90,14 +91,15 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
     """The exiting thread's stack begins at exit()'s caller: above the stack pointer (the exit
     path's frames lie between) and inside the caller's frame, whose return address (into
     __libc_start_call_main) lies just above it."""
-    from probedsl import elf, heapscan
+    from probedsl.binaries import elf
+    from probedsl.reachability import heapscan
     reach = build("reach-O2")
     proc, tether, paused = _held_at_exit([reach])
     try:
         regs = paused.registers[proc.pid]
         assert regs["orig_rax"] == 231                       # exit_group
         regions, _ = heapscan.read_maps(proc.pid)
-        top = heapscan._exit_caller_sp(proc.pid, regs, regions)
+        top = stackroots._exit_caller_sp(proc.pid, regs, regions)
         assert top is not None and regs["rsp"] < top
         assert heapscan._stack_tops(proc.pid, paused, regions)[list(paused.registers).index(proc.pid)] == top
         # main's frame is small: a return address out of main is within a few words above
@@ -112,7 +114,7 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
                 found = symbols.function_at(w - 1 - region.start + symbols.file_offset_to_vaddr(region.offset))
                 names.append(found and found[0])
         assert "__libc_start_call_main" in names, names
-        assert not heapscan.EXIT_PATH & set(names), names
+        assert not stackroots.EXIT_PATH & set(names), names
     finally:
         tether.release_exit()
         tether.close()
@@ -121,7 +123,7 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
 
 def test_vector_registers_are_read(build):
     """The XSAVE area of a thread holds what was put in xmm15 (reach_roots' xmm holder)."""
-    from probedsl.tether import Tether
+    from probedsl.process.tether import Tether
     exe = build("reach_roots-O2")
     proc = subprocess.Popen([exe, "xmm-wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:

@@ -1,4 +1,4 @@
-"""A release call that enters its probed function twice (probedsl.reentry): a tail jump back
+"""A release call that enters its probed function twice (probedsl.passes.reentry): a tail jump back
 to the entry (glibc 2.43's free) and a function that is one jump to another probed one (sid
 jemalloc's sized delete[]), on a fixture with both shapes written by hand."""
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import BACKENDS, FIXTURES, probedsl, report_json
-from probedsl import compiler, elf, placement, reentry, targets, x86
+from probedsl import compiler, targets
+from probedsl.binaries import elf, x86
+from probedsl.passes import placement, reentry
 
 
 @pytest.fixture(scope="module")

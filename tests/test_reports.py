@@ -9,9 +9,14 @@ import subprocess
 
 import pytest
 
-from probedsl import compiler, formats, images, layout, report, stackformat
-from probedsl.rundata import Live, Snapshot, Totals
-from probedsl.symbolizer import Frame
+from probedsl import compiler, report
+from probedsl.report import history
+from probedsl.report import assemble
+from probedsl.outputs import formats
+from probedsl.drivers import images
+from probedsl.ir import layout, stackformat
+from probedsl.drivers.rundata import Live, Snapshot, Totals
+from probedsl.stacks.symbolizer import Frame
 
 from conftest import MEMLEAK, ROOT, probedsl
 
@@ -60,17 +65,17 @@ def fixed_snapshot(extra_blocks=0) -> Snapshot:
 
 def fixed_report(top=2, extra_blocks=0) -> report.Report:
     program = compiler.build(compiler.load(MEMLEAK))
-    return report.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
+    return assemble.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
                         target="command ./leak (pid 42)", duration_s=2.5, top=top, exit_status=0)
 
 
 def test_refused_image_records_are_counted_and_said():
-    """Image records a full kernel table refused (probedsl.images) reach the JSON and a note:
+    """Image records a full kernel table refused (probedsl.drivers.images) reach the JSON and a note:
     the entries of an image an exec ended may then read as leaks."""
     program = compiler.build(compiler.load(MEMLEAK))
     snap = images.settle([layout.of(program, r) for r in program.resources], fixed_snapshot(), [(7, 1), (8, 2)],
                          lost=3)
-    doc = json.loads(formats.render(report.build(program, snap, FixedSymbolizer(), backend="bcc", target="all",
+    doc = json.loads(formats.render(assemble.build(program, snap, FixedSymbolizer(), backend="bcc", target="all",
                                                  duration_s=1.0), "json"))
     assert (doc["resources"]["heap"]["images_ended"], doc["resources"]["heap"]["image_lost"]) == (2, 3)
     assert any(n.startswith("3 process-image records lost") for n in doc["notes"]), doc["notes"]
@@ -117,7 +122,7 @@ def test_folded_is_root_first_with_weights():
 
 def test_machine_formats_hold_every_entry_and_the_text_view_the_top():
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace", target="t",
+    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace", target="t",
                        duration_s=1, top=2, complete=True)
     live = rep.resources["heap"]["live_bytes"]
     folded = formats.to_folded(rep).splitlines()
@@ -147,11 +152,11 @@ def test_folded_names_keep_spaces_mark_kernel_and_inlined_frames_and_name_stripp
 
 def test_diff_calls_a_stack_missing_from_a_cut_run_unknown_not_gone():
     program = compiler.build(compiler.load(MEMLEAK))
-    build = lambda complete: report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace",
+    build = lambda complete: assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace",
                                           target="t", duration_s=1, top=2, complete=complete)
-    rows = report.diff(build(True), build(True))
+    rows = history.diff(build(True), build(True))
     assert {r["status"] for r in rows} == {"both"} and len(rows) == 5
-    rows = report.diff(build(True), build(False))       # the new run kept only its top 2
+    rows = history.diff(build(True), build(False))       # the new run kept only its top 2
     assert sorted(r["status"] for r in rows) == ["both"] * 2 + ["not in the other run's top entries"] * 3
 
 
@@ -169,7 +174,7 @@ def test_colour_only_when_asked():
 
 
 def test_growth_flags_a_steady_leak_and_not_a_filled_cache():
-    growth = report.Growth(intervals=3)
+    growth = history.Growth(intervals=3)
     flags = []
     for n in range(5):                              # the wrapper1 stack grows by one block each time
         rep = fixed_report(extra_blocks=n)
@@ -184,7 +189,7 @@ def test_diff_orders_by_growth(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(formats.to_json(fixed_report()))
     b.write_text(formats.to_json(fixed_report(extra_blocks=7)))
-    rows = report.diff(report.Report.from_dict(json.loads(a.read_text())),
+    rows = history.diff(report.Report.from_dict(json.loads(a.read_text())),
                        report.Report.from_dict(json.loads(b.read_text())))
     assert rows[0]["values"]["bytes"] == (40, 96) and rows[0]["status"] == "both"
     result = probedsl("diff", str(a), str(b))
@@ -218,8 +223,8 @@ def tallied_snapshot() -> Snapshot:
 def test_tallied_report_equals_the_report_from_entries():
     program = compiler.build(compiler.load(MEMLEAK))
     args = dict(backend="bpftrace", target="t", duration_s=1.0, top=5)
-    walked = report.build(program, fixed_snapshot(), FixedSymbolizer(), **args)
-    tallied = report.build(program, tallied_snapshot(), FixedSymbolizer(), **args)
+    walked = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), **args)
+    tallied = assemble.build(program, tallied_snapshot(), FixedSymbolizer(), **args)
     assert tallied.resources == walked.resources
     (w, _), (t, _) = walked.sections, tallied.sections
     assert [(e.values, e.stack, e.pids) for e in t.entries] == [(e.values, e.stack, e.pids) for e in w.entries]
@@ -232,7 +237,7 @@ def test_tallied_report_equals_the_report_from_entries():
 
 def test_sampled_report_is_scaled_and_says_it_estimates():
     program = compiler.build(compiler.load(MEMLEAK)).sampled(10)
-    rep = report.build(program, tallied_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1.0)
+    rep = assemble.build(program, tallied_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1.0)
     assert rep.resources["heap"]["live_blocks"] == 90 and rep.resources["heap"]["live_bytes"] == 10 * (40 + 4096 + 3)
     assert rep.resources["heap"]["acquired"] == 19          # counted before sampling: exact
     assert rep.sections[0].entries[0].values == {"bytes": 40960, "blocks": 10}
@@ -259,7 +264,7 @@ def test_stacks_that_end_early_are_counted_by_why():
     groups[(stack + (stackformat.NO_FRAME_POINTER,), pid)] = groups.pop((stack, pid))
     groups[((0x1200, stackformat.DEPTH_LIMIT), pid)] = value
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = report.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
+    rep = assemble.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
     assert rep.sections[0].cut_stacks == {"no frame pointer": 1, "depth limit": 1}
     assert any(n.startswith("2 of ") and "heap stacks end early (1 depth limit, 1 no frame pointer)" in n
                for n in rep.notes), rep.notes
@@ -280,7 +285,7 @@ def test_reachability_kinds_per_resource_and_entry_round_trip_and_print_a_leak_s
     scan = {"pid": 42, "at": "exit", "blocks": 5, "scanned_bytes": 4096, "scan_s": 0.01, "pause_ms": 3.5}
     for leaks_only in (False, True):
         reach = report.Reachability(kinds, scan, leaks_only)
-        rep = report.build(program, snap, FixedSymbolizer(), backend="bcc", target="pid 42", duration_s=1,
+        rep = assemble.build(program, snap, FixedSymbolizer(), backend="bcc", target="pid 42", duration_s=1,
                            top=10, reachability=reach)
         totals = rep.resources["heap"]["reachability"]
         assert totals["definitely_lost"] == {"bytes": 8, "blocks": 1}
@@ -322,7 +327,7 @@ def _pprof_samples(path) -> list:
 
 def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_path):
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
+    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
                        top=2, complete=True)
     path = tmp_path / "heap.pb.gz"
     path.write_bytes(formats.render(rep, "pprof"))
@@ -337,7 +342,7 @@ def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_pat
     top = _go_pprof("-top", "-nodefraction=0", "-sample_index=inuse_objects", str(path))
     assert "Type: inuse_objects" in top and " wrapper1" in top
     # -diff_base: the second run has two more 8-byte blocks under wrapper1
-    more = report.build(program, fixed_snapshot(extra_blocks=2), FixedSymbolizer(), backend="bcc", target="t",
+    more = assemble.build(program, fixed_snapshot(extra_blocks=2), FixedSymbolizer(), backend="bcc", target="t",
                         duration_s=1, top=2, complete=True)
     after = tmp_path / "after.pb.gz"
     after.write_bytes(formats.render(more, "pprof"))
@@ -348,7 +353,7 @@ def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_pat
 
 def test_merge_sums_runs_of_many_hosts_by_symbolic_stack(tmp_path):
     program = compiler.build(compiler.load(MEMLEAK))
-    host = lambda extra, target: report.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(),
+    host = lambda extra, target: assemble.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(),
                                               backend="bcc", target=target, duration_s=1, top=2, complete=True)
     a, b = host(0, "host-a pid 42"), host(3, "host-b pid 42")
     paths = []
@@ -376,7 +381,7 @@ def test_pprof_labels_mappings_with_the_build_ids_the_run_read_not_this_hosts_fi
     """A saved run re-rendered elsewhere (report, merge): each mapping's build id is the one the
     symbolizer read when it named the frame, carried in the JSON; no file is opened to render."""
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = report.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
+    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
                        top=2, complete=True)
     saved = json.loads(formats.to_json(rep))
     for section in saved["reports"]:

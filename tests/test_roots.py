@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from probedsl import roots
+from probedsl.process import roots
 
 
 def test_our_own_root_needs_no_prefix():

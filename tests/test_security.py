@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from probedsl import debuginfo, elf, escape, notices, stackformat, unwind_tables
-from probedsl.sourcelines import SourceLines
+from probedsl.binaries import debuginfo, elf
+from probedsl.trust import escape
+from probedsl import notices
+from probedsl.ir import stackformat
+from probedsl.stacks import unwind_tables
+from probedsl.binaries.sourcelines import SourceLines
 
 from conftest import BACKENDS, start_run, MEMLEAK, probedsl, report_json
 

@@ -2,7 +2,7 @@
 it is named with terminal escapes (program and source file, ending in a literal `\\x1b`), a
 thread renames itself with escapes and allocates, and it calls into a library whose
 .gnu_debuglink names another library's debug file (a CRC that matches, a build id that does
-not). addr2line must not read that file either (probedsl.sourcelines)."""
+not). addr2line must not read that file either (probedsl.binaries.sourcelines)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,10 @@ import subprocess
 
 import pytest
 
-from probedsl import elf, escape, notices
-from probedsl.sourcelines import SourceLines
+from probedsl.binaries import elf
+from probedsl.trust import escape
+from probedsl import notices
+from probedsl.binaries.sourcelines import SourceLines
 
 from conftest import probedsl, report_json
 from test_security import EVIL, THREAD_NAME, assert_no_raw_control

@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
-from probedsl import heapscan, mappings, notices, procfs
+from probedsl.reachability import heapscan
+from probedsl.process import mappings, procfs
+from probedsl import notices
 
 pytestmark = pytest.mark.security
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import BACKENDS, CXXLEAK, MEMLEAK, by_site, first_user_function, probedsl, report_json
-from probedsl import formats
+from probedsl.outputs import formats
 from probedsl.report import Report
 
 pytestmark = pytest.mark.usefixtures("root_required")

@@ -1,5 +1,5 @@
 """The end of a run: the report comes and control returns while the kernel removes the probes
-(probedsl.teardown); nothing is left behind, and a run started right after is clean."""
+(probedsl.drivers.teardown); nothing is left behind, and a run started right after is clean."""
 from __future__ import annotations
 
 import ctypes

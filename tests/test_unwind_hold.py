@@ -1,4 +1,4 @@
-"""BCC's DWARF unwinder on code mapped while the run traces (probedsl/mapping_hold.py): a
+"""BCC's DWARF unwinder on code mapped while the run traces (probedsl/process/mapping_hold.py): a
 library dlopen'd by ctypes (libffi's call trampoline, hand-written assembly with CFI), the
 libraries of each image a wrapper execs (bash, env, the interpreter), the children a shell
 forks. Every stack reaches the program's start, none ends early for lack of rows."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-from probedsl import cfi, stackformat, unwind_tables
+from probedsl.binaries import cfi
+from probedsl.ir import stackformat
+from probedsl.stacks import unwind_tables
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 

@@ -7,9 +7,9 @@ import pytest
 from probedsl.backends.bcc import usdt_read
 
 from conftest import BACKENDS, ROOT, Held, probedsl, report_json, start_run
-from probedsl import usdt
+from probedsl.binaries import usdt
 from probedsl.errors import ProbedslError, RecipeError
-from probedsl import checker, parser
+from probedsl.language import checker, parser
 
 RECIPE = str(ROOT / "recipes" / "sampledheap.probe")
 # sampled.c: 12 sampled blocks stay live, weighing 4 x (64 + i) for i = 4, 12, ..., 92

@@ -1,5 +1,5 @@
 """Drivers: load one generated program, attach its probes, and read its maps back as
-snapshots (probedsl.rundata) while the run lasts. Which one a run uses is its target's choice."""
+snapshots (probedsl.drivers.rundata) while the run lasts. Which one a run uses is its target's choice."""
 from __future__ import annotations
 
 from probedsl import ir

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Protocol
 
-from probedsl.rundata import Snapshot
+from probedsl.drivers.rundata import Snapshot
 
 
 class Driver(Protocol):
@@ -32,7 +32,7 @@ class Driver(Protocol):
         """Whether it unwinds user stacks itself (and so needs each process's mappings)."""
 
     def follow_mappings(self, tracker, preload: List[str], wanted=None) -> None:
-        """Be told of processes' mappings (probedsl.mappings.MappingTracker); preload: files a
+        """Be told of processes' mappings (probedsl.process.mappings.MappingTracker); preload: files a
         command about to start will map; wanted(pid): whether a process is traced (None: all).
         For a tracer that unwinds stacks itself."""
 

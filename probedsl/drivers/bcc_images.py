@@ -1,4 +1,4 @@
-"""BCC: the kernel's entries of ended process images freed between reports (probedsl/images.py).
+"""BCC: the kernel's entries of ended process images freed between reports (probedsl/drivers/images.py).
 
 An exec cannot walk the live table, so the entries of the image it ended stay in it, with their
 tally groups and the (pid, image) pair: a long run of programs that exec (shells, wrappers)
@@ -18,8 +18,8 @@ import time
 from typing import Dict, Iterable, Set, Tuple
 
 from probedsl import faults
-from probedsl.layout import ResourceLayout
-from probedsl.rundata import Snapshot
+from probedsl.ir.layout import ResourceLayout
+from probedsl.drivers.rundata import Snapshot
 
 SWEEP_S = 1.0          # at most one sweep this often (reading the set of ended images)
 

@@ -15,13 +15,14 @@ from typing import Dict, List, Optional
 
 from probedsl import ir
 from probedsl.targets.base import Generated
-from probedsl import images, layout
-from probedsl.layout import TALLY_SHIFT, Counter, counted
+from probedsl.drivers import images
+from probedsl.ir import layout
+from probedsl.ir.layout import TALLY_SHIFT, Counter, counted
 from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK, Bpftrace
-from probedsl.procfs import map_memory
+from probedsl.process.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl import threads
-from probedsl.rundata import Live, Snapshot, Totals
+from probedsl.drivers.rundata import Live, Snapshot, Totals
 
 # harmless here: memory is accounted by cgroup; kernel-function lists matter to kprobes only
 NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")

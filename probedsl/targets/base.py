@@ -65,7 +65,7 @@ class Target:
         """The offset in the function where this target attaches the probe (0: its entry)."""
         return probe.place_in(path)[0] if self.probe_offsets else 0
 
-    # tail jumps that enter a probed release again within one call (probedsl/reentry.py)
+    # tail jumps that enter a probed release again within one call (probedsl/passes/reentry.py)
     def reentries(self, probe: ir.Probe) -> list:
         """The branches entering the probe again that pass where this target attaches it."""
         return [s for s in probe.reentered if s.target <= self.attaches_at(probe, s.path)]

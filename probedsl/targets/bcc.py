@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import List
 
-from probedsl import ir, procfs
+from probedsl import ir
+from probedsl.process import procfs
 
 from .base import Target
 

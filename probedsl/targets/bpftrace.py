@@ -9,7 +9,7 @@ import os
 from typing import ClassVar, Dict, List, Tuple
 
 from probedsl import ir
-from probedsl.layout import TALLY_SHIFT
+from probedsl.ir.layout import TALLY_SHIFT
 
 from .base import Target
 

@@ -1,0 +1,363 @@
+"""BCC's loader: the C text compiled by libbcc's clang, the unwinder programs loaded, each probe attached where the manifest says (per process with --per-process and forks followed, in new roots as they appear)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Dict, List, Optional, Tuple
+
+from probedsl.binaries import elf, x86
+from probedsl.drivers import teardown
+from probedsl.process import roots
+from probedsl.drivers.bcc_compile import Compilation
+from probedsl.errors import ProbedslError
+from probedsl.ir.layout import ResourceLayout
+from probedsl.drivers.bcc_images import EndedImages
+from probedsl.process.libraries import LibraryResolver
+from probedsl.process.procfs import has_memory, is_process, process_alive, processes_named
+from probedsl.process.mapping_hold import MappingHold
+from probedsl.stacks.unwind_tables import UnwindTables
+from probedsl.drivers.bcc_compat import _import_bcc, _semaphore, _allow_many_uprobes, remove_tracefs_uprobes, _stderr_captured
+from probedsl.drivers.bcc_read import BccReading
+from probedsl.drivers.bcc_read import _items
+
+
+ATTACH_TRIES = 3      # --per-process: attempts, RETRY_S apart, before a process is given up
+
+
+ROOT_WAIT_S = 2.0     # --comm: how long an arrival in another root may take to map its libraries
+
+
+RETRY_S = 0.05
+
+
+# uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
+# delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes' worth;
+# fewer if BCC_PROBE_LIMIT is low)
+QUIET_S = 3.0
+
+
+MAX_UNCLOSED = 340
+
+
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class BccLoader(BccReading):
+    """Runs one compiled program; pid scopes uprobes to one process (0: all processes).
+    held_forks: the caller holds each child the process forks until attach_child() has put
+    the uprobes on it (probedsl.process.tether), so following forks needs no machine-wide uprobe."""
+
+    def __init__(self, c_text: str, manifest: dict, pid: int = 0, held_forks: bool = False,
+                 compiled: Optional[Compilation] = None):
+        """compiled: the program's compile, begun earlier (BccDriver)."""
+        bcc = _import_bcc()
+        compiled = compiled or Compilation(bcc, c_text, pid)
+        # placed probes checked once against the files (not again at each attach), while it compiles
+        self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
+        self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        self.bpf = compiled.result()
+        _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
+        # entries of ended process images, freed between reports (not when every report reads them)
+        self.ended_images = EndedImages(self.bpf, self.layouts, _items) \
+            if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
+        # --stacks dwarf: the unwinder's rows, loaded as processes map files
+        self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
+        # a launched command stopped at each mmap of code until its rows are in
+        self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
+        scope = pid or -1
+        self.held_forks = held_forks and bool(manifest.get("follow_forks"))
+        self.lock = threading.Lock()          # attach_child comes from the tether's thread
+        self.closed = False
+        if manifest.get("follow_forks"):
+            # children inherit no pid-scoped uprobe: each is attached as it is forked (held
+            # meanwhile), or else every process is, and the BPF filter keeps the traced ones
+            # a launched command held before its exec: traced from its exec (trace_from_exec),
+            # not while it is still a copy of probedsl
+            if not (self.held_forks and manifest.get("target") == "cmd"):
+                self.trace_from_exec(pid)
+            scope = pid if self.held_forks else -1
+        # --comm --per-process: uprobes on each process with the name, now and as they exec or
+        # fork (admit); otherwise on every process, and the BPF filter compares names
+        self.attached: Dict[int, List[bytes]] = {}     # pid -> its uprobe events (BCC's names)
+        self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
+        self.unclosed: deque = deque()                     # uprobe events of ended processes
+        self.last_arrival = 0.0
+        self.per_process = bool(manifest.get("per_process"))
+        if self.per_process or self.held_forks:
+            _allow_many_uprobes()
+            self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
+        if self.per_process:
+            for p in manifest["probes"]:        # resolved and loaded now, not while a process waits
+                if not p.get("usdt"):
+                    bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
+                for fn in filter(None, (p["entry"], p["return"])):
+                    self.bpf.load_func(fn, bcc.BPF.KPROBE)
+            self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
+            for found in processes_named(manifest["comm"]):
+                self._attach_process(found)
+        else:
+            failure = self._attach(scope)
+            if failure:
+                raise ProbedslError(failure)
+        # --comm: a process with the name in a root not seen yet (a container started later)
+        # maps other library files: the probes go on those too, as it arrives
+        self.watch_roots = bool(manifest.get("watch_roots"))
+        self.unresolved: Dict[int, float] = {}    # arrivals whose libraries are not mapped yet
+        self.probed = {(_identity(p["path"]), p["function"], p["entry"]) for p in manifest["probes"]}
+        if self.watch_roots:
+            self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
+
+    def _attach_one(self, p: dict, path: str, placed: bool, pid: int) -> None:
+        """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
+        offset (probedsl.passes.placement: the return address is still at [rsp] there). A usdt site by
+        its address, the kernel raising its semaphore while the uprobe is on."""
+        if p.get("reentry"):      # a branch of that file (probedsl.passes.reentry), by its address
+            self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
+            return
+        if p.get("usdt"):
+            _semaphore.offset = p["ref_ctr"]
+            try:
+                self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
+            finally:
+                _semaphore.offset = 0
+            return
+        if not (placed and p.get("offset")):
+            self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
+            if p["return"]:
+                self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
+            return
+        self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=p["offset"], fn_name=p["entry"], pid=pid)
+        if p["return"]:           # BCC has no sym_off for uretprobes: by address
+            self.bpf.attach_uretprobe(name=path, addr=p["address"], fn_name=p["return"], pid=pid)
+
+    def _attach(self, scope: int) -> Optional[str]:
+        """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
+        for p in self.manifest["probes"]:
+            if p.get("gone"):         # the branch is not in the file any more: nothing enters again there
+                continue
+            try:
+                self._attach_one(p, p["path"], True, scope)
+            except Exception as exc:                  # BCC raises bare Exception
+                if not p.get("also"):
+                    return f"cannot attach to {p['function']} in {p['path']}: {exc}"
+                print(f"probedsl: warning: not probing {p['path']} (its process ended?): {exc}", file=sys.stderr)
+        return None
+
+    def trace_from_exec(self, pid: int) -> None:
+        """The process and the children it forks from now on pass the BPF filter."""
+        self.bpf["probedsl_traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def attach_child(self, pid: int) -> None:
+        """A child forked by a traced process, held until this returns: its own uprobes (they
+        follow its execs). A refusal is said; the child then runs untraced."""
+        with self.lock:
+            if self.closed:
+                return
+            if pid in self.attached:                 # an ended process's pid, taken again
+                self._detach(pid)
+            self._attach_process(pid, last_try=True, quiet=False)
+            self.refusals.pop(pid, None)
+            self.last_arrival = time.monotonic()
+
+    def reap(self, wait_s: float) -> None:
+        """Following held forks: the uprobes of children that ended are closed, one a turn,
+        once none has arrived for QUIET_S (a close holds up the next attach ~90 ms)."""
+        with self.lock:
+            for pid in [p for p in self.attached if not process_alive(p)]:
+                self._detach(pid)
+            closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
+                                         or len(self.unclosed) > self.max_unclosed)
+            if closing:
+                self._close_one()
+        if not closing:
+            time.sleep(wait_s)
+
+    def _attach_process(self, pid: int, last_try: bool = False, quiet: bool = True) -> None:
+        """--per-process: uprobes on one process. A process between releasing its memory and
+        becoming a zombie (or a kernel thread) refuses them with EINVAL: it is skipped. A live
+        one that refuses is tried again RETRY_S later, twice, then said and left untraced.
+        quiet: libbcc's own messages are kept (fd 2 taken meanwhile: not from a second thread)."""
+        before = set(self.bpf.uprobe_fds)
+        with (_stderr_captured() if quiet else contextlib.nullcontext([""])) as chatter:
+            failure = self._attach(pid)
+        # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
+        # fails once the process has ended (its uprobes then stayed open until the end)
+        self.attached[pid] = [e for e in self.bpf.uprobe_fds if e not in before]
+        if failure:
+            self._detach(pid)
+        else:
+            self.refusals.pop(pid, None)
+            return
+        tries = ATTACH_TRIES if last_try else self.refusals.pop(pid, (0, 0))[0] + 1
+        if not has_memory(pid):
+            return
+        if tries < ATTACH_TRIES:
+            self.refusals[pid] = (tries, time.monotonic() + RETRY_S)
+            return
+        said = " ".join(chatter[0].split())
+        print(f"probedsl: warning: pid {pid} is not traced: {failure}" + (f" ({said})" if said else ""),
+              file=sys.stderr)
+
+    def _detach(self, pid: int) -> None:
+        """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each,
+        one at a time, and attaches wait meanwhile (measured, docs/design.md), so closing a
+        process's 17 as it ended held up the next arrivals by up to 0.1 s; admit() closes one
+        per turn once no process has arrived for QUIET_S, or when too many wait."""
+        self.unclosed.extend(self.attached.pop(pid, []))
+
+    def _close_one(self) -> None:
+        event = self.unclosed.popleft()
+        try:
+            self.bpf.detach_uprobe_event(event)
+        except Exception as exc:              # BCC raises bare Exception
+            print(f"probedsl: warning: {exc}", file=sys.stderr)
+
+    def admit(self, wait_s: float = 0) -> List[int]:
+        """--comm: attach to processes that took the name since the last call (waiting up to
+        wait_s for one: the doorbell rings at its exec or fork), detach from those that ended.
+        Returns the pids newly attached."""
+        if not (self.per_process or self.watch_roots):
+            return []
+        if self.watch_roots:
+            self.bpf.ring_buffer_poll(max(1, int(wait_s * 1000)))
+            now = time.monotonic()
+            for pid in self._arrivals():
+                self.unresolved.setdefault(pid, now + ROOT_WAIT_S)
+            for pid, until in list(self.unresolved.items()):
+                if self._probe_other_root(pid) or now > until or not process_alive(pid):
+                    del self.unresolved[pid]
+            return []
+        closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
+                                     or len(self.unclosed) > self.max_unclosed)
+        if wait_s > 0:      # closing a uprobe (~90 ms) is then the pause
+            self.bpf.ring_buffer_poll(0 if closing else max(1, int(wait_s * 1000)))
+        pids = self._arrivals()
+        added, now = [], time.monotonic()
+        for pid in set(pids) | {p for p, (_, retry_at) in self.refusals.items() if retry_at <= now}:
+            if pid not in self.attached and is_process(pid):
+                self._attach_process(pid)
+                if pid in self.attached:
+                    added.append(pid)
+            elif pid in self.refusals and not is_process(pid):
+                del self.refusals[pid]
+        for pid in [p for p in self.attached if not process_alive(p)]:
+            self._detach(pid)
+        if added:
+            self.last_arrival = time.monotonic()
+        elif closing:
+            self._close_one()
+        return added
+
+    def _arrivals(self) -> List[int]:
+        """Pids that exec'd the name or were forked by such a process since the last call."""
+        arrivals = self.bpf["probedsl_arrivals"]
+        pids = [k.value for k in arrivals.keys()]
+        for pid in pids:
+            try:
+                del arrivals[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+        return pids
+
+    def _probe_other_root(self, pid: int) -> bool:
+        """Attach every probe to the process's copy of its library when that is a file not
+        probed yet; False (nothing attached) while a library cannot be found yet. At exec the
+        process has not mapped its libraries: the copy is the one at the probed path inside
+        its root, or the one its maps name once the loader has mapped it (admit() asks again
+        meanwhile). Said once all of a file's probes are on."""
+        if roots.root_prefix(pid) == "":
+            return True
+        copies: Dict[str, List[str]] = {}
+        # usdt: the program's own files; a reentry branch: an address in the file it was found in
+        uprobes = [p for p in self.manifest["probes"] if not p.get("usdt") and not p.get("reentry")]
+        for p in uprobes:
+            if p["library"] not in copies:
+                mapped = LibraryResolver(pid=pid).resolve(p["library"])
+                found = [roots.attach_path(pid, p["path"])] + ([mapped] if mapped else [])
+                copies[p["library"]] = [path for path in found if _identity(path)]
+                if not copies[p["library"]]:
+                    return False
+        new_files = []
+        for p in uprobes:
+            for path in copies[p["library"]]:
+                key = (_identity(path), p["function"], p["entry"])
+                if key in self.probed:
+                    continue
+                try:
+                    self._attach_one(p, path, False, -1)    # another root's copy: at the entry
+                except Exception as exc:          # BCC raises bare Exception
+                    print(f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
+                          file=sys.stderr)
+                    continue
+                if not any(k[0] == key[0] for k in self.probed):
+                    new_files.append((path, p["library"]))
+                self.probed.add(key)
+                break
+        for path, library in new_files:
+            print(f"probedsl: probing {path}, another root's copy of {library} (pid {pid})",
+                  file=sys.stderr, flush=True)
+        return True
+
+    def close(self, background: bool = False) -> None:
+        """Detach everything. background: a process of its own closes the last copies of the
+        descriptors (the kernel's ~0.15 s per uprobe, probedsl.drivers.teardown), and this returns at once."""
+        with self.lock:
+            self.closed = True
+        if self.hold is not None:
+            self.hold.close()
+        if self.unwind is not None:
+            self.unwind.close()
+        holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
+        if holder is not None:
+            # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
+            # looks for a tracefs event: the holder's close does both's work
+            for probes in (self.bpf.uprobe_fds, self.bpf.tracepoint_fds):
+                for fd in probes.values():
+                    os.close(fd)
+                probes.clear()
+        self.bpf.cleanup()
+        if holder is not None:
+            holder.release()
+        else:
+            remove_tracefs_uprobes(os.getpid())
+
+
+def _load_unwinders(bcc, bpf, unwinders) -> None:
+    """--stacks dwarf: load the unwinder programs (verified once each) into the arrays the
+    acquire programs tail-call, before any of those is attached."""
+    for u in unwinders:
+        kind = bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
+        try:
+            fn = bpf.load_func(u["program"], kind)
+        except Exception as exc:          # BCC raises bare Exception when the kernel refuses it
+            raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
+        bpf.get_table(u["array"])[ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+
+
+def _placed(p: dict) -> dict:
+    """A manifest probe with its offset kept only while the file still holds the code it was
+    placed in (a loader may run on another machine, or after an upgrade), and the address of
+    its placed instruction."""
+    if p.get("usdt"):
+        return p
+    if p.get("reentry"):
+        return p if x86.still_at(p["path"], p["address"], p["code"]) else dict(p, gone=True)
+    offset = p.get("offset", 0)
+    if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
+        print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
+              "in; probing its entry", file=sys.stderr)
+        offset = 0
+    address = elf.symbols(p["path"]).address_of(p["function"]) + offset if offset else 0
+    return dict(p, offset=offset, address=address)
+
+

@@ -1,0 +1,157 @@
+"""What /proc says about processes: alive, named, a thread group leader, has memory, BPF map memory.
+
+A traced process decides how long its /proc text is (a mapping per file it maps, paths up to
+PATH_MAX, names it chose): every read here is bounded in bytes and lines, and a cut is
+counted in one note (probedsl.notices).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import List, Optional, Tuple
+
+from probedsl import notices
+from probedsl.errors import ProbedslError
+
+TASK_COMM_LEN = 16            # the kernel keeps a process name in 16 bytes, its NUL included
+
+MAX_BYTES = 32 << 20        # bytes of one /proc file read (65,530 mappings of 100-byte lines: 6.5 MB)
+MAX_LINES = 1 << 18         # lines of one (the default vm.max_map_count is 65,530)
+MAX_LINE = 4 * 4096 + 256   # bytes of one line: a PATH_MAX path, every byte escaped (\012), and the fields
+MAX_SMALL = 4096            # bytes of a file that holds one short value (comm, stat)
+
+
+def read_lines(path: str) -> Tuple[List[str], bool]:
+    """(lines of a /proc text file, whether it was cut): at most MAX_BYTES bytes and MAX_LINES
+    lines, a line longer than MAX_LINE left out; undecodable bytes kept as surrogates. Raises
+    OSError when unreadable."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_BYTES + 1)
+    cut = len(data) > MAX_BYTES
+    if cut:
+        data = data[:data.rfind(b"\n", 0, MAX_BYTES) + 1]      # whole lines only
+    raw = data.split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    if len(raw) > MAX_LINES:
+        cut, raw = True, raw[:MAX_LINES]
+    if cut:
+        notices.count(f"{path}: over {MAX_LINES} lines or {MAX_BYTES >> 20} MB, read cut there "
+                      f"(what follows is unknown)")
+    long = sum(len(line) > MAX_LINE for line in raw)
+    if long:
+        notices.count(f"{path}: lines over {MAX_LINE} bytes left out", long)
+        raw = [line for line in raw if len(line) <= MAX_LINE]
+    return [line.decode("utf-8", "surrogateescape") for line in raw], cut
+
+
+def read_small(path: str) -> str:
+    """A /proc file that holds a short value: at most MAX_SMALL bytes. Raises OSError."""
+    with open(path, "rb") as f:
+        return f.read(MAX_SMALL).decode("utf-8", "surrogateescape")
+
+
+def status_field(pid: int, name: str) -> Optional[str]:
+    """The value of one /proc/PID/status field (the kernel escapes the Name field's newlines,
+    so no line is forged), None when absent or the process is gone."""
+    try:
+        lines, _ = read_lines(f"/proc/{pid}/status")
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name + ":")), None)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return read_small(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_process(pid: int) -> bool:
+    """A live process (thread group leader), not one of its threads (/proc/TID exists too)."""
+    return status_field(pid, "Tgid") == str(pid) and process_alive(pid)
+
+
+def has_memory(pid: int) -> bool:
+    """A process with a user address space: not a kernel thread, not one exiting past exit_mm."""
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+        return True
+    except OSError:
+        return False
+
+
+def _comm_file(path: str) -> Optional[str]:
+    # the name as the thread set it (it may hold a newline itself): only the kernel's
+    # closing newline removed
+    try:
+        text = read_small(path)
+    except OSError:
+        return None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def comm(pid: int) -> Optional[str]:
+    """The process's name, None once it is gone."""
+    return _comm_file(f"/proc/{pid}/comm")
+
+
+def parent(pid: int) -> int:
+    """The pid of the process's parent (0 when unknown or gone)."""
+    value = status_field(pid, "PPid")
+    return int(value) if value and value.isdigit() else 0
+
+
+def named(pid: int, name: str) -> bool:
+    """Whether one of the process's threads has the name (the kernel compares each thread's)."""
+    if comm(pid) == name:
+        return True
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_comm_file(f"/proc/{pid}/task/{tid}/comm") == name for tid in tasks)
+
+
+def processes_named(name: str) -> List[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and comm(int(e)) == name]
+
+
+def map_memory(pid: int) -> int:
+    """Bytes of kernel memory charged to the BPF maps that process `pid` holds open."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            info = read_small(f"/proc/{pid}/fdinfo/{fd}")
+        except OSError:
+            continue
+        if "map_type:" in info:
+            total += next((int(l.split()[1]) for l in info.splitlines() if l.startswith("memlock:")), 0)
+    return total
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_release() -> Tuple[int, int]:
+    """(major, minor) of the running kernel; (0, 0) when unreadable."""
+    major, minor = (os.uname().release.split("-")[0].split(".") + ["0"])[:2]
+    try:
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
+
+
+def valid_comm(comm: str) -> str:
+    """comm, if the kernel could name a process so; else a one-line error."""
+    raw = comm.encode()
+    if not raw or len(raw) >= TASK_COMM_LEN:
+        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
+                            "(the kernel keeps only the first 15)")
+    if re.search(r"[\x00-\x1f\x7f]", comm):
+        raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
+    return comm

@@ -1,0 +1,397 @@
+"""Hold one process under ptrace for a run: pause every thread on request, hold it at its
+exit while its memory still exists, let it go at the end. Following forks, it also holds
+each child the process (or a child) forks until on_fork(child) has returned (the tracer's
+per-process probes are on before the child runs an instruction), then lets it run on.
+
+PTRACE_SEIZE sends no signal, and a tracer that dies, even by SIGKILL, is detached by the
+kernel and the process runs on: nothing probedsl does can leave the target stopped. Every
+ptrace request comes from one thread (the kernel ties a tracee to the thread that attached);
+the session talks to it through a queue.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from probedsl.process import ptrace
+from probedsl.errors import ProbedslError
+from probedsl.process.launcher import HOLD_SIGNALS, MAX_HELD_SYSCALLS, shell_status
+
+_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+_SYS_EXIT = 60                 # x86-64: exit(2), one thread; exit_group(2) is 231
+POLL_S = 0.005                 # a signal to the target waits at most this long for us
+PAUSE_TIMEOUT_S = 2.0          # a thread that does not stop by then (uninterruptible I/O)
+
+
+@dataclass
+class Paused:
+    """Every thread stopped (or held at its exit): their registers."""
+    registers: Dict[int, Dict[str, int]]
+    missing: Tuple[int, ...] = ()          # threads that would not stop in time
+    vectors: Dict[int, bytes] = field(default_factory=dict)   # xmm/ymm/zmm (ptrace.vector_words)
+
+
+@dataclass
+class _Thread:
+    state: str = "running"                 # running | held | exit | new | forked (stopped, awaits on_fork)
+    signal: int = 0                        # a signal to deliver when it goes on
+    listen: bool = False                   # in a group stop (SIGSTOP): stays stopped on resume
+    process: int = 0                       # its thread group (the tether's pid, or a child's)
+    waits: bool = False                    # a new process: stays stopped until on_fork has run
+
+
+class Tether:
+    def __init__(self, pid: int, exec_hold: Optional[Tuple[Callable[[], bool], Callable[[], None]]] = None,
+                 forks: bool = False, hold_exit: bool = True, launched: bool = False, purpose: str = "--reachability"):
+        """pid: a running process, or a launched command blocked before its exec (launched, or
+        given exec_hold); exec_hold (mapped, at_exec) holds it from its exec, stopped at each
+        system call, until mapped() says the loader has mapped what it waits for, calls
+        at_exec() and lets it go. forks: follow its children (see follow()). hold_exit: hold
+        it at its exit until release_exit() (a scan); else it exits at once."""
+        self.pid, self.purpose = pid, purpose
+        self.forks, self.hold_exit = forks, hold_exit
+        self._on_fork: Optional[Callable[[int], None]] = None
+        self._next_on_fork: Optional[Callable[[int], None]] = None
+        self.on_exec: Optional[Callable[[], None]] = None    # at the process's exec, before it runs
+        self.children = 0                          # processes followed since the start
+        self.exit_status: Optional[int] = None     # the leader reaped (a launched command)
+        self.at_exit = threading.Event()           # held at its exit: scan, then release_exit()
+        self.ended = threading.Event()             # gone, or let go
+        self.exec_done = threading.Event()
+        self._exec_hold = exec_hold
+        self._execed = exec_hold is None and not launched    # a running process: its exit is the one
+        self._steps = 0
+        self._threads: Dict[int, _Thread] = {}
+        self._pausing = self._closing = False
+        self._error: Optional[str] = None
+        self._ready = threading.Event()
+        self._commands: "queue.Queue[str]" = queue.Queue()
+        self._replies: "queue.Queue[object]" = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"probedsl-tether-{pid}", daemon=True)
+
+    # --- the session's side ----------------------------------------------------------------
+    def start(self) -> None:
+        """Attach to every thread; ProbedslError (one line) when the system refuses."""
+        self._worker.start()
+        self._ready.wait()
+        if self._error:
+            raise ProbedslError(self._error)
+
+    @property
+    def attached(self) -> bool:
+        """Holding the process (not only children left running after it)."""
+        return self._ready.is_set() and not self._error and not self.ended.is_set() and self.exit_status is None
+
+    def hold_exec(self, mapped: Callable[[], bool], at_exec: Callable[[], None]) -> None:
+        """A launched command, before it is released: the exec hold (see __init__)."""
+        self._exec_hold = (mapped, at_exec)
+
+    def follow(self, on_fork: Callable[[int], None]) -> None:
+        """From now on each new child is held until on_fork(its pid) returns (called in the
+        tether's thread); children forked before this call waited for it."""
+        self._next_on_fork = on_fork
+        self._ask("follow")
+
+    def pause(self) -> Optional[Paused]:
+        """Stop every thread; None when the process is gone. Call resume() after."""
+        return self._ask("pause")
+
+    def resume(self) -> None:
+        """Let the paused threads go (not those held at their exit)."""
+        self._ask("resume")
+
+    def release_exit(self) -> None:
+        """Let a process held at its exit finish exiting."""
+        self._ask("release")
+
+    def close(self) -> None:
+        """Detach from every thread (they run on); safe to call twice."""
+        if self._worker.is_alive():
+            self._commands.put("close")
+            self._worker.join(10)
+
+    def _ask(self, command: str):
+        if not self._worker.is_alive():
+            return None
+        self._commands.put(command)
+        while self._worker.is_alive():
+            try:
+                return self._replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    # --- the tracer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._seize()
+        except OSError as exc:
+            self._error = f"{self.purpose}: cannot attach: {ptrace.why_refused(self.pid, exc)}"
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._threads:
+                self._drain()
+                try:
+                    command = self._commands.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if command == "close":
+                    break
+                if command == "follow":
+                    self._replies.put(self._start_following())
+                    continue
+                self._replies.put(self._pause() if command == "pause" else self._resume(command == "release"))
+        finally:
+            self._detach_all()
+            self.exec_done.set()
+            self.ended.set()
+
+    def _seize(self) -> None:
+        options = ptrace.O_TRACECLONE | ptrace.O_TRACEEXIT | ptrace.O_TRACEEXEC | ptrace.O_TRACESYSGOOD
+        if self.forks:
+            options |= ptrace.O_TRACEFORK | ptrace.O_TRACEVFORK
+        while True:
+            try:
+                tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")} - set(self._threads)
+            except FileNotFoundError:
+                raise OSError(errno.ESRCH, "no such process") from None
+            if not tids:
+                break
+            for tid in sorted(tids):
+                try:
+                    ptrace.request(ptrace.SEIZE, tid, 0, options)
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH and tid != self.pid:
+                        continue                   # a thread that just ended
+                    if exc.errno == errno.EPERM and ptrace.tracer_of(tid) == os.getpid():
+                        pass                       # a thread born after we seized its parent
+                    else:
+                        raise
+                self._threads[tid] = _Thread(process=self.pid)
+
+    def _drain(self) -> None:
+        # one system call says whether any child or tracee has news (without taking it): an
+        # idle process then costs one call per turn, not one per thread
+        try:
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | ptrace.WALL) is None:
+                return
+        except ChildProcessError:
+            pass
+        for tid in list(self._threads):
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | ptrace.WALL)
+            except ChildProcessError:
+                got, status = tid, 0x9          # gone without a word (reaped elsewhere)
+            if got:
+                self._event(tid, status)
+
+    def _event(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        if thread is None:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            del self._threads[tid]
+            if tid == thread.process:              # a leader: after its threads (or killed with them)
+                for other in [t for t, th in self._threads.items() if th.process == tid]:
+                    del self._threads[other]
+            if tid == self.pid:
+                self.exit_status = shell_status(status)
+            self._exit_complete()
+            return
+        sig, event = os.WSTOPSIG(status), status >> 16
+        if event in (ptrace.EVENT_CLONE, ptrace.EVENT_FORK, ptrace.EVENT_VFORK):
+            self._born(ptrace.event_message(tid), thread.process, event)
+            self._stopped(tid, 0)
+        elif event == ptrace.EVENT_EXEC and thread.process != self.pid:
+            for other in [t for t, th in self._threads.items() if th.process == thread.process and t != tid]:
+                del self._threads[other]
+            self._go(tid, thread)                  # a child's exec: its probes follow its image
+        elif event == ptrace.EVENT_EXEC:
+            for other in [t for t, th in self._threads.items() if th.process == self.pid and t != tid]:
+                del self._threads[other]
+            self._execed = True
+            if self.on_exec is not None:
+                self.on_exec()
+            if self._exec_hold and not self.exec_done.is_set():   # later execs: probedsl.process.mapping_hold
+                self._step(tid, 0)
+            else:
+                self.exec_done.set()
+                self._stopped(tid, 0)
+        elif event == ptrace.EVENT_EXIT:
+            self._exit_stop(tid)
+        elif event == ptrace.EVENT_STOP:
+            if thread.state == "new" and thread.waits:
+                thread.state = "forked"            # let go by _start_following
+                return
+            if thread.state == "new":
+                thread.state = "running"
+            self._stopped(tid, 0, listen=sig in _STOP_SIGNALS)
+        elif self._exec_hold and not self.exec_done.is_set() and thread.process == self.pid:
+            # (the mapping hold's SIGSTOP is dropped: the exec hold holds it already)
+            self._step(tid, 0 if sig in (_SYSCALL_STOP, *HOLD_SIGNALS) else sig)
+        else:
+            self._stopped(tid, sig)              # a signal on its way: delivered when it goes on
+
+    def _born(self, new: int, process: int, event: int) -> None:
+        """A new thread, or a new process (fork, vfork, or a clone that is not a thread): a
+        process waits, stopped from its first instruction, until on_fork has run for it."""
+        if event == ptrace.EVENT_CLONE and _leader_of(new) != new:
+            self._threads.setdefault(new, _Thread(state="new", process=process))
+            return
+        self.children += 1
+        self._threads[new] = child = _Thread(state="new", process=new, waits=True)
+        if self._on_fork is not None:
+            self._attach_child(new, child)
+
+    def _attach_child(self, pid: int, child: _Thread) -> None:
+        try:
+            self._on_fork(pid)
+        except Exception as exc:             # the child runs on, untraced; the tether stays
+            print(f"probedsl: warning: pid {pid} is not traced: {exc}", file=sys.stderr)
+        finally:
+            child.waits = False
+            if child.state == "forked":
+                child.state = "running"
+                self._go(pid, child)
+
+    def _start_following(self) -> bool:
+        self._on_fork = self._next_on_fork
+        for pid, child in list(self._threads.items()):
+            if child.waits:
+                self._attach_child(pid, child)
+        return True
+
+    def _stopped(self, tid: int, sig: int, listen: bool = False) -> None:
+        """A thread stopped: held while pausing (the tether's process), else sent on."""
+        thread = self._threads[tid]
+        thread.signal, thread.listen = sig, listen
+        if self._pausing and (thread.process == self.pid or self._closing):
+            thread.state = "held"
+        else:
+            self._go(tid, thread)
+
+    def _go(self, tid: int, thread: _Thread) -> None:
+        try:
+            if thread.listen:
+                ptrace.request(ptrace.LISTEN, tid)
+            else:
+                ptrace.request(ptrace.CONT, tid, 0, thread.signal)
+        except OSError:
+            pass                                  # killed meanwhile: its exit comes next
+        thread.state, thread.signal = "running", 0
+
+    def _step(self, tid: int, sig: int) -> None:
+        """The exec hold: one more system call, or done."""
+        self._steps += 1
+        mapped, at_exec = self._exec_hold
+        if self._steps > MAX_HELD_SYSCALLS or mapped():
+            try:
+                at_exec()
+            finally:
+                self.exec_done.set()
+                self._threads[tid].signal = sig
+                self._go(tid, self._threads[tid])
+            return
+        ptrace.request(ptrace.SYSCALL, tid, 0, sig)
+
+    def _exit_stop(self, tid: int) -> None:
+        """A thread at its exit. One ending alone (exit(2), the others running on) goes on;
+        otherwise the process is ending (exit_group, a fatal signal, or killed by either) and
+        every thread is held at its exit, memory intact, until the scan is done."""
+        thread = self._threads[tid]
+        try:
+            regs = ptrace.registers(tid)
+        except OSError:
+            regs = {}
+        alone = regs.get("orig_rax") == _SYS_EXIT and any(
+            t != tid and other.state != "exit" for t, other in self._threads.items() if other.process == thread.process)
+        if self._execed and not alone and self.hold_exit and thread.process == self.pid:
+            thread.state, thread.signal, thread.listen = "exit", 0, False
+            self._exit_complete()
+        else:
+            self._go(tid, thread)
+
+    def _mine(self) -> Dict[int, _Thread]:
+        """The threads of the tether's process (not of the children it follows)."""
+        return {tid: t for tid, t in self._threads.items() if t.process == self.pid}
+
+    def _exit_complete(self) -> None:
+        mine = self._mine().values()
+        if mine and all(t.state == "exit" for t in mine):
+            self.at_exit.set()
+
+    def _pause(self) -> Optional[Paused]:
+        if not self._mine():
+            return None
+        self._stop_all()
+        if not self._mine():
+            self._pausing = False
+            return None
+        registers, vectors = {}, {}
+        for tid, thread in self._mine().items():
+            if thread.state in ("held", "exit"):
+                try:
+                    registers[tid] = ptrace.registers(tid)
+                except OSError:
+                    continue
+                try:
+                    vectors[tid] = ptrace.vector_words(tid)
+                except OSError:
+                    pass                          # no XSAVE area: general registers only
+        missing = tuple(t for t in self._mine() if t not in registers)
+        return Paused(registers, missing, vectors)
+
+    def _resume(self, exits: bool) -> bool:
+        self._pausing = False
+        for tid, thread in list(self._mine().items()):
+            if thread.state == "held" or (exits and thread.state == "exit"):
+                self._go(tid, thread)
+        if exits:
+            self.at_exit.clear()
+        return True
+
+    def _stop_all(self, everyone: bool = False) -> None:
+        """Interrupt every running thread of the process (everyone: of the children too) and
+        wait (PAUSE_TIMEOUT_S at most) for each to stop; a thread born meanwhile stops by itself."""
+        self._pausing = True
+        which = (lambda: self._threads) if everyone else self._mine
+        for tid, thread in which().items():
+            if thread.state == "running":
+                try:
+                    ptrace.request(ptrace.INTERRUPT, tid)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        while any(t.state in ("running", "new") for t in which().values()) and time.monotonic() < deadline:
+            self._drain()
+            time.sleep(0.0002)
+
+    def _detach_all(self) -> None:
+        """Only a stopped thread can be detached: stop them all, then let each go."""
+        self._closing = True
+        self._stop_all(everyone=True)
+        for tid, thread in self._threads.items():
+            try:
+                ptrace.request(ptrace.DETACH, tid, 0, thread.signal)
+            except OSError:
+                pass
+        self._threads.clear()
+
+
+def _leader_of(tid: int) -> int:
+    """The thread group of a task (0: gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            return next((int(l.split()[1]) for l in f if l.startswith("Tgid:")), 0)
+    except OSError:
+        return 0

@@ -1,0 +1,90 @@
+"""Where each paused thread's stack begins for the scan: its stack pointer, the exit path's caller, the red zone, stacks made on the heap (swapcontext)."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from probedsl.binaries import elf
+from probedsl.process.tether import Paused
+from probedsl.reachability.regions import Region
+
+
+RED_ZONE = 128                      # x86-64: a leaf function may keep data below its rsp
+
+
+def _stack_tops(pid: int, paused: Paused, regions: List[Region]) -> List[int]:
+    """Where each paused thread's live stack begins: the frame that called exit() for the
+    thread ending the process (libc's exit path below it is not a root); the stack pointer
+    less the red zone for a thread stopped in user code (a leaf function may keep live data
+    there); the stack pointer for one stopped in a system call (its wrapper keeps none)."""
+    tops = []
+    for regs in paused.registers.values():
+        call = regs["orig_rax"]
+        if call in (_SYS_EXIT, _SYS_EXIT_GROUP):
+            tops.append(_exit_caller_sp(pid, regs, regions) or regs["rsp"])
+        elif call == _NO_SYSCALL:
+            tops.append(max(regs["rsp"] - RED_ZONE, 0))
+        else:
+            tops.append(regs["rsp"])
+    return tops
+
+
+_SYS_EXIT, _SYS_EXIT_GROUP = 60, 231
+
+
+_NO_SYSCALL = (1 << 64) - 1            # orig_rax of a thread stopped outside a system call
+
+
+# libc's functions between a call of exit() (or _exit) and the exit_group system call
+EXIT_PATH = frozenset({"exit", "__GI_exit", "__run_exit_handlers", "_exit", "_Exit", "__GI__exit",
+                       "quick_exit", "__GI_quick_exit", "syscall"})
+
+
+def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
+    """The stack pointer of the frame that called into libc's exit path, found by unwinding
+    the exiting thread with its libc's call-frame rows (probedsl.binaries.cfi) while the frames are
+    EXIT_PATH functions; None when the first frame is not one, or a rule cannot be followed."""
+    from probedsl.binaries import cfi
+    pc, sp, rbp = regs["rip"], regs["rsp"], regs["rbp"]
+    top = None
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            word = lambda at: int.from_bytes(os.pread(mem.fileno(), 8, at), "little")
+            for depth in range(16):
+                # a caller's pc is a return address: look up the call before it
+                at = pc if depth == 0 else pc - 1
+                region = next((r for r in regions if r.start <= at < r.end and "x" in r.perms and r.path), None)
+                symbols = elf.symbols(region.path) if region else None
+                table = cfi.table(region.path) if region else None
+                if symbols is None or table is None:
+                    break
+                vaddr = at - region.start + symbols.file_offset_to_vaddr(region.offset)
+                function = symbols.function_at(vaddr)
+                if function is None or function[0] not in EXIT_PATH:
+                    break
+                row = table.row_at(vaddr)
+                if row is None or row.cfa_register not in (cfi.RSP, cfi.RBP):
+                    return None
+                cfa = (sp if row.cfa_register == cfi.RSP else rbp) + row.cfa_offset
+                if row.rbp and row.rbp[0] == "offset":
+                    rbp = word(cfa + row.rbp[1])
+                pc, sp = word(cfa - 8), cfa
+                top = cfa
+    except OSError:
+        return None
+    return top
+
+
+def _dead_heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int]]:
+    """A thread running on a stack that is a heap block (swapcontext, coroutines): the part of
+    the block below its live frames is dead, not a source of pointers."""
+    dead = []
+    for top in live:
+        if not any(lo <= top < hi for lo, hi in heap):
+            continue
+        i = int(np.searchsorted(starts, np.uint64(top), side="right")) - 1
+        if i >= 0 and top < int(ends[i]):
+            dead.append((int(starts[i]), top & ~7))
+    return dead

@@ -1,0 +1,377 @@
+"""`probedsl run`: launch or find the target, drive a backend, print reports until the end."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import List, Optional
+
+from probedsl.passes import allocators
+from probedsl.report import history
+from probedsl import compiler, faults, targets, threads
+from probedsl.run import doctor, estimate
+from probedsl.trust import escape
+from probedsl.outputs import prometheus
+from probedsl.reachability import scanner
+from probedsl.errors import ProbedslError
+from probedsl.process.launcher import HeldCommand
+from probedsl.process.procfs import process_alive, processes_named
+from probedsl.process.libraries import linked_libraries, mapped_files
+from probedsl.process.mappings import MappingTracker
+from probedsl.passes.private_libs import PrivateLibraries
+from probedsl.drivers.rundata import Snapshot
+from probedsl.stacks.symbolizer import Symbolizer
+from probedsl.process.tether import Tether
+from probedsl import drivers
+from probedsl.report import timeseries
+from probedsl.run.options import RunOptions, _scope, _check_output, _traced, _probed_files, _bystander_notes, _end_command
+from probedsl.run.reporting import Reporting
+
+METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
+INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the run then ends with a final report. The handler only stores
+    the signal: it runs in the main thread, and an Event.set() there deadlocked when the
+    signal came while the main thread held that Event's lock inside Event.wait() (seen: a
+    tracer hung at Ctrl-C)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
+    return Session(opts, out, err).run()
+
+
+class Session(Reporting):
+    """One `probedsl run`, in the states below; Session.run is the only place that moves
+    between them, so a new part of a run is started and ended at a named step.
+
+    prepare   the program compiled for the target and the scope resolved (a `-- CMD` is
+              forked, blocked before its exec); nothing is attached yet
+    start     1. the mapping tracker (perf rings, thread probedsl-mappings): before any probe,
+                 so no mmap is missed
+              2. the driver: program loaded, maps created, every probe attached
+              3. feeders: the driver's unwinder told of mappings (tracker -> kernel maps)
+              4. the tether (--reachability), then the command let go ("tracing ..." is said)
+    trace     reports at intervals until a signal, the target's end, --duration or the tracer's end
+    end       always, in this order, each step run even if one before it failed:
+              1. feeders stopped: listeners detached, the unwinder closed to writes, the
+                 tracker's thread joined (bounded)
+              2. the final snapshot (scanned first with --reachability)
+              3. the report rendered and written, with every thread failure in its notes
+              4. the maps closed (driver.kill: the kernel's uprobe teardown)
+              5. the target let go: tether detached, a command never released abandoned
+              6. the exporter closed, private library copies removed, signal handlers restored
+    A failure before "tracing" is a one-line error; after it, the run always ends with a report.
+    """
+
+    def __init__(self, opts: RunOptions, out=sys.stdout, err=sys.stderr):
+        self.opts, self.out, self.err = opts, out, err
+        self.stop = _Stop()
+        self.notes: List[str] = []
+        self.held: Optional[HeldCommand] = None
+        self.scanner: Optional[scanner.Scanner] = None
+        self.follower: Optional[Tether] = None              # holds each forked child (_hold_forks)
+        self.fork_refusal: Optional[str] = None
+        self.incomplete: List[str] = []
+        self.series: Optional[timeseries.Series] = None    # json, html: live memory over time
+        self.view = None                                    # --live's screen
+
+    def say(self, text: str) -> None:
+        # may quote the traced program's names (its command line, errors naming its files);
+        # a closed terminal is no error: the report still goes to -o
+        with contextlib.suppress(OSError):
+            print(f"probedsl: {escape.for_terminal(text, escape.MAX_MESSAGE)}", file=self.err, flush=True)
+
+    def run(self) -> int:
+        if not doctor.has_tracing_rights():
+            raise ProbedslError(f"probedsl run needs root, or {doctor.CAP_NAMES}, to attach probes "
+                                "(probedsl doctor says what is missing)")
+        _check_output(self.opts.output)
+        threads.reset()
+        self.tracing = False
+        with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
+            handlers: dict = {}
+            self.cleanup.callback(_restore, handlers)          # last: a Ctrl-C in any cleanup is held
+            self.prepare()
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:   # under nohup: ignored
+                    handlers[s] = signal.signal(s, self.stop)
+            self.cleanup.callback(self._let_go)
+            self.cleanup.callback(self.driver.kill)
+            with contextlib.ExitStack() as self.feeders:       # end step 1
+                try:
+                    self.start()
+                    self.trace()
+                except Exception as exc:       # once tracing, whatever fails, the report is made
+                    if not self.tracing:
+                        raise
+                    self.incomplete.append(f"the run failed while tracing: {_one_line(exc)}")
+            return self.finish()
+
+    def prepare(self) -> None:
+        opts, cleanup = self.opts, self.cleanup
+        recipe = compiler.load(opts.recipe)
+        self.target = target = targets.detect(opts.backend)
+        scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
+        self.max_live = compiler.check_choices(target, compiler.Choices(max_live=opts.max_live or 0, stacks=opts.stacks))
+        scope, resolver, self.held = _scope(opts, target)
+        if self.held:
+            cleanup.callback(self.held.abandon)        # a no-op once the command was released
+        self.private = None
+        if self.held and opts.private_libs and not target.scopes_uprobes(scope) and not resolver.root:
+            self.private = PrivateLibraries()
+            cleanup.callback(self.private.cleanup)
+        held, private = self.held, self.private
+        choices = compiler.Choices(
+            sets=opts.sets, allocator=allocators.choose(opts.allocator, opts.object, opts.symbols_prefix, resolver.resolve),
+            max_live=opts.max_live or 0, min_size=opts.min_size, max_size=opts.max_size, scope=scope,
+            sample=opts.sample, read_live=bool(opts.ages or opts.reachability), min_age=opts.min_age,
+            stacks=opts.stacks, placed=opts.probe_at == "placed",
+            private=(lambda program: private.apply(program, held.exe)) if private and held else None)
+        program, notes = compiler.plan(recipe, target, choices, resolver)
+        for note in notes:
+            self.say(note)
+        if opts.min_size is not None or opts.max_size is not None:
+            self.notes.append("--min-size/--max-size: blocks outside the size range are not recorded, so their "
+                              "releases count as releases of unknown keys")
+        if opts.reachability:
+            scanner.check_program(program)
+        self.program = program
+        self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
+        self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
+        self.exporter = None
+        if opts.prometheus:
+            self.exporter = prometheus.Exporter(opts.prometheus)
+            cleanup.callback(self.exporter.close)
+        self.resolver_root = resolver.root
+        self.describe = {"all": "all processes", "comm": f"comm {scope.comm}", "pid": f"pid {scope.pid}",
+                         "cmd": f"command {' '.join(opts.command)} (pid {scope.pid})"}[scope.mode]
+
+    def start(self) -> None:
+        opts, scope = self.opts, self.program.scope
+        self.tracker = MappingTracker().start()        # 1: before attaching, so no mmap is missed
+        if scope.mode in ("pid", "cmd") and scope.follow_forks:
+            self.tracker.follow(scope.pid)             # its children from their first fork
+        self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
+        self.feeders.callback(self.tracker.stop_thread)
+        if self.resolver_root:
+            self.tracker.files.known_roots.add(self.resolver_root)
+        if opts.estimate and not self.held:        # a command has no calls to count before it runs
+            for line in estimate.measure(self.program, self.target).lines():
+                self.say(line)
+        for pid in ([scope.pid] if scope.mode == "pid" else
+                    processes_named(scope.comm) if scope.mode == "comm" else []):
+            self.tracker.snapshot(pid)                  # mapped before we started listening
+        faults.wait("attach")
+        self._hold_forks()                             # before the probes: no fork is missed
+        self.driver.start()                            # 2
+        if self.follower:
+            if self.held:               # a copy of probedsl until its exec: traced from there
+                self.follower.on_exec = lambda: self.driver.trace_from_exec(self.held.pid)
+            self.follower.follow(self.driver.attach_child)
+        self.marks["attached"] = estimate.process_age()
+        if self.opts.reachability and scope.mode == "pid":
+            self._tie(scope.pid)
+        # 3: the unwinder's rows for what the command will map, and for every process as it maps
+        self.feeders.callback(self.driver.stop_following, self.tracker)
+        self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [],
+                                    _traced(scope, self.tracker))
+        if self.stop.signal is not None:      # interrupted while attaching: no command runs
+            raise KeyboardInterrupt
+        self._tracing()
+        # scripts and tests wait for this line: every probe is attached
+        self.say(f"tracing {self.describe} with {self.target.name}; Ctrl-C ends with a report")
+        unwinder = self.driver.unwind_memory()
+        self.say(f"note: BPF maps hold {self.driver.map_memory() / 2**20:.0f} MB of kernel memory (live tables "
+                 f"sized for --max-live {self.max_live}"
+                 + (f"; {unwinder / 2**20:.0f} MB for --stacks dwarf's unwind tables and stacks" if unwinder else "")
+                 + ")")
+        for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private,
+                                                                       self.fork_refusal):
+            self.say(f"note: {line}")
+        if self.held:
+            self._release()                            # 4
+            if opts.estimate:
+                self.marks["released"] = estimate.process_age()
+                self.say(estimate.startup_line(self.marks))
+
+    def _release(self) -> None:
+        """Let the command exec; with dwarf stacks, held until the loader has mapped the
+        libraries it needs, whose rows then go in before the program's first instruction."""
+        env = self.private.env if self.private else None
+        hold = {}
+        if self.driver.unwinds_stacks():
+            needed = {os.path.realpath(p) for p in linked_libraries(self.held.exe, env)}
+
+            def at_exec():
+                faults.wait("exec-hold")
+                self.tracker.snapshot(self.held.pid)
+            hold = dict(at_exec=at_exec, mapped=lambda: needed <= set(mapped_files(self.held.pid)))
+        if self.follower and hold:
+            self.follower.hold_exec(hold["mapped"], hold["at_exec"])
+        if self.opts.reachability:
+            self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
+        tether = self.follower or (self.scanner.tether if self.scanner else None)
+        self.held.release(env, tether=tether, **hold)
+
+    def _hold_forks(self) -> None:
+        """--pid/-- CMD following forks where the target attaches uprobes per process: a tether
+        (ptrace) holds each child at its fork until its own uprobes are on, so other processes
+        never trap. Refused (another tracer holds the process): every process is probed and
+        the BPF filter keeps the traced ones, as said in a note."""
+        scope = self.program.scope
+        if not (scope.tracks_children and self.target.holds_forks):
+            return
+        tether = Tether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
+                        purpose="following forks")
+        try:
+            tether.start()
+        except ProbedslError as exc:
+            self.fork_refusal = str(exc)
+            self.notes.append(f"{exc}: children are followed by uprobes on every process")
+            return
+        self.cleanup.callback(tether.close)
+        self.follower = tether
+        self.driver.held_forks = True
+
+    def _tie(self, pid: int, exec_hold=None) -> None:
+        """--reachability: hold the process under ptrace; a refusal is a note, not the end."""
+        try:
+            self.scanner = scanner.Scanner(self.program, self.driver, pid, self.opts.leaks_only, exec_hold,
+                                           tether=self.follower)
+        except ProbedslError as exc:
+            self.notes.append(str(exc))
+            self.say(f"note: {exc}")
+            return
+        if self.target.backend == "bpftrace":
+            self.say("note: --reachability pauses the process while bpftrace prints every live block, naming "
+                     "each frame (~0.4 ms a block: 7 s for 16,000); --backend bcc reads them in ~12 us a block")
+
+    def _let_go(self) -> None:
+        """End step 5: the target runs on (or was reaped); never left stopped. (A command never
+        released is abandoned by prepare's callback, which runs after this.)"""
+        if self.scanner:
+            self.scanner.close()
+
+    def ended(self) -> bool:
+        """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
+        scope, held = self.program.scope, self.held
+        if self.stop.signal is not None or (held and held.poll() is not None):
+            return True
+        if scope.mode == "pid" and not process_alive(scope.pid):
+            return True
+        if self.opts.duration and time.monotonic() - self.started >= self.opts.duration:
+            return True
+        if not self.driver.alive():
+            self.incomplete.append(f"{self.target.name} ended early: {self.driver.explain_failure()}")
+            return True
+        return False
+
+    def _tracing(self) -> None:
+        """From here on the run ends with a report: what finish() needs exists."""
+        self.symbolizer = Symbolizer(self.tracker)
+        self.growth = history.Growth(self.opts.growth_intervals)
+        self.sequence = 0
+        self.started = time.monotonic()
+        self.last_snapshot = None
+        self.tracing = True
+
+    def trace(self) -> None:
+        """Reports at intervals until the run ends."""
+        opts, driver = self.opts, self.driver
+        self._start_series()
+        next_report = self.started + opts.interval if opts.interval else None
+        # --prometheus without --interval: the gauges are refreshed this often, nothing printed
+        next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
+        while True:
+            if self.scanner:
+                self.scanner.at_exit()
+            if self.ended():
+                break
+            if next_report and time.monotonic() >= next_report:
+                next_report += opts.interval
+                reach = None
+                if self.scanner and self.scanner.tether.attached:
+                    snap, reach = self.scanner.scan(lambda: driver.snapshot(timeout=5))
+                else:
+                    snap = driver.snapshot(timeout=5)
+                if snap is not None:
+                    self.last_snapshot = snap
+                    self.emit(snap, reachability=reach)
+            if next_metrics and time.monotonic() >= next_metrics:
+                next_metrics += METRICS_REFRESH_S
+                snap = driver.snapshot(timeout=5)
+                if snap is not None:
+                    self.last_snapshot = snap
+                    self.exporter.publish(self.build_report(snap))
+            self._sample_if_due()
+            driver.idle(0.05)
+        if self.held and self.held.poll() is None and self.stop.signal is not None:
+            _end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
+        if self.stop.signal is not None:
+            # a second Ctrl-C now would cost the report: say what happens instead
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:
+                    signal.signal(s, self._finishing)
+
+    @staticmethod
+    def _finishing(signum, frame) -> None:
+        # os.write: a print here could re-enter the stream the main thread is writing; a
+        # closed terminal must not raise into the report being written
+        with contextlib.suppress(OSError):
+            os.write(2, b"probedsl: writing the final report; it follows (SIGKILL ends without it)\n")
+
+    def finish(self) -> int:
+        """End steps 2 and 3: the final snapshot and its report; the exit status."""
+        faults.wait("final")
+        driver, held = self.driver, self.held
+        exit_status = held.poll() if held else None
+        try:
+            if self.scanner:
+                final, reach = self.scanner.final(driver.stop)
+                self.notes += self.scanner.notes
+            else:
+                final, reach = driver.stop(), None
+        except Exception as exc:              # BCC raises bare Exception
+            self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")
+            final, reach = None, None
+        if final is None:
+            why = f"{self.target.name} gave no final snapshot: {driver.explain_failure()}"
+            if self.last_snapshot is None:
+                self.incomplete.append(why + "; nothing was read")
+                final = Snapshot(time.monotonic_ns(), None, {}, final=True)
+            else:
+                self.incomplete.append(why + "; this is the last report's data")
+                final = self.last_snapshot
+        if held and exit_status is None:
+            exit_status = held.poll()
+        if self.view is not None:
+            self.view.close()                  # the screen gives way to the final report
+        rep = self.emit(final, exit_status, reachability=reach)
+        for why in rep.incomplete:
+            self.say(f"the report is incomplete: {why}")
+        status = exit_status if exit_status is not None else 0
+        if not self.saved:
+            return status or 1
+        return INCOMPLETE if rep.incomplete and status == 0 else status
+
+
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+

@@ -1,0 +1,144 @@
+"""Which cache directories a run may trust.
+
+probedsl runs as root, and its environment (XDG_CACHE_HOME under `sudo -E`, a capability
+holder's HOME) may point at a directory another user writes. What a cache holds changes what
+root reports (unwind rows) or loads (compiled programs), so a cache is used only if every
+directory from the cache root down, and each file in it, belongs to the effective user (or
+root) and is writable by no one else; the directories above the root must be as safe, or
+sticky (/tmp). Otherwise the run says so once and uses a private place of its own.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from typing import Optional
+
+from probedsl.notices import note
+
+PRIVATE_ROOT = "/var/cache/probedsl"       # root's own, when the environment's is not trusted
+
+
+def _owner_ok(st: os.stat_result) -> bool:
+    return st.st_uid in (os.geteuid(), 0)
+
+
+def _safe(st: os.stat_result, sticky_ok: bool = False) -> bool:
+    """Owned by us or root, and no one else can write it (or, above a cache root, it is a
+    sticky directory: others cannot rename or remove what is ours in it)."""
+    if not _owner_ok(st):
+        return False
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) == 0:
+        return True
+    return sticky_ok and stat.S_ISDIR(st.st_mode) and bool(st.st_mode & stat.S_ISVTX)
+
+
+def why_untrusted(root: str, path: str = "") -> str:
+    """"" when root (a cache root) and path (a directory or file under it, or root itself)
+    may be trusted; else which component is not and why. Components that do not exist yet
+    are fine: we create them private."""
+    real_root = os.path.realpath(root)
+    parts = real_root.strip("/").split("/")
+    current = "/"
+    for i, part in enumerate([""] + parts):
+        current = os.path.join(current, part) if part else current
+        why = _component(current, sticky_ok=i < len(parts), link_ok=True)
+        if why is not None:
+            return why
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if path else "."
+    if rel.startswith(".."):
+        return f"{path}: not under {root}"
+    for part in ([] if rel == "." else rel.split("/")):
+        current = os.path.join(current, part)
+        why = _component(current, sticky_ok=False, link_ok=False)
+        if why is not None:
+            return why
+    return ""
+
+
+def _component(path: str, sticky_ok: bool, link_ok: bool) -> Optional[str]:
+    """None: trusted, look further; "": absent (we create the rest private); else why not."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if (not link_ok and stat.S_ISLNK(st.st_mode)) or not _safe(st, sticky_ok):
+        return _describe(path, st)
+    return None
+
+
+def _describe(path: str, st: os.stat_result) -> str:
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {st.st_uid}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not _owner_ok(st):
+        return f"{path} belongs to {owner}"
+    return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+
+
+def user_cache_root() -> str:
+    """$XDG_CACHE_HOME, else ~/.cache."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
+def private_root() -> str:
+    """The effective user's own cache root, from the password database, not the environment."""
+    if os.geteuid() == 0:
+        return PRIVATE_ROOT
+    try:
+        return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "probedsl")
+    except KeyError:
+        return ""
+
+
+def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) -> str:
+    """A trusted directory for one cache (e.g. "unwind-rows"), created private (0700), or ""
+    when there is none (then compute, do not cache). root: the cache root the environment
+    names ($XDG_CACHE_HOME by default, with `probedsl/KIND` under it; sub overrides that)."""
+    # resolved once: every later use goes through the components checked, never again
+    # through a link (a user's symlink in sticky /tmp could be swapped after the check)
+    root = os.path.realpath(root or user_cache_root())
+    wanted = os.path.join(root, sub if sub is not None else os.path.join("probedsl", kind))
+    why = why_untrusted(root, wanted)
+    if not why:
+        if not _make(wanted):
+            note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
+            return ""
+        why = why_untrusted(root, wanted)      # a component someone else made meanwhile
+        if not why:
+            return wanted
+    fallback = private_root()
+    place = os.path.join(fallback, kind) if fallback else ""
+    if place and not why_untrusted(fallback, place) and _make(place):
+        note(f"cache {wanted} not used: {why}; using {place}")
+        return place
+    note(f"cache {wanted} not used: {why}; computed, not cached")
+    return ""
+
+
+def _make(path: str) -> bool:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError:
+        pass                      # read-only: files there may still be read
+    return os.path.isdir(path)
+
+
+def file_ok(root: str, path: str) -> bool:
+    """Whether a cache file (under a directory directory() gave) may be read: a regular file,
+    ours or root's, writable by no one else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISREG(st.st_mode) and _safe(st):
+        return True
+    why = _describe(path, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) \
+        else f"{path} is not a regular file"
+    note(f"cache file not used: {why}")
+    return False
