@@ -2,6 +2,7 @@
 loader), one small class per backend over shared helpers (base). A generator reads no file and
 runs no pass: everything it needs is in the program. Which one a run uses, configured for which
 version, is its target's choice (probedsl.targets)."""
+
 from __future__ import annotations
 
 from probedsl.targets.base import Target

@@ -1,4 +1,5 @@
 """What both generators share: expression lowering helpers and the templates' environment."""
+
 from __future__ import annotations
 
 import functools
@@ -14,12 +15,13 @@ from probedsl.targets.base import Generated
 
 class Backend:
     """Shared expression lowering: subclasses fill RENDER for each IR value type."""
+
     name = ""
     template = ""
     RENDER: Dict[type, Callable] = {}
 
     def __init__(self, target):
-        self.target = target          # a probedsl.targets.Target: the version's flags and limits
+        self.target = target  # a probedsl.targets.Target: the version's flags and limits
         self.env = _environment()
 
     def expr(self, value: ir.Value) -> str:
@@ -67,6 +69,10 @@ class Backend:
 
 @functools.lru_cache(maxsize=None)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("probedsl.backends", "templates"),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("probedsl.backends", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )

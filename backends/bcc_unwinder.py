@@ -1,4 +1,5 @@
 """What BCC's generator says about the DWARF unwinder: whether a program unwinds, defers its entries to the unwinder program by a tail call, keeps the return addresses pending uretprobes replaced, holds a launched command at its mappings."""
+
 from __future__ import annotations
 
 from typing import List
@@ -8,8 +9,6 @@ from probedsl.errors import ProbedslError
 
 from probedsl.ir import layout
 from probedsl.ir.layout import ResourceLayout
-
-
 
 
 class UnwinderViews:
@@ -24,28 +23,37 @@ class UnwinderViews:
     def deferring(self, program: ir.Program, probe: ir.Probe, lay: ResourceLayout, ctx: str) -> List[str]:
         """A program's actions, then the tail call to the unwinder if one deferred an entry."""
         actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx)]
-        if any(a.kind == "release" for a in probe.actions[[a.kind for a in probe.actions].index("acquire"):]):
+        if any(a.kind == "release" for a in probe.actions[[a.kind for a in probe.actions].index("acquire") :]):
             # a release after an acquire would run before the acquire's deferred store
             raise ProbedslError(f"{probe.label}: BCC --stacks dwarf cannot release after an acquire in one probe")
         array = "probedsl_unwinders_syscall" if probe.kind == "syscall" else "probedsl_unwinders"
-        return ["int deferred = 0;", *actions,
-                "if (deferred) {",
-                f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-                f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
-                "  probedsl_unw_release();",
-                "}"]
+        return [
+            "int deferred = 0;",
+            *actions,
+            "if (deferred) {",
+            f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
+            f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
+            "  probedsl_unw_release();",
+            "}",
+        ]
 
     def unwinder_programs(self, program: ir.Program) -> List[dict]:
         """The unwinder programs the acquire programs tail-call, one per program type: the
         loader loads each and puts it in its array before attaching anything."""
-        kinds = [p.kind for res in program.resources if self.defers(program, layout.of(program, res))
-                 for p in res.probes if any(a.kind == "acquire" for a in p.actions)]
+        kinds = [
+            p.kind
+            for res in program.resources
+            if self.defers(program, layout.of(program, res))
+            for p in res.probes
+            if any(a.kind == "acquire" for a in p.actions)
+        ]
         found = []
         if any(k in ("uprobe", "usdt") for k in kinds):
             found.append({"program": "probedsl_unwinder", "array": "probedsl_unwinders", "type": "kprobe"})
         if any(k == "syscall" for k in kinds):
-            found.append({"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall",
-                          "type": "tracepoint"})
+            found.append(
+                {"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall", "type": "tracepoint"}
+            )
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
@@ -59,8 +67,13 @@ class UnwinderViews:
         registers the task saved on entering the kernel: bpf_task_pt_regs, kernel 5.15); another
         tracepoint may fire in any context, and an older kernel has no such registers to start
         from: such a program keeps the frame-pointer walk (Bcc.notes says so)."""
-        recorded = [p for r in program.resources if r.records("ustack") for p in r.probes
-                    if any(a.kind == "acquire" for a in p.actions)]
+        recorded = [
+            p
+            for r in program.resources
+            if r.records("ustack")
+            for p in r.probes
+            if any(a.kind == "acquire" for a in p.actions)
+        ]
         kinds = ("uprobe", "usdt", "syscall") if self.target.syscall_registers() else ("uprobe", "usdt")
         return program.stacks == "dwarf" and bool(recorded) and all(p.kind in kinds for p in recorded)
 
@@ -75,5 +88,7 @@ class UnwinderViews:
         stack of one resource can pass through a call another resource is waiting to return
         from (fopen -> malloc). Within one resource nested calls are skipped, so a single
         resource never pays the extra map update at each entry."""
-        probed = [r for r in program.resources if any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in r.probes)]
+        probed = [
+            r for r in program.resources if any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in r.probes)
+        ]
         return self.unwinds(program) and len(probed) > 1

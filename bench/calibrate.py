@@ -10,6 +10,7 @@ CALLS, medians of interleaved runs. A kind whose measured cost disagrees with th
 2 us but believed single-stepped, or the reverse) is flagged: the table in x86.py is
 then wrong for this kernel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ def loop_seconds(exe: str, kind: str, calls: int, probed_at: int = -1) -> float:
     """The loop's seconds with an empty probe at kind+probed_at (-1: none)."""
     tracer = None
     if probed_at >= 0:
-        tracer = subprocess.Popen([sys.executable, "-c", EMPTY_PROBE, exe, kind, str(probed_at)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+        tracer = subprocess.Popen(
+            [sys.executable, "-c", EMPTY_PROBE, exe, kind, str(probed_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert tracer.stdout.readline().strip() == "ready", "the empty probe did not attach"
     try:
         out = subprocess.run([exe, kind, str(calls)], capture_output=True, text=True, check=True).stdout
@@ -55,6 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     from probedsl.binaries import elf, x86
     from probedsl.process import procfs
+
     exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-calibrate-"), "entries")
     subprocess.run(["gcc", "-O1", "-o", exe, str(ROOT / "bench" / "workloads" / "entries.c")], check=True)
     syms = elf.symbols(exe)
@@ -65,7 +71,7 @@ def main() -> None:
     for kind in KINDS:
         places = [0]
         placed = x86.place(exe, kind, ())
-        if placed:                       # where probedsl would probe instead (endbr64: past it)
+        if placed:  # where probedsl would probe instead (endbr64: past it)
             places.append(placed.offset)
         for offset in places:
             untraced, traced = [], []
@@ -76,8 +82,10 @@ def main() -> None:
             code = syms.read(syms.address_of(kind) + offset, 15)
             believed, measured = x86.emulated(code, release), ns < 2000
             text = x86.disassemble(code)
-            print(f"| {kind}+{offset} | {text} | {'emulated' if believed else 'single-stepped'} | {ns:.0f} | "
-                  f"{'emulated' if measured else 'single-stepped'} | {'yes' if believed == measured else 'NO'} |")
+            print(
+                f"| {kind}+{offset} | {text} | {'emulated' if believed else 'single-stepped'} | {ns:.0f} | "
+                f"{'emulated' if measured else 'single-stepped'} | {'yes' if believed == measured else 'NO'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with probedsl's placement (past endbr64, on the tail jump) and with --probe-at e
 (both probes and the uretprobe move) and bpftrace (0.20+ moves the entry-only probe; 0.17
 cannot). Extra ns per pair = (traced - untraced) / CALLS, medians of interleaved runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,19 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="probedsl-bench-")
     exe = os.path.join(tmp, "cetpool")
-    subprocess.run(["gcc", "-O2", "-fcf-protection=full", "-o", exe, str(ROOT / "bench" / "workloads" / "cetpool.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-fcf-protection=full", "-o", exe, str(ROOT / "bench" / "workloads" / "cetpool.c")], check=True
+    )
     recipe = os.path.join(tmp, "pool.probe")
     with open(recipe, "w") as f:
         f.write((ROOT / "tests" / "fixtures" / "pool.probe").read_text().replace("EXE", exe))
-    configs = {"untraced": (), "bcc placed": ("--backend", "bcc", "--stacks", "fp"),
-               "bcc at entry": ("--backend", "bcc", "--stacks", "fp", "--probe-at", "entry"),
-               "bpftrace placed": ("--backend", "bpftrace"),
-               "bpftrace at entry": ("--backend", "bpftrace", "--probe-at", "entry")}
+    configs = {
+        "untraced": (),
+        "bcc placed": ("--backend", "bcc", "--stacks", "fp"),
+        "bcc at entry": ("--backend", "bcc", "--stacks", "fp", "--probe-at", "entry"),
+        "bpftrace placed": ("--backend", "bpftrace"),
+        "bpftrace at entry": ("--backend", "bpftrace", "--probe-at", "entry"),
+    }
     times = {name: [] for name in configs}
     for _ in range(args.runs):
         for name, options in configs.items():

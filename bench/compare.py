@@ -10,6 +10,7 @@ address of symbol malloc in c"; bench.run measures it with -p.) The workload tim
 and the final report are not in the numbers. Medians of interleaved runs; "extra ns per call"
 is (loop - untraced loop) / (THREADS x CALLS x 2 calls).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,36 @@ def tools(exe: str, args, tmp: str) -> dict:
         "untraced": workload,
         "valgrind": ["valgrind", "-q", "--leak-check=full", "--log-file=/dev/null", *workload],
         "heaptrack": ["heaptrack", "-o", os.path.join(tmp, "heaptrack"), *workload],
-        "probedsl-bcc": [PY, "-m", "probedsl", "run", "memleak", "--backend", "bcc", "--top", "1", "-o",
-                         "/dev/null", "--", *workload],
-        "probedsl-bpftrace": [PY, "-m", "probedsl", "run", "memleak", "--backend", "bpftrace", "--top", "1",
-                              "-o", "/dev/null", "--", *workload],
+        "probedsl-bcc": [
+            PY,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            "bcc",
+            "--top",
+            "1",
+            "-o",
+            "/dev/null",
+            "--",
+            *workload,
+        ],
+        "probedsl-bpftrace": [
+            PY,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            "bpftrace",
+            "--top",
+            "1",
+            "-o",
+            "/dev/null",
+            "--",
+            *workload,
+        ],
     }
     return {name: argv for name, argv in found.items() if shutil.which(argv[0])}
 

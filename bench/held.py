@@ -1,5 +1,6 @@
 """A workload held at its start (it reads a line first) while `probedsl run ... --pid PID`
 attaches, then let go: its own timing of its loop, with start-up and reporting outside it."""
+
 from __future__ import annotations
 
 import signal
@@ -17,9 +18,13 @@ def loop_seconds(argv: Sequence[str], run_args: Sequence[str] = ()) -> float:
     work = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     tracer = None
     if run_args:
-        tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", *run_args, "--pid", str(work.pid),
-                                   "--no-follow-forks"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        tracer = subprocess.Popen(
+            [sys.executable, "-m", "probedsl", "run", *run_args, "--pid", str(work.pid), "--no-follow-forks"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         while "tracing" not in tracer.stderr.readline():
             assert tracer.poll() is None, "probedsl ended before tracing"
     out, _ = work.communicate("go\n", timeout=600)

@@ -11,6 +11,7 @@ flame graph) and the time to redraw every view for a time window (the URL's #win
 Then a one-hour run simulated: 3,600 samples of 2,000 tallied stacks whose sizes drift, fed
 to timeseries.Series: its memory (tracemalloc) and the cost of one sample.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,50 +38,134 @@ def synthetic(stacks: int, samples: int = 600, seed: int = 1) -> dict:
     entries, series_stacks, total = [], [], [0] * samples
     for i in range(stacks):
         depth = rng.randint(8, 24)
-        frames = [{"address": hex(0x400000 + i * 64 + d), "function": rng.choice(names) if d else f"alloc_{i % 97}",
-                   "offset": d, "module": "/usr/bin/app", "vaddr": hex(0x1000 + d), "file": "app.c", "line": d,
-                   "inlined": False, "text": ""} for d in range(depth)]
-        frames.append({"address": hex(0x401000), "function": "main", "offset": 1, "module": "/usr/bin/app",
-                       "vaddr": "0x1000", "file": "app.c", "line": 1, "inlined": False, "text": ""})
+        frames = [
+            {
+                "address": hex(0x400000 + i * 64 + d),
+                "function": rng.choice(names) if d else f"alloc_{i % 97}",
+                "offset": d,
+                "module": "/usr/bin/app",
+                "vaddr": hex(0x1000 + d),
+                "file": "app.c",
+                "line": d,
+                "inlined": False,
+                "text": "",
+            }
+            for d in range(depth)
+        ]
+        frames.append(
+            {
+                "address": hex(0x401000),
+                "function": "main",
+                "offset": 1,
+                "module": "/usr/bin/app",
+                "vaddr": "0x1000",
+                "file": "app.c",
+                "line": 1,
+                "inlined": False,
+                "text": "",
+            }
+        )
         start = rng.randrange(samples)
         rate = rng.choice((0, 0, 0, 8, 64))
         base = rng.randint(8, 4096)
         values = [0 if j < start else base + rate * (j - start) for j in range(samples)]
         for j, v in enumerate(values):
             total[j] += v
-        entries.append({"bytes": values[-1], "blocks": max(1, values[-1] // 32), "oldest_age_s": None,
-                        "pids": [1], "growing": rate > 0, "stack": frames, "truncated": False})
+        entries.append(
+            {
+                "bytes": values[-1],
+                "blocks": max(1, values[-1] // 32),
+                "oldest_age_s": None,
+                "pids": [1],
+                "growing": rate > 0,
+                "stack": frames,
+                "truncated": False,
+            }
+        )
         if rate or i % 50 == 0:
             sig = report._entry_from_dict(entries[-1], ["bytes", "blocks"]).signature()
-            series_stacks.append({"resource": "heap", "signature": sig, "bytes": values,
-                                  "blocks": [v // 32 for v in values]})
+            series_stacks.append(
+                {"resource": "heap", "signature": sig, "bytes": values, "blocks": [v // 32 for v in values]}
+            )
     entries.sort(key=lambda e: -e["bytes"])
     # a run follows at most MAX_TRACKED stacks over time: the largest
-    series_stacks = sorted(series_stacks, key=lambda s: -s["bytes"][-1])[:timeseries.MAX_TRACKED]
+    series_stacks = sorted(series_stacks, key=lambda s: -s["bytes"][-1])[: timeseries.MAX_TRACKED]
     live = sum(e["bytes"] for e in entries)
-    return {"schema": "probedsl.report", "version": 3, "recipe": "memleak", "backend": "bcc",
-            "backend_version": "0.26", "target": "synthetic", "duration_s": float(samples), "final": True,
-            "sequence": 1, "sample": 1, "exit_status": 0, "notes": [],
-            "resources": {"heap": {"live_bytes": live, "live_blocks": sum(e["blocks"] for e in entries),
-                                   "acquired": 0, "released": 0, "unknown_releases": 0, "untracked": 0,
-                                   "replaced": 0}},
-            "series": {"period_s": 1.0, "t": t, "max_points": 512, "thinned": 0, "untracked_stacks": 0,
-                       "resources": {"heap": {"bytes": total, "blocks": [v // 32 for v in total]}},
-                       "groups": series_stacks},
-            "reports": [{"kind": "outstanding", "resource": "heap", "by": ["ustack"], "columns": ["bytes", "blocks"],
-                         "top": 10, "min_age_ms": 0, "total_entries": stacks, "entries": entries,
-                         "omitted": {"entries": 0, "bytes": 0, "blocks": 0}, "cut_stacks": {}},
-                        {"kind": "lifetime", "resource": "heap", "by": [],
-                         "histogram_ns": [{"min": 1 << k, "max": (2 << k) - 1, "count": 100 - k} for k in range(10, 30)]}]}
+    return {
+        "schema": "probedsl.report",
+        "version": 3,
+        "recipe": "memleak",
+        "backend": "bcc",
+        "backend_version": "0.26",
+        "target": "synthetic",
+        "duration_s": float(samples),
+        "final": True,
+        "sequence": 1,
+        "sample": 1,
+        "exit_status": 0,
+        "notes": [],
+        "resources": {
+            "heap": {
+                "live_bytes": live,
+                "live_blocks": sum(e["blocks"] for e in entries),
+                "acquired": 0,
+                "released": 0,
+                "unknown_releases": 0,
+                "untracked": 0,
+                "replaced": 0,
+            }
+        },
+        "series": {
+            "period_s": 1.0,
+            "t": t,
+            "max_points": 512,
+            "thinned": 0,
+            "untracked_stacks": 0,
+            "resources": {"heap": {"bytes": total, "blocks": [v // 32 for v in total]}},
+            "groups": series_stacks,
+        },
+        "reports": [
+            {
+                "kind": "outstanding",
+                "resource": "heap",
+                "by": ["ustack"],
+                "columns": ["bytes", "blocks"],
+                "top": 10,
+                "min_age_ms": 0,
+                "total_entries": stacks,
+                "entries": entries,
+                "omitted": {"entries": 0, "bytes": 0, "blocks": 0},
+                "cut_stacks": {},
+            },
+            {
+                "kind": "lifetime",
+                "resource": "heap",
+                "by": [],
+                "histogram_ns": [{"min": 1 << k, "max": (2 << k) - 1, "count": 100 - k} for k in range(10, 30)],
+            },
+        ],
+    }
 
 
 def chromium_dom(url: str) -> str:
     exe = shutil.which("chromium")
     if exe is None:
         sys.exit("bench.html needs Debian's chromium (scripts/setup.sh installs it)")
-    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
-                          "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1400,1000",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return out.stdout
 
 
@@ -101,8 +186,9 @@ def html_numbers(sizes) -> list:
                 json.dump(synthetic(n), f)
             page = os.path.join(tmp, f"run{n}.html")
             began = time.monotonic()
-            subprocess.run([sys.executable, "-m", "probedsl", "report", saved, "--format", "html", "-o", page],
-                           check=True)
+            subprocess.run(
+                [sys.executable, "-m", "probedsl", "report", saved, "--format", "html", "-o", page], check=True
+            )
             render_s = time.monotonic() - began
             first, windowed = zip(*(page_times(page, "300-450") for _ in range(3)))
             out.append((n, os.path.getsize(page), render_s, sorted(first)[1], sorted(windowed)[1]))
@@ -114,6 +200,7 @@ class _Program:
 
     def __init__(self):
         from probedsl import compiler
+
         self.real = compiler.build(compiler.load("memleak"), {})
 
     def __getattr__(self, name):
@@ -124,6 +211,7 @@ def series_numbers(hours: float, stacks: int = 2000) -> tuple:
     from probedsl import ir
     from probedsl.ir import layout
     from probedsl.drivers.rundata import Snapshot, Totals
+
     program = _Program().real
     res = program.resources[0]
     keys = tuple(ir.group_keys(next(r for r in program.reports if r.kind == "outstanding").group_by))
@@ -144,7 +232,7 @@ def series_numbers(hours: float, stacks: int = 2000) -> tuple:
         began = time.perf_counter()
         series.add(float(i), snap)
         spent += time.perf_counter() - began
-    del group, tallies, snap                  # the simulated snapshot: not the series' memory
+    del group, tallies, snap  # the simulated snapshot: not the series' memory
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     return samples, len(series.t), len(series.stacks), used, spent / samples
@@ -160,8 +248,10 @@ def main() -> None:
     for n, size, render_s, first, windowed in html_numbers([int(x) for x in args.stacks.split(",")]):
         print(f"| {n:,} | {size / 2**20:.1f} MiB | {render_s:.2f} | {first:.0f} | {windowed:.0f} |")
     samples, points, tracked, used, per = series_numbers(args.hours)
-    print(f"\ntime series over {samples:,} samples of 2,000 stacks: {points} points kept, {tracked} stacks followed, "
-          f"{used / 1024:.0f} KiB, {per * 1000:.2f} ms a sample")
+    print(
+        f"\ntime series over {samples:,} samples of 2,000 stacks: {points} points kept, {tracked} stacks followed, "
+        f"{used / 1024:.0f} KiB, {per * 1000:.2f} ms a sample"
+    )
 
 
 if __name__ == "__main__":

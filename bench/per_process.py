@@ -11,6 +11,7 @@ moment, 200 in all; each run's report shows how many of those the tracer saw, so
 each process as the previous one ends; its uprobes are still being closed then (the kernel
 takes ~90 ms per uprobe, and a close holds up any attach).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,26 @@ BLOCKS = 200
 
 def missed(exe: str, processes: int, gap: float) -> list:
     """200 - blocks seen, per process, in start order."""
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", "bcc",
-                               "--comm", "early_drip", "--per-process", "--format", "json"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            "bcc",
+            "--comm",
+            "early_drip",
+            "--per-process",
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while "tracing" not in tracer.stderr.readline():
         assert tracer.poll() is None, "probedsl ended before tracing"
     pids = []
@@ -79,8 +97,14 @@ def beside(exe: str, args, backend: str, *target) -> float:
     """The workload's loop time, started a second after `probedsl run memleak ... TARGET` says it
     is tracing (what the run does once, right after, is not the steady cost)."""
     from bench import run as bench_run
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     while "tracing" not in (tracer.stderr.readline() or "tracing"):
         pass
     time.sleep(1)
@@ -97,14 +121,20 @@ def bystanders(runs: int, threads: int, calls: int, backend: str) -> None:
     launched command (-- CMD), and --pid of a process a debugger holds (today's fallback:
     uprobes on every process); medians of interleaved runs."""
     from bench import run as bench_run
+
     exe = bench_run.build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     args = argparse.Namespace(threads=threads, calls=calls)
-    sleeper = [exe, "1", "1", "3600"]          # sleeps before a loop it never reaches
+    sleeper = [exe, "1", "1", "3600"]  # sleeps before a loop it never reaches
 
     def by_pid(held: bool = False):
         target = subprocess.Popen(sleeper, stdout=subprocess.DEVNULL)
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target.pid)], stdout=subprocess.PIPE,
-                                  text=True, cwd=ROOT) if held else None
+        holder = (
+            subprocess.Popen(
+                [sys.executable, "-c", HOLDER, str(target.pid)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+            )
+            if held
+            else None
+        )
         try:
             if holder:
                 assert holder.stdout.readline() == "attached\n"
@@ -115,10 +145,12 @@ def bystanders(runs: int, threads: int, calls: int, backend: str) -> None:
             if holder:
                 holder.wait()
 
-    configs = {"untraced": lambda: timed(bench_run.workload(exe, args, 0)),
-               "--pid P": by_pid,
-               "-- CMD": lambda: beside(exe, args, backend, "--", *sleeper),
-               "--pid P, held by a debugger": lambda: by_pid(held=True)}
+    configs = {
+        "untraced": lambda: timed(bench_run.workload(exe, args, 0)),
+        "--pid P": by_pid,
+        "-- CMD": lambda: beside(exe, args, backend, "--", *sleeper),
+        "--pid P, held by a debugger": lambda: by_pid(held=True),
+    }
     times = {name: [] for name in configs}
     for _ in range(runs):
         for name, run in configs.items():
@@ -128,8 +160,11 @@ def bystanders(runs: int, threads: int, calls: int, backend: str) -> None:
     print(f"| {backend}: bystander beside | loop time (s) | vs untraced | CPU time (s) | vs untraced |")
     print("|---|---:|---:|---:|---:|")
     for name in times:
-        print(f"| {name} | {wall[name]:.4f} | {wall[name] / wall['untraced']:.2f}x | {cpu[name]:.4f} | "
-              f"{cpu[name] / cpu['untraced']:.2f}x |", flush=True)
+        print(
+            f"| {name} | {wall[name]:.4f} | {wall[name] / wall['untraced']:.2f}x | {cpu[name]:.4f} | "
+            f"{cpu[name] / cpu['untraced']:.2f}x |",
+            flush=True,
+        )
 
 
 def main() -> None:

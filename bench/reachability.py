@@ -9,6 +9,7 @@ holds it and scans it. From the final JSON report: bytes scanned, scan seconds (
 /proc/PID/mem and classifying), the pause (snapshot of the live table + scan), and probedsl's
 peak RSS (/usr/bin/time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,35 @@ def one(exe: str, total_mb: int, block: int, backend: str, out_dir: str) -> dict
     report = os.path.join(out_dir, f"{backend}-{total_mb}-{block}.json")
     rss = os.path.join(out_dir, "rss")
     count = (total_mb << 20) // block
-    tracer = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss, sys.executable, "-m", "probedsl", "run",
-                               "memleak", "--backend", backend, "--stacks", "fp", "--pid", str(workload.pid),
-                               "--reachability", "--format", "json", "-o", report,
-                               *(["--max-live", str(max(count * 2, 1_000_000))] if backend == "bcc" else [])],
-                              stderr=subprocess.PIPE, text=True)
-    for line in tracer.stderr:                     # every probe attached, and the process held
+    tracer = subprocess.Popen(
+        [
+            "/usr/bin/time",
+            "-f",
+            "%M",
+            "-o",
+            rss,
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            backend,
+            "--stacks",
+            "fp",
+            "--pid",
+            str(workload.pid),
+            "--reachability",
+            "--format",
+            "json",
+            "-o",
+            report,
+            *(["--max-live", str(max(count * 2, 1_000_000))] if backend == "bcc" else []),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in tracer.stderr:  # every probe attached, and the process held
         if line.startswith("probedsl: tracing "):
             break
     else:
@@ -48,8 +72,11 @@ def one(exe: str, total_mb: int, block: int, backend: str, out_dir: str) -> dict
         raise SystemExit(f"probedsl failed: {tracer.stderr.read()}")
     doc = json.load(open(report))
     scan = doc["reachability_scan"]
-    return {**scan, "rss_mb": int(open(rss).read().split()[-1]) // 1024,
-            "kinds": {k: v["blocks"] for k, v in doc["resources"]["heap"]["reachability"].items()}}
+    return {
+        **scan,
+        "rss_mb": int(open(rss).read().split()[-1]) // 1024,
+        "kinds": {k: v["blocks"] for k, v in doc["resources"]["heap"]["reachability"].items()},
+    }
 
 
 def main() -> None:
@@ -66,14 +93,19 @@ def main() -> None:
         for size in args.sizes.split(","):
             total_mb, block = map(int, size.split(":"))
             if backend == "bpftrace" and (total_mb << 20) // block >= BPFTRACE_MAX_LIVE:
-                print(f"| {backend} | {total_mb} MB in {block}-byte blocks | (bpftrace 0.17-0.24 holds at most "
-                      f"{BPFTRACE_MAX_LIVE} live blocks) | | | | | |")
+                print(
+                    f"| {backend} | {total_mb} MB in {block}-byte blocks | (bpftrace 0.17-0.24 holds at most "
+                    f"{BPFTRACE_MAX_LIVE} live blocks) | | | | | |"
+                )
                 continue
             r = one(exe, total_mb, block, backend, tmp)
             rate = r["scanned_bytes"] / r["scan_s"] / 2**30 if r["scan_s"] else 0
-            print(f"| {backend} | {total_mb} MB in {block}-byte blocks | {r['blocks']} | "
-                  f"{r['scanned_bytes'] / 2**20:.0f} | {r['scan_s']:.2f} | {rate:.2f} | {r['pause_ms']:.0f} | "
-                  f"{r['rss_mb']} |", flush=True)
+            print(
+                f"| {backend} | {total_mb} MB in {block}-byte blocks | {r['blocks']} | "
+                f"{r['scanned_bytes'] / 2**20:.0f} | {r['scan_s']:.2f} | {rate:.2f} | {r['pause_ms']:.0f} | "
+                f"{r['rss_mb']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

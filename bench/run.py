@@ -15,6 +15,7 @@ and the bystander cost: an unrelated process's loop while probedsl traces --comm
 name (bystander-*; bystander-bcc-per-process: BCC attaching per matching process), or a launched command (bystander-of-cmd-*: probes on private copies on bpftrace, per-process
 uprobes on BCC). The workload times its own loop, so start-up and reporting are not in the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
-FLOOR = f"uprobe:{LIBC}:malloc {{}} uretprobe:{LIBC}:malloc {{}} uprobe:{LIBC}:free {{}} " \
-        f"tracepoint:syscalls:sys_enter_getppid /pid == $1/ {{ printf(\"ready\\n\"); }}"
-DELAY = 6          # seconds the workload waits before its loop: tracers attach meanwhile
+FLOOR = (
+    f"uprobe:{LIBC}:malloc {{}} uretprobe:{LIBC}:malloc {{}} uprobe:{LIBC}:free {{}} "
+    f"tracepoint:syscalls:sys_enter_getppid /pid == $1/ {{ printf(\"ready\\n\"); }}"
+)
+DELAY = 6  # seconds the workload waits before its loop: tracers attach meanwhile
 
 
 def build(tmp: str) -> str:
     exe = os.path.join(tmp, "mallocfree")
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", exe, str(ROOT / "bench" / "workloads" / "mallocfree.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-pthread", "-o", exe, str(ROOT / "bench" / "workloads" / "mallocfree.c")], check=True
+    )
     return exe
 
 
@@ -56,11 +60,12 @@ def run_untraced(exe, args):
 
 
 def run_floor(exe, args):
-    tracer = subprocess.Popen(["bpftrace", "-e", FLOOR, str(os.getpid())], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
+    tracer = subprocess.Popen(
+        ["bpftrace", "-e", FLOOR, str(os.getpid())], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     os.set_blocking(tracer.stdout.fileno(), False)
     buf, deadline = b"", time.monotonic() + 60
-    while b"ready" not in buf and time.monotonic() < deadline:     # attached: the sentinel fired
+    while b"ready" not in buf and time.monotonic() < deadline:  # attached: the sentinel fired
         os.getppid()
         try:
             buf += os.read(tracer.stdout.fileno(), 4096)
@@ -91,9 +96,14 @@ time.sleep(3600)
 
 def run_floor_bcc(exe, args, placed: bool):
     from probedsl.binaries import x86
+
     where = x86.place(LIBC, "free", (0,)) if placed else None
-    tracer = subprocess.Popen([sys.executable, "-c", BCC_FLOOR, LIBC, str(where.offset if where else 0)],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    tracer = subprocess.Popen(
+        [sys.executable, "-c", BCC_FLOOR, LIBC, str(where.offset if where else 0)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert tracer.stdout.readline().strip() == "ready"
         return loop_seconds(workload(exe, args, 0))
@@ -104,10 +114,26 @@ def run_floor_bcc(exe, args, placed: bool):
 
 def run_probedsl(exe, args, backend, *more):
     proc = workload(exe, args, DELAY)
-    extra = ["--no-follow-forks", *more]   # one process: a pid filter, and per-pid uprobes on BCC
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                               "--pid", str(proc.pid), "--format", "json", *extra],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    extra = ["--no-follow-forks", *more]  # one process: a pid filter, and per-pid uprobes on BCC
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            backend,
+            "--pid",
+            str(proc.pid),
+            "--format",
+            "json",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     try:
         return loop_seconds(proc)
     finally:
@@ -117,8 +143,7 @@ def run_probedsl(exe, args, backend, *more):
 def run_bcc_memleak(exe, args):
     tool = shutil.which("memleak-bpfcc")
     proc = workload(exe, args, DELAY)
-    tracer = subprocess.Popen([tool, "-p", str(proc.pid), "60"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    tracer = subprocess.Popen([tool, "-p", str(proc.pid), "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         return loop_seconds(proc)
     finally:
@@ -131,8 +156,13 @@ def run_bcc_memleak(exe, args):
 
 def loop_while_tracing(exe, args, backend, *target):
     """The workload's loop time while `probedsl run memleak ... TARGET` traces something else."""
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     while "tracing" not in (tracer.stderr.readline() or "tracing"):
         pass
     try:
@@ -161,20 +191,23 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated configurations to run (untraced and floor always run)")
     args = ap.parse_args()
     exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
-    configs = {"untraced": lambda: run_untraced(exe, args), "floor": lambda: run_floor(exe, args),
-               "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
-               "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp"),
-               "floor-bcc-entry": lambda: run_floor_bcc(exe, args, placed=False),
-               "floor-bcc-placed": lambda: run_floor_bcc(exe, args, placed=True),
-               "probedsl-bcc-at-entry": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--probe-at", "entry"),
-               "probedsl-bcc-dwarf": lambda: run_probedsl(exe, args, "bcc", "--stacks", "dwarf"),
-               "probedsl-bpftrace-sample10": lambda: run_probedsl(exe, args, "bpftrace", "--sample", "10"),
-               "probedsl-bcc-sample10": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--sample", "10"),
-               "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
-               "bystander-bcc": lambda: run_bystander(exe, args, "bcc"),
-               "bystander-bcc-per-process": lambda: run_bystander(exe, args, "bcc", "--per-process"),
-               "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
-               "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc")}
+    configs = {
+        "untraced": lambda: run_untraced(exe, args),
+        "floor": lambda: run_floor(exe, args),
+        "probedsl-bpftrace": lambda: run_probedsl(exe, args, "bpftrace"),
+        "probedsl-bcc": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp"),
+        "floor-bcc-entry": lambda: run_floor_bcc(exe, args, placed=False),
+        "floor-bcc-placed": lambda: run_floor_bcc(exe, args, placed=True),
+        "probedsl-bcc-at-entry": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--probe-at", "entry"),
+        "probedsl-bcc-dwarf": lambda: run_probedsl(exe, args, "bcc", "--stacks", "dwarf"),
+        "probedsl-bpftrace-sample10": lambda: run_probedsl(exe, args, "bpftrace", "--sample", "10"),
+        "probedsl-bcc-sample10": lambda: run_probedsl(exe, args, "bcc", "--stacks", "fp", "--sample", "10"),
+        "bystander-bpftrace": lambda: run_bystander(exe, args, "bpftrace"),
+        "bystander-bcc": lambda: run_bystander(exe, args, "bcc"),
+        "bystander-bcc-per-process": lambda: run_bystander(exe, args, "bcc", "--per-process"),
+        "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
+        "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc"),
+    }
     if shutil.which("memleak-bpfcc"):
         configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
     if args.only:
@@ -185,7 +218,7 @@ def main() -> None:
         for name, fn in configs.items():
             times[name].append(fn())
             print(f"run {r + 1}/{args.runs} {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
-    calls = 2 * args.threads * args.calls                     # each pair is a malloc and a free
+    calls = 2 * args.threads * args.calls  # each pair is a malloc and a free
     base = statistics.median(times["untraced"])
     floor = (statistics.median(times["floor"]) - base) / calls * 1e9
     print(f"\n{args.threads} threads x {args.calls} malloc/free, medians of {args.runs} interleaved runs\n")

@@ -6,6 +6,7 @@ probedsl's peak RSS, and the kernel memory of the tracer's BPF maps.
 The workload (bench/workloads/holdmany.c) holds N blocks, waits on stdin, then exits; the
 kernel memory is read from the tracer's map file descriptors (fdinfo "memlock") meanwhile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,17 +44,34 @@ def peak_rss_kb(pid: int) -> int:
 
 
 def run(exe: str, backend: str, blocks: int) -> dict:
-    argv = [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, "--no-color",
-            "--max-live", str(blocks + 100_000), "--", exe, str(blocks)]
+    argv = [
+        sys.executable,
+        "-m",
+        "probedsl",
+        "run",
+        "memleak",
+        "--backend",
+        backend,
+        "--no-color",
+        "--max-live",
+        str(blocks + 100_000),
+        "--",
+        exe,
+        str(blocks),
+    ]
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     while "held" not in (line := proc.stderr.readline()):
         if not line:
             raise SystemExit(f"probedsl ended early: {proc.stderr.read()}")
     held = time.monotonic()
-    tracer = proc.pid if backend == "bcc" else next(
-        c for c in children(proc.pid) if open(f"/proc/{c}/comm").read().strip() == "bpftrace")
+    tracer = (
+        proc.pid
+        if backend == "bcc"
+        else next(c for c in children(proc.pid) if open(f"/proc/{c}/comm").read().strip() == "bpftrace")
+    )
     kernel = map_memory(tracer)
     rss = [peak_rss_kb(proc.pid)]
 
@@ -64,6 +82,7 @@ def run(exe: str, backend: str, blocks: int) -> dict:
             except OSError:
                 break
             time.sleep(0.02)
+
     threading.Thread(target=watch, daemon=True).start()
     exited = time.monotonic()
     proc.stdin.write("\n")
@@ -73,8 +92,14 @@ def run(exe: str, backend: str, blocks: int) -> dict:
     rest = proc.stdout.read()
     proc.wait()
     assert "report" in first, first
-    return {"backend": backend, "attach_and_hold_s": held - started, "report_s": reported - exited,
-            "rss_mb": max(rss) / 1024, "kernel_mb": kernel / 2**20, "report": first + rest}
+    return {
+        "backend": backend,
+        "attach_and_hold_s": held - started,
+        "report_s": reported - exited,
+        "rss_mb": max(rss) / 1024,
+        "kernel_mb": kernel / 2**20,
+        "report": first + rest,
+    }
 
 
 def main() -> None:
@@ -86,10 +111,13 @@ def main() -> None:
     print(f"{args.blocks} live blocks\n")
     print("| backend | start + hold (s) | target exit -> report (s) | probedsl peak RSS (MB) | BPF map memory (MB) |")
     print("|---|---:|---:|---:|---:|")
-    for backend in (["bpftrace", "bcc"] if args.backend == "both" else [args.backend]):
+    for backend in ["bpftrace", "bcc"] if args.backend == "both" else [args.backend]:
         r = run(exe, backend, args.blocks)
-        print(f"| {backend} | {r['attach_and_hold_s']:.2f} | {r['report_s']:.2f} | {r['rss_mb']:.0f} | "
-              f"{r['kernel_mb']:.0f} |", flush=True)
+        print(
+            f"| {backend} | {r['attach_and_hold_s']:.2f} | {r['report_s']:.2f} | {r['rss_mb']:.0f} | "
+            f"{r['kernel_mb']:.0f} |",
+            flush=True,
+        )
         if str(args.blocks) not in r["report"]:
             print(r["report"], file=sys.stderr)
             raise SystemExit(f"{backend}: the report does not show {args.blocks} blocks")

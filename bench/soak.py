@@ -1,6 +1,7 @@
 """Soak: a long interval run against a steadily leaking program; records probedsl's own RSS
 after every report. `python -m bench.soak --backend bcc --seconds 3600` for the hour-long run;
 tests/test_losses_and_failures.py runs a 12-second version."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,30 @@ def soak(backend: str, seconds: int, interval: int = 1, exe: str = "") -> list:
     if not exe:
         exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-soak-"), "drip")
         subprocess.run(["gcc", "-O0", "-g", "-o", exe, str(ROOT / "tests" / "fixtures" / "drip.c")], check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend,
-                             "--interval", str(interval), "--format", "json", "--duration", str(seconds),
-                             "--", exe, str(seconds + 5)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            "memleak",
+            "--backend",
+            backend,
+            "--interval",
+            str(interval),
+            "--format",
+            "json",
+            "--duration",
+            str(seconds),
+            "--",
+            exe,
+            str(seconds + 5),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     samples, started = [], time.monotonic()
     for line in proc.stdout:
         if line.startswith('  "sequence"') and proc.poll() is None:
@@ -45,8 +66,17 @@ def main() -> None:
     args = ap.parse_args()
     samples = soak(args.backend, args.seconds, args.interval)
     first, last = samples[min(3, len(samples) - 1)]["rss_kb"], samples[-1]["rss_kb"]
-    print(json.dumps({"backend": args.backend, "reports": len(samples), "rss_kb_after_warmup": first,
-                      "rss_kb_last": last, "growth_kb": last - first}))
+    print(
+        json.dumps(
+            {
+                "backend": args.backend,
+                "reports": len(samples),
+                "rss_kb_after_warmup": first,
+                "rss_kb_last": last,
+                "growth_kb": last - first,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

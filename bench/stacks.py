@@ -9,6 +9,7 @@ stack memleak records has DEPTH + main + libc's start frames, capped at 64). Eac
 runs. Also: the time to decode .eh_frame into rows (libc, python3) and the unwinder's kernel
 memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def loop_seconds(exe: str, depth: int, calls: int, stacks: str) -> float:
-    return held.loop_seconds([exe, str(depth), str(calls)],
-                             ["memleak", "--backend", "bcc", "--stacks", stacks, "--top", "1"])
+    return held.loop_seconds(
+        [exe, str(depth), str(calls)], ["memleak", "--backend", "bcc", "--stacks", stacks, "--top", "1"]
+    )
 
 
 def table_times() -> list:
@@ -34,6 +36,7 @@ def table_times() -> list:
     .eh_frame on the first run, read back by build id on the next."""
     from probedsl.binaries import cfi
     from probedsl.stacks import unwind_tables
+
     rows = []
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="probedsl-bench-cache-")
     for path in ("/lib/x86_64-linux-gnu/libc.so.6", os.path.realpath("/usr/bin/python3")):

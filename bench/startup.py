@@ -22,6 +22,7 @@ the same probedsl rows run by another interpreter (e.g. a worktree of the code b
 `--version before=/path/.venv/bin/python`), interleaved with these: on a shared machine, before
 and after then see the same load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PR_SET_CHILD_SUBREAPER = 36
 COMMANDS = {"true": ["/bin/true"], "python": ["/usr/bin/python3", "-c", "pass"]}
-PROBEDSL = {"bcc-dwarf": ["--backend", "bcc", "--stacks", "dwarf"],
-            "bcc-fp": ["--backend", "bcc", "--stacks", "fp"],
-            "bpftrace": ["--backend", "bpftrace"]}
+PROBEDSL = {
+    "bcc-dwarf": ["--backend", "bcc", "--stacks", "dwarf"],
+    "bcc-fp": ["--backend", "bcc", "--stacks", "fp"],
+    "bpftrace": ["--backend", "bpftrace"],
+}
 OTHERS = {"untraced": [], "heaptrack": ["heaptrack"], "valgrind": ["valgrind", "--leak-check=full"]}
 
 
@@ -50,7 +53,7 @@ def become_subreaper() -> None:
         raise SystemExit("bench.startup: cannot become a child subreaper")
 
 
-BYSTANDERS: set = set()        # our children that run throughout (--bystanders)
+BYSTANDERS: set = set()  # our children that run throughout (--bystanders)
 
 
 def reap_all() -> None:
@@ -78,8 +81,9 @@ def once(argv, env, cwd) -> tuple:
     """(to exec or None, to exit, clean, (generate, compile-load-attach) or None) in seconds
     for one run of argv; the last from probedsl's --estimate line."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     to_exec = parts = None
     for line in proc.stderr:
         if to_exec is None and line.startswith(b"probedsl: tracing "):
@@ -99,7 +103,7 @@ def configurations(only, versions, commands):
         for name, options in PROBEDSL.items():
             for label, python in versions:
                 for cache in ("cold", "warm"):
-                    said = ["--estimate"] if not label else []      # the breakdown (older versions refuse it)
+                    said = ["--estimate"] if not label else []  # the breakdown (older versions refuse it)
                     argv = [python, "-m", "probedsl", "run", "memleak", *options, *said, "--", *COMMANDS[cmd]]
                     out.append((f"{name}{label}", cmd, cache, argv))
         for name, prefix in OTHERS.items():
@@ -116,17 +120,19 @@ def bystanders(n: int) -> list:
 
 
 # (file suffix, function) -> phase; cumulative seconds in the main thread
-PHASES = {("probedsl/cli.py", "<module>"): "imports",
-          ("probedsl/run/session.py", "prepare"): "prepare (recipe, placement, generate)",
-          ("bcc_compile.py", "result"): "wait for BCC's compile",
-          ("bcc/__init__.py", "load_func"): "load (the verifier)",
-          ("drivers/bcc.py", "_attach"): "attach (load included)",
-          ("drivers/bpftrace.py", "start"): "bpftrace start (LLVM, maps, attach)",
-          ("probedsl/process/mappings.py", "start"): "mapping tracker start",
-          ("drivers/bcc.py", "_placed"): "placement checks",
-          ("drivers/bcc.py", "close"): "detach (probedsl's part)",
-          ("drivers/bpftrace.py", "kill"): "detach (probedsl's part)",
-          ("probedsl/run/session.py", "finish"): "final snapshot and report"}
+PHASES = {
+    ("probedsl/cli.py", "<module>"): "imports",
+    ("probedsl/run/session.py", "prepare"): "prepare (recipe, placement, generate)",
+    ("bcc_compile.py", "result"): "wait for BCC's compile",
+    ("bcc/__init__.py", "load_func"): "load (the verifier)",
+    ("drivers/bcc.py", "_attach"): "attach (load included)",
+    ("drivers/bpftrace.py", "start"): "bpftrace start (LLVM, maps, attach)",
+    ("probedsl/process/mappings.py", "start"): "mapping tracker start",
+    ("drivers/bcc.py", "_placed"): "placement checks",
+    ("drivers/bcc.py", "close"): "detach (probedsl's part)",
+    ("drivers/bpftrace.py", "kill"): "detach (probedsl's part)",
+    ("probedsl/run/session.py", "finish"): "final snapshot and report",
+}
 
 
 # probedsl under cProfile: `probedsl run` ends with os._exit (no interpreter teardown), so the
@@ -148,13 +154,20 @@ runpy.run_module("probedsl", run_name="__main__")
 
 def profile(runs: int, work: Path) -> None:
     import pstats
+
     for name, options in PROBEDSL.items():
         phases: dict = {}
-        for i in range(runs + 1):                 # the first warms the cache
+        for i in range(runs + 1):  # the first warms the cache
             out = work / f"{name}-{i}.prof"
             env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))
-            subprocess.run([sys.executable, "-c", PROFILED, str(out), "run", "memleak", *options, "--", "/bin/true"],
-                           env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                [sys.executable, "-c", PROFILED, str(out), "run", "memleak", *options, "--", "/bin/true"],
+                env=env,
+                cwd=work,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=True,
+            )
             reap_all()
             if i == 0:
                 continue
@@ -170,8 +183,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bystanders", type=int, default=0, help="CPU-bound loops running meanwhile")
     ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*PROBEDSL, *OTHERS]))
-    ap.add_argument("--version", action="append", default=[], metavar="LABEL=PYTHON",
-                    help="also run probedsl with this interpreter (its installed probedsl)")
+    ap.add_argument(
+        "--version",
+        action="append",
+        default=[],
+        metavar="LABEL=PYTHON",
+        help="also run probedsl with this interpreter (its installed probedsl)",
+    )
     ap.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
     ap.add_argument("--profile", action="store_true", help="where probedsl's main thread spends its start and end")
     args = ap.parse_args()
@@ -189,7 +207,7 @@ def main() -> None:
     warm = {}
     busy = bystanders(args.bystanders)
     try:
-        for name, cmd, cache, argv in configs:         # warm caches: one run each, not counted
+        for name, cmd, cache, argv in configs:  # warm caches: one run each, not counted
             if cache == "warm":
                 warm[name, cmd] = work / f"warm-{name}-{cmd}"
                 warm[name, cmd].mkdir()
@@ -209,16 +227,22 @@ def main() -> None:
             p.wait()
         shutil.rmtree(work, ignore_errors=True)
     print(f"medians of {args.runs}, {args.bystanders} CPU-bound bystanders, {os.cpu_count()} CPUs")
-    print("| tool | command | cache | to exec (s) | to exit (s) | clean (s) | generate (s) | compile, load, attach (s) |")
+    print(
+        "| tool | command | cache | to exec (s) | to exit (s) | clean (s) | generate (s) | compile, load, attach (s) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for (name, cmd, cache), runs in results.items():
+
         def median(values):
             values = [v for v in values if v is not None]
             return f"{statistics.median(values):.2f}" if values else "-"
+
         parts = [r[3] for r in runs if r[3]]
-        print(f"| {name} | {' '.join(COMMANDS[cmd])} | {cache} | {median(r[0] for r in runs)} | "
-              f"{median(r[1] for r in runs)} | {median(r[2] for r in runs)} | {median(p[0] for p in parts)} | "
-              f"{median(p[1] for p in parts)} |")
+        print(
+            f"| {name} | {' '.join(COMMANDS[cmd])} | {cache} | {median(r[0] for r in runs)} | "
+            f"{median(r[1] for r in runs)} | {median(r[2] for r in runs)} | {median(p[0] for p in parts)} | "
+            f"{median(p[1] for p in parts)} |"
+        )
 
 
 if __name__ == "__main__":

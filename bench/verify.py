@@ -6,6 +6,7 @@ creation), and each program's load, which is the kernel's verification.
 Per program: the load's seconds and the instructions the verifier walked (the kernel's
 verified_insns); the programs BCC loads itself (tracepoints) are counted with the compile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ def measure(recipe: str, stacks: str) -> None:
     bpf = bcc.BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     compiled = time.monotonic() - started
     kinds = {f: bcc.BPF.KPROBE for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f}
-    kinds.update({u["program"]: bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
-                  for u in gen.manifest.get("unwinders", [])})
+    kinds.update(
+        {
+            u["program"]: bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
+            for u in gen.manifest.get("unwinders", [])
+        }
+    )
     rows, total = [], 0.0
     try:
         for name, kind in kinds.items():
@@ -42,8 +47,10 @@ def measure(recipe: str, stacks: str) -> None:
             rows.append((name, took, verified_instructions(fn.fd)))
     finally:
         bpf.cleanup()
-    print(f"### {recipe}, --stacks {stacks}: compile and maps {compiled:.2f} s, loads {total:.2f} s "
-          f"({len(rows)} programs)")
+    print(
+        f"### {recipe}, --stacks {stacks}: compile and maps {compiled:.2f} s, loads {total:.2f} s "
+        f"({len(rows)} programs)"
+    )
     print("| program | load (ms) | verified instructions |")
     print("|---|---:|---:|")
     for name, took, insns in rows:

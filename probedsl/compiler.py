@@ -1,4 +1,5 @@
 """The front half of the pipeline: recipe file -> checked AST -> IR -> backend text."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,11 @@ def find_recipe(name_or_path: str) -> str:
 
 
 def bundled_names():
-    return [(e.name[:-len(".probe")], e) for e in sorted(resources.files("probedsl.recipes").iterdir(),
-                                                         key=lambda e: e.name) if e.name.endswith(".probe")]
+    return [
+        (e.name[: -len(".probe")], e)
+        for e in sorted(resources.files("probedsl.recipes").iterdir(), key=lambda e: e.name)
+        if e.name.endswith(".probe")
+    ]
 
 
 def load(path: str) -> ast.Recipe:
@@ -56,7 +60,7 @@ def read_source(name_or_path: str) -> Tuple[str, str]:
     """(text, where) of a recipe: a file, a bundled name, or "-" (standard input, "<stdin>")."""
     global _stdin_source
     if name_or_path == "-":
-        if _stdin_source is None:        # read once: a second read would find it empty
+        if _stdin_source is None:  # read once: a second read would find it empty
             try:
                 _stdin_source = sys.stdin.read()
             except UnicodeDecodeError as exc:
@@ -70,51 +74,74 @@ def read_source(name_or_path: str) -> Tuple[str, str]:
         raise ProbedslError(f"cannot read recipe {path}: {exc}") from None
 
 
-def build(recipe: ast.Recipe, overrides: Mapping[str, str] = {}, *,
-          resolver: Optional[libraries.LibraryResolver] = None,
-          max_live: int = ir.DEFAULT_MAX_LIVE, allocator: Optional[allocators.Choice] = None,
-          complete: bool = True) -> ir.Program:
+def build(
+    recipe: ast.Recipe,
+    overrides: Mapping[str, str] = {},
+    *,
+    resolver: Optional[libraries.LibraryResolver] = None,
+    max_live: int = ir.DEFAULT_MAX_LIVE,
+    allocator: Optional[allocators.Choice] = None,
+    complete: bool = True,
+) -> ir.Program:
     """Checked recipe -> IR with libraries resolved and aliases folded; allocator: its probes
     moved to another allocator's library (probedsl.passes.allocators). complete: a resource whose
     optional probes (moved ones, usdt) all went must be an error (check only looks)."""
     program = lower.lower(recipe, lower.parameter_values(recipe, overrides), max_live)
     program = allocators.apply(program, allocator)
-    optional = {r.name: [p.label for p in r.probes if p.optional and any(a.kind == "acquire" for a in p.actions)]
-                for r in program.resources}
+    optional = {
+        r.name: [p.label for p in r.probes if p.optional and any(a.kind == "acquire" for a in p.actions)]
+        for r in program.resources
+    }
     program = resolve.resolve(program, resolver or libraries.LibraryResolver(), recipe.source)
     for res in program.resources:
         if not complete or not optional[res.name] or any(a.kind == "acquire" for p in res.probes for a in p.actions):
             continue
         if allocator:
-            raise ProbedslError(f"{allocator.library}: none of {res.name}'s allocation calls is there"
-                                + (f" with the prefix {allocator.prefix}" if allocator.prefix else ""))
-        raise ProbedslError(f"no file of the program has {' or '.join(optional[res.name])} (looked in the "
-                            f"program given by --pid or -- CMD and its libraries)")
+            raise ProbedslError(
+                f"{allocator.library}: none of {res.name}'s allocation calls is there"
+                + (f" with the prefix {allocator.prefix}" if allocator.prefix else "")
+            )
+        raise ProbedslError(
+            f"no file of the program has {' or '.join(optional[res.name])} (looked in the "
+            f"program given by --pid or -- CMD and its libraries)"
+        )
     return program
 
 
 @dataclass(frozen=True)
 class Choices:
     """What the command line chose about the program; each pass of `plan` reads its part."""
-    sets: Mapping[str, str] = field(default_factory=dict)    # --set NAME=VALUE
-    allocator: Optional[allocators.Choice] = None              # --allocator, -O, --symbols-prefix
-    max_live: int = 0                                          # 0: the target's default
+
+    sets: Mapping[str, str] = field(default_factory=dict)  # --set NAME=VALUE
+    allocator: Optional[allocators.Choice] = None  # --allocator, -O, --symbols-prefix
+    max_live: int = 0  # 0: the target's default
     min_size: Optional[int] = None
     max_size: Optional[int] = None
     scope: ir.Scope = field(default_factory=ir.Scope)
     sample: int = 1
-    read_live: bool = False        # the live table is read (--ages, --reachability)
-    min_age: Optional[float] = None   # --min-age (seconds): also reads it
-    stacks: Optional[str] = None   # "fp" or "dwarf"; None: the target's best
-    placed: bool = True            # --probe-at placed
+    read_live: bool = False  # the live table is read (--ages, --reachability)
+    min_age: Optional[float] = None  # --min-age (seconds): also reads it
+    stacks: Optional[str] = None  # "fp" or "dwarf"; None: the target's best
+    placed: bool = True  # --probe-at placed
     # --private-libs: a copy of each probed library for the traced command only
     private: Optional[Callable[[ir.Program], ir.Program]] = None
 
 
-def compile_choices(*, pid: Optional[int], comm: Optional[str], program: Optional[str], sets: Mapping[str, str],
-                    allocator: Optional[str], obj: Optional[str], symbols_prefix: Optional[str],
-                    min_size: Optional[int], max_size: Optional[int], sample: int, stacks: Optional[str],
-                    placed: bool) -> Tuple[Choices, libraries.LibraryResolver]:
+def compile_choices(
+    *,
+    pid: Optional[int],
+    comm: Optional[str],
+    program: Optional[str],
+    sets: Mapping[str, str],
+    allocator: Optional[str],
+    obj: Optional[str],
+    symbols_prefix: Optional[str],
+    min_size: Optional[int],
+    max_size: Optional[int],
+    sample: int,
+    stacks: Optional[str],
+    placed: bool,
+) -> Tuple[Choices, libraries.LibraryResolver]:
     """`probedsl compile`'s options as choices, and the resolver that finds libraries as
     `program` (an executable) would, else as ldconfig knows them."""
     scope = ir.Scope()
@@ -123,30 +150,43 @@ def compile_choices(*, pid: Optional[int], comm: Optional[str], program: Optiona
     elif comm is not None:
         scope = ir.Scope("comm", comm=procfs.valid_comm(comm))
     resolver = libraries.LibraryResolver(command=os.path.realpath(program) if program else None)
-    return Choices(sets=sets, allocator=allocators.choose(allocator, obj, symbols_prefix, resolver.resolve),
-                   min_size=min_size, max_size=max_size, scope=scope, sample=sample, stacks=stacks,
-                   placed=placed), resolver
+    return Choices(
+        sets=sets,
+        allocator=allocators.choose(allocator, obj, symbols_prefix, resolver.resolve),
+        min_size=min_size,
+        max_size=max_size,
+        scope=scope,
+        sample=sample,
+        stacks=stacks,
+        placed=placed,
+    ), resolver
 
 
 def check_choices(target: "targets.Target", choices: Choices) -> int:
     """The options' checks against the target, before anything is started; the live table's size."""
     max_live = choices.max_live or target.default_max_live
     if target.max_live_limit is not None and max_live > target.max_live_limit:
-        raise ProbedslError(f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
-                            f"live entries per table (tallies pack the count in its bits); use --backend bcc")
+        raise ProbedslError(
+            f"--max-live {max_live}: {target.name} holds at most {target.max_live_limit} "
+            f"live entries per table (tallies pack the count in its bits); use --backend bcc"
+        )
     if choices.stacks == "dwarf" and not target.dwarf_stacks:
-        raise ProbedslError(f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
-                            "(they are cut where they stop being certain); --backend bcc unwinds them")
+        raise ProbedslError(
+            f"--stacks dwarf: {target.name} walks user stacks by frame pointers only "
+            "(they are cut where they stop being certain); --backend bcc unwinds them"
+        )
     return max_live
 
 
-def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
-         resolver: Optional[libraries.LibraryResolver] = None) -> Tuple[ir.Program, List[str]]:
+def plan(
+    recipe: ast.Recipe, target: "targets.Target", choices: Choices, resolver: Optional[libraries.LibraryResolver] = None
+) -> Tuple[ir.Program, List[str]]:
     """Every pass, in one order, shared by `compile` and `run` (and so --estimate):
     lowered, allocator moved, libraries resolved, sized, scoped, sampled, stacks chosen,
     private copies, placed. Returns the program and notes for the user (what was not probed)."""
-    program = build(recipe, choices.sets, resolver=resolver, max_live=check_choices(target, choices),
-                    allocator=choices.allocator)
+    program = build(
+        recipe, choices.sets, resolver=resolver, max_live=check_choices(target, choices), allocator=choices.allocator
+    )
     program = sized(program, choices.min_size, choices.max_size).with_scope(choices.scope)
     notes = []
     calls = [label for label in program.unprobed if not label.startswith("usdt:")]
@@ -161,7 +201,7 @@ def plan(recipe: ast.Recipe, target: "targets.Target", choices: Choices,
         program = choices.private(program)
     if choices.placed:
         program = placement.apply(program)
-    program = reentry.apply(program)       # where it is placed (or at entries), tail jumps
+    program = reentry.apply(program)  # where it is placed (or at entries), tail jumps
     return program, notes
 
 
@@ -207,10 +247,15 @@ def tail_jumps(program: ir.Program) -> List[str]:
     """What check says of tail jumps into probed releases (probedsl.passes.reentry)."""
     lines = []
     for probe in (p for r in reentry.apply(placement.apply(program)).resources for p in r.probes):
-        lines += [f"{probe.label}: not probed in {path}: each call is a jump to another probed function"
-                  for path in probe.forwards]
-        lines += [f"{probe.label}: entered again within one {s.origin} call by the tail jump at 0x{s.address:x} "
-                  f"in {s.path} (told apart, not counted twice)" for s in probe.reentered]
+        lines += [
+            f"{probe.label}: not probed in {path}: each call is a jump to another probed function"
+            for path in probe.forwards
+        ]
+        lines += [
+            f"{probe.label}: entered again within one {s.origin} call by the tail jump at 0x{s.address:x} "
+            f"in {s.path} (told apart, not counted twice)"
+            for s in probe.reentered
+        ]
     return lines
 
 

@@ -1,4 +1,5 @@
 """Diagnostics: located recipe errors rendered as `file:line:col: message` plus a caret."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from typing import List, Sequence
 @dataclass(frozen=True)
 class Span:
     """Where in a recipe: 1-based line and column (0, 0: nowhere)."""
+
     line: int
     column: int
     end_line: int = 0
@@ -43,8 +45,7 @@ class RecipeError(ProbedslError):
     """One or more located problems in a recipe."""
 
     def __init__(self, diagnostics: Sequence[Diagnostic], source: str):
-        self.diagnostics: List[Diagnostic] = sorted(
-            diagnostics, key=lambda d: (d.span.line, d.span.column))
+        self.diagnostics: List[Diagnostic] = sorted(diagnostics, key=lambda d: (d.span.line, d.span.column))
         self.source = source
         super().__init__(self.render())
 

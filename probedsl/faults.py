@@ -5,6 +5,7 @@ PROBEDSL_FAULT_GATE exists (at most GATE_S), so a test acts at that moment (kill
 sends a signal) and then lets the run go on: tests wait for signals, never for time. Unset
 (always, outside the tests), every point is a no-op.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,13 @@
 """Notes from deep inside a run (a cache ignored, a debug file refused, a file over a parser's
 bound) for the report: said once each, collected by the session into every report's notes."""
+
 from __future__ import annotations
 
 import threading
 from typing import Dict, List
 
 _said: List[str] = []
-_counts: Dict[str, int] = {}        # a note said once with how often it happened
+_counts: Dict[str, int] = {}  # a note said once with how often it happened
 _lock = threading.Lock()
 
 

@@ -4,13 +4,14 @@ An exception in one of them becomes one line in `failures()`, which the session 
 report's notes (the report is then marked incomplete); the measurement is untouched. Threads
 started by libraries go through the same hook (threading.excepthook).
 """
+
 from __future__ import annotations
 
 import threading
 from typing import Callable, Dict, List, Tuple
 
 _lock = threading.Lock()
-_failures: Dict[str, Tuple[int, List[str]]] = {}   # thread name -> (failures, the first few as lines)
+_failures: Dict[str, Tuple[int, List[str]]] = {}  # thread name -> (failures, the first few as lines)
 _KEPT = 3
 
 
@@ -49,11 +50,13 @@ threading.excepthook = _hook
 
 def start(name: str, target: Callable[[], None]) -> threading.Thread:
     """A daemon thread named `name` whose exception is recorded, not printed."""
+
     def run():
         try:
             target()
-        except Exception as exc:      # anything: the run goes on and says so
+        except Exception as exc:  # anything: the run goes on and says so
             failed(name, exc)
+
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread

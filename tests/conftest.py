@@ -1,4 +1,5 @@
 """Shared helpers: the CLI, C fixtures built in the test run, and JSON report readers."""
+
 from __future__ import annotations
 
 import json
@@ -43,16 +44,23 @@ def update_golden(request):
 
 def probedsl(*args, input=None, timeout=120, **kw):
     """Run the CLI as a user would; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "probedsl", *args], input=input, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "probedsl", *args], input=input, capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def start_run(*args, env=None, stdin=None):
     """`probedsl run ARGS` in the background, returned once it says that tracing has begun
     (every probe attached); its output is read later with communicate(). stdin=PIPE keeps a
     launched command that reads its input (the seed's leak) running until it is closed."""
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=stdin, text=True, env=env)
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=stdin,
+        text=True,
+        env=env,
+    )
     said = []
     while not said or not said[-1].startswith("probedsl: tracing "):
         said.append(stderr_line(tracer))
@@ -109,8 +117,9 @@ def root_required():
 def mallocfree(tmp_path_factory):
     """bench's workload: mallocfree THREADS CALLS DELAY_S (malloc/free pairs, nothing kept)."""
     exe = tmp_path_factory.mktemp("bench") / "mallocfree"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(ROOT / "bench" / "workloads" / "mallocfree.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-pthread", "-o", str(exe), str(ROOT / "bench" / "workloads" / "mallocfree.c")], check=True
+    )
     return str(exe)
 
 
@@ -127,8 +136,11 @@ def sampled(tmp_path_factory):
 
 
 # build("NAME-FLAVOUR"): gcc's flags for each optimized flavour of a fixture
-OPTIMIZED = {"O2": ["-O2", "-g"], "nounwind": ["-O2", "-g", "-fno-asynchronous-unwind-tables"],
-             "cet": ["-O2", "-fcf-protection=full"]}
+OPTIMIZED = {
+    "O2": ["-O2", "-g"],
+    "nounwind": ["-O2", "-g", "-fno-asynchronous-unwind-tables"],
+    "cet": ["-O2", "-fcf-protection=full"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -146,21 +158,24 @@ def build(tmp_path_factory):
             return built[name]
         exe = out / name
         if name.endswith("-stripped"):
-            subprocess.run(["strip", "-o", str(exe), _build(name[:-len("-stripped")])], check=True)
+            subprocess.run(["strip", "-o", str(exe), _build(name[: -len("-stripped")])], check=True)
         elif name.rsplit("-", 1)[-1] in OPTIMIZED:
             base, flavour = name.rsplit("-", 1)
-            subprocess.run(["gcc", *OPTIMIZED[flavour], "-pthread", "-o", str(exe), str(FIXTURES / f"{base}.c")],
-                           check=True)
+            subprocess.run(
+                ["gcc", *OPTIMIZED[flavour], "-pthread", "-o", str(exe), str(FIXTURES / f"{base}.c")], check=True
+            )
         elif name.startswith("lib") and name.endswith(".so"):
             src = FIXTURES / f"{name[3:-3]}.c"
             subprocess.run(["gcc", "-O0", "-g", "-shared", "-fPIC", "-o", str(exe), str(src)], check=True)
         elif (FIXTURES / f"{name}.cpp").exists():
             subprocess.run(["g++", "-O0", "-g", "-o", str(exe), str(FIXTURES / f"{name}.cpp")], check=True)
         else:
-            subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c"), "-ldl", "-lz"],
-                           check=True)
+            subprocess.run(
+                ["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(FIXTURES / f"{name}.c"), "-ldl", "-lz"], check=True
+            )
         built[name] = str(exe)
         return built[name]
+
     return _build
 
 

@@ -1,4 +1,5 @@
 """IR -> backend text: golden files, snippets, and the backends' own acceptance of our output."""
+
 from __future__ import annotations
 
 import glob
@@ -26,11 +27,15 @@ RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.probe")) + glob.glob(str(RO
 # each library is the file /lib/NAME.so, each function at its own address (build_on_fixed_machine's
 # aliases give a function another's).
 FIXED_LIBRARIES = {
-    "libc": ("malloc calloc realloc reallocarray posix_memalign aligned_alloc memalign valloc pvalloc free "
-             "fopen fdopen freopen tmpfile popen fclose mmap munmap "
-             "pthread_mutex_lock pthread_mutex_trylock pthread_mutex_unlock").split(),
-    "libstdc++": ("_Znwm _Znam _ZnwmRKSt9nothrow_t _ZnamRKSt9nothrow_t _ZnwmSt11align_val_t _ZnamSt11align_val_t "
-                  "_ZdlPv _ZdlPvSt11align_val_t").split(),
+    "libc": (
+        "malloc calloc realloc reallocarray posix_memalign aligned_alloc memalign valloc pvalloc free "
+        "fopen fdopen freopen tmpfile popen fclose mmap munmap "
+        "pthread_mutex_lock pthread_mutex_trylock pthread_mutex_unlock"
+    ).split(),
+    "libstdc++": (
+        "_Znwm _Znam _ZnwmRKSt9nothrow_t _ZnamRKSt9nothrow_t _ZnwmSt11align_val_t _ZnamSt11align_val_t "
+        "_ZdlPv _ZdlPvSt11align_val_t"
+    ).split(),
     "z": "deflateInit_ deflateInit2_ deflateEnd inflateInit_ inflateInit2_ inflateEnd".split(),
 }
 
@@ -95,7 +100,7 @@ def assert_golden(text: str, golden, update: bool) -> None:
 
 @pytest.mark.parametrize("recipe", BUNDLED, ids=os.path.basename)
 def test_recipe_ir_and_layout_match_golden(recipe, update_golden):
-    name = os.path.basename(recipe)[:-len(".probe")]
+    name = os.path.basename(recipe)[: -len(".probe")]
     program = recipe_program(recipe)
     assert_golden(compiler.dump(program), GOLDEN / "ir" / f"{name}.ir", update_golden)
 
@@ -158,7 +163,7 @@ def test_recipe_text_in_comments_cannot_close_them(tmp_path):
     program = compiler.build(compiler.load(str(recipe)))
     gen = backend("bcc").generate(program)
     assert "*/ here" not in gen.text
-    compile(gen.loader, "loader.py", "exec")        # the loader is valid Python whatever the text
+    compile(gen.loader, "loader.py", "exec")  # the loader is valid Python whatever the text
 
 
 def test_line_map_points_back_to_the_recipe():
@@ -185,8 +190,9 @@ def built(recipe: str, sampled: dict) -> ir.Program:
 
 @pytest.mark.debian13
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-@pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")],
-                         ids=["all", "pid", "comm"])
+@pytest.mark.parametrize(
+    "scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")], ids=["all", "pid", "comm"]
+)
 def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_required, sampled):
     program = built(recipe, sampled).with_scope(scope)
     script = tmp_path / "p.bt"
@@ -204,22 +210,34 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
     """--comm with dwarf stacks (BCC's default), --all with fp: each program is verified; with
     dwarf, the unwinder is verified once, in its own program, which no acquire program inlines."""
     from bcc import BPF
+
     program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
-        programs = [bpf.load_func(f, BPF.KPROBE) for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f]
-        unwinders = [bpf.load_func(u["program"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
-                     for u in gen.manifest.get("unwinders", [])]
+        programs = [
+            bpf.load_func(f, BPF.KPROBE) for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f
+        ]
+        unwinders = [
+            bpf.load_func(u["program"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
+            for u in gen.manifest.get("unwinders", [])
+        ]
         assert bool(unwinders) == gen.manifest["dwarf"]
         # BCC loaded and attached the system calls' tracepoint programs already; a release of a
         # range (close_range) walks its keys in a loop of its own, verified turn by turn
-        ranges = {f"_{p.function}".encode() for r in program.resources for p in r.probes
-                  if any(a.through is not None for a in p.actions)}
-        programs += [f for name, f in bpf.funcs.items() if name.startswith(b"tracepoint__syscalls__")
-                     and not any(name.endswith(r) for r in ranges)]
-        if unwinders:          # (memleak: 297,000 instructions verified in the unwinder, 700 in an acquire program)
+        ranges = {
+            f"_{p.function}".encode()
+            for r in program.resources
+            for p in r.probes
+            if any(a.through is not None for a in p.actions)
+        }
+        programs += [
+            f
+            for name, f in bpf.funcs.items()
+            if name.startswith(b"tracepoint__syscalls__") and not any(name.endswith(r) for r in ranges)
+        ]
+        if unwinders:  # (memleak: 297,000 instructions verified in the unwinder, 700 in an acquire program)
             least = min(verified_instructions(u.fd) for u in unwinders)
             assert all(verified_instructions(p.fd) < least / 20 for p in programs)
     finally:
@@ -235,6 +253,7 @@ def verified_instructions(fd: int) -> int:
 def test_control_characters_in_a_description_stay_out_of_generated_text():
     """bpftrace's lexer stops at a NUL even inside a comment (found by tests/test_fuzz.py)."""
     from probedsl.language import parser
+
     source = open(MEMLEAK).read().replace('"Heap blocks', '"\\x00 \x1b[31m Heap blocks', 1)
     source = source.replace("\\x00", "\x00")
     recipe = parser.parse(source, "m.probe")
@@ -246,6 +265,7 @@ def test_control_characters_in_a_description_stay_out_of_generated_text():
 
 class _NewKind(str):
     """A probe kind no generator lowers yet (what adding one to ir.ProbeKind starts as)."""
+
     value = "newkind"
 
 
@@ -255,15 +275,19 @@ def test_a_probe_kind_a_generator_does_not_lower_is_refused_by_name(name):
     res = program.resources[0]
     probe = res.probes[0]
     object.__setattr__(probe, "kind", _NewKind("newkind"))
-    with pytest.raises(ProbedslError, match=f"{name if name == 'bpftrace' else 'BCC'} has no lowering for a newkind probe"):
+    with pytest.raises(
+        ProbedslError, match=f"{name if name == 'bpftrace' else 'BCC'} has no lowering for a newkind probe"
+    ):
         backends.for_target(targets.for_version(name, None)).generate(program)
 
 
 def test_two_columns_of_one_name_are_refused_where_the_second_is():
-    source = ('recipe t "two columns"\nresource heap keyed by (pid, address) {\n'
-              "  acquire libc:malloc(size) -> (pid, ret) when ret != 0 size = size\n"
-              "  release libc:free(ptr) -> (pid, ptr)\n  record size, ustack, pid\n}\n"
-              "report outstanding heap by ustack: sum(size) as x, count() as x\n")
+    source = (
+        'recipe t "two columns"\nresource heap keyed by (pid, address) {\n'
+        "  acquire libc:malloc(size) -> (pid, ret) when ret != 0 size = size\n"
+        "  release libc:free(ptr) -> (pid, ptr)\n  record size, ustack, pid\n}\n"
+        "report outstanding heap by ustack: sum(size) as x, count() as x\n"
+    )
     with pytest.raises(RecipeError) as exc:
         checker.check(parser.parse(source, "t.probe"))
     assert "t.probe:7:" in exc.value.render() and "column 'x' is already in this report" in exc.value.render()
@@ -274,6 +298,7 @@ def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(mo
     (bpf_task_pt_regs, kernel 5.15); on an older kernel fdleak's program is --stacks fp's, said
     in one note, never a program the kernel refuses."""
     from probedsl.process import procfs
+
     program = dataclasses.replace(recipe_program(str(ROOT / "recipes" / "fdleak.probe")), stacks="dwarf")
     target = targets.for_version("bcc", None)
     assert "bpf_task_pt_regs" in backends.for_target(target).generate(program).text
@@ -283,6 +308,6 @@ def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(mo
     assert old.text == backends.for_target(target).generate(dataclasses.replace(program, stacks="fp")).text
     (note,) = [n for n in target.notes(program) if "bpf_task_pt_regs" in n]
     assert "frame-pointer" in note and "\n" not in note
-    memleak = dataclasses.replace(memleak_program(), stacks="dwarf")     # uprobes unwind as before
+    memleak = dataclasses.replace(memleak_program(), stacks="dwarf")  # uprobes unwind as before
     assert backends.for_target(target).generate(memleak).manifest["dwarf"]
     assert not [n for n in target.notes(memleak) if "bpf_task_pt_regs" in n]

@@ -1,4 +1,5 @@
 """The .eh_frame decoder, row by row against binutils' readelf on real files."""
+
 from __future__ import annotations
 
 import os
@@ -53,9 +54,17 @@ def cfa_shown(row) -> str:
     return f"{cfi.REGISTER_NAMES[row.cfa_register]}{row.cfa_offset:+d}"
 
 
-@pytest.mark.parametrize("path", ["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2",
-                                  "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/bin/git",
-                                  "/usr/bin/python3.11"], ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        "/usr/bin/git",
+        "/usr/bin/python3.11",
+    ],
+    ids=os.path.basename,
+)
 def test_rows_equal_readelfs(path):
     assert rows_equal_readelfs(path) > 1000
 
@@ -94,7 +103,7 @@ def test_frame_pointer_rows_of_a_frame_pointer_build(build):
     nm = subprocess.run(["nm", exe], capture_output=True, text=True, check=True).stdout
     wrapper1 = next(int(l.split()[0], 16) for l in nm.splitlines() if l.endswith(" wrapper1"))
     table = cfi.table(exe)
-    assert not table.row_at(wrapper1).frame_pointer_based       # push %rbp not done yet
+    assert not table.row_at(wrapper1).frame_pointer_based  # push %rbp not done yet
     assert table.row_at(wrapper1 + 8).frame_pointer_based
 
 

@@ -1,5 +1,6 @@
 """Processes with their own root and libc (a chroot; a new mount and pid namespace) are traced
 like any other: --pid, --comm and -- chroot ROOT CMD, both backends, stacks named."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ def leak_root(build, tmp_path_factory):
     libc file than the system's, as in a container image."""
     root = tmp_path_factory.mktemp("root")
     exe = build("leak_delayed")
-    listed = subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--list", exe], capture_output=True, text=True,
-                            check=True).stdout
+    listed = subprocess.run(
+        ["/lib64/ld-linux-x86-64.so.2", "--list", exe], capture_output=True, text=True, check=True
+    ).stdout
     files = [line.split("=>")[1].split()[0] for line in listed.splitlines() if "=> /" in line]
     files.append("/lib64/ld-linux-x86-64.so.2")
     for path in files:
@@ -84,8 +86,22 @@ def test_a_chrooted_process_with_its_own_libc(backend, mode, leak_root):
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_command_run_through_chroot(backend, leak_root):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--",
-                      "chroot", leak_root, "/leak_delayed", "0", "0")
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--format",
+        "json",
+        "--top",
+        "50",
+        "--",
+        "chroot",
+        leak_root,
+        "/leak_delayed",
+        "0",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_seed_leak(report)
@@ -101,7 +117,9 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
     # directory is empty, so its files are reached through /proc/PID/root alone
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    script = f"mount -t tmpfs tmpfs {hidden} && cp -a {leak_root}/. {hidden} && exec chroot {hidden} /leak_delayed wait 1"
+    script = (
+        f"mount -t tmpfs tmpfs {hidden} && cp -a {leak_root}/. {hidden} && exec chroot {hidden} /leak_delayed wait 1"
+    )
     argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script]
     report = trace_held(backend, argv, comm=mode == "comm")
     assert not os.listdir(hidden), "the namespace's root should be invisible here"
@@ -111,7 +129,7 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
 @pytest.mark.debian13
 @pytest.mark.parametrize("mode", ["comm", "all"])
 def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp_path):
-    root = tmp_path / "late"                 # a root (and a name) no process has yet
+    root = tmp_path / "late"  # a root (and a name) no process has yet
     shutil.copytree(leak_root, root, symlinks=True)
     os.rename(root / "leak_delayed", root / "leak_late")
     target = ["--comm", "leak_late", "--top", "50"] if mode == "comm" else ["--all", "--top", "1000000"]
@@ -130,7 +148,7 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
     out, err = tracer.communicate(timeout=120)
     assert tracer.returncode == 0, err
     report = report_json(out)
-    if mode == "all":        # the whole system's report: the leak is the entries under wrapper1
+    if mode == "all":  # the whole system's report: the leak is the entries under wrapper1
         entries = report["reports"][0]["entries"]
         report["reports"][0]["entries"] = [e for e in entries if any(f["function"] == "wrapper1" for f in e["stack"])]
     assert_seed_leak(report)

@@ -1,6 +1,7 @@
 """A stripped program's names and lines come from its debug information wherever users keep
 it: by build id (in the traced process's own root too), .gnu_debuglink, MiniDebugInfo, a real
 debuginfod server; and a name is never guessed when none holds the address."""
+
 from __future__ import annotations
 
 import os
@@ -87,8 +88,19 @@ def test_minidebuginfo_names_static_functions(split, build, tmp_path):
     """Fedora's recipe: the function symbols .dynsym lacks, in an xz'd ELF in .gnu_debugdata."""
     stripped, debug = split
     mini = tmp_path / "mini"
-    run("objcopy", "-S", "--remove-section", ".gdb_index", "--remove-section", ".comment",
-        "--keep-symbol=wrapper1", "--keep-symbol=wrapper2", "--keep-symbol=main", debug, str(mini))
+    run(
+        "objcopy",
+        "-S",
+        "--remove-section",
+        ".gdb_index",
+        "--remove-section",
+        ".comment",
+        "--keep-symbol=wrapper1",
+        "--keep-symbol=wrapper2",
+        "--keep-symbol=main",
+        debug,
+        str(mini),
+    )
     run("xz", "-k", str(mini))
     shipped = tmp_path / "leak"
     run("objcopy", f"--add-section=.gnu_debugdata={mini}.xz", stripped, str(shipped))
@@ -112,13 +124,16 @@ def debuginfod_server(split, tmp_path):
     served.mkdir()
     shutil.copy2(split[1], served / "leak.debug")
     port = free_port()
-    server = subprocess.Popen([exe, "-p", str(port), "-F", str(served), "-d", str(tmp_path / "index.sqlite")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [exe, "-p", str(port), "-F", str(served), "-d", str(tmp_path / "index.sqlite")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     ident = build_id_of(split[0])
     try:
         deadline = time.monotonic() + 60
-        while True:                # until it has indexed the directory
+        while True:  # until it has indexed the directory
             try:
                 urllib.request.urlopen(f"{url}/buildid/{ident}/debuginfo", timeout=5).close()
                 break
@@ -143,7 +158,7 @@ def test_names_and_lines_from_debuginfod_then_its_cache(split, debuginfod_server
         assert_accounted(report)
         stack = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)["stack"]
         assert (stack[0]["file"] or "").endswith("leak.c") and stack[0]["line"] == 7, (attempt, stack[0])
-        server.kill()              # the second run reads the cache
+        server.kill()  # the second run reads the cache
         server.wait()
     assert os.path.isfile(tmp_path / "cache" / build_id_of(split[0]) / "debuginfo")
 
@@ -161,8 +176,9 @@ def test_a_chrooted_stripped_program_is_named_from_its_roots_debug_file(leak_roo
     where = root / "usr/lib/debug/.build-id" / ident[:2] / f"{ident[2:]}.debug"
     where.parent.mkdir(parents=True)
     shutil.copy2(debug, where)
-    result = probedsl("run", MEMLEAK, "--format", "json", "--top", "50", "--", "chroot", str(root),
-                      "/leak_delayed", "0", "0")
+    result = probedsl(
+        "run", MEMLEAK, "--format", "json", "--top", "50", "--", "chroot", str(root), "/leak_delayed", "0", "0"
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_seed_leak(report)
@@ -194,10 +210,37 @@ def test_debians_stripped_git_gets_no_guessed_names(backend, tmp_path):
     """Debian's git is stripped: addr2line once named its frames after the nearest exported
     symbol (`error+0 [git]`). Every name shown must be a symbol whose extent holds the call."""
     run("git", "init", "-q", str(tmp_path))
-    run("git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-        "--allow-empty", "-m", "x")
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "1000", "--",
-                      "git", "-C", str(tmp_path), "log", "--oneline", "-1")
+    run(
+        "git",
+        "-C",
+        str(tmp_path),
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "x",
+    )
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--format",
+        "json",
+        "--top",
+        "1000",
+        "--",
+        "git",
+        "-C",
+        str(tmp_path),
+        "log",
+        "--oneline",
+        "-1",
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     extents, named, unnamed = {}, 0, 0
@@ -210,7 +253,7 @@ def test_debians_stripped_git_gets_no_guessed_names(backend, tmp_path):
                 unnamed += 1
                 continue
             path = f["module"]
-            if not os.path.exists(path):     # a launched command's private copy of a system library
+            if not os.path.exists(path):  # a launched command's private copy of a system library
                 path = os.path.join("/lib/x86_64-linux-gnu", os.path.basename(path))
             module = extents.setdefault(path, nm_extents(path))
             call = int(f["vaddr"], 16) - (1 if depth else 0)

@@ -1,6 +1,7 @@
 """What each tracer version needs of generated code: a table of what each bpftrace dialect
 changes in the full golden, snippets per dialect, and the installed tracer's acceptance of
 what is generated for it (the roots run these on their own versions)."""
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,12 @@ def _delete_apart(m: re.Match) -> str:
 
 # (what changes, the first dialect that has it, pattern, replacement), applied in this order
 DIALECT_CHANGES = [
-    ("maps read before they are written are typed in a block that never runs", "0.20-0.23",
-     r"^BEGIN\n\{\n", TYPING_BLOCK),
+    (
+        "maps read before they are written are typed in a block that never runs",
+        "0.20-0.23",
+        r"^BEGIN\n\{\n",
+        TYPING_BLOCK,
+    ),
     ("stacks are printed as raw addresses", "0.24", r"ustack\(perf, 64\)", "ustack(raw, 64)"),
     ("delete takes the map and the key apart", "0.24", r"^(\s*)delete\((@\w+)\[(.*)\]\);", _delete_apart),
     ("delete's result is used", "0.25-0.26", r"^(\s*)delete\(", r"\1$deleted = delete("),
@@ -60,6 +65,7 @@ DIALECT_ORDER = [cls.range_text() for cls in BPFTRACE_DIALECTS]
 @pytest.mark.parametrize("cls", BPFTRACE_DIALECTS[1:], ids=lambda c: c.range_text())
 def test_each_bpftrace_dialect_is_the_full_golden_with_its_named_changes(cls):
     from test_backends import FULL_GOLDEN, full_golden, memleak_text_for
+
     full = FULL_GOLDEN["bpftrace"].range_text()
     assert DIALECT_ORDER[0] == full and {since for _, since, _, _ in DIALECT_CHANGES} <= set(DIALECT_ORDER)
     expected = full_golden("bpftrace").read_text().replace(f"for bpftrace {full};", f"for bpftrace {cls.range_text()};")
@@ -77,16 +83,17 @@ def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
     """clang 21 (BCC 0.37) turned the stack-hash loop into a count-down the verifier could not
     bound; each root loads the walk with its own BCC (0.26, 0.31, 0.37)."""
     from bcc import BPF
+
     program = compiler.build(compiler.load(str(ROOT / "recipes" / f"{recipe}.probe")))
     program = program.with_scope(ir.Scope("pid", pid=1)).walking_stacks("dwarf")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
-    assert "probedsl_unw_rows" in gen.text        # the unwinder is in the program
+    assert "probedsl_unw_rows" in gen.text  # the unwinder is in the program
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         for p in gen.manifest["probes"]:
             for name in (p["entry"], p["return"]):
                 if name:
-                    bpf.load_func(name, BPF.KPROBE)      # the verifier runs here
+                    bpf.load_func(name, BPF.KPROBE)  # the verifier runs here
     finally:
         bpf.cleanup()
 
@@ -94,6 +101,7 @@ def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
 # --- bpftrace: each dialect flag, with the text it changes --------------------------------
 def memleak_text(version, scope=ir.Scope("pid", pid=4242)) -> str:
     from test_backends import memleak_program
+
     return backends.for_target(targets.for_version("bpftrace", version)).generate(memleak_program(scope)).text
 
 
@@ -112,7 +120,7 @@ def test_casts_to_the_type_a_value_has_are_left_out_from_027():
     assert "@heap_live[(uint64)(pid), retval] = (nsecs, $s.2," in new
     assert 'reg("sp"), arg0' in new and "(uint64)(arg0)" not in new and "(uint64)(retval)" not in new
     assert "@heap_live[(uint64)(pid), (uint64)(retval)] = (nsecs, (uint64)($s.2)," in old
-    assert "(uint64)(pid)" in new        # pid is uint32: its cast stays
+    assert "(uint64)(pid)" in new  # pid is uint32: its cast stays
 
 
 def test_delete_results_are_used_from_025():
@@ -132,6 +140,7 @@ def test_pid_option_is_not_used_where_it_filters_every_probe():
     """0.24+ applies -p to every probe (measured on 0.27.0 and 0.27.1): probedsl's own ready
     and snapshot tracepoints would never fire. The run is unscoped and says so."""
     from test_backends import memleak_program
+
     scope = ir.Scope("pid", pid=4242, follow_forks=False)
     assert targets.for_version("bpftrace", (0, 23, 2)).options(scope) == ["-p", "4242"]
     for version in ((0, 24, 2), (0, 26, 1), (0, 27, 1)):
@@ -175,7 +184,7 @@ def test_a_build_without_bfd_probes_at_entries_whatever_its_version():
     target = targets.for_version("bpftrace", (0, 23, 2))
     assert target.probe_offsets
     assert not target.with_build(targets.parse_info(INFO_017)).probe_offsets
-    assert targets.for_version("bpftrace", (0, 23, 2)).probe_offsets     # the class is untouched
+    assert targets.for_version("bpftrace", (0, 23, 2)).probe_offsets  # the class is untouched
     assert targets.for_version("bpftrace", (0, 27, 1)).with_build(targets.parse_info(INFO_0271)).probe_offsets
 
 
@@ -184,9 +193,10 @@ def test_doctor_names_the_installed_builds_features():
     import shutil
     import subprocess
     from conftest import probedsl
+
     exe = shutil.which("bpftrace")
     printed = subprocess.run([exe, "--info"], capture_output=True, text=True)
-    info = targets.parse_info(printed.stdout + printed.stderr)      # 0.17 prints it on stderr
+    info = targets.parse_info(printed.stdout + printed.stderr)  # 0.17 prints it on stderr
     assert "bfd" in info
     line = next(l for l in probedsl("doctor").stdout.splitlines() if " bpftrace " in l)
     assert f"bfd {'yes' if info['bfd'] else 'no'}" in line

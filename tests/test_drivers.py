@@ -1,4 +1,5 @@
 """Driver decoding without root: the text each tracer version prints -> addresses and tallies."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def test_stacks_as_each_bpftrace_version_prints_them():
 def test_kernel_frames_keep_their_addresses():
     assert parse_stack("\n\tffffffff8123a0c0 kmem_cache_alloc+12 ([kernel.kallsyms])\n") == (0xFFFFFFFF8123A0C0,)
     # 0.27.1, a kstack(perf) in a map key: no spaces, no module, a symbol that may start with a hex letter
-    printed = "\n\tffffffff81652e9f__kmalloc_cache_noprof+575\n\tffffffff817c39ffext4_dir_open+31\n" \
-              "\tffffffff816d47d6do_dentry_open+422\n"
+    printed = (
+        "\n\tffffffff81652e9f__kmalloc_cache_noprof+575\n\tffffffff817c39ffext4_dir_open+31\n"
+        "\tffffffff816d47d6do_dentry_open+422\n"
+    )
     assert parse_stack(printed) == (0xFFFFFFFF81652E9F, 0xFFFFFFFF817C39FF, 0xFFFFFFFF816D47D6)
 
 
@@ -36,6 +39,7 @@ def memleak_driver():
     from probedsl import ir, targets
     from probedsl.drivers.bpftrace import BpftraceDriver
     from test_backends import memleak_program
+
     program = memleak_program(ir.Scope("pid", pid=4242))
     target = targets.for_version("bpftrace", (0, 27, 1))
     driver = BpftraceDriver(program, backends.for_target(target).generate(program, ready_pid=1), target)
@@ -55,6 +59,7 @@ def test_empty_scalar_maps_printed_as_zero_read_as_absent_ones():
     from probedsl.ir import layout
     from probedsl.ir.layout import counted
     from probedsl.ir.layout import Counter
+
     _, program = read_printed([])
     lay = layout.of(program, program.resources[0])
     name = f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}"
@@ -72,23 +77,33 @@ def test_warnings_printed_among_the_json_by_0_27_0_are_skipped():
     the JSON lines; 0.27.1 moved them to stderr."""
     from probedsl.ir import layout
     from probedsl.ir.layout import Counter
+
     _, program = read_printed([])
     lay = layout.of(program, program.resources[0])
-    printed = ["/tmp/p.bt:36:3-40: WARNING: Return value discarded.",
-               "  delete(@heap_scratch, tid);", "  ~~~~~~~~~~~~~~~~~~~~~~~~~~~",
-               '{"type": "attached_probes", "count": 2, "data": {"probes": 2}}',
-               json.dumps({"type": "map", "data": {f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}": 2}}),
-               "{", json.dumps({"type": "printf", "data": "probedsl:snapshot\n"})]
+    printed = [
+        "/tmp/p.bt:36:3-40: WARNING: Return value discarded.",
+        "  delete(@heap_scratch, tid);",
+        "  ~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+        '{"type": "attached_probes", "count": 2, "data": {"probes": 2}}',
+        json.dumps({"type": "map", "data": {f"@{lay.counter_map(Counter.UNKNOWN_RELEASES)}": 2}}),
+        "{",
+        json.dumps({"type": "printf", "data": "probedsl:snapshot\n"}),
+    ]
     (snap,), _ = read_printed(printed)
     assert snap.totals["heap"].unknown_releases == 2
 
 
 def test_a_failure_is_explained_by_its_errors_not_the_warnings_before_them():
     from probedsl.drivers.bpftrace import errors_first
-    printed = ["WARNING: Could not read functions from /sys/kernel/debug/tracing/available_filter_functions.",
-               "/tmp/p.bt:12:3-9: WARNING: Unnecessary cast: expression is already of type uint64",
-               "  $x = (uint64)nsecs;", "       ~~~~~~~~",
-               "/tmp/p.bt:20:1-5: ERROR: uprobe target file '/lib/x.so' does not exist or is not executable",
-               "uprobe:/lib/x.so:f", "~~~~~"]
+
+    printed = [
+        "WARNING: Could not read functions from /sys/kernel/debug/tracing/available_filter_functions.",
+        "/tmp/p.bt:12:3-9: WARNING: Unnecessary cast: expression is already of type uint64",
+        "  $x = (uint64)nsecs;",
+        "       ~~~~~~~~",
+        "/tmp/p.bt:20:1-5: ERROR: uprobe target file '/lib/x.so' does not exist or is not executable",
+        "uprobe:/lib/x.so:f",
+        "~~~~~",
+    ]
     assert errors_first(printed) == printed[4:]
-    assert errors_first(printed[:4]) == printed[:4]      # only warnings: all of them
+    assert errors_first(printed[:4]) == printed[:4]  # only warnings: all of them

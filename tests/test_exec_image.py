@@ -1,5 +1,6 @@
 """An exec ends a process image: the old program's heap goes with its address space (counted as
 ended_by_exec, never reported), its descriptors without close-on-exec stay. Both backends."""
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,13 @@ FDLEAK = str(ROOT / "recipes" / "fdleak.probe")
 
 
 def run(backend, *command, recipe=MEMLEAK, input=None):
-    result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "100", "--", *command,
-                      input=input)
+    result = probedsl(
+        "run", recipe, "--backend", backend, "--format", "json", "--top", "100", "--", *command, input=input
+    )
     assert "Traceback" not in result.stderr, result.stderr
     report = report_json(result.stdout)
     assert result.returncode == 0, (result.stderr, report.get("incomplete"), report["notes"])
-    for name, res in report["resources"].items():      # the counters agree with what is shown
+    for name, res in report["resources"].items():  # the counters agree with what is shown
         assert res["unaccounted"] == 0, (name, res, report["notes"])
     return report
 
@@ -32,8 +34,9 @@ def heap(report) -> dict:
 
 
 def pids_shown(report) -> set:
-    return {pid for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"]
-            for pid in e["pids"]}
+    return {
+        pid for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"] for pid in e["pids"]
+    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -41,8 +44,10 @@ def test_a_wrapper_that_execs_leaves_nothing_of_its_own(backend):
     """env allocates ~140 blocks, then execs /bin/true: none of them is a leak."""
     alone, wrapped = run(backend, "/bin/true"), run(backend, "env", "/bin/true")
     assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
-    assert (heap(wrapped)["live_blocks"], heap(wrapped)["live_bytes"]) == \
-        (heap(alone)["live_blocks"], heap(alone)["live_bytes"]), (heap(alone), heap(wrapped))
+    assert (heap(wrapped)["live_blocks"], heap(wrapped)["live_bytes"]) == (
+        heap(alone)["live_blocks"],
+        heap(alone)["live_bytes"],
+    ), (heap(alone), heap(wrapped))
     assert heap(alone)["ended_by_exec"] == 0
     assert any("ended with their process image at exec" in n for n in wrapped["notes"]), wrapped["notes"]
 
@@ -57,12 +62,15 @@ def test_the_program_a_shell_starts_is_reported_exactly(backend, shell, build):
     alone = run(backend, leak, input="\n")
     wrapped = run(backend, "sh", "-c", shell.format(leak), input="\n")
     assert by_site(alone).get("wrapper1") == (40, 5), by_site(alone)
-    (leak_pid,) = {e["pids"][0] for e in wrapped["reports"][0]["entries"]
-                   if any(f["function"] == "wrapper1" for f in e["stack"])}
+    (leak_pid,) = {
+        e["pids"][0] for e in wrapped["reports"][0]["entries"] if any(f["function"] == "wrapper1" for f in e["stack"])
+    }
     mine = [e for e in wrapped["reports"][0]["entries"] if e["pids"] == [leak_pid]]
-    assert (sum(e["bytes"] for e in mine), sum(e["blocks"] for e in mine)) == \
-        (heap(alone)["live_bytes"], heap(alone)["live_blocks"]), (mine, heap(alone))
-    if shell.startswith("exec"):                       # nothing but the program's own image
+    assert (sum(e["bytes"] for e in mine), sum(e["blocks"] for e in mine)) == (
+        heap(alone)["live_bytes"],
+        heap(alone)["live_blocks"],
+    ), (mine, heap(alone))
+    if shell.startswith("exec"):  # nothing but the program's own image
         assert pids_shown(wrapped) == {leak_pid}
         assert heap(wrapped)["live_blocks"] == heap(alone)["live_blocks"]
         assert heap(wrapped)["ended_by_exec"] > 0, heap(wrapped)
@@ -96,8 +104,7 @@ def test_a_traced_pid_that_execs(backend, build):
     alone = run(backend, leak, input="\n")
     shell = Held(["sh", "-c", f"read line; exec {leak}"])
     try:
-        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "100",
-                           "--pid", str(shell.pid))
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "100", "--pid", str(shell.pid))
         shell.proc.stdin.write(b"go\n\n")
         shell.go()
         shell.proc.wait(timeout=60)
@@ -107,8 +114,10 @@ def test_a_traced_pid_that_execs(backend, build):
     assert tracer.returncode == 0 and "Traceback" not in err, err
     report = report_json(out)
     assert by_site(report).get("wrapper1") == (40, 5), by_site(report)
-    assert (heap(report)["live_blocks"], heap(report)["live_bytes"]) == \
-        (heap(alone)["live_blocks"], heap(alone)["live_bytes"]), (heap(report), heap(alone))
+    assert (heap(report)["live_blocks"], heap(report)["live_bytes"]) == (
+        heap(alone)["live_blocks"],
+        heap(alone)["live_bytes"],
+    ), (heap(report), heap(alone))
     assert heap(report)["unaccounted"] == 0
 
 
@@ -121,7 +130,7 @@ def test_a_descriptor_without_close_on_exec_survives_the_exec(backend, build):
     fd = fds["resources"]["fd"]
     assert fd["ended_by_exec"] == 0 and fd["live_blocks"] == 1, (fd, fds["notes"])
     (entry,) = fds["reports"][0]["entries"]
-    if backend == "bcc":       # (bpftrace's frame-pointer walk ends in libc, which keeps none)
+    if backend == "bcc":  # (bpftrace's frame-pointer walk ends in libc, which keeps none)
         assert any(f["function"] == "keep_open" for f in entry["stack"]), entry["stack"]
     blocks = run(backend, exe)
     assert by_site(blocks) == {"after_exec": (24, 1)}, by_site(blocks)
@@ -162,8 +171,11 @@ def reused_pid_report(backend: str, mode: str, exe: str) -> tuple:
             out, err = tracer.communicate(timeout=120)
         out, status = fixture.stdout + out, tracer.returncode
     assert status == 0 and "Traceback" not in err, err
-    said = out.split("\n", 1)[0] if out.startswith(("reused", "not-reused")) else \
-        next(line for line in out.splitlines() if line.startswith(("reused", "not-reused")))
+    said = (
+        out.split("\n", 1)[0]
+        if out.startswith(("reused", "not-reused"))
+        else next(line for line in out.splitlines() if line.startswith(("reused", "not-reused")))
+    )
     assert said.startswith("reused "), f"the pid was not reused: {said}"
     return report_json(out), said
 
@@ -192,8 +204,21 @@ def test_bcc_frees_the_entries_of_ended_images_while_tracing():
     once the loader has freed an ended image's entries: 8 of them (~1,100 entries) through a
     live table of 400, with nothing untracked, and the report exact."""
     env = {**os.environ, "PROBEDSL_FAULTS": "image-sweep"}
-    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--max-live", "400", "--",
-                       "sh", "-c", "while read line; do env /bin/true; done", stdin=subprocess.PIPE, env=env)
+    tracer = start_run(
+        MEMLEAK,
+        "--backend",
+        "bcc",
+        "--format",
+        "json",
+        "--max-live",
+        "400",
+        "--",
+        "sh",
+        "-c",
+        "while read line; do env /bin/true; done",
+        stdin=subprocess.PIPE,
+        env=env,
+    )
     try:
         for _ in range(8):
             tracer.stdin.write("go\n")

@@ -1,6 +1,7 @@
 """Following forks with per-process uprobes (BCC): each child is held at its fork until its own
 uprobes are on, so every process of the tree is traced from its first call, and a process
 outside the tree never traps (no machine-wide uprobe)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,8 +15,13 @@ from conftest import MEMLEAK, ROOT, Held, report_json, start_run
 pytestmark = pytest.mark.usefixtures("root_required")
 
 # fork_tree.c: what each process keeps, from its first call after its fork (or its exec)
-TREE = {"parent_keep": (11, 1), "child1_keep": (42, 2), "grandchild_keep": (93, 3),
-        "child2_keep": (164, 4), "leaf_keep": (255, 5)}
+TREE = {
+    "parent_keep": (11, 1),
+    "child1_keep": (42, 2),
+    "grandchild_keep": (93, 3),
+    "child2_keep": (164, 4),
+    "leaf_keep": (255, 5),
+}
 
 
 def by_keeper(report: dict) -> dict:
@@ -61,8 +67,12 @@ def tracers_running() -> str:
 
 
 def _bystander_traps() -> bool:
-    other = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline() == "ready\n"
         return uprobes_mapped(other.pid)
@@ -77,8 +87,17 @@ def test_every_process_of_a_tree_is_traced_from_its_first_call_and_bystanders_ne
     target = Held([exe, "wait"]) if how == "pid" else None
     try:
         args = ["--pid", str(target.pid)] if target else ["--", exe, "wait"]
-        tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--stacks", "fp", *args,
-                           stdin=None if target else subprocess.PIPE)
+        tracer = start_run(
+            MEMLEAK,
+            "--backend",
+            "bcc",
+            "--format",
+            "json",
+            "--stacks",
+            "fp",
+            *args,
+            stdin=None if target else subprocess.PIPE,
+        )
         assert not bystanders_always_trap(), tracers_running()
         if target:
             target.go()
@@ -92,7 +111,7 @@ def test_every_process_of_a_tree_is_traced_from_its_first_call_and_bystanders_ne
     sites = by_keeper(report)
     assert sites == TREE, sites
     pids = {e["pids"][0] for e in report["reports"][0]["entries"] if e["stack"]}
-    assert len(pids) == len(TREE), pids                    # five processes, each apart
+    assert len(pids) == len(TREE), pids  # five processes, each apart
 
 
 def test_a_process_another_tracer_holds_is_followed_with_uprobes_on_every_process(build):
@@ -101,7 +120,11 @@ def test_a_process_another_tracer_holds_is_followed_with_uprobes_on_every_proces
     exe = build("fork_tree")
     target = Held([exe, "wait"])
     # a debugger's loop: it holds the process and passes its signals on (SIGCHLD at each child's end)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from probedsl import ptrace
@@ -112,7 +135,11 @@ while True:
     if not os.WIFSTOPPED(status):
         break
     ptrace.request(ptrace.CONT, {target.pid}, 0, 0 if status >> 16 else os.WSTOPSIG(status))
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "attached\n"
         tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--stacks", "fp", "--pid", str(target.pid))

@@ -1,4 +1,5 @@
 """Forked children: traced with their own blocks, or left out with --no-follow-forks."""
+
 from __future__ import annotations
 
 
@@ -17,12 +18,13 @@ def test_a_forked_child_is_traced_with_its_own_blocks(backend, build):
     sites = by_site(report)
     assert sites.get("child_leak") == (120, 3) and sites.get("parent_leak") == (48, 2), sites
     pids = {e["pids"][0] for e in report["reports"][0]["entries"] if e["stack"]}
-    assert len(pids) == 2                                             # parent and child apart
+    assert len(pids) == 2  # parent and child apart
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_follow_forks_traces_only_the_command(backend, build):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--no-follow-forks",
-                      "--", build("forker"))
+    result = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--format", "json", "--no-follow-forks", "--", build("forker")
+    )
     sites = by_site(report_json(result.stdout))
     assert "child_leak" not in sites and sites.get("parent_leak") == (48, 2), sites

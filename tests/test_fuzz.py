@@ -1,5 +1,6 @@
 """Fuzzing the front end: any text gives a compiled program or a located error, nothing else;
 and what checks clean is accepted by bpftrace and BCC themselves."""
+
 from __future__ import annotations
 
 import glob
@@ -16,10 +17,60 @@ from probedsl.errors import ProbedslError, RecipeError
 from conftest import ROOT, probedsl
 
 RECIPES = {p: open(p).read() for p in sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))}
-TOKENS = ["acquire", "release", "releases", "acquires", "record", "report", "resource", "when", "keyed",
-          "by", "->", "(", ")", "{", "}", ",", ":", "=", "*", "[", "]", "!", "&&", "||", "==", "int",
-          "ret", "pid", "tid", "size", "ustack", "libc", "malloc", "free", "tracepoint", "usdt", "kmem", "0", "-1",
-          "0x10", "x", '"', "#", "\n", "hist", "count", "sum", "top", "outstanding", "lifetime", "ß", "\x00"]
+TOKENS = [
+    "acquire",
+    "release",
+    "releases",
+    "acquires",
+    "record",
+    "report",
+    "resource",
+    "when",
+    "keyed",
+    "by",
+    "->",
+    "(",
+    ")",
+    "{",
+    "}",
+    ",",
+    ":",
+    "=",
+    "*",
+    "[",
+    "]",
+    "!",
+    "&&",
+    "||",
+    "==",
+    "int",
+    "ret",
+    "pid",
+    "tid",
+    "size",
+    "ustack",
+    "libc",
+    "malloc",
+    "free",
+    "tracepoint",
+    "usdt",
+    "kmem",
+    "0",
+    "-1",
+    "0x10",
+    "x",
+    '"',
+    "#",
+    "\n",
+    "hist",
+    "count",
+    "sum",
+    "top",
+    "outstanding",
+    "lifetime",
+    "ß",
+    "\x00",
+]
 
 
 def pipeline(text: str):
@@ -37,11 +88,11 @@ def mutated(draw):
         pos = draw(st.integers(0, len(text)))
         kind = draw(st.sampled_from(["delete", "insert", "replace", "swap_lines"]))
         if kind == "delete":
-            text = text[:pos] + text[pos + draw(st.integers(1, 12)):]
+            text = text[:pos] + text[pos + draw(st.integers(1, 12)) :]
         elif kind == "insert":
             text = text[:pos] + " " + draw(st.sampled_from(TOKENS)) + " " + text[pos:]
         elif kind == "replace":
-            text = text[:pos] + draw(st.sampled_from(TOKENS)) + text[pos + draw(st.integers(1, 6)):]
+            text = text[:pos] + draw(st.sampled_from(TOKENS)) + text[pos + draw(st.integers(1, 6)) :]
         else:
             lines = text.splitlines()
             i, j = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines) - 1))
@@ -54,16 +105,22 @@ def mutated(draw):
 def well_formed(draw):
     """Mutations that keep the syntax: operators, constants, guards, recorded fields."""
     import re
+
     text = draw(st.sampled_from(sorted(RECIPES.values())))
-    swaps = [(r"!=|==|>=|<=", ["!=", "==", ">=", "<=", "<", ">"]), (r"\b0\b", ["0", "1", "-1", "0x10", "4096"]),
-             (r"int\(ret\)", ["int(ret)", "ret", "int(ret) + 1", "(ret * 2)"]),
-             (r"record [a-z, ]+", ["record size, ustack, time, pid", "record ustack, time, pid, tid, comm",
-                                   "record size, kstack, time, pid"])]
+    swaps = [
+        (r"!=|==|>=|<=", ["!=", "==", ">=", "<=", "<", ">"]),
+        (r"\b0\b", ["0", "1", "-1", "0x10", "4096"]),
+        (r"int\(ret\)", ["int(ret)", "ret", "int(ret) + 1", "(ret * 2)"]),
+        (
+            r"record [a-z, ]+",
+            ["record size, ustack, time, pid", "record ustack, time, pid, tid, comm", "record size, kstack, time, pid"],
+        ),
+    ]
     for pattern, choices in swaps:
         matches = list(re.finditer(pattern, text))
         for m in reversed(matches):
             if draw(st.booleans()):
-                text = text[:m.start()] + draw(st.sampled_from(choices)) + text[m.end():]
+                text = text[: m.start()] + draw(st.sampled_from(choices)) + text[m.end() :]
     return text
 
 
@@ -83,9 +140,12 @@ def compiles_or_fails_with_a_located_error(text):
         assert str(exc) and "\n" not in str(exc)
 
 
-test_mutated_recipes_compile_or_fail_with_a_located_error = QUICK(given(mutated())(compiles_or_fails_with_a_located_error))
+test_mutated_recipes_compile_or_fail_with_a_located_error = QUICK(
+    given(mutated())(compiles_or_fails_with_a_located_error)
+)
 test_many_mutated_recipes_compile_or_fail_with_a_located_error = pytest.mark.slow(
-    DEEP(given(mutated())(compiles_or_fails_with_a_located_error)))
+    DEEP(given(mutated())(compiles_or_fails_with_a_located_error))
+)
 
 
 def never_crashes_the_parser(text):
@@ -97,7 +157,8 @@ def never_crashes_the_parser(text):
 
 test_random_text_never_crashes_the_parser = QUICK(given(st.text(max_size=300))(never_crashes_the_parser))
 test_much_random_text_never_crashes_the_parser = pytest.mark.slow(
-    DEEP(given(st.text(max_size=300))(never_crashes_the_parser)))
+    DEEP(given(st.text(max_size=300))(never_crashes_the_parser))
+)
 
 
 @pytest.mark.usefixtures("root_required")
@@ -118,6 +179,7 @@ def test_recipes_that_check_clean_are_accepted_by_both_backends(tmp_path_factory
     result = subprocess.run(["bpftrace", *checking, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (text, result.stderr)
     from bcc import BPF
+
     bpf = BPF(text=bcc_gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
     try:
         for p in bcc_gen.manifest["probes"]:

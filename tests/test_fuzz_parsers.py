@@ -3,6 +3,7 @@ lines and info, and .gnu_debuglink mutated at random (seeded), each copy through
 reader, addr2line's parser and the unwind-row loader. No exception escapes, no file takes
 longer than the per-file bound. The unit layer fuzzes for QUICK_SECONDS; the `slow` variant (the
 full suite's) for PROBEDSL_FUZZ_SECONDS (default 40): longer in a bench."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.security
 
 SEED = 30
 QUICK_SECONDS = 4
-SECTIONS = (".eh_frame", ".symtab", ".dynsym", ".strtab", ".debug_line", ".debug_info", ".debug_str",
-            ".gnu_debuglink")
+SECTIONS = (".eh_frame", ".symtab", ".dynsym", ".strtab", ".debug_line", ".debug_info", ".debug_str", ".gnu_debuglink")
 
 
 def section_spans(path: str) -> dict:
@@ -47,7 +47,7 @@ def mutate_header(data: bytearray, header: int, size: int, rng: random.Random) -
     field = rng.choice(sorted(_HEADER_FIELDS))
     at, width = _HEADER_FIELDS[field]
     value = rng.choice((0, 1, size * 2, len(data), 1 << 40, rng.randrange(1 << (8 * width))))
-    data[header + at:header + at + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+    data[header + at : header + at + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
     return f"header {field}"
 
 
@@ -63,14 +63,14 @@ def mutate(data: bytearray, start: int, size: int, rng: random.Random) -> str:
             data[at] = rng.choice((0x00, 0x7F, 0x80, 0xFF))
         elif kind == "leb":
             n = min(rng.randint(2, 64), start + size - at)
-            data[at:at + n] = b"\x80" * n
+            data[at : at + n] = b"\x80" * n
         elif kind == "zero":
             n = min(rng.randint(1, 32), start + size - at)
-            data[at:at + n] = bytes(n)
+            data[at : at + n] = bytes(n)
         else:
             n = min(rng.randint(1, 64), start + size - at)
             src = start + rng.randrange(size - n + 1)
-            data[at:at + n] = data[src:src + n]
+            data[at : at + n] = data[src : src + n]
     return kind
 
 
@@ -83,7 +83,9 @@ def program(build, tmp_path_factory):
     return exe
 
 
-@pytest.mark.parametrize("deep", [pytest.param(False, id="quick"), pytest.param(True, id="deep", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "deep", [pytest.param(False, id="quick"), pytest.param(True, id="deep", marks=pytest.mark.slow)]
+)
 def test_mutated_sections_through_every_parser(deep, program, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DEBUGINFOD_URLS", raising=False)
@@ -93,10 +95,10 @@ def test_mutated_sections_through_every_parser(deep, program, tmp_path, monkeypa
     assert {".eh_frame", ".symtab", ".dynsym", ".debug_line", ".debug_info", ".gnu_debuglink"} <= set(spans), spans
     id_at, id_size, _ = spans.pop(".note.gnu.build-id")
     syms = elf.symbols(program)
-    vaddrs = sorted(syms._spans)[:64]          # every function's address, and one past each
+    vaddrs = sorted(syms._spans)[:64]  # every function's address, and one past each
     vaddrs += [a + 1 for a in vaddrs]
     rng = random.Random(SEED)
-    tried, slowest, kinds, noted = 0, 0.0, {}, 0         # kinds: mutations done
+    tried, slowest, kinds, noted = 0, 0.0, {}, 0  # kinds: mutations done
     end = time.monotonic() + budget
     while time.monotonic() < end:
         data = bytearray(original)
@@ -104,7 +106,7 @@ def test_mutated_sections_through_every_parser(deep, program, tmp_path, monkeypa
         start, size, header = spans[name]
         kind = mutate_header(data, header, size, rng) if rng.random() < 0.2 else mutate(data, start, size, rng)
         # a build id of its own: the row cache must not answer for the mutated file
-        data[id_at + id_size - 20:id_at + id_size] = hashlib.sha1(data).digest()
+        data[id_at + id_size - 20 : id_at + id_size] = hashlib.sha1(data).digest()
         path = tmp_path / f"m{tried}"
         path.write_bytes(data)
         began = time.monotonic()
@@ -123,6 +125,8 @@ def test_mutated_sections_through_every_parser(deep, program, tmp_path, monkeypa
         kinds[kind] = kinds.get(kind, 0) + 1
         tried += 1
         path.unlink()
-    print(f"\nfuzzed {tried} files (seed {SEED}, {budget:g} s): {kinds}; slowest {slowest:.3f} s; "
-          f"{noted} with a note (a table skipped or a debug file refused)")
-    assert tried >= (50 if deep else 5), tried          # the loop ran (fewer on a busy machine)
+    print(
+        f"\nfuzzed {tried} files (seed {SEED}, {budget:g} s): {kinds}; slowest {slowest:.3f} s; "
+        f"{noted} with a note (a table skipped or a debug file refused)"
+    )
+    assert tried >= (50 if deep else 5), tried  # the loop ran (fewer on a busy machine)

@@ -1,6 +1,7 @@
 """The rules of the house: which wing of probedsl may import which (docs/design.md draws the
 map). Read from the code's own imports (ast, function-level ones included), so a broken rule
 fails here naming the file, the line and the import."""
+
 from __future__ import annotations
 
 import ast
@@ -12,30 +13,58 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GROUND = {"errors", "notices", "threads", "faults"}
 TOP = {"cli", "__main__", "compiler"}
-WINGS = {"language", "ir", "passes", "targets", "backends", "drivers", "binaries", "process", "trust", "stacks",
-         "reachability", "report", "outputs", "run"}
+WINGS = {
+    "language",
+    "ir",
+    "passes",
+    "targets",
+    "backends",
+    "drivers",
+    "binaries",
+    "process",
+    "trust",
+    "stacks",
+    "reachability",
+    "report",
+    "outputs",
+    "run",
+}
 PIPELINE = {"language", "ir", "passes", "targets", "backends", "drivers", "compiler", "run"}
 
 # wing -> the wings it may import (besides itself and the ground); everything else is refused
 MAY_IMPORT: Dict[str, Set[str]] = {
-    "ground": set(),                                   # errors, notices, threads, faults
+    "ground": set(),  # errors, notices, threads, faults
     "trust": set(),
     "language": set(),
     "ir": {"language"},
-    "targets": {"ir", "process"},                      # data and detection: never generators or drivers
-    "backends": {"ir", "targets"},                     # read no file, import no runtime wing
+    "targets": {"ir", "process"},  # data and detection: never generators or drivers
+    "backends": {"ir", "targets"},  # read no file, import no runtime wing
     "process": {"trust"},
     "binaries": {"trust", "process"},
     "passes": {"language", "ir", "binaries", "process", "trust"},
     "stacks": {"ir", "binaries", "process", "trust"},
-    "drivers": {"ir", "targets", "binaries", "process", "stacks", "trust"},   # never generators or passes
-    "report": {"ir", "drivers", "stacks"},            # never the run, never an output
+    "drivers": {"ir", "targets", "binaries", "process", "stacks", "trust"},  # never generators or passes
+    "report": {"ir", "drivers", "stacks"},  # never the run, never an output
     "reachability": {"ir", "binaries", "process", "drivers", "report"},
-    "outputs": {"report", "stacks", "trust"},          # render what the report holds: no ELF, no /proc
+    "outputs": {"report", "stacks", "trust"},  # render what the report holds: no ELF, no /proc
     "compiler": {"language", "ir", "passes", "targets", "backends", "process"},
-    "run": {"compiler", "language", "ir", "passes", "targets", "backends", "drivers", "binaries", "process",
-            "trust", "stacks", "reachability", "report", "outputs"},
-    "cli": {"compiler", "run", "report", "outputs", "targets", "trust", "passes"},   # assembles no IR
+    "run": {
+        "compiler",
+        "language",
+        "ir",
+        "passes",
+        "targets",
+        "backends",
+        "drivers",
+        "binaries",
+        "process",
+        "trust",
+        "stacks",
+        "reachability",
+        "report",
+        "outputs",
+    },
+    "cli": {"compiler", "run", "report", "outputs", "targets", "trust", "passes"},  # assembles no IR
     "__main__": {"cli"},
 }
 
@@ -68,13 +97,14 @@ def imports(module: str, path: Path, known: Set[str]) -> List[Tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("probedsl")]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
             if source.startswith("probedsl"):
-                found += [(node.lineno, f"{source}.{a.name}" if f"{source}.{a.name}" in known else source)
-                          for a in node.names]
+                found += [
+                    (node.lineno, f"{source}.{a.name}" if f"{source}.{a.name}" in known else source) for a in node.names
+                ]
     return found
 
 
@@ -84,8 +114,11 @@ def graph() -> Dict[str, List[Tuple[int, str]]]:
 
 
 def test_every_module_is_in_a_wing():
-    strays = [m for m in modules() if m.count(".") == 1 and wing_of(m) not in GROUND | TOP | {"ground"}
-              and wing_of(m) not in WINGS]
+    strays = [
+        m
+        for m in modules()
+        if m.count(".") == 1 and wing_of(m) not in GROUND | TOP | {"ground"} and wing_of(m) not in WINGS
+    ]
     assert not strays, f"modules outside every wing (put each in one, see docs/design.md): {strays}"
 
 
@@ -94,11 +127,13 @@ def test_no_wing_imports_one_the_rules_refuse(module):
     here = wing_of(module)
     allowed = MAY_IMPORT.get(here)
     if allowed is None:
-        return                                          # the package itself
+        return  # the package itself
     path = modules()[module]
-    broken = [f"{path.relative_to(ROOT)}:{line}: {here} imports {target} ({wing_of(target)})"
-              for line, target in imports(module, path, set(modules()))
-              if wing_of(target) not in allowed | {here, "ground", "package"}]
+    broken = [
+        f"{path.relative_to(ROOT)}:{line}: {here} imports {target} ({wing_of(target)})"
+        for line, target in imports(module, path, set(modules()))
+        if wing_of(target) not in allowed | {here, "ground", "package"}
+    ]
     assert not broken, "house rule broken:\n" + "\n".join(broken)
 
 
@@ -112,7 +147,7 @@ def test_no_module_imports_itself_back():
         state[m] = 1
         for t in sorted(edges.get(m, ())):
             if state.get(t) == 1:
-                circles.append(path[path.index(t):] + [t] if t in path else [m, t])
+                circles.append(path[path.index(t) :] + [t] if t in path else [m, t])
             elif t in edges and not state.get(t):
                 visit(t, path + [t])
         state[m] = 2
@@ -124,8 +159,7 @@ def test_no_module_imports_itself_back():
 
 
 def test_no_module_is_over_400_lines():
-    long = {str(p.relative_to(ROOT)): n for p in modules().values()
-            if (n := len(p.read_text().splitlines())) > 400}
+    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these (one concept per module): {long}"
 
 
@@ -134,11 +168,15 @@ def figures() -> Dict[str, int]:
     deps = graph()
     module_edges = {(m, t) for m, found in deps.items() for _, t in found if t != m and t in deps}
     wing_edges = {(wing_of(m), wing_of(t)) for m, t in module_edges if wing_of(m) != wing_of(t)}
-    return {"modules": len(deps), "wings": len({wing_of(m) for m in deps} - {"package", "ground"}),
-            "imports between modules": len(module_edges), "imports between wings": len(wing_edges),
-            "modules over 400 lines": sum(len(p.read_text().splitlines()) > 400 for p in modules().values())}
+    return {
+        "modules": len(deps),
+        "wings": len({wing_of(m) for m in deps} - {"package", "ground"}),
+        "imports between modules": len(module_edges),
+        "imports between wings": len(wing_edges),
+        "modules over 400 lines": sum(len(p.read_text().splitlines()) > 400 for p in modules().values()),
+    }
 
 
-if __name__ == "__main__":          # python3 tests/test_house_rules.py: the figures of the house
+if __name__ == "__main__":  # python3 tests/test_house_rules.py: the figures of the house
     for name, value in figures().items():
         print(f"{name}: {value}")

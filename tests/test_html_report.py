@@ -2,6 +2,7 @@
 then real traces rendered in Debian's headless Chromium without network: the seed leak's
 chart (one point per sample, drawn), and a leak that starts late (tests/fixtures/late_leak.c)
 flagged as growing and alone in the window picked after it started."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from conftest import MEMLEAK, probedsl, start_run
 from test_flamegraph import png_pixels
 from test_reports import FixedSymbolizer, fixed_snapshot
 
-CHART_BLUE = (26, 79, 160)         # the total line and its sample points (#1a4fa0)
+CHART_BLUE = (26, 79, 160)  # the total line and its sample points (#1a4fa0)
 
 
 def program():
@@ -43,10 +44,10 @@ def test_the_series_stays_bounded_and_exact_where_it_keeps_points():
     for second in range(100):
         series.add(float(second), snapshot_at(second, second))
     assert len(series.t) <= 16 and series.thinned > 0
-    assert list(series.t[-4:]) == [96.0, 97.0, 98.0, 99.0]             # recent points stay one a period
+    assert list(series.t[-4:]) == [96.0, 97.0, 98.0, 99.0]  # recent points stay one a period
     blocks = series.totals["heap"][1]
-    assert all(blocks[i] == 1 + int(t) for i, t in enumerate(series.t))   # values at kept times exact
-    assert list(series.t) == sorted(series.t) and series.t[0] > 0          # the oldest were thinned
+    assert all(blocks[i] == 1 + int(t) for i, t in enumerate(series.t))  # values at kept times exact
+    assert list(series.t) == sorted(series.t) and series.t[0] > 0  # the oldest were thinned
 
 
 def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(tmp_path):
@@ -60,7 +61,7 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
     entries = {e.signature(): e for e in rep.sections[0].entries}
     named = {s["signature"]: s for s in rep.series["groups"]}
     leak = next(sig for sig in named if "wrapper1" in sig)
-    assert leak in entries                                    # the same identity as the entry's
+    assert leak in entries  # the same identity as the entry's
     assert named[leak]["bytes"] == [0, 16, 32, 48, 64]
     assert timeseries.growing_since(rep.series["t"], named[leak]["bytes"], 3, 1.0) == 0.0
     cache = next(sig for sig in named if sig != leak)
@@ -81,9 +82,9 @@ def test_the_series_names_stacks_as_report_entries_and_survives_json_and_merge(t
 
 def test_growth_needs_each_of_the_last_steps_and_joins_a_short_final_one():
     t = [0.0, 1.0, 2.0, 3.0, 4.0, 4.2]
-    assert timeseries.growing_since(t, [0, 0, 10, 20, 30, 30], 3, 1.0) == 1.0     # 4.0 -> 4.2 joined to 3 -> 4.2
+    assert timeseries.growing_since(t, [0, 0, 10, 20, 30, 30], 3, 1.0) == 1.0  # 4.0 -> 4.2 joined to 3 -> 4.2
     assert timeseries.growing_since(t, [0, 10, 10, 20, 30, 30], 3, 1.0) is None
-    assert timeseries.growing_since(t, [None, None, 10, 20, 30, 40], 2, 1.0) == 2.0    # untracked before 2 s
+    assert timeseries.growing_since(t, [None, None, 10, 20, 30, 40], 2, 1.0) == 2.0  # untracked before 2 s
 
 
 def test_names_from_the_traced_program_cannot_end_the_script_or_the_markup():
@@ -91,8 +92,16 @@ def test_names_from_the_traced_program_cannot_end_the_script_or_the_markup():
     sym = FixedSymbolizer()
     hostile = "</script><script>alert(1)</script>\u2028<!--"
     sym.NAMES = {**sym.NAMES, 0x1000: (hostile, 1, "/srv/<b>app", "x.c", 1)}
-    rep = assemble.build(prog, fixed_snapshot(), sym, backend="bcc", target="<i>target</i>", duration_s=1,
-                       complete=True, notes=["<img src=x onerror=alert(2)>"])
+    rep = assemble.build(
+        prog,
+        fixed_snapshot(),
+        sym,
+        backend="bcc",
+        target="<i>target</i>",
+        duration_s=1,
+        complete=True,
+        notes=["<img src=x onerror=alert(2)>"],
+    )
     page = html_report.to_html(rep)
     assert "<script>alert" not in page and "<img src" not in page and "<i>target" not in page
     assert "\u2028" not in page and "<!--" not in page
@@ -102,6 +111,7 @@ def test_names_from_the_traced_program_cannot_end_the_script_or_the_markup():
 
 
 # --- real traces in a browser ---
+
 
 def page_data(path) -> dict:
     text = open(path).read()
@@ -118,7 +128,7 @@ def wait_for(path, ready, tracer, what: str) -> dict:
             data = page_data(path)
             if ready(data):
                 return data
-        except (OSError, AttributeError, ValueError):        # not written yet
+        except (OSError, AttributeError, ValueError):  # not written yet
             pass
         time.sleep(0.1)
 
@@ -127,10 +137,22 @@ def browse(path, fragment="", shot=None):
     """(DOM, console messages) of the page in headless Chromium, without network."""
     url = f"file://{path}{fragment}"
     exe_args = ["--window-size=1400,1000", "--enable-logging=stderr", "--v=0"]
-    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                             "--host-resolver-rules=MAP * ~NOTFOUND", *exe_args,
-                             *([f"--screenshot={shot}"] if shot else ["--dump-dom"]), url],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            *exe_args,
+            *([f"--screenshot={shot}"] if shot else ["--dump-dom"]),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     return result.stdout, console
@@ -139,10 +161,11 @@ def browse(path, fragment="", shot=None):
 @pytest.mark.usefixtures("root_required")
 def test_the_seed_leaks_page_charts_every_sample_without_network(build, tmp_path):
     page = tmp_path / "leak.html"
-    tracer = start_run(MEMLEAK, "--interval", "1", "--format", "html", "-o", str(page), "--", build("leak"),
-                       stdin=subprocess.PIPE)
+    tracer = start_run(
+        MEMLEAK, "--interval", "1", "--format", "html", "-o", str(page), "--", build("leak"), stdin=subprocess.PIPE
+    )
     wait_for(page, lambda d: len(d["series"]["t"]) >= 3, tracer, "three samples")
-    out, err = tracer.communicate(input="\n", timeout=60)       # the seed's getchar() returns
+    out, err = tracer.communicate(input="\n", timeout=60)  # the seed's getchar() returns
     assert tracer.returncode == 0, err
     data = page_data(page)
     text = page.read_text()
@@ -153,42 +176,48 @@ def test_the_seed_leaks_page_charts_every_sample_without_network(build, tmp_path
     assert len(samples) == len(data["series"]["t"]) >= 3
     assert [float(t) for t in samples] == data["series"]["t"]
     body = re.search(r'<table id="stacks">.*?</table>', dom, re.S).group(0)
-    assert "wrapper1" in body and "40 B" in body                # five 8-byte blocks
+    assert "wrapper1" in body and "40 B" in body  # five 8-byte blocks
     assert re.search(r'id="topdown".*wrapper1', dom, re.S) and re.search(r'<svg id="flame".*wrapper1', dom, re.S)
     shot = tmp_path / "shot.png"
     browse(page, shot=shot)
     width, rows = png_pixels(shot)
-    blue = [(x, y) for y, row in enumerate(rows) for x, px in enumerate(row)
-            if all(abs(a - b) <= 12 for a, b in zip(px, CHART_BLUE))]
+    blue = [
+        (x, y)
+        for y, row in enumerate(rows)
+        for x, px in enumerate(row)
+        if all(abs(a - b) <= 12 for a, b in zip(px, CHART_BLUE))
+    ]
     assert len(blue) > 200, "the chart's total line is not drawn"
-    assert max(x for x, _ in blue) - min(x for x, _ in blue) > width // 2     # across the time axis
+    assert max(x for x, _ in blue) - min(x for x, _ in blue) > width // 2  # across the time axis
 
 
 @pytest.mark.usefixtures("root_required")
 def test_a_late_leak_is_flagged_and_alone_in_the_window_after_it_began(build, tmp_path):
     page = tmp_path / "late.html"
-    tracer = start_run(MEMLEAK, "--interval", "1", "--format", "html", "-o", str(page), "--", build("late_leak"),
-                       stdin=subprocess.PIPE)
+    tracer = start_run(
+        MEMLEAK, "--interval", "1", "--format", "html", "-o", str(page), "--", build("late_leak"), stdin=subprocess.PIPE
+    )
     cache = lambda d: any(d["frames"][e[1][-1]][0] == "fill_cache" for e in d["entries"])
     before = wait_for(page, lambda d: cache(d) and len(d["series"]["t"]) >= 2, tracer, "the cache filled")
-    went = before["series"]["t"][-1]                        # every block so far was acquired before this sample
+    went = before["series"]["t"][-1]  # every block so far was acquired before this sample
     tracer.stdin.write("go\n")
     tracer.stdin.flush()
     late = lambda d: next((e for e in d["entries"] if d["frames"][e[1][-1]][0] == "late_leak"), None)
     wait_for(page, lambda d: late(d) is not None and late(d)[5], tracer, "the late leak flagged growing")
-    out, err = tracer.communicate(input="", timeout=60)         # stdin ends: so does the leak
+    out, err = tracer.communicate(input="", timeout=60)  # stdin ends: so does the leak
     assert tracer.returncode == 0, err
     data = page_data(page)
     entry = late(data)
-    assert entry[5] and entry[8] is not None and entry[8] >= went     # growing, since after the go
+    assert entry[5] and entry[8] is not None and entry[8] >= went  # growing, since after the go
     cached = next(e for e in data["entries"] if data["frames"][e[1][-1]][0] == "fill_cache")
     assert not cached[5]
     dom, console = browse(page)
     assert console == []
     flagged = re.findall(r'<tr class="row growing" data-entry="(\d+)"><td><span class="flag">GROWING', dom)
     assert [data["entries"][int(i)][1] for i in flagged] == [entry[1]]
-    assert re.search(r'<g class="growth" data-entry="\d+" data-since="[\d.]+">.*?GROWING since [\d.]+ s: late_leak',
-                     dom, re.S)
+    assert re.search(
+        r'<g class="growth" data-entry="\d+" data-since="[\d.]+">.*?GROWING since [\d.]+ s: late_leak', dom, re.S
+    )
     # the window from the go to the end: only the late leak's stack, in every view
     end = data["series"]["t"][-1]
     # (the bounds exactly at samples: the page knows what was live at each sample, not in between)

@@ -2,6 +2,7 @@
 /proc/PID/fd of a process held before its exit (tests/fixtures/fdpaths.c opens through every
 path: stdio, directory streams, popen, the dup family, fcntl, pipes, sockets, eventfd, epoll,
 memfd, timerfd, signalfd, inotify, raw system calls, an exec with close-on-exec descriptors)."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from conftest import BACKENDS, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
-BOUND_S = 300      # only a failing run waits this long: the fixture says when it is ready
+BOUND_S = 300  # only a failing run waits this long: the fixture says when it is ready
 
 
 def lines_until_ready(fd: int):
@@ -91,7 +92,7 @@ def check(report: dict, said: dict, truth: set, backend: str) -> None:
     want = expected_live(said, truth)
     assert live_fds(report, pid) == want, (sorted(live_fds(report, pid)), sorted(want), report["resources"])
     by_function = opened_by(report, pid)
-    if backend == "bcc" and "?" not in by_function:   # whole stacks (else cut and marked: test_recipes)
+    if backend == "bcc" and "?" not in by_function:  # whole stacks (else cut and marked: test_recipes)
         per_function = {fn: set(fds) & want for fn, fds in opened.items()}
         assert by_function == {fn: fds for fn, fds in per_function.items() if fds}, by_function
     assert report["resources"]["fd"]["untracked"] == 0
@@ -99,8 +100,9 @@ def check(report: dict, said: dict, truth: set, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fdleak_live_descriptors_are_the_kernels_for_a_command(backend, build):
-    tracer = start_run("fdleak", "--backend", backend, "--format", "json", "--ages", "--", build("fdpaths"),
-                       stdin=subprocess.PIPE)
+    tracer = start_run(
+        "fdleak", "--backend", backend, "--format", "json", "--ages", "--", build("fdpaths"), stdin=subprocess.PIPE
+    )
     try:
         said = fixture_lines(tracer.stdout.fileno())
         truth = descriptors(said["ready"][0])
@@ -198,6 +200,8 @@ def test_mmapleak_live_mappings_are_the_kernels(backend, mode, build):
     entries = [e for e in report["reports"][0]["entries"] if e["pids"] == [said["ready"]]]
     # mmapleak probes libc's mmap: every region mapped through it, at its length; a raw
     # syscall(SYS_mmap) is not seen (docs/writing-recipes.md, "What the bundled recipes cannot see")
-    assert sorted((e["bytes"], e["mappings"]) for e in entries) == \
-        sorted((length, 1) for _, length in said["seen"]), (entries, said)
+    assert sorted((e["bytes"], e["mappings"]) for e in entries) == sorted((length, 1) for _, length in said["seen"]), (
+        entries,
+        said,
+    )
     assert report["resources"]["mapping"]["untracked"] == 0

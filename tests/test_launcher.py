@@ -1,5 +1,6 @@
 """`-- CMD`'s held command, run for real: held at its exec while something is loaded, then let
 go whatever happens; signals that arrive while it is held reach it."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def test_a_command_held_at_exec_is_let_go_when_the_callback_fails():
     with pytest.raises(RuntimeError):
         held.release(at_exec=fail)
     assert calls == [1]
-    assert held.wait() == 7                   # it ran to its end after all
+    assert held.wait() == 7  # it ran to its end after all
 
 
 def test_a_command_is_held_until_its_libraries_are_mapped():
@@ -34,7 +35,7 @@ def test_a_command_is_held_until_its_libraries_are_mapped():
         return seen[-1]
 
     held.release(at_exec=lambda: None, mapped=libc_mapped)
-    assert seen[0] is False and seen[-1] is True, seen    # stopped at exec, went on to libc
+    assert seen[0] is False and seen[-1] is True, seen  # stopped at exec, went on to libc
     assert held.wait() == 3
 
 

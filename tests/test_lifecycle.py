@@ -3,6 +3,7 @@ error before tracing began), the documented exit status, no traceback, and the t
 or reaped, never stopped. Faults are injected at named points (probedsl.faults): the run says
 when it reached one and waits for the test's gate file; the test acts, then opens the gate.
 No fixed waits."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,7 @@ from test_tracing import child_named, wait_for_sleep
 
 pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.lifecycle]
 
-INCOMPLETE = 3          # docs/usage.md: the report says "complete": false
+INCOMPLETE = 3  # docs/usage.md: the report says "complete": false
 
 
 class Gate:
@@ -47,8 +48,14 @@ def wait_said(proc, text: str) -> list:
 
 
 def run_tracer(*args, env=None, stdin=None):
-    return subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=stdin,
+        text=True,
+        env=env,
+    )
 
 
 def stop(target: Held) -> None:
@@ -90,12 +97,18 @@ def assert_not_stopped(pid: int) -> None:
 
 # --- threads that feed the kernel maps ---------------------------------------------------
 
+
 def test_a_slow_mapping_listener_does_not_outlive_the_maps(build):
     """The shutdown race: the tracker's thread hands mappings to the unwinder while the run
     ends; each write waits 0.2 s, so some are still queued when the command has exited."""
-    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format",
-                             "json", "--", build("leak")], input="\n", capture_output=True, text=True,
-                            timeout=300, env=Gate("slow-listener").env)
+    result = subprocess.run(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format", "json", "--", build("leak")],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=Gate("slow-listener").env,
+    )
     assert_clean(result.stderr)
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
@@ -104,18 +117,24 @@ def test_a_slow_mapping_listener_does_not_outlive_the_maps(build):
 
 
 def test_a_listener_that_raises_is_a_note_and_an_incomplete_report(build):
-    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format",
-                             "json", "--", build("leak")], input="\n", capture_output=True, text=True,
-                            timeout=300, env=Gate("listener-raises").env)
+    result = subprocess.run(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format", "json", "--", build("leak")],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=Gate("listener-raises").env,
+    )
     assert_clean(result.stderr)
     assert result.returncode == INCOMPLETE, result.stderr
     report = report_json(result.stdout)
-    assert by_site(report).get("wrapper1") == (40, 5)          # what was measured is unchanged
+    assert by_site(report).get("wrapper1") == (40, 5)  # what was measured is unchanged
     assert report["complete"] is False
     assert any("mapping listener" in why and "injected listener fault" in why for why in report["incomplete"])
 
 
 # --- the target ends at each stage -------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_target_exits_during_attach(backend, build):
@@ -126,10 +145,10 @@ def test_the_target_exits_during_attach(backend, build):
         gate.open()
         out, err = tracer.communicate(timeout=120)
     assert_clean(err)
-    if "probedsl: tracing" in err:           # attached before it was gone: a report, as usual
+    if "probedsl: tracing" in err:  # attached before it was gone: a report, as usual
         assert tracer.returncode == 0, err
         report_json(out)
-    else:                                     # a one-line error, before tracing began
+    else:  # a one-line error, before tracing began
         assert tracer.returncode == 1, err
         assert err.strip().splitlines()[-1].startswith("probedsl: error: "), err
 
@@ -150,15 +169,15 @@ def test_the_command_exits_during_the_loader_hold(build):
             if pid and state(pid):
                 os.kill(pid, signal.SIGKILL)
     assert_clean(err)
-    assert tracer.returncode == 128 + signal.SIGKILL, err     # the command's status, as always
+    assert tracer.returncode == 128 + signal.SIGKILL, err  # the command's status, as always
     report = report_json(out)
     assert report["exit_status"] == 128 + signal.SIGKILL and report["final"] is True
-    assert state(command) == ""                                # reaped
+    assert state(command) == ""  # reaped
 
 
 def test_the_target_exits_while_a_slow_listener_writes_rows(build):
     with pid_run(build("leak_delayed"), "0", "bcc", Gate("slow-listener").env) as (target, tracer):
-        target.go()                               # allocates, then exits; the listener lags
+        target.go()  # allocates, then exits; the listener lags
         out, err = tracer.communicate(timeout=300)
     assert_clean(err)
     assert tracer.returncode == 0, err
@@ -183,6 +202,7 @@ def test_the_target_exits_during_the_final_snapshot(backend, build):
 
 
 # --- signals ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_sigint_during_the_final_report_does_not_lose_it(backend, build):
@@ -217,6 +237,7 @@ def test_sigterm_and_sighup_end_a_pid_run_with_its_report(backend, signum, build
 
 # --- the tracer and the outputs fail ---------------------------------------------------------
 
+
 def test_bpftrace_killed_mid_run_ends_with_an_incomplete_report(build):
     with pid_run(build("leak_delayed"), "600", "bpftrace") as (target, tracer):
         os.kill(child_named(tracer.pid, "bpftrace"), signal.SIGKILL)
@@ -247,25 +268,48 @@ def small_tmpfs(tmp_path):
 
 def test_output_on_a_full_filesystem_says_so_and_prints_the_report(build, small_tmpfs):
     full, _ = small_tmpfs
-    with open(full / "filler", "wb") as f:         # fill it, leaving less than a report needs
+    with open(full / "filler", "wb") as f:  # fill it, leaving less than a report needs
         try:
             f.write(b"\0" * (64 << 10))
         except OSError:
             pass
-    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format",
-                             "json", "-o", str(full / "run.json"), "--", build("leak")], input="\n",
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            MEMLEAK,
+            "--backend",
+            "bcc",
+            "--format",
+            "json",
+            "-o",
+            str(full / "run.json"),
+            "--",
+            build("leak"),
+        ],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_clean(result.stderr)
     assert result.returncode == 1, result.stderr
     assert f"cannot write the report to {full / 'run.json'}" in result.stderr
-    assert by_site(report_json(result.stdout)).get("wrapper1") == (40, 5)     # nothing lost
-    assert sorted(os.listdir(full)) == ["filler"]                                # no half file
+    assert by_site(report_json(result.stdout)).get("wrapper1") == (40, 5)  # nothing lost
+    assert sorted(os.listdir(full)) == ["filler"]  # no half file
 
 
 def test_output_on_a_read_only_filesystem_is_refused_before_tracing(build, small_tmpfs):
     _, ro = small_tmpfs
-    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "-o", str(ro / "run.json"),
-                             "--", build("leak")], input="\n", capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "-o", str(ro / "run.json"), "--", build("leak")],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_clean(result.stderr)
     assert result.returncode == 1
     assert result.stderr.strip() == f"probedsl: error: -o {ro / 'run.json'}: not writable"
@@ -277,9 +321,23 @@ def test_a_taken_prometheus_port_is_refused_before_the_command_runs(build, tmp_p
     taken.listen()
     marker = tmp_path / "ran"
     try:
-        result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--prometheus",
-                                 f"127.0.0.1:{taken.getsockname()[1]}", "--", "touch", str(marker)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "probedsl",
+                "run",
+                MEMLEAK,
+                "--prometheus",
+                f"127.0.0.1:{taken.getsockname()[1]}",
+                "--",
+                "touch",
+                str(marker),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         taken.close()
     assert_clean(result.stderr)
@@ -296,6 +354,7 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
     import fcntl
     import pty
     import termios
+
     target = Held([build("leak_delayed"), "wait", "600"])
     saved = tmp_path / "run.json"
     master, slave = pty.openpty()
@@ -303,9 +362,28 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
     def own_terminal():
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend, "--format",
-                               "json", "-o", str(saved), "--pid", str(target.pid)],
-                              stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal)
+
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probedsl",
+            "run",
+            MEMLEAK,
+            "--backend",
+            backend,
+            "--format",
+            "json",
+            "-o",
+            str(saved),
+            "--pid",
+            str(target.pid),
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        preexec_fn=own_terminal,
+    )
     os.close(slave)
     try:
         said = b""
@@ -314,8 +392,8 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
             assert chunk, said
             said += chunk
         target.go()
-        wait_for_sleep(target.pid, 600)               # its allocations are done
-        os.close(master)                              # the terminal is gone: SIGHUP
+        wait_for_sleep(target.pid, 600)  # its allocations are done
+        os.close(master)  # the terminal is gone: SIGHUP
         assert tracer.wait(timeout=120) == 0
         assert_not_stopped(target.pid)
         assert state(target.pid) != "", "the target runs on"
@@ -330,8 +408,14 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
 def test_output_to_a_device_writes_it_in_place(build):
     """-o /dev/null (bench does it) must not replace the device by a file (as root it could)."""
     import stat
-    result = subprocess.run([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", "-o", "/dev/null",
-                             "--", build("leak")], input="\n", capture_output=True, text=True, timeout=300)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", "-o", "/dev/null", "--", build("leak")],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_clean(result.stderr)
     assert result.returncode == 0, result.stderr
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and not os.path.exists("/dev/null.tmp")

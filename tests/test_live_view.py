@@ -1,6 +1,7 @@
 """`probedsl run --live` in a real terminal (tmux): the screen refreshes with the leak growing,
 s sorts by the next column, enter expands a stack, q ends the run with the final report; without
 a terminal the plain reports come instead."""
+
 from __future__ import annotations
 
 import os
@@ -25,11 +26,28 @@ ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([+-]\d+)\s+([+-]\d+)\s+(\S.*?)(  GROWING
 
 def report_of(values) -> Report:
     """A report with one entry per (name, bytes, blocks)."""
-    entries = [Entry(values={"bytes": b, "blocks": n}, oldest_age_s=None, pids=[1],
-                     stack=[Frame(0x1000 + i, name, 0, "/bin/app", "app.c", 1)]) for i, (name, b, n) in enumerate(values)]
-    return Report("memleak", "bcc", "t", 1.0, False, {"heap": {"live_bytes": 0, "live_blocks": 0, "acquired": 0,
-                                                               "released": 0, "unknown_releases": 0}},
-                  [Section("outstanding", "heap", ["ustack"], ["bytes", "blocks"], 10, entries=entries, total_entries=len(entries))])
+    entries = [
+        Entry(
+            values={"bytes": b, "blocks": n},
+            oldest_age_s=None,
+            pids=[1],
+            stack=[Frame(0x1000 + i, name, 0, "/bin/app", "app.c", 1)],
+        )
+        for i, (name, b, n) in enumerate(values)
+    ]
+    return Report(
+        "memleak",
+        "bcc",
+        "t",
+        1.0,
+        False,
+        {"heap": {"live_bytes": 0, "live_blocks": 0, "acquired": 0, "released": 0, "unknown_releases": 0}},
+        [
+            Section(
+                "outstanding", "heap", ["ustack"], ["bytes", "blocks"], 10, entries=entries, total_entries=len(entries)
+            )
+        ],
+    )
 
 
 def test_growth_is_counted_from_the_first_refresh_and_the_last():
@@ -37,8 +55,10 @@ def test_growth_is_counted_from_the_first_refresh_and_the_last():
     growth.rows(report_of([("cache", 640, 10), ("leak", 100, 1)]))
     rows = {r.frames[0].split("+")[0]: r for r in growth.rows(report_of([("cache", 640, 10), ("leak", 300, 3)]))}
     assert (rows["leak"].since_start, rows["leak"].since_last) == (200, 200)
-    rows = {r.frames[0].split("+")[0]: r for r in growth.rows(report_of([("cache", 640, 10), ("leak", 500, 5),
-                                                                          ("new", 8, 1)]))}
+    rows = {
+        r.frames[0].split("+")[0]: r
+        for r in growth.rows(report_of([("cache", 640, 10), ("leak", 500, 5), ("new", 8, 1)]))
+    }
     assert (rows["leak"].since_start, rows["leak"].since_last) == (400, 200)
     assert (rows["cache"].since_start, rows["new"].since_start) == (0, 8)
     by_blocks = live.sort_rows(list(rows.values()), "blocks")
@@ -51,7 +71,7 @@ def test_without_a_terminal_live_prints_the_plain_reports(build, root_required):
     assert "--live needs a terminal" in result.stderr
     # a report each second (--live refreshes every second without --interval), then the final one
     assert re.search(r"report \(interval 1\)", result.stdout) and "report (final)" in result.stdout
-    assert "\033[" not in result.stdout                      # no screen drawing on a pipe
+    assert "\033[" not in result.stdout  # no screen drawing on a pipe
 
 
 class Terminal:
@@ -99,7 +119,9 @@ def rows(screen: str):
     for line in screen.splitlines():
         m = ROW.match(line)
         if m:
-            out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5), bool(m.group(6))))
+            out.append(
+                (int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5), bool(m.group(6)))
+            )
     return out
 
 
@@ -114,22 +136,24 @@ def test_the_live_view_shows_the_leak_growing_sorts_expands_and_quits_to_the_fin
         command = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--live", "--", build("drip"), "120"]
         term.type(f"cd {shlex.quote(os.getcwd())}; {shlex.join(command)}; echo probedsl-ended-$?", "Enter")
         first = term.wait(lambda s: drip_row(s) and refresh(s) and (refresh(s), drip_row(s)), "the drip stack")
-        later = term.wait(lambda s: refresh(s) and refresh(s) >= first[0] + 2 and drip_row(s) and (refresh(s), drip_row(s)),
-                          "two more refreshes")
-        assert later[1][0] > first[1][0] and later[1][1] > first[1][1]      # more bytes and blocks
-        assert later[1][2] > 0 and later[1][3] > 0                          # grew since the start and the last refresh
+        later = term.wait(
+            lambda s: refresh(s) and refresh(s) >= first[0] + 2 and drip_row(s) and (refresh(s), drip_row(s)),
+            "two more refreshes",
+        )
+        assert later[1][0] > first[1][0] and later[1][1] > first[1][1]  # more bytes and blocks
+        assert later[1][2] > 0 and later[1][3] > 0  # grew since the start and the last refresh
         assert "sorted by bytes" in term.screen()
         term.type("s")
         by_blocks = term.wait(lambda s: "sorted by blocks" in s and len(rows(s)) >= 2 and rows(s), "the blocks sort")
         assert [r[1] for r in by_blocks] == sorted((r[1] for r in by_blocks), reverse=True)
         term.type("s")
         by_start = term.wait(lambda s: "sorted by since start" in s and len(rows(s)) >= 2 and rows(s), "the next sort")
-        assert by_start[0][4].startswith("drip")              # the only stack that grew since the first refresh
+        assert by_start[0][4].startswith("drip")  # the only stack that grew since the first refresh
         term.type("Enter")
         term.wait(lambda s: re.search(r"^ {14}drip\+\d+ \[drip\]", s, re.M), "the expanded stack's frames")
         term.type("q")
         final = term.wait(lambda s: "probedsl-ended-" in s and s, "the end of the run", history=True)
         assert re.search(r"probedsl memleak report \(final\)", final)
-        assert re.search(r"^\s+drip\+\d+ \[drip\]", final, re.M)               # the normal text report's frames
+        assert re.search(r"^\s+drip\+\d+ \[drip\]", final, re.M)  # the normal text report's frames
     finally:
         term.close()

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: a full table counts what it could not track, a crashing command
 still gets its report, a killed tracer is said, no tracer outlives a run, a soak keeps the
 tracer's memory flat."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,24 @@ pytestmark = pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_full_table_counts_what_it_could_not_track(backend, build):
     n = 1_200_000
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--max-live", "1000",
-                      "--", build("many_live"), str(n), timeout=600)
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--format",
+        "json",
+        "--max-live",
+        "1000",
+        "--",
+        build("many_live"),
+        str(n),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     heap = report["resources"]["heap"]
-    assert heap["live_blocks"] == 1000                               # the table, full
+    assert heap["live_blocks"] == 1000  # the table, full
     assert heap["live_blocks"] + heap["untracked"] == heap["acquired"] - heap["released"]
     assert heap["acquired"] >= n + 1 and heap["untracked"] >= n + 1 - 1000
     assert any("not tracked (table full" in note for note in report["notes"])
@@ -47,15 +60,19 @@ def bpftrace_children(pid: int):
 
 
 def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--comm", "nosuchprog"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--comm", "nosuchprog"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
         assert tracer.poll() is None
     (child,) = bpftrace_children(tracer.pid)
     os.kill(child, signal.SIGKILL)
     out, err = tracer.communicate(timeout=60)
-    assert tracer.returncode == 3, err             # a report, marked incomplete (docs/usage.md)
+    assert tracer.returncode == 3, err  # a report, marked incomplete (docs/usage.md)
     assert "the report is incomplete: bpftrace" in err and "ended early" in err, err
     assert "Traceback" not in err
     assert bpftrace_children(tracer.pid) == []
@@ -64,7 +81,7 @@ def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tracer_process_outlives_a_run(backend, build):
     tracer = start_run(MEMLEAK, "--backend", backend, "--", build("leak"), stdin=subprocess.PIPE)
-    children = bpftrace_children(tracer.pid)           # the command; bpftrace
+    children = bpftrace_children(tracer.pid)  # the command; bpftrace
     tracer.communicate(input="\n", timeout=120)
     assert tracer.returncode == 0
     # bpftrace is killed, not waited for: it ends by itself once the kernel has removed its
@@ -79,6 +96,7 @@ def test_no_tracer_process_outlives_a_run(backend, build):
 def test_a_short_interval_soak_keeps_the_tracers_memory_flat(backend, build):
     """bench/soak.py runs this for an hour; here 12 reports over ~12 s."""
     from bench.soak import soak
+
     samples = soak(backend, seconds=12, interval=1, exe=build("drip"))
     assert len(samples) >= 10
     # after warm-up (caches, first symbolization), RSS may not keep climbing

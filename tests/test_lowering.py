@@ -1,4 +1,5 @@
 """AST -> IR: correlation planning, release ordering, parameters, library resolution."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,9 @@ def program_of(text: str, overrides=None) -> ir.Program:
 
 
 def test_entry_arguments_used_at_return_are_saved_per_thread():
-    p = program_of("recipe r resource h keyed by a { acquire libc:calloc(n, each) -> ret when ret != 0 size = n * each record size }")
+    p = program_of(
+        "recipe r resource h keyed by a { acquire libc:calloc(n, each) -> ret when ret != 0 size = n * each record size }"
+    )
     (probe,) = p.resources[0].probes
     assert probe.at_return and probe.saved_args == (0, 1)
     (action,) = probe.actions
@@ -34,13 +37,17 @@ def test_entry_only_release_reads_arguments_directly():
 
 
 def test_realloc_releases_the_old_block_before_acquiring_the_new_one():
-    p = program_of("recipe r resource h keyed by a { acquire l:realloc(old, size) -> ret when ret != 0 size = size releases old when old != 0 }")
+    p = program_of(
+        "recipe r resource h keyed by a { acquire l:realloc(old, size) -> ret when ret != 0 size = size releases old when old != 0 }"
+    )
     kinds = [a.kind for a in p.resources[0].probes[0].actions]
     assert kinds == ["release", "acquire"]
 
 
 def test_out_parameter_is_read_at_return():
-    p = program_of("recipe r resource h keyed by a { acquire l:posix_memalign(out, al, size) -> *out when ret == 0 size = size }")
+    p = program_of(
+        "recipe r resource h keyed by a { acquire l:posix_memalign(out, al, size) -> *out when ret == 0 size = size }"
+    )
     probe = p.resources[0].probes[0]
     assert probe.at_return
     assert probe.actions[0].key == (ir.Deref(ir.Saved(1, 0)),)
@@ -62,6 +69,7 @@ def test_glibc_aliases_are_attached_once():
     functions = [p.function for p in program.resources[0].probes]
     libc = libraries.LibraryResolver().resolve("libc")
     from probedsl.binaries import elf
+
     syms = elf.symbols(libc)
     if syms.address_of("aligned_alloc") == syms.address_of("memalign"):
         assert ("aligned_alloc" in functions) != ("memalign" in functions)
@@ -92,11 +100,11 @@ def test_sampling_is_decided_in_the_kernel_on_both_backends():
     assert bt.returncode == 0 and bcc.returncode == 0, bt.stderr + bcc.stderr
     assert "if (rand % 4 == 0) {" in bt.stdout
     assert "if (bpf_get_prandom_u32() % 4 == 0) {" in bcc.stdout
-    assert "rand %" not in probedsl("compile", "memleak").stdout         # 1: every acquisition
+    assert "rand %" not in probedsl("compile", "memleak").stdout  # 1: every acquisition
 
 
 def test_bpftrace_refuses_live_tables_its_packed_tallies_cannot_count():
     program = compiler.build(compiler.load(MEMLEAK), max_live=1 << 24)
     with pytest.raises(ProbedslError, match="--max-live must be below 16777216"):
         compiler.generate(program, targets.for_version("bpftrace", None))
-    compiler.generate(program, targets.for_version("bcc", None))                    # BCC keeps bytes and count apart
+    compiler.generate(program, targets.for_version("bcc", None))  # BCC keeps bytes and count apart

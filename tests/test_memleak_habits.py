@@ -1,5 +1,6 @@
 """BCC memleak's command lines work as its users type them: -p PID, -c "CMD ARGS", -T N,
 --older MS, -s N and the positional [interval [count]] (docs/usage.md sets them side by side)."""
+
 import json
 
 import pytest
@@ -10,8 +11,19 @@ from conftest import MEMLEAK, Held, by_site, probedsl, report_json, start_run
 @pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", ["bpftrace", "bcc"])
 def test_dash_c_launches_a_command_line_split_as_a_shell_would(backend, build):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "-T", "1",
-                      "-c", f"{build('leak_delayed')} 0 '0'", input="")
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--format",
+        "json",
+        "-T",
+        "1",
+        "-c",
+        f"{build('leak_delayed')} 0 '0'",
+        input="",
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     entries = report["reports"][0]["entries"]
@@ -52,15 +64,18 @@ def test_older_hides_blocks_younger_than_its_milliseconds(build):
     assert report["resources"]["heap"]["live_blocks"] >= 5, "the blocks are counted, only not listed"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["5", "x", "--", "/bin/true"], "unexpected argument 'x' before --"),
-    (["-c", "/bin/true", "--", "/bin/true"], "-c gives the command as one string"),
-    (["-c", ""], "-c: the command is empty"),
-    (["0", "--", "/bin/true"], "interval: must be at least 1 second"),
-    (["5", "2", "--duration", "3", "--", "/bin/true"], "COUNT and --duration both say when to stop"),
-    (["--older", "5", "--min-age", "1", "--", "/bin/true"], "--older and --min-age both set the age"),
-    (["-z", "100", "-Z", "10", "--", "/bin/true"], "--min-size 100 is above --max-size 10"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["5", "x", "--", "/bin/true"], "unexpected argument 'x' before --"),
+        (["-c", "/bin/true", "--", "/bin/true"], "-c gives the command as one string"),
+        (["-c", ""], "-c: the command is empty"),
+        (["0", "--", "/bin/true"], "interval: must be at least 1 second"),
+        (["5", "2", "--duration", "3", "--", "/bin/true"], "COUNT and --duration both say when to stop"),
+        (["--older", "5", "--min-age", "1", "--", "/bin/true"], "--older and --min-age both set the age"),
+        (["-z", "100", "-Z", "10", "--", "/bin/true"], "--min-size 100 is above --max-size 10"),
+    ],
+)
 def test_habit_errors_are_one_line(args, message):
     result = probedsl("run", MEMLEAK, *args)
     assert result.returncode != 0

@@ -1,4 +1,5 @@
 """The front end: parsing, located errors, semantic checks, and the CLI's error contract."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,7 +46,9 @@ resource fd keyed by (pid, fd) { acquire libc:open(path, flags) -> (pid, ret) wh
 
 
 def test_tracepoint_fields_are_names():
-    recipe = parse_and_check("recipe k resource k keyed by p { acquire tracepoint kmem:kmalloc -> ptr size = bytes_alloc }")
+    recipe = parse_and_check(
+        "recipe k resource k keyed by p { acquire tracepoint kmem:kmalloc -> ptr size = bytes_alloc }"
+    )
     assert recipe.resources[0].events[0].probe == ast.Tracepoint("kmem", "kmalloc")
 
 
@@ -131,32 +134,46 @@ def test_missing_recipe_file_is_one_line_error():
     assert result.stderr.strip().startswith("probedsl: error: recipe not found: /nonexistent/x.probe (bundled: ")
 
 
-SYSCALL_FIELDS = {("syscalls", "sys_enter_pipe2"): ("__syscall_nr", "fildes", "flags"),
-                  ("syscalls", "sys_exit_pipe2"): ("__syscall_nr", "ret"),
-                  ("syscalls", "sys_enter_close"): ("__syscall_nr", "fd"),
-                  ("syscalls", "sys_exit_close"): ("__syscall_nr", "ret")}
+SYSCALL_FIELDS = {
+    ("syscalls", "sys_enter_pipe2"): ("__syscall_nr", "fildes", "flags"),
+    ("syscalls", "sys_exit_pipe2"): ("__syscall_nr", "ret"),
+    ("syscalls", "sys_enter_close"): ("__syscall_nr", "fd"),
+    ("syscalls", "sys_exit_close"): ("__syscall_nr", "ret"),
+}
 
 
 def test_syscall_probes_name_entry_fields_and_the_exits_ret():
     from probedsl import ir
     from probedsl.ir import lower
-    recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+
+    recipe = parser.parse(
+        """recipe r resource fd keyed by (pid, fd) {
   acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0 acquires (pid, fildes[1])
-  release syscall close -> (pid, fd) }""", "t.probe")
+  release syscall close -> (pid, fd) }""",
+        "t.probe",
+    )
     checker.check(recipe, lambda c, e: SYSCALL_FIELDS.get((c, e)))
     assert recipe.resources[0].events[0].probe == ast.Syscall("pipe2")
     pipe2, close = lower.lower(recipe, {}).resources[0].probes
     # the exit acts, with the entry's field saved per thread; close acts at its entry
-    assert (pipe2.kind, pipe2.function, pipe2.at_return, pipe2.fields, pipe2.saved_args) == \
-        ("syscall", "pipe2", True, ("fildes",), (0,))
+    assert (pipe2.kind, pipe2.function, pipe2.at_return, pipe2.fields, pipe2.saved_args) == (
+        "syscall",
+        "pipe2",
+        True,
+        ("fildes",),
+        (0,),
+    )
     assert pipe2.actions[0].key == (ir.Builtin("pid"), ir.Deref(ir.Saved(0, 0), 0, 4))
     assert pipe2.actions[0].guard == ir.BinOp("==", ir.Field("ret"), ir.Const(0))
     assert (close.at_return, close.actions[0].key) == (False, (ir.Builtin("pid"), ir.Field("fd")))
 
 
 def test_syscall_errors_are_located():
-    recipe = parser.parse("recipe r resource fd keyed by (pid, fd) {\n  acquire syscall nope -> (pid, ret)\n"
-                          "  release syscall close -> (pid, fildes) }", "t.probe")
+    recipe = parser.parse(
+        "recipe r resource fd keyed by (pid, fd) {\n  acquire syscall nope -> (pid, ret)\n"
+        "  release syscall close -> (pid, fildes) }",
+        "t.probe",
+    )
     with pytest.raises(RecipeError) as exc:
         checker.check(recipe, lambda c, e: SYSCALL_FIELDS.get((c, e)))
     got = [(d.span.line, d.span.column, d.message) for d in exc.value.diagnostics]
@@ -167,18 +184,31 @@ def test_syscall_errors_are_located():
 def test_a_release_through_a_last_key_lowers_to_a_range_and_belongs_on_releases_only():
     from probedsl import ir
     from probedsl.ir import lower
-    fields = {**SYSCALL_FIELDS, ("syscalls", "sys_enter_close_range"): ("fd", "max_fd", "flags"),
-              ("syscalls", "sys_exit_close_range"): ("ret",)}
-    recipe = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+
+    fields = {
+        **SYSCALL_FIELDS,
+        ("syscalls", "sys_enter_close_range"): ("fd", "max_fd", "flags"),
+        ("syscalls", "sys_exit_close_range"): ("ret",),
+    }
+    recipe = parser.parse(
+        """recipe r resource fd keyed by (pid, fd) {
   acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0
-  release syscall close_range -> (pid, fd) through max_fd when flags % 8 < 4 }""", "t.probe")
+  release syscall close_range -> (pid, fd) through max_fd when flags % 8 < 4 }""",
+        "t.probe",
+    )
     checker.check(recipe, lambda c, e: fields.get((c, e)))
     (action,) = lower.lower(recipe, {}).resources[0].probes[1].actions
-    assert (action.kind, action.key, action.through) == \
-        ("release", (ir.Builtin("pid"), ir.Field("fd")), ir.Field("max_fd"))
-    wrong = parser.parse("""recipe r resource fd keyed by (pid, fd) {
+    assert (action.kind, action.key, action.through) == (
+        "release",
+        (ir.Builtin("pid"), ir.Field("fd")),
+        ir.Field("max_fd"),
+    )
+    wrong = parser.parse(
+        """recipe r resource fd keyed by (pid, fd) {
   acquire syscall pipe2 -> (pid, fildes[0]) through 3 when ret == 0
-  release syscall close_range -> (pid, fd) through max_fd through 9 }""", "t.probe")
+  release syscall close_range -> (pid, fd) through max_fd through 9 }""",
+        "t.probe",
+    )
     with pytest.raises(RecipeError) as exc:
         checker.check(wrong, lambda c, e: fields.get((c, e)))
     got = [(d.span.line, d.message) for d in exc.value.diagnostics]

@@ -1,6 +1,7 @@
 """Per-process attach (BCC's --per-process): the named processes traced and bystanders spared
 the uprobe trap, ended processes' uprobes closed, a process refusing uprobes retried then said.
 Speed targets are measured in bench/, not here; these assert behaviour with wide margins."""
+
 from __future__ import annotations
 
 import collections
@@ -31,7 +32,7 @@ def test_per_process_comm_traces_the_named_process_and_spares_the_others(build, 
     try:
         # ~3 us per trapped call: 200,000 calls would take ~0.6 s if this process paid the trap
         bystander = loop_seconds(mallocfree)
-        subprocess.run([build("leak_delayed"), "1", "0"], check=True)   # attached within ~50 ms of exec
+        subprocess.run([build("leak_delayed"), "1", "0"], check=True)  # attached within ~50 ms of exec
     finally:
         tracer.send_signal(signal.SIGINT)
         out, err = tracer.communicate(timeout=60)
@@ -50,17 +51,18 @@ def test_per_process_closes_the_uprobes_of_processes_that_ended(build, tmp_path,
     final.parent.mkdir()
     churn.symlink_to(shutil.which("sleep"))
     shutil.copy(build("leak_delayed"), final)
-    tracer = start_tracer("--backend", "bcc", "--comm", "pp_churn", "--per-process",
-                          env={**os.environ, "BCC_PROBE_LIMIT": "60"})      # room for 3 processes
+    tracer = start_tracer(
+        "--backend", "bcc", "--comm", "pp_churn", "--per-process", env={**os.environ, "BCC_PROBE_LIMIT": "60"}
+    )  # room for 3 processes
     open_files = lambda: len(os.listdir(f"/proc/{tracer.pid}/fd"))
     try:
         idle = open_files()
         for _ in range(4):
-            subprocess.run([str(churn), "0.5"], check=True)       # alive long enough to be attached
-            assert open_files() > idle, "the process was not traced"   # closing 17 takes ~1.5 s
-            deadline = time.monotonic() + 15        # ~90 ms per uprobe, some after a quiet 3 s
+            subprocess.run([str(churn), "0.5"], check=True)  # alive long enough to be attached
+            assert open_files() > idle, "the process was not traced"  # closing 17 takes ~1.5 s
+            deadline = time.monotonic() + 15  # ~90 ms per uprobe, some after a quiet 3 s
             while (now_open := open_files()) > idle and time.monotonic() < deadline:
-                time.sleep(0.1)          # (a /proc file the tracer reads meanwhile counts too)
+                time.sleep(0.1)  # (a /proc file the tracer reads meanwhile counts too)
             assert now_open <= idle, "the uprobes of an ended process are still open"
         subprocess.run([str(final), "1", "0"], check=True)
     finally:
@@ -83,7 +85,7 @@ def test_tracefs_uprobes_libbcc_left_behind_are_removed(root_required):
             os.write(fd, f"p:uprobes/{name} {libc}:0x1000\n".encode())
         assert bcc_compat.remove_tracefs_uprobes(os.getpid()) == 1
         left = [line.split()[0] for line in open(events)]
-        assert f"p:uprobes/{ours}" not in left and f"p:uprobes/{other}" in left   # not another's
+        assert f"p:uprobes/{ours}" not in left and f"p:uprobes/{other}" in left  # not another's
     finally:
         os.write(fd, f"-:uprobes/{other}\n".encode())
         os.close(fd)
@@ -102,6 +104,7 @@ def test_per_process_skips_a_process_that_cannot_take_uprobes(root_required):
 
 class RefusingBpf:
     """Stands in for bcc.BPF: every uprobe attach fails, as libbcc's does, after printing."""
+
     def __init__(self):
         self.attempts, self.uprobe_fds = 0, {}
 
@@ -115,7 +118,7 @@ def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     loader = object.__new__(bcc_driver.BccLoader)
     loader.bpf, loader.attached, loader.refusals, loader.unclosed = RefusingBpf(), {}, {}, collections.deque()
     loader.manifest = {"probes": [{"path": "/lib/libc.so.6", "function": "free", "entry": "e", "return": None}]}
-    me = os.getpid()                      # has memory, so a refusal is not an exit in progress
+    me = os.getpid()  # has memory, so a refusal is not an exit in progress
     for _ in range(bcc_loader.ATTACH_TRIES):
         assert not capfd.readouterr().err
         loader._attach_process(me)
@@ -123,7 +126,7 @@ def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     err = capfd.readouterr().err
     assert err.count("\n") == 1, err
     assert f"warning: pid {me} is not traced: cannot attach to free" in err and "Invalid argument" in err
-    loader._attach_process(2)             # kthreadd: no memory, skipped without a word
+    loader._attach_process(2)  # kthreadd: no memory, skipped without a word
     assert not loader.refusals and not capfd.readouterr().err
 
 

@@ -1,5 +1,6 @@
 """Where a uprobe sits in its function (probedsl.passes.placement): hand-made entries whose answer is
 known, the kernel's emulated instructions, and the real C library."""
+
 from __future__ import annotations
 
 import subprocess
@@ -21,16 +22,19 @@ def lib(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("function,args,expected", [
-    ("test_then_je", (0,), (3, "je")),             # test %rdi,%rdi only reads rdi
-    ("writes_rdi", (0,), None),                     # the probe reads rdi, which mov changes
-    ("writes_rdi", (1,), (5, "jmp")),               # it reads rsi only
-    ("push_first", (0,), None),                     # emulated where it is
-    ("moves_rsp", (), None),                        # sub changes rsp
-    ("stores", (0, 1), None),                       # a store into memory
-    ("endbr_then_push", (), (4, "push")),           # past endbr64
-    ("syscall_first", (), None),                    # mov, then a syscall: no emulated instruction
-])
+@pytest.mark.parametrize(
+    "function,args,expected",
+    [
+        ("test_then_je", (0,), (3, "je")),  # test %rdi,%rdi only reads rdi
+        ("writes_rdi", (0,), None),  # the probe reads rdi, which mov changes
+        ("writes_rdi", (1,), (5, "jmp")),  # it reads rsi only
+        ("push_first", (0,), None),  # emulated where it is
+        ("moves_rsp", (), None),  # sub changes rsp
+        ("stores", (0, 1), None),  # a store into memory
+        ("endbr_then_push", (), (4, "push")),  # past endbr64
+        ("syscall_first", (), None),  # mov, then a syscall: no emulated instruction
+    ],
+)
 def test_place(lib, function, args, expected):
     got = x86.place(lib, function, args)
     if expected is None:
@@ -39,12 +43,25 @@ def test_place(lib, function, args, expected):
         assert (got.offset, got.instruction.split()[0]) == expected and got.emulated, got
 
 
-@pytest.mark.parametrize("code,release,expected", [
-    ("7403", RELEASE, True), ("0f8412345678", RELEASE, True), ("e800000000", RELEASE, True),
-    ("eb00", RELEASE, True), ("e900000000", RELEASE, True), ("90", RELEASE, True),
-    ("53", RELEASE, True), ("4154", RELEASE, True), ("4850", RELEASE, False), ("53", (5, 15), False),
-    ("4885ff", RELEASE, False), ("f30f1efa", RELEASE, False), ("c3", RELEASE, False), ("", RELEASE, False),
-])
+@pytest.mark.parametrize(
+    "code,release,expected",
+    [
+        ("7403", RELEASE, True),
+        ("0f8412345678", RELEASE, True),
+        ("e800000000", RELEASE, True),
+        ("eb00", RELEASE, True),
+        ("e900000000", RELEASE, True),
+        ("90", RELEASE, True),
+        ("53", RELEASE, True),
+        ("4154", RELEASE, True),
+        ("4850", RELEASE, False),
+        ("53", (5, 15), False),
+        ("4885ff", RELEASE, False),
+        ("f30f1efa", RELEASE, False),
+        ("c3", RELEASE, False),
+        ("", RELEASE, False),
+    ],
+)
 def test_emulated(code, release, expected):
     assert x86.emulated(bytes.fromhex(code), release) is expected
 
@@ -86,7 +103,9 @@ def test_each_target_attaches_where_it_can_and_pays_for_it():
     at = {name: targets.from_name(name) for name in ("bcc", "bpftrace-0.23", "bpftrace-0.17")}
     assert at["bcc"].attaches_at(free, free.path) == at["bpftrace-0.23"].attaches_at(free, free.path) > 0
     assert at["bpftrace-0.17"].attaches_at(free, free.path) == 0
-    assert at["bpftrace-0.23"].attaches_at(memalign, memalign.path) == 0 < at["bcc"].attaches_at(memalign, memalign.path)
+    assert (
+        at["bpftrace-0.23"].attaches_at(memalign, memalign.path) == 0 < at["bcc"].attaches_at(memalign, memalign.path)
+    )
     assert x86.hit_us(free.path, "free", at["bcc"].attaches_at(free, free.path)) == x86.EMULATED_US
     assert x86.hit_us(free.path, "free", 0) == x86.STEPPED_US
 

@@ -1,5 +1,6 @@
 """A launched command is probed through private copies of its libraries (bystanders pay no
 uprobe trap); without them the bystanders' cost is announced."""
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ def test_a_launched_command_is_probed_through_private_library_copies(backend, bu
     """Where uprobes cannot be scoped to the command's processes (bpftrace 0.17); BCC scopes
     them, following forks by holding each child (tests/test_fork_following.py)."""
     from probedsl import ir, targets
+
     scoped = targets.detect(backend).scopes_uprobes(ir.Scope("cmd", pid=1))
     result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", build("leak"), input="\n")
     assert result.returncode == 0, result.stderr
@@ -26,7 +28,7 @@ def test_a_launched_command_is_probed_through_private_library_copies(backend, bu
         assert not copies, modules
     else:
         assert copies and all(m.endswith("/libc.so.6") for m in copies), modules
-        assert not os.path.exists(os.path.dirname(copies[0]))        # removed after the run
+        assert not os.path.exists(os.path.dirname(copies[0]))  # removed after the run
     assert "pays a uprobe trap" not in result.stderr
     assert by_site(report).get("wrapper1") == (40, 5)
 

@@ -3,6 +3,7 @@ a severed tree, a cycle, an interior pointer, blocks kept by a global, a thread-
 another thread's stack, only a register; at the exit of a command and on a live --pid whose
 references change between reports. Also: the classification itself on hand-made graphs, a
 refusal (another tracer), and the target always let go."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ from conftest import BACKENDS, ROOT, probedsl, report_json, start_run
 pytestmark = pytest.mark.usefixtures("root_required")
 MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
 KINDS = ("definitely_lost", "indirectly_lost", "possibly_lost", "still_reachable")
-VALGRIND_KINDS = {"Leak_DefinitelyLost": "definitely_lost", "Leak_IndirectlyLost": "indirectly_lost",
-                  "Leak_PossiblyLost": "possibly_lost", "Leak_StillReachable": "still_reachable"}
+VALGRIND_KINDS = {
+    "Leak_DefinitelyLost": "definitely_lost",
+    "Leak_IndirectlyLost": "indirectly_lost",
+    "Leak_PossiblyLost": "possibly_lost",
+    "Leak_StillReachable": "still_reachable",
+}
 
 
 def valgrind_kinds(argv, tmp_path, stdin: bytes = b""):
@@ -30,9 +35,23 @@ def valgrind_kinds(argv, tmp_path, stdin: bytes = b""):
     loss record; valgrind without its heuristics (probedsl applies none) or libc's freeres
     (which no real process runs)."""
     xml = tmp_path / "vg.xml"
-    subprocess.run(["valgrind", "--leak-check=full", "--show-leak-kinds=all", "--num-callers=64",
-                    "--read-inline-info=no", "--leak-check-heuristics=none", "--run-libc-freeres=no",
-                    "--xml=yes", f"--xml-file={xml}", *argv], input=stdin, capture_output=True, check=True)
+    subprocess.run(
+        [
+            "valgrind",
+            "--leak-check=full",
+            "--show-leak-kinds=all",
+            "--num-callers=64",
+            "--read-inline-info=no",
+            "--leak-check-heuristics=none",
+            "--run-libc-freeres=no",
+            "--xml=yes",
+            f"--xml-file={xml}",
+            *argv,
+        ],
+        input=stdin,
+        capture_output=True,
+        check=True,
+    )
     records = []
     for error in ET.parse(xml).getroot().iter("error"):
         kind = VALGRIND_KINDS.get(error.findtext("kind", ""))
@@ -49,7 +68,7 @@ def valgrind_kinds(argv, tmp_path, stdin: bytes = b""):
 def _to_main(names):
     for end in ("main", "start_thread"):
         if end in names:
-            return tuple(names[:names.index(end) + 1])
+            return tuple(names[: names.index(end) + 1])
     return tuple(names)
 
 
@@ -64,8 +83,13 @@ def totals(records) -> dict:
 def our_entries(report):
     """[(functions up to main or start_thread, inlined frames and markers left out, kinds)]."""
     section = next(r for r in report["reports"] if r["kind"] == "outstanding")
-    return [(_to_main([f["function"] or "?" for f in e["stack"] if not f["inlined"] and not f.get("truncated")]),
-             e["reachability"]) for e in section["entries"]]
+    return [
+        (
+            _to_main([f["function"] or "?" for f in e["stack"] if not f["inlined"] and not f.get("truncated")]),
+            e["reachability"],
+        )
+        for e in section["entries"]
+    ]
 
 
 def assert_equal_to_valgrind(report, records):
@@ -74,7 +98,7 @@ def assert_equal_to_valgrind(report, records):
     ours = report["resources"]["heap"]["reachability"]
     assert {k: ours[k] for k in KINDS} == totals(records), (ours, records)
     assert "not_scanned" not in ours
-    ours_by_stack = {}                  # several call sites can show the same frames
+    ours_by_stack = {}  # several call sites can show the same frames
     for names, kinds in our_entries(report):
         summed = ours_by_stack.setdefault(names, totals([]))
         for k in KINDS:
@@ -82,7 +106,7 @@ def assert_equal_to_valgrind(report, records):
             summed[k]["blocks"] += kinds[k]["blocks"]
     expected = {names: totals([]) for names in ours_by_stack}
     for names, kind, nbytes, blocks in records:
-        longest = max((ours for ours in ours_by_stack if names[:len(ours)] == ours), key=len, default=None)
+        longest = max((ours for ours in ours_by_stack if names[: len(ours)] == ours), key=len, default=None)
         assert longest is not None, f"valgrind's stack {names} begins none of ours: {list(ours_by_stack)}"
         expected[longest][kind]["bytes"] += nbytes
         expected[longest][kind]["blocks"] += blocks
@@ -101,8 +125,9 @@ def test_kinds_at_a_commands_exit_equal_valgrinds(backend, reach, tmp_path):
     want = totals(records)
     assert want["definitely_lost"]["blocks"] >= 2 and want["indirectly_lost"]["blocks"] >= 3, want
     assert want["possibly_lost"]["blocks"] >= 1 and want["still_reachable"]["blocks"] >= 7, want
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--reachability", "--format", "json", "--top", "100",
-                      "--", reach, "exit")
+    result = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--reachability", "--format", "json", "--top", "100", "--", reach, "exit"
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert report["reachability_scan"]["at"] == "exit"
@@ -113,12 +138,17 @@ def test_kinds_at_a_commands_exit_equal_valgrinds(backend, reach, tmp_path):
 def test_leaks_only_and_the_text_summary(reach, tmp_path):
     records = valgrind_kinds([reach, "exit"], tmp_path)
     want = totals(records)
-    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--reachability", "--leaks-only", "--top", "100",
-                      "--", reach, "exit")
+    result = probedsl(
+        "run", MEMLEAK, "--backend", "bcc", "--reachability", "--leaks-only", "--top", "100", "--", reach, "exit"
+    )
     assert result.returncode == 0, result.stderr
-    labels = {"definitely_lost": "definitely lost", "indirectly_lost": "indirectly lost",
-              "possibly_lost": "possibly lost", "still_reachable": "still reachable"}
-    for kind, label in labels.items():      # valgrind's LEAK SUMMARY lines, the same numbers
+    labels = {
+        "definitely_lost": "definitely lost",
+        "indirectly_lost": "indirectly lost",
+        "possibly_lost": "possibly lost",
+        "still_reachable": "still reachable",
+    }
+    for kind, label in labels.items():  # valgrind's LEAK SUMMARY lines, the same numbers
         line = f"{label:>17}: {want[kind]['bytes']} bytes in {want[kind]['blocks']} blocks"
         assert line in result.stdout, (line, result.stdout)
     shown = re.findall(r"^ +(\d+) +(\d+) +[\d.]+s +(.*)$", result.stdout, re.M)
@@ -161,8 +191,22 @@ def test_kinds_of_a_running_process_follow_its_references(backend, reach, tmp_pa
     target = subprocess.Popen([reach], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = tmp_path / "report.json"
     try:
-        tracer = start_run(MEMLEAK, "--backend", backend, "--pid", str(target.pid), "--reachability",
-                           "--interval", "1", "--format", "json", "-o", str(out), "--top", "100")
+        tracer = start_run(
+            MEMLEAK,
+            "--backend",
+            backend,
+            "--pid",
+            str(target.pid),
+            "--reachability",
+            "--interval",
+            "1",
+            "--format",
+            "json",
+            "-o",
+            str(out),
+            "--top",
+            "100",
+        )
         target.stdin.write(b"go\n")
         target.stdin.flush()
         assert target.stdout.readline() == b"ready\n"
@@ -204,20 +248,19 @@ def _state(pid: int) -> str:
 def test_the_target_is_let_go_however_probedsl_ends(how, reach, tmp_path):
     target = subprocess.Popen([reach], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        tracer = start_run(MEMLEAK, "--backend", "bcc", "--pid", str(target.pid), "--reachability",
-                           "--format", "json")
+        tracer = start_run(MEMLEAK, "--backend", "bcc", "--pid", str(target.pid), "--reachability", "--format", "json")
         assert _tracer_of(target.pid) == tracer.pid or _tracer_of(target.pid) != 0
         tracer.send_signal(getattr(signal, how))
         out, err = tracer.communicate(timeout=120)
         if how == "SIGINT":
             assert tracer.returncode == 0, err
             report = report_json(out)
-            assert report["reachability_scan"]["at"] == "report"       # scanned as it ran on
+            assert report["reachability_scan"]["at"] == "report"  # scanned as it ran on
         assert _tracer_of(target.pid) == 0
-        assert _state(target.pid) in "SR"                               # not left stopped
+        assert _state(target.pid) in "SR"  # not left stopped
         target.stdin.write(b"go\n")
         target.stdin.flush()
-        assert target.stdout.readline() == b"ready\n"                   # it runs on
+        assert target.stdout.readline() == b"ready\n"  # it runs on
     finally:
         target.kill()
         target.wait()
@@ -228,12 +271,11 @@ def test_a_target_killed_outright_is_still_reported(reach):
     there; a kernel that would not gets a note instead (Scanner.final)."""
     target = subprocess.Popen([reach], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        tracer = start_run(MEMLEAK, "--backend", "bcc", "--pid", str(target.pid), "--reachability",
-                           "--format", "json")
+        tracer = start_run(MEMLEAK, "--backend", "bcc", "--pid", str(target.pid), "--reachability", "--format", "json")
         target.stdin.write(b"go\n")
         target.stdin.flush()
         assert target.stdout.readline() == b"ready\n"
-        target.kill()                           # SIGKILL: the kernel allows no stop at its exit
+        target.kill()  # SIGKILL: the kernel allows no stop at its exit
         out, err = tracer.communicate(timeout=120)
         assert tracer.returncode == 0, err
         report = report_json(out)
@@ -247,14 +289,22 @@ def test_a_target_killed_outright_is_still_reported(reach):
 
 def test_a_process_traced_by_another_is_refused_in_one_line_and_reported(reach):
     target = subprocess.Popen([reach], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from probedsl.process import ptrace
 ptrace.request(ptrace.SEIZE, {target.pid})
 print("attached", flush=True)
 time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "attached\n"
         tracer = start_run(MEMLEAK, "--backend", "bcc", "--pid", str(target.pid), "--reachability")
@@ -262,8 +312,11 @@ time.sleep(600)
         out, err = tracer.communicate(timeout=120)
         assert tracer.returncode == 0, err
         assert "probedsl memleak report (final)" in out and "LEAK SUMMARY" not in out
-        assert re.search(rf"\n  note: --reachability: cannot attach: process {target.pid} is already traced "
-                         rf"by pid {holder.pid} \(python[^\n]*\n", out), out
+        assert re.search(
+            rf"\n  note: --reachability: cannot attach: process {target.pid} is already traced "
+            rf"by pid {holder.pid} \(python[^\n]*\n",
+            out,
+        ), out
     finally:
         holder.kill()
         holder.wait()
@@ -272,10 +325,14 @@ time.sleep(600)
 
 
 def test_reachability_refuses_what_it_cannot_scan():
-    for args, message in ((["--comm", "x"], "--reachability goes with --pid PID or -- CMD"),
-                          (["--sample", "2", "--", "true"], "needs every block"),
-                          ([], "--leaks-only goes with --reachability")):
-        extra = ["--reachability"] if message != "--leaks-only goes with --reachability" else ["--leaks-only", "--", "true"]
+    for args, message in (
+        (["--comm", "x"], "--reachability goes with --pid PID or -- CMD"),
+        (["--sample", "2", "--", "true"], "needs every block"),
+        ([], "--leaks-only goes with --reachability"),
+    ):
+        extra = (
+            ["--reachability"] if message != "--leaks-only goes with --reachability" else ["--leaks-only", "--", "true"]
+        )
         result = probedsl("run", MEMLEAK, *extra, *args)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
@@ -287,6 +344,7 @@ def test_reachability_refuses_what_it_cannot_scan():
 def _kinds(blocks, roots=(), edges=()):
     """blocks: [(start, size)]; roots: pointer values; edges: (from block, pointer value)."""
     from probedsl.reachability import heapscan
+
     starts = np.array([s for s, _ in blocks], dtype=np.uint64)
     graph = heapscan._Graph(starts, starts + np.array([n for _, n in blocks], dtype=np.uint64))
     graph.add_root_words(np.array(roots, dtype=np.uint64))
@@ -299,8 +357,14 @@ def test_classification_follows_valgrinds_rules():
     blocks = [(0x1000, 32), (0x2000, 32), (0x3000, 32), (0x4000, 32), (0x5000, 32), (0x6000, 0)]
     # root -> 0 -> 1; an interior pointer to 4; a pointer to 5's start (size 0); 2, 3 unreached
     kinds = _kinds(blocks, roots=[0x1000, 0x5008, 0x6000], edges=[(0, 0x2000)])
-    assert kinds == ["still_reachable", "still_reachable", "definitely_lost", "definitely_lost", "possibly_lost",
-                     "still_reachable"]
+    assert kinds == [
+        "still_reachable",
+        "still_reachable",
+        "definitely_lost",
+        "definitely_lost",
+        "possibly_lost",
+        "still_reachable",
+    ]
     # 2 -> 3 -> 2, a cycle nothing points to: the first in address order leads it
     kinds = _kinds(blocks[:4], roots=[0x1000], edges=[(0, 0x2000), (2, 0x4000), (3, 0x3000)])
     assert kinds == ["still_reachable", "still_reachable", "definitely_lost", "indirectly_lost"]
@@ -308,7 +372,7 @@ def test_classification_follows_valgrinds_rules():
     kinds = _kinds(blocks[:3], roots=[0x1010], edges=[(0, 0x2000), (1, 0x3000)])
     assert kinds == ["possibly_lost", "possibly_lost", "possibly_lost"]
     # a word past a block's end, or a block's last partial word, points at nothing
-    kinds = _kinds([(0x1000, 12), (0x2000, 8)], roots=[0x100c])
+    kinds = _kinds([(0x1000, 12), (0x2000, 8)], roots=[0x100C])
     assert kinds == ["definitely_lost", "definitely_lost"]
 
 
@@ -347,21 +411,31 @@ def _memcheck(n, roots, edges):
                 if dst != leader and state[dst] == "unreached":
                     state[dst] = "indirect"
                     stack.append(dst)
-    names = {"unreached": "definitely_lost", "indirect": "indirectly_lost", "possible": "possibly_lost",
-             "reachable": "still_reachable"}
+    names = {
+        "unreached": "definitely_lost",
+        "indirect": "indirectly_lost",
+        "possible": "possibly_lost",
+        "reachable": "still_reachable",
+    }
     return [names[s] for s in state]
 
 
 def test_classification_equals_memchecks_algorithm_on_random_graphs():
     """Our closure-based classification against memcheck's own order of work, 300 random heaps."""
     from hypothesis import given, settings, strategies as st
+
     size = 64
 
     @settings(max_examples=300, deadline=None)
-    @given(st.integers(1, 12).flatmap(lambda n: st.tuples(
-        st.just(n),
-        st.lists(st.tuples(st.integers(0, n - 1), st.booleans()), max_size=4),
-        st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1), st.booleans()), max_size=3 * n))))
+    @given(
+        st.integers(1, 12).flatmap(
+            lambda n: st.tuples(
+                st.just(n),
+                st.lists(st.tuples(st.integers(0, n - 1), st.booleans()), max_size=4),
+                st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1), st.booleans()), max_size=3 * n),
+            )
+        )
+    )
     def check(case):
         n, roots, edges = case
         blocks = [(0x10000 + i * 0x100, size) for i in range(n)]
@@ -374,6 +448,7 @@ def test_classification_equals_memchecks_algorithm_on_random_graphs():
                 used[src] = slot + 1
                 graph_edges.append((src, dst, at_start, slot))
         from probedsl.reachability import heapscan
+
         starts = np.array([b for b, _ in blocks], dtype=np.uint64)
         graph = heapscan._Graph(starts, starts + np.uint64(size))
         graph.add_root_words(np.array([pointer(d, s) for d, s in roots], dtype=np.uint64))
@@ -381,4 +456,5 @@ def test_classification_equals_memchecks_algorithm_on_random_graphs():
             graph.add_block_words(np.array([pointer(dst, at_start)], dtype=np.uint64), blocks[src][0] + 8 * slot)
         ours = [KINDS[k] for k in graph.kinds()]
         assert ours == _memcheck(n, roots, [(s, d, a) for s, d, a, _ in graph_edges])
+
     check()

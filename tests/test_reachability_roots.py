@@ -3,6 +3,7 @@
 register, a thread running on a heap-allocated stack with a guard page, a self-pointing block,
 a pointer stored only unaligned, a pointer only in the red zone of a leaf function computing.
 Also: the exit-path unwinder and the XSAVE reader alone."""
+
 from __future__ import annotations
 
 import subprocess
@@ -23,8 +24,7 @@ EXPECTED = {
     # only in xmm15 (valgrind: lost, see VALGRIND_DIFFERS)
     "xmm": {200: "still_reachable"},
     # the heap stack's live frame, the stack left, the heap stack itself; a dead frame there
-    "swapctx": {300: "still_reachable", 400: "still_reachable", 73728: "still_reachable",
-                120: "definitely_lost"},
+    "swapctx": {300: "still_reachable", 400: "still_reachable", 73728: "still_reachable", 120: "definitely_lost"},
     "small": {32: "definitely_lost", 64: "definitely_lost"},
     # a thread stopped computing in a leaf function: its red zone is live
     "redzone": {250: "still_reachable"},
@@ -62,15 +62,29 @@ def test_root_set_edges_equal_valgrinds(mode, backend, reach_roots, tmp_path):
     for size, kind in EXPECTED[mode].items():
         assert seen.get(size) == differs.get(size, (kind,))[0], (size, records)
     # what valgrind's own design makes it say differently: our answer instead
-    records = [(names, differs[n][1] if n in differs and blocks == 1 else kind, n, blocks)
-               for names, kind, n, blocks in records]
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--reachability", "--format", "json", "--top", "100",
-                      "--", reach_roots, mode)
+    records = [
+        (names, differs[n][1] if n in differs and blocks == 1 else kind, n, blocks)
+        for names, kind, n, blocks in records
+    ]
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--reachability",
+        "--format",
+        "json",
+        "--top",
+        "100",
+        "--",
+        reach_roots,
+        mode,
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert report["reachability_scan"]["at"] == "exit"
-    if backend == "bcc":         # its stacks (unwound by CFI) set each block apart; bpftrace's
-        ours = _ours_by_size(report)            # frame-pointer walk stops at -O2: the totals
+    if backend == "bcc":  # its stacks (unwound by CFI) set each block apart; bpftrace's
+        ours = _ours_by_size(report)  # frame-pointer walk stops at -O2: the totals
         assert {size: ours.get(size) for size in EXPECTED[mode]} == EXPECTED[mode], ours
     assert_equal_to_valgrind(report, records)
 
@@ -79,10 +93,11 @@ def _held_at_exit(argv):
     """A process (reading commands from stdin: tests/fixtures/reach.c) held at its exit by a
     Tether, and the Paused of it (call .close() after)."""
     from probedsl.process.tether import Tether
+
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     tether = Tether(proc.pid)
     tether.start()
-    proc.stdin.close()                      # the fixture exits at the end of its input
+    proc.stdin.close()  # the fixture exits at the end of its input
     assert tether.at_exit.wait(60)
     return proc, tether, tether.pause()
 
@@ -93,11 +108,12 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
     __libc_start_call_main) lies just above it."""
     from probedsl.binaries import elf
     from probedsl.reachability import heapscan
+
     reach = build("reach-O2")
     proc, tether, paused = _held_at_exit([reach])
     try:
         regs = paused.registers[proc.pid]
-        assert regs["orig_rax"] == 231                       # exit_group
+        assert regs["orig_rax"] == 231  # exit_group
         regions, _ = heapscan.read_maps(proc.pid)
         top = stackroots._exit_caller_sp(proc.pid, regs, regions)
         assert top is not None and regs["rsp"] < top
@@ -124,6 +140,7 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
 def test_vector_registers_are_read(build):
     """The XSAVE area of a thread holds what was put in xmm15 (reach_roots' xmm holder)."""
     from probedsl.process.tether import Tether
+
     exe = build("reach_roots-O2")
     proc = subprocess.Popen([exe, "xmm-wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -134,8 +151,9 @@ def test_vector_registers_are_read(build):
         tether.start()
         try:
             paused = tether.pause()
-            words = [int.from_bytes(v[i:i + 8], "little") for v in paused.vectors.values()
-                     for i in range(0, len(v), 8)]
+            words = [
+                int.from_bytes(v[i : i + 8], "little") for v in paused.vectors.values() for i in range(0, len(v), 8)
+            ]
             assert value in words
             assert all(len(v) % 8 == 0 and len(v) >= 256 for v in paused.vectors.values())
         finally:

@@ -1,4 +1,5 @@
 """The bundled recipes beyond memleak, each on a leaking fixture, both backends, exact counts."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,7 @@ pytestmark = pytest.mark.usefixtures("root_required")
 
 
 def run(recipe, backend, *command, extra=()):
-    result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "100", *extra,
-                      "--", *command)
+    result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "100", *extra, "--", *command)
     assert "Traceback" not in result.stderr, result.stderr
     return result, report_json(result.stdout)
 
@@ -31,16 +31,27 @@ def test_fdleak_counts_each_leaked_descriptor_once(backend, build):
     result, report = run("fdleak", backend, build("fdleak"))
     assert result.returncode == 0, result.stderr
     got = sites(report["reports"][0], "fds")
-    whole = {"leak_open": 2, "leak_openat": 1, "leak_socket": 1, "leak_pipe": 2, "leak_dup": 1, "leak_eventfd": 1,
-             "leak_epoll": 1}
+    whole = {
+        "leak_open": 2,
+        "leak_openat": 1,
+        "leak_socket": 1,
+        "leak_pipe": 2,
+        "leak_dup": 1,
+        "leak_eventfd": 1,
+        "leak_epoll": 1,
+    }
     # BCC unwinds from the registers the system call saved (--stacks dwarf); a stack taken
     # before the C library's unwind rows were in place (a cold cache), and every bpftrace stack,
     # is the frame-pointer walk, which stops in the C library's wrapper (no frame pointer there)
     assert sum(got.values()) == 9, got
-    assert all(n <= whole.get(fn, 0) for fn, n in got.items() if fn != "?") and (backend == "bcc" or set(got) == {"?"}), got
+    assert all(n <= whole.get(fn, 0) for fn, n in got.items() if fn != "?") and (
+        backend == "bcc" or set(got) == {"?"}
+    ), got
     for e in report["reports"][0]["entries"]:
         if not any((f["module"] or "").endswith("/fdleak") for f in e["stack"]):
-            assert "libc.so" in e["stack"][0]["module"] and e["stack"][-1].get("truncated", "").startswith("no frame pointer"), e
+            assert "libc.so" in e["stack"][0]["module"] and e["stack"][-1].get("truncated", "").startswith(
+                "no frame pointer"
+            ), e
     (per_pid,) = report["reports"][1]["entries"]
     assert per_pid["fds"] == 9 and per_pid["pid"] == report["reports"][1]["entries"][0]["pids"][0]
 
@@ -51,7 +62,7 @@ def test_fileleak_counts_streams_from_each_opener(backend, build):
     _, report = run("fileleak", backend, build("fileleak"))
     got = sites(report["reports"][0], "streams")
     assert got == {"leak_fopen": 2, "leak_fdopen": 1, "leak_tmpfile": 1, "leak_popen": 1, "leak_freopen": 1}, got
-    assert report["resources"]["stream"]["unknown_releases"] == 0     # pclose is not a second release
+    assert report["resources"]["stream"]["unknown_releases"] == 0  # pclose is not a second release
 
 
 @pytest.mark.debian13
@@ -82,11 +93,14 @@ def test_lockhold_finds_stuck_locks_and_hold_times_per_site(backend, build):
 def test_cxxleak_counts_every_new_form_once(backend, build):
     _, report = run("cxxleak", backend, build("cxxleak"))
     section = report["reports"][0]
-    assert sites(section, "bytes") == {"leak_new()": 48, "leak_array()": 400, "leak_nothrow()": 16,
-                                       "leak_aligned()": 64}
-    assert sites(section, "objects") == {"leak_new()": 2, "leak_array()": 1, "leak_nothrow()": 1,
-                                         "leak_aligned()": 1}
-    assert report["resources"]["object"]["unknown_releases"] == 0   # delete forms are released once
+    assert sites(section, "bytes") == {
+        "leak_new()": 48,
+        "leak_array()": 400,
+        "leak_nothrow()": 16,
+        "leak_aligned()": 64,
+    }
+    assert sites(section, "objects") == {"leak_new()": 2, "leak_array()": 1, "leak_nothrow()": 1, "leak_aligned()": 1}
+    assert report["resources"]["object"]["unknown_releases"] == 0  # delete forms are released once
 
 
 @pytest.mark.debian13
@@ -95,7 +109,7 @@ def test_zstream_finds_streams_never_ended(backend, build):
     _, report = run("zstream", backend, build("zstream"))
     assert sites(report["reports"][0], "streams") == {"leak_inflate": 1, "leak_deflate": 1}
     heap = report["resources"]["stream"]
-    assert heap["acquired"] == 2 + 3 * 2 and heap["released"] == 3 * 2   # inflateInit_ -> inflateInit2_ once
+    assert heap["acquired"] == 2 + 3 * 2 and heap["released"] == 3 * 2  # inflateInit_ -> inflateInit2_ once
 
 
 @pytest.mark.debian13
@@ -103,10 +117,13 @@ def test_zstream_finds_streams_never_ended(backend, build):
 def test_kmemleak_sees_kernel_objects_made_for_the_process(backend, build):
     # the report is taken while the fixture still holds its 40 eventfds open
     _, report = run("kmemleak", backend, build("kmem"), "4", extra=("--duration", "2"))
-    ctx = [e for e in report["reports"][0]["entries"]
-           if len(e["kernel_stack"]) > 1 and e["kernel_stack"][1]["function"] == "do_eventfd"]
+    ctx = [
+        e
+        for e in report["reports"][0]["entries"]
+        if len(e["kernel_stack"]) > 1 and e["kernel_stack"][1]["function"] == "do_eventfd"
+    ]
     assert sum(e["objects"] for e in ctx) == 40
-    assert sum(e["bytes"] for e in ctx) == 40 * 64                   # kmalloc-64 eventfd_ctx
+    assert sum(e["bytes"] for e in ctx) == 40 * 64  # kmalloc-64 eventfd_ctx
     by_comm = {e["comm"]: e["objects"] for e in report["reports"][1]["entries"]}
     assert by_comm.get("kmem", 0) >= 40
 
@@ -115,8 +132,9 @@ def test_list_shows_bundled_recipes_with_descriptions():
     result = probedsl("list")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == sorted(["cxxleak", "fdleak", "fileleak", "kmemleak", "lockhold", "memleak", "mmapleak",
-                            "sampledheap", "zstream"])
+    assert names == sorted(
+        ["cxxleak", "fdleak", "fileleak", "kmemleak", "lockhold", "memleak", "mmapleak", "sampledheap", "zstream"]
+    )
     assert "min_age_ms=0" in result.stdout
 
 
@@ -129,6 +147,7 @@ def test_a_bundled_name_wins_over_a_file_of_the_same_name(tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_tutorial_recipe_finds_the_forgotten_directory_stream(backend, build):
     from conftest import ROOT
+
     _, report = run(str(ROOT / "tests" / "recipes" / "dirstream.probe"), backend, build("dirleak"))
     assert sites(report["reports"][0], "streams") == {"scan": 1}
     assert report["resources"]["dir"]["acquired"] == 10 and report["resources"]["dir"]["released"] == 9

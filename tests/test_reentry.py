@@ -1,6 +1,7 @@
 """A release call that enters its probed function twice (probedsl.passes.reentry): a tail jump back
 to the entry (glibc 2.43's free) and a function that is one jump to another probed one (sid
 jemalloc's sized delete[]), on a fixture with both shapes written by hand."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Report model and formats: goldens from a fixed normalized run, round trips, growth, diff."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,13 @@ GOLDEN = ROOT / "tests" / "golden"
 
 class FixedSymbolizer:
     """Names addresses from a table: goldens must not depend on this machine's binaries."""
-    NAMES = {0x1000: ("wrapper1", 14, "/srv/app/leak", "leak.c", 5),
-             0x1100: ("wrapper2", 18, "/srv/app/leak", "leak.c", 11),
-             0x1200: ("main", 35, "/srv/app/leak", "leak.c", 18),
-             0x2000: ("_IO_file_doallocate", 140, "/lib/libc.so.6", "", 0)}
+
+    NAMES = {
+        0x1000: ("wrapper1", 14, "/srv/app/leak", "leak.c", 5),
+        0x1100: ("wrapper2", 18, "/srv/app/leak", "leak.c", 11),
+        0x1200: ("main", 35, "/srv/app/leak", "leak.c", 18),
+        0x2000: ("_IO_file_doallocate", 140, "/lib/libc.so.6", "", 0),
+    }
 
     def refresh(self):
         pass
@@ -54,36 +58,55 @@ class FixedSymbolizer:
 
 def fixed_snapshot(extra_blocks=0) -> Snapshot:
     now = 10_000_000_000
-    live = [Live("heap", (0x5000 + i * 32,), now - 2_000_000_000, 8, 42, 42, (0x1000, 0x1100, 0x1200))
-            for i in range(5 + extra_blocks)]
+    live = [
+        Live("heap", (0x5000 + i * 32,), now - 2_000_000_000, 8, 42, 42, (0x1000, 0x1100, 0x1200))
+        for i in range(5 + extra_blocks)
+    ]
     live.append(Live("heap", (0x9000,), now - 2_500_000_000, 4096, 42, 42, (0x2000,)))
     live += [Live("heap", (0xA000 + i,), now - 1_000_000, 1, 42, 42, (0x3000 + i,)) for i in range(3)]
-    totals = {"heap": Totals(acquired=19 + extra_blocks, released=10, unknown_releases=1,
-                             lifetime={(): [(1024, 2047, 6), (2048, 4095, 4)]})}
+    totals = {
+        "heap": Totals(
+            acquired=19 + extra_blocks,
+            released=10,
+            unknown_releases=1,
+            lifetime={(): [(1024, 2047, 6), (2048, 4095, 4)]},
+        )
+    }
     return Snapshot(now, live, totals, final=True)
 
 
 def fixed_report(top=2, extra_blocks=0) -> report.Report:
     program = compiler.build(compiler.load(MEMLEAK))
-    return assemble.build(program, fixed_snapshot(extra_blocks), FixedSymbolizer(), backend="bpftrace",
-                        target="command ./leak (pid 42)", duration_s=2.5, top=top, exit_status=0)
+    return assemble.build(
+        program,
+        fixed_snapshot(extra_blocks),
+        FixedSymbolizer(),
+        backend="bpftrace",
+        target="command ./leak (pid 42)",
+        duration_s=2.5,
+        top=top,
+        exit_status=0,
+    )
 
 
 def test_refused_image_records_are_counted_and_said():
     """Image records a full kernel table refused (probedsl.drivers.images) reach the JSON and a note:
     the entries of an image an exec ended may then read as leaks."""
     program = compiler.build(compiler.load(MEMLEAK))
-    snap = images.settle([layout.of(program, r) for r in program.resources], fixed_snapshot(), [(7, 1), (8, 2)],
-                         lost=3)
-    doc = json.loads(formats.render(assemble.build(program, snap, FixedSymbolizer(), backend="bcc", target="all",
-                                                 duration_s=1.0), "json"))
+    snap = images.settle([layout.of(program, r) for r in program.resources], fixed_snapshot(), [(7, 1), (8, 2)], lost=3)
+    doc = json.loads(
+        formats.render(
+            assemble.build(program, snap, FixedSymbolizer(), backend="bcc", target="all", duration_s=1.0), "json"
+        )
+    )
     assert (doc["resources"]["heap"]["images_ended"], doc["resources"]["heap"]["image_lost"]) == (2, 3)
     assert any(n.startswith("3 process-image records lost") for n in doc["notes"]), doc["notes"]
-    assert doc["resources"]["heap"]["live_blocks"] == 9       # none of the fixed entries' images ended
+    assert doc["resources"]["heap"]["live_blocks"] == 9  # none of the fixed entries' images ended
 
 
-@pytest.mark.parametrize("fmt,suffix", [("text", "txt"), ("json", "json"), ("folded", "folded"),
-                                        ("speedscope", "speedscope.json")])
+@pytest.mark.parametrize(
+    "fmt,suffix", [("text", "txt"), ("json", "json"), ("folded", "folded"), ("speedscope", "speedscope.json")]
+)
 def test_format_matches_golden(fmt, suffix, update_golden):
     text = formats.render(fixed_report(), fmt)
     golden = GOLDEN / f"report.{suffix}"
@@ -122,8 +145,9 @@ def test_folded_is_root_first_with_weights():
 
 def test_machine_formats_hold_every_entry_and_the_text_view_the_top():
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace", target="t",
-                       duration_s=1, top=2, complete=True)
+    rep = assemble.build(
+        program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1, top=2, complete=True
+    )
     live = rep.resources["heap"]["live_bytes"]
     folded = formats.to_folded(rep).splitlines()
     assert len(folded) == 5 and sum(int(l.rsplit(" ", 1)[1]) for l in folded) == live
@@ -131,32 +155,55 @@ def test_machine_formats_hold_every_entry_and_the_text_view_the_top():
     (section,) = [r for r in doc["reports"] if r["kind"] == "outstanding"]
     assert len(section["entries"]) == section["total_entries"] == 5 and section["omitted"]["entries"] == 0
     assert sum(json.loads(formats.to_speedscope(rep))["profiles"][0]["weights"]) == live
-    text = formats.to_text(rep)                   # the text view still shows the top 2
+    text = formats.to_text(rep)  # the text view still shows the top 2
     assert "2 of 5 entries" in text and "... and 3 more entries: 3 bytes, 3 blocks" in text
-    again = report.Report.from_dict(doc)          # and so does a saved run re-rendered
+    again = report.Report.from_dict(doc)  # and so does a saved run re-rendered
     assert formats.to_text(again) == text
 
 
 def test_folded_names_keep_spaces_mark_kernel_and_inlined_frames_and_name_stripped_ones_by_module():
-    frames = [Frame(0x10, "operator new(unsigned long)", 4, "/usr/lib/libstdc++.so.6", "", 0),
-              Frame(0x20, "", 0, "/srv/app/server", "", 0, vaddr=0x1234),
-              Frame(0x30, "helper", 0, "/srv/app/server", "a.c", 3, inlined=True),
-              Frame(0x30, "a;b", 0, "/srv/app/server", "", 0)]
-    entry = report.Entry(values={"bytes": 7}, oldest_age_s=None, pids=[1], stack=frames,
-                         kernel_stack=[Frame(0xffff, "kmalloc_trace", 9, "[kernel]", "", 0)])
-    rep = report.Report("memleak", "bcc", "t", 1, True, {}, [report.Section(
-        "outstanding", "heap", ["ustack"], ["bytes"], 10, 0, [entry], 1)])
+    frames = [
+        Frame(0x10, "operator new(unsigned long)", 4, "/usr/lib/libstdc++.so.6", "", 0),
+        Frame(0x20, "", 0, "/srv/app/server", "", 0, vaddr=0x1234),
+        Frame(0x30, "helper", 0, "/srv/app/server", "a.c", 3, inlined=True),
+        Frame(0x30, "a;b", 0, "/srv/app/server", "", 0),
+    ]
+    entry = report.Entry(
+        values={"bytes": 7},
+        oldest_age_s=None,
+        pids=[1],
+        stack=frames,
+        kernel_stack=[Frame(0xFFFF, "kmalloc_trace", 9, "[kernel]", "", 0)],
+    )
+    rep = report.Report(
+        "memleak",
+        "bcc",
+        "t",
+        1,
+        True,
+        {},
+        [report.Section("outstanding", "heap", ["ustack"], ["bytes"], 10, 0, [entry], 1)],
+    )
     assert formats.to_folded(rep) == (
-        "heap;a:b;helper_[i];server+0x1234;operator new(unsigned long);kmalloc_trace_[k] 7\n")
+        "heap;a:b;helper_[i];server+0x1234;operator new(unsigned long);kmalloc_trace_[k] 7\n"
+    )
 
 
 def test_diff_calls_a_stack_missing_from_a_cut_run_unknown_not_gone():
     program = compiler.build(compiler.load(MEMLEAK))
-    build = lambda complete: assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bpftrace",
-                                          target="t", duration_s=1, top=2, complete=complete)
+    build = lambda complete: assemble.build(
+        program,
+        fixed_snapshot(),
+        FixedSymbolizer(),
+        backend="bpftrace",
+        target="t",
+        duration_s=1,
+        top=2,
+        complete=complete,
+    )
     rows = history.diff(build(True), build(True))
     assert {r["status"] for r in rows} == {"both"} and len(rows) == 5
-    rows = history.diff(build(True), build(False))       # the new run kept only its top 2
+    rows = history.diff(build(True), build(False))  # the new run kept only its top 2
     assert sorted(r["status"] for r in rows) == ["both"] * 2 + ["not in the other run's top entries"] * 3
 
 
@@ -176,7 +223,7 @@ def test_colour_only_when_asked():
 def test_growth_flags_a_steady_leak_and_not_a_filled_cache():
     growth = history.Growth(intervals=3)
     flags = []
-    for n in range(5):                              # the wrapper1 stack grows by one block each time
+    for n in range(5):  # the wrapper1 stack grows by one block each time
         rep = fixed_report(extra_blocks=n)
         growth.annotate(rep)
         entry = next(e for e in rep.sections[0].entries if len(e.stack) > 1 and e.stack[1].function == "wrapper1")
@@ -189,8 +236,9 @@ def test_diff_orders_by_growth(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(formats.to_json(fixed_report()))
     b.write_text(formats.to_json(fixed_report(extra_blocks=7)))
-    rows = history.diff(report.Report.from_dict(json.loads(a.read_text())),
-                       report.Report.from_dict(json.loads(b.read_text())))
+    rows = history.diff(
+        report.Report.from_dict(json.loads(a.read_text())), report.Report.from_dict(json.loads(b.read_text()))
+    )
     assert rows[0]["values"]["bytes"] == (40, 96) and rows[0]["status"] == "both"
     result = probedsl("diff", str(a), str(b))
     assert result.returncode == 0 and "bytes 40 -> 96 (+56)" in result.stdout
@@ -239,7 +287,7 @@ def test_sampled_report_is_scaled_and_says_it_estimates():
     program = compiler.build(compiler.load(MEMLEAK)).sampled(10)
     rep = assemble.build(program, tallied_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1.0)
     assert rep.resources["heap"]["live_blocks"] == 90 and rep.resources["heap"]["live_bytes"] == 10 * (40 + 4096 + 3)
-    assert rep.resources["heap"]["acquired"] == 19          # counted before sampling: exact
+    assert rep.resources["heap"]["acquired"] == 19  # counted before sampling: exact
     assert rep.sections[0].entries[0].values == {"bytes": 40960, "blocks": 10}
     assert rep.sections[1].histogram == [(1024, 2047, 60), (2048, 4095, 40)]
     text = formats.to_text(rep)
@@ -250,10 +298,11 @@ def test_sampled_report_is_scaled_and_says_it_estimates():
 def test_bpftrace_tallies_of_one_stack_from_two_threads_add_up():
     """bpftrace prints a map keyed by a stored stack once per capturing thread, same text."""
     from probedsl.drivers.bpftrace import _pairs, _tally
+
     text = '{"@t": {"\\n\\t401000 0x401000 ([unknown])\\n,42": %d, "\\n\\t401000 0x401000 ([unknown])\\n,42": %d}}'
     raw = json.loads(text % ((16 << 24) + 1, (32 << 24) + 2), object_pairs_hook=_pairs)["@t"]
     assert _tally(raw, {}, ["ustack", "pid"]) == {((0x401000,), 42): (48, 3, 0)}
-    assert _tally(5 << 24 | 2, 7, []) == {(): (5, 2, 7)}          # ungrouped: bare numbers
+    assert _tally(5 << 24 | 2, 7, []) == {(): (5, 2, 7)}  # ungrouped: bare numbers
 
 
 def test_stacks_that_end_early_are_counted_by_why():
@@ -266,8 +315,9 @@ def test_stacks_that_end_early_are_counted_by_why():
     program = compiler.build(compiler.load(MEMLEAK))
     rep = assemble.build(program, snap, FixedSymbolizer(), backend="bpftrace", target="t", duration_s=1.0, top=1)
     assert rep.sections[0].cut_stacks == {"no frame pointer": 1, "depth limit": 1}
-    assert any(n.startswith("2 of ") and "heap stacks end early (1 depth limit, 1 no frame pointer)" in n
-               for n in rep.notes), rep.notes
+    assert any(
+        n.startswith("2 of ") and "heap stacks end early (1 depth limit, 1 no frame pointer)" in n for n in rep.notes
+    ), rep.notes
     back = report.Report.from_dict(json.loads(formats.to_json(rep)))
     assert back.sections[0].cut_stacks == rep.sections[0].cut_stacks
 
@@ -278,15 +328,21 @@ def test_reachability_kinds_per_resource_and_entry_round_trip_and_print_a_leak_s
     stack = (0x1000, 0x1100, 0x1200)
     live = [Live("heap", (42, 0x5000 + i * 32), now - 1, 8, 42, 42, stack) for i in range(4)]
     live.append(Live("heap", (42, 0x9000), now - 1, 4096, 42, 42, (0x2000,)))
-    live.append(Live("heap", (43, 0xB000), now - 1, 16, 43, 43, (0x2000,)))      # another process
+    live.append(Live("heap", (43, 0xB000), now - 1, 16, 43, 43, (0x2000,)))  # another process
     snap = Snapshot(now, live, {"heap": Totals(acquired=6)}, final=True)
-    kinds = {(42, 0x5000): "definitely_lost", (42, 0x5020): "indirectly_lost", (42, 0x5040): "possibly_lost",
-             (42, 0x5060): "still_reachable", (42, 0x9000): "still_reachable"}
+    kinds = {
+        (42, 0x5000): "definitely_lost",
+        (42, 0x5020): "indirectly_lost",
+        (42, 0x5040): "possibly_lost",
+        (42, 0x5060): "still_reachable",
+        (42, 0x9000): "still_reachable",
+    }
     scan = {"pid": 42, "at": "exit", "blocks": 5, "scanned_bytes": 4096, "scan_s": 0.01, "pause_ms": 3.5}
     for leaks_only in (False, True):
         reach = report.Reachability(kinds, scan, leaks_only)
-        rep = assemble.build(program, snap, FixedSymbolizer(), backend="bcc", target="pid 42", duration_s=1,
-                           top=10, reachability=reach)
+        rep = assemble.build(
+            program, snap, FixedSymbolizer(), backend="bcc", target="pid 42", duration_s=1, top=10, reachability=reach
+        )
         totals = rep.resources["heap"]["reachability"]
         assert totals["definitely_lost"] == {"bytes": 8, "blocks": 1}
         assert totals["still_reachable"] == {"bytes": 4104, "blocks": 2}
@@ -308,8 +364,12 @@ def test_reachability_kinds_per_resource_and_entry_round_trip_and_print_a_leak_s
 def _go_pprof(*args) -> str:
     go = shutil.which("go")
     assert go, "go tool pprof reads the pprof output: install golang-go (scripts/setup.sh does)"
-    result = subprocess.run([go, "tool", "pprof", *args], capture_output=True, text=True,
-                            env={**os.environ, "HOME": os.environ.get("HOME", "/root"), "PPROF_TMPDIR": "/tmp"})
+    result = subprocess.run(
+        [go, "tool", "pprof", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": os.environ.get("HOME", "/root"), "PPROF_TMPDIR": "/tmp"},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -327,14 +387,15 @@ def _pprof_samples(path) -> list:
 
 def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_path):
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
-                       top=2, complete=True)
+    rep = assemble.build(
+        program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1, top=2, complete=True
+    )
     path = tmp_path / "heap.pb.gz"
     path.write_bytes(formats.render(rep, "pprof"))
     raw = _go_pprof("-raw", str(path))
     assert "inuse_space/bytes inuse_objects/count" in raw
     samples = _pprof_samples(path)
-    assert len(samples) == 5                                  # every entry, not the top 2
+    assert len(samples) == 5  # every entry, not the top 2
     assert sum(v[0] for v, _ in samples) == rep.resources["heap"]["live_bytes"]
     assert sum(v[1] for v, _ in samples) == rep.resources["heap"]["live_blocks"]
     # the inlined call and its caller share one location, with file and line
@@ -342,19 +403,36 @@ def test_pprof_reads_in_gos_pprof_with_both_sample_types_and_every_entry(tmp_pat
     top = _go_pprof("-top", "-nodefraction=0", "-sample_index=inuse_objects", str(path))
     assert "Type: inuse_objects" in top and " wrapper1" in top
     # -diff_base: the second run has two more 8-byte blocks under wrapper1
-    more = assemble.build(program, fixed_snapshot(extra_blocks=2), FixedSymbolizer(), backend="bcc", target="t",
-                        duration_s=1, top=2, complete=True)
+    more = assemble.build(
+        program,
+        fixed_snapshot(extra_blocks=2),
+        FixedSymbolizer(),
+        backend="bcc",
+        target="t",
+        duration_s=1,
+        top=2,
+        complete=True,
+    )
     after = tmp_path / "after.pb.gz"
     after.write_bytes(formats.render(more, "pprof"))
-    diff = _go_pprof("-top", "-nodefraction=0", "-unit=B", "-sample_index=inuse_space", f"-diff_base={path}",
-                     str(after))
+    diff = _go_pprof(
+        "-top", "-nodefraction=0", "-unit=B", "-sample_index=inuse_space", f"-diff_base={path}", str(after)
+    )
     assert re.search(r"accounting for 16B.*\n(.*\n)*\s+16B .*checked_alloc", diff), diff
 
 
 def test_merge_sums_runs_of_many_hosts_by_symbolic_stack(tmp_path):
     program = compiler.build(compiler.load(MEMLEAK))
-    host = lambda extra, target: assemble.build(program, fixed_snapshot(extra_blocks=extra), FixedSymbolizer(),
-                                              backend="bcc", target=target, duration_s=1, top=2, complete=True)
+    host = lambda extra, target: assemble.build(
+        program,
+        fixed_snapshot(extra_blocks=extra),
+        FixedSymbolizer(),
+        backend="bcc",
+        target=target,
+        duration_s=1,
+        top=2,
+        complete=True,
+    )
     a, b = host(0, "host-a pid 42"), host(3, "host-b pid 42")
     paths = []
     for name, rep in (("a", a), ("b", b)):
@@ -367,7 +445,7 @@ def test_merge_sums_runs_of_many_hosts_by_symbolic_stack(tmp_path):
     assert heap["live_bytes"] == a.resources["heap"]["live_bytes"] + b.resources["heap"]["live_bytes"]
     assert heap["acquired"] == a.resources["heap"]["acquired"] + b.resources["heap"]["acquired"]
     (section,) = [r for r in merged["reports"] if r["kind"] == "outstanding"]
-    assert section["total_entries"] == 5 == len(section["entries"])     # the same 5 stacks on both hosts
+    assert section["total_entries"] == 5 == len(section["entries"])  # the same 5 stacks on both hosts
     wrapped = next(e for e in section["entries"] if e["stack"][0]["function"] == "checked_alloc")
     assert wrapped["bytes"] == 8 * (5 + 8) and wrapped["blocks"] == 13
     (lifetime,) = [r for r in merged["reports"] if r["kind"] == "lifetime"]
@@ -381,8 +459,9 @@ def test_pprof_labels_mappings_with_the_build_ids_the_run_read_not_this_hosts_fi
     """A saved run re-rendered elsewhere (report, merge): each mapping's build id is the one the
     symbolizer read when it named the frame, carried in the JSON; no file is opened to render."""
     program = compiler.build(compiler.load(MEMLEAK))
-    rep = assemble.build(program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1,
-                       top=2, complete=True)
+    rep = assemble.build(
+        program, fixed_snapshot(), FixedSymbolizer(), backend="bcc", target="t", duration_s=1, top=2, complete=True
+    )
     saved = json.loads(formats.to_json(rep))
     for section in saved["reports"]:
         for entry in section.get("entries", []):

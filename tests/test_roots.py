@@ -1,4 +1,5 @@
 """Paths of other roots' files, without tracing (test_containers.py traces them)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ from probedsl.process import roots
 
 def test_our_own_root_needs_no_prefix():
     assert roots.root_prefix(os.getpid()) == ""
-    assert roots.root_prefix(2 ** 22 + 12345) is None          # no such process
+    assert roots.root_prefix(2**22 + 12345) is None  # no such process
 
 
 def test_a_command_run_through_chroot_is_recognized_with_its_options(tmp_path):
@@ -25,8 +26,8 @@ def test_a_file_is_ours_only_when_the_kernel_said_so_or_nothing_said_otherwise()
     exe = os.path.realpath(sys.executable)
     st = os.stat(exe)
     identity = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    gone = 2 ** 22 + 12345
-    assert files.path(gone, exe, identity) == exe                 # the mapped file is this one
-    assert files.path(gone, exe, (0, 0, 1)) == ""                 # another file: never named as ours
-    assert files.path(gone, exe) == exe                           # nothing said otherwise
+    gone = 2**22 + 12345
+    assert files.path(gone, exe, identity) == exe  # the mapped file is this one
+    assert files.path(gone, exe, (0, 0, 1)) == ""  # another file: never named as ours
+    assert files.path(gone, exe) == exe  # nothing said otherwise
     assert files.path(os.getpid(), exe) == exe

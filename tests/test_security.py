@@ -1,6 +1,7 @@
 """Root trusts only itself: names from the traced program reach root's terminal escaped, a cache
 another user owns is ignored, a debug file that is not the one asked for is refused, and a
 download is kept whole or not at all. The `security` layer: pytest -m security."""
+
 from __future__ import annotations
 
 import http.server
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.security
 # ends with the four characters \x1b: shown, it must not read like the ESC before it
 EVIL = "evil\033[31mRED\033]0;pwned\007" + r"\x1b"
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
-RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")      # any but \t and \n
+RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # any but \t and \n
 
 LEAK_ONE = """#include <stdio.h>
 #include <stdlib.h>
@@ -59,7 +60,7 @@ def evil(tmp_path_factory):
 def assert_no_raw_control(*texts: str) -> None:
     for text in texts:
         found = RAW_CONTROL.search(text)
-        assert found is None, f"raw {found.group()!r} in {text[max(0, found.start() - 80):found.end() + 80]!r}"
+        assert found is None, f"raw {found.group()!r} in {text[max(0, found.start() - 80) : found.end() + 80]!r}"
 
 
 def test_escape_rules():
@@ -88,16 +89,23 @@ def test_escape_program_in_text_json_svg(backend, evil, tmp_path):
 
     saved = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--", exe, input="\n")
     assert saved.returncode == 0, saved.stderr
-    frames = [f for rep in report_json(saved.stdout)["reports"] if rep["kind"] == "outstanding"
-              for e in rep["entries"] if e["bytes"] == 40 for f in e["stack"]]
+    frames = [
+        f
+        for rep in report_json(saved.stdout)["reports"]
+        if rep["kind"] == "outstanding"
+        for e in rep["entries"]
+        if e["bytes"] == 40
+        for f in e["stack"]
+    ]
     leaf = next(f for f in frames if f["function"] == "leak_one")
-    assert leaf["file"] == source and leaf["module"] == exe, leaf      # the exact names, round-tripped
+    assert leaf["file"] == source and leaf["module"] == exe, leaf  # the exact names, round-tripped
 
     svg = tmp_path / "out.svg"
-    stripped = tmp_path / EVIL                      # unnamed frames are named after the module
+    stripped = tmp_path / EVIL  # unnamed frames are named after the module
     subprocess.run(["strip", "-o", str(stripped), exe], check=True)
-    drawn = probedsl("run", MEMLEAK, "--backend", backend, "--format", "svg", "--output", str(svg), "--",
-                     str(stripped), input="\n")
+    drawn = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--format", "svg", "--output", str(svg), "--", str(stripped), input="\n"
+    )
     assert drawn.returncode == 0, drawn.stderr
     titles = [t.text for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}title")]
     assert any(t.startswith(f"{shown}+0x") for t in titles), titles
@@ -125,8 +133,10 @@ def test_escape_program_in_text_json_svg(backend, evil, tmp_path):
 def test_a_newline_in_a_source_file_name_cannot_shift_frames(tmp_path):
     """addr2line prints a record per address a line per name: a file name holding a newline
     and another function's address line must not put names on that address."""
-    program = ("int f(int x) { return x + 1; }\nint g(int x) { return x * 2; }\n"
-               "int main(int c, char **v) { return f(c) + g(c); }\n")
+    program = (
+        "int f(int x) { return x + 1; }\nint g(int x) { return x * 2; }\n"
+        "int main(int c, char **v) { return f(c) + g(c); }\n"
+    )
     plain = tmp_path / "plain.c"
     plain.write_text(program)
     g = elf.symbols(gcc(plain, tmp_path / "plain")).address_of("g")
@@ -194,7 +204,6 @@ def test_a_thread_renamed_with_escapes(backend, tmp_path):
     assert f"comm {escape.for_terminal(THREAD_NAME)}" in result.stdout, result.stdout
 
 
-
 @pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_thread_renamed_with_escapes_under_comm(backend, tmp_path):
@@ -210,7 +219,7 @@ def test_a_thread_renamed_with_escapes_under_comm(backend, tmp_path):
     target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     target.stdin.write("go\n")
     target.stdin.flush()
-    assert target.stdout.readline() == "done\n"          # the thread allocated and ended
+    assert target.stdout.readline() == "done\n"  # the thread allocated and ended
     target.communicate("\n")
     tracer.send_signal(signal.SIGINT)
     out, err = tracer.communicate()
@@ -219,6 +228,7 @@ def test_a_thread_renamed_with_escapes_under_comm(backend, tmp_path):
     assert "comm secthr" in out, out
     assert escape.for_terminal(THREAD_NAME) not in out
 
+
 def nobody_owned(path: Path) -> None:
     who = pwd.getpwnam("nobody")
     for p in [path, *path.rglob("*")]:
@@ -226,8 +236,12 @@ def nobody_owned(path: Path) -> None:
 
 
 def stacks(report: dict) -> list:
-    return sorted(tuple(f["text"] for f in e["stack"]) + (e["bytes"], e["blocks"])
-                  for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"])
+    return sorted(
+        tuple(f["text"] for f in e["stack"]) + (e["bytes"], e["blocks"])
+        for rep in report["reports"]
+        if rep["kind"] == "outstanding"
+        for e in rep["entries"]
+    )
 
 
 @pytest.mark.usefixtures("root_required")
@@ -245,8 +259,23 @@ def test_a_cache_owned_by_nobody_is_ignored(build, tmp_path):
     runs = {}
     for name, cache in (("clean", clean), ("forged", forged)):
         env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-        result = probedsl("run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json",
-                          "--top", "100", "--", build("leak"), input="\n", env=env, timeout=600)
+        result = probedsl(
+            "run",
+            MEMLEAK,
+            "--backend",
+            "bcc",
+            "--stacks",
+            "dwarf",
+            "--format",
+            "json",
+            "--top",
+            "100",
+            "--",
+            build("leak"),
+            input="\n",
+            env=env,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr
         runs[name] = report_json(result.stdout)
     assert stacks(runs["forged"]) == stacks(runs["clean"])
@@ -261,10 +290,12 @@ def test_cached_rows_of_the_wrong_shape_are_discarded(tmp_path, monkeypatch):
     decoded = unwind_tables.rows_of(LIBC)
     cached = tmp_path / "probedsl" / "unwind-rows" / f"{debuginfo.build_id_of(LIBC)}.v3"
     good = cached.read_bytes()
-    for bad in (good[:-5],                                           # not whole rows
-                good[12:24] + good[:12] + good[24:],                 # pcs out of order
-                struct.pack("<IBBhi", 0, 9, 0, 0, 0) + good[12:],    # an unknown kind
-                struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0)):   # the issue's forgery
+    for bad in (
+        good[:-5],  # not whole rows
+        good[12:24] + good[:12] + good[24:],  # pcs out of order
+        struct.pack("<IBBhi", 0, 9, 0, 0, 0) + good[12:],  # an unknown kind
+        struct.pack("<IBBhi", 0, stackformat.OUTERMOST, 0, 0, 0),
+    ):  # the issue's forgery
         cached.write_bytes(bad)
         assert unwind_tables.rows_of(LIBC) == decoded
     assert len([n for n in notices.all_notes() if "discarded" in n]) == 4, notices.all_notes()
@@ -345,15 +376,17 @@ def test_a_debug_server_answering_with_another_programs_file(backend, stripped_a
     server = _Server(impostor, len(impostor))
     try:
         env = {**os.environ, "DEBUGINFOD_URLS": server.url, "DEBUGINFOD_CACHE_PATH": str(tmp_path / "cache")}
-        result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--",
-                          stripped, input="\n", env=env)
+        result = probedsl(
+            "run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", "--", stripped, input="\n", env=env
+        )
     finally:
         server.close()
     assert result.returncode == 0, result.stderr
     assert server.asked, "the server was never asked"
     report = report_json(result.stdout)
-    frames = [f for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"]
-              for f in e["stack"]]
+    frames = [
+        f for rep in report["reports"] if rep["kind"] == "outstanding" for e in rep["entries"] for f in e["stack"]
+    ]
     assert not [f for f in frames if "impostor" in json.dumps(f)], "a foreign name or file"
     ours = [f for f in frames if f["module"] == stripped]
     assert ours and all(f["function"] is None and f["text"].startswith("leak-stripped+0x") for f in ours), ours
@@ -366,7 +399,7 @@ def test_a_debug_server_answering_with_another_programs_file(backend, stripped_a
 def test_a_download_cut_short_leaves_nothing(build, tmp_path, monkeypatch):
     stripped = build("leak-stripped")
     full = Path(build("leak")).read_bytes()
-    server = _Server(full[:len(full) // 2], len(full))
+    server = _Server(full[: len(full) // 2], len(full))
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     monkeypatch.setenv("DEBUGINFOD_URLS", server.url)
@@ -407,7 +440,9 @@ def test_recipe_library_paths_with_quotes_or_spaces_are_rejected(tmp_path):
     lib = odd / "libc.so.6"
     lib.write_bytes(open("/lib/x86_64-linux-gnu/libc.so.6", "rb").read())
     recipe = tmp_path / "r.probe"
-    recipe.write_text('recipe r\nresource h keyed by a {\n  acquire "%s":malloc(n) -> ret\n}\n' % str(lib).replace('"', ""))
+    recipe.write_text(
+        'recipe r\nresource h keyed by a {\n  acquire "%s":malloc(n) -> ret\n}\n' % str(lib).replace('"', "")
+    )
     # the grammar cannot even spell a quote inside a path...
     assert probedsl("check", str(recipe)).returncode == 1
     # ...and a path it can spell but that holds a space never reaches generated code

@@ -3,6 +3,7 @@ it is named with terminal escapes (program and source file, ending in a literal 
 thread renames itself with escapes and allocates, and it calls into a library whose
 .gnu_debuglink names another library's debug file (a CRC that matches, a build id that does
 not). addr2line must not read that file either (probedsl.binaries.sourcelines)."""
+
 from __future__ import annotations
 
 import json
@@ -62,19 +63,24 @@ report outstanding heap by comm: sum(size) as bytes, count() as blocks
 def hostile(tmp_path_factory):
     """(program, its source, the library with the forged debuglink, the foreign debug file)."""
     out = tmp_path_factory.mktemp("hostile")
-    for name in ("hostile", "impostor"):         # the same code, so the same addresses
+    for name in ("hostile", "impostor"):  # the same code, so the same addresses
         (out / f"{name}.c").write_text(LIB % f"{name}_alloc")
-        subprocess.run(["gcc", "-O0", "-g", "-shared", "-fPIC", "-o", str(out / f"lib{name}.so"), f"{name}.c"],
-                       check=True, cwd=out)
+        subprocess.run(
+            ["gcc", "-O0", "-g", "-shared", "-fPIC", "-o", str(out / f"lib{name}.so"), f"{name}.c"], check=True, cwd=out
+        )
     foreign = out / "libhostile.so.debug"
     subprocess.run(["objcopy", "--only-keep-debug", "libimpostor.so", foreign.name], check=True, cwd=out)
-    subprocess.run(["objcopy", "--strip-debug", f"--add-gnu-debuglink={foreign.name}", "libhostile.so"],
-                   check=True, cwd=out)
+    subprocess.run(
+        ["objcopy", "--strip-debug", f"--add-gnu-debuglink={foreign.name}", "libhostile.so"], check=True, cwd=out
+    )
     source = out / f"{EVIL}.c"
     source.write_text(PROGRAM)
     exe = out / EVIL
-    subprocess.run(["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(source), f"-L{out}", "-lhostile",
-                    f"-Wl,-rpath,{out}"], check=True, cwd=out)
+    subprocess.run(
+        ["gcc", "-O0", "-g", "-pthread", "-o", str(exe), str(source), f"-L{out}", "-lhostile", f"-Wl,-rpath,{out}"],
+        check=True,
+        cwd=out,
+    )
     return str(exe), str(source), str(out / "libhostile.so"), str(foreign)
 
 
@@ -100,6 +106,7 @@ def test_addr2line_reads_only_debug_files_probedsl_accepted(hostile, tmp_path):
         out = tmp_path / f"alt-{len(list(tmp_path.iterdir()))}"
         subprocess.run(["objcopy", f"--add-section=.gnu_debugaltlink={section}", exe, str(out)], check=True)
         return str(out)
+
     wrong = linked(foreign, bytes(20))
     assert SourceLines().lookup(wrong, [leak_one]) == {leak_one: ()}
     assert [n for n in notices.all_notes() if wrong in n and "gnu_debugaltlink" in n], notices.all_notes()
@@ -114,21 +121,32 @@ def test_the_hostile_program_under_reachability(backend, hostile, tmp_path):
     recipe = tmp_path / "hostile.probe"
     recipe.write_text(RECIPE)
     pid_file = tmp_path / "pid"
-    result = probedsl("run", str(recipe), "--backend", backend, "--reachability", "--format", "json",
-                      "--", exe, str(pid_file), timeout=300)
+    result = probedsl(
+        "run",
+        str(recipe),
+        "--backend",
+        backend,
+        "--reachability",
+        "--format",
+        "json",
+        "--",
+        exe,
+        str(pid_file),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert_no_raw_control(result.stderr)
     report = report_json(result.stdout)
     assert report["reachability_scan"]["at"] == "exit", report["notes"]
     kinds = report["resources"]["heap"]["reachability"]
-    assert sum(k["blocks"] for k in kinds.values()) >= 3, kinds         # 40 + 32 + 24 bytes, at least
+    assert sum(k["blocks"] for k in kinds.values()) >= 3, kinds  # 40 + 32 + 24 bytes, at least
     assert "impostor" not in json.dumps(report), "a name or file from the refused debug file"
     frames = [f for rep in report["reports"] for e in rep["entries"] for f in e.get("stack", [])]
     ours = [f for f in frames if f["module"] == lib]
     assert ours and all(f["function"] == "hostile_alloc" and not f["file"] for f in ours), ours
     assert [f for f in frames if f["function"] == "leak_one" and f["file"] == source and f["module"] == exe]
     comms = [e.get("comm") for rep in report["reports"] for e in rep["entries"]]
-    assert THREAD_NAME in comms, comms            # the exact name, in JSON
+    assert THREAD_NAME in comms, comms  # the exact name, in JSON
 
     # the same report for a person: every name escaped, the literal \x1b told from ESC
     saved = tmp_path / "saved.json"

@@ -1,6 +1,7 @@
 """Stacks on code built without frame pointers (-O2), against valgrind's for the same binary:
 every frame shown is one valgrind shows, in its place; where the frame-pointer walk stops being
 certain the stack ends with a marker instead of garbage."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,14 +20,26 @@ def valgrind_stacks(exe: str, tmp_path) -> dict:
     live at exit, from valgrind --xml; real frames only (ours leave inlined calls out too), "?"
     for a frame it cannot name."""
     xml = tmp_path / "vg.xml"
-    subprocess.run(["valgrind", "--leak-check=full", "--show-leak-kinds=all", "--num-callers=64",
-                    "--read-inline-info=no", "--xml=yes", f"--xml-file={xml}", exe], capture_output=True, check=True)
+    subprocess.run(
+        [
+            "valgrind",
+            "--leak-check=full",
+            "--show-leak-kinds=all",
+            "--num-callers=64",
+            "--read-inline-info=no",
+            "--xml=yes",
+            f"--xml-file={xml}",
+            exe,
+        ],
+        capture_output=True,
+        check=True,
+    )
     out = {}
     for error in ET.parse(xml).getroot().iter("error"):
         if not error.findtext("kind", "").startswith("Leak_"):
             continue
         names = [f.findtext("fn") or "?" for f in error.find("stack")]
-        stack = tuple(names[1:])            # past valgrind's malloc
+        stack = tuple(names[1:])  # past valgrind's malloc
         b, n = out.get(stack, (0, 0))
         out[stack] = (b + int(error.findtext("xwhat/leakedbytes")), n + int(error.findtext("xwhat/leakedblocks")))
     return out
@@ -48,18 +61,19 @@ def test_o2_frame_pointer_stacks_show_only_frames_valgrind_shows_and_mark_the_cu
     exe = build("deep-O2")
     expected = valgrind_stacks(exe, tmp_path)
     assert sum(n for _, n in expected.values()) == 16, expected
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50",
-                      "--", exe)
+    result = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50", "--", exe
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_accounted(report)
     matched = [0, 0]
     for names, truncated, nbytes, blocks in our_stacks(report):
-        full = [vg for vg in expected if vg[:len(names)] == names]
+        full = [vg for vg in expected if vg[: len(names)] == names]
         if names[:1] != ("level4",):
-            continue                    # the C library's own blocks (stdio): not in this program
+            continue  # the C library's own blocks (stdio): not in this program
         assert full, (names, list(expected))
-        assert truncated, names         # -O2: level4 keeps no frame pointer
+        assert truncated, names  # -O2: level4 keeps no frame pointer
         matched[0] += nbytes
         matched[1] += blocks
     assert matched == [sum(b for b, _ in expected.values()), 16], (matched, expected)
@@ -71,8 +85,9 @@ def test_frame_pointer_code_keeps_its_whole_stack(backend, build, tmp_path):
     """-O0 code keeps frame pointers: the stack reaches main, as valgrind's does, and stops at
     the C library's start-up code, which has none."""
     exe = build("leak")
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50",
-                      "--", exe, input="\n")
+    result = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--stacks", "fp", "--format", "json", "--top", "50", "--", exe, input="\n"
+    )
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     entry = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)
@@ -84,7 +99,7 @@ def test_frame_pointer_code_keeps_its_whole_stack(backend, build, tmp_path):
 def up_to_main(names) -> tuple:
     """The frames from the allocating function to main (valgrind says "(below main)" past it)."""
     names = tuple(names)
-    return names[:names.index("main") + 1] if "main" in names else names
+    return names[: names.index("main") + 1] if "main" in names else names
 
 
 def assert_same_as_valgrind(report, expected):
@@ -145,21 +160,27 @@ def test_dwarf_stacks_from_debug_frame(build, tmp_path):
 
 
 @pytest.mark.debian13
-@pytest.mark.parametrize("command", [["git", "--version"], ["/usr/bin/python3", "-c", "import json"],
-                                     ["sqlite3", ":memory:", "create table t(x); insert into t values(1);"]],
-                         ids=["git", "python3", "sqlite3"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["git", "--version"],
+        ["/usr/bin/python3", "-c", "import json"],
+        ["sqlite3", ":memory:", "create table t(x); insert into t values(1);"],
+    ],
+    ids=["git", "python3", "sqlite3"],
+)
 def test_dwarf_stacks_of_debians_programs_are_deep_and_never_garbage(command):
     """Distribution programs are stripped and built without frame pointers."""
     result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "5", "--", *command)
     assert result.returncode == 0, result.stderr
     report = report_json(result.stdout)
     assert_accounted(report)
-    entries = report["reports"][0]["entries"][:5]          # the largest (JSON holds them all)
+    entries = report["reports"][0]["entries"][:5]  # the largest (JSON holds them all)
     assert entries
     for e in entries:
         frames = [f for f in e["stack"] if not f["inlined"] and not f.get("truncated")]
         assert len(frames) >= 4, [f["text"] for f in e["stack"]]
-        assert all(f["module"] for f in frames), [f["text"] for f in e["stack"]]     # none in no mapping
+        assert all(f["module"] for f in frames), [f["text"] for f in e["stack"]]  # none in no mapping
 
 
 def test_bpftrace_refuses_dwarf_stacks_in_one_line():
@@ -199,10 +220,12 @@ def test_entry_probe_stacks_of_o2_code(build, tmp_path):
     exe = build("entry_chain-O2")
     recipe = tmp_path / "calls.probe"
     recipe.write_text(ENTRY_RECIPE % exe)
-    walked, unwound = (probedsl("run", str(recipe), "--backend", "bcc", "--stacks", stacks, "--format", "json",
-                                "--", exe) for stacks in ("fp", "dwarf"))
+    walked, unwound = (
+        probedsl("run", str(recipe), "--backend", "bcc", "--stacks", stacks, "--format", "json", "--", exe)
+        for stacks in ("fp", "dwarf")
+    )
     (cut,) = report_json(walked.stdout)["reports"][0]["entries"]
     assert [f["function"] for f in cut["stack"] if not f.get("truncated")] == ["target"] and cut["truncated"]
-    for whole in report_json(unwound.stdout)["reports"][0]["entries"]:     # (main's loop may be unrolled)
+    for whole in report_json(unwound.stdout)["reports"][0]["entries"]:  # (main's loop may be unrolled)
         names = [f["function"] for f in whole["stack"]]
         assert names[:4] == ["target", "middle", "outer", "main"] and names[-1] == "_start", names

@@ -1,4 +1,5 @@
 """End to end: what a developer reads in each frame: names, file:line, inlines, C++, dlopen."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.usefixtures("root_required")
 
 
 def run_report(backend, *command, extra=(), recipe=MEMLEAK):
-    result = probedsl("run", recipe, "--backend", backend, "--format", "json", "--top", "50", *extra,
-                      "--", *command, input="\n")
+    result = probedsl(
+        "run", recipe, "--backend", backend, "--format", "json", "--top", "50", *extra, "--", *command, input="\n"
+    )
     assert "Traceback" not in result.stderr, result.stderr
     return result, report_json(result.stdout)
 
@@ -34,7 +36,9 @@ def entry_with(report, function):
     for e in report["reports"][0]["entries"]:
         if any(f["function"] == function for f in e["stack"]):
             return e
-    raise AssertionError(f"no entry with {function}: {[first_user_function(e) for e in report['reports'][0]['entries']]}")
+    raise AssertionError(
+        f"no entry with {function}: {[first_user_function(e) for e in report['reports'][0]['entries']]}"
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,9 +46,9 @@ def test_frames_carry_file_and_line_from_dwarf(backend, build):
     _, report = run_report(backend, build("leak"))
     stack = entry_with(report, "wrapper1")["stack"]
     where = {f["function"]: (f["file"].rsplit("/", 1)[-1], f["line"]) for f in stack if f["file"]}
-    assert where["wrapper1"] == ("leak.c", 7)       # return malloc(8);
-    assert where["wrapper2"] == ("leak.c", 12)      # char * p = wrapper1();
-    assert where["main"] == ("leak.c", 19)          # p = wrapper2();
+    assert where["wrapper1"] == ("leak.c", 7)  # return malloc(8);
+    assert where["wrapper2"] == ("leak.c", 12)  # char * p = wrapper1();
+    assert where["main"] == ("leak.c", 19)  # p = wrapper2();
     assert all(f["module"] and f["address"].startswith("0x") for f in stack if not f.get("truncated"))
 
 
@@ -53,8 +57,11 @@ def test_cxx_names_are_demangled(backend, build):
     # cxxleak acquires at operator new's return: the stack starts in the program, which keeps
     # frame pointers (libstdc++ keeps none: under memleak, malloc's stacks stop inside it)
     _, report = run_report(backend, build("widgets"), recipe=CXXLEAK)
-    entries = [e for e in report["reports"][0]["entries"]
-               if any(f["function"] == "shop::Widget::make(int)" for f in e["stack"])]
+    entries = [
+        e
+        for e in report["reports"][0]["entries"]
+        if any(f["function"] == "shop::Widget::make(int)" for f in e["stack"])
+    ]
     assert sorted((e["bytes"], e["objects"]) for e in entries) == [(72, 3), (120, 3)], entries
     for e in entries:
         frame = next(f for f in e["stack"] if f["function"] == "shop::Widget::make(int)")
@@ -69,8 +76,11 @@ def test_inlined_calls_are_expanded_like_addr2line_i(backend, build):
     entry = entry_with(report, "outer")
     frames = [(f["function"], f["inlined"], (f["file"] or "").rsplit("/", 1)[-1], f["line"]) for f in entry["stack"]]
     i = next(n for n, f in enumerate(frames) if f[0] == "helper")
-    assert frames[i:i + 3] == [("helper", True, "inlined.c", 6), ("outer", False, "inlined.c", 8),
-                               ("main", False, "inlined.c", 11)]
+    assert frames[i : i + 3] == [
+        ("helper", True, "inlined.c", 6),
+        ("outer", False, "inlined.c", 8),
+        ("main", False, "inlined.c", 11),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,8 +106,22 @@ def test_leak_inside_a_dlopened_library_is_named_after_dlclose(backend, build):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_interval_reports_flag_a_steady_leak_but_not_a_filled_cache(backend, build):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--interval", "1",
-                      "--growth-intervals", "2", "--", build("drip"), "6", timeout=120)
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        backend,
+        "--format",
+        "json",
+        "--interval",
+        "1",
+        "--growth-intervals",
+        "2",
+        "--",
+        build("drip"),
+        "6",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     docs = []
     text = result.stdout
@@ -107,8 +131,10 @@ def test_interval_reports_flag_a_steady_leak_but_not_a_filled_cache(backend, bui
         docs.append(doc)
     interval = [d for d in docs if not d["final"]]
     assert len(interval) >= 4
+
     def find(doc, fn):
         return next((e for e in doc["reports"][0]["entries"] if first_user_function(e) == fn), None)
+
     drips = [find(d, "drip") for d in interval[1:]]
     assert all(e and e["delta"]["bytes"] > 0 for e in drips), [e and e.get("delta") for e in drips]
     assert find(interval[-1], "drip")["growing"] is True
@@ -120,8 +146,8 @@ def test_min_age_hides_young_blocks(build):
     result = probedsl("run", MEMLEAK, "--format", "json", "--min-age", "3", "--", build("drip"), "4", timeout=120)
     report = report_json(result.stdout)
     sites = by_site(report)
-    assert "fill_cache" in sites                         # 4 s old at the end
-    assert sites.get("drip", (0, 0))[1] < 10             # only the first second's drips are 3 s old
+    assert "fill_cache" in sites  # 4 s old at the end
+    assert sites.get("drip", (0, 0))[1] < 10  # only the first second's drips are 3 s old
 
 
 def test_output_file_holds_the_final_report_and_report_rerenders_it(build, tmp_path):
@@ -159,5 +185,5 @@ def test_a_deep_stack_keeps_its_innermost_64_frames(backend, build):
     entry = entry_with(report, "dive")
     assert entry["blocks"] == 1 and entry["bytes"] == 32
     assert len(entry["stack"]) == 65, [f["text"] for f in entry["stack"]]
-    assert all(f["function"] == "dive" for f in entry["stack"][:64])     # main is past the cut
+    assert all(f["function"] == "dive" for f in entry["stack"][:64])  # main is past the cut
     assert entry["truncated"] and entry["stack"][64]["text"] == "[truncated: only the innermost 64 frames are kept]"

@@ -1,5 +1,6 @@
 """The end of a run: the report comes and control returns while the kernel removes the probes
 (probedsl.drivers.teardown); nothing is left behind, and a run started right after is clean."""
+
 from __future__ import annotations
 
 import ctypes
@@ -14,8 +15,8 @@ from conftest import BACKENDS, MEMLEAK, by_site, probedsl, report_json, start_ru
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
-SYS_BPF = 321                           # x86_64
-GET_FD_BY_ID = {"prog_id": 13, "link_id": 30}     # BPF_PROG_GET_FD_BY_ID, BPF_LINK_GET_FD_BY_ID
+SYS_BPF = 321  # x86_64
+GET_FD_BY_ID = {"prog_id": 13, "link_id": 30}  # BPF_PROG_GET_FD_BY_ID, BPF_LINK_GET_FD_BY_ID
 UPROBE_EVENTS = "/sys/kernel/tracing/uprobe_events"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -31,7 +32,7 @@ def kernel_objects(pid: int) -> set:
                     kind, _, value = line.partition(":")
                     if kind in GET_FD_BY_ID:
                         found.add((kind, int(value)))
-        except OSError:                      # closed meanwhile
+        except OSError:  # closed meanwhile
             pass
     return found
 
@@ -52,8 +53,7 @@ def tracer_pid(tracer, backend: str) -> int:
     if backend == "bcc":
         return tracer.pid
     with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
-        (child,) = [int(p) for p in f.read().split()
-                    if open(f"/proc/{p}/comm").read().strip() == "bpftrace"]
+        (child,) = [int(p) for p in f.read().split() if open(f"/proc/{p}/comm").read().strip() == "bpftrace"]
     return child
 
 

@@ -1,4 +1,5 @@
 """End to end: real probes on real C programs built in the test run, both backends, exact totals."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.usefixtures("root_required")
 
 
 def run_json(backend, *target, input=None, extra=(), env=None):
-    result = probedsl("run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra, *target,
-                      input=input, env=env)
+    result = probedsl(
+        "run", MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra, *target, input=input, env=env
+    )
     assert "Traceback" not in result.stderr, result.stderr
     report = report_json(result.stdout)
     assert_accounted(report)
@@ -35,8 +37,9 @@ def traced_pid_run(backend, exe, *extra, after_s="1"):
     """Trace a waiting target by pid; it allocates once tracing has begun. (stdout, stderr, rc)"""
     target = Held([exe, "wait", after_s])
     try:
-        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra,
-                           "--pid", str(target.pid))
+        tracer = start_run(
+            MEMLEAK, "--backend", backend, "--format", "json", "--top", "50", *extra, "--pid", str(target.pid)
+        )
         target.go()
         out, err = tracer.communicate(timeout=120)
     finally:
@@ -47,7 +50,7 @@ def traced_pid_run(backend, exe, *extra, after_s="1"):
 def assert_seed_leak(report):
     sites = by_site(report)
     assert sites.get("wrapper1") == (40, 5), sites
-    assert "wrapper2" not in sites, sites              # its 16-byte blocks were all freed
+    assert "wrapper2" not in sites, sites  # its 16-byte blocks were all freed
     entry = next(e for e in report["reports"][0]["entries"] if e["bytes"] == 40)
     functions = [f["function"] for f in entry["stack"]]
     assert functions[:3] == ["wrapper1", "wrapper2", "main"], functions
@@ -84,6 +87,7 @@ def test_seed_leak_by_pid_without_children_scopes_uprobes_where_the_backend_can(
     assert rc == 0, err
     assert_seed_leak(report_json(out))
     from probedsl import targets
+
     scoped = targets.detect(backend).per_pid_uprobes
     assert ("pays a uprobe trap" in err) != scoped, err
 
@@ -93,22 +97,26 @@ def test_bcc_per_pid_attach_beside_another_tracers_uprobe(build):
     # (EINVAL) any uprobe on an address another tracer held with 0: a red CI run once.
     # pvalloc, not free: a uprobe on free would tax BCC's own clang (~15 s of traps)
     # bpftrace attaches a script's probes last to first: "ready" means pvalloc's is on
-    script = ('tracepoint:syscalls:sys_enter_getppid /pid == $1/ { printf("ready\\n"); } '
-              "uprobe:/usr/lib/x86_64-linux-gnu/libc.so.6:pvalloc { @n = count(); }")
-    other = subprocess.Popen(["bpftrace", "-e", script, str(os.getpid())],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = (
+        'tracepoint:syscalls:sys_enter_getppid /pid == $1/ { printf("ready\\n"); } '
+        "uprobe:/usr/lib/x86_64-linux-gnu/libc.so.6:pvalloc { @n = count(); }"
+    )
+    other = subprocess.Popen(
+        ["bpftrace", "-e", script, str(os.getpid())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     attached = threading.Event()
 
-    def knock():                                  # the sentinel fires on our getppid()
+    def knock():  # the sentinel fires on our getppid()
         while not attached.wait(0.01):
             os.getppid()
+
     knocker = threading.Thread(target=knock)
     knocker.start()
     try:
         lines = []
         while not lines or "ready" not in lines[-1]:
             lines.append(other.stdout.readline())
-            assert lines[-1], lines               # bpftrace ended without attaching
+            assert lines[-1], lines  # bpftrace ended without attaching
         attached.set()
         out, err, rc = traced_pid_run("bcc", build("leak_delayed"), "--no-follow-forks")
     finally:
@@ -138,16 +146,27 @@ def test_threads_leak_exact_blocks_and_bytes_per_thread(backend, build):
     result, report = run_json(backend, "--", build("threads"))
     assert result.returncode == 0, result.stderr
     sites = by_site(report)
-    expected = {"leak_in_thread0": (3 * 24, 3), "leak_in_thread1": (5 * 40, 5),
-                "leak_in_thread2": (7 * 72, 7), "leak_in_thread3": (11 * 136, 11)}
+    expected = {
+        "leak_in_thread0": (3 * 24, 3),
+        "leak_in_thread1": (5 * 40, 5),
+        "leak_in_thread2": (7 * 72, 7),
+        "leak_in_thread3": (11 * 136, 11),
+    }
     assert {k: sites.get(k) for k in expected} == expected
 
 
 ALLOCS_EXPECTED = {
-    "leak_malloc": (100, 1), "leak_calloc": (120, 1), "leak_realloc_grow": (200, 1),
-    "leak_realloc_shrink": (24, 1), "leak_realloc_null": (56, 1), "leak_failed_realloc": (88, 1),
-    "leak_posix_memalign": (130, 1), "leak_aligned_alloc": (192, 1), "leak_memalign": (144, 1),
-    "leak_valloc": (300, 1), "leak_pvalloc": (5000, 1),
+    "leak_malloc": (100, 1),
+    "leak_calloc": (120, 1),
+    "leak_realloc_grow": (200, 1),
+    "leak_realloc_shrink": (24, 1),
+    "leak_realloc_null": (56, 1),
+    "leak_failed_realloc": (88, 1),
+    "leak_posix_memalign": (130, 1),
+    "leak_aligned_alloc": (192, 1),
+    "leak_memalign": (144, 1),
+    "leak_valloc": (300, 1),
+    "leak_pvalloc": (5000, 1),
 }
 
 
@@ -194,9 +213,9 @@ def test_text_report_shows_header_and_symbolized_frames(build):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "heap: " in out and " live; " in out and "releases of unknown keys" in out
-    assert re.search(r"^\s+40\s+5\s+pids", out, re.M), out          # from the kernel's tallies
+    assert re.search(r"^\s+40\s+5\s+pids", out, re.M), out  # from the kernel's tallies
     assert "wrapper1+" in out and "[leak]" in out and "[unknown]" not in out
-    assert "BPF maps hold" in result.stderr                          # kernel memory, stated
+    assert "BPF maps hold" in result.stderr  # kernel memory, stated
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -210,10 +229,10 @@ def test_ages_reads_every_entry_for_the_oldest_age(backend, build):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_during_a_launched_command_still_reports(backend, build):
     tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--", build("leak_delayed"), "0", "60")
-    wait_for_sleep(child_named(tracer.pid, "leak_delayed"), 60)     # its allocations are done
+    wait_for_sleep(child_named(tracer.pid, "leak_delayed"), 60)  # its allocations are done
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=60)
-    assert tracer.returncode == 128 + signal.SIGTERM, err     # the command was ended by SIGTERM
+    assert tracer.returncode == 128 + signal.SIGTERM, err  # the command was ended by SIGTERM
     report = report_json(out)
     assert report["exit_status"] == 128 + signal.SIGTERM
     assert by_site(report).get("wrapper1") == (40, 5)
@@ -230,7 +249,7 @@ def child_named(parent: int, comm: str) -> int:
                         with open(f"/proc/{pid}/comm") as c:
                             if c.read().strip() == comm:
                                 return pid
-                    except OSError:             # a short-lived helper that has ended
+                    except OSError:  # a short-lived helper that has ended
                         pass
     pytest.fail(f"no child {comm} of {parent}")
 
@@ -241,7 +260,7 @@ def wait_for_sleep(pid: int, seconds: int) -> None:
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/syscall") as f:
             fields = f.read().split()
-        if fields and fields[0] == "230":              # clock_nanosleep(clock, flags, request, ...)
+        if fields and fields[0] == "230":  # clock_nanosleep(clock, flags, request, ...)
             with open(f"/proc/{pid}/mem", "rb") as mem:
                 mem.seek(int(fields[3], 16))
                 if int.from_bytes(mem.read(8), "little") == seconds:
@@ -269,9 +288,12 @@ def test_hostile_process_names_are_matched_not_executed(backend, comm, tmp_path,
     exe = tmp_path / comm
     exe.write_bytes(open(build("leak_delayed"), "rb").read())
     exe.chmod(0o755)
-    tracer = subprocess.Popen([sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend,
-                               "--format", "json", "--comm", comm],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend, "--format", "json", "--comm", comm],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
         assert tracer.poll() is None, tracer.stderr.read()

@@ -1,5 +1,6 @@
 """Two tracers on one process: while one holds a uretprobe on a function, the other's stacks
 through that function reach the kernel's return trampoline. Both BCC runs."""
+
 from __future__ import annotations
 
 import signal
@@ -45,7 +46,7 @@ def test_a_stack_through_another_tracers_uretprobe_names_the_trampoline(tmp_path
         target.stdin.write(b"go\n")
         target.stdin.flush()
         assert target.stdout.readline() == b"done\n"
-        mem, blocks = end(second), end(first)       # reported while the process lives
+        mem, blocks = end(second), end(first)  # reported while the process lives
     finally:
         for tracer in (first, second):
             if tracer is not None and tracer.poll() is None:
@@ -58,7 +59,7 @@ def test_a_stack_through_another_tracers_uretprobe_names_the_trampoline(tmp_path
     assert sum(e["blocks"] for e in through) == 5 and sum(e["bytes"] for e in through) == 200, through
     for e in through:
         texts = [f["text"] for f in e["stack"]]
-        after = texts[[f["function"] for f in e["stack"]].index("hand_out") + 1:]
+        after = texts[[f["function"] for f in e["stack"]].index("hand_out") + 1 :]
         assert after and after[0] == "[uretprobe trampoline: caller hidden by another tracer]", texts
         assert e["truncated"] and "[no mapping]" not in " ".join(texts), texts
     assert by_site(mem).get("hand_out") == (200, 5)

@@ -2,6 +2,7 @@
 library dlopen'd by ctypes (libffi's call trampoline, hand-written assembly with CFI), the
 libraries of each image a wrapper execs (bash, env, the interpreter), the children a shell
 forks. Every stack reaches the program's start, none ends early for lack of rows."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,21 @@ OPTIONS = {"direct": [], "wrapped": ["--reachability"]}
 @pytest.mark.parametrize("how", COMMANDS)
 def test_ctypes_leak_unwinds_to_the_interpreter_and_main(how):
     env = dict(os.environ, PROBEDSL_FAULTS="slow-listener") if how == "wrapped" else None
-    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--format", "json", "--top", "1000", *OPTIONS[how],
-                      "--", *COMMANDS[how], env=env, timeout=300)
+    result = probedsl(
+        "run",
+        MEMLEAK,
+        "--backend",
+        "bcc",
+        "--format",
+        "json",
+        "--top",
+        "1000",
+        *OPTIONS[how],
+        "--",
+        *COMMANDS[how],
+        env=env,
+        timeout=300,
+    )
     assert "Traceback" not in result.stderr, result.stderr
     report = report_json(result.stdout)
     assert result.returncode == 0, (result.stderr, report.get("incomplete"))
@@ -47,6 +61,7 @@ def test_ctypes_leak_unwinds_to_the_interpreter_and_main(how):
     assert any(m.startswith("libffi.so") for m in modules), [f["text"] for f in stack]
     # through libffi into ctypes, the interpreter's loop, its main, and the C runtime's start
     expected = ["_ctypes", "_PyEval_EvalFrameDefault", "Py_RunMain", "__libc_start_main"]
-    positions = [next((i for i, (n, m) in enumerate(zip(names, modules)) if want in n or want in m), -1)
-                 for want in expected]
+    positions = [
+        next((i for i, (n, m) in enumerate(zip(names, modules)) if want in n or want in m), -1) for want in expected
+    ]
     assert -1 not in positions and positions == sorted(positions), (positions, [f["text"] for f in stack])

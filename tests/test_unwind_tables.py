@@ -1,4 +1,5 @@
 """The unwinder's rows: encoded from the decoder's, kept on disk by build id."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ def test_rows_are_cached_on_disk_by_build_id(tmp_path, monkeypatch):
     # the second run reads the file, not .eh_frame: a file holding other rows of the right
     # shape (ending where code ends) is believed
     end = next(i for i, row in enumerate(decoded) if i >= 2 and row[1] == stackformat.INVALID) + 1
-    cached.write_bytes(cached.read_bytes()[:12 * end])
+    cached.write_bytes(cached.read_bytes()[: 12 * end])
     assert unwind_tables.rows_of(LIBC) == decoded[:end]
 
 

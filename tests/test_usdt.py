@@ -65,13 +65,16 @@ def test_compile_with_the_program_shows_each_backends_probes(sampled):
     assert "'usdt': True" in bcc.stdout and "'ref_ctr': " in bcc.stdout
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("8@%rdi", usdt.Location(size=8, signed=False, register="di")),
-    ("-4@%esi", usdt.Location(size=4, signed=True, register="si")),
-    ("8@-24(%rbp)", usdt.Location(size=8, signed=False, register="bp", offset=-24, memory=True)),
-    ("2@(%r12)", usdt.Location(size=2, signed=False, register="r12", offset=0, memory=True)),
-    ("-4@$5", usdt.Location(size=4, signed=True, constant=5)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8@%rdi", usdt.Location(size=8, signed=False, register="di")),
+        ("-4@%esi", usdt.Location(size=4, signed=True, register="si")),
+        ("8@-24(%rbp)", usdt.Location(size=8, signed=False, register="bp", offset=-24, memory=True)),
+        ("2@(%r12)", usdt.Location(size=2, signed=False, register="r12", offset=0, memory=True)),
+        ("-4@$5", usdt.Location(size=4, signed=True, constant=5)),
+    ],
+)
 def test_argument_locations(text, expected):
     assert usdt.location(text) == expected
 
@@ -87,10 +90,13 @@ def test_bcc_reads_a_signed_memory_argument_with_its_width():
     assert "s32 v_" in code and "ctx->bp + (-20)" in code
 
 
-@pytest.mark.parametrize("body, message", [
-    ("acquire usdt:p:alloc(ptr) -> ret", "unknown name 'ret'"),
-    ("acquire usdt:p:alloc(ptr) -> *ptr", "a usdt probe has no return"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("acquire usdt:p:alloc(ptr) -> ret", "unknown name 'ret'"),
+        ("acquire usdt:p:alloc(ptr) -> *ptr", "a usdt probe has no return"),
+    ],
+)
 def test_usdt_events_cannot_use_a_return(body, message):
     source = f"recipe r\nresource x keyed by k {{\n  {body}\n  release usdt:p:free(q) -> q\n  record time\n}}\n"
     with pytest.raises(RecipeError) as err:

@@ -5,6 +5,7 @@ root's first, then ours), the file .gnu_debuglink names (its CRC checked), debug
 DEBUGINFOD_URLS is set (downloads cached where elfutils caches them, so gdb shares them), and
 MiniDebugInfo: .gnu_debugdata, an xz-compressed ELF holding a .symtab (Fedora ships it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,9 @@ from probedsl.trust import cachedir
 from probedsl.notices import note
 
 DEBUG_DIR = "/usr/lib/debug"
-FETCH_TIMEOUT_S = 30                # a whole download, not only each read
-MAX_DOWNLOAD = 1 << 30              # bytes of one debug file
-MAX_MINI = 64 << 20                 # bytes of MiniDebugInfo, decompressed
+FETCH_TIMEOUT_S = 30  # a whole download, not only each read
+MAX_DOWNLOAD = 1 << 30  # bytes of one debug file
+MAX_MINI = 64 << 20  # bytes of MiniDebugInfo, decompressed
 _HEX = re.compile(r"[0-9a-f]{8,128}")
 
 
@@ -55,7 +56,7 @@ def debuglink(elf: ELFFile) -> Optional[Tuple[str, int]]:
     name = data[:end].decode(errors="replace")
     if "/" in name or len(data) < crc_at + 4:
         return None
-    return name, int.from_bytes(data[crc_at:crc_at + 4], "little")
+    return name, int.from_bytes(data[crc_at : crc_at + 4], "little")
 
 
 def find(path: str, elf: ELFFile, root: str = "") -> str:
@@ -74,12 +75,15 @@ def find(path: str, elf: ELFFile, root: str = "") -> str:
         name, crc = link
         # the file's directory as its process names it, then as we reach it
         here = os.path.dirname(os.path.realpath(path))
-        inside = here[len(root):] if root and here.startswith(root + "/") else here
+        inside = here[len(root) :] if root and here.startswith(root + "/") else here
         places = [os.path.join(here, name), os.path.join(here, ".debug", name)]
         places += [f"{r}{DEBUG_DIR}{inside}/{name}" for r in roots]
         for candidate in places:
-            if os.path.realpath(candidate) != os.path.realpath(path) and _crc_matches(candidate, crc) \
-                    and (not ident or matches(candidate, ident, path)):
+            if (
+                os.path.realpath(candidate) != os.path.realpath(path)
+                and _crc_matches(candidate, crc)
+                and (not ident or matches(candidate, ident, path))
+            ):
                 return candidate
     if ident and os.environ.get("DEBUGINFOD_URLS"):
         return fetch(ident)
@@ -91,7 +95,7 @@ def build_id_of(path: str) -> str:
     try:
         with open(path, "rb") as f:
             return build_id(ELFFile(f))
-    except Exception:              # pyelftools on a damaged file raises many kinds
+    except Exception:  # pyelftools on a damaged file raises many kinds
         return ""
 
 
@@ -100,8 +104,10 @@ def matches(candidate: str, ident: str, binary: str, source: str = "") -> bool:
     found = build_id_of(candidate)
     if found == ident:
         return True
-    note(f"debug file for {binary} from {source or candidate} not used: its build id is "
-         f"{found or 'missing'}, not {ident}; frames there are module+offset")
+    note(
+        f"debug file for {binary} from {source or candidate} not used: its build id is "
+        f"{found or 'missing'}, not {ident}; frames there are module+offset"
+    )
     return False
 
 
@@ -153,13 +159,15 @@ def fetch(ident: str) -> str:
                 print(f"probedsl: debug info for build id {ident} fetched from {url}", file=sys.stderr)
                 return cached
             if not complete:
-                note(f"debug info for build id {ident} from {url}: the download was cut short or "
-                     f"too large (over {MAX_DOWNLOAD >> 20} MB or {FETCH_TIMEOUT_S} s); not used")
+                note(
+                    f"debug info for build id {ident} from {url}: the download was cut short or "
+                    f"too large (over {MAX_DOWNLOAD >> 20} MB or {FETCH_TIMEOUT_S} s); not used"
+                )
         finally:
             if os.path.lexists(partial):
                 os.unlink(partial)
             try:
-                os.rmdir(os.path.dirname(cached))        # only if nothing was kept in it
+                os.rmdir(os.path.dirname(cached))  # only if nothing was kept in it
             except OSError:
                 pass
     return ""
@@ -170,8 +178,7 @@ def _download(url: str, partial: str) -> bool:
     went past MAX_DOWNLOAD bytes or FETCH_TIMEOUT_S seconds."""
     deadline = time.monotonic() + FETCH_TIMEOUT_S
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, \
-                open(partial, "wb") as f:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, open(partial, "wb") as f:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             if expected is not None and expected > MAX_DOWNLOAD:

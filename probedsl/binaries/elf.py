@@ -1,4 +1,5 @@
 """ELF symbol tables, read once per file (pyelftools) and cached: lookups both ways."""
+
 from __future__ import annotations
 
 import bisect
@@ -17,7 +18,7 @@ from probedsl.binaries import debuginfo
 from probedsl.notices import note
 
 
-_SYM = struct.Struct("<IBBHQQ")          # Elf64_Sym
+_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
@@ -43,8 +44,8 @@ class ElfSymbols:
         with open(path, "rb") as f:
             elf = ELFFile(f)
             try:
-                self.build_id = debuginfo.build_id(elf) or ""   # "" when the file has none
-            except Exception:          # a damaged note costs the id, never the file's symbols
+                self.build_id = debuginfo.build_id(elf) or ""  # "" when the file has none
+            except Exception:  # a damaged note costs the id, never the file's symbols
                 self.build_id = ""
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD":
@@ -58,7 +59,7 @@ class ElfSymbols:
             try:
                 with open(self.path, "rb") as f:
                     self._debug_file = debuginfo.find(self.path, ELFFile(f), self.root)
-            except Exception:                # unreadable or damaged: no debug file
+            except Exception:  # unreadable or damaged: no debug file
                 self._debug_file = ""
         return self._debug_file
 
@@ -73,7 +74,7 @@ class ElfSymbols:
                 self._add_table(elf, name, path or self.path)
             except bounds.OverBound as exc:
                 note(f"{exc}: its symbols are left out")
-            except Exception as exc:         # pyelftools on a damaged file raises many kinds
+            except Exception as exc:  # pyelftools on a damaged file raises many kinds
                 note(f"{path or self.path}: {name} unreadable ({type(exc).__name__}): its symbols are left out")
 
     def _add_table(self, elf: ELFFile, name: str, path: str) -> None:
@@ -85,15 +86,16 @@ class ElfSymbols:
         strings = bounds.section_data(elf.get_section(table["sh_link"]), what + " names")
         deadline = bounds.Deadline(what)
         # struct over the raw table: pyelftools' per-symbol parsing is ~10x slower
-        for i, (st_name, st_info, _other, shndx, addr, size) in \
-                enumerate(_SYM.iter_unpack(data[:len(data) - len(data) % _SYM.size])):
+        for i, (st_name, st_info, _other, shndx, addr, size) in enumerate(
+            _SYM.iter_unpack(data[: len(data) - len(data) % _SYM.size])
+        ):
             if not i & 0xFFF:
                 deadline.check()
             if st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or shndx == 0:
                 continue
             # a name ends at its NUL, or at the bound (a table without NULs costs no more)
             end = strings.find(b"\0", st_name, st_name + bounds.MAX_NAME_BYTES)
-            raw = strings[st_name:end if end >= 0 else st_name + bounds.MAX_NAME_BYTES]
+            raw = strings[st_name : end if end >= 0 else st_name + bounds.MAX_NAME_BYTES]
             base = raw.decode(errors="surrogateescape").split("@", 1)[0]
             self.by_name.setdefault(base, addr)
             # prefer the public (no leading underscore, shortest) name for an address
@@ -107,14 +109,14 @@ class ElfSymbols:
                 try:
                     with open(self.debug_file, "rb") as f:
                         self._add(ELFFile(f), (".symtab",), self.debug_file)
-                except Exception:            # unreadable or damaged: its names are left out
+                except Exception:  # unreadable or damaged: its names are left out
                     pass
             try:
                 with open(self.path, "rb") as f:
                     mini = debuginfo.minidebuginfo(ELFFile(f))
                 if mini:
                     self._add(ELFFile(io.BytesIO(mini)), (".symtab",), self.path + " MiniDebugInfo")
-            except Exception:                # unreadable or damaged: its names are left out
+            except Exception:  # unreadable or damaged: its names are left out
                 pass
             self._addrs = sorted(self._spans)
             self._entries = [self._spans[a] for a in self._addrs]
@@ -165,7 +167,7 @@ def _load(path: str, root: str, mtime_ns: int, size: int) -> Optional[ElfSymbols
         return ElfSymbols(path, root)
     except (OSError, ELFError, ValueError):
         return None
-    except Exception as exc:          # pyelftools on a damaged file raises many kinds
+    except Exception as exc:  # pyelftools on a damaged file raises many kinds
         note(f"{path}: not a readable ELF file ({type(exc).__name__}): its frames are unnamed")
         return None
 

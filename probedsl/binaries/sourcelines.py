@@ -12,6 +12,7 @@ the file, so nothing beside the file (a debuglink's NAME or .debug/NAME) can be 
 .gnu_debugaltlink (an absolute path) is followed only when that file carries the build id the
 link names.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,17 +33,17 @@ from probedsl.notices import note
 
 # one addr2line run's bounds: a hostile debug file costs at most this, then has no lines
 ADDR2LINE_SECONDS = 60
-ADDR2LINE_OUTPUT = 64 << 20               # bytes of output
-ADDR2LINE_MEMORY = 4 << 30                # bytes of address space
+ADDR2LINE_OUTPUT = 64 << 20  # bytes of output
+ADDR2LINE_MEMORY = 4 << 30  # bytes of address space
 _LOCATION = re.compile(r"(.*):(\d+|\?)(?: \(discriminator \d+\))?")
 _MANGLED = re.compile(r"_Z[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
 class SourceFrame:
-    function: str          # "" when DWARF has no name
-    file: str              # "" when unknown
-    line: int              # 0 when unknown
+    function: str  # "" when DWARF has no name
+    file: str  # "" when unknown
+    line: int  # 0 when unknown
 
 
 class SourceLines:
@@ -60,7 +61,7 @@ class SourceLines:
             self._readable[module] = _own_dwarf(module)
         if wanted and self._addr2line and self._readable[module]:
             for chunk in range(0, len(wanted), 4096):
-                self._run(module, wanted[chunk:chunk + 4096])
+                self._run(module, wanted[chunk : chunk + 4096])
         for a in wanted:
             self._cache.setdefault((module, a), ())
         return {a: self._cache[(module, a)] for a in vaddrs}
@@ -78,20 +79,22 @@ class SourceLines:
                 argv += [f"{a:#x}", closing[0]]
             out = _bounded_run(argv, alone)
         if out is None:
-            note(f"{module}: addr2line exceeded its bounds ({ADDR2LINE_SECONDS} s, "
-                 f"{ADDR2LINE_OUTPUT >> 20} MB): no file:line for its frames")
+            note(
+                f"{module}: addr2line exceeded its bounds ({ADDR2LINE_SECONDS} s, "
+                f"{ADDR2LINE_OUTPUT >> 20} MB): no file:line for its frames"
+            )
             return
         lines = out.decode("utf-8", "surrogateescape").split("\n")
         pos = 0
         for a in addrs:
             if pos >= len(lines) or lines[pos] != f"{a:#018x}":
-                return                           # not addr2line's framing: nothing from here on
+                return  # not addr2line's framing: nothing from here on
             end = pos + 1
-            while end < len(lines) and lines[end:end + 3] != closing:
+            while end < len(lines) and lines[end : end + 3] != closing:
                 end += 1
             if end >= len(lines):
                 return
-            self._cache[(module, a)] = _frames(lines[pos + 1:end])
+            self._cache[(module, a)] = _frames(lines[pos + 1 : end])
             pos = end + 3
 
     def demangle(self, names: Sequence[str]) -> Dict[str, str]:
@@ -99,8 +102,9 @@ class SourceLines:
         todo = sorted({n for n in names if _MANGLED.fullmatch(n) and n not in self._names})
         if todo and self._cxxfilt:
             try:
-                out = subprocess.run([self._cxxfilt], input="\n".join(todo) + "\n", capture_output=True,
-                                     text=True, timeout=30).stdout.splitlines()
+                out = subprocess.run(
+                    [self._cxxfilt], input="\n".join(todo) + "\n", capture_output=True, text=True, timeout=30
+                ).stdout.splitlines()
             except (OSError, subprocess.TimeoutExpired):
                 out = []
             if len(out) == len(todo):
@@ -119,8 +123,13 @@ def _frames(lines: List[str]) -> Tuple[SourceFrame, ...]:
         if m is None:
             return ()
         file, line = m.group(1), m.group(2)
-        frames.append(SourceFrame("" if fn == "??" else fn, "" if file in ("??", "") else os.path.normpath(file),
-                                  int(line) if line.isdigit() else 0))
+        frames.append(
+            SourceFrame(
+                "" if fn == "??" else fn,
+                "" if file in ("??", "") else os.path.normpath(file),
+                int(line) if line.isdigit() else 0,
+            )
+        )
     return tuple(f for f in frames if f.function or f.file)
 
 
@@ -131,20 +140,22 @@ def _own_dwarf(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
-            own = any(s["sh_type"] != "SHT_NOBITS" and s["sh_size"] > 0 for s in elf.iter_sections()
-                      if s.name in (".debug_info", ".zdebug_info") or s.name.startswith(".gnu.linkonce.wi."))
+            own = any(
+                s["sh_type"] != "SHT_NOBITS" and s["sh_size"] > 0
+                for s in elf.iter_sections()
+                if s.name in (".debug_info", ".zdebug_info") or s.name.startswith(".gnu.linkonce.wi.")
+            )
             alt = elf.get_section_by_name(".gnu_debugaltlink")
             link = bounds.section_data(alt, f"{path} .gnu_debugaltlink") if own and alt is not None else b""
-    except Exception:                      # unreadable or damaged (pyelftools raises many kinds)
+    except Exception:  # unreadable or damaged (pyelftools raises many kinds)
         return False
     if not link:
         return own
     name, _, ident = link.partition(b"\0")
     target = name.decode("utf-8", "surrogateescape")
     if not target.startswith("/") or not os.path.exists(target) or build_id_of(target) == ident.hex():
-        return True                        # relative: BFD looks in its empty directory
-    note(f"{path}: its .gnu_debugaltlink {target} does not carry build id {ident.hex()}: "
-         f"no file:line for its frames")
+        return True  # relative: BFD looks in its empty directory
+    note(f"{path}: its .gnu_debugaltlink {target} does not carry build id {ident.hex()}: no file:line for its frames")
     return False
 
 
@@ -153,23 +164,21 @@ def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
     memory bound (the output goes to a file whose size the kernel limits)."""
     try:
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                    cwd=cwd)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=cwd)
             try:
-                for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT),
-                                     (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
+                for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
                     resource.prlimit(proc.pid, limit, (value, value))
             except (OSError, ValueError):
-                pass                       # it ended already
+                pass  # it ended already
             try:
                 status = proc.wait(timeout=ADDR2LINE_SECONDS)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
                 return None
-            if status < 0:                 # killed: past the output or memory bound
+            if status < 0:  # killed: past the output or memory bound
                 return None
-            if status > 0:                 # not a file it reads: nothing to say
+            if status > 0:  # not a file it reads: nothing to say
                 return b""
             out.seek(0)
             return out.read()

@@ -7,6 +7,7 @@ each argument's location as an assembler operand ("8@%rdi", "-4@-20(%rbp)", "4@$
 kernel raises the semaphore itself while a uprobe is attached with its file offset
 (ref_ctr_offset, since 4.20), in every process mapping the file, started before or after.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,9 +27,9 @@ _NT_STAPSDT = 3
 
 @dataclass(frozen=True)
 class Site:
-    address: int               # the nop's virtual address in the file
-    semaphore: int             # the semaphore's file offset (the kernel's ref_ctr_offset); 0: none
-    args: Tuple[str, ...]      # argument locations as the note gives them
+    address: int  # the nop's virtual address in the file
+    semaphore: int  # the semaphore's file offset (the kernel's ref_ctr_offset); 0: none
+    args: Tuple[str, ...]  # argument locations as the note gives them
 
     def location(self, index: int) -> "Location":
         """Where the argument `index` is at this site (ProbedslError for a form not read)."""
@@ -69,14 +70,14 @@ def _notes(path: str, mtime_ns: int, size: int) -> Dict[Tuple[str, str], List[Si
     while at + 12 <= len(data):
         namesz, descsz, kind = struct.unpack_from("<III", data, at)
         at += 12
-        owner = data[at:at + namesz].rstrip(b"\0")
+        owner = data[at : at + namesz].rstrip(b"\0")
         at += (namesz + 3) & ~3
-        desc = data[at:at + descsz]
+        desc = data[at : at + descsz]
         at += (descsz + 3) & ~3
         if owner != b"stapsdt" or kind != _NT_STAPSDT or len(desc) < 24:
             continue
         pc, note_base, semaphore = struct.unpack_from("<QQQ", desc)
-        if base is not None:               # prelink moved the file: the base says by how much
+        if base is not None:  # prelink moved the file: the base says by how much
             shift = base["sh_addr"] - note_base
             pc += shift
             semaphore = semaphore + shift if semaphore else 0
@@ -92,19 +93,27 @@ def _notes(path: str, mtime_ns: int, size: int) -> Dict[Tuple[str, str], List[Si
 # --- argument locations -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Location:
-    size: int                  # bytes: 1, 2, 4 or 8
+    size: int  # bytes: 1, 2, 4 or 8
     signed: bool
-    register: str = ""         # pt_regs field (di, ax, r8...): the value, or the base of memory
-    offset: int = 0            # memory at register + offset
+    register: str = ""  # pt_regs field (di, ax, r8...): the value, or the base of memory
+    offset: int = 0  # memory at register + offset
     memory: bool = False
     constant: Optional[int] = None
 
 
 # x86-64 register names, every width, -> the pt_regs field holding the whole register
 _REGISTERS: Dict[str, str] = {}
-for _field, _names in {"ax": "rax eax ax al", "bx": "rbx ebx bx bl", "cx": "rcx ecx cx cl",
-                       "dx": "rdx edx dx dl", "si": "rsi esi si sil", "di": "rdi edi di dil",
-                       "bp": "rbp ebp bp bpl", "sp": "rsp esp sp spl", "ip": "rip"}.items():
+for _field, _names in {
+    "ax": "rax eax ax al",
+    "bx": "rbx ebx bx bl",
+    "cx": "rcx ecx cx cl",
+    "dx": "rdx edx dx dl",
+    "si": "rsi esi si sil",
+    "di": "rdi edi di dil",
+    "bp": "rbp ebp bp bpl",
+    "sp": "rsp esp sp spl",
+    "ip": "rip",
+}.items():
     for _n in _names.split():
         _REGISTERS[_n] = _field
 for _i in range(8, 16):
@@ -119,8 +128,9 @@ def location(text: str) -> Location:
     with an index register or a symbol, which compilers rarely emit for sdt arguments)."""
     m = _OPERAND.match(text)
     if not m:
-        raise ProbedslError(f"usdt argument location {text!r}: probedsl reads registers, base+offset memory "
-                            f"and constants only")
+        raise ProbedslError(
+            f"usdt argument location {text!r}: probedsl reads registers, base+offset memory and constants only"
+        )
     size = int(m.group(1))
     if abs(size) not in (1, 2, 4, 8):
         raise ProbedslError(f"usdt argument location {text!r}: size {size} is not 1, 2, 4 or 8")

@@ -16,6 +16,7 @@ it). The decoder is iced-x86 (its Python wheel: a complete, tested x86-64 decode
 says which registers and memory each instruction reads and writes, which a hand-written
 decoder of a few opcodes could not say).
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,14 +34,14 @@ EMULATED_US, STEPPED_US, RETURN_US = 0.5, 5.0, 0.5
 
 # the System V argument registers, in order (ir.Arg's index)
 _ARGUMENTS = ("RDI", "RSI", "RDX", "RCX", "R8", "R9")
-LOOKAHEAD = 8                  # instructions looked at from the entry
+LOOKAHEAD = 8  # instructions looked at from the entry
 
 
 @dataclass(frozen=True)
 class Place:
-    offset: int                # from the function's entry
-    instruction: str           # as decoded (AT&T syntax), for compile's comment and check
-    emulated: bool             # whether the kernel emulates the instruction there
+    offset: int  # from the function's entry
+    instruction: str  # as decoded (AT&T syntax), for compile's comment and check
+    emulated: bool  # whether the kernel emulates the instruction there
 
 
 def emulated(code: bytes, release: Tuple[int, int]) -> bool:
@@ -55,9 +56,9 @@ def emulated(code: bytes, release: Tuple[int, int]) -> bool:
     first = code[0]
     if first in (0xE8, 0xE9, 0xEB, 0x90) or 0x70 <= first <= 0x7F:
         return True
-    if first == 0x0F and len(code) > 1 and 0x80 <= code[1] <= 0x8F:      # jcc rel32
+    if first == 0x0F and len(code) > 1 and 0x80 <= code[1] <= 0x8F:  # jcc rel32
         return True
-    push = code[1] if first == 0x41 and len(code) > 1 else first     # REX.B (r8-r15), then 50+r
+    push = code[1] if first == 0x41 and len(code) > 1 else first  # REX.B (r8-r15), then 50+r
     return release >= (6, 1) and 0x50 <= push <= 0x57
 
 
@@ -98,15 +99,24 @@ def place(path: str, function: str, args_read: Tuple[int, ...]) -> Optional[Plac
     address = syms.address_of(function) if syms else None
     if not address:
         return None
-    return _place(path, address, tuple(sorted(set(args_read))), procfs.kernel_release(),
-                  os.stat(path).st_mtime_ns)
+    return _place(path, address, tuple(sorted(set(args_read))), procfs.kernel_release(), os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1024)
-def _place(path: str, address: int, args_read: Tuple[int, ...], release: Tuple[int, int],
-           _mtime_ns: int) -> Optional[Place]:
-    from iced_x86 import (Decoder, FlowControl, Formatter, FormatterSyntax, InstructionInfoFactory,
-                          OpAccess, Register, RegisterExt)
+def _place(
+    path: str, address: int, args_read: Tuple[int, ...], release: Tuple[int, int], _mtime_ns: int
+) -> Optional[Place]:
+    from iced_x86 import (
+        Decoder,
+        FlowControl,
+        Formatter,
+        FormatterSyntax,
+        InstructionInfoFactory,
+        OpAccess,
+        Register,
+        RegisterExt,
+    )
+
     syms = elf.symbols(path)
     code = syms.read(address, 15 * LOOKAHEAD) if syms else b""
     if not code or emulated(code, release):
@@ -116,20 +126,22 @@ def _place(path: str, address: int, args_read: Tuple[int, ...], release: Tuple[i
     info, text = InstructionInfoFactory(), Formatter(FormatterSyntax.GAS)
     for count, ins in enumerate(Decoder(64, code, ip=address)):
         start = ins.ip - address
-        if count and emulated(code[start:start + ins.len], release):
+        if count and emulated(code[start : start + ins.len], release):
             return Place(start, text.format(ins), True)
         if ins.flow_control != FlowControl.NEXT or count + 1 >= LOOKAHEAD or ins.is_invalid:
-            return None                # a branch not emulated ends the entry path
+            return None  # a branch not emulated ends the entry path
         used = info.info(ins)
         if any(m.access not in reads_only for m in used.used_memory()):
-            return None                # it writes memory an argument may point into
-        if any(RegisterExt.full_register(r.register) in kept and r.access not in reads_only
-               for r in used.used_registers()):
-            return None                # it changes rsp or an argument the probe reads
+            return None  # it writes memory an argument may point into
+        if any(
+            RegisterExt.full_register(r.register) in kept and r.access not in reads_only for r in used.used_registers()
+        ):
+            return None  # it changes rsp or an argument the probe reads
     return None
 
 
 def disassemble(code: bytes) -> str:
     """The first instruction of code, AT&T syntax."""
     from iced_x86 import Decoder, Formatter, FormatterSyntax
+
     return Formatter(FormatterSyntax.GAS).format(next(iter(Decoder(64, code, ip=0))))

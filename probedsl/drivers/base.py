@@ -1,4 +1,5 @@
 """What the session asks of a backend's driver (one running program)."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Protocol

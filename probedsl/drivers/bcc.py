@@ -1,4 +1,5 @@
 """The BCC loader: compiles the generated C, attaches what the manifest lists, reads maps."""
+
 from __future__ import annotations
 
 import os
@@ -18,16 +19,15 @@ class BccDriver:
     def __init__(self, program, generated):
         self.program, self.generated = program, generated
         self.loader: Optional[BccLoader] = None
-        self._told = None                # the listener given to the mapping tracker
-        self.held_forks = False          # set before start: a tether holds each child at its fork
+        self._told = None  # the listener given to the mapping tracker
+        self.held_forks = False  # set before start: a tether holds each child at its fork
         scope = program.scope
         self.pid = scope.pid if scope.mode in ("pid", "cmd") else 0
         # compiled while the session starts its tracker and the rest; loaded and attached in start()
         self.compiled = Compilation(_import_bcc(), generated.text, self.pid)
 
     def start(self, timeout: float = 60) -> None:
-        self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.held_forks,
-                                self.compiled)
+        self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.held_forks, self.compiled)
 
     def trace_from_exec(self, pid: int) -> None:
         if self.loader is not None:
@@ -75,6 +75,7 @@ class BccDriver:
             def told(pid, maps):
                 if wanted is None or wanted(pid):
                     unwind.process(pid, maps)
+
             self._told = told
             tracker.listen(told)
             unwind.following = True
@@ -120,10 +121,10 @@ def run_standalone(c_text: str, manifest: dict, argv: List[str]) -> int:
         pass
     snap = loader.snapshot(final=True)
     for name, t in snap.totals.items():
-        groups = next(iter(snap.tallies.get(name, {}).values()), {})     # any tally covers every entry
-        print(f"{name}: {sum(g[1] for g in groups.values())} live, {sum(g[0] for g in groups.values())} bytes; "
-              f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases")
+        groups = next(iter(snap.tallies.get(name, {}).values()), {})  # any tally covers every entry
+        print(
+            f"{name}: {sum(g[1] for g in groups.values())} live, {sum(g[0] for g in groups.values())} bytes; "
+            f"{t.acquired} acquired, {t.released} released, {t.unknown_releases} unknown releases"
+        )
     loader.close()
     return 0
-
-

@@ -1,4 +1,5 @@
 """What BCC 0.26-0.37 need around them: its Python module imported quietly, its symbol resolution and ref_ctr_offset passing patched, rlimits for many uprobes, tracefs uprobes left by a killed run removed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ def _import_bcc():
     try:
         import bcc  # Debian's python3-bpfcc, linked into the venv by scripts/setup.sh
     except ImportError:
-        raise ProbedslError("the bcc Python module is missing (apt-get install python3-bpfcc, "
-                            "or run scripts/setup.sh)") from None
+        raise ProbedslError(
+            "the bcc Python module is missing (apt-get install python3-bpfcc, or run scripts/setup.sh)"
+        ) from None
     _pass_the_ref_ctr_offset(bcc.libbcc.lib)
     _resolve_each_symbol_once(bcc.BPF)
     return bcc
@@ -25,6 +27,7 @@ def _import_bcc():
 
 class _Semaphore:
     """The ref_ctr_offset the next attach passes: a usdt site's semaphore, else 0."""
+
     offset = 0
 
 
@@ -43,11 +46,19 @@ def _pass_the_ref_ctr_offset(lib) -> None:
         return
     real = lib.bpf_attach_uprobe
     real.restype = ctypes.c_int
-    real.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                     ctypes.c_ulonglong, ctypes.c_int, ctypes.c_uint32]
+    real.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulonglong,
+        ctypes.c_int,
+        ctypes.c_uint32,
+    ]
 
     def attach(progfd, attach_type, ev_name, path, offset, pid):
         return real(progfd, attach_type, ev_name, path, offset, pid, _semaphore.offset)
+
     attach.probedsl_wrapped = True
     lib.bpf_attach_uprobe = attach
 
@@ -69,12 +80,13 @@ def _resolve_each_symbol_once(bpf_class) -> None:
             ours = os.stat(module)
             if pid > 0 and not os.path.samestat(ours, os.stat(b"/proc/%d/root%s" % (pid, module))):
                 return real(module, symname, addr, pid, sym_off)
-        except (OSError, ValueError):       # a short name ("c"), or the process is gone
+        except (OSError, ValueError):  # a short name ("c"), or the process is gone
             return real(module, symname, addr, pid, sym_off)
         key = (module, symname, addr, sym_off, ours.st_dev, ours.st_ino, ours.st_mtime_ns)
         if key not in known:
             known[key] = real(module, symname, addr, -1, sym_off)
         return known[key]
+
     resolve.probedsl_wrapped = True
     bpf_class._check_path_symbol = staticmethod(resolve)
 
@@ -92,7 +104,7 @@ def _allow_many_uprobes() -> None:
             pass
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    os.environ.setdefault("BCC_PROBE_LIMIT", str(max(1000, soft - 256)))   # 256 for everything else
+    os.environ.setdefault("BCC_PROBE_LIMIT", str(max(1000, soft - 256)))  # 256 for everything else
 
 
 TRACEFS_UPROBES = ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
@@ -113,7 +125,7 @@ def remove_tracefs_uprobes(bcc_pid: int) -> int:
         return 0
     removed = 0
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)    # not open(path, "a"): its seek fails on tracefs
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # not open(path, "a"): its seek fails on tracefs
     except OSError:
         return 0
     try:
@@ -121,7 +133,7 @@ def remove_tracefs_uprobes(bcc_pid: int) -> int:
             try:
                 os.write(fd, f"-:{name}\n".encode())
                 removed += 1
-            except OSError:                  # in use, or gone meanwhile
+            except OSError:  # in use, or gone meanwhile
                 pass
     finally:
         os.close(fd)

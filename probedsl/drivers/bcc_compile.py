@@ -3,6 +3,7 @@ thread as soon as the text exists, so that what probedsl does meanwhile (the map
 the probes' placement checks, the unwinder's rows) is not added to it. BCC 0.26 cannot load a
 compiled object, so there is nothing to cache between runs; libbcc releases the GIL while it
 compiles, so the two overlap on another core."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,10 @@ from probedsl.errors import ProbedslError
 def check_headers() -> None:
     headers = f"/lib/modules/{os.uname().release}/build"
     if not os.path.exists(os.path.join(headers, "include")):
-        raise ProbedslError(f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
-                            "Debian's linux-headers there), or use --backend bpftrace")
+        raise ProbedslError(
+            f"BCC needs kernel headers at {headers}: run scripts/setup.sh (it links "
+            "Debian's linux-headers there), or use --backend bpftrace"
+        )
 
 
 def cflags(pid: int) -> List[str]:
@@ -30,8 +33,9 @@ class Compilation:
         check_headers()
         self._bpf = None
         self._error = None
-        self._thread = threading.Thread(target=self._compile, args=(bcc, c_text, cflags(pid)),
-                                        name="probedsl-bcc-compile", daemon=True)
+        self._thread = threading.Thread(
+            target=self._compile, args=(bcc, c_text, cflags(pid)), name="probedsl-bcc-compile", daemon=True
+        )
         self._thread.start()
 
     def _compile(self, bcc, c_text: str, flags: List[str]) -> None:

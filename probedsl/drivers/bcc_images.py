@@ -12,6 +12,7 @@ With --read-live (reachability, ages) every report reads each live entry and cou
 from them: there is no sweep. bpftrace's maps cannot be changed from outside: its entries stay
 (docs/design.md).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,16 +22,16 @@ from probedsl import faults
 from probedsl.ir.layout import ResourceLayout
 from probedsl.drivers.rundata import Snapshot
 
-SWEEP_S = 1.0          # at most one sweep this often (reading the set of ended images)
+SWEEP_S = 1.0  # at most one sweep this often (reading the set of ended images)
 
 
 class EndedImages:
     def __init__(self, bpf, layouts: Iterable[ResourceLayout], items):
-        self.bpf, self.items = bpf, items          # items: the driver's batched table reader
+        self.bpf, self.items = bpf, items  # items: the driver's batched table reader
         self.layouts = [lay for lay in layouts if lay.ends_with_image]
         self.cleared: Set[Tuple[int, int]] = set()  # step 1 done, step 2 at the next sweep
         self.folded: Dict[str, int] = {lay.name: 0 for lay in self.layouts}
-        self.forgotten = 0                          # pairs deleted in step 2
+        self.forgotten = 0  # pairs deleted in step 2
         self.next_s = 0.0
 
     def due(self) -> bool:
@@ -70,7 +71,7 @@ class EndedImages:
                 table = self.bpf[tally.map]
                 for k, per_cpu in table.items():
                     if (k.pid, k.image) in pairs:
-                        if i == 0:       # every tally counts every entry: the first one says
+                        if i == 0:  # every tally counts every entry: the first one says
                             self.folded[lay.name] += sum(v.count for v in per_cpu)
                         _delete(table, k)
 

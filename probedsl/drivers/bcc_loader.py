@@ -1,4 +1,5 @@
 """BCC's loader: the C text compiled by libbcc's clang, the unwinder programs loaded, each probe attached where the manifest says (per process with --per-process and forks followed, in new roots as they appear)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,15 +22,21 @@ from probedsl.process.libraries import LibraryResolver
 from probedsl.process.procfs import has_memory, is_process, process_alive, processes_named
 from probedsl.process.mapping_hold import MappingHold
 from probedsl.stacks.unwind_tables import UnwindTables
-from probedsl.drivers.bcc_compat import _import_bcc, _semaphore, _allow_many_uprobes, remove_tracefs_uprobes, _stderr_captured
+from probedsl.drivers.bcc_compat import (
+    _import_bcc,
+    _semaphore,
+    _allow_many_uprobes,
+    remove_tracefs_uprobes,
+    _stderr_captured,
+)
 from probedsl.drivers.bcc_read import BccReading
 from probedsl.drivers.bcc_read import _items
 
 
-ATTACH_TRIES = 3      # --per-process: attempts, RETRY_S apart, before a process is given up
+ATTACH_TRIES = 3  # --per-process: attempts, RETRY_S apart, before a process is given up
 
 
-ROOT_WAIT_S = 2.0     # --comm: how long an arrival in another root may take to map its libraries
+ROOT_WAIT_S = 2.0  # --comm: how long an arrival in another root may take to map its libraries
 
 
 RETRY_S = 0.05
@@ -57,8 +64,14 @@ class BccLoader(BccReading):
     held_forks: the caller holds each child the process forks until attach_child() has put
     the uprobes on it (probedsl.process.tether), so following forks needs no machine-wide uprobe."""
 
-    def __init__(self, c_text: str, manifest: dict, pid: int = 0, held_forks: bool = False,
-                 compiled: Optional[Compilation] = None):
+    def __init__(
+        self,
+        c_text: str,
+        manifest: dict,
+        pid: int = 0,
+        held_forks: bool = False,
+        compiled: Optional[Compilation] = None,
+    ):
         """compiled: the program's compile, begun earlier (BccDriver)."""
         bcc = _import_bcc()
         compiled = compiled or Compilation(bcc, c_text, pid)
@@ -68,15 +81,18 @@ class BccLoader(BccReading):
         self.bpf = compiled.result()
         _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
         # entries of ended process images, freed between reports (not when every report reads them)
-        self.ended_images = EndedImages(self.bpf, self.layouts, _items) \
-            if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live") else None
+        self.ended_images = (
+            EndedImages(self.bpf, self.layouts, _items)
+            if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live")
+            else None
+        )
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
         # a launched command stopped at each mmap of code until its rows are in
         self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
-        self.lock = threading.Lock()          # attach_child comes from the tether's thread
+        self.lock = threading.Lock()  # attach_child comes from the tether's thread
         self.closed = False
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: each is attached as it is forked (held
@@ -88,16 +104,16 @@ class BccLoader(BccReading):
             scope = pid if self.held_forks else -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
-        self.attached: Dict[int, List[bytes]] = {}     # pid -> its uprobe events (BCC's names)
+        self.attached: Dict[int, List[bytes]] = {}  # pid -> its uprobe events (BCC's names)
         self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
-        self.unclosed: deque = deque()                     # uprobe events of ended processes
+        self.unclosed: deque = deque()  # uprobe events of ended processes
         self.last_arrival = 0.0
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process or self.held_forks:
             _allow_many_uprobes()
             self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
         if self.per_process:
-            for p in manifest["probes"]:        # resolved and loaded now, not while a process waits
+            for p in manifest["probes"]:  # resolved and loaded now, not while a process waits
                 if not p.get("usdt"):
                     bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
                 for fn in filter(None, (p["entry"], p["return"])):
@@ -112,7 +128,7 @@ class BccLoader(BccReading):
         # --comm: a process with the name in a root not seen yet (a container started later)
         # maps other library files: the probes go on those too, as it arrives
         self.watch_roots = bool(manifest.get("watch_roots"))
-        self.unresolved: Dict[int, float] = {}    # arrivals whose libraries are not mapped yet
+        self.unresolved: Dict[int, float] = {}  # arrivals whose libraries are not mapped yet
         self.probed = {(_identity(p["path"]), p["function"], p["entry"]) for p in manifest["probes"]}
         if self.watch_roots:
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
@@ -121,7 +137,7 @@ class BccLoader(BccReading):
         """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
         offset (probedsl.passes.placement: the return address is still at [rsp] there). A usdt site by
         its address, the kernel raising its semaphore while the uprobe is on."""
-        if p.get("reentry"):      # a branch of that file (probedsl.passes.reentry), by its address
+        if p.get("reentry"):  # a branch of that file (probedsl.passes.reentry), by its address
             self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
             return
         if p.get("usdt"):
@@ -137,17 +153,17 @@ class BccLoader(BccReading):
                 self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
             return
         self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=p["offset"], fn_name=p["entry"], pid=pid)
-        if p["return"]:           # BCC has no sym_off for uretprobes: by address
+        if p["return"]:  # BCC has no sym_off for uretprobes: by address
             self.bpf.attach_uretprobe(name=path, addr=p["address"], fn_name=p["return"], pid=pid)
 
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
         for p in self.manifest["probes"]:
-            if p.get("gone"):         # the branch is not in the file any more: nothing enters again there
+            if p.get("gone"):  # the branch is not in the file any more: nothing enters again there
                 continue
             try:
                 self._attach_one(p, p["path"], True, scope)
-            except Exception as exc:                  # BCC raises bare Exception
+            except Exception as exc:  # BCC raises bare Exception
                 if not p.get("also"):
                     return f"cannot attach to {p['function']} in {p['path']}: {exc}"
                 print(f"probedsl: warning: not probing {p['path']} (its process ended?): {exc}", file=sys.stderr)
@@ -163,7 +179,7 @@ class BccLoader(BccReading):
         with self.lock:
             if self.closed:
                 return
-            if pid in self.attached:                 # an ended process's pid, taken again
+            if pid in self.attached:  # an ended process's pid, taken again
                 self._detach(pid)
             self._attach_process(pid, last_try=True, quiet=False)
             self.refusals.pop(pid, None)
@@ -175,8 +191,9 @@ class BccLoader(BccReading):
         with self.lock:
             for pid in [p for p in self.attached if not process_alive(p)]:
                 self._detach(pid)
-            closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
-                                         or len(self.unclosed) > self.max_unclosed)
+            closing = self.unclosed and (
+                time.monotonic() - self.last_arrival > QUIET_S or len(self.unclosed) > self.max_unclosed
+            )
             if closing:
                 self._close_one()
         if not closing:
@@ -188,7 +205,7 @@ class BccLoader(BccReading):
         one that refuses is tried again RETRY_S later, twice, then said and left untraced.
         quiet: libbcc's own messages are kept (fd 2 taken meanwhile: not from a second thread)."""
         before = set(self.bpf.uprobe_fds)
-        with (_stderr_captured() if quiet else contextlib.nullcontext([""])) as chatter:
+        with _stderr_captured() if quiet else contextlib.nullcontext([""]) as chatter:
             failure = self._attach(pid)
         # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
         # fails once the process has ended (its uprobes then stayed open until the end)
@@ -205,8 +222,9 @@ class BccLoader(BccReading):
             self.refusals[pid] = (tries, time.monotonic() + RETRY_S)
             return
         said = " ".join(chatter[0].split())
-        print(f"probedsl: warning: pid {pid} is not traced: {failure}" + (f" ({said})" if said else ""),
-              file=sys.stderr)
+        print(
+            f"probedsl: warning: pid {pid} is not traced: {failure}" + (f" ({said})" if said else ""), file=sys.stderr
+        )
 
     def _detach(self, pid: int) -> None:
         """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each,
@@ -219,7 +237,7 @@ class BccLoader(BccReading):
         event = self.unclosed.popleft()
         try:
             self.bpf.detach_uprobe_event(event)
-        except Exception as exc:              # BCC raises bare Exception
+        except Exception as exc:  # BCC raises bare Exception
             print(f"probedsl: warning: {exc}", file=sys.stderr)
 
     def admit(self, wait_s: float = 0) -> List[int]:
@@ -237,9 +255,10 @@ class BccLoader(BccReading):
                 if self._probe_other_root(pid) or now > until or not process_alive(pid):
                     del self.unresolved[pid]
             return []
-        closing = self.unclosed and (time.monotonic() - self.last_arrival > QUIET_S
-                                     or len(self.unclosed) > self.max_unclosed)
-        if wait_s > 0:      # closing a uprobe (~90 ms) is then the pause
+        closing = self.unclosed and (
+            time.monotonic() - self.last_arrival > QUIET_S or len(self.unclosed) > self.max_unclosed
+        )
+        if wait_s > 0:  # closing a uprobe (~90 ms) is then the pause
             self.bpf.ring_buffer_poll(0 if closing else max(1, int(wait_s * 1000)))
         pids = self._arrivals()
         added, now = [], time.monotonic()
@@ -294,18 +313,21 @@ class BccLoader(BccReading):
                 if key in self.probed:
                     continue
                 try:
-                    self._attach_one(p, path, False, -1)    # another root's copy: at the entry
-                except Exception as exc:          # BCC raises bare Exception
-                    print(f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
-                          file=sys.stderr)
+                    self._attach_one(p, path, False, -1)  # another root's copy: at the entry
+                except Exception as exc:  # BCC raises bare Exception
+                    print(
+                        f"probedsl: warning: pid {pid}: cannot attach to {p['function']} in {path}: {exc}",
+                        file=sys.stderr,
+                    )
                     continue
                 if not any(k[0] == key[0] for k in self.probed):
                     new_files.append((path, p["library"]))
                 self.probed.add(key)
                 break
         for path, library in new_files:
-            print(f"probedsl: probing {path}, another root's copy of {library} (pid {pid})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"probedsl: probing {path}, another root's copy of {library} (pid {pid})", file=sys.stderr, flush=True
+            )
         return True
 
     def close(self, background: bool = False) -> None:
@@ -339,7 +361,7 @@ def _load_unwinders(bcc, bpf, unwinders) -> None:
         kind = bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
         try:
             fn = bpf.load_func(u["program"], kind)
-        except Exception as exc:          # BCC raises bare Exception when the kernel refuses it
+        except Exception as exc:  # BCC raises bare Exception when the kernel refuses it
             raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
         bpf.get_table(u["array"])[ctypes.c_int(0)] = ctypes.c_int(fn.fd)
 
@@ -354,10 +376,11 @@ def _placed(p: dict) -> dict:
         return p if x86.still_at(p["path"], p["address"], p["code"]) else dict(p, gone=True)
     offset = p.get("offset", 0)
     if offset and not x86.still_there(p["path"], p["function"], offset, p.get("code", "")):
-        print(f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
-              "in; probing its entry", file=sys.stderr)
+        print(
+            f"probedsl: warning: {p['function']} in {p['path']} is not the code probedsl placed its probe "
+            "in; probing its entry",
+            file=sys.stderr,
+        )
         offset = 0
     address = elf.symbols(p["path"]).address_of(p["function"]) + offset if offset else 0
     return dict(p, offset=offset, address=address)
-
-

@@ -1,4 +1,5 @@
 """Reading a loaded BCC program's maps into a snapshot: counters, live entries, tallies and histograms, read again while the counters move under it."""
+
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +28,10 @@ class BccReading:
             if self._counters() == counted:
                 break
         else:
-            snap.incomplete.append(f"the counters moved during each of {READ_TRIES} reads: totals and tables "
-                                   "may disagree by the events of one read")
+            snap.incomplete.append(
+                f"the counters moved during each of {READ_TRIES} reads: totals and tables "
+                "may disagree by the events of one read"
+            )
         return snap
 
     def _counters(self) -> Dict[str, List[int]]:
@@ -45,11 +48,14 @@ class BccReading:
         # self.bpf[name] caches each table: get_table() builds new ctypes key/leaf types on
         # every call, which are never freed (the hour-long soak grew ~32 MB that way)
         tables = {}
-        for field, name in (("kstack", "probedsl_stacks"), ("ustack", "probedsl_stacks"),
-                            ("ustack", "probedsl_ustacks")):      # the unwinder's, when dwarf
+        for field, name in (
+            ("kstack", "probedsl_stacks"),
+            ("ustack", "probedsl_stacks"),
+            ("ustack", "probedsl_ustacks"),
+        ):  # the unwinder's, when dwarf
             try:
                 tables[field] = self.bpf[name]
-            except KeyError:                   # the recipe records no such stacks
+            except KeyError:  # the recipe records no such stacks
                 pass
         walked: Dict[Tuple[str, int], tuple] = {}
 
@@ -58,7 +64,7 @@ class BccReading:
             if stack_id < 0 or table is None:
                 return ()
             if (field, stack_id) not in walked:
-                try:          # not stacks.walk(): it reads 127 frames, the table holds fewer
+                try:  # not stacks.walk(): it reads 127 frames, the table holds fewer
                     walked[field, stack_id] = _frames(table[table.Key(stack_id)].ip)
                 except KeyError:
                     walked[field, stack_id] = ()
@@ -69,15 +75,21 @@ class BccReading:
             name, fields = lay.name, lay.fields
             tallies[name] = {t.keys: self._tally(t.map, list(t.keys), stack) for t in lay.tallies}
             if self.manifest.get("read_live"):
-                live = (live or []) + [Live(
-                    resource=name, key=tuple(k.k[i] for i in range(lay.key_arity)), time_ns=v.time,
-                    size=v.size if "size" in fields else 0, pid=v.pid if "pid" in fields else 0,
-                    tid=v.tid if "tid" in fields else 0,
-                    ustack=stack(v.ustack, "ustack") if "ustack" in fields else (),
-                    kstack=stack(v.kstack, "kstack") if "kstack" in fields else (),
-                    comm=v.comm.decode(errors="replace") if "comm" in fields else "",
-                    image=v.image if "image" in fields else 0)
-                    for k, v in _items(self.bpf[lay.live])]
+                live = (live or []) + [
+                    Live(
+                        resource=name,
+                        key=tuple(k.k[i] for i in range(lay.key_arity)),
+                        time_ns=v.time,
+                        size=v.size if "size" in fields else 0,
+                        pid=v.pid if "pid" in fields else 0,
+                        tid=v.tid if "tid" in fields else 0,
+                        ustack=stack(v.ustack, "ustack") if "ustack" in fields else (),
+                        kstack=stack(v.kstack, "kstack") if "kstack" in fields else (),
+                        comm=v.comm.decode(errors="replace") if "comm" in fields else "",
+                        image=v.image if "image" in fields else 0,
+                    )
+                    for k, v in _items(self.bpf[lay.live])
+                ]
             t = Totals(*counted[name])
             if lay.lifetime:
                 t.lifetime = _histograms(self.bpf[lay.lifetime.map], list(lay.lifetime.keys), stack)
@@ -85,8 +97,12 @@ class BccReading:
         snap = Snapshot(now, live, totals, final, tallies)
         if any(lay.ends_with_image for lay in self.layouts):
             lost = self.bpf["probedsl_image_lost"]
-            images.settle(self.layouts, snap, ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])),
-                          lost[lost.Key(0)].value)
+            images.settle(
+                self.layouts,
+                snap,
+                ((k.pid, k.image) for k, _ in _items(self.bpf["probedsl_ended"])),
+                lost[lost.Key(0)].value,
+            )
             if self.ended_images is not None:
                 self.ended_images.add_to(snap)
         return snap
@@ -114,7 +130,7 @@ class BccReading:
         return out
 
 
-READ_TRIES = 3        # reads of a snapshot while the counters move under it
+READ_TRIES = 3  # reads of a snapshot while the counters move under it
 
 
 def _bucket(i: int, count: int) -> tuple:
@@ -124,8 +140,14 @@ def _bucket(i: int, count: int) -> tuple:
 
 def _group(k, keys: List[str], stack) -> tuple:
     """A group key struct -> the values of its fields (stacks walked, comm decoded)."""
-    return tuple(stack(getattr(k, f), f) if f in ("ustack", "kstack")
-                 else getattr(k, f).decode(errors="replace") if f == "comm" else getattr(k, f) for f in keys)
+    return tuple(
+        stack(getattr(k, f), f)
+        if f in ("ustack", "kstack")
+        else getattr(k, f).decode(errors="replace")
+        if f == "comm"
+        else getattr(k, f)
+        for f in keys
+    )
 
 
 def _histograms(table, keys: List[str], stack) -> dict:
@@ -149,7 +171,7 @@ def _items(table):
     batch lookup (before 5.6)."""
     try:
         return list(table.items_lookup_batch())
-    except Exception:                  # bcc raises plain Exception for the failing system call
+    except Exception:  # bcc raises plain Exception for the failing system call
         return list(table.items())
 
 

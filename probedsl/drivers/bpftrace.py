@@ -1,4 +1,5 @@
 """Runs a generated bpftrace script and turns its JSON output into Snapshots."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +64,7 @@ def parse_stack(text: str) -> tuple:
 class _Pairs(list):
     """A JSON object whose keys repeat: bpftrace prints a map keyed by a stored stack once per
     thread that captured it, with the same text; a dict would keep only the last."""
+
     def items(self):
         return list(self)
 
@@ -76,8 +78,9 @@ def _pairs(pairs):
 
 
 def _buckets(raw) -> list:
-    return [(int(b.get("min", 0)), int(b.get("max", b.get("min", 0))), int(b["count"]))
-            for b in raw or [] if b.get("count")]
+    return [
+        (int(b.get("min", 0)), int(b.get("max", b.get("min", 0))), int(b["count"])) for b in raw or [] if b.get("count")
+    ]
 
 
 def _key_value(field: str, text: str):
@@ -140,35 +143,45 @@ def snapshot_from_maps(program: ir.Program, maps: Dict[str, object], now_ns: int
         fields = lay.fields
         for key, value in (maps.get(f"@{lay.live}") or {}).items():
             record = dict(zip(fields, value if isinstance(value, list) else [value]))
-            live.append(Live(
-                resource=res.name, key=tuple(int(k) for k in str(key).split(",")),
-                time_ns=int(record["time"]), size=int(record.get("size", 0)), pid=int(record.get("pid", 0)),
-                tid=int(record.get("tid", 0)), ustack=parse_stack(record.get("ustack", "")),
-                kstack=parse_stack(record.get("kstack", "")), comm=str(record.get("comm", "")),
-                image=int(record.get("image", 0))))
+            live.append(
+                Live(
+                    resource=res.name,
+                    key=tuple(int(k) for k in str(key).split(",")),
+                    time_ns=int(record["time"]),
+                    size=int(record.get("size", 0)),
+                    pid=int(record.get("pid", 0)),
+                    tid=int(record.get("tid", 0)),
+                    ustack=parse_stack(record.get("ustack", "")),
+                    kstack=parse_stack(record.get("kstack", "")),
+                    comm=str(record.get("comm", "")),
+                    image=int(record.get("image", 0)),
+                )
+            )
         t = Totals(*(int(maps.get(f"@{lay.counter_map(c)}") or 0) for c in Counter))
         t.lifetime = _lifetime(maps.get(f"@{lay.lifetime.map}"), list(lay.lifetime.keys)) if lay.lifetime else {}
         totals[res.name] = t
-        tallied[res.name] = {t_.keys: _tally(maps.get(f"@{t_.map}"), maps.get(f"@{t_.seen_map}"), list(t_.keys))
-                             for t_ in lay.tallies}
+        tallied[res.name] = {
+            t_.keys: _tally(maps.get(f"@{t_.map}"), maps.get(f"@{t_.seen_map}"), list(t_.keys)) for t_ in lay.tallies
+        }
         # counters the kernel does not keep (layout.counted)
         kept = counted(program, lay)
-        if Counter.RELEASED not in kept:      # each release adds one lifetime-histogram entry
+        if Counter.RELEASED not in kept:  # each release adds one lifetime-histogram entry
             t.released = sum(n for buckets in t.lifetime.values() for _, _, n in buckets)
-        if Counter.ACQUIRED not in kept:      # every acquisition is live, released, replaced or untracked
+        if Counter.ACQUIRED not in kept:  # every acquisition is live, released, replaced or untracked
             live_count = sum(count for _, count, _ in next(iter(tallied[res.name].values())).values())
             t.acquired = live_count + t.released + t.replaced + t.untracked + t.ended_by_exec
     snap = Snapshot(now_ns, live, totals, final, tallied)
     ended = [tuple(int(k) for k in str(text).split(",")) for text, _ in _entries(maps.get("@probedsl_ended") or {})]
-    return images.settle([layout.of(program, res) for res in program.resources], snap, ended,
-                         int(maps.get("@probedsl_image_lost") or 0))
+    return images.settle(
+        [layout.of(program, res) for res in program.resources], snap, ended, int(maps.get("@probedsl_image_lost") or 0)
+    )
 
 
 class BpftraceDriver:
     def __init__(self, program: ir.Program, generated: Generated, target: Bpftrace):
         self.program, self.generated, self.target = program, generated, target
         self.snapshots: "queue.Queue[Snapshot]" = queue.Queue()
-        self.last: Optional[Snapshot] = None     # the latest one printed (END's, if bpftrace ended)
+        self.last: Optional[Snapshot] = None  # the latest one printed (END's, if bpftrace ended)
         self.stderr: List[str] = []
         self.ready = threading.Event()
         self.proc: Optional[subprocess.Popen] = None
@@ -187,8 +200,15 @@ class BpftraceDriver:
         max_live = max((r.max_live for r in self.program.resources), default=1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
         env.update(self.target.environment(max_live))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self._reader = threads.start("probedsl-bpftrace-stdout", self._read_stdout)
         self._errors = threads.start("probedsl-bpftrace-stderr", self._read_stderr)
         deadline = time.monotonic() + timeout
@@ -208,7 +228,7 @@ class BpftraceDriver:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
         lines = []
         for line in errors_first(self.stderr):
-            m = re.match(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)", line)   # FILE.bt:LINE[-L]:COL[-C]: msg
+            m = re.match(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)", line)  # FILE.bt:LINE[-L]:COL[-C]: msg
             span = self.generated.recipe_span(int(m.group(1))) if m else None
             if span:
                 line = f"{self.program.filename}:{span.line}:{span.column}: {m.group(2)}"
@@ -232,7 +252,7 @@ class BpftraceDriver:
                     try:
                         self.last = snapshot_from_maps(self.program, maps, time.monotonic_ns(), False)
                         self.snapshots.put(self.last)
-                    except (ValueError, TypeError, KeyError) as exc:    # said once the run ends
+                    except (ValueError, TypeError, KeyError) as exc:  # said once the run ends
                         self.stderr.append(f"probedsl could not read bpftrace's maps: {exc!r}")
                     maps = {}
 
@@ -254,7 +274,7 @@ class BpftraceDriver:
                 return self.snapshots.get(timeout=0.1)
             except queue.Empty:
                 if not self.alive():
-                    self._reader.join(timeout)      # it reads END's maps to the end of the pipe
+                    self._reader.join(timeout)  # it reads END's maps to the end of the pipe
                     return self.last
         return None
 
@@ -293,9 +313,14 @@ class BpftraceDriver:
             last = self.last
             if last is not None and self.proc.returncode != 0:
                 # its END probe did not print: what is here is an earlier print's
-                last = dataclasses.replace(last, incomplete=last.incomplete + [
-                    f"bpftrace ended with status {self.proc.returncode} before its final print: "
-                    "the data is its last print's"])
+                last = dataclasses.replace(
+                    last,
+                    incomplete=last.incomplete
+                    + [
+                        f"bpftrace ended with status {self.proc.returncode} before its final print: "
+                        "the data is its last print's"
+                    ],
+                )
         # SIGKILL: the data is in, and a clean exit only adds work. The kernel's uprobe
         # teardown (~2 s) goes on in its exit, not waited for (kill())
         if self.alive():

@@ -13,6 +13,7 @@ refused is counted (image_lost): that image's entries may then read as leaks. At
 ended_by_exec, and the rest folded to the report's own groups. An acquisition by the new image
 under a key an old one left live counts there in the kernel (not as `replaced`), so a release
 only ever matches an entry of its own image."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Set, Tuple
@@ -20,12 +21,12 @@ from typing import Dict, Iterable, Set, Tuple
 from probedsl.ir.layout import ResourceLayout
 from probedsl.drivers.rundata import Snapshot
 
-Ended = Set[Tuple[int, int]]       # (pid, image)
+Ended = Set[Tuple[int, int]]  # (pid, image)
 
 
-
-def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterable[Tuple[int, int]],
-           lost: int = 0) -> Snapshot:
+def settle(
+    layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterable[Tuple[int, int]], lost: int = 0
+) -> Snapshot:
     """Take the entries of ended images out of the snapshot (in place): its tallies are then
     keyed by the report's fields (Tally.shown), and each resource's ended_by_exec counts them.
     lost: the kernel's count of image records refused."""
@@ -49,7 +50,7 @@ def settle(layouts: Iterable[ResourceLayout], snapshot: Snapshot, ended: Iterabl
                 b, n, s = out.get(shown, (0, 0, 0))
                 out[shown] = (b + nbytes, n + count, max(s, seen))
             folded[tally.shown] = out
-            if gone_tallied is None:      # every tally counts every entry: the first one says
+            if gone_tallied is None:  # every tally counts every entry: the first one says
                 gone_tallied = gone
         snapshot.tallies[name] = folded
         gone = gone_tallied or 0

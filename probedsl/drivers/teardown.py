@@ -9,6 +9,7 @@ told, closes them and pays the wait, with no terminal, pipe or output of the run
 Every probe still goes away: closing is what removes it, and a process that ends (killed
 too) closes all it holds.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 
 # what /proc/self/fd names the descriptors the kernel tears down on their last close
 KERNEL_OBJECTS = ("anon_inode:bpf-map", "anon_inode:bpf-prog", "anon_inode:bpf_link", "anon_inode:[perf_event]")
-NAME = b"probedsl-detach"   # its process name (ps, and tests waiting for it)
+NAME = b"probedsl-detach"  # its process name (ps, and tests waiting for it)
 
 
 class Handover:
@@ -27,7 +28,7 @@ class Handover:
         may clean what only a closed probe lets go of)."""
         owner = os.getpid()
         told, self._tell = os.pipe()
-        middle = os.fork()                  # a child of a child: init reaps it, not the run
+        middle = os.fork()  # a child of a child: init reaps it, not the run
         if middle == 0:
             try:
                 if os.fork() == 0:
@@ -55,7 +56,7 @@ def hand_over(after: Optional[Callable[[int], None]] = None) -> Optional[Handove
 def _hold(told: int, owner: int, after) -> None:
     """In the holder: keep only the kernel objects, wait for the word, close them; never returns."""
     try:
-        os.setsid()                         # no terminal: Ctrl-C at the shell is not for it
+        os.setsid()  # no terminal: Ctrl-C at the shell is not for it
         _name_self()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -64,9 +65,9 @@ def _hold(told: int, owner: int, after) -> None:
         for fd in _open_descriptors():
             if fd > 2 and fd != told and not _kernel_object(fd):
                 _close(fd)
-        while os.read(told, 1):             # end of file: the run closed its copies (or ended)
+        while os.read(told, 1):  # end of file: the run closed its copies (or ended)
             pass
-        for fd in _open_descriptors():      # the slow part, here
+        for fd in _open_descriptors():  # the slow part, here
             if fd > 2:
                 _close(fd)
         if after is not None:
@@ -89,7 +90,7 @@ def _kernel_object(fd: int) -> bool:
 def _close(fd: int) -> None:
     try:
         os.close(fd)
-    except OSError:                         # the listing's own descriptor, gone already
+    except OSError:  # the listing's own descriptor, gone already
         pass
 
 

@@ -1,5 +1,6 @@
 """The storage a program needs, computed once from the IR: the maps each generator declares
 and writes, and that each driver reads back (names, record fields, counter slots)."""
+
 from __future__ import annotations
 
 import enum
@@ -29,6 +30,7 @@ class Counter(enum.IntEnum):
     no release seen (the old entry is dropped); ungrouped: entries the full group-tally table
     could not count; ended_by_exec: entries whose process image an exec ended (the kernel counts
     those a new image's acquisition found under its key, the driver the rest: probedsl.drivers.images)."""
+
     ACQUIRED = 0
     RELEASED = 1
     UNKNOWN_RELEASES = 2
@@ -47,19 +49,21 @@ class Tally:
     """Live (bytes, count, seen) per group of live-record fields `keys` (() : the total). The
     kernel keys a resource that ends with its process image by (pid, image) too: `shown` are
     the report's fields, what the groups are folded to once the ended images are taken out."""
+
     map: str
     keys: Tuple[str, ...]
     size: int = GROUPS
-    shown: Optional[Tuple[str, ...]] = None      # None: the same as keys
+    shown: Optional[Tuple[str, ...]] = None  # None: the same as keys
 
     @property
-    def seen_map(self) -> str:        # bpftrace keeps `seen` in a map of its own
+    def seen_map(self) -> str:  # bpftrace keeps `seen` in a map of its own
         return f"{self.map}_seen"
 
 
 @dataclass(frozen=True)
 class Histogram:
     """log2(ns) of released lifetimes per group of live-record fields `keys`."""
+
     map: str
     keys: Tuple[str, ...]
     size: int = HISTOGRAM_GROUPS
@@ -68,17 +72,17 @@ class Histogram:
 @dataclass(frozen=True)
 class ResourceLayout:
     name: str
-    live: str                              # key -> live record
-    live_size: int                         # --max-live
+    live: str  # key -> live record
+    live_size: int  # --max-live
     key_arity: int
-    fields: Tuple[str, ...]                # the live record, in storage order
-    scratch: str                           # tid -> (probe, sp, saved arguments) between entry and return
+    fields: Tuple[str, ...]  # the live record, in storage order
+    scratch: str  # tid -> (probe, sp, saved arguments) between entry and return
     scratch_width: int
     scratch_size: int
-    counters: str                          # one slot per Counter (or one map per counter: counter_map)
+    counters: str  # one slot per Counter (or one map per counter: counter_map)
     tallies: Tuple[Tally, ...]
     lifetime: Optional[Histogram]
-    ends_with_image: bool = False          # entries end at exec (ends_with_image)
+    ends_with_image: bool = False  # entries end at exec (ends_with_image)
 
     def counter_map(self, counter: Counter) -> str:
         return f"{self.name}_{counter.label}"
@@ -89,12 +93,23 @@ class ResourceLayout:
     @classmethod
     def from_json(cls, doc: Dict[str, Any]) -> "ResourceLayout":
         hist = doc["lifetime"]
-        return cls(doc["name"], doc["live"], doc["live_size"], doc["key_arity"], tuple(doc["fields"]), doc["scratch"],
-                   doc["scratch_width"], doc["scratch_size"], doc["counters"],
-                   tuple(Tally(t["map"], tuple(t["keys"]), t["size"], tuple(t["shown"]) if t.get("shown") is not None
-                               else None) for t in doc["tallies"]),
-                   Histogram(hist["map"], tuple(hist["keys"]), hist["size"]) if hist else None,
-                   doc.get("ends_with_image", False))
+        return cls(
+            doc["name"],
+            doc["live"],
+            doc["live_size"],
+            doc["key_arity"],
+            tuple(doc["fields"]),
+            doc["scratch"],
+            doc["scratch_width"],
+            doc["scratch_size"],
+            doc["counters"],
+            tuple(
+                Tally(t["map"], tuple(t["keys"]), t["size"], tuple(t["shown"]) if t.get("shown") is not None else None)
+                for t in doc["tallies"]
+            ),
+            Histogram(hist["map"], tuple(hist["keys"]), hist["size"]) if hist else None,
+            doc.get("ends_with_image", False),
+        )
 
 
 def ends_with_image(res: ir.Resource) -> bool:
@@ -104,9 +119,15 @@ def ends_with_image(res: ir.Resource) -> bool:
     kernel acquired at system calls or tracepoints (descriptors, kernel memory) outlive an
     exec; descriptors closed on exec are the recipe's to release."""
     acquires = [a for p in res.probes for a in p.actions if a.kind == "acquire"]
-    return bool(acquires) and all(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in res.probes
-                                  if any(a.kind == "acquire" for a in p.actions)) \
+    return (
+        bool(acquires)
+        and all(
+            p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT)
+            for p in res.probes
+            if any(a.kind == "acquire" for a in p.actions)
+        )
         and all(a.key and a.key[0] == ir.Builtin("pid") for a in acquires)
+    )
 
 
 # the live-record and tally fields that tie an entry to its process image: the pid, and the
@@ -125,13 +146,21 @@ def of(program: ir.Program, res: ir.Resource) -> ResourceLayout:
         if not ends:
             return Tally(f"{res.name}_tally{i}", keys)
         return Tally(f"{res.name}_tally{i}", tuple(dict.fromkeys(keys + IMAGE_FIELDS)), shown=keys)
+
     return ResourceLayout(
-        name=res.name, live=f"{res.name}_live", live_size=res.max_live, key_arity=res.key_arity,
-        fields=tuple(fields), scratch=f"{res.name}_scratch", scratch_width=res.scratch_width,
-        scratch_size=THREADS, counters=f"{res.name}_counters",
+        name=res.name,
+        live=f"{res.name}_live",
+        live_size=res.max_live,
+        key_arity=res.key_arity,
+        fields=tuple(fields),
+        scratch=f"{res.name}_scratch",
+        scratch_width=res.scratch_width,
+        scratch_size=THREADS,
+        counters=f"{res.name}_counters",
         tallies=tuple(tally(i, keys) for i, keys in enumerate(ir.tallies(program, res))),
         lifetime=Histogram(f"{res.name}_lifetime", tuple(ir.lifetime_keys(program, res))) if hist else None,
-        ends_with_image=ends)
+        ends_with_image=ends,
+    )
 
 
 def dump(program: ir.Program) -> str:
@@ -147,7 +176,9 @@ def dump(program: ir.Program) -> str:
         for t in lay.tallies:
             lines.append(f"  {t.map}[{t.size}]: ({', '.join(t.keys)}) -> (bytes, count, seen)")
         if lay.lifetime:
-            lines.append(f"  {lay.lifetime.map}[{lay.lifetime.size}]: ({', '.join(lay.lifetime.keys)}) -> log2(ns) histogram")
+            lines.append(
+                f"  {lay.lifetime.map}[{lay.lifetime.size}]: ({', '.join(lay.lifetime.keys)}) -> log2(ns) histogram"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """Checked AST -> IR: bind names to where their values live, and plan entry/return correlation."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -10,8 +11,9 @@ from probedsl.errors import ProbedslError
 
 
 def _needs_return(event: ast.Event) -> bool:
-    return any(n.name == "ret" for e in event_exprs(event) for n in names_in(e)) or \
-        any(True for e in event_exprs(event) for _ in derefs_in(e))
+    return any(n.name == "ret" for e in event_exprs(event) for n in names_in(e)) or any(
+        True for e in event_exprs(event) for _ in derefs_in(e)
+    )
 
 
 class _Binder:
@@ -21,10 +23,12 @@ class _Binder:
         self.probe = probe
         self.at_return = at_return
         self.params = params
-        self.arg_index = {a.name: i for i, a in enumerate(probe.args)} if isinstance(probe, (ast.UProbe, ast.Usdt)) else {}
-        self.saved: List[int] = []          # argument indexes saved at entry, in slot order
+        self.arg_index = (
+            {a.name: i for i, a in enumerate(probe.args)} if isinstance(probe, (ast.UProbe, ast.Usdt)) else {}
+        )
+        self.saved: List[int] = []  # argument indexes saved at entry, in slot order
         self.syscall = isinstance(probe, ast.Syscall)
-        self.fields: List[str] = []         # syscall: entry fields saved for the exit (Probe.fields)
+        self.fields: List[str] = []  # syscall: entry fields saved for the exit (Probe.fields)
 
     def value(self, expr: ast.Expr) -> ir.Value:
         if isinstance(expr, ast.Number):
@@ -100,33 +104,74 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
         for event in res.events:
             at_return = _needs_return(event)
             bind = _Binder(event.probe, at_return, params)
-            actions = [ir.Action("release", tuple(bind.value(k) for k in extra.key),
-                                 bind.guard([extra.guard] if extra.guard is not None else []))
-                       for extra in event.also_releases]
+            actions = [
+                ir.Action(
+                    "release",
+                    tuple(bind.value(k) for k in extra.key),
+                    bind.guard([extra.guard] if extra.guard is not None else []),
+                )
+                for extra in event.also_releases
+            ]
             size = next((bind.value(a.value) for a in event.assigns if a.target.name == "size"), None)
-            actions.append(ir.Action(event.kind, tuple(bind.value(k) for k in event.key),
-                                     bind.guard(event.guards), size if event.kind == "acquire" else None,
-                                     bind.value(event.through[0]) if event.through else None))
+            actions.append(
+                ir.Action(
+                    event.kind,
+                    tuple(bind.value(k) for k in event.key),
+                    bind.guard(event.guards),
+                    size if event.kind == "acquire" else None,
+                    bind.value(event.through[0]) if event.through else None,
+                )
+            )
             for extra in event.also_acquires:
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
                 actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))
             p = event.probe
-            kind, library, function = (("uprobe", p.library, p.function) if isinstance(p, ast.UProbe) else
-                                       ("usdt", "", f"{p.provider}:{p.name}") if isinstance(p, ast.Usdt) else
-                                       ("syscall", "", p.name) if isinstance(p, ast.Syscall) else
-                                       ("tracepoint", "", f"{p.category}:{p.event}"))
+            kind, library, function = (
+                ("uprobe", p.library, p.function)
+                if isinstance(p, ast.UProbe)
+                else ("usdt", "", f"{p.provider}:{p.name}")
+                if isinstance(p, ast.Usdt)
+                else ("syscall", "", p.name)
+                if isinstance(p, ast.Syscall)
+                else ("tracepoint", "", f"{p.category}:{p.event}")
+            )
             # a process fires one provider's probes (otel_memory or ddheap): those not in its
             # files are left out, with a note
-            probes.append(ir.Probe(
-                id=len(probes) + 1, resource=res.name, kind=ir.ProbeKind(kind), library=library, function=function,
-                at_return=at_return, saved_args=tuple(bind.saved), fields=tuple(bind.fields), actions=tuple(actions),
-                span=event.probe.span, optional=kind == ir.ProbeKind.USDT))
+            probes.append(
+                ir.Probe(
+                    id=len(probes) + 1,
+                    resource=res.name,
+                    kind=ir.ProbeKind(kind),
+                    library=library,
+                    function=function,
+                    at_return=at_return,
+                    saved_args=tuple(bind.saved),
+                    fields=tuple(bind.fields),
+                    actions=tuple(actions),
+                    span=event.probe.span,
+                    optional=kind == ir.ProbeKind.USDT,
+                )
+            )
         record = tuple(sorted({f.name for rec in res.records for f in rec.fields}))
         resources.append(ir.Resource(res.name, res.key_names, record, tuple(probes), max_live))
     reports = []
     for rep in recipe.reports:
         columns = tuple((a.function, a.column) for a in rep.aggregations)
-        reports.append(ir.Report(rep.kind, rep.resource.name, tuple(g.name for g in rep.group_by), columns,
-                                 _report_number(rep.top, params, 10), _report_number(rep.min_age, params, 0)))
-    return ir.Program(recipe.name, recipe.description, recipe.filename, tuple(resources), tuple(reports),
-                      tuple(sorted(params.items())))
+        reports.append(
+            ir.Report(
+                rep.kind,
+                rep.resource.name,
+                tuple(g.name for g in rep.group_by),
+                columns,
+                _report_number(rep.top, params, 10),
+                _report_number(rep.min_age, params, 0),
+            )
+        )
+    return ir.Program(
+        recipe.name,
+        recipe.description,
+        recipe.filename,
+        tuple(resources),
+        tuple(reports),
+        tuple(sorted(params.items())),
+    )

@@ -1,4 +1,5 @@
 """The recipe's syntax tree: frozen dataclasses, each node with the span it came from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Name:
 @dataclass(frozen=True)
 class Deref:
     """`*out`: the u64 that an out-parameter points to, read at return."""
+
     operand: "Expr"
     span: Span = field(default=NO_SPAN, compare=False)
 
@@ -34,6 +36,7 @@ class Deref:
 @dataclass(frozen=True)
 class Index:
     """`fds[1]`: the i-th 32-bit int of an out-parameter array (pipe's fds), read at return."""
+
     array: "Name"
     index: int
     span: Span = field(default=NO_SPAN, compare=False)
@@ -43,6 +46,7 @@ class Index:
 class Int32:
     """`int(ret)`: the low 32 bits, sign-extended (functions returning C int leave the upper
     half of the register undefined, so -1 must be read this way)."""
+
     operand: "Expr"
     span: Span = field(default=NO_SPAN, compare=False)
 
@@ -67,7 +71,7 @@ Expr = Union[Number, Name, Deref, Index, Int32, Not, BinOp]
 # --- probes and members ----------------------------------------------------------------
 @dataclass(frozen=True)
 class UProbe:
-    library: str          # short name ("libc") or a path
+    library: str  # short name ("libc") or a path
     function: str
     args: Tuple[Name, ...]
     span: Span = field(default=NO_SPAN, compare=False)
@@ -84,6 +88,7 @@ class Tracepoint:
 class Usdt:
     """`usdt:PROVIDER:NAME(args)`: a statically defined probe (sys/sdt.h) in the program or
     its libraries, naming its arguments; it fires where the program put it, with no return."""
+
     provider: str
     name: str
     args: Tuple[Name, ...]
@@ -95,6 +100,7 @@ class Syscall:
     """`syscall NAME`: the system call's entry and exit tracepoints (syscalls:sys_enter_NAME,
     sys_exit_NAME), correlated per thread like a function's entry and return: the entry's fields
     are names, `ret` is the exit's."""
+
     name: str
     span: Span = field(default=NO_SPAN, compare=False)
 
@@ -112,6 +118,7 @@ class Assign:
 @dataclass(frozen=True)
 class AlsoRelease:
     """`releases KEY [when COND]` on an acquire: realloc frees the old block."""
+
     key: Tuple[Expr, ...]
     guard: Optional[Expr]
     span: Span = field(default=NO_SPAN, compare=False)
@@ -120,6 +127,7 @@ class AlsoRelease:
 @dataclass(frozen=True)
 class AlsoAcquire:
     """`acquires KEY [when COND]` on an acquire: pipe() opens two fds in one call."""
+
     key: Tuple[Expr, ...]
     guard: Optional[Expr]
     span: Span = field(default=NO_SPAN, compare=False)
@@ -127,7 +135,7 @@ class AlsoAcquire:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str                        # "acquire" | "release"
+    kind: str  # "acquire" | "release"
     probe: Probe
     key: Tuple[Expr, ...]
     guards: Tuple[Expr, ...]
@@ -169,7 +177,7 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class Aggregation:
-    function: str                    # sum | count | hist (the checker refuses others)
+    function: str  # sum | count | hist (the checker refuses others)
     argument: Optional[Name]
     label: Optional[str]
     span: Span = field(default=NO_SPAN, compare=False)
@@ -182,7 +190,7 @@ class Aggregation:
 
 @dataclass(frozen=True)
 class Report:
-    kind: str                        # outstanding | lifetime
+    kind: str  # outstanding | lifetime
     resource: Name
     group_by: Tuple[Name, ...]
     aggregations: Tuple[Aggregation, ...]

@@ -1,4 +1,5 @@
 """Semantic checks on a parsed recipe: every problem found at once, each located."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -111,8 +112,11 @@ class _Checker:
             enter = self.tracepoint_fields("syscalls", f"sys_enter_{probe.name}")
             leave = self.tracepoint_fields("syscalls", f"sys_exit_{probe.name}")
             if enter is None or leave is None:
-                self.error(probe.span, f"system call '{probe.name}' has no tracepoints "
-                                       f"syscalls:sys_enter_{probe.name}/sys_exit_{probe.name} on this kernel")
+                self.error(
+                    probe.span,
+                    f"system call '{probe.name}' has no tracepoints "
+                    f"syscalls:sys_enter_{probe.name}/sys_exit_{probe.name} on this kernel",
+                )
             if enter in (None, ("*",)):
                 args = {n.name for e in event_exprs(event) for n in names_in(e)} - {"ret"}
             else:
@@ -120,7 +124,7 @@ class _Checker:
             allowed |= args | {"ret"}
         else:
             fields = self.tracepoint_fields(probe.category, probe.event)
-            if fields == ("*",):                      # tracefs unreadable: trust the names
+            if fields == ("*",):  # tracefs unreadable: trust the names
                 allowed |= {n.name for e in event_exprs(event) for n in names_in(e)}
             elif fields is None:
                 self.error(probe.span, f"tracepoint {probe.category}:{probe.event} does not exist on this kernel")
@@ -134,22 +138,30 @@ class _Checker:
                 self.error(extra.span, f"'{word}' belongs on an acquire")
             self.check_key(res, extra.key, extra.span)
         if event.through and (event.kind != "release" or len(event.through) > 1):
-            self.error(event.through[-1].span if event.kind == "release" else event.span,
-                       "'through LAST' belongs on a release, once (it releases KEY up to LAST)")
+            self.error(
+                event.through[-1].span if event.kind == "release" else event.span,
+                "'through LAST' belongs on a release, once (it releases KEY up to LAST)",
+            )
         for assign in event.assigns:
             if assign.target.name not in SETTABLE:
-                self.error(assign.target.span,
-                           f"cannot set '{assign.target.name}'; an acquire can set: {', '.join(SETTABLE)}")
+                self.error(
+                    assign.target.span, f"cannot set '{assign.target.name}'; an acquire can set: {', '.join(SETTABLE)}"
+                )
             if event.kind == "release":
                 self.error(assign.span, "a release cannot set values; move this to the acquire")
         for expr in event_exprs(event):
             for n in names_in(expr):
                 if n.name not in allowed:
                     where = "a tracepoint field" if isinstance(probe, (ast.Tracepoint, ast.Syscall)) else "an argument"
-                    hint = " (a usdt probe has no return value)" if n.name == "ret" and isinstance(probe, ast.Usdt) else ""
-                    self.error(n.span, f"unknown name '{n.name}': not {where}, a parameter or one of "
-                                       f"{', '.join(('ret',) + BUILTINS if isinstance(probe, (ast.UProbe, ast.Syscall)) else BUILTINS)}"
-                                       + hint)
+                    hint = (
+                        " (a usdt probe has no return value)" if n.name == "ret" and isinstance(probe, ast.Usdt) else ""
+                    )
+                    self.error(
+                        n.span,
+                        f"unknown name '{n.name}': not {where}, a parameter or one of "
+                        f"{', '.join(('ret',) + BUILTINS if isinstance(probe, (ast.UProbe, ast.Syscall)) else BUILTINS)}"
+                        + hint,
+                    )
             for d in derefs_in(expr):
                 target = d.array if isinstance(d, ast.Index) else d.operand
                 if not (isinstance(target, ast.Name) and target.name in args):
@@ -157,8 +169,11 @@ class _Checker:
 
     def check_key(self, res: ast.Resource, key: Sequence[ast.Expr], span: Span) -> None:
         if len(key) != len(res.key_names):
-            self.error(span, f"resource '{res.name}' is keyed by {len(res.key_names)} value(s) "
-                             f"({', '.join(res.key_names)}) but this key has {len(key)}")
+            self.error(
+                span,
+                f"resource '{res.name}' is keyed by {len(res.key_names)} value(s) "
+                f"({', '.join(res.key_names)}) but this key has {len(key)}",
+            )
 
     def check_report(self, rep: ast.Report) -> None:
         resources = {r.name: r for r in self.recipe.resources}
@@ -176,8 +191,10 @@ class _Checker:
             elif g.name not in recorded:
                 self.error(g.span, f"'{g.name}' is not recorded; add 'record {g.name}' to resource '{res.name}'")
         if rep.kind == "lifetime":
-            if any(r.kind == "lifetime" and r.resource.name == rep.resource.name and r.span != rep.span
-                   for r in self.recipe.reports[:self.recipe.reports.index(rep)]):
+            if any(
+                r.kind == "lifetime" and r.resource.name == rep.resource.name and r.span != rep.span
+                for r in self.recipe.reports[: self.recipe.reports.index(rep)]
+            ):
                 self.error(rep.span, f"resource '{res.name}' already has a lifetime report")
         if any(g.name == "ustack" for g in rep.group_by) and "pid" not in recorded:
             self.error(rep.span, "a report by ustack needs 'record pid' (stacks are named per process)")
@@ -187,8 +204,11 @@ class _Checker:
                 self.error(agg.span, f"column '{agg.column}' is already in this report; name one with 'as'")
             labels.add(agg.column)
             if agg.function not in AGGREGATIONS[rep.kind]:
-                self.error(agg.span, f"'{agg.function}' is not an aggregation of a {rep.kind} report; "
-                                     f"use {', '.join(AGGREGATIONS[rep.kind])}")
+                self.error(
+                    agg.span,
+                    f"'{agg.function}' is not an aggregation of a {rep.kind} report; "
+                    f"use {', '.join(AGGREGATIONS[rep.kind])}",
+                )
             want = {"sum": "size", "hist": "age", "count": None}.get(agg.function)
             got = agg.argument.name if agg.argument else None
             if agg.function in AGGREGATIONS[rep.kind] and got != want:
@@ -209,6 +229,7 @@ def check(recipe: ast.Recipe, tracepoint_fields: Optional[Fields] = None) -> Non
     does not exist; by default it reads the running kernel's tracefs.
     """
     from probedsl.language.tracepoints import fields as kernel_fields
+
     diagnostics = _Checker(recipe, tracepoint_fields or kernel_fields).run()
     if diagnostics:
         raise RecipeError(diagnostics, recipe.source)

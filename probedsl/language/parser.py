@@ -1,11 +1,22 @@
 """Recipe text -> AST, with every syntax error turned into a located Diagnostic."""
+
 from __future__ import annotations
 
 import functools
 from importlib import resources
 from typing import Any, List, Optional, Union
 
-from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, v_args
+from lark import (
+    Lark,
+    Token,
+    Transformer,
+    Tree,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    v_args,
+)
 from lark.tree import Meta
 
 from probedsl.language import ast
@@ -13,9 +24,20 @@ from probedsl.errors import Diagnostic, RecipeError, Span
 
 # Friendlier words for terminals in "expected ..." messages.
 _TERMINAL_WORDS = {
-    "NAME": "a name", "INT": "a number", "STRING": "a string", "LBRACE": "'{'", "RBRACE": "'}'",
-    "LPAR": "'('", "RPAR": "')'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='",
-    "__ANON_0": "'->'", "CMP_OP": "a comparison", "SUM_OP": "'+' or '-'", "PRODUCT_OP": "'*', '/' or '%'",
+    "NAME": "a name",
+    "INT": "a number",
+    "STRING": "a string",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COLON": "':'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "__ANON_0": "'->'",
+    "CMP_OP": "a comparison",
+    "SUM_OP": "'+' or '-'",
+    "PRODUCT_OP": "'*', '/' or '%'",
 }
 
 
@@ -26,8 +48,12 @@ def _parser() -> Lark:
 
 
 def _span(meta_or_token: Union[Meta, Token]) -> Span:
-    return Span(meta_or_token.line or 0, meta_or_token.column or 0,
-                getattr(meta_or_token, "end_line", 0) or 0, getattr(meta_or_token, "end_column", 0) or 0)
+    return Span(
+        meta_or_token.line or 0,
+        meta_or_token.column or 0,
+        getattr(meta_or_token, "end_line", 0) or 0,
+        getattr(meta_or_token, "end_column", 0) or 0,
+    )
 
 
 def _name(tok: Token) -> ast.Name:
@@ -44,11 +70,13 @@ class _ToAst(Transformer[Token, Any]):
         head, *items = children
         name, description = head
         return ast.Recipe(
-            name=name, description=description,
+            name=name,
+            description=description,
             params=tuple(i for i in items if isinstance(i, ast.Param)),
             resources=tuple(i for i in items if isinstance(i, ast.Resource)),
             reports=tuple(i for i in items if isinstance(i, ast.Report)),
-            span=_span(meta))
+            span=_span(meta),
+        )
 
     def recipe_decl(self, meta: Meta, children: List[Any]) -> Any:
         name, description = children
@@ -67,20 +95,26 @@ class _ToAst(Transformer[Token, Any]):
     def resource_decl(self, meta: Meta, children: List[Any]) -> Any:
         name, key_names, *members = children
         return ast.Resource(
-            name=str(name), key_names=key_names,
+            name=str(name),
+            key_names=key_names,
             events=tuple(m for m in members if isinstance(m, ast.Event)),
             records=tuple(m for m in members if isinstance(m, ast.Record)),
-            span=_span(meta))
+            span=_span(meta),
+        )
 
     def _event(self, kind: str, meta: Meta, children: List[Any]) -> ast.Event:
         probe, key, *clauses = children
         return ast.Event(
-            kind=kind, probe=probe, key=key,
+            kind=kind,
+            probe=probe,
+            key=key,
             guards=tuple(c[1] for c in clauses if c[0] == "when"),
             assigns=tuple(c[1] for c in clauses if c[0] == "set"),
             also_releases=tuple(c[1] for c in clauses if c[0] == "releases"),
             also_acquires=tuple(c[1] for c in clauses if c[0] == "acquires"),
-            span=_span(meta), through=tuple(c[1] for c in clauses if c[0] == "through"))
+            span=_span(meta),
+            through=tuple(c[1] for c in clauses if c[0] == "through"),
+        )
 
     def acquire(self, meta: Meta, children: List[Any]) -> Any:
         return self._event("acquire", meta, children)
@@ -144,13 +178,21 @@ class _ToAst(Transformer[Token, Any]):
         aggs = tuple(i for i in rest if isinstance(i, ast.Aggregation))
         tops = [i[1] for i in rest if isinstance(i, tuple) and i[0] == "top"]
         ages = [i[1] for i in rest if isinstance(i, tuple) and i[0] == "min_age"]
-        return ast.Report(str(kind), _name(resource), tuple(group_by), aggs,
-                          tops[-1] if tops else None, ages[-1] if ages else None, _span(meta))
+        return ast.Report(
+            str(kind),
+            _name(resource),
+            tuple(group_by),
+            aggs,
+            tops[-1] if tops else None,
+            ages[-1] if ages else None,
+            _span(meta),
+        )
 
     def report_agg(self, meta: Meta, children: List[Any]) -> Any:
         function, argument, label = children
-        return ast.Aggregation(str(function), _name(argument) if argument else None,
-                               str(label) if label else None, _span(meta))
+        return ast.Aggregation(
+            str(function), _name(argument) if argument else None, str(label) if label else None, _span(meta)
+        )
 
     def report_top(self, meta: Meta, children: List[Any]) -> Any:
         return ("top", children[0])
@@ -234,9 +276,8 @@ def _syntax_diagnostic(exc: UnexpectedInput, filename: str, source: str) -> Diag
     if isinstance(exc, UnexpectedCharacters):
         pos = exc.pos_in_stream or 0
         char = source[pos] if pos < len(source) else "?"
-        return Diagnostic(filename, Span(exc.line, exc.column),
-                          f"unexpected character {char!r}")
-    assert isinstance(exc, UnexpectedToken)      # lark raises no other kind from parse
+        return Diagnostic(filename, Span(exc.line, exc.column), f"unexpected character {char!r}")
+    assert isinstance(exc, UnexpectedToken)  # lark raises no other kind from parse
     tok = exc.token
     span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
     hint = ""
@@ -252,5 +293,13 @@ def parse(source: str, filename: str = "<recipe>") -> ast.Recipe:
     except UnexpectedInput as exc:
         raise RecipeError([_syntax_diagnostic(exc, filename, source)], source) from None
     recipe = _ToAst().transform(tree)
-    return ast.Recipe(recipe.name, recipe.description, recipe.params, recipe.resources,
-                      recipe.reports, filename=filename, source=source, span=recipe.span)
+    return ast.Recipe(
+        recipe.name,
+        recipe.description,
+        recipe.params,
+        recipe.resources,
+        recipe.reports,
+        filename=filename,
+        source=source,
+        span=recipe.span,
+    )

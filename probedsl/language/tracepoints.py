@@ -1,4 +1,5 @@
 """Kernel tracepoint fields, read from tracefs (mounted by scripts/setup.sh if missing)."""
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ TRACEFS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 _FIELD = re.compile(r"^\s*field:.*?([A-Za-z_][A-Za-z0-9_]*)(\[[^\]]*\])?;\s*offset:", re.M)
 
 
-ANY = ("*",)   # tracefs is not readable here (not root): fields cannot be checked
+ANY = ("*",)  # tracefs is not readable here (not root): fields cannot be checked
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,7 @@ opens zoomed), Ctrl-F or the Search button to highlight a name.
 Written here rather than shelling out to flamegraph.pl or inferno: neither is packaged by
 Debian or PyPI, and the drawing is a hundred lines.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ PAD_TOP, PAD_BOTTOM, PAD_SIDE = 40, 24, 10
 
 class _Node:
     def __init__(self, name: str, kind: str = ""):
-        self.name, self.kind = name, kind       # kind: "" | "kernel" | "inlined" | "marker"
+        self.name, self.kind = name, kind  # kind: "" | "kernel" | "inlined" | "marker"
         self.value = 0
         self.children: Dict[str, "_Node"] = {}
 
@@ -31,8 +32,10 @@ def _tree(report: Report) -> _Node:
     for s, frames, weight in stack_entries(report):
         node = root
         node.value += weight
-        path = [(s.resource, "")] + [(f.name, "kernel" if kernel else "inlined" if f.inlined else
-                                      "marker" if f.truncated else "") for f, kernel in frames]
+        path = [(s.resource, "")] + [
+            (f.name, "kernel" if kernel else "inlined" if f.inlined else "marker" if f.truncated else "")
+            for f, kernel in frames
+        ]
         for name, kind in path:
             node = node.children.setdefault(name, _Node(name, kind))
             node.value += weight
@@ -66,20 +69,23 @@ def to_svg(report: Report, color: bool = False) -> str:
             return
         y = height - PAD_BOTTOM - ROW * (level + 1)
         share = 100.0 * node.value / root.value if root.value else 0
-        name = for_terminal(node.name)          # a traced program's name: visible escapes, capped
+        name = for_terminal(node.name)  # a traced program's name: visible escapes, capped
         label = f"{name} ({node.value} {unit}, {share:.2f}%)"
-        rects.append(f'<g class="f" data-x="{x:.2f}" data-w="{width:.2f}" data-path="{escape(path)}">'
-                     f'<title>{escape(label)}</title>'
-                     f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW - 1}" fill="{_color(node)}" '
-                     f'rx="2"/><text x="{x + 3:.2f}" y="{y + ROW - 4}">{escape(_fit(name, width))}</text></g>')
+        rects.append(
+            f'<g class="f" data-x="{x:.2f}" data-w="{width:.2f}" data-path="{escape(path)}">'
+            f'<title>{escape(label)}</title>'
+            f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW - 1}" fill="{_color(node)}" '
+            f'rx="2"/><text x="{x + 3:.2f}" y="{y + ROW - 4}">{escape(_fit(name, width))}</text></g>'
+        )
         child_x = x
         for i, child in enumerate(sorted(node.children.values(), key=lambda c: c.name)):
             draw(child, child_x, level + 1, f"{path}/{i}")
             child_x += child.value * scale
 
     draw(root, PAD_SIDE, 0, "0")
-    title = escape(for_terminal(f"probedsl {report.recipe}: outstanding {unit} by stack ({report.target})",
-                                MAX_MESSAGE))
+    title = escape(
+        for_terminal(f"probedsl {report.recipe}: outstanding {unit} by stack ({report.target})", MAX_MESSAGE)
+    )
     return f"""<?xml version="1.0" standalone="no"?>
 <svg version="1.1" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" onload="init(evt)"
  xmlns="http://www.w3.org/2000/svg">
@@ -161,4 +167,4 @@ def _fit(name: str, width: float) -> str:
     fit = int((width - 6) // (FONT * 0.6))
     if fit < 3:
         return ""
-    return name if len(name) <= fit else name[:fit - 2] + ".."
+    return name if len(name) <= fit else name[: fit - 2] + ".."

@@ -1,4 +1,5 @@
 """Report model -> text, JSON, folded stacks, speedscope. Renderers never compute; they lay out."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,22 @@ class _Style:
     def _wrap(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
 
-    def bold(self, t): return self._wrap("1", t)
-    def dim(self, t): return self._wrap("2", t)
-    def red(self, t): return self._wrap("1;31", t)
-    def value(self, t): return self._wrap("33", t)
+    def bold(self, t):
+        return self._wrap("1", t)
+
+    def dim(self, t):
+        return self._wrap("2", t)
+
+    def red(self, t):
+        return self._wrap("1;31", t)
+
+    def value(self, t):
+        return self._wrap("33", t)
 
 
 def _frame_text(f: Frame, style: _Style) -> str:
     # names come from the traced program and its files: escaped, each capped
-    text = str(replace(f, function=for_terminal(f.function), module=for_terminal(f.module),
-                       file=for_terminal(f.file)))
+    text = str(replace(f, function=for_terminal(f.function), module=for_terminal(f.module), file=for_terminal(f.file)))
     if f.file and style.color:
         head, _, where = text.rpartition(" ")
         return f"{head} {style.dim(where)}"
@@ -56,8 +63,12 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
             _histogram_text(s.histogram, out)
             return
         shown, rest = _top(s)
-        out.append(style.bold(f"Lifetime of released {s.resource} (ns) by {', '.join(s.by)}: "
-                              f"{len(shown)} of {s.total_entries} entries"))
+        out.append(
+            style.bold(
+                f"Lifetime of released {s.resource} (ns) by {', '.join(s.by)}: "
+                f"{len(shown)} of {s.total_entries} entries"
+            )
+        )
         for e in shown:
             who = f" pid {e.pid}" if e.pid is not None else ""
             who += f" comm {for_terminal(e.comm)}" if e.comm is not None else ""
@@ -70,15 +81,18 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
         return
     by = ", ".join(s.by) or "all"
     shown, rest = _top(s)
-    out.append(style.bold(f"Outstanding {s.resource} by {by}: {len(shown)} of {s.total_entries} entries"
-                          + (f", older than {s.min_age_ms} ms" if s.min_age_ms else "")))
+    out.append(
+        style.bold(
+            f"Outstanding {s.resource} by {by}: {len(shown)} of {s.total_entries} entries"
+            + (f", older than {s.min_age_ms} ms" if s.min_age_ms else "")
+        )
+    )
     if not shown:
         out.append("  (none)")
         return
-    aged = any(e.oldest_age_s is not None for e in shown)     # ages come only from read entries
+    aged = any(e.oldest_age_s is not None for e in shown)  # ages come only from read entries
     heads = s.columns + (["oldest"] if aged else [])
-    cells = [[str(e.values[c]) for c in s.columns] + ([f"{e.oldest_age_s or 0:.2f}s"] if aged else [])
-             for e in shown]
+    cells = [[str(e.values[c]) for c in s.columns] + ([f"{e.oldest_age_s or 0:.2f}s"] if aged else []) for e in shown]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
     out.append("  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
     for e, row in zip(shown, cells):
@@ -102,16 +116,17 @@ def _section_text(s: Section, style: _Style, out: List[str]) -> None:
         for f in e.stack + e.kernel_stack:
             out.append("      " + _frame_text(f, style))
     if s.total_entries > len(shown):
-        out.append(f"  ... and {s.total_entries - len(shown)} more entries: "
-                   + ", ".join(f"{v} {k}" for k, v in rest.items()))
+        out.append(
+            f"  ... and {s.total_entries - len(shown)} more entries: " + ", ".join(f"{v} {k}" for k, v in rest.items())
+        )
 
 
 def _top(s: Section):
     """(the entries the text view shows: the section's top, the summed values of the rest);
     a section may hold every entry (saved and machine formats) or only its top."""
-    shown = s.entries[:s.top] if s.top else s.entries
+    shown = s.entries[: s.top] if s.top else s.entries
     rest = dict(s.omitted)
-    for e in s.entries[len(shown):]:
+    for e in s.entries[len(shown) :]:
         for k, v in e.values.items():
             rest[k] = rest.get(k, 0) + v
     return shown, rest
@@ -126,11 +141,19 @@ def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
             continue
         when = "at its exit" if scan["at"] == "exit" else "while running"
         out.append("")
-        out.append(style.bold(f"LEAK SUMMARY ({name}, pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
-                              f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms):"))
-        for kind, label in (("definitely_lost", "definitely lost"), ("indirectly_lost", "indirectly lost"),
-                            ("possibly_lost", "possibly lost"), ("still_reachable", "still reachable"),
-                            ("not_scanned", "not scanned")):
+        out.append(
+            style.bold(
+                f"LEAK SUMMARY ({name}, pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
+                f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms):"
+            )
+        )
+        for kind, label in (
+            ("definitely_lost", "definitely lost"),
+            ("indirectly_lost", "indirectly lost"),
+            ("possibly_lost", "possibly lost"),
+            ("still_reachable", "still reachable"),
+            ("not_scanned", "not scanned"),
+        ):
             if kind in kinds:
                 text = f"{label:>17}: {kinds[kind]['bytes']} bytes in {kinds[kind]['blocks']} blocks"
                 out.append("  " + (style.red(text) if kind == "definitely_lost" and kinds[kind]["blocks"] else text))
@@ -150,8 +173,10 @@ def to_text(report: Report, color: bool = False) -> str:
     for name, r in report.resources.items():
         size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
         replaced = f", {r['replaced']} acquired again without a release" if r.get("replaced") else ""
-        out.append(f"  {for_terminal(name)}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
-                   f"{r['unknown_releases']} releases of unknown keys{replaced}")
+        out.append(
+            f"  {for_terminal(name)}: {size}{r['live_blocks']} live; {r['acquired']} acquired, {r['released']} released, "
+            f"{r['unknown_releases']} releases of unknown keys{replaced}"
+        )
     for note in report.notes:
         out.append(f"  note: {for_terminal(note, MAX_MESSAGE)}")
     for why in report.incomplete:
@@ -173,8 +198,9 @@ def to_folded(report: Report, color: bool = False) -> str:
     `_[k]` and inlined ones `_[i]`, which flamegraph.pl colours."""
     lines = []
     for s, frames, weight in stack_entries(report):
-        names = [for_folded(s.resource)] + [for_folded(f.name) + ("_[k]" if kernel else "_[i]" if f.inlined else "")
-                                for f, kernel in frames]
+        names = [for_folded(s.resource)] + [
+            for_folded(f.name) + ("_[k]" if kernel else "_[i]" if f.inlined else "") for f, kernel in frames
+        ]
         lines.append(f"{';'.join(names)} {weight}")
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -184,10 +210,18 @@ def to_speedscope(report: Report, color: bool = False) -> str:
     index: Dict[tuple, int] = {}
     profiles = {}
     for s, stack, weight in stack_entries(report):
-        prof = profiles.setdefault(s.resource, {
-            "type": "sampled", "name": f"{report.recipe}: outstanding {s.resource} ({s.columns[0]})",
-            "unit": "bytes" if s.columns[0] == "bytes" else "none", "startValue": 0, "endValue": 0,
-            "samples": [], "weights": []})
+        prof = profiles.setdefault(
+            s.resource,
+            {
+                "type": "sampled",
+                "name": f"{report.recipe}: outstanding {s.resource} ({s.columns[0]})",
+                "unit": "bytes" if s.columns[0] == "bytes" else "none",
+                "startValue": 0,
+                "endValue": 0,
+                "samples": [],
+                "weights": [],
+            },
+        )
         sample = []
         for f, _ in stack:
             key = (f.name, f.module, f.file, f.line)
@@ -203,15 +237,26 @@ def to_speedscope(report: Report, color: bool = False) -> str:
         prof["samples"].append(sample)
         prof["weights"].append(weight)
         prof["endValue"] += weight
-    doc = {"$schema": SPEEDSCOPE_SCHEMA, "shared": {"frames": frames}, "profiles": list(profiles.values()),
-           "name": f"probedsl {report.recipe} ({report.target})", "activeProfileIndex": 0,
-           "exporter": "probedsl"}
+    doc = {
+        "$schema": SPEEDSCOPE_SCHEMA,
+        "shared": {"frames": frames},
+        "profiles": list(profiles.values()),
+        "name": f"probedsl {report.recipe} ({report.target})",
+        "activeProfileIndex": 0,
+        "exporter": "probedsl",
+    }
     return json.dumps(doc) + "\n"
 
 
 FORMATS: Dict[str, Callable[..., object]] = {
-    "text": to_text, "json": to_json, "folded": to_folded, "speedscope": to_speedscope, "pprof": to_pprof,
-    "svg": to_svg, "html": to_html}
+    "text": to_text,
+    "json": to_json,
+    "folded": to_folded,
+    "speedscope": to_speedscope,
+    "pprof": to_pprof,
+    "svg": to_svg,
+    "html": to_html,
+}
 
 
 def render(report: Report, fmt: str, color: bool = False):
@@ -224,7 +269,9 @@ def diff_text(rows: List[dict], color: bool = False) -> str:
     out = [style.bold("probedsl diff: entries matched by symbolic stack, largest growth first")]
     for r in rows:
         cols = ", ".join(f"{k} {a} -> {b} ({b - a:+d})" for k, (a, b) in r["values"].items())
-        out.append(f"  {for_terminal(r['resource'])}: {cols}{'' if r['status'] == 'both' else '  [' + r['status'] + ']'}")
+        out.append(
+            f"  {for_terminal(r['resource'])}: {cols}{'' if r['status'] == 'both' else '  [' + r['status'] + ']'}"
+        )
         for f in r["entry"].stack + r["entry"].kernel_stack:
             out.append("      " + _frame_text(f, style))
     if not rows:
@@ -233,9 +280,18 @@ def diff_text(rows: List[dict], color: bool = False) -> str:
 
 
 def diff_json(rows: List[dict], color: bool = False) -> str:
-    doc = {"schema": "probedsl.diff", "version": 1, "entries": [
-        {"resource": r["resource"], "status": r["status"],
-         "values": {k: {"before": a, "after": b, "change": b - a} for k, (a, b) in r["values"].items()},
-         "stack": [f.as_dict() for f in r["entry"].stack],
-         "kernel_stack": [f.as_dict() for f in r["entry"].kernel_stack]} for r in rows]}
+    doc = {
+        "schema": "probedsl.diff",
+        "version": 1,
+        "entries": [
+            {
+                "resource": r["resource"],
+                "status": r["status"],
+                "values": {k: {"before": a, "after": b, "change": b - a} for k, (a, b) in r["values"].items()},
+                "stack": [f.as_dict() for f in r["entry"].stack],
+                "kernel_stack": [f.as_dict() for f in r["entry"].kernel_stack],
+            }
+            for r in rows
+        ],
+    }
     return json.dumps(doc, indent=2) + "\n"

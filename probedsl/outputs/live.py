@@ -5,6 +5,7 @@ p pauses the screen (tracing goes on), q quits (the run then ends with its norma
 
 Only drawing and keys live here; the session decides when to refresh (probedsl.run.session).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,15 @@ SORTS = ("bytes", "blocks", "since start", "since last")
 def usable(out, stdin=None) -> bool:
     """A full screen needs a terminal on both ends and a known terminal type."""
     import sys
+
     stdin = stdin or sys.stdin
-    return (hasattr(out, "isatty") and out.isatty() and hasattr(stdin, "isatty") and stdin.isatty()
-            and os.environ.get("TERM", "dumb") != "dumb")
+    return (
+        hasattr(out, "isatty")
+        and out.isatty()
+        and hasattr(stdin, "isatty")
+        and stdin.isatty()
+        and os.environ.get("TERM", "dumb") != "dumb"
+    )
 
 
 def start(out, period: float, say) -> Optional["LiveView"]:
@@ -34,7 +41,7 @@ def start(out, period: float, say) -> Optional["LiveView"]:
         return None
     try:
         return LiveView(period)
-    except curses.error as exc:              # a terminal type terminfo does not know
+    except curses.error as exc:  # a terminal type terminfo does not know
         with contextlib.suppress(curses.error):
             curses.endwin()
         say(f"note: --live: this terminal cannot show it ({exc}): plain reports follow")
@@ -43,13 +50,13 @@ def start(out, period: float, say) -> Optional["LiveView"]:
 
 @dataclass
 class Row:
-    key: Tuple[str, str]              # (resource, signature): as diff and merge match entries
+    key: Tuple[str, str]  # (resource, signature): as diff and merge match entries
     resource: str
-    values: Tuple[int, int]           # first two columns (bytes, blocks)
-    since_start: int                  # first column's change since the first refresh
-    since_last: int                   # ... since the previous refresh
+    values: Tuple[int, int]  # first two columns (bytes, blocks)
+    since_start: int  # first column's change since the first refresh
+    since_last: int  # ... since the previous refresh
     growing: bool
-    frames: List[str]                 # innermost first
+    frames: List[str]  # innermost first
 
 
 class Growth:
@@ -81,19 +88,32 @@ class Growth:
 
 
 def sort_rows(rows: List[Row], by: str) -> List[Row]:
-    key = {"bytes": lambda r: r.values[0], "blocks": lambda r: r.values[1],
-           "since start": lambda r: r.since_start, "since last": lambda r: r.since_last}[by]
+    key = {
+        "bytes": lambda r: r.values[0],
+        "blocks": lambda r: r.values[1],
+        "since start": lambda r: r.since_start,
+        "since last": lambda r: r.since_last,
+    }[by]
     return sorted(rows, key=lambda r: (-key(r), -r.values[0]))
 
 
 def header(report: Report, refreshes: int, period: float) -> List[str]:
-    lines = [escape.for_terminal(f"probedsl {report.recipe} live: {report.target}, {report.backend}"
-                                 f" {report.backend_version}".rstrip() + f", {report.duration_s:.0f} s traced, "
-                                 f"refresh {refreshes} (every {period:g} s)", escape.MAX_MESSAGE)]
+    lines = [
+        escape.for_terminal(
+            f"probedsl {report.recipe} live: {report.target}, {report.backend} {report.backend_version}".rstrip()
+            + f", {report.duration_s:.0f} s traced, "
+            f"refresh {refreshes} (every {period:g} s)",
+            escape.MAX_MESSAGE,
+        )
+    ]
     for name, r in report.resources.items():
         size = f"{r['live_bytes']} bytes in " if "live_bytes" in r else ""
-        lines.append(escape.for_terminal(f"{name}: {size}{r['live_blocks']} live; {r['acquired']} acquired, "
-                                         f"{r['released']} released, {r['unknown_releases']} releases of unknown keys"))
+        lines.append(
+            escape.for_terminal(
+                f"{name}: {size}{r['live_blocks']} live; {r['acquired']} acquired, "
+                f"{r['released']} released, {r['unknown_releases']} releases of unknown keys"
+            )
+        )
     return lines
 
 
@@ -117,13 +137,13 @@ class LiveView:
         self.screen.nodelay(True)
         try:
             curses.curs_set(0)
-        except curses.error:                 # a terminal that cannot hide its cursor
+        except curses.error:  # a terminal that cannot hide its cursor
             pass
         self.closed = False
 
     def show(self, report: Report) -> None:
         self.refreshes += 1
-        rows = self.growth.rows(report)       # growth counts even while the screen is paused
+        rows = self.growth.rows(report)  # growth counts even while the screen is paused
         if self.paused:
             return
         self.report, self.rows = report, rows
@@ -156,26 +176,42 @@ class LiveView:
         """(text, curses attribute) per screen line."""
         if self.report is None:
             return [("probedsl live: waiting for the first report...", 0)]
-        out = [(line, curses.A_BOLD if i == 0 else 0) for i, line in enumerate(header(self.report, self.refreshes, self.period))]
-        out.append((f"sorted by {SORTS[self.sort]}   keys: s sort  up/down select  enter expand  p pause  q quit"
-                    + ("   [PAUSED]" if self.paused else ""), curses.A_DIM))
-        cols = "bytes" if not self.report.sections or not self.report.sections[0].columns else self.report.sections[0].columns[0]
-        out.append((f"{cols:>12} {'blocks':>8} {'+start':>10} {'+last':>9}  stack (allocating frame first)", curses.A_REVERSE))
+        out = [
+            (line, curses.A_BOLD if i == 0 else 0)
+            for i, line in enumerate(header(self.report, self.refreshes, self.period))
+        ]
+        out.append(
+            (
+                f"sorted by {SORTS[self.sort]}   keys: s sort  up/down select  enter expand  p pause  q quit"
+                + ("   [PAUSED]" if self.paused else ""),
+                curses.A_DIM,
+            )
+        )
+        cols = (
+            "bytes"
+            if not self.report.sections or not self.report.sections[0].columns
+            else self.report.sections[0].columns[0]
+        )
+        out.append(
+            (f"{cols:>12} {'blocks':>8} {'+start':>10} {'+last':>9}  stack (allocating frame first)", curses.A_REVERSE)
+        )
         shown = sort_rows(self.rows, SORTS[self.sort])
         self.selected = min(self.selected, max(0, len(shown) - 1))
         for i, r in enumerate(shown):
             if len(out) >= height - 1:
                 break
             where = " <- ".join(f.split(" [")[0] for f in r.frames[:3]) or "(no stack)"
-            text = (f"{r.values[0]:>12} {r.values[1]:>8} {r.since_start:>+10} {r.since_last:>+9}  "
-                    f"{where}{'  GROWING' if r.growing else ''}")
+            text = (
+                f"{r.values[0]:>12} {r.values[1]:>8} {r.since_start:>+10} {r.since_last:>+9}  "
+                f"{where}{'  GROWING' if r.growing else ''}"
+            )
             attr = (curses.A_REVERSE if i == self.selected else 0) | (curses.A_BOLD if r.growing else 0)
             out.append((text, attr))
             if r.key == self.expanded:
                 out += [("              " + f, 0) for f in r.frames]
         if not shown:
             out.append(("  (nothing live)", 0))
-        return [(t[:width - 1], a) for t, a in out[:height]]
+        return [(t[: width - 1], a) for t, a in out[:height]]
 
     def draw(self) -> None:
         if self.closed:
@@ -185,7 +221,7 @@ class LiveView:
         for y, (text, attr) in enumerate(self.lines(width, height)):
             try:
                 self.screen.addstr(y, 0, text, attr)
-            except curses.error:             # the last cell of a full screen
+            except curses.error:  # the last cell of a full screen
                 pass
         self.screen.refresh()
 

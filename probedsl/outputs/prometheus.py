@@ -1,5 +1,6 @@
 """`--prometheus ADDR:PORT`: the latest report as Prometheus gauges, served over HTTP while
 tracing, for a fleet's monitoring to scrape and alert on (docs/fleet.md)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,13 +12,16 @@ from typing import List, Tuple
 from probedsl.errors import ProbedslError
 from probedsl.report import Report
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"    # Prometheus' text format
-COUNTERS = {"acquired": "acquisitions seen", "released": "releases seen",
-            "unknown_releases": "releases of keys never seen acquired",
-            "untracked": "acquisitions lost: the live table was full",
-            "replaced": "keys acquired again without a release",
-            "no_stack": "live entries whose stack the kernel did not keep",
-            "unaccounted": "live entries the report could not account for"}
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
+COUNTERS = {
+    "acquired": "acquisitions seen",
+    "released": "releases seen",
+    "unknown_releases": "releases of keys never seen acquired",
+    "untracked": "acquisitions lost: the live table was full",
+    "replaced": "keys acquired again without a release",
+    "no_stack": "live entries whose stack the kernel did not keep",
+    "unaccounted": "live entries the report could not account for",
+}
 
 
 def parse_address(text: str) -> Tuple[str, int]:
@@ -102,27 +106,60 @@ def metrics(report: Report) -> str:
 
     base = {"recipe": report.recipe, "target": report.target}
     resources = report.resources.items()
-    family("live_bytes", "gauge", "bytes of live resources",
-           (({**base, "resource": r}, c["live_bytes"]) for r, c in resources if "live_bytes" in c))
-    family("live", "gauge", "live resources (blocks, descriptors...)",
-           (({**base, "resource": r}, c["live_blocks"]) for r, c in resources))
+    family(
+        "live_bytes",
+        "gauge",
+        "bytes of live resources",
+        (({**base, "resource": r}, c["live_bytes"]) for r, c in resources if "live_bytes" in c),
+    )
+    family(
+        "live",
+        "gauge",
+        "live resources (blocks, descriptors...)",
+        (({**base, "resource": r}, c["live_blocks"]) for r, c in resources),
+    )
     for counter, help_text in COUNTERS.items():
         kind, name = ("counter", f"{counter}_total") if counter in ("acquired", "released") else ("gauge", counter)
         family(name, kind, help_text, (({**base, "resource": r}, c[counter]) for r, c in resources if counter in c))
-    family("leak_bytes", "gauge", "bytes by leak kind (--reachability)",
-           (({**base, "resource": r, "kind": k}, v["bytes"]) for r, c in resources
-            for k, v in c.get("reachability", {}).items()))
-    family("leak_blocks", "gauge", "blocks by leak kind (--reachability)",
-           (({**base, "resource": r, "kind": k}, v["blocks"]) for r, c in resources
-            for k, v in c.get("reachability", {}).items()))
-    stacks = [(s, e) for s in report.sections if s.kind == "outstanding" for e in s.entries[:s.top or None]]
-    labels = lambda s, e: {**base, "resource": s.resource, "stack_id": stack_id(e.signature()),
-                           "stack": short_stack(e)}
+    family(
+        "leak_bytes",
+        "gauge",
+        "bytes by leak kind (--reachability)",
+        (
+            ({**base, "resource": r, "kind": k}, v["bytes"])
+            for r, c in resources
+            for k, v in c.get("reachability", {}).items()
+        ),
+    )
+    family(
+        "leak_blocks",
+        "gauge",
+        "blocks by leak kind (--reachability)",
+        (
+            ({**base, "resource": r, "kind": k}, v["blocks"])
+            for r, c in resources
+            for k, v in c.get("reachability", {}).items()
+        ),
+    )
+    stacks = [(s, e) for s in report.sections if s.kind == "outstanding" for e in s.entries[: s.top or None]]
+    labels = lambda s, e: {**base, "resource": s.resource, "stack_id": stack_id(e.signature()), "stack": short_stack(e)}
     for column in dict.fromkeys(c for s, _ in stacks for c in s.columns):
-        family(f"stack_{column}", "gauge", f"{column} outstanding by stack (the report's top entries)",
-               ((labels(s, e), e.values[column]) for s, e in stacks if column in e.values))
-    family("stack_growing", "gauge", "1 when the stack grew in each of the last --growth-intervals reports",
-           ((labels(s, e), int(e.growing)) for s, e in stacks))
-    family("report_duration_seconds", "gauge", "seconds traced when the report was taken",
-           [(base, round(report.duration_s, 3))])
+        family(
+            f"stack_{column}",
+            "gauge",
+            f"{column} outstanding by stack (the report's top entries)",
+            ((labels(s, e), e.values[column]) for s, e in stacks if column in e.values),
+        )
+    family(
+        "stack_growing",
+        "gauge",
+        "1 when the stack grew in each of the last --growth-intervals reports",
+        ((labels(s, e), int(e.growing)) for s, e in stacks),
+    )
+    family(
+        "report_duration_seconds",
+        "gauge",
+        "seconds traced when the report was taken",
+        [(base, round(report.duration_s, 3))],
+    )
     return "\n".join(out) + "\n"

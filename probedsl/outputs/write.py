@@ -1,10 +1,10 @@
 """A rendered report written where the user asked: -o FILE replaced whole (never half), a device or FIFO written in place, else standard output."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 from typing import Optional
-
 
 
 def write_report(text, output: Optional[str], out) -> None:
@@ -14,7 +14,7 @@ def write_report(text, output: Optional[str], out) -> None:
     real = os.path.realpath(output) if output else ""
     if output and os.path.exists(real) and not os.path.isfile(real):
         data = text if isinstance(text, bytes) else text.encode()
-        fd = os.open(real, os.O_WRONLY | os.O_NONBLOCK)     # ENXIO: a pipe nobody reads
+        fd = os.open(real, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: a pipe nobody reads
         with os.fdopen(fd, "wb") as f:
             os.set_blocking(fd, True)
             f.write(data)
@@ -23,7 +23,7 @@ def write_report(text, output: Optional[str], out) -> None:
         try:
             with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
                 f.write(text)
-            os.replace(tmp, real)           # readers never see half a report
+            os.replace(tmp, real)  # readers never see half a report
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -4,6 +4,7 @@ A uprobe belongs to a file (its inode): every process mapping that file traps, w
 filter says. A launched command pointed at a byte-for-byte copy (LD_LIBRARY_PATH) maps the
 copy instead, and probes on the copy trap only the command and the children it starts.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ class PrivateLibraries:
         copies = {}
         for path in sorted(originals):
             if path == os.path.realpath(command) or ".so" not in os.path.basename(path):
-                continue                                  # the program itself cannot be swapped
+                continue  # the program itself cannot be swapped
             target = os.path.join(self.dir, asked.get(os.path.realpath(path), os.path.basename(path)))
             if not os.path.exists(target):
                 shutil.copy2(path, target)
@@ -43,13 +44,16 @@ class PrivateLibraries:
         used = {orig: copy for orig, copy in copies.items() if os.path.realpath(copy) in loaded}
         if not used:
             self.env = {}
-        return replace(program, resources=tuple(
-            replace(r, probes=tuple(replace(p, path=used.get(p.path, p.path)) for p in r.probes))
-            for r in program.resources))
+        return replace(
+            program,
+            resources=tuple(
+                replace(r, probes=tuple(replace(p, path=used.get(p.path, p.path)) for p in r.probes))
+                for r in program.resources
+            ),
+        )
 
     def owns(self, path: str) -> bool:
         return os.path.dirname(path) == self.dir
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-

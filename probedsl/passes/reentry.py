@@ -17,6 +17,7 @@ Which of these a target probes, and how the generated code tells the second hit,
 target's (probedsl.targets.base: reentries). The code reached from each probed release function by jumps (not calls: a call pushes, and a
 callee's release is another call) is decoded with iced-x86, up to MAX_INSTRUCTIONS.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,17 +29,17 @@ from probedsl.binaries import elf
 from probedsl import ir
 from probedsl.binaries.x86 import LOOKAHEAD
 
-MAX_INSTRUCTIONS = 20000       # decoded per probed function and file (glibc's free: ~2,000)
+MAX_INSTRUCTIONS = 20000  # decoded per probed function and file (glibc's free: ~2,000)
 WINDOW = 15 * LOOKAHEAD  # a branch landing this close to an entry may pass its probe
 
 
 @dataclass(frozen=True)
 class Site:
     path: str
-    address: int               # the branch instruction (ELF virtual address)
-    code: str                  # its bytes (hex), checked again before attaching
-    target: int                # where it lands: offset from the entered function's entry
-    origin: str                # the probed function whose call reaches it
+    address: int  # the branch instruction (ELF virtual address)
+    code: str  # its bytes (hex), checked again before attaching
+    target: int  # where it lands: offset from the entered function's entry
+    origin: str  # the probed function whose call reaches it
 
 
 def apply(program: ir.Program) -> ir.Program:
@@ -46,25 +47,33 @@ def apply(program: ir.Program) -> ir.Program:
     files where its function only forwards to another probed one (`forwards`)."""
     resources = []
     for res in program.resources:
-        releases = [p for p in res.probes if p.kind == "uprobe" and not p.at_return and p.actions
-                    and all(a.kind == "release" for a in p.actions)]
+        releases = [
+            p
+            for p in res.probes
+            if p.kind == "uprobe" and not p.at_return and p.actions and all(a.kind == "release" for a in p.actions)
+        ]
         found: Dict[int, list] = {p.id: [] for p in releases}
         forwards: Dict[int, list] = {p.id: [] for p in releases}
         for origin in releases:
             for path in origin.files:
-                for fn, site in _sites(path, origin.function,
-                                       tuple(sorted({p.function for p in releases if path in p.files}))):
+                for fn, site in _sites(
+                    path, origin.function, tuple(sorted({p.function for p in releases if path in p.files}))
+                ):
                     entered = next(p for p in releases if p.function == fn)
-                    if fn != origin.function and site.target == 0 and _same_actions(origin, entered) \
-                            and site.address == _probe_address(path, origin):
-                        forwards[origin.id].append(path)       # every call of origin is this jump
+                    if (
+                        fn != origin.function
+                        and site.target == 0
+                        and _same_actions(origin, entered)
+                        and site.address == _probe_address(path, origin)
+                    ):
+                        forwards[origin.id].append(path)  # every call of origin is this jump
                     elif site.target <= entered.place_in(path)[0]:
-                        found[entered.id].append(site)   # it passes the probed instruction
+                        found[entered.id].append(site)  # it passes the probed instruction
         probes = []
         for p in res.probes:
             if p.id in found:
                 unique: Dict[Tuple[str, int], Site] = {}
-                for site in found[p.id]:       # a branch reached from several origins: once
+                for site in found[p.id]:  # a branch reached from several origins: once
                     unique.setdefault((site.path, site.address), site)
                 # where p only forwards, nothing of p is attached to be entered again
                 sites = tuple(s for s in unique.values() if s.path not in forwards[p.id])
@@ -98,6 +107,7 @@ def _sites(path: str, origin: str, entered: Tuple[str, ...]):
 @functools.lru_cache(maxsize=256)
 def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
     from iced_x86 import Decoder, FlowControl
+
     syms = elf.symbols(path)
     if not syms or not syms.address_of(origin):
         return ()
@@ -107,7 +117,7 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
 
     def landing(target: int) -> Optional[Tuple[str, int]]:
         near = [start for start in entries if start <= target < start + WINDOW]
-        if near:                               # the nearest entry at or before it
+        if near:  # the nearest entry at or before it
             return entries[max(near)], target - max(near)
         # a PLT stub: the function its slot names (this file's own, when the process binds
         # the name to it: a preloaded or first-linked allocator, as --allocator assumes)
@@ -132,18 +142,23 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
                 lands = landing(target)
                 if lands and target != ins.ip:
                     offset = ins.ip - block
-                    found.append((lands[0], Site(path, ins.ip, code[offset:offset + ins.len].hex(),
-                                                 lands[1], origin)))
+                    found.append(
+                        (lands[0], Site(path, ins.ip, code[offset : offset + ins.len].hex(), lands[1], origin))
+                    )
                 if target and not (lands and lands[1] == 0):
-                    todo.append(target)        # within the same call: follow it (an entry's own
-                                               # code is walked from that entry)
+                    todo.append(target)  # within the same call: follow it (an entry's own
+                    # code is walked from that entry)
                 if flow == FlowControl.UNCONDITIONAL_BRANCH:
                     break
-            elif flow in (FlowControl.RETURN, FlowControl.INDIRECT_BRANCH, FlowControl.INTERRUPT,
-                          FlowControl.EXCEPTION):
+            elif flow in (
+                FlowControl.RETURN,
+                FlowControl.INDIRECT_BRANCH,
+                FlowControl.INTERRUPT,
+                FlowControl.EXCEPTION,
+            ):
                 break
             if ins.next_ip >= block + len(code) - 15:
-                todo.append(ins.next_ip)       # decode the rest from a fresh read
+                todo.append(ins.next_ip)  # decode the rest from a fresh read
                 break
     return tuple(found)
 
@@ -151,14 +166,18 @@ def _walk(path: str, origin: str, entered: Tuple[str, ...], _mtime_ns: int):
 def _stub_slot(code: bytes, address: int) -> int:
     """The GOT slot a PLT stub at address jumps through (`endbr64; bnd jmp *slot(%rip)`), or 0."""
     from iced_x86 import Decoder, FlowControl, Mnemonic, OpKind, Register
+
     for count, ins in enumerate(Decoder(64, code, ip=address)):
         if count >= 2 or ins.is_invalid:
             return 0
         if ins.mnemonic == Mnemonic.ENDBR64:
             continue
-        if ins.flow_control == FlowControl.INDIRECT_BRANCH and ins.op0_kind == OpKind.MEMORY \
-                and ins.memory_base == Register.RIP:
-            return ins.memory_displacement        # iced gives the absolute address for rip-relative
+        if (
+            ins.flow_control == FlowControl.INDIRECT_BRANCH
+            and ins.op0_kind == OpKind.MEMORY
+            and ins.memory_base == Register.RIP
+        ):
+            return ins.memory_displacement  # iced gives the absolute address for rip-relative
         return 0
     return 0
 
@@ -168,6 +187,7 @@ def _plt_slots(path: str, _mtime_ns: int) -> Dict[int, str]:
     """GOT slot address -> the function its PLT stub calls (.rela.plt's jump slots)."""
     from elftools.elf.elffile import ELFFile
     from elftools.elf.relocation import RelocationSection
+
     slots: Dict[int, str] = {}
     try:
         with open(path, "rb") as f:
@@ -178,6 +198,6 @@ def _plt_slots(path: str, _mtime_ns: int) -> Dict[int, str]:
                     for rel in section.iter_relocations():
                         if rel["r_info_sym"]:
                             slots[rel["r_offset"]] = symbols.get_symbol(rel["r_info_sym"]).name
-    except Exception:          # pyelftools on a damaged file raises many kinds: no stubs named
+    except Exception:  # pyelftools on a damaged file raises many kinds: no stubs named
         return {}
     return slots

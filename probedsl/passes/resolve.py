@@ -1,6 +1,7 @@
 """The pass that binds a program's probes to files: each probe's library short name resolved
 to the file the traced program loads (probedsl.process.libraries), its symbol checked, its aliases
 folded, its copies in other roots found, its usdt sites read."""
+
 from __future__ import annotations
 
 import difflib
@@ -37,12 +38,16 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
                 continue
             path = resolver.resolve(probe.library)
             if path is None:
-                diagnostics.append(Diagnostic(program.filename, probe.span,
-                                              f"library '{probe.library}' not found"))
+                diagnostics.append(Diagnostic(program.filename, probe.span, f"library '{probe.library}' not found"))
                 continue
             if not SAFE_PATH.match(path):
-                diagnostics.append(Diagnostic(program.filename, probe.span,
-                                              f"library path {path!r} has characters probedsl does not put in a probe"))
+                diagnostics.append(
+                    Diagnostic(
+                        program.filename,
+                        probe.span,
+                        f"library path {path!r} has characters probedsl does not put in a probe",
+                    )
+                )
                 continue
             syms = elf.symbols(path)
             address = syms.address_of(probe.function) if syms else None
@@ -52,8 +57,9 @@ def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") ->
             if address is None:
                 near = difflib.get_close_matches(probe.function, list(syms.by_name) if syms else [], n=3)
                 hint = f"; did you mean {', '.join(near)}?" if near else ""
-                diagnostics.append(Diagnostic(program.filename, probe.span,
-                                              f"function '{probe.function}' not found in {path}{hint}"))
+                diagnostics.append(
+                    Diagnostic(program.filename, probe.span, f"function '{probe.function}' not found in {path}{hint}")
+                )
                 continue
             key = (path, address, probe.at_return)
             if key in seen:
@@ -75,15 +81,18 @@ def _usdt_sites(probe: ir.Probe, resolver: LibraryResolver, filename: str, diagn
         if not found:
             continue
         if not SAFE_PATH.match(path):
-            diagnostics.append(Diagnostic(filename, probe.span,
-                                          f"file path {path!r} has characters probedsl does not put in a probe"))
+            diagnostics.append(
+                Diagnostic(filename, probe.span, f"file path {path!r} has characters probedsl does not put in a probe")
+            )
             return ()
         try:
             for site in found:
                 for index in probe.args_read:
                     if index >= len(site.args):
-                        raise ProbedslError(f"{probe.label} in {path} has {len(site.args)} argument(s); the "
-                                            f"recipe reads argument {index + 1}")
+                        raise ProbedslError(
+                            f"{probe.label} in {path} has {len(site.args)} argument(s); the "
+                            f"recipe reads argument {index + 1}"
+                        )
                     usdt.location(site.args[index])
         except ProbedslError as exc:
             diagnostics.append(Diagnostic(filename, probe.span, str(exc)))

@@ -1,4 +1,5 @@
 """`-- CMD`: start the command held before exec, let it go once the probes are attached."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ class HeldCommand:
         self.exe = os.path.realpath(exe)
         read_end, self._go = os.pipe()
         pid = os.fork()
-        if pid == 0:                                   # child: wait for the go byte, then exec
+        if pid == 0:  # child: wait for the go byte, then exec
             try:
                 os.close(self._go)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -31,7 +32,7 @@ class HeldCommand:
                     message += chunk
                 if message[:1] in (b"g", b"s"):
                     os.close(read_end)
-                    if message.startswith(b"s"):          # stop right after exec (see release)
+                    if message.startswith(b"s"):  # stop right after exec (see release)
                         ptrace.request(ptrace.TRACEME, 0)
                     env = dict(os.environb)
                     # "g" then NAME=VALUE\0 pairs: variables set at release (LD_LIBRARY_PATH)
@@ -44,10 +45,15 @@ class HeldCommand:
         os.close(read_end)
         self.pid = pid
         self.status: Optional[int] = None
-        self.tether = None                 # a probedsl.process.tether.Tether: it reaps the command
+        self.tether = None  # a probedsl.process.tether.Tether: it reaps the command
 
-    def release(self, env: Optional[dict] = None, at_exec: Optional[Callable[[], None]] = None,
-                mapped: Callable[[], bool] = lambda: True, tether=None) -> None:
+    def release(
+        self,
+        env: Optional[dict] = None,
+        at_exec: Optional[Callable[[], None]] = None,
+        mapped: Callable[[], bool] = lambda: True,
+        tether=None,
+    ) -> None:
         """Let the command exec, with `env` added to its environment. With at_exec, the command
         is held from its exec (traced, stopped at each system call) until mapped() says its
         loader has mapped what it waited for (or MAX_HELD_SYSCALLS), then at_exec() is called
@@ -56,7 +62,7 @@ class HeldCommand:
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
         try:
             os.write(self._go, (b"s" if at_exec and not tether else b"g") + extra)
-        except BrokenPipeError:                   # it died while held (a Ctrl-C reached it)
+        except BrokenPipeError:  # it died while held (a Ctrl-C reached it)
             os.close(self._go)
             self._go = -1
             self.wait()
@@ -70,10 +76,10 @@ class HeldCommand:
             return
         if at_exec is None:
             return
-        _, status = os.waitpid(self.pid, 0)          # the stop after exec
+        _, status = os.waitpid(self.pid, 0)  # the stop after exec
         try:
             for _ in range(MAX_HELD_SYSCALLS):
-                if not os.WIFSTOPPED(status):          # the exec failed, or it ended: exited
+                if not os.WIFSTOPPED(status):  # the exec failed, or it ended: exited
                     self.status = shell_status(status)
                     return
                 if mapped():
@@ -83,7 +89,7 @@ class HeldCommand:
                 sig = os.WSTOPSIG(status)
                 try:
                     ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig in HOLD_SIGNALS else sig)
-                except ProcessLookupError:      # killed meanwhile: its exit is the next wait's
+                except ProcessLookupError:  # killed meanwhile: its exit is the next wait's
                     pass
                 _, status = os.waitpid(self.pid, 0)
             at_exec()
@@ -92,7 +98,7 @@ class HeldCommand:
                 sig = os.WSTOPSIG(status) if os.WIFSTOPPED(status) else 0
                 try:
                     ptrace.request(ptrace.DETACH, self.pid, 0, 0 if sig == signal.SIGTRAP else sig)
-                except ProcessLookupError:      # killed while held: poll() reaps it
+                except ProcessLookupError:  # killed while held: poll() reaps it
                     pass
 
     def abandon(self) -> None:
@@ -104,9 +110,13 @@ class HeldCommand:
         self.wait()
 
     def poll(self) -> Optional[int]:
-        if self.status is None and self.tether is not None and not self.tether.ended.is_set() \
-                and self.tether.exit_status is None:
-            return None                    # the tether waits for it (a wait here would take its stops)
+        if (
+            self.status is None
+            and self.tether is not None
+            and not self.tether.ended.is_set()
+            and self.tether.exit_status is None
+        ):
+            return None  # the tether waits for it (a wait here would take its stops)
         if self.status is None and self.tether is not None and self.tether.exit_status is not None:
             self.status = self.tether.exit_status
         if self.status is None:
@@ -123,7 +133,7 @@ class HeldCommand:
 
 
 HOLD_SIGNALS = (signal.SIGTRAP, signal.SIGSTOP)
-MAX_HELD_SYSCALLS = 2000      # the loader of a program with ~50 libraries makes ~1,000
+MAX_HELD_SYSCALLS = 2000  # the loader of a program with ~50 libraries makes ~1,000
 
 
 def shell_status(wait_status: int) -> int:

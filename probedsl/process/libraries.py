@@ -1,4 +1,5 @@
 """Where probes attach: library short names -> files, symbol checks, and alias folding."""
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,9 @@ def _short_matches(short: str, filename: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _ldconfig() -> Tuple[Tuple[str, str], ...]:
-    exe = shutil.which("ldconfig") or next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None)
+    exe = shutil.which("ldconfig") or next(
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None
+    )
     if exe is None:
         return ()
     try:
@@ -51,8 +54,7 @@ def loader_map(command: str, env: Optional[dict] = None, root: str = "") -> List
         return []
     argv = (["chroot", root] if root else []) + [loaders[0], "--list", command]
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10,
-                             env={**os.environ, **(env or {})}).stdout
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, env={**os.environ, **(env or {})}).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [(m.group(1), m.group(2)) for m in re.finditer(r"^\s*(\S+) => (/\S+)", out, re.M)]
@@ -68,8 +70,9 @@ class LibraryResolver:
     to run (with root: chrooted there); others, processes in other roots (containers) whose
     copies of each library are probed too."""
 
-    def __init__(self, pid: Optional[int] = None, command: Optional[str] = None, root: str = "",
-                 others: Iterable[int] = ()):
+    def __init__(
+        self, pid: Optional[int] = None, command: Optional[str] = None, root: str = "", others: Iterable[int] = ()
+    ):
         self.pid, self.command, self.root, self.others = pid, command, root.rstrip("/"), tuple(others)
         self._prefix = roots.root_prefix(pid) if pid else self.root
         self._elsewhere: Dict[str, List[str]] = {}
@@ -86,7 +89,7 @@ class LibraryResolver:
             yield from mapped_files(self.pid)
         if self.command:
             yield from self._command_libraries
-        if self._prefix == "":            # our root: what ldconfig knows is what it can load
+        if self._prefix == "":  # our root: what ldconfig knows is what it can load
             for _, path in _ldconfig():
                 yield path
 

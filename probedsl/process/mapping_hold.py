@@ -13,6 +13,7 @@ returns), so a process continued here has its new mapping in its unwind entry, a
 process stopped has a mark that is read at the next turn (20 ms at most). Ending the run
 clears the switch the BPF program reads (no new stops), then continues every marked process.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,10 +28,10 @@ class MappingHold:
     def __init__(self, bpf):
         self.marks = bpf["probedsl_unw_held"]
         self.switch = bpf["probedsl_unw_holding"]
-        self._lock = threading.Lock()       # the tracker's thread and close() both release
+        self._lock = threading.Lock()  # the tracker's thread and close() both release
         self.closed = False
-        self.released = 0                    # stops ended here (how many times code waited)
-        self.longest_ns = 0                  # the longest of them, from the stop to SIGCONT
+        self.released = 0  # stops ended here (how many times code waited)
+        self.longest_ns = 0  # the longest of them, from the stop to SIGCONT
 
     def start(self) -> None:
         self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
@@ -56,21 +57,23 @@ class MappingHold:
                 self.closed = True
                 try:
                     self.switch[ctypes.c_int(0)] = ctypes.c_uint32(0)
-                except Exception:                # BCC raises bare Exception: the maps are gone
+                except Exception:  # BCC raises bare Exception: the maps are gone
                     pass
             self._release(self._marked())
 
     def notes(self) -> List[str]:
         if not self.released:
             return []
-        return [f"the command waited {self.released} times after mapping a file's code, until the unwinder "
-                f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"]
+        return [
+            f"the command waited {self.released} times after mapping a file's code, until the unwinder "
+            f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"
+        ]
 
     def _marked(self) -> Dict[int, int]:
         """pid -> CLOCK_MONOTONIC ns of its stop."""
         try:
             return {k.value: v.value for k, v in self.marks.items()}
-        except Exception:                        # BCC raises bare Exception: the maps are gone
+        except Exception:  # BCC raises bare Exception: the maps are gone
             return {}
 
     def _release(self, pids: Dict[int, int]) -> None:
@@ -78,11 +81,11 @@ class MappingHold:
         for pid, stopped in pids.items():
             try:
                 del self.marks[self.marks.Key(pid)]
-            except Exception:                    # BCC: KeyError, or bare Exception once closed
+            except Exception:  # BCC: KeyError, or bare Exception once closed
                 pass
             try:
                 os.kill(pid, signal.SIGCONT)
                 self.released += 1
                 self.longest_ns = max(self.longest_ns, now - stopped)
-            except ProcessLookupError:           # it ended meanwhile (killed while stopped)
+            except ProcessLookupError:  # it ended meanwhile (killed while stopped)
                 pass

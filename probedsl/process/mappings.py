@@ -5,6 +5,7 @@ memory map from while it lived. The kernel reports every executable mmap, exec a
 perf side-band records (what `perf record` uses); we read those from a dummy software event
 on each CPU, and fall back to /proc/PID/maps for processes that were mapped before we began.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,8 +39,8 @@ class Mapping:
     start: int
     end: int
     offset: int
-    path: str              # as the process names it (inside its root)
-    time: int = 0          # CLOCK_MONOTONIC ns of the mmap (0: read from /proc)
+    path: str  # as the process names it (inside its root)
+    time: int = 0  # CLOCK_MONOTONIC ns of the mmap (0: read from /proc)
     file: Optional[str] = None  # where probedsl opens it ("": nowhere); None: the same as path
 
 
@@ -50,8 +51,7 @@ def _perf_attr() -> bytes:
     # time (sample_id_all + TIME), the clock of bpf_ktime_get_ns, so records and live
     # resources can be ordered.
     flags = _MMAP | _COMM | _TASK | _WATERMARK | _MMAP2 | _COMM_EXEC | _SAMPLE_ID_ALL | _USE_CLOCKID
-    head = struct.pack("<IIQQQQQIIQQQQIi", 1, 112, 9, 0, _SAMPLE_TIME, 0, flags, 1, 0, 0, 0, 0, 0, 0,
-                       _CLOCK_MONOTONIC)
+    head = struct.pack("<IIQQQQQIIQQQQIi", 1, 112, 9, 0, _SAMPLE_TIME, 0, flags, 1, 0, 0, 0, 0, 0, 0, _CLOCK_MONOTONIC)
     return head + b"\0" * (112 - len(head))
 
 
@@ -63,7 +63,7 @@ def _time(body: bytes) -> int:
 def read_proc_maps(pid: int) -> List[Mapping]:
     result = []
     try:
-        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")         # bounded: the process sets its length
+        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")  # bounded: the process sets its length
     except OSError:
         return result
     for line in lines:
@@ -106,9 +106,9 @@ class _Ring:
     def _read(self, base: int, pos: int, n: int) -> bytes:
         pos %= self.size
         first = min(n, self.size - pos)
-        data = self.buf[base + pos: base + pos + first]
+        data = self.buf[base + pos : base + pos + first]
         if first < n:
-            data += self.buf[base: base + n - first]
+            data += self.buf[base : base + n - first]
         return data
 
     def close(self):
@@ -131,7 +131,7 @@ class MappingTracker:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._joined = True
-        self.family: Set[int] = set()        # followed processes and all they forked (follow)
+        self.family: Set[int] = set()  # followed processes and all they forked (follow)
         self.lost = 0
         self.files = RootedFiles()
         # told (pid, its current mappings) whenever a process's mappings change
@@ -179,7 +179,7 @@ class MappingTracker:
         """A listener's failure is the run's note (probedsl.threads), not the tracker's end."""
         try:
             listener(pid, maps)
-        except Exception as exc:          # BCC raises bare Exception
+        except Exception as exc:  # BCC raises bare Exception
             threads.failed("the mapping listener (unwind tables)", exc)
 
     def _rooted(self, pid: int, maps: List[Mapping], identity=None) -> List[Mapping]:
@@ -223,7 +223,7 @@ class MappingTracker:
         """Stop the thread, read what is left, close the rings; safe to call twice."""
         self.stop_thread()
         if not self._joined:
-            return                    # it may still read the rings: they go with the process
+            return  # it may still read the rings: they go with the process
         self.drain()
         for ring in self._rings:
             ring.close()
@@ -242,7 +242,7 @@ class MappingTracker:
             for hook in list(self._turns):
                 try:
                     hook(self.drain)
-                except Exception as exc:      # BCC raises bare Exception
+                except Exception as exc:  # BCC raises bare Exception
                     threads.failed("the mapping hold", exc)
 
     def drain(self) -> None:
@@ -279,7 +279,7 @@ class MappingTracker:
         if rtype in (_RECORD_MMAP, _RECORD_MMAP2):
             pid, _tid, addr, length, pgoff = struct.unpack_from("<IIQQQ", body)
             name_at = 32 if rtype == _RECORD_MMAP else 32 + 24 + 8
-            path = body[name_at:len(body) - 8].split(b"\0", 1)[0].decode(errors="replace")
+            path = body[name_at : len(body) - 8].split(b"\0", 1)[0].decode(errors="replace")
             # MMAP2 says which file (device, inode): ours at that path, or another root's
             identity = struct.unpack_from("<IIQ", body, 32) if rtype == _RECORD_MMAP2 else None
             if path.startswith("/"):
@@ -293,11 +293,11 @@ class MappingTracker:
         elif rtype == _RECORD_COMM and misc & _MISC_COMM_EXEC:
             pid, tid = struct.unpack_from("<II", body)
             if pid == tid:
-                self._new_generation(pid, time_ns, [])                   # exec: a fresh address space
+                self._new_generation(pid, time_ns, [])  # exec: a fresh address space
                 return pid
         elif rtype == _RECORD_FORK:
             pid, ppid, _tid, _ptid = struct.unpack_from("<IIII", body)
-            if pid != ppid:                                               # a process, not a thread
+            if pid != ppid:  # a process, not a thread
                 if ppid in self.family:
                     self.family.add(pid)
                 parent = self._at(ppid, time_ns) if ppid in self._gens else []
@@ -371,7 +371,7 @@ class MappingTracker:
 
 
 def find(mappings: List[Mapping], address: int) -> Optional[Mapping]:
-    for m in reversed(mappings):     # newest first: a later mmap over the same range wins
+    for m in reversed(mappings):  # newest first: a later mmap over the same range wins
         if m.start <= address < m.end:
             return m
     return None

@@ -4,6 +4,7 @@ A traced process decides how long its /proc text is (a mapping per file it maps,
 PATH_MAX, names it chose): every read here is bounded in bytes and lines, and a cut is
 counted in one note (probedsl.notices).
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,12 +15,12 @@ from typing import List, Optional, Tuple
 from probedsl import notices
 from probedsl.errors import ProbedslError
 
-TASK_COMM_LEN = 16            # the kernel keeps a process name in 16 bytes, its NUL included
+TASK_COMM_LEN = 16  # the kernel keeps a process name in 16 bytes, its NUL included
 
-MAX_BYTES = 32 << 20        # bytes of one /proc file read (65,530 mappings of 100-byte lines: 6.5 MB)
-MAX_LINES = 1 << 18         # lines of one (the default vm.max_map_count is 65,530)
-MAX_LINE = 4 * 4096 + 256   # bytes of one line: a PATH_MAX path, every byte escaped (\012), and the fields
-MAX_SMALL = 4096            # bytes of a file that holds one short value (comm, stat)
+MAX_BYTES = 32 << 20  # bytes of one /proc file read (65,530 mappings of 100-byte lines: 6.5 MB)
+MAX_LINES = 1 << 18  # lines of one (the default vm.max_map_count is 65,530)
+MAX_LINE = 4 * 4096 + 256  # bytes of one line: a PATH_MAX path, every byte escaped (\012), and the fields
+MAX_SMALL = 4096  # bytes of a file that holds one short value (comm, stat)
 
 
 def read_lines(path: str) -> Tuple[List[str], bool]:
@@ -30,15 +31,16 @@ def read_lines(path: str) -> Tuple[List[str], bool]:
         data = f.read(MAX_BYTES + 1)
     cut = len(data) > MAX_BYTES
     if cut:
-        data = data[:data.rfind(b"\n", 0, MAX_BYTES) + 1]      # whole lines only
+        data = data[: data.rfind(b"\n", 0, MAX_BYTES) + 1]  # whole lines only
     raw = data.split(b"\n")
     if raw and raw[-1] == b"":
         raw.pop()
     if len(raw) > MAX_LINES:
         cut, raw = True, raw[:MAX_LINES]
     if cut:
-        notices.count(f"{path}: over {MAX_LINES} lines or {MAX_BYTES >> 20} MB, read cut there "
-                      f"(what follows is unknown)")
+        notices.count(
+            f"{path}: over {MAX_LINES} lines or {MAX_BYTES >> 20} MB, read cut there (what follows is unknown)"
+        )
     long = sum(len(line) > MAX_LINE for line in raw)
     if long:
         notices.count(f"{path}: lines over {MAX_LINE} bytes left out", long)
@@ -150,8 +152,9 @@ def valid_comm(comm: str) -> str:
     """comm, if the kernel could name a process so; else a one-line error."""
     raw = comm.encode()
     if not raw or len(raw) >= TASK_COMM_LEN:
-        raise ProbedslError(f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes "
-                            "(the kernel keeps only the first 15)")
+        raise ProbedslError(
+            f"--comm {comm!r}: a process name is 1 to {TASK_COMM_LEN - 1} bytes (the kernel keeps only the first 15)"
+        )
     if re.search(r"[\x00-\x1f\x7f]", comm):
         raise ProbedslError(f"--comm {comm!r}: control characters cannot appear in a process name")
     return comm

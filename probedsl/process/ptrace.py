@@ -1,4 +1,5 @@
 """The ptrace(2) requests probedsl makes (x86-64 Linux), and why the system refused one."""
+
 from __future__ import annotations
 
 import ctypes
@@ -14,10 +15,12 @@ GETEVENTMSG, GETREGSET, SEIZE, INTERRUPT, LISTEN = 0x4201, 0x4204, 0x4206, 0x420
 NT_X86_XSTATE = 0x202
 O_TRACESYSGOOD, O_TRACEFORK, O_TRACEVFORK, O_TRACECLONE, O_TRACEEXEC, O_TRACEEXIT = 0x01, 0x02, 0x04, 0x08, 0x10, 0x40
 EVENT_FORK, EVENT_VFORK, EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_STOP = 1, 2, 3, 4, 6, 128
-WALL = 0x40000000                       # waitpid: threads (clone children) too
+WALL = 0x40000000  # waitpid: threads (clone children) too
 
-_REGS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss "
-         "fs_base gs_base ds es fs gs").split()
+_REGS = (
+    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss "
+    "fs_base gs_base ds es fs gs"
+).split()
 # the registers a pointer can live in (not segment selectors, flags, rip)
 POINTER_REGISTERS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi rsp").split()
 # the vector registers in the XSAVE area's standard (uncompacted) layout, which ptrace gives:
@@ -25,7 +28,7 @@ POINTER_REGISTERS = ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi 
 # zmm0-15; zmm16-31 (Intel SDM vol. 1, 13.4-13.5; the same offsets on AMD)
 VECTOR_COMPONENTS = ((1, 160, 256), (2, 576, 256), (6, 1152, 512), (7, 1664, 1024))
 _XSTATE_BV = 512
-_XSAVE_MAX = 16384                      # more than any XSAVE area so far (AMX: ~11 KB)
+_XSAVE_MAX = 16384  # more than any XSAVE area so far (AMX: ~11 KB)
 
 
 class _UserRegs(ctypes.Structure):
@@ -62,10 +65,11 @@ def vector_words(tid: int) -> bytes:
     buf = ctypes.create_string_buffer(_XSAVE_MAX)
     iov = _Iovec(ctypes.addressof(buf), _XSAVE_MAX)
     request(GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
-    area = buf.raw[:iov.len]
-    in_use = int.from_bytes(area[_XSTATE_BV:_XSTATE_BV + 8], "little") if len(area) >= _XSTATE_BV + 8 else 0b10
-    return b"".join(area[at:at + size] for bit, at, size in VECTOR_COMPONENTS
-                    if in_use >> bit & 1 and at + size <= len(area))
+    area = buf.raw[: iov.len]
+    in_use = int.from_bytes(area[_XSTATE_BV : _XSTATE_BV + 8], "little") if len(area) >= _XSTATE_BV + 8 else 0b10
+    return b"".join(
+        area[at : at + size] for bit, at, size in VECTOR_COMPONENTS if in_use >> bit & 1 and at + size <= len(area)
+    )
 
 
 def event_message(tid: int) -> int:

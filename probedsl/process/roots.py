@@ -1,6 +1,7 @@
 """A process's files as probedsl can open them. A process in a chroot or in another mount
 namespace (a container) names files inside its own root: /usr/lib/.../libc.so.6 there is
 another file than ours."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 
 def root_prefix(pid: int) -> Optional[str]:
-    """"" when the process shares our root; the directory that is its root, seen from here (a
+    """ "" when the process shares our root; the directory that is its root, seen from here (a
     chroot in our mount namespace); None when no path here reaches it (another mount
     namespace) or the process is gone."""
     try:
@@ -41,7 +42,7 @@ def chroot_command(argv: List[str]) -> Tuple[str, List[str]]:
     if not argv or os.path.basename(argv[0]) != "chroot":
         return "", argv
     rest = argv[1:]
-    while rest and rest[0].startswith("-"):      # chroot's own options: --userspec[=]U:G, --skip-chdir...
+    while rest and rest[0].startswith("-"):  # chroot's own options: --userspec[=]U:G, --skip-chdir...
         rest = rest[2:] if rest[0] in ("--userspec", "--groups") else rest[1:]
     if len(rest) < 2 or not os.path.isdir(rest[0]):
         return "", argv
@@ -55,7 +56,7 @@ def inside(pid: int, path: str) -> str:
         root = os.readlink(f"/proc/{pid}/root").rstrip("/")
     except OSError:
         return path
-    return path[len(root):] if root and path.startswith(root + "/") else path
+    return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
 def mapped_identity(pid: int, start: int, end: int) -> Optional[Tuple[int, int, int]]:
@@ -99,7 +100,7 @@ class RootedFiles:
             return prefix + path
         try:
             root = os.stat(f"/proc/{pid}/root")
-        except OSError:            # gone: ours only if nothing said otherwise
+        except OSError:  # gone: ours only if nothing said otherwise
             if identity is None:
                 return path
             return next((r + path for r in sorted(self.known_roots) if _is(r + path, identity)), "")

@@ -11,6 +11,7 @@ Memory is read through /proc/PID/mem in large chunks and scanned with numpy: eve
 word is looked up among the block starts at once (searchsorted), which is what makes a
 gigabyte take about a second; a Python loop over words would take minutes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,12 +31,13 @@ from probedsl.reachability.regions import Region, read_maps
 from probedsl.reachability.stackroots import _stack_tops, _dead_heap_stacks
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = range(4)
-CHUNK = 16 << 20                    # bytes read and scanned at a time (numpy's temporaries: ~5x)
+CHUNK = 16 << 20  # bytes read and scanned at a time (numpy's temporaries: ~5x)
 
 
 @dataclass
 class Scan:
     """Each block's kind (index into KINDS), in the order the blocks were given."""
+
     kinds: np.ndarray
     scanned_bytes: int = 0
     seconds: float = 0.0
@@ -43,8 +45,9 @@ class Scan:
     notes: List[str] = field(default_factory=list)
 
 
-def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence[int],
-             all_blocks_known: bool = True) -> Scan:
+def classify(
+    pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence[int], all_blocks_known: bool = True
+) -> Scan:
     """Classify the blocks (address, size) of the paused process `pid`. When some of its
     blocks are unknown (allocated before probedsl attached, or not tracked), the heap outside
     the known blocks is scanned as roots too: a block kept only by an unknown one is then
@@ -59,13 +62,17 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
     live = _stack_tops(pid, paused, regions)
     heap, roots, notes = _split(regions, paused, starts, live)
     if cut:
-        notes.append("/proc maps read in part (over its bound): mappings past the cut were not "
-                     "scanned, so a block kept only from there may show as lost")
+        notes.append(
+            "/proc maps read in part (over its bound): mappings past the cut were not "
+            "scanned, so a block kept only from there may show as lost"
+        )
     dead = _dead_heap_stacks(heap, starts, ends, live)
     excluded = _allocator_state(regions)
     if excluded is None:
-        notes.append("glibc's arena (main_arena) was not found in libc's symbols: its pointers to free "
-                     "chunks count as roots, so a lost block beside a free chunk may show as possibly lost")
+        notes.append(
+            "glibc's arena (main_arena) was not found in libc's symbols: its pointers to free "
+            "chunks count as roots, so a lost block beside a free chunk may show as possibly lost"
+        )
     scanned = unreadable = 0
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         for lo, hi in roots:
@@ -83,8 +90,10 @@ def classify(pid: int, paused: Paused, addresses: Sequence[int], sizes: Sequence
     kinds = np.empty_like(kinds_sorted)
     kinds[order] = kinds_sorted
     if unreadable:
-        notes.append(f"{unreadable} bytes of the process could not be read (pages not present or "
-                     "device memory); pointers there were not seen")
+        notes.append(
+            f"{unreadable} bytes of the process could not be read (pages not present or "
+            "device memory); pointers there were not seen"
+        )
     return Scan(kinds, scanned, time.monotonic() - t0, unreadable, notes)
 
 
@@ -100,7 +109,7 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List
         if "r" not in r.perms or "w" not in r.perms or r.path in ("[vvar]", "[vsyscall]", "[vdso]"):
             continue
         if r.path.startswith("/dev/") and not r.path.startswith(("/dev/zero", "/dev/shm/")):
-            continue                              # device memory: reading it can have effects
+            continue  # device memory: reading it can have effects
         first = int(np.searchsorted(starts, np.uint64(r.start)))
         if r.path == "[heap]" or (first < len(starts) and int(starts[first]) < r.end):
             heap.append((r.start, r.end))
@@ -111,8 +120,10 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List
         else:
             roots.append((r.start, r.end))
     if paused.missing:
-        notes.append(f"{len(paused.missing)} thread(s) did not stop in {PAUSE_TIMEOUT_S:.0f} s (uninterruptible): "
-                     "their registers were not read, their stacks were scanned whole")
+        notes.append(
+            f"{len(paused.missing)} thread(s) did not stop in {PAUSE_TIMEOUT_S:.0f} s (uninterruptible): "
+            "their registers were not read, their stacks were scanned whole"
+        )
     return heap, roots, notes
 
 
@@ -132,6 +143,7 @@ def prepare(pid: int) -> None:
     """What a scan looks up once (libc's symbols, its arena, its call-frame rows for the exit
     path), done before any pause."""
     from probedsl.binaries import cfi
+
     try:
         regions, _ = read_maps(pid)
         _allocator_state(regions)
@@ -168,8 +180,19 @@ def _object_symbol(path: str, name: str) -> Optional[Tuple[int, int]]:
             at = strings.find(b"\0" + name.encode() + b"\0")
             if at < 0:
                 return None
-            entries = np.frombuffer(table.data(), dtype=np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"),
-                                                                   ("shndx", "<u2"), ("value", "<u8"), ("size", "<u8")]))
+            entries = np.frombuffer(
+                table.data(),
+                dtype=np.dtype(
+                    [
+                        ("name", "<u4"),
+                        ("info", "u1"),
+                        ("other", "u1"),
+                        ("shndx", "<u2"),
+                        ("value", "<u8"),
+                        ("size", "<u8"),
+                    ]
+                ),
+            )
             hit = np.flatnonzero(entries["name"] == at + 1)
             return (int(entries["value"][hit[0]]), int(entries["size"][hit[0]])) if len(hit) else None
     except (OSError, ELFError, ValueError):
@@ -182,8 +205,15 @@ def _without(lo: int, hi: int, hole: Optional[Tuple[int, int]]):
     return [(a, b) for a, b in ((lo, hole[0]), (hole[1], hi)) if a < b]
 
 
-def _scan(mem, lo: int, hi: int, graph: "_Graph", root: bool, outside_is_root: bool = False,
-          dead: Sequence[Tuple[int, int]] = ()) -> int:
+def _scan(
+    mem,
+    lo: int,
+    hi: int,
+    graph: "_Graph",
+    root: bool,
+    outside_is_root: bool = False,
+    dead: Sequence[Tuple[int, int]] = (),
+) -> int:
     """Read [lo, hi) in chunks and add the pointers found, none from the `dead` ranges; bytes read."""
     done = 0
     at = lo
@@ -195,12 +225,12 @@ def _scan(mem, lo: int, hi: int, graph: "_Graph", root: bool, outside_is_root: b
             got = mem.readinto(buf)
         except OSError:
             got = 0
-        if not got:                                # an unreadable page: skip it
+        if not got:  # an unreadable page: skip it
             at = (at + 4096) & ~4095
             continue
         for a, b in dead:
             if a < at + got and b > at:
-                buf[max(a, at) - at:min(b, at + got) - at] = bytes(min(b, at + got) - max(a, at))
+                buf[max(a, at) - at : min(b, at + got) - at] = bytes(min(b, at + got) - max(a, at))
         words = np.frombuffer(buf, dtype=np.uint64, count=got // 8)
         if root:
             graph.add_root_words(words)
@@ -293,7 +323,7 @@ class _Graph:
             stack = [leader]
             while stack:
                 node = stack.pop()
-                for child in targets[first[node]:first[node + 1]]:
+                for child in targets[first[node] : first[node + 1]]:
                     if child != leader and state[child] == DEFINITE:
                         state[child] = INDIRECT
                         stack.append(child)

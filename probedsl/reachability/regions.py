@@ -1,4 +1,5 @@
 """A paused process's memory as the scan sees it: its mappings read once, bounded, as regions."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ def read_maps(pid: int) -> Tuple[List[Region], bool]:
         parts = line.split(None, 5)
         try:
             lo, hi = parts[0].split("-")
-            regions.append(Region(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                                  parts[5].strip() if len(parts) > 5 else ""))
+            regions.append(
+                Region(
+                    int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""
+                )
+            )
         except (ValueError, IndexError):
             continue
     return regions, cut

@@ -1,5 +1,6 @@
 """--reachability for a run: hold the traced process (probedsl.process.tether), and at each report
 and at its exit pause it, take the tracer's snapshot, classify its blocks (probedsl.reachability.heapscan)."""
+
 from __future__ import annotations
 
 import time
@@ -26,13 +27,16 @@ def check_options(reachability: bool, leaks_only: bool, pid: Optional[int], comm
 
 def check_program(program: ir.Program) -> None:
     if not any(r.block_address is not None for r in program.resources):
-        raise ProbedslError(f"--reachability: {program.name} has no resource of memory blocks (keyed by "
-                            "(pid, address), with a size, acquired by uprobes)")
+        raise ProbedslError(
+            f"--reachability: {program.name} has no resource of memory blocks (keyed by "
+            "(pid, address), with a size, acquired by uprobes)"
+        )
 
 
 class Scanner:
-    def __init__(self, program: ir.Program, driver, pid: int, leaks_only: bool, exec_hold=None,
-                 tether: Optional[Tether] = None):
+    def __init__(
+        self, program: ir.Program, driver, pid: int, leaks_only: bool, exec_hold=None, tether: Optional[Tether] = None
+    ):
         """Attach to `pid` (ProbedslError, one line, when the system refuses), or use the
         tether already holding it (one that follows its forks)."""
         self.program, self.driver, self.leaks_only = program, driver, leaks_only
@@ -41,10 +45,11 @@ class Scanner:
             tether.start()
         self.tether = tether
         self.pid = pid
-        self.notes: List[str] = []         # for the final report: why there are no kinds
+        self.notes: List[str] = []  # for the final report: why there are no kinds
         self.exit_kinds: Optional[report.Reachability] = None
         from probedsl.reachability import heapscan
-        heapscan.prepare(pid)              # libc's symbols, read now rather than in a pause
+
+        heapscan.prepare(pid)  # libc's symbols, read now rather than in a pause
 
     def close(self) -> None:
         self.tether.close()
@@ -65,14 +70,17 @@ class Scanner:
             snap = stop()
         self.tether.close()
         if kinds is None and not self.notes:
-            self.notes.append(f"--reachability: process {self.pid} ended without stopping at its exit (killed by "
-                              "SIGKILL?): its blocks were not scanned")
+            self.notes.append(
+                f"--reachability: process {self.pid} ended without stopping at its exit (killed by "
+                "SIGKILL?): its blocks were not scanned"
+            )
         return snap, kinds
 
     def scan(self, take_snapshot, at_exit: bool = False) -> Tuple[Optional[Snapshot], Optional[report.Reachability]]:
         """Pause every thread, take the snapshot, classify the process's blocks, let it go
         (whatever happens meanwhile): (snapshot, kinds or None)."""
         from probedsl.reachability import heapscan
+
         tether, pid = self.tether, self.pid
         started = time.monotonic()
         paused = tether.pause()
@@ -85,8 +93,12 @@ class Scanner:
                 self._failed("the tracer gave no snapshot")
                 return snap, None
             heaps = [r for r in self.program.resources if r.block_address is not None]
-            blocks = [(l.key[r.block_address], l.size) for r in heaps for l in snap.live
-                      if l.resource == r.name and l.pid == pid]
+            blocks = [
+                (l.key[r.block_address], l.size)
+                for r in heaps
+                for l in snap.live
+                if l.resource == r.name and l.pid == pid
+            ]
             untracked = sum(t.untracked for t in snap.totals.values())
             # --pid: what it allocated before the probes were attached is unknown
             known = self.program.scope.mode == "cmd" and not untracked
@@ -101,20 +113,28 @@ class Scanner:
         finally:
             (tether.release_exit if at_exit else tether.resume)()
         kinds = {(pid, a): report.KINDS[k] for (a, _), k in zip(blocks, result.kinds.tolist())}
-        scan = {"pid": pid, "at": "exit" if at_exit else "report", "blocks": len(blocks),
-                "scanned_bytes": result.scanned_bytes, "scan_s": round(result.seconds, 3),
-                "pause_ms": round((time.monotonic() - started) * 1000, 1)}
+        scan = {
+            "pid": pid,
+            "at": "exit" if at_exit else "report",
+            "blocks": len(blocks),
+            "scanned_bytes": result.scanned_bytes,
+            "scan_s": round(result.seconds, 3),
+            "pause_ms": round((time.monotonic() - started) * 1000, 1),
+        }
         names = {r.name for r in heaps}
         others = sum(1 for l in snap.live if l.pid != pid and l.resource in names)
         notes = list(result.notes)
         if others:
-            notes.append(f"--reachability scans process {pid} only: {others} live blocks of other processes "
-                         "are not_scanned")
+            notes.append(
+                f"--reachability scans process {pid} only: {others} live blocks of other processes are not_scanned"
+            )
         if not known:
             why = f"{untracked} were not tracked" if untracked else "it allocated before probedsl attached"
-            notes.append(f"--reachability: some blocks of process {pid} may be unknown ({why}): the heap outside "
-                         "the known blocks counts as roots, so none is called lost because of them (a freed "
-                         "chunk's stale word may keep one reachable)")
+            notes.append(
+                f"--reachability: some blocks of process {pid} may be unknown ({why}): the heap outside "
+                "the known blocks counts as roots, so none is called lost because of them (a freed "
+                "chunk's stale word may keep one reachable)"
+            )
         return snap, report.Reachability(kinds, scan, self.leaks_only, notes)
 
     def _failed(self, why: str) -> None:

@@ -1,4 +1,5 @@
 """Where each paused thread's stack begins for the scan: its stack pointer, the exit path's caller, the red zone, stacks made on the heap (swapcontext)."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from probedsl.process.tether import Paused
 from probedsl.reachability.regions import Region
 
 
-RED_ZONE = 128                      # x86-64: a leaf function may keep data below its rsp
+RED_ZONE = 128  # x86-64: a leaf function may keep data below its rsp
 
 
 def _stack_tops(pid: int, paused: Paused, regions: List[Region]) -> List[int]:
@@ -34,12 +35,23 @@ def _stack_tops(pid: int, paused: Paused, regions: List[Region]) -> List[int]:
 _SYS_EXIT, _SYS_EXIT_GROUP = 60, 231
 
 
-_NO_SYSCALL = (1 << 64) - 1            # orig_rax of a thread stopped outside a system call
+_NO_SYSCALL = (1 << 64) - 1  # orig_rax of a thread stopped outside a system call
 
 
 # libc's functions between a call of exit() (or _exit) and the exit_group system call
-EXIT_PATH = frozenset({"exit", "__GI_exit", "__run_exit_handlers", "_exit", "_Exit", "__GI__exit",
-                       "quick_exit", "__GI_quick_exit", "syscall"})
+EXIT_PATH = frozenset(
+    {
+        "exit",
+        "__GI_exit",
+        "__run_exit_handlers",
+        "_exit",
+        "_Exit",
+        "__GI__exit",
+        "quick_exit",
+        "__GI_quick_exit",
+        "syscall",
+    }
+)
 
 
 def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
@@ -47,6 +59,7 @@ def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
     the exiting thread with its libc's call-frame rows (probedsl.binaries.cfi) while the frames are
     EXIT_PATH functions; None when the first frame is not one, or a rule cannot be followed."""
     from probedsl.binaries import cfi
+
     pc, sp, rbp = regs["rip"], regs["rsp"], regs["rbp"]
     top = None
     try:

@@ -1,4 +1,5 @@
 """Reports across time and hosts: growth between intervals, the diff of two saved runs, the merge of many."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
@@ -43,8 +44,10 @@ def diff(old: Report, new: Report) -> List[dict]:
     for s_new in new.sections:
         if s_new.kind != "outstanding":
             continue
-        s_old = next((s for s in old.sections if s.kind == "outstanding" and s.resource == s_new.resource
-                      and s.by == s_new.by), None)
+        s_old = next(
+            (s for s in old.sections if s.kind == "outstanding" and s.resource == s_new.resource and s.by == s_new.by),
+            None,
+        )
         before = {e.signature(): e for e in (s_old.entries if s_old else [])}
         after = {e.signature(): e for e in s_new.entries}
         # a run saved with only its top entries (by an older probedsl) may hold
@@ -54,10 +57,18 @@ def diff(old: Report, new: Report) -> List[dict]:
         for sig in list(after) + [k for k in before if k not in after]:
             a, b = before.get(sig), after.get(sig)
             values = {c: ((a.values.get(c, 0) if a else 0), (b.values.get(c, 0) if b else 0)) for c in s_new.columns}
-            status = ("both" if a and b else "new" if b and old_whole else "gone" if a and new_whole
-                      else "not in the other run's top entries")
-            rows.append({"resource": s_new.resource, "signature": sig, "values": values,
-                         "entry": b or a, "status": status})
+            status = (
+                "both"
+                if a and b
+                else "new"
+                if b and old_whole
+                else "gone"
+                if a and new_whole
+                else "not in the other run's top entries"
+            )
+            rows.append(
+                {"resource": s_new.resource, "signature": sig, "values": values, "entry": b or a, "status": status}
+            )
     first = lambda r: next(iter(r["values"].values()), (0, 0))
     rows.sort(key=lambda r: -(first(r)[1] - first(r)[0]))
     return rows
@@ -86,13 +97,27 @@ def merge(reports: Sequence[Report]) -> Report:
     notes = [f"merged from {len(reports)} runs: {targets}"]
     cut = sum(1 for r in reports for s in r.sections if s.total_entries > len(s.entries))
     if cut:
-        notes.append(f"{cut} sections of the runs held only their top entries: their other entries are "
-                     "summed in `omitted`, not matched by stack")
+        notes.append(
+            f"{cut} sections of the runs held only their top entries: their other entries are "
+            "summed in `omitted`, not matched by stack"
+        )
     from probedsl.report.timeseries import merge as merge_series
-    return Report(first.recipe, first.backend, f"{len(reports)} runs", max(r.duration_s for r in reports),
-                  all(r.final for r in reports), resources, sections, None, notes, 0,
-                  max(r.sample for r in reports), first.backend_version,
-                  series=merge_series([r.series for r in reports if r.series]))
+
+    return Report(
+        first.recipe,
+        first.backend,
+        f"{len(reports)} runs",
+        max(r.duration_s for r in reports),
+        all(r.final for r in reports),
+        resources,
+        sections,
+        None,
+        notes,
+        0,
+        max(r.sample for r in reports),
+        first.backend_version,
+        series=merge_series([r.series for r in reports if r.series]),
+    )
 
 
 def _add_counts(into: dict, counts: dict) -> None:
@@ -109,8 +134,15 @@ def _merge_section(into: Section, s: Section) -> None:
     for e in s.entries:
         same = by_signature.get(e.signature())
         if same is None:
-            same = Entry(values={}, oldest_age_s=None, pids=[], stack=e.stack, kernel_stack=e.kernel_stack,
-                         pid=e.pid, comm=e.comm)
+            same = Entry(
+                values={},
+                oldest_age_s=None,
+                pids=[],
+                stack=e.stack,
+                kernel_stack=e.kernel_stack,
+                pid=e.pid,
+                comm=e.comm,
+            )
             by_signature[e.signature()] = same
             into.entries.append(same)
             into.total_entries += 1

@@ -6,6 +6,7 @@ at the kept times stays exact; old points get sparser, recent ones stay one per 
 Stacks are keyed by their raw group during the run (no symbolizing at each sample) and by
 symbolic signature (report.Entry.signature, as diff and merge match entries) once saved.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -16,36 +17,44 @@ from probedsl import ir
 from probedsl.drivers.rundata import Snapshot
 
 PERIOD_S = 1.0
-MAX_POINTS = 512           # per series; past it the older half is thinned by two
-TOP_PER_SAMPLE = 32        # the largest stacks of each sample join the tracked ones...
-MAX_TRACKED = 128          # ...up to this many per run
-NULL = -1                  # not tracked yet at that point (arrays hold no None)
-BUDGET = 0.1               # at most this share of the run goes to taking samples
+MAX_POINTS = 512  # per series; past it the older half is thinned by two
+TOP_PER_SAMPLE = 32  # the largest stacks of each sample join the tracked ones...
+MAX_TRACKED = 128  # ...up to this many per run
+NULL = -1  # not tracked yet at that point (arrays hold no None)
+BUDGET = 0.1  # at most this share of the run goes to taking samples
 
 
 def _stack_report(program: ir.Program, resource: str) -> Optional[ir.Report]:
     """The outstanding report grouping this resource by user stack, whose groups we follow."""
-    return next((r for r in program.reports if r.kind == "outstanding" and r.resource == resource
-                 and "ustack" in r.group_by), None)
+    return next(
+        (r for r in program.reports if r.kind == "outstanding" and r.resource == resource and "ustack" in r.group_by),
+        None,
+    )
 
 
 class Series:
     """Samples of one run. add() per period; to_dict() when a report is built."""
 
-    def __init__(self, program: ir.Program, period_s: float = PERIOD_S, max_points: int = MAX_POINTS,
-                 top: int = TOP_PER_SAMPLE, tracked: int = MAX_TRACKED):
+    def __init__(
+        self,
+        program: ir.Program,
+        period_s: float = PERIOD_S,
+        max_points: int = MAX_POINTS,
+        top: int = TOP_PER_SAMPLE,
+        tracked: int = MAX_TRACKED,
+    ):
         self.program, self.period_s, self.max_points = program, period_s, max_points
         self.top, self.cap = top, tracked
         self.t = array("d")
         self.totals: Dict[str, Tuple[array, array]] = {r.name: (array("q"), array("q")) for r in program.resources}
         # raw group (resource, keys, group values) -> (bytes, blocks) arrays, NULL before it was tracked
         self.stacks: Dict[Tuple, Tuple[array, array]] = {}
-        self.seen: Dict[Tuple, int] = {}           # raw group -> an acquisition time (which image)
-        self.untracked = 0                         # groups that would have joined past the cap
+        self.seen: Dict[Tuple, int] = {}  # raw group -> an acquisition time (which image)
+        self.untracked = 0  # groups that would have joined past the cap
         # the first `exact` samples followed every group: a stack first seen later had 0 in them
         self.exact = 0
-        self.every_s = period_s                    # the sampling period, stretched when snapshots are slow
-        self.thinned = 0                           # how many times the older half was thinned
+        self.every_s = period_s  # the sampling period, stretched when snapshots are slow
+        self.thinned = 0  # how many times the older half was thinned
 
     def next_delay(self, cost_s: float) -> float:
         """Seconds to the next sample after one that took cost_s: the period, or longer when a
@@ -57,6 +66,7 @@ class Series:
     def add(self, t: float, snapshot: Snapshot) -> None:
         """One sample: t seconds since the run started."""
         from probedsl.report.assemble import live_totals
+
         scale = self.program.sample
         self.t.append(round(t, 3))
         current: Dict[Tuple, Tuple[int, int, int]] = {}
@@ -108,15 +118,22 @@ class Series:
         half = len(self.t) // 2
         keep = list(range(1, half, 2)) + list(range(half, len(self.t)))
         self.exact = sum(1 for i in keep if i < self.exact)
-        for arr in [self.t, *(a for pair in self.totals.values() for a in pair),
-                    *(a for pair in self.stacks.values() for a in pair)]:
+        for arr in [
+            self.t,
+            *(a for pair in self.totals.values() for a in pair),
+            *(a for pair in self.stacks.values() for a in pair),
+        ]:
             kept = [arr[i] for i in keep]
             del arr[:]
             arr.extend(kept)
         self.thinned += 1
 
-    def to_dict(self, signature: Callable[[List[Tuple]], List[str]], snapshot: Optional[Snapshot] = None,
-                started_ns: Optional[int] = None) -> dict:
+    def to_dict(
+        self,
+        signature: Callable[[List[Tuple]], List[str]],
+        snapshot: Optional[Snapshot] = None,
+        started_ns: Optional[int] = None,
+    ) -> dict:
         """The saved form. signature(raw groups) names the tracked groups (report.Entry.signature
         of their symbolized stacks); groups of one signature are summed. With a snapshot that read
         every live entry, `acquired` holds each stack's live blocks by acquisition second."""
@@ -132,11 +149,18 @@ class Series:
                 for i in range(len(b)):
                     into[0][i] = _add(into[0][i], _none(b[i]))
                     into[1][i] = _add(into[1][i], _none(n[i]))
-        doc = {"period_s": self.period_s, "t": list(self.t), "max_points": self.max_points,
-               "thinned": self.thinned, "untracked_stacks": self.untracked, "slowest_period_s": round(self.every_s, 3),
-               "resources": {name: {"bytes": list(b), "blocks": list(n)} for name, (b, n) in self.totals.items()},
-               "groups": [{"resource": res, "signature": sig, "bytes": b, "blocks": n}
-                          for (res, sig), (b, n) in stacks.items()]}
+        doc = {
+            "period_s": self.period_s,
+            "t": list(self.t),
+            "max_points": self.max_points,
+            "thinned": self.thinned,
+            "untracked_stacks": self.untracked,
+            "slowest_period_s": round(self.every_s, 3),
+            "resources": {name: {"bytes": list(b), "blocks": list(n)} for name, (b, n) in self.totals.items()},
+            "groups": [
+                {"resource": res, "signature": sig, "bytes": b, "blocks": n} for (res, sig), (b, n) in stacks.items()
+            ],
+        }
         if snapshot is not None and snapshot.live is not None and started_ns is not None:
             doc["acquired"] = self._acquired(snapshot, started_ns, signature)
         return doc
@@ -165,8 +189,10 @@ class Series:
                 cell = into.setdefault(at, [0, 0])
                 cell[0] += b
                 cell[1] += n
-        return [{"resource": res, "signature": sig, "times": [[at, b, n] for at, (b, n) in sorted(cells.items())]}
-                for (res, sig), cells in merged.items()]
+        return [
+            {"resource": res, "signature": sig, "times": [[at, b, n] for at, (b, n) in sorted(cells.items())]}
+            for (res, sig), cells in merged.items()
+        ]
 
 
 def _none(v: int) -> Optional[int]:
@@ -208,7 +234,7 @@ def merge(docs: Sequence[dict]) -> Optional[dict]:
         for at, v in zip(d["t"], values):
             out[index[_slot(at, period)]] = v
         last = None
-        for i, v in enumerate(out):            # a gauge holds its value between samples
+        for i, v in enumerate(out):  # a gauge holds its value between samples
             if v is None:
                 out[i] = last
             else:
@@ -229,15 +255,25 @@ def merge(docs: Sequence[dict]) -> Optional[dict]:
                 total(stacks, (s["resource"], s["signature"], col), resampled(d, s[col]))
     names = dict.fromkeys(k[0] for k in resources)
     sigs = dict.fromkeys(k[:2] for k in stacks)
-    return {"period_s": period, "t": [round(slot * period, 3) for slot in grid],
-            "max_points": max(d.get("max_points", MAX_POINTS) for d in docs),
-            "thinned": max(d.get("thinned", 0) for d in docs),
-            "untracked_stacks": sum(d.get("untracked_stacks", 0) for d in docs),
-            "resources": {n: {"bytes": [v or 0 for v in resources[(n, "bytes")]],
-                              "blocks": [v or 0 for v in resources[(n, "blocks")]]} for n in names},
-            "groups": [{"resource": r, "signature": s, "bytes": stacks[(r, s, "bytes")],
-                        "blocks": stacks[(r, s, "blocks")]} for r, s in sigs],
-            **({"acquired": _merge_acquired(docs, period)} if any("acquired" in d for d in docs) else {})}
+    return {
+        "period_s": period,
+        "t": [round(slot * period, 3) for slot in grid],
+        "max_points": max(d.get("max_points", MAX_POINTS) for d in docs),
+        "thinned": max(d.get("thinned", 0) for d in docs),
+        "untracked_stacks": sum(d.get("untracked_stacks", 0) for d in docs),
+        "resources": {
+            n: {
+                "bytes": [v or 0 for v in resources[(n, "bytes")]],
+                "blocks": [v or 0 for v in resources[(n, "blocks")]],
+            }
+            for n in names
+        },
+        "groups": [
+            {"resource": r, "signature": s, "bytes": stacks[(r, s, "bytes")], "blocks": stacks[(r, s, "blocks")]}
+            for r, s in sigs
+        ],
+        **({"acquired": _merge_acquired(docs, period)} if any("acquired" in d for d in docs) else {}),
+    }
 
 
 def _merge_acquired(docs: Sequence[dict], period: float) -> List[dict]:
@@ -249,8 +285,10 @@ def _merge_acquired(docs: Sequence[dict], period: float) -> List[dict]:
                 cell = into.setdefault(round(_slot(at, period) * period, 3), [0, 0])
                 cell[0] += b
                 cell[1] += n
-    return [{"resource": r, "signature": s, "times": [[at, b, n] for at, (b, n) in sorted(c.items())]}
-            for (r, s), c in cells.items()]
+    return [
+        {"resource": r, "signature": s, "times": [[at, b, n] for at, (b, n) in sorted(c.items())]}
+        for (r, s), c in cells.items()
+    ]
 
 
 def _slot(at: float, period: float) -> int:
@@ -278,9 +316,17 @@ def signer(program: ir.Program, symbolizer) -> Callable[[List[Tuple]], List[str]
         names = []
         for i, (rep, fields) in enumerate(metas):
             by = rep.group_by if rep else []
-            names.append(Entry(values={}, oldest_age_s=None, pids=[], stack=stacks[i],
-                               kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],
-                               pid=fields.get("pid") if "pid" in by else None,
-                               comm=fields.get("comm") if "comm" in by else None).signature())
+            names.append(
+                Entry(
+                    values={},
+                    oldest_age_s=None,
+                    pids=[],
+                    stack=stacks[i],
+                    kernel_stack=symbolizer.kernel_stack(fields["kstack"]) if "kstack" in fields else [],
+                    pid=fields.get("pid") if "pid" in by else None,
+                    comm=fields.get("comm") if "comm" in by else None,
+                ).signature()
+            )
         return names
+
     return sign

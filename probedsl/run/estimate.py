@@ -5,6 +5,7 @@ The cost is the kernel's traps, not our BPF work: per call, the hit where the pr
 (~0.5 us where the kernel emulates the instruction, ~5 us where it single-steps it:
 probedsl.passes.placement) and, for a function probed at return, the return's (~0.5 us).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,11 @@ from probedsl import backends, ir, targets
 from probedsl.binaries import x86
 from probedsl.errors import ProbedslError
 
+
 @dataclass
 class Estimate:
     seconds: float
-    calls: Dict[str, int]          # probe label -> calls seen
+    calls: Dict[str, int]  # probe label -> calls seen
     us_per_call: Dict[str, float]  # probe label -> the traps one call costs
 
     def lines(self) -> List[str]:
@@ -30,9 +32,11 @@ class Estimate:
         calls = ", ".join(f"{k.split(':')[-1]} {n / self.seconds:,.0f}/s" for k, n in busy if n) or "no calls"
         costs = ", ".join(f"{k.split(':')[-1]} {self.us_per_call[k]:.1f} us" for k, n in busy if n)
         cpu_ms = sum(n * self.us_per_call[k] for k, n in self.calls.items()) / self.seconds / 1000
-        return [f"estimate: in {self.seconds:.1f} s the target called {calls}",
-                f"estimate: tracing adds per call {costs or 'nothing'}: ~{cpu_ms:,.0f} ms of CPU per second "
-                f"({cpu_ms / 10:.1f}% of one CPU) spread over the traced threads, at this call rate"]
+        return [
+            f"estimate: in {self.seconds:.1f} s the target called {calls}",
+            f"estimate: tracing adds per call {costs or 'nothing'}: ~{cpu_ms:,.0f} ms of CPU per second "
+            f"({cpu_ms / 10:.1f}% of one CPU) spread over the traced threads, at this call rate",
+        ]
 
 
 def process_age() -> float:
@@ -46,9 +50,11 @@ def startup_line(marks: Dict[str, float]) -> str:
     """-- CMD: when the command was let go, from probedsl's own start (marks: process ages
     at "generated", "attached", "released")."""
     generated, attached, released = marks["generated"], marks["attached"], marks["released"]
-    return (f"estimate: the command was let go {released:.2f} s after probedsl started: {generated:.2f} s to "
-            f"start Python, read the recipe and generate the program, {attached - generated:.2f} s to "
-            f"compile, load and attach it, {released - attached:.2f} s the rest")
+    return (
+        f"estimate: the command was let go {released:.2f} s after probedsl started: {generated:.2f} s to "
+        f"start Python, read the recipe and generate the program, {attached - generated:.2f} s to "
+        f"compile, load and attach it, {released - attached:.2f} s the rest"
+    )
 
 
 def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0) -> Estimate:
@@ -57,7 +63,7 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     if exe is None:
         raise ProbedslError("--estimate uses bpftrace, which is not installed (run scripts/setup.sh)")
     bpftrace = targets.detect("bpftrace")
-    scope = replace(program.scope, follow_forks=False)      # counting needs no children's map
+    scope = replace(program.scope, follow_forks=False)  # counting needs no children's map
     hits: Dict[str, float] = {}
     for res in program.resources:
         for p in res.probes:
@@ -82,7 +88,7 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
             for label, n in (msg["data"].get("@calls") or {}).items():
                 calls[label] = int(n)
         elif msg.get("type") == "printf" and msg.get("data", "").startswith("done"):
-            counted = True        # an empty map prints nothing: no calls at all
+            counted = True  # an empty map prints nothing: no calls at all
             break
     proc.kill()
     proc.wait()

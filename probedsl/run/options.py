@@ -1,4 +1,5 @@
 """What a run was asked: RunOptions, checked, and the scope they choose (a command forked and held before its exec); which processes are traced, and what bystanders pay."""
+
 from __future__ import annotations
 
 import os
@@ -24,35 +25,35 @@ class RunOptions:
     backend: str = targets.DEFAULT_BACKEND
     comm: Optional[str] = None
     pid: Optional[int] = None
-    all: bool = False                  # every process (system-wide)
-    follow_forks: bool = True          # --pid/-- CMD: trace forked children too
-    private_libs: bool = True          # -- CMD: probe private copies of its libraries
+    all: bool = False  # every process (system-wide)
+    follow_forks: bool = True  # --pid/-- CMD: trace forked children too
+    private_libs: bool = True  # -- CMD: probe private copies of its libraries
     command: List[str] = field(default_factory=list)
     interval: int = 0
     duration: float = 0
     top: Optional[int] = None
     sets: dict = field(default_factory=dict)
     format: str = "text"
-    output: Optional[str] = None       # each report replaces this file's content
-    color: Optional[bool] = None       # None: colour when writing text to a terminal
-    min_age: Optional[float] = None    # seconds; overrides the recipe's min_age
-    ages: bool = False                 # read every live entry at each report (exact oldest ages)
-    sample: int = 1                    # record one acquisition in N
-    estimate: bool = False             # count calls for a second first and print the expected cost
-    per_process: bool = False          # --comm: attach to each matching process only
+    output: Optional[str] = None  # each report replaces this file's content
+    color: Optional[bool] = None  # None: colour when writing text to a terminal
+    min_age: Optional[float] = None  # seconds; overrides the recipe's min_age
+    ages: bool = False  # read every live entry at each report (exact oldest ages)
+    sample: int = 1  # record one acquisition in N
+    estimate: bool = False  # count calls for a second first and print the expected cost
+    per_process: bool = False  # --comm: attach to each matching process only
     growth_intervals: int = 3
-    max_live: Optional[int] = None     # None: the target's default
-    stacks: Optional[str] = None       # dwarf | fp; None: dwarf where the target can
-    probe_at: str = "placed"           # placed (probedsl.passes.placement) | entry
-    reachability: bool = False         # scan the process at each report: valgrind's leak kinds
-    leaks_only: bool = False           # with reachability: stack entries leave still-reachable blocks out
-    prometheus: Optional[str] = None   # ADDR:PORT to serve the latest report's gauges on
-    allocator: Optional[str] = None    # probedsl.passes.allocators.KNOWN
-    object: Optional[str] = None       # -O: the library allocation calls are in
+    max_live: Optional[int] = None  # None: the target's default
+    stacks: Optional[str] = None  # dwarf | fp; None: dwarf where the target can
+    probe_at: str = "placed"  # placed (probedsl.passes.placement) | entry
+    reachability: bool = False  # scan the process at each report: valgrind's leak kinds
+    leaks_only: bool = False  # with reachability: stack entries leave still-reachable blocks out
+    prometheus: Optional[str] = None  # ADDR:PORT to serve the latest report's gauges on
+    allocator: Optional[str] = None  # probedsl.passes.allocators.KNOWN
+    object: Optional[str] = None  # -O: the library allocation calls are in
     symbols_prefix: Optional[str] = None
-    min_size: Optional[int] = None     # only acquisitions of min_size <= size <= max_size
+    min_size: Optional[int] = None  # only acquisitions of min_size <= size <= max_size
     max_size: Optional[int] = None
-    live: bool = False                 # a full-screen view refreshed at each report (probedsl.outputs.live)
+    live: bool = False  # a full-screen view refreshed at each report (probedsl.outputs.live)
 
 
 def _scope(opts: RunOptions, target: targets.Target):
@@ -69,8 +70,9 @@ def _scope(opts: RunOptions, target: targets.Target):
     if opts.comm is not None:
         if opts.per_process and not target.per_process_comm:
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
-            raise ProbedslError(f"--per-process: {target.name} cannot attach uprobes per process; "
-                                f"use --backend {backends}")
+            raise ProbedslError(
+                f"--per-process: {target.name} cannot attach uprobes per process; use --backend {backends}"
+            )
         comm = procfs.valid_comm(opts.comm)
         # --per-process: BCC resolves each process's libraries in its own root as it attaches
         others = [] if opts.per_process else roots.one_per_other_root(processes_named(comm))
@@ -82,13 +84,16 @@ def _scope(opts: RunOptions, target: targets.Target):
         return ir.Scope("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
     root, command = roots.chroot_command([held.exe] + opts.command[1:])
-    if root:            # chroot ROOT CMD: the libraries CMD loads there
-        inside = shutil.which(command[0], path=":".join(root + d for d in os.defpath.split(":") + ["/usr/sbin"])) \
-            if "/" not in command[0] else root + command[0]
+    if root:  # chroot ROOT CMD: the libraries CMD loads there
+        inside = (
+            shutil.which(command[0], path=":".join(root + d for d in os.defpath.split(":") + ["/usr/sbin"]))
+            if "/" not in command[0]
+            else root + command[0]
+        )
         if inside is None:
             held.abandon()
             raise ProbedslError(f"command not found in {root}: {command[0]}")
-        resolver = LibraryResolver(command=inside[len(root):], root=root)
+        resolver = LibraryResolver(command=inside[len(root) :], root=root)
     else:
         resolver = LibraryResolver(command=held.exe)
     return ir.Scope("cmd", pid=held.pid, follow_forks=opts.follow_forks), resolver, held
@@ -111,8 +116,9 @@ def _probed_files(program: ir.Program) -> List[str]:
     return sorted({f for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE for f in p.files})
 
 
-def _bystander_notes(program: ir.Program, target: targets.Target,
-                     private: Optional[PrivateLibraries], fork_refusal: Optional[str] = None) -> List[str]:
+def _bystander_notes(
+    program: ir.Program, target: targets.Target, private: Optional[PrivateLibraries], fork_refusal: Optional[str] = None
+) -> List[str]:
     """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter).
     fork_refusal: why forks could not be held (the children are then followed machine-wide)."""
     scope = program.scope
@@ -124,11 +130,16 @@ def _bystander_notes(program: ir.Program, target: targets.Target,
     if not files:
         return []
     scoping = [t for t in targets.TARGETS if t.per_pid_uprobes]
-    avoid = (f"-- CMD (private library copies), --comm NAME --per-process (bcc), or --pid PID "
-             f"--no-follow-forks ({', '.join(t().name for t in scoping)}) avoid it"
-             if scope.mode != "cmd" else "the command loads them from elsewhere; see docs/usage.md")
-    return [f"every process using {', '.join(os.path.basename(f) for f in files)} pays a uprobe trap "
-            f"(~2 us per probed call) while this runs; {avoid}"]
+    avoid = (
+        f"-- CMD (private library copies), --comm NAME --per-process (bcc), or --pid PID "
+        f"--no-follow-forks ({', '.join(t().name for t in scoping)}) avoid it"
+        if scope.mode != "cmd"
+        else "the command loads them from elsewhere; see docs/usage.md"
+    )
+    return [
+        f"every process using {', '.join(os.path.basename(f) for f in files)} pays a uprobe trap "
+        f"(~2 us per probed call) while this runs; {avoid}"
+    ]
 
 
 def _use_color(opts: RunOptions, out) -> bool:

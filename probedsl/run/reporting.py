@@ -1,4 +1,5 @@
 """A run's reports: the snapshot built into a report, the time series sampled, each report written and exported."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,21 +20,31 @@ class Reporting:
 
     def build_report(self, snap, exit_status=None, reachability=None) -> report.Report:
         program, tracker = self.program, self.tracker
-        lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] \
-            if tracker.lost else []
-        rep = assemble.build(program, snap, self.symbolizer, backend=self.target.backend,
-                           backend_version=targets.version_text(self.target.version), target=self.describe,
-                           duration_s=time.monotonic() - self.started, top=self.opts.top,
-                           min_age_s=self.opts.min_age, exit_status=exit_status,
-                           notes=self.notes + lost + self.driver.notes()
-                           + (reachability.notes if reachability else []),
-                           reachability=reachability, complete=self.opts.format != "text")
+        lost = [f"{tracker.lost} process-mapping records were lost; some frames may be unnamed"] if tracker.lost else []
+        rep = assemble.build(
+            program,
+            snap,
+            self.symbolizer,
+            backend=self.target.backend,
+            backend_version=targets.version_text(self.target.version),
+            target=self.describe,
+            duration_s=time.monotonic() - self.started,
+            top=self.opts.top,
+            min_age_s=self.opts.min_age,
+            exit_status=exit_status,
+            notes=self.notes + lost + self.driver.notes() + (reachability.notes if reachability else []),
+            reachability=reachability,
+            complete=self.opts.format != "text",
+        )
         rep.incomplete = list(dict.fromkeys(self.incomplete + snap.incomplete + threads.failures()))
         # said while the stacks were named (a debug file refused, a file over a parser's bound)
         rep.notes = rep.notes + [n for n in notices.all_notes() if n not in rep.notes]
         if self.series is not None:
-            rep.series = self.series.to_dict(timeseries.signer(program, self.symbolizer),
-                                             snap if snap.live is not None else None, int(self.started * 1e9))
+            rep.series = self.series.to_dict(
+                timeseries.signer(program, self.symbolizer),
+                snap if snap.live is not None else None,
+                int(self.started * 1e9),
+            )
         tracker.prune(assemble.referenced_pids(program, snap))
         self.growth.annotate(rep)
         return rep
@@ -62,7 +73,7 @@ class Reporting:
             self._sampled(snap, time.monotonic() - began)
 
     def _sampled(self, snap, cost_s: float = 0.0) -> None:
-        if self.series is None:           # not kept by this format, or no report before tracing
+        if self.series is None:  # not kept by this format, or no report before tracing
             return
         self.series.add(max(0.0, time.monotonic() - self.started), snap)
         self.next_sample = time.monotonic() + self.series.next_delay(cost_s)
@@ -74,7 +85,7 @@ class Reporting:
         self._sampled(snap)
         rep = self.build_report(snap, exit_status, reachability)
         if self.view is not None and not self.view.closed:
-            rep.sequence = self.sequence       # --live: interval reports go to the screen
+            rep.sequence = self.sequence  # --live: interval reports go to the screen
             self.view.show(rep)
             self.saved = True
             return rep

@@ -7,6 +7,7 @@ the walk goes on through garbage or skips callers. The call-frame information (.
 says, at each address, whether rbp is the frame pointer there: the stack is kept up to the
 first frame where it is not, then ends with a marker saying why.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,10 +19,8 @@ from probedsl.process import procfs
 from probedsl.ir.stackformat import DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
 
 
-
 # how a cut stack ended, by its marker: what reports count
-CUT_KINDS = {NO_FRAME_POINTER: "no frame pointer", NO_UNWIND_INFO: "no unwind information",
-             DEPTH_LIMIT: "depth limit"}
+CUT_KINDS = {NO_FRAME_POINTER: "no frame pointer", NO_UNWIND_INFO: "no unwind information", DEPTH_LIMIT: "depth limit"}
 
 
 def cut_kind(addresses: Tuple[int, ...]) -> Optional[str]:
@@ -57,13 +56,13 @@ def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
         table = cfi.table(where[0]) if where else None
         row = table.row_at(where[1]) if table else None
         if row is None:
-            return addresses[:depth + 1] + (NO_UNWIND_INFO,)
-        if row.outermost:                      # the thread's first function: complete
-            return addresses[:depth + 1]
+            return addresses[: depth + 1] + (NO_UNWIND_INFO,)
+        if row.outermost:  # the thread's first function: complete
+            return addresses[: depth + 1]
         if depth == 0 and table.starts_function(where[1]) and _kernel_adds_caller(*where):
-            continue                           # frame 1 was read at [rsp]: the immediate caller
+            continue  # frame 1 was read at [rsp]: the immediate caller
         if not row.frame_pointer_based:
-            return addresses[:depth + 1] + (NO_FRAME_POINTER,)
+            return addresses[: depth + 1] + (NO_FRAME_POINTER,)
     if len(addresses) >= ir.STACK_DEPTH:
         return tuple(addresses) + (DEPTH_LIMIT,)
     return tuple(addresses)

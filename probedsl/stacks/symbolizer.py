@@ -1,4 +1,5 @@
 """Raw stack addresses -> frames (function+offset, module, file:line), user and kernel."""
+
 from __future__ import annotations
 
 import bisect
@@ -23,15 +24,15 @@ TRAMPOLINE = "uretprobe trampoline: caller hidden by another tracer"
 @dataclass(frozen=True)
 class Frame:
     address: int
-    function: str          # "" when unknown
+    function: str  # "" when unknown
     offset: int
-    module: str            # file path, "[kernel]", or "" when the address is in no known mapping
-    file: str = ""         # source file, when DWARF says
+    module: str  # file path, "[kernel]", or "" when the address is in no known mapping
+    file: str = ""  # source file, when DWARF says
     line: int = 0
     inlined: bool = False  # a call inlined into the frame below it (same address)
-    vaddr: int = -1        # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
-    truncated: str = ""    # a marker ending a cut stack: why the frames past it are not shown
-    build_id: str = ""     # the module's GNU build id (hex), as read when the frame was named
+    vaddr: int = -1  # the address in the module's ELF view (objdump's, addr2line's); -1: unknown
+    truncated: str = ""  # a marker ending a cut stack: why the frames past it are not shown
+    build_id: str = ""  # the module's GNU build id (hex), as read when the frame was named
 
     @property
     def name(self) -> str:
@@ -63,23 +64,46 @@ class Frame:
 
     def as_dict(self) -> dict:
         if self.truncated:
-            return {"address": None, "function": None, "offset": 0, "module": self.module or None,
-                    "vaddr": None, "file": None, "line": None, "inlined": False,
-                    "truncated": self.truncated, "text": str(self)}
-        return {"address": f"{self.address:#x}", "function": self.function or None,
-                "offset": self.offset, "module": self.module or None,
-                "vaddr": f"{self.vaddr:#x}" if self.vaddr >= 0 else None, "file": self.file or None,
-                "line": self.line or None, "inlined": self.inlined, "text": str(self),
-                **({"build_id": self.build_id} if self.build_id else {})}
+            return {
+                "address": None,
+                "function": None,
+                "offset": 0,
+                "module": self.module or None,
+                "vaddr": None,
+                "file": None,
+                "line": None,
+                "inlined": False,
+                "truncated": self.truncated,
+                "text": str(self),
+            }
+        return {
+            "address": f"{self.address:#x}",
+            "function": self.function or None,
+            "offset": self.offset,
+            "module": self.module or None,
+            "vaddr": f"{self.vaddr:#x}" if self.vaddr >= 0 else None,
+            "file": self.file or None,
+            "line": self.line or None,
+            "inlined": self.inlined,
+            "text": str(self),
+            **({"build_id": self.build_id} if self.build_id else {}),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Frame":
         if d.get("truncated"):
             return cls(0, "", 0, d.get("module") or "", truncated=d["truncated"])
-        return cls(int(d["address"], 16), d.get("function") or "", int(d.get("offset") or 0),
-                   d.get("module") or "", d.get("file") or "", int(d.get("line") or 0),
-                   bool(d.get("inlined")), int(d["vaddr"], 16) if d.get("vaddr") else -1,
-                   build_id=str(d.get("build_id") or ""))
+        return cls(
+            int(d["address"], 16),
+            d.get("function") or "",
+            int(d.get("offset") or 0),
+            d.get("module") or "",
+            d.get("file") or "",
+            int(d.get("line") or 0),
+            bool(d.get("inlined")),
+            int(d["vaddr"], 16) if d.get("vaddr") else -1,
+            build_id=str(d.get("build_id") or ""),
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,9 +139,9 @@ def _module(mappings, address: int):
     m = find(mappings, address)
     if m is None:
         return None, "", None
-    file = m.path if m.file is None else m.file      # another root's file, opened from here
+    file = m.path if m.file is None else m.file  # another root's file, opened from here
     # a chroot's file is ROOT/PATH here: its debug files may be under ROOT/usr/lib/debug
-    root = file[:-len(m.path)] if file != m.path and file.endswith(m.path) else ""
+    root = file[: -len(m.path)] if file != m.path and file.endswith(m.path) else ""
     return m, file, elf.symbols(file, root) if file else None
 
 
@@ -130,7 +154,7 @@ class Symbolizer:
         self.lines = source_lines or SourceLines()
         self._cache: Dict[Tuple[int, int, int], List[Frame]] = {}
         self._trust: Dict[Tuple[int, int, Tuple[int, ...]], Tuple[int, ...]] = {}
-        self._trampolines: Dict[Tuple[int, int], Optional[int]] = {}    # (pid, generation)
+        self._trampolines: Dict[Tuple[int, int], Optional[int]] = {}  # (pid, generation)
 
     def user_stacks(self, stacks: Sequence[Tuple], leaf_returns: bool = True) -> List[List[Frame]]:
         """Symbolize many (pid, addresses) stacks at once: one addr2line run per module.
@@ -140,12 +164,13 @@ class Symbolizer:
         # stacks are (pid, addresses) or (pid, addresses, time_ns); an address means something
         # only in the address space (generation) the process had at that time
         keyed = []
-        self.refresh()                         # once per batch, not per stack
-        located: Dict[Tuple[int, int, int], Tuple[Frame, int]] = {}   # (pid, generation, address)
+        self.refresh()  # once per batch, not per stack
+        located: Dict[Tuple[int, int, int], Tuple[Frame, int]] = {}  # (pid, generation, address)
         per_module: Dict[str, set] = {}
         for pid, addresses, *when in stacks:
-            start, mappings = self.tracker.generation(pid, when[0] if when else None, drain=False) \
-                if self.tracker else (0, [])
+            start, mappings = (
+                self.tracker.generation(pid, when[0] if when else None, drain=False) if self.tracker else (0, [])
+            )
             addresses = self._trusted(pid, start, mappings, tuple(addresses))
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
@@ -171,13 +196,20 @@ class Symbolizer:
             if src:
                 # addr2line -i: innermost inlined callee first, the real function last
                 *inlined, outer = src
-                expanded = [Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True,
-                                      build_id=frame.build_id)
-                            for s in inlined]
+                expanded = [
+                    Frame(frame.address, s.function, 0, frame.module, s.file, s.line, True, build_id=frame.build_id)
+                    for s in inlined
+                ]
                 # addr2line names an address without DWARF after the nearest symbol before
                 # it: its name is taken only with a source location (from DWARF)
-                expanded.append(replace(frame, file=outer.file, line=outer.line,
-                                        function=frame.function or (outer.function if outer.file else "")))
+                expanded.append(
+                    replace(
+                        frame,
+                        file=outer.file,
+                        line=outer.line,
+                        function=frame.function or (outer.function if outer.file else ""),
+                    )
+                )
             self._cache[key] = expanded
         return [self._frames(pid, start, addresses) for (pid, start), addresses in keyed]
 
@@ -188,8 +220,9 @@ class Symbolizer:
                 continue
             if a in stackformat.MARKERS:
                 module = os.path.basename(frames[-1].module) if frames else ""
-                frames.append(Frame(a, "", 0, frames[-1].module if frames else "",
-                                    truncated=stacktrust.reason(a, module)))
+                frames.append(
+                    Frame(a, "", 0, frames[-1].module if frames else "", truncated=stacktrust.reason(a, module))
+                )
             else:
                 frames.extend(self._cache[(pid, start, a)])
         return frames
@@ -217,7 +250,7 @@ class Symbolizer:
         if key in self._trust:
             return self._trust[key]
         cut = stacktrust.trusted(addresses, lambda a: self._elf_address(mappings, a))
-        if cut[-1] != stackformat.NO_UNWIND_INFO:       # (a mapping may be told later)
+        if cut[-1] != stackformat.NO_UNWIND_INFO:  # (a mapping may be told later)
             self._trust[key] = cut
         return cut
 
@@ -244,8 +277,11 @@ class Symbolizer:
         if hit is None:
             return Frame(address, "", 0, m.path, vaddr=shown, build_id=syms.build_id), vaddr, syms.dwarf_file
         name, offset = hit
-        return (Frame(address, name, offset + (address - lookup), m.path, vaddr=shown, build_id=syms.build_id),
-                vaddr, syms.dwarf_file)
+        return (
+            Frame(address, name, offset + (address - lookup), m.path, vaddr=shown, build_id=syms.build_id),
+            vaddr,
+            syms.dwarf_file,
+        )
 
     def kernel_stack(self, addresses: Sequence[int]) -> List[Frame]:
         addrs, names = _kallsyms()

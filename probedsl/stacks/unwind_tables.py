@@ -9,6 +9,7 @@ Files are loaded once (by identity) and shared by every process that maps them. 
 of process mappings (probedsl.process.mappings) says when a process maps, execs or forks. A file's
 rows are kept on disk by its build id, so the next run does not decode its .eh_frame again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,21 @@ from probedsl.trust import cachedir
 from probedsl.binaries import cfi, debuginfo, elf
 from probedsl import faults, notices
 from probedsl.process.mappings import Mapping, read_proc_maps
-from probedsl.ir.stackformat import CFA_RBP, CFA_RSP, CHUNK_SHIFT, INVALID, MAX_MAPS, OUTERMOST, PER_CHUNK, PLT, RBP_AT_CFA, RBP_SAME, ROW_KINDS, ROWS, SIGNAL
-
+from probedsl.ir.stackformat import (
+    CFA_RBP,
+    CFA_RSP,
+    CHUNK_SHIFT,
+    INVALID,
+    MAX_MAPS,
+    OUTERMOST,
+    PER_CHUNK,
+    PLT,
+    RBP_AT_CFA,
+    RBP_SAME,
+    ROW_KINDS,
+    ROWS,
+    SIGNAL,
+)
 
 
 # a row on disk: pc u32, kind u8, rbp kind u8, rbp offset s16, cfa offset s32; the name of
@@ -50,7 +64,7 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
             ident = debuginfo.build_id(ELFFile(f))
     except (OSError, ELFError):
         return []
-    except Exception:                  # pyelftools on a damaged file: no rows from it
+    except Exception:  # pyelftools on a damaged file: no rows from it
         return []
     where = cache_dir() if ident else ""
     cached = os.path.join(where, f"{ident}.v{_DISK_FORMAT}") if where else ""
@@ -76,8 +90,14 @@ def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
     why = ""
     if not data or len(data) % _DISK_ROW.size or len(data) > ROWS * _DISK_ROW.size:
         why = f"{len(data)} bytes is not a whole number of rows up to {ROWS}"
-    rows = [] if why else [(pc, kind, cfa_off, rbp_kind, rbp_off)
-                           for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)]
+    rows = (
+        []
+        if why
+        else [
+            (pc, kind, cfa_off, rbp_kind, rbp_off)
+            for pc, kind, rbp_kind, rbp_off, cfa_off in _DISK_ROW.iter_unpack(data)
+        ]
+    )
     last = -1
     for pc, kind, _cfa_off, rbp_kind, _rbp_off in rows:
         if pc <= last or kind not in ROW_KINDS or rbp_kind not in (RBP_SAME, RBP_AT_CFA):
@@ -95,8 +115,9 @@ def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
 def _save(cached: str, rows) -> None:
     """Write whole or not at all (a rename): two runs may write the same file at once."""
     try:
-        data = b"".join(_DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off)
-                        for pc, kind, cfa_off, rbp_kind, rbp_off in rows)
+        data = b"".join(
+            _DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off) for pc, kind, cfa_off, rbp_kind, rbp_off in rows
+        )
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), prefix=".rows-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -140,16 +161,16 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
         return SIGNAL, 0, RBP_SAME, 0
     if row.outermost:
         return OUTERMOST, 0, RBP_SAME, 0
-    if row.cfa_register == cfi.PLT:         # cfa offset: the (rip & 15) from which CFA = rsp+16
+    if row.cfa_register == cfi.PLT:  # cfa offset: the (rip & 15) from which CFA = rsp+16
         return PLT, row.cfa_offset, RBP_SAME, 0
     if row.ra != ("offset", -8) or row.cfa_register not in (cfi.RSP, cfi.RBP):
         return INVALID, 0, RBP_SAME, 0
     kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
     if row.rbp is None:
         return kind, row.cfa_offset, RBP_SAME, 0
-    if row.rbp[0] == "offset" and -(1 << 15) <= row.rbp[1] < 1 << 15:      # an s16 in the kernel row
+    if row.rbp[0] == "offset" and -(1 << 15) <= row.rbp[1] < 1 << 15:  # an s16 in the kernel row
         return kind, row.cfa_offset, RBP_AT_CFA, row.rbp[1]
-    return INVALID, 0, RBP_SAME, 0          # rbp kept elsewhere: the frames above cannot use it
+    return INVALID, 0, RBP_SAME, 0  # rbp kept elsewhere: the frames above cannot use it
 
 
 class _Closed(Exception):
@@ -162,18 +183,18 @@ class UnwindTables:
         self.rows = bpf["probedsl_unw_rows"]
         self.maps = bpf["probedsl_unw_maps"]
         self.chunks = bpf["probedsl_unw_chunks"]
-        self.chunks_of: Dict[int, set] = {}             # pid -> its chunk keys written
-        self.used = 0                                   # rows written so far
-        self.files: Dict[Tuple[int, int], Optional[Tuple[int, int]]] = {}   # identity -> (first, count)
-        self.full = 0                                   # files left out: the row table was full
+        self.chunks_of: Dict[int, set] = {}  # pid -> its chunk keys written
+        self.used = 0  # rows written so far
+        self.files: Dict[Tuple[int, int], Optional[Tuple[int, int]]] = {}  # identity -> (first, count)
+        self.full = 0  # files left out: the row table was full
         self._lock = threading.Lock()
         self._raised = False
-        self.following = False          # told of mappings as they change (the run is tracing)
+        self.following = False  # told of mappings as they change (the run is tracing)
         # held around every write to the kernel maps; once closed, writes are skipped: the
         # maps may be gone (the run is ending), and a listener may still be running
         self._writing = threading.Lock()
         self.closed = False
-        self.errors: List[str] = []     # processes whose entry could not be written
+        self.errors: List[str] = []  # processes whose entry could not be written
 
     def close(self) -> None:
         """No write to the maps after this returns (one in progress finishes first)."""
@@ -227,7 +248,7 @@ class UnwindTables:
             v.pc, v.kind, v.cfa_off, v.rbp_kind, v.rbp_off = pc, kind, cfa_off, rbp_kind, rbp_off
         try:
             self.rows.items_update_batch(keys, values)
-        except Exception:              # BCC raises bare Exception; older kernels lack batches
+        except Exception:  # BCC raises bare Exception; older kernels lack batches
             for k, v in zip(keys, values):
                 self.rows[k] = v
 
@@ -245,7 +266,7 @@ class UnwindTables:
                 self._process(pid, mappings)
         except _Closed:
             pass
-        except Exception as exc:      # BCC raises bare Exception: this process's stacks fall back
+        except Exception as exc:  # BCC raises bare Exception: this process's stacks fall back
             self.errors.append(f"pid {pid}: {exc}")
 
     def _process(self, pid: int, mappings: List[Mapping]) -> None:
@@ -256,7 +277,7 @@ class UnwindTables:
             syms = elf.symbols(file) if placed else None
             if placed is None or syms is None:
                 continue
-            bias = m.start - syms.file_offset_to_vaddr(m.offset)     # process address - ELF address
+            bias = m.start - syms.file_offset_to_vaddr(m.offset)  # process address - ELF address
             entries.append((m.start, m.end, bias & 0xFFFFFFFFFFFFFFFF, *placed))
         with self._maps_open():
             if not entries or not _still_mapped(pid, entries):
@@ -301,8 +322,10 @@ class UnwindTables:
     def notes(self) -> List[str]:
         if not self.errors:
             return []
-        return [f"the unwind tables of {len(self.errors)} process entries could not be written (first: "
-                f"{self.errors[0]}): their stacks were walked by frame pointers"]
+        return [
+            f"the unwind tables of {len(self.errors)} process entries could not be written (first: "
+            f"{self.errors[0]}): their stacks were walked by frame pointers"
+        ]
 
     def memory(self) -> int:
         """The rows, mappings and chunk tables, the kept return addresses, and the table of
@@ -310,7 +333,8 @@ class UnwindTables:
         tables = [self.bpf["probedsl_ustacks"], self.chunks, self.maps]
         try:
             tables.append(self.bpf["probedsl_unw_returns"])
-        except KeyError:                  # only where a stack can pass a pending uretprobe
+        except KeyError:  # only where a stack can pass a pending uretprobe
             pass
         return ROWS * ctypes.sizeof(self.rows.Leaf) + sum(
-            t.max_entries * (ctypes.sizeof(t.Key) + ctypes.sizeof(t.Leaf)) for t in tables)
+            t.max_entries * (ctypes.sizeof(t.Key) + ctypes.sizeof(t.Leaf)) for t in tables
+        )

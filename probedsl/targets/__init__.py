@@ -1,4 +1,5 @@
 """Choose the target for a backend from the version installed (or asked for)."""
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,12 @@ def installed_version(backend: str) -> Optional[Version]:
 
 
 # `bpftrace --info`'s Build lines -> what a build can do; a distribution's build may lack one
-BUILD_FEATURES = {"bfd": "bfd", "libdw (DWARF support)": "dwarf", "dwunwind (DWARF stack unwinding)": "dwunwind",
-                  "blazesym (advanced symbolization)": "blazesym"}
+BUILD_FEATURES = {
+    "bfd": "bfd",
+    "libdw (DWARF support)": "dwarf",
+    "dwunwind (DWARF stack unwinding)": "dwunwind",
+    "blazesym (advanced symbolization)": "blazesym",
+}
 
 
 def parse_info(text: str) -> Dict[str, bool]:
@@ -91,8 +96,10 @@ def for_version(backend: str, version: Optional[Version]) -> Target:
         if cls.covers(version):
             return cls(version)
     other = " or ".join(b for b in BACKENDS if b != backend)
-    raise ProbedslError(f"{backend} {version_text(version)} is not supported: probedsl supports {supported()}; "
-                        f"install a supported version or use --backend {other}")
+    raise ProbedslError(
+        f"{backend} {version_text(version)} is not supported: probedsl supports {supported()}; "
+        f"install a supported version or use --backend {other}"
+    )
 
 
 def detect(backend: str) -> Target:

@@ -2,6 +2,7 @@
 
 The CLI, session, estimate and report ask a target; none of them names a backend or a version.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,15 +24,15 @@ class Target:
     first: ClassVar[Tuple[int, int]] = (0, 0)
     last: ClassVar[Tuple[int, int]] = (0, 0)
     # capabilities
-    per_pid_uprobes: ClassVar[bool] = False     # the tracer can scope a uprobe to one process
-    holds_forks: ClassVar[bool] = False         # follows forks by attaching each child, held at its fork
-    probe_offsets: ClassVar[bool] = False       # a uprobe may sit inside a function (free+3)
-    map_declarations: ClassVar[bool] = False    # maps are sized one by one
-    per_process_comm: ClassVar[bool] = False    # --comm --per-process: uprobes on each matching process
-    follows_new_roots: ClassVar[bool] = False   # --comm, --all: probe another root's libraries as it appears
-    dwarf_stacks: ClassVar[bool] = False        # unwinds user stacks from call-frame rows (--stacks dwarf)
+    per_pid_uprobes: ClassVar[bool] = False  # the tracer can scope a uprobe to one process
+    holds_forks: ClassVar[bool] = False  # follows forks by attaching each child, held at its fork
+    probe_offsets: ClassVar[bool] = False  # a uprobe may sit inside a function (free+3)
+    map_declarations: ClassVar[bool] = False  # maps are sized one by one
+    per_process_comm: ClassVar[bool] = False  # --comm --per-process: uprobes on each matching process
+    follows_new_roots: ClassVar[bool] = False  # --comm, --all: probe another root's libraries as it appears
+    dwarf_stacks: ClassVar[bool] = False  # unwinds user stacks from call-frame rows (--stacks dwarf)
     # limits
-    max_args: ClassVar[int] = 6                 # x86-64 integer argument registers
+    max_args: ClassVar[int] = 6  # x86-64 integer argument registers
     # keys a release `through` LAST releases at most per event: the verifier walks each turn of
     # the loop (bpftrace 0.17 at 1,024: ~60 s more to load under load; 128: ~1 s)
     range_keys: ClassVar[int] = 128
@@ -39,7 +40,7 @@ class Target:
     max_live_limit: ClassVar[Optional[int]] = None
 
     def __init__(self, version: Optional[Version] = None):
-        self.version = version            # None: generated without a tracer installed (compile)
+        self.version = version  # None: generated without a tracer installed (compile)
 
     @classmethod
     def covers(cls, version: Version) -> bool:
@@ -52,7 +53,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        """"bpftrace 0.23.2" or, with no tracer installed, "bpftrace 0.20-0.23"."""
+        """ "bpftrace 0.23.2" or, with no tracer installed, "bpftrace 0.20-0.23"."""
         return f"{self.backend} {version_text(self.version) if self.version else self.range_text()}"
 
     def scopes_uprobes(self, scope: ir.Scope) -> bool:
@@ -83,33 +84,42 @@ class Target:
         """Whether the probe itself leaves (thread, rsp) after its release: where the branches
         cannot be probed, the function whose code holds them does on every call (its rsp at the
         entry is the branch's)."""
-        return not self.probe_offsets and any(s.origin == probe.function for p in res.probes
-                                              for s in self.reentries(p))
+        return not self.probe_offsets and any(s.origin == probe.function for p in res.probes for s in self.reentries(p))
 
     def notes(self, program: ir.Program) -> List[str]:
         """What this target cannot do for the program, said once at start."""
         scope = program.scope
         notes = []
         if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots:
-            notes.append(f"{self.name}: processes in a root that none had at start (a container started later) "
-                         "load other library files, which are not probed; --backend bcc follows them")
+            notes.append(
+                f"{self.name}: processes in a root that none had at start (a container started later) "
+                "load other library files, which are not probed; --backend bcc follows them"
+            )
         if not self.probe_offsets:
-            unplaced = [f"{p.function}+{off}" for r in program.resources for p in r.probes
-                        for off, _ in [p.place_in(p.path)] if off]
+            unplaced = [
+                f"{p.function}+{off}"
+                for r in program.resources
+                for p in r.probes
+                for off, _ in [p.place_in(p.path)]
+                if off
+            ]
             if unplaced:
-                notes.append(f"{self.name} attaches uprobes at function entries only, where the kernel "
-                             "single-steps the first instruction (a second trap a call) of functions probedsl "
-                             f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
-                             "probe there")
+                notes.append(
+                    f"{self.name} attaches uprobes at function entries only, where the kernel "
+                    "single-steps the first instruction (a second trap a call) of functions probedsl "
+                    f"would probe further in ({', '.join(unplaced)}); --backend bcc or bpftrace 0.20+ "
+                    "probe there"
+                )
         return notes
 
 
 @dataclass
 class Generated:
     """Backend text plus a map from generated line (1-based) to the recipe span it came from."""
+
     text: str
     line_map: Dict[int, Span] = field(default_factory=dict)
-    loader: str = ""          # BCC: the Python loader that runs the C text
+    loader: str = ""  # BCC: the Python loader that runs the C text
     manifest: dict = field(default_factory=dict)  # BCC: what the loader attaches
 
     @property

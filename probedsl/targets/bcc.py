@@ -1,4 +1,5 @@
 """BCC 0.26 and newer: C text compiled by libbcc's clang, loaded and read from Python."""
+
 from __future__ import annotations
 
 from typing import List
@@ -25,11 +26,16 @@ class Bcc(Target):
 
     def notes(self, program: ir.Program) -> List[str]:
         notes = super().notes(program)
-        if program.stacks == "dwarf" and not self.syscall_registers() and any(
-                p.kind == ir.ProbeKind.SYSCALL for r in program.resources if r.records("ustack") for p in r.probes):
-            notes.append(f"{self.name}: this kernel gives a system call's probe no user registers to unwind "
-                         f"from (bpf_task_pt_regs, {TASK_PT_REGS[0]}.{TASK_PT_REGS[1]}+): stacks are "
-                         "frame-pointer walks")
+        if (
+            program.stacks == "dwarf"
+            and not self.syscall_registers()
+            and any(p.kind == ir.ProbeKind.SYSCALL for r in program.resources if r.records("ustack") for p in r.probes)
+        ):
+            notes.append(
+                f"{self.name}: this kernel gives a system call's probe no user registers to unwind "
+                f"from (bpf_task_pt_regs, {TASK_PT_REGS[0]}.{TASK_PT_REGS[1]}+): stacks are "
+                "frame-pointer walks"
+            )
         return notes
 
     def syscall_registers(self) -> bool:

@@ -3,6 +3,7 @@
 Each names what its versions need or offer; the generator (probedsl.backends.bpftrace) and
 the driver (probedsl.drivers.bpftrace) read these flags and nothing else about the version.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ class Bpftrace(Target):
         return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in build.items())
 
     def environment(self, max_live: int) -> dict:
-        env = {"BPFTRACE_NO_USER_SYMBOLS": "1"}     # raw addresses: probedsl symbolizes itself
+        env = {"BPFTRACE_NO_USER_SYMBOLS": "1"}  # raw addresses: probedsl symbolizes itself
         env.update({name: str(max_live) for name in self.map_keys_env})
         return env
 
@@ -90,22 +91,26 @@ class Bpftrace(Target):
 
 class Bpftrace017(Bpftrace):
     """Debian 12 (0.17), kubectl-trace's runner (0.19.1)."""
+
     first, last = (0, 17), (0, 19)
-    map_keys_env = ("BPFTRACE_MAP_KEYS_MAX",)      # 0.17 ignores the newer name
+    map_keys_env = ("BPFTRACE_MAP_KEYS_MAX",)  # 0.17 ignores the newer name
 
     def notes(self, program: ir.Program) -> List[str]:
         scope = program.scope
         if scope.mode in ("pid", "cmd") and not scope.tracks_children:
-            return [f"bpftrace {self.range_text()} cannot scope uprobes to one process (-p does not); "
-                    "other processes using the probed libraries pay the trap"] + super().notes(program)
+            return [
+                f"bpftrace {self.range_text()} cannot scope uprobes to one process (-p does not); "
+                "other processes using the probed libraries pay the trap"
+            ] + super().notes(program)
         return super().notes(program)
 
 
 class Bpftrace020(Bpftrace):
     """Ubuntu 24.04 (0.20.2), Debian 13 and Ubuntu 25.10 (0.23), Fedora 42."""
+
     first, last = (0, 20), (0, 23)
-    map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)      # the old name only warns that it is deprecated
-    per_pid_uprobes = True                         # -p PID scopes uprobes (0.20 "uprobe pid targeting")
+    map_keys_env = ("BPFTRACE_MAX_MAP_KEYS",)  # the old name only warns that it is deprecated
+    per_pid_uprobes = True  # -p PID scopes uprobes (0.20 "uprobe pid targeting")
     probe_offsets = True
     type_maps_first = True
 
@@ -116,8 +121,9 @@ class Bpftrace020(Bpftrace):
 
 class Bpftrace024(Bpftrace020):
     """Fedora 43 (0.24)."""
+
     first, last = (0, 24), (0, 24)
-    delete_with_key_argument = True      # (and 0.24+ reads only BPFTRACE_MAX_MAP_KEYS)
+    delete_with_key_argument = True  # (and 0.24+ reads only BPFTRACE_MAX_MAP_KEYS)
     # -p applies to every probe (0.24 "-p CLI flag now applies to all probes"; measured on
     # 0.27.0 and 0.27.1): the tracepoints probedsl fires itself (ready, snapshot) never reach
     # the script, so uprobes are not scoped to the process
@@ -136,14 +142,17 @@ class Bpftrace024(Bpftrace020):
     def notes(self, program: ir.Program) -> List[str]:
         scope = program.scope
         if scope.mode in ("pid", "cmd") and not scope.tracks_children:
-            return [f"bpftrace {self.range_text()}'s -p filters every probe, probedsl's own included: uprobes "
-                    "are not scoped to the process, and other processes using the probed libraries pay the "
-                    "trap (--backend bcc scopes them)"] + super().notes(program)
+            return [
+                f"bpftrace {self.range_text()}'s -p filters every probe, probedsl's own included: uprobes "
+                "are not scoped to the process, and other processes using the probed libraries pay the "
+                "trap (--backend bcc scopes them)"
+            ] + super().notes(program)
         return super().notes(program)
 
 
 class Bpftrace025(Bpftrace024):
     """Arch (0.25), Alpine 3.24 (0.26)."""
+
     first, last = (0, 25), (0, 26)
     # `let @m = hash(N)` sizes each map: the live table at --max-live, the others at what they
     # need, so a million live entries no longer preallocate every map a million times
@@ -155,6 +164,7 @@ class Bpftrace025(Bpftrace024):
 
 class Bpftrace027(Bpftrace025):
     """Debian sid (0.27.1), Debian forky (0.27.0)."""
+
     first, last = (0, 27), (0, 27)
     # measured on 0.27.0 and 0.27.1: each of these printed a warning for every probe
     warns_same_type_cast = True

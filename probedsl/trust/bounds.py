@@ -1,12 +1,13 @@
 """What parsing one file may cost: a hostile file (a traced program's, a downloaded debug
 file) is skipped with a note when it goes past these, and every other file is read as usual."""
+
 from __future__ import annotations
 
 import time
 
-FILE_SECONDS = 60.0             # decoding one file's table (libc's CFI: 0.15 s, libLLVM-14's 105 MB: 7 s on a busy VM)
-MAX_SECTION = 256 << 20         # bytes of one section read into memory
-MAX_NAME_BYTES = 4096           # bytes of one symbol name
+FILE_SECONDS = 60.0  # decoding one file's table (libc's CFI: 0.15 s, libLLVM-14's 105 MB: 7 s on a busy VM)
+MAX_SECTION = 256 << 20  # bytes of one section read into memory
+MAX_NAME_BYTES = 4096  # bytes of one symbol name
 
 
 class OverBound(Exception):

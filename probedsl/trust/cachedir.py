@@ -7,6 +7,7 @@ directory from the cache root down, and each file in it, belongs to the effectiv
 root) and is writable by no one else; the directories above the root must be as safe, or
 sticky (/tmp). Otherwise the run says so once and uses a private place of its own.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from typing import Optional
 
 from probedsl.notices import note
 
-PRIVATE_ROOT = "/var/cache/probedsl"       # root's own, when the environment's is not trusted
+PRIVATE_ROOT = "/var/cache/probedsl"  # root's own, when the environment's is not trusted
 
 
 def _owner_ok(st: os.stat_result) -> bool:
@@ -34,7 +35,7 @@ def _safe(st: os.stat_result, sticky_ok: bool = False) -> bool:
 
 
 def why_untrusted(root: str, path: str = "") -> str:
-    """"" when root (a cache root) and path (a directory or file under it, or root itself)
+    """ "" when root (a cache root) and path (a directory or file under it, or root itself)
     may be trusted; else which component is not and why. Components that do not exist yet
     are fine: we create them private."""
     real_root = os.path.realpath(root)
@@ -48,7 +49,7 @@ def why_untrusted(root: str, path: str = "") -> str:
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if path else "."
     if rel.startswith(".."):
         return f"{path}: not under {root}"
-    for part in ([] if rel == "." else rel.split("/")):
+    for part in [] if rel == "." else rel.split("/"):
         current = os.path.join(current, part)
         why = _component(current, sticky_ok=False, link_ok=False)
         if why is not None:
@@ -109,7 +110,7 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) 
         if not _make(wanted):
             note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
             return ""
-        why = why_untrusted(root, wanted)      # a component someone else made meanwhile
+        why = why_untrusted(root, wanted)  # a component someone else made meanwhile
         if not why:
             return wanted
     fallback = private_root()
@@ -125,7 +126,7 @@ def _make(path: str) -> bool:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError:
-        pass                      # read-only: files there may still be read
+        pass  # read-only: files there may still be read
     return os.path.isdir(path)
 
 
@@ -138,7 +139,8 @@ def file_ok(root: str, path: str) -> bool:
         return False
     if stat.S_ISREG(st.st_mode) and _safe(st):
         return True
-    why = _describe(path, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) \
-        else f"{path} is not a regular file"
+    why = (
+        _describe(path, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else f"{path} is not a regular file"
+    )
     note(f"cache file not used: {why}")
     return False

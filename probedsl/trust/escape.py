@@ -12,19 +12,20 @@ One rule per kind of output, applied once where a report is rendered:
   undecodable bytes replaced (protobuf strings must be valid UTF-8).
 Undecodable bytes reach here as surrogates (decoding with errors="surrogateescape").
 """
+
 from __future__ import annotations
 
 import unicodedata
 from html import escape as _html
 
-MAX_NAME = 512              # characters of one name shown; longer ones end with MARK
-MAX_MESSAGE = 4096          # characters of one message (an error, a note)
+MAX_NAME = 512  # characters of one name shown; longer ones end with MARK
+MAX_MESSAGE = 4096  # characters of one message (an error, a note)
 MARK = "...[cut]"
 
 
 def _char(c: str) -> str:
     o = ord(c)
-    if 0xDC80 <= o <= 0xDCFF:                   # an undecodable byte (surrogateescape)
+    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte (surrogateescape)
         return f"\\x{o - 0xDC00:02x}"
     if o < 0x20 or o == 0x7F:
         return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, f"\\x{o:02x}")
@@ -36,7 +37,7 @@ def _char(c: str) -> str:
 
 
 def _visible(s: str) -> str:
-    if s.isascii() and s.isprintable() and "\\" not in s:     # the common case, fast
+    if s.isascii() and s.isprintable() and "\\" not in s:  # the common case, fast
         return s
     return "".join(_char(c) for c in s)
 
@@ -70,6 +71,6 @@ def for_utf8(s: str) -> bytes:
     """The exact name as valid UTF-8 (undecodable bytes as U+FFFD): pprof's strings."""
     try:
         raw = str(s).encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:                  # a surrogate no decoding made
+    except UnicodeEncodeError:  # a surrogate no decoding made
         raw = str(s).encode("utf-8", "replace")
     return raw.decode("utf-8", "replace").encode("utf-8")
