@@ -56,7 +56,7 @@ class RunOptions:
     live: bool = False  # a full-screen view refreshed at each report (probedsl.outputs.live)
 
 
-def _scope(opts: RunOptions, target: targets.Target):
+def scope_of(opts: RunOptions, target: targets.Target):
     """(scope, library resolver, held command or None) for the options."""
     chosen = [x for x in (opts.comm, opts.pid, opts.command or None, opts.all or None) if x is not None]
     if len(chosen) != 1:
@@ -99,7 +99,7 @@ def _scope(opts: RunOptions, target: targets.Target):
     return ir.Scope("cmd", pid=held.pid, follow_forks=opts.follow_forks), resolver, held
 
 
-def _traced(scope: ir.Scope, tracker: MappingTracker):
+def traced(scope: ir.Scope, tracker: MappingTracker):
     """Which processes' mappings the unwinder needs: the traced ones (None: every process). On
     a busy machine the others' files would cost rows computed for nothing."""
     if scope.mode in ("pid", "cmd"):
@@ -112,11 +112,11 @@ def _traced(scope: ir.Scope, tracker: MappingTracker):
     return None
 
 
-def _probed_files(program: ir.Program) -> List[str]:
+def probed_files(program: ir.Program) -> List[str]:
     return sorted({f for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE for f in p.files})
 
 
-def _bystander_notes(
+def bystander_notes(
     program: ir.Program, target: targets.Target, private: Optional[PrivateLibraries], fork_refusal: Optional[str] = None
 ) -> List[str]:
     """Say when processes we do not trace pay the uprobe trap anyway (it comes before any filter).
@@ -142,7 +142,7 @@ def _bystander_notes(
     ]
 
 
-def _use_color(opts: RunOptions, out) -> bool:
+def use_color(opts: RunOptions, out) -> bool:
     if opts.format != "text" or opts.output:
         return False
     if opts.color is not None:
@@ -150,7 +150,7 @@ def _use_color(opts: RunOptions, out) -> bool:
     return hasattr(out, "isatty") and out.isatty() and "NO_COLOR" not in os.environ
 
 
-def _check_output(output: Optional[str]) -> None:
+def check_output(output: Optional[str]) -> None:
     """-o where no report could be written is said before tracing begins."""
     if not output:
         return
@@ -168,7 +168,7 @@ def _check_output(output: Optional[str]) -> None:
         raise ProbedslError(f"-o {output}: not writable")
 
 
-def _end_command(held: HeldCommand, signum: int, notes: List[str], at_exit=None) -> None:
+def end_command(held: HeldCommand, signum: int, notes: List[str], at_exit=None) -> None:
     """Ctrl-C from a terminal reaches the command too; give it a moment, then pass the
     signal on (SIGTERM sent to probedsl alone), and report even if it still runs. at_exit:
     called meanwhile (--reachability scans a command held at its exit)."""

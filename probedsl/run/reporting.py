@@ -12,7 +12,7 @@ from probedsl.outputs import formats
 from probedsl.outputs import live
 from probedsl.report import timeseries
 from probedsl.outputs.write import write_report
-from probedsl.run.options import _use_color
+from probedsl.run.options import use_color
 
 
 class Reporting:
@@ -92,7 +92,7 @@ class Reporting:
         rep.sequence = self.sequence
         if self.exporter:
             self.exporter.publish(rep)
-        text = formats.render(rep, self.opts.format, _use_color(self.opts, self.out))
+        text = formats.render(rep, self.opts.format, use_color(self.opts, self.out))
         self.saved = False
         try:
             write_report(text, self.opts.output, self.out)

@@ -26,7 +26,7 @@ from probedsl.stacks.symbolizer import Symbolizer
 from probedsl.process.tether import Tether
 from probedsl import drivers
 from probedsl.report import timeseries
-from probedsl.run.options import RunOptions, _scope, _check_output, _traced, _probed_files, _bystander_notes, _end_command
+from probedsl.run.options import RunOptions, scope_of, check_output, traced, probed_files, bystander_notes, end_command
 from probedsl.run.reporting import Reporting
 
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
@@ -95,7 +95,7 @@ class Session(Reporting):
         if not doctor.has_tracing_rights():
             raise ProbedslError(f"probedsl run needs root, or {doctor.CAP_NAMES}, to attach probes "
                                 "(probedsl doctor says what is missing)")
-        _check_output(self.opts.output)
+        check_output(self.opts.output)
         threads.reset()
         self.tracing = False
         with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
@@ -123,7 +123,7 @@ class Session(Reporting):
         self.target = target = targets.detect(opts.backend)
         scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
         self.max_live = compiler.check_choices(target, compiler.Choices(max_live=opts.max_live or 0, stacks=opts.stacks))
-        scope, resolver, self.held = _scope(opts, target)
+        scope, resolver, self.held = scope_of(opts, target)
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
         self.private = None
@@ -183,8 +183,8 @@ class Session(Reporting):
             self._tie(scope.pid)
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
         self.feeders.callback(self.driver.stop_following, self.tracker)
-        self.driver.follow_mappings(self.tracker, [self.held.exe] + _probed_files(self.program) if self.held else [],
-                                    _traced(scope, self.tracker))
+        self.driver.follow_mappings(self.tracker, [self.held.exe] + probed_files(self.program) if self.held else [],
+                                    traced(scope, self.tracker))
         if self.stop.signal is not None:      # interrupted while attaching: no command runs
             raise KeyboardInterrupt
         self._tracing()
@@ -195,7 +195,7 @@ class Session(Reporting):
                  f"sized for --max-live {self.max_live}"
                  + (f"; {unwinder / 2**20:.0f} MB for --stacks dwarf's unwind tables and stacks" if unwinder else "")
                  + ")")
-        for line in self.target.notes(self.program) + _bystander_notes(self.program, self.target, self.private,
+        for line in self.target.notes(self.program) + bystander_notes(self.program, self.target, self.private,
                                                                        self.fork_refusal):
             self.say(f"note: {line}")
         if self.held:
@@ -316,7 +316,7 @@ class Session(Reporting):
             self._sample_if_due()
             driver.idle(0.05)
         if self.held and self.held.poll() is None and self.stop.signal is not None:
-            _end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
+            end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
         if self.stop.signal is not None:
             # a second Ctrl-C now would cost the report: say what happens instead
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
