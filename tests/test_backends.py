@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 
 import dataclasses
@@ -121,9 +122,23 @@ def memleak_text_for(cls) -> str:
     return backends.for_target(cls()).generate(program).text
 
 
+UNWINDER = re.compile(r"^// probedsl unwinder: begin.*?^// probedsl unwinder: end\n", re.S | re.M)
+
+
+def without_unwinder(text: str) -> str:
+    """The program with BCC's unwinder (its own template, its own golden) cut to one line."""
+    return UNWINDER.sub("// (the unwinder: tests/golden/unwinder.bcc.c)\n", text)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_memleak_program_per_backend_matches_golden(name, update_golden):
-    assert_golden(memleak_text_for(FULL_GOLDEN[name]), full_golden(name), update_golden)
+    assert_golden(without_unwinder(memleak_text_for(FULL_GOLDEN[name])), full_golden(name), update_golden)
+
+
+def test_bcc_unwinder_matches_its_golden(update_golden):
+    """The unwinder's text alone: a change to it rewrites this golden, not the program's."""
+    (unwinder,) = UNWINDER.findall(memleak_text_for(FULL_GOLDEN["bcc"]))
+    assert_golden(unwinder, GOLDEN / "unwinder.bcc.c", update_golden)
 
 
 def test_a_function_aliased_to_another_is_attached_once():

@@ -1,0 +1,172 @@
+// probedsl unwinder: begin (backends/templates/bcc_unwinder.c.j2, its golden tests/golden/unwinder.bcc.c)
+// --stacks dwarf: user stacks unwound here from call-frame rows (probedsl/stacks/unwind_tables.py
+// writes them): at each frame the row in force gives the caller's frame address (CFA) from
+// rsp or rbp, the return address sits at CFA-8, and rbp is reloaded where it was saved.
+#define PROBEDSL_UNW_MAPS 64
+struct probedsl_unw_map_t { u64 start; u64 end; u64 bias; u32 first; u32 count; };
+struct probedsl_unw_maps_t { u32 n; u32 pad; struct probedsl_unw_map_t m[PROBEDSL_UNW_MAPS]; };
+struct probedsl_unw_row_t { u32 pc; u8 kind; u8 rbp_kind; s16 rbp_off; s32 cfa_off; u32 pad; };
+BPF_TABLE("lru_hash", u32, struct probedsl_unw_maps_t, probedsl_unw_maps, 8192);
+// (pid, address >> 18) -> the mappings overlapping that chunk of the address
+// space: one lookup finds a frame's mapping (a search over the mappings cost the verifier
+// ~0.5 s per program)
+struct probedsl_unw_chunk_key_t { u32 pid; u32 pad; u64 chunk; };
+struct probedsl_unw_chunk_t { u8 slot[8]; };
+BPF_TABLE("lru_hash", struct probedsl_unw_chunk_key_t, struct probedsl_unw_chunk_t, probedsl_unw_chunks, 262144);
+BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
+// a traced process's children (a thread too), kept until they exec or end: child -> parent
+BPF_TABLE("lru_hash", u32, u32, probedsl_unw_parents, 65536);
+// a stack: its frames, then a marker saying how it ended (probedsl/stacks/stacktrust.py)
+struct probedsl_ustack_t { u64 ip[65]; };
+// the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds
+struct probedsl_unw_scratch_t { u64 ip[128]; };
+BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
+// set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
+// program on the same CPU then gets no stack (counted as one without) rather than garbling it.
+// An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
+// the unwinder program clears it once it stored them.
+BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
+// The unwinder is one program, verified once, that every acquire program tail-calls (a tail
+// call keeps the context: the registers to start from); one per program type.
+BPF_PROG_ARRAY(probedsl_unwinders, 1);
+BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
+// The walk's loops pass a loop counter through this at the top of each iteration: the compiler
+// then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
+// indices, which the verifier needs (clang 21 makes `i < 64 && i < n` a count-down of min(n, 64)
+// iterations without the mask, which the verifier cannot bound).
+#define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
+
+// regs: the user registers to start from (ctx itself in a uprobe)
+static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
+{
+    u32 zero = 0;
+    struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
+    if (!st) return -1;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
+    // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
+    // record): its address space is a copy of its parent's, and so are the rows (the
+    // parent's, or a grandparent's when the parent is such a child too: a shell's subshells)
+    u32 *parent = 0;
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    if (!maps && (parent = probedsl_unw_parents.lookup(&pid))) {
+        pid = *parent;
+        maps = probedsl_unw_maps.lookup(&pid);
+    }
+    u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
+    u32 n = 0;
+    if (maps) {
+        u64 ip = PT_REGS_IP(regs), sp = PT_REGS_SP(regs), bp = PT_REGS_FP(regs), back = 0;
+        struct probedsl_unw_map_t *m = 0;         // the mapping of the frame before
+        end = 0xffffffffffffff03ULL;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < 64; i++) {
+            PROBEDSL_OPAQUE(i);
+            if (i >= 64) break;
+            st->ip[i & 63] = ip;
+            hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
+            n = i + 1;
+            u64 pc = ip - back;           // a return address: its call is the byte before
+            if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
+                struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
+                struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
+                if (!chunk) { end = 0xffffffffffffff02ULL; break; }
+                m = 0;
+#pragma unroll
+                for (u32 j = 0; j < 8; j++) {
+                    u8 slot = chunk->slot[j];
+                    if (slot) {           // slots count from 1
+                        struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
+                        if (c->start <= pc && pc < c->end) m = c;
+                    }
+                }
+                if (!m) { end = 0xffffffffffffff02ULL; break; }
+            }
+            u64 rel = pc - m->bias;
+            u32 first = m->first, rows = m->count;
+#pragma clang loop unroll(disable)
+            for (u32 s = 0; s < 22; s++) {
+                if (rows <= 1) break;
+                u32 half = rows / 2, mid = first + half;
+                struct probedsl_unw_row_t *r = probedsl_unw_rows.lookup(&mid);
+                if (!r) break;
+                if (r->pc <= rel) { first = mid; rows -= half; } else rows = half;
+            }
+            struct probedsl_unw_row_t *row = probedsl_unw_rows.lookup(&first);
+            if (!row || row->pc > rel || row->kind == 0) { end = 0xffffffffffffff02ULL; break; }
+            if (row->kind == 3) { end = 0xffffffffffffff00ULL; break; }
+            u64 ra = 0, cfa;
+            if (row->kind == 4) {
+                // a signal handler's return trampoline: the interrupted registers are in the
+                // ucontext at sp (uc_mcontext at +40: rbp, rsp, rip of gregs)
+                if (bpf_probe_read_user(&bp, 8, (void *)(sp + 0x78)) ||
+                    bpf_probe_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
+                    bpf_probe_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
+                if (!ra) { end = 0xffffffffffffff00ULL; break; }
+                sp = cfa; ip = ra; back = 0;      // the interrupted instruction itself
+                continue;
+            }
+            if (row->kind == 5)      // a PLT stub (the thread stopped in it): 16 once it pushed
+                cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
+            else
+                cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
+            if (bpf_probe_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
+            if (row->rbp_kind == 1 && bpf_probe_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
+                end = 0xffffffffffffff02ULL;
+                break;
+            }
+            if (!ra) { end = 0xffffffffffffff00ULL; break; }
+            if (cfa <= sp) { end = 0xffffffffffffff02ULL; break; }   // a caller's frame lies above
+            sp = cfa; ip = ra; back = 1;
+        }
+    }
+    if (!maps || (n == 1 && end == 0xffffffffffffff02ULL)) {
+        // no rows for this process yet (it just started or exec'd), or none for where it
+        // stopped: the frame-pointer walk, which the report cuts where it stops being certain
+        long got = bpf_get_stack(ctx, st->ip, sizeof(u64) * 64, BPF_F_USER_STACK);
+        n = got > 0 ? got / sizeof(u64) : 0;
+        end = 0xffffffffffffff04ULL;
+        hash = 0xcbf29ce484222325ULL;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < 64; i++) {
+            PROBEDSL_OPAQUE(i);
+            if (i >= n || i >= 64) break;
+            hash = (hash ^ st->ip[i & 63]) * 0x100000001b3ULL;
+        }
+    }
+    // the marker ends the stack: what lies after it in the scratch is stale, and never read
+    PROBEDSL_OPAQUE(n);
+    st->ip[n & 127] = end;
+    hash = (hash ^ end) * 0x100000001b3ULL;
+    u64 id = hash >> 1;               // non-negative: a negative id means no stack
+    if (!id) id = 1;
+    probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
+    return id;
+}
+
+static __always_inline void probedsl_unw_release(void)
+{
+    u32 zero = 0;
+    u32 *busy = probedsl_unw_busy.lookup(&zero);
+    if (busy) *busy = 0;
+}
+
+// in a system call's tracepoint: the user registers the task entered the kernel with
+static __always_inline s64 probedsl_unwind_syscall(void *ctx)
+{
+    struct pt_regs regs = {};
+    bpf_probe_read_kernel(&regs, sizeof(regs), (void *)bpf_task_pt_regs(bpf_get_current_task_btf()));
+    return probedsl_unwind(ctx, &regs);
+}
+// probedsl unwinder: end
