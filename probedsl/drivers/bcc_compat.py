@@ -78,10 +78,15 @@ def _resolve_each_symbol_once(bpf_class) -> None:
         module = os.fsencode(module)
         try:
             ours = os.stat(module)
-            if pid > 0 and not os.path.samestat(ours, os.stat(b"/proc/%d/root%s" % (pid, module))):
-                return real(module, symname, addr, pid, sym_off)
-        except (OSError, ValueError):  # a short name ("c"), or the process is gone
+        except (OSError, ValueError):  # a short name ("c"): BCC's own search
             return real(module, symname, addr, pid, sym_off)
+        if pid > 0:
+            try:
+                theirs = os.stat(b"/proc/%d/root%s" % (pid, module))
+            except OSError:  # a path seen from here only (a chroot's file, or the process is gone)
+                theirs = ours
+            if not os.path.samestat(ours, theirs):
+                return real(module, symname, addr, pid, sym_off)
         key = (module, symname, addr, sym_off, ours.st_dev, ours.st_ino, ours.st_mtime_ns)
         if key not in known:
             known[key] = real(module, symname, addr, -1, sym_off)
