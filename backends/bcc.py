@@ -50,7 +50,6 @@ _UNWINDER = {
 }
 
 
-# bpf_task_pt_regs, which gives a system call's tracepoint the user registers to unwind from
 class BccBackend(UnwinderViews, Backend):
     name = "bcc"
     template = "bcc.c.j2"

@@ -72,7 +72,7 @@ def missed(exe: str, processes: int, gap: float) -> list:
 # a debugger holding the process: forks cannot be held, so children are followed machine-wide
 HOLDER = """
 import os, sys
-from probedsl import ptrace
+from probedsl.process import ptrace
 pid = int(sys.argv[1])
 ptrace.request(ptrace.SEIZE, pid)
 print("attached", flush=True)

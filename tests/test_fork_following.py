@@ -127,7 +127,7 @@ def test_a_process_another_tracer_holds_is_followed_with_uprobes_on_every_proces
             f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from probedsl import ptrace
+from probedsl.process import ptrace
 ptrace.request(ptrace.SEIZE, {target.pid})
 print("attached", flush=True)
 while True:

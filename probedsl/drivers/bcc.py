@@ -1,4 +1,5 @@
-"""The BCC loader: compiles the generated C, attaches what the manifest lists, reads maps."""
+"""The BCC driver: its program compiled (drivers.bcc_compile) while the session starts, loaded and
+attached by drivers.bcc_loader, read by drivers.bcc_read; and the standalone loader's entry point."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """--reachability: valgrind's leak kinds. scanner pauses the target at its exit (the tether
-holds it) and classifies each live block by what points to it; heapscan reads the roots
-(registers, stacks, data segments) and the heap graph. Takes a snapshot and a held process;
-gives each block's kind. The target is always let go.
+holds it) and classifies each live block by what points to it; heapscan reads the memory and
+builds the heap graph, over the regions of its mappings (regions) and each thread's stack from
+where it begins (stackroots: the exit path's caller, the red zone, stacks on the heap). Takes a
+snapshot and a held process; gives each block's kind. The target is always let go.
 """

@@ -1,7 +1,7 @@
-"""Snapshot -> report model: aggregated, symbolized, plain data that round-trips through JSON.
-
-The model is what every format renders (probedsl.outputs.formats) and what `probedsl report` and
-`probedsl diff` read back from a saved JSON run.
+"""Reports: a snapshot -> a report (assemble), reports across time and hosts (history: growth,
+diff, merge), live memory over time (timeseries). This module is the report model: plain data
+that round-trips through JSON, what every format renders (probedsl.outputs) and what `probedsl
+report` and `probedsl diff` read back from a saved run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Entry:
     delta: Dict[str, int] = field(default_factory=dict)  # since the previous interval report
     growing: bool = False  # grew in each of the last K interval reports
     histogram: List[Tuple[int, int, int]] = field(default_factory=list)  # lifetime reports by group
-    # --reachability: {kind: {"bytes": N, "blocks": N}} of its blocks (probedsl.reachability.heapscan.KINDS)
+    # --reachability: {kind: {"bytes": N, "blocks": N}} of its blocks (KINDS)
     kinds: Dict[str, Dict[str, int]] = field(default_factory=dict)
     # the live keys of its entries, when every live entry was read (--ages...): a check against
     # the kernel's own record (fdleak's (pid, fd) against /proc/PID/fd); a merge drops them

@@ -1,4 +1,5 @@
-"""One `probedsl run`: RunOptions checked (options), the session's lifecycle from start to the
-last report (session: its states in Session's docstring), --estimate (estimate) and `probedsl
-doctor` (doctor). Only the CLI imports this wing.
+"""One `probedsl run`: RunOptions checked and the scope they choose (options), the session's
+lifecycle from start to the last report (session: its states in Session's docstring), what it
+does at each report (reporting), --estimate (estimate) and `probedsl doctor` (doctor). Only the
+CLI imports this wing.
 """

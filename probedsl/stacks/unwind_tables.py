@@ -1,6 +1,6 @@
 """The kernel's copy of the call-frame rows that BCC's stack unwinder walks (--stacks dwarf).
 
-Three maps, written here and read by the BPF program (backends/templates/bcc.c.j2):
+Three maps, written here and read by the BPF program (backends/templates/bcc_unwinder.c.j2):
 - probedsl_unw_rows: every loaded file's rows, one file's contiguous and ordered by address;
 - probedsl_unw_maps: per process, its executable mappings ordered by start, each with the
   file's rows (first, count) and the bias from a process address to the file's ELF address;
