@@ -12,13 +12,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+def rss_kb(pid: int) -> Optional[int]:
+    """The process's resident memory; None once it has exited (a zombie has no VmRSS)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
 
 
 def soak(backend: str, seconds: int, interval: int = 1, exe: str = "") -> list:
@@ -52,8 +57,9 @@ def soak(backend: str, seconds: int, interval: int = 1, exe: str = "") -> list:
     )
     samples, started = [], time.monotonic()
     for line in proc.stdout:
-        if line.startswith('  "sequence"') and proc.poll() is None:
-            samples.append({"t": round(time.monotonic() - started, 1), "rss_kb": rss_kb(proc.pid)})
+        rss = rss_kb(proc.pid) if line.startswith('  "sequence"') else None
+        if rss is not None:  # (the last report's process may already have exited)
+            samples.append({"t": round(time.monotonic() - started, 1), "rss_kb": rss})
     proc.wait()
     return samples
 
