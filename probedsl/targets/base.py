@@ -60,7 +60,11 @@ class Target:
         """Whether the kernel keeps uprobes off processes outside the scope (no bystander trap)."""
         if scope.mode == "comm":
             return scope.per_process and self.per_process_comm
-        return self.per_pid_uprobes and scope.mode in ("pid", "cmd") and (not scope.tracks_children or self.holds_forks)
+        return (
+            self.per_pid_uprobes
+            and scope.mode in ("pid", "cmd")
+            and (not scope.tracks_children or (self.holds_forks and scope.mode == "pid"))
+        )
 
     def attaches_at(self, probe: ir.Probe, path: str) -> int:
         """The offset in the function where this target attaches the probe (0: its entry)."""
