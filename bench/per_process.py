@@ -98,21 +98,9 @@ def beside(exe: str, args, backend: str, *target) -> float:
     is tracing (what the run does once, right after, is not the steady cost)."""
     from bench import run as bench_run
 
-    tracer = subprocess.Popen(
-        [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    while "tracing" not in (tracer.stderr.readline() or "tracing"):
-        pass
-    time.sleep(1)
-    try:
+    with bench_run.tracing(backend, *target):
+        time.sleep(1)
         return timed(bench_run.workload(exe, args, 0))
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        tracer.communicate(timeout=120)
 
 
 def bystanders(runs: int, threads: int, calls: int, backend: str) -> None:

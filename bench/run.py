@@ -19,6 +19,7 @@ uprobes on BCC). The workload times its own loop, so start-up and reporting are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -154,8 +155,10 @@ def run_bcc_memleak(exe, args):
             tracer.kill()
 
 
-def loop_while_tracing(exe, args, backend, *target):
-    """The workload's loop time while `probedsl run memleak ... TARGET` traces something else."""
+@contextlib.contextmanager
+def tracing(backend, *target):
+    """`probedsl run memleak ... TARGET`, from the moment it says it is tracing until it is
+    stopped (SIGINT, its report read) when the block ends."""
     tracer = subprocess.Popen(
         [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
         stdout=subprocess.DEVNULL,
@@ -166,10 +169,16 @@ def loop_while_tracing(exe, args, backend, *target):
     while "tracing" not in (tracer.stderr.readline() or "tracing"):
         pass
     try:
-        return loop_seconds(workload(exe, args, 0))
+        yield tracer
     finally:
         tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=120)
+        tracer.communicate(timeout=120)
+
+
+def loop_while_tracing(exe, args, backend, *target):
+    """The workload's loop time while `probedsl run memleak ... TARGET` traces something else."""
+    with tracing(backend, *target):
+        return loop_seconds(workload(exe, args, 0))
 
 
 def run_bystander(exe, args, backend, *extra):
