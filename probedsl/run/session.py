@@ -224,14 +224,12 @@ class Session(Reporting):
         self.held.release(env, tether=tether, **hold)
 
     def _hold_forks(self) -> None:
-        """--pid/-- CMD following forks where the target attaches uprobes per process: a tether
+        """--pid following forks where the target attaches uprobes per process: a tether
         (ptrace) holds each child at its fork until its own uprobes are on, so other processes
         never trap. Refused (another tracer holds the process): every process is probed and
         the BPF filter keeps the traced ones, as said in a note."""
         scope = self.program.scope
-        # a launched command keeps today's uprobes on every process: traced by its pid alone from
-        # its exec, perl missed 5 of 11,383 acquisitions (tests/test_tracing.py compares backends)
-        if not (scope.tracks_children and self.target.holds_forks) or scope.mode == "cmd":
+        if not (scope.tracks_children and self.target.scopes_uprobes(scope)):
             return
         tether = Tether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
                         purpose="following forks")
