@@ -6,6 +6,7 @@ Also: the exit-path unwinder and the XSAVE reader alone."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -89,12 +90,12 @@ def test_root_set_edges_equal_valgrinds(mode, backend, reach_roots, tmp_path):
     assert_equal_to_valgrind(report, records)
 
 
-def _held_at_exit(argv):
+def _held_at_exit(argv, env=None):
     """A process (reading commands from stdin: tests/fixtures/reach.c) held at its exit by a
     Tether, and the Paused of it (call .close() after)."""
     from probedsl.process.tether import Tether
 
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     tether = Tether(proc.pid)
     tether.start()
     proc.stdin.close()  # the fixture exits at the end of its input
@@ -162,3 +163,51 @@ def test_vector_registers_are_read(build):
     finally:
         proc.kill()
         proc.wait()
+
+
+def _libc_without_debug_symbols(directory):
+    """A copy of this machine's libc in `directory` whose debug file cannot be found: its
+    build id changed, its .gnu_debuglink renamed (its code, and so its frames, unchanged)."""
+    from elftools.elf.elffile import ELFFile
+
+    with open("/proc/self/maps") as maps:
+        libc = next(line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libc.so"))
+    data = bytearray(open(libc, "rb").read())
+    with open(libc, "rb") as f:
+        elffile = ELFFile(f)
+        note = elffile.get_section_by_name(".note.gnu.build-id")
+        link = elffile.get_section_by_name(".gnu_debuglink")
+        for at in range(note["sh_offset"] + 16, note["sh_offset"] + note["sh_size"]):
+            data[at] ^= 0xFF
+        if link is not None:
+            data[link["sh_offset"]] = ord("x")
+    copy = directory / os.path.basename(libc)
+    copy.write_bytes(bytes(data))
+    return copy
+
+
+def test_the_exit_path_unwinds_alike_without_libcs_debug_symbols(build, tmp_path):
+    """Without libc's debug symbols __run_exit_handlers has no name: the exiting thread's
+    stack still begins above exit(), where it begins with them (the frames have the same sizes)."""
+    from probedsl.binaries import elf
+    from probedsl.reachability import heapscan
+
+    reach = build("reach-O2")
+    bare = _libc_without_debug_symbols(tmp_path)
+    symbols = elf.symbols(str(bare))
+    assert symbols is not None and not symbols.debug_file
+    tops = {}
+    for env in (None, dict(os.environ, LD_LIBRARY_PATH=str(tmp_path))):
+        proc, tether, paused = _held_at_exit([reach], env)
+        try:
+            regions, _ = heapscan.read_maps(proc.pid)
+            libc = next(r.path for r in regions if os.path.basename(r.path).startswith("libc.so"))
+            regs = paused.registers[proc.pid]
+            top = stackroots._exit_caller_sp(proc.pid, regs, regions)
+            assert top is not None
+            tops[libc == str(bare)] = top - regs["rsp"]
+        finally:
+            tether.release_exit()
+            tether.close()
+            proc.wait(30)
+    assert tops[True] == tops[False], tops
