@@ -1,6 +1,7 @@
 """--reachability's root set at its edges, against valgrind's leak check on the same binary
 (tests/fixtures/reach_roots.c): the dead frames of the exit path, a pointer only in a vector
-register, a thread running on a heap-allocated stack with a guard page, a self-pointing block,
+register, a thread running on a heap-allocated stack with a guard page, a suspended coroutine's
+dropped stack (a large block split by its guard page), a self-pointing block,
 a pointer stored only unaligned, a pointer only in the red zone of a leaf function computing.
 Also: the exit-path unwinder and the XSAVE reader alone."""
 
@@ -26,6 +27,9 @@ EXPECTED = {
     "xmm": {200: "still_reachable"},
     # the heap stack's live frame, the stack left, the heap stack itself; a dead frame there
     "swapctx": {300: "still_reachable", 400: "still_reachable", 73728: "still_reachable", 120: "definitely_lost"},
+    # a suspended coroutine's stack (a large block split by its guard page), dropped: a lost
+    # block like any, and what only its frames hold lost with it
+    "suspended": {262144: "definitely_lost", 500: "indirectly_lost"},
     "small": {32: "definitely_lost", 64: "definitely_lost"},
     # a thread stopped computing in a leaf function: its red zone is live
     "redzone": {250: "still_reachable"},

@@ -60,7 +60,7 @@ def classify(
     graph = _Graph(starts, ends)
     regions, cut = read_maps(pid)
     live = _stack_tops(pid, paused, regions)
-    heap, roots, notes = _split(regions, paused, starts, live)
+    heap, roots, notes = _split(regions, paused, starts, ends, live)
     if cut:
         notes.append(
             "/proc maps read in part (over its bound): mappings past the cut were not "
@@ -97,9 +97,10 @@ def classify(
     return Scan(kinds, scanned, time.monotonic() - t0, unreadable, notes)
 
 
-def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List[int]):
-    """(heap mappings, root ranges, notes): a writable mapping holding a block start, or the
-    brk heap, is the allocator's (scanned only inside blocks); the others are roots, a paused
+def _split(regions: List[Region], paused: Paused, starts: np.ndarray, ends: np.ndarray, live: List[int]):
+    """(heap mappings, root ranges, notes): a writable mapping holding part of a block, or the
+    brk heap, is the allocator's (scanned only inside blocks: the tail of a large block whose
+    mapping a guard page split is the block's, not a root); the others are roots, a paused
     thread's stack only from the top of its live frames up (_stack_tops; the stack of a
     thread that ended, which glibc keeps for reuse, or one a thread switched away from, whole,
     as valgrind does)."""
@@ -110,8 +111,9 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List
             continue
         if r.path.startswith("/dev/") and not r.path.startswith(("/dev/zero", "/dev/shm/")):
             continue  # device memory: reading it can have effects
-        first = int(np.searchsorted(starts, np.uint64(r.start)))
-        if r.path == "[heap]" or (first < len(starts) and int(starts[first]) < r.end):
+        # live blocks do not overlap: sorted by start, their ends are sorted too
+        last = int(np.searchsorted(starts, np.uint64(r.end))) - 1
+        if r.path == "[heap]" or (last >= 0 and int(ends[last]) > r.start):
             heap.append((r.start, r.end))
             continue
         inside = [sp for sp in sps if r.start <= sp < r.end]
