@@ -1,8 +1,9 @@
 """Which live heap blocks a paused process can still reach: valgrind's four leak kinds.
 
 Roots are every writable mapping that holds no heap block (modules' .data and .bss, the
-program's own mmaps, thread-local storage), each live thread's stack from its stack pointer
-(less the 128-byte red zone) up, and its registers. A pointer to a block's start makes it
+program's own mmaps, thread-local storage), each paused thread's live stack (stackroots: from
+exit()'s caller for the thread ending the process; on a heap block when it runs there), and
+its general and vector registers. A pointer to a block's start makes it
 reachable, one into its interior only possibly reachable; blocks reached from nothing are
 lost, split as memcheck does (mc_leakcheck.c): in address order, each unreached block claims
 as *indirectly* lost the unreached blocks it leads to, and stays *definitely* lost itself.
@@ -28,7 +29,7 @@ from probedsl.binaries import elf
 from probedsl.process import ptrace
 from probedsl.process.tether import PAUSE_TIMEOUT_S, Paused
 from probedsl.reachability.regions import Region, read_maps
-from probedsl.reachability.stackroots import _stack_tops, _dead_heap_stacks
+from probedsl.reachability.stackroots import _stack_tops, _heap_stacks
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = range(4)
 CHUNK = 16 << 20  # bytes read and scanned at a time (numpy's temporaries: ~5x)
@@ -66,7 +67,9 @@ def classify(
             "/proc maps read in part (over its bound): mappings past the cut were not "
             "scanned, so a block kept only from there may show as lost"
         )
-    dead = _dead_heap_stacks(heap, starts, ends, live)
+    running = _heap_stacks(heap, starts, ends, live)
+    dead = [(start, top) for start, top, _ in running]
+    roots += [(top, end) for _, top, end in running]  # also scanned as the block they are
     excluded = _allocator_state(regions)
     if excluded is None:
         notes.append(

@@ -96,14 +96,15 @@ def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
     return top
 
 
-def _dead_heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int]]:
-    """A thread running on a stack that is a heap block (swapcontext, coroutines): the part of
-    the block below its live frames is dead, not a source of pointers."""
-    dead = []
+def _heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int, int]]:
+    """(block start, live top, block end) of each thread running on a stack that is a heap
+    block (swapcontext, coroutines): the part below the top is dead, not a source of pointers;
+    the part above holds the thread's live frames, roots as any thread's stack."""
+    found = []
     for top in live:
         if not any(lo <= top < hi for lo, hi in heap):
             continue
         i = int(np.searchsorted(starts, np.uint64(top), side="right")) - 1
         if i >= 0 and top < int(ends[i]):
-            dead.append((int(starts[i]), top & ~7))
-    return dead
+            found.append((int(starts[i]), top & ~7, int(ends[i])))
+    return found
