@@ -167,23 +167,27 @@ def test_the_exit_path_unwinds_to_the_frame_that_called_exit(build):
 
 
 def test_vector_registers_are_read(build):
-    """The XSAVE area of a thread holds what was put in xmm15 (reach_roots' xmm holder)."""
+    """The XSAVE area of a thread holds what was put in xmm15, the upper half of ymm14 and,
+    with AVX-512, the upper half of zmm13 and zmm16 (reach_roots' xmm-wait): each of the
+    XSAVE components read is where ptrace.VECTOR_COMPONENTS says."""
     from probedsl.process.tether import Tether
 
     exe = build("reach_roots-O2")
     proc = subprocess.Popen([exe, "xmm-wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith(b"xmm15 ")
-        value = int(line.split()[1], 16)
+        fields = proc.stdout.readline().split()
+        held = {name.decode(): int(value, 16) for name, value in zip(fields[::2], fields[1::2])}
+        assert {"xmm15", "ymm14"} <= set(held), fields
+        with open("/proc/cpuinfo") as f:
+            assert ("zmm16" in held) == (" avx512f" in f.read())
         tether = Tether(proc.pid)
         tether.start()
         try:
             paused = tether.pause()
-            words = [
+            words = {
                 int.from_bytes(v[i : i + 8], "little") for v in paused.vectors.values() for i in range(0, len(v), 8)
-            ]
-            assert value in words
+            }
+            assert {name: value in words for name, value in held.items()} == {name: True for name in held}
             assert all(len(v) % 8 == 0 and len(v) >= 256 for v in paused.vectors.values())
         finally:
             tether.resume()
