@@ -68,6 +68,19 @@ def reach_roots(build):
     return build("reach_roots-O2")
 
 
+@pytest.fixture(scope="module")
+def valgrinds(reach_roots, tmp_path_factory):
+    """valgrind's loss records of a mode, run once for both backends' tests."""
+    runs = {}
+
+    def _records(mode):
+        if mode not in runs:
+            runs[mode] = valgrind_kinds([reach_roots, mode], tmp_path_factory.mktemp("vg"))
+        return runs[mode]
+
+    return _records
+
+
 def _by_size(records):
     return {nbytes: kind for _, kind, nbytes, blocks in records if blocks == 1}
 
@@ -84,8 +97,8 @@ def _ours_by_size(report):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
-def test_root_set_edges_equal_valgrinds(mode, backend, reach_roots, tmp_path):
-    records = valgrind_kinds([reach_roots, mode], tmp_path)
+def test_root_set_edges_equal_valgrinds(mode, backend, reach_roots, valgrinds):
+    records = valgrinds(mode)
     seen = _by_size(records)
     differs = VALGRIND_DIFFERS.get(mode, {})
     for size, kind in EXPECTED[mode].items():
