@@ -293,9 +293,14 @@ class BpftraceBackend(Backend):
                  for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.attached_files]
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
-    def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
+    def generate(self, program: ir.Program, ready_pid: int = 0, pidns_ino: int = 0) -> Generated:
         """ready_pid: probedsl's own pid, for the probes it uses to learn that everything is
-        attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""
+        attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script.
+        pidns_ino: the PID namespace probedsl runs in, 0 for the host's (process/pidns.py)."""
+        if pidns_ino and not self.target.namespaced_pids:
+            raise ProbedslError(f"{self.target.name} compares the host's pids, and probedsl runs in a PID "
+                                "namespace (a container): use --backend bcc, bpftrace 0.24 or later, or run "
+                                "probedsl on the host")
         resources = []
         for res in program.resources:
             if res.max_live >= 1 << TALLY_SHIFT:
@@ -340,5 +345,5 @@ class BpftraceBackend(Backend):
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
-            filter=self.filter(scope), scope=scope,
+            filter=self.filter(scope), scope=scope, pidns_ino=int(pidns_ino),
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

@@ -16,6 +16,7 @@ from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
 from probedsl.errors import ProbedslError
+from probedsl.process import pidns
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.procfs import process_alive, processes_named
 from probedsl.process.libraries import linked_libraries, mapped_files
@@ -146,7 +147,9 @@ class Session(Reporting):
         if opts.reachability:
             scanner.check_program(program)
         self.program = program
-        self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
+        ns = pidns.own()    # in a container: the pids the program compares are its namespace's
+        self.driver = drivers.for_target(target, program, compiler.generate(
+            program, target, ready_pid=os.getpid(), pidns_ino=ns.ino if ns else 0))
         self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
