@@ -41,21 +41,40 @@ print(json.dumps({"tree": tree.pid, "last": int(last), "rc": run.returncode, "er
 
 # a new PID namespace with its own /proc (unshare --mount-proc makes / private, which a chroot,
 # as in scripts/test-debian-root.sh, refuses: its / is no mount point)
-NAMESPACE = ["unshare", "--pid", "--fork", "--mount", "--propagation", "unchanged", "sh", "-c",
-             'mount --make-private /proc && mount -t proc proc /proc && exec "$@"', "sh"]
+NAMESPACE = [
+    "unshare",
+    "--pid",
+    "--fork",
+    "--mount",
+    "--propagation",
+    "unchanged",
+    "sh",
+    "-c",
+    'mount --make-private /proc && mount -t proc proc /proc && exec "$@"',
+    "sh",
+]
 
 
 def pids_by_keeper(report: dict) -> dict:
-    return {f["function"]: e["pids"][0] for e in report["reports"][0]["entries"]
-            for f in e["stack"] if (f["function"] or "").endswith("_keep")}
+    return {
+        f["function"]: e["pids"][0]
+        for e in report["reports"][0]["entries"]
+        for f in e["stack"]
+        if (f["function"] or "").endswith("_keep")
+    }
 
 
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inside_a_pid_namespace_the_pids_are_the_namespace_s(backend, build):
     exe = build("fork_tree")
-    ran = subprocess.run([*NAMESPACE, sys.executable, "-c", INSIDE, exe, backend, MEMLEAK],
-                         capture_output=True, text=True, timeout=400, cwd=ROOT)
+    ran = subprocess.run(
+        [*NAMESPACE, sys.executable, "-c", INSIDE, exe, backend, MEMLEAK],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert ran.returncode == 0, ran.stderr
     got = json.loads(ran.stdout.splitlines()[-1])
     if backend == "bpftrace" and not targets.detect("bpftrace").namespaced_pids:

@@ -31,8 +31,10 @@ def cflags(pid: int) -> List[str]:
         try:
             flags += [f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()]
         except (OSError, KeyError, ValueError) as exc:
-            raise ProbedslError(f"probedsl runs in a PID namespace and cannot read this kernel's layout of "
-                                f"pids from {btf.VMLINUX}: {exc}") from None
+            raise ProbedslError(
+                f"probedsl runs in a PID namespace and cannot read this kernel's layout of "
+                f"pids from {btf.VMLINUX}: {exc}"
+            ) from None
     return flags
 
 

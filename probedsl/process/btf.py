@@ -9,8 +9,18 @@ from typing import Dict, Tuple
 VMLINUX = "/sys/kernel/btf/vmlinux"
 STRUCT, UNION = 4, 5
 # bytes that follow each kind's 12-byte header: fixed, and per member (vlen)
-EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0), 15: (0, 12),
-         17: (4, 0), 19: (0, 12)}
+EXTRA = {
+    1: (4, 0),
+    3: (12, 0),
+    4: (0, 12),
+    5: (0, 12),
+    6: (0, 8),
+    13: (0, 8),
+    14: (4, 0),
+    15: (0, 12),
+    17: (4, 0),
+    19: (0, 12),
+}
 
 
 @lru_cache(maxsize=1)

@@ -18,7 +18,8 @@ from probedsl.reachability import scanner
 from probedsl.errors import ProbedslError
 from probedsl.process import pidns
 from probedsl.process.launcher import HeldCommand
-from probedsl.process.procfs import process_alive, processes_named
+from probedsl.process.unprobed import UnprobedRoots
+from probedsl.process.procfs import everyone, process_alive, processes_named
 from probedsl.process.libraries import linked_libraries, mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
@@ -79,6 +80,7 @@ class Session(Reporting):
         self.stop = _Stop()
         self.notes: List[str] = []
         self.held: Optional[HeldCommand] = None
+        self.unprobed: Optional[UnprobedRoots] = None
         self.scanner: Optional[scanner.Scanner] = None
         self.follower: Optional[Tether] = None              # holds each forked child (_hold_forks)
         self.fork_refusal: Optional[str] = None
@@ -165,6 +167,10 @@ class Session(Reporting):
         if scope.mode in ("pid", "cmd") and scope.follow_forks:
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
+        if scope.mode in ("comm", "all") and not scope.per_process and not self.target.follows_new_roots:
+            self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, processes_named(scope.comm)
+                                          if scope.mode == "comm" else everyone(), self.say)
+            self.tracker.listen(self.unprobed)
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
             self.tracker.files.known_roots.add(self.resolver_root)
