@@ -107,13 +107,26 @@ class BpftraceBackend(Backend):
         order = ir.attach_order(probes)
         return order[::-1] if self.target.attaches_in_reverse else order
 
+    # probedsl's PID namespace, when it runs in one (generate() sets it): see ours()
+    pidns_ino = 0
+
+    def ours(self) -> str:
+        """The start of a filter that keeps only tasks of probedsl's PID namespace, in which `pid`
+        is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper and prints
+        a warning each time (measured on 0.27.1: one per fork on the host). "" on the host."""
+        if not self.pidns_ino:
+            return ""
+        level = "(uint64)curtask->thread_pid->level * sizeof(struct upid)"
+        upid = f"(struct upid *)((uint64)curtask->thread_pid + offsetof(struct pid, numbers) + {level})"
+        return f"({upid})->ns->ns.inum == {int(self.pidns_ino)} && "
+
     def filter(self, scope: ir.Scope) -> str:
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
-            return "/@probedsl_traced[(uint64)pid]/"
+            return f"/{self.ours()}@probedsl_traced[(uint64)pid]/"
         # all: $1 is probedsl's own pid (its reading of the maps is not traced)
-        return {"all": "/pid != $1/", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
-                "comm": "/comm == str($1)/"}[scope.mode]
+        return "/" + self.ours() + {"all": "pid != $1", "pid": f"pid == {int(scope.pid)}",
+                                    "cmd": f"pid == {int(scope.pid)}", "comm": "comm == str($1)"}[scope.mode] + "/"
 
     def key(self, action: ir.Action) -> List[str]:
         return [self.u64(k) for k in action.key]
@@ -297,6 +310,7 @@ class BpftraceBackend(Backend):
         """ready_pid: probedsl's own pid, for the probes it uses to learn that everything is
         attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script.
         pidns_ino: the PID namespace probedsl runs in, 0 for the host's (process/pidns.py)."""
+        self.pidns_ino = int(pidns_ino)
         if pidns_ino and not self.target.namespaced_pids:
             raise ProbedslError(f"{self.target.name} compares the host's pids, and probedsl runs in a PID "
                                 "namespace (a container): use --backend bcc, bpftrace 0.24 or later, or run "
@@ -345,5 +359,5 @@ class BpftraceBackend(Backend):
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
-            filter=self.filter(scope), scope=scope, pidns_ino=int(pidns_ino),
+            filter=self.filter(scope), scope=scope, pidns_ino=int(pidns_ino), ours=self.ours(),
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)
