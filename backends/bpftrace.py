@@ -111,9 +111,12 @@ class BpftraceBackend(Backend):
     pidns_ino = 0
 
     def ours(self) -> str:
-        """The start of a filter that keeps only tasks of probedsl's PID namespace, in which `pid`
-        is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper and prints
-        a warning each time (measured on 0.27.1: one per fork on the host). "" on the host."""
+        """The start of a tracepoint's filter that keeps only tasks of probedsl's PID namespace, in
+        which `pid` is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper
+        and prints a warning each time (measured on 0.27.1: one per fork on the host). "" on the
+        host. Not in uprobes: 0.27.1 reads curtask there as user memory (its fields read 0, with
+        an "Addrspace mismatch" warning); they fire only in processes that map the probed files,
+        the namespace's own roots."""
         if not self.pidns_ino:
             return ""
         level = "(uint64)curtask->thread_pid->level * sizeof(struct upid)"
@@ -123,10 +126,10 @@ class BpftraceBackend(Backend):
     def filter(self, scope: ir.Scope) -> str:
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
-            return f"/{self.ours()}@probedsl_traced[(uint64)pid]/"
+            return "/@probedsl_traced[(uint64)pid]/"
         # all: $1 is probedsl's own pid (its reading of the maps is not traced)
-        return "/" + self.ours() + {"all": "pid != $1", "pid": f"pid == {int(scope.pid)}",
-                                    "cmd": f"pid == {int(scope.pid)}", "comm": "comm == str($1)"}[scope.mode] + "/"
+        return {"all": "/pid != $1/", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
+                "comm": "/comm == str($1)/"}[scope.mode]
 
     def key(self, action: ir.Action) -> List[str]:
         return [self.u64(k) for k in action.key]
