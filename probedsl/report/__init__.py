@@ -113,6 +113,8 @@ class Report:
     # why the data may miss something (a thread failed, the tracer died, a read never settled);
     # empty: complete. JSON: "complete" and "incomplete" (the reasons)
     incomplete: List[str] = field(default_factory=list)
+    # processes of the target that could not be traced (process/unprobed.py): pid, comm, root
+    untraced: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         doc = {
@@ -133,6 +135,8 @@ class Report:
             "resources": self.resources,
             "reports": [],
         }
+        if self.untraced:
+            doc["untraced"] = self.untraced
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
         if self.series is not None:
@@ -244,6 +248,7 @@ class Report:
             doc.get("reachability_scan"),
             doc.get("series"),
             doc.get("incomplete", []),
+            doc.get("untraced", []),
         )
 
 
