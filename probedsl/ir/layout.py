@@ -117,9 +117,7 @@ def ends_with_image(res: ir.Resource) -> bool:
     replaces the address space): every entry of a resource acquired by the process's own code
     (every_entry_ends_with_image), and those of a resource with `until exec when COND` whose
     COND held (descriptors that close-on-exec closes)."""
-    return every_entry_ends_with_image(res) or any(
-        a.until_exec is not None for p in res.probes for a in p.actions
-    )
+    return every_entry_ends_with_image(res) or any(a.until_exec is not None for p in res.probes for a in p.actions)
 
 
 def every_entry_ends_with_image(res: ir.Resource) -> bool:

@@ -126,14 +126,23 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
             for extra in event.also_acquires:
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
                 actions.append(
-                    ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size,
-                              until_exec=actions[-1].until_exec)
+                    ir.Action(
+                        "acquire",
+                        tuple(bind.value(k) for k in extra.key),
+                        guard,
+                        size,
+                        until_exec=actions[-1].until_exec,
+                    )
                 )
             for change in event.also_changes:
                 guard = bind.guard([change.guard] if change.guard is not None else [])
                 actions.append(
-                    ir.Action("change", tuple(bind.value(k) for k in change.key), guard,
-                              until_exec=bind.value(change.until_exec))
+                    ir.Action(
+                        "change",
+                        tuple(bind.value(k) for k in change.key),
+                        guard,
+                        until_exec=bind.value(change.until_exec),
+                    )
                 )
             p = event.probe
             kind, library, function = (
