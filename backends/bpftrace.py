@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import List
+from typing import List, Tuple
 
 from probedsl import ir
 from probedsl.errors import ProbedslError
@@ -159,8 +159,8 @@ class BpftraceBackend(Backend):
             body = self.change(program, lay, action, live)
         elif action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
-            stamped = self.stamp(program, lay, action)
-            values = ", ".join("$img" if f == "image" else LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode)
+            stamped, image = self.stamp(program, lay, action)
+            values = ", ".join(image if f == "image" else LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode)
                                for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
@@ -203,27 +203,29 @@ class BpftraceBackend(Backend):
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
 
-    def stamp(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> List[str]:
-        """$img = the image an acquisition or change stamps its entry with (layout.image_stamp):
-        the process's, or 0 (the entry outlives every exec)."""
+    def stamp(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> Tuple[List[str], str]:
+        """The lines computing the image an acquisition or change stamps its entry with
+        (layout.image_stamp), and the variable holding it: the process's ($i), or 0 (the entry
+        outlives every exec)."""
         if not lay.ends_with_image:
-            return []
+            return [], ""
         res = next(r for r in program.resources if r.name == lay.name)
         stamp = layout.image_stamp(res, action)
         if stamp is True:
-            return [*self.register_image(), "$img = $i;"]
+            return self.register_image(), "$i"
         if stamp is False:
-            return ["$img = (uint64)0;"]
+            return ["$img = (uint64)0;"], "$img"
         return ["$img = (uint64)0;", f"if ({self.expr(stamp)}) {{",
-                *["  " + s for s in self.register_image()], "  $img = $i;", "}"]
+                *["  " + s for s in self.register_image()], "  $img = $i;", "}"], "$img"
 
     def change(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, live: str) -> List[str]:
         """The live entry under the key, if any, stamped anew ($img): out of its tallies' group
         and back into the new one (the image is part of their keys)."""
         at = lay.fields.index("image")
-        values = ", ".join("$img" if i == at else f"$v.{i}" for i in range(len(lay.fields)))
-        return [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in self.stamp(program, lay, action)],
-                f"  if ($img != $v.{at}) {{", *["    " + t for t in self.tally(lay, "$v", "-")],
+        stamped, image = self.stamp(program, lay, action)
+        values = ", ".join(image if i == at else f"$v.{i}" for i in range(len(lay.fields)))
+        return [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in stamped],
+                f"  if ({image} != $v.{at}) {{", *["    " + t for t in self.tally(lay, "$v", "-")],
                 f"    {live} = ({values});", f"    $w = {live};",
                 *["    " + t for t in self.tally(lay, "$w", "")], "  }", "}"]
 
