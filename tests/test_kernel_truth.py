@@ -102,6 +102,7 @@ def check(report: dict, said: dict, truth: set, backend: str) -> None:
     assert report["resources"]["fd"]["ended_by_exec"] >= len(said["exec-closed"]), report["resources"]["fd"]
 
 
+@pytest.mark.debian13  # bpftrace 0.23 and BCC 0.31 there: the close-on-exec stamps on each
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fdleak_live_descriptors_are_the_kernels_for_a_command(backend, build):
     tracer = start_run(
