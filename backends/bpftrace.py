@@ -197,7 +197,7 @@ class BpftraceBackend(Backend):
             if action.through is not None:
                 # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
                 body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
-                        "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
+                        "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
                         *["  " + s for s in body[:-(2 + len(unknown))]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
@@ -228,6 +228,9 @@ class BpftraceBackend(Backend):
                 f"  if ({image} != $v.{at}) {{", *["    " + t for t in self.tally(lay, "$v", "-")],
                 f"    {live} = ({values});", f"    $w = {live};",
                 *["    " + t for t in self.tally(lay, "$w", "")], "  }", "}"]
+
+    def range_keys(self, lay: ResourceLayout) -> int:
+        return self.target.range_keys_with_image if lay.ends_with_image else self.target.range_keys
 
     @staticmethod
     def register_image() -> List[str]:
