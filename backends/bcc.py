@@ -110,7 +110,7 @@ class BccBackend(UnwinderViews, Backend):
                 "ustack": f"v.ustack = {ustack or self.ustack(program, ctx)};",
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
-                "image": "v.image = probedsl_image();",
+                "image": f"v.image = {self.stamp(program, lay, action)};",
             }
             deferred = self.defers(program, lay)
             # deferred: the unwinder program takes the stack once the program's actions are done
@@ -121,6 +121,12 @@ class BccBackend(UnwinderViews, Backend):
                 recorded = [f"if (bpf_get_prandom_u32() % {int(program.sample)} == 0) {{",
                             *["  " + s for s in recorded], "}"]
             body = [self.count(lay, Counter.ACQUIRED)] + recorded
+        elif action.kind == "change":
+            # the live entry under the key, if any, stamped anew: out of its tallies' group and
+            # back into the new one (the image is part of their keys)
+            body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
+                          f"  u64 image = {self.stamp(program, lay, action)};", "  if (image != old->image) {",
+                          f"    {n}_tally(old, -1);", "    old->image = image;", f"    {n}_tally(old, 1);", "  }", "}"]
         else:
             hit = [f"{n}_tally(old, -1);", f"{live}.delete(&k);", self.count(lay, Counter.RELEASED)]
             if lay.lifetime:
@@ -153,6 +159,15 @@ class BccBackend(UnwinderViews, Backend):
                         *["  " + s for s in body[len(key):-(2 + len(unknown))]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]
+
+    def stamp(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> str:
+        """The image an acquisition or change stamps its entry with (layout.image_stamp): the
+        process's (probedsl_image() registers it), or 0 (the entry outlives every exec)."""
+        res = next(r for r in program.resources if r.name == lay.name)
+        stamp = layout.image_stamp(res, action)
+        if stamp is True or stamp is False:
+            return "probedsl_image()" if stamp else "0"
+        return f"({self.expr(stamp)}) ? probedsl_image() : 0"
 
     def store(self, lay: ResourceLayout) -> List[str]:
         """The lines storing a new entry v under key k, and adding it to its tallies."""

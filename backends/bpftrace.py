@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import List
+from typing import List, Tuple
 
 from probedsl import ir
 from probedsl.errors import ProbedslError
@@ -19,7 +19,7 @@ from .base import Backend
 
 LIVE_VALUE = {"time": "nsecs", "size": "{size}", "pid": "pid", "tid": "tid",
               "ustack": f"ustack({{mode}}, {ir.STACK_DEPTH})", "kstack": f"kstack({{mode}}, {ir.STACK_DEPTH})",
-              "comm": "comm", "image": "$i"}
+              "comm": "comm"}  # image: $img (stamp)
 
 
 def _arg(self, v: ir.Arg) -> str:
@@ -171,9 +171,13 @@ class BpftraceBackend(Backend):
         if action.through is not None:       # the range's keys, one by one: $first + $n
             key = key[:-1] + ["$first + $n"]
         live = f"@{lay.live}[{', '.join(key)}]"
-        if action.kind == "acquire":
+        if action.kind == "change":
+            body = self.change(program, lay, action, live)
+        elif action.kind == "acquire":
             size = self.u64(action.size) if action.size is not None else _u64("0")
-            values = ", ".join(LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode) for f in lay.fields)
+            stamped, image = self.stamp(program, lay, action)
+            values = ", ".join(image if f == "image" else LIVE_VALUE[f].format(size=size, mode=self.target.stack_mode)
+                               for f in lay.fields)
             # $o: an entry under this key with no release seen leaves its tallies first.
             # $w: a full map refuses the insert silently, so look the key up again
             replaced = ["  " + self.count(lay, Counter.REPLACED)]
@@ -184,8 +188,7 @@ class BpftraceBackend(Backend):
                             f"@probedsl_ended[{pid}, {image}] != 0) {{",
                             "    " + self.count(lay, Counter.ENDED_BY_EXEC), "  } else {",
                             "    " + self.count(lay, Counter.REPLACED), "  }"]
-            recorded = [*(self.register_image() if lay.ends_with_image else []),
-                        f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
+            recorded = [*stamped, f"$o = {live};", f"{live} = ({values});", f"$w = {live};",
                         "if ($o.0 != 0) {", *replaced,
                         *["  " + t for t in self.tally(lay, "$o", "-")], "}",
                         f"if ($w.0 == 0) {{ {self.count(lay, Counter.UNTRACKED)} }} else {{",
@@ -210,11 +213,40 @@ class BpftraceBackend(Backend):
             if action.through is not None:
                 # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
                 body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
-                        "$n = (uint64)0;", f"while ($n < {int(self.target.range_keys)}) {{", "  if ($first + $n > $last) { break; }",
+                        "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
                         *["  " + s for s in body[:-(2 + len(unknown))]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
         return [f"if ({self.expr(action.guard)}) {{", *["  " + s for s in body], "}"]
+
+    def stamp(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> Tuple[List[str], str]:
+        """The lines computing the image an acquisition or change stamps its entry with
+        (layout.image_stamp), and the variable holding it: the process's ($i), or 0 (the entry
+        outlives every exec)."""
+        if not lay.ends_with_image:
+            return [], ""
+        res = next(r for r in program.resources if r.name == lay.name)
+        stamp = layout.image_stamp(res, action)
+        if stamp is True:
+            return self.register_image(), "$i"
+        if stamp is False:
+            return ["$img = (uint64)0;"], "$img"
+        return ["$img = (uint64)0;", f"if ({self.expr(stamp)}) {{",
+                *["  " + s for s in self.register_image()], "  $img = $i;", "}"], "$img"
+
+    def change(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, live: str) -> List[str]:
+        """The live entry under the key, if any, stamped anew ($img): out of its tallies' group
+        and back into the new one (the image is part of their keys)."""
+        at = lay.fields.index("image")
+        stamped, image = self.stamp(program, lay, action)
+        values = ", ".join(image if i == at else f"$v.{i}" for i in range(len(lay.fields)))
+        return [f"$v = {live};", "if ($v.0 != 0) {", *["  " + s for s in stamped],
+                f"  if ({image} != $v.{at}) {{", *["    " + t for t in self.tally(lay, "$v", "-")],
+                f"    {live} = ({values});", f"    $w = {live};",
+                *["    " + t for t in self.tally(lay, "$w", "")], "  }", "}"]
+
+    def range_keys(self, lay: ResourceLayout) -> int:
+        return self.target.range_keys_with_image if lay.ends_with_image else self.target.range_keys
 
     @staticmethod
     def register_image() -> List[str]:

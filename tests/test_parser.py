@@ -213,3 +213,68 @@ def test_a_release_through_a_last_key_lowers_to_a_range_and_belongs_on_releases_
         checker.check(wrong, lambda c, e: fields.get((c, e)))
     got = [(d.span.line, d.message) for d in exc.value.diagnostics]
     assert [line for line, _ in got] == [2, 3] and all("belongs on a release, once" in m for _, m in got), got
+
+
+CLOEXEC_FIELDS = {
+    **SYSCALL_FIELDS,
+    ("syscalls", "sys_enter_fcntl"): ("fd", "cmd", "arg"),
+    ("syscalls", "sys_exit_fcntl"): ("ret",),
+    ("syscalls", "sys_enter_ioctl"): ("fd", "cmd", "arg"),
+    ("syscalls", "sys_exit_ioctl"): ("ret",),
+}
+
+
+def test_until_exec_stamps_acquisitions_and_changes_and_is_checked():
+    """`until exec when COND` (an acquire's, a `changes` clause's, a change event's) lowers to the
+    action's until_exec; the resource's entries then end with their image when it held."""
+    from probedsl import ir
+    from probedsl.ir import layout, lower
+
+    recipe = parser.parse(
+        """recipe r resource fd keyed by (pid, fd) {
+  acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0 until exec when flags / 524288 % 2 == 1
+      acquires (pid, fildes[1])
+  acquire syscall fcntl -> (pid, ret) when ret >= 0 && cmd == 1030 until exec when cmd == 1030
+      changes (pid, fd) when ret == 0 && cmd == 2 until exec when arg % 2 == 1
+  change syscall ioctl -> (pid, fd) when ret == 0 until exec when cmd == 0x5451
+  release syscall close -> (pid, fd) }""",
+        "t.probe",
+    )
+    checker.check(recipe, lambda c, e: CLOEXEC_FIELDS.get((c, e)))
+    res = lower.lower(recipe, {}).resources[0]
+    pipe2, fcntl, ioctl, close = (p.actions for p in res.probes)
+    assert [a.kind for a in pipe2] == ["acquire", "acquire"] and pipe2[0].until_exec == pipe2[1].until_exec
+    assert pipe2[0].until_exec is not None
+    assert [(a.kind, a.key[1]) for a in fcntl] == [("acquire", ir.Field("ret")), ("change", ir.Saved(1, 1))]
+    assert fcntl[1].until_exec == ir.BinOp("==", ir.BinOp("%", ir.Saved(2, 2), ir.Const(2)), ir.Const(1))
+    assert [a.kind for a in ioctl] == ["change"] and close[0].until_exec is None
+    assert layout.ends_with_image(res) and not layout.every_entry_ends_with_image(res)
+    assert layout.image_stamp(res, close[0]) is False and layout.image_stamp(res, ioctl[0]) == ioctl[0].until_exec
+
+
+@pytest.mark.parametrize(
+    "line, column, message",
+    [
+        ("release syscall close -> (pid, fd) until exec when 1", (3, 54), "belongs on an acquire or a change"),
+        ("change syscall ioctl -> (pid, fd) when ret == 0", (3, 3), "a change says what it changes once"),
+        ("release syscall close -> (pid, fd) changes (pid, fd) until exec when 1", (3, 38), "'changes' belongs on"),
+        ("acquire libc:dup(x) -> (pid, ret) until exec when 1", (3, 53), "for system calls and tracepoints"),
+        ("change syscall ioctl -> (fd, pid) until exec when cmd == 1", (3, 53), "starts with pid"),
+        ("change syscall ioctl -> (pid, fd) size = 1 until exec when 1", (3, 37), "a change cannot set values"),
+    ],
+)
+def test_until_exec_errors_are_located(line, column, message):
+    text = f"""recipe r resource fd keyed by (pid, fd) {{
+  acquire syscall pipe2 -> (pid, fildes[0]) when ret == 0
+  {line} }}"""
+    with pytest.raises(RecipeError) as exc:
+        parse_and_check(text, lambda c, e: CLOEXEC_FIELDS.get((c, e)))
+    got = [(d.span.line, d.span.column, d.message) for d in exc.value.diagnostics]
+    assert any((ln, col) == column and message in m for ln, col, m in got), got
+
+
+def test_until_exec_syntax_errors_are_located():
+    with pytest.raises(RecipeError) as exc:
+        parser.parse("recipe r resource fd keyed by (pid, fd) {\n  acquire syscall open -> (pid, ret) until when 1 }")
+    (d,) = exc.value.diagnostics
+    assert (d.span.line, d.span.column) == (2, 44) and "expected 'exec'" in d.message, d.message

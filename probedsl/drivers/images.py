@@ -2,7 +2,9 @@
 heap block, mapping or stream of the old image goes with it. They are not leaks.
 
 The kernel cannot walk its live table at an exec, so it stamps each entry of such a resource
-(layout.ends_with_image) with its image and keys the tallies by (pid, image) too. A process's
+(layout.ends_with_image) with its image and keys the tallies by (pid, image) too; an entry a
+recipe says outlives the exec (a descriptor without close-on-exec: `until exec when COND` did
+not hold) is stamped 0, an image no exec ends. A process's
 first acquisition registers its image as the process's start time (one number per process,
 whichever thread comes first; a new process reusing the pid has another, so it never inherits
 an ended image); each exec of a registered process adds (pid, the image it ended) to a set and

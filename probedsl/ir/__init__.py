@@ -129,13 +129,16 @@ class Aggregation(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Action:
-    kind: str                              # acquire | release
+    kind: str                              # acquire | release | change
     key: Tuple[Value, ...]
     guard: Optional[Value]
     size: Optional[Value] = None           # acquire only
     # release only: every key from `key` to the one whose last part is `through`, at most
     # the target's range_keys of them (close_range's descriptors)
     through: Optional[Value] = None
+    # acquire and change: the entry ends with its process image (at exec) when this holds, else
+    # it outlives the exec; a change sets that of the entry already under `key`
+    until_exec: Optional[Value] = None
 
 
 @dataclass(frozen=True)

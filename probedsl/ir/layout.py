@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from probedsl import ir
 
@@ -113,11 +113,18 @@ class ResourceLayout:
 
 
 def ends_with_image(res: ir.Resource) -> bool:
-    """Whether a resource's entries end when their process's image does (exec replaces the
-    address space): those acquired by the process's own code (uprobes, USDT probes: heap
-    blocks, mappings, FILE*, zlib streams, objects), keyed by the pid first. Objects of the
-    kernel acquired at system calls or tracepoints (descriptors, kernel memory) outlive an
-    exec; descriptors closed on exec are the recipe's to release."""
+    """Whether a resource's entries (all or some) end when their process's image does (exec
+    replaces the address space): every entry of a resource acquired by the process's own code
+    (every_entry_ends_with_image), and those of a resource with `until exec when COND` whose
+    COND held (descriptors that close-on-exec closes)."""
+    return every_entry_ends_with_image(res) or any(a.until_exec is not None for p in res.probes for a in p.actions)
+
+
+def every_entry_ends_with_image(res: ir.Resource) -> bool:
+    """Those acquired by the process's own code (uprobes, USDT probes: heap blocks, mappings,
+    FILE*, zlib streams, objects), keyed by the pid first. Objects of the kernel acquired at
+    system calls or tracepoints (descriptors, kernel memory) outlive an exec unless the recipe
+    says `until exec when COND`."""
     acquires = [a for p in res.probes for a in p.actions if a.kind == "acquire"]
     return (
         bool(acquires)
@@ -130,8 +137,18 @@ def ends_with_image(res: ir.Resource) -> bool:
     )
 
 
+def image_stamp(res: ir.Resource, action: ir.Action) -> Union[bool, ir.Value]:
+    """What an acquisition or change stamps its entry with: True, the process's image (the entry
+    ends with it); False, no image (0: it outlives every exec); a condition, the image when it
+    holds (`until exec when COND`)."""
+    if every_entry_ends_with_image(res):
+        return True
+    return action.until_exec if action.until_exec is not None else False
+
+
 # the live-record and tally fields that tie an entry to its process image: the pid, and the
-# image: CLOCK_MONOTONIC ns of the exec that started it (0: an image older than the run)
+# image: CLOCK_MONOTONIC ns of the exec that started it, or the process's start time (0: none,
+# the entry outlives every exec)
 IMAGE_FIELDS = ("pid", "image")
 
 
@@ -172,7 +189,8 @@ def dump(program: ir.Program) -> str:
         lines.append(f"  {lay.scratch}[{lay.scratch_size}]: tid -> (probe, sp, {lay.scratch_width} saved argument(s))")
         lines.append(f"  {lay.counters}: {', '.join(c.label for c in Counter)}")
         if lay.ends_with_image:
-            lines.append("  entries end with their process image (exec): tallies keyed by (pid, image) too")
+            which = "entries" if every_entry_ends_with_image(res) else "entries whose `until exec` held"
+            lines.append(f"  {which} end with their process image (exec): tallies keyed by (pid, image) too")
         for t in lay.tallies:
             lines.append(f"  {t.map}[{t.size}]: ({', '.join(t.keys)}) -> (bytes, count, seen)")
         if lay.lifetime:

@@ -120,11 +120,30 @@ def lower(recipe: ast.Recipe, params: Mapping[str, int], max_live: int = ir.DEFA
                     bind.guard(event.guards),
                     size if event.kind == "acquire" else None,
                     bind.value(event.through[0]) if event.through else None,
+                    bind.value(event.until_exec[0]) if event.until_exec else None,
                 )
             )
             for extra in event.also_acquires:
                 guard = bind.guard(list(event.guards) + ([extra.guard] if extra.guard is not None else []))
-                actions.append(ir.Action("acquire", tuple(bind.value(k) for k in extra.key), guard, size))
+                actions.append(
+                    ir.Action(
+                        "acquire",
+                        tuple(bind.value(k) for k in extra.key),
+                        guard,
+                        size,
+                        until_exec=actions[-1].until_exec,
+                    )
+                )
+            for change in event.also_changes:
+                guard = bind.guard([change.guard] if change.guard is not None else [])
+                actions.append(
+                    ir.Action(
+                        "change",
+                        tuple(bind.value(k) for k in change.key),
+                        guard,
+                        until_exec=bind.value(change.until_exec),
+                    )
+                )
             p = event.probe
             kind, library, function = (
                 ("uprobe", p.library, p.function)

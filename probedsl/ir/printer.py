@@ -51,6 +51,7 @@ def dump(program: Program) -> str:
                 text += f" when {show(a.guard)}" if a.guard is not None else ""
                 text += f" size {show(a.size)}" if a.size is not None else ""
                 text += f" through {show(a.through)}" if a.through is not None else ""
+                text += f" until exec when {show(a.until_exec)}" if a.until_exec is not None else ""
                 lines.append(text)
     for r in program.reports:
         cols = ", ".join(f"{fn} as {label}" for fn, label in r.columns)

@@ -134,8 +134,19 @@ class AlsoAcquire:
 
 
 @dataclass(frozen=True)
+class AlsoChange:
+    """`changes KEY [when COND] until exec when EXEC` on an acquire: fcntl(F_SETFD) sets or
+    clears close-on-exec of an open descriptor (whether its entry ends with the image)."""
+
+    key: Tuple[Expr, ...]
+    guard: Optional[Expr]
+    until_exec: Expr
+    span: Span = field(default=NO_SPAN, compare=False)
+
+
+@dataclass(frozen=True)
 class Event:
-    kind: str  # "acquire" | "release"
+    kind: str  # "acquire" | "release" | "change"
     probe: Probe
     key: Tuple[Expr, ...]
     guards: Tuple[Expr, ...]
@@ -145,6 +156,10 @@ class Event:
     span: Span = field(default=NO_SPAN, compare=False)
     # `through EXPR` on a release: every key from KEY to its last part = EXPR (close_range)
     through: Tuple[Expr, ...] = ()
+    # `until exec when COND` on an acquire or a change: the entry ends with its process image
+    # (at the process's next exec) when COND holds, else it outlives the exec (close-on-exec)
+    until_exec: Tuple[Expr, ...] = ()
+    also_changes: Tuple[AlsoChange, ...] = ()
 
 
 @dataclass(frozen=True)

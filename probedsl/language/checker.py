@@ -49,6 +49,12 @@ def event_exprs(event: ast.Event) -> Iterator[ast.Expr]:
         if r.guard is not None:
             yield r.guard
     yield from event.through
+    yield from event.until_exec
+    for c in event.also_changes:
+        yield from c.key
+        if c.guard is not None:
+            yield c.guard
+        yield c.until_exec
 
 
 class _Checker:
@@ -142,13 +148,14 @@ class _Checker:
                 event.through[-1].span if event.kind == "release" else event.span,
                 "'through LAST' belongs on a release, once (it releases KEY up to LAST)",
             )
+        self.check_until_exec(res, event)
         for assign in event.assigns:
             if assign.target.name not in SETTABLE:
                 self.error(
                     assign.target.span, f"cannot set '{assign.target.name}'; an acquire can set: {', '.join(SETTABLE)}"
                 )
-            if event.kind == "release":
-                self.error(assign.span, "a release cannot set values; move this to the acquire")
+            if event.kind != "acquire":
+                self.error(assign.span, f"a {event.kind} cannot set values; move this to the acquire")
         for expr in event_exprs(event):
             for n in names_in(expr):
                 if n.name not in allowed:
@@ -166,6 +173,34 @@ class _Checker:
                 target = d.array if isinstance(d, ast.Index) else d.operand
                 if not (isinstance(target, ast.Name) and target.name in args):
                     self.error(d.span, "'*' reads through an out-parameter: write '*ARG' with an argument name")
+
+    def check_until_exec(self, res: ast.Resource, event: ast.Event) -> None:
+        """`until exec when COND` (an acquire's, a change's, a `changes` clause's): the entry ends
+        with its process's image when COND holds. The image is the calling process's, so the key
+        starts with pid; entries the process's own code acquires end with it already."""
+        clauses = [(e.span, event.key) for e in event.until_exec] + [(c.span, c.key) for c in event.also_changes]
+        if event.kind == "change" and len(event.until_exec) != 1:
+            self.error(event.span, "a change says what it changes once: 'until exec when COND'")
+        elif event.kind == "release" and event.until_exec:
+            self.error(event.until_exec[0].span, "'until exec' belongs on an acquire or a change")
+        elif len(event.until_exec) > 1:
+            self.error(event.until_exec[1].span, "'until exec when COND' is written once per event")
+        for c in event.also_changes:
+            if event.kind != "acquire":
+                self.error(c.span, "'changes' belongs on an acquire (or write a change event)")
+            self.check_key(res, c.key, c.span)
+        if not clauses:
+            return
+        if isinstance(event.probe, (ast.UProbe, ast.Usdt)):
+            self.error(
+                clauses[0][0],
+                "'until exec' is for system calls and tracepoints: entries acquired by the process's "
+                "own code (functions, usdt) end with its image already",
+            )
+        if len(res.key_names) < 2 or any(
+            not (key and isinstance(key[0], ast.Name) and key[0].name == "pid") for _, key in clauses
+        ):
+            self.error(clauses[0][0], "'until exec' needs a key that starts with pid: (pid, ...)")
 
     def check_key(self, res: ast.Resource, key: Sequence[ast.Expr], span: Span) -> None:
         if len(key) != len(res.key_names):

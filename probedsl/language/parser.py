@@ -114,6 +114,8 @@ class _ToAst(Transformer[Token, Any]):
             also_acquires=tuple(c[1] for c in clauses if c[0] == "acquires"),
             span=_span(meta),
             through=tuple(c[1] for c in clauses if c[0] == "through"),
+            until_exec=tuple(c[1] for c in clauses if c[0] == "until_exec"),
+            also_changes=tuple(c[1] for c in clauses if c[0] == "changes"),
         )
 
     def acquire(self, meta: Meta, children: List[Any]) -> Any:
@@ -121,6 +123,9 @@ class _ToAst(Transformer[Token, Any]):
 
     def release(self, meta: Meta, children: List[Any]) -> Any:
         return self._event("release", meta, children)
+
+    def change(self, meta: Meta, children: List[Any]) -> Any:
+        return self._event("change", meta, children)
 
     def record(self, meta: Meta, children: List[Any]) -> Any:
         return ast.Record(tuple(_name(c) for c in children), _span(meta))
@@ -138,6 +143,13 @@ class _ToAst(Transformer[Token, Any]):
 
     def through_clause(self, meta: Meta, children: List[Any]) -> Any:
         return ("through", children[0])
+
+    def until_exec_clause(self, meta: Meta, children: List[Any]) -> Any:
+        return ("until_exec", children[0])
+
+    def changes_clause(self, meta: Meta, children: List[Any]) -> Any:
+        key, guard, until_exec = children
+        return ("changes", ast.AlsoChange(key, guard, until_exec, _span(meta)))
 
     def acquires_clause(self, meta: Meta, children: List[Any]) -> Any:
         key, guard = children

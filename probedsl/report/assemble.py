@@ -101,8 +101,10 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             notes = [*notes, f"{t.image_lost} process-image records lost (a full table refused them): the "
                              f"{res.name} entries of an image an exec ended may be reported as leaks"]
         if t and t.ended_by_exec:
+            how = ("the old program's, gone with its address space" if layout.every_entry_ends_with_image(res)
+                   else "close-on-exec closed them")
             notes = [*notes, f"{t.ended_by_exec * scale} {res.name} entries ended with their process image at "
-                             f"exec (the old program's, gone with its address space): not reported as leaks"]
+                             f"exec ({how}): not reported as leaks"]
         if t and t.untracked:
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
                              f"{res.max_live} live; raise --max-live)"]

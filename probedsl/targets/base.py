@@ -36,6 +36,8 @@ class Target:
     # keys a release `through` LAST releases at most per event: the verifier walks each turn of
     # the loop (bpftrace 0.17 at 1,024: ~60 s more to load under load; 128: ~1 s)
     range_keys: ClassVar[int] = 128
+    # the same for a resource that ends with its process image (its tallies keyed by image too)
+    range_keys_with_image: ClassVar[int] = 128
     default_max_live: ClassVar[int] = ir.DEFAULT_MAX_LIVE
     max_live_limit: ClassVar[Optional[int]] = None
 

@@ -22,7 +22,7 @@ class Bcc(Target):
     per_process_comm = True
     follows_new_roots = True
     dwarf_stacks = True
-    range_keys = 1024
+    range_keys = range_keys_with_image = 1024
 
     def notes(self, program: ir.Program) -> List[str]:
         notes = super().notes(program)

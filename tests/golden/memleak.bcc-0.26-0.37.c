@@ -86,9 +86,16 @@ static __always_inline u64 probedsl_image(void)
     u64 start = 0;
     bpf_probe_read_kernel(&leader, sizeof(leader), &task->group_leader);
     bpf_probe_read_kernel(&start, sizeof(start), &leader->start_time);
-    // insert: another thread may have registered it first (with the same number)
-    if (probedsl_images.insert(&pid, &start) && !probedsl_images.lookup(&pid))
+    // kernel headers older than the kernel (a distribution's on a newer kernel) misplace the
+    // field: then the time of this first acquisition (never 0: 0 is no image, an entry that
+    // outlives every exec)
+    if (!start) start = bpf_ktime_get_ns();
+    // insert: another thread may have registered it first; its number is the process's
+    if (probedsl_images.insert(&pid, &start)) {
+        image = probedsl_images.lookup(&pid);
+        if (image) return *image;
         probedsl_image_loss();
+    }
     return start;
 }
 
