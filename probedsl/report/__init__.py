@@ -61,6 +61,7 @@ class Reachability:
     scan: dict  # pid, at ("exit" | "report"), pause_ms, scanned_bytes, scan_s
     leaks_only: bool = False  # stack entries leave still-reachable blocks out
     notes: List[str] = field(default_factory=list)
+    scans: List[dict] = field(default_factory=list)  # one a process scanned (the tree of a run)
 
     def kind_of(self, res: ir.Resource, live: Live) -> Optional[str]:
         at = res.block_address
@@ -113,6 +114,9 @@ class Report:
     # why the data may miss something (a thread failed, the tracer died, a read never settled);
     # empty: complete. JSON: "complete" and "incomplete" (the reasons)
     incomplete: List[str] = field(default_factory=list)
+    # --reachability: one scan a process (the traced one and each child at its exit), each with
+    # pid, command and its kinds by resource
+    scans: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         doc = {
@@ -135,6 +139,8 @@ class Report:
         }
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
+        if self.scans:
+            doc["reachability_scans"] = self.scans
         if self.series is not None:
             doc["series"] = self.series
         for s in self.sections:
@@ -244,6 +250,7 @@ class Report:
             doc.get("reachability_scan"),
             doc.get("series"),
             doc.get("incomplete", []),
+            doc.get("reachability_scans", []),
         )
 
 
