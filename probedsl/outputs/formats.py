@@ -143,12 +143,16 @@ def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
         out.append("")
         if len(report.scans) > 1:
             scans = report.scans
-            head = (f"{len(scans)} processes, each at its exit or while running: "
-                    f"{sum(s['scanned_bytes'] for s in scans)} bytes scanned in {sum(s['scan_s'] for s in scans):.2f} s, "
-                    f"paused {sum(s['pause_ms'] for s in scans):.1f} ms in all")
+            head = (
+                f"{len(scans)} processes, each at its exit or while running: "
+                f"{sum(s['scanned_bytes'] for s in scans)} bytes scanned in {sum(s['scan_s'] for s in scans):.2f} s, "
+                f"paused {sum(s['pause_ms'] for s in scans):.1f} ms in all"
+            )
         else:
-            head = (f"pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
-                    f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms")
+            head = (
+                f"pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
+                f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms"
+            )
         out.append(style.bold(f"LEAK SUMMARY ({name}, {head}):"))
         for kind, label in _KIND_LABELS:
             if kind in kinds:
@@ -174,7 +178,9 @@ def _by_process(scans: List[dict], name: str, out: List[str]) -> None:
     rows.sort(key=lambda row: (-row[1].get("definitely_lost", {}).get("bytes", 0), row[0]["pid"]))
     out.append("  by process (definitely/indirectly/possibly lost, still reachable: bytes/blocks):")
     for s, kinds in rows[:MAX_PROCESSES]:
-        cells = "  ".join(f"{kinds[k]['bytes']}/{kinds[k]['blocks']}" if k in kinds else "-" for k, _ in _KIND_LABELS[:4])
+        cells = "  ".join(
+            f"{kinds[k]['bytes']}/{kinds[k]['blocks']}" if k in kinds else "-" for k, _ in _KIND_LABELS[:4]
+        )
         what = for_terminal(s.get("command", ""), 60)
         out.append(f"    pid {s['pid']:>7}  {cells}  {what}")
     if len(rows) > MAX_PROCESSES:

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Tuple
 from probedsl import ir, report
 from probedsl.errors import ProbedslError
 from probedsl.process.procfs import process_alive
-from probedsl.drivers.rundata import Snapshot
+from probedsl.drivers.rundata import Live, Snapshot, Totals
 from probedsl.process.tether import Paused, Tether
 from probedsl.process.tree_tether import TreeTether
 from probedsl.reachability import tree
@@ -23,7 +23,9 @@ def check_options(reachability: bool, leaks_only: bool, pid: Optional[int], comm
     if not reachability:
         return
     if pid is None and not command:
-        raise ProbedslError("--reachability goes with --pid PID or -- CMD: it holds and scans that process and its children")
+        raise ProbedslError(
+            "--reachability goes with --pid PID or -- CMD: it holds and scans that process and its children"
+        )
     if sample > 1:
         raise ProbedslError("--reachability needs every block (--sample 1): a block not recorded cannot be classified")
 
@@ -121,7 +123,7 @@ class Scanner:
 
         started = time.monotonic()
         try:
-            snap = self.driver.snapshot(timeout=30)
+            snap = self._live_of(pid)
             if snap is None or snap.live is None:
                 self.tree.failed(pid, "the tracer gave no snapshot at its exit")
                 return
@@ -139,6 +141,16 @@ class Scanner:
         if not known:
             scan["known"] = False
         self.tree.add(kinds, scan)
+
+    def _live_of(self, pid: int) -> Optional[Snapshot]:
+        """The process's live blocks: read alone where the driver can (BCC), else a snapshot."""
+        live_of = getattr(self.driver, "live_of", None)
+        got = live_of(pid) if live_of is not None else None
+        if got is None:
+            return self.driver.snapshot(timeout=30)
+        entries, untracked = got
+        live = [Live(resource=r, key=key, time_ns=0, size=size, pid=pid) for r, key, size in entries]
+        return Snapshot(time.monotonic_ns(), live, {"": Totals(untracked=untracked)})
 
     def _blocks(self, snap: Snapshot, pid: int) -> List[Tuple[int, int]]:
         return [
@@ -159,7 +171,9 @@ class Scanner:
             "pause_ms": round((time.monotonic() - started) * 1000, 1),
             "resources": tree.per_resource(
                 self.program,
-                lambda r: [(l.pid, l.key[r.block_address], l.size) for l in snap.live if l.resource == r.name and l.pid == pid],
+                lambda r: [
+                    (l.pid, l.key[r.block_address], l.size) for l in snap.live if l.resource == r.name and l.pid == pid
+                ],
                 kinds,
             ),
         }
