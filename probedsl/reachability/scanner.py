@@ -186,6 +186,7 @@ class Scanner:
         tether, pid = self.tether, self.pid
         started = time.monotonic()
         paused = tether.pause()
+        command = tree.command_of(pid)  # while it is held (at its exit, gone once let go)
         if paused is None:
             self._failed(f"process {pid} ended before it could be scanned")
             return take_snapshot(), None
@@ -210,7 +211,7 @@ class Scanner:
             (tether.release_exit if at_exit else tether.resume)()
         kinds = {(pid, a): report.KINDS[k] for (a, _), k in zip(blocks, result.kinds.tolist())}
         scan = self._scan_record(pid, "exit" if at_exit else "report", blocks, result, started, snap, kinds)
-        scan["command"] = tree.command_of(pid)
+        scan["command"] = command
         notes = list(result.notes)
         if not known:
             why = f"{untracked} were not tracked" if untracked else "it allocated before probedsl attached"
