@@ -1,6 +1,7 @@
 """Benchmark: what holding a process tree at each process's exit costs (--reachability on a tree).
 
     sudo .venv/bin/python -m bench.tree_hold [--children 200] [--programs 16] [--backend bcc]
+        [--max-live N] [--no-valgrind] [--no-make]
 
 Two trees: `sh -c 'for i in $(seq N); do ./leaky_child; done'` (tests/fixtures/tree_leaks.c
 `leaky`: one block lost, one reachable) and `make -j2` of M small C programs (each compiled
@@ -42,7 +43,7 @@ def make_tree(work: str, programs: int) -> list:
     return ["sh", "-c", "make -s clean && make -s -j2"]
 
 
-def measure(name: str, cmd: list, cwd: str, backend: str, out: str, extra: list) -> dict:
+def measure(name: str, cmd: list, cwd: str, backend: str, out: str, extra: list, valgrind: bool = True) -> dict:
     row = {"tree": name, "alone_s": round(timed(cmd, cwd), 2)}
     base = [PROBEDSL, "run", MEMLEAK, "--backend", backend, *extra]
     row["probedsl_s"] = round(timed([*base, "-o", "/dev/null", "--", *cmd], cwd), 2)
@@ -53,8 +54,9 @@ def measure(name: str, cmd: list, cwd: str, backend: str, out: str, extra: list)
     scans = json.load(open(report)).get("reachability_scans", [])
     row["processes_scanned"] = len(scans)
     row["pause_ms_per_process"] = round(sum(s["pause_ms"] for s in scans) / max(1, len(scans)), 1)
-    vg = ["valgrind", "--trace-children=yes", "--leak-check=full", f"--log-file={out}/vg.%p"]
-    row["valgrind_s"] = round(timed([*vg, *cmd], cwd), 2)
+    if valgrind:
+        vg = ["valgrind", "--trace-children=yes", "--leak-check=full", f"--log-file={out}/vg.%p"]
+        row["valgrind_s"] = round(timed([*vg, *cmd], cwd), 2)
     return row
 
 
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--programs", type=int, default=16)
     parser.add_argument("--backend", default="bcc")
     parser.add_argument("--max-live", type=int, default=0, help="probedsl's --max-live (0: its default)")
+    parser.add_argument("--no-valgrind", action="store_true")
+    parser.add_argument("--no-make", action="store_true")
     args = parser.parse_args()
     extra = ["--max-live", str(args.max_live)] if args.max_live else []
     with tempfile.TemporaryDirectory() as work:
