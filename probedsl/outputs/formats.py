@@ -143,10 +143,11 @@ def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
         out.append("")
         if len(report.scans) > 1:
             scans = report.scans
+            where = "each at its exit" if all(x["at"] == "exit" for x in scans) else "at their exits or while running"
             head = (
-                f"{len(scans)} processes, each at its exit or while running: "
-                f"{sum(s['scanned_bytes'] for s in scans)} bytes scanned in {sum(s['scan_s'] for s in scans):.2f} s, "
-                f"paused {sum(s['pause_ms'] for s in scans):.1f} ms in all"
+                f"{len(scans)} processes, {where}: "
+                f"{sum(x['scanned_bytes'] for x in scans)} bytes scanned in {sum(x['scan_s'] for x in scans):.2f} s, "
+                f"paused {sum(x['pause_ms'] for x in scans):.1f} ms in all"
             )
         else:
             head = (
