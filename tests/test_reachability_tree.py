@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import BACKENDS, ROOT, probedsl
+from conftest import BACKENDS, ROOT, probedsl, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
@@ -133,3 +133,21 @@ def test_200_leaky_children_classified_in_full(tree_leaks, tmp_path):
     report = run_tree("bcc", argv, tmp_path)
     assert sum(want.values()) == 201  # sh and the 200 children
     assert ours_per_process(report) == want
+
+
+def test_pid_and_its_descendants_classified_as_valgrind_does(tree_leaks, tmp_path):
+    """--pid on a shell that, once probedsl traces it, runs `tree_leaks fork3` (a child that
+    execs, and forks three): each of the four is held at its exit and classified."""
+    want = valgrind_per_process([tree_leaks, "fork3"], tmp_path, tmp_path)
+    shell = subprocess.Popen(["sh", "-c", f"read x; {tree_leaks} fork3; true"], stdin=subprocess.PIPE)
+    try:
+        tracer = start_run(MEMLEAK, "--backend", "bcc", "--reachability", "--format", "json", "--pid", str(shell.pid))
+        shell.communicate(b"go\n", timeout=120)
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    report = report_json(out)
+    scans = [s for s in report["reachability_scans"] if s["command"].endswith("tree_leaks fork3")]
+    assert ours_per_process({"reachability_scans": scans}) == want, err
+    assert not [n for n in report["notes"] if "not_scanned" in n], report["notes"]
