@@ -79,7 +79,9 @@ class BccBackend(UnwinderViews, Backend):
             return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
         if scope.mode == "all":
             # the loader fills in its own pid: its reading of the maps is not traced
-            return ["if ((bpf_get_current_pid_tgid() >> 32) == PROBEDSL_SELF) return 0;"]
+            # and, in a PID namespace, the tasks outside it (their pid reads as 0)
+            return ["u32 tgid = bpf_get_current_pid_tgid() >> 32;",
+                    "if (tgid == PROBEDSL_SELF || !tgid) return 0;"]
         if scope.mode == "comm":
             name = scope.comm.encode()
             lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
@@ -319,7 +321,8 @@ class BccBackend(UnwinderViews, Backend):
             "resources": [lay.to_json() for lay in layouts],
         }
 
-    def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
+    def generate(self, program: ir.Program, ready_pid: int = 0, pidns_ino: int = 0) -> Generated:
+        # pidns_ino: the C takes the namespace as defines at load time (drivers/bcc_compile.py)
         views, resources = [], []
         layouts = [layout.of(program, res) for res in program.resources]
         for res, lay in zip(program.resources, layouts):

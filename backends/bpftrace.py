@@ -107,6 +107,22 @@ class BpftraceBackend(Backend):
         order = ir.attach_order(probes)
         return order[::-1] if self.target.attaches_in_reverse else order
 
+    # probedsl's PID namespace, when it runs in one (generate() sets it): see ours()
+    pidns_ino = 0
+
+    def ours(self) -> str:
+        """The start of a tracepoint's filter that keeps only tasks of probedsl's PID namespace, in
+        which `pid` is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper
+        and prints a warning each time (measured on 0.27.1: one per fork on the host). "" on the
+        host. Not in uprobes: 0.27.1 reads curtask there as user memory (its fields read 0, with
+        an "Addrspace mismatch" warning); they fire only in processes that map the probed files,
+        the namespace's own roots."""
+        if not self.pidns_ino:
+            return ""
+        level = "(uint64)curtask->thread_pid->level * sizeof(struct upid)"
+        upid = f"(struct upid *)((uint64)curtask->thread_pid + offsetof(struct pid, numbers) + {level})"
+        return f"({upid})->ns->ns.inum == {int(self.pidns_ino)} && "
+
     def filter(self, scope: ir.Scope) -> str:
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
@@ -293,9 +309,15 @@ class BpftraceBackend(Backend):
                  for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.attached_files]
         return "\n".join(dict.fromkeys(lines)) + "\n"
 
-    def generate(self, program: ir.Program, ready_pid: int = 0) -> Generated:
+    def generate(self, program: ir.Program, ready_pid: int = 0, pidns_ino: int = 0) -> Generated:
         """ready_pid: probedsl's own pid, for the probes it uses to learn that everything is
-        attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script."""
+        attached (getppid) and to ask for snapshots (getpgid); 0 for a standalone script.
+        pidns_ino: the PID namespace probedsl runs in, 0 for the host's (process/pidns.py)."""
+        self.pidns_ino = int(pidns_ino)
+        if pidns_ino and not self.target.namespaced_pids:
+            raise ProbedslError(f"{self.target.name} compares the host's pids, and probedsl runs in a PID "
+                                "namespace (a container): use --backend bcc, bpftrace 0.24 or later, or run "
+                                "probedsl on the host")
         resources = []
         for res in program.resources:
             if res.max_live >= 1 << TALLY_SHIFT:
@@ -340,5 +362,5 @@ class BpftraceBackend(Backend):
             untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
-            filter=self.filter(scope), scope=scope,
+            filter=self.filter(scope), scope=scope, pidns_ino=int(pidns_ino), ours=self.ours(),
             snapshot_mark=SNAPSHOT_MARK, ready_pid=int(ready_pid), ready_mark=READY_MARK)

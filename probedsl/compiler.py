@@ -233,9 +233,10 @@ def check_backends(program: ir.Program, source: str = "") -> None:
         raise RecipeError(diagnostics, source)
 
 
-def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0) -> Generated:
-    """ready_pid: the runtime's pid, which bpftrace probes watch for its requests."""
-    return backends.for_target(target).generate(program, ready_pid)
+def generate(program: ir.Program, target: "targets.Target", ready_pid: int = 0, pidns_ino: int = 0) -> Generated:
+    """ready_pid: the runtime's pid, which bpftrace probes watch for its requests; pidns_ino:
+    the PID namespace it runs in (process/pidns.py), 0 for the host's."""
+    return backends.for_target(target).generate(program, ready_pid, pidns_ino)
 
 
 def dump(program: ir.Program) -> str:

@@ -140,6 +140,7 @@ OPTIMIZED = {
     "O2": ["-O2", "-g"],
     "nounwind": ["-O2", "-g", "-fno-asynchronous-unwind-tables"],
     "cet": ["-O2", "-fcf-protection=full"],
+    "lsan": ["-O2", "-g", "-fsanitize=leak"],
 }
 
 
@@ -149,7 +150,8 @@ def build(tmp_path_factory):
     -O2); build("libNAME.so") builds a shared library from NAME.c; build("NAME-stripped") a
     stripped copy; build("NAME-O2") NAME.c at -O2 -g, as distributions build (no frame pointers);
     "NAME-nounwind" the same without asynchronous unwind tables (rows in .debug_frame only);
-    "NAME-cet" at -O2 -fcf-protection=full (every function starts with endbr64)."""
+    "NAME-cet" at -O2 -fcf-protection=full (every function starts with endbr64); "NAME-lsan" at
+    -O2 -g with LeakSanitizer (-fsanitize=leak)."""
     out = tmp_path_factory.mktemp("fixtures")
     built = {}
 

@@ -156,3 +156,29 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
         report["reports"][0]["entries"] = [e for e in report["reports"][0]["entries"] if ours(e)]
     assert_seed_leak(report)
     assert_accounted(report)
+
+
+@pytest.mark.debian13
+def test_bpftrace_names_a_process_in_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
+    """bpftrace's probes sit on the libraries of the roots seen at start: a --comm process in a
+    root started later is not traced, and the report counts and names it (notes and JSON)."""
+    root = tmp_path / "late"
+    shutil.copytree(leak_root, root, symlinks=True)
+    os.rename(root / "leak_delayed", root / "leak_late")
+    tracer = start_run(MEMLEAK, "--backend", "bpftrace", "--format", "json", "--comm", "leak_late")
+    held = Held(["chroot", str(root), "/leak_late", "wait"])
+    try:
+        said = []
+        while not any(f"pid {held.pid} (leak_late) runs in a root" in line for line in said):
+            said.append(stderr_line(tracer))
+            assert said[-1], f"the tracer ended: {''.join(said)}"
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        held.end()
+        tracer.send_signal(2)
+    out, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    assert report["untraced"] == [{"pid": held.pid, "comm": "leak_late", "root": str(root)}]
+    assert any(f"pid {held.pid} (leak_late, root {root})" in n and n.startswith("1 process") for n in report["notes"])

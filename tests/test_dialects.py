@@ -208,3 +208,28 @@ def test_stacks_print_as_raw_addresses_from_024():
     (measured: "557d4a8201b4wrapper2+27(/tmp/ld)"); raw mode prints the addresses alone."""
     assert "ustack(raw, 64)" in memleak_text((0, 27, 1)) and "ustack(perf" not in memleak_text((0, 24, 2))
     assert "ustack(perf, 64)" in memleak_text((0, 23, 2)) and "ustack(perf, 64)" in memleak_text((0, 17, 0))
+
+
+def test_in_a_pid_namespace_a_child_is_numbered_at_probedsl_s_level_from_024():
+    """bpftrace 0.24+ gives `pid` in its own namespace, but the fork tracepoint's child_pid is the
+    kernel's: inside a namespace the child's pid is read at the level of probedsl's (the inode
+    it is given). Older dialects compare the host's pids: refused there. On the host, as before."""
+    from probedsl.errors import ProbedslError
+    from test_backends import memleak_program
+
+    ino = 4026532175
+    for cls in BPFTRACE_DIALECTS:
+        generator = backends.for_target(cls())
+        kernel_child = "@probedsl_traced[(uint64)args->child_pid] = 1;"
+        assert kernel_child in generator.generate(memleak_program()).text
+        if not cls.namespaced_pids:
+            with pytest.raises(ProbedslError, match="PID namespace"):
+                generator.generate(memleak_program(), pidns_ino=ino)
+            continue
+        text = generator.generate(memleak_program(), pidns_ino=ino).text
+        assert kernel_child not in text and "rawtracepoint:vmlinux:sched_process_fork" in text
+        assert text.count(f"->ns->ns.inum == {ino})") == 4, text
+        # every tracepoint reading `pid` first keeps tasks of the namespace (others warn)
+        tracepoints = [ln for ln in text.splitlines() if ln.startswith(("tracepoint:", "rawtracepoint:"))]
+        assert tracepoints and all(f"->ns->ns.inum == {ino} && " in ln for ln in tracepoints), tracepoints
+    assert [cls.range_text() for cls in BPFTRACE_DIALECTS if cls.namespaced_pids] == DIALECT_ORDER[2:]

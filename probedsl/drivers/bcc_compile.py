@@ -11,6 +11,7 @@ import threading
 from typing import List
 
 from probedsl.errors import ProbedslError
+from probedsl.process import btf, pidns
 
 
 def check_headers() -> None:
@@ -23,7 +24,18 @@ def check_headers() -> None:
 
 
 def cflags(pid: int) -> List[str]:
-    return [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
+    flags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
+    ns = pidns.own()
+    if ns:  # the program's pids become this namespace's (bcc.c.j2)
+        flags += [f"-DPROBEDSL_PIDNS_DEV={ns.dev}ULL", f"-DPROBEDSL_PIDNS_INO={ns.ino}ULL"]
+        try:
+            flags += [f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ProbedslError(
+                f"probedsl runs in a PID namespace and cannot read this kernel's layout of "
+                f"pids from {btf.VMLINUX}: {exc}"
+            ) from None
+    return flags
 
 
 class Compilation:

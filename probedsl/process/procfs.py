@@ -117,6 +117,10 @@ def named(pid: int, name: str) -> bool:
     return any(_comm_file(f"/proc/{pid}/task/{tid}/comm") == name for tid in tasks)
 
 
+def everyone() -> List[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
 def processes_named(name: str) -> List[int]:
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and comm(int(e)) == name]
 

@@ -1,8 +1,9 @@
 """Which live heap blocks a paused process can still reach: valgrind's four leak kinds.
 
 Roots are every writable mapping that holds no heap block (modules' .data and .bss, the
-program's own mmaps, thread-local storage), each live thread's stack from its stack pointer
-(less the 128-byte red zone) up, and its registers. A pointer to a block's start makes it
+program's own mmaps, thread-local storage), each paused thread's live stack (stackroots: from
+exit()'s caller for the thread ending the process; on a heap block when it runs there), and
+its general and vector registers. A pointer to a block's start makes it
 reachable, one into its interior only possibly reachable; blocks reached from nothing are
 lost, split as memcheck does (mc_leakcheck.c): in address order, each unreached block claims
 as *indirectly* lost the unreached blocks it leads to, and stays *definitely* lost itself.
@@ -28,7 +29,7 @@ from probedsl.binaries import elf
 from probedsl.process import ptrace
 from probedsl.process.tether import PAUSE_TIMEOUT_S, Paused
 from probedsl.reachability.regions import Region, read_maps
-from probedsl.reachability.stackroots import _stack_tops, _dead_heap_stacks
+from probedsl.reachability.stackroots import _stack_tops, _heap_stacks
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = range(4)
 CHUNK = 16 << 20  # bytes read and scanned at a time (numpy's temporaries: ~5x)
@@ -60,13 +61,15 @@ def classify(
     graph = _Graph(starts, ends)
     regions, cut = read_maps(pid)
     live = _stack_tops(pid, paused, regions)
-    heap, roots, notes = _split(regions, paused, starts, live)
+    heap, roots, notes = _split(regions, paused, starts, ends, live)
     if cut:
         notes.append(
             "/proc maps read in part (over its bound): mappings past the cut were not "
             "scanned, so a block kept only from there may show as lost"
         )
-    dead = _dead_heap_stacks(heap, starts, ends, live)
+    running = _heap_stacks(heap, starts, ends, live)
+    dead = [(start, top) for start, top, _ in running]
+    roots += [(top, end) for _, top, end in running]  # also scanned as the block they are
     excluded = _allocator_state(regions)
     if excluded is None:
         notes.append(
@@ -97,9 +100,10 @@ def classify(
     return Scan(kinds, scanned, time.monotonic() - t0, unreadable, notes)
 
 
-def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List[int]):
-    """(heap mappings, root ranges, notes): a writable mapping holding a block start, or the
-    brk heap, is the allocator's (scanned only inside blocks); the others are roots, a paused
+def _split(regions: List[Region], paused: Paused, starts: np.ndarray, ends: np.ndarray, live: List[int]):
+    """(heap mappings, root ranges, notes): a writable mapping holding part of a block, or the
+    brk heap, is the allocator's (scanned only inside blocks: the tail of a large block whose
+    mapping a guard page split is the block's, not a root); the others are roots, a paused
     thread's stack only from the top of its live frames up (_stack_tops; the stack of a
     thread that ended, which glibc keeps for reuse, or one a thread switched away from, whole,
     as valgrind does)."""
@@ -110,8 +114,9 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray, live: List
             continue
         if r.path.startswith("/dev/") and not r.path.startswith(("/dev/zero", "/dev/shm/")):
             continue  # device memory: reading it can have effects
-        first = int(np.searchsorted(starts, np.uint64(r.start)))
-        if r.path == "[heap]" or (first < len(starts) and int(starts[first]) < r.end):
+        # live blocks do not overlap: sorted by start, their ends are sorted too
+        last = int(np.searchsorted(starts, np.uint64(r.end))) - 1
+        if r.path == "[heap]" or (last >= 0 and int(ends[last]) > r.start):
             heap.append((r.start, r.end))
             continue
         inside = [sp for sp in sps if r.start <= sp < r.end]

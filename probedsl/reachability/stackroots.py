@@ -57,11 +57,14 @@ EXIT_PATH = frozenset(
 def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
     """The stack pointer of the frame that called into libc's exit path, found by unwinding
     the exiting thread with its libc's call-frame rows (probedsl.binaries.cfi) while the frames are
-    EXIT_PATH functions; None when the first frame is not one, or a rule cannot be followed."""
+    EXIT_PATH functions or unnamed ones of the file the thread stopped in (without libc's debug
+    symbols its local functions, __run_exit_handlers among them, have no name): the stack
+    pointer above the outermost EXIT_PATH frame; None when there is none."""
     from probedsl.binaries import cfi
 
     pc, sp, rbp = regs["rip"], regs["rsp"], regs["rbp"]
-    top = None
+    top: Optional[int] = None
+    first = ""  # the file of the frame the thread stopped in
     try:
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             word = lambda at: int.from_bytes(os.pread(mem.fileno(), 8, at), "little")
@@ -75,29 +78,33 @@ def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
                     break
                 vaddr = at - region.start + symbols.file_offset_to_vaddr(region.offset)
                 function = symbols.function_at(vaddr)
-                if function is None or function[0] not in EXIT_PATH:
+                first = first or region.path
+                named = function is not None and function[0] in EXIT_PATH
+                if not named and (function is not None or region.path != first):
                     break
                 row = table.row_at(vaddr)
                 if row is None or row.cfa_register not in (cfi.RSP, cfi.RBP):
-                    return None
+                    break
                 cfa = (sp if row.cfa_register == cfi.RSP else rbp) + row.cfa_offset
                 if row.rbp and row.rbp[0] == "offset":
                     rbp = word(cfa + row.rbp[1])
                 pc, sp = word(cfa - 8), cfa
-                top = cfa
+                if named:
+                    top = cfa
     except OSError:
         return None
     return top
 
 
-def _dead_heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int]]:
-    """A thread running on a stack that is a heap block (swapcontext, coroutines): the part of
-    the block below its live frames is dead, not a source of pointers."""
-    dead = []
+def _heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int, int]]:
+    """(block start, live top, block end) of each thread running on a stack that is a heap
+    block (swapcontext, coroutines): the part below the top is dead, not a source of pointers;
+    the part above holds the thread's live frames, roots as any thread's stack."""
+    found = []
     for top in live:
         if not any(lo <= top < hi for lo, hi in heap):
             continue
         i = int(np.searchsorted(starts, np.uint64(top), side="right")) - 1
         if i >= 0 and top < int(ends[i]):
-            dead.append((int(starts[i]), top & ~7))
-    return dead
+            found.append((int(starts[i]), top & ~7, int(ends[i])))
+    return found

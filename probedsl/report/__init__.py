@@ -114,6 +114,8 @@ class Report:
     # why the data may miss something (a thread failed, the tracer died, a read never settled);
     # empty: complete. JSON: "complete" and "incomplete" (the reasons)
     incomplete: List[str] = field(default_factory=list)
+    # processes of the target that could not be traced (process/unprobed.py): pid, comm, root
+    untraced: List[dict] = field(default_factory=list)
     # --reachability: one scan a process (the traced one and each child at its exit), each with
     # pid, command and its kinds by resource
     scans: List[dict] = field(default_factory=list)
@@ -137,6 +139,8 @@ class Report:
             "resources": self.resources,
             "reports": [],
         }
+        if self.untraced:
+            doc["untraced"] = self.untraced
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
         if self.scans:
@@ -250,6 +254,7 @@ class Report:
             doc.get("reachability_scan"),
             doc.get("series"),
             doc.get("incomplete", []),
+            doc.get("untraced", []),
             doc.get("reachability_scans", []),
         )
 

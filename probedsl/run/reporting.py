@@ -39,6 +39,9 @@ class Reporting:
         rep.incomplete = list(dict.fromkeys(self.incomplete + snap.incomplete + threads.failures()))
         # said while the stacks were named (a debug file refused, a file over a parser's bound)
         rep.notes = rep.notes + [n for n in notices.all_notes() if n not in rep.notes]
+        if self.unprobed and (untraced := self.unprobed.note()):
+            rep.notes.append(untraced)
+            rep.untraced = self.unprobed.processes()
         if self.series is not None:
             rep.series = self.series.to_dict(
                 timeseries.signer(program, self.symbolizer),

@@ -16,8 +16,10 @@ from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
 from probedsl.errors import ProbedslError
+from probedsl.process import pidns
 from probedsl.process.launcher import HeldCommand
-from probedsl.process.procfs import process_alive, processes_named
+from probedsl.process.unprobed import UnprobedRoots
+from probedsl.process.procfs import everyone, process_alive, processes_named
 from probedsl.process.libraries import linked_libraries, mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
@@ -78,6 +80,7 @@ class Session(Reporting):
         self.stop = _Stop()
         self.notes: List[str] = []
         self.held: Optional[HeldCommand] = None
+        self.unprobed: Optional[UnprobedRoots] = None
         self.scanner: Optional[scanner.Scanner] = None
         self.follower: Optional[TreeTether] = None              # holds each forked child (_hold_forks)
         self.fork_refusal: Optional[str] = None
@@ -146,7 +149,9 @@ class Session(Reporting):
         if opts.reachability:
             scanner.check_program(program)
         self.program = program
-        self.driver = drivers.for_target(target, program, compiler.generate(program, target, ready_pid=os.getpid()))
+        ns = pidns.own()    # in a container: the pids the program compares are its namespace's
+        self.driver = drivers.for_target(target, program, compiler.generate(
+            program, target, ready_pid=os.getpid(), pidns_ino=ns.ino if ns else 0))
         self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
@@ -162,6 +167,10 @@ class Session(Reporting):
         if scope.mode in ("pid", "cmd") and scope.follow_forks:
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
+        if scope.mode in ("comm", "all") and not scope.per_process and not self.target.follows_new_roots:
+            self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, processes_named(scope.comm)
+                                          if scope.mode == "comm" else everyone(), self.say)
+            self.tracker.listen(self.unprobed)
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
             self.tracker.files.known_roots.add(self.resolver_root)

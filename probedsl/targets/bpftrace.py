@@ -33,6 +33,9 @@ class Bpftrace(Target):
     # before any write there gets no key type ("map expects no arguments", 0.23.2). A write
     # that never runs, in BEGIN, types each such map first.
     type_maps_first: ClassVar[bool] = False
+    # `pid` and `tid` are bpftrace's own PID namespace's (0.24; `pid(init)` the kernel's):
+    # before, a bpftrace in a container compares the host's pids with the container's
+    namespaced_pids: ClassVar[bool] = False
     # delete(@m, k) (0.22+; delete(@m[k]) deprecated) instead of delete(@m[k])
     delete_with_key_argument: ClassVar[bool] = False
     # bpftrace attaches a script's probes last to first (so that they fire in text order)
@@ -123,6 +126,7 @@ class Bpftrace024(Bpftrace020):
     """Fedora 43 (0.24)."""
 
     first, last = (0, 24), (0, 24)
+    namespaced_pids = True
     delete_with_key_argument = True  # (and 0.24+ reads only BPFTRACE_MAX_MAP_KEYS)
     # -p applies to every probe (0.24 "-p CLI flag now applies to all probes"; measured on
     # 0.27.0 and 0.27.1): the tracepoints probedsl fires itself (ready, snapshot) never reach

@@ -7,6 +7,49 @@
 // (BPF_F_NO_PREALLOC): preallocated to their limits, creating them took 0.6-1.6 s of each
 // start. The per-thread scratch, updated and deleted at every call, stays preallocated.
 
+#ifdef PROBEDSL_PIDNS_INO
+// probedsl runs in a PID namespace (the loader adds its device and inode): every pid and tid
+// this program keys, filters and reports is that namespace's, the one --pid, /proc and ptrace
+// name there; a task outside it reads as 0 (process/pidns.py)
+static __always_inline u64 probedsl_ns_pid_tgid(void)
+{
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(PROBEDSL_PIDNS_DEV, PROBEDSL_PIDNS_INO, &ns, sizeof(ns)))
+        return 0;
+    return (u64)ns.tgid << 32 | ns.pid;
+}
+#define bpf_get_current_pid_tgid() probedsl_ns_pid_tgid()
+
+// a task's pid at the level whose namespace is probedsl's (a fork's child: the tracepoint
+// gives the kernel's); 0 if it has none there. Read with the running kernel's offsets (its
+// BTF; the loader adds them): the installed headers can be another kernel's.
+static __always_inline u32 probedsl_task_ns_pid(char *task)
+{
+    char *pid = 0;
+    unsigned int level = 0;
+    bpf_probe_read_kernel(&pid, sizeof(pid), task + PROBEDSL_OFF_TASK_PID);
+    if (!pid)
+        return 0;
+    bpf_probe_read_kernel(&level, sizeof(level), pid + PROBEDSL_OFF_PID_LEVEL);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        char *upid = pid + PROBEDSL_OFF_PID_NUMBERS + i * PROBEDSL_SIZE_UPID, *ns = 0;
+        unsigned int inum = 0;
+        int nr = 0;
+        if (i > level)
+            break;
+        bpf_probe_read_kernel(&ns, sizeof(ns), upid + PROBEDSL_OFF_UPID_NS);
+        if (ns)
+            bpf_probe_read_kernel(&inum, sizeof(inum), ns + PROBEDSL_OFF_NS_INUM);
+        if (inum == PROBEDSL_PIDNS_INO) {
+            bpf_probe_read_kernel(&nr, sizeof(nr), upid + PROBEDSL_OFF_UPID_NR);
+            return nr;
+        }
+    }
+    return 0;
+}
+#endif
+
 // the innermost 64 frames of each stack: BPF_STACK_TRACE's 127 would fit half the buckets
 struct probedsl_stack_t { u64 ip[64]; };
 BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
@@ -65,10 +108,16 @@ static __always_inline int probedsl_process_ends(void)
 // the traced process and the children it forks (the loader adds PROBEDSL_PID)
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
+#ifdef PROBEDSL_PIDNS_INO
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+    u32 child = probedsl_task_ns_pid((char *)ctx->args[1]);
+#else
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
-    u32 parent = bpf_get_current_pid_tgid() >> 32;
     u32 child = args->child_pid;
+#endif
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
     u8 yes = 1;
     if (probedsl_traced.lookup(&parent)) {
         probedsl_traced.update(&child, &yes);

@@ -1,0 +1,63 @@
+"""The running kernel's type layout, from its BTF (/sys/kernel/btf/vmlinux): the byte offsets of
+struct members. BCC compiles against whatever kernel headers are installed, which need not be
+this kernel's; a program that reads kernel structs by hand takes their offsets from here."""
+
+import struct
+from functools import lru_cache
+from typing import Dict, Tuple
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+STRUCT, UNION = 4, 5
+# bytes that follow each kind's 12-byte header: fixed, and per member (vlen)
+EXTRA = {
+    1: (4, 0),
+    3: (12, 0),
+    4: (0, 12),
+    5: (0, 12),
+    6: (0, 8),
+    13: (0, 8),
+    14: (4, 0),
+    15: (0, 12),
+    17: (4, 0),
+    19: (0, 12),
+}
+
+
+@lru_cache(maxsize=1)
+def _structs(path: str = VMLINUX) -> Dict[str, Tuple[int, Dict[str, int]]]:
+    """{struct name: (size, {member name: byte offset})} for every named struct and union."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from("<HBBIIIII", data)
+    if magic != 0xEB9F:
+        raise ValueError(f"{path}: not BTF")
+    types, strings = hdr_len + type_off, hdr_len + str_off
+
+    def name(off: int) -> str:
+        return data[strings + off : data.index(b"\0", strings + off)].decode()
+
+    found: Dict[str, Tuple[int, Dict[str, int]]] = {}
+    at, end = types, types + type_len
+    while at < end:
+        name_off, info, size = struct.unpack_from("<III", data, at)
+        kind, vlen, bitfields = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+        at += 12
+        fixed, each = EXTRA.get(kind, (0, 0))
+        if kind in (STRUCT, UNION) and name_off:
+            members = {}
+            for i in range(vlen):
+                m_name, _m_type, m_off = struct.unpack_from("<III", data, at + 12 * i)
+                bits = m_off & 0xFFFFFF if bitfields else m_off
+                members[name(m_name)] = bits // 8
+            found.setdefault(name(name_off), (size, members))
+        at += fixed + each * vlen
+    return found
+
+
+def offset(struct_name: str, member: str) -> int:
+    """The byte offset of struct_name.member in the running kernel; KeyError if it has none."""
+    return _structs()[struct_name][1][member]
+
+
+def size(struct_name: str) -> int:
+    return _structs()[struct_name][0]

@@ -1,0 +1,71 @@
+"""Processes a run targets but cannot trace: on a tracer that probes the libraries of the roots
+it saw at start (bpftrace), a process of the target in a root that appeared later (a container
+started after tracing began) loads other library files, which carry no probes. A listener of
+the mapping tracker (called for every process on the machine as its mappings change) names
+each such process, so that the report counts them instead of saying nothing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from probedsl.process import procfs
+
+SHOWN = 10  # processes named in the note; the JSON lists them all
+
+
+def _root_key(pid: int) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(f"/proc/{pid}/root")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class UnprobedRoots:
+    """comm: the target's name (None: every process, --all); at_start: the target's processes
+    when the probes were placed, whose roots (and ours) are probed; say: told of each one found."""
+
+    def __init__(self, comm: Optional[str], at_start: Iterable[int], say: Callable[[str], None]):
+        self.comm, self.say = comm, say
+        st = os.stat("/")
+        self.probed: Set[Tuple[int, int]] = {(st.st_dev, st.st_ino)}
+        self.probed.update(k for k in map(_root_key, at_start) if k)
+        self.found: Dict[int, dict] = {}
+        self._checked: Dict[int, Tuple[int, int]] = {}  # pid -> the root it had when checked
+        self._lock = threading.Lock()
+
+    def __call__(self, pid: int, _mappings) -> None:
+        key = _root_key(pid)
+        if key is None or key in self.probed or self._checked.get(pid) == key:
+            return
+        name = procfs.comm(pid)
+        if name is None or (self.comm is not None and name != self.comm):
+            return  # checked again at its next change (an exec may give it the name)
+        self._checked[pid] = key
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            return
+        with self._lock:
+            self.found[pid] = {"pid": pid, "comm": name, "root": root}
+        self.say(
+            f"note: pid {pid} ({name}) runs in a root none of the target's processes had at start "
+            f"({root}): its libraries are not probed, so it is not traced; --backend bcc follows it"
+        )
+
+    def processes(self) -> List[dict]:
+        with self._lock:
+            return [dict(p) for p in self.found.values()]
+
+    def note(self) -> Optional[str]:
+        found = self.processes()
+        if not found:
+            return None
+        named = ", ".join(f"{p['pid']} ({p['comm']}, root {p['root']})" for p in found[:SHOWN])
+        more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+        return (
+            f"{len(found)} process(es) of the target ran in a root that appeared after tracing began, whose "
+            f"libraries are not probed, and were not traced: pid {named}{more}; --backend bcc follows them"
+        )
