@@ -42,6 +42,10 @@ class BccDriver:
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 
+    def live_of(self, pid: int):
+        """One process's live entries, for --reachability's scan at its exit (BccReading.live_of)."""
+        return self.loader.live_of(pid) if self.loader is not None else None
+
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""

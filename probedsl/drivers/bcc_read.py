@@ -34,6 +34,26 @@ class BccReading:
             )
         return snap
 
+    def live_of(self, pid: int) -> Tuple[List[Tuple[str, tuple, int]], int]:
+        """One process's live entries (resource, key, size), its ended images' left out, and the
+        acquisitions the tables refused: what a scan at its exit needs, without reading every
+        stack and tally as a snapshot does."""
+        ended = (
+            {k.image for k, _ in _items(self.bpf["probedsl_ended"]) if k.pid == pid}
+            if any(lay.ends_with_image for lay in self.layouts)
+            else set()
+        )
+        out = []
+        for lay in self.layouts:
+            if "pid" not in lay.fields:
+                continue
+            for k, v in _items(self.bpf[lay.live]):
+                if v.pid == pid and not ("image" in lay.fields and v.image in ended):
+                    size = v.size if "size" in lay.fields else 0
+                    out.append((lay.name, tuple(k.k[i] for i in range(lay.key_arity)), size))
+        untracked = sum(Totals(*c).untracked for c in self._counters().values())
+        return out, untracked
+
     def _counters(self) -> Dict[str, List[int]]:
         out = {}
         for lay in self.layouts:

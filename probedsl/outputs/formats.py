@@ -141,22 +141,51 @@ def _leak_summary(report: Report, out: List[str], style: _Style) -> None:
             continue
         when = "at its exit" if scan["at"] == "exit" else "while running"
         out.append("")
-        out.append(
-            style.bold(
-                f"LEAK SUMMARY ({name}, pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
-                f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms):"
+        if len(report.scans) > 1:
+            scans = report.scans
+            where = "each at its exit" if all(x["at"] == "exit" for x in scans) else "at their exits or while running"
+            head = (
+                f"{len(scans)} processes, {where}: "
+                f"{sum(x['scanned_bytes'] for x in scans)} bytes scanned in {sum(x['scan_s'] for x in scans):.2f} s, "
+                f"paused {sum(x['pause_ms'] for x in scans):.1f} ms in all"
             )
-        )
-        for kind, label in (
-            ("definitely_lost", "definitely lost"),
-            ("indirectly_lost", "indirectly lost"),
-            ("possibly_lost", "possibly lost"),
-            ("still_reachable", "still reachable"),
-            ("not_scanned", "not scanned"),
-        ):
+        else:
+            head = (
+                f"pid {scan['pid']} {when}: {scan['scanned_bytes']} bytes "
+                f"scanned in {scan['scan_s']:.2f} s, paused {scan['pause_ms']:.1f} ms"
+            )
+        out.append(style.bold(f"LEAK SUMMARY ({name}, {head}):"))
+        for kind, label in _KIND_LABELS:
             if kind in kinds:
                 text = f"{label:>17}: {kinds[kind]['bytes']} bytes in {kinds[kind]['blocks']} blocks"
                 out.append("  " + (style.red(text) if kind == "definitely_lost" and kinds[kind]["blocks"] else text))
+        if len(report.scans) > 1:
+            _by_process(report.scans, name, out)
+
+
+_KIND_LABELS = (
+    ("definitely_lost", "definitely lost"),
+    ("indirectly_lost", "indirectly lost"),
+    ("possibly_lost", "possibly lost"),
+    ("still_reachable", "still reachable"),
+    ("not_scanned", "not scanned"),
+)
+MAX_PROCESSES = 20  # processes listed in the text LEAK SUMMARY (JSON: every one)
+
+
+def _by_process(scans: List[dict], name: str, out: List[str]) -> None:
+    """One line a process: its kinds (bytes/blocks), the most definitely lost first."""
+    rows = [(s, s.get("resources", {}).get(name, {})) for s in scans]
+    rows.sort(key=lambda row: (-row[1].get("definitely_lost", {}).get("bytes", 0), row[0]["pid"]))
+    out.append("  by process (definitely/indirectly/possibly lost, still reachable: bytes/blocks):")
+    for s, kinds in rows[:MAX_PROCESSES]:
+        cells = "  ".join(
+            f"{kinds[k]['bytes']}/{kinds[k]['blocks']}" if k in kinds else "-" for k, _ in _KIND_LABELS[:4]
+        )
+        what = for_terminal(s.get("command", ""), 60)
+        out.append(f"    pid {s['pid']:>7}  {cells}  {what}")
+    if len(rows) > MAX_PROCESSES:
+        out.append(f"    ... and {len(rows) - MAX_PROCESSES} more processes (--format json lists each)")
 
 
 def to_text(report: Report, color: bool = False) -> str:

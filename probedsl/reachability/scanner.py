@@ -3,14 +3,17 @@ and at its exit pause it, take the tracer's snapshot, classify its blocks (probe
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
 from probedsl import ir, report
 from probedsl.errors import ProbedslError
 from probedsl.process.procfs import process_alive
-from probedsl.drivers.rundata import Snapshot
-from probedsl.process.tether import Tether
+from probedsl.drivers.rundata import Live, Snapshot, Totals
+from probedsl.process.tether import Paused, Tether
+from probedsl.process.tree_tether import TreeTether
+from probedsl.reachability import tree
 
 
 def check_options(reachability: bool, leaks_only: bool, pid: Optional[int], command: List[str], sample: int) -> None:
@@ -20,7 +23,9 @@ def check_options(reachability: bool, leaks_only: bool, pid: Optional[int], comm
     if not reachability:
         return
     if pid is None and not command:
-        raise ProbedslError("--reachability goes with --pid PID or -- CMD: it pauses and scans one process")
+        raise ProbedslError(
+            "--reachability goes with --pid PID or -- CMD: it holds and scans that process and its children"
+        )
     if sample > 1:
         raise ProbedslError("--reachability needs every block (--sample 1): a block not recorded cannot be classified")
 
@@ -33,20 +38,53 @@ def check_program(program: ir.Program) -> None:
         )
 
 
+class Serialized:
+    """The driver, its snapshots taken one at a time: a child's exit scan takes one from the
+    tether's thread while the session may take one from its own."""
+
+    def __init__(self, driver):
+        self._driver, self._lock = driver, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._driver, name)
+
+    def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
+        with self._lock:
+            return self._driver.snapshot(timeout)
+
+    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
+        with self._lock:
+            return self._driver.stop(timeout)
+
+
 class Scanner:
     def __init__(
-        self, program: ir.Program, driver, pid: int, leaks_only: bool, exec_hold=None, tether: Optional[Tether] = None
+        self,
+        program: ir.Program,
+        driver,
+        pid: int,
+        leaks_only: bool,
+        exec_hold=None,
+        tether: Optional[Tether] = None,
+        children: bool = False,
     ):
         """Attach to `pid` (ProbedslError, one line, when the system refuses), or use the
-        tether already holding it (one that follows its forks)."""
+        tether already holding it (one that follows its forks). children: hold each process it
+        forks (and theirs) at its exit too, and scan it there (driver: a Serialized one)."""
         self.program, self.driver, self.leaks_only = program, driver, leaks_only
         if tether is None:
-            tether = Tether(pid, exec_hold)
+            tether = TreeTether(pid, exec_hold, forks=children)
             tether.start()
+            if children:
+                tether.follow(lambda child: None)
+        if children and isinstance(tether, TreeTether):
+            tether.on_child_exit = self._child_exit
         self.tether = tether
         self.pid = pid
         self.notes: List[str] = []  # for the final report: why there are no kinds
         self.exit_kinds: Optional[report.Reachability] = None
+        self.tree = tree.Tree()
+        self.heaps = [r for r in program.resources if r.block_address is not None]
         from probedsl.reachability import heapscan
 
         heapscan.prepare(pid)  # libc's symbols, read now rather than in a pause
@@ -65,16 +103,80 @@ class Scanner:
         self.at_exit()
         kinds = self.exit_kinds
         if kinds is None and self.tether.attached and process_alive(self.pid):
-            snap, kinds = self.scan(stop)
-        else:
-            snap = stop()
+            snap, kinds = self.scan(stop)  # with the children's kinds
+            self.tether.close()
+            return snap, kinds
+        snap = stop()
         self.tether.close()
         if kinds is None and not self.notes:
             self.notes.append(
                 f"--reachability: process {self.pid} ended without stopping at its exit (killed by "
                 "SIGKILL?): its blocks were not scanned"
             )
-        return snap, kinds
+        if kinds is None and not self.tree.scans:
+            return snap, None
+        return snap, self.tree.merged(kinds, snap, self.heaps, self.leaks_only)
+
+    def _child_exit(self, pid: int, paused: Paused, execed: bool) -> None:
+        """A child held at its exit (in the tether's thread): its blocks classified, kept in the tree."""
+        from probedsl.reachability import heapscan
+
+        started = time.monotonic()
+        try:
+            snap = self._live_of(pid)
+            if snap is None or snap.live is None:
+                self.tree.failed(pid, "the tracer gave no snapshot at its exit")
+                return
+            blocks = self._blocks(snap, pid)
+            untracked = sum(t.untracked for t in snap.totals.values())
+            # a forked copy that did not exec holds its parent's blocks, unknown as its own
+            known = execed and not untracked
+            result = heapscan.classify(pid, paused, [a for a, _ in blocks], [n for _, n in blocks], known)
+        except Exception as exc:  # the child goes on exiting; its blocks are said not scanned
+            self.tree.failed(pid, f"its scan failed ({exc})")
+            return
+        kinds = {(pid, a): report.KINDS[k] for (a, _), k in zip(blocks, result.kinds.tolist())}
+        scan = self._scan_record(pid, "exit", blocks, result, started, snap, kinds)
+        scan["command"] = tree.command_of(pid)
+        if not known:
+            scan["known"] = False
+        self.tree.add(kinds, scan)
+
+    def _live_of(self, pid: int) -> Optional[Snapshot]:
+        """The process's live blocks: read alone where the driver can (BCC), else a snapshot."""
+        live_of = getattr(self.driver, "live_of", None)
+        got = live_of(pid) if live_of is not None else None
+        if got is None:
+            return self.driver.snapshot(timeout=30)
+        entries, untracked = got
+        live = [Live(resource=r, key=key, time_ns=0, size=size, pid=pid) for r, key, size in entries]
+        return Snapshot(time.monotonic_ns(), live, {"": Totals(untracked=untracked)})
+
+    def _blocks(self, snap: Snapshot, pid: int) -> List[Tuple[int, int]]:
+        return [
+            (l.key[r.block_address], l.size)
+            for r in self.heaps
+            for l in snap.live
+            if l.resource == r.name and l.pid == pid
+        ]
+
+    def _scan_record(self, pid, at, blocks, result, started, snap, kinds) -> dict:
+        """The JSON's reachability_scans entry of one process."""
+        return {
+            "pid": pid,
+            "at": at,
+            "blocks": len(blocks),
+            "scanned_bytes": result.scanned_bytes,
+            "scan_s": round(result.seconds, 3),
+            "pause_ms": round((time.monotonic() - started) * 1000, 1),
+            "resources": tree.per_resource(
+                self.program,
+                lambda r: [
+                    (l.pid, l.key[r.block_address], l.size) for l in snap.live if l.resource == r.name and l.pid == pid
+                ],
+                kinds,
+            ),
+        }
 
     def scan(self, take_snapshot, at_exit: bool = False) -> Tuple[Optional[Snapshot], Optional[report.Reachability]]:
         """Pause every thread, take the snapshot, classify the process's blocks, let it go
@@ -84,6 +186,7 @@ class Scanner:
         tether, pid = self.tether, self.pid
         started = time.monotonic()
         paused = tether.pause()
+        command = tree.command_of(pid)  # while it is held (at its exit, gone once let go)
         if paused is None:
             self._failed(f"process {pid} ended before it could be scanned")
             return take_snapshot(), None
@@ -92,13 +195,7 @@ class Scanner:
             if snap is None or snap.live is None:
                 self._failed("the tracer gave no snapshot")
                 return snap, None
-            heaps = [r for r in self.program.resources if r.block_address is not None]
-            blocks = [
-                (l.key[r.block_address], l.size)
-                for r in heaps
-                for l in snap.live
-                if l.resource == r.name and l.pid == pid
-            ]
+            blocks = self._blocks(snap, pid)
             untracked = sum(t.untracked for t in snap.totals.values())
             # --pid: what it allocated before the probes were attached is unknown
             known = self.program.scope.mode == "cmd" and not untracked
@@ -113,21 +210,9 @@ class Scanner:
         finally:
             (tether.release_exit if at_exit else tether.resume)()
         kinds = {(pid, a): report.KINDS[k] for (a, _), k in zip(blocks, result.kinds.tolist())}
-        scan = {
-            "pid": pid,
-            "at": "exit" if at_exit else "report",
-            "blocks": len(blocks),
-            "scanned_bytes": result.scanned_bytes,
-            "scan_s": round(result.seconds, 3),
-            "pause_ms": round((time.monotonic() - started) * 1000, 1),
-        }
-        names = {r.name for r in heaps}
-        others = sum(1 for l in snap.live if l.pid != pid and l.resource in names)
+        scan = self._scan_record(pid, "exit" if at_exit else "report", blocks, result, started, snap, kinds)
+        scan["command"] = command
         notes = list(result.notes)
-        if others:
-            notes.append(
-                f"--reachability scans process {pid} only: {others} live blocks of other processes are not_scanned"
-            )
         if not known:
             why = f"{untracked} were not tracked" if untracked else "it allocated before probedsl attached"
             notes.append(
@@ -135,7 +220,8 @@ class Scanner:
                 "the known blocks counts as roots, so none is called lost because of them (a freed "
                 "chunk's stale word may keep one reachable)"
             )
-        return snap, report.Reachability(kinds, scan, self.leaks_only, notes)
+        own = report.Reachability(kinds, scan, self.leaks_only, notes)
+        return snap, (own if at_exit else self.tree.merged(own, snap, self.heaps, self.leaks_only))
 
     def _failed(self, why: str) -> None:
         self.notes.append(f"--reachability: {why}: no leak kinds")

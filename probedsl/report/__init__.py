@@ -61,6 +61,7 @@ class Reachability:
     scan: dict  # pid, at ("exit" | "report"), pause_ms, scanned_bytes, scan_s
     leaks_only: bool = False  # stack entries leave still-reachable blocks out
     notes: List[str] = field(default_factory=list)
+    scans: List[dict] = field(default_factory=list)  # one a process scanned (the tree of a run)
 
     def kind_of(self, res: ir.Resource, live: Live) -> Optional[str]:
         at = res.block_address
@@ -115,6 +116,9 @@ class Report:
     incomplete: List[str] = field(default_factory=list)
     # processes of the target that could not be traced (process/unprobed.py): pid, comm, root
     untraced: List[dict] = field(default_factory=list)
+    # --reachability: one scan a process (the traced one and each child at its exit), each with
+    # pid, command and its kinds by resource
+    scans: List[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         doc = {
@@ -139,6 +143,8 @@ class Report:
             doc["untraced"] = self.untraced
         if self.scan is not None:
             doc["reachability_scan"] = self.scan
+        if self.scans:
+            doc["reachability_scans"] = self.scans
         if self.series is not None:
             doc["series"] = self.series
         for s in self.sections:
@@ -249,6 +255,7 @@ class Report:
             doc.get("series"),
             doc.get("incomplete", []),
             doc.get("untraced", []),
+            doc.get("reachability_scans", []),
         )
 
 

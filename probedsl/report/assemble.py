@@ -155,7 +155,8 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
                              f"({kinds}): their last line says why"]
     return Report(program.name, backend, target, duration_s, snapshot.final, resources, sections,
                   exit_status, list(notes), sample=scale, backend_version=backend_version,
-                  scan=reachability.scan if reachability is not None else None)
+                  scan=reachability.scan if reachability is not None else None,
+                  scans=reachability.scans if reachability is not None else [])
 
 
 def _rank(rows, labels, since):

@@ -25,7 +25,7 @@ from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
 from probedsl.stacks.symbolizer import Symbolizer
-from probedsl.process.tether import Tether
+from probedsl.process.tree_tether import TreeTether
 from probedsl import drivers
 from probedsl.report import timeseries
 from probedsl.run.options import RunOptions, scope_of, check_output, traced, probed_files, bystander_notes, end_command
@@ -82,7 +82,7 @@ class Session(Reporting):
         self.held: Optional[HeldCommand] = None
         self.unprobed: Optional[UnprobedRoots] = None
         self.scanner: Optional[scanner.Scanner] = None
-        self.follower: Optional[Tether] = None              # holds each forked child (_hold_forks)
+        self.follower: Optional[TreeTether] = None              # holds each forked child (_hold_forks)
         self.fork_refusal: Optional[str] = None
         self.incomplete: List[str] = []
         self.series: Optional[timeseries.Series] = None    # json, html: live memory over time
@@ -240,7 +240,7 @@ class Session(Reporting):
         scope = self.program.scope
         if not (scope.tracks_children and self.target.scopes_uprobes(scope)):
             return
-        tether = Tether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
+        tether = TreeTether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
                         purpose="following forks")
         try:
             tether.start()
@@ -254,9 +254,12 @@ class Session(Reporting):
 
     def _tie(self, pid: int, exec_hold=None) -> None:
         """--reachability: hold the process under ptrace; a refusal is a note, not the end."""
+        children = self.program.scope.tracks_children       # each child held and scanned at its exit
+        if children:
+            self.driver = scanner.Serialized(self.driver)
         try:
             self.scanner = scanner.Scanner(self.program, self.driver, pid, self.opts.leaks_only, exec_hold,
-                                           tether=self.follower)
+                                           tether=self.follower, children=children)
         except ProbedslError as exc:
             self.notes.append(str(exc))
             self.say(f"note: {exc}")
