@@ -155,10 +155,25 @@ def run_bcc_memleak(exe, args):
             tracer.kill()
 
 
+def detachers() -> set:
+    """Pids of the processes that close a run's probes after it returns (drivers.teardown)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                if f.read().strip() == b"probedsl-detach":
+                    found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
 @contextlib.contextmanager
 def tracing(backend, *target):
     """`probedsl run memleak ... TARGET`, from the moment it says it is tracing until it is
-    stopped (SIGINT, its report read) when the block ends."""
+    stopped (SIGINT, its report read) and its probes are gone (the next measurement would
+    otherwise run while machine-wide uprobes are still being closed)."""
+    before = detachers()
     tracer = subprocess.Popen(
         [sys.executable, "-m", "probedsl", "run", "memleak", "--backend", backend, *target],
         stdout=subprocess.DEVNULL,
@@ -173,6 +188,9 @@ def tracing(backend, *target):
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.communicate(timeout=120)
+        deadline = time.monotonic() + 60
+        while detachers() - before and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def loop_while_tracing(exe, args, backend, *target):

@@ -4,6 +4,7 @@ outside the tree never traps (no machine-wide uprobe)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,17 @@ def bystanders_always_trap() -> bool:
     return True
 
 
+def children_maps(pid: int) -> str:
+    """The maps of each child of pid (the command probedsl launched, waiting for its input)."""
+    maps = ""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/maps") as m:
+                    maps += m.read()
+    return maps
+
+
 def tracers_running() -> str:
     """For a failure's message: tracers on this machine (another test run's may trap everyone)."""
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -82,10 +94,7 @@ def _bystander_traps() -> bool:
 
 
 @pytest.mark.parametrize("how", ["pid", "cmd"])
-def test_every_process_of_a_tree_is_traced_from_its_first_call(how, build):
-    """Bystanders never trap: --pid puts uprobes on the tree's processes only, each child held at
-    its fork; -- CMD probes private copies of the command's libraries (a launched command traced
-    by its pid alone missed early calls: see run.session._hold_forks)."""
+def test_every_process_of_a_tree_is_traced_from_its_first_call_and_bystanders_never_trap(how, build):
     exe = build("fork_tree")
     target = Held([exe, "wait"]) if how == "pid" else None
     try:
@@ -102,6 +111,9 @@ def test_every_process_of_a_tree_is_traced_from_its_first_call(how, build):
             stdin=None if target else subprocess.PIPE,
         )
         assert not bystanders_always_trap(), tracers_running()
+        if not target:  # the system's libc, probed by the command's pid (no private copies)
+            maps = children_maps(tracer.pid)
+            assert "/libc.so" in maps and "probedsl-libs" not in maps, maps
         if target:
             target.go()
         out, err = tracer.communicate(None if target else "go\n", timeout=120)

@@ -62,14 +62,8 @@ class Target:
         """Whether the kernel keeps uprobes off processes outside the scope (no bystander trap)."""
         if scope.mode == "comm":
             return scope.per_process and self.per_process_comm
-        # forks followed: each child attached as it is forked (held meanwhile), with --pid only; a
-        # launched command traced by its pid alone from its exec missed 5 of perl's 11,383
-        # acquisitions (tests/test_tracing.py compares backends): it keeps private library copies
-        return (
-            self.per_pid_uprobes
-            and scope.mode in ("pid", "cmd")
-            and (not scope.tracks_children or (self.holds_forks and scope.mode == "pid"))
-        )
+        # forks followed: each child attached as it is forked, held by the tether meanwhile
+        return self.per_pid_uprobes and scope.mode in ("pid", "cmd") and (not scope.tracks_children or self.holds_forks)
 
     def attaches_at(self, probe: ir.Probe, path: str) -> int:
         """The offset in the function where this target attaches the probe (0: its entry)."""
