@@ -47,6 +47,8 @@ class BccDriver:
         takes the name, which is then attached at once."""
         if self.loader is not None and self.loader.ended_images is not None and self.loader.ended_images.due():
             self.loader.ended_images.sweep()
+        if self.loader is not None and self.loader.python is not None:
+            self.loader.python.consume()  # new Python stacks named while their code lives
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         elif self.loader is not None and self.loader.held_forks:
@@ -72,10 +74,12 @@ class BccDriver:
         if self.loader is not None and self.loader.unwind is not None:
             unwind = self.loader.unwind
             unwind.preload(preload)
+            python = self.loader.python
 
             def told(pid, maps):
                 if wanted is None or wanted(pid):
                     unwind.process(pid, maps)
+                    python.process(pid, maps)
 
             self._told = told
             tracker.listen(told)
@@ -96,7 +100,7 @@ class BccDriver:
         if not self.unwinds_stacks():
             return []
         hold = self.loader.hold.notes() if self.loader.hold is not None else []
-        return self.loader.unwind.notes() + hold
+        return self.loader.unwind.notes() + self.loader.python.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())
