@@ -7,7 +7,7 @@ import struct
 from typing import Dict, List, Tuple
 
 from probedsl.ir.stackformat import PY_ENTRY_SHIFT as ENTRY_SHIFT, PY_FRAMES as MAX_FRAMES, PY_TRUNCATED as TRUNCATED
-from probedsl.stacks.pyframes import NAMER, RUN_END, Interpreter, Namer, find
+from probedsl.stacks.pyframes import NAMER, RUN_END, Interpreter, Namer, find, is_named
 
 
 def config_bytes(interp: Interpreter) -> bytes:
@@ -56,6 +56,7 @@ class Processes:
         self.stacks = bpf["probedsl_pystacks"]
         self.seen: Dict[int, Interpreter] = {}        # pid -> its interpreter, as last written
         self.said: List[str] = []
+        self.named: Dict[int, Tuple[int, ...]] = {}   # stack id -> its Python frames
         self.bpf = bpf
         bpf["probedsl_py_doorbell"].open_ring_buffer(self._rung)
 
@@ -87,12 +88,18 @@ class Processes:
             self.said.append(text)
 
     def frames_of(self, stack_id: int) -> Tuple[int, ...]:
-        """The stack's Python frames as pseudo-addresses (named now), innermost first."""
+        """The stack's Python frames as pseudo-addresses, innermost first: named at its first
+        sight (its doorbell, or a read) while its code objects live, and kept (read again later,
+        a code object freed since would be unreadable, or another's)."""
+        known = self.named.get(stack_id)
+        if known is not None and all(is_named(a, NAMER) for a in known):
+            return known
         try:
             record = self.stacks[self.stacks.Key(stack_id)]
         except KeyError:
             return ()
-        return pseudo_frames(NAMER, record)
+        self.named[stack_id] = pseudo_frames(NAMER, record)
+        return self.named[stack_id]
 
     def notes(self) -> List[str]:
         return list(self.said)

@@ -243,7 +243,7 @@ class Namer:
     freed after its process exits, or reused: read while the process lives)."""
 
     def __init__(self):
-        self._codes: Dict[Tuple[int, int], _Code] = {}
+        self._codes: Dict[Tuple[int, int, object], _Code] = {}
         self._interps: Dict[int, Interpreter] = {}
         self._pseudo: Dict[Tuple[int, int, int, int, int], int] = {}
         self._generation: Dict[int, int] = {}
@@ -262,23 +262,30 @@ class Namer:
         return self._interps.get(pid)
 
     def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
-        """The pseudo-address of a recorded frame, named now (the process may end soon)."""
+        """The pseudo-address of a recorded frame, named now (the process may end soon). A
+        freed code object's address is reused by later ones (an import's class bodies are freed
+        once run; 3.14 named a generator's frame after one): the object's own fields (its name,
+        file and line table pointers) are part of its key, read afresh for each new stack."""
         with self._lock:
-            key = (pid, self._generation.get(pid, 0), code, lasti, flags)
+            interp = self._interps.get(pid)
+            offsets = interp.offsets if interp else None
+            head = read(pid, code, offsets.code_adaptive) if offsets else None
+            ident = _identity(head, offsets) if head and offsets else None
+            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
             if key not in self._pseudo:
                 self._pseudo[key] = PSEUDO_BASE + len(self.frames)
-                self.frames.append((self._name(pid, code, lasti), flags))
-            elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:    # not read yet: again
-                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, lasti), flags)
+                self.frames.append((self._name(pid, code, head, ident, lasti), flags))
+            elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
+                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
             return self._pseudo[key]
 
-    def _name(self, pid: int, code: int, lasti: int) -> PyFrame:
+    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int) -> PyFrame:
         interp = self._interps.get(pid)
         if interp is None or interp.offsets is None:
             return PyFrame("", "", 0, "no interpreter known for the process")
-        c = self._codes.get((pid, code)) or _read_code(pid, code, interp.offsets)
+        c = self._codes.get((pid, code, ident)) or (_read_code(pid, head, interp.offsets) if head else None)
         if c is not None:
-            self._codes[pid, code] = c
+            self._codes[pid, code, ident] = c
         if c is None:
             return PyFrame("", "", 0, f"code object {code:#x} unreadable")
         units = (lasti - c.adaptive) // 2 if lasti >= 0 else -1
@@ -292,14 +299,24 @@ def named(address: int, namer: Optional["Namer"]) -> Optional[Tuple[PyFrame, int
     return namer.frames[index] if index < len(namer.frames) else None
 
 
+def is_named(address: int, namer: Optional["Namer"]) -> bool:
+    found = named(address, namer)
+    return bool(found and found[0].function)
+
+
 def is_pseudo(address: int) -> bool:
     return PSEUDO_BASE <= address < PSEUDO_END
 
 
-def _read_code(pid: int, code: int, o: Offsets) -> Optional[_Code]:
-    head = read(pid, code, o.code_adaptive)
-    if head is None:
-        return None
+def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:
+    """What tells a code object from another at the same address: its name, file and line
+    table objects and its first line."""
+    return tuple(struct.unpack_from("<Q", head, at)[0] for at in (o.code_qualname, o.code_filename, o.code_linetable)) + (
+        struct.unpack_from("<i", head, o.code_firstlineno)[0],)
+
+
+def _read_code(pid: int, head: bytes, o: Offsets) -> Optional[_Code]:
+    """A code object's names and line table, from its header (read from the process)."""
     ptr = lambda off: struct.unpack_from("<Q", head, off)[0]
     qualname, filename = _read_str(pid, ptr(o.code_qualname), o), _read_str(pid, ptr(o.code_filename), o)
     table = _read_bytes(pid, ptr(o.code_linetable), o)
