@@ -85,6 +85,11 @@ DEBUG_FIELDS = {
                   code_filename=280, code_qualname=296, code_linetable=304, code_firstlineno=312,
                   code_adaptive=344, bytes_size=520, bytes_data=528, str_state=544, str_length=552,
                   str_ascii_size=560),
+    (3, 14): dict(runtime_interp_head=40, interp_threads_head=72, tstate_next=192, tstate_frame=208,
+                  tstate_native_tid=224, frame_previous=256, frame_code=264, frame_instr=272, frame_entry=288,
+                  code_filename=320, code_qualname=336, code_linetable=344, code_firstlineno=352,
+                  code_adaptive=384, bytes_size=600, bytes_data=608, str_state=624, str_length=632,
+                  str_ascii_size=640),
 }
 DEBUG_COOKIE = b"xdebugpy"
 
