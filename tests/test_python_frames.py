@@ -1,6 +1,7 @@
 """Python frames in BCC stacks (probedsl/pyframes.py): a Python program leaking through ctypes'
 malloc from nested calls; each leak site's Python frames must equal the traceback the program
 took at the allocation, and its totals the sizes it allocated there."""
+
 from __future__ import annotations
 
 import dis
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, start_run
-from probedsl.stacks import pyframes
+from probedsl.stacks import pylines
 
 # the system's CPython: 3.11 on Debian 12, 3.13 in a Debian 13 root, 3.14 in sid's
 PYTHON = os.path.realpath("/usr/bin/python3")
@@ -27,8 +28,7 @@ def _sample(n):
         if i % 3:
             total += (lambda x: x * 2)(i)
         else:
-            total -= [j for j in range(i)
-                      if j > 1].__len__()
+            total -= [j for j in range(i) if j > 1].__len__()
     return total
 
 
@@ -38,8 +38,8 @@ def test_line_table_decoded_as_cpython_does():
     expected = {offset // 2: line for offset, _, line in code.co_lines() for offset in range(offset, _, 2)}
     assert len(expected) > 20
     for unit, line in expected.items():
-        assert pyframes.line_of(code.co_linetable, code.co_firstlineno, unit) == (line or 0), unit
-    assert pyframes.line_of(code.co_linetable, code.co_firstlineno, -1) == code.co_firstlineno
+        assert pylines.line_of(code.co_linetable, code.co_firstlineno, unit) == (line or 0), unit
+    assert pylines.line_of(code.co_linetable, code.co_firstlineno, -1) == code.co_firstlineno
     assert any(i.opname == "CALL" for i in dis.get_instructions(code))
 
 
@@ -57,8 +57,9 @@ def python_run(request, tmp_path_factory, root_required):
         tracer = start_run(*common, "--", PYTHON, FIXTURE, str(sites), stdin=subprocess.PIPE)
         said = tracer.stdout
     else:
-        service = subprocess.Popen([PYTHON, FIXTURE, str(sites), "wait"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+        service = subprocess.Popen(
+            [PYTHON, FIXTURE, str(sites), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert service.stdout.readline().strip() == "started"
         tracer = start_run(*common, "--pid", str(service.pid))
         service.stdin.write("go\n")
@@ -100,7 +101,9 @@ def test_each_leak_site_has_its_own_python_frames(python_run):
         if frames in expected:
             nbytes, blocks, entries = paths.get(frames, (0, 0, []))
             paths[frames] = (nbytes + e["bytes"], blocks + e["blocks"], entries + [e])
-    big = [(e["bytes"], [f["text"] for f in e["stack"]]) for e in report["reports"][0]["entries"] if e["bytes"] >= 100_000]
+    big = [
+        (e["bytes"], [f["text"] for f in e["stack"]]) for e in report["reports"][0]["entries"] if e["bytes"] >= 100_000
+    ]
     assert set(paths) == set(expected), (big, err)
     for frames, (nbytes, blocks, names) in expected.items():
         assert paths[frames][:2] == (nbytes, blocks), big
@@ -108,7 +111,9 @@ def test_each_leak_site_has_its_own_python_frames(python_run):
         for e in paths[frames][2]:
             for (_, _, qualname), name in zip(_python_frames(e), names):
                 assert qualname.split(".")[-1] == name
-    assert any("Thread._bootstrap" in q for _, _, found in paths.values() for e in found for _, _, q in _python_frames(e))
+    assert any(
+        "Thread._bootstrap" in q for _, _, found in paths.values() for e in found for _, _, q in _python_frames(e)
+    )
 
 
 def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
@@ -121,8 +126,9 @@ def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
 
 def test_bpftrace_says_python_frames_need_bcc(root_required, tmp_path):
     out = tmp_path / "report.json"
-    tracer = start_run("memleak", "--backend", "bpftrace", "--format", "json", "-o", str(out), "--",
-                       PYTHON, "-c", "import json")
+    tracer = start_run(
+        "memleak", "--backend", "bpftrace", "--format", "json", "-o", str(out), "--", PYTHON, "-c", "import json"
+    )
     _, err = tracer.communicate(timeout=120)
     notes = json.loads(out.read_text())["notes"]
     assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n], (notes, err)

@@ -47,8 +47,6 @@ class BccDriver:
         takes the name, which is then attached at once."""
         if self.loader is not None and self.loader.ended_images is not None and self.loader.ended_images.due():
             self.loader.ended_images.sweep()
-        if self.loader is not None and self.loader.python is not None:
-            self.loader.python.consume()  # new Python stacks named while their code lives
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         elif self.loader is not None and self.loader.held_forks:

@@ -342,6 +342,8 @@ class BccLoader(BccReading):
             self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
+        if self.python is not None:
+            self.python.close()
         holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
         if holder is not None:
             # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and

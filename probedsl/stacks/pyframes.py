@@ -11,6 +11,7 @@ qualified name, file name and line (the location table decoded for that version)
 A recorded frame travels in the stack's address tuple as a pseudo-address (PSEUDO_BASE + an
 index into a table of named frames) placed before the stack's end marker, so that two Python
 callers of one C function are two stacks."""
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,9 @@ from typing import Dict, List, Optional, Tuple
 from elftools.elf.elffile import ELFFile
 
 from probedsl.ir.stackformat import PY_FRAME_READ
+from probedsl.stacks.pylines import line_of
 
-RUN_END = 1 << 32               # flag: the last frame run by one _PyEval_EvalFrameDefault call
+RUN_END = 1 << 32  # flag: the last frame run by one _PyEval_EvalFrameDefault call
 PSEUDO_BASE = 0xFFFF_FE00_0000_0000
 PSEUDO_END = 0xFFFF_FF00_0000_0000
 EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
@@ -33,19 +35,20 @@ EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
 @dataclass(frozen=True)
 class Offsets:
     """Byte offsets of the fields the walk and the naming read (x86-64)."""
+
     version: Tuple[int, int]
-    runtime_interp_head: int    # _PyRuntime.interpreters.head
-    interp_threads_head: int    # PyInterpreterState.threads.head
+    runtime_interp_head: int  # _PyRuntime.interpreters.head
+    interp_threads_head: int  # PyInterpreterState.threads.head
     tstate_next: int
     tstate_native_tid: int
-    tstate_frame: int           # 3.11: tstate->cframe; 3.13+: tstate->current_frame
-    cframe_frame: int           # 3.11: cframe->current_frame; -1: none
+    tstate_frame: int  # 3.11: tstate->cframe; 3.13+: tstate->current_frame
+    cframe_frame: int  # 3.11: cframe->current_frame; -1: none
     frame_code: int
     frame_previous: int
     frame_instr: int
-    frame_entry: int            # 3.11: is_entry (bool); 3.13+: owner (char)
-    entry_is_owner: bool        # an owner >= 3 frame is the C stack's shim (skipped, ends a run)
-    code_tag_bits: int          # low bits of the code pointer that are tags (3.14 stack refs)
+    frame_entry: int  # 3.11: is_entry (bool); 3.13+: owner (char)
+    entry_is_owner: bool  # an owner >= 3 frame is the C stack's shim (skipped, ends a run)
+    code_tag_bits: int  # low bits of the code pointer that are tags (3.14 stack refs)
     code_firstlineno: int
     code_adaptive: int
     code_filename: int
@@ -65,12 +68,32 @@ class Offsets:
 # cpython/unicodeobject.h, cpython/bytesobject.h; checked with offsetof() compiled against
 # Debian 12's python3.11-dev 3.11.2 headers (docs/python.md says how to redo it).
 PY311 = Offsets(
-    version=(3, 11), runtime_interp_head=40, interp_threads_head=16, tstate_next=8, tstate_native_tid=160,
-    tstate_frame=56, cframe_frame=8, frame_code=32, frame_previous=48, frame_instr=56, frame_entry=68,
-    entry_is_owner=False, code_tag_bits=0, code_firstlineno=72, code_adaptive=184, code_filename=112,
-    code_qualname=128, code_linetable=136, str_length=16, str_state=32, str_ascii_size=48, str_compact_size=72,
-    bytes_size=16, bytes_data=32,
-    source="CPython 3.11 Include/internal/pycore_frame.h and neighbours (checked against python3.11-dev's headers)")
+    version=(3, 11),
+    runtime_interp_head=40,
+    interp_threads_head=16,
+    tstate_next=8,
+    tstate_native_tid=160,
+    tstate_frame=56,
+    cframe_frame=8,
+    frame_code=32,
+    frame_previous=48,
+    frame_instr=56,
+    frame_entry=68,
+    entry_is_owner=False,
+    code_tag_bits=0,
+    code_firstlineno=72,
+    code_adaptive=184,
+    code_filename=112,
+    code_qualname=128,
+    code_linetable=136,
+    str_length=16,
+    str_state=32,
+    str_ascii_size=48,
+    str_compact_size=72,
+    bytes_size=16,
+    bytes_data=32,
+    source="CPython 3.11 Include/internal/pycore_frame.h and neighbours (checked against python3.11-dev's headers)",
+)
 
 TABLES = {(3, 11): PY311}
 
@@ -80,16 +103,48 @@ TABLES = {(3, 11): PY311}
 # (3.14's, in Include/internal/pycore_debug_offsets.h, differ; docs/python.md says why 3.14 is
 # not listed yet); checked against the initial data of Debian 13's python3.13 (3.13.5).
 DEBUG_FIELDS = {
-    (3, 13): dict(runtime_interp_head=40, interp_threads_head=72, tstate_next=168, tstate_frame=184,
-                  tstate_native_tid=200, frame_previous=232, frame_code=240, frame_instr=248, frame_entry=264,
-                  code_filename=280, code_qualname=296, code_linetable=304, code_firstlineno=312,
-                  code_adaptive=344, bytes_size=520, bytes_data=528, str_state=544, str_length=552,
-                  str_ascii_size=560),
-    (3, 14): dict(runtime_interp_head=40, interp_threads_head=72, tstate_next=192, tstate_frame=208,
-                  tstate_native_tid=224, frame_previous=256, frame_code=264, frame_instr=272, frame_entry=288,
-                  code_filename=320, code_qualname=336, code_linetable=344, code_firstlineno=352,
-                  code_adaptive=384, bytes_size=600, bytes_data=608, str_state=624, str_length=632,
-                  str_ascii_size=640),
+    (3, 13): dict(
+        runtime_interp_head=40,
+        interp_threads_head=72,
+        tstate_next=168,
+        tstate_frame=184,
+        tstate_native_tid=200,
+        frame_previous=232,
+        frame_code=240,
+        frame_instr=248,
+        frame_entry=264,
+        code_filename=280,
+        code_qualname=296,
+        code_linetable=304,
+        code_firstlineno=312,
+        code_adaptive=344,
+        bytes_size=520,
+        bytes_data=528,
+        str_state=544,
+        str_length=552,
+        str_ascii_size=560,
+    ),
+    (3, 14): dict(
+        runtime_interp_head=40,
+        interp_threads_head=72,
+        tstate_next=192,
+        tstate_frame=208,
+        tstate_native_tid=224,
+        frame_previous=256,
+        frame_code=264,
+        frame_instr=272,
+        frame_entry=288,
+        code_filename=320,
+        code_qualname=336,
+        code_linetable=344,
+        code_firstlineno=352,
+        code_adaptive=384,
+        bytes_size=600,
+        bytes_data=608,
+        str_state=624,
+        str_length=632,
+        str_ascii_size=640,
+    ),
 }
 DEBUG_COOKIE = b"xdebugpy"
 
@@ -107,20 +162,27 @@ def debug_offsets(pid: int, runtime: int, version: Tuple[int, int]) -> Optional[
     got = {name: struct.unpack_from("<Q", raw, at)[0] for name, at in fields.items()}
     if max(got.values()) > 0xFFFF or got["frame_entry"] + 1 > PY_FRAME_READ:
         return None
-    return Offsets(version=version, cframe_frame=-1, entry_is_owner=True, code_tag_bits=7 if version >= (3, 14) else 0,
-                   str_compact_size=got["str_ascii_size"] + 16,
-                   source=f"_Py_DebugOffsets of the process's CPython {version[0]}.{version[1]}", **got)
+    return Offsets(
+        version=version,
+        cframe_frame=-1,
+        entry_is_owner=True,
+        code_tag_bits=7 if version >= (3, 14) else 0,
+        str_compact_size=got["str_ascii_size"] + 16,
+        source=f"_Py_DebugOffsets of the process's CPython {version[0]}.{version[1]}",
+        **got,
+    )
 
 
 @dataclass(frozen=True)
 class Interpreter:
     """A CPython found in a process."""
-    path: str                   # the file holding _PyRuntime (the executable or libpython)
-    runtime: int                # _PyRuntime's address in the process
+
+    path: str  # the file holding _PyRuntime (the executable or libpython)
+    runtime: int  # _PyRuntime's address in the process
     offsets: Optional[Offsets]  # None: a version without a table
     version: Tuple[int, int]
-    eval_ranges: Tuple[Tuple[int, int], ...]   # process addresses of the evaluation function
-    image: int = 0              # which exec of the process (a new exec of the same file differs)
+    eval_ranges: Tuple[Tuple[int, int], ...]  # process addresses of the evaluation function
+    image: int = 0  # which exec of the process (a new exec of the same file differs)
 
     @property
     def name(self) -> str:
@@ -142,10 +204,11 @@ def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
                 found = table.get_symbol_by_name(name)
                 if found:
                     out[name] = (found[0]["st_value"], found[0]["st_size"])
-            out["_load"] = tuple((s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments()
-                                 if s["p_type"] == "PT_LOAD")
+            out["_load"] = tuple(
+                (s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
+            )
             return out if "_PyRuntime" in out else {}
-    except Exception:                  # not an ELF file, or a damaged one: not an interpreter
+    except Exception:  # not an ELF file, or a damaged one: not an interpreter
         return {}
 
 
@@ -166,8 +229,10 @@ def bpftrace_note(exe: str) -> str:
     """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
     if not exe or not is_interpreter(exe):
         return ""
-    return (f"the target runs CPython ({os.path.basename(exe)}): its stacks show the interpreter's native frames "
-            "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)")
+    return (
+        f"the target runs CPython ({os.path.basename(exe)}): its stacks show the interpreter's native frames "
+        "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)"
+    )
 
 
 def read(pid: int, address: int, size: int) -> Optional[bytes]:
@@ -226,12 +291,13 @@ def _version(pid: int, syms, bias: int) -> Optional[Tuple[int, int]]:
 
 # --- naming frames ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PyFrame:
-    function: str               # the code object's qualified name; "" when unreadable
+    function: str  # the code object's qualified name; "" when unreadable
     file: str
-    line: int                   # 0: no line (an unreadable table, or no location)
-    why: str = ""               # why it is unnamed
+    line: int  # 0: no line (an unreadable table, or no location)
+    why: str = ""  # why it is unnamed
 
 
 @dataclass
@@ -252,7 +318,7 @@ class Namer:
         self._interps: Dict[int, Interpreter] = {}
         self._pseudo: Dict[Tuple[int, int, int, int, int], int] = {}
         self._generation: Dict[int, int] = {}
-        self.frames: List[Tuple[PyFrame, int]] = []   # by pseudo index: (frame, flags)
+        self.frames: List[Tuple[PyFrame, int]] = []  # by pseudo index: (frame, flags)
         self._lock = threading.Lock()
 
     def know(self, pid: int, interp: Interpreter) -> None:
@@ -304,11 +370,6 @@ def named(address: int, namer: Optional["Namer"]) -> Optional[Tuple[PyFrame, int
     return namer.frames[index] if index < len(namer.frames) else None
 
 
-def is_named(address: int, namer: Optional["Namer"]) -> bool:
-    found = named(address, namer)
-    return bool(found and found[0].function)
-
-
 def is_pseudo(address: int) -> bool:
     return PSEUDO_BASE <= address < PSEUDO_END
 
@@ -316,8 +377,9 @@ def is_pseudo(address: int) -> bool:
 def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:
     """What tells a code object from another at the same address: its name, file and line
     table objects and its first line."""
-    return tuple(struct.unpack_from("<Q", head, at)[0] for at in (o.code_qualname, o.code_filename, o.code_linetable)) + (
-        struct.unpack_from("<i", head, o.code_firstlineno)[0],)
+    return tuple(
+        struct.unpack_from("<Q", head, at)[0] for at in (o.code_qualname, o.code_filename, o.code_linetable)
+    ) + (struct.unpack_from("<i", head, o.code_firstlineno)[0],)
 
 
 def _read_code(pid: int, head: bytes, o: Offsets) -> Optional[_Code]:
@@ -357,54 +419,4 @@ def _read_bytes(pid: int, address: int, o: Offsets, limit: int = 1 << 16) -> Opt
     return read(pid, address + o.bytes_data, size) if size else b""
 
 
-def _varint(table: bytes, i: int) -> Tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = table[i]
-        i += 1
-        value |= (b & 63) << shift
-        shift += 6
-        if not b & 64:
-            return value, i
-
-
-def line_of(table: bytes, firstlineno: int, units: int) -> int:
-    """The line of the instruction at code unit `units`, from a 3.11+ location table
-    (CPython's Objects/locations.md); a frame not started yet (-1) is at its first line;
-    0: no location."""
-    if units < 0:
-        return firstlineno
-    line, at, i = firstlineno, 0, 0
-    try:
-        while i < len(table):
-            head = table[i]
-            i += 1
-            code, length = (head >> 3) & 15, (head & 7) + 1
-            this = line
-            if code == 15:                       # no location
-                this = None
-            elif code == 14:                     # long form: line delta, end line, columns
-                delta, i = _varint(table, i)
-                line += -(delta >> 1) if delta & 1 else delta >> 1
-                this = line
-                for _ in range(3):
-                    _, i = _varint(table, i)
-            elif code == 13:                     # no columns
-                delta, i = _varint(table, i)
-                line += -(delta >> 1) if delta & 1 else delta >> 1
-                this = line
-            elif code >= 10:                     # one-line form: line delta in the code
-                line += code - 10
-                this = line
-                i += 2
-            else:                                # short form: same line, one column byte
-                i += 1
-            if at <= units < at + length:
-                return this or 0
-            at += length
-    except IndexError:
-        return 0
-    return 0
-
-
-NAMER = Namer()                 # the run's named frames (pseudo-addresses are unique in it)
+NAMER = Namer()  # the run's named frames (pseudo-addresses are unique in it)

@@ -242,7 +242,9 @@ class Symbolizer:
         for a in python:
             named = pyframes.named(a, pyframes.NAMER)
             frame, flags = named if named else (pyframes.PyFrame("", "", 0, "not recorded"), 0)
-            runs[-1].append(Frame(a, frame.function, 0, PYTHON, frame.file if frame.function else frame.why, frame.line))
+            runs[-1].append(
+                Frame(a, frame.function, 0, PYTHON, frame.file if frame.function else frame.why, frame.line)
+            )
             if flags & pyframes.RUN_END:
                 runs.append([])
         runs = [r for r in runs if r]
