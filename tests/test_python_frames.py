@@ -78,6 +78,21 @@ def python_run(request, tmp_path_factory, root_required):
     return [json.loads(line) for line in sites.read_text().splitlines()], json.loads(out.read_text()), err
 
 
+# the versions whose frames probedsl names (3.14: docs/python.md says why not yet)
+NAMED_VERSIONS = {(3, 11), (3, 13)}
+
+
+def _unnamed_version(report) -> bool:
+    """Whether the system's CPython is one probedsl has no frame layout for: then the report
+    says so in a note, and its stacks are native only."""
+    found = subprocess.run([PYTHON, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True)
+    if tuple(int(v) for v in found.stdout.split()) in NAMED_VERSIONS:
+        return False
+    assert any("has no frame layout" in n for n in report["notes"]), report["notes"]
+    assert not any(_python_frames(e) for r in report["reports"] for e in r["entries"])
+    return True
+
+
 def _python_frames(entry):
     return [(f["file"], f["line"], f["function"]) for f in entry["stack"] if f["module"] == "[python]"]
 
@@ -85,6 +100,8 @@ def _python_frames(entry):
 def test_each_leak_site_has_its_own_python_frames(python_run):
     sites, report, err = python_run
     assert len(sites) == 9
+    if _unnamed_version(report):
+        return
     expected = {}
     for site in sites:
         frames = tuple((file, line) for file, line, _ in site["frames"])
@@ -118,6 +135,8 @@ def test_each_leak_site_has_its_own_python_frames(python_run):
 
 def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
     _, report, _ = python_run
+    if _unnamed_version(report):
+        return
     text = [[f["text"] for f in e["stack"]] for e in report["reports"][0]["entries"] if _python_frames(e)]
     assert text
     assert not any(t.startswith("_PyEval_EvalFrameDefault") for stack in text for t in stack)
