@@ -49,6 +49,14 @@ _UNWINDER = {
     "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
 }
 
+# the Python frame walk's numbers (probedsl.stacks.pyframes reads what it records)
+_PYTHON = {
+    "frames": stackformat.PY_FRAMES, "entry_shift": stackformat.PY_ENTRY_SHIFT, "threads": stackformat.PY_THREADS,
+    "processes": stackformat.PY_PROCESSES, "threads_known": stackformat.PY_THREADS_KNOWN,
+    "frame_read": stackformat.PY_FRAME_READ, "frame_buffer": stackformat.PY_FRAME_BUFFER,
+    "truncated": hex(stackformat.PY_TRUNCATED),
+}
+
 
 class BccBackend(UnwinderViews, Backend):
     name = "bcc"
@@ -363,7 +371,7 @@ class BccBackend(UnwinderViews, Backend):
                                    hold_maps=self.holds_mappings(program),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    threads=layout.THREADS,
-                                   unw=_UNWINDER, unwinders=[u["program"] for u in unwinders])
+                                   unw=_UNWINDER, py=_PYTHON, unwinders=[u["program"] for u in unwinders])
         manifest = self.manifest(program, views, layouts)
         if unwinders:
             manifest["unwinders"] = unwinders

@@ -39,6 +39,7 @@ def test_ctypes_leak_unwinds_to_the_interpreter_and_main(how):
         "json",
         "--top",
         "1000",
+        "--python-native",  # the interpreter's own frames kept beside its Python frames
         *OPTIONS[how],
         "--",
         *COMMANDS[how],

@@ -76,10 +76,12 @@ class BccDriver:
         if self.loader is not None and self.loader.unwind is not None:
             unwind = self.loader.unwind
             unwind.preload(preload)
+            python = self.loader.python
 
             def told(pid, maps):
                 if wanted is None or wanted(pid):
                     unwind.process(pid, maps)
+                    python.process(pid, maps)
 
             self._told = told
             tracker.listen(told)
@@ -100,7 +102,7 @@ class BccDriver:
         if not self.unwinds_stacks():
             return []
         hold = self.loader.hold.notes() if self.loader.hold is not None else []
-        return self.loader.unwind.notes() + hold
+        return self.loader.unwind.notes() + self.loader.python.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())

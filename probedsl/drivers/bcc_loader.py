@@ -22,6 +22,7 @@ from probedsl.process.libraries import LibraryResolver
 from probedsl.process.procfs import has_memory, is_process, process_alive, processes_named
 from probedsl.process.mapping_hold import MappingHold
 from probedsl.stacks.unwind_tables import UnwindTables
+from probedsl.drivers import bcc_python
 from probedsl.drivers.bcc_compat import (
     _import_bcc,
     _semaphore,
@@ -88,6 +89,8 @@ class BccLoader(BccReading):
         )
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
+        # and the Python frames of the CPython processes among them
+        self.python = bcc_python.Processes(self.bpf) if manifest.get("dwarf") else None
         # a launched command stopped at each mmap of code until its rows are in
         self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
         scope = pid or -1
@@ -339,6 +342,8 @@ class BccLoader(BccReading):
             self.hold.close()
         if self.unwind is not None:
             self.unwind.close()
+        if self.python is not None:
+            self.python.close()
         holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
         if holder is not None:
             # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and

@@ -88,6 +88,11 @@ class BccReading:
                     walked[field, stack_id] = _frames(table[table.Key(stack_id)].ip)
                 except KeyError:
                     walked[field, stack_id] = ()
+                python = getattr(self, "python", None)
+                if field == "ustack" and python is not None and walked[field, stack_id]:
+                    # the Python frames go before the marker ending the stack
+                    native = walked[field, stack_id]
+                    walked[field, stack_id] = native[:-1] + python.frames_of(stack_id) + native[-1:]
             return walked[field, stack_id]
 
         tallies: Dict[str, dict] = {}

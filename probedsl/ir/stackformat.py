@@ -24,3 +24,13 @@ PER_CHUNK = 8  # mappings one chunk can name (small libraries sit side by side)
 CHUNKS = 1 << 18
 ANCESTORS = 4  # a new child without its entry unwinds with the nearest of these that has one
 RETURNS = 1 << 16  # return addresses replaced by pending uretprobes, kept at entry
+
+# Python frames (probedsl.stacks.pyframes): what the BPF walk records per stack
+PY_FRAMES = 32  # Python frames kept per stack (innermost first)
+PY_THREADS = 64  # thread states searched for a thread's own
+PY_PROCESSES = 1024  # CPython processes walked at once
+PY_THREADS_KNOWN = 16384  # threads whose thread state is remembered
+PY_ENTRY_SHIFT = 40  # where a frame's record puts its entry byte
+PY_TRUNCATED = 1 << 33  # flag on the last frame kept: the chain went on
+PY_FRAME_READ = 80  # bytes of a frame header read whole (the largest, 3.14's)
+PY_FRAME_BUFFER = 128  # a power of two above every field's offset + 8

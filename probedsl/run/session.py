@@ -11,7 +11,7 @@ from typing import List, Optional
 from probedsl.passes import allocators
 from probedsl.report import history
 from probedsl import compiler, faults, targets, threads
-from probedsl.run import doctor, estimate
+from probedsl.run import doctor, estimate, pyhold
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
@@ -84,6 +84,7 @@ class Session(Reporting):
         self.scanner: Optional[scanner.Scanner] = None
         self.follower: Optional[TreeTether] = None              # holds each forked child (_hold_forks)
         self.fork_refusal: Optional[str] = None
+        self.exit_hold: Optional[pyhold.ExitHold] = None    # a Python command held at its exit
         self.incomplete: List[str] = []
         self.series: Optional[timeseries.Series] = None    # json, html: live memory over time
         self.view = None                                    # --live's screen
@@ -207,6 +208,10 @@ class Session(Reporting):
         for line in self.target.notes(self.program) + bystander_notes(self.program, self.target, self.private,
                                                                        self.fork_refusal):
             self.say(f"note: {line}")
+        python = pyhold.bpftrace_note(self.target.backend, scope.mode, scope.pid, self.held.exe if self.held else "")
+        if python:
+            self.notes.append(python)
+            self.say(f"note: {python}")
         if self.held:
             self._release()                            # 4
             if opts.estimate:
@@ -229,7 +234,11 @@ class Session(Reporting):
             self.follower.hold_exec(hold["mapped"], hold["at_exec"])
         if self.opts.reachability:
             self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
+        elif hold and not self.follower:
+            self.exit_hold = pyhold.ExitHold.start(self.held.pid, self.held.exe, (hold["mapped"], hold["at_exec"]),
+                                                   self.notes)
         tether = self.follower or (self.scanner.tether if self.scanner else None)
+        tether = tether or (self.exit_hold.tether if self.exit_hold else None)
         self.held.release(env, tether=tether, **hold)
 
     def _hold_forks(self) -> None:
@@ -273,6 +282,15 @@ class Session(Reporting):
         released is abandoned by prepare's callback, which runs after this.)"""
         if self.scanner:
             self.scanner.close()
+        if self.exit_hold:
+            self.exit_hold.close()
+
+    def _at_exit(self) -> None:
+        """A command held at its exit: scanned (--reachability) or its stacks read, then let go."""
+        if self.scanner:
+            self.scanner.at_exit()
+        elif self.exit_hold:
+            self.exit_hold.at_exit(self.driver)
 
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
@@ -291,6 +309,7 @@ class Session(Reporting):
     def _tracing(self) -> None:
         """From here on the run ends with a report: what finish() needs exists."""
         self.symbolizer = Symbolizer(self.tracker)
+        self.symbolizer.keep_interpreter = self.opts.python_native
         self.growth = history.Growth(self.opts.growth_intervals)
         self.sequence = 0
         self.started = time.monotonic()
@@ -305,8 +324,7 @@ class Session(Reporting):
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
         next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
         while True:
-            if self.scanner:
-                self.scanner.at_exit()
+            self._at_exit()
             if self.ended():
                 break
             if next_report and time.monotonic() >= next_report:
@@ -328,7 +346,7 @@ class Session(Reporting):
             self._sample_if_due()
             driver.idle(0.05)
         if self.held and self.held.poll() is None and self.stop.signal is not None:
-            end_command(self.held, self.stop.signal, self.notes, self.scanner.at_exit if self.scanner else None)
+            end_command(self.held, self.stop.signal, self.notes, self._at_exit)
         if self.stop.signal is not None:
             # a second Ctrl-C now would cost the report: say what happens instead
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -352,6 +370,7 @@ class Session(Reporting):
                 final, reach = self.scanner.final(driver.stop)
                 self.notes += self.scanner.notes
             else:
+                self._at_exit()
                 final, reach = driver.stop(), None
         except Exception as exc:              # BCC raises bare Exception
             self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")

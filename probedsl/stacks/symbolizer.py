@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from probedsl.binaries import elf
 from probedsl.ir import stackformat
-from probedsl.stacks import stacktrust
+from probedsl.stacks import pyframes, stacktrust
 from probedsl.process.mappings import MappingTracker, find
 from probedsl.process.procfs import read_lines
 from probedsl.binaries.sourcelines import SourceLines
@@ -19,6 +19,7 @@ from probedsl.binaries.sourcelines import SourceLines
 # trampoline, in place of its function's return address until the call returns
 UPROBES = "[uprobes]"
 TRAMPOLINE = "uretprobe trampoline: caller hidden by another tracer"
+PYTHON = "[python]"  # the module of a Python frame (probedsl.stacks.pyframes)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Frame:
     def __str__(self) -> str:
         if self.truncated:
             return f"[truncated: {self.truncated}]"
+        if self.module == PYTHON:
+            return f"{self.function} ({self.file}:{self.line})" if self.function else f"[Python frame: {self.file}]"
         if self.module == UPROBES:
             return f"[{TRAMPOLINE}]"
         module = self.module if self.module.startswith("[") else f"[{os.path.basename(self.module)}]"
@@ -174,7 +177,7 @@ class Symbolizer:
             addresses = self._trusted(pid, start, mappings, tuple(addresses))
             keyed.append(((pid, start), addresses))
             for depth, address in enumerate(addresses):
-                if address in stackformat.MARKERS:
+                if address in stackformat.MARKERS or pyframes.is_pseudo(address):
                     continue
                 key = (pid, start, address)
                 if key in self._cache or key in located:
@@ -215,8 +218,9 @@ class Symbolizer:
 
     def _frames(self, pid: int, start: int, addresses: Tuple[int, ...]) -> List[Frame]:
         frames: List[Frame] = []
+        python = [a for a in addresses if pyframes.is_pseudo(a)]
         for a in addresses:
-            if a == stackformat.COMPLETE:
+            if a == stackformat.COMPLETE or pyframes.is_pseudo(a):
                 continue
             if a in stackformat.MARKERS:
                 module = os.path.basename(frames[-1].module) if frames else ""
@@ -225,7 +229,42 @@ class Symbolizer:
                 )
             else:
                 frames.extend(self._cache[(pid, start, a)])
-        return frames
+        return self._with_python(pid, frames, python) if python else frames
+
+    keep_interpreter = False  # keep the interpreter's native frames that Python frames explain
+
+    def _with_python(self, pid: int, native: List[Frame], python: List[int]) -> List[Frame]:
+        """Python frames where the interpreter's evaluation function sits in the native stack,
+        one run of them (the frames one call of it ran) per such frame, innermost first; the
+        interpreter's frames among them folded away. Runs left over (the native walk stopped
+        before reaching the interpreter) follow the native frames."""
+        runs: List[List[Frame]] = [[]]
+        for a in python:
+            named = pyframes.named(a, pyframes.NAMER)
+            frame, flags = named if named else (pyframes.PyFrame("", "", 0, "not recorded"), 0)
+            runs[-1].append(
+                Frame(a, frame.function, 0, PYTHON, frame.file if frame.function else frame.why, frame.line)
+            )
+            if flags & pyframes.RUN_END:
+                runs.append([])
+        runs = [r for r in runs if r]
+        interp = pyframes.NAMER.interpreter(pid)
+        out: List[Frame] = []
+        anchored = False
+        for f in native:
+            if f.truncated:
+                break
+            if f.function.startswith(pyframes.EVAL_FUNCTION) and runs:
+                out.extend(runs.pop(0))
+                anchored = True
+                if not self.keep_interpreter:
+                    continue
+            elif anchored and not self.keep_interpreter and interp and f.module == interp.path:
+                continue
+            out.append(f)
+        for run in runs:
+            out.extend(run)
+        return out + [f for f in native if f.truncated]
 
     def _trampoline(self, pid: int, start: int) -> Optional[int]:
         if (pid, start) not in self._trampolines:
@@ -246,6 +285,10 @@ class Symbolizer:
     def _trusted(self, pid: int, start: int, mappings, addresses: Tuple[int, ...]) -> Tuple[int, ...]:
         if not addresses:
             return addresses
+        python = tuple(a for a in addresses if pyframes.is_pseudo(a))
+        if python:  # the native part's, with the Python frames before its end marker
+            cut = self._trusted(pid, start, mappings, tuple(a for a in addresses if not pyframes.is_pseudo(a)))
+            return cut[:-1] + python + cut[-1:] if cut and cut[-1] in stackformat.MARKERS else cut + python
         key = (pid, start, addresses)
         if key in self._trust:
             return self._trust[key]

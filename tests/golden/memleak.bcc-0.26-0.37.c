@@ -198,6 +198,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     // until the loader writes the new ones, stacks are frame-pointer walks
     probedsl_unw_maps.delete(&pid);
     probedsl_unw_parents.delete(&pid);              // not its parent's image any more
+    probedsl_py_procs.delete(&pid);     // and its interpreter's, if it was one, and its thread state
+    probedsl_py_tstates.delete(&pid);
     return 0;
 }
 

@@ -36,13 +36,107 @@ BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF
 // iterations without the mask, which the verifier cannot bound).
 #define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
+// Python frames (probedsl/stacks/pyframes.py): at each walk, the thread's CPython frame chain, found
+// from its PyThreadState (looked up once per thread in the interpreter's thread list by
+// native thread id, then checked at each use), innermost first: (code object, instruction
+// pointer - code object, the frame's entry byte) per frame. The loader writes one entry per CPython process.
+#define PROBEDSL_PY_FRAMES 32
+#define PROBEDSL_PY_THREADS 64
+struct probedsl_py_proc_t {
+    u64 interp_head;            // &_PyRuntime.interpreters.head
+    u16 threads_head, tstate_next, native_tid, tstate_frame, cframe_frame, frame_code, frame_previous,
+        frame_instr, frame_entry, entry_is_owner, code_tag_bits, pad;
+};
+BPF_HASH(probedsl_py_procs, u32, struct probedsl_py_proc_t, 1024);
+struct probedsl_pystack_t { u32 pid; u32 n; u64 code[PROBEDSL_PY_FRAMES]; u64 meta[PROBEDSL_PY_FRAMES]; };
+// the walk's scratch: the record, then one frame's header read whole (fields at the offsets
+// of the process's version, masked into the buffer)
+struct probedsl_py_scratch_t { struct probedsl_pystack_t rec; u8 frame[136]; };
+BPF_PERCPU_ARRAY(probedsl_py_scratch, struct probedsl_py_scratch_t, 1);
+BPF_HASH(probedsl_pystacks, u64, struct probedsl_pystack_t, 131072);
+BPF_TABLE("lru_hash", u32, u64, probedsl_py_tstates, 16384);
+// a new Python stack's id: the loader names its code objects at once (a code object can be
+// freed soon after: the __main__ module's is, as its run ends)
+BPF_RINGBUF_OUTPUT(probedsl_py_doorbell, 16);
+
+static __always_inline u64 probedsl_py_u64(u64 address)
+{
+    u64 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), (void *)address);
+    return value;
+}
+
+static __always_inline u64 probedsl_py_field(struct probedsl_py_scratch_t *s, u16 off)
+{
+    u64 value;
+    __builtin_memcpy(&value, &s->frame[off & 127], sizeof(value));
+    return value;
+}
+
+// the record of this thread's Python frames (its frames folded into *hash), or 0
+static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 *hash)
+{
+    struct probedsl_py_proc_t *cfg = probedsl_py_procs.lookup(&pid);
+    if (!cfg) return 0;
+    u32 zero = 0;
+    struct probedsl_py_scratch_t *s = probedsl_py_scratch.lookup(&zero);
+    if (!s) return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 tstate = 0;
+    u64 *known = probedsl_py_tstates.lookup(&tid);
+    if (known && (u32)probedsl_py_u64(*known + cfg->native_tid) == tid) {
+        tstate = *known;
+    } else {
+        u64 interp = probedsl_py_u64(cfg->interp_head);
+        u64 t = interp ? probedsl_py_u64(interp + cfg->threads_head) : 0;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < PROBEDSL_PY_THREADS; i++) {
+            PROBEDSL_OPAQUE(i);
+            if (!t || i >= PROBEDSL_PY_THREADS) break;
+            if ((u32)probedsl_py_u64(t + cfg->native_tid) == tid) { tstate = t; break; }
+            t = probedsl_py_u64(t + cfg->tstate_next);
+        }
+        if (!tstate) return 0;          // a thread that never ran Python: native frames only
+        probedsl_py_tstates.update(&tid, &tstate);
+    }
+    u64 frame = probedsl_py_u64(tstate + cfg->tstate_frame);
+    if (cfg->cframe_frame != 0xffff && frame)
+        frame = probedsl_py_u64(frame + cfg->cframe_frame);
+    u64 tags = cfg->code_tag_bits, h = *hash;
+    u32 n = 0;
+    // branch-free per frame (the verifier follows each branch of each iteration): the entry
+    // byte goes to user space raw, which knows what it means in that version
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PROBEDSL_PY_FRAMES; i++) {
+        PROBEDSL_OPAQUE(i);
+        if (!frame || i >= PROBEDSL_PY_FRAMES) break;
+        if (bpf_probe_read_user(s->frame, 80, (void *)frame)) break;
+        u64 code = probedsl_py_field(s, cfg->frame_code) & ~tags;
+        u64 meta = ((probedsl_py_field(s, cfg->frame_instr) - code) & 0xffffffffULL) |
+            ((u64)s->frame[cfg->frame_entry & 127] << 40);
+        frame = probedsl_py_field(s, cfg->frame_previous);
+        s->rec.code[i & (PROBEDSL_PY_FRAMES - 1)] = code;
+        s->rec.meta[i & (PROBEDSL_PY_FRAMES - 1)] = meta;
+        h = (h ^ code) * 0x100000001b3ULL;
+        h = (h ^ meta) * 0x100000001b3ULL;
+        n = i + 1;
+    }
+    if (!n) return 0;
+    if (frame && n >= PROBEDSL_PY_FRAMES)
+        s->rec.meta[(PROBEDSL_PY_FRAMES - 1)] |= 0x200000000ULL;
+    *hash = h;
+    s->rec.pid = pid;
+    s->rec.n = n;
+    return &s->rec;
+}
+
 // regs: the user registers to start from (ctx itself in a uprobe)
 static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
 {
     u32 zero = 0;
     struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
     if (!st) return -1;
-    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u32 pid = bpf_get_current_pid_tgid() >> 32, self = pid;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
     // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
     // record): its address space is a copy of its parent's, and so are the rows (the
@@ -149,9 +243,12 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
     PROBEDSL_OPAQUE(n);
     st->ip[n & 127] = end;
     hash = (hash ^ end) * 0x100000001b3ULL;
+    struct probedsl_pystack_t *py = probedsl_py_walk(self, &hash);   // the process's own Python frames
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
     if (!id) id = 1;
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
+    if (py && !probedsl_pystacks.insert(&id, py))
+        probedsl_py_doorbell.ringbuf_output(&id, sizeof(id), 0);
     return id;
 }
 

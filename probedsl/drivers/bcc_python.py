@@ -1,0 +1,147 @@
+"""The BCC loader's side of Python frames (probedsl.stacks.pyframes): each CPython process's entry
+in the program's probedsl_py_procs, and its stacks' records turned into pseudo-addresses."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import struct
+from typing import Dict, List, Tuple
+
+from probedsl import threads
+from probedsl.ir.stackformat import PY_ENTRY_SHIFT as ENTRY_SHIFT, PY_FRAMES as MAX_FRAMES, PY_TRUNCATED as TRUNCATED
+from probedsl.stacks.pyframes import NAMER, RUN_END, Interpreter, Namer, find
+
+
+def config_bytes(interp: Interpreter) -> bytes:
+    """The BPF program's per-process entry (struct probedsl_py_proc_t)."""
+    o = interp.offsets
+    fields = [
+        interp.runtime + o.runtime_interp_head,
+        o.interp_threads_head,
+        o.tstate_next,
+        o.tstate_native_tid,
+        o.tstate_frame,
+        o.cframe_frame & 0xFFFF,
+        o.frame_code,
+        o.frame_previous,
+        o.frame_instr,
+        o.frame_entry,
+        int(o.entry_is_owner),
+        o.code_tag_bits,
+    ]
+    return struct.pack("<Q11H", *fields) + b"\0" * 2
+
+
+class PyRecord(ctypes.Structure):
+    """The BPF program's record of a stack's Python frames (struct probedsl_pystack_t)."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("n", ctypes.c_uint32),
+        ("code", ctypes.c_uint64 * MAX_FRAMES),
+        ("meta", ctypes.c_uint64 * MAX_FRAMES),
+    ]
+
+
+def pseudo_frames(namer: Namer, record) -> Tuple[int, ...]:
+    """A record's frames as pseudo-addresses, innermost first. The entry byte says where the
+    run of one evaluation call ends: 3.11's is_entry is set on its last frame; 3.12+'s owner
+    is 3 or more on the C stack's shim frame after it (skipped)."""
+    interp = namer.interpreter(record.pid)
+    by_owner = bool(interp and interp.offsets and interp.offsets.entry_is_owner)
+    frames: List[list] = []
+    for i in range(min(record.n, MAX_FRAMES)):
+        meta = record.meta[i]
+        entry = (meta >> ENTRY_SHIFT) & 0xFF
+        if by_owner and entry >= 3:
+            if frames:
+                frames[-1][3] |= RUN_END
+            continue
+        lasti = meta & 0xFFFFFFFF
+        lasti = lasti - (1 << 32) if lasti & (1 << 31) else lasti
+        frames.append(
+            [record.pid, record.code[i], lasti, (meta & TRUNCATED) | (RUN_END if entry and not by_owner else 0)]
+        )
+    return tuple(namer.pseudo(*f) for f in frames)
+
+
+POLL_MS = 100  # the doorbell thread's wait for a new stack (then it checks for the end)
+
+
+class Processes:
+    """The BCC loader's side: finds the CPython in each process as it maps files, and gives
+    the BPF program its offsets (probedsl_py_procs)."""
+
+    def __init__(self, bpf):
+        self.table = bpf["probedsl_py_procs"]
+        self.stacks = bpf["probedsl_pystacks"]
+        self.seen: Dict[int, Interpreter] = {}  # pid -> its interpreter, as last written
+        self.said: List[str] = []
+        self.named: Dict[int, Tuple[int, ...]] = {}  # stack id -> its Python frames
+        # the doorbell has a ring buffer reader and a thread of its own: a code object is freed
+        # as soon as its module or function goes (the program's end frees them all, before an
+        # exit hold stops it), and the run loop can be busy for seconds naming a report's frames
+        from bcc.libbcc import _RINGBUF_CB_TYPE, lib  # (imported with bcc: the loader has it)
+
+        self._lib = lib
+        self._callback = _RINGBUF_CB_TYPE(self._rung)  # kept: the C side holds it
+        self._reader = lib.bpf_new_ringbuf(bpf["probedsl_py_doorbell"].map_fd, self._callback, None)
+        self._closing = threading.Event()
+        self._thread = threads.start("probedsl-python-frames", self._listen) if self._reader else None
+
+    def _rung(self, ctx, data, size) -> int:
+        self.frames_of(ctypes.cast(data, ctypes.POINTER(ctypes.c_uint64)).contents.value)
+        return 0
+
+    def _listen(self) -> None:
+        while not self._closing.is_set():
+            self._lib.bpf_poll_ringbuf(self._reader, POLL_MS)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._closing.set()
+            threads.join(self._thread, 2 * POLL_MS / 1000)
+            if not self._thread.is_alive():
+                self._lib.bpf_free_ringbuf(self._reader)
+            self._thread = None
+
+    def process(self, pid: int, mappings) -> None:
+        interp = find(pid, mappings)
+        if interp is None or self.seen.get(pid) == interp:
+            return
+        self.seen[pid] = interp
+        if interp.offsets is None:
+            self._say(
+                f"pid {pid} runs {interp.name}, a version (or build) probedsl has no frame layout for: "
+                "its stacks are native only (Python frames: CPython 3.11 and 3.13; not free-threaded)"
+            )
+            return
+        NAMER.know(pid, interp)
+        key = self.table.Key(pid)
+        self.table[key] = self.table.Leaf.from_buffer_copy(config_bytes(interp))
+        self._say(
+            f"Python frames of pid {pid} ({interp.name}) are in its stacks; objects under 512 bytes come "
+            "from pymalloc's arenas, not malloc: run it with PYTHONMALLOC=malloc to see them (docs/python.md)"
+        )
+
+    def _say(self, text: str) -> None:
+        if text not in self.said:
+            self.said.append(text)
+
+    def frames_of(self, stack_id: int) -> Tuple[int, ...]:
+        """The stack's Python frames as pseudo-addresses, innermost first: named at its first
+        sight (its doorbell, or a read) while its code objects live, and kept (read again later,
+        a code object freed since would be unreadable, or another's)."""
+        known = self.named.get(stack_id)
+        if known is not None:
+            return known
+        try:
+            record = self.stacks[self.stacks.Key(stack_id)]
+        except KeyError:
+            return ()
+        self.named[stack_id] = pseudo_frames(NAMER, record)
+        return self.named[stack_id]
+
+    def notes(self) -> List[str]:
+        return list(self.said)

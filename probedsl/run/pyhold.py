@@ -1,0 +1,46 @@
+"""A launched CPython command held at its exit until its stacks are read: their Python frames
+are named from its memory (probedsl.stacks.pyframes), and a code object can be freed as the
+program ends (its __main__ module's is). --reachability's scan holds it the same way."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from probedsl.errors import ProbedslError
+from probedsl.process.tether import Tether
+from probedsl.stacks import pyframes
+
+
+class ExitHold:
+    def __init__(self, tether: Tether):
+        self.tether = tether
+
+    @classmethod
+    def start(cls, pid: int, exe: str, exec_hold, notes: List[str]) -> Optional["ExitHold"]:
+        """Holds the command (blocked before its exec) when it is a CPython; a refusal is a note."""
+        if not pyframes.is_interpreter(exe):
+            return None
+        tether = Tether(pid, exec_hold, purpose="naming Python frames")
+        try:
+            tether.start()
+        except ProbedslError as exc:
+            notes.append(f"{exc}: Python frames of code that ended with the command may be unnamed")
+            return None
+        return cls(tether)
+
+    def at_exit(self, driver) -> None:
+        """Held at its exit: its stacks read (named), then it goes."""
+        if self.tether.at_exit.is_set():
+            driver.snapshot(timeout=30)
+            self.tether.release_exit()
+
+    def close(self) -> None:
+        self.tether.close()
+
+
+def bpftrace_note(backend: str, mode: str, pid: int, exe: str) -> str:
+    """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
+    if backend != "bpftrace" or mode not in ("pid", "cmd"):
+        return ""
+    return pyframes.bpftrace_note(exe or os.path.realpath(f"/proc/{pid}/exe"))

@@ -1,0 +1,271 @@
+"""CPython frames in user stacks: where an interpreter keeps them, and what a frame names.
+
+At each acquisition the BCC program (backends/templates/bcc_python.c.j2) finds the thread's
+PyThreadState in its interpreter's thread list (matched by native thread id: the thread-local
+"current" tstate is NULL while a thread has released the GIL, as ctypes calls do), then walks
+its frame chain, recording (code object address, instruction pointer - code object, flags) per
+frame. This module finds the interpreter in a process and gives the program its structure
+offsets, then names each recorded frame from the process's memory: the code object's
+qualified name, file name and line (the location table decoded for that version).
+
+A recorded frame travels in the stack's address tuple as a pseudo-address (PSEUDO_BASE + an
+index into a table of named frames) placed before the stack's end marker, so that two Python
+callers of one C function are two stacks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from elftools.elf.elffile import ELFFile
+
+from probedsl.stacks.pyoffsets import TABLES, Offsets, debug_offsets, read
+from probedsl.stacks.pylines import line_of
+
+RUN_END = 1 << 32  # flag: the last frame run by one _PyEval_EvalFrameDefault call
+PSEUDO_BASE = 0xFFFF_FE00_0000_0000
+PSEUDO_END = 0xFFFF_FF00_0000_0000
+EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """A CPython found in a process."""
+
+    path: str  # the file holding _PyRuntime (the executable or libpython)
+    runtime: int  # _PyRuntime's address in the process
+    offsets: Optional[Offsets]  # None: a version without a table
+    version: Tuple[int, int]
+    eval_ranges: Tuple[Tuple[int, int], ...]  # process addresses of the evaluation function
+    image: int = 0  # which exec of the process (a new exec of the same file differs)
+
+    @property
+    def name(self) -> str:
+        return f"CPython {self.version[0]}.{self.version[1]} ({os.path.basename(self.path)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
+    """(value, size) of the few dynamic symbols that say "CPython" (an empty dict otherwise)."""
+    wanted = ("_PyRuntime", "Py_Version", EVAL_FUNCTION)
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            table = elf.get_section_by_name(".dynsym")
+            if table is None:
+                return {}
+            out = {}
+            for name in wanted:
+                found = table.get_symbol_by_name(name)
+                if found:
+                    out[name] = (found[0]["st_value"], found[0]["st_size"])
+            out["_load"] = tuple(
+                (s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
+            )
+            return out if "_PyRuntime" in out else {}
+    except Exception:  # not an ELF file, or a damaged one: not an interpreter
+        return {}
+
+
+def symbols_of(path: str) -> Dict[str, Tuple[int, int]]:
+    try:
+        return _symbols(path, os.stat(path).st_mtime_ns)
+    except OSError:
+        return {}
+
+
+def is_interpreter(path: str) -> bool:
+    """Whether an executable (or a library it links statically) is a CPython: `-- CMD` is held
+    at its exit until its frames are named."""
+    return bool(symbols_of(path))
+
+
+def bpftrace_note(exe: str) -> str:
+    """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
+    if not exe or not is_interpreter(exe):
+        return ""
+    return (
+        f"the target runs CPython ({os.path.basename(exe)}): its stacks show the interpreter's native frames "
+        "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)"
+    )
+
+
+def find(pid: int, mappings) -> Optional[Interpreter]:
+    """The CPython in a process's mappings (Mapping objects), or None."""
+    for m in mappings:
+        file = m.path if m.file is None else m.file
+        syms = symbols_of(file) if file else {}
+        if not syms:
+            continue
+        # the load bias: where the mapping starts less the ELF address of its file offset
+        vaddrs = [v + m.offset - o for v, o, size in syms["_load"] if o <= m.offset < o + max(size, 1)]
+        if not vaddrs:
+            continue
+        bias = m.start - vaddrs[0]
+        runtime = syms["_PyRuntime"][0] + bias
+        version = _version(pid, syms, bias)
+        if version is None:
+            continue
+        evals = tuple((s + bias, s + bias + n) for s, n in [syms.get(EVAL_FUNCTION, (0, 0))] if s)
+        offsets = debug_offsets(pid, runtime, version) if version >= (3, 13) else TABLES.get(version)
+        return Interpreter(m.path, runtime, offsets, version, evals, _image(pid))
+    return None
+
+
+def _image(pid: int) -> int:
+    """An identity of the process's current exec: its auxiliary vector holds the addresses of
+    its new stack's random bytes and strings, different at each exec (the pid, the file and
+    _PyRuntime's address may all stay the same: a held command's fork, then its exec)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            return hash(f.read())
+    except OSError:
+        return 0
+
+
+def _version(pid: int, syms, bias: int) -> Optional[Tuple[int, int]]:
+    """Py_Version (PY_VERSION_HEX, 3.11+) from the process's memory."""
+    if "Py_Version" not in syms:
+        return None
+    raw = read(pid, syms["Py_Version"][0] + bias, 4)
+    if raw is None:
+        return None
+    hexversion = struct.unpack("<I", raw)[0]
+    return (hexversion >> 24, (hexversion >> 16) & 0xFF)
+
+
+# --- naming frames ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PyFrame:
+    function: str  # the code object's qualified name; "" when unreadable
+    file: str
+    line: int  # 0: no line (an unreadable table, or no location)
+    why: str = ""  # why it is unnamed
+
+
+@dataclass
+class _Code:
+    qualname: str
+    filename: str
+    firstlineno: int
+    adaptive: int
+    linetable: bytes
+
+
+class Namer:
+    """Names recorded frames, reading each code object once per process (a code object can be
+    freed after its process exits, or reused: read while the process lives)."""
+
+    def __init__(self):
+        self._codes: Dict[Tuple[int, int, object], _Code] = {}
+        self._interps: Dict[int, Interpreter] = {}
+        self._pseudo: Dict[Tuple[int, int, int, int, int], int] = {}
+        self._generation: Dict[int, int] = {}
+        self.frames: List[Tuple[PyFrame, int]] = []  # by pseudo index: (frame, flags)
+        self._lock = threading.Lock()
+
+    def know(self, pid: int, interp: Interpreter) -> None:
+        """The process's interpreter; a new one (an exec) starts its naming afresh."""
+        with self._lock:
+            if self._interps.get(pid) != interp:
+                self._generation[pid] = self._generation.get(pid, 0) + 1
+                self._codes = {k: c for k, c in self._codes.items() if k[0] != pid}
+            self._interps[pid] = interp
+
+    def interpreter(self, pid: int) -> Optional[Interpreter]:
+        return self._interps.get(pid)
+
+    def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
+        """The pseudo-address of a recorded frame, named now (the process may end soon). A
+        freed code object's address is reused by later ones (an import's class bodies are freed
+        once run; 3.14 named a generator's frame after one): the object's own fields (its name,
+        file and line table pointers) are part of its key, read afresh for each new stack."""
+        with self._lock:
+            interp = self._interps.get(pid)
+            offsets = interp.offsets if interp else None
+            head = read(pid, code, offsets.code_adaptive) if offsets else None
+            ident = _identity(head, offsets) if head and offsets else None
+            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
+            if key not in self._pseudo:
+                self._pseudo[key] = PSEUDO_BASE + len(self.frames)
+                self.frames.append((self._name(pid, code, head, ident, lasti), flags))
+            elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
+                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
+            return self._pseudo[key]
+
+    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int) -> PyFrame:
+        interp = self._interps.get(pid)
+        if interp is None or interp.offsets is None:
+            return PyFrame("", "", 0, "no interpreter known for the process")
+        c = self._codes.get((pid, code, ident)) or (_read_code(pid, head, interp.offsets) if head else None)
+        if c is not None:
+            self._codes[pid, code, ident] = c
+        if c is None:
+            return PyFrame("", "", 0, f"code object {code:#x} unreadable")
+        units = (lasti - c.adaptive) // 2 if lasti >= 0 else -1
+        return PyFrame(c.qualname, c.filename, line_of(c.linetable, c.firstlineno, units))
+
+
+def named(address: int, namer: Optional["Namer"]) -> Optional[Tuple[PyFrame, int]]:
+    if namer is None or not (PSEUDO_BASE <= address < PSEUDO_END):
+        return None
+    index = address - PSEUDO_BASE
+    return namer.frames[index] if index < len(namer.frames) else None
+
+
+def is_pseudo(address: int) -> bool:
+    return PSEUDO_BASE <= address < PSEUDO_END
+
+
+def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:
+    """What tells a code object from another at the same address: its name, file and line
+    table objects and its first line."""
+    return tuple(
+        struct.unpack_from("<Q", head, at)[0] for at in (o.code_qualname, o.code_filename, o.code_linetable)
+    ) + (struct.unpack_from("<i", head, o.code_firstlineno)[0],)
+
+
+def _read_code(pid: int, head: bytes, o: Offsets) -> Optional[_Code]:
+    """A code object's names and line table, from its header (read from the process)."""
+    ptr = lambda off: struct.unpack_from("<Q", head, off)[0]
+    qualname, filename = _read_str(pid, ptr(o.code_qualname), o), _read_str(pid, ptr(o.code_filename), o)
+    table = _read_bytes(pid, ptr(o.code_linetable), o)
+    if qualname is None or filename is None:
+        return None
+    firstlineno = struct.unpack_from("<i", head, o.code_firstlineno)[0]
+    return _Code(qualname, filename, firstlineno, o.code_adaptive, table or b"")
+
+
+def _read_str(pid: int, address: int, o: Offsets, limit: int = 4096) -> Optional[str]:
+    """A compact str object's text (names and paths are compact), or None."""
+    head = read(pid, address, o.str_state + 4)
+    if head is None:
+        return None
+    length = struct.unpack_from("<q", head, o.str_length)[0]
+    state = struct.unpack_from("<I", head, o.str_state)[0]
+    kind, compact, ascii_ = (state >> 2) & 7, (state >> 5) & 1, (state >> 6) & 1
+    if not compact or kind not in (1, 2, 4) or not 0 <= length <= limit:
+        return None
+    data = read(pid, address + (o.str_ascii_size if ascii_ else o.str_compact_size), length * kind)
+    if data is None:
+        return None
+    return data.decode({1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind], errors="replace")
+
+
+def _read_bytes(pid: int, address: int, o: Offsets, limit: int = 1 << 16) -> Optional[bytes]:
+    head = read(pid, address, o.bytes_data)
+    if head is None:
+        return None
+    size = struct.unpack_from("<q", head, o.bytes_size)[0]
+    if not 0 <= size < limit:
+        return None
+    return read(pid, address + o.bytes_data, size) if size else b""
+
+
+NAMER = Namer()  # the run's named frames (pseudo-addresses are unique in it)
