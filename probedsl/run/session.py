@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 from typing import List, Optional
@@ -11,7 +10,7 @@ from typing import List, Optional
 from probedsl.passes import allocators
 from probedsl.report import history
 from probedsl import compiler, faults, targets, threads
-from probedsl.run import doctor, estimate, pyhold
+from probedsl.run import doctor, estimate, pyhold, signals
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
@@ -33,19 +32,6 @@ from probedsl.run.reporting import Reporting
 
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
 INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
-
-
-class _Stop:
-    """Set by SIGINT/SIGTERM; the run then ends with a final report. The handler only stores
-    the signal: it runs in the main thread, and an Event.set() there deadlocked when the
-    signal came while the main thread held that Event's lock inside Event.wait() (seen: a
-    tracer hung at Ctrl-C)."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __call__(self, signum, frame):
-        self.signal = signum
 
 
 def run(opts: RunOptions, out=sys.stdout, err=sys.stderr) -> int:
@@ -77,7 +63,7 @@ class Session(Reporting):
 
     def __init__(self, opts: RunOptions, out=sys.stdout, err=sys.stderr):
         self.opts, self.out, self.err = opts, out, err
-        self.stop = _Stop()
+        self.stop = signals.Stop()
         self.notes: List[str] = []
         self.held: Optional[HeldCommand] = None
         self.unprobed: Optional[UnprobedRoots] = None
@@ -104,11 +90,9 @@ class Session(Reporting):
         self.tracing = False
         with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
             handlers: dict = {}
-            self.cleanup.callback(_restore, handlers)          # last: a Ctrl-C in any cleanup is held
+            self.cleanup.callback(signals.restore, handlers)          # last: a Ctrl-C in any cleanup is held
             self.prepare()
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:   # under nohup: ignored
-                    handlers[s] = signal.signal(s, self.stop)
+            signals.catch(self.stop, handlers)
             self.cleanup.callback(self._let_go)
             self.cleanup.callback(self.driver.kill)
             with contextlib.ExitStack() as self.feeders:       # end step 1
@@ -349,16 +333,7 @@ class Session(Reporting):
             end_command(self.held, self.stop.signal, self.notes, self._at_exit)
         if self.stop.signal is not None:
             # a second Ctrl-C now would cost the report: say what happens instead
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:
-                    signal.signal(s, self._finishing)
-
-    @staticmethod
-    def _finishing(signum, frame) -> None:
-        # os.write: a print here could re-enter the stream the main thread is writing; a
-        # closed terminal must not raise into the report being written
-        with contextlib.suppress(OSError):
-            os.write(2, b"probedsl: writing the final report; it follows (SIGKILL ends without it)\n")
+            signals.catch(signals.finishing, {})
 
     def finish(self) -> int:
         """End steps 2 and 3: the final snapshot and its report; the exit status."""
@@ -394,11 +369,6 @@ class Session(Reporting):
         if not self.saved:
             return status or 1
         return INCOMPLETE if rep.incomplete and status == 0 else status
-
-
-def _restore(handlers: dict) -> None:
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
 
 
 def _one_line(exc: BaseException) -> str:
