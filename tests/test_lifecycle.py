@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -249,6 +250,22 @@ def test_bpftrace_killed_mid_run_ends_with_an_incomplete_report(build):
     report = report_json(out)
     assert report["complete"] is False
     assert any("bpftrace" in why and "ended early" in why for why in report["incomplete"]), report["incomplete"]
+
+
+def test_a_killed_probedsl_leaves_no_bpftrace_behind(build):
+    """SIGKILL (the OOM killer, a harness's timeout) gives probedsl no chance to end bpftrace:
+    the kernel ends it (PR_SET_PDEATHSIG), or its probes would stay on every process."""
+    with pid_run(build("leak_delayed"), "600", "bpftrace") as (target, tracer):
+        child = child_named(tracer.pid, "bpftrace")
+        ended = os.pidfd_open(child)  # readable once that process has ended
+        try:
+            tracer.kill()
+            tracer.wait(timeout=120)
+            assert select.select([ended], [], [], 120)[0], f"bpftrace {child} outlived its probedsl"
+        finally:
+            os.close(ended)
+        assert_not_stopped(target.pid)
+        assert state(target.pid) != "", "the target runs on"
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -60,6 +62,22 @@ def parse_stack(text: str) -> tuple:
             out.append(int(m.group(1), 16))
     return tuple(out)
 
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent: int):
+    """For bpftrace's child before its exec: it is killed when probedsl's thread that started it
+    (the main thread) ends, however it ends. A probedsl killed with SIGKILL must not leave a
+    bpftrace behind with its probes on every process of the machine."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(126)  # could not arm, or probedsl already ended
+
+    return arm
 
 class _Pairs(list):
     """A JSON object whose keys repeat: bpftrace prints a map keyed by a stored stack once per
@@ -208,6 +226,7 @@ class BpftraceDriver:
             text=True,
             env=env,
             start_new_session=True,
+            preexec_fn=_dies_with(os.getpid()),
         )
         self._reader = threads.start("probedsl-bpftrace-stdout", self._read_stdout)
         self._errors = threads.start("probedsl-bpftrace-stderr", self._read_stderr)
