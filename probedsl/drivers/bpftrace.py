@@ -63,7 +63,6 @@ def parse_stack(text: str) -> tuple:
     return tuple(out)
 
 
-
 PR_SET_PDEATHSIG = 1
 
 
@@ -78,6 +77,7 @@ def _dies_with(parent: int):
             os._exit(126)  # could not arm, or probedsl already ended
 
     return arm
+
 
 class _Pairs(list):
     """A JSON object whose keys repeat: bpftrace prints a map keyed by a stored stack once per
