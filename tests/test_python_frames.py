@@ -43,6 +43,15 @@ def test_line_table_decoded_as_cpython_does():
     assert any(i.opname == "CALL" for i in dis.get_instructions(code))
 
 
+def _report_after(tracer, out):
+    """Waits for an interval report written after now (the program said ready: its stacks
+    are all taken)."""
+    ready = time.time()
+    while not (out.exists() and out.stat().st_mtime > ready):
+        assert tracer.poll() is None, tracer.communicate()
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module", params=["cmd", "pid"])
 def python_run(request, tmp_path_factory, root_required):
     """The program launched (-- CMD) or running (--pid), traced until an interval report after
@@ -66,10 +75,7 @@ def python_run(request, tmp_path_factory, root_required):
         service.stdin.flush()
         said = service.stdout
     assert said.readline().strip() == "ready"
-    ready = time.time()
-    while not (out.exists() and out.stat().st_mtime > ready):
-        assert tracer.poll() is None, tracer.communicate()
-        time.sleep(0.05)
+    _report_after(tracer, out)
     if service is not None:
         service.stdin.close()
         assert service.wait(timeout=60) == 0
@@ -141,6 +147,33 @@ def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
     assert text
     assert not any(t.startswith("_PyEval_EvalFrameDefault") for stack in text for t in stack)
     assert any("pymalloc" in n and "PYTHONMALLOC=malloc" in n for n in report["notes"])
+
+
+def test_forked_workers_name_their_own_frames(root_required, tmp_path):
+    """A parent and its forked child each compile a function after the fork: one code object
+    address, two functions, reached through one native stack. Each allocation is named after
+    its own process's function, with its own size."""
+    sites, out = tmp_path / "sites.jsonl", tmp_path / "report.json"
+    fixture = os.path.join(ROOT, "tests", "fixtures", "pyforked.py")
+    common = ["memleak", "--backend", "bcc", "--format", "json", "-o", str(out), "--interval", "1"]
+    tracer = start_run(*common, "--", PYTHON, fixture, str(sites), stdin=subprocess.PIPE)
+    assert tracer.stdout.readline().strip() == "ready"
+    _report_after(tracer, out)
+    _, err = tracer.communicate("", timeout=120)
+    assert tracer.returncode == 0, err
+    roles = [json.loads(line) for line in sites.read_text().splitlines()]
+    assert len({r["code"] for r in roles}) == 1, roles  # the case: one address in both
+    report = json.loads(out.read_text())
+    if _unnamed_version(report):
+        return
+    innermost = {}
+    for e in report["reports"][0]["entries"]:
+        for _, _, function in _python_frames(e)[:1]:
+            innermost[function] = innermost.get(function, 0) + e["bytes"]
+    assert {r["role"]: innermost.get(r["role"]) for r in roles} == {r["role"]: r["size"] for r in roles}, (
+        innermost,
+        err,
+    )
 
 
 def test_bpftrace_says_python_frames_need_bcc(root_required, tmp_path):

@@ -34,7 +34,7 @@ def per_resource(program, blocks_of, kinds: Dict[Tuple[int, int], str]) -> Dict[
     for res in program.resources:
         if res.block_address is None:
             continue
-        out[res.name] = report._kind_totals((kinds.get((p, a)), n) for p, a, n in blocks_of(res))
+        out[res.name] = report.kind_totals((kinds.get((p, a)), n) for p, a, n in blocks_of(res))
     return out
 
 

@@ -68,7 +68,7 @@ class Reachability:
         return None if at is None else self.kinds.get((live.pid, live.key[at]))
 
 
-def _kind_totals(blocks) -> Dict[str, Dict[str, int]]:
+def kind_totals(blocks) -> Dict[str, Dict[str, int]]:
     """{kind: {bytes, blocks}} of (kind, size) pairs; blocks no scan saw count as not_scanned."""
     totals = {k: {"bytes": 0, "blocks": 0} for k in KINDS}
     for kind, size in blocks:

@@ -8,7 +8,7 @@ from probedsl.ir import layout
 from probedsl.stacks import stacktrust
 from probedsl.drivers.rundata import Live, Snapshot
 from probedsl.stacks.symbolizer import Symbolizer
-from probedsl.report import Entry, Reachability, Report, Section, _kind_totals
+from probedsl.report import Entry, Reachability, Report, Section, kind_totals
 
 
 def _group_key(live: Live, by: Sequence[str], generation=lambda pid, t: 0,
@@ -93,7 +93,7 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
                                  f"holds {live_count}; "
                                  f"{cause}"]
         if reachability is not None and res.block_address is not None and snapshot.live is not None:
-            resources[res.name]["reachability"] = _kind_totals(
+            resources[res.name]["reachability"] = kind_totals(
                 (reachability.kind_of(res, l), l.size) for l in snapshot.live if l.resource == res.name)
         if layout.ends_with_image(res):
             resources[res.name].update(images_ended=t.images_ended if t else 0, image_lost=t.image_lost if t else 0)
@@ -233,7 +233,7 @@ def _outstanding(rep: ir.Report, snapshot: Snapshot, symbolizer: Symbolizer, top
             kernel_stack=symbolizer.kernel_stack(sample.kstack) if "kstack" in rep.group_by else [],
             pid=sample.pid if "pid" in rep.group_by else None,
             comm=sample.comm if "comm" in rep.group_by else None,
-            kinds=_kind_totals((kind_of(m), m.size * scale) for m in members) if scanned else {},
+            kinds=kind_totals((kind_of(m), m.size * scale) for m in members) if scanned else {},
             keys=sorted(m.key for m in members)))
     omitted = {label: sum(r[0][label] for r in rest) for label in labels}
     cut = _cut_stacks(key[rep.group_by.index("ustack")][2] for key in groups) if "ustack" in rep.group_by else {}

@@ -184,8 +184,8 @@ class Namer:
     def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
         """The pseudo-address of a recorded frame, named now (the process may end soon). A
         freed code object's address is reused by later ones (an import's class bodies are freed
-        once run; 3.14 named a generator's frame after one): the object's own fields (its name,
-        file and line table pointers) are part of its key, read afresh for each new stack."""
+        once run): the object's own fields (its name, file and line table pointers, its first
+        line) are part of its key, read afresh for each new stack."""
         with self._lock:
             interp = self._interps.get(pid)
             offsets = interp.offsets if interp else None

@@ -73,7 +73,9 @@ static __always_inline u64 probedsl_py_field(struct probedsl_py_scratch_t *s, u1
     return value;
 }
 
-// the record of this thread's Python frames (its frames folded into *hash), or 0
+// the record of this thread's Python frames (its frames and the pid folded into *hash), or 0.
+// The pid: forked workers share addresses, so one native stack and one code object address in
+// two of them can be two different functions, named from each one's own memory
 static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 *hash)
 {
     struct probedsl_py_proc_t *cfg = probedsl_py_procs.lookup(&pid);
@@ -124,7 +126,7 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
     if (!n) return 0;
     if (frame && n >= PROBEDSL_PY_FRAMES)
         s->rec.meta[(PROBEDSL_PY_FRAMES - 1)] |= 0x200000000ULL;
-    *hash = h;
+    *hash = (h ^ pid) * 0x100000001b3ULL;
     s->rec.pid = pid;
     s->rec.n = n;
     return &s->rec;
