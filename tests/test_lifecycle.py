@@ -48,6 +48,12 @@ def wait_said(proc, text: str) -> list:
     return said
 
 
+def hangup_default() -> None:
+    """SIGHUP as a terminal's process has it: the suite may itself run under nohup (SIGHUP
+    ignored, inherited), where probedsl rightly keeps ignoring it."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def run_tracer(*args, env=None, stdin=None):
     return subprocess.Popen(
         [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args],
@@ -56,6 +62,7 @@ def run_tracer(*args, env=None, stdin=None):
         stdin=stdin,
         text=True,
         env=env,
+        preexec_fn=hangup_default,
     )
 
 
@@ -377,6 +384,7 @@ def test_a_closed_terminal_ends_the_run_with_its_report_saved(backend, build, tm
     master, slave = pty.openpty()
 
     def own_terminal():
+        hangup_default()
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
