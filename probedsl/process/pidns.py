@@ -30,9 +30,10 @@ def own() -> Optional[PidNamespace]:
 def layout() -> Dict[str, int]:
     """Where a task's pid in each namespace is, in the running kernel (task_struct.thread_pid ->
     struct pid: level, numbers[level + 1] of struct upid {nr, ns}; pid_namespace.ns.inum names
-    the namespace), for a BPF program that reads them by hand."""
+    the namespace; its process's, group_leader's), for a BPF program that reads them by hand."""
     return {
         "OFF_TASK_PID": btf.offset("task_struct", "thread_pid"),
+        "OFF_TASK_LEADER": btf.offset("task_struct", "group_leader"),
         "OFF_PID_LEVEL": btf.offset("pid", "level"),
         "OFF_PID_NUMBERS": btf.offset("pid", "numbers"),
         "SIZE_UPID": btf.size("upid"),
