@@ -235,7 +235,9 @@ def test_in_a_pid_namespace_a_child_is_numbered_at_probedsl_s_level_from_024():
         fdleak = recipe_program(str(ROOT / "recipes" / "fdleak.probe"), ir.Scope("comm", comm="app"))
         fd_text = generator.generate(fdleak, pidns_ino=ino).text
         assert "$p = (uint64)pid;" in fd_text and "while" in fd_text.split("$p = (uint64)pid;")[1].split("}")[0]
-        tracepoints = [ln for t in (text, fd_text) for ln in t.splitlines() if ln.startswith(("tracepoint:", "rawtracepoint:"))]
+        tracepoints = [
+            ln for t in (text, fd_text) for ln in t.splitlines() if ln.startswith(("tracepoint:", "rawtracepoint:"))
+        ]
         assert any("sys_enter_close" in ln for ln in tracepoints), tracepoints
         assert all(f"->ns->ns.inum == {ino} && " in ln for ln in tracepoints), tracepoints
     assert [cls.range_text() for cls in BPFTRACE_DIALECTS if cls.namespaced_pids] == DIALECT_ORDER[2:]
