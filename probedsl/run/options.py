@@ -66,8 +66,7 @@ def scope_of(opts: RunOptions, target: targets.Target):
         raise ProbedslError("--per-process goes with --comm NAME")
     if opts.all:
         # processes in other roots (containers) load other files: probe theirs too
-        everyone = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-        return ir.Scope("all"), LibraryResolver(others=roots.one_per_other_root(everyone)), None
+        return ir.Scope("all"), LibraryResolver(others=roots.one_per_other_root(procfs.everyone())), None
     if opts.comm is not None:
         if opts.per_process and not target.per_process_comm:
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
