@@ -12,7 +12,7 @@ from probedsl import ir, targets
 from probedsl.process import roots
 from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HeldCommand
-from probedsl.process import procfs
+from probedsl.process import pidns, procfs
 from probedsl.process.procfs import process_alive, processes_named
 from probedsl.process.libraries import LibraryResolver
 from probedsl.process.mappings import MappingTracker
@@ -81,6 +81,11 @@ def scope_of(opts: RunOptions, target: targets.Target):
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
+        if target.backend == "bpftrace" and pidns.nested(opts.pid):
+            raise ProbedslError(
+                f"--pid {opts.pid}: the process runs in a PID namespace nested in probedsl's, "
+                "where bpftrace cannot read its pid; use --backend bcc, or run probedsl in its namespace"
+            )
         return ir.Scope("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
     root, command = roots.chroot_command([held.exe] + opts.command[1:])
