@@ -115,8 +115,8 @@ class BpftraceBackend(Backend):
         which `pid` is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper
         and prints a warning each time (measured on 0.27.1: one per fork on the host). "" on the
         host. Not in uprobes: 0.27.1 reads curtask there as user memory (its fields read 0, with
-        an "Addrspace mismatch" warning); they fire only in processes that map the probed files,
-        the namespace's own roots."""
+        an "Addrspace mismatch" warning): a host process mapping the same files (a namespace that
+        shares the host's root) is traced there as pid 0 (docs/usage.md, "PID namespaces")."""
         if not self.pidns_ino:
             return ""
         level = "(uint64)curtask->thread_pid->level * sizeof(struct upid)"

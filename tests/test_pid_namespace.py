@@ -116,8 +116,11 @@ def run_inside(exe, backend, mode):
 
 
 @pytest.mark.debian13
-@pytest.mark.parametrize("mode", ["pid", "nested", "comm"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend,mode",
+    # bpftrace's uprobes keep a host process of the name that maps the same files (docs/usage.md)
+    [(b, m) for b in BACKENDS for m in ("pid", "nested", "comm") if (b, m) != ("bpftrace", "comm")],
+)
 def test_inside_a_pid_namespace_the_pids_are_the_namespace_s(backend, mode, build):
     """nested: the kernel's helper knows a task's own namespace only; comm: a host process of the
     name is outside the namespace, not traced (before, BCC counted it as pid 0)."""
