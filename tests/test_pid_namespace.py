@@ -123,7 +123,7 @@ def run_inside(exe, backend, mode):
 )
 def test_inside_a_pid_namespace_the_pids_are_the_namespace_s(backend, mode, build):
     """nested: the kernel's helper knows a task's own namespace only; comm: a host process of the
-    name is outside the namespace, not traced (before, BCC counted it as pid 0)."""
+    name is outside the namespace: none of its blocks is reported."""
     exe = build("fork_tree")
     got = run_inside(exe, backend, mode)
     if backend == "bpftrace" and (mode == "nested" or not targets.detect("bpftrace").namespaced_pids):
