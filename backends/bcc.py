@@ -87,9 +87,7 @@ class BccBackend(UnwinderViews, Backend):
             return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
         if scope.mode == "all":
             # the loader fills in its own pid: its reading of the maps is not traced
-            # and, in a PID namespace, the tasks outside it (their pid reads as 0)
-            return ["u32 tgid = bpf_get_current_pid_tgid() >> 32;",
-                    "if (tgid == PROBEDSL_SELF || !tgid) return 0;"]
+            return ["if ((bpf_get_current_pid_tgid() >> 32) == PROBEDSL_SELF) return 0;"]
         if scope.mode == "comm":
             name = scope.comm.encode()
             lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
@@ -157,13 +155,13 @@ class BccBackend(UnwinderViews, Backend):
             body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
                           *["  " + s for s in hit], "} else {", *["  " + s for s in unknown], "}"]
             if action.through is not None:
-                # the range's keys, one by one; most were never acquired (close_range(3, ~0U)):
-                # no unknown release
+                # the range's keys, one by one (the others' fields, the pid, read once); most were
+                # never acquired (close_range(3, ~0U)): no unknown release
                 last = len(action.key) - 1
-                body = [f"u64 first = {self.expr(action.key[-1])}, last = {self.expr(action.through)};",
+                body = [f"u64 first = {self.expr(action.key[-1])}, last = {self.expr(action.through)};", *key[:-1],
                         "#pragma clang loop unroll(disable)",
                         f"for (u32 i = 0; i < {int(self.target.range_keys)}; i++) {{", "  if (first + i > last) break;",
-                        *["  " + s for s in key[:-1]], f"  k.k[{last}] = first + i;",
+                        f"  k.k[{last}] = first + i;",
                         *["  " + s for s in body[len(key):-(2 + len(unknown))]], "  }", "}"]
         guard = self.expr(action.guard) if action.guard is not None else "1"
         return [f"if ({guard}) {{", *["  " + s for s in body], "}"]

@@ -115,21 +115,23 @@ class BpftraceBackend(Backend):
         which `pid` is defined (0.24+): for any other, bpftrace's namespaced `pid` fails its helper
         and prints a warning each time (measured on 0.27.1: one per fork on the host). "" on the
         host. Not in uprobes: 0.27.1 reads curtask there as user memory (its fields read 0, with
-        an "Addrspace mismatch" warning); they fire only in processes that map the probed files,
-        the namespace's own roots."""
+        an "Addrspace mismatch" warning): a host process mapping the same files (a namespace that
+        shares the host's root) is traced there as pid 0 (docs/usage.md, "PID namespaces")."""
         if not self.pidns_ino:
             return ""
         level = "(uint64)curtask->thread_pid->level * sizeof(struct upid)"
         upid = f"(struct upid *)((uint64)curtask->thread_pid + offsetof(struct pid, numbers) + {level})"
         return f"({upid})->ns->ns.inum == {int(self.pidns_ino)} && "
 
-    def filter(self, scope: ir.Scope) -> str:
+    def filter(self, scope: ir.Scope, every_task: bool = False) -> str:
+        """every_task: a tracepoint's (any task hits it): only this namespace's, see ours()."""
+        ours = self.ours() if every_task else ""
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
-            return "/@probedsl_traced[(uint64)pid]/"
+            return f"/{ours}@probedsl_traced[(uint64)pid]/"
         # all: $1 is probedsl's own pid (its reading of the maps is not traced)
-        return {"all": "/pid != $1/", "pid": f"/pid == {int(scope.pid)}/", "cmd": f"/pid == {int(scope.pid)}/",
-                "comm": "/comm == str($1)/"}[scope.mode]
+        return "/" + ours + {"all": "pid != $1", "pid": f"pid == {int(scope.pid)}", "cmd": f"pid == {int(scope.pid)}",
+                             "comm": "comm == str($1)"}[scope.mode] + "/"
 
     def key(self, action: ir.Action) -> List[str]:
         return [self.u64(k) for k in action.key]
@@ -168,8 +170,8 @@ class BpftraceBackend(Backend):
     def action(self, program: ir.Program, lay: ResourceLayout, action: ir.Action, again: str = "") -> List[str]:
         """again: the map holding each thread's rsp at a tail jump, for a release that asks."""
         key = self.key(action)
-        if action.through is not None:       # the range's keys, one by one: $first + $n
-            key = key[:-1] + ["$first + $n"]
+        if action.through is not None:       # the range's keys, one by one: $first + $n; the pid read once
+            key = ["$p" if v == ir.Builtin("pid") else k for v, k in zip(action.key, key[:-1])] + ["$first + $n"]
         live = f"@{lay.live}[{', '.join(key)}]"
         if action.kind == "change":
             body = self.change(program, lay, action, live)
@@ -213,7 +215,7 @@ class BpftraceBackend(Backend):
             if action.through is not None:
                 # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
                 body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
-                        "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
+                        *(["$p = (uint64)pid;"] if "$p" in key else []), "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
                         *["  " + s for s in body[:-(2 + len(unknown))]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
@@ -311,7 +313,7 @@ class BpftraceBackend(Backend):
                    else f"bpftrace {self.target.range_text()} attaches at entries only")
         placed = self.placed(probe, probe.path, why_not) if probe.kind == ir.ProbeKind.UPROBE else ""
         return {"placed": placed, "label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
-                "filter": self.filter(program.scope) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
+                "filter": self.filter(program.scope, probe.kind not in ("uprobe", "usdt")) if probe.filtered else "", "entry": entry, "entry_body": entry_body, "ret": ret if probe.at_return else "",
                 "return_body": return_body}
 
     @staticmethod

@@ -157,15 +157,9 @@ def run_bcc_memleak(exe, args):
 
 def detachers() -> set:
     """Pids of the processes that close a run's probes after it returns (drivers.teardown)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm", "rb") as f:
-                if f.read().strip() == b"probedsl-detach":
-                    found.add(pid)
-        except OSError:
-            pass
-    return found
+    from probedsl.process.procfs import processes_named
+
+    return set(processes_named("probedsl-detach"))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 from probedsl.language import ast, checker, parser
 from probedsl import backends, compiler, ir, targets
 from probedsl.binaries import elf
-from probedsl.process import libraries
+from probedsl.process import libraries, pidns
 from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import BACKENDS, MEMLEAK, ROOT
@@ -222,13 +222,19 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
 def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
-    """--comm with dwarf stacks (BCC's default), --all with fp: each program is verified; with
-    dwarf, the unwinder is verified once, in its own program, which no acquire program inlines."""
+    """--comm with dwarf stacks (BCC's default), as inside a PID namespace (every pid read in it,
+    by hand for a nested one), --all with fp: each program is verified; with dwarf, the unwinder
+    is verified once, in its own program, which no acquire program inlines."""
     from bcc import BPF
 
     program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
-    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"])
+    namespace = ["-DPROBEDSL_PIDNS_DEV=4ULL", "-DPROBEDSL_PIDNS_INO=4026532175ULL"] + [
+        f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()
+    ]
+    bpf = BPF(
+        text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + (namespace if scope.mode == "comm" else [])
+    )
     try:
         # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
         programs = [

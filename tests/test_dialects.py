@@ -215,7 +215,7 @@ def test_in_a_pid_namespace_a_child_is_numbered_at_probedsl_s_level_from_024():
     kernel's: inside a namespace the child's pid is read at the level of probedsl's (the inode
     it is given). Older dialects compare the host's pids: refused there. On the host, as before."""
     from probedsl.errors import ProbedslError
-    from test_backends import memleak_program
+    from test_backends import memleak_program, recipe_program
 
     ino = 4026532175
     for cls in BPFTRACE_DIALECTS:
@@ -230,6 +230,14 @@ def test_in_a_pid_namespace_a_child_is_numbered_at_probedsl_s_level_from_024():
         assert kernel_child not in text and "rawtracepoint:vmlinux:sched_process_fork" in text
         assert text.count(f"->ns->ns.inum == {ino})") == 4, text
         # every tracepoint reading `pid` first keeps tasks of the namespace (others warn)
-        tracepoints = [ln for ln in text.splitlines() if ln.startswith(("tracepoint:", "rawtracepoint:"))]
-        assert tracepoints and all(f"->ns->ns.inum == {ino} && " in ln for ln in tracepoints), tracepoints
+        # the recipe's own system calls too (fdleak), whatever the scope; its close_range loop
+        # reads the (namespaced: a helper call) pid once
+        fdleak = recipe_program(str(ROOT / "recipes" / "fdleak.probe"), ir.Scope("comm", comm="app"))
+        fd_text = generator.generate(fdleak, pidns_ino=ino).text
+        assert "$p = (uint64)pid;" in fd_text and "while" in fd_text.split("$p = (uint64)pid;")[1].split("}")[0]
+        tracepoints = [
+            ln for t in (text, fd_text) for ln in t.splitlines() if ln.startswith(("tracepoint:", "rawtracepoint:"))
+        ]
+        assert any("sys_enter_close" in ln for ln in tracepoints), tracepoints
+        assert all(f"->ns->ns.inum == {ino} && " in ln for ln in tracepoints), tracepoints
     assert [cls.range_text() for cls in BPFTRACE_DIALECTS if cls.namespaced_pids] == DIALECT_ORDER[2:]

@@ -52,14 +52,6 @@ QUIET_S = 3.0
 MAX_UNCLOSED = 340
 
 
-def _identity(path: str) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 class BccLoader(BccReading):
     """Runs one compiled program; pid scopes uprobes to one process (0: all processes).
     held_forks: the caller holds each child the process forks until attach_child() has put
@@ -132,7 +124,7 @@ class BccLoader(BccReading):
         # maps other library files: the probes go on those too, as it arrives
         self.watch_roots = bool(manifest.get("watch_roots"))
         self.unresolved: Dict[int, float] = {}  # arrivals whose libraries are not mapped yet
-        self.probed = {(_identity(p["path"]), p["function"], p["entry"]) for p in manifest["probes"]}
+        self.probed = {(roots.stat_key(p["path"]), p["function"], p["entry"]) for p in manifest["probes"]}
         if self.watch_roots:
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
 
@@ -306,13 +298,13 @@ class BccLoader(BccReading):
             if p["library"] not in copies:
                 mapped = LibraryResolver(pid=pid).resolve(p["library"])
                 found = [roots.attach_path(pid, p["path"])] + ([mapped] if mapped else [])
-                copies[p["library"]] = [path for path in found if _identity(path)]
+                copies[p["library"]] = [path for path in found if roots.stat_key(path)]
                 if not copies[p["library"]]:
                     return False
         new_files = []
         for p in uprobes:
             for path in copies[p["library"]]:
-                key = (_identity(path), p["function"], p["entry"])
+                key = (roots.stat_key(path), p["function"], p["entry"])
                 if key in self.probed:
                     continue
                 try:

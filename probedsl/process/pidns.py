@@ -27,12 +27,24 @@ def own() -> Optional[PidNamespace]:
     return PidNamespace(st.st_dev, st.st_ino)
 
 
+def nested(pid: int) -> bool:
+    """Whether, probedsl running in a PID namespace, the process runs in another one (nested in
+    ours: it is in our /proc), where the kernel's helper cannot give its pids in ours."""
+    if own() is None:
+        return False
+    try:
+        return not os.path.samestat(os.stat(f"/proc/{pid}/ns/pid"), os.stat("/proc/self/ns/pid"))
+    except OSError:
+        return False
+
+
 def layout() -> Dict[str, int]:
     """Where a task's pid in each namespace is, in the running kernel (task_struct.thread_pid ->
     struct pid: level, numbers[level + 1] of struct upid {nr, ns}; pid_namespace.ns.inum names
-    the namespace), for a BPF program that reads them by hand."""
+    the namespace; its process's, group_leader's), for a BPF program that reads them by hand."""
     return {
         "OFF_TASK_PID": btf.offset("task_struct", "thread_pid"),
+        "OFF_TASK_LEADER": btf.offset("task_struct", "group_leader"),
         "OFF_PID_LEVEL": btf.offset("pid", "level"),
         "OFF_PID_NUMBERS": btf.offset("pid", "numbers"),
         "SIZE_UPID": btf.size("upid"),

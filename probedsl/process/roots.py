@@ -8,32 +8,38 @@ import os
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 
+def stat_key(path: str) -> Optional[Tuple[int, int]]:
+    """(device, inode) of the file at path (a process's root: /proc/PID/root); None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def root_prefix(pid: int) -> Optional[str]:
     """ "" when the process shares our root; the directory that is its root, seen from here (a
     chroot in our mount namespace); None when no path here reaches it (another mount
     namespace) or the process is gone."""
+    theirs = stat_key(f"/proc/{pid}/root")
+    if theirs is None:
+        return None
+    if theirs == stat_key("/"):
+        return ""
     try:
-        theirs = os.stat(f"/proc/{pid}/root")
-        if os.path.samestat(theirs, os.stat("/")):
-            return ""
         link = os.readlink(f"/proc/{pid}/root")
-        if link.startswith("/") and os.path.samestat(os.stat(link), theirs):
-            return link.rstrip("/")
     except OSError:
-        pass
-    return None
+        return None
+    return link.rstrip("/") if link.startswith("/") and stat_key(link) == theirs else None
 
 
 def one_per_other_root(pids: Iterable[int]) -> List[int]:
     """One process for each root other than ours that these processes have."""
-    ours, chosen = os.stat("/"), {}
+    ours, chosen = stat_key("/"), {}
     for pid in pids:
-        try:
-            st = os.stat(f"/proc/{pid}/root")
-        except OSError:
-            continue
-        if not os.path.samestat(st, ours):
-            chosen.setdefault((st.st_dev, st.st_ino), pid)
+        root = stat_key(f"/proc/{pid}/root")
+        if root is not None and root != ours:
+            chosen.setdefault(root, pid)
     return sorted(chosen.values())
 
 
@@ -98,13 +104,12 @@ class RootedFiles:
             self.known_roots.add(prefix)
         if prefix is not None and (identity is None or _is(prefix + path, identity)):
             return prefix + path
-        try:
-            root = os.stat(f"/proc/{pid}/root")
-        except OSError:  # gone: ours only if nothing said otherwise
+        root = stat_key(f"/proc/{pid}/root")
+        if root is None:  # gone: ours only if nothing said otherwise
             if identity is None:
                 return path
             return next((r + path for r in sorted(self.known_roots) if _is(r + path, identity)), "")
-        key = (root.st_dev, root.st_ino, path)
+        key = (*root, path)
         if key not in self._held:
             try:
                 fd = os.open(f"/proc/{pid}/root{path}", os.O_RDONLY | os.O_CLOEXEC)

@@ -10,34 +10,24 @@ import os
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from probedsl.process import procfs
+from probedsl.process import procfs, roots
 
 SHOWN = 10  # processes named in the note; the JSON lists them all
 
 
-def _root_key(pid: int) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(f"/proc/{pid}/root")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 class UnprobedRoots:
-    """comm: the target's name (None: every process, --all); at_start: the target's processes
-    when the probes were placed, whose roots (and ours) are probed; say: told of each one found."""
+    """comm: the target's name (None: every process, --all); probed: the roots (roots.stat_key)
+    whose files the probes were placed on, besides ours; say: told of each one found."""
 
-    def __init__(self, comm: Optional[str], at_start: Iterable[int], say: Callable[[str], None]):
+    def __init__(self, comm: Optional[str], probed: Iterable[Tuple[int, int]], say: Callable[[str], None]):
         self.comm, self.say = comm, say
-        st = os.stat("/")
-        self.probed: Set[Tuple[int, int]] = {(st.st_dev, st.st_ino)}
-        self.probed.update(k for k in map(_root_key, at_start) if k)
+        self.probed: Set[Tuple[int, int]] = {k for k in (roots.stat_key("/"), *probed) if k}
         self.found: Dict[int, dict] = {}
         self._checked: Dict[int, Tuple[int, int]] = {}  # pid -> the root it had when checked
         self._lock = threading.Lock()
 
     def __call__(self, pid: int, _mappings) -> None:
-        key = _root_key(pid)
+        key = roots.stat_key(f"/proc/{pid}/root")
         if key is None or key in self.probed or self._checked.get(pid) == key:
             return
         name = procfs.comm(pid)

@@ -12,7 +12,7 @@ from probedsl import ir, targets
 from probedsl.process import roots
 from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HeldCommand
-from probedsl.process import procfs
+from probedsl.process import pidns, procfs
 from probedsl.process.procfs import process_alive, processes_named
 from probedsl.process.libraries import LibraryResolver
 from probedsl.process.mappings import MappingTracker
@@ -66,8 +66,7 @@ def scope_of(opts: RunOptions, target: targets.Target):
         raise ProbedslError("--per-process goes with --comm NAME")
     if opts.all:
         # processes in other roots (containers) load other files: probe theirs too
-        everyone = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-        return ir.Scope("all"), LibraryResolver(others=roots.one_per_other_root(everyone)), None
+        return ir.Scope("all"), LibraryResolver(others=roots.one_per_other_root(procfs.everyone())), None
     if opts.comm is not None:
         if opts.per_process and not target.per_process_comm:
             backends = " or ".join(sorted({t.backend for t in targets.TARGETS if t.per_process_comm}))
@@ -82,6 +81,11 @@ def scope_of(opts: RunOptions, target: targets.Target):
     if opts.pid is not None:
         if opts.pid <= 0 or not process_alive(opts.pid):
             raise ProbedslError(f"--pid {opts.pid}: no such process")
+        if target.backend == "bpftrace" and pidns.nested(opts.pid):
+            raise ProbedslError(
+                f"--pid {opts.pid}: the process runs in a PID namespace nested in probedsl's, "
+                "where bpftrace cannot read its pid; use --backend bcc, or run probedsl in its namespace"
+            )
         return ir.Scope("pid", pid=opts.pid, follow_forks=opts.follow_forks), LibraryResolver(pid=opts.pid), None
     held = HeldCommand(opts.command)
     root, command = roots.chroot_command([held.exe] + opts.command[1:])

@@ -18,7 +18,8 @@ from probedsl.errors import ProbedslError
 from probedsl.process import pidns
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
-from probedsl.process.procfs import everyone, process_alive, processes_named
+from probedsl.process import roots
+from probedsl.process.procfs import process_alive, processes_named
 from probedsl.process.libraries import linked_libraries, mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
@@ -112,6 +113,8 @@ class Session(Reporting):
         scanner.check_options(opts.reachability, opts.leaks_only, opts.pid, opts.command, opts.sample)
         self.max_live = compiler.check_choices(target, compiler.Choices(max_live=opts.max_live or 0, stacks=opts.stacks))
         scope, resolver, self.held = scope_of(opts, target)
+        # the other roots whose files the probes go on: a root that appears later is not one
+        self.probed_roots = [k for k in (roots.stat_key(f"/proc/{p}/root") for p in resolver.others) if k]
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
         self.private = None
@@ -153,8 +156,7 @@ class Session(Reporting):
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
         if scope.mode in ("comm", "all") and not scope.per_process and not self.target.follows_new_roots:
-            self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, processes_named(scope.comm)
-                                          if scope.mode == "comm" else everyone(), self.say)
+            self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, self.probed_roots, self.say)
             self.tracker.listen(self.unprobed)
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:

@@ -11,14 +11,6 @@
 // probedsl runs in a PID namespace (the loader adds its device and inode): every pid and tid
 // this program keys, filters and reports is that namespace's, the one --pid, /proc and ptrace
 // name there; a task outside it reads as 0 (process/pidns.py)
-static __always_inline u64 probedsl_ns_pid_tgid(void)
-{
-    struct bpf_pidns_info ns = {};
-    if (bpf_get_ns_current_pid_tgid(PROBEDSL_PIDNS_DEV, PROBEDSL_PIDNS_INO, &ns, sizeof(ns)))
-        return 0;
-    return (u64)ns.tgid << 32 | ns.pid;
-}
-#define bpf_get_current_pid_tgid() probedsl_ns_pid_tgid()
 
 // a task's pid at the level whose namespace is probedsl's (a fork's child: the tracepoint
 // gives the kernel's); 0 if it has none there. Read with the running kernel's offsets (its
@@ -48,6 +40,19 @@ static __always_inline u32 probedsl_task_ns_pid(char *task)
     }
     return 0;
 }
+
+static __always_inline u64 probedsl_ns_pid_tgid(void)
+{
+    struct bpf_pidns_info ns = {};
+    if (!bpf_get_ns_current_pid_tgid(PROBEDSL_PIDNS_DEV, PROBEDSL_PIDNS_INO, &ns, sizeof(ns)))
+        return (u64)ns.tgid << 32 | ns.pid;
+    // the helper knows the task's own namespace only: one nested in ours (a container's
+    // container, a child that unshared) has its pids at our level too
+    char *task = (char *)bpf_get_current_task(), *leader = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + PROBEDSL_OFF_TASK_LEADER);
+    return (u64)probedsl_task_ns_pid(leader) << 32 | probedsl_task_ns_pid(task);
+}
+#define bpf_get_current_pid_tgid() probedsl_ns_pid_tgid()
 #endif
 
 // the innermost 64 frames of each stack: BPF_STACK_TRACE's 127 would fit half the buckets
@@ -174,6 +179,10 @@ static __always_inline int probedsl_running(void)
 static __always_inline int probedsl_wanted(void)
 {
     if (!probedsl_running()) return 0;
+#ifdef PROBEDSL_PIDNS_INO
+    // a task outside probedsl's namespace has no pid there (0): not seen, whatever its name
+    if (!(bpf_get_current_pid_tgid() >> 32)) return 0;
+#endif
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
