@@ -63,7 +63,7 @@ def python_run(request, tmp_path_factory, root_required):
     common = ["memleak", "--backend", "bcc", "--format", "json", "-o", str(out), "--interval", "1"]
     service = None
     if request.param == "cmd":
-        tracer = start_run(*common, "--", PYTHON, FIXTURE, str(sites), stdin=subprocess.PIPE)
+        tracer = start_run(*common, "--", PYTHON, FIXTURE, str(sites), "at-end", stdin=subprocess.PIPE)
         said = tracer.stdout
     else:
         service = subprocess.Popen(
@@ -137,6 +137,30 @@ def test_each_leak_site_has_its_own_python_frames(python_run):
     assert any(
         "Thread._bootstrap" in q for _, _, found in paths.values() for e in found for _, _, q in _python_frames(e)
     )
+
+
+def test_a_stack_first_seen_as_the_command_ends_is_named(python_run, request):
+    """-- CMD is held at its exit in the default mode (forks followed): the program's last
+    statement allocates from a stack never seen before and ends at once (os._exit), and that
+    stack's frames are named from its memory. (--pid is not held: the program does not do it.)"""
+    if request.node.callspec.params["python_run"] != "cmd":
+        return
+    _, report, err = python_run
+    if _unnamed_version(report):
+        return
+    with open(FIXTURE) as f:
+        source = f.read().splitlines()
+    lines = [
+        next(n for n, text in enumerate(source, 1) if text.strip().startswith(at))
+        for at in ("libc.malloc(500", "last_words()")
+    ]
+    last = [e for e in report["reports"][0]["entries"] if e["bytes"] == 500_000]
+    assert last, err
+    for e in last:
+        assert _python_frames(e)[:2] == [(FIXTURE, lines[0], "last_words"), (FIXTURE, lines[1], "main")], (
+            [f["text"] for f in e["stack"]],
+            err,
+        )
 
 
 def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):

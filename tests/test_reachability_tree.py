@@ -2,11 +2,13 @@
 scanned, and let go; its kinds (per process, in reachability_scans) equal valgrind
 --trace-children=yes's LEAK SUMMARY of the same process, on the same binaries
 (tests/fixtures/tree_leaks.c): three forked children leaking differently, an exec chain
-(sh -c, env) with a thread pool whose workers leak, and 200 leaky children of a shell loop."""
+(sh -c, env) with a thread pool whose workers leak, 200 leaky children of a shell loop, and a
+process whose main thread ends first (pthread_exit) and whose last thread leaks and exits."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections import Counter
@@ -14,6 +16,7 @@ from collections import Counter
 import pytest
 
 from conftest import BACKENDS, ROOT, probedsl, report_json, start_run
+from probedsl.process import procfs
 
 pytestmark = pytest.mark.usefixtures("root_required")
 MEMLEAK = str(ROOT / "recipes" / "memleak.probe")
@@ -151,3 +154,31 @@ def test_pid_and_its_descendants_classified_as_valgrind_does(tree_leaks, tmp_pat
     scans = [s for s in report["reachability_scans"] if s["command"].endswith("tree_leaks fork3")]
     assert ours_per_process({"reachability_scans": scans}) == want, err
     assert not [n for n in report["notes"] if "not_scanned" in n], report["notes"]
+
+
+def test_a_process_whose_main_thread_ended_runs_while_its_other_threads_do(tree_leaks):
+    """Its leader is a zombie (its /proc/PID/stat says Z) until the last thread ends."""
+    proc = subprocess.Popen([tree_leaks, "mainexit", "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"main ended\n"
+        assert procfs.process_alive(proc.pid) and procfs.is_process(proc.pid)
+        proc.stdin.close()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: a zombie
+        assert not procfs.process_alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("how", ["command", "child"])
+def test_main_thread_ending_first_then_exit_is_held_scanned_and_let_go(how, tree_leaks, tmp_path):
+    """The main thread ends alone (pthread_exit), then the last thread calls exit(): the process
+    is held at that exit and scanned, as the command and as a shell's child, and then let go
+    (the run ends with it; it waited for the ended main thread neither there nor in a pause).
+    (Its kinds are not valgrind's: what the last thread allocates after the main thread ended
+    is not recorded, docs/reachability.md.)"""
+    argv = [tree_leaks, "mainexit"] if how == "command" else ["sh", "-c", f"{tree_leaks} mainexit; true"]
+    report = run_tree("bcc", argv, tmp_path)
+    scans = [s for s in report["reachability_scans"] if s["command"].endswith("mainexit")]
+    assert [s["at"] for s in scans] == ["exit"] and scans[0]["blocks"] > 0, report["reachability_scans"]
+    assert not [n for n in report["notes"] if "did not stop" in n], report["notes"]

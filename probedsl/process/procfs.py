@@ -65,10 +65,23 @@ def status_field(pid: int, name: str) -> Optional[str]:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether the process runs: its leader, or another of its threads once the leader ended
+    alone (pthread_exit: a zombie until the last of them ends)."""
+    state = _state(f"/proc/{pid}/stat")
+    if state != "Z":
+        return state is not None
     try:
-        return read_small(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        tasks = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    except OSError:
         return False
+    return any(_state(f"/proc/{pid}/task/{t}/stat") not in (None, "Z") for t in tasks)
+
+
+def _state(path: str) -> Optional[str]:
+    try:
+        return read_small(path).rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def is_process(pid: int) -> bool:

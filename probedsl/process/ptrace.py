@@ -6,7 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import Dict
+from typing import Dict, Iterable, Tuple
 
 from probedsl.process import procfs
 
@@ -70,6 +70,21 @@ def vector_words(tid: int) -> bytes:
     return b"".join(
         area[at : at + size] for bit, at, size in VECTOR_COMPONENTS if in_use >> bit & 1 and at + size <= len(area)
     )
+
+
+def stopped_registers(tids: Iterable[int]) -> Tuple[Dict[int, Dict[str, int]], Dict[int, bytes]]:
+    """The general and vector registers of stopped threads (one that has gone has none)."""
+    general, vectors = {}, {}
+    for tid in tids:
+        try:
+            general[tid] = registers(tid)
+        except OSError:
+            continue
+        try:
+            vectors[tid] = vector_words(tid)
+        except OSError:
+            pass  # no XSAVE area: general registers only
+    return general, vectors
 
 
 def event_message(tid: int) -> int:

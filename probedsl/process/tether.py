@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from probedsl.process import ptrace
 from probedsl.errors import ProbedslError
@@ -40,8 +40,8 @@ class Paused:
 
 
 @dataclass
-class _Thread:
-    state: str = "running"                 # running | held | exit | new | forked (stopped, awaits on_fork)
+class Thread:
+    state: str = "running"                 # running | held | exit | new | forked (awaits on_fork) | gone
     signal: int = 0                        # a signal to deliver when it goes on
     listen: bool = False                   # in a group stop (SIGSTOP): stays stopped on resume
     process: int = 0                       # its thread group (the tether's pid, or a child's)
@@ -69,7 +69,7 @@ class Tether:
         self._exec_hold = exec_hold
         self._execed = exec_hold is None and not launched    # a running process: its exit is the one
         self._steps = 0
-        self._threads: Dict[int, _Thread] = {}
+        self._threads: Dict[int, Thread] = {}
         self._pausing = self._closing = False
         self._error: Optional[str] = None
         self._ready = threading.Event()
@@ -177,7 +177,7 @@ class Tether:
                         pass                       # a thread born after we seized its parent
                     else:
                         raise
-                self._threads[tid] = _Thread(process=self.pid)
+                self._threads[tid] = Thread(process=self.pid)
 
     def _drain(self) -> None:
         # one system call says whether any child or tracee has news (without taking it): an
@@ -246,14 +246,14 @@ class Tether:
         """A new thread, or a new process (fork, vfork, or a clone that is not a thread): a
         process waits, stopped from its first instruction, until on_fork has run for it."""
         if event == ptrace.EVENT_CLONE and _leader_of(new) != new:
-            self._threads.setdefault(new, _Thread(state="new", process=process))
+            self._threads.setdefault(new, Thread(state="new", process=process))
             return
         self.children += 1
-        self._threads[new] = child = _Thread(state="new", process=new, waits=True)
+        self._threads[new] = child = Thread(state="new", process=new, waits=True)
         if self._on_fork is not None:
             self._attach_child(new, child)
 
-    def _attach_child(self, pid: int, child: _Thread) -> None:
+    def _attach_child(self, pid: int, child: Thread) -> None:
         try:
             self._on_fork(pid)
         except Exception as exc:             # the child runs on, untraced; the tether stays
@@ -280,7 +280,7 @@ class Tether:
         else:
             self._go(tid, thread)
 
-    def _go(self, tid: int, thread: _Thread) -> None:
+    def _go(self, tid: int, thread: Thread) -> None:
         try:
             if thread.listen:
                 ptrace.request(ptrace.LISTEN, tid)
@@ -309,46 +309,43 @@ class Tether:
         otherwise the process is ending (exit_group, a fatal signal, or killed by either) and
         every thread is held at its exit, memory intact, until the scan is done."""
         thread = self._threads[tid]
-        try:
-            regs = ptrace.registers(tid)
-        except OSError:
-            regs = {}
-        alone = regs.get("orig_rax") == _SYS_EXIT and any(
-            t != tid and other.state != "exit" for t, other in self._threads.items() if other.process == thread.process)
-        if self._execed and not alone and self.hold_exit and thread.process == self.pid:
+        if self._holds_exit(thread) and not self._ending_alone(tid, thread):
             thread.state, thread.signal, thread.listen = "exit", 0, False
             self._exit_complete()
-        else:
+        else:   # gone: it stops no more (a leader's end is told only after its other threads')
             self._go(tid, thread)
+            thread.state = "gone"
 
-    def _mine(self) -> Dict[int, _Thread]:
+    def _holds_exit(self, thread: Thread) -> bool:
+        """Whether the exit of the thread's process is held (a subclass may hold others)."""
+        return self._execed and self.hold_exit and thread.process == self.pid
+
+    def _ending_alone(self, tid: int, thread: Thread) -> bool:
+        try:
+            alone = ptrace.registers(tid).get("orig_rax") == _SYS_EXIT
+        except OSError:
+            return False
+        others = [o for t, o in self._threads.items() if t != tid and o.process == thread.process]
+        return alone and any(o.state not in ("exit", "gone") for o in others)
+
+    def _mine(self) -> Dict[int, Thread]:
         """The threads of the tether's process (not of the children it follows)."""
         return {tid: t for tid, t in self._threads.items() if t.process == self.pid}
 
     def _exit_complete(self) -> None:
-        mine = self._mine().values()
-        if mine and all(t.state == "exit" for t in mine):
+        if all_exited(self._mine().values()):
             self.at_exit.set()
 
     def _pause(self) -> Optional[Paused]:
         if not self._mine():
             return None
         self._stop_all()
-        if not self._mine():
+        mine = self._mine()
+        if not mine:
             self._pausing = False
             return None
-        registers, vectors = {}, {}
-        for tid, thread in self._mine().items():
-            if thread.state in ("held", "exit"):
-                try:
-                    registers[tid] = ptrace.registers(tid)
-                except OSError:
-                    continue
-                try:
-                    vectors[tid] = ptrace.vector_words(tid)
-                except OSError:
-                    pass                          # no XSAVE area: general registers only
-        missing = tuple(t for t in self._mine() if t not in registers)
+        registers, vectors = ptrace.stopped_registers(t for t, thread in mine.items() if thread.state in ("held", "exit"))
+        missing = tuple(t for t, thread in mine.items() if t not in registers and thread.state != "gone")
         return Paused(registers, missing, vectors)
 
     def _resume(self, exits: bool) -> bool:
@@ -386,6 +383,12 @@ class Tether:
             except OSError:
                 pass
         self._threads.clear()
+
+
+def all_exited(threads: Iterable[Thread]) -> bool:
+    """Every thread of a process at its exit or past it, one at least held there."""
+    states = [t.state for t in threads]
+    return "exit" in states and all(s in ("exit", "gone") for s in states)
 
 
 def _leader_of(tid: int) -> int:

@@ -13,7 +13,7 @@ import os
 from typing import Callable, Dict, Optional, Set
 
 from probedsl.process import ptrace
-from probedsl.process.tether import _SYS_EXIT, Paused, Tether, _Thread
+from probedsl.process.tether import Paused, Tether, Thread, all_exited
 
 ChildExit = Callable[[int, Paused, bool], None]
 
@@ -30,49 +30,31 @@ class TreeTether(Tether):
             self.execed.add(thread.process)
         super()._event(tid, status)
 
-    def _exit_stop(self, tid: int) -> None:
-        thread = self._threads[tid]
-        if self.on_child_exit is None or thread.process == self.pid:
-            super()._exit_stop(tid)
-            return
-        try:
-            ending_alone = ptrace.registers(tid).get("orig_rax") == _SYS_EXIT
-        except OSError:
-            ending_alone = False
-        others = [t for t, th in self._threads.items() if th.process == thread.process and t != tid]
-        if ending_alone and any(self._threads[t].state != "exit" for t in others):
-            self._go(tid, thread)  # one thread ending alone, the process runs on
-            return
-        thread.state, thread.signal, thread.listen = "exit", 0, False
-        self._exit_complete()
+    def _holds_exit(self, thread: Thread) -> bool:
+        if thread.process == self.pid:
+            return super()._holds_exit(thread)
+        return self.on_child_exit is not None
 
     def _exit_complete(self) -> None:
         super()._exit_complete()
         if self.on_child_exit is None:
             return
-        groups: Dict[int, Dict[int, _Thread]] = {}
+        groups: Dict[int, Dict[int, Thread]] = {}
         for tid, th in self._threads.items():
             if th.process != self.pid:
                 groups.setdefault(th.process, {})[tid] = th
         for process, group in groups.items():
-            if all(th.state == "exit" for th in group.values()):
+            if all_exited(group.values()):
                 self._scan_child(process, group)
 
-    def _scan_child(self, process: int, group: Dict[int, _Thread]) -> None:
-        registers, vectors = {}, {}
-        for tid in group:
-            try:
-                registers[tid] = ptrace.registers(tid)
-            except OSError:
-                continue
-            try:
-                vectors[tid] = ptrace.vector_words(tid)
-            except OSError:
-                pass  # no XSAVE area: general registers only
+    def _scan_child(self, process: int, group: Dict[int, Thread]) -> None:
+        registers, vectors = ptrace.stopped_registers(tid for tid, th in group.items() if th.state == "exit")
         try:
             if registers and self.on_child_exit is not None:
                 self.on_child_exit(process, Paused(registers, (), vectors), process in self.execed)
         finally:
             self.execed.discard(process)
             for tid, th in group.items():
-                self._go(tid, th)  # its end (WIFEXITED) takes it out
+                if th.state == "exit":
+                    self._go(tid, th)
+                    th.state = "gone"  # its end (WIFEXITED) takes it out

@@ -59,6 +59,7 @@ def classify(
     starts = starts[order]
     ends = starts + np.asarray(sizes, dtype=np.uint64)[order]
     graph = _Graph(starts, ends)
+    pid = memory_of(pid, paused)
     regions, cut = read_maps(pid)
     live = _stack_tops(pid, paused, regions)
     heap, roots, notes = _split(regions, paused, starts, ends, live)
@@ -98,6 +99,13 @@ def classify(
             "device memory); pointers there were not seen"
         )
     return Scan(kinds, scanned, time.monotonic() - t0, unreadable, notes)
+
+
+def memory_of(pid: int, paused: Paused) -> int:
+    """The task whose /proc entry shows the process's memory: its leader's, unless the leader
+    ended alone (pthread_exit: a zombie, its maps empty while the others run on); then a
+    paused thread's."""
+    return pid if pid in paused.registers or not paused.registers else min(paused.registers)
 
 
 def _split(regions: List[Region], paused: Paused, starts: np.ndarray, ends: np.ndarray, live: List[int]):

@@ -39,8 +39,8 @@ def check_program(program: ir.Program) -> None:
 
 
 class Serialized:
-    """The driver, its snapshots taken one at a time: a child's exit scan takes one from the
-    tether's thread while the session may take one from its own."""
+    """The driver, its tables read one at a time: a child's exit scan reads them from the
+    tether's thread while the session may take a snapshot (or stop) from its own."""
 
     def __init__(self, driver):
         self._driver, self._lock = driver, threading.Lock()
@@ -55,6 +55,13 @@ class Serialized:
     def stop(self, timeout: float = 30) -> Optional[Snapshot]:
         with self._lock:
             return self._driver.stop(timeout)
+
+    def live_of(self, pid: int):
+        live_of = getattr(self._driver, "live_of", None)
+        if live_of is None:
+            return None
+        with self._lock:
+            return live_of(pid)
 
 
 class Scanner:
@@ -100,11 +107,16 @@ class Scanner:
     def final(self, stop: Callable[[], Optional[Snapshot]]) -> Tuple[Optional[Snapshot], Optional[report.Reachability]]:
         """The final snapshot (stop()) and its kinds: from the exit scan, or scanned now if the
         process runs on (Ctrl-C, --duration); then the process is let go."""
-        self.at_exit()
+        try:
+            self.at_exit()
+        except Exception as exc:  # (BCC raises bare Exception) the final snapshot is still taken
+            self._failed(f"the scan at its exit failed ({exc})")
         kinds = self.exit_kinds
         if kinds is None and self.tether.attached and process_alive(self.pid):
-            snap, kinds = self.scan(stop)  # with the children's kinds
+            snap, kinds = self.scan(stop)  # with the children's kinds, when the scan is done
             self.tether.close()
+            if kinds is None and self.tree.scans:
+                kinds = self.tree.merged(None, snap, self.heaps, self.leaks_only)
             return snap, kinds
         snap = stop()
         self.tether.close()
@@ -137,7 +149,7 @@ class Scanner:
             return
         kinds = {(pid, a): report.KINDS[k] for (a, _), k in zip(blocks, result.kinds.tolist())}
         scan = self._scan_record(pid, "exit", blocks, result, started, snap, kinds)
-        scan["command"] = tree.command_of(pid)
+        scan["command"] = tree.command_of(heapscan.memory_of(pid, paused))
         if not known:
             scan["known"] = False
         self.tree.add(kinds, scan)
@@ -186,10 +198,11 @@ class Scanner:
         tether, pid = self.tether, self.pid
         started = time.monotonic()
         paused = tether.pause()
-        command = tree.command_of(pid)  # while it is held (at its exit, gone once let go)
         if paused is None:
             self._failed(f"process {pid} ended before it could be scanned")
             return take_snapshot(), None
+        task = heapscan.memory_of(pid, paused)
+        command = tree.command_of(task)  # while it is held (at its exit, gone once let go)
         try:
             snap = take_snapshot()
             if snap is None or snap.live is None:
@@ -204,7 +217,7 @@ class Scanner:
             except OSError as exc:
                 self._failed(f"process {pid} ended during the scan ({exc.strerror})")
                 return snap, None
-            if not process_alive(pid):
+            if not process_alive(task):
                 self._failed(f"process {pid} ended during the scan (killed?)")
                 return snap, None
         finally:

@@ -9,7 +9,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from probedsl import report
-from probedsl.process.procfs import process_alive
+from probedsl.process import procfs
 
 MAX_NAMED = 10  # processes named in a note before "and N more"
 
@@ -19,12 +19,9 @@ def command_of(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode(errors="replace") for a in f.read(4096).split(b"\0") if a]
-        if argv:
-            return " ".join(argv)[:200]
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
     except OSError:
-        return ""
+        argv = []
+    return " ".join(argv)[:200] if argv else procfs.comm(pid) or ""
 
 
 def per_resource(program, blocks_of, kinds: Dict[Tuple[int, int], str]) -> Dict[str, dict]:
@@ -81,7 +78,7 @@ class Tree:
         for pid, count in sorted(missed.items()):
             why = unscanned.get(pid) or (
                 "still running when the run ended (a process is scanned at its exit)"
-                if process_alive(pid)
+                if procfs.process_alive(pid)
                 else "scanned before these blocks were allocated"
                 if pid in scanned
                 else "not held at its exit (not followed: forked before probedsl attached, or "

@@ -17,10 +17,16 @@ class ExitHold:
         self.tether = tether
 
     @classmethod
-    def start(cls, pid: int, exe: str, exec_hold, notes: List[str]) -> Optional["ExitHold"]:
-        """Holds the command (blocked before its exec) when it is a CPython; a refusal is a note."""
+    def start(
+        cls, pid: int, exe: str, exec_hold, notes: List[str], follower: Optional[Tether] = None
+    ) -> Optional["ExitHold"]:
+        """Holds the command (blocked before its exec) when it is a CPython; a refusal is a note.
+        follower: the tether already holding it (following its forks), which then holds its exit."""
         if not pyframes.is_interpreter(exe):
             return None
+        if follower is not None:
+            follower.hold_exit = True
+            return cls(follower)
         tether = Tether(pid, exec_hold, purpose="naming Python frames")
         try:
             tether.start()
@@ -32,8 +38,10 @@ class ExitHold:
     def at_exit(self, driver) -> None:
         """Held at its exit: its stacks read (named), then it goes."""
         if self.tether.at_exit.is_set():
-            driver.snapshot(timeout=30)
-            self.tether.release_exit()
+            try:
+                driver.snapshot(timeout=30)
+            finally:
+                self.tether.release_exit()
 
     def close(self) -> None:
         self.tether.close()

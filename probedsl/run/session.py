@@ -220,9 +220,9 @@ class Session(Reporting):
             self.follower.hold_exec(hold["mapped"], hold["at_exec"])
         if self.opts.reachability:
             self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
-        elif hold and not self.follower:
+        elif hold:
             self.exit_hold = pyhold.ExitHold.start(self.held.pid, self.held.exe, (hold["mapped"], hold["at_exec"]),
-                                                   self.notes)
+                                                   self.notes, self.follower)
         tether = self.follower or (self.scanner.tether if self.scanner else None)
         tether = tether or (self.exit_hold.tether if self.exit_hold else None)
         self.held.release(env, tether=tether, **hold)
@@ -347,7 +347,11 @@ class Session(Reporting):
                 final, reach = self.scanner.final(driver.stop)
                 self.notes += self.scanner.notes
             else:
-                self._at_exit()
+                try:
+                    self._at_exit()
+                except Exception as exc:       # the final snapshot is still taken
+                    self.notes.append(f"the snapshot at the command's exit failed ({_one_line(exc)}): "
+                                      "Python frames of code freed at its end may be unnamed")
                 final, reach = driver.stop(), None
         except Exception as exc:              # BCC raises bare Exception
             self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")
