@@ -126,18 +126,19 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
     assert_seed_leak(report)
 
 
-@pytest.mark.debian13
-@pytest.mark.parametrize("mode", ["comm", "all"])
-def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp_path):
-    root = tmp_path / "late"  # a root (and a name) no process has yet
+def late_root(leak_root, tmp_path):
+    """A copy of leak_root whose program has a name (leak_late) no process has yet."""
+    root = tmp_path / "late"
     shutil.copytree(leak_root, root, symlinks=True)
     os.rename(root / "leak_delayed", root / "leak_late")
-    target = ["--comm", "leak_late", "--top", "50"] if mode == "comm" else ["--all", "--top", "1000000"]
-    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", *target)
-    held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
+    return root
+
+
+def run_once_said(tracer, held: Held, said_text: str):
+    """Let held go once the tracer said said_text, wait for its end, stop the tracer: its output."""
     try:
         said = []
-        while not any("another root's copy of libc" in line for line in said):
+        while not any(said_text in line for line in said):
             said.append(stderr_line(tracer))
             assert said[-1], f"the tracer ended: {''.join(said)}"
         held.go()
@@ -145,7 +146,17 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
     finally:
         held.end()
         tracer.send_signal(2)
-    out, err = tracer.communicate(timeout=120)
+    return tracer.communicate(timeout=120)
+
+
+@pytest.mark.debian13
+@pytest.mark.parametrize("mode", ["comm", "all"])
+def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp_path):
+    root = late_root(leak_root, tmp_path)
+    target = ["--comm", "leak_late", "--top", "50"] if mode == "comm" else ["--all", "--top", "1000000"]
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", *target)
+    held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
+    out, err = run_once_said(tracer, held, "another root's copy of libc")
     assert tracer.returncode == 0, err
     report = report_json(out)
     if mode == "all":  # the whole system's report: the leak is this process's entries under wrapper1
@@ -162,22 +173,10 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
 def test_bpftrace_names_a_process_in_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
     """bpftrace's probes sit on the libraries of the roots seen at start: a --comm process in a
     root started later is not traced, and the report counts and names it (notes and JSON)."""
-    root = tmp_path / "late"
-    shutil.copytree(leak_root, root, symlinks=True)
-    os.rename(root / "leak_delayed", root / "leak_late")
+    root = late_root(leak_root, tmp_path)
     tracer = start_run(MEMLEAK, "--backend", "bpftrace", "--format", "json", "--comm", "leak_late")
     held = Held(["chroot", str(root), "/leak_late", "wait"])
-    try:
-        said = []
-        while not any(f"pid {held.pid} (leak_late) runs in a root" in line for line in said):
-            said.append(stderr_line(tracer))
-            assert said[-1], f"the tracer ended: {''.join(said)}"
-        held.go()
-        held.proc.wait(timeout=60)
-    finally:
-        held.end()
-        tracer.send_signal(2)
-    out, err = tracer.communicate(timeout=120)
+    out, err = run_once_said(tracer, held, f"pid {held.pid} (leak_late) runs in a root")
     assert tracer.returncode == 0, err
     report = report_json(out)
     assert report["untraced"] == [{"pid": held.pid, "comm": "leak_late", "root": str(root)}]
