@@ -208,3 +208,21 @@ def test_bpftrace_says_python_frames_need_bcc(root_required, tmp_path):
     _, err = tracer.communicate(timeout=120)
     notes = json.loads(out.read_text())["notes"]
     assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n], (notes, err)
+
+
+def test_the_bpftrace_note_reads_a_pid_through_its_exe_and_a_gone_one_is_no_note():
+    """--pid: the interpreter is read through /proc/PID/exe (its own root); a process that
+    exits as tracing begins gives no note, never an error that ends the run."""
+    from probedsl.run import pyhold
+
+    python = subprocess.Popen([PYTHON, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    gone = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, gone.pid, os.WEXITED | os.WNOWAIT)  # a zombie: /proc/PID is there, its exe not
+    try:
+        note = pyhold.bpftrace_note("bpftrace", "pid", python.pid, "")
+        assert os.path.basename(PYTHON) in note and "--backend bcc" in note
+        assert pyhold.bpftrace_note("bpftrace", "pid", gone.pid, "") == ""
+        assert pyhold.bpftrace_note("bcc", "pid", python.pid, "") == ""
+    finally:
+        python.communicate(b"")
+        gone.wait()

@@ -51,4 +51,11 @@ def bpftrace_note(backend: str, mode: str, pid: int, exe: str) -> str:
     """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
     if backend != "bpftrace" or mode not in ("pid", "cmd"):
         return ""
-    return pyframes.bpftrace_note(exe or os.path.realpath(f"/proc/{pid}/exe"))
+    if exe:
+        return pyframes.bpftrace_note(exe)
+    try:
+        name = os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # it ended as tracing began (an exiting process has no exe)
+        return ""
+    # read through the magic link: the path names a file in the process's own root
+    return pyframes.bpftrace_note(f"/proc/{pid}/exe", name=name)

@@ -84,12 +84,12 @@ def is_interpreter(path: str) -> bool:
     return bool(symbols_of(path))
 
 
-def bpftrace_note(exe: str) -> str:
+def bpftrace_note(exe: str, name: str = "") -> str:
     """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
     if not exe or not is_interpreter(exe):
         return ""
     return (
-        f"the target runs CPython ({os.path.basename(exe)}): its stacks show the interpreter's native frames "
+        f"the target runs CPython ({os.path.basename(name or exe)}): its stacks show the interpreter's native frames "
         "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)"
     )
 
