@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 
 import pytest
@@ -171,6 +172,61 @@ def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
     assert text
     assert not any(t.startswith("_PyEval_EvalFrameDefault") for stack in text for t in stack)
     assert any("pymalloc" in n and "PYTHONMALLOC=malloc" in n for n in report["notes"])
+
+
+def _program_path(frames):
+    """A Python path innermost first as (file, line, function), cut after the program's own
+    top frame: memray runs the program through runpy and its own launcher, whose frames lie
+    outside it. A qualified name compares by its last part (memray gives the code's name)."""
+    path = []
+    for file, line, function in frames:
+        path.append((file, line, function.split(".")[-1]))
+        if file == FIXTURE and function == "<module>":
+            break
+    return tuple(path)
+
+
+def _memray_leaks(tmp):
+    """The program under memray (`memray run --native`, its reader's leaks at the end of
+    tracking): {Python path: (bytes, blocks)} of the leaked blocks whose native stack passes
+    through libffi's ffi_call (the ctypes calls: native leak sites)."""
+    import memray
+
+    out = tmp / "memray.bin"
+    # the interpreter probedsl traced, with this environment's memray (its extension is built
+    # for the version, not the build)
+    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
+    args = [PYTHON, "-m", "memray", "run", "--native", "-q", "-o", str(out), FIXTURE, str(tmp / "m.jsonl"), "at-end"]
+    ran = subprocess.run(args, input="", capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ready", ran.stderr
+    leaks = {}
+    for record in memray.FileReader(str(out)).get_leaked_allocation_records(merge_threads=True):
+        if any(function == "ffi_call" for function, _, _ in record.native_stack_trace()):
+            path = _program_path((file, line, function) for function, file, line in record.stack_trace())
+            nbytes, blocks = leaks.get(path, (0, 0))
+            leaks[path] = (nbytes + record.size, blocks + record.n_allocations)
+    return leaks
+
+
+def test_memray_finds_the_same_native_leaks_with_the_same_python_frames(python_run, request, tmp_path):
+    """The same program under memray: the blocks leaked through ctypes, by Python path (function,
+    file, line, innermost first), with the same bytes and blocks (docs/python.md, "Compared
+    with memray", says where the two differ otherwise)."""
+    if request.node.callspec.params["python_run"] != "cmd":
+        return
+    sites, report, err = python_run
+    if _unnamed_version(report):
+        return
+    found = {}
+    for e in report["reports"][0]["entries"]:
+        if any(f["function"] == "ffi_call" for f in e["stack"]):
+            path = _program_path(_python_frames(e))
+            nbytes, blocks = found.get(path, (0, 0))
+            found[path] = (nbytes + e["bytes"], blocks + e["blocks"])
+    memray_found = _memray_leaks(tmp_path)
+    # the program's own record of its leak sites is among them (the comparison is not of nothing)
+    assert {_program_path(site["frames"]) for site in sites} < set(found), (found, err)
+    assert memray_found == found, err
 
 
 def test_forked_workers_name_their_own_frames(root_required, tmp_path):
