@@ -263,7 +263,10 @@ def test_bpftrace_says_python_frames_need_bcc(root_required, tmp_path):
     )
     _, err = tracer.communicate(timeout=120)
     notes = json.loads(out.read_text())["notes"]
-    assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n], (notes, err)
+    assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n and "pymalloc" in n], (
+        notes,
+        err,
+    )
 
 
 def test_the_bpftrace_note_reads_a_pid_through_its_exe_and_a_gone_one_is_no_note():
@@ -282,3 +285,32 @@ def test_the_bpftrace_note_reads_a_pid_through_its_exe_and_a_gone_one_is_no_note
     finally:
         python.communicate(b"")
         gone.wait()
+
+
+def test_no_python_frames_leaves_stacks_native_and_still_says_pymalloc(root_required, tmp_path):
+    out = tmp_path / "report.json"
+    common = ["memleak", "--backend", "bcc", "--no-python-frames", "--format", "json", "-o", str(out)]
+    tracer = start_run(*common, "--", PYTHON, "-c", "import json")
+    _, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report = json.loads(out.read_text())
+    entries = report["reports"][0]["entries"]
+    assert entries and not any(_python_frames(e) for e in entries)
+    assert not any("Python frames of pid" in n for n in report["notes"]), report["notes"]
+    assert any("pymalloc" in n and "PYTHONMALLOC=malloc" in n for n in report["notes"]), report["notes"]
+
+
+def test_pymalloc_is_read_from_the_environment_the_process_started_with():
+    from probedsl.stacks import pyframes
+
+    env = dict(os.environ)
+    env.pop("PYTHONMALLOC", None)
+    started = [
+        subprocess.Popen([PYTHON, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, env=dict(env, **extra))
+        for extra in ({}, {"PYTHONMALLOC": "malloc"}, {"PYTHONMALLOC": "pymalloc"})
+    ]
+    try:
+        assert [pyframes.uses_pymalloc(p.pid) for p in started] == [True, False, True]
+    finally:
+        for p in started:
+            p.communicate(b"")

@@ -84,13 +84,31 @@ def is_interpreter(path: str) -> bool:
     return bool(symbols_of(path))
 
 
+# a CPython's small objects are not malloc's: said for every traced CPython, whatever the backend
+PYMALLOC_NOTE = (
+    "CPython's objects under 512 bytes come from pymalloc's arenas, not malloc: run the program with "
+    "PYTHONMALLOC=malloc to see them (docs/python.md)"
+)
+
+
+def uses_pymalloc(pid: int) -> bool:
+    """Whether a CPython process's small objects come from pymalloc: PYTHONMALLOC=malloc (or
+    malloc_debug) in the environment it started with sends them to malloc."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return True
+    return not {b"PYTHONMALLOC=malloc", b"PYTHONMALLOC=malloc_debug"} & set(env)
+
+
 def bpftrace_note(exe: str, name: str = "") -> str:
     """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
     if not exe or not is_interpreter(exe):
         return ""
     return (
         f"the target runs CPython ({os.path.basename(name or exe)}): its stacks show the interpreter's native frames "
-        "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)"
+        f"only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md). {PYMALLOC_NOTE}"
     )
 
 
