@@ -314,3 +314,33 @@ def test_pymalloc_is_read_from_the_environment_the_process_started_with():
     finally:
         for p in started:
             p.communicate(b"")
+
+
+def test_an_instruction_past_the_code_objects_end_is_not_named_after_it():
+    """A frame whose code object was freed and its address reused before it was read: when the
+    recorded instruction lies past the new code's end, the frame is unreadable, not the new
+    function (the recorded offset within the code's length is named)."""
+    from probedsl.process.mappings import read_proc_maps
+    from probedsl.stacks import pyframes
+
+    source = "import sys\ndef f():\n    return 1\nprint(id(f.__code__), len(f.__code__.co_code) // 2, flush=True)\n"
+    child = subprocess.Popen(
+        [PYTHON, "-c", source + "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        code, units = map(int, child.stdout.readline().split())
+        interp = pyframes.find(child.pid, read_proc_maps(child.pid))
+        if interp is None or interp.offsets is None:  # a version without frame layout: nothing named
+            return
+        namer = pyframes.Namer()
+        namer.know(child.pid, interp)
+        at = lambda unit: pyframes.named(
+            namer.pseudo(child.pid, code, interp.offsets.code_adaptive + 2 * unit, 0), namer
+        )
+        assert [at(unit)[0].function for unit in (-1, 0, units - 1)] == ["f"] * 3
+        assert at(units - 1)[0].line == 3
+        for unit in (units + 1, 10_000):
+            frame = at(unit)[0]
+            assert frame.function == "" and "address reused" in frame.why, frame
+    finally:
+        child.communicate("")

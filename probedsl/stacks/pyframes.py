@@ -167,6 +167,9 @@ class PyFrame:
     why: str = ""  # why it is unnamed
 
 
+VAR_SIZE = 16  # ob_size in a PyVarObject (after the reference count and the type)
+
+
 @dataclass
 class _Code:
     qualname: str
@@ -174,6 +177,7 @@ class _Code:
     firstlineno: int
     adaptive: int
     linetable: bytes
+    units: int  # its bytecode's length in code units (Py_SIZE)
 
 
 class Namer:
@@ -227,6 +231,10 @@ class Namer:
         if c is None:
             return PyFrame("", "", 0, f"code object {code:#x} unreadable")
         units = (lasti - c.adaptive) // 2 if lasti >= 0 else -1
+        if not -1 <= units <= c.units:
+            # the instruction lies past this code's end: the frame's code object was freed and
+            # its address is another's (read too late), not a frame of this one
+            return PyFrame("", "", 0, f"code object {code:#x} freed before it was read (its address reused)")
         return PyFrame(c.qualname, c.filename, line_of(c.linetable, c.firstlineno, units))
 
 
@@ -257,7 +265,8 @@ def _read_code(pid: int, head: bytes, o: Offsets) -> Optional[_Code]:
     if qualname is None or filename is None:
         return None
     firstlineno = struct.unpack_from("<i", head, o.code_firstlineno)[0]
-    return _Code(qualname, filename, firstlineno, o.code_adaptive, table or b"")
+    units = struct.unpack_from("<q", head, VAR_SIZE)[0]  # a code object is a PyVarObject
+    return _Code(qualname, filename, firstlineno, o.code_adaptive, table or b"", units)
 
 
 def _read_str(pid: int, address: int, o: Offsets, limit: int = 4096) -> Optional[str]:
