@@ -7,6 +7,7 @@ bench/workloads/pyobjects.py makes CALLS small dicts and keeps one in KEEP (a le
 objects). Each configuration attaches `probedsl run ... --backend bcc --pid` to the workload
 held at its start (bench.python.held_run):
   untraced          the workload alone
+  untraced+env      the same under PYTHONMALLOC=malloc
   memleak           the malloc family: pymalloc's objects are not seen
   memleak+env       memleak, the workload started with PYTHONMALLOC=malloc (a restart in real use)
   pymalloc          the recipe below on the interpreter's own PyObject_* functions (by --pid:
@@ -47,6 +48,7 @@ def configurations(recipe: str) -> dict:
     env.pop("PYTHONMALLOC", None)
     return {
         "untraced": ([], env),
+        "untraced+env": ([], dict(env, PYTHONMALLOC="malloc")),
         "memleak": (["memleak", *bcc], env),
         "memleak+env": (["memleak", *bcc], dict(env, PYTHONMALLOC="malloc")),
         "pymalloc": ([recipe, *bcc], env),
