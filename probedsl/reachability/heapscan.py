@@ -2,8 +2,9 @@
 
 Roots are every writable mapping that holds no heap block (modules' .data and .bss, the
 program's own mmaps, thread-local storage), each paused thread's live stack (stackroots: from
-exit()'s caller for the thread ending the process; on a heap block when it runs there), and
-its general and vector registers (and the callee-saved ones exit()'s caller had). A pointer to a block's start makes it
+exit()'s caller for the thread ending the process; on a heap block when it runs there), its
+general and vector registers, and the callee-saved registers exit()'s caller had when it
+called (the exit path saved them in its own frames). A pointer to a block's start makes it
 reachable, one into its interior only possibly reachable; blocks reached from nothing are
 lost, split as memcheck does (mc_leakcheck.c): in address order, each unreached block claims
 as *indirectly* lost the unreached blocks it leads to, and stays *definitely* lost itself.
