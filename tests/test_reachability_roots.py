@@ -3,7 +3,8 @@
 register, a thread running on a heap-allocated stack with a guard page, a suspended coroutine's
 dropped stack (a large block split by its guard page), a self-pointing block,
 a pointer stored only unaligned, a pointer only in the red zone of a leaf function computing,
-a death by SIGSEGV.
+a death by SIGSEGV, a pointer only in a callee-saved register of the frame that called exit()
+(and coreutils' seq, which keeps its output buffer so).
 Also: the exit-path unwinder and the XSAVE reader alone."""
 
 from __future__ import annotations
