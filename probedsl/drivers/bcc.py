@@ -39,6 +39,11 @@ class BccDriver:
         if loader is not None:
             loader.attach_child(pid)
 
+    def rebind(self, pid: int, tid: int) -> None:
+        """A process's uprobes opened on its thread tid too (BccLoader.rebind)."""
+        if self.loader is not None:
+            self.loader.rebind(pid, tid)
+
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 

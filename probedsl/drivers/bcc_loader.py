@@ -120,6 +120,7 @@ class BccLoader(BccReading):
             failure = self._attach(scope)
             if failure:
                 raise ProbedslError(failure)
+        self.scope = scope
         # --comm: a process with the name in a root not seen yet (a container started later)
         # maps other library files: the probes go on those too, as it arrives
         self.watch_roots = bool(manifest.get("watch_roots"))
@@ -179,6 +180,20 @@ class BccLoader(BccReading):
             self._attach_process(pid, last_try=True, quiet=False)
             self.refusals.pop(pid, None)
             self.last_arrival = time.monotonic()
+
+    def rebind(self, pid: int, tid: int) -> None:
+        """The thread the process's uprobes are opened on is ending alone (pthread_exit), its
+        threads stopped meanwhile (probedsl.process.rebind): the same uprobes opened on another
+        of its threads, tid. (Machine-wide uprobes match every thread already.)"""
+        with self.lock:
+            if self.closed or not (pid == self.scope or pid in self.attached):
+                return
+            before = set(self.bpf.uprobe_fds)
+            failure = self._attach(tid)
+            if pid in self.attached:  # closed with the process's own
+                self.attached[pid] += [e for e in self.bpf.uprobe_fds if e not in before]
+        if failure:
+            raise ProbedslError(failure)
 
     def reap(self, wait_s: float) -> None:
         """Following held forks: the uprobes of children that ended are closed, one a turn,

@@ -1,0 +1,35 @@
+"""Allocations of a process's other threads after its main thread ended alone (pthread_exit):
+kept recorded where the backend can move its uprobes (probedsl.process.rebind), named in a
+note where it cannot."""
+
+from __future__ import annotations
+
+import time
+from typing import List
+
+
+def watch(tether, driver, backend: str, scoped: bool, notes: List[str]) -> None:
+    """The tether's bearer hook for this run. scoped: the backend's uprobes for the traced
+    process are opened on one of its threads (else they match every process, and no thread's
+    end loses anything for the process itself). BCC opens them again on a thread that runs on;
+    bpftrace cannot: the loss is said, naming the process and when."""
+    if tether is None or tether.on_bearer_end is not None:
+        return
+    started = time.monotonic()
+
+    def ended(pid: int, tid: int) -> None:
+        rebind = getattr(driver, "rebind", None)
+        lost = f"allocations after pid {pid}'s main thread ended ({time.monotonic() - started:.1f} s into the run)"
+        if rebind is None:
+            if scoped and pid == tether.pid:
+                notes.append(
+                    f"{lost} are not recorded: {backend}'s uprobes are bound to that thread "
+                    "(--backend bcc moves them to a thread that runs on)"
+                )
+            return
+        try:
+            rebind(pid, tid)
+        except Exception as exc:  # BCC raises bare Exception
+            notes.append(f"{lost} are not recorded: {exc}")
+
+    tether.on_bearer_end = ended

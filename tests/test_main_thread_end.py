@@ -1,0 +1,51 @@
+"""A process whose main thread ends alone (pthread_exit) while another thread goes on: what
+that thread allocates afterwards is recorded, with its stack (docs/reachability.md, Limits).
+tree_leaks mainexit's last thread keeps 2 x 72 B (lose) and 1 x 88 B (keep) after the main
+thread ended."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MEMLEAK, Held, probedsl, report_json, start_run
+
+AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (bytes, blocks)
+
+
+def after_main(report: dict) -> dict:
+    """The outstanding heap of the last thread, by the function that called the allocator."""
+    got: dict = {}
+    for entry in report["reports"][0]["entries"]:
+        names = [f.get("function") for f in entry["stack"]]
+        if "last_thread" in names:
+            caller = names[names.index("last_thread") - 1]
+            bytes_, blocks = got.get(caller, (0, 0))
+            got[caller] = (bytes_ + entry["bytes"], blocks + entry["blocks"])
+    return got
+
+
+@pytest.fixture(scope="module")
+def tree_leaks(build):
+    return build("tree_leaks")
+
+
+@pytest.mark.parametrize("backend, how", [("bcc", "command"), ("bcc", "pid"), ("bpftrace", "command")])
+def test_allocations_after_the_main_thread_ended_are_recorded(backend, how, tree_leaks, root_required):
+    """BCC opens the process's uprobes again on the thread that goes on, at the main thread's
+    exit (its uprobes are bound to the main thread's task); bpftrace 0.17 probes every process
+    and its filter keeps the process traced while any thread of it lives."""
+    run = (MEMLEAK, "--backend", backend, "--format", "json")
+    if how == "command":
+        result = probedsl("run", *run, "--", tree_leaks, "mainexit", timeout=300)
+        out, err = result.stdout, result.stderr
+    else:
+        held = Held([tree_leaks, "mainexit", "go"])  # the main thread ends once told
+        try:
+            tracer = start_run(*run, "--pid", str(held.pid))
+            held.go()
+            out, err = tracer.communicate(timeout=300)
+        finally:
+            held.end()
+    report = report_json(out)
+    assert after_main(report) == AFTER_MAIN, err
+    assert not [n for n in report["notes"] if "main thread" in n], report["notes"]
