@@ -143,7 +143,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     probedsl_unw_parents.delete(&tid);
-    probedsl_traced.delete(&tid);
+    // a thread's own entry (added at its clone) goes with it; the process's (its pid) only with
+    // the process: a main thread that ends alone (pthread_exit) leaves the others traced
+    if ((u32)(id >> 32) != tid) {
+        probedsl_traced.delete(&tid);
+        tid = id >> 32;
+    }
+    if (probedsl_process_ends())
+        probedsl_traced.delete(&tid);
     if (probedsl_process_ends()) {   // a new process may take its pid
         u32 pid = id >> 32;
         probedsl_images.delete(&pid);
