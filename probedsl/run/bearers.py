@@ -13,15 +13,16 @@ def watch(tether, driver, backend: str, scoped: bool, notes: List[str]) -> None:
     process are opened on one of its threads (else they match every process, and no thread's
     end loses anything for the process itself). BCC opens them again on a thread that runs on;
     bpftrace cannot: the loss is said, naming the process and when."""
-    if tether is None or tether.on_bearer_end is not None:
+    rebind = getattr(driver, "rebind", None)
+    if tether is None or tether.on_bearer_end is not None or (rebind is None and not scoped):
         return
-    started = time.monotonic()
+    started, said = time.monotonic(), set()
 
     def ended(pid: int, tid: int) -> None:
-        rebind = getattr(driver, "rebind", None)
         lost = f"allocations after pid {pid}'s main thread ended ({time.monotonic() - started:.1f} s into the run)"
         if rebind is None:
-            if scoped and pid == tether.pid:
+            if pid == tether.pid and pid not in said:  # (children are traced by uprobes on every process)
+                said.add(pid)
                 notes.append(
                     f"{lost} are not recorded: {backend}'s uprobes are bound to that thread "
                     "(--backend bcc moves them to a thread that runs on)"
