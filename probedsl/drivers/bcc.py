@@ -104,10 +104,11 @@ class BccDriver:
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
+        moved = self.loader.moves.notes if self.loader is not None else []
         if not self.unwinds_stacks():
-            return []
+            return moved
         hold = self.loader.hold.notes() if self.loader.hold is not None else []
-        return self.loader.unwind.notes() + self.loader.python.notes() + hold
+        return moved + self.loader.unwind.notes() + self.loader.python.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())
