@@ -5,11 +5,17 @@ thread ended."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import time
+
 import pytest
 
 from conftest import MEMLEAK, Held, probedsl, report_json, start_run
 
 AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (bytes, blocks)
+MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
 
 
 def after_main(report: dict) -> dict:
@@ -49,3 +55,37 @@ def test_allocations_after_the_main_thread_ended_are_recorded(backend, how, tree
     report = report_json(out)
     assert after_main(report) == AFTER_MAIN, err
     assert not [n for n in report["notes"] if "main thread" in n], report["notes"]
+
+
+def perf_events(pid: int) -> int:
+    """The perf events the process holds open (an fd closed meanwhile is not one)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            pass
+    return count
+
+
+def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, tmp_path, root_required):
+    """--comm --per-process holds no process: the main thread's end is seen by the program, the
+    uprobes moved at the loader's next turn, and what was lost meanwhile said, naming the pid."""
+    exe = tmp_path / "mainexit_pp"
+    shutil.copy(tree_leaks, exe)
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
+    before = perf_events(tracer.pid)
+    held = Held([str(exe), "mainexit", "go"])  # the main thread ends once told
+    try:
+        deadline = time.monotonic() + 120
+        while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
+            time.sleep(0.01)  # until its uprobes are on
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+        held.end()
+    notes = report_json(out)["notes"]
+    said = [n for n in notes if f"allocations of pid {held.pid}'s other threads after its main thread ended" in n]
+    assert len(said) == 1 and "are not recorded" in said[0], notes

@@ -104,6 +104,8 @@ class BccDriver:
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
+        if self.loader is not None and self.loader.per_process:
+            self.loader.moves.check(self.loader)  # an end the last turn did not see yet
         moved = self.loader.moves.notes if self.loader is not None else []
         if not self.unwinds_stacks():
             return moved
