@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from probedsl.process import ptrace
 
@@ -32,17 +32,16 @@ def switch(tether, tid: int, hook: Rebind) -> bool:
     lets the bearer go as usual)."""
     thread = tether._threads[tid]
     process, before = thread.process, tether.holding
-    others = _stop_others(tether, process, tid)
-    if not others:
+    others, stuck = _stop_others(tether, process, tid)
+    if not others:  # the others ended meanwhile, or would not stop (then told: thread 0)
         tether.holding = before
         _go_on(tether, process)
+        if stuck:
+            _tell(hook, process, 0)
         return False
     survivor = others[0]
-    try:
-        hook(process, survivor)
+    if _tell(hook, process, survivor):
         tether.bearers[process] = survivor
-    except Exception as exc:  # told as a warning; the process runs on, its later calls unseen
-        print(f"probedsl: warning: pid {process}: uprobes not moved off its ended main thread: {exc}", file=sys.stderr)
     tether._go(tid, thread)
     thread.state = "gone"
     _wait_zombie(tid)
@@ -51,12 +50,21 @@ def switch(tether, tid: int, hook: Rebind) -> bool:
     return True
 
 
-def _stop_others(tether, process: int, bearer: int) -> list:
-    """Interrupt the process's other threads and wait until each has stopped (held); the
-    stopped ones, fewest first by tid."""
+def _tell(hook: Rebind, process: int, thread: int) -> bool:
+    try:
+        hook(process, thread)
+        return True
+    except Exception as exc:  # a warning; the process runs on, its later calls unseen
+        print(f"probedsl: warning: pid {process}: uprobes not moved off its ended thread: {exc}", file=sys.stderr)
+        return False
+
+
+def _stop_others(tether, process: int, bearer: int) -> Tuple[List[int], bool]:
+    """Interrupt the process's other threads and wait until each has stopped (held): the
+    stopped ones, lowest tid first, and whether any would not stop."""
     tether.holding = process
 
-    def group() -> Dict[int, object]:
+    def group() -> Dict[int, Any]:
         return {t: th for t, th in tether._threads.items() if th.process == process and t != bearer}
 
     for t, th in group().items():
@@ -69,7 +77,10 @@ def _stop_others(tether, process: int, bearer: int) -> list:
     while any(th.state in ("running", "new") for th in group().values()) and time.monotonic() < deadline:
         tether._drain()
         time.sleep(0.0002)
-    return sorted(t for t, th in group().items() if th.state == "held")
+    threads = group().values()
+    return sorted(t for t, th in group().items() if th.state == "held"), any(
+        th.state in ("running", "new") for th in threads
+    )
 
 
 def _go_on(tether, process: int) -> None:

@@ -28,6 +28,9 @@ def watch(tether, driver, backend: str, scoped: bool, notes: List[str]) -> None:
                     "(--backend bcc moves them to a thread that runs on)"
                 )
             return
+        if not tid:
+            notes.append(f"{lost} are not recorded: no other thread of it stopped within 2 s to take its uprobes")
+            return
         try:
             rebind(pid, tid)
         except Exception as exc:  # BCC raises bare Exception
