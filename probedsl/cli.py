@@ -260,6 +260,8 @@ def _positional(ctx, words, command_line):
 @click.option("--python-native", is_flag=True,
               help="keep the interpreter's own native frames (_PyEval_EvalFrameDefault...) that Python frames "
                    "explain (folded away by default; docs/python.md)")
+@click.option("--python-frames/--no-python-frames", default=True, show_default=True,
+              help="with --backend bcc: walk a CPython's own frame chain at each acquisition (docs/python.md)")
 @click.option("--prometheus", metavar="ADDR:PORT",
               help="serve the latest report as Prometheus gauges at http://ADDR:PORT/metrics while tracing "
                    "(refreshed at each --interval report, else every 10 s; docs/fleet.md)")
@@ -268,8 +270,8 @@ def _positional(ctx, words, command_line):
                    "older bpftrace, which sizes every keyed map so)")
 def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, private_libs, per_process, interval,
         live, duration, top, sets, fmt, output, color, allocator, obj, symbols_prefix, min_size, max_size, min_age, older,
-        ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, python_native, prometheus,
-        max_live):
+        ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, python_native, python_frames,
+        prometheus, max_live):
     """Trace with RECIPE: --comm NAME, --pid PID, --all, or -- CMD ARGS... (launched once probes attach).
     [INTERVAL [COUNT]] after RECIPE, as BCC memleak: a report every INTERVAL seconds, COUNT reports."""
     _check_output(fmt, output)
@@ -293,7 +295,8 @@ def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, p
                               format=fmt, output=output, color=color, min_age=min_age, ages=ages, sample=sample, estimate=estimate,
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
                               reachability=reachability, leaks_only=leaks_only, prometheus=prometheus,
-                              max_live=max_live, python_native=python_native)
+                              max_live=max_live, python_native=python_native,
+                              python_frames=python_frames)
     _leave(session.run(opts))
 
 

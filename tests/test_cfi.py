@@ -14,7 +14,8 @@ FDE = re.compile(r"^\S+ \S+ \S+ FDE cie=\S+ pc=([0-9a-f]+)\.\.([0-9a-f]+)")
 
 
 def readelf_rows(path: str):
-    """[(fde start, end, [(loc, cfa, rbp, ra)])] from readelf --debug-dump=frames-interp."""
+    """[(fde start, end, [(loc, cfa, rbp, ra, (rbx, r12, ..., r15))])] from readelf
+    --debug-dump=frames-interp."""
     # (it exits 1 on libc after printing every frame: it looks for a .debug_frame too)
     out = subprocess.run(["readelf", "--debug-dump=frames-interp", path], capture_output=True, text=True).stdout
     fdes, columns, in_fde = [], [], False
@@ -29,7 +30,10 @@ def readelf_rows(path: str):
             columns = line.split()
         elif columns and re.match(r"^[0-9a-f]{16} ", line) and fdes:
             values = dict(zip(columns, re.sub(r"(r\d+) \(\w+\)", r"\1", line).split()))
-            fdes[-1][2].append((int(values["LOC"], 16), values["CFA"], values.get("rbp", "u"), values.get("ra", "u")))
+            saved = tuple(values.get(cfi.REGISTER_NAMES[n], "u") for n in cfi.CALLEE_SAVED)
+            fdes[-1][2].append(
+                (int(values["LOC"], 16), values["CFA"], values.get("rbp", "u"), values.get("ra", "u"), saved)
+            )
         elif not line.strip():
             columns = []
     return fdes
@@ -88,11 +92,13 @@ def rows_equal_readelfs(path: str) -> int:
     assert table is not None and len(table.fdes) == len(expected)
     checked = 0
     for start, _end, rows in expected:
-        for loc, cfa, rbp, ra in rows:
+        for loc, cfa, rbp, ra, saved in rows:
             row = table.row_at(loc)
             assert row is not None and row.address == loc, (path, hex(loc))
-            got = (cfa_shown(row), shown(row.rbp), shown(row.ra))
-            assert got == (cfa, other(rbp), other(ra)), (path, hex(start), hex(loc), got, (cfa, rbp, ra))
+            rules = dict(row.saved)
+            got = (cfa_shown(row), shown(row.rbp), shown(row.ra), tuple(shown(rules.get(n)) for n in cfi.CALLEE_SAVED))
+            want = (cfa, other(rbp), other(ra), tuple(other(s) for s in saved))
+            assert got == want, (path, hex(start), hex(loc), got, want)
             checked += 1
     return checked
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 
 import pytest
@@ -173,6 +174,61 @@ def test_python_frames_follow_the_evaluation_loop_and_fold_it(python_run):
     assert any("pymalloc" in n and "PYTHONMALLOC=malloc" in n for n in report["notes"])
 
 
+def _program_path(frames):
+    """A Python path innermost first as (file, line, function), cut after the program's own
+    top frame: memray runs the program through runpy and its own launcher, whose frames lie
+    outside it. A qualified name compares by its last part (memray gives the code's name)."""
+    path = []
+    for file, line, function in frames:
+        path.append((file, line, function.split(".")[-1]))
+        if file == FIXTURE and function == "<module>":
+            break
+    return tuple(path)
+
+
+def _memray_leaks(tmp):
+    """The program under memray (`memray run --native`, its reader's leaks at the end of
+    tracking): {Python path: (bytes, blocks)} of the leaked blocks whose native stack passes
+    through libffi's ffi_call (the ctypes calls: native leak sites)."""
+    import memray
+
+    out = tmp / "memray.bin"
+    # the interpreter probedsl traced, with this environment's memray (its extension is built
+    # for the version, not the build)
+    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
+    args = [PYTHON, "-m", "memray", "run", "--native", "-q", "-o", str(out), FIXTURE, str(tmp / "m.jsonl"), "at-end"]
+    ran = subprocess.run(args, input="", capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ready", ran.stderr
+    leaks = {}
+    for record in memray.FileReader(str(out)).get_leaked_allocation_records(merge_threads=True):
+        if any(function == "ffi_call" for function, _, _ in record.native_stack_trace()):
+            path = _program_path((file, line, function) for function, file, line in record.stack_trace())
+            nbytes, blocks = leaks.get(path, (0, 0))
+            leaks[path] = (nbytes + record.size, blocks + record.n_allocations)
+    return leaks
+
+
+def test_memray_finds_the_same_native_leaks_with_the_same_python_frames(python_run, request, tmp_path):
+    """The same program under memray: the blocks leaked through ctypes, by Python path (function,
+    file, line, innermost first), with the same bytes and blocks (docs/python.md, "Compared
+    with memray", says where the two differ otherwise)."""
+    if request.node.callspec.params["python_run"] != "cmd":
+        return
+    sites, report, err = python_run
+    if _unnamed_version(report):
+        return
+    found = {}
+    for e in report["reports"][0]["entries"]:
+        if any(f["function"] == "ffi_call" for f in e["stack"]):
+            path = _program_path(_python_frames(e))
+            nbytes, blocks = found.get(path, (0, 0))
+            found[path] = (nbytes + e["bytes"], blocks + e["blocks"])
+    memray_found = _memray_leaks(tmp_path)
+    # the program's own record of its leak sites is among them (the comparison is not of nothing)
+    assert {_program_path(site["frames"]) for site in sites} < set(found), (found, err)
+    assert memray_found == found, err
+
+
 def test_forked_workers_name_their_own_frames(root_required, tmp_path):
     """A parent and its forked child each compile a function after the fork: one code object
     address, two functions, reached through one native stack. Each allocation is named after
@@ -207,7 +263,10 @@ def test_bpftrace_says_python_frames_need_bcc(root_required, tmp_path):
     )
     _, err = tracer.communicate(timeout=120)
     notes = json.loads(out.read_text())["notes"]
-    assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n], (notes, err)
+    assert [n for n in notes if "--backend bcc" in n and os.path.basename(PYTHON) in n and "pymalloc" in n], (
+        notes,
+        err,
+    )
 
 
 def test_the_bpftrace_note_reads_a_pid_through_its_exe_and_a_gone_one_is_no_note():
@@ -226,3 +285,62 @@ def test_the_bpftrace_note_reads_a_pid_through_its_exe_and_a_gone_one_is_no_note
     finally:
         python.communicate(b"")
         gone.wait()
+
+
+def test_no_python_frames_leaves_stacks_native_and_still_says_pymalloc(root_required, tmp_path):
+    out = tmp_path / "report.json"
+    common = ["memleak", "--backend", "bcc", "--no-python-frames", "--format", "json", "-o", str(out)]
+    tracer = start_run(*common, "--", PYTHON, "-c", "import json")
+    _, err = tracer.communicate(timeout=120)
+    assert tracer.returncode == 0, err
+    report = json.loads(out.read_text())
+    entries = report["reports"][0]["entries"]
+    assert entries and not any(_python_frames(e) for e in entries)
+    assert not any("Python frames of pid" in n for n in report["notes"]), report["notes"]
+    assert any("pymalloc" in n and "PYTHONMALLOC=malloc" in n for n in report["notes"]), report["notes"]
+
+
+def test_pymalloc_is_read_from_the_environment_the_process_started_with():
+    from probedsl.stacks import pyframes
+
+    env = dict(os.environ)
+    env.pop("PYTHONMALLOC", None)
+    started = [
+        subprocess.Popen([PYTHON, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, env=dict(env, **extra))
+        for extra in ({}, {"PYTHONMALLOC": "malloc"}, {"PYTHONMALLOC": "pymalloc"})
+    ]
+    try:
+        assert [pyframes.uses_pymalloc(p.pid) for p in started] == [True, False, True]
+    finally:
+        for p in started:
+            p.communicate(b"")
+
+
+def test_an_instruction_past_the_code_objects_end_is_not_named_after_it():
+    """A frame whose code object was freed and its address reused before it was read: when the
+    recorded instruction lies past the new code's end, the frame is unreadable, not the new
+    function (the recorded offset within the code's length is named)."""
+    from probedsl.process.mappings import read_proc_maps
+    from probedsl.stacks import pyframes
+
+    source = "import sys\ndef f():\n    return 1\nprint(id(f.__code__), len(f.__code__.co_code) // 2, flush=True)\n"
+    child = subprocess.Popen(
+        [PYTHON, "-c", source + "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        code, units = map(int, child.stdout.readline().split())
+        interp = pyframes.find(child.pid, read_proc_maps(child.pid))
+        if interp is None or interp.offsets is None:  # a version without frame layout: nothing named
+            return
+        namer = pyframes.Namer()
+        namer.know(child.pid, interp)
+        at = lambda unit: pyframes.named(
+            namer.pseudo(child.pid, code, interp.offsets.code_adaptive + 2 * unit, 0), namer
+        )
+        assert [at(unit)[0].function for unit in (-1, 0, units - 1)] == ["f"] * 3
+        assert at(units - 1)[0].line == 3
+        for unit in (units + 1, 10_000):
+            frame = at(unit)[0]
+            assert frame.function == "" and "address reused" in frame.why, frame
+    finally:
+        child.communicate("")

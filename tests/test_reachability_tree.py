@@ -2,8 +2,9 @@
 scanned, and let go; its kinds (per process, in reachability_scans) equal valgrind
 --trace-children=yes's LEAK SUMMARY of the same process, on the same binaries
 (tests/fixtures/tree_leaks.c): three forked children leaking differently, an exec chain
-(sh -c, env) with a thread pool whose workers leak, 200 leaky children of a shell loop, and a
-process whose main thread ends first (pthread_exit) and whose last thread leaks and exits."""
+(sh -c, env) with a thread pool whose workers leak, a shell traced by --pid and its descendants
+(these on both backends), 200 leaky children of a shell loop, and a process whose main thread
+ends first (pthread_exit) and whose last thread leaks and exits."""
 
 from __future__ import annotations
 
@@ -100,9 +101,23 @@ def tree_leaks(build):
     return build("tree_leaks")
 
 
+@pytest.fixture(scope="module")
+def valgrinds(tmp_path_factory):
+    """valgrind_per_process of a tree (argv of absolute paths), run once for both backends."""
+    runs = {}
+
+    def _of(argv):
+        if tuple(argv) not in runs:
+            where = tmp_path_factory.mktemp("vgtree")
+            runs[tuple(argv)] = valgrind_per_process(argv, where, where)
+        return runs[tuple(argv)]
+
+    return _of
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_three_forked_children_each_classified_as_valgrind_does(backend, tree_leaks, tmp_path):
-    want = valgrind_per_process([tree_leaks, "fork3"], tmp_path, tmp_path)
+def test_three_forked_children_each_classified_as_valgrind_does(backend, tree_leaks, valgrinds, tmp_path):
+    want = valgrinds([tree_leaks, "fork3"])
     assert sum(want.values()) == 4 and len(want) == 4, want  # four processes, each leaking its own way
     report = run_tree(backend, [tree_leaks, "fork3"], tmp_path)
     assert ours_per_process(report) == want
@@ -114,37 +129,39 @@ def test_three_forked_children_each_classified_as_valgrind_does(backend, tree_le
     assert len({p for e in lost for p in e["pids"]}) == 3, lost  # the parent, child 1 and child 2
 
 
-def test_exec_chain_and_thread_pool_classified_as_valgrind_does(tree_leaks, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exec_chain_and_thread_pool_classified_as_valgrind_does(backend, tree_leaks, valgrinds, tmp_path):
     """sh forks `env ... tree_leaks pool` (two execs: scanned at the last image's exit; a pool of
     four workers that leak, held in read() at the exit), then runs `tree_leaks leaky`."""
     argv = ["sh", "-c", f"env TREE=1 {tree_leaks} pool; {tree_leaks} leaky; true"]
-    want = valgrind_per_process(argv, tmp_path, tmp_path)
-    report = run_tree("bcc", argv, tmp_path)
+    want = valgrinds(argv)
+    report = run_tree(backend, argv, tmp_path)
     assert ours_per_process(report) == want
     commands = [s["command"] for s in report["reachability_scans"]]
     assert any(c.endswith("tree_leaks pool") for c in commands), commands  # its last image
-    text = probedsl("run", MEMLEAK, "--backend", "bcc", "--reachability", "--", *argv, cwd=tmp_path).stdout
+    text = probedsl("run", MEMLEAK, "--backend", backend, "--reachability", "--", *argv, cwd=tmp_path).stdout
     assert "by process" in text and "3 processes" in text, text
 
 
 def test_200_leaky_children_classified_in_full(tree_leaks, tmp_path):
     (tmp_path / "leaky_child").symlink_to(tree_leaks)
-    # no `seq`: coreutils' seq (-O2) keeps an interior word to its 8 KB buffer at exit that
-    # valgrind does not see (its definedness), a root-set difference of its own
-    argv = ["sh", "-c", "i=0; while [ $i -lt 200 ]; do ./leaky_child leaky; i=$((i+1)); done"]
+    # coreutils' seq (-O2) is one of the tree: its output buffer only in a callee-saved register
+    # of the frame that calls exit() (test_reachability_roots' coreutils seq)
+    argv = ["sh", "-c", "for i in $(seq 200); do ./leaky_child leaky; done"]
     want = valgrind_per_process(argv, tmp_path, tmp_path)
     report = run_tree("bcc", argv, tmp_path)
-    assert sum(want.values()) == 201  # sh and the 200 children
+    assert sum(want.values()) == 202  # sh, seq and the 200 children
     assert ours_per_process(report) == want
 
 
-def test_pid_and_its_descendants_classified_as_valgrind_does(tree_leaks, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pid_and_its_descendants_classified_as_valgrind_does(backend, tree_leaks, valgrinds):
     """--pid on a shell that, once probedsl traces it, runs `tree_leaks fork3` (a child that
     execs, and forks three): each of the four is held at its exit and classified."""
-    want = valgrind_per_process([tree_leaks, "fork3"], tmp_path, tmp_path)
+    want = valgrinds([tree_leaks, "fork3"])
     shell = subprocess.Popen(["sh", "-c", f"read x; {tree_leaks} fork3; true"], stdin=subprocess.PIPE)
     try:
-        tracer = start_run(MEMLEAK, "--backend", "bcc", "--reachability", "--format", "json", "--pid", str(shell.pid))
+        tracer = start_run(MEMLEAK, "--backend", backend, "--reachability", "--format", "json", "--pid", str(shell.pid))
         shell.communicate(b"go\n", timeout=120)
         out, err = tracer.communicate(timeout=120)
     finally:

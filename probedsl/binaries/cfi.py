@@ -1,10 +1,10 @@
 """Call-frame information (x86-64 .eh_frame) decoded into rows: at each code address, how to
 find the caller's frame (the CFA rule), where rbp was saved, and whether there is a caller.
 
-Only the columns an unwinder needs are kept (CFA, rbp, return address). The decoder is ours:
-pyelftools builds a dict per row (seconds for libc); this one reads the section once with
-struct: 63 ms for libc's 25,212 rows, 0.2 s for git's 60,001. tests/test_cfi.py checks it row by row against
-`readelf --debug-dump=frames-interp`.
+Only the columns an unwinder needs are kept (CFA, rbp, return address, the other callee-saved
+registers). The decoder is ours: pyelftools builds a dict per row (seconds for libc); this one
+reads the section once with struct: 63 ms for libc's 25,212 rows, 0.2 s for git's 60,001.
+tests/test_cfi.py checks it row by row against `readelf --debug-dump=frames-interp`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ EXPRESSION, PLT = -1, -2         # CFA "registers": an expression we do not eval
 # the expression every PLT's FDE has (binutils): CFA = rsp + 8, + 8 more once the stub's push
 # ran, i.e. when (rip & 15) >= 11 (the operand of DW_OP_lit11, kept as the row's offset)
 _PLT_EXPRESSION = (bytes.fromhex("770880003f1a"), bytes.fromhex("2a332422"))
+CALLEE_SAVED = (3, 12, 13, 14, 15)  # rbx, r12-r15: with rbp, what a callee keeps for its caller
 REGISTER_NAMES = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6: "rbp", 7: "rsp",
                   **{n: f"r{n}" for n in range(8, 16)}, 16: "rip"}
 
@@ -42,6 +43,7 @@ class Row:
     rbp: Rule
     ra: Rule
     signal: bool = False         # the FDE is a signal trampoline's ('S' augmentation)
+    saved: Tuple = ()            # ((CALLEE_SAVED register, rule), ...) of those not unchanged
 
     @property
     def frame_pointer_based(self) -> bool:
@@ -155,13 +157,14 @@ class _Cie:
 
 
 class _State:
-    __slots__ = ("cfa_register", "cfa_offset", "rbp", "ra")
+    __slots__ = ("cfa_register", "cfa_offset", "rbp", "ra", "saved")
 
-    def __init__(self, cfa_register=RSP, cfa_offset=8, rbp=None, ra=None):
+    def __init__(self, cfa_register=RSP, cfa_offset=8, rbp=None, ra=None, saved=()):
         self.cfa_register, self.cfa_offset, self.rbp, self.ra = cfa_register, cfa_offset, rbp, ra
+        self.saved: Tuple = saved
 
     def copy(self) -> "_State":
-        return _State(self.cfa_register, self.cfa_offset, self.rbp, self.ra)
+        return _State(self.cfa_register, self.cfa_offset, self.rbp, self.ra, self.saved)
 
 
 def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], start: int,
@@ -182,10 +185,14 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
             state.rbp = rule
         elif reg == cie.ra_register:
             state.ra = rule
+        elif reg in CALLEE_SAVED:
+            kept = tuple(p for p in state.saved if p[0] != reg)
+            state.saved = kept + ((reg, rule),) if rule is not None else kept
 
     def restore(reg: int) -> None:
         if initial is not None:
-            set_rule(reg, initial.rbp if reg == RBP else initial.ra if reg == cie.ra_register else None)
+            rule = initial.rbp if reg == RBP else initial.ra if reg == cie.ra_register else dict(initial.saved).get(reg)
+            set_rule(reg, rule)
 
     while r.pos < len(program):
         op = r.u8()
@@ -220,8 +227,8 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
         elif op == 0x0B:                                   # restore_state
             if stack:
                 saved = stack.pop()
-                state.cfa_register, state.cfa_offset, state.rbp, state.ra = \
-                    saved.cfa_register, saved.cfa_offset, saved.rbp, saved.ra
+                state.cfa_register, state.cfa_offset, state.rbp, state.ra, state.saved = \
+                    saved.cfa_register, saved.cfa_offset, saved.rbp, saved.ra, saved.saved
         elif op == 0x0C:                                   # def_cfa
             state.cfa_register = r.uleb()
             state.cfa_offset = r.uleb()
@@ -265,7 +272,7 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
 
 
 def _push(rows: List[Row], loc: int, state: _State, signal: bool) -> None:
-    row = Row(loc, state.cfa_register, state.cfa_offset, state.rbp, state.ra, signal)
+    row = Row(loc, state.cfa_register, state.cfa_offset, state.rbp, state.ra, signal, state.saved)
     if rows and rows[-1].address == loc:
         rows[-1] = row
     else:

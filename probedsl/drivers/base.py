@@ -32,9 +32,10 @@ class Driver(Protocol):
     def unwinds_stacks(self) -> bool:
         """Whether it unwinds user stacks itself (and so needs each process's mappings)."""
 
-    def follow_mappings(self, tracker, preload: List[str], wanted=None) -> None:
+    def follow_mappings(self, tracker, preload: List[str], wanted=None, python: bool = True) -> None:
         """Be told of processes' mappings (probedsl.process.mappings.MappingTracker); preload: files a
-        command about to start will map; wanted(pid): whether a process is traced (None: all).
+        command about to start will map; wanted(pid): whether a process is traced (None: all);
+        python: whether CPython processes get their Python frames walked.
         For a tracer that unwinds stacks itself."""
 
     def stop_following(self, tracker) -> None:

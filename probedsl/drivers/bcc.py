@@ -77,16 +77,16 @@ class BccDriver:
     def unwinds_stacks(self) -> bool:
         return self.loader is not None and self.loader.unwind is not None
 
-    def follow_mappings(self, tracker, preload, wanted=None) -> None:
+    def follow_mappings(self, tracker, preload, wanted=None, python=True) -> None:
         if self.loader is not None and self.loader.unwind is not None:
             unwind = self.loader.unwind
             unwind.preload(preload)
-            python = self.loader.python
+            python, walks = self.loader.python, python
 
             def told(pid, maps):
                 if wanted is None or wanted(pid):
                     unwind.process(pid, maps)
-                    python.process(pid, maps)
+                    python.process(pid, maps, walks)
 
             self._told = told
             tracker.listen(told)

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 
 from probedsl import threads
 from probedsl.ir.stackformat import PY_ENTRY_SHIFT as ENTRY_SHIFT, PY_FRAMES as MAX_FRAMES, PY_TRUNCATED as TRUNCATED
-from probedsl.stacks.pyframes import NAMER, RUN_END, Interpreter, Namer, find
+from probedsl.stacks.pyframes import NAMER, PYMALLOC_NOTE, RUN_END, Interpreter, Namer, find, uses_pymalloc
 
 
 def config_bytes(interp: Interpreter) -> bytes:
@@ -106,11 +106,16 @@ class Processes:
                 self._lib.bpf_free_ringbuf(self._reader)
             self._thread = None
 
-    def process(self, pid: int, mappings) -> None:
+    def process(self, pid: int, mappings, walk: bool = True) -> None:
+        """walk: whether its Python frames are walked (--no-python-frames: the pymalloc note only)."""
         interp = find(pid, mappings)
         if interp is None or self.seen.get(pid) == interp:
             return
         self.seen[pid] = interp
+        if uses_pymalloc(pid):
+            self._say(PYMALLOC_NOTE)
+        if not walk:
+            return
         if interp.offsets is None:
             self._say(
                 f"pid {pid} runs {interp.name}, a version (or build) probedsl has no frame layout for: "
@@ -120,10 +125,7 @@ class Processes:
         NAMER.know(pid, interp)
         key = self.table.Key(pid)
         self.table[key] = self.table.Leaf.from_buffer_copy(config_bytes(interp))
-        self._say(
-            f"Python frames of pid {pid} ({interp.name}) are in its stacks; objects under 512 bytes come "
-            "from pymalloc's arenas, not malloc: run it with PYTHONMALLOC=malloc to see them (docs/python.md)"
-        )
+        self._say(f"Python frames of pid {pid} ({interp.name}) are in its stacks")
 
     def _say(self, text: str) -> None:
         if text not in self.said:

@@ -307,7 +307,7 @@ class BpftraceDriver:
     def unwinds_stacks(self) -> bool:
         return False
 
-    def follow_mappings(self, tracker, preload, wanted=None) -> None:
+    def follow_mappings(self, tracker, preload, wanted=None, python=True) -> None:
         """bpftrace walks frame pointers in the kernel: nothing to load."""
 
     def stop_following(self, tracker) -> None:

@@ -2,8 +2,9 @@
 
 Roots are every writable mapping that holds no heap block (modules' .data and .bss, the
 program's own mmaps, thread-local storage), each paused thread's live stack (stackroots: from
-exit()'s caller for the thread ending the process; on a heap block when it runs there), and
-its general and vector registers. A pointer to a block's start makes it
+exit()'s caller for the thread ending the process; on a heap block when it runs there), its
+general and vector registers, and the callee-saved registers exit()'s caller had when it
+called (the exit path saved them in its own frames). A pointer to a block's start makes it
 reachable, one into its interior only possibly reachable; blocks reached from nothing are
 lost, split as memcheck does (mc_leakcheck.c): in address order, each unreached block claims
 as *indirectly* lost the unreached blocks it leads to, and stays *definitely* lost itself.
@@ -29,7 +30,7 @@ from probedsl.binaries import elf
 from probedsl.process import ptrace
 from probedsl.process.tether import PAUSE_TIMEOUT_S, Paused
 from probedsl.reachability.regions import Region, read_maps
-from probedsl.reachability.stackroots import _stack_tops, _heap_stacks
+from probedsl.reachability.stackroots import _heap_stacks, live_stacks
 
 DEFINITE, INDIRECT, POSSIBLE, REACHABLE = range(4)
 CHUNK = 16 << 20  # bytes read and scanned at a time (numpy's temporaries: ~5x)
@@ -61,7 +62,7 @@ def classify(
     graph = _Graph(starts, ends)
     pid = memory_of(pid, paused)
     regions, cut = read_maps(pid)
-    live = _stack_tops(pid, paused, regions)
+    live, exit_caller_registers = live_stacks(pid, paused, regions)
     heap, roots, notes = _split(regions, paused, starts, ends, live)
     if cut:
         notes.append(
@@ -88,6 +89,7 @@ def classify(
             scanned, unreadable = scanned + got, unreadable + (hi - lo - got)
     for regs in paused.registers.values():
         graph.add_root_words(np.array([regs[r] for r in (*ptrace.POINTER_REGISTERS, "fs_base")], dtype=np.uint64))
+    graph.add_root_words(np.array(exit_caller_registers, dtype=np.uint64))
     for words in paused.vectors.values():
         graph.add_root_words(np.frombuffer(words, dtype=np.uint64, count=len(words) // 8))
     kinds_sorted = graph.kinds()
@@ -112,7 +114,7 @@ def _split(regions: List[Region], paused: Paused, starts: np.ndarray, ends: np.n
     """(heap mappings, root ranges, notes): a writable mapping holding part of a block, or the
     brk heap, is the allocator's (scanned only inside blocks: the tail of a large block whose
     mapping a guard page split is the block's, not a root); the others are roots, a paused
-    thread's stack only from the top of its live frames up (_stack_tops; the stack of a
+    thread's stack only from the top of its live frames up (live_stacks; the stack of a
     thread that ended, which glibc keeps for reuse, or one a thread switched away from, whole,
     as valgrind does)."""
     heap, roots, notes = [], [], []

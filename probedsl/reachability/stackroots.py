@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -16,20 +16,30 @@ RED_ZONE = 128  # x86-64: a leaf function may keep data below its rsp
 
 
 def _stack_tops(pid: int, paused: Paused, regions: List[Region]) -> List[int]:
-    """Where each paused thread's live stack begins: the frame that called exit() for the
-    thread ending the process (libc's exit path below it is not a root); the stack pointer
-    less the red zone for a thread stopped in user code (a leaf function may keep live data
-    there); the stack pointer for one stopped in a system call (its wrapper keeps none)."""
-    tops = []
+    """Where each paused thread's live stack begins (live_stacks)."""
+    return live_stacks(pid, paused, regions)[0]
+
+
+def live_stacks(pid: int, paused: Paused, regions: List[Region]) -> Tuple[List[int], List[int]]:
+    """(where each paused thread's live stack begins, the registers of the frame that called
+    exit()). The live stack begins at the frame that called exit() for the thread ending the
+    process (libc's exit path below it is not a root); at the stack pointer less the red zone
+    for a thread stopped in user code (a leaf function may keep live data there); at the stack
+    pointer for one stopped in a system call (its wrapper keeps none). The registers are the
+    callee-saved ones exit()'s caller had when it called: live in that frame, they sit in the
+    exit path's frames (which saved them there and reused the registers), or still in place."""
+    tops, words = [], []
     for regs in paused.registers.values():
         call = regs["orig_rax"]
         if call in (_SYS_EXIT, _SYS_EXIT_GROUP):
-            tops.append(_exit_caller_sp(pid, regs, regions) or regs["rsp"])
+            found = _exit_caller(pid, regs, regions)
+            tops.append(found[0] if found else regs["rsp"])
+            words += found[1].values() if found else []
         elif call == _NO_SYSCALL:
             tops.append(max(regs["rsp"] - RED_ZONE, 0))
         else:
             tops.append(regs["rsp"])
-    return tops
+    return tops, words
 
 
 _SYS_EXIT, _SYS_EXIT_GROUP = 60, 231
@@ -55,15 +65,24 @@ EXIT_PATH = frozenset(
 
 
 def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
+    found = _exit_caller(pid, regs, regions)
+    return found[0] if found else None
+
+
+def _exit_caller(pid: int, regs, regions: List[Region]) -> Optional[Tuple[int, Dict[str, int]]]:
     """The stack pointer of the frame that called into libc's exit path, found by unwinding
     the exiting thread with its libc's call-frame rows (probedsl.binaries.cfi) while the frames are
     EXIT_PATH functions or unnamed ones of the file the thread stopped in (without libc's debug
     symbols its local functions, __run_exit_handlers among them, have no name): the stack
-    pointer above the outermost EXIT_PATH frame; None when there is none."""
+    pointer above the outermost EXIT_PATH frame, and that frame's callee-saved registers
+    (rbx, rbp, r12-r15: those whose value the rows recover); None when there is none."""
     from probedsl.binaries import cfi
 
-    pc, sp, rbp = regs["rip"], regs["rsp"], regs["rbp"]
-    top: Optional[int] = None
+    pc, sp = regs["rip"], regs["rsp"]
+    # the callee-saved registers as each frame found them; one whose rule the rows do not
+    # give as a slot (another register, an expression) is unknown from there on
+    kept = {cfi.REGISTER_NAMES[n]: regs[cfi.REGISTER_NAMES[n]] for n in (cfi.RBP, *cfi.CALLEE_SAVED)}
+    found: Optional[Tuple[int, Dict[str, int]]] = None
     first = ""  # the file of the frame the thread stopped in
     try:
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -85,15 +104,21 @@ def _exit_caller_sp(pid: int, regs, regions: List[Region]) -> Optional[int]:
                 row = table.row_at(vaddr)
                 if row is None or row.cfa_register not in (cfi.RSP, cfi.RBP):
                     break
-                cfa = (sp if row.cfa_register == cfi.RSP else rbp) + row.cfa_offset
-                if row.rbp and row.rbp[0] == "offset":
-                    rbp = word(cfa + row.rbp[1])
+                if row.cfa_register == cfi.RBP and "rbp" not in kept:
+                    break
+                cfa = (sp if row.cfa_register == cfi.RSP else kept["rbp"]) + row.cfa_offset
+                for n, rule in ((cfi.RBP, row.rbp), *row.saved):
+                    name = cfi.REGISTER_NAMES[n]
+                    if rule is not None and rule[0] == "offset":
+                        kept[name] = word(cfa + rule[1])
+                    elif rule is not None:
+                        kept.pop(name, None)
                 pc, sp = word(cfa - 8), cfa
                 if named:
-                    top = cfa
+                    found = (cfa, dict(kept))
     except OSError:
         return None
-    return top
+    return found
 
 
 def _heap_stacks(heap, starts: np.ndarray, ends: np.ndarray, live: List[int]) -> List[Tuple[int, int, int]]:

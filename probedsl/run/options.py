@@ -48,6 +48,7 @@ class RunOptions:
     reachability: bool = False  # scan the process at each report: valgrind's leak kinds
     leaks_only: bool = False  # with reachability: stack entries leave still-reachable blocks out
     python_native: bool = False  # keep the interpreter's frames that Python frames explain
+    python_frames: bool = True  # BCC dwarf: the Python walk (off: a CPython's stacks are native only)
     prometheus: Optional[str] = None  # ADDR:PORT to serve the latest report's gauges on
     allocator: Optional[str] = None  # probedsl.passes.allocators.KNOWN
     object: Optional[str] = None  # -O: the library allocation calls are in

@@ -182,7 +182,7 @@ class Session(Reporting):
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
         self.feeders.callback(self.driver.stop_following, self.tracker)
         self.driver.follow_mappings(self.tracker, [self.held.exe] + probed_files(self.program) if self.held else [],
-                                    traced(scope, self.tracker))
+                                    traced(scope, self.tracker), python=self.opts.python_frames)
         if self.stop.signal is not None:      # interrupted while attaching: no command runs
             raise KeyboardInterrupt
         self._tracing()
@@ -222,7 +222,7 @@ class Session(Reporting):
             self.follower.hold_exec(hold["mapped"], hold["at_exec"])
         if self.opts.reachability:
             self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
-        elif hold:
+        elif hold and self.opts.python_frames:
             self.exit_hold = pyhold.ExitHold.start(self.held.pid, self.held.exe, (hold["mapped"], hold["at_exec"]),
                                                    self.notes, self.follower)
         tether = self.follower or (self.scanner.tether if self.scanner else None)

@@ -84,13 +84,31 @@ def is_interpreter(path: str) -> bool:
     return bool(symbols_of(path))
 
 
+# a CPython's small objects are not malloc's: said for every traced CPython, whatever the backend
+PYMALLOC_NOTE = (
+    "CPython's objects under 512 bytes come from pymalloc's arenas, not malloc: run the program with "
+    "PYTHONMALLOC=malloc to see them (docs/python.md)"
+)
+
+
+def uses_pymalloc(pid: int) -> bool:
+    """Whether a CPython process's small objects come from pymalloc: PYTHONMALLOC=malloc (or
+    malloc_debug) in the environment it started with sends them to malloc."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return True
+    return not {b"PYTHONMALLOC=malloc", b"PYTHONMALLOC=malloc_debug"} & set(env)
+
+
 def bpftrace_note(exe: str, name: str = "") -> str:
     """bpftrace's frame-pointer stacks cannot carry Python frames: said once for a CPython."""
     if not exe or not is_interpreter(exe):
         return ""
     return (
         f"the target runs CPython ({os.path.basename(name or exe)}): its stacks show the interpreter's native frames "
-        "only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md)"
+        f"only; Python frames (function (file.py:LINE)) need --backend bcc (docs/python.md). {PYMALLOC_NOTE}"
     )
 
 
@@ -149,6 +167,9 @@ class PyFrame:
     why: str = ""  # why it is unnamed
 
 
+VAR_SIZE = 16  # ob_size in a PyVarObject (after the reference count and the type)
+
+
 @dataclass
 class _Code:
     qualname: str
@@ -156,6 +177,7 @@ class _Code:
     firstlineno: int
     adaptive: int
     linetable: bytes
+    units: int  # its bytecode's length in code units (Py_SIZE)
 
 
 class Namer:
@@ -209,6 +231,10 @@ class Namer:
         if c is None:
             return PyFrame("", "", 0, f"code object {code:#x} unreadable")
         units = (lasti - c.adaptive) // 2 if lasti >= 0 else -1
+        if not -1 <= units <= c.units:
+            # the instruction lies past this code's end: the frame's code object was freed and
+            # its address is another's (read too late), not a frame of this one
+            return PyFrame("", "", 0, f"code object {code:#x} freed before it was read (its address reused)")
         return PyFrame(c.qualname, c.filename, line_of(c.linetable, c.firstlineno, units))
 
 
@@ -239,7 +265,8 @@ def _read_code(pid: int, head: bytes, o: Offsets) -> Optional[_Code]:
     if qualname is None or filename is None:
         return None
     firstlineno = struct.unpack_from("<i", head, o.code_firstlineno)[0]
-    return _Code(qualname, filename, firstlineno, o.code_adaptive, table or b"")
+    units = struct.unpack_from("<q", head, VAR_SIZE)[0]  # a code object is a PyVarObject
+    return _Code(qualname, filename, firstlineno, o.code_adaptive, table or b"", units)
 
 
 def _read_str(pid: int, address: int, o: Offsets, limit: int = 4096) -> Optional[str]:
