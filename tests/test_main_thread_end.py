@@ -74,9 +74,10 @@ def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, t
     exe = tmp_path / "mainexit_pp"
     shutil.copy(tree_leaks, exe)
     tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
-    before = perf_events(tracer.pid)
-    held = Held([str(exe), "mainexit", "go"])  # the main thread ends once told
+    held = None
     try:
+        before = perf_events(tracer.pid)
+        held = Held([str(exe), "mainexit", "go"])  # the main thread ends once told
         deadline = time.monotonic() + 120
         while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
             time.sleep(0.01)  # until its uprobes are on
@@ -85,7 +86,9 @@ def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, t
     finally:
         tracer.send_signal(signal.SIGINT)
         out, err = tracer.communicate(timeout=120)
-        held.end()
+        if held is not None:
+            held.end()
+    assert held is not None
     notes = report_json(out)["notes"]
     said = [n for n in notes if f"allocations of pid {held.pid}'s other threads after its main thread ended" in n]
     assert len(said) == 1 and "are not recorded" in said[0], notes
