@@ -393,7 +393,7 @@ class BpftraceBackend(Backend):
         return self.render_template(
             program=program, dialect=self.target.name, images=bool(ending),
             forget_image=self.delete("@probedsl_images", ["(uint64)pid"]),
-            untrack_exited=self.delete("@probedsl_traced", ["(uint64)tid"]), description=self.comment(program.description),
+            untrack=lambda key: self.delete("@probedsl_traced", [key]), description=self.comment(program.description),
             declare_traced=f"let @probedsl_traced = hash({layout.THREADS});" if self.target.map_declarations else "",
             filename=self.comment(program.filename.rsplit("/", 1)[-1]), resources=resources,
             filter=self.filter(scope), scope=scope, pidns_ino=int(pidns_ino), ours=self.ours(),

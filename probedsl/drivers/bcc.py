@@ -39,6 +39,11 @@ class BccDriver:
         if loader is not None:
             loader.attach_child(pid)
 
+    def rebind(self, pid: int, tid: int) -> None:
+        """A process's uprobes opened on its thread tid too (BccLoader.rebind)."""
+        if self.loader is not None:
+            self.loader.rebind(pid, tid)
+
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         return self.loader.snapshot()
 
@@ -99,10 +104,13 @@ class BccDriver:
             self.loader.unwind.close()
 
     def notes(self) -> List[str]:
+        if self.loader is not None and self.loader.per_process:
+            self.loader.moves.check(self.loader)  # an end the last turn did not see yet
+        moved = self.loader.moves.notes if self.loader is not None else []
         if not self.unwinds_stacks():
-            return []
+            return moved
         hold = self.loader.hold.notes() if self.loader.hold is not None else []
-        return self.loader.unwind.notes() + self.loader.python.notes() + hold
+        return moved + self.loader.unwind.notes() + self.loader.python.notes() + hold
 
     def map_memory(self) -> int:
         return map_memory(os.getpid())

@@ -25,6 +25,13 @@ def check_headers() -> None:
 
 def cflags(pid: int) -> List[str]:
     flags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
+    try:  # where a task's thread count is in the running kernel (headers older than it misplace it)
+        flags += [
+            f"-DPROBEDSL_OFF_TASK_SIGNAL={btf.offset('task_struct', 'signal')}",
+            f"-DPROBEDSL_OFF_SIGNAL_LIVE={btf.offset('signal_struct', 'live')}",
+        ]
+    except (OSError, KeyError, ValueError):  # no BTF: the headers' layout
+        pass
     ns = pidns.own()
     if ns:  # the program's pids become this namespace's (bcc.c.j2)
         flags += [f"-DPROBEDSL_PIDNS_DEV={ns.dev}ULL", f"-DPROBEDSL_PIDNS_INO={ns.ino}ULL"]

@@ -32,6 +32,7 @@ from probedsl.drivers.bcc_compat import (
 )
 from probedsl.drivers.bcc_read import BccReading
 from probedsl.drivers.bcc_read import _items
+from probedsl.drivers.bcc_moves import Moves
 
 
 ATTACH_TRIES = 3  # --per-process: attempts, RETRY_S apart, before a process is given up
@@ -103,6 +104,7 @@ class BccLoader(BccReading):
         self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
         self.unclosed: deque = deque()  # uprobe events of ended processes
         self.last_arrival = 0.0
+        self.moves = Moves()  # --per-process: uprobes off a thread that ended alone
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process or self.held_forks:
             _allow_many_uprobes()
@@ -120,6 +122,7 @@ class BccLoader(BccReading):
             failure = self._attach(scope)
             if failure:
                 raise ProbedslError(failure)
+        self.scope = scope
         # --comm: a process with the name in a root not seen yet (a container started later)
         # maps other library files: the probes go on those too, as it arrives
         self.watch_roots = bool(manifest.get("watch_roots"))
@@ -179,6 +182,19 @@ class BccLoader(BccReading):
             self._attach_process(pid, last_try=True, quiet=False)
             self.refusals.pop(pid, None)
             self.last_arrival = time.monotonic()
+
+    def rebind(self, pid: int, tid: int) -> None:
+        """The thread the process's uprobes are on ended alone (pthread_exit, probedsl.process.rebind):
+        the same uprobes opened on another of its threads, tid (machine-wide ones match every thread)."""
+        with self.lock:
+            if self.closed or not (pid == self.scope or pid in self.attached):
+                return
+            before = set(self.bpf.uprobe_fds)
+            failure = self._attach(tid)
+            if pid in self.attached:  # closed with the process's own
+                self.attached[pid] += [e for e in self.bpf.uprobe_fds if e not in before]
+        if failure:
+            raise ProbedslError(failure)
 
     def reap(self, wait_s: float) -> None:
         """Following held forks: the uprobes of children that ended are closed, one a turn,
@@ -264,6 +280,7 @@ class BccLoader(BccReading):
                     added.append(pid)
             elif pid in self.refusals and not is_process(pid):
                 del self.refusals[pid]
+        self.moves.check(self)  # (before the reap: a process that ended with it is still known)
         for pid in [p for p in self.attached if not process_alive(p)]:
             self._detach(pid)
         if added:

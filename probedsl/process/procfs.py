@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from probedsl import notices
 from probedsl.errors import ProbedslError
@@ -75,6 +75,15 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return any(_state(f"/proc/{pid}/task/{t}/stat") not in (None, "Z") for t in tasks)
+
+
+def live_threads(pid: int, tids: Iterable[int] = ()) -> List[int]:
+    """Which of the process's threads (tids; all when empty) run: not ended, not zombies."""
+    try:
+        tids = list(tids) or sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+    return [t for t in tids if _state(f"/proc/{pid}/task/{t}/stat") not in (None, "Z", "X")]
 
 
 def _state(path: str) -> Optional[str]:

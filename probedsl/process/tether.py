@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from probedsl.process import ptrace
+from probedsl.process import ptrace, rebind
 from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HOLD_SIGNALS, MAX_HELD_SYSCALLS, shell_status
 
@@ -61,6 +61,9 @@ class Tether:
         self._on_fork: Optional[Callable[[int], None]] = None
         self._next_on_fork: Optional[Callable[[int], None]] = None
         self.on_exec: Optional[Callable[[], None]] = None    # at the process's exec, before it runs
+        self.on_bearer_end: Optional[rebind.Rebind] = None  # probedsl.process.rebind
+        self.bearers: Dict[int, int] = {}          # process -> the thread its uprobes are opened on
+        self.holding = 0                           # a process whose threads stop held (rebind)
         self.children = 0                          # processes followed since the start
         self.exit_status: Optional[int] = None     # the leader reaped (a launched command)
         self.at_exit = threading.Event()           # held at its exit: scan, then release_exit()
@@ -95,8 +98,7 @@ class Tether:
         self._exec_hold = (mapped, at_exec)
 
     def follow(self, on_fork: Callable[[int], None]) -> None:
-        """From now on each new child is held until on_fork(its pid) returns (called in the
-        tether's thread); children forked before this call waited for it."""
+        """Each child forked from now on, or waiting since, held until on_fork(its pid) returns (in our thread)."""
         self._next_on_fork = on_fork
         self._ask("follow")
 
@@ -243,8 +245,7 @@ class Tether:
             self._stopped(tid, sig)              # a signal on its way: delivered when it goes on
 
     def _born(self, new: int, process: int, event: int) -> None:
-        """A new thread, or a new process (fork, vfork, or a clone that is not a thread): a
-        process waits, stopped from its first instruction, until on_fork has run for it."""
+        """A new thread, or process (fork, vfork, a clone not a thread): held from its start until on_fork ran."""
         if event == ptrace.EVENT_CLONE and _leader_of(new) != new:
             self._threads.setdefault(new, Thread(state="new", process=process))
             return
@@ -275,7 +276,7 @@ class Tether:
         """A thread stopped: held while pausing (the tether's process), else sent on."""
         thread = self._threads[tid]
         thread.signal, thread.listen = sig, listen
-        if self._pausing and (thread.process == self.pid or self._closing):
+        if (self._pausing and (thread.process == self.pid or self._closing)) or thread.process == self.holding:
             thread.state = "held"
         else:
             self._go(tid, thread)
@@ -305,15 +306,15 @@ class Tether:
         ptrace.request(ptrace.SYSCALL, tid, 0, sig)
 
     def _exit_stop(self, tid: int) -> None:
-        """A thread at its exit. One ending alone (exit(2), the others running on) goes on;
-        otherwise the process is ending (exit_group, a fatal signal, or killed by either) and
-        every thread is held at its exit, memory intact, until the scan is done."""
+        """A thread at its exit. One ending alone (exit(2), the others running on) goes on (its uprobes moved
+        first: rebind); else the process is ending (exit_group, a fatal signal): each thread held, memory intact."""
         thread = self._threads[tid]
         if self._holds_exit(thread) and not self._ending_alone(tid, thread):
             thread.state, thread.signal, thread.listen = "exit", 0, False
             self._exit_complete()
-        else:   # gone: it stops no more (a leader's end is told only after its other threads')
-            self._go(tid, thread)
+        elif not (self.on_bearer_end and self.bearers.get(thread.process, thread.process) == tid
+                  and self._ending_alone(tid, thread) and rebind.switch(self, tid, self.on_bearer_end)):
+            self._go(tid, thread)   # gone: it stops no more (a leader's end is told after its threads')
             thread.state = "gone"
 
     def _holds_exit(self, thread: Thread) -> bool:
@@ -358,8 +359,7 @@ class Tether:
         return True
 
     def _stop_all(self, everyone: bool = False) -> None:
-        """Interrupt every running thread of the process (everyone: of the children too) and
-        wait (PAUSE_TIMEOUT_S at most) for each to stop; a thread born meanwhile stops by itself."""
+        """Interrupt the process's running threads (everyone: the children's too), wait for each (PAUSE_TIMEOUT_S)."""
         self._pausing = True
         which = (lambda: self._threads) if everyone else self._mine
         for tid, thread in which().items():

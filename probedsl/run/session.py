@@ -10,7 +10,7 @@ from typing import List, Optional
 from probedsl.passes import allocators
 from probedsl.report import history
 from probedsl import compiler, faults, targets, threads
-from probedsl.run import doctor, estimate, pyhold, signals
+from probedsl.run import bearers, doctor, estimate, pyhold, signals
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
@@ -170,13 +170,15 @@ class Session(Reporting):
         faults.wait("attach")
         self._hold_forks()                             # before the probes: no fork is missed
         self.driver.start()                            # 2
-        if self.follower:
+        self._watch_bearers(self.follower)
+        if self.follower and scope.tracks_children:
             if self.held:               # a copy of probedsl until its exec: traced from there
                 self.follower.on_exec = lambda: self.driver.trace_from_exec(self.held.pid)
             self.follower.follow(self.driver.attach_child)
         self.marks["attached"] = estimate.process_age()
         if self.opts.reachability and scope.mode == "pid":
             self._tie(scope.pid)
+            self._watch_bearers(self.scanner.tether if self.scanner else None)
         # 3: the unwinder's rows for what the command will map, and for every process as it maps
         self.feeders.callback(self.driver.stop_following, self.tracker)
         self.driver.follow_mappings(self.tracker, [self.held.exe] + probed_files(self.program) if self.held else [],
@@ -225,27 +227,38 @@ class Session(Reporting):
                                                    self.notes, self.follower)
         tether = self.follower or (self.scanner.tether if self.scanner else None)
         tether = tether or (self.exit_hold.tether if self.exit_hold else None)
+        self._watch_bearers(tether)
         self.held.release(env, tether=tether, **hold)
 
     def _hold_forks(self) -> None:
-        """--pid following forks where the target attaches uprobes per process: a tether
-        (ptrace) holds each child at its fork until its own uprobes are on, so other processes
-        never trap. Refused (another tracer holds the process): every process is probed and
-        the BPF filter keeps the traced ones, as said in a note."""
+        """--pid or a command where the target attaches uprobes per process: a tether (ptrace)
+        holds each child at its fork (following forks) until its own uprobes are on, so other
+        processes never trap, and moves a process's uprobes off its main thread when that ends
+        alone (probedsl.process.rebind). Refused (another tracer holds the process): every
+        process is probed and the BPF filter keeps the traced ones, as said in a note; not
+        following forks, the uprobes stay on the main thread, as said too."""
         scope = self.program.scope
-        if not (scope.tracks_children and self.target.scopes_uprobes(scope)):
+        if not (scope.mode in ("pid", "cmd") and self.target.scopes_uprobes(scope)):
             return
-        tether = TreeTether(scope.pid, forks=True, hold_exit=self.opts.reachability, launched=bool(self.held),
-                        purpose="following forks")
+        forks = scope.tracks_children
+        tether = TreeTether(scope.pid, forks=forks, hold_exit=self.opts.reachability, launched=bool(self.held),
+                            purpose="following forks" if forks else "following the main thread")
         try:
             tether.start()
         except ProbedslError as exc:
-            self.fork_refusal = str(exc)
-            self.notes.append(f"{exc}: children are followed by uprobes on every process")
+            if forks:
+                self.fork_refusal = str(exc)
+            self.notes.append(f"{exc}: " + ("children are followed by uprobes on every process" if forks else
+                                            "allocations after its main thread ends alone (pthread_exit) would "
+                                            "not be recorded"))
             return
         self.cleanup.callback(tether.close)
         self.follower = tether
-        self.driver.held_forks = True
+        self.driver.held_forks = forks
+
+    def _watch_bearers(self, tether) -> None:
+        bearers.watch(tether, self.driver, self.target.name, self.target.scopes_uprobes(self.program.scope),
+                      self.notes)
 
     def _tie(self, pid: int, exec_hold=None) -> None:
         """--reachability: hold the process under ptrace; a refusal is a note, not the end."""

@@ -111,9 +111,17 @@ static __always_inline int probedsl_process_ends(void)
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
     struct signal_struct *signal = 0;
     int live = 1;
+#ifdef PROBEDSL_OFF_TASK_SIGNAL
+    // the running kernel's layout (its BTF, drivers/bcc_compile.py): headers older than the
+    // kernel misplace task_struct's fields (measured: 6.1's on 6.18 read garbage here)
+    bpf_probe_read_kernel(&signal, sizeof(signal), (char *)task + PROBEDSL_OFF_TASK_SIGNAL);
+    if (signal)
+        bpf_probe_read_kernel(&live, sizeof(live), (char *)signal + PROBEDSL_OFF_SIGNAL_LIVE);
+#else
     bpf_probe_read_kernel(&signal, sizeof(signal), &task->signal);
     if (signal)
         bpf_probe_read_kernel(&live, sizeof(live), &signal->live.counter);
+#endif
     return live == 0;
 }
 
@@ -143,7 +151,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     probedsl_unw_parents.delete(&tid);
-    probedsl_traced.delete(&tid);
+    // a thread's own entry (added at its clone) goes with it; the process's (its pid) only with
+    // the process: a main thread that ends alone (pthread_exit) leaves the others traced
+    if ((u32)(id >> 32) != tid) {
+        probedsl_traced.delete(&tid);
+        tid = id >> 32;
+    }
+    if (probedsl_process_ends())
+        probedsl_traced.delete(&tid);
     if (probedsl_process_ends()) {   // a new process may take its pid
         u32 pid = id >> 32;
         probedsl_images.delete(&pid);

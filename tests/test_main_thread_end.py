@@ -1,0 +1,94 @@
+"""A process whose main thread ends alone (pthread_exit) while another thread goes on: what
+that thread allocates afterwards is recorded, with its stack (docs/reachability.md, Limits).
+tree_leaks mainexit's last thread keeps 2 x 72 B (lose) and 1 x 88 B (keep) after the main
+thread ended."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from conftest import MEMLEAK, Held, probedsl, report_json, start_run
+
+AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (bytes, blocks)
+MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
+
+
+def after_main(report: dict) -> dict:
+    """The outstanding heap of the last thread, by the function that called the allocator."""
+    got: dict = {}
+    for entry in report["reports"][0]["entries"]:
+        names = [f.get("function") for f in entry["stack"]]
+        if "last_thread" in names:
+            caller = names[names.index("last_thread") - 1]
+            bytes_, blocks = got.get(caller, (0, 0))
+            got[caller] = (bytes_ + entry["bytes"], blocks + entry["blocks"])
+    return got
+
+
+@pytest.fixture(scope="module")
+def tree_leaks(build):
+    return build("tree_leaks")
+
+
+@pytest.mark.parametrize("backend, how", [("bcc", "command"), ("bcc", "pid"), ("bpftrace", "command")])
+def test_allocations_after_the_main_thread_ended_are_recorded(backend, how, tree_leaks, root_required):
+    """BCC opens the process's uprobes again on the thread that goes on, at the main thread's
+    exit (its uprobes are bound to the main thread's task); bpftrace 0.17 probes every process
+    and its filter keeps the process traced while any thread of it lives."""
+    run = (MEMLEAK, "--backend", backend, "--format", "json")
+    if how == "command":
+        result = probedsl("run", *run, "--", tree_leaks, "mainexit", timeout=300)
+        out, err = result.stdout, result.stderr
+    else:
+        held = Held([tree_leaks, "mainexit", "go"])  # the main thread ends once told
+        try:
+            tracer = start_run(*run, "--pid", str(held.pid))
+            held.go()
+            out, err = tracer.communicate(timeout=300)
+        finally:
+            held.end()
+    report = report_json(out)
+    assert after_main(report) == AFTER_MAIN, err
+    assert not [n for n in report["notes"] if "main thread" in n], report["notes"]
+
+
+def perf_events(pid: int) -> int:
+    """The perf events the process holds open (an fd closed meanwhile is not one)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            pass
+    return count
+
+
+def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, tmp_path, root_required):
+    """--comm --per-process holds no process: the main thread's end is seen by the program, the
+    uprobes moved at the loader's next turn, and what was lost meanwhile said, naming the pid."""
+    exe = tmp_path / "mainexit_pp"
+    shutil.copy(tree_leaks, exe)
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
+    held = None
+    try:
+        before = perf_events(tracer.pid)
+        held = Held([str(exe), "mainexit", "go"])  # the main thread ends once told
+        deadline = time.monotonic() + 120
+        while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
+            time.sleep(0.01)  # until its uprobes are on
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+        if held is not None:
+            held.end()
+    assert held is not None
+    notes = report_json(out)["notes"]
+    said = [n for n in notes if f"allocations of pid {held.pid}'s other threads after its main thread ended" in n]
+    assert len(said) == 1 and "are not recorded" in said[0], notes
