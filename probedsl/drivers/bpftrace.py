@@ -204,6 +204,7 @@ class BpftraceDriver:
         self.ready = threading.Event()
         self.proc: Optional[subprocess.Popen] = None
         self._dir = tempfile.mkdtemp(prefix="probedsl-")
+        self.env: Dict[str, str] = {}  # added to bpftrace's environment
 
     def start(self, timeout: float = 60) -> None:
         exe = shutil.which("bpftrace")
@@ -218,6 +219,7 @@ class BpftraceDriver:
         max_live = max((r.max_live for r in self.program.resources), default=1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
         env.update(self.target.environment(max_live))
+        env.update(self.env)
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -284,9 +286,18 @@ class BpftraceDriver:
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         """Ask the script for its maps (its getpgid probe prints them) and wait for them; if
         bpftrace ends meanwhile, the maps its END probe printed."""
+        self.expect()
+        os.getpgid(0)
+        return self.received(timeout)
+
+    def expect(self) -> None:
+        """Forget snapshots printed before: the next one is the answer to the coming ask (one
+        getpgid() asks every bpftrace of the run, probedsl.run.late_roots)."""
         while not self.snapshots.empty():
             self.snapshots.get_nowait()
-        os.getpgid(0)
+
+    def received(self, timeout: float = 30) -> Optional[Snapshot]:
+        """The snapshot printed for the last ask; END's if bpftrace ended; None after timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -322,11 +333,12 @@ class BpftraceDriver:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
+    def stop(self, timeout: float = 30, asked: bool = False) -> Optional[Snapshot]:
         """The final snapshot, then end bpftrace. Once bpftrace has ended by itself (with -p it
-        ends with its process), the one its END probe printed; None if it printed none."""
+        ends with its process), the one its END probe printed; None if it printed none.
+        asked: the caller has called expect() and asked already."""
         if self.alive():
-            last = self.snapshot(timeout)
+            last = self.received(timeout) if asked else self.snapshot(timeout)
         else:
             self._reader.join(timeout)
             last = self.last

@@ -10,7 +10,7 @@ from typing import List, Optional
 from probedsl.passes import allocators
 from probedsl.report import history
 from probedsl import compiler, faults, targets, threads
-from probedsl.run import doctor, estimate, pyhold, signals
+from probedsl.run import doctor, estimate, late_roots, pyhold, signals
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
@@ -140,6 +140,9 @@ class Session(Reporting):
         ns = pidns.own()    # in a container: the pids the program compares are its namespace's
         self.driver = drivers.for_target(target, program, compiler.generate(
             program, target, ready_pid=os.getpid(), pidns_ino=ns.ino if ns else 0))
+        if target.backend == "bpftrace" and late_roots.applies(target, program.scope):   # a bpftrace per new root
+            self.driver = late_roots.LateRoots(
+                self.driver, late_roots.lowering(recipe, target, choices, opts, ns.ino if ns else 0), self.say)
         self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
@@ -155,8 +158,10 @@ class Session(Reporting):
         if scope.mode in ("pid", "cmd") and scope.follow_forks:
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
-        if scope.mode in ("comm", "all") and not scope.per_process and not self.target.follows_new_roots:
+        if late_roots.applies(self.target, scope):
             self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, self.probed_roots, self.say)
+            if isinstance(self.driver, late_roots.LateRoots):
+                self.driver.watch(self.unprobed)
             self.tracker.listen(self.unprobed)
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
