@@ -31,6 +31,7 @@ from probedsl.errors import ProbedslError
 from probedsl.passes import allocators
 from probedsl.process import roots
 from probedsl.process.libraries import LibraryResolver, loader_map
+from probedsl.process.procfs import process_alive
 from probedsl.process.tether import Tether
 from probedsl.process.unprobed import UnprobedRoots
 
@@ -77,8 +78,8 @@ class Child:
     root: str
     driver: object
     pids: List[int]
-    started_s: float
-    held: bool
+    waited_s: float  # from the first process's hold (or sighting) to its bpftrace's start
+    not_held: str  # why the first process could not be held ("": it was)
     ended_said: bool = False
 
 
@@ -127,8 +128,9 @@ class LateRoots:
         tether, why = Tether(pid, hold_exit=False, purpose="a root's bpftrace"), ""
         try:
             tether.start()
-            if tether.pause() is None:
-                raise ProbedslError("it ended")
+            if tether.pause() is None:  # it ended: it ran untraced
+                tether.close()
+                return False
         except ProbedslError as exc:
             tether.close()
             tether, why = None, str(exc)
@@ -164,7 +166,13 @@ class LateRoots:
                     a.tether.close()  # detached: it runs on
 
     def _start(self, key: Tuple[int, int], arrivals: List[Arrival]) -> None:
-        first, began = arrivals[0], time.monotonic()
+        alive = [a for a in arrivals if process_alive(a.pid)]
+        if not alive:  # its files are read through a live process: the next one in the root
+            for a in arrivals:
+                if self.unprobed:
+                    self.unprobed.record(a.pid, a.comm, a.root)
+            return
+        first, began, driver = alive[0], time.monotonic(), None
         number = len(self.children) + 2
         try:
             program, generated = self.lower(LibraryResolver(pid=first.pid), self._new_files_only)
@@ -178,6 +186,8 @@ class LateRoots:
             driver.env = self._own_copies()
             driver.start()
         except Exception as exc:  # any failure: a note; the processes are named untraced
+            if driver is not None:
+                driver.kill()
             why = _one_line(exc)
             self.notes_.append(f"bpftrace #{number} for root {first.root} (pid {first.pid}) did not start: {why}")
             self.say(f"note: bpftrace #{number} for root {first.root} did not start: {why}")
@@ -193,9 +203,10 @@ class LateRoots:
             self._done.add(key)
         if self.unprobed:
             self.unprobed.probed.add(key)
-        held = all(a.tether for a in arrivals)
         self.children.append(
-            Child(number, first.root, driver, [a.pid for a in arrivals], time.monotonic() - began, held)
+            Child(
+                number, first.root, driver, [a.pid for a in arrivals], time.monotonic() - first.noticed, first.why_not
+            )
         )
         self.say(
             f"bpftrace #{number} traces root {first.root} (pid {', '.join(str(a.pid) for a in arrivals)}), "
@@ -292,9 +303,9 @@ class LateRoots:
         said = [
             f"bpftrace #{c.number}: root {c.root}, from pid {c.pids[0]} "
             + (
-                f"(held {c.started_s:.1f} s while it started)"
-                if c.held
-                else f"(not held: it ran untraced for the {c.started_s:.1f} s it took to start)"
+                f"(not held, {c.not_held}: it ran untraced for the {c.waited_s:.1f} s until it was on)"
+                if c.not_held
+                else f"(held {c.waited_s:.1f} s until it was on)"
             )
             for c in self.children
         ]

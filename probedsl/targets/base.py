@@ -95,8 +95,9 @@ class Target:
         notes = []
         if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots:
             notes.append(
-                f"{self.name}: processes in a root that none had at start (a container started later) "
-                "load other library files, which are not probed; --backend bcc follows them"
+                f"{self.name}: a process in a root that none had at start (a container started later) loads "
+                "other library files: it gets a bpftrace of its own, held until that one is on (seconds); "
+                "what it did before is not seen; --backend bcc follows it in one process"
             )
         if not self.probe_offsets:
             unplaced = [
