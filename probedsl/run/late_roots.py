@@ -36,6 +36,9 @@ from probedsl.process.tether import Tether
 from probedsl.process.unprobed import UnprobedRoots
 
 FILE_KINDS = (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT)
+# each bpftrace holds its own maps (~250 MB of kernel memory at the default --max-live): the
+# roots past this many are named untraced instead
+MAX_ROOTS = 8
 
 
 def applies(target: targets.Target, scope: ir.Scope) -> bool:
@@ -175,6 +178,8 @@ class LateRoots:
         first, began, driver = alive[0], time.monotonic(), None
         number = len(self.children) + 2
         try:
+            if len(self.children) >= MAX_ROOTS:
+                raise ProbedslError(f"{MAX_ROOTS} late roots have a bpftrace already (each holds its own maps)")
             program, generated = self.lower(LibraryResolver(pid=first.pid), self._new_files_only)
             if not any(r.probes for r in program.resources):
                 self._done.add(key)
@@ -210,7 +215,7 @@ class LateRoots:
         )
         self.say(
             f"bpftrace #{number} traces root {first.root} (pid {', '.join(str(a.pid) for a in arrivals)}), "
-            f"started in {time.monotonic() - began:.1f} s"
+            f"started in {time.monotonic() - began:.1f} s; its maps hold {driver.map_memory() / 2**20:.0f} MB"
         )
 
     def _own_copies(self) -> Dict[str, str]:
