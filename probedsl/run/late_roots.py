@@ -99,6 +99,8 @@ class LateRoots:
             {p.library for r in main.program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE}
         )
         self._probed = files_of(main.program)  # a file probed twice would count each call twice
+        # tracepoints and system calls alone fire for every process: a late root changes nothing
+        self._on_files = any(p.kind in FILE_KINDS for r in main.program.resources for p in r.probes)
         self._pending: Dict[Tuple[int, int], List[Arrival]] = {}
         self._done: Set[Tuple[int, int]] = set()  # roots with a bpftrace (or nothing new to probe)
         self._failed: Set[Tuple[int, int]] = set()  # roots whose bpftrace did not start
@@ -118,6 +120,8 @@ class LateRoots:
     def adopt(self, pid: int, key: Tuple[int, int], comm: str, root: str) -> Optional[bool]:
         """A process of the target in a root not probed: queued for its root's bpftrace (held
         meanwhile) once its maps name the recipe's libraries; None until then."""
+        if not self._on_files:
+            return True
         with self._lock:
             if self._closed:
                 return False
