@@ -126,6 +126,7 @@ class LateRoots:
             if self._closed:
                 return False
             if key in self._done:
+                self._waiting.pop(pid, None)
                 return key not in self._failed
         resolver = LibraryResolver(pid=pid)
         if not all((path := resolver.resolve(lib)) and os.path.isfile(path) for lib in self._libraries):

@@ -51,6 +51,7 @@ class Session(Reporting):
               3. feeders: the driver's unwinder told of mappings (tracker -> kernel maps)
               4. the tether (--reachability), then the command let go ("tracing ..." is said)
     trace     reports at intervals until a signal, the target's end, --duration or the tracer's end
+              (bpftrace --comm/--all: a bpftrace more for each root that appears, run/late_roots.py)
     end       always, in this order, each step run even if one before it failed:
               1. feeders stopped: listeners detached, the unwinder closed to writes, the
                  tracker's thread joined (bounded)
