@@ -47,8 +47,9 @@ def applies(target: targets.Target, scope: ir.Scope) -> bool:
 
 
 def lowering(recipe, target: targets.Target, choices: compiler.Choices, opts, pidns_ino: int):
-    """resolver -> (program, generated) for one root: the run's passes, the allocator found
-    again there (its library is that root's), the same requests watched (our pid)."""
+    """(resolver, keep) -> (program, generated) for one root: the run's passes with the
+    allocator found again there (its library is that root's), then keep (what is left to
+    probe), generated to watch the same requests (our pid)."""
 
     def lower(resolver: LibraryResolver, keep: Callable[[ir.Program], ir.Program]):
         found = allocators.choose(opts.allocator, opts.object, opts.symbols_prefix, resolver.resolve)
