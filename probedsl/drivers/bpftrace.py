@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from probedsl import ir
 from probedsl.targets.base import Generated
@@ -206,7 +206,9 @@ class BpftraceDriver:
         self._dir = tempfile.mkdtemp(prefix="probedsl-")
         self.env: Dict[str, str] = {}  # added to bpftrace's environment
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, cancelled: Optional[Callable[[], bool]] = None) -> None:
+        """Run bpftrace and wait until its probes are on; cancelled: asked while waiting
+        (the run's end), bpftrace is then killed and ProbedslError raised."""
         exe = shutil.which("bpftrace")
         if exe is None:
             raise ProbedslError("bpftrace is not installed (apt-get install bpftrace, or run scripts/setup.sh)")
@@ -243,6 +245,9 @@ class BpftraceDriver:
             if time.monotonic() > deadline:
                 self.kill()
                 raise ProbedslError(f"bpftrace did not attach its probes within {timeout:.0f}s")
+            if cancelled is not None and cancelled():
+                self.kill()
+                raise ProbedslError("the run ended while bpftrace attached its probes")
             self.ready.wait(0.02)
 
     def explain_failure(self) -> str:
@@ -299,14 +304,15 @@ class BpftraceDriver:
     def received(self, timeout: float = 30) -> Optional[Snapshot]:
         """The snapshot printed for the last ask; END's if bpftrace ended; None after timeout."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:  # asked at least once: with a deadline shared by several, timeout may be 0
             try:
                 return self.snapshots.get(timeout=0.1)
             except queue.Empty:
                 if not self.alive():
-                    self._reader.join(timeout)  # it reads END's maps to the end of the pipe
+                    self._reader.join(max(timeout, 1))  # it reads END's maps to the end of the pipe
                     return self.last
-        return None
+                if time.monotonic() >= deadline:
+                    return None
 
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns."""
@@ -368,3 +374,16 @@ class BpftraceDriver:
         either; the final snapshot was read before."""
         if self.proc is not None and self.alive():
             self.proc.kill()
+
+    def discard(self) -> None:
+        """After a start that failed: killed, its script's directory removed, reaped by a
+        thread (its exit removes the uprobes it placed, which takes a while)."""
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        proc = self.proc
+        if proc is not None:
+
+            def reap() -> None:
+                proc.wait()
+
+            threads.start("probedsl-bpftrace-reap", reap)

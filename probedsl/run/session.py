@@ -14,7 +14,7 @@ from probedsl.run import doctor, estimate, late_roots, pyhold, signals
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
-from probedsl.errors import ProbedslError
+from probedsl.errors import ProbedslError, one_line
 from probedsl.process import pidns
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
@@ -104,7 +104,7 @@ class Session(Reporting):
                 except Exception as exc:       # once tracing, whatever fails, the report is made
                     if not self.tracing:
                         raise
-                    self.incomplete.append(f"the run failed while tracing: {_one_line(exc)}")
+                    self.incomplete.append(f"the run failed while tracing: {one_line(exc)}")
             return self.finish()
 
     def prepare(self) -> None:
@@ -143,7 +143,8 @@ class Session(Reporting):
             program, target, ready_pid=os.getpid(), pidns_ino=ns.ino if ns else 0))
         if target.backend == "bpftrace" and late_roots.applies(target, program.scope):   # a bpftrace per new root
             self.driver = late_roots.LateRoots(
-                self.driver, late_roots.lowering(recipe, target, choices, opts, ns.ino if ns else 0), self.say)
+                self.driver, late_roots.lowering(recipe, target, choices, opts, ns.ino if ns else 0), self.say,
+                stopping=self.ending)
         self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
@@ -284,6 +285,12 @@ class Session(Reporting):
         elif self.exit_hold:
             self.exit_hold.at_exit(self.driver)
 
+    def ending(self) -> bool:
+        """A signal came or --duration is over: the run is to end (no new work begins)."""
+        if self.stop.signal is not None:
+            return True
+        return bool(self.tracing and self.opts.duration and time.monotonic() - self.started >= self.opts.duration)
+
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
         scope, held = self.program.scope, self.held
@@ -356,11 +363,11 @@ class Session(Reporting):
                 try:
                     self._at_exit()
                 except Exception as exc:       # the final snapshot is still taken
-                    self.notes.append(f"the snapshot at the command's exit failed ({_one_line(exc)}): "
+                    self.notes.append(f"the snapshot at the command's exit failed ({one_line(exc)}): "
                                       "Python frames of code freed at its end may be unnamed")
                 final, reach = driver.stop(), None
         except Exception as exc:              # BCC raises bare Exception
-            self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")
+            self.incomplete.append(f"the final snapshot failed: {one_line(exc)}")
             final, reach = None, None
         if final is None:
             why = f"{self.target.name} gave no final snapshot: {driver.explain_failure()}"
@@ -381,10 +388,5 @@ class Session(Reporting):
         if not self.saved:
             return status or 1
         return INCOMPLETE if rep.incomplete and status == 0 else status
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
