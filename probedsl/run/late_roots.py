@@ -266,6 +266,10 @@ class LateRoots(MergedDriver):
                 return False
             self._failed_start(key, arrivals, first, one_line(exc))
             return True
+        except BaseException:  # Ctrl-C outside the run's handler: no bpftrace left behind
+            if driver is not None:
+                driver.discard()
+            raise
         number = next(self._numbers)
         self._probed |= files_of(program)
         with self._lock:
