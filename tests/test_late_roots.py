@@ -245,3 +245,16 @@ def test_same_image_containers_share_their_layer_file(root_required, tmp_path):
     finally:
         for m in mounts:
             subprocess.run(["umount", str(m)], check=False)
+
+
+def test_a_resource_with_only_some_probes_on_new_files_is_said_split(tmp_path):
+    program = compiler.build(compiler.load(MEMLEAK))
+    res = program.resources[0]
+    copy = str(tmp_path / "libc.so.6")
+    shutil.copy2(res.probes[0].path, copy)
+    moved = dataclasses.replace(res, probes=(dataclasses.replace(res.probes[0], path=copy),) + res.probes[1:])
+    mixed = dataclasses.replace(program, resources=(moved,) + program.resources[1:])
+    late = LateRoots(SimpleNamespace(program=program), None, print)
+    kept = late._new_files_only(mixed)
+    assert len(res.probes) > 1 and late_roots.split(mixed, kept) == [res.name]
+    assert late_roots.split(program, late._new_files_only(on_file(program, copy))) == []
