@@ -51,7 +51,7 @@ def _layer_file(path: str, dev: int) -> Optional[str]:
     for layer in _layers(options):
         candidate = os.path.join(layer, rel)
         try:
-            st = os.lstat(candidate)
+            st = os.stat(candidate)  # the paths compared are those the maps name: no symlink
         except OSError:
             continue
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
