@@ -151,7 +151,7 @@ class LateRoots(MergedDriver):
         # the same real files (one image's containers): neither held nor a bpftrace
         probed = mapped and not self._usdt and all(real_key(p) in self._probed for p in paths if p)
         with self._lock:
-            verdict = self._verdict(key)
+            verdict = False if self._closed else self._verdict(key)
             if verdict is None and not mapped:
                 self._waiting[pid] = (comm, root, key)
                 return None
