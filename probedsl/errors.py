@@ -41,6 +41,15 @@ class ProbedslError(Exception):
     """An error the user can act on; the CLI prints it as one line, without a traceback."""
 
 
+def one_line(exc: BaseException) -> str:
+    """exc in one line for a note: its first line; the type's name unless it is the user's."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(exc, ProbedslError) and first:
+        return first
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
 class RecipeError(ProbedslError):
     """One or more located problems in a recipe."""
 

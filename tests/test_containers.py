@@ -126,11 +126,11 @@ def test_a_process_in_a_new_mount_and_pid_namespace_whose_root_we_cannot_see(bac
     assert_seed_leak(report)
 
 
-def late_root(leak_root, tmp_path):
-    """A copy of leak_root whose program has a name (leak_late) no process has yet."""
-    root = tmp_path / "late"
+def late_root(leak_root, tmp_path, name="leak_late", folder="late"):
+    """A copy of leak_root whose program has a name no process has yet."""
+    root = tmp_path / folder
     shutil.copytree(leak_root, root, symlinks=True)
-    os.rename(root / "leak_delayed", root / "leak_late")
+    os.rename(root / "leak_delayed", root / name)
     return root
 
 
@@ -170,14 +170,33 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
 
 
 @pytest.mark.debian13
-def test_bpftrace_names_a_process_in_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
+def test_bpftrace_starts_a_bpftrace_for_a_root_that_appears_after_tracing_began(leak_root, tmp_path):
     """bpftrace's probes sit on the libraries of the roots seen at start: a --comm process in a
-    root started later is not traced, and the report counts and names it (notes and JSON)."""
-    root = late_root(leak_root, tmp_path)
-    tracer = start_run(MEMLEAK, "--backend", "bpftrace", "--format", "json", "--comm", "leak_late")
-    held = Held(["chroot", str(root), "/leak_late", "wait"])
-    out, err = run_once_said(tracer, held, f"pid {held.pid} (leak_late) runs in a root")
+    root started later gets a bpftrace of its own, held until it is on, and the report merges
+    both: the late process's leaks, exact, and no process left untraced."""
+    root = late_root(leak_root, tmp_path, "btroot7x")
+    tracer = start_run(MEMLEAK, "--backend", "bpftrace", "--format", "json", "--top", "50", "--comm", "btroot7x")
+    held = Held(["chroot", str(root), "/btroot7x", "wait", "1"])
+    out, err = run_once_said(tracer, held, f"traces root {root} (pid {held.pid})")
     assert tracer.returncode == 0, err
     report = report_json(out)
-    assert report["untraced"] == [{"pid": held.pid, "comm": "leak_late", "root": str(root)}]
-    assert any(f"pid {held.pid} (leak_late, root {root})" in n and n.startswith("1 process") for n in report["notes"])
+    assert_seed_leak(report)
+    assert_accounted(report)
+    assert report.get("untraced", []) == []
+    said = f"bpftrace #2: root {root}, from pid {held.pid} (held "
+    assert any(n.startswith("bpftrace #1: ") and said in n for n in report["notes"]), report["notes"]
+
+
+@pytest.mark.debian13
+def test_bpftrace_names_a_late_process_it_cannot_trace(leak_root, tmp_path):
+    """A root whose bpftrace cannot start (its path has a space, which probedsl does not put in
+    a probe): the process is let go, counted and named (notes and JSON), the run goes on."""
+    root = late_root(leak_root, tmp_path, "btroot7y", folder="late root")
+    tracer = start_run(MEMLEAK, "--backend", "bpftrace", "--format", "json", "--comm", "btroot7y")
+    held = Held(["chroot", str(root), "/btroot7y", "wait"])
+    out, err = run_once_said(tracer, held, f"pid {held.pid} (btroot7y) runs in a root none")
+    assert tracer.returncode == 0, err
+    report = report_json(out)
+    assert report["untraced"] == [{"pid": held.pid, "comm": "btroot7y", "root": str(root)}]
+    assert any(f"pid {held.pid} (btroot7y, root {root})" in n and n.startswith("1 process") for n in report["notes"])
+    assert any(n.startswith(f"bpftrace #2 for root {root} (pid {held.pid}) did not start: ") for n in report["notes"])

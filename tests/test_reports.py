@@ -473,3 +473,26 @@ def test_pprof_labels_mappings_with_the_build_ids_the_run_read_not_this_hosts_fi
     path.write_bytes(formats.render(again, "pprof"))
     raw = _go_pprof("-raw", str(path))
     assert "/gone/on/this/host/libx.so" in raw and "0123abcd" * 5 in raw, raw
+
+
+def test_snapshots_of_several_tracers_merge_into_one():
+    """A bpftrace per root (probedsl.run.late_roots): counters, lifetime buckets and tallies add
+    up, live entries join, and a snapshot without live entries leaves the merge without them."""
+    from probedsl.drivers.merged import merged
+
+    def snap(pid, acquired, live=True):
+        totals = Totals(acquired=acquired, released=1, lifetime={(): [(1024, 2047, 1)]})
+        entries = [Live("heap", (pid, 16), 5, 8, pid)] if live else None
+        tally = {("ustack", "pid"): {((0x401000,), pid): (8, 1, 5), ((0x402000,), 7): (4, 1, 3)}}
+        return Snapshot(
+            10 + pid, entries, {"heap": totals}, final=True, tallies={"heap": tally}, incomplete=[f"why {pid}"]
+        )
+
+    one = merged([snap(1, 3), snap(2, 4)])
+    heap = one.totals["heap"]
+    assert (heap.acquired, heap.released, heap.lifetime) == (7, 2, {(): [(1024, 2047, 2)]})
+    tally = one.tallies["heap"][("ustack", "pid")]
+    assert tally[((0x401000,), 1)] == (8, 1, 5) and tally[((0x401000,), 2)] == (8, 1, 5)
+    assert tally[((0x402000,), 7)] == (8, 2, 3)  # the same group seen by both: summed
+    assert [e.pid for e in one.live] == [1, 2] and one.now_ns == 12 and one.incomplete == ["why 1", "why 2"]
+    assert merged([snap(1, 3), snap(2, 4, live=False)]).live is None

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from probedsl import ir
 from probedsl.targets.base import Generated
@@ -204,8 +204,11 @@ class BpftraceDriver:
         self.ready = threading.Event()
         self.proc: Optional[subprocess.Popen] = None
         self._dir = tempfile.mkdtemp(prefix="probedsl-")
+        self.env: Dict[str, str] = {}  # added to bpftrace's environment
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, cancelled: Optional[Callable[[], bool]] = None) -> None:
+        """Run bpftrace and wait until its probes are on; cancelled: asked while waiting
+        (the run's end), bpftrace is then killed and ProbedslError raised."""
         exe = shutil.which("bpftrace")
         if exe is None:
             raise ProbedslError("bpftrace is not installed (apt-get install bpftrace, or run scripts/setup.sh)")
@@ -218,6 +221,7 @@ class BpftraceDriver:
         max_live = max((r.max_live for r in self.program.resources), default=1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
         env.update(self.target.environment(max_live))
+        env.update(self.env)
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -241,6 +245,9 @@ class BpftraceDriver:
             if time.monotonic() > deadline:
                 self.kill()
                 raise ProbedslError(f"bpftrace did not attach its probes within {timeout:.0f}s")
+            if cancelled is not None and cancelled():
+                self.kill()
+                raise ProbedslError("the run ended while bpftrace attached its probes")
             self.ready.wait(0.02)
 
     def explain_failure(self) -> str:
@@ -284,18 +291,28 @@ class BpftraceDriver:
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         """Ask the script for its maps (its getpgid probe prints them) and wait for them; if
         bpftrace ends meanwhile, the maps its END probe printed."""
+        self.expect()
+        os.getpgid(0)
+        return self.received(timeout)
+
+    def expect(self) -> None:
+        """Forget snapshots printed before: the next one is the answer to the coming ask (one
+        getpgid() asks every bpftrace of the run, probedsl.run.late_roots)."""
         while not self.snapshots.empty():
             self.snapshots.get_nowait()
-        os.getpgid(0)
+
+    def received(self, timeout: float = 30) -> Optional[Snapshot]:
+        """The snapshot printed for the last ask; END's if bpftrace ended; None after timeout."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:  # asked at least once: with a deadline shared by several, timeout may be 0
             try:
                 return self.snapshots.get(timeout=0.1)
             except queue.Empty:
                 if not self.alive():
-                    self._reader.join(timeout)  # it reads END's maps to the end of the pipe
+                    self._reader.join(max(timeout, 1))  # it reads END's maps to the end of the pipe
                     return self.last
-        return None
+                if time.monotonic() >= deadline:
+                    return None
 
     def idle(self, seconds: float) -> None:
         """The run loop's pause between turns."""
@@ -322,11 +339,12 @@ class BpftraceDriver:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30) -> Optional[Snapshot]:
+    def stop(self, timeout: float = 30, asked: bool = False) -> Optional[Snapshot]:
         """The final snapshot, then end bpftrace. Once bpftrace has ended by itself (with -p it
-        ends with its process), the one its END probe printed; None if it printed none."""
+        ends with its process), the one its END probe printed; None if it printed none.
+        asked: the caller has called expect() and asked already."""
         if self.alive():
-            last = self.snapshot(timeout)
+            last = self.received(timeout) if asked else self.snapshot(timeout)
         else:
             self._reader.join(timeout)
             last = self.last
@@ -356,3 +374,16 @@ class BpftraceDriver:
         either; the final snapshot was read before."""
         if self.proc is not None and self.alive():
             self.proc.kill()
+
+    def discard(self) -> None:
+        """After a start that failed: killed, its script's directory removed, reaped by a
+        thread (its exit removes the uprobes it placed, which takes a while)."""
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        proc = self.proc
+        if proc is not None:
+
+            def reap() -> None:
+                proc.wait()
+
+            threads.start("probedsl-bpftrace-reap", reap)

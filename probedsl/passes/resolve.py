@@ -13,6 +13,7 @@ from probedsl.binaries import elf, usdt
 from probedsl import ir
 from probedsl.errors import Diagnostic, ProbedslError, RecipeError
 from probedsl.process.libraries import SAFE_PATH, LibraryResolver
+from probedsl.process.realfile import real_key
 
 
 def resolve(program: ir.Program, resolver: LibraryResolver, source: str = "") -> ir.Program:
@@ -102,14 +103,15 @@ def _usdt_sites(probe: ir.Probe, resolver: LibraryResolver, filename: str, diagn
 
 
 def _other_copies(path: str, probe: ir.Probe, resolver: LibraryResolver) -> Tuple[str, ...]:
-    """The probe's library in other roots, once per file, where it has the function."""
+    """The probe's library in other roots, once per real file (two containers of one image
+    share their layer's file: a probe on each path would count each call twice), where it has
+    the function."""
     copies: Dict[Tuple[int, int], str] = {}
     for other in [path] + resolver.elsewhere(probe.library):
-        try:
-            st = os.stat(other)
-        except OSError:
+        key = real_key(other)
+        if key is None:
             continue
         syms = elf.symbols(other)
         if SAFE_PATH.match(other) and syms and syms.address_of(probe.function) is not None:
-            copies.setdefault((st.st_dev, st.st_ino), other)
+            copies.setdefault(key, other)
     return tuple(p for p in copies.values() if p != path)

@@ -21,6 +21,9 @@ class UnprobedRoots:
 
     def __init__(self, comm: Optional[str], probed: Iterable[Tuple[int, int]], say: Callable[[str], None]):
         self.comm, self.say = comm, say
+        # takes a process found (pid, root key, comm, root) and traces it: True when it will be
+        # traced, False when it cannot, None when not yet (asked again at its next mapping change)
+        self.adopt: Optional[Callable[[int, Tuple[int, int], str, str], Optional[bool]]] = None
         self.probed: Set[Tuple[int, int]] = {k for k in (roots.stat_key("/"), *probed) if k}
         self.found: Dict[int, dict] = {}
         self._checked: Dict[int, Tuple[int, int]] = {}  # pid -> the root it had when checked
@@ -33,11 +36,19 @@ class UnprobedRoots:
         name = procfs.comm(pid)
         if name is None or (self.comm is not None and name != self.comm):
             return  # checked again at its next change (an exec may give it the name)
-        self._checked[pid] = key
         try:
             root = os.readlink(f"/proc/{pid}/root")
         except OSError:
             return
+        taken = self.adopt(pid, key, name, root) if self.adopt else False
+        if taken is None:
+            return
+        self._checked[pid] = key
+        if not taken:
+            self.record(pid, name, root)
+
+    def record(self, pid: int, name: str, root: str) -> None:
+        """A process of the target that is not traced: named now, counted in the report."""
         with self._lock:
             self.found[pid] = {"pid": pid, "comm": name, "root": root}
         self.say(

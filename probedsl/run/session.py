@@ -8,17 +8,16 @@ import time
 from typing import List, Optional
 
 from probedsl.passes import allocators
-from probedsl.report import history
-from probedsl import compiler, faults, targets, threads
-from probedsl.run import bearers, doctor, estimate, pyhold, signals
+from probedsl.report import history, timeseries
+from probedsl import compiler, drivers, faults, targets, threads
+from probedsl.run import bearers, doctor, estimate, late_roots, pyhold, signals
 from probedsl.trust import escape
 from probedsl.outputs import prometheus
 from probedsl.reachability import scanner
-from probedsl.errors import ProbedslError
-from probedsl.process import pidns
+from probedsl.errors import ProbedslError, one_line
+from probedsl.process import pidns, roots
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
-from probedsl.process import roots
 from probedsl.process.procfs import process_alive, processes_named
 from probedsl.process.libraries import linked_libraries, mapped_files
 from probedsl.process.mappings import MappingTracker
@@ -26,8 +25,6 @@ from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
 from probedsl.stacks.symbolizer import Symbolizer
 from probedsl.process.tree_tether import TreeTether
-from probedsl import drivers
-from probedsl.report import timeseries
 from probedsl.run.options import RunOptions, scope_of, check_output, traced, probed_files, bystander_notes, end_command
 from probedsl.run.reporting import Reporting
 
@@ -51,6 +48,7 @@ class Session(Reporting):
               3. feeders: the driver's unwinder told of mappings (tracker -> kernel maps)
               4. the tether (--reachability), then the command let go ("tracing ..." is said)
     trace     reports at intervals until a signal, the target's end, --duration or the tracer's end
+              (bpftrace --comm/--all: a bpftrace more for each root that appears, run/late_roots.py)
     end       always, in this order, each step run even if one before it failed:
               1. feeders stopped: listeners detached, the unwinder closed to writes, the
                  tracker's thread joined (bounded)
@@ -103,7 +101,7 @@ class Session(Reporting):
                 except Exception as exc:       # once tracing, whatever fails, the report is made
                     if not self.tracing:
                         raise
-                    self.incomplete.append(f"the run failed while tracing: {_one_line(exc)}")
+                    self.incomplete.append(f"the run failed while tracing: {one_line(exc)}")
             return self.finish()
 
     def prepare(self) -> None:
@@ -140,6 +138,9 @@ class Session(Reporting):
         ns = pidns.own()    # in a container: the pids the program compares are its namespace's
         self.driver = drivers.for_target(target, program, compiler.generate(
             program, target, ready_pid=os.getpid(), pidns_ino=ns.ino if ns else 0))
+        if target.backend == "bpftrace" and late_roots.applies(target, program.scope):   # a bpftrace per new root
+            lowering = late_roots.lowering(recipe, target, choices, opts, ns.ino if ns else 0)
+            self.driver = late_roots.LateRoots(self.driver, lowering, self.say, stopping=self.ending)
         self.marks = {"generated": estimate.process_age()}      # --estimate with -- CMD says them
         self.exporter = None
         if opts.prometheus:
@@ -155,8 +156,10 @@ class Session(Reporting):
         if scope.mode in ("pid", "cmd") and scope.follow_forks:
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
-        if scope.mode in ("comm", "all") and not scope.per_process and not self.target.follows_new_roots:
+        if late_roots.applies(self.target, scope):
             self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, self.probed_roots, self.say)
+            if isinstance(self.driver, late_roots.LateRoots):
+                self.driver.watch(self.unprobed)
             self.tracker.listen(self.unprobed)
         self.feeders.callback(self.tracker.stop_thread)
         if self.resolver_root:
@@ -257,8 +260,7 @@ class Session(Reporting):
         self.driver.held_forks = forks
 
     def _watch_bearers(self, tether) -> None:
-        bearers.watch(tether, self.driver, self.target.name, self.target.scopes_uprobes(self.program.scope),
-                      self.notes)
+        bearers.watch(tether, self.driver, self.target.name, self.target.scopes_uprobes(self.program.scope), self.notes)
 
     def _tie(self, pid: int, exec_hold=None) -> None:
         """--reachability: hold the process under ptrace; a refusal is a note, not the end."""
@@ -290,6 +292,12 @@ class Session(Reporting):
             self.scanner.at_exit()
         elif self.exit_hold:
             self.exit_hold.at_exit(self.driver)
+
+    def ending(self) -> bool:
+        """A signal came or --duration is over: the run is to end (no new work begins)."""
+        if self.stop.signal is not None:
+            return True
+        return bool(self.tracing and self.opts.duration and time.monotonic() - self.started >= self.opts.duration)
 
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
@@ -363,11 +371,11 @@ class Session(Reporting):
                 try:
                     self._at_exit()
                 except Exception as exc:       # the final snapshot is still taken
-                    self.notes.append(f"the snapshot at the command's exit failed ({_one_line(exc)}): "
+                    self.notes.append(f"the snapshot at the command's exit failed ({one_line(exc)}): "
                                       "Python frames of code freed at its end may be unnamed")
                 final, reach = driver.stop(), None
         except Exception as exc:              # BCC raises bare Exception
-            self.incomplete.append(f"the final snapshot failed: {_one_line(exc)}")
+            self.incomplete.append(f"the final snapshot failed: {one_line(exc)}")
             final, reach = None, None
         if final is None:
             why = f"{self.target.name} gave no final snapshot: {driver.explain_failure()}"
@@ -388,10 +396,5 @@ class Session(Reporting):
         if not self.saved:
             return status or 1
         return INCOMPLETE if rep.incomplete and status == 0 else status
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 

@@ -93,10 +93,13 @@ class Target:
         """What this target cannot do for the program, said once at start."""
         scope = program.scope
         notes = []
-        if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots:
+        on_files = any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for r in program.resources for p in r.probes)
+        if scope.mode in ("all", "comm") and not scope.per_process and not self.follows_new_roots and on_files:
             notes.append(
-                f"{self.name}: processes in a root that none had at start (a container started later) "
-                "load other library files, which are not probed; --backend bcc follows them"
+                f"{self.name}: a process in a root that none had at start (a container started later) may "
+                "load other library files: those get a bpftrace of their own, started while the process "
+                "is held (when ptrace may hold it; else it runs untraced meanwhile); what it did before "
+                "is not seen; --backend bcc follows it in one process"
             )
         if not self.probe_offsets:
             unplaced = [
