@@ -21,6 +21,7 @@ POINTS = {
     "attach": "waits before the driver attaches its probes",
     "exec-hold": "waits while a launched command is held at its exec (the loader hold)",
     "final": "waits before the final snapshot",
+    "mapping-hold": "waits while a launched process is stopped by the mapping hold, before it is continued",
     "image-sweep": "says (without waiting) each time BCC's loader freed entries of ended process images",
 }
 

@@ -444,3 +444,31 @@ def test_output_to_a_device_writes_it_in_place(build):
     assert_clean(result.stderr)
     assert result.returncode == 0, result.stderr
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and not os.path.exists("/dev/null.tmp")
+
+
+def test_a_killed_probedsl_leaves_no_process_stopped_by_the_mapping_hold():
+    """SIGKILL while a launched command is stopped at a mapping of code (BPF sent it SIGSTOP
+    until the unwinder has the file's rows): the guard continues it, and it runs to its end."""
+    gate = Gate("mapping-hold")
+    code = "import ctypes; print('imported', flush=True)"  # _ctypes and libffi: mapped code
+    tracer = run_tracer("--backend", "bcc", "--", "/usr/bin/python3", "-c", code, env=gate.env)
+    command = 0
+    try:
+        wait_said(tracer, "fault mapping-hold reached")
+        with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        (command,) = [p for p in children if code.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert state(command) in ("T", "t"), "the command was not stopped by the mapping hold"
+        pidfd = os.pidfd_open(command)
+        tracer.kill()
+        tracer.wait()  # not its pipes: the command holds them until it ends
+        ended = select.poll()
+        ended.register(pidfd, select.POLLIN)
+        assert ended.poll(60_000), f"pid {command} was left stopped ({state(command)})"
+        os.close(pidfd)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+        if command and state(command) in ("T", "t"):
+            os.kill(command, signal.SIGKILL)
+        tracer.communicate()

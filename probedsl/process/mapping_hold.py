@@ -23,6 +23,9 @@ import threading
 import time
 from typing import Callable, Dict, List
 
+from probedsl import faults
+from probedsl.process import hold_guard
+
 
 class MappingHold:
     def __init__(self, bpf):
@@ -32,8 +35,11 @@ class MappingHold:
         self.closed = False
         self.released = 0  # stops ended here (how many times code waited)
         self.longest_ns = 0  # the longest of them, from the stop to SIGCONT
+        self._guard = -1  # the write end of the guard's pipe (probedsl.process.hold_guard)
 
     def start(self) -> None:
+        # before the first stop: whatever ends probedsl, a stopped process is continued
+        self._guard = hold_guard.start(self.marks.map_fd, self.switch.map_fd)
         self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def turn(self, drain: Callable[[], None]) -> None:
@@ -45,6 +51,7 @@ class MappingHold:
             pids = self._marked()
         if not pids:
             return
+        faults.wait("mapping-hold")
         drain()
         with self._lock:
             if not self.closed:
@@ -60,6 +67,9 @@ class MappingHold:
                 except Exception:  # BCC raises bare Exception: the maps are gone
                     pass
             self._release(self._marked())
+            if self._guard >= 0:
+                hold_guard.done(self._guard)
+                self._guard = -1
 
     def notes(self) -> List[str]:
         if not self.released:

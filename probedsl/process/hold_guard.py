@@ -1,0 +1,106 @@
+"""The mapping hold's guard: a small process that continues the processes the BPF program
+stopped (probedsl_unw_held) when probedsl dies without doing it (SIGKILL, the OOM killer), so
+a traced program is never left stopped.
+
+probedsl keeps the write end of a pipe; the guard blocks reading it. probedsl writes "d"
+when its own close has continued every marked process, and the guard exits. End of file
+without it means probedsl is gone: the guard turns the switch the BPF program reads off
+(no new stop), then continues every marked process, twice (a program may have sent a stop
+just before the switch went off and mark it just after)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_UPDATE, _DELETE, _NEXT_KEY = 2, 3, 4  # BPF_MAP_UPDATE_ELEM, _DELETE_ELEM, _GET_NEXT_KEY
+_AGAIN_S = 0.05  # before the second pass: a stop in flight when the switch went off
+
+
+class _Elem(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # the next key's buffer for _NEXT_KEY
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+def start(marks_fd: int, switch_fd: int) -> int:
+    """The guard, running: returns the pipe's write end, which must stay open (and be
+    written "d" once every marked process was continued)."""
+    read, write = os.pipe()
+    subprocess.Popen(
+        [sys.executable, "-m", "probedsl.process.hold_guard", str(marks_fd), str(switch_fd)],
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(marks_fd, switch_fd),
+        start_new_session=True,  # not ended with probedsl's terminal or process group
+    )
+    os.close(read)
+    return write
+
+
+def done(write_fd: int) -> None:
+    try:
+        os.write(write_fd, b"d")
+    except OSError:  # the guard is gone already
+        pass
+    os.close(write_fd)
+
+
+def _bpf(cmd: int, elem: _Elem) -> int:
+    return _libc.syscall(_SYS_BPF, cmd, ctypes.byref(elem), ctypes.sizeof(elem))
+
+
+def _marked(marks_fd: int) -> list:
+    pids, key, nxt = [], ctypes.c_uint32(0), ctypes.c_uint32(0)
+    first = True
+    while len(pids) < 65536:
+        elem = _Elem(marks_fd, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(nxt), 0)
+        if _bpf(_NEXT_KEY, elem) != 0:
+            return pids
+        pids.append(nxt.value)
+        key.value, first = nxt.value, False
+    return pids
+
+
+def _let_go(marks_fd: int, switch_fd: int) -> None:
+    zero, off = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    _bpf(_UPDATE, _Elem(switch_fd, 0, ctypes.addressof(zero), ctypes.addressof(off), 0))
+    for again in (False, True):
+        if again:
+            time.sleep(_AGAIN_S)
+        for pid in _marked(marks_fd):
+            key = ctypes.c_uint32(pid)
+            _bpf(_DELETE, _Elem(marks_fd, 0, ctypes.addressof(key), 0, 0))
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def main(argv: list) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a Ctrl-C or kill of the group ends probedsl, not this
+    while True:
+        said = os.read(0, 1)
+        if said == b"d":
+            return 0
+        if not said:  # probedsl is gone without its close
+            _let_go(int(argv[1]), int(argv[2]))
+            return 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
