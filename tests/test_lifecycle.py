@@ -161,6 +161,32 @@ def test_the_target_exits_during_attach(backend, build):
         assert err.strip().splitlines()[-1].startswith("probedsl: error: "), err
 
 
+def test_the_held_command_killed_during_attach(build):
+    """`-- CMD` on BCC: the command (a copy of probedsl blocked before its exec, followed by the
+    fork tether) is killed while the probes go on: a one-line error or a report, never a
+    traceback (the tether may have reaped it first)."""
+    gate = Gate("attach")
+    tracer = run_tracer("--backend", "bcc", "--", build("leak_delayed"), "0", "0", env=gate.env)
+    try:
+        wait_said(tracer, "fault attach reached")
+        with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
+            (held,) = [int(p) for p in f.read().split()]
+        os.kill(held, signal.SIGKILL)
+        gate.open()
+        out, err = tracer.communicate(timeout=120)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.communicate()
+    assert_clean(err)
+    if "probedsl: tracing" in err:  # attached before it was gone: a report; the command's status
+        assert tracer.returncode == 128 + signal.SIGKILL, err
+        report_json(out)
+    else:  # a one-line error, before tracing began
+        assert tracer.returncode == 1, err
+        assert err.strip().splitlines()[-1].startswith("probedsl: error: "), err
+
+
 def test_the_command_exits_during_the_loader_hold(build):
     """BCC with dwarf stacks holds `-- CMD` at its exec until its libraries have rows."""
     gate = Gate("exec-hold")
