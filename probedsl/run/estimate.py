@@ -76,23 +76,30 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     # the script on stdin; "--": a process name like "-x" is an argument, not an option
     argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = 'printf("done\\n"); exit();'
     script = backends.for_target(bpftrace).count_script(replace(program, scope=scope))
-    proc.stdin.write(script + f"interval:ms:{int(seconds * 1000)} {{ print(@calls); {done} }}\n")
+    # the counts at each tick: the window is measured between two ticks after every probe is
+    # attached (a probe attached late, on a loaded machine, would count a shorter window)
+    proc.stdin.write(script + 'interval:ms:100 { print(@calls); printf("tick %lld\\n", nsecs); }\n')
     proc.stdin.close()
-    calls: Dict[str, int] = {label: 0 for label in hits}
-    counted = False
+    current: Dict[str, int] = {}
+    attached, first, calls, elapsed = False, None, {}, 0.0
     for line in proc.stdout:
         msg = json.loads(line) if line.startswith("{") else {}
-        if msg.get("type") == "map":
-            for label, n in (msg["data"].get("@calls") or {}).items():
-                calls[label] = int(n)
-        elif msg.get("type") == "printf" and msg.get("data", "").startswith("done"):
-            counted = True  # an empty map prints nothing: no calls at all
-            break
+        if msg.get("type") == "attached_probes":
+            attached = True
+        elif msg.get("type") == "map":
+            current = {label: int(n) for label, n in (msg["data"].get("@calls") or {}).items()}
+        elif attached and msg.get("type") == "printf" and msg.get("data", "").startswith("tick "):
+            now = int(msg["data"].split()[1])
+            if first is None:
+                first = (now, dict(current))  # an empty map prints nothing: no calls yet
+            elif now - first[0] >= seconds * 1e9:
+                elapsed = (now - first[0]) / 1e9
+                calls = {label: current.get(label, 0) - first[1].get(label, 0) for label in hits}
+                break
     proc.kill()
     proc.wait()
-    if not counted:
+    if not elapsed:
         errors = [l for l in proc.stderr.read().splitlines() if "RLIMIT_MEMLOCK" not in l]
         raise ProbedslError("--estimate: bpftrace gave no counts: " + "; ".join(errors[:2]))
-    return Estimate(seconds, calls, hits)
+    return Estimate(elapsed, calls, hits)
