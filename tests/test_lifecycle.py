@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -484,6 +485,10 @@ def test_a_killed_probedsl_leaves_no_process_stopped_by_the_mapping_hold():
         with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
             children = [int(p) for p in f.read().split()]
         (command,) = [p for p in children if code.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+        # marked as the stop is sent: it enters the stop on its way back to user space
+        deadline = time.monotonic() + 30
+        while state(command) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert state(command) in ("T", "t"), "the command was not stopped by the mapping hold"
         pidfd = os.pidfd_open(command)
         tracer.kill()

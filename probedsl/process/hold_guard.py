@@ -20,7 +20,7 @@ import time
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
 _UPDATE, _DELETE, _NEXT_KEY = 2, 3, 4  # BPF_MAP_UPDATE_ELEM, _DELETE_ELEM, _GET_NEXT_KEY
-_AGAIN_S = 0.05  # before the second pass: a stop in flight when the switch went off
+AGAIN_S = 0.05  # before the second pass: a stop in flight when the switch went off
 
 
 class _Elem(ctypes.Structure):
@@ -44,6 +44,7 @@ def start(marks_fd: int, switch_fd: int) -> int:
         stderr=subprocess.DEVNULL,
         pass_fds=(marks_fd, switch_fd),
         start_new_session=True,  # not ended with probedsl's terminal or process group
+        cwd="/",  # run as root: nothing importable from wherever probedsl was started
     )
     os.close(read)
     return write
@@ -78,7 +79,7 @@ def _let_go(marks_fd: int, switch_fd: int) -> None:
     _bpf(_UPDATE, _Elem(switch_fd, 0, ctypes.addressof(zero), ctypes.addressof(off), 0))
     for again in (False, True):
         if again:
-            time.sleep(_AGAIN_S)
+            time.sleep(AGAIN_S)
         for pid in _marked(marks_fd):
             key = ctypes.c_uint32(pid)
             _bpf(_DELETE, _Elem(marks_fd, 0, ctypes.addressof(key), 0, 0))

@@ -68,6 +68,9 @@ class MappingHold:
                     pass
             self._release(self._marked())
             if self._guard >= 0:
+                # a stop sent just before the switch went off is marked just after
+                time.sleep(hold_guard.AGAIN_S)
+                self._release(self._marked())
                 hold_guard.done(self._guard)
                 self._guard = -1
 

@@ -85,7 +85,7 @@ def _stop_others(tether, process: int, bearer: int) -> Tuple[List[int], bool]:
 
 def _go_on(tether, process: int) -> None:
     """The process's held threads go on, unless a pause of the session holds them."""
-    if tether._pausing and process == tether.pid:
+    if tether._pausing and (process == tether.pid or tether._closing):
         return
     for t, th in list(tether._threads.items()):
         if th.process == process and th.state == "held":

@@ -77,8 +77,9 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     script = backends.for_target(bpftrace).count_script(replace(program, scope=scope))
-    # the counts at each tick: the window is measured between two ticks after every probe is
-    # attached (a probe attached late, on a loaded machine, would count a shorter window)
+    # the counts at each tick, the window measured between two ticks (bpftrace says
+    # attached_probes as it begins attaching; the interval probe, last in the script, is
+    # attached last, so every tick comes after the probes are on)
     proc.stdin.write(script + 'interval:ms:100 { print(@calls); printf("tick %lld\\n", nsecs); }\n')
     proc.stdin.close()
     current: Dict[str, int] = {}
