@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import held
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
 WORKLOAD = str(ROOT / "bench" / "workloads" / "pydeep.py")
@@ -69,16 +71,7 @@ def held_run(argv, run_args, tmp: str, env=None) -> tuple:
     if not run_args:
         return work.communicate("go\n", timeout=600)[0].split(), 0, None
     out = os.path.join(tmp, "report.json")
-    tracer = subprocess.Popen(
-        [sys.executable, "-m", "probedsl", "run", *run_args, "--format", "json", "-o", out]
-        + ["--pid", str(work.pid), "--no-follow-forks"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while "tracing" not in tracer.stderr.readline():
-        assert tracer.poll() is None, "probedsl ended before tracing"
+    tracer = held.attach(work.pid, [*run_args, "--format", "json", "-o", out])
     before = bpf_ns(tracer.pid)
     said, _ = work.communicate("go\n", timeout=600)
     spent = bpf_ns(tracer.pid) - before
