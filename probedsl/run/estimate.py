@@ -77,20 +77,17 @@ def measure(program: ir.Program, target: "targets.Target", seconds: float = 1.0)
     argv = [exe, "-f", "json", *bpftrace.options(scope), "--", "/dev/stdin", *bpftrace.positional(scope)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     script = backends.for_target(bpftrace).count_script(replace(program, scope=scope))
-    # the counts at each tick, the window measured between two ticks (bpftrace says
-    # attached_probes as it begins attaching; the interval probe, last in the script, is
-    # attached last, so every tick comes after the probes are on)
+    # the counts at each tick, the window measured between two ticks: the interval probe, last
+    # in the script, is attached last, so every tick comes after the probes are on
     proc.stdin.write(script + 'interval:ms:100 { print(@calls); printf("tick %lld\\n", nsecs); }\n')
     proc.stdin.close()
     current: Dict[str, int] = {}
-    attached, first, calls, elapsed = False, None, {}, 0.0
+    first, calls, elapsed = None, {}, 0.0
     for line in proc.stdout:
         msg = json.loads(line) if line.startswith("{") else {}
-        if msg.get("type") == "attached_probes":
-            attached = True
-        elif msg.get("type") == "map":
+        if msg.get("type") == "map":
             current = {label: int(n) for label, n in (msg["data"].get("@calls") or {}).items()}
-        elif attached and msg.get("type") == "printf" and msg.get("data", "").startswith("tick "):
+        elif msg.get("type") == "printf" and msg.get("data", "").startswith("tick "):
             now = int(msg["data"].split()[1])
             if first is None:
                 first = (now, dict(current))  # an empty map prints nothing: no calls yet
