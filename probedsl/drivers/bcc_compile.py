@@ -29,6 +29,7 @@ def cflags(pid: int) -> List[str]:
         flags += [
             f"-DPROBEDSL_OFF_TASK_SIGNAL={btf.offset('task_struct', 'signal')}",
             f"-DPROBEDSL_OFF_SIGNAL_LIVE={btf.offset('signal_struct', 'live')}",
+            f"-DPROBEDSL_OFF_SIGNAL_FLAGS={btf.offset('signal_struct', 'flags')}",
         ]
     except (OSError, KeyError, ValueError):  # no BTF: the headers' layout
         pass
