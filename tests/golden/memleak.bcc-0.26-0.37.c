@@ -104,21 +104,30 @@ static __always_inline u64 probedsl_image(void)
     return start;
 }
 
-// whether the current task is the last of its process (the leader can end first, and an exec
-// from another thread ends the leader, while the process lives on)
-static __always_inline int probedsl_process_ends(void)
+static __always_inline struct signal_struct *probedsl_signal(void)
 {
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
     struct signal_struct *signal = 0;
-    int live = 1;
 #ifdef PROBEDSL_OFF_TASK_SIGNAL
     // the running kernel's layout (its BTF, drivers/bcc_compile.py): headers older than the
     // kernel misplace task_struct's fields (measured: 6.1's on 6.18 read garbage here)
     bpf_probe_read_kernel(&signal, sizeof(signal), (char *)task + PROBEDSL_OFF_TASK_SIGNAL);
+#else
+    bpf_probe_read_kernel(&signal, sizeof(signal), &task->signal);
+#endif
+    return signal;
+}
+
+// whether the current task is the last of its process (the leader can end first, and an exec
+// from another thread ends the leader, while the process lives on)
+static __always_inline int probedsl_process_ends(void)
+{
+    struct signal_struct *signal = probedsl_signal();
+    int live = 1;
+#ifdef PROBEDSL_OFF_TASK_SIGNAL
     if (signal)
         bpf_probe_read_kernel(&live, sizeof(live), (char *)signal + PROBEDSL_OFF_SIGNAL_LIVE);
 #else
-    bpf_probe_read_kernel(&signal, sizeof(signal), &task->signal);
     if (signal)
         bpf_probe_read_kernel(&live, sizeof(live), &signal->live.counter);
 #endif
