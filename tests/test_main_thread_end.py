@@ -92,3 +92,31 @@ def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, t
     notes = report_json(out)["notes"]
     said = [n for n in notes if f"allocations of pid {held.pid}'s other threads after its main thread ended" in n]
     assert len(said) == 1 and "are not recorded" in said[0], notes
+
+
+def test_per_process_notes_no_loss_when_the_process_exits_as_a_group(tree_leaks, tmp_path, root_required):
+    """exit() with four threads waiting: exit_group kills them, the main thread often ending
+    first while they still run. That is no thread ending alone: nothing was lost, no note says so,
+    and the workers' blocks are all there (4 x (i+1) x 40 B lost, 4 x 56 B kept)."""
+    exe = tmp_path / "pool_pp"
+    shutil.copy(tree_leaks, exe)
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
+    held = None
+    try:
+        before = perf_events(tracer.pid)
+        held = Held([str(exe), "pool", "go"])  # the workers start once told
+        deadline = time.monotonic() + 120
+        while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
+            time.sleep(0.01)  # until its uprobes are on
+        held.go()
+        held.proc.wait(timeout=60)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
+        if held is not None:
+            held.end()
+    assert held is not None
+    report = report_json(out)
+    assert not [n for n in report["notes"] if "ended alone" in n or "main thread ended" in n], report["notes"]
+    workers = [e for e in report["reports"][0]["entries"] if "worker" in [f.get("function") for f in e["stack"]]]
+    assert (sum(e["bytes"] for e in workers), sum(e["blocks"] for e in workers)) == (400 + 224, 14), err
