@@ -3,6 +3,7 @@
 # Debian root on this machine's kernel:
 #   scripts/test-debian-root.sh trixie [PYTEST ARGS...]   Debian 13: bpftrace 0.23, BCC 0.31, Python 3.13, glibc 2.41
 #   scripts/test-debian-root.sh sid [PYTEST ARGS...]      unstable: bpftrace 0.27, BCC 0.37, Python 3.14, glibc 2.43
+#   scripts/test-debian-root.sh trixie|sid --build-only   the root only (.ci/run builds them while Debian 12 runs)
 # The root is built once with debootstrap from the host's own package mirror (its apt sources)
 # and kept in /var/cache/probedsl/debian13 or /var/cache/probedsl/sid (PROBEDSL_DEBIAN_ROOT
 # overrides); the checkout's files (committed or not) are copied into it afresh each run.
@@ -15,6 +16,8 @@ case "$suite" in
   *) echo "usage: $0 trixie|sid [pytest arguments]" >&2; exit 2 ;;
 esac
 shift
+build_only=0
+if [ "${1:-}" = --build-only ]; then build_only=1; shift; fi
 say() { printf '%s: %s\n' "$name" "$*"; }
 [ "$(id -u)" = 0 ] || { echo "$name: must run as root (debootstrap, chroot, tracing)" >&2; exit 1; }
 pkgs=python3,python3-venv,ca-certificates,git,bpftrace,bpfcc-tools,python3-bpfcc,gcc,g++,libc6-dbg,zlib1g-dev,linux-headers-amd64
@@ -45,16 +48,22 @@ if ! command -v debootstrap >/dev/null; then
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
+# one build at a time per root: a second caller waits for the first's, then uses it
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9
 if [ ! -e "$root/.probedsl-root" ]; then
   mirror=$(host_mirror)
   [ -n "$mirror" ] || { echo "$name: no package mirror in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list" >&2; exit 1; }
   say "building $root with debootstrap (Debian $suite from $mirror, once: about 3 minutes)"
-  rm -rf "$root.tmp"; mkdir -p "$(dirname "$root")"
+  rm -rf "$root.tmp"
   log=$(mktemp)
   debootstrap --variant=minbase --include="$pkgs" "$suite" "$root.tmp" "$mirror" >"$log" 2>&1 \
     || { tail -20 "$log" >&2; exit 1; }
   rm -f "$log"; touch "$root.tmp/.probedsl-root"; rm -rf "$root"; mv "$root.tmp" "$root"
 else say "using the Debian $suite root at $root"; fi
+exec 9>&-
+[ $build_only = 0 ] || exit 0
 
 # a mirror may serve unstable's Release file past its Valid-Until date: apt would refuse it
 if [ "$suite" = sid ]; then
