@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from probedsl.process import ptrace
-
 # hook(process, thread): the process's uprobes opened on that thread as well
 Rebind = Callable[[int, int], None]
 
@@ -67,16 +65,7 @@ def _stop_others(tether, process: int, bearer: int) -> Tuple[List[int], bool]:
     def group() -> Dict[int, Any]:
         return {t: th for t, th in tether._threads.items() if th.process == process and t != bearer}
 
-    for t, th in group().items():
-        if th.state == "running":
-            try:
-                ptrace.request(ptrace.INTERRUPT, t)
-            except OSError:
-                pass
-    deadline = time.monotonic() + STOP_WAIT_S
-    while any(th.state in ("running", "new") for th in group().values()) and time.monotonic() < deadline:
-        tether._drain()
-        time.sleep(0.0002)
+    tether._interrupt(group, STOP_WAIT_S)
     threads = group().values()
     return sorted(t for t, th in group().items() if th.state == "held"), any(
         th.state in ("running", "new") for th in threads

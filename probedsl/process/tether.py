@@ -10,6 +10,7 @@ the session talks to it through a queue.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -361,14 +362,15 @@ class Tether:
     def _stop_all(self, everyone: bool = False) -> None:
         """Interrupt the process's running threads (everyone: the children's too), wait for each (PAUSE_TIMEOUT_S)."""
         self._pausing = True
-        which = (lambda: self._threads) if everyone else self._mine
+        self._interrupt((lambda: self._threads) if everyone else self._mine, PAUSE_TIMEOUT_S)
+
+    def _interrupt(self, which: Callable[[], Dict[int, Thread]], timeout_s: float) -> None:
+        """Interrupt the running threads which() gives, and take their stops until none runs."""
         for tid, thread in which().items():
             if thread.state == "running":
-                try:
+                with contextlib.suppress(OSError):
                     ptrace.request(ptrace.INTERRUPT, tid)
-                except OSError:
-                    pass
-        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while any(t.state in ("running", "new") for t in which().values()) and time.monotonic() < deadline:
             self._drain()
             time.sleep(0.0002)
@@ -378,10 +380,8 @@ class Tether:
         self._closing = True
         self._stop_all(everyone=True)
         for tid, thread in self._threads.items():
-            try:
+            with contextlib.suppress(OSError):
                 ptrace.request(ptrace.DETACH, tid, 0, thread.signal)
-            except OSError:
-                pass
         self._threads.clear()
 
 
