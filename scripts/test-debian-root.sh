@@ -13,7 +13,7 @@ suite=${1:-}
 case "$suite" in
   trixie) name=debian13; root=${PROBEDSL_DEBIAN_ROOT:-${PROBEDSL_DEBIAN13_ROOT:-/var/cache/probedsl/debian13}} ;;
   sid) name=sid; root=${PROBEDSL_DEBIAN_ROOT:-/var/cache/probedsl/sid} ;;
-  *) echo "usage: $0 trixie|sid [pytest arguments]" >&2; exit 2 ;;
+  *) echo "usage: $0 trixie|sid [--build-only | pytest arguments]" >&2; exit 2 ;;
 esac
 shift
 build_only=0
@@ -43,22 +43,23 @@ host_mirror() {
   printf '%s' "${uri%/}"
 }
 
-if ! command -v debootstrap >/dev/null; then
-  say "installing debootstrap"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
-fi
-# one build at a time per root: a second caller waits for the first's, then uses it
+# one build at a time per root: a second caller waits for the first's, then uses it (dpkg's
+# own lock is waited for too: the other root's build may be installing debootstrap)
 mkdir -p "$(dirname "$root")"
 exec 9>"$root.lock"
 flock 9
+if ! command -v debootstrap >/dev/null; then
+  say "installing debootstrap"
+  apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
 if [ ! -e "$root/.probedsl-root" ]; then
   mirror=$(host_mirror)
   [ -n "$mirror" ] || { echo "$name: no package mirror in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list" >&2; exit 1; }
   say "building $root with debootstrap (Debian $suite from $mirror, once: about 3 minutes)"
   rm -rf "$root.tmp"
   log=$(mktemp)
-  debootstrap --variant=minbase --include="$pkgs" "$suite" "$root.tmp" "$mirror" >"$log" 2>&1 \
+  debootstrap --variant=minbase --include="$pkgs" "$suite" "$root.tmp" "$mirror" >"$log" 2>&1 9>&- \
     || { tail -20 "$log" >&2; exit 1; }
   rm -f "$log"; touch "$root.tmp/.probedsl-root"; rm -rf "$root"; mv "$root.tmp" "$root"
 else say "using the Debian $suite root at $root"; fi

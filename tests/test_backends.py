@@ -265,6 +265,26 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
         bpf.cleanup()
 
 
+@pytest.mark.debian13
+def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
+    """--comm --per-process: the exit tracepoint that tells a thread ending alone from a group exit
+    (signal->live and signal->flags at the running kernel's BTF offsets) is verified as BCC loads it."""
+    from bcc import BPF
+
+    from probedsl.drivers import bcc_compile
+
+    program = built(MEMLEAK, sampled).with_scope(ir.Scope("comm", comm="x", per_process=True)).walking_stacks("fp")
+    gen = backends.for_target(targets.detect("bcc")).generate(program)
+    assert "probedsl_group_exits()" in gen.text
+    offsets = [f for f in bcc_compile.cflags(1) if f.startswith("-DPROBEDSL_OFF_")]
+    assert len(offsets) == 3, offsets  # this kernel has BTF
+    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1", *offsets])
+    try:  # BCC loads (and attaches) raw tracepoint programs as it starts
+        assert b"raw_tracepoint__sched_process_exit" in bpf.funcs
+    finally:
+        bpf.cleanup()
+
+
 def verified_instructions(fd: int) -> int:
     """What the kernel's verifier walked to accept a loaded program (its fdinfo, kernel 5.16+)."""
     with open(f"/proc/self/fdinfo/{fd}") as f:

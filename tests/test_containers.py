@@ -156,7 +156,8 @@ def test_bcc_probes_a_root_that_appears_after_tracing_began(mode, leak_root, tmp
     target = ["--comm", "leak_late", "--top", "50"] if mode == "comm" else ["--all", "--top", "1000000"]
     tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", *target)
     held = Held(["chroot", str(root), "/leak_late", "wait", "1"])
-    out, err = run_once_said(tracer, held, "another root's copy of libc")
+    # this process's root (a root another process builds meanwhile, debootstrap's, says its own pid)
+    out, err = run_once_said(tracer, held, f"another root's copy of libc (pid {held.pid})")
     assert tracer.returncode == 0, err
     report = report_json(out)
     if mode == "all":  # the whole system's report: the leak is this process's entries under wrapper1

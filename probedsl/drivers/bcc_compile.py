@@ -25,7 +25,7 @@ def check_headers() -> None:
 
 def cflags(pid: int) -> List[str]:
     flags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
-    try:  # where a task's thread count is in the running kernel (headers older than it misplace it)
+    try:  # where a task's thread count and group-exit flag are in the running kernel (headers older than it misplace them)
         flags += [
             f"-DPROBEDSL_OFF_TASK_SIGNAL={btf.offset('task_struct', 'signal')}",
             f"-DPROBEDSL_OFF_SIGNAL_LIVE={btf.offset('signal_struct', 'live')}",
