@@ -204,6 +204,7 @@ def built(recipe: str, sampled: dict) -> ir.Program:
 
 
 @pytest.mark.debian13
+@pytest.mark.parallel
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize(
     "scope", [ir.Scope(), ir.Scope("pid", pid=1), ir.Scope("comm", comm="x")], ids=["all", "pid", "comm"]
@@ -219,6 +220,7 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 
 
 @pytest.mark.debian13
+@pytest.mark.parallel
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
 def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
@@ -266,6 +268,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
 
 
 @pytest.mark.debian13
+@pytest.mark.parallel
 def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     """--comm --per-process: the exit tracepoint that tells a thread ending alone from a group exit
     (signal->live and signal->flags at the running kernel's BTF offsets) is verified as BCC loads it."""

@@ -78,6 +78,7 @@ def test_each_bpftrace_dialect_is_the_full_golden_with_its_named_changes(cls):
 
 # --- BCC: the unwinder passes the verifier whatever clang the installed BCC brings ---------
 @pytest.mark.debian13
+@pytest.mark.parallel
 @pytest.mark.parametrize("recipe", ["memleak", "fdleak"])
 def test_bcc_unwinder_loads_with_the_installed_clang(recipe, root_required):
     """clang 21 (BCC 0.37) turned the stack-hash loop into a count-down the verifier could not

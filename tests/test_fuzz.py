@@ -16,6 +16,8 @@ from probedsl.errors import ProbedslError, RecipeError
 
 from conftest import ROOT, probedsl
 
+pytestmark = pytest.mark.parallel  # CPU alone: compiles and loads, attaches nothing
+
 RECIPES = {p: open(p).read() for p in sorted(glob.glob(str(ROOT / "recipes" / "*.probe")))}
 TOKENS = [
     "acquire",

@@ -20,7 +20,7 @@ from probedsl import notices
 from probedsl.stacks import unwind_tables
 from probedsl.binaries.sourcelines import SourceLines
 
-pytestmark = pytest.mark.security
+pytestmark = [pytest.mark.security, pytest.mark.parallel]
 
 SEED = 30
 QUICK_SECONDS = 4
