@@ -344,3 +344,30 @@ def test_an_instruction_past_the_code_objects_end_is_not_named_after_it():
             assert frame.function == "" and "address reused" in frame.why, frame
     finally:
         child.communicate("")
+
+
+def test_a_frame_recorded_of_another_code_object_is_not_named_after_the_one_there_now():
+    """The walk records 16 bits of the code object's own (its file and qualified name objects'
+    addresses): a frame recorded of an object since freed, whose address another code object
+    has now, reads as freed whatever its instruction offset; the object it was is named."""
+    from probedsl.process.mappings import read_proc_maps
+    from probedsl.stacks import pyframes
+
+    source = "import sys\ndef f():\n    return 1\nprint(id(f.__code__), flush=True)\n"
+    child = subprocess.Popen(
+        [PYTHON, "-c", source + "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        code = int(child.stdout.readline())
+        interp = pyframes.find(child.pid, read_proc_maps(child.pid))
+        assert interp is not None and interp.offsets is not None, "3.11 and 3.13 have a frame layout"
+        sign = pyframes.signature(pyframes.read(child.pid, code, interp.offsets.code_adaptive), interp.offsets)
+        assert sign, "3.11's and 3.13's code objects keep co_qualname 16 bytes after co_filename"
+        namer = pyframes.Namer()
+        namer.know(child.pid, interp)
+        at = lambda s: pyframes.named(namer.pseudo(child.pid, code, interp.offsets.code_adaptive, 0, s), namer)[0]
+        assert (at(sign).function, at(0).function) == ("f", "f")  # its own, or nothing recorded
+        other = at(sign ^ 1)
+        assert other.function == "" and "address reused" in other.why, other
+    finally:
+        child.communicate("")

@@ -203,28 +203,31 @@ class Namer:
     def interpreter(self, pid: int) -> Optional[Interpreter]:
         return self._interps.get(pid)
 
-    def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
+    def pseudo(self, pid: int, code: int, lasti: int, flags: int, sign: int = 0) -> int:
         """The pseudo-address of a recorded frame, named now (the process may end soon). A
         freed code object's address is reused by later ones (an import's class bodies are freed
         once run): the object's own fields (its name, file and line table pointers, its first
-        line) are part of its key, read afresh for each new stack."""
+        line) are part of its key, read afresh for each new stack. sign: what the walk recorded
+        of the object there at the time (signature(); 0: nothing)."""
         with self._lock:
             interp = self._interps.get(pid)
             offsets = interp.offsets if interp else None
             head = read(pid, code, offsets.code_adaptive) if offsets else None
             ident = _identity(head, offsets) if head and offsets else None
-            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
+            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags, sign)
             if key not in self._pseudo:
                 self._pseudo[key] = PSEUDO_BASE + len(self.frames)
-                self.frames.append((self._name(pid, code, head, ident, lasti), flags))
+                self.frames.append((self._name(pid, code, head, ident, lasti, sign), flags))
             elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
-                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
+                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti, sign), flags)
             return self._pseudo[key]
 
-    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int) -> PyFrame:
+    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int, sign: int) -> PyFrame:
         interp = self._interps.get(pid)
         if interp is None or interp.offsets is None:
             return PyFrame("", "", 0, "no interpreter known for the process")
+        if sign and head and sign != signature(head, interp.offsets):
+            return PyFrame("", "", 0, f"code object {code:#x} freed before it was read (its address reused)")
         c = self._codes.get((pid, code, ident)) or (_read_code(pid, head, interp.offsets) if head else None)
         if c is not None:
             self._codes[pid, code, ident] = c
@@ -247,6 +250,22 @@ def named(address: int, namer: Optional["Namer"]) -> Optional[Tuple[PyFrame, int
 
 def is_pseudo(address: int) -> bool:
     return PSEUDO_BASE <= address < PSEUDO_END
+
+
+def names_gap(o: Offsets) -> Optional[int]:
+    """co_qualname's place after co_filename, as the BPF walk reads them (one 32-byte read), or
+    None when this layout does not allow it."""
+    gap = o.code_qualname - o.code_filename
+    return gap if gap in (0, 8, 16, 24) else None
+
+
+def signature(head: bytes, o: Offsets) -> int:
+    """16 bits of a code object's own, as the BPF walk records them: its file and qualified name
+    objects' addresses, folded (0: this layout gives none)."""
+    if names_gap(o) is None or len(head) < o.code_qualname + 8:
+        return 0
+    x = (struct.unpack_from("<Q", head, o.code_filename)[0] ^ struct.unpack_from("<Q", head, o.code_qualname)[0]) >> 4
+    return (x ^ (x >> 16) ^ (x >> 32)) & 0xFFFF
 
 
 def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:
