@@ -32,7 +32,7 @@ def config_bytes(interp: Interpreter) -> bytes:
         o.code_tag_bits,
     ]
     gap = names_gap(o)
-    fields += [o.code_filename, gap] if gap is not None and o.code_filename < 0xFFFF else [0xFFFF, 0]
+    fields += [o.code_filename, gap] if gap is not None and o.code_filename < 0xFFFF else [0, 0]
     return struct.pack("<Q14H4x", *fields, 0)
 
 

@@ -187,7 +187,7 @@ class Namer:
     def __init__(self):
         self._codes: Dict[Tuple[int, int, object], _Code] = {}
         self._interps: Dict[int, Interpreter] = {}
-        self._pseudo: Dict[Tuple[int, int, int, int, int], int] = {}
+        self._pseudo: Dict[Tuple[int, int, int, object, int, int, bool], int] = {}
         self._generation: Dict[int, int] = {}
         self.frames: List[Tuple[PyFrame, int]] = []  # by pseudo index: (frame, flags)
         self._lock = threading.Lock()
@@ -214,19 +214,21 @@ class Namer:
             offsets = interp.offsets if interp else None
             head = read(pid, code, offsets.code_adaptive) if offsets else None
             ident = _identity(head, offsets) if head and offsets else None
-            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags, sign)
+            ours = signature(head, offsets) if head and offsets else None
+            other = bool(sign and ours is not None and sign != ours)  # recorded of another object
+            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags, other)
             if key not in self._pseudo:
                 self._pseudo[key] = PSEUDO_BASE + len(self.frames)
-                self.frames.append((self._name(pid, code, head, ident, lasti, sign), flags))
+                self.frames.append((self._name(pid, code, head, ident, lasti, other), flags))
             elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
-                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti, sign), flags)
+                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti, other), flags)
             return self._pseudo[key]
 
-    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int, sign: int) -> PyFrame:
+    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int, other: bool) -> PyFrame:
         interp = self._interps.get(pid)
         if interp is None or interp.offsets is None:
             return PyFrame("", "", 0, "no interpreter known for the process")
-        if sign and head and sign != signature(head, interp.offsets):
+        if other:
             return PyFrame("", "", 0, f"code object {code:#x} freed before it was read (its address reused)")
         c = self._codes.get((pid, code, ident)) or (_read_code(pid, head, interp.offsets) if head else None)
         if c is not None:
@@ -256,16 +258,16 @@ def names_gap(o: Offsets) -> Optional[int]:
     """co_qualname's place after co_filename, as the BPF walk reads them (one 32-byte read), or
     None when this layout does not allow it."""
     gap = o.code_qualname - o.code_filename
-    return gap if gap in (0, 8, 16, 24) else None
+    return gap if gap in (8, 16, 24) else None
 
 
-def signature(head: bytes, o: Offsets) -> int:
+def signature(head: bytes, o: Offsets) -> Optional[int]:
     """16 bits of a code object's own, as the BPF walk records them: its file and qualified name
-    objects' addresses, folded (0: this layout gives none)."""
+    objects' addresses, hashed; None when this layout or this head gives none."""
     if names_gap(o) is None or len(head) < o.code_qualname + 8:
-        return 0
-    x = (struct.unpack_from("<Q", head, o.code_filename)[0] ^ struct.unpack_from("<Q", head, o.code_qualname)[0]) >> 4
-    return (x ^ (x >> 16) ^ (x >> 32)) & 0xFFFF
+        return None
+    x = struct.unpack_from("<Q", head, o.code_filename)[0] ^ struct.unpack_from("<Q", head, o.code_qualname)[0]
+    return ((x * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 48
 
 
 def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:
