@@ -47,8 +47,8 @@ struct probedsl_py_proc_t {
     u64 interp_head;            // &_PyRuntime.interpreters.head
     u16 threads_head, tstate_next, native_tid, tstate_frame, cframe_frame, frame_code, frame_previous,
         frame_instr, frame_entry, entry_is_owner, code_tag_bits,
-        code_names,             // co_filename in a code object (0xffff: not signed)
-        names_gap,              // co_qualname - co_filename: 0, 8, 16 or 24
+        code_names,             // co_filename in a code object
+        names_gap,              // co_qualname - co_filename: 8, 16 or 24 (0: no signature)
         pad;
 };
 BPF_HASH(probedsl_py_procs, u32, struct probedsl_py_proc_t, 1024);
@@ -118,15 +118,18 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
         if (!frame || i >= PROBEDSL_PY_FRAMES) break;
         if (bpf_probe_read_user(s->frame, 80, (void *)frame)) break;
         u64 code = probedsl_py_field(s, cfg->frame_code) & ~tags;
+        u64 entry = s->frame[cfg->frame_entry & 127];
         u64 meta = ((probedsl_py_field(s, cfg->frame_instr) - code) & 0xffffffffULL) |
-            ((u64)s->frame[cfg->frame_entry & 127] << 40);
+            (entry << 40);
         // what tells this code object from one that takes its address after it is freed (the
-        // naming thread reads the code later): 0 when unread
-        if (cfg->code_names != 0xffff &&
-            !bpf_probe_read_user(s->names, sizeof(s->names), (void *)(code + cfg->code_names))) {
-            u64 x = (s->names[0] ^ s->names[(cfg->names_gap >> 3) & 3]) >> 4;
-            meta |= ((x ^ (x >> 16) ^ (x >> 32)) & 0xffffULL) << 48;
-        }
+        // naming thread reads the code later): its file and qualified name objects' addresses,
+        // hashed to 16 bits (pyframes.signature). Branch-free: a failed read zeroes them (0: no
+        // signature, as for a layout without one, names_gap 0), and a 3.12+ shim frame
+        // (owner >= 3: its executable is None, no code object) records none
+        bpf_probe_read_user(s->names, sizeof(s->names), (void *)(code + cfg->code_names));
+        u64 sign = ((s->names[0] ^ s->names[(cfg->names_gap >> 3) & 3]) * 0x9e3779b97f4a7c15ULL) >> 48;
+        u64 code_frame = ((entry - 3) >> 63) | ((u64)cfg->entry_is_owner ^ 1);
+        meta |= (sign * code_frame) << 48;
         frame = probedsl_py_field(s, cfg->frame_previous);
         s->rec.code[i & (PROBEDSL_PY_FRAMES - 1)] = code;
         s->rec.meta[i & (PROBEDSL_PY_FRAMES - 1)] = meta;
