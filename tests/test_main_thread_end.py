@@ -68,18 +68,17 @@ def perf_events(pid: int) -> int:
     return count
 
 
-def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, tmp_path, root_required):
-    """--comm --per-process holds no process: the main thread's end is seen by the program, the
-    uprobes moved at the loader's next turn, and what was lost meanwhile said, naming the pid."""
-    exe = tmp_path / "mainexit_pp"
-    shutil.copy(tree_leaks, exe)
+def per_process_run(exe, mode: str):
+    """`--comm EXE --per-process` on BCC while exe MODE go runs, let go once its uprobes are on:
+    (the report, the tracer's stderr, the program's pid)."""
     tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
-    held = None
+    held, on = None, False
     try:
         before = perf_events(tracer.pid)
-        held = Held([str(exe), "mainexit", "go"])  # the main thread ends once told
+        held = Held([str(exe), mode, "go"])  # it goes on once told
         deadline = time.monotonic() + 120
-        while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
+        while not on and time.monotonic() < deadline:
+            on = perf_events(tracer.pid) >= before + MEMLEAK_UPROBES
             time.sleep(0.01)  # until its uprobes are on
         held.go()
         held.proc.wait(timeout=60)
@@ -88,9 +87,18 @@ def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, t
         out, err = tracer.communicate(timeout=120)
         if held is not None:
             held.end()
-    assert held is not None
-    notes = report_json(out)["notes"]
-    said = [n for n in notes if f"allocations of pid {held.pid}'s other threads after its main thread ended" in n]
+    assert held is not None and on, f"the uprobes were not on within 120 s: {err}"
+    return report_json(out), err, held.pid
+
+
+def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, tmp_path, root_required):
+    """--comm --per-process holds no process: the main thread's end is seen by the program, the
+    uprobes moved at the loader's next turn, and what was lost meanwhile said, naming the pid."""
+    exe = tmp_path / "mainexit_pp"
+    shutil.copy(tree_leaks, exe)
+    report, _, pid = per_process_run(exe, "mainexit")  # the main thread ends once told
+    notes = report["notes"]
+    said = [n for n in notes if f"allocations of pid {pid}'s other threads after its main thread ended" in n]
     assert len(said) == 1 and "are not recorded" in said[0], notes
 
 
@@ -100,24 +108,7 @@ def test_per_process_notes_no_loss_when_the_process_exits_as_a_group(tree_leaks,
     and the workers' blocks are all there (worker i loses i+1 x 40 B and keeps 56 B: 624 B in 14)."""
     exe = tmp_path / "pool_pp"
     shutil.copy(tree_leaks, exe)
-    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
-    held = None
-    try:
-        before = perf_events(tracer.pid)
-        held = Held([str(exe), "pool", "go"])  # the workers start once told
-        deadline = time.monotonic() + 120
-        while perf_events(tracer.pid) < before + MEMLEAK_UPROBES and time.monotonic() < deadline:
-            time.sleep(0.01)  # until its uprobes are on
-        on = perf_events(tracer.pid) >= before + MEMLEAK_UPROBES
-        held.go()
-        held.proc.wait(timeout=60)
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=120)
-        if held is not None:
-            held.end()
-    assert on, f"pid {held.pid}'s uprobes were not on within 120 s: {err}"
-    report = report_json(out)
+    report, err, _ = per_process_run(exe, "pool")  # the workers start once told
     assert not [n for n in report["notes"] if "ended alone" in n or "main thread ended" in n], report["notes"]
     workers = [e for e in report["reports"][0]["entries"] if "worker" in [f.get("function") for f in e["stack"]]]
     assert (sum(e["bytes"] for e in workers), sum(e["blocks"] for e in workers)) == (400 + 224, 14), err
