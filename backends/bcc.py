@@ -54,7 +54,7 @@ _PYTHON = {
     "frames": stackformat.PY_FRAMES, "entry_shift": stackformat.PY_ENTRY_SHIFT, "threads": stackformat.PY_THREADS,
     "processes": stackformat.PY_PROCESSES, "threads_known": stackformat.PY_THREADS_KNOWN,
     "frame_read": stackformat.PY_FRAME_READ, "frame_buffer": stackformat.PY_FRAME_BUFFER,
-    "truncated": hex(stackformat.PY_TRUNCATED), "sign_shift": stackformat.PY_SIGN_SHIFT,
+    "truncated": hex(stackformat.PY_TRUNCATED),
 }
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dis
 import json
 import os
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -345,44 +344,3 @@ def test_an_instruction_past_the_code_objects_end_is_not_named_after_it():
             assert frame.function == "" and "address reused" in frame.why, frame
     finally:
         child.communicate("")
-
-
-def test_a_frame_recorded_of_another_code_object_is_not_named_after_the_one_there_now():
-    """The walk records 16 bits of the code object's own (its file and qualified name objects'
-    addresses): a frame recorded of an object since freed, whose address another code object
-    has now, reads as freed whatever its instruction offset; the object it was is named."""
-    from probedsl.process.mappings import read_proc_maps
-    from probedsl.stacks import pyframes
-
-    source = "import sys\ndef f():\n    return 1\nprint(id(f.__code__), flush=True)\n"
-    child = subprocess.Popen(
-        [PYTHON, "-c", source + "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        code = int(child.stdout.readline())
-        interp = pyframes.find(child.pid, read_proc_maps(child.pid))
-        if interp is None or interp.offsets is None:  # a version without frame layout: nothing named
-            return
-        sign = pyframes.signature(pyframes.read(child.pid, code, interp.offsets.code_adaptive), interp.offsets)
-        assert sign is not None, "3.11's and 3.13's code objects keep co_qualname 16 bytes after co_filename"
-        namer = pyframes.Namer()
-        namer.know(child.pid, interp)
-        at = lambda s: pyframes.named(namer.pseudo(child.pid, code, interp.offsets.code_adaptive, 0, s), namer)[0]
-        assert (at(sign).function, at(0).function) == ("f", "f")  # its own, or nothing recorded
-        other = at(sign % 0xFFFF + 1)  # another 16 bits, not 0
-        assert other.function == "" and "address reused" in other.why, other
-    finally:
-        child.communicate("")
-
-
-def test_the_signature_is_the_bpf_walks_hash():
-    """The program's hash of co_filename ^ co_qualname (bcc_python.c.j2), pinned: the two sides
-    must agree, and only a tracing test would see them part."""
-    from probedsl.stacks import pyframes
-
-    o = pyframes.TABLES[(3, 11)]
-    head = bytearray(o.code_adaptive)
-    struct.pack_into("<Q", head, o.code_filename, 0x7F3A12345670)
-    struct.pack_into("<Q", head, o.code_qualname, 0x7F3A0000BEE0)
-    assert pyframes.signature(bytes(head), o) == ((0x7F3A12345670 ^ 0x7F3A0000BEE0) * 0x9E3779B97F4A7C15 % 2**64) >> 48
-    assert pyframes.signature(bytes(head[:100]), o) is None  # too short to hold both

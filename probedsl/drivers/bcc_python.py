@@ -10,8 +10,7 @@ from typing import Dict, List, Tuple
 
 from probedsl import threads
 from probedsl.ir.stackformat import PY_ENTRY_SHIFT as ENTRY_SHIFT, PY_FRAMES as MAX_FRAMES, PY_TRUNCATED as TRUNCATED
-from probedsl.ir.stackformat import PY_SIGN_SHIFT as SIGN_SHIFT
-from probedsl.stacks.pyframes import NAMER, PYMALLOC_NOTE, RUN_END, Interpreter, Namer, find, names_gap, uses_pymalloc
+from probedsl.stacks.pyframes import NAMER, PYMALLOC_NOTE, RUN_END, Interpreter, Namer, find, uses_pymalloc
 
 
 def config_bytes(interp: Interpreter) -> bytes:
@@ -31,9 +30,7 @@ def config_bytes(interp: Interpreter) -> bytes:
         int(o.entry_is_owner),
         o.code_tag_bits,
     ]
-    gap = names_gap(o)
-    fields += [o.code_filename, gap] if gap is not None and o.code_filename < 0xFFFF else [0, 0]
-    return struct.pack("<Q14H4x", *fields, 0)
+    return struct.pack("<Q11H", *fields) + b"\0" * 2
 
 
 class PyRecord(ctypes.Structure):
@@ -64,13 +61,7 @@ def pseudo_frames(namer: Namer, record) -> Tuple[int, ...]:
         lasti = meta & 0xFFFFFFFF
         lasti = lasti - (1 << 32) if lasti & (1 << 31) else lasti
         frames.append(
-            [
-                record.pid,
-                record.code[i],
-                lasti,
-                (meta & TRUNCATED) | (RUN_END if entry and not by_owner else 0),
-                meta >> SIGN_SHIFT,
-            ]
+            [record.pid, record.code[i], lasti, (meta & TRUNCATED) | (RUN_END if entry and not by_owner else 0)]
         )
     return tuple(namer.pseudo(*f) for f in frames)
 

@@ -32,6 +32,5 @@ PY_PROCESSES = 1024  # CPython processes walked at once
 PY_THREADS_KNOWN = 16384  # threads whose thread state is remembered
 PY_ENTRY_SHIFT = 40  # where a frame's record puts its entry byte
 PY_TRUNCATED = 1 << 33  # flag on the last frame kept: the chain went on
-PY_SIGN_SHIFT = 48  # where it puts 16 bits of the code object's own (pyframes.signature)
 PY_FRAME_READ = 80  # bytes of a frame header read whole (the largest, 3.14's)
 PY_FRAME_BUFFER = 128  # a power of two above every field's offset + 8

@@ -187,7 +187,7 @@ class Namer:
     def __init__(self):
         self._codes: Dict[Tuple[int, int, object], _Code] = {}
         self._interps: Dict[int, Interpreter] = {}
-        self._pseudo: Dict[Tuple[int, int, int, object, int, int, bool], int] = {}
+        self._pseudo: Dict[Tuple[int, int, int, int, int], int] = {}
         self._generation: Dict[int, int] = {}
         self.frames: List[Tuple[PyFrame, int]] = []  # by pseudo index: (frame, flags)
         self._lock = threading.Lock()
@@ -203,33 +203,28 @@ class Namer:
     def interpreter(self, pid: int) -> Optional[Interpreter]:
         return self._interps.get(pid)
 
-    def pseudo(self, pid: int, code: int, lasti: int, flags: int, sign: int = 0) -> int:
+    def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
         """The pseudo-address of a recorded frame, named now (the process may end soon). A
         freed code object's address is reused by later ones (an import's class bodies are freed
         once run): the object's own fields (its name, file and line table pointers, its first
-        line) are part of its key, read afresh for each new stack. sign: what the walk recorded
-        of the object there at the time (signature(); 0: nothing)."""
+        line) are part of its key, read afresh for each new stack."""
         with self._lock:
             interp = self._interps.get(pid)
             offsets = interp.offsets if interp else None
             head = read(pid, code, offsets.code_adaptive) if offsets else None
             ident = _identity(head, offsets) if head and offsets else None
-            ours = signature(head, offsets) if head and offsets else None
-            other = bool(sign and ours is not None and sign != ours)  # recorded of another object
-            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags, other)
+            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
             if key not in self._pseudo:
                 self._pseudo[key] = PSEUDO_BASE + len(self.frames)
-                self.frames.append((self._name(pid, code, head, ident, lasti, other), flags))
+                self.frames.append((self._name(pid, code, head, ident, lasti), flags))
             elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
-                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti, other), flags)
+                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
             return self._pseudo[key]
 
-    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int, other: bool) -> PyFrame:
+    def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int) -> PyFrame:
         interp = self._interps.get(pid)
         if interp is None or interp.offsets is None:
             return PyFrame("", "", 0, "no interpreter known for the process")
-        if other:
-            return PyFrame("", "", 0, f"code object {code:#x} freed before it was read (its address reused)")
         c = self._codes.get((pid, code, ident)) or (_read_code(pid, head, interp.offsets) if head else None)
         if c is not None:
             self._codes[pid, code, ident] = c
@@ -252,22 +247,6 @@ def named(address: int, namer: Optional["Namer"]) -> Optional[Tuple[PyFrame, int
 
 def is_pseudo(address: int) -> bool:
     return PSEUDO_BASE <= address < PSEUDO_END
-
-
-def names_gap(o: Offsets) -> Optional[int]:
-    """co_qualname's place after co_filename, as the BPF walk reads them (one 32-byte read), or
-    None when this layout does not allow it."""
-    gap = o.code_qualname - o.code_filename
-    return gap if gap in (8, 16, 24) else None
-
-
-def signature(head: bytes, o: Offsets) -> Optional[int]:
-    """16 bits of a code object's own, as the BPF walk records them: its file and qualified name
-    objects' addresses, hashed; None when this layout or this head gives none."""
-    if names_gap(o) is None or len(head) < o.code_qualname + 8:
-        return None
-    x = struct.unpack_from("<Q", head, o.code_filename)[0] ^ struct.unpack_from("<Q", head, o.code_qualname)[0]
-    return ((x * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 48
 
 
 def _identity(head: bytes, o: Offsets) -> Tuple[int, ...]:

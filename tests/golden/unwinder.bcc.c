@@ -39,23 +39,19 @@ BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF
 // Python frames (probedsl/stacks/pyframes.py): at each walk, the thread's CPython frame chain, found
 // from its PyThreadState (looked up once per thread in the interpreter's thread list by
 // native thread id, then checked at each use), innermost first: (code object, instruction
-// pointer - code object, the frame's entry byte, 16 bits of the code object's file and qualified
-// name objects' addresses) per frame. The loader writes one entry per CPython process.
+// pointer - code object, the frame's entry byte) per frame. The loader writes one entry per CPython process.
 #define PROBEDSL_PY_FRAMES 32
 #define PROBEDSL_PY_THREADS 64
 struct probedsl_py_proc_t {
     u64 interp_head;            // &_PyRuntime.interpreters.head
     u16 threads_head, tstate_next, native_tid, tstate_frame, cframe_frame, frame_code, frame_previous,
-        frame_instr, frame_entry, entry_is_owner, code_tag_bits,
-        code_names,             // co_filename in a code object
-        names_gap,              // co_qualname - co_filename: 8, 16 or 24 (0: no signature)
-        pad;
+        frame_instr, frame_entry, entry_is_owner, code_tag_bits, pad;
 };
 BPF_HASH(probedsl_py_procs, u32, struct probedsl_py_proc_t, 1024);
 struct probedsl_pystack_t { u32 pid; u32 n; u64 code[PROBEDSL_PY_FRAMES]; u64 meta[PROBEDSL_PY_FRAMES]; };
 // the walk's scratch: the record, then one frame's header read whole (fields at the offsets
 // of the process's version, masked into the buffer)
-struct probedsl_py_scratch_t { struct probedsl_pystack_t rec; u8 frame[136]; u64 names[4]; };
+struct probedsl_py_scratch_t { struct probedsl_pystack_t rec; u8 frame[136]; };
 BPF_PERCPU_ARRAY(probedsl_py_scratch, struct probedsl_py_scratch_t, 1);
 BPF_HASH(probedsl_pystacks, u64, struct probedsl_pystack_t, 131072);
 BPF_TABLE("lru_hash", u32, u64, probedsl_py_tstates, 16384);
@@ -118,18 +114,8 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
         if (!frame || i >= PROBEDSL_PY_FRAMES) break;
         if (bpf_probe_read_user(s->frame, 80, (void *)frame)) break;
         u64 code = probedsl_py_field(s, cfg->frame_code) & ~tags;
-        u64 entry = s->frame[cfg->frame_entry & 127];
         u64 meta = ((probedsl_py_field(s, cfg->frame_instr) - code) & 0xffffffffULL) |
-            (entry << 40);
-        // what tells this code object from one that takes its address after it is freed (the
-        // naming thread reads the code later): its file and qualified name objects' addresses,
-        // hashed to 16 bits (pyframes.signature). Branch-free: a failed read zeroes them (0: no
-        // signature, as for a layout without one, names_gap 0), and a 3.12+ shim frame
-        // (owner >= 3: its executable is None, no code object) records none
-        bpf_probe_read_user(s->names, sizeof(s->names), (void *)(code + cfg->code_names));
-        u64 sign = ((s->names[0] ^ s->names[(cfg->names_gap >> 3) & 3]) * 0x9e3779b97f4a7c15ULL) >> 48;
-        u64 code_frame = ((entry - 3) >> 63) | ((u64)cfg->entry_is_owner ^ 1);
-        meta |= (sign * code_frame) << 48;
+            ((u64)s->frame[cfg->frame_entry & 127] << 40);
         frame = probedsl_py_field(s, cfg->frame_previous);
         s->rec.code[i & (PROBEDSL_PY_FRAMES - 1)] = code;
         s->rec.meta[i & (PROBEDSL_PY_FRAMES - 1)] = meta;
