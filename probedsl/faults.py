@@ -22,6 +22,7 @@ POINTS = {
     "exec-hold": "waits while a launched command is held at its exec (the loader hold)",
     "final": "waits before the final snapshot",
     "mapping-hold": "waits while a launched process is stopped by the mapping hold, before it is continued",
+    "python-finalizing": "waits while a launched CPython is stopped as it begins finalization, before it is continued",
     "image-sweep": "says (without waiting) each time BCC's loader freed entries of ended process images",
 }
 

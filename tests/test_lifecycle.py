@@ -473,15 +473,17 @@ def test_output_to_a_device_writes_it_in_place(build):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and not os.path.exists("/dev/null.tmp")
 
 
-def test_a_killed_probedsl_leaves_no_process_stopped_by_the_mapping_hold():
-    """SIGKILL while a launched command is stopped at a mapping of code (BPF sent it SIGSTOP
-    until the unwinder has the file's rows): the guard continues it, and it runs to its end."""
-    gate = Gate("mapping-hold")
+@pytest.mark.parametrize("hold", ["mapping-hold", "python-finalizing"])
+def test_a_killed_probedsl_leaves_no_process_stopped_by_a_hold(hold):
+    """SIGKILL while a launched command is stopped by BPF's SIGSTOP, at a mapping of code (until
+    the unwinder has the file's rows) or as a CPython begins finalization (until its frames are
+    named): the guard continues it, and it runs to its end."""
+    gate = Gate(hold)
     code = "import ctypes; print('imported', flush=True)"  # _ctypes and libffi: mapped code
     tracer = run_tracer("--backend", "bcc", "--", "/usr/bin/python3", "-c", code, env=gate.env)
     command = 0
     try:
-        wait_said(tracer, "fault mapping-hold reached")
+        wait_said(tracer, f"fault {hold} reached")
         with open(f"/proc/{tracer.pid}/task/{tracer.pid}/children") as f:
             children = [int(p) for p in f.read().split()]
         (command,) = [p for p in children if code.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
@@ -489,7 +491,7 @@ def test_a_killed_probedsl_leaves_no_process_stopped_by_the_mapping_hold():
         deadline = time.monotonic() + 30
         while state(command) not in ("T", "t") and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert state(command) in ("T", "t"), "the command was not stopped by the mapping hold"
+        assert state(command) in ("T", "t"), f"the command was not stopped by the {hold}"
         pidfd = os.pidfd_open(command)
         tracer.kill()
         tracer.wait()  # not its pipes: the command holds them until it ends

@@ -85,8 +85,8 @@ def python_run(request, tmp_path_factory, root_required):
     return [json.loads(line) for line in sites.read_text().splitlines()], json.loads(out.read_text()), err
 
 
-# the versions whose frames probedsl names (3.14: docs/python.md says why not yet)
-NAMED_VERSIONS = {(3, 11), (3, 13)}
+# the versions whose frames probedsl names
+NAMED_VERSIONS = {(3, 11), (3, 13), (3, 14)}
 
 
 def _unnamed_version(report) -> bool:
@@ -141,9 +141,10 @@ def test_each_leak_site_has_its_own_python_frames(python_run):
 
 
 def test_a_stack_first_seen_as_the_command_ends_is_named(python_run, request):
-    """-- CMD is held at its exit in the default mode (forks followed): the program's last
-    statement allocates from a stack never seen before and ends at once (os._exit), and that
-    stack's frames are named from its memory. (--pid is not held: the program does not do it.)"""
+    """-- CMD is held as it begins finalization until its frames are named: the program's last
+    statement allocates from a stack never seen before, and the program ends at once (its
+    finalization frees every code object); that stack's frames are named from its memory.
+    (--pid is not held: the program does not do it.)"""
     if request.node.callspec.params["python_run"] != "cmd":
         return
     _, report, err = python_run
@@ -155,6 +156,7 @@ def test_a_stack_first_seen_as_the_command_ends_is_named(python_run, request):
         next(n for n, text in enumerate(source, 1) if text.strip().startswith(at))
         for at in ("libc.malloc(500", "last_words()")
     ]
+    assert any("waited at the start of finalization" in n for n in report["notes"]), report["notes"]
     last = [e for e in report["reports"][0]["entries"] if e["bytes"] == 500_000]
     assert last, err
     for e in last:
@@ -344,3 +346,27 @@ def test_an_instruction_past_the_code_objects_end_is_not_named_after_it():
             assert frame.function == "" and "address reused" in frame.why, frame
     finally:
         child.communicate("")
+
+
+def test_the_finalization_probe_goes_past_a_stub():
+    """3.13 and 3.14 build Py_FinalizeEx as a stub (endbr64; jmp) to a local function that
+    Py_Exit calls directly: the probe goes where the stub jumps; a real function stays put."""
+    import io
+    import struct
+
+    from probedsl.stacks.pyframes import _past_stub
+
+    loads = ((0x400000, 0x1000, 0x10000),)  # one segment: ELF address 0x400000 is file offset 0x1000
+    at = 0x400100
+
+    def placed(code: bytes) -> int:
+        image = bytearray(0x12000)
+        image[0x1100 : 0x1100 + len(code)] = code
+        return _past_stub(io.BytesIO(bytes(image)), loads, at)
+
+    endbr, lea = b"\xf3\x0f\x1e\xfa", b"\x48\x8d\x3d" + struct.pack("<i", 0x1234)
+    assert placed(endbr + b"\xe9" + struct.pack("<i", -0x80)) == at + 9 - 0x80
+    assert placed(endbr + lea + b"\xeb\x10") == at + 13 + 0x10
+    assert placed(b"\xe9" + struct.pack("<i", 0x40)) == at + 5 + 0x40
+    assert placed(endbr + b"\x53\x48\x83\xec\x18") == at  # push rbx; sub rsp: the function itself
+    assert _past_stub(io.BytesIO(b""), loads, 0x900000) == 0x900000  # outside every segment

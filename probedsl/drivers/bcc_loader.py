@@ -30,8 +30,7 @@ from probedsl.drivers.bcc_compat import (
     remove_tracefs_uprobes,
     _stderr_captured,
 )
-from probedsl.drivers.bcc_read import BccReading
-from probedsl.drivers.bcc_read import _items
+from probedsl.drivers.bcc_read import BccReading, _items
 from probedsl.drivers.bcc_moves import Moves
 
 
@@ -82,13 +81,14 @@ class BccLoader(BccReading):
         )
         # --stacks dwarf: the unwinder's rows, loaded as processes map files
         self.unwind = UnwindTables(self.bpf) if manifest.get("dwarf") else None
-        # and the Python frames of the CPython processes among them
-        self.python = bcc_python.Processes(self.bpf) if manifest.get("dwarf") else None
-        # a launched command stopped at each mmap of code until its rows are in
-        self.hold = MappingHold(self.bpf) if manifest.get("hold_mappings") else None
+        self.lock = threading.Lock()  # attach_child comes from the tether's thread
+        # a launched command: held at each mmap of code until its rows are in; the Python frames
+        # of its CPython processes, held as they begin finalization until named
+        hold = bool(manifest.get("hold_mappings"))
+        self.python = bcc_python.Processes(self.bpf, self.lock, hold) if manifest.get("dwarf") else None
+        self.hold = MappingHold(self.bpf) if hold else None
         scope = pid or -1
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
-        self.lock = threading.Lock()  # attach_child comes from the tether's thread
         self.closed = False
         if manifest.get("follow_forks"):
             # children inherit no pid-scoped uprobe: each is attached as it is forked (held

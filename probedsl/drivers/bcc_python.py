@@ -4,11 +4,13 @@ in the program's probedsl_py_procs, and its stacks' records turned into pseudo-a
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import struct
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
-from probedsl import threads
+from probedsl import faults, threads
+from probedsl.process.mapping_hold import marked, release
 from probedsl.ir.stackformat import PY_ENTRY_SHIFT as ENTRY_SHIFT, PY_FRAMES as MAX_FRAMES, PY_TRUNCATED as TRUNCATED
 from probedsl.stacks.pyframes import NAMER, PYMALLOC_NOTE, RUN_END, Interpreter, Namer, find, uses_pymalloc
 
@@ -71,9 +73,12 @@ POLL_MS = 100  # the doorbell thread's wait for a new stack (then it checks for 
 
 class Processes:
     """The BCC loader's side: finds the CPython in each process as it maps files, and gives
-    the BPF program its offsets (probedsl_py_procs)."""
+    the BPF program its offsets (probedsl_py_procs). hold (a launched command): a process
+    that begins its finalization is stopped (bcc.c.j2, probedsl_py_finalizing) and continued
+    here once the stacks it rang for before are named. lock: the loader's, held to attach."""
 
-    def __init__(self, bpf):
+    def __init__(self, bpf, lock: threading.Lock, hold: bool = False):
+        self.bpf, self.lock, self.closed = bpf, lock, False
         self.table = bpf["probedsl_py_procs"]
         self.stacks = bpf["probedsl_pystacks"]
         self.seen: Dict[int, Interpreter] = {}  # pid -> its interpreter, as last written
@@ -89,16 +94,56 @@ class Processes:
         self._reader = lib.bpf_new_ringbuf(bpf["probedsl_py_doorbell"].map_fd, self._callback, None)
         self._closing = threading.Event()
         self._thread = threads.start("probedsl-python-frames", self._listen) if self._reader else None
+        # (without the thread nothing would continue a stopped process: no hold)
+        self.finalizing = bpf["probedsl_py_held"] if hold and self._thread else None
+        self.probed: Set[Tuple[int, int]] = set()  # interpreter files with the finalization probe
+        self.waited: List[int] = []  # ns each finalization waited
 
     def _rung(self, ctx, data, size) -> int:
-        self.frames_of(ctypes.cast(data, ctypes.POINTER(ctypes.c_uint64)).contents.value)
+        if size == 8:  # a new stack (else a process stopped at its finalization: _let_go)
+            self.frames_of(ctypes.cast(data, ctypes.POINTER(ctypes.c_uint64)).contents.value)
         return 0
 
     def _listen(self) -> None:
         while not self._closing.is_set():
             self._lib.bpf_poll_ringbuf(self._reader, POLL_MS)
+            if self.finalizing is not None:
+                try:
+                    self._let_go()
+                except Exception as exc:  # said; the next turn tries again
+                    threads.failed("probedsl-python-frames", exc)
+
+    def _let_go(self) -> None:
+        """Continues the processes stopped at their finalization, once the stacks they rang
+        for before their marks are named (the ring is read after the marks)."""
+        pids = marked(self.finalizing)
+        if pids:
+            faults.wait("python-finalizing")
+            self._lib.bpf_consume_ringbuf(self._reader)
+            self.waited += release(self.finalizing, pids)
+
+    def _probe_finalization(self, interp: Interpreter) -> None:
+        """The finalization probe on the interpreter's file, once per file: it fires in every
+        process that runs the file, and stops only those in probedsl_py_procs."""
+        path = interp.file or interp.path
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        with self.lock:
+            if self.closed or (st.st_dev, st.st_ino) in self.probed:
+                return
+            self.probed.add((st.st_dev, st.st_ino))
+            try:
+                self.bpf.attach_uprobe(name=path, addr=interp.finalize, fn_name="probedsl_py_finalizing", pid=-1)
+            except Exception as exc:  # BCC raises bare Exception: named at exit, if still mapped
+                self._say(
+                    f"the finalization of {interp.name} is not held ({exc}): frames first seen as it ends may be unnamed"
+                )
 
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
         if self._thread is not None:
             self._closing.set()
             threads.join(self._thread, 2 * POLL_MS / 1000)
@@ -119,10 +164,12 @@ class Processes:
         if interp.offsets is None:
             self._say(
                 f"pid {pid} runs {interp.name}, a version (or build) probedsl has no frame layout for: "
-                "its stacks are native only (Python frames: CPython 3.11 and 3.13; not free-threaded)"
+                "its stacks are native only (Python frames: CPython 3.11, 3.13 and 3.14; not free-threaded)"
             )
             return
         NAMER.know(pid, interp)
+        if self.finalizing is not None and interp.finalize:
+            self._probe_finalization(interp)
         key = self.table.Key(pid)
         self.table[key] = self.table.Leaf.from_buffer_copy(config_bytes(interp))
         self._say(f"Python frames of pid {pid} ({interp.name}) are in its stacks")
@@ -146,4 +193,10 @@ class Processes:
         return self.named[stack_id]
 
     def notes(self) -> List[str]:
-        return list(self.said)
+        if not self.waited:
+            return list(self.said)
+        n = len(self.waited)
+        return self.said + [
+            f"{n} Python process{'es' if n != 1 else ''} waited at the start of finalization until "
+            f"{'their' if n != 1 else 'its'} frames were named (longest {max(self.waited) / 1e6:.1f} ms)"
+        ]

@@ -1,5 +1,5 @@
 """The mapping hold's guard: a small process that continues the processes the BPF program
-stopped (probedsl_unw_held) when probedsl dies without doing it (SIGKILL, the OOM killer), so
+stopped (marked in probedsl_unw_held or probedsl_py_held) when probedsl dies without doing it (SIGKILL, the OOM killer), so
 a traced program is never left stopped.
 
 probedsl keeps the write end of a pipe; the guard blocks reading it. probedsl writes "d"
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import List, Tuple
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
 _UPDATE, _DELETE, _NEXT_KEY = 2, 3, 4  # BPF_MAP_UPDATE_ELEM, _DELETE_ELEM, _GET_NEXT_KEY
@@ -33,16 +34,16 @@ class _Elem(ctypes.Structure):
     ]
 
 
-def start(marks_fd: int, switch_fd: int) -> int:
+def start(marks_fds: Tuple[int, ...], switch_fd: int) -> int:
     """The guard, running: returns the pipe's write end, which must stay open (and be
     written "d" once every marked process was continued)."""
     read, write = os.pipe()
     subprocess.Popen(
-        [sys.executable, "-m", "probedsl.process.hold_guard", str(marks_fd), str(switch_fd)],
+        [sys.executable, "-m", "probedsl.process.hold_guard", str(switch_fd), *map(str, marks_fds)],
         stdin=read,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        pass_fds=(marks_fd, switch_fd),
+        pass_fds=(*marks_fds, switch_fd),
         start_new_session=True,  # not ended with probedsl's terminal or process group
         cwd="/",  # run as root: nothing importable from wherever probedsl was started
     )
@@ -74,13 +75,13 @@ def _marked(marks_fd: int) -> list:
     return pids
 
 
-def _let_go(marks_fd: int, switch_fd: int) -> None:
+def _let_go(switch_fd: int, marks_fds: List[int]) -> None:
     zero, off = ctypes.c_uint32(0), ctypes.c_uint32(0)
     _bpf(_UPDATE, _Elem(switch_fd, 0, ctypes.addressof(zero), ctypes.addressof(off), 0))
     for again in (False, True):
         if again:
             time.sleep(AGAIN_S)
-        for pid in _marked(marks_fd):
+        for marks_fd, pid in [(fd, pid) for fd in marks_fds for pid in _marked(fd)]:
             key = ctypes.c_uint32(pid)
             _bpf(_DELETE, _Elem(marks_fd, 0, ctypes.addressof(key), 0, 0))
             try:
@@ -97,7 +98,7 @@ def main(argv: list) -> int:
         if said == b"d":
             return 0
         if not said:  # probedsl is gone without its close
-            _let_go(int(argv[1]), int(argv[2]))
+            _let_go(int(argv[1]), [int(fd) for fd in argv[2:]])
             return 0
 
 

@@ -11,7 +11,9 @@ Order is what makes it safe: BPF sends the stop before it marks, and this reads 
 before it drains the tracker (the kernel writes the mmap record before the system call
 returns), so a process continued here has its new mapping in its unwind entry, and every
 process stopped has a mark that is read at the next turn (20 ms at most). Ending the run
-clears the switch the BPF program reads (no new stops), then continues every marked process.
+clears the switch the BPF program reads (no new stops), then continues every marked process,
+those the Python frames' finalization hold marked too (probedsl_py_held: probedsl.drivers.bcc_python
+continues them while the run lasts).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class MappingHold:
     def __init__(self, bpf):
         self.marks = bpf["probedsl_unw_held"]
         self.switch = bpf["probedsl_unw_holding"]
+        self.finalizing = bpf["probedsl_py_held"]  # the switch stops these too
         self._lock = threading.Lock()  # the tracker's thread and close() both release
         self.closed = False
         self.released = 0  # stops ended here (how many times code waited)
@@ -39,7 +42,7 @@ class MappingHold:
 
     def start(self) -> None:
         # before the first stop: whatever ends probedsl, a stopped process is continued
-        self._guard = hold_guard.start(self.marks.map_fd, self.switch.map_fd)
+        self._guard = hold_guard.start((self.marks.map_fd, self.finalizing.map_fd), self.switch.map_fd)
         self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def turn(self, drain: Callable[[], None]) -> None:
@@ -66,11 +69,11 @@ class MappingHold:
                     self.switch[ctypes.c_int(0)] = ctypes.c_uint32(0)
                 except Exception:  # BCC raises bare Exception: the maps are gone
                     pass
-            self._release(self._marked())
+            self._release_all()
             if self._guard >= 0:
                 # a stop sent just before the switch went off is marked just after
                 time.sleep(hold_guard.AGAIN_S)
-                self._release(self._marked())
+                self._release_all()
                 hold_guard.done(self._guard)
                 self._guard = -1
 
@@ -83,22 +86,37 @@ class MappingHold:
         ]
 
     def _marked(self) -> Dict[int, int]:
-        """pid -> CLOCK_MONOTONIC ns of its stop."""
-        try:
-            return {k.value: v.value for k, v in self.marks.items()}
-        except Exception:  # BCC raises bare Exception: the maps are gone
-            return {}
+        return marked(self.marks)
+
+    def _release_all(self) -> None:
+        self._release(self._marked())
+        release(self.finalizing, marked(self.finalizing))
 
     def _release(self, pids: Dict[int, int]) -> None:
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        for pid, stopped in pids.items():
-            try:
-                del self.marks[self.marks.Key(pid)]
-            except Exception:  # BCC: KeyError, or bare Exception once closed
-                pass
-            try:
-                os.kill(pid, signal.SIGCONT)
-                self.released += 1
-                self.longest_ns = max(self.longest_ns, now - stopped)
-            except ProcessLookupError:  # it ended meanwhile (killed while stopped)
-                pass
+        waited = release(self.marks, pids)
+        self.released += len(waited)
+        self.longest_ns = max([self.longest_ns, *waited])
+
+
+def marked(marks) -> Dict[int, int]:
+    """pid -> CLOCK_MONOTONIC ns of its stop, from a table of marks."""
+    try:
+        return {k.value: v.value for k, v in marks.items()}
+    except Exception:  # BCC raises bare Exception: the maps are gone
+        return {}
+
+
+def release(marks, pids: Dict[int, int]) -> List[int]:
+    """Unmarks and continues them: how long each that was still there had waited (ns)."""
+    now, waited = time.clock_gettime_ns(time.CLOCK_MONOTONIC), []
+    for pid, stopped in pids.items():
+        try:
+            del marks[marks.Key(pid)]
+        except Exception:  # BCC: KeyError, or bare Exception once closed
+            pass
+        try:
+            os.kill(pid, signal.SIGCONT)
+            waited.append(now - stopped)
+        except ProcessLookupError:  # it ended meanwhile (killed while stopped)
+            pass
+    return waited

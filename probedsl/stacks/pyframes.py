@@ -30,6 +30,7 @@ RUN_END = 1 << 32  # flag: the last frame run by one _PyEval_EvalFrameDefault ca
 PSEUDO_BASE = 0xFFFF_FE00_0000_0000
 PSEUDO_END = 0xFFFF_FF00_0000_0000
 EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
+FINALIZE_FUNCTION = "Py_FinalizeEx"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Interpreter:
     version: Tuple[int, int]
     eval_ranges: Tuple[Tuple[int, int], ...]  # process addresses of the evaluation function
     image: int = 0  # which exec of the process (a new exec of the same file differs)
+    file: str = ""  # where probedsl opens that file (inside the process's root)
+    finalize: int = 0  # ELF address of the function that begins finalization (0: unknown)
 
     @property
     def name(self) -> str:
@@ -51,7 +54,7 @@ class Interpreter:
 @functools.lru_cache(maxsize=64)
 def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
     """(value, size) of the few dynamic symbols that say "CPython" (an empty dict otherwise)."""
-    wanted = ("_PyRuntime", "Py_Version", EVAL_FUNCTION)
+    wanted = ("_PyRuntime", "Py_Version", EVAL_FUNCTION, FINALIZE_FUNCTION)
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
@@ -66,9 +69,29 @@ def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
             out["_load"] = tuple(
                 (s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
             )
+            if FINALIZE_FUNCTION in out:
+                out["_finalize"] = (_past_stub(f, out["_load"], out[FINALIZE_FUNCTION][0]), 0)
             return out if "_PyRuntime" in out else {}
     except Exception:  # not an ELF file, or a damaged one: not an interpreter
         return {}
+
+
+def _past_stub(f, loads, address: int) -> int:
+    """Where a function really begins: 3.14's Py_FinalizeEx is a stub (endbr64; jmp) to a local
+    function that other paths (Py_Exit) call directly; probed there, every path stops."""
+    at = next((address - v + o for v, o, size in loads if v <= address < v + size), None)
+    if at is None:
+        return address
+    f.seek(at)
+    code = f.read(16)
+    i = 4 if code.startswith(b"\xf3\x0f\x1e\xfa") else 0  # endbr64
+    if code[i : i + 3] == b"\x48\x8d\x3d":  # lea rdi, [rip+d32]: an argument set for the callee
+        i += 7
+    if code[i : i + 1] == b"\xe9":  # jmp rel32
+        return address + i + 5 + struct.unpack_from("<i", code, i + 1)[0]
+    if code[i : i + 1] == b"\xeb":  # jmp rel8
+        return address + i + 2 + struct.unpack_from("<b", code, i + 1)[0]
+    return address
 
 
 def symbols_of(path: str) -> Dict[str, Tuple[int, int]]:
@@ -130,7 +153,8 @@ def find(pid: int, mappings) -> Optional[Interpreter]:
             continue
         evals = tuple((s + bias, s + bias + n) for s, n in [syms.get(EVAL_FUNCTION, (0, 0))] if s)
         offsets = debug_offsets(pid, runtime, version) if version >= (3, 13) else TABLES.get(version)
-        return Interpreter(m.path, runtime, offsets, version, evals, _image(pid))
+        finalize = syms.get("_finalize", (0, 0))[0]
+        return Interpreter(m.path, runtime, offsets, version, evals, _image(pid), file, finalize)
     return None
 
 

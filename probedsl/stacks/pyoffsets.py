@@ -108,8 +108,8 @@ TABLES = {(3, 11): PY311}
 # 3.13+: _PyRuntime starts with _Py_DebugOffsets (cookie "xdebugpy", PY_VERSION_HEX, free_threaded,
 # then groups of uint64 offsets, each group led by its struct's size). Where each field we read
 # sits in it, by version, from the field order of CPython 3.13's Include/internal/pycore_runtime.h
-# (3.14's differ, and its frames are not named reliably yet: docs/python.md); checked against
-# the initial data of Debian 13's python3.13 (3.13.5).
+# and 3.14's Include/internal/pycore_debug_offsets.h; checked against the initial data of Debian
+# 13's python3.13 (3.13.5) and Debian sid's python3.14 (3.14.10).
 DEBUG_FIELDS = {
     (3, 13): dict(
         runtime_interp_head=40,
@@ -131,6 +131,27 @@ DEBUG_FIELDS = {
         str_state=544,
         str_length=552,
         str_ascii_size=560,
+    ),
+    (3, 14): dict(
+        runtime_interp_head=40,
+        interp_threads_head=72,
+        tstate_next=192,
+        tstate_frame=208,
+        tstate_native_tid=224,
+        frame_previous=256,
+        frame_code=264,
+        frame_instr=272,
+        frame_entry=288,
+        code_filename=320,
+        code_qualname=336,
+        code_linetable=344,
+        code_firstlineno=352,
+        code_adaptive=384,
+        bytes_size=600,
+        bytes_data=608,
+        str_state=624,
+        str_length=632,
+        str_ascii_size=640,
     ),
 }
 DEBUG_COOKIE = b"xdebugpy"
