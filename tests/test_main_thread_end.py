@@ -1,7 +1,7 @@
 """A process whose main thread ends alone (pthread_exit) while another thread goes on: what
 that thread allocates afterwards is recorded, with its stack (docs/reachability.md, Limits).
 tree_leaks mainexit's last thread keeps 2 x 72 B (lose) and 1 x 88 B (keep) after the main
-thread ended."""
+thread ended. A process found with its main thread ended already (leaderless) is traced too."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (
 MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
 
 
-def after_main(report: dict) -> dict:
-    """The outstanding heap of the last thread, by the function that called the allocator."""
+def after_main(report: dict, thread: str = "last_thread") -> dict:
+    """The outstanding heap of the thread (its start function), by the function that called the allocator."""
     got: dict = {}
     for entry in report["reports"][0]["entries"]:
         names = [f.get("function") for f in entry["stack"]]
-        if "last_thread" in names:
-            caller = names[names.index("last_thread") - 1]
+        if thread in names:
+            caller = names[names.index(thread) - 1]
             bytes_, blocks = got.get(caller, (0, 0))
             got[caller] = (bytes_ + entry["bytes"], blocks + entry["blocks"])
     return got
@@ -55,6 +55,41 @@ def test_allocations_after_the_main_thread_ended_are_recorded(backend, how, tree
     report = report_json(out)
     assert after_main(report) == AFTER_MAIN, err
     assert not [n for n in report["notes"] if "main thread" in n], report["notes"]
+
+
+def zombie_leader(held: Held) -> bool:
+    """Wait (up to 60 s) until the program's main thread has ended alone: its leader a zombie."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and held.proc.poll() is None:
+        with open(f"/proc/{held.pid}/status") as f:
+            if any(line.startswith("State:") and "Z" in line.split()[1] for line in f):
+                return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("backend, scope", [("bcc", "pid"), ("bpftrace", "pid"), ("bcc", "per-process")])
+def test_a_process_whose_main_thread_had_ended_is_traced(backend, scope, build, root_required):
+    """leaderless's main thread ends at once (pthread_exit); found so, its /proc/PID shows no
+    maps, root or exe and its leader matches no uprobe: its libraries are found through a thread
+    that runs, BCC's uprobes opened on that thread. Told to go, the thread keeps 3 x 48 B (kept)
+    and frees 2 x 24 B (passing): exactly those are outstanding."""
+    exe = build("leaderless")
+    held = Held([exe])  # its thread allocates once told
+    try:
+        assert zombie_leader(held), "leaderless's main thread did not end within 60 s"
+        target = ["--pid", str(held.pid)] if scope == "pid" else ["--comm", "leaderless", "--per-process"]
+        tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", *target)
+        held.go()
+        if scope != "pid":  # --comm runs until told to end
+            held.proc.wait(timeout=60)
+            tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=300)
+    finally:
+        held.end()
+    report = report_json(out)
+    assert after_main(report, "worker") == {"kept": (144, 3)}, err
+    assert not [n for n in report["notes"] if "main thread" in n or "not recorded" in n], report["notes"]
 
 
 def perf_events(pid: int) -> int:

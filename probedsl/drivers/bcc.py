@@ -39,6 +39,11 @@ class BccDriver:
         if loader is not None:
             loader.attach_child(pid)
 
+    @property
+    def bearer(self) -> int:
+        """The thread the traced process's uprobes were opened on (0: not scoped to one)."""
+        return self.loader.bearer if self.loader is not None else 0
+
     def rebind(self, pid: int, tid: int) -> None:
         """A process's uprobes opened on its thread tid too (BccLoader.rebind)."""
         if self.loader is not None:

@@ -19,7 +19,7 @@ from probedsl.errors import ProbedslError
 from probedsl.ir.layout import ResourceLayout
 from probedsl.drivers.bcc_images import EndedImages
 from probedsl.process.libraries import LibraryResolver
-from probedsl.process.procfs import has_memory, is_process, process_alive, processes_named
+from probedsl.process.procfs import has_memory, is_process, live_task, process_alive, processes_named
 from probedsl.process.mapping_hold import MappingHold
 from probedsl.stacks.unwind_tables import UnwindTables
 from probedsl.drivers import bcc_python
@@ -35,13 +35,8 @@ from probedsl.drivers.bcc_moves import Moves
 
 
 ATTACH_TRIES = 3  # --per-process: attempts, RETRY_S apart, before a process is given up
-
-
 ROOT_WAIT_S = 2.0  # --comm: how long an arrival in another root may take to map its libraries
-
-
 RETRY_S = 0.05
-
 
 # uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
 # delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes' worth;
@@ -88,6 +83,7 @@ class BccLoader(BccReading):
         self.python = bcc_python.Processes(self.bpf, self.lock, hold) if manifest.get("dwarf") else None
         self.hold = MappingHold(self.bpf) if hold else None
         scope = pid or -1
+        self.bearer = live_task(pid) if pid else 0  # the thread its uprobes are opened on (procfs)
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
         self.closed = False
         if manifest.get("follow_forks"):
@@ -119,7 +115,7 @@ class BccLoader(BccReading):
             for found in processes_named(manifest["comm"]):
                 self._attach_process(found)
         else:
-            failure = self._attach(scope)
+            failure = self._attach(self.bearer if scope > 0 else scope)
             if failure:
                 raise ProbedslError(failure)
         self.scope = scope
@@ -216,8 +212,9 @@ class BccLoader(BccReading):
         one that refuses is tried again RETRY_S later, twice, then said and left untraced.
         quiet: libbcc's own messages are kept (fd 2 taken meanwhile: not from a second thread)."""
         before = set(self.bpf.uprobe_fds)
+        bearer = live_task(pid)  # (its main thread may have ended alone before it was found)
         with _stderr_captured() if quiet else contextlib.nullcontext([""]) as chatter:
-            failure = self._attach(pid)
+            failure = self._attach(bearer)
         # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
         # fails once the process has ended (its uprobes then stayed open until the end)
         self.attached[pid] = [e for e in self.bpf.uprobe_fds if e not in before]
@@ -225,6 +222,7 @@ class BccLoader(BccReading):
             self._detach(pid)
         else:
             self.refusals.pop(pid, None)
+            self.moves.bear(self, pid, bearer)
             return
         tries = ATTACH_TRIES if last_try else self.refusals.pop(pid, (0, 0))[0] + 1
         if not has_memory(pid):

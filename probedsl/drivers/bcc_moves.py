@@ -20,6 +20,12 @@ class Moves:
     def __init__(self) -> None:
         self.notes: List[str] = []
 
+    def bear(self, loader, pid: int, tid: int) -> None:
+        """The process's uprobes were opened on thread tid: not its main thread when that had
+        ended alone before the process was found, and then tid's end is the one watched."""
+        if tid != pid and loader.per_process:
+            loader.bpf["probedsl_bearers"][ctypes.c_uint32(pid)] = ctypes.c_uint32(tid)
+
     def check(self, loader) -> None:
         """Once a turn: each attached process whose bearer ended while other threads run gets
         its uprobes on the first of those (BccLoader.rebind)."""

@@ -61,9 +61,9 @@ def _time(body: bytes) -> int:
 
 
 def read_proc_maps(pid: int) -> List[Mapping]:
-    result = []
+    result: List[Mapping] = []
     try:
-        lines, _ = procfs.read_lines(f"/proc/{pid}/maps")  # bounded: the process sets its length
+        lines, _ = procfs.read_maps(pid)  # bounded: the process sets its length
     except OSError:
         return result
     for line in lines:

@@ -7,7 +7,7 @@ bpftrace >= 0.24: its `pid` builtin already is), and a backend that cannot is re
 import os
 from typing import Dict, NamedTuple, Optional
 
-from probedsl.process import btf
+from probedsl.process import btf, procfs
 
 # the initial PID namespace's inode number (PROC_PID_INIT_INO in the kernel)
 INIT_INO = 0xEFFFFFFC
@@ -33,7 +33,7 @@ def nested(pid: int) -> bool:
     if own() is None:
         return False
     try:
-        return not os.path.samestat(os.stat(f"/proc/{pid}/ns/pid"), os.stat("/proc/self/ns/pid"))
+        return not os.path.samestat(os.stat(f"{procfs.proc_dir(pid)}/ns/pid"), os.stat("/proc/self/ns/pid"))
     except OSError:
         return False
 

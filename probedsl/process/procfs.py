@@ -86,6 +86,31 @@ def live_threads(pid: int, tids: Iterable[int] = ()) -> List[int]:
     return [t for t in tids if _state(f"/proc/{pid}/task/{t}/stat") not in (None, "Z", "X")]
 
 
+def live_task(pid: int) -> int:
+    """The process's leader, or once it ended alone (pthread_exit: a zombie, its memory, root and
+    exe gone from /proc/PID and no uprobe matching through it) a thread of it that runs."""
+    if _state(f"/proc/{pid}/stat") != "Z":
+        return pid
+    return next(iter(live_threads(pid)), pid)
+
+
+def proc_dir(pid: int) -> str:
+    """Where /proc shows the process's memory, root and exe: /proc/PID, or the directory of a
+    thread that runs once the leader is a zombie (live_task)."""
+    tid = live_task(pid)
+    return f"/proc/{pid}" if tid == pid else f"/proc/{pid}/task/{tid}"
+
+
+def read_maps(pid: int) -> Tuple[List[str], bool]:
+    """read_lines of the process's maps; a live thread's once the leader ended alone, whose own
+    are empty then (proc_dir). Raises OSError."""
+    lines, cut = read_lines(f"/proc/{pid}/maps")
+    where = proc_dir(pid) if not lines else ""
+    if where and where != f"/proc/{pid}":
+        lines, cut = read_lines(f"{where}/maps")
+    return lines, cut
+
+
 def _state(path: str) -> Optional[str]:
     try:
         return read_small(path).rsplit(")", 1)[1].split()[0]
@@ -101,7 +126,7 @@ def is_process(pid: int) -> bool:
 def has_memory(pid: int) -> bool:
     """A process with a user address space: not a kernel thread, not one exiting past exit_mm."""
     try:
-        os.readlink(f"/proc/{pid}/exe")
+        os.readlink(f"{proc_dir(pid)}/exe")
         return True
     except OSError:
         return False

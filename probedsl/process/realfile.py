@@ -34,7 +34,7 @@ def real_key(path: str) -> Optional[Key]:
 
 def _layer_file(path: str, dev: int) -> Optional[str]:
     """The layer file path resolves to, when the mount holding it is an overlay."""
-    m = re.match(r"/proc/(\d+)/root(/.*)", path)
+    m = re.match(r"/proc/(\d+(?:/task/\d+)?)/root(/.*)", path)
     pid, inner = (m.group(1), m.group(2)) if m else ("self", os.path.realpath(path))
     best = None
     for mount_root, point, fstype, options in _mounts(pid):

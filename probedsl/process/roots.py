@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from probedsl.process import procfs
+
 
 def stat_key(path: str) -> Optional[Tuple[int, int]]:
     """(device, inode) of the file at path (a process's root: /proc/PID/root); None if it is gone."""
@@ -17,17 +19,31 @@ def stat_key(path: str) -> Optional[Tuple[int, int]]:
     return st.st_dev, st.st_ino
 
 
+def root_key(pid: int) -> Optional[Tuple[int, int]]:
+    """stat_key of the process's root; a thread's that runs once the leader ended alone (the
+    leader's /proc/PID/root is gone then, procfs.proc_dir)."""
+    return stat_key(f"/proc/{pid}/root") or stat_key(f"{procfs.proc_dir(pid)}/root")
+
+
+def root_link(pid: int) -> str:
+    """The process's root as its /proc link names it (see root_key). Raises OSError."""
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return os.readlink(f"{procfs.proc_dir(pid)}/root")
+
+
 def root_prefix(pid: int) -> Optional[str]:
     """ "" when the process shares our root; the directory that is its root, seen from here (a
     chroot in our mount namespace); None when no path here reaches it (another mount
     namespace) or the process is gone."""
-    theirs = stat_key(f"/proc/{pid}/root")
+    theirs = root_key(pid)
     if theirs is None:
         return None
     if theirs == stat_key("/"):
         return ""
     try:
-        link = os.readlink(f"/proc/{pid}/root")
+        link = root_link(pid)
     except OSError:
         return None
     return link.rstrip("/") if link.startswith("/") and stat_key(link) == theirs else None
@@ -37,7 +53,7 @@ def one_per_other_root(pids: Iterable[int]) -> List[int]:
     """One process for each root other than ours that these processes have."""
     ours, chosen = stat_key("/"), {}
     for pid in pids:
-        root = stat_key(f"/proc/{pid}/root")
+        root = root_key(pid)
         if root is not None and root != ours:
             chosen.setdefault(root, pid)
     return sorted(chosen.values())
@@ -59,7 +75,7 @@ def inside(pid: int, path: str) -> str:
     """A path from /proc/PID/maps (as its mount namespace names it) -> the path inside the
     process's root, as the process itself (and its perf mmap records) names it."""
     try:
-        root = os.readlink(f"/proc/{pid}/root").rstrip("/")
+        root = root_link(pid).rstrip("/")
     except OSError:
         return path
     return path[len(root) :] if root and path.startswith(root + "/") else path
@@ -78,7 +94,7 @@ def attach_path(pid: int, path: str) -> str:
     """A path naming the file `path` is in the process's root, for attaching a uprobe now."""
     prefix = root_prefix(pid)
     if prefix is None:
-        return f"/proc/{pid}/root{path}"
+        return f"{procfs.proc_dir(pid)}/root{path}"
     return prefix + path
 
 
@@ -104,7 +120,7 @@ class RootedFiles:
             self.known_roots.add(prefix)
         if prefix is not None and (identity is None or _is(prefix + path, identity)):
             return prefix + path
-        root = stat_key(f"/proc/{pid}/root")
+        root = root_key(pid)
         if root is None:  # gone: ours only if nothing said otherwise
             if identity is None:
                 return path
@@ -112,7 +128,7 @@ class RootedFiles:
         key = (*root, path)
         if key not in self._held:
             try:
-                fd = os.open(f"/proc/{pid}/root{path}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"{procfs.proc_dir(pid)}/root{path}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return ""
             self._held[key] = f"/proc/{os.getpid()}/fd/{fd}"

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-from probedsl.process import ptrace, rebind
+from probedsl.process import procfs, ptrace, rebind
 from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HOLD_SIGNALS, MAX_HELD_SYSCALLS, shell_status
 
@@ -163,9 +163,11 @@ class Tether:
         options = ptrace.O_TRACECLONE | ptrace.O_TRACEEXIT | ptrace.O_TRACEEXEC | ptrace.O_TRACESYSGOOD
         if self.forks:
             options |= ptrace.O_TRACEFORK | ptrace.O_TRACEVFORK
+        # a leader that ended alone (pthread_exit) is a zombie, never seized: its threads run on
+        ended = set() if procfs.live_task(self.pid) == self.pid else {self.pid}
         while True:
             try:
-                tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")} - set(self._threads)
+                tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")} - set(self._threads) - ended
             except FileNotFoundError:
                 raise OSError(errno.ESRCH, "no such process") from None
             if not tids:
@@ -247,7 +249,7 @@ class Tether:
 
     def _born(self, new: int, process: int, event: int) -> None:
         """A new thread, or process (fork, vfork, a clone not a thread): held from its start until on_fork ran."""
-        if event == ptrace.EVENT_CLONE and _leader_of(new) != new:
+        if event == ptrace.EVENT_CLONE and procfs.status_field(new, "Tgid") != str(new):  # a thread
             self._threads.setdefault(new, Thread(state="new", process=process))
             return
         self.children += 1
@@ -389,12 +391,3 @@ def all_exited(threads: Iterable[Thread]) -> bool:
     """Every thread of a process at its exit or past it, one at least held there."""
     states = [t.state for t in threads]
     return "exit" in states and all(s in ("exit", "gone") for s in states)
-
-
-def _leader_of(tid: int) -> int:
-    """The thread group of a task (0: gone)."""
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            return next((int(l.split()[1]) for l in f if l.startswith("Tgid:")), 0)
-    except OSError:
-        return 0

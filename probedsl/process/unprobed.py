@@ -6,7 +6,6 @@ each such process, so that the report counts them instead of saying nothing."""
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -30,14 +29,14 @@ class UnprobedRoots:
         self._lock = threading.Lock()
 
     def __call__(self, pid: int, _mappings) -> None:
-        key = roots.stat_key(f"/proc/{pid}/root")
+        key = roots.root_key(pid)
         if key is None or key in self.probed or self._checked.get(pid) == key:
             return
         name = procfs.comm(pid)
         if name is None or (self.comm is not None and name != self.comm):
             return  # checked again at its next change (an exec may give it the name)
         try:
-            root = os.readlink(f"/proc/{pid}/root")
+            root = roots.root_link(pid)
         except OSError:
             return
         taken = self.adopt(pid, key, name, root) if self.adopt else False

@@ -14,6 +14,8 @@ def watch(tether, driver, backend: str, scoped: bool, notes: List[str]) -> None:
     end loses anything for the process itself). BCC opens them again on a thread that runs on;
     bpftrace cannot: the loss is said, naming the process and when."""
     rebind = getattr(driver, "rebind", None)
+    if tether is not None and getattr(driver, "bearer", 0):  # not its main thread, if that had ended
+        tether.bearers.setdefault(tether.pid, driver.bearer)
     if tether is None or tether.on_bearer_end is not None or (rebind is None and not scoped):
         return
     started, said = time.monotonic(), set()

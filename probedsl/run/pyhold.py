@@ -8,6 +8,7 @@ import os
 from typing import List, Optional
 
 from probedsl.errors import ProbedslError
+from probedsl.process import procfs
 from probedsl.process.tether import Tether
 from probedsl.stacks import pyframes
 
@@ -54,8 +55,9 @@ def bpftrace_note(backend: str, mode: str, pid: int, exe: str) -> str:
     if exe:
         return pyframes.bpftrace_note(exe)
     try:
-        name = os.readlink(f"/proc/{pid}/exe")
+        exe = f"{procfs.proc_dir(pid)}/exe"  # (a live thread's once the leader ended alone)
+        name = os.readlink(exe)
     except OSError:  # it ended as tracing began (an exiting process has no exe)
         return ""
     # read through the magic link: the path names a file in the process's own root
-    return pyframes.bpftrace_note(f"/proc/{pid}/exe", name=name)
+    return pyframes.bpftrace_note(exe, name=name)

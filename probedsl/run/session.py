@@ -112,7 +112,7 @@ class Session(Reporting):
         self.max_live = compiler.check_choices(target, compiler.Choices(max_live=opts.max_live or 0, stacks=opts.stacks))
         scope, resolver, self.held = scope_of(opts, target)
         # the other roots whose files the probes go on: a root that appears later is not one
-        self.probed_roots = [k for k in (roots.stat_key(f"/proc/{p}/root") for p in resolver.others) if k]
+        self.probed_roots = [k for k in (roots.root_key(p) for p in resolver.others) if k]
         if self.held:
             cleanup.callback(self.held.abandon)        # a no-op once the command was released
         self.private = None

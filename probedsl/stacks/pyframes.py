@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from elftools.elf.elffile import ELFFile
 
+from probedsl.process import procfs
 from probedsl.stacks.pyoffsets import TABLES, Offsets, debug_offsets, read
 from probedsl.stacks.pylines import line_of
 
@@ -118,7 +119,7 @@ def uses_pymalloc(pid: int) -> bool:
     """Whether a CPython process's small objects come from pymalloc: PYTHONMALLOC=malloc (or
     malloc_debug) in the environment it started with sends them to malloc."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
+        with open(f"{procfs.proc_dir(pid)}/environ", "rb") as f:
             env = f.read().split(b"\0")
     except OSError:
         return True
@@ -163,7 +164,7 @@ def _image(pid: int) -> int:
     its new stack's random bytes and strings, different at each exec (the pid, the file and
     _PyRuntime's address may all stay the same: a held command's fork, then its exec)."""
     try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
+        with open(f"{procfs.proc_dir(pid)}/auxv", "rb") as f:
             return hash(f.read())
     except OSError:
         return 0

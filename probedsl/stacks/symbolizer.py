@@ -12,7 +12,7 @@ from probedsl.binaries import elf
 from probedsl.ir import stackformat
 from probedsl.stacks import pyframes, stacktrust
 from probedsl.process.mappings import MappingTracker, find
-from probedsl.process.procfs import read_lines
+from probedsl.process.procfs import read_maps
 from probedsl.binaries.sourcelines import SourceLines
 
 # the kernel's uprobe page in a process: a pending uretprobe puts its start, the return
@@ -131,7 +131,7 @@ def uprobe_trampoline(pid: int) -> Optional[int]:
     unwinder recovers the return addresses its own uretprobes replaced (probedsl_unw_returns);
     another tracer's are known only to the kernel, so a stack ends there."""
     try:
-        lines, _ = read_lines(f"/proc/{pid}/maps")
+        lines, _ = read_maps(pid)
         return next((int(line.split("-", 1)[0], 16) for line in lines if line.endswith(UPROBES)), None)
     except (OSError, ValueError):
         return None
