@@ -107,3 +107,31 @@ def test_a_failure_is_explained_by_its_errors_not_the_warnings_before_them():
     ]
     assert errors_first(printed) == printed[4:]
     assert errors_first(printed[:4]) == printed[:4]  # only warnings: all of them
+
+
+def test_a_sparse_live_table_is_walked_by_key_and_a_full_one_read_in_batches():
+    """--reachability's read of one process's entries (bcc_read._sparse_items): a table with
+    few entries for its size is walked key by key (a batch read visits every bucket), a
+    fuller one read in batches; an entry released mid-walk is skipped, none is read twice."""
+    from probedsl.drivers import bcc_read
+
+    class Table(dict):
+        max_entries = 128 * 10
+        batches = 0
+
+        def keys(self):
+            seen = list(super().keys())
+            # the kernel's walk restarts when the key it stood on is deleted: the first keys again
+            return iter(seen[:3] + seen)
+
+        def items_lookup_batch(self):
+            Table.batches += 1
+            return list(self.items())
+
+    few = Table({bytes([i]): i for i in range(5)})
+    assert sorted(v for _, v in bcc_read._sparse_items(few, 5)) == list(range(5)) and Table.batches == 0
+    assert sorted(v for _, v in bcc_read._sparse_items(few, 11)) == list(range(5)) and Table.batches == 1
+    churn = Table({bytes([i]): i for i in range(9)})  # more visits than twice the bound: batches
+    churn_keys = churn.keys
+    churn.keys = lambda: iter(list(churn_keys()) * 3)
+    assert sorted(v for _, v in bcc_read._sparse_items(churn, 9)) == list(range(9)) and Table.batches == 2

@@ -370,3 +370,8 @@ def test_the_finalization_probe_goes_past_a_stub():
     assert placed(b"\xe9" + struct.pack("<i", 0x40)) == at + 5 + 0x40
     assert placed(endbr + b"\x53\x48\x83\xec\x18") == at  # push rbx; sub rsp: the function itself
     assert _past_stub(io.BytesIO(b""), loads, 0x900000) == 0x900000  # outside every segment
+    # a jump within the function (its size known) is no stub
+    image = bytearray(0x12000)
+    image[0x1100:0x1106] = endbr + b"\xeb\x10"
+    assert _past_stub(io.BytesIO(bytes(image)), loads, at, 0x40) == at
+    assert _past_stub(io.BytesIO(b"\xf3"), ((0x400000, 0, 0x10),), 0x400000) == 0x400000  # a short read

@@ -93,11 +93,13 @@ class Processes:
         self._callback = _RINGBUF_CB_TYPE(self._rung)  # kept: the C side holds it
         self._reader = lib.bpf_new_ringbuf(bpf["probedsl_py_doorbell"].map_fd, self._callback, None)
         self._closing = threading.Event()
-        self._thread = threads.start("probedsl-python-frames", self._listen) if self._reader else None
-        # (without the thread nothing would continue a stopped process: no hold)
-        self.finalizing = bpf["probedsl_py_held"] if hold and self._thread else None
+        # (without the thread nothing would continue a stopped process: no hold; should the
+        # thread die, MappingHold.turn lets a held process go after FINALIZING_BOUND_S)
+        self.finalizing = bpf["probedsl_py_held"] if hold and self._reader else None
+        self.mapping = bpf["probedsl_unw_held"] if self.finalizing is not None else None
         self.probed: Set[Tuple[int, int]] = set()  # interpreter files with the finalization probe
         self.waited: List[int] = []  # ns each finalization waited
+        self._thread = threads.start("probedsl-python-frames", self._listen) if self._reader else None
 
     def _rung(self, ctx, data, size) -> int:
         if size == 8:  # a new stack (else a process stopped at its finalization: _let_go)
@@ -120,7 +122,7 @@ class Processes:
         if pids:
             faults.wait("python-finalizing")
             self._lib.bpf_consume_ringbuf(self._reader)
-            self.waited += release(self.finalizing, pids)
+            self.waited += release(self.finalizing, pids, unless=self.mapping)
 
     def _probe_finalization(self, interp: Interpreter) -> None:
         """The finalization probe on the interpreter's file, once per file: it fires in every
@@ -135,7 +137,8 @@ class Processes:
                 return
             self.probed.add((st.st_dev, st.st_ino))
             try:
-                self.bpf.attach_uprobe(name=path, addr=interp.finalize, fn_name="probedsl_py_finalizing", pid=-1)
+                for address in interp.finalize:
+                    self.bpf.attach_uprobe(name=path, addr=address, fn_name="probedsl_py_finalizing", pid=-1)
             except Exception as exc:  # BCC raises bare Exception: named at exit, if still mapped
                 self._say(
                     f"the finalization of {interp.name} is not held ({exc}): frames first seen as it ends may be unnamed"

@@ -40,7 +40,7 @@ class BccReading:
         stack and tally as a snapshot does."""
         counted = {name: Totals(*c) for name, c in self._counters().items()}
         ended = (
-            {k.image for k, _ in _sparse_items(self.bpf["probedsl_ended"], 0) if k.pid == pid}
+            {k.image for k, _ in _items(self.bpf["probedsl_ended"]) if k.pid == pid}
             if any(lay.ends_with_image for lay in self.layouts)
             else set()
         )
@@ -201,7 +201,7 @@ def _items(table):
         return list(table.items())
 
 
-SPARSE = 8_000  # entries (estimated) below which a table's keys are walked, not read in batches
+SPARSE = 128  # slots per entry (estimated) above which a table's keys are walked, not read in batches
 
 
 def _sparse_items(table, population: int):
@@ -209,11 +209,12 @@ def _sparse_items(table, population: int):
     slots whatever the table holds; walking its keys costs two calls an entry (measured at
     1,000,000 slots: 2.5-4.6 ms for 100 entries, 6-9 ms for 2,000, slower past ~15,000). A key
     deleted meanwhile restarts the kernel's walk: past a bound, the batch read after all."""
-    if population > SPARSE:
+    bound = table.max_entries // SPARSE
+    if population > bound:
         return _items(table)
     found: Dict[bytes, tuple] = {}
     for visits, k in enumerate(table.keys()):  # BCC's iterator: BPF_MAP_GET_NEXT_KEY
-        if visits > 2 * SPARSE:
+        if visits > 2 * bound:
             return _items(table)
         try:
             found[bytes(k)] = (k, table[k])

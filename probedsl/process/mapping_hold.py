@@ -29,6 +29,9 @@ from probedsl import faults
 from probedsl.process import hold_guard
 
 
+FINALIZING_BOUND_S = 2.0  # the longest a CPython waits at its finalization for its names
+
+
 class MappingHold:
     def __init__(self, bpf):
         self.marks = bpf["probedsl_unw_held"]
@@ -38,6 +41,7 @@ class MappingHold:
         self.closed = False
         self.released = 0  # stops ended here (how many times code waited)
         self.longest_ns = 0  # the longest of them, from the stop to SIGCONT
+        self.finalizing_bounded = 0  # CPythons let go at their finalization by the bound
         self._guard = -1  # the write end of the guard's pipe (probedsl.process.hold_guard)
 
     def start(self) -> None:
@@ -51,6 +55,7 @@ class MappingHold:
         with self._lock:
             if self.closed:
                 return
+            self._bound_finalizing()
             pids = self._marked()
         if not pids:
             return
@@ -78,22 +83,36 @@ class MappingHold:
                 self._guard = -1
 
     def notes(self) -> List[str]:
-        if not self.released:
-            return []
-        return [
-            f"the command waited {self.released} times after mapping a file's code, until the unwinder "
-            f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"
-        ]
+        out = []
+        if self.released:
+            out.append(
+                f"the command waited {self.released} times after mapping a file's code, until the unwinder "
+                f"had its rows (longest {self.longest_ns / 1e6:.0f} ms)"
+            )
+        if self.finalizing_bounded:
+            out.append(
+                f"{self.finalizing_bounded} Python process(es) went on after {FINALIZING_BOUND_S:.0f} s held at "
+                "their finalization before their frames were all named: stacks first seen then may read unreadable"
+            )
+        return out
 
     def _marked(self) -> Dict[int, int]:
         return marked(self.marks)
+
+    def _bound_finalizing(self) -> None:
+        """A CPython held at its finalization longer than FINALIZING_BOUND_S goes on (its
+        frames' naming lags that much, or its thread died): counted, never left stopped."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        late = {p: t for p, t in marked(self.finalizing).items() if now - t > FINALIZING_BOUND_S * 1e9}
+        if late:
+            self.finalizing_bounded += len(release(self.finalizing, late, unless=self.marks))
 
     def _release_all(self) -> None:
         self._release(self._marked())
         release(self.finalizing, marked(self.finalizing))
 
     def _release(self, pids: Dict[int, int]) -> None:
-        waited = release(self.marks, pids)
+        waited = release(self.marks, pids, unless=self.finalizing)
         self.released += len(waited)
         self.longest_ns = max([self.longest_ns, *waited])
 
@@ -106,14 +125,18 @@ def marked(marks) -> Dict[int, int]:
         return {}
 
 
-def release(marks, pids: Dict[int, int]) -> List[int]:
-    """Unmarks and continues them: how long each that was still there had waited (ns)."""
+def release(marks, pids: Dict[int, int], unless=None) -> List[int]:
+    """Unmarks and continues them (one still marked in unless, the other hold's table, is left
+    to that hold: each unmarks before it looks, so one of the two continues it): how long each
+    had waited (ns)."""
     now, waited = time.clock_gettime_ns(time.CLOCK_MONOTONIC), []
     for pid, stopped in pids.items():
         try:
             del marks[marks.Key(pid)]
         except Exception:  # BCC: KeyError, or bare Exception once closed
             pass
+        if unless is not None and pid in marked(unless):
+            continue
         try:
             os.kill(pid, signal.SIGCONT)
             waited.append(now - stopped)

@@ -45,7 +45,7 @@ class Interpreter:
     eval_ranges: Tuple[Tuple[int, int], ...]  # process addresses of the evaluation function
     image: int = 0  # which exec of the process (a new exec of the same file differs)
     file: str = ""  # where probedsl opens that file (inside the process's root)
-    finalize: int = 0  # ELF address of the function that begins finalization (0: unknown)
+    finalize: Tuple[int, ...] = ()  # ELF addresses where finalization begins (probed: bcc_python)
 
     @property
     def name(self) -> str:
@@ -55,7 +55,7 @@ class Interpreter:
 @functools.lru_cache(maxsize=64)
 def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
     """(value, size) of the few dynamic symbols that say "CPython" (an empty dict otherwise)."""
-    wanted = ("_PyRuntime", "Py_Version", EVAL_FUNCTION, FINALIZE_FUNCTION)
+    wanted = ("_PyRuntime", "Py_Version", EVAL_FUNCTION, FINALIZE_FUNCTION, "Py_Exit")
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
@@ -71,28 +71,31 @@ def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
                 (s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"
             )
             if FINALIZE_FUNCTION in out:
-                out["_finalize"] = (_past_stub(f, out["_load"], out[FINALIZE_FUNCTION][0]), 0)
+                out["_finalize"] = (_past_stub(f, out["_load"], *out[FINALIZE_FUNCTION]), 0)
             return out if "_PyRuntime" in out else {}
     except Exception:  # not an ELF file, or a damaged one: not an interpreter
         return {}
 
 
-def _past_stub(f, loads, address: int) -> int:
-    """Where a function really begins: 3.14's Py_FinalizeEx is a stub (endbr64; jmp) to a local
-    function that other paths (Py_Exit) call directly; probed there, every path stops."""
-    at = next((address - v + o for v, o, size in loads if v <= address < v + size), None)
-    if at is None:
+def _past_stub(f, loads, address: int, size: int = 0) -> int:
+    """Where a function really begins: 3.13's and 3.14's Py_FinalizeEx are stubs (endbr64; jmp)
+    to a local function that other paths (Py_Exit) call directly; probed there, every path
+    stops. A jump within the function itself is no stub."""
+    at = next((address - v + o for v, o, n in loads if v <= address < v + n), None)
+    try:
+        f.seek(at)
+        code = f.read(16)
+        i = 4 if code.startswith(b"\xf3\x0f\x1e\xfa") else 0  # endbr64
+        if code[i : i + 3] == b"\x48\x8d\x3d":  # lea rdi, [rip+d32]: an argument set for the callee
+            i += 7
+        target = address
+        if code[i : i + 1] == b"\xe9":  # jmp rel32
+            target = address + i + 5 + struct.unpack_from("<i", code, i + 1)[0]
+        elif code[i : i + 1] == b"\xeb":  # jmp rel8
+            target = address + i + 2 + struct.unpack_from("<b", code, i + 1)[0]
+    except (TypeError, OSError, struct.error):  # outside every segment, or a short file
         return address
-    f.seek(at)
-    code = f.read(16)
-    i = 4 if code.startswith(b"\xf3\x0f\x1e\xfa") else 0  # endbr64
-    if code[i : i + 3] == b"\x48\x8d\x3d":  # lea rdi, [rip+d32]: an argument set for the callee
-        i += 7
-    if code[i : i + 1] == b"\xe9":  # jmp rel32
-        return address + i + 5 + struct.unpack_from("<i", code, i + 1)[0]
-    if code[i : i + 1] == b"\xeb":  # jmp rel8
-        return address + i + 2 + struct.unpack_from("<b", code, i + 1)[0]
-    return address
+    return address if address <= target < address + max(size, 1) else target
 
 
 def symbols_of(path: str) -> Dict[str, Tuple[int, int]]:
@@ -154,7 +157,10 @@ def find(pid: int, mappings) -> Optional[Interpreter]:
             continue
         evals = tuple((s + bias, s + bias + n) for s, n in [syms.get(EVAL_FUNCTION, (0, 0))] if s)
         offsets = debug_offsets(pid, runtime, version) if version >= (3, 13) else TABLES.get(version)
-        finalize = syms.get("_finalize", (0, 0))[0]
+        finalize = tuple(a for a in [syms.get("_finalize", (0, 0))[0]] if a)  # ELF addresses
+        if finalize and finalize[0] == syms[FINALIZE_FUNCTION][0] and "Py_Exit" in syms:
+            # no stub: Py_Exit may reach finalization by another way (a build's local copy)
+            finalize += (syms["Py_Exit"][0],)
         return Interpreter(m.path, runtime, offsets, version, evals, _image(pid), file, finalize)
     return None
 
