@@ -130,12 +130,14 @@ def release(marks, pids: Dict[int, int], unless=None) -> List[int]:
     to that hold: each unmarks before it looks, so one of the two continues it): how long each
     had waited (ns)."""
     now, waited = time.clock_gettime_ns(time.CLOCK_MONOTONIC), []
-    for pid, stopped in pids.items():
+    for pid in pids:
         try:
             del marks[marks.Key(pid)]
         except Exception:  # BCC: KeyError, or bare Exception once closed
             pass
-        if unless is not None and pid in marked(unless):
+    held_there = marked(unless) if unless is not None else {}  # read after unmarking: see above
+    for pid, stopped in pids.items():
+        if pid in held_there:
             continue
         try:
             os.kill(pid, signal.SIGCONT)

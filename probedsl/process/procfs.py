@@ -105,10 +105,8 @@ def read_maps(pid: int) -> Tuple[List[str], bool]:
     """read_lines of the process's maps; a live thread's once the leader ended alone, whose own
     are empty then (proc_dir). Raises OSError."""
     lines, cut = read_lines(f"/proc/{pid}/maps")
-    where = proc_dir(pid) if not lines else ""
-    if where and where != f"/proc/{pid}":
-        lines, cut = read_lines(f"{where}/maps")
-    return lines, cut
+    tid = pid if lines else live_task(pid)
+    return (lines, cut) if tid == pid else read_lines(f"/proc/{pid}/task/{tid}/maps")
 
 
 def _state(path: str) -> Optional[str]:
