@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 from probedsl import backends
+from probedsl.drivers import bcc_uprobes
 from probedsl.drivers.bpftrace import parse_stack
 
 
@@ -135,3 +138,13 @@ def test_a_sparse_live_table_is_walked_by_key_and_a_full_one_read_in_batches():
     churn_keys = churn.keys
     churn.keys = lambda: iter(list(churn_keys()) * 3)
     assert sorted(v for _, v in bcc_read._sparse_items(churn, 9)) == list(range(9)) and Table.batches == 2
+
+
+def test_uprobe_links_are_taken_where_the_kernel_makes_them(monkeypatch):
+    """bcc_uprobes: links on Linux 6.6+ with BTF (every machine here: a wrong detection would
+    quietly move every BCC test back to perf events), perf events when told."""
+    monkeypatch.delenv("PROBEDSL_UPROBE_LINKS", raising=False)
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    assert bcc_uprobes.links_available() == ((major, minor) >= (6, 6) and os.path.exists(bcc_uprobes.KERNEL_BTF))
+    monkeypatch.setenv("PROBEDSL_UPROBE_LINKS", "0")
+    assert not bcc_uprobes.links_available()

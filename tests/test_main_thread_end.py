@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import MEMLEAK, Held, probedsl, report_json, start_run
+from probedsl.drivers.bcc_uprobes import links_available
 
 AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (bytes, blocks)
 MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
@@ -89,31 +90,35 @@ def test_a_process_whose_main_thread_had_ended_is_traced(backend, scope, build, 
         held.end()
     report = report_json(out)
     assert after_main(report, "worker") == {"kept": (144, 3)}, err
-    assert not [n for n in report["notes"] if "main thread" in n or "not recorded" in n], report["notes"]
+    everywhere = [n for n in report["notes"] if "matches no uprobe link" in n]
+    assert len(everywhere) == (backend == "bcc" and links_available()), report["notes"]
+    unsaid = [n for n in report["notes"] if n not in everywhere and ("main thread" in n or "not recorded" in n)]
+    assert not unsaid, report["notes"]
 
 
-def perf_events(pid: int) -> int:
-    """The perf events the process holds open (an fd closed meanwhile is not one)."""
+def uprobes_open(pid: int) -> int:
+    """The uprobe perf events and links the process holds open (an fd closed meanwhile is not one)."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") in ("anon_inode:[perf_event]", "anon_inode:bpf_link")
         except OSError:
             pass
     return count
 
 
-def per_process_run(exe, mode: str):
+def per_process_run(exe, mode: str, links: bool = True):
     """`--comm EXE --per-process` on BCC while exe MODE go runs, let go once its uprobes are on:
-    (the report, the tracer's stderr, the program's pid)."""
-    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process")
+    (the report, the tracer's stderr, the program's pid). links: False, BCC's perf events."""
+    env = dict(os.environ, PROBEDSL_UPROBE_LINKS="1" if links else "0")
+    tracer = start_run(MEMLEAK, "--backend", "bcc", "--format", "json", "--comm", exe.name, "--per-process", env=env)
     held, on = None, False
     try:
-        before = perf_events(tracer.pid)
+        before = uprobes_open(tracer.pid)
         held = Held([str(exe), mode, "go"])  # it goes on once told
         deadline = time.monotonic() + 120
         while not on and time.monotonic() < deadline:
-            on = perf_events(tracer.pid) >= before + MEMLEAK_UPROBES
+            on = uprobes_open(tracer.pid) >= before + MEMLEAK_UPROBES
             time.sleep(0.01)  # until its uprobes are on
         held.go()
         held.proc.wait(timeout=60)
@@ -127,14 +132,26 @@ def per_process_run(exe, mode: str):
 
 
 def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, tmp_path, root_required):
-    """--comm --per-process holds no process: the main thread's end is seen by the program, the
-    uprobes moved at the loader's next turn, and what was lost meanwhile said, naming the pid."""
+    """--comm --per-process holds no process. With perf events (bound to a thread) the main
+    thread's end is seen by the program, the uprobes moved at the loader's next turn, and what
+    was lost meanwhile said, naming the pid."""
     exe = tmp_path / "mainexit_pp"
     shutil.copy(tree_leaks, exe)
-    report, _, pid = per_process_run(exe, "mainexit")  # the main thread ends once told
+    report, _, pid = per_process_run(exe, "mainexit", links=False)  # the main thread ends once told
     notes = report["notes"]
     said = [n for n in notes if f"allocations of pid {pid}'s other threads after its main thread ended" in n]
     assert len(said) == 1 and "are not recorded" in said[0], notes
+
+
+@pytest.mark.skipif(not links_available(), reason="the kernel makes no uprobe_multi link (Linux < 6.6)")
+def test_per_process_links_lose_nothing_when_the_main_thread_ends(tree_leaks, tmp_path, root_required):
+    """A link is the whole process's: after the main thread's end its other threads' blocks are
+    all recorded, and no note speaks of a loss."""
+    exe = tmp_path / "mainexit_pp"
+    shutil.copy(tree_leaks, exe)
+    report, err, _ = per_process_run(exe, "mainexit")
+    assert after_main(report) == AFTER_MAIN, err
+    assert not [n for n in report["notes"] if "main thread" in n or "not recorded" in n], report["notes"]
 
 
 def test_per_process_notes_no_loss_when_the_process_exits_as_a_group(tree_leaks, tmp_path, root_required):

@@ -4,7 +4,6 @@ Speed targets are measured in bench/, not here; these assert behaviour with wide
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import time
 
 from probedsl.drivers import bcc as bcc_driver
 from probedsl.drivers import bcc_loader
-from probedsl.drivers import bcc_compat
+from probedsl.drivers import bcc_compat, bcc_uprobes
 
 from conftest import MEMLEAK, by_site, probedsl, report_json, start_run
 
@@ -116,7 +115,8 @@ class RefusingBpf:
 
 def test_a_live_process_refusing_uprobes_is_retried_then_said(capfd):
     loader = object.__new__(bcc_driver.BccLoader)
-    loader.bpf, loader.attached, loader.refusals, loader.unclosed = RefusingBpf(), {}, {}, collections.deque()
+    loader.bpf, loader.attached, loader.refusals = RefusingBpf(), {}, {}
+    loader.uprobes = bcc_uprobes.PerfEvents(None, loader.bpf)
     loader.manifest = {"probes": [{"path": "/lib/libc.so.6", "function": "free", "entry": "e", "return": None}]}
     me = os.getpid()  # has memory, so a refusal is not an exit in progress
     for _ in range(bcc_loader.ATTACH_TRIES):

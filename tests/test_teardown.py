@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, by_site, probedsl, report_json, start_run
+from conftest import MEMLEAK, by_site, probedsl, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -35,6 +35,18 @@ def kernel_objects(pid: int) -> set:
         except OSError:  # closed meanwhile
             pass
     return found
+
+
+def uprobe_links(pid: int) -> int:
+    """The uprobe_multi links the process holds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                count += "link_type:\tuprobe_multi" in f.read()
+        except OSError:  # closed meanwhile
+            pass
+    return count
 
 
 def exists(kind: str, ident: int) -> bool:
@@ -63,20 +75,25 @@ def leftover_events(*pids: int) -> list:
         return [line for line in f if any(line.split()[0].endswith(f"_{pid}") for pid in pids)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_teardown_leaves_nothing_and_a_run_right_after_is_clean(backend, build):
+@pytest.mark.parametrize("backend, links", [("bpftrace", False), ("bcc", True), ("bcc", False)])
+def test_teardown_leaves_nothing_and_a_run_right_after_is_clean(backend, links, build):
+    """BCC with uprobe links (bcc_uprobes, the default where the kernel has them) and with
+    its perf events (PROBEDSL_UPROBE_LINKS=0)."""
     leak = build("leak")
+    env = dict(os.environ, PROBEDSL_UPROBE_LINKS="1" if links else "0")
     args = ("--backend", backend, "--format", "json", "--top", "50", "--", leak)
-    first = start_run(MEMLEAK, *args, stdin=subprocess.PIPE)
+    first = start_run(MEMLEAK, *args, stdin=subprocess.PIPE, env=env)
     holder = tracer_pid(first, backend)
     held = kernel_objects(holder)
     assert any(kind == "prog_id" for kind, _ in held), held
+    if backend == "bcc":
+        assert (uprobe_links(holder) > 0) == links, held
     out, err = first.communicate(input="\n", timeout=120)
     assert first.returncode == 0, err
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
 
     # at once, while the kernel may still be removing the first run's probes
-    second = probedsl("run", MEMLEAK, *args, input="\n")
+    second = probedsl("run", MEMLEAK, *args, input="\n", env=env)
     assert second.returncode == 0, second.stderr
     assert by_site(report_json(second.stdout)).get("wrapper1") == (40, 5)
     assert "Traceback" not in second.stderr and "warning" not in second.stderr, second.stderr

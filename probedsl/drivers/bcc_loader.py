@@ -8,7 +8,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 from probedsl.binaries import elf, x86
@@ -25,26 +24,18 @@ from probedsl.stacks.unwind_tables import UnwindTables
 from probedsl.drivers import bcc_python
 from probedsl.drivers.bcc_compat import (
     _import_bcc,
-    _semaphore,
     _allow_many_uprobes,
     remove_tracefs_uprobes,
     _stderr_captured,
 )
 from probedsl.drivers.bcc_read import BccReading, _items
 from probedsl.drivers.bcc_moves import Moves
+from probedsl.drivers.bcc_uprobes import uprobes_for
 
 
 ATTACH_TRIES = 3  # --per-process: attempts, RETRY_S apart, before a process is given up
 ROOT_WAIT_S = 2.0  # --comm: how long an arrival in another root may take to map its libraries
 RETRY_S = 0.05
-
-# uprobes of ended processes are closed once no process has arrived for QUIET_S (each close
-# delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes' worth;
-# fewer if BCC_PROBE_LIMIT is low)
-QUIET_S = 3.0
-
-
-MAX_UNCLOSED = 340
 
 
 class BccLoader(BccReading):
@@ -67,7 +58,8 @@ class BccLoader(BccReading):
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
         self.bpf = compiled.result()
-        _load_unwinders(bcc, self.bpf, manifest.get("unwinders", ()))
+        self.uprobes = uprobes_for(bcc, self.bpf)  # links where the kernel has them
+        _load_unwinders(bcc, self.bpf, self.uprobes, manifest.get("unwinders", ()))
         # entries of ended process images, freed between reports (not when every report reads them)
         self.ended_images = (
             EndedImages(self.bpf, self.layouts, _items)
@@ -80,10 +72,12 @@ class BccLoader(BccReading):
         # a launched command: held at each mmap of code until its rows are in; the Python frames
         # of its CPython processes, held as they begin finalization until named
         hold = bool(manifest.get("hold_mappings"))
-        self.python = bcc_python.Processes(self.bpf, self.lock, hold) if manifest.get("dwarf") else None
+        self.python = bcc_python.Processes(self.bpf, self.uprobes, self.lock, hold) if manifest.get("dwarf") else None
         self.hold = MappingHold(self.bpf) if hold else None
         scope = pid or -1
-        self.bearer = live_task(pid) if pid else 0  # the thread its uprobes are opened on (procfs)
+        self.moves = Moves()  # --per-process: uprobes off a thread that ended alone
+        self.everywhere = False  # links on every process, for one whose main thread had ended
+        self.bearer = self._bearer(pid) if pid else 0
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
         self.closed = False
         if manifest.get("follow_forks"):
@@ -98,19 +92,16 @@ class BccLoader(BccReading):
         # fork (admit); otherwise on every process, and the BPF filter compares names
         self.attached: Dict[int, List[bytes]] = {}  # pid -> its uprobe events (BCC's names)
         self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
-        self.unclosed: deque = deque()  # uprobe events of ended processes
         self.last_arrival = 0.0
-        self.moves = Moves()  # --per-process: uprobes off a thread that ended alone
         self.per_process = bool(manifest.get("per_process"))
         if self.per_process or self.held_forks:
             _allow_many_uprobes()
-            self.max_unclosed = min(MAX_UNCLOSED, bcc.BPF.get_probe_limit() // 4)
         if self.per_process:
             for p in manifest["probes"]:  # resolved and loaded now, not while a process waits
                 if not p.get("usdt"):
                     bcc.BPF._check_path_symbol(p["path"], p["function"], None, -1)
                 for fn in filter(None, (p["entry"], p["return"])):
-                    self.bpf.load_func(fn, bcc.BPF.KPROBE)
+                    self.uprobes.load(fn)
             self.bpf["probedsl_doorbell"].open_ring_buffer(lambda ctx, data, size: 0)
             for found in processes_named(manifest["comm"]):
                 self._attach_process(found)
@@ -131,24 +122,18 @@ class BccLoader(BccReading):
         """The probe's uprobe (and uretprobe) on path: at the entry, or (placed) both at its
         offset (probedsl.passes.placement: the return address is still at [rsp] there). A usdt site by
         its address, the kernel raising its semaphore while the uprobe is on."""
-        if p.get("reentry"):  # a branch of that file (probedsl.passes.reentry), by its address
-            self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
-            return
-        if p.get("usdt"):
-            _semaphore.offset = p["ref_ctr"]
-            try:
-                self.bpf.attach_uprobe(name=path, addr=p["address"], fn_name=p["entry"], pid=pid)
-            finally:
-                _semaphore.offset = 0
+        attach = self.uprobes.attach
+        if p.get("reentry") or p.get("usdt"):  # a branch of that file (probedsl.passes.reentry), by its address
+            attach(p["entry"], path, pid, addr=p["address"], ref_ctr=p.get("ref_ctr", 0))
             return
         if not (placed and p.get("offset")):
-            self.bpf.attach_uprobe(name=path, sym=p["function"], fn_name=p["entry"], pid=pid)
+            attach(p["entry"], path, pid, sym=p["function"])
             if p["return"]:
-                self.bpf.attach_uretprobe(name=path, sym=p["function"], fn_name=p["return"], pid=pid)
+                attach(p["return"], path, pid, sym=p["function"], ret=True)
             return
-        self.bpf.attach_uprobe(name=path, sym=p["function"], sym_off=p["offset"], fn_name=p["entry"], pid=pid)
+        attach(p["entry"], path, pid, sym=p["function"], sym_off=p["offset"])
         if p["return"]:  # BCC has no sym_off for uretprobes: by address
-            self.bpf.attach_uretprobe(name=path, addr=p["address"], fn_name=p["return"], pid=pid)
+            attach(p["return"], path, pid, addr=p["address"], ret=True)
 
     def _attach(self, scope: int) -> Optional[str]:
         """Uprobes on every probe for scope (a pid, or -1: all processes); the failure, or None."""
@@ -179,30 +164,43 @@ class BccLoader(BccReading):
             self.refusals.pop(pid, None)
             self.last_arrival = time.monotonic()
 
+    def _bearer(self, pid: int) -> Optional[int]:
+        """What a process's uprobes are opened on. Perf events: one of its threads, its main
+        thread unless that ended alone (procfs.live_task). Links: the process; but a link's
+        pid matches no process whose main thread has ended, so then every process (-1, once:
+        None after; the BPF filter keeps the traced ones, and Moves says what that costs)."""
+        tid = live_task(pid)
+        if not self.uprobes.links or tid == pid:
+            return tid
+        if self.everywhere:
+            return None
+        self.everywhere = True
+        self.moves.everywhere(pid)
+        return -1
+
     def rebind(self, pid: int, tid: int) -> None:
         """The thread the process's uprobes are on ended alone (pthread_exit, probedsl.process.rebind):
-        the same uprobes opened on another of its threads, tid (machine-wide ones match every thread)."""
+        the same uprobes opened on another of its threads, tid (machine-wide ones match every
+        thread, and links every thread of their process)."""
         with self.lock:
-            if self.closed or not (pid == self.scope or pid in self.attached):
+            if self.closed or self.uprobes.links or not (pid == self.scope or pid in self.attached):
                 return
-            before = set(self.bpf.uprobe_fds)
+            before = self.uprobes.handles()
             failure = self._attach(tid)
             if pid in self.attached:  # closed with the process's own
-                self.attached[pid] += [e for e in self.bpf.uprobe_fds if e not in before]
+                self.attached[pid] += [e for e in self.uprobes.handles() if e not in before]
         if failure:
             raise ProbedslError(failure)
 
     def reap(self, wait_s: float) -> None:
-        """Following held forks: the uprobes of children that ended are closed, one a turn,
-        once none has arrived for QUIET_S (a close holds up the next attach ~90 ms)."""
+        """Following held forks: the uprobes of children that ended are closed (perf events one
+        a turn, once none has arrived for a while: bcc_uprobes.PerfEvents)."""
         with self.lock:
             for pid in [p for p in self.attached if not process_alive(p)]:
                 self._detach(pid)
-            closing = self.unclosed and (
-                time.monotonic() - self.last_arrival > QUIET_S or len(self.unclosed) > self.max_unclosed
-            )
+            closing = self.uprobes.closing_due(self.last_arrival)
             if closing:
-                self._close_one()
+                self.uprobes.close_one()
         if not closing:
             time.sleep(wait_s)
 
@@ -211,13 +209,15 @@ class BccLoader(BccReading):
         becoming a zombie (or a kernel thread) refuses them with EINVAL: it is skipped. A live
         one that refuses is tried again RETRY_S later, twice, then said and left untraced.
         quiet: libbcc's own messages are kept (fd 2 taken meanwhile: not from a second thread)."""
-        before = set(self.bpf.uprobe_fds)
-        bearer = live_task(pid)  # (its main thread may have ended alone before it was found)
+        before = self.uprobes.handles()
+        bearer = self._bearer(pid)  # (its main thread may have ended alone before it was found)
         with _stderr_captured() if quiet else contextlib.nullcontext([""]) as chatter:
-            failure = self._attach(bearer)
+            failure = self._attach(bearer) if bearer is not None else None
         # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
-        # fails once the process has ended (its uprobes then stayed open until the end)
-        self.attached[pid] = [e for e in self.bpf.uprobe_fds if e not in before]
+        # fails once the process has ended (its uprobes then stayed open until the end);
+        # links on every process stay until the end
+        made = [e for e in self.uprobes.handles() if e not in before]
+        self.attached[pid] = made if bearer != -1 else []
         if failure:
             self._detach(pid)
         else:
@@ -236,18 +236,8 @@ class BccLoader(BccReading):
         )
 
     def _detach(self, pid: int) -> None:
-        """Queue the process's uprobes for closing. The kernel takes ~90 ms to unregister each,
-        one at a time, and attaches wait meanwhile (measured, docs/design.md), so closing a
-        process's 17 as it ended held up the next arrivals by up to 0.1 s; admit() closes one
-        per turn once no process has arrived for QUIET_S, or when too many wait."""
-        self.unclosed.extend(self.attached.pop(pid, []))
-
-    def _close_one(self) -> None:
-        event = self.unclosed.popleft()
-        try:
-            self.bpf.detach_uprobe_event(event)
-        except Exception as exc:  # BCC raises bare Exception
-            print(f"probedsl: warning: {exc}", file=sys.stderr)
+        """The process's uprobes closed soon (bcc_uprobes: perf events one per turn, once quiet)."""
+        self.uprobes.close_soon(self.attached.pop(pid, []))
 
     def admit(self, wait_s: float = 0) -> List[int]:
         """--comm: attach to processes that took the name since the last call (waiting up to
@@ -264,9 +254,7 @@ class BccLoader(BccReading):
                 if self._probe_other_root(pid) or now > until or not process_alive(pid):
                     del self.unresolved[pid]
             return []
-        closing = self.unclosed and (
-            time.monotonic() - self.last_arrival > QUIET_S or len(self.unclosed) > self.max_unclosed
-        )
+        closing = self.uprobes.closing_due(self.last_arrival)
         if wait_s > 0:  # closing a uprobe (~90 ms) is then the pause
             self.bpf.ring_buffer_poll(0 if closing else max(1, int(wait_s * 1000)))
         pids = self._arrivals()
@@ -284,7 +272,7 @@ class BccLoader(BccReading):
         if added:
             self.last_arrival = time.monotonic()
         elif closing:
-            self._close_one()
+            self.uprobes.close_one()
         return added
 
     def _arrivals(self) -> List[int]:
@@ -351,7 +339,12 @@ class BccLoader(BccReading):
             self.unwind.close()
         if self.python is not None:
             self.python.close()
+        links = self.uprobes.take_all() if self.uprobes.links else []
         holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
+        if holder is None:
+            teardown.close_on_threads(links)
+        for fd in links if holder is not None else ():  # not the last copies: the holder's are
+            os.close(fd)
         if holder is not None:
             # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
             # looks for a tracefs event: the holder's close does both's work
@@ -366,13 +359,16 @@ class BccLoader(BccReading):
             remove_tracefs_uprobes(os.getpid())
 
 
-def _load_unwinders(bcc, bpf, unwinders) -> None:
+def _load_unwinders(bcc, bpf, uprobes, unwinders) -> None:
     """--stacks dwarf: load the unwinder programs (verified once each) into the arrays the
-    acquire programs tail-call, before any of those is attached."""
+    acquire programs tail-call, before any of those is attached; the uprobes' one as the
+    same kind of program as they are (bcc_uprobes)."""
     for u in unwinders:
-        kind = bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
         try:
-            fn = bpf.load_func(u["program"], kind)
+            if u["type"] == "tracepoint":
+                fn = bpf.load_func(u["program"], bcc.BPF.TRACEPOINT)
+            else:
+                fn = uprobes.load(u["program"])
         except Exception as exc:  # BCC raises bare Exception when the kernel refuses it
             raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
         bpf.get_table(u["array"])[ctypes.c_int(0)] = ctypes.c_int(fn.fd)

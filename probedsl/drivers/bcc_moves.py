@@ -1,10 +1,11 @@
 """--comm --per-process: the uprobes of a process whose bearing thread ended alone, moved.
 
-Each process's uprobes are opened on one of its threads, its main thread at first, and match
-nothing once that thread has ended (probedsl.process.rebind says why). Without a tether there
+Each process's perf-event uprobes are opened on one of its threads, its main thread at first,
+and match nothing once that thread has ended (probedsl.process.rebind says why). Without a tether there
 is no stop at that thread's exit: the program notes the end (probedsl_bearer_ended, rung on the
 doorbell), and at its next turn the loader opens the uprobes on a thread that runs. What the
 process's threads did in between is not recorded; a note says so, with how long that was.
+Links (probedsl.drivers.bcc_uprobes) are the whole process's: they need no move.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ class Moves:
     def bear(self, loader, pid: int, tid: int) -> None:
         """The process's uprobes were opened on thread tid: not its main thread when that had
         ended alone before the process was found, and then tid's end is the one watched."""
-        if tid != pid and loader.per_process:
+        if tid != pid and loader.per_process and not loader.uprobes.links:
             loader.bpf["probedsl_bearers"][ctypes.c_uint32(pid)] = ctypes.c_uint32(tid)
+
+    def everywhere(self, pid: int) -> None:
+        """Links on every process for pid, whose main thread had ended when it was found."""
+        self.notes.append(
+            f"pid {pid}'s main thread had ended when probedsl found it, and the kernel matches no uprobe "
+            "link to such a process: its uprobes were put on every process mapping the probed files (the "
+            "BPF filter keeps the traced ones; the others pay the uprobe's trap)"
+        )
 
     def check(self, loader) -> None:
         """Once a turn: each attached process whose bearer ended while other threads run gets
@@ -33,6 +42,8 @@ class Moves:
         for key, when in list(ended.items()):
             pid = key.value
             del ended[key]
+            if loader.uprobes.links:  # on every thread of the process: nothing to move
+                continue
             bearer = loader.bpf["probedsl_bearers"].get(ctypes.c_uint32(pid))
             who = f"thread {bearer.value}" if bearer else "main thread"
             lost = f"allocations of pid {pid}'s other threads after its {who} ended alone"

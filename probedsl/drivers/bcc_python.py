@@ -75,10 +75,11 @@ class Processes:
     """The BCC loader's side: finds the CPython in each process as it maps files, and gives
     the BPF program its offsets (probedsl_py_procs). hold (a launched command): a process
     that begins its finalization is stopped (bcc.c.j2, probedsl_py_finalizing) and continued
-    here once the stacks it rang for before are named. lock: the loader's, held to attach."""
+    here once the stacks it rang for before are named. uprobes, lock: the loader's (bcc_uprobes),
+    the lock held to attach."""
 
-    def __init__(self, bpf, lock: threading.Lock, hold: bool = False):
-        self.bpf, self.lock, self.closed = bpf, lock, False
+    def __init__(self, bpf, uprobes, lock: threading.Lock, hold: bool = False):
+        self.bpf, self.uprobes, self.lock, self.closed = bpf, uprobes, lock, False
         self.table = bpf["probedsl_py_procs"]
         self.stacks = bpf["probedsl_pystacks"]
         self.seen: Dict[int, Interpreter] = {}  # pid -> its interpreter, as last written
@@ -138,7 +139,7 @@ class Processes:
             self.probed.add((st.st_dev, st.st_ino))
             try:
                 for address in interp.finalize:
-                    self.bpf.attach_uprobe(name=path, addr=address, fn_name="probedsl_py_finalizing", pid=-1)
+                    self.uprobes.attach("probedsl_py_finalizing", path, -1, addr=address)
             except Exception as exc:  # BCC raises bare Exception: named at exit, if still mapped
                 self._say(
                     f"the finalization of {interp.name} is not held ({exc}): frames first seen as it ends may be unnamed"

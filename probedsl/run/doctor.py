@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import List
 
 from probedsl import targets
+from probedsl.drivers.bcc_uprobes import links_available
 from probedsl.errors import ProbedslError
 
 CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 21, 38, 39
@@ -127,6 +128,18 @@ def checks() -> List[Check]:
             btf,
             "/sys/kernel/btf/vmlinux" if btf else "none",
             "a kernel built with CONFIG_DEBUG_INFO_BTF (bpftrace 0.17 then needs headers)",
+            needed=False,
+        )
+    )
+    links = links_available()
+    out.append(
+        Check(
+            "uprobe links",
+            links,
+            "BPF uprobe_multi links: BCC's uprobes are a process's (every thread), closed in ~50 ms each, in parallel"
+            if links
+            else "none (Linux < 6.6, or PROBEDSL_UPROBE_LINKS=0): BCC opens a perf event per uprobe, ~0.1 s each to close",
+            "Linux 6.6+ (BCC then attaches by link)",
             needed=False,
         )
     )

@@ -1,0 +1,199 @@
+"""A BCC run's uprobes: BPF links where the kernel has them (uprobe_multi, Linux 6.6+), else BCC's perf events.
+
+A perf event's close waits for the tracing grace periods under a lock that every uprobe
+attach on the machine takes too: ~105 ms each, one at a time (docs/design.md), so a run that
+followed 200 children left ~6 minutes of teardown. A link closes in ~47 ms without that
+lock, and closes on several threads overlap (~6 ms each on 16). A link's pid is a process
+(all its threads, and its execs); a perf event's is one thread.
+The kernel runs no tail call between the two kinds of program, so a run loads every uprobe
+program, and the unwinder they call, as one kind (uprobes_for).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from typing import Dict, Iterable, List, Optional
+
+from probedsl import threads
+from probedsl.drivers.teardown import _close
+from probedsl.drivers.bcc_compat import _semaphore
+
+BPF_LINK_CREATE = 28
+BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
+BPF_F_UPROBE_MULTI_RETURN = 1
+SYS_BPF = 321  # x86_64
+KERNEL_BTF = "/sys/kernel/btf/vmlinux"
+# perf events of ended processes are closed once no process has arrived for QUIET_S (each
+# close delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes'
+# worth; fewer if BCC_PROBE_LIMIT is low)
+QUIET_S = 3.0
+MAX_UNCLOSED = 340
+CLOSERS = 16  # threads closing links of ended processes (teardown.close_on_threads says why)
+
+
+class _LinkCreate(ctypes.Structure):
+    """union bpf_attr, as BPF_LINK_CREATE reads it for uprobe_multi."""
+
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("path", ctypes.c_uint64),
+        ("offsets", ctypes.c_uint64),
+        ("ref_ctr_offsets", ctypes.c_uint64),
+        ("cookies", ctypes.c_uint64),
+        ("cnt", ctypes.c_uint32),
+        ("multi_flags", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def links_available() -> bool:
+    """The kernel makes uprobe_multi links (its BTF names the function that does), and
+    PROBEDSL_UPROBE_LINKS is not 0 (perf events then, as on older kernels)."""
+    if os.environ.get("PROBEDSL_UPROBE_LINKS", "1") == "0":
+        return False
+    try:
+        with open(KERNEL_BTF, "rb") as f:
+            return b"\0bpf_uprobe_multi_link_attach\0" in f.read()
+    except OSError:
+        return False
+
+
+def uprobes_for(bcc, bpf):
+    return Links(bcc, bpf) if links_available() else PerfEvents(bcc, bpf)
+
+
+class PerfEvents:
+    """BCC's own uprobes: a perf event each, on one thread (pid) or every process (-1)."""
+
+    links = False
+
+    def __init__(self, bcc, bpf):
+        self.bcc, self.bpf = bcc, bpf
+        self.unclosed: deque = deque()  # events of ended processes
+
+    def load(self, fn_name: str):
+        return self.bpf.load_func(fn_name, self.bcc.BPF.KPROBE)
+
+    def attach(self, fn_name: str, path: str, pid: int, sym=None, sym_off=0, addr=None, ret=False, ref_ctr=0) -> None:
+        """pid: a thread, or -1. ref_ctr: a usdt site's semaphore (its file offset)."""
+        call = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        place = dict(sym=sym, sym_off=sym_off) if sym_off else dict(sym=sym, addr=addr)
+        _semaphore.offset = ref_ctr
+        try:
+            call(name=path, fn_name=fn_name, pid=pid, **place)
+        finally:
+            _semaphore.offset = 0
+
+    def handles(self) -> set:
+        return set(self.bpf.uprobe_fds)
+
+    def close_soon(self, handles: Iterable) -> None:
+        """Queued: the kernel takes ~90 ms to unregister each, one at a time, and attaches
+        wait meanwhile (docs/design.md), so closing a process's 17 as it ended held up the next
+        arrivals by up to 0.1 s. The loader closes one a turn (close_one) when closing_due."""
+        self.unclosed.extend(handles)
+
+    def closing_due(self, last_arrival: float) -> bool:
+        """No process has arrived for QUIET_S, or too many wait (a quarter of BCC's limit)."""
+        too_many = min(MAX_UNCLOSED, self.bcc.BPF.get_probe_limit() // 4)
+        return bool(self.unclosed) and (time.monotonic() - last_arrival > QUIET_S or len(self.unclosed) > too_many)
+
+    def close_one(self) -> None:
+        event = self.unclosed.popleft()
+        try:
+            self.bpf.detach_uprobe_event(event)
+        except Exception as exc:  # BCC raises bare Exception
+            print(f"probedsl: warning: {exc}", file=sys.stderr)
+
+
+class Links:
+    """uprobe_multi links, one per program and place; those of ended processes closed on
+    threads of their own as they are given (close_soon)."""
+
+    links = True
+
+    def __init__(self, bcc, bpf):
+        self.bcc, self.bpf = bcc, bpf
+        self.fds: Dict[int, int] = {}  # handle -> the link's descriptor
+        self._made = 0
+        self._lock = threading.Lock()
+        self._closing: Optional[queue.SimpleQueue] = None
+        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall.restype = ctypes.c_long
+
+    def load(self, fn_name: str):
+        return self.bpf.load_func(fn_name, self.bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
+
+    def attach(self, fn_name: str, path: str, pid: int, sym=None, sym_off=0, addr=None, ret=False, ref_ctr=0) -> None:
+        """pid: a process, or -1 (every process). The place is resolved as BCC resolves it
+        (a symbol, or an ELF address, to the file offset the kernel wants)."""
+        module, offset = self.bcc.BPF._check_path_symbol(
+            path.encode(), sym.encode() if sym else None, addr or 0, -1, sym_off
+        )
+        name = ctypes.create_string_buffer(module if isinstance(module, bytes) else module.encode())
+        offsets, ref_ctrs = (ctypes.c_uint64 * 1)(offset), (ctypes.c_uint64 * 1)(ref_ctr)
+        attr = _LinkCreate(
+            prog_fd=self.load(fn_name).fd,
+            attach_type=BPF_TRACE_UPROBE_MULTI,
+            path=ctypes.addressof(name),
+            offsets=ctypes.addressof(offsets),
+            ref_ctr_offsets=ctypes.addressof(ref_ctrs) if ref_ctr else 0,
+            cnt=1,
+            multi_flags=BPF_F_UPROBE_MULTI_RETURN if ret else 0,
+            pid=max(pid, 0),
+        )
+        fd = self._syscall(SYS_BPF, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+        if fd < 0:
+            err = ctypes.get_errno()
+            where = sym or f"{addr or 0:#x}"
+            raise OSError(
+                err, f"cannot attach a {'uretprobe' if ret else 'uprobe'} link to {where}: {os.strerror(err)}"
+            )
+        with self._lock:
+            self._made += 1
+            self.fds[self._made] = fd
+
+    def handles(self) -> set:
+        with self._lock:
+            return set(self.fds)
+
+    def closing_due(self, last_arrival: float) -> bool:
+        return False  # (closed at once, on the closing threads)
+
+    def close_one(self) -> None:
+        pass
+
+    def close_soon(self, handles: Iterable[int]) -> None:
+        with self._lock:
+            fds = [self.fds.pop(h) for h in handles if h in self.fds]
+            if fds and self._closing is None:
+                self._closing = queue.SimpleQueue()
+                for i in range(CLOSERS):
+                    threads.start(f"probedsl-unlink-{i}", self._closer)
+            for fd in fds:
+                self._closing.put(fd)
+
+    def _closer(self) -> None:
+        closing = self._closing
+        while (fd := closing.get()) >= 0:
+            _close(fd)
+
+    def take_all(self) -> List[int]:
+        """The descriptors of every link still open, now the caller's to close; the closing
+        threads end once they have closed what they were given."""
+        with self._lock:
+            fds, self.fds = list(self.fds.values()), {}
+            closing, self._closing = self._closing, None
+        for _ in range(CLOSERS if closing is not None else 0):
+            closing.put(-1)
+        return fds
