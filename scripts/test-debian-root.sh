@@ -48,10 +48,12 @@ host_mirror() {
 mkdir -p "$(dirname "$root")"
 exec 9>"$root.lock"
 flock 9
-if ! command -v debootstrap >/dev/null; then
+# (both roots may start at once: apt's list lock does not wait, so one install at a time)
+if ! flock /var/lock/probedsl-debootstrap.lock sh -c 'command -v debootstrap >/dev/null'; then
   say "installing debootstrap"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends debootstrap >/dev/null
+  flock /var/lock/probedsl-debootstrap.lock sh -c 'command -v debootstrap >/dev/null ||
+    { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends debootstrap >/dev/null; }'
 fi
 if [ ! -e "$root/.probedsl-root" ]; then
   mirror=$(host_mirror)

@@ -29,6 +29,8 @@ _STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _SYSCALL_STOP = signal.SIGTRAP | 0x80
 _SYS_EXIT = 60                 # x86-64: exit(2), one thread; exit_group(2) is 231
 POLL_S = 0.005                 # a signal to the target waits at most this long for us
+BUSY_POLL_S = 0.0005           # for BUSY_S after a stop: a tree's fork, exec, exit come in bursts
+BUSY_S = 0.05
 PAUSE_TIMEOUT_S = 2.0          # a thread that does not stop by then (uninterruptible I/O)
 
 
@@ -142,10 +144,12 @@ class Tether:
             return
         self._ready.set()
         try:
+            busy_until = 0.0
             while self._threads:
-                self._drain()
+                if self._drain():
+                    busy_until = time.monotonic() + BUSY_S
                 try:
-                    command = self._commands.get(timeout=POLL_S)
+                    command = self._commands.get(timeout=BUSY_POLL_S if time.monotonic() < busy_until else POLL_S)
                 except queue.Empty:
                     continue
                 if command == "close":
@@ -184,12 +188,12 @@ class Tether:
                         raise
                 self._threads[tid] = Thread(process=self.pid)
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         # one system call says whether any child or tracee has news (without taking it): an
         # idle process then costs one call per turn, not one per thread
         try:
             if os.waitid(os.P_ALL, 0, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | ptrace.WALL) is None:
-                return
+                return False
         except ChildProcessError:
             pass
         for tid in list(self._threads):
@@ -199,6 +203,7 @@ class Tether:
                 got, status = tid, 0x9          # gone without a word (reaped elsewhere)
             if got:
                 self._event(tid, status)
+        return True
 
     def _event(self, tid: int, status: int) -> None:
         thread = self._threads.get(tid)
