@@ -141,10 +141,10 @@ def test_a_sparse_live_table_is_walked_by_key_and_a_full_one_read_in_batches():
 
 
 def test_uprobe_links_are_taken_where_the_kernel_makes_them(monkeypatch):
-    """bcc_uprobes: links on Linux 6.6+ with BTF (every machine here: a wrong detection would
-    quietly move every BCC test back to perf events), perf events when told."""
+    """bcc_uprobes: links on Linux 6.12+ with BTF (every machine here runs 6.18: a wrong
+    detection would quietly move every BCC test back to perf events), perf events when told."""
     monkeypatch.delenv("PROBEDSL_UPROBE_LINKS", raising=False)
     major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
-    assert bcc_uprobes.links_available() == ((major, minor) >= (6, 6) and os.path.exists(bcc_uprobes.KERNEL_BTF))
+    assert bcc_uprobes.links_available() == ((major, minor) >= (6, 12) and os.path.exists(bcc_uprobes.KERNEL_BTF))
     monkeypatch.setenv("PROBEDSL_UPROBE_LINKS", "0")
     assert not bcc_uprobes.links_available()

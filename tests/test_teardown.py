@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import MEMLEAK, by_site, probedsl, report_json, start_run
+from probedsl.drivers.bcc_uprobes import links_available
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -75,7 +76,14 @@ def leftover_events(*pids: int) -> list:
         return [line for line in f if any(line.split()[0].endswith(f"_{pid}") for pid in pids)]
 
 
-@pytest.mark.parametrize("backend, links", [("bpftrace", False), ("bcc", True), ("bcc", False)])
+@pytest.mark.parametrize(
+    "backend, links",
+    [
+        ("bpftrace", False),
+        pytest.param("bcc", True, marks=pytest.mark.skipif(not links_available(), reason="Linux < 6.12: no links")),
+        ("bcc", False),
+    ],
+)
 def test_teardown_leaves_nothing_and_a_run_right_after_is_clean(backend, links, build):
     """BCC with uprobe links (bcc_uprobes, the default where the kernel has them) and with
     its perf events (PROBEDSL_UPROBE_LINKS=0)."""

@@ -76,7 +76,6 @@ class BccLoader(BccReading):
         self.hold = MappingHold(self.bpf) if hold else None
         scope = pid or -1
         self.moves = Moves()  # --per-process: uprobes off a thread that ended alone
-        self.everywhere = False  # links on every process, for one whose main thread had ended
         self.bearer = self._bearer(pid) if pid else 0
         self.held_forks = held_forks and bool(manifest.get("follow_forks"))
         self.closed = False
@@ -90,7 +89,7 @@ class BccLoader(BccReading):
             scope = pid if self.held_forks else -1
         # --comm --per-process: uprobes on each process with the name, now and as they exec or
         # fork (admit); otherwise on every process, and the BPF filter compares names
-        self.attached: Dict[int, List[bytes]] = {}  # pid -> its uprobe events (BCC's names)
+        self.attached: Dict[int, list] = {}  # pid -> its uprobes (BCC's event names, or link handles)
         self.refusals: Dict[int, Tuple[int, float]] = {}  # pid -> (failed attempts, when to retry)
         self.last_arrival = 0.0
         self.per_process = bool(manifest.get("per_process"))
@@ -164,26 +163,31 @@ class BccLoader(BccReading):
             self.refusals.pop(pid, None)
             self.last_arrival = time.monotonic()
 
-    def _bearer(self, pid: int) -> Optional[int]:
+    def _bearer(self, pid: int) -> int:
         """What a process's uprobes are opened on. Perf events: one of its threads, its main
-        thread unless that ended alone (procfs.live_task). Links: the process; but a link's
-        pid matches no process whose main thread has ended, so then every process (-1, once:
-        None after; the BPF filter keeps the traced ones, and Moves says what that costs)."""
+        thread unless that ended alone (procfs.live_task). Links: the process; when its main
+        thread has ended, with the breakpoints kept in every process (_keep_everywhere)."""
         tid = live_task(pid)
-        if not self.uprobes.links or tid == pid:
+        if not self.uprobes.links:
             return tid
-        if self.everywhere:
-            return None
-        self.everywhere = True
-        self.moves.everywhere(pid)
-        return -1
+        if tid != pid:
+            self._keep_everywhere(pid)
+        return pid
+
+    def _keep_everywhere(self, pid: int) -> None:
+        """pid's main thread has ended alone, or is ending (bcc_uprobes.Links says why)."""
+        if self.uprobes.keep_everywhere():
+            self.moves.everywhere(pid)
 
     def rebind(self, pid: int, tid: int) -> None:
         """The thread the process's uprobes are on ended alone (pthread_exit, probedsl.process.rebind):
         the same uprobes opened on another of its threads, tid (machine-wide ones match every
         thread, and links every thread of their process)."""
         with self.lock:
-            if self.closed or self.uprobes.links or not (pid == self.scope or pid in self.attached):
+            if self.closed or not (pid == self.scope or pid in self.attached):
+                return
+            if self.uprobes.links:  # (at its exit stop: its memory is still there)
+                self._keep_everywhere(pid)
                 return
             before = self.uprobes.handles()
             failure = self._attach(tid)
@@ -212,12 +216,10 @@ class BccLoader(BccReading):
         before = self.uprobes.handles()
         bearer = self._bearer(pid)  # (its main thread may have ended alone before it was found)
         with _stderr_captured() if quiet else contextlib.nullcontext([""]) as chatter:
-            failure = self._attach(bearer) if bearer is not None else None
+            failure = self._attach(bearer)
         # by name: BCC's detach_uprobe resolves the path through /proc/PID again, which
-        # fails once the process has ended (its uprobes then stayed open until the end);
-        # links on every process stay until the end
-        made = [e for e in self.uprobes.handles() if e not in before]
-        self.attached[pid] = made if bearer != -1 else []
+        # fails once the process has ended (its uprobes then stayed open until the end)
+        self.attached[pid] = [e for e in self.uprobes.handles() if e not in before]
         if failure:
             self._detach(pid)
         else:
@@ -343,8 +345,9 @@ class BccLoader(BccReading):
         holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
         if holder is None:
             teardown.close_on_threads(links)
-        for fd in links if holder is not None else ():  # not the last copies: the holder's are
-            os.close(fd)
+        else:
+            for fd in links:  # not the last copies: the holder's are
+                os.close(fd)
         if holder is not None:
             # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
             # looks for a tracefs event: the holder's close does both's work

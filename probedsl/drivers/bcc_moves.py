@@ -28,11 +28,12 @@ class Moves:
             loader.bpf["probedsl_bearers"][ctypes.c_uint32(pid)] = ctypes.c_uint32(tid)
 
     def everywhere(self, pid: int) -> None:
-        """Links on every process for pid, whose main thread had ended when it was found."""
+        """Links: pid's main thread ended alone (or had ended when it was found)."""
         self.notes.append(
-            f"pid {pid}'s main thread had ended when probedsl found it, and the kernel matches no uprobe "
-            "link to such a process: its uprobes were put on every process mapping the probed files (the "
-            "BPF filter keeps the traced ones; the others pay the uprobe's trap)"
+            f"pid {pid}'s main thread ended alone: the kernel keeps a uprobe link's breakpoints only in "
+            "the memory of its process's main thread, so from then on probedsl kept them in every process "
+            f"mapping the probed files (nothing of pid {pid} is lost; other processes pay the uprobe's trap, "
+            "~1-2 us a call, until the run ends)"
         )
 
     def check(self, loader) -> None:
@@ -42,7 +43,9 @@ class Moves:
         for key, when in list(ended.items()):
             pid = key.value
             del ended[key]
-            if loader.uprobes.links:  # on every thread of the process: nothing to move
+            if loader.uprobes.links:  # matched by thread group: kept in its memory (bcc_uprobes.Links)
+                with loader.lock:
+                    loader._keep_everywhere(pid)
                 continue
             bearer = loader.bpf["probedsl_bearers"].get(ctypes.c_uint32(pid))
             who = f"thread {bearer.value}" if bearer else "main thread"

@@ -1,4 +1,4 @@
-"""A BCC run's uprobes: BPF links where the kernel has them (uprobe_multi, Linux 6.6+), else BCC's perf events.
+"""A BCC run's uprobes: BPF links where the kernel has them (uprobe_multi, Linux 6.12+), else BCC's perf events.
 
 A perf event's close waits for the tracing grace periods under a lock that every uprobe
 attach on the machine takes too: ~105 ms each, one at a time (docs/design.md), so a run that
@@ -14,17 +14,19 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import re
 import sys
 import threading
 import time
 from collections import deque
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from probedsl import threads
 from probedsl.drivers.teardown import _close
 from probedsl.drivers.bcc_compat import _semaphore
 
-BPF_LINK_CREATE = 28
+BPF_PROG_LOAD, BPF_LINK_CREATE = 5, 28
+BPF_PROG_TYPE_KPROBE = 2
 BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
 BPF_F_UPROBE_MULTI_RETURN = 1
 SYS_BPF = 321  # x86_64
@@ -57,9 +59,12 @@ class _LinkCreate(ctypes.Structure):
 
 
 def links_available() -> bool:
-    """The kernel makes uprobe_multi links (its BTF names the function that does), and
+    """The kernel makes uprobe_multi links (its BTF names the function that does) whose pid
+    is a whole process (6.12+: before, a thread, or its main thread's memory), on x86-64, and
     PROBEDSL_UPROBE_LINKS is not 0 (perf events then, as on older kernels)."""
-    if os.environ.get("PROBEDSL_UPROBE_LINKS", "1") == "0":
+    if os.environ.get("PROBEDSL_UPROBE_LINKS", "1") == "0" or os.uname().machine != "x86_64":
+        return False
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 12):
         return False
     try:
         with open(KERNEL_BTF, "rb") as f:
@@ -118,7 +123,15 @@ class PerfEvents:
 
 class Links:
     """uprobe_multi links, one per program and place; those of ended processes closed on
-    threads of their own as they are given (close_soon)."""
+    threads of their own as they are given (close_soon).
+    The kernel puts a link's breakpoints in a memory only where its filter matches, through
+    the process's main thread (its task's memory), at the attach and as files are mapped: a
+    process whose main thread has ended (a zombie leader, no memory) matches none. Found so, it
+    got no breakpoint (measured: tests/test_main_thread_end.py, leaderless); one whose main
+    thread ends alone gets none in files it maps later. keep_everywhere() then adds, once, a
+    link of a program that does nothing on every place, for every process: the breakpoints
+    are then in every process mapping the file, and the process's own links (matched by
+    thread group when they fire, 6.12+) fire."""
 
     links = True
 
@@ -130,6 +143,10 @@ class Links:
         self._closing: Optional[queue.SimpleQueue] = None
         self._syscall = ctypes.CDLL(None, use_errno=True).syscall
         self._syscall.restype = ctypes.c_long
+        self.places: Set[Tuple[bytes, int]] = set()  # (file, offset) of every link made
+        self.keeping: Optional[int] = None  # the no-op program, once keep_everywhere() ran
+        self.kept: Set[Tuple[bytes, int]] = set()
+        self.keepers: List[int] = []  # their links, closed at the end only
 
     def load(self, fn_name: str):
         return self.bpf.load_func(fn_name, self.bcc.BPF.KPROBE, attach_type=BPF_TRACE_UPROBE_MULTI)
@@ -137,31 +154,60 @@ class Links:
     def attach(self, fn_name: str, path: str, pid: int, sym=None, sym_off=0, addr=None, ret=False, ref_ctr=0) -> None:
         """pid: a process, or -1 (every process). The place is resolved as BCC resolves it
         (a symbol, or an ELF address, to the file offset the kernel wants)."""
+        # (the process's pid: a file in its root resolved through /proc/PID/root, as BCC does)
         module, offset = self.bcc.BPF._check_path_symbol(
-            path.encode(), sym.encode() if sym else None, addr or 0, -1, sym_off
+            path.encode(), sym.encode() if sym else None, addr, pid if pid > 0 else -1, sym_off
         )
-        name = ctypes.create_string_buffer(module if isinstance(module, bytes) else module.encode())
-        offsets, ref_ctrs = (ctypes.c_uint64 * 1)(offset), (ctypes.c_uint64 * 1)(ref_ctr)
+        module = module if isinstance(module, bytes) else module.encode()
+        where = sym or f"{addr or 0:#x}"
+        fd = self._link(self.load(fn_name).fd, module, [offset], ref_ctr, ret, max(pid, 0), where)
+        with self._lock:
+            self._made += 1
+            self.fds[self._made] = fd
+            self.places.add((module, offset))
+        if self.keeping is not None:
+            self._keep()
+
+    def _link(
+        self, prog_fd: int, module: bytes, offsets: List[int], ref_ctr: int, ret: bool, pid: int, where: str
+    ) -> int:
+        name = ctypes.create_string_buffer(module)
+        places = (ctypes.c_uint64 * len(offsets))(*offsets)
+        ref_ctrs = (ctypes.c_uint64 * len(offsets))(*[ref_ctr] * len(offsets))
         attr = _LinkCreate(
-            prog_fd=self.load(fn_name).fd,
+            prog_fd=prog_fd,
             attach_type=BPF_TRACE_UPROBE_MULTI,
             path=ctypes.addressof(name),
-            offsets=ctypes.addressof(offsets),
+            offsets=ctypes.addressof(places),
             ref_ctr_offsets=ctypes.addressof(ref_ctrs) if ref_ctr else 0,
-            cnt=1,
+            cnt=len(offsets),
             multi_flags=BPF_F_UPROBE_MULTI_RETURN if ret else 0,
-            pid=max(pid, 0),
+            pid=pid,
         )
         fd = self._syscall(SYS_BPF, BPF_LINK_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
         if fd < 0:
             err = ctypes.get_errno()
-            where = sym or f"{addr or 0:#x}"
-            raise OSError(
-                err, f"cannot attach a {'uretprobe' if ret else 'uprobe'} link to {where}: {os.strerror(err)}"
-            )
+            kind = "uretprobe" if ret else "uprobe"
+            raise OSError(err, f"cannot attach a {kind} link to {where}: {os.strerror(err)}")
+        return fd
+
+    def keep_everywhere(self) -> bool:
+        """The no-op link on every place, for every process, from now on (see the class);
+        False if it was on already. Every other process mapping a probed file then pays the
+        uprobe's trap (~1-2 us a call) until the run ends."""
+        if self.keeping is not None:
+            return False
+        self.keeping = _load_no_op(self._syscall)
+        self._keep()
+        return True
+
+    def _keep(self) -> None:
         with self._lock:
-            self._made += 1
-            self.fds[self._made] = fd
+            new = sorted(self.places - self.kept)
+            self.kept |= set(new)
+        for module in {m for m, _ in new}:
+            offsets = [o for m, o in new if m == module]
+            self.keepers.append(self._link(self.keeping, module, offsets, 0, False, 0, module.decode()))
 
     def handles(self) -> set:
         with self._lock:
@@ -179,12 +225,12 @@ class Links:
             if fds and self._closing is None:
                 self._closing = queue.SimpleQueue()
                 for i in range(CLOSERS):
-                    threads.start(f"probedsl-unlink-{i}", self._closer)
+                    threads.start(f"probedsl-unlink-{i}", lambda q=self._closing: self._closer(q))
             for fd in fds:
                 self._closing.put(fd)
 
-    def _closer(self) -> None:
-        closing = self._closing
+    @staticmethod
+    def _closer(closing: queue.SimpleQueue) -> None:
         while (fd := closing.get()) >= 0:
             _close(fd)
 
@@ -192,8 +238,26 @@ class Links:
         """The descriptors of every link still open, now the caller's to close; the closing
         threads end once they have closed what they were given."""
         with self._lock:
-            fds, self.fds = list(self.fds.values()), {}
-            closing, self._closing = self._closing, None
+            fds, self.fds = list(self.fds.values()) + self.keepers, {}
+            closing, self._closing, self.keepers = self._closing, None, []
         for _ in range(CLOSERS if closing is not None else 0):
             closing.put(-1)
         return fds
+
+
+def _load_no_op(syscall) -> int:
+    """A uprobe_multi program that does nothing (`r0 = 0; exit`), loaded by a raw bpf() call:
+    the keeper needs no compile."""
+    insns = bytes.fromhex("b7000000000000009500000000000000")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint32 * 18)()  # union bpf_attr, as BPF_PROG_LOAD reads it
+    attr[0], attr[1] = BPF_PROG_TYPE_KPROBE, 2
+    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(code)
+    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(license)
+    attr[17] = BPF_TRACE_UPROBE_MULTI  # expected_attach_type, at byte 68
+    fd = syscall(SYS_BPF, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot load the no-op uprobe program: {os.strerror(err)}")
+    return fd

@@ -196,6 +196,7 @@ class Tether:
                 return False
         except ChildProcessError:
             pass
+        seen = False                            # (news of an untraced child is not ours)
         for tid in list(self._threads):
             try:
                 got, status = os.waitpid(tid, os.WNOHANG | ptrace.WALL)
@@ -203,7 +204,8 @@ class Tether:
                 got, status = tid, 0x9          # gone without a word (reaped elsewhere)
             if got:
                 self._event(tid, status)
-        return True
+                seen = True
+        return seen
 
     def _event(self, tid: int, status: int) -> None:
         thread = self._threads.get(tid)

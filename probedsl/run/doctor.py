@@ -138,8 +138,8 @@ def checks() -> List[Check]:
             links,
             "BPF uprobe_multi links: BCC's uprobes are a process's (every thread), closed in ~50 ms each, in parallel"
             if links
-            else "none (Linux < 6.6, or PROBEDSL_UPROBE_LINKS=0): BCC opens a perf event per uprobe, ~0.1 s each to close",
-            "Linux 6.6+ (BCC then attaches by link)",
+            else "none (Linux < 6.12, or PROBEDSL_UPROBE_LINKS=0): BCC opens a perf event per uprobe, ~0.1 s each to close",
+            "Linux 6.12+ (BCC then attaches by link)",
             needed=False,
         )
     )
