@@ -147,7 +147,7 @@ def test_per_process_says_what_it_lost_after_the_main_thread_ended(tree_leaks, t
     assert len(said) == 1 and "are not recorded" in said[0], notes
 
 
-@pytest.mark.skipif(not links_available(), reason="the kernel makes no uprobe_multi link (Linux < 6.6)")
+@pytest.mark.skipif(not links_available(), reason="Linux < 6.12: BCC uses perf events, bound to a thread")
 def test_per_process_links_lose_nothing_when_the_main_thread_ends(tree_leaks, tmp_path, root_required):
     """A link fires for its whole thread group: after the main thread's end, with the
     breakpoints kept everywhere, its other threads' blocks are all recorded, and no note

@@ -12,8 +12,8 @@ program, and the unwinder they call, as one kind (uprobes_for).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
-import queue
 import re
 import sys
 import threading
@@ -22,7 +22,7 @@ from collections import deque
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from probedsl import threads
-from probedsl.drivers.teardown import _close
+from probedsl.drivers.teardown import close_on_threads
 from probedsl.drivers.bcc_compat import _semaphore
 
 BPF_PROG_LOAD, BPF_LINK_CREATE = 5, 28
@@ -36,7 +36,6 @@ KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 # worth; fewer if BCC_PROBE_LIMIT is low)
 QUIET_S = 3.0
 MAX_UNCLOSED = 340
-CLOSERS = 16  # threads closing links of ended processes (teardown.close_on_threads says why)
 
 
 class _LinkCreate(ctypes.Structure):
@@ -64,6 +63,12 @@ def links_available() -> bool:
     PROBEDSL_UPROBE_LINKS is not 0 (perf events then, as on older kernels)."""
     if os.environ.get("PROBEDSL_UPROBE_LINKS", "1") == "0" or os.uname().machine != "x86_64":
         return False
+    return _kernel_links()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_links() -> bool:
+    """(read once: the kernel's BTF is ~5 MB)"""
     if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 12):
         return False
     try:
@@ -110,8 +115,10 @@ class PerfEvents:
 
     def closing_due(self, last_arrival: float) -> bool:
         """No process has arrived for QUIET_S, or too many wait (a quarter of BCC's limit)."""
+        if not self.unclosed:
+            return False
         too_many = min(MAX_UNCLOSED, self.bcc.BPF.get_probe_limit() // 4)
-        return bool(self.unclosed) and (time.monotonic() - last_arrival > QUIET_S or len(self.unclosed) > too_many)
+        return time.monotonic() - last_arrival > QUIET_S or len(self.unclosed) > too_many
 
     def close_one(self) -> None:
         event = self.unclosed.popleft()
@@ -140,7 +147,6 @@ class Links:
         self.fds: Dict[int, int] = {}  # handle -> the link's descriptor
         self._made = 0
         self._lock = threading.Lock()
-        self._closing: Optional[queue.SimpleQueue] = None
         self._syscall = ctypes.CDLL(None, use_errno=True).syscall
         self._syscall.restype = ctypes.c_long
         self.places: Set[Tuple[bytes, int]] = set()  # (file, offset) of every link made
@@ -220,28 +226,16 @@ class Links:
         pass
 
     def close_soon(self, handles: Iterable[int]) -> None:
+        """Closed on threads of their own (teardown.close_on_threads), the run going on."""
         with self._lock:
             fds = [self.fds.pop(h) for h in handles if h in self.fds]
-            if fds and self._closing is None:
-                self._closing = queue.SimpleQueue()
-                for i in range(CLOSERS):
-                    threads.start(f"probedsl-unlink-{i}", lambda q=self._closing: self._closer(q))
-            for fd in fds:
-                self._closing.put(fd)
-
-    @staticmethod
-    def _closer(closing: queue.SimpleQueue) -> None:
-        while (fd := closing.get()) >= 0:
-            _close(fd)
+        if fds:
+            threads.start("probedsl-unlink", lambda: close_on_threads(fds))
 
     def take_all(self) -> List[int]:
-        """The descriptors of every link still open, now the caller's to close; the closing
-        threads end once they have closed what they were given."""
+        """The descriptors of every link still open, now the caller's to close."""
         with self._lock:
-            fds, self.fds = list(self.fds.values()) + self.keepers, {}
-            closing, self._closing, self.keepers = self._closing, None, []
-        for _ in range(CLOSERS if closing is not None else 0):
-            closing.put(-1)
+            fds, self.fds, self.keepers = list(self.fds.values()) + self.keepers, {}, []
         return fds
 
 
