@@ -367,6 +367,8 @@ class BccBackend(UnwinderViews, Backend):
                                    stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
                                    hold_maps=self.holds_mappings(program),
+                                   kernel_types=any(p.kind in (ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL)
+                                                    for r in program.resources for p in r.probes),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    threads=layout.THREADS,
                                    unw=_UNWINDER, py=_PYTHON, unwinders=[u["program"] for u in unwinders])

@@ -225,18 +225,21 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
 def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
     """--comm with dwarf stacks (BCC's default), as inside a PID namespace (every pid read in it,
-    by hand for a nested one), --all with fp: each program is verified; with dwarf, the unwinder
-    is verified once, in its own program, which no acquire program inlines."""
+    by hand for a nested one) and with the kernel headers' layout (no BTF), --all with fp and a
+    run's flags (the BTF's offsets: no kernel headers unless a tracepoint names kernel types):
+    each program is verified; with dwarf, the unwinder is verified once, in its own program,
+    which no acquire program inlines."""
     from bcc import BPF
+
+    from probedsl.drivers import bcc_compile
 
     program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     namespace = ["-DPROBEDSL_PIDNS_DEV=4ULL", "-DPROBEDSL_PIDNS_INO=4026532175ULL"] + [
         f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()
     ]
-    bpf = BPF(
-        text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + (namespace if scope.mode == "comm" else [])
-    )
+    flags = ["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + namespace if scope.mode == "comm" else bcc_compile.cflags(1)
+    bpf = BPF(text=gen.text, cflags=flags)
     try:
         # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
         programs = [
@@ -280,7 +283,7 @@ def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_group_exits()" in gen.text
     offsets = [f for f in bcc_compile.cflags(1) if f.startswith("-DPROBEDSL_OFF_")]
-    assert len(offsets) == 3, offsets  # this kernel has BTF
+    assert len(offsets) == 5, offsets  # this kernel has BTF
     bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1", *offsets])
     try:  # BCC loads (and attaches) raw tracepoint programs as it starts
         assert b"raw_tracepoint__sched_process_exit" in bpf.funcs

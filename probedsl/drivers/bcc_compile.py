@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import List
+from typing import List, Optional
 
 from probedsl.errors import ProbedslError
 from probedsl.process import btf, pidns
@@ -25,25 +25,28 @@ def check_headers() -> None:
 
 def cflags(pid: int) -> List[str]:
     flags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
-    try:  # where a task's thread count and group-exit flag are in the running kernel (headers older than it misplace them)
-        flags += [
-            f"-DPROBEDSL_OFF_TASK_SIGNAL={btf.offset('task_struct', 'signal')}",
-            f"-DPROBEDSL_OFF_SIGNAL_LIVE={btf.offset('signal_struct', 'live')}",
-            f"-DPROBEDSL_OFF_SIGNAL_FLAGS={btf.offset('signal_struct', 'flags')}",
-        ]
-    except (OSError, KeyError, ValueError):  # no BTF: the headers' layout
+    layout = {}
+    try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
+        layout = {
+            "OFF_TASK_SIGNAL": btf.offset("task_struct", "signal"),
+            "OFF_TASK_LEADER": btf.offset("task_struct", "group_leader"),
+            "OFF_TASK_START_TIME": btf.offset("task_struct", "start_time"),
+            "OFF_SIGNAL_LIVE": btf.offset("signal_struct", "live"),
+            "OFF_SIGNAL_FLAGS": btf.offset("signal_struct", "flags"),
+        }
+    except (OSError, KeyError, ValueError):  # no BTF: the installed headers' layout
         pass
     ns = pidns.own()
     if ns:  # the program's pids become this namespace's (bcc.c.j2)
         flags += [f"-DPROBEDSL_PIDNS_DEV={ns.dev}ULL", f"-DPROBEDSL_PIDNS_INO={ns.ino}ULL"]
         try:
-            flags += [f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()]
+            layout.update(pidns.layout())
         except (OSError, KeyError, ValueError) as exc:
             raise ProbedslError(
                 f"probedsl runs in a PID namespace and cannot read this kernel's layout of "
                 f"pids from {btf.VMLINUX}: {exc}"
             ) from None
-    return flags
+    return flags + [f"-DPROBEDSL_{name}={value}" for name, value in layout.items()]
 
 
 class Compilation:
@@ -52,21 +55,26 @@ class Compilation:
     def __init__(self, bcc, c_text: str, pid: int):
         check_headers()
         self._bpf = None
-        self._error = None
+        self._error: Optional[Exception] = None
         self._thread = threading.Thread(
-            target=self._compile, args=(bcc, c_text, cflags(pid)), name="probedsl-bcc-compile", daemon=True
+            target=self._compile, args=(bcc, c_text, pid), name="probedsl-bcc-compile", daemon=True
         )
         self._thread.start()
 
-    def _compile(self, bcc, c_text: str, flags: List[str]) -> None:
+    def _compile(self, bcc, c_text: str, pid: int) -> None:
+        try:  # the flags too: reading the kernel's BTF takes ~0.1 s
+            flags = cflags(pid)
+        except ProbedslError as exc:
+            self._error = exc
+            return
         try:
             self._bpf = bcc.BPF(text=c_text, cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
-            self._error = exc
+            self._error = ProbedslError(f"BCC could not compile the program: {exc}")
 
     def result(self):
         """The BPF object; a ProbedslError if BCC could not compile the program."""
         self._thread.join()
         if self._error is not None:
-            raise ProbedslError(f"BCC could not compile the program: {self._error}")
+            raise self._error
         return self._bpf
