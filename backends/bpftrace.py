@@ -7,13 +7,10 @@ from typing import List, Tuple
 
 from probedsl import ir
 from probedsl.errors import ProbedslError
-
-from probedsl.ir.layout import Counter, ResourceLayout
 from probedsl.ir import layout
-from probedsl.ir.layout import TALLY_SHIFT, counted
-from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
-
+from probedsl.ir.layout import TALLY_SHIFT, Counter, ResourceLayout, counted
 from probedsl.targets.base import Generated
+from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK
 
 from .base import Backend
 
@@ -39,13 +36,11 @@ def _u64(text: str) -> str:
     return f"(uint64)({text})"
 
 
-def is_u64(v: ir.Value) -> bool:
-    """Whether bpftrace types the value uint64 already: arguments, return values, scratch
-    slots, 8-byte reads, and the unsigned arithmetic of such values."""
+def is_u64(v: ir.Value, ids: bool = False) -> bool:
+    """Whether bpftrace types it uint64: args, retval, scratch, 8-byte reads, unsigned arithmetic of those; ids: pid, tid."""
     if isinstance(v, ir.BinOp):
-        return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left) and is_u64(v.right)
-    return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and v.name == "ret") or \
-        (isinstance(v, ir.Deref) and v.size == 8)
+        return v.op in ("+", "*", "/", "%", "&", "|", "^", "<<", ">>") and is_u64(v.left, ids) and is_u64(v.right, ids)
+    return isinstance(v, (ir.Arg, ir.Saved)) or (isinstance(v, ir.Builtin) and (v.name == "ret" or ids)) or (isinstance(v, ir.Deref) and v.size == 8)
 
 
 class BpftraceBackend(Backend):
@@ -61,8 +56,13 @@ class BpftraceBackend(Backend):
                                    else f"*(int32 *)uptr({self.expr(v.address)} + {v.offset})"),
         ir.Int32: lambda self, v: f"(int64)(int32){self.expr(v.operand)}",
         ir.Not: lambda self, v: f"!{self.expr(v.operand)}",
-        ir.BinOp: Backend.binop,
+        ir.BinOp: lambda self, v: self.binop(v),
     }
+
+    def binop(self, value: ir.BinOp) -> str:
+        if self.target.costly_casts and value.op in ("==", "!="):  # equal bits: the sign does not matter
+            return f"({self.expr(value.left)} {value.op} {self.expr(value.right)})"
+        return super().binop(value)
 
     def signed(self, text: str) -> str:
         return f"(int64){text}"
@@ -74,17 +74,18 @@ class BpftraceBackend(Backend):
         return f"$deleted = {call};" if self.target.delete_result_used else f"{call};"
 
     def u64(self, v: ir.Value) -> str:
-        """The value as uint64 (map keys and record fields agree on it): cast, unless the
-        dialect warns about a cast to the type a value already has."""
-        if self.target.warns_same_type_cast and is_u64(v):
-            return self.expr(v)
-        return _u64(self.expr(v))
+        """The value as uint64 (map keys and record fields agree on it): no cast where the value
+        has that type and the dialect warns about such a cast, or pays for each."""
+        elide = self.target.warns_same_type_cast or self.target.costly_casts
+        return self.expr(v) if elide and is_u64(v, self.target.costly_casts) else _u64(self.expr(v))
 
     def u64_text(self, text: str) -> str:
         """u64() for generated text: reg() and nsecs are uint64 already."""
-        if self.target.warns_same_type_cast and re.fullmatch(r'nsecs|reg\("\w+"\)|arg\d+', text):
-            return text
-        return _u64(text)
+        elide = self.target.warns_same_type_cast or self.target.costly_casts
+        return text if elide and re.fullmatch(r'nsecs|reg\("\w+"\)|arg\d+', text) else _u64(text)
+
+    def pid_key(self) -> str:
+        return "pid" if self.target.costly_casts else "(uint64)pid"  # 0.17's pid is uint64
 
     def elapsed(self, since: str) -> str:
         """nsecs - since, without the sign warning of dialects whose subtraction is signed."""
@@ -128,7 +129,7 @@ class BpftraceBackend(Backend):
         ours = self.ours() if every_task else ""
         # a launched command (cmd) is started by probedsl itself, so it is traced by pid too
         if scope.tracks_children:
-            return f"/{ours}@probedsl_traced[(uint64)pid]/"
+            return f"/{ours}@probedsl_traced[{self.pid_key()}]/"
         # all: $1 is probedsl's own pid (its reading of the maps is not traced)
         return "/" + ours + {"all": "pid != $1", "pid": f"pid == {int(scope.pid)}", "cmd": f"pid == {int(scope.pid)}",
                              "comm": "comm == str($1)"}[scope.mode] + "/"
@@ -215,7 +216,7 @@ class BpftraceBackend(Backend):
             if action.through is not None:
                 # most keys of a range were never acquired (close_range(3, ~0U)): no unknown release
                 body = [f"$first = {self.u64(action.key[-1])};", f"$last = {self.u64(action.through)};",
-                        *(["$p = (uint64)pid;"] if "$p" in key else []), "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
+                        *([f"$p = {self.pid_key()};"] if "$p" in key else []), "$n = (uint64)0;", f"while ($n < {int(self.range_keys(lay))}) {{", "  if ($first + $n > $last) { break; }",
                         *["  " + s for s in body[:-(2 + len(unknown))]], "  }", "  $n = $n + 1;", "}"]
         if action.guard is None:
             return body
@@ -250,15 +251,14 @@ class BpftraceBackend(Backend):
     def range_keys(self, lay: ResourceLayout) -> int:
         return self.target.range_keys_with_image if lay.ends_with_image else self.target.range_keys
 
-    @staticmethod
-    def register_image() -> List[str]:
-        """$i = the process's image (probedsl/drivers/images.py): the first acquisition of a process
-        registers it as the process's start time, the same number whichever thread comes first
-        (a new process reusing the pid has another); a full table refuses it silently, so look
-        again."""
-        return ["$i = @probedsl_images[(uint64)pid];", "if ($i == 0) {",
-                "  $i = curtask->group_leader->start_time;", "  @probedsl_images[(uint64)pid] = $i;",
-                "  if (@probedsl_images[(uint64)pid] == 0) { @probedsl_image_lost = count(); }", "}"]
+    def register_image(self) -> List[str]:
+        """$i = the process's image (probedsl/drivers/images.py): its start time, registered by its
+        first acquisition whichever thread comes first (a new process reusing the pid has another);
+        a full table refuses it silently, so look again."""
+        pid = self.pid_key()
+        return [f"$i = @probedsl_images[{pid}];", "if ($i == 0) {",
+                "  $i = curtask->group_leader->start_time;", f"  @probedsl_images[{pid}] = $i;",
+                f"  if (@probedsl_images[{pid}] == 0) {{ @probedsl_image_lost = count(); }}", "}"]
 
     def probe_view(self, program: ir.Program, res: ir.Resource, lay: ResourceLayout, probe: ir.Probe) -> dict:
         if probe.kind == ir.ProbeKind.UPROBE:
