@@ -25,7 +25,7 @@ def usdt_read(loc, ctx: str) -> str:
         return f"(u64)(s64){int(loc.constant)}"
     if not loc.memory:
         return f"(u64)({ctype}){ctx}->{loc.register}"
-    return (f"({{ {ctype} v_ = 0; bpf_probe_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
+    return (f"({{ {ctype} v_ = 0; probedsl_read_user(&v_, sizeof(v_), (void *)({ctx}->{loc.register} + "
             f"({int(loc.offset)}))); (u64)v_; }})")
 
 
