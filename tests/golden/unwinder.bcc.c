@@ -62,7 +62,7 @@ BPF_RINGBUF_OUTPUT(probedsl_py_doorbell, 16);
 static __always_inline u64 probedsl_py_u64(u64 address)
 {
     u64 value = 0;
-    bpf_probe_read_user(&value, sizeof(value), (void *)address);
+    probedsl_read_user(&value, sizeof(value), (void *)address);
     return value;
 }
 
@@ -112,7 +112,7 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
     for (u32 i = 0; i < PROBEDSL_PY_FRAMES; i++) {
         PROBEDSL_OPAQUE(i);
         if (!frame || i >= PROBEDSL_PY_FRAMES) break;
-        if (bpf_probe_read_user(s->frame, 80, (void *)frame)) break;
+        if (probedsl_read_user(s->frame, 80, (void *)frame)) break;
         u64 code = probedsl_py_field(s, cfg->frame_code) & ~tags;
         u64 meta = ((probedsl_py_field(s, cfg->frame_instr) - code) & 0xffffffffULL) |
             ((u64)s->frame[cfg->frame_entry & 127] << 40);
@@ -206,9 +206,9 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
             if (row->kind == 4) {
                 // a signal handler's return trampoline: the interrupted registers are in the
                 // ucontext at sp (uc_mcontext at +40: rbp, rsp, rip of gregs)
-                if (bpf_probe_read_user(&bp, 8, (void *)(sp + 0x78)) ||
-                    bpf_probe_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
-                    bpf_probe_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
+                if (probedsl_read_user(&bp, 8, (void *)(sp + 0x78)) ||
+                    probedsl_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
+                    probedsl_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
                 if (!ra) { end = 0xffffffffffffff00ULL; break; }
                 sp = cfa; ip = ra; back = 0;      // the interrupted instruction itself
                 continue;
@@ -217,8 +217,8 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
                 cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
             else
                 cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
-            if (bpf_probe_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
-            if (row->rbp_kind == 1 && bpf_probe_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
+            if (probedsl_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
+            if (row->rbp_kind == 1 && probedsl_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
                 end = 0xffffffffffffff02ULL;
                 break;
             }
