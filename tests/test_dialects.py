@@ -53,9 +53,19 @@ DIALECT_CHANGES = [
     ),
     # 0.17 pays ~20 ms a cast in a uprobe (Bpftrace.costly_casts): it leaves out those to the type
     # a value has, and a sign that an equality does not need; later dialects write them
-    ("0.17's uint64 pid is cast", "0.20-0.23", r"(?<!: )@(probedsl_images|probedsl_traced)\[pid\]", r"@\1[(uint64)pid]"),
+    (
+        "0.17's uint64 pid is cast",
+        "0.20-0.23",
+        r"(?<!: )@(probedsl_images|probedsl_traced)\[pid\]",
+        r"@\1[(uint64)pid]",
+    ),
     ("live keys are cast", "0.20-0.23", r"@(\w+_live)\[pid, (.+?)\]", r"@\1[(uint64)(pid), (uint64)(\2)]"),
-    ("live sizes are cast", "0.20-0.23", r"= \(nsecs, (?!\(uint64\)\()(.+?), pid, ustack", r"= (nsecs, (uint64)(\1), pid, ustack"),
+    (
+        "live sizes are cast",
+        "0.20-0.23",
+        r"= \(nsecs, (?!\(uint64\)\()(.+?), pid, ustack",
+        r"= (nsecs, (uint64)(\1), pid, ustack",
+    ),
     ("scratch values are cast", "0.20-0.23", r'(?<=, )(reg\("sp"\)|arg\d)(?=[,)])', r"(uint64)(\1)"),
     ("equalities are signed", "0.20-0.23", r"\((retval|arg\d|\$s\.[2-9]) (==|!=) (\d+)\)", r"((int64)\1 \2 (int64)\3)"),
     ("stacks are printed as raw addresses", "0.24", r"ustack\(perf, 64\)", "ustack(raw, 64)"),

@@ -23,6 +23,7 @@ from probedsl.process.libraries import linked_libraries, mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
+from probedsl.stacks import stacktrust
 from probedsl.stacks.symbolizer import Symbolizer
 from probedsl.process.tree_tether import TreeTether
 from probedsl.run.options import RunOptions, scope_of, check_output, traced, probed_files, bystander_notes, end_command
@@ -172,6 +173,8 @@ class Session(Reporting):
             self.tracker.snapshot(pid)                  # mapped before we started listening
         faults.wait("attach")
         self._hold_forks()                             # before the probes: no fork is missed
+        if self.program.stacks == "fp":                # what the report reads, while the backend compiles
+            stacktrust.read_ahead(probed_files(self.program) + ([self.held.exe] if self.held else []))
         self.driver.start()                            # 2
         self._watch_bearers(self.follower)
         if self.follower and scope.tracks_children:
@@ -302,11 +305,7 @@ class Session(Reporting):
     def ended(self) -> bool:
         """Whether the run is over: a signal, the command or pid gone, --duration, the tracer gone."""
         scope, held = self.program.scope, self.held
-        if self.stop.signal is not None or (held and held.poll() is not None):
-            return True
-        if scope.mode == "pid" and not process_alive(scope.pid):
-            return True
-        if self.opts.duration and time.monotonic() - self.started >= self.opts.duration:
+        if self.ending() or (held and held.poll() is not None) or (scope.mode == "pid" and not process_alive(scope.pid)):
             return True
         if not self.driver.alive():
             self.incomplete.append(f"{self.target.name} ended early: {self.driver.explain_failure()}")

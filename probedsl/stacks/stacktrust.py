@@ -11,10 +11,11 @@ first frame where it is not, then ends with a marker saying why.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+import threading
+from typing import Callable, Optional, Sequence, Tuple
 
 from probedsl.binaries import cfi, elf
-from probedsl import ir
+from probedsl import ir, threads
 from probedsl.process import procfs
 from probedsl.ir.stackformat import DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
 
@@ -37,6 +38,21 @@ def reason(marker: int, module: str) -> str:
     return f"only the innermost {ir.STACK_DEPTH} frames are kept"
 
 
+def read_ahead(paths: Sequence[str]) -> None:
+    """The files' call-frame tables read on a thread of their own while the backend compiles
+    (the main thread only waits then): a report of python3 -c pass spent 0.5 s reading libc's
+    and python3's .eh_frame after the command ended."""
+    threads.start("probedsl-read-ahead", lambda: [_table(path) for path in dict.fromkeys(paths)])
+
+
+_reading = threading.Lock()  # a file's table read once, by the read ahead or the report
+
+
+def _table(path: str) -> Optional[cfi.Table]:
+    with _reading:
+        return cfi.table(path)
+
+
 # resolve(address to look up) -> (file opened from here, address in its ELF view), or None
 Resolver = Callable[[int], Optional[Tuple[str, int]]]
 
@@ -53,7 +69,7 @@ def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
         addresses = tuple(addresses[:-1])
     for depth, address in enumerate(addresses):
         where = resolve(address if depth == 0 else address - 1)
-        table = cfi.table(where[0]) if where else None
+        table = _table(where[0]) if where else None
         row = table.row_at(where[1]) if table else None
         if row is None:
             return addresses[: depth + 1] + (NO_UNWIND_INFO,)
