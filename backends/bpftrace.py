@@ -59,8 +59,9 @@ class BpftraceBackend(Backend):
         ir.BinOp: lambda self, v: self.binop(v),
     }
 
-    def binop(self, value: ir.BinOp) -> str:
-        if self.target.costly_casts and value.op in ("==", "!="):  # equal bits: the sign does not matter
+    def binop(self, value: ir.BinOp) -> str:  # equal bits: no sign between uint64 values and literals >= 0
+        plain = [is_u64(v, True) or (isinstance(v, ir.Const) and v.value >= 0) for v in (value.left, value.right)]
+        if self.target.costly_casts and value.op in ("==", "!=") and all(plain):
             return f"({self.expr(value.left)} {value.op} {self.expr(value.right)})"
         return super().binop(value)
 
@@ -76,13 +77,15 @@ class BpftraceBackend(Backend):
     def u64(self, v: ir.Value) -> str:
         """The value as uint64 (map keys and record fields agree on it): no cast where the value
         has that type and the dialect warns about such a cast, or pays for each."""
-        elide = self.target.warns_same_type_cast or self.target.costly_casts
-        return self.expr(v) if elide and is_u64(v, self.target.costly_casts) else _u64(self.expr(v))
+        return self.expr(v) if self._elides and is_u64(v, self.target.costly_casts) else _u64(self.expr(v))
 
     def u64_text(self, text: str) -> str:
         """u64() for generated text: reg() and nsecs are uint64 already."""
-        elide = self.target.warns_same_type_cast or self.target.costly_casts
-        return text if elide and re.fullmatch(r'nsecs|reg\("\w+"\)|arg\d+', text) else _u64(text)
+        return text if self._elides and re.fullmatch(r'nsecs|reg\("\w+"\)|arg\d+', text) else _u64(text)
+
+    @property
+    def _elides(self) -> bool:
+        return self.target.warns_same_type_cast or self.target.costly_casts
 
     def pid_key(self) -> str:
         return "pid" if self.target.costly_casts else "(uint64)pid"  # 0.17's pid is uint64
@@ -92,8 +95,7 @@ class BpftraceBackend(Backend):
         return f"(int64)nsecs - (int64){since}" if self.target.signed_subtraction else f"nsecs - {since}"
 
     def typing_writes(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
-        """Writes of the resource's live and scratch maps with the types every probe uses, for a
-        dialect whose type checker must see a write before a read (they never run)."""
+        """Writes, never run, typing the live and scratch maps for a checker that needs a write first."""
         values = ", ".join("(uint64)0" if f == "image" else LIVE_VALUE[f].format(size=_u64("0"), mode=self.target.stack_mode)
                            for f in lay.fields)
         lines = [f"@{lay.live}[{', '.join(['(uint64)0'] * lay.key_arity)}] = ({values});"]
@@ -108,8 +110,7 @@ class BpftraceBackend(Backend):
         order = ir.attach_order(probes)
         return order[::-1] if self.target.attaches_in_reverse else order
 
-    # probedsl's PID namespace, when it runs in one (generate() sets it): see ours()
-    pidns_ino = 0
+    pidns_ino = 0  # probedsl's PID namespace, when it runs in one (generate() sets it): see ours()
 
     def ours(self) -> str:
         """The start of a tracepoint's filter that keeps only tasks of probedsl's PID namespace, in
@@ -336,8 +337,7 @@ class BpftraceBackend(Backend):
         return f"+{int(offset)}" if offset else ""
 
     def count_script(self, program: ir.Program) -> str:
-        """--estimate: a script counting entries of every probed function in @calls[probe],
-        filtered like the program (the cheapest probe: an empty-bodied counter at entry)."""
+        """--estimate: entries of every probed function counted in @calls[probe], filtered like the program."""
         filt = self.filter(program.scope)
         lines = [f"uprobe:{probe_path(path)}:{p.function} {filt} {{ @calls[probe] = count(); }}"
                  for res in program.resources for p in res.probes if p.kind == ir.ProbeKind.UPROBE for path in p.attached_files]

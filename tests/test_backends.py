@@ -282,9 +282,9 @@ def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     program = built(MEMLEAK, sampled).with_scope(ir.Scope("comm", comm="x", per_process=True)).walking_stacks("fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_group_exits()" in gen.text
-    offsets = [f for f in bcc_compile.cflags(1) if f.startswith("-DPROBEDSL_OFF_")]
-    assert len(offsets) == 5, offsets  # this kernel has BTF
-    bpf = BPF(text=gen.text, cflags=["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1", *offsets])
+    flags = bcc_compile.cflags(1)
+    assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 5, flags  # BTF here
+    bpf = BPF(text=gen.text, cflags=flags)
     try:  # BCC loads (and attaches) raw tracepoint programs as it starts
         assert b"raw_tracepoint__sched_process_exit" in bpf.funcs
     finally:

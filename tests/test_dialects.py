@@ -151,6 +151,12 @@ def test_017_leaves_out_the_casts_it_pays_for():
     assert "/@probedsl_traced[pid]/" in uprobes and "$i = @probedsl_images[pid];" in uprobes
     assert len(re.findall(r"\((u?int\d+)\)", uprobes)) <= 20  # the literals' (uint64)(0): was 79
     assert "@heap_live[(uint64)(pid), (uint64)(retval)]" in memleak_text((0, 23, 2))
+    # a negative literal against an unsigned value keeps the sign (0.17 warns on such a comparison)
+    from test_backends import recipe_program
+
+    mmap = recipe_program(str(ROOT / "recipes" / "mmapleak.probe"))
+    mmap_text = backends.for_target(targets.for_version("bpftrace", (0, 17, 0))).generate(mmap).text
+    assert "if (((int64)retval != (int64)(-1))) {" in mmap_text and "@mapping_live[pid, retval] = " in mmap_text
 
 
 def test_delete_results_are_used_from_025():

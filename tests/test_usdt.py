@@ -61,7 +61,7 @@ def test_compile_with_the_program_shows_each_backends_probes(sampled):
     bt = probedsl("compile", RECIPE, "--target", "bpftrace", "--program", sampled["ddheap"])
     assert f"usdt:{sampled['ddheap']}:ddheap:alloc" in bt.stdout and "usdt:otel_memory" not in bt.stdout
     bcc = probedsl("compile", RECIPE, "--target", "bcc", "--program", sampled["ddheap"])
-    assert "bpf_probe_read_user" in bcc.stdout or "ctx->" in bcc.stdout
+    assert "probedsl_read_user(" in bcc.stdout or "ctx->" in bcc.stdout
     assert "'usdt': True" in bcc.stdout and "'ref_ctr': " in bcc.stdout
 
 

@@ -34,6 +34,7 @@ def cflags(pid: int) -> List[str]:
             "OFF_SIGNAL_LIVE": btf.offset("signal_struct", "live"),
             "OFF_SIGNAL_FLAGS": btf.offset("signal_struct", "flags"),
         }
+        flags.append("-DPROBEDSL_BTF_LAYOUT")  # all of them: bcc.c.j2 reads by offset
     except (OSError, KeyError, ValueError):  # no BTF: the installed headers' layout
         pass
     ns = pidns.own()
@@ -62,13 +63,10 @@ class Compilation:
         self._thread.start()
 
     def _compile(self, bcc, c_text: str, pid: int) -> None:
-        try:  # the flags too: reading the kernel's BTF takes ~0.1 s
-            flags = cflags(pid)
+        try:  # the flags too (the kernel's BTF, a PID namespace's layout)
+            self._bpf = bcc.BPF(text=c_text, cflags=cflags(pid))
         except ProbedslError as exc:
             self._error = exc
-            return
-        try:
-            self._bpf = bcc.BPF(text=c_text, cflags=flags)
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             self._error = ProbedslError(f"BCC could not compile the program: {exc}")
 

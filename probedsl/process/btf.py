@@ -61,7 +61,7 @@ class _Libbpf:
     """The kernel's BTF as libbpf parsed it: one struct looked up at a time."""
 
     def __init__(self, path: str):
-        lib = ctypes.CDLL("libbpf.so.1")
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
         lib.btf__parse.restype = ctypes.c_void_p
         lib.btf__parse.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
         lib.btf__find_by_name_kind.restype = ctypes.c_int

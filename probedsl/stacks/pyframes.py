@@ -62,7 +62,7 @@ def _symbols(path: str, mtime_ns: int) -> Dict[str, Tuple[int, int]]:
             table = elf.get_section_by_name(".dynsym")
             # looked for in the names first: pyelftools reads every symbol to find one (libc's
             # ~3,000 took 0.1-0.2 s of each start)
-            if table is None or b"\0_PyRuntime\0" not in table.stringtable.data():
+            if table is None or b"_PyRuntime\0" not in table.stringtable.data():
                 return {}
             out = {}
             for name in wanted:

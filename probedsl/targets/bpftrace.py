@@ -49,9 +49,9 @@ class Bpftrace(Target):
     # a cast to the type a value already has warns (0.27: `(uint64)arg0`, `(uint64)nsecs`)
     warns_same_type_cast: ClassVar[bool] = False
     # each cast in a uprobe's body searches the probed file's debug info for a struct of that
-    # name, all of it (0.17, where it is installed, e.g. libc6-dbg: ~20 ms a cast, memleak's 79
-    # were 1.6 s of its start): casts to the type a value has are left out, and pid and tid
-    # are uint64 already
+    # name, all of it (0.17-0.19, where it is installed, e.g. libc6-dbg: ~20 ms a cast, memleak's
+    # 79 were 1.6 s of 0.17's start): casts to the type a value has are left out (pid and tid
+    # are uint64 there), and the sign of an equality between unsigned values
     costly_casts: ClassVar[bool] = False
     # how stacks print: perf ("ADDR SYMBOL (MODULE)", symbols off by BPFTRACE_NO_USER_SYMBOLS)
     # or raw (addresses only, 0.18+)
