@@ -8,6 +8,7 @@ import re
 
 from probedsl import backends
 from probedsl.drivers import bcc_uprobes
+from probedsl.process import btf
 from probedsl.drivers.bpftrace import parse_stack
 
 
@@ -145,7 +146,7 @@ def test_uprobe_links_are_taken_where_the_kernel_makes_them(monkeypatch):
     detection would quietly move every BCC test back to perf events), perf events when told."""
     monkeypatch.delenv("PROBEDSL_UPROBE_LINKS", raising=False)
     major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
-    assert bcc_uprobes.links_available() == ((major, minor) >= (6, 12) and os.path.exists(bcc_uprobes.KERNEL_BTF))
+    assert bcc_uprobes.links_available() == ((major, minor) >= (6, 12) and os.path.exists(btf.VMLINUX))
     monkeypatch.setenv("PROBEDSL_UPROBE_LINKS", "0")
     assert not bcc_uprobes.links_available()
 
@@ -155,7 +156,7 @@ def test_the_kernels_layout_read_by_libbpf_is_the_one_parsed_by_hand(monkeypatch
     reads it (~12 ms at each start), the parse in Python (~0.1 s) where libbpf is missing, and
     the two agree on every member read."""
     from probedsl.drivers import bcc_compile
-    from probedsl.process import btf, pidns
+    from probedsl.process import pidns
 
     assert btf._libbpf() is not None  # a machine with BCC has libbpf.so.1
     fast = (bcc_compile.cflags(1), pidns.layout())

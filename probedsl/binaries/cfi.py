@@ -12,6 +12,7 @@ import bisect
 import functools
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -22,6 +23,7 @@ from probedsl.trust import bounds
 from probedsl.notices import note
 
 RBP, RSP, RA = 6, 7, 16          # DWARF register numbers (x86-64 psABI)
+_READING = threading.Lock()      # table(): each file decoded once
 EXPRESSION, PLT = -1, -2         # CFA "registers": an expression we do not evaluate; a PLT stub's
 # the expression every PLT's FDE has (binutils): CFA = rsp + 8, + 8 more once the stub's push
 # ran, i.e. when (rip & 15) >= 11 (the operand of DW_OP_lit11, kept as the row's offset)
@@ -90,13 +92,11 @@ class _Reader:
         self.data, self.base, self.pos = data, base, 0
 
     def u8(self) -> int:
-        v = self.data[self.pos]
         self.pos += 1
-        return v
+        return self.data[self.pos - 1]
 
     def fixed(self, fmt: str) -> int:
-        v = struct.unpack_from(fmt, self.data, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
+        v, self.pos = struct.unpack_from(fmt, self.data, self.pos)[0], self.pos + struct.calcsize(fmt)
         return v
 
     def uleb(self) -> int:
@@ -126,8 +126,7 @@ class _Reader:
 
     def cstring(self) -> bytes:
         end = self.data.index(b"\0", self.pos)
-        s = self.data[self.pos:end]
-        self.pos = end + 1
+        s, self.pos = self.data[self.pos:end], end + 1
         return s
 
     def pointer(self, encoding: int) -> int:
@@ -392,9 +391,10 @@ def _load(path: str, mtime_ns: int, size: int) -> Optional[Table]:
 
 
 def table(path: str) -> Optional[Table]:
-    """The file's CFI rows, cached on its mtime and size; None without .eh_frame."""
+    """The file's CFI rows, cached on mtime and size and decoded once, whoever asks; None without .eh_frame."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return _load(path, st.st_mtime_ns, st.st_size)
+    with _READING:
+        return _load(path, st.st_mtime_ns, st.st_size)

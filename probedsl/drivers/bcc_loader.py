@@ -345,10 +345,9 @@ class BccLoader(BccReading):
         holder = teardown.hand_over(remove_tracefs_uprobes) if background else None
         if holder is None:
             teardown.close_on_threads(links)
-        else:
-            for fd in links:  # not the last copies: the holder's are
+        else:  # not the last copies: the holder's are
+            for fd in links:
                 os.close(fd)
-        if holder is not None:
             # BCC's detach disables each event first (a call on each CPU, ~15 ms here) and
             # looks for a tracefs event: the holder's close does both's work
             for probes in (self.bpf.uprobe_fds, self.bpf.tracepoint_fds):

@@ -12,9 +12,7 @@ program, and the unwinder they call, as one kind (uprobes_for).
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-import re
 import sys
 import threading
 import time
@@ -22,6 +20,7 @@ from collections import deque
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from probedsl import threads
+from probedsl.process import btf, procfs
 from probedsl.drivers.teardown import close_on_threads
 from probedsl.drivers.bcc_compat import _semaphore
 
@@ -30,7 +29,6 @@ BPF_PROG_TYPE_KPROBE = 2
 BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
 BPF_F_UPROBE_MULTI_RETURN = 1
 SYS_BPF = 321  # x86_64
-KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 # perf events of ended processes are closed once no process has arrived for QUIET_S (each
 # close delays a new process's attach), or when more than MAX_UNCLOSED wait (~20 processes'
 # worth; fewer if BCC_PROBE_LIMIT is low)
@@ -63,19 +61,7 @@ def links_available() -> bool:
     PROBEDSL_UPROBE_LINKS is not 0 (perf events then, as on older kernels)."""
     if os.environ.get("PROBEDSL_UPROBE_LINKS", "1") == "0" or os.uname().machine != "x86_64":
         return False
-    return _kernel_links()
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_links() -> bool:
-    """(read once: the kernel's BTF is ~5 MB)"""
-    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 12):
-        return False
-    try:
-        with open(KERNEL_BTF, "rb") as f:
-            return b"\0bpf_uprobe_multi_link_attach\0" in f.read()
-    except OSError:
-        return False
+    return procfs.kernel_release() >= (6, 12) and btf.has_function("bpf_uprobe_multi_link_attach")
 
 
 def uprobes_for(bcc, bpf):

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
-STRUCT, UNION = 4, 5
+STRUCT, UNION, FUNC = 4, 5, 12
 # bytes that follow each kind's 12-byte header: fixed, and per member (vlen)
 EXTRA = {
     1: (4, 0),
@@ -74,6 +74,9 @@ class _Libbpf:
         if not self.btf:  # libbpf 1.x: NULL and errno
             raise OSError(ctypes.get_errno(), f"libbpf cannot parse {path}")
 
+    def has_function(self, name: str) -> bool:
+        return self.lib.btf__find_by_name_kind(self.btf, name.encode(), FUNC) > 0
+
     def struct(self, name: str) -> Tuple[int, Dict[str, int]]:
         for kind in (STRUCT, UNION):
             type_id = self.lib.btf__find_by_name_kind(self.btf, name.encode(), kind)
@@ -113,3 +116,16 @@ def offset(struct_name: str, member: str) -> int:
 
 def size(struct_name: str) -> int:
     return _struct(struct_name)[0]
+
+
+@lru_cache(maxsize=None)
+def has_function(name: str) -> bool:
+    """Whether the running kernel has a function of that name (False without BTF)."""
+    parsed = _libbpf()
+    if parsed:
+        return parsed.has_function(name)
+    try:
+        with open(VMLINUX, "rb") as f:
+            return b"\0" + name.encode() + b"\0" in f.read()
+    except OSError:
+        return False

@@ -11,7 +11,6 @@ first frame where it is not, then ends with a marker saying why.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Callable, Optional, Sequence, Tuple
 
 from probedsl.binaries import cfi, elf
@@ -42,15 +41,7 @@ def read_ahead(paths: Sequence[str]) -> None:
     """The files' call-frame tables read on a thread of their own while the backend compiles
     (the main thread only waits then): a report of python3 -c pass spent 0.5 s reading libc's
     and python3's .eh_frame after the command ended."""
-    threads.start("probedsl-read-ahead", lambda: [_table(path) for path in dict.fromkeys(paths)])
-
-
-_reading = threading.Lock()  # a file's table read once, by the read ahead or the report
-
-
-def _table(path: str) -> Optional[cfi.Table]:
-    with _reading:
-        return cfi.table(path)
+    threads.start("probedsl-read-ahead", lambda: [cfi.table(path) for path in dict.fromkeys(paths)])
 
 
 # resolve(address to look up) -> (file opened from here, address in its ELF view), or None
@@ -69,7 +60,7 @@ def trusted(addresses: Tuple[int, ...], resolve: Resolver) -> Tuple[int, ...]:
         addresses = tuple(addresses[:-1])
     for depth, address in enumerate(addresses):
         where = resolve(address if depth == 0 else address - 1)
-        table = _table(where[0]) if where else None
+        table = cfi.table(where[0]) if where else None
         row = table.row_at(where[1]) if table else None
         if row is None:
             return addresses[: depth + 1] + (NO_UNWIND_INFO,)
