@@ -13,7 +13,7 @@ from probedsl.ir.layout import Counter, ResourceLayout
 from probedsl.targets.base import Generated
 
 from .base import Backend
-from probedsl.backends.bcc_unwinder import UnwinderViews
+from probedsl.backends.bcc_unwinder import FRAMES_PER_RUN, UnwinderViews
 
 
 def usdt_read(loc, ctx: str) -> str:
@@ -42,7 +42,7 @@ _UNWINDER = {
     "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
     "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
     "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
-    "ancestors": stackformat.ANCESTORS,
+    "ancestors": stackformat.ANCESTORS, "frames_per_run": FRAMES_PER_RUN,
     "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
     "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
     "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
@@ -371,7 +371,7 @@ class BccBackend(UnwinderViews, Backend):
                                                     for r in program.resources for p in r.probes),
                                    images=any(lay.ends_with_image for lay in layouts), ended_images=layout.ENDED_IMAGES,
                                    threads=layout.THREADS,
-                                   unw=_UNWINDER, py=_PYTHON, unwinders=[u["program"] for u in unwinders])
+                                   unw=_UNWINDER, py=_PYTHON, unwinders=unwinders)
         manifest = self.manifest(program, views, layouts)
         if unwinders:
             manifest["unwinders"] = unwinders

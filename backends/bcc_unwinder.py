@@ -10,6 +10,10 @@ from probedsl.errors import ProbedslError
 from probedsl.ir import layout
 from probedsl.ir.layout import ResourceLayout
 
+# frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
+# each of them (~4,200 instructions a frame), a tail call costs each acquisition ~N ns
+FRAMES_PER_RUN = 4
+
 
 class UnwinderViews:
     """The unwinder's part of BccBackend (a base of it)."""
@@ -49,10 +53,14 @@ class UnwinderViews:
         ]
         found = []
         if any(k in ("uprobe", "usdt") for k in kinds):
-            found.append({"program": "probedsl_unwinder", "array": "probedsl_unwinders", "type": "kprobe"})
+            found.append(
+                {"program": "probedsl_unwinder", "frames": "probedsl_unwinder_frames", "array": "probedsl_unwinders",
+                 "type": "kprobe"}
+            )
         if any(k == "syscall" for k in kinds):
             found.append(
-                {"program": "probedsl_unwinder_syscall", "array": "probedsl_unwinders_syscall", "type": "tracepoint"}
+                {"program": "probedsl_unwinder_syscall", "frames": "probedsl_unwinder_syscall_frames",
+                 "array": "probedsl_unwinders_syscall", "type": "tracepoint"}
             )
         return found
 

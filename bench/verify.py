@@ -34,8 +34,9 @@ def measure(recipe: str, stacks: str) -> None:
     kinds = {f: bcc.BPF.KPROBE for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f}
     kinds.update(
         {
-            u["program"]: bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
+            name: bcc.BPF.TRACEPOINT if u["type"] == "tracepoint" else bcc.BPF.KPROBE
             for u in gen.manifest.get("unwinders", [])
+            for name in (u["program"], u["frames"])
         }
     )
     rows, total = [], 0.0

@@ -363,17 +363,19 @@ class BccLoader(BccReading):
 
 def _load_unwinders(bcc, bpf, uprobes, unwinders) -> None:
     """--stacks dwarf: load the unwinder programs (verified once each) into the arrays the
-    acquire programs tail-call, before any of those is attached; the uprobes' one as the
+    acquire programs tail-call, before any of those is attached; the uprobes' ones as the
     same kind of program as they are (bcc_uprobes)."""
     for u in unwinders:
-        try:
-            if u["type"] == "tracepoint":
-                fn = bpf.load_func(u["program"], bcc.BPF.TRACEPOINT)
-            else:
-                fn = uprobes.load(u["program"])
-        except Exception as exc:  # BCC raises bare Exception when the kernel refuses it
-            raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
-        bpf.get_table(u["array"])[ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+        # the frames program first: the first program can then tail-call it at once
+        for slot, name in ((1, u["frames"]), (0, u["program"])):
+            try:
+                if u["type"] == "tracepoint":
+                    fn = bpf.load_func(name, bcc.BPF.TRACEPOINT)
+                else:
+                    fn = uprobes.load(name)
+            except Exception as exc:  # BCC raises bare Exception when the kernel refuses it
+                raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
+            bpf.get_table(u["array"])[ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
 
 
 def _placed(p: dict) -> dict:
