@@ -829,6 +829,21 @@ static __always_inline void probedsl_finish_deferred(s64 ustack)
 
 int probedsl_unwinder(struct pt_regs *ctx)
 {
-    probedsl_finish_deferred(probedsl_unwind(ctx, ctx));
+    if (probedsl_unw_begin(ctx))
+        probedsl_unwinders.call(ctx, PROBEDSL_UNW_FRAMES_PROGRAM);
+    probedsl_finish_deferred(-1);   // (the frames program is not loaded: stored without a stack)
+    return 0;
+}
+
+int probedsl_unwinder_frames(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
+    if (st) {
+        probedsl_unw_frames(st);
+        if (!st->end)
+            probedsl_unwinders.call(ctx, PROBEDSL_UNW_FRAMES_PROGRAM);
+    }
+    probedsl_finish_deferred(probedsl_unw_store(ctx));
     return 0;
 }

@@ -18,17 +18,26 @@ BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
 BPF_TABLE("lru_hash", u32, u32, probedsl_unw_parents, 65536);
 // a stack: its frames, then a marker saying how it ended (probedsl/stacks/stacktrust.py)
 struct probedsl_ustack_t { u64 ip[65]; };
-// the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds
-struct probedsl_unw_scratch_t { u64 ip[128]; };
+// the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds; then
+// where the walk stands, from one run of the frames program to the next
+struct probedsl_unw_scratch_t {
+    u64 ip[128];
+    u64 next_ip, sp, bp, back, hash, end;   // end: the marker, 0 while frames remain to walk
+    u32 n, pid, self, map;                  // pid: whose rows; map: the last frame's slot, from 1
+};
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
 // program on the same CPU then gets no stack (counted as one without) rather than garbling it.
 // An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
 // the unwinder program clears it once it stored them.
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
-// The unwinder is one program, verified once, that every acquire program tail-calls (a tail
-// call keeps the context: the registers to start from); one per program type.
-BPF_PROG_ARRAY(probedsl_unwinders, 1);
+// The unwinder is two programs, one per program type, each verified once: every acquire program
+// tail-calls the first (a tail call keeps the context: the registers to start from), which
+// starts the walk and tail-calls the second; it walks 4 frames and tail-calls itself
+// until the stack ends, then stores it. The verifier walks a loop's every iteration, and
+// walking all 64 frames in one program cost it ~280,000 instructions (0.3 s).
+#define PROBEDSL_UNW_FRAMES_PROGRAM 1
+BPF_PROG_ARRAY(probedsl_unwinders, 2);
 BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
 // The walk's loops pass a loop counter through this at the top of each iteration: the compiler
 // then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
@@ -132,13 +141,14 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
     return &s->rec;
 }
 
-// regs: the user registers to start from (ctx itself in a uprobe)
-static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
+// start a walk in this CPU's scratch at regs, the user registers (ctx itself in a uprobe)
+static __always_inline int probedsl_unw_begin(struct pt_regs *regs)
 {
     u32 zero = 0;
     struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
-    if (!st) return -1;
-    u32 pid = bpf_get_current_pid_tgid() >> 32, self = pid;
+    if (!st) return 0;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    st->self = pid;
     struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
     // a child that has not exec'd, before the loader wrote its entry (it does at the fork's
     // record): its address space is a copy of its parent's, and so are the rows (the
@@ -160,74 +170,109 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
         pid = *parent;
         maps = probedsl_unw_maps.lookup(&pid);
     }
-    u64 hash = 0xcbf29ce484222325ULL, end = 0xffffffffffffff00ULL;
-    u32 n = 0;
-    if (maps) {
-        u64 ip = PT_REGS_IP(regs), sp = PT_REGS_SP(regs), bp = PT_REGS_FP(regs), back = 0;
-        struct probedsl_unw_map_t *m = 0;         // the mapping of the frame before
-        end = 0xffffffffffffff03ULL;
+    st->pid = pid;
+    st->next_ip = PT_REGS_IP(regs);
+    st->sp = PT_REGS_SP(regs);
+    st->bp = PT_REGS_FP(regs);
+    st->back = 0;
+    st->hash = 0xcbf29ce484222325ULL;
+    st->n = 0;
+    st->map = 0;
+    st->end = maps ? 0 : 0xffffffffffffff02ULL;     // no rows for this process yet: no frames
+    return 1;
+}
+
+// walk up to 4 more frames of the scratch's stack
+static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *st)
+{
+    u32 pid = st->pid;
+    struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
+    if (!maps) { st->end = 0xffffffffffffff02ULL; return; }   // evicted meanwhile
+    u64 ip = st->next_ip, sp = st->sp, bp = st->bp, back = st->back, hash = st->hash, end = 0;
+    u32 n = st->n, slot_of_m = st->map;
+    struct probedsl_unw_map_t *m = 0;             // the mapping of the frame before
+    if (slot_of_m) m = &maps->m[(slot_of_m - 1) & (PROBEDSL_UNW_MAPS - 1)];
 #pragma clang loop unroll(disable)
-        for (u32 i = 0; i < 64; i++) {
-            PROBEDSL_OPAQUE(i);
-            if (i >= 64) break;
-            st->ip[i & 63] = ip;
-            hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
-            n = i + 1;
-            u64 pc = ip - back;           // a return address: its call is the byte before
-            if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
-                struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
-                struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
-                if (!chunk) { end = 0xffffffffffffff02ULL; break; }
-                m = 0;
+    for (u32 k = 0; k < 4; k++) {
+        u32 i = n;
+        PROBEDSL_OPAQUE(i);
+        if (i >= 64) { end = 0xffffffffffffff03ULL; break; }
+        st->ip[i & 63] = ip;
+        hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
+        n = i + 1;
+        u64 pc = ip - back;               // a return address: its call is the byte before
+        if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
+            struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
+            struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
+            if (!chunk) { end = 0xffffffffffffff02ULL; break; }
+            m = 0;
 #pragma unroll
-                for (u32 j = 0; j < 8; j++) {
-                    u8 slot = chunk->slot[j];
-                    if (slot) {           // slots count from 1
-                        struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
-                        if (c->start <= pc && pc < c->end) m = c;
-                    }
+            for (u32 j = 0; j < 8; j++) {
+                u8 slot = chunk->slot[j];
+                if (slot) {               // slots count from 1
+                    struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
+                    if (c->start <= pc && pc < c->end) { m = c; slot_of_m = slot; }
                 }
-                if (!m) { end = 0xffffffffffffff02ULL; break; }
             }
-            u64 rel = pc - m->bias;
-            u32 first = m->first, rows = m->count;
-#pragma clang loop unroll(disable)
-            for (u32 s = 0; s < 22; s++) {
-                if (rows <= 1) break;
-                u32 half = rows / 2, mid = first + half;
-                struct probedsl_unw_row_t *r = probedsl_unw_rows.lookup(&mid);
-                if (!r) break;
-                if (r->pc <= rel) { first = mid; rows -= half; } else rows = half;
-            }
-            struct probedsl_unw_row_t *row = probedsl_unw_rows.lookup(&first);
-            if (!row || row->pc > rel || row->kind == 0) { end = 0xffffffffffffff02ULL; break; }
-            if (row->kind == 3) { end = 0xffffffffffffff00ULL; break; }
-            u64 ra = 0, cfa;
-            if (row->kind == 4) {
-                // a signal handler's return trampoline: the interrupted registers are in the
-                // ucontext at sp (uc_mcontext at +40: rbp, rsp, rip of gregs)
-                if (probedsl_read_user(&bp, 8, (void *)(sp + 0x78)) ||
-                    probedsl_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
-                    probedsl_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
-                if (!ra) { end = 0xffffffffffffff00ULL; break; }
-                sp = cfa; ip = ra; back = 0;      // the interrupted instruction itself
-                continue;
-            }
-            if (row->kind == 5)      // a PLT stub (the thread stopped in it): 16 once it pushed
-                cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
-            else
-                cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
-            if (probedsl_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
-            if (row->rbp_kind == 1 && probedsl_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
-                end = 0xffffffffffffff02ULL;
-                break;
-            }
-            if (!ra) { end = 0xffffffffffffff00ULL; break; }
-            if (cfa <= sp) { end = 0xffffffffffffff02ULL; break; }   // a caller's frame lies above
-            sp = cfa; ip = ra; back = 1;
+            if (!m) { end = 0xffffffffffffff02ULL; break; }
         }
+        u64 rel = pc - m->bias;
+        u32 first = m->first, rows = m->count;
+#pragma clang loop unroll(disable)
+        for (u32 s = 0; s < 22; s++) {
+            if (rows <= 1) break;
+            u32 half = rows / 2, mid = first + half;
+            struct probedsl_unw_row_t *r = probedsl_unw_rows.lookup(&mid);
+            if (!r) break;
+            if (r->pc <= rel) { first = mid; rows -= half; } else rows = half;
+        }
+        struct probedsl_unw_row_t *row = probedsl_unw_rows.lookup(&first);
+        if (!row || row->pc > rel || row->kind == 0) { end = 0xffffffffffffff02ULL; break; }
+        if (row->kind == 3) { end = 0xffffffffffffff00ULL; break; }
+        u64 ra = 0, cfa;
+        if (row->kind == 4) {
+            // a signal handler's return trampoline: the interrupted registers are in the
+            // ucontext at sp (uc_mcontext at +40: rbp, rsp, rip of gregs)
+            if (probedsl_read_user(&bp, 8, (void *)(sp + 0x78)) ||
+                probedsl_read_user(&cfa, 8, (void *)(sp + 0xa0)) ||
+                probedsl_read_user(&ra, 8, (void *)(sp + 0xa8))) { end = 0xffffffffffffff02ULL; break; }
+            if (!ra) { end = 0xffffffffffffff00ULL; break; }
+            sp = cfa; ip = ra; back = 0;          // the interrupted instruction itself
+            continue;
+        }
+        if (row->kind == 5)          // a PLT stub (the thread stopped in it): 16 once it pushed
+            cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
+        else
+            cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
+        if (probedsl_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
+        if (row->rbp_kind == 1 && probedsl_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
+            end = 0xffffffffffffff02ULL;
+            break;
+        }
+        if (!ra) { end = 0xffffffffffffff00ULL; break; }
+        if (cfa <= sp) { end = 0xffffffffffffff02ULL; break; }   // a caller's frame lies above
+        sp = cfa; ip = ra; back = 1;
     }
-    if (!maps || (n == 1 && end == 0xffffffffffffff02ULL)) {
+    st->next_ip = ip;
+    st->sp = sp;
+    st->bp = bp;
+    st->back = back;
+    st->hash = hash;
+    st->n = n;
+    st->map = m ? slot_of_m : 0;
+    st->end = end;
+}
+
+// end the scratch's stack with its marker and store it: its id, or -1
+static __always_inline s64 probedsl_unw_store(void *ctx)
+{
+    u32 zero = 0;
+    struct probedsl_unw_scratch_t *st = probedsl_unw_scratch.lookup(&zero);
+    if (!st) return -1;
+    u64 hash = st->hash, end = st->end;
+    u32 n = st->n;
+    if (!end) end = 0xffffffffffffff03ULL;     // (the tail calls ran out first)
+    if (n <= 1 && end == 0xffffffffffffff02ULL) {
         // no rows for this process yet (it just started or exec'd), or none for where it
         // stopped: the frame-pointer walk, which the report cuts where it stops being certain
         long got = bpf_get_stack(ctx, st->ip, sizeof(u64) * 64, BPF_F_USER_STACK);
@@ -245,7 +290,7 @@ static __always_inline s64 probedsl_unwind(void *ctx, struct pt_regs *regs)
     PROBEDSL_OPAQUE(n);
     st->ip[n & 127] = end;
     hash = (hash ^ end) * 0x100000001b3ULL;
-    struct probedsl_pystack_t *py = probedsl_py_walk(self, &hash);   // the process's own Python frames
+    struct probedsl_pystack_t *py = probedsl_py_walk(st->self, &hash);   // the process's own Python frames
     u64 id = hash >> 1;               // non-negative: a negative id means no stack
     if (!id) id = 1;
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
@@ -262,10 +307,10 @@ static __always_inline void probedsl_unw_release(void)
 }
 
 // in a system call's tracepoint: the user registers the task entered the kernel with
-static __always_inline s64 probedsl_unwind_syscall(void *ctx)
+static __always_inline int probedsl_unw_begin_syscall(void)
 {
     struct pt_regs regs = {};
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)bpf_task_pt_regs(bpf_get_current_task_btf()));
-    return probedsl_unwind(ctx, &regs);
+    return probedsl_unw_begin(&regs);
 }
 // probedsl unwinder: end
