@@ -53,15 +53,9 @@ class UnwinderViews:
         ]
         found = []
         if any(k in ("uprobe", "usdt") for k in kinds):
-            found.append(
-                {"program": "probedsl_unwinder", "frames": "probedsl_unwinder_frames", "array": "probedsl_unwinders",
-                 "type": "kprobe"}
-            )
+            found.append(_unwinder("probedsl_unwinder", "probedsl_unwinders", "kprobe"))
         if any(k == "syscall" for k in kinds):
-            found.append(
-                {"program": "probedsl_unwinder_syscall", "frames": "probedsl_unwinder_syscall_frames",
-                 "array": "probedsl_unwinders_syscall", "type": "tracepoint"}
-            )
+            found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint"))
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
@@ -100,3 +94,9 @@ class UnwinderViews:
             r for r in program.resources if any(p.kind in (ir.ProbeKind.UPROBE, ir.ProbeKind.USDT) for p in r.probes)
         ]
         return self.unwinds(program) and len(probed) > 1
+
+
+def _unwinder(program: str, array: str, kind: str) -> dict:
+    """The manifest's entry for one program type's unwinder: its first program (slot 0 of the
+    array), its frames program (slot 1)."""
+    return {"program": program, "frames": f"{program}_frames", "array": array, "type": kind}
