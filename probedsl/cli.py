@@ -15,7 +15,7 @@ from probedsl.run import options
 from probedsl.report import history
 from probedsl.outputs import write
 from probedsl import compiler, report, targets
-from probedsl.trust import escape
+from probedsl.trust import cachedir, escape
 from probedsl.outputs import formats
 from probedsl.run import session
 from probedsl.run.doctor import backends_usable, checks, report as report_checks
@@ -371,6 +371,7 @@ def _leave(status: int) -> None:
 
 
 def main():
+    compiler.keep_grammar((lambda: cachedir.directory("grammar"), cachedir.file_ok))
     try:
         cli.main(standalone_mode=False)
     except RecipeError as exc:

@@ -44,6 +44,13 @@ def bundled_names():
     ]
 
 
+def keep_grammar(kept_in: parser.KeptIn) -> None:
+    """Where the recipe parser keeps lark's analysis of its grammar between runs, and which
+    file there it may load (probedsl.language.parser.kept_in)."""
+    parser.kept_in = kept_in
+    parser._parser.cache_clear()
+
+
 def load(path: str) -> ast.Recipe:
     """Parse and check a recipe file ("-": standard input, read once and kept); RecipeError
     lists every located problem."""

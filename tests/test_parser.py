@@ -278,3 +278,63 @@ def test_until_exec_syntax_errors_are_located():
         parser.parse("recipe r resource fd keyed by (pid, fd) {\n  acquire syscall open -> (pid, ret) until when 1 }")
     (d,) = exc.value.diagnostics
     assert (d.span.line, d.span.column) == (2, 44) and "expected 'exec'" in d.message, d.message
+
+
+def keep_grammar_in_the_cache(monkeypatch):
+    """As probedsl.cli does (the parser then is built or loaded again)."""
+    from probedsl import compiler
+    from probedsl.trust import cachedir
+
+    monkeypatch.setattr(parser, "kept_in", None)
+    compiler.keep_grammar((lambda: cachedir.directory("grammar"), cachedir.file_ok))
+
+
+def test_the_kept_grammar_parses_as_the_built_one(tmp_path, monkeypatch):
+    """Lark's analysis of the grammar is kept in the cache: the parser loaded from it gives the
+    same trees and the same located errors as the one built from the grammar."""
+    import glob
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    keep_grammar_in_the_cache(monkeypatch)
+    bad = "recipe r\nresource h keyed by address { acquire libc:malloc(n) -> }\n"
+    runs = []
+    for _ in range(2):  # the first builds and keeps it, the second loads it
+        parser._parser.cache_clear()
+        trees = [parser.parse(open(path).read(), path) for path in sorted(glob.glob("recipes/*.probe"))]
+        runs.append((trees, errors(bad)))
+    (kept,) = glob.glob(str(tmp_path / "probedsl" / "grammar" / "recipe-*.lark"))
+    assert os.stat(kept).st_mode & 0o077 == 0
+    assert runs[0] == runs[1] and runs[0][1], runs[0][1]
+    parser._parser.cache_clear()
+
+
+def test_a_kept_grammar_others_could_write_is_never_loaded(tmp_path, monkeypatch):
+    """The kept parser is a pickle: one that someone else could have written (here, writable by
+    all) is not loaded, and the parser is built again."""
+    import os
+    import pickle
+
+    from probedsl.trust import cachedir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    keep_grammar_in_the_cache(monkeypatch)
+    parser._parser()
+    parser._parser.cache_clear()
+    (kept,) = (tmp_path / "probedsl" / "grammar").glob("recipe-*.lark")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    kept.write_bytes(pickle.dumps(Payload()))
+    os.chmod(kept, 0o666)
+    said = []
+    monkeypatch.setattr(cachedir, "note", said.append)
+    try:
+        recipe = parser.parse(open(MEMLEAK).read(), MEMLEAK)
+    finally:
+        parser._parser.cache_clear()
+    assert not marker.exists()
+    assert recipe.resources and any(str(kept) in s for s in said), said
