@@ -11,7 +11,9 @@ from probedsl.ir import layout
 from probedsl.ir.layout import ResourceLayout
 
 # frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
-# each of them (~4,200 instructions a frame), a tail call costs each acquisition ~N ns
+# each of them (~4,200 instructions a frame); each tail call costs an acquisition some tens of
+# ns (bench.stacks at 64 frames, 15 tail calls: +0.6 us, near its run-to-run noise). 64 frames
+# take 16 runs, well inside the kernel's 33 tail calls in a row.
 FRAMES_PER_RUN = 4
 
 
