@@ -22,8 +22,8 @@ class UnwinderViews:
 
     def defers(self, program: ir.Program, lay: ResourceLayout) -> bool:
         """--stacks dwarf: an acquire program keeps its new entries in a per-CPU map and
-        tail-calls the one unwinder program, which takes the stack and stores them; the kernel
-        then verifies the unwinder once, not in every acquire program."""
+        tail-calls the unwinder, which takes the stack and stores them; the kernel then
+        verifies the unwinder once, not in every acquire program."""
         return self.unwinds(program) and "ustack" in lay.fields
 
     def deferring(self, program: ir.Program, probe: ir.Probe, lay: ResourceLayout, ctx: str) -> List[str]:
