@@ -109,18 +109,18 @@ class BccBackend(UnwinderViews, Backend):
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
             v = [f"struct {n}_live_t v = {{}};", "v.time = bpf_ktime_get_ns();"]
+            deferred = self.defers(program, lay)
             setters = {
                 "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
                 "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
                 "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
-                "ustack": f"v.ustack = {ustack or self.ustack(program, ctx)};",
+                # deferred: the unwinder takes the stack once the program's actions are done
+                "ustack": "" if deferred else f"v.ustack = {ustack or self.ustack(program, ctx)};",
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
                 "comm": "bpf_get_current_comm(&v.comm, sizeof(v.comm));",
                 "image": f"v.image = {self.stamp(program, lay, action)};",
             }
-            deferred = self.defers(program, lay)
-            # deferred: the unwinder program takes the stack once the program's actions are done
-            v += [setters[f] for f in lay.fields if f != "time" and not (deferred and f == "ustack")]
+            v += [setters[f] for f in lay.fields if f != "time" and setters[f]]
             store = [f"{n}_defer_entry(&k, &v, &deferred);"] if deferred else self.store(lay)
             recorded = key + v + store
             if program.sample > 1:

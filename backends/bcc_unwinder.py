@@ -12,8 +12,8 @@ from probedsl.ir.layout import ResourceLayout
 
 # frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
 # each of them (~4,200 instructions a frame); each tail call costs an acquisition some tens of
-# ns (bench.stacks at 64 frames, 15 tail calls: +0.6 us, near its run-to-run noise). 64 frames
-# take 16 runs, well inside the kernel's 33 tail calls in a row.
+# ns (bench.stacks at 64 frames: +0.6 us, near its run-to-run noise). 64 frames take 16 runs: 17
+# tail calls with the acquire program's, of the kernel's 33 in a row (tests/test_backends.py).
 FRAMES_PER_RUN = 4
 
 
@@ -61,9 +61,10 @@ class UnwinderViews:
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
-        """The expression taking the user stack's id."""
+        """The expression taking the user stack's id (with dwarf stacks no program takes one
+        itself: each defers its entries to the unwinder's programs)."""
         if self.unwinds(program):
-            return f"probedsl_unwind({ctx}, {ctx})" if ctx == "ctx" else f"probedsl_unwind_syscall({ctx})"
+            raise ProbedslError("BCC --stacks dwarf: a stack is taken only by the unwinder's programs")
         return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
 
     def unwinds(self, program: ir.Program) -> bool:

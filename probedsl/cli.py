@@ -371,7 +371,7 @@ def _leave(status: int) -> None:
 
 
 def main():
-    compiler.keep_grammar((lambda: cachedir.directory("grammar"), cachedir.file_ok))
+    compiler.keep_grammar(lambda: cachedir.directory("grammar", quiet=True), cachedir.read_trusted, cachedir.write_whole)
     try:
         cli.main(standalone_mode=False)
     except RecipeError as exc:

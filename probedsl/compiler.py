@@ -44,11 +44,12 @@ def bundled_names():
     ]
 
 
-def keep_grammar(kept_in: parser.KeptIn) -> None:
-    """Where the recipe parser keeps lark's analysis of its grammar between runs, and which
-    file there it may load (probedsl.language.parser.kept_in)."""
-    parser.kept_in = kept_in
-    parser._parser.cache_clear()
+def keep_grammar(
+    directory: Callable[[], str], read: Callable[[str, str], Optional[bytes]], write: Callable[[str, bytes], bool]
+) -> None:
+    """Where the recipe parser keeps lark's analysis of its grammar between runs, and how
+    (probedsl.language.parser.KeptTables)."""
+    parser.keep_tables_in(parser.KeptTables(directory, read, write))
 
 
 def load(path: str) -> ast.Recipe:

@@ -365,3 +365,13 @@ def test_bcc_syscall_stacks_fall_back_to_the_frame_walk_before_task_registers(mo
     memleak = dataclasses.replace(memleak_program(), stacks="dwarf")  # uprobes unwind as before
     assert backends.for_target(target).generate(memleak).manifest["dwarf"]
     assert not [n for n in target.notes(memleak) if "bpf_task_pt_regs" in n]
+
+
+def test_the_unwinders_tail_calls_fit_the_kernels_limit():
+    """A stack of the deepest kind takes the acquire program's tail call, the first unwinder
+    program's, then one per further run of the frames program: within the kernel's 33 in a row
+    (MAX_TAIL_CALL_CNT), or every deep stack would end early."""
+    from backends.bcc_unwinder import FRAMES_PER_RUN
+
+    runs = -(-ir.STACK_DEPTH // FRAMES_PER_RUN)
+    assert 2 + (runs - 1) <= 33

@@ -281,12 +281,12 @@ def test_until_exec_syntax_errors_are_located():
 
 
 def keep_grammar_in_the_cache(monkeypatch):
-    """As probedsl.cli does (the parser then is built or loaded again)."""
+    """As probedsl.cli does (the parser is then built or loaded again); undone after the test."""
     from probedsl import compiler
     from probedsl.trust import cachedir
 
-    monkeypatch.setattr(parser, "kept_in", None)
-    compiler.keep_grammar((lambda: cachedir.directory("grammar"), cachedir.file_ok))
+    monkeypatch.setattr(parser, "_kept", None)
+    compiler.keep_grammar(lambda: cachedir.directory("grammar"), cachedir.read_trusted, cachedir.write_whole)
 
 
 def test_the_kept_grammar_parses_as_the_built_one(tmp_path, monkeypatch):
@@ -303,33 +303,41 @@ def test_the_kept_grammar_parses_as_the_built_one(tmp_path, monkeypatch):
         parser._parser.cache_clear()
         trees = [parser.parse(open(path).read(), path) for path in sorted(glob.glob("recipes/*.probe"))]
         runs.append((trees, errors(bad)))
-    (kept,) = glob.glob(str(tmp_path / "probedsl" / "grammar" / "recipe-*.lark"))
+    (kept,) = glob.glob(str(tmp_path / "probedsl" / "grammar" / "recipe-*.pickle"))
     assert os.stat(kept).st_mode & 0o077 == 0
     assert runs[0] == runs[1] and runs[0][1], runs[0][1]
     parser._parser.cache_clear()
 
 
-def test_a_kept_grammar_others_could_write_is_never_loaded(tmp_path, monkeypatch):
-    """The kept parser is a pickle: one that someone else could have written (here, writable by
-    all) is not loaded, and the parser is built again."""
+@pytest.mark.parametrize("how", ["writable by all", "a symbolic link"])
+def test_a_kept_grammar_others_could_write_is_never_loaded(how, tmp_path, monkeypatch):
+    """The kept parser is a pickle: one that someone else could have written (writable by all,
+    or a link to a file elsewhere, itself private) is not loaded, and the parser is built again."""
     import os
     import pickle
 
     from probedsl.trust import cachedir
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     keep_grammar_in_the_cache(monkeypatch)
     parser._parser()
     parser._parser.cache_clear()
-    (kept,) = (tmp_path / "probedsl" / "grammar").glob("recipe-*.lark")
+    (kept,) = (tmp_path / "cache" / "probedsl" / "grammar").glob("recipe-*.pickle")
     marker = tmp_path / "ran"
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    kept.write_bytes(pickle.dumps(Payload()))
-    os.chmod(kept, 0o666)
+    if how == "writable by all":
+        kept.write_bytes(pickle.dumps(Payload()))
+        os.chmod(kept, 0o666)
+    else:
+        elsewhere = tmp_path / "elsewhere.pickle"
+        elsewhere.write_bytes(pickle.dumps(Payload()))
+        os.chmod(elsewhere, 0o600)
+        kept.unlink()
+        kept.symlink_to(elsewhere)
     said = []
     monkeypatch.setattr(cachedir, "note", said.append)
     try:

@@ -37,3 +37,18 @@ def test_a_file_without_build_id_is_decoded_every_time(tmp_path, monkeypatch, bu
     subprocess.run(["objcopy", "--remove-section=.note.gnu.build-id", exe], check=True)
     assert unwind_tables.rows_of(exe) == unwind_tables.encode(cfi.table(exe))
     assert not os.path.exists(tmp_path / "probedsl")
+
+
+def test_a_cfa_offset_the_kernel_row_cannot_hold_is_no_unwind_information():
+    """A damaged file's call-frame program can give any offset (a ULEB): one outside the kernel
+    row's s32 makes the row INVALID (the walk ends there, said), and the rows still pack."""
+    rows = [
+        cfi.Row(0x1000, cfi.RSP, 16, None, ("offset", -8)),
+        cfi.Row(0x1010, cfi.RSP, 1 << 31, None, ("offset", -8)),
+        cfi.Row(0x1020, cfi.RBP, -(1 << 31) - 8, ("offset", -16), ("offset", -8)),
+    ]
+    rules = [unwind_tables._rule(r) for r in rows]
+    assert rules[0] == (stackformat.CFA_RSP, 16, stackformat.RBP_SAME, 0)
+    assert [r[0] for r in rules[1:]] == [stackformat.INVALID, stackformat.INVALID]
+    for kind, cfa_off, rbp_kind, rbp_off in rules:
+        unwind_tables._KERNEL_ROW.pack(0, kind, rbp_kind, rbp_off, cfa_off, 0)

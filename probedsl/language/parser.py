@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import sys
-import tempfile
 from importlib import resources
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Union
 
 import lark
 from lark import (
@@ -46,45 +46,46 @@ _TERMINAL_WORDS = {
 }
 
 
-# where lark's analysis of the grammar is kept between runs (building it is ~0.045 s of each
-# start): a function giving a directory ("" for none), and one saying whether a file there may
-# be loaded (it is a pickle, which can run code as it loads). The caller knows what to trust
-# (probedsl.cli: a trusted cache directory); unset, the parser is built at every run.
-KeptIn = Tuple[Callable[[], str], Callable[[str, str], bool]]
-kept_in: Optional[KeptIn] = None
+class KeptTables(NamedTuple):
+    """Where and how lark's analysis of the grammar is kept between runs (building it is ~0.045
+    s of each start). The caller knows what to trust (probedsl.cli: a trusted cache directory):
+    directory() ("" for none); read(directory, path): the file's bytes when they may be loaded
+    (a pickle, which can run code as it loads), else None; write(path, bytes): whole or not at all."""
+
+    directory: Callable[[], str]
+    read: Callable[[str, str], Optional[bytes]]
+    write: Callable[[str, bytes], bool]
+
+
+_kept: Optional[KeptTables] = None
+_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def keep_tables_in(kept: Optional[KeptTables]) -> None:
+    """Keep the parser's tables there from now on (None: build them at every run)."""
+    global _kept
+    _kept = kept
+    _parser.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("probedsl.grammar").joinpath("recipe.lark").read_text()
-    where = kept_in[0]() if kept_in else ""
-    ident = hashlib.sha256(f"{grammar}\0{lark.__version__}\0{sys.version_info[:2]}".encode()).hexdigest()[:24]
-    kept = os.path.join(where, f"recipe-{ident}.lark") if where else ""
-    if kept_in and kept and os.path.lexists(kept) and kept_in[1](where, kept):
+    where = _kept.directory() if _kept else ""
+    ident = f"{grammar}\0{sorted(_OPTIONS.items())}\0{lark.__version__}\0{sys.version_info[:2]}"
+    path = os.path.join(where, f"recipe-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pickle") if where else ""
+    data = _kept.read(where, path) if _kept and path and os.path.lexists(path) else None
+    if data:
         try:
-            with open(kept, "rb") as f:
-                return Lark.load(f)
+            return Lark.load(io.BytesIO(data))
         except Exception:  # a damaged file (lark raises many kinds): built again below
             pass
-    parser = Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
-    if kept:
-        _keep(parser, kept)
+    parser = Lark(grammar, **_OPTIONS)
+    if _kept and path:
+        out = io.BytesIO()
+        parser.save(out)
+        _kept.write(path, out.getvalue())
     return parser
-
-
-def _keep(parser: Lark, path: str) -> None:
-    """Written whole (private, then renamed) or not at all."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".recipe-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                parser.save(f)
-            os.replace(tmp, path)
-        except Exception:
-            os.unlink(tmp)
-            raise
-    except Exception:  # not writable, or lark could not save: the next run builds it again
-        pass
 
 
 def _span(meta_or_token: Union[Meta, Token]) -> Span:

@@ -94,7 +94,9 @@ def _dynamic_symbols(elf: ELFFile, table, names) -> Dict[str, Tuple[int, int]]:
             named_at.setdefault(at, name)
             at = strings.find(needle, at + 1)
     out: Dict[str, Tuple[int, int]] = {}
-    for st_name, _info, _other, _section, value, size in _SYMBOL64.iter_unpack(table.data()):
+    data = table.data()
+    whole = data[: len(data) - len(data) % _SYMBOL64.size]  # a section cut short: its whole entries
+    for st_name, _info, _other, _section, value, size in _SYMBOL64.iter_unpack(whole):
         name = named_at.get(st_name)
         if name is not None and name not in out:
             out[name] = (value, size)

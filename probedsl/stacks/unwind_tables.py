@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import os
 import struct
-import tempfile
 import threading
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -27,6 +26,7 @@ from elftools.elf.elffile import ELFFile
 from probedsl.trust import cachedir
 from probedsl.binaries import cfi, debuginfo, elf
 from probedsl import faults, notices
+from probedsl.errors import ProbedslError
 from probedsl.process.mappings import Mapping, read_proc_maps
 from probedsl.ir.stackformat import (
     CFA_RBP,
@@ -50,6 +50,7 @@ from probedsl.ir.stackformat import (
 _DISK_ROW = struct.Struct("<IBBhi")
 # the kernel table's row (struct probedsl_unw_row_t: pc, kind, rbp_kind, rbp_off, cfa_off, pad)
 _KERNEL_ROW = struct.Struct("<IBBhiI")
+_KERNEL_ROW_OFFSETS = (0, 4, 5, 6, 8)
 _DISK_FORMAT = 3
 
 
@@ -115,21 +116,10 @@ def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
 
 
 def _save(cached: str, rows) -> None:
-    """Write whole or not at all (a rename): two runs may write the same file at once."""
-    try:
-        data = b"".join(
-            _DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off) for pc, kind, cfa_off, rbp_kind, rbp_off in rows
-        )
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), prefix=".rows-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, cached)
-        except OSError:
-            os.unlink(tmp)
-            raise
-    except (OSError, struct.error):
-        # a cache that cannot be written only costs the next run time
+    data = b"".join(
+        _DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off) for pc, kind, cfa_off, rbp_kind, rbp_off in rows
+    )
+    if not cachedir.write_whole(cached, data):  # it only costs the next run time
         notices.note(f"unwind-row cache {os.path.dirname(cached)} is not writable: rows computed, not cached")
 
 
@@ -166,6 +156,8 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
     if row.cfa_register == cfi.PLT:  # cfa offset: the (rip & 15) from which CFA = rsp+16
         return PLT, row.cfa_offset, RBP_SAME, 0
     if row.ra != ("offset", -8) or row.cfa_register not in (cfi.RSP, cfi.RBP):
+        return INVALID, 0, RBP_SAME, 0
+    if not -(1 << 31) <= row.cfa_offset < 1 << 31:  # an s32 in the kernel row (a damaged file's ULEB)
         return INVALID, 0, RBP_SAME, 0
     kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
     if row.rbp is None:
@@ -245,13 +237,12 @@ class UnwindTables:
     def _write_rows(self, first: int, rows) -> None:
         leaf, key = self.rows.Leaf, self.rows.Key
         keys = (key * len(rows))(*range(first, first + len(rows)))
-        if ctypes.sizeof(leaf) == _KERNEL_ROW.size:  # packed whole: 3x faster than field by field
-            data = b"".join([_KERNEL_ROW.pack(pc, k, rk, ro, co, 0) for pc, k, co, rk, ro in rows])
-            values = (leaf * len(rows)).from_buffer_copy(data)
-        else:
-            values = (leaf * len(rows))()
-            for v, (pc, kind, cfa_off, rbp_kind, rbp_off) in zip(values, rows):
-                v.pc, v.kind, v.cfa_off, v.rbp_kind, v.rbp_off = pc, kind, cfa_off, rbp_kind, rbp_off
+        # packed whole (3x faster than ctypes field by field), so the layouts must agree
+        layout = tuple(getattr(leaf, f).offset for f in ("pc", "kind", "rbp_kind", "rbp_off", "cfa_off"))
+        if layout != _KERNEL_ROW_OFFSETS or ctypes.sizeof(leaf) != _KERNEL_ROW.size:
+            raise ProbedslError(f"the unwinder's row table has another layout than probedsl packs: {layout}")
+        data = b"".join([_KERNEL_ROW.pack(pc, k, rk, ro, co, 0) for pc, k, co, rk, ro in rows])
+        values = (leaf * len(rows)).from_buffer_copy(data)
         try:
             self.rows.items_update_batch(keys, values)
         except Exception:  # BCC raises bare Exception; older kernels lack batches

@@ -10,9 +10,11 @@ sticky (/tmp). Otherwise the run says so once and uses a private place of its ow
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
+import tempfile
 from typing import Optional
 
 from probedsl.notices import note
@@ -97,10 +99,12 @@ def private_root() -> str:
         return ""
 
 
-def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) -> str:
+def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None, quiet: bool = False) -> str:
     """A trusted directory for one cache (e.g. "unwind-rows"), created private (0700), or ""
     when there is none (then compute, do not cache). root: the cache root the environment
-    names ($XDG_CACHE_HOME by default, with `probedsl/KIND` under it; sub overrides that)."""
+    names ($XDG_CACHE_HOME by default, with `probedsl/KIND` under it; sub overrides that).
+    quiet: no note when another place or none is used (a cache that only saves time)."""
+    say = (lambda _: None) if quiet else note
     # resolved once: every later use goes through the components checked, never again
     # through a link (a user's symlink in sticky /tmp could be swapped after the check)
     root = os.path.realpath(root or user_cache_root())
@@ -108,7 +112,7 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) 
     why = why_untrusted(root, wanted)
     if not why:
         if not _make(wanted):
-            note(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
+            say(f"cache {wanted} cannot be made (a read-only file system?): computed, not cached")
             return ""
         why = why_untrusted(root, wanted)  # a component someone else made meanwhile
         if not why:
@@ -116,9 +120,9 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None) 
     fallback = private_root()
     place = os.path.join(fallback, kind) if fallback else ""
     if place and not why_untrusted(fallback, place) and _make(place):
-        note(f"cache {wanted} not used: {why}; using {place}")
+        say(f"cache {wanted} not used: {why}; using {place}")
         return place
-    note(f"cache {wanted} not used: {why}; computed, not cached")
+    say(f"cache {wanted} not used: {why}; computed, not cached")
     return ""
 
 
@@ -144,3 +148,39 @@ def file_ok(root: str, path: str) -> bool:
     )
     note(f"cache file not used: {why}")
     return False
+
+
+def read_trusted(root: str, path: str) -> Optional[bytes]:
+    """A cache file's bytes when it may be loaded (file_ok's test, made on the descriptor that
+    is read: no link followed, no swap between the test and the read); else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            note(f"cache file not used: {path} is a symbolic link")
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not (stat.S_ISREG(st.st_mode) and _safe(st)):
+            note(
+                f"cache file not used: {_describe(path, st) if stat.S_ISREG(st.st_mode) else path + ' is not a regular file'}"
+            )
+            return None
+        return f.read()
+
+
+def write_whole(path: str, data: bytes) -> bool:
+    """Written whole (private, then renamed) or not at all: two runs may write one file at once.
+    False when it could not be written (a cache that is not written only costs the next run)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".new-")
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        os.unlink(tmp)
+        return False
