@@ -29,7 +29,7 @@ BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
 // program on the same CPU then gets no stack (counted as one without) rather than garbling it.
 // An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
-// the unwinder's frames program clears it once it stored them.
+// the unwinder clears it once it stored them (with a stack or, its tail call failing, without).
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 // The unwinder is two programs, one per program type, each verified once: every acquire program
 // tail-calls the first (a tail call keeps the context: the registers to start from), which
@@ -253,6 +253,7 @@ static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *s
         if (cfa <= sp) { end = 0xffffffffffffff02ULL; break; }   // a caller's frame lies above
         sp = cfa; ip = ra; back = 1;
     }
+    if (!end && n >= 64) end = 0xffffffffffffff03ULL;   // (not one more run to find out)
     st->next_ip = ip;
     st->sp = sp;
     st->bp = bp;
