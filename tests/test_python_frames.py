@@ -375,3 +375,22 @@ def test_the_finalization_probe_goes_past_a_stub():
     image[0x1100:0x1106] = endbr + b"\xeb\x10"
     assert _past_stub(io.BytesIO(bytes(image)), loads, at, 0x40) == at
     assert _past_stub(io.BytesIO(b"\xf3"), ((0x400000, 0, 0x10),), 0x400000) == 0x400000  # a short read
+
+
+def test_code_headers_of_a_stack_are_read_in_one_call_as_one_by_one():
+    """pyoffsets.read_many gives what read() gives for each address, also past one the kernel
+    cannot read (it stops there: the rest are read one by one)."""
+    from probedsl.stacks import pyoffsets
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with open(f"/proc/{child.pid}/maps") as f:
+            start = int(f.readline().split("-")[0], 16)
+        addresses = [start, start + 24, 0x10, start + 40, start + 1]
+        one_by_one = [pyoffsets.read(child.pid, a, 16) for a in addresses]
+        assert one_by_one[2] is None and all(one_by_one[i] for i in (0, 1, 3, 4))
+        assert pyoffsets.read_many(child.pid, addresses, 16) == one_by_one
+        assert pyoffsets.read_many(child.pid, addresses[:2], 16) == one_by_one[:2]
+    finally:
+        child.kill()
+        child.wait()

@@ -58,14 +58,12 @@ def pseudo_frames(namer: Namer, record) -> Tuple[int, ...]:
         entry = (meta >> ENTRY_SHIFT) & 0xFF
         if by_owner and entry >= 3:
             if frames:
-                frames[-1][3] |= RUN_END
+                frames[-1][2] |= RUN_END
             continue
         lasti = meta & 0xFFFFFFFF
         lasti = lasti - (1 << 32) if lasti & (1 << 31) else lasti
-        frames.append(
-            [record.pid, record.code[i], lasti, (meta & TRUNCATED) | (RUN_END if entry and not by_owner else 0)]
-        )
-    return tuple(namer.pseudo(*f) for f in frames)
+        frames.append([record.code[i], lasti, (meta & TRUNCATED) | (RUN_END if entry and not by_owner else 0)])
+    return namer.pseudos(record.pid, [tuple(f) for f in frames])
 
 
 POLL_MS = 100  # the doorbell thread's wait for a new stack (then it checks for the end)

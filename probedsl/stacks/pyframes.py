@@ -19,12 +19,12 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from elftools.elf.elffile import ELFFile
 
 from probedsl.process import procfs
-from probedsl.stacks.pyoffsets import TABLES, Offsets, debug_offsets, read
+from probedsl.stacks.pyoffsets import TABLES, Offsets, debug_offsets, read, read_many
 from probedsl.stacks.pylines import line_of
 
 RUN_END = 1 << 32  # flag: the last frame run by one _PyEval_EvalFrameDefault call
@@ -260,15 +260,25 @@ class Namer:
     def interpreter(self, pid: int) -> Optional[Interpreter]:
         return self._interps.get(pid)
 
-    def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
+    def pseudos(self, pid: int, frames: Sequence[Tuple[int, int, int]]) -> Tuple[int, ...]:
+        """pseudo() of a stack's frames (code, lasti, flags), their code objects' headers read
+        in one system call."""
+        interp = self._interps.get(pid)
+        offsets = interp.offsets if interp else None
+        heads = read_many(pid, [code for code, _, _ in frames], offsets.code_adaptive) if offsets else []
+        heads += [None] * (len(frames) - len(heads))
+        return tuple(self.pseudo(pid, *frame, head=head) for frame, head in zip(frames, heads))
+
+    def pseudo(self, pid: int, code: int, lasti: int, flags: int, head: Optional[bytes] = None) -> int:
         """The pseudo-address of a recorded frame, named now (the process may end soon). A
         freed code object's address is reused by later ones (an import's class bodies are freed
         once run): the object's own fields (its name, file and line table pointers, its first
-        line) are part of its key, read afresh for each new stack."""
+        line) are part of its key, read afresh for each new stack (head: read already)."""
         with self._lock:
             interp = self._interps.get(pid)
             offsets = interp.offsets if interp else None
-            head = read(pid, code, offsets.code_adaptive) if offsets else None
+            if head is None and offsets:
+                head = read(pid, code, offsets.code_adaptive)
             ident = _identity(head, offsets) if head and offsets else None
             key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
             if key not in self._pseudo:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from probedsl.ir.stackformat import PY_FRAME_READ
 
@@ -38,6 +38,22 @@ def read(pid: int, address: int, size: int) -> Optional[bytes]:
     local, remote = _Iovec(ctypes.addressof(buffer), size), _Iovec(address, size)
     got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
     return buffer.raw if got == size else None
+
+
+def read_many(pid: int, addresses: Sequence[int], size: int) -> List[Optional[bytes]]:
+    """size bytes at each address (None where unreadable), in one system call: a stack's code
+    object headers (the naming thread read 6,000 of them one by one for python3 -c pass). The
+    kernel stops at the first address it cannot read: those from there are read one by one."""
+    wanted = [a for a in addresses if 0 < a < 1 << 64]
+    if size <= 0 or not wanted or len(wanted) != len(addresses) or len(addresses) > 1024:
+        return [read(pid, a, size) for a in addresses]
+    buffer = ctypes.create_string_buffer(size * len(addresses))
+    local = _Iovec(ctypes.addressof(buffer), size * len(addresses))
+    remote = (_Iovec * len(addresses))(*[_Iovec(a, size) for a in addresses])
+    got = max(_libc.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(addresses), 0), 0)
+    data = buffer.raw
+    whole = got // size
+    return [data[i * size : (i + 1) * size] for i in range(whole)] + [read(pid, a, size) for a in addresses[whole:]]
 
 
 @dataclass(frozen=True)
