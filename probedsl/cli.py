@@ -371,7 +371,9 @@ def _leave(status: int) -> None:
 
 
 def main():
-    compiler.keep_grammar(lambda: cachedir.directory("grammar", quiet=True), cachedir.read_trusted, cachedir.write_whole)
+    compiler.keep_between_runs(
+        lambda kind: cachedir.directory(kind, quiet=True), cachedir.read_trusted, cachedir.write_whole
+    )
     try:
         cli.main(standalone_mode=False)
     except RecipeError as exc:

@@ -44,12 +44,14 @@ def bundled_names():
     ]
 
 
-def keep_grammar(
-    directory: Callable[[], str], read: Callable[[str, str], Optional[bytes]], write: Callable[[str, bytes], bool]
+def keep_between_runs(
+    directory: Callable[[str], str], read: Callable[[str, str], Optional[bytes]], write: Callable[[str, bytes], bool]
 ) -> None:
-    """Where the recipe parser keeps lark's analysis of its grammar between runs, and how
-    (probedsl.language.parser.KeptTables)."""
-    parser.keep_tables_in(parser.KeptTables(directory, read, write))
+    """Where what the compiler builds the same at every start is kept between runs, and how:
+    the recipe parser's tables (probedsl.language.parser.KeptTables) and the compiled templates
+    (backends.base.keep_templates_in). directory(kind): a directory for that kind, "" for none."""
+    parser.keep_tables_in(parser.KeptTables(lambda: directory("grammar"), read, write))
+    backends.keep_templates_in(lambda: directory("templates"), read, write)
 
 
 def load(path: str) -> ast.Recipe:

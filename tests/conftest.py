@@ -216,3 +216,20 @@ def by_site(report: dict) -> dict:
             b, n = sites.get(name, (0, 0))
             sites[name] = (b + e["bytes"], n + e["blocks"])
     return sites
+
+
+@pytest.fixture
+def kept_between_runs(tmp_path, monkeypatch):
+    """As probedsl.cli does, under tmp_path/cache; the parser and templates are then built or
+    loaded again, and after the test forget that place."""
+    from backends import base
+    from probedsl import compiler
+    from probedsl.trust import cachedir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    compiler.keep_between_runs(cachedir.directory, cachedir.read_trusted, cachedir.write_whole)
+    yield tmp_path / "cache" / "probedsl"
+    from probedsl.language import parser
+
+    parser.keep_tables_in(None)
+    base._environment.cache_clear()

@@ -375,3 +375,45 @@ def test_the_unwinders_tail_calls_fit_the_kernels_limit():
 
     runs = -(-ir.STACK_DEPTH // FRAMES_PER_RUN)
     assert 2 + (runs - 1) <= 33
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["ours", "writable by all"])
+def test_kept_templates_generate_the_same_text_and_only_ours_are_loaded(trusted, kept_between_runs, tmp_path):
+    """The templates compiled to Python code are kept too: a run that loads them generates the
+    text a run that compiled them did; a kept file someone else could write is not loaded."""
+    import os
+    import pickle
+
+    import jinja2.bccache
+
+    from backends import base
+    from probedsl import backends, compiler, targets
+
+    def generated() -> str:
+        base._environment.cache_clear()
+        compiler.keep_between_runs(*kept)
+        recipe = compiler.build(compiler.load(MEMLEAK))
+        return backends.for_target(targets.from_name("bcc")).generate(recipe).text
+
+    from probedsl.trust import cachedir
+
+    kept = (cachedir.directory, cachedir.read_trusted, cachedir.write_whole)
+    first = generated()
+    files = list((kept_between_runs / "templates").glob("*.jinja"))
+    assert files and all(os.stat(f).st_mode & 0o077 == 0 for f in files)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    if not trusted:
+        for f in files:
+            f.write_bytes(jinja2.bccache.bc_magic + pickle.dumps(Payload()))
+            os.chmod(f, 0o666)
+    before = {f: os.stat(f).st_ino for f in files}
+    assert generated() == first
+    assert not marker.exists()
+    # loaded (ours: not compiled and written again), or replaced by a private one of our own
+    after = {f: os.stat(f) for f in files}
+    assert all((after[f].st_ino == before[f]) == trusted and after[f].st_mode & 0o077 == 0 for f in files)

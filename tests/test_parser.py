@@ -280,37 +280,26 @@ def test_until_exec_syntax_errors_are_located():
     assert (d.span.line, d.span.column) == (2, 44) and "expected 'exec'" in d.message, d.message
 
 
-def keep_grammar_in_the_cache(monkeypatch):
-    """As probedsl.cli does (the parser is then built or loaded again); undone after the test."""
-    from probedsl import compiler
-    from probedsl.trust import cachedir
-
-    monkeypatch.setattr(parser, "_kept", None)
-    compiler.keep_grammar(lambda: cachedir.directory("grammar"), cachedir.read_trusted, cachedir.write_whole)
-
-
-def test_the_kept_grammar_parses_as_the_built_one(tmp_path, monkeypatch):
+def test_the_kept_grammar_parses_as_the_built_one(kept_between_runs):
     """Lark's analysis of the grammar is kept in the cache: the parser loaded from it gives the
     same trees and the same located errors as the one built from the grammar."""
     import glob
     import os
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    keep_grammar_in_the_cache(monkeypatch)
     bad = "recipe r\nresource h keyed by address { acquire libc:malloc(n) -> }\n"
     runs = []
     for _ in range(2):  # the first builds and keeps it, the second loads it
         parser._parser.cache_clear()
         trees = [parser.parse(open(path).read(), path) for path in sorted(glob.glob("recipes/*.probe"))]
         runs.append((trees, errors(bad)))
-    (kept,) = glob.glob(str(tmp_path / "probedsl" / "grammar" / "recipe-*.pickle"))
+    (kept,) = glob.glob(str(kept_between_runs / "grammar" / "recipe-*.pickle"))
     assert os.stat(kept).st_mode & 0o077 == 0
     assert runs[0] == runs[1] and runs[0][1], runs[0][1]
     parser._parser.cache_clear()
 
 
 @pytest.mark.parametrize("how", ["writable by all", "a symbolic link"])
-def test_a_kept_grammar_others_could_write_is_never_loaded(how, tmp_path, monkeypatch):
+def test_a_kept_grammar_others_could_write_is_never_loaded(how, kept_between_runs, tmp_path, monkeypatch):
     """The kept parser is a pickle: one that someone else could have written (writable by all,
     or a link to a file elsewhere, itself private) is not loaded, and the parser is built again."""
     import os
@@ -318,11 +307,9 @@ def test_a_kept_grammar_others_could_write_is_never_loaded(how, tmp_path, monkey
 
     from probedsl.trust import cachedir
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    keep_grammar_in_the_cache(monkeypatch)
     parser._parser()
     parser._parser.cache_clear()
-    (kept,) = (tmp_path / "cache" / "probedsl" / "grammar").glob("recipe-*.pickle")
+    (kept,) = (kept_between_runs / "grammar").glob("recipe-*.pickle")
     marker = tmp_path / "ran"
 
     class Payload:
