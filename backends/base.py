@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from typing import Callable, Dict, Optional
 
@@ -68,23 +69,34 @@ class Backend:
         return Generated(text, line_map)
 
 
+# how the templates are compiled: also part of the name a compiled template is kept under
+_OPTIONS = dict(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+_kept: Optional["_KeptBytecode"] = None
+
+
 class _KeptBytecode(jinja2.BytecodeCache):
     """The templates compiled to Python code, kept between runs (bcc.c.j2 took 0.037 s to compile
     at every start). A generator reads no file itself: the caller gives the place and how to read
-    and write there (probedsl.cli: a trusted cache directory; the bytes hold a pickle and code)."""
+    and write there (probedsl.cli: a trusted cache directory; the bytes are a pickled checksum and
+    marshalled code). Named by jinja's version and the options too: jinja's own check is the
+    template's text and Python's version only."""
 
     def __init__(self, directory: Callable[[], str], read, write):
         self.directory, self.read, self.write = directory, read, write
+        self.ident = hashlib.sha256(f"{jinja2.__version__}\0{sorted(map(str, _OPTIONS.items()))}".encode()).hexdigest()
 
     def _path(self, bucket) -> str:
         where = self.directory()
-        return os.path.join(where, f"{bucket.key}.jinja") if where else ""
+        return os.path.join(where, f"{bucket.key}-{self.ident[:16]}.jinja") if where else ""
 
     def load_bytecode(self, bucket) -> None:
         path = self._path(bucket)
         data = self.read(os.path.dirname(path), path) if path and os.path.lexists(path) else None
         if data:
-            bucket.bytecode_from_string(data)  # (jinja checks its version and the template's checksum)
+            try:
+                bucket.bytecode_from_string(data)  # (a version or checksum that differs: no code)
+            except Exception:  # a damaged file (cut short): compiled again, and written anew
+                bucket.reset()
 
     def dump_bytecode(self, bucket) -> None:
         path = self._path(bucket)
@@ -99,16 +111,19 @@ def keep_templates_in(
 ) -> None:
     """Keep the compiled templates there from now on: directory() ("" for none); read(directory,
     path): a file's bytes when it may be loaded, else None; write(path, bytes): whole or not at all."""
+    global _kept
+    _kept = _KeptBytecode(directory, read, write)
     _environment.cache_clear()
-    _environment().bytecode_cache = _KeptBytecode(directory, read, write)
+
+
+def keep_no_templates() -> None:
+    global _kept
+    _kept = None
+    _environment.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("probedsl.backends", "templates"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
+        loader=jinja2.PackageLoader("probedsl.backends", "templates"), bytecode_cache=_kept, **_OPTIONS
     )

@@ -232,4 +232,4 @@ def kept_between_runs(tmp_path, monkeypatch):
     from probedsl.language import parser
 
     parser.keep_tables_in(None)
-    base._environment.cache_clear()
+    base.keep_no_templates()

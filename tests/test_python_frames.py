@@ -394,3 +394,36 @@ def test_code_headers_of_a_stack_are_read_in_one_call_as_one_by_one():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("by_owner", [False, True], ids=["3.11 is_entry", "3.12+ owner shim"])
+def test_a_records_frames_carry_where_each_evaluation_run_ends(by_owner):
+    """pseudo_frames: 3.11 marks the last frame of an evaluation call's run (is_entry); 3.12+
+    records the C stack's shim frame after it (owner >= 3), which is skipped and marks the frame
+    before it. lasti keeps its sign, and a truncated chain keeps its flag."""
+    from types import SimpleNamespace
+
+    from probedsl.drivers import bcc_python
+    from probedsl.stacks.pyframes import RUN_END
+
+    entry = bcc_python.ENTRY_SHIFT
+    record = bcc_python.PyRecord(pid=7, n=4)
+    shim_or_entry = (3 if by_owner else 1) << entry
+    metas = [10, (20 | shim_or_entry) if not by_owner else 20, shim_or_entry if by_owner else 30, 0xFFFFFFFE]
+    codes = [0x100, 0x200, 0x300, 0x400]
+    for i, (c, m) in enumerate(zip(codes, metas)):
+        record.code[i], record.meta[i] = c, m
+    record.meta[3] |= bcc_python.TRUNCATED
+    seen = []
+    offsets = SimpleNamespace(entry_is_owner=by_owner)
+    namer = SimpleNamespace(
+        interpreter=lambda pid: SimpleNamespace(offsets=offsets),
+        pseudos=lambda pid, frames: seen.append((pid, frames)) or tuple(range(len(frames))),
+    )
+    bcc_python.pseudo_frames(namer, record)
+    ((pid, frames),) = seen
+    if by_owner:  # the shim (third) skipped, the frame before it ends a run
+        assert frames == [(0x100, 10, 0), (0x200, 20, RUN_END), (0x400, -2, bcc_python.TRUNCATED)]
+    else:
+        assert frames == [(0x100, 10, 0), (0x200, 20, RUN_END), (0x300, 30, 0), (0x400, -2, bcc_python.TRUNCATED)]
+    assert pid == 7

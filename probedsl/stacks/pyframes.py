@@ -261,32 +261,33 @@ class Namer:
         return self._interps.get(pid)
 
     def pseudos(self, pid: int, frames: Sequence[Tuple[int, int, int]]) -> Tuple[int, ...]:
-        """pseudo() of a stack's frames (code, lasti, flags), their code objects' headers read
-        in one system call."""
-        interp = self._interps.get(pid)
-        offsets = interp.offsets if interp else None
-        heads = read_many(pid, [code for code, _, _ in frames], offsets.code_adaptive) if offsets else []
-        heads += [None] * (len(frames) - len(heads))
-        return tuple(self.pseudo(pid, *frame, head=head) for frame, head in zip(frames, heads))
-
-    def pseudo(self, pid: int, code: int, lasti: int, flags: int, head: Optional[bytes] = None) -> int:
-        """The pseudo-address of a recorded frame, named now (the process may end soon). A
-        freed code object's address is reused by later ones (an import's class bodies are freed
-        once run): the object's own fields (its name, file and line table pointers, its first
-        line) are part of its key, read afresh for each new stack (head: read already)."""
+        """The pseudo-addresses of a stack's recorded frames (code, lasti, flags), named now (the
+        process may end soon). A freed code object's address is reused by later ones (an
+        import's class bodies are freed once run): the object's own fields (its name, file and
+        line table pointers, its first line) are part of its key, read afresh for each new stack,
+        all of its frames' in one system call (under the lock: an exec meanwhile changes offsets)."""
         with self._lock:
             interp = self._interps.get(pid)
             offsets = interp.offsets if interp else None
-            if head is None and offsets:
-                head = read(pid, code, offsets.code_adaptive)
-            ident = _identity(head, offsets) if head and offsets else None
-            key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
-            if key not in self._pseudo:
-                self._pseudo[key] = PSEUDO_BASE + len(self.frames)
-                self.frames.append((self._name(pid, code, head, ident, lasti), flags))
-            elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
-                self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
-            return self._pseudo[key]
+            heads = read_many(pid, [code for code, _, _ in frames], offsets.code_adaptive) if offsets else []
+            heads += [None] * (len(frames) - len(heads))
+            return tuple(self._pseudo_of(pid, *frame, head or b"") for frame, head in zip(frames, heads))
+
+    def pseudo(self, pid: int, code: int, lasti: int, flags: int) -> int:
+        return self.pseudos(pid, [(code, lasti, flags)])[0]
+
+    def _pseudo_of(self, pid: int, code: int, lasti: int, flags: int, head: bytes) -> int:
+        """One frame's, with the lock held and its code object's header read (b"": unreadable)."""
+        interp = self._interps.get(pid)
+        offsets = interp.offsets if interp else None
+        ident = _identity(head, offsets) if head and offsets else None
+        key = (pid, self._generation.get(pid, 0), code, ident, lasti, flags)
+        if key not in self._pseudo:
+            self._pseudo[key] = PSEUDO_BASE + len(self.frames)
+            self.frames.append((self._name(pid, code, head, ident, lasti), flags))
+        elif not self.frames[self._pseudo[key] - PSEUDO_BASE][0].function:  # not read yet: again
+            self.frames[self._pseudo[key] - PSEUDO_BASE] = (self._name(pid, code, head, ident, lasti), flags)
+        return self._pseudo[key]
 
     def _name(self, pid: int, code: int, head: Optional[bytes], ident, lasti: int) -> PyFrame:
         interp = self._interps.get(pid)

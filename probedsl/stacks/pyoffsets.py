@@ -42,10 +42,10 @@ def read(pid: int, address: int, size: int) -> Optional[bytes]:
 
 def read_many(pid: int, addresses: Sequence[int], size: int) -> List[Optional[bytes]]:
     """size bytes at each address (None where unreadable), in one system call: a stack's code
-    object headers (the naming thread read 6,000 of them one by one for python3 -c pass). The
-    kernel stops at the first address it cannot read: those from there are read one by one."""
-    wanted = [a for a in addresses if 0 < a < 1 << 64]
-    if size <= 0 or not wanted or len(wanted) != len(addresses) or len(addresses) > 1024:
+    object headers (the naming thread read 6,250 of them one by one for python3 -c pass). The
+    kernel stops where it cannot read (within an address's bytes too): from that address on,
+    each is read alone."""
+    if size <= 0 or not addresses or len(addresses) > 1024 or not all(0 < a < 1 << 64 for a in addresses):
         return [read(pid, a, size) for a in addresses]
     buffer = ctypes.create_string_buffer(size * len(addresses))
     local = _Iovec(ctypes.addressof(buffer), size * len(addresses))
