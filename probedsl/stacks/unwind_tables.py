@@ -77,7 +77,9 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
             return rows
     table = cfi.table(path)
     rows = encode(table) if table else []
-    if cached and rows and rows[-1][0] < 1 << 32:
+    if not all(0 <= row[0] < 1 << 32 for row in rows):  # (a damaged file's): the kernel rows hold a u32
+        return []
+    if cached and rows:
         _save(cached, rows)
     return rows
 
@@ -116,9 +118,12 @@ def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
 
 
 def _save(cached: str, rows) -> None:
-    data = b"".join(
-        _DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off) for pc, kind, cfa_off, rbp_kind, rbp_off in rows
-    )
+    try:
+        data = b"".join(
+            _DISK_ROW.pack(pc, kind, rbp_kind, rbp_off, cfa_off) for pc, kind, cfa_off, rbp_kind, rbp_off in rows
+        )
+    except struct.error:  # a row no cache file can hold: computed again next time
+        return
     if not cachedir.write_whole(cached, data):  # it only costs the next run time
         notices.note(f"unwind-row cache {os.path.dirname(cached)} is not writable: rows computed, not cached")
 
@@ -153,11 +158,11 @@ def _rule(row: cfi.Row) -> Tuple[int, int, int, int]:
         return SIGNAL, 0, RBP_SAME, 0
     if row.outermost:
         return OUTERMOST, 0, RBP_SAME, 0
+    if not -(1 << 31) <= row.cfa_offset < 1 << 31:  # an s32 in the kernel row (a damaged file's ULEB)
+        return INVALID, 0, RBP_SAME, 0
     if row.cfa_register == cfi.PLT:  # cfa offset: the (rip & 15) from which CFA = rsp+16
         return PLT, row.cfa_offset, RBP_SAME, 0
     if row.ra != ("offset", -8) or row.cfa_register not in (cfi.RSP, cfi.RBP):
-        return INVALID, 0, RBP_SAME, 0
-    if not -(1 << 31) <= row.cfa_offset < 1 << 31:  # an s32 in the kernel row (a damaged file's ULEB)
         return INVALID, 0, RBP_SAME, 0
     kind = CFA_RSP if row.cfa_register == cfi.RSP else CFA_RBP
     if row.rbp is None:
