@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from typing import Callable, Dict, Optional
 
 import jinja2
@@ -76,22 +75,20 @@ _kept: Optional["_KeptBytecode"] = None
 
 class _KeptBytecode(jinja2.BytecodeCache):
     """The templates compiled to Python code, kept between runs (bcc.c.j2 took 0.037 s to compile
-    at every start). A generator reads no file itself: the caller gives the place and how to read
-    and write there (probedsl.cli: a trusted cache directory; the bytes are a pickled checksum and
-    marshalled code). Named by jinja's version and the options too: jinja's own check is the
-    template's text and Python's version only."""
+    at every start). A generator reads no file itself: kept, the caller's, loads and keeps them
+    (probedsl.cli: a trusted cache directory; the bytes are a pickled checksum and marshalled
+    code). Named by jinja's version and the options too: jinja's own check is the template's
+    text and Python's version only."""
 
-    def __init__(self, directory: Callable[[], str], read, write):
-        self.directory, self.read, self.write = directory, read, write
+    def __init__(self, kept):
+        self.kept = kept
         self.ident = hashlib.sha256(f"{jinja2.__version__}\0{sorted(map(str, _OPTIONS.items()))}".encode()).hexdigest()
 
-    def _path(self, bucket) -> str:
-        where = self.directory()
-        return os.path.join(where, f"{bucket.key}-{self.ident[:16]}.jinja") if where else ""
+    def _name(self, bucket) -> str:
+        return f"{bucket.key}-{self.ident[:16]}.jinja"
 
     def load_bytecode(self, bucket) -> None:
-        path = self._path(bucket)
-        data = self.read(os.path.dirname(path), path) if path and os.path.lexists(path) else None
+        data = self.kept.load(self._name(bucket))
         if data:
             try:
                 bucket.bytecode_from_string(data)  # (a version or checksum that differs: no code)
@@ -99,20 +96,14 @@ class _KeptBytecode(jinja2.BytecodeCache):
                 bucket.reset()
 
     def dump_bytecode(self, bucket) -> None:
-        path = self._path(bucket)
-        if path:
-            self.write(path, bucket.bytecode_to_string())
+        self.kept.keep(self._name(bucket), bucket.bytecode_to_string())
 
 
-def keep_templates_in(
-    directory: Callable[[], str],
-    read: Callable[[str, str], Optional[bytes]],
-    write: Callable[[str, bytes], bool],
-) -> None:
-    """Keep the compiled templates there from now on: directory() ("" for none); read(directory,
-    path): a file's bytes when it may be loaded, else None; write(path, bytes): whole or not at all."""
+def keep_templates_in(kept) -> None:
+    """Keep the compiled templates in kept from now on (probedsl.language.parser.KeptFiles:
+    load(name), keep(name, bytes))."""
     global _kept
-    _kept = _KeptBytecode(directory, read, write)
+    _kept = _KeptBytecode(kept)
     _environment.cache_clear()
 
 

@@ -371,9 +371,7 @@ def _leave(status: int) -> None:
 
 
 def main():
-    compiler.keep_between_runs(
-        lambda kind: cachedir.directory(kind, quiet=True), cachedir.read_trusted, cachedir.write_whole
-    )
+    compiler.keep_between_runs(cachedir.Kept)
     try:
         cli.main(standalone_mode=False)
     except RecipeError as exc:

@@ -44,14 +44,12 @@ def bundled_names():
     ]
 
 
-def keep_between_runs(
-    directory: Callable[[str], str], read: Callable[[str, str], Optional[bytes]], write: Callable[[str, bytes], bool]
-) -> None:
-    """Where what the compiler builds the same at every start is kept between runs, and how:
-    the recipe parser's tables (probedsl.language.parser.KeptTables) and the compiled templates
-    (backends.base.keep_templates_in). directory(kind): a directory for that kind, "" for none."""
-    parser.keep_tables_in(parser.KeptTables(lambda: directory("grammar"), read, write))
-    backends.keep_templates_in(lambda: directory("templates"), read, write)
+def keep_between_runs(kept: Callable[[str], parser.KeptFiles]) -> None:
+    """Where what the compiler builds the same at every start is kept between runs:
+    kept(kind) gives the place for one kind (probedsl.trust.cachedir.Kept), for the recipe
+    parser's tables and the compiled templates."""
+    parser.keep_tables_in(kept("grammar"))
+    backends.keep_templates_in(kept("templates"))
 
 
 def load(path: str) -> ast.Recipe:

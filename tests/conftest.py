@@ -227,7 +227,7 @@ def kept_between_runs(tmp_path, monkeypatch):
     from probedsl.trust import cachedir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    compiler.keep_between_runs(cachedir.directory, cachedir.read_trusted, cachedir.write_whole)
+    compiler.keep_between_runs(cachedir.Kept)
     yield tmp_path / "cache" / "probedsl"
     from probedsl.language import parser
 

@@ -389,13 +389,12 @@ def test_kept_templates_generate_the_same_text_and_only_ours_are_loaded(trusted,
     from probedsl import backends, compiler, targets
 
     def generated() -> str:
-        compiler.keep_between_runs(*kept)  # (the templates compiled or loaded again)
+        compiler.keep_between_runs(cachedir.Kept)  # (the templates compiled or loaded again)
         recipe = compiler.build(compiler.load(MEMLEAK))
         return backends.for_target(targets.from_name("bcc")).generate(recipe).text
 
     from probedsl.trust import cachedir
 
-    kept = (cachedir.directory, cachedir.read_trusted, cachedir.write_whole)
     first = generated()
     files = list((kept_between_runs / "templates").glob("*.jinja"))
     assert files and all(os.stat(f).st_mode & 0o077 == 0 for f in files)

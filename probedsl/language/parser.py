@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 import sys
 from importlib import resources
-from typing import Any, Callable, List, NamedTuple, Optional, Union
+from typing import Any, List, Optional, Protocol, Union
 
 import lark
 from lark import (
@@ -46,23 +45,24 @@ _TERMINAL_WORDS = {
 }
 
 
-class KeptTables(NamedTuple):
-    """Where and how lark's analysis of the grammar is kept between runs (building it is ~0.045
-    s of each start). The caller knows what to trust (probedsl.cli: a trusted cache directory):
-    directory() ("" for none); read(directory, path): the file's bytes when they may be loaded
-    (a pickle, which can run code as it loads), else None; write(path, bytes): whole or not at all."""
+class KeptFiles(Protocol):
+    """Where the caller keeps what a run builds the same every time (probedsl.cli: a trusted
+    cache directory, probedsl.trust.cachedir.Kept): load(name) gives a file's bytes when they
+    may be loaded (lark's tables are a pickle, which can run code as it loads), else None;
+    keep(name, bytes) writes one whole or not at all."""
 
-    directory: Callable[[], str]
-    read: Callable[[str, str], Optional[bytes]]
-    write: Callable[[str, bytes], bool]
+    def load(self, name: str) -> Optional[bytes]: ...
+
+    def keep(self, name: str, data: bytes) -> bool: ...
 
 
-_kept: Optional[KeptTables] = None
+_kept: Optional[KeptFiles] = None
 _OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-def keep_tables_in(kept: Optional[KeptTables]) -> None:
-    """Keep the parser's tables there from now on (None: build them at every run)."""
+def keep_tables_in(kept: Optional[KeptFiles]) -> None:
+    """Keep the parser's tables (lark's analysis of the grammar, ~0.045 s of each start to
+    build) there from now on; None: build them at every run."""
     global _kept
     _kept = kept
     _parser.cache_clear()
@@ -71,20 +71,19 @@ def keep_tables_in(kept: Optional[KeptTables]) -> None:
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("probedsl.grammar").joinpath("recipe.lark").read_text()
-    where = _kept.directory() if _kept else ""
     ident = f"{grammar}\0{sorted(_OPTIONS.items())}\0{lark.__version__}\0{sys.version_info[:2]}"
-    path = os.path.join(where, f"recipe-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pickle") if where else ""
-    data = _kept.read(where, path) if _kept and path and os.path.lexists(path) else None
+    name = f"recipe-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pickle"
+    data = _kept.load(name) if _kept else None
     if data:
         try:
             return Lark.load(io.BytesIO(data))
         except Exception:  # a damaged file (lark raises many kinds): built again below
             pass
     parser = Lark(grammar, **_OPTIONS)
-    if _kept and path:
+    if _kept:
         out = io.BytesIO()
         parser.save(out)
-        _kept.write(path, out.getvalue())
+        _kept.keep(name, out.getvalue())
     return parser
 
 

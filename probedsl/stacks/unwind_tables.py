@@ -71,10 +71,12 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
         return []
     where = cache_dir() if ident else ""
     cached = os.path.join(where, f"{ident}.v{_DISK_FORMAT}") if where else ""
-    if cached and os.path.lexists(cached) and cachedir.file_ok(where, cached):
-        rows = _read_rows(cached)
-        if rows:
-            return rows
+    data = (
+        cachedir.read_trusted(where, cached, ROWS * _DISK_ROW.size + 1) if cached and os.path.lexists(cached) else None
+    )
+    rows = _read_rows(cached, data) if data is not None else []
+    if rows:
+        return rows
     table = cfi.table(path)
     rows = encode(table) if table else []
     if not all(0 <= row[0] < 1 << 32 for row in rows):  # (a damaged file's): the kernel rows hold a u32
@@ -84,14 +86,9 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
     return rows
 
 
-def _read_rows(cached: str) -> List[Tuple[int, int, int, int, int]]:
+def _read_rows(cached: str, data: bytes) -> List[Tuple[int, int, int, int, int]]:
     """A cache file's rows if they have the shape encode() gives (whole rows, a sane count,
     pcs in order, known kinds, ending where code ends); else [] and a note."""
-    try:
-        with open(cached, "rb") as f:
-            data = f.read(ROWS * _DISK_ROW.size + 1)
-    except OSError:
-        return []
     why = ""
     if not data or len(data) % _DISK_ROW.size or len(data) > ROWS * _DISK_ROW.size:
         why = f"{len(data)} bytes is not a whole number of rows up to {ROWS}"
@@ -225,7 +222,7 @@ class UnwindTables:
             return self.files[identity]
         rows = rows_of(path)
         placed = None
-        if rows and rows[-1][0] < 1 << 32:
+        if rows:
             if self.used + len(rows) > ROWS:
                 self.full += 1
             else:

@@ -143,16 +143,20 @@ def file_ok(root: str, path: str) -> bool:
         return False
     if stat.S_ISREG(st.st_mode) and _safe(st):
         return True
+    _not_used(path, st)
+    return False
+
+
+def _not_used(path: str, st: os.stat_result) -> None:
     why = (
         _describe(path, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else f"{path} is not a regular file"
     )
     note(f"cache file not used: {why}")
-    return False
 
 
-def read_trusted(root: str, path: str) -> Optional[bytes]:
-    """A cache file's bytes when it may be loaded (file_ok's test, made on the descriptor that
-    is read: no link followed, no swap between the test and the read); else None."""
+def read_trusted(root: str, path: str, limit: int = -1) -> Optional[bytes]:
+    """A cache file's bytes (at most limit) when it may be loaded (file_ok's test, made on the
+    descriptor that is read: no link followed, no swap between the test and the read); else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -162,11 +166,9 @@ def read_trusted(root: str, path: str) -> Optional[bytes]:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not (stat.S_ISREG(st.st_mode) and _safe(st)):
-            note(
-                f"cache file not used: {_describe(path, st) if stat.S_ISREG(st.st_mode) else path + ' is not a regular file'}"
-            )
+            _not_used(path, st)
             return None
-        return f.read()
+        return f.read(limit)
 
 
 def write_whole(path: str, data: bytes) -> bool:
@@ -184,3 +186,27 @@ def write_whole(path: str, data: bytes) -> bool:
     except OSError:
         os.unlink(tmp)
         return False
+
+
+class Kept:
+    """Files of one cache kind that only save time (the recipe parser's tables, the compiled
+    templates): loaded only when read_trusted passes them, written whole; the directory found
+    at first use, quietly."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._where: Optional[str] = None
+
+    def _dir(self) -> str:
+        if self._where is None:
+            self._where = directory(self.kind, quiet=True)
+        return self._where
+
+    def load(self, name: str) -> Optional[bytes]:
+        where = self._dir()
+        path = os.path.join(where, name) if where else ""
+        return read_trusted(where, path) if path and os.path.lexists(path) else None
+
+    def keep(self, name: str, data: bytes) -> bool:
+        where = self._dir()
+        return bool(where) and write_whole(os.path.join(where, name), data)
