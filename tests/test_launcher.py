@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from probedsl.process.launcher import HeldCommand
+from probedsl.process.tether import Tether
 
 
 def test_a_command_held_at_exec_is_let_go_when_the_callback_fails():
@@ -51,3 +52,22 @@ def test_a_signal_sent_while_held_reaches_the_command():
 
     held.release(at_exec=lambda: None, mapped=after_a_few_syscalls)
     assert held.wait() == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("ended_by", ["kill", "close"])
+def test_a_followed_command_killed_before_release_is_reaped_by_its_tether(ended_by):
+    """The tether that follows a command from before its exec reaps it when it is killed; the
+    command abandoned (the probes failed) then takes its status from the tether, whether the
+    tether ended with it or was closed first (the session's cleanup order)."""
+    held = HeldCommand(["true"])
+    tether = Tether(held.pid, hold_exit=False, launched=True, purpose="following forks")
+    tether.start()
+    held.tether = tether
+    os.kill(held.pid, signal.SIGKILL)
+    if ended_by == "close":
+        tether.close()
+    assert tether.ended.wait(30)
+    held.abandon()
+    assert held.status == 128 + signal.SIGKILL
+    if ended_by == "kill":
+        assert tether.exit_status == 128 + signal.SIGKILL  # the tether reaped it, not abandon

@@ -45,7 +45,7 @@ class HeldCommand:
         os.close(read_end)
         self.pid = pid
         self.status: Optional[int] = None
-        self.tether = None  # a probedsl.process.tether.Tether: it reaps the command
+        self.tether = None  # a probedsl.process.tether.Tether that follows it: it reaps the command
 
     def release(
         self,
@@ -60,6 +60,8 @@ class HeldCommand:
         and the command is let go, whatever at_exec does. With a tether (started, given the
         same at_exec and mapped), the tether holds it so, and stays."""
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
+        if tether is not None:
+            self.tether = tether
         try:
             os.write(self._go, (b"s" if at_exec and not tether else b"g") + extra)
         except BrokenPipeError:  # it died while held (a Ctrl-C reached it)
@@ -70,7 +72,6 @@ class HeldCommand:
         os.close(self._go)
         self._go = -1
         if tether is not None:
-            self.tether = tether
             if at_exec is not None:
                 tether.exec_done.wait()
             return
@@ -126,7 +127,10 @@ class HeldCommand:
         return self.status
 
     def wait(self) -> int:
-        if self.status is None:
+        while self.poll() is None:
+            if self.tether is not None and not self.tether.ended.is_set():
+                self.tether.ended.wait(0.05)  # it reaps the command: its status is the tether's
+                continue
             _, status = os.waitpid(self.pid, 0)
             self.status = shell_status(status)
         return self.status

@@ -237,12 +237,11 @@ class Session(Reporting):
         self.held.release(env, tether=tether, **hold)
 
     def _hold_forks(self) -> None:
-        """--pid or a command where the target attaches uprobes per process: a tether (ptrace)
-        holds each child at its fork (following forks) until its own uprobes are on, so other
-        processes never trap, and moves a process's uprobes off its main thread when that ends
-        alone (probedsl.process.rebind). Refused (another tracer holds the process): every
-        process is probed and the BPF filter keeps the traced ones, as said in a note; not
-        following forks, the uprobes stay on the main thread, as said too."""
+        """--pid or a command where the target attaches uprobes per process: a tether (ptrace, the
+        command's reaper) holds each child at its fork (following forks) until its uprobes are on,
+        and moves a process's uprobes off its main thread when that ends alone (process.rebind).
+        Refused (another tracer holds it): every process is probed and the BPF filter keeps the
+        traced ones, as a note says; not following forks, the uprobes stay on the main thread."""
         scope = self.program.scope
         if not (scope.mode in ("pid", "cmd") and self.target.scopes_uprobes(scope)):
             return
@@ -260,6 +259,8 @@ class Session(Reporting):
             return
         self.cleanup.callback(tether.close)
         self.follower = tether
+        if self.held:
+            self.held.tether = tether
         self.driver.held_forks = forks
 
     def _watch_bearers(self, tether) -> None:
