@@ -29,7 +29,7 @@ def measure(recipe: str, stacks: str) -> None:
     program = program.with_scope(ir.Scope("pid", pid=1)).walking_stacks(stacks)
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     started = time.monotonic()
-    bpf = bcc.BPF(text=gen.text, cflags=bcc_compile.cflags(1))
+    bpf = bcc.BPF(text=gen.text, cflags=bcc_compile.cflags(gen.text, 1))
     compiled = time.monotonic() - started
     kinds = {f: bcc.BPF.KPROBE for p in gen.manifest["probes"] for f in (p["entry"], p["return"]) if f}
     kinds.update(

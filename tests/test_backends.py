@@ -238,7 +238,11 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
     namespace = ["-DPROBEDSL_PIDNS_DEV=4ULL", "-DPROBEDSL_PIDNS_INO=4026532175ULL"] + [
         f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()
     ]
-    flags = ["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + namespace if scope.mode == "comm" else bcc_compile.cflags(1)
+    flags = (
+        ["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + namespace
+        if scope.mode == "comm"
+        else bcc_compile.cflags(gen.text, 1)
+    )
     bpf = BPF(text=gen.text, cflags=flags)
     try:
         # loading checks the verifier, without attaching; uprobes load as kprobe-type programs
@@ -289,7 +293,7 @@ def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     program = built(MEMLEAK, sampled).with_scope(ir.Scope("comm", comm="x", per_process=True)).walking_stacks("fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_group_exits()" in gen.text
-    flags = bcc_compile.cflags(1)
+    flags = bcc_compile.cflags(gen.text, 1)
     assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 5, flags  # BTF here
     bpf = BPF(text=gen.text, cflags=flags)
     try:  # BCC loads (and attaches) raw tracepoint programs as it starts

@@ -14,6 +14,7 @@ from probedsl.process.procfs import map_memory
 from probedsl.drivers.rundata import Snapshot
 from probedsl.drivers.bcc_compat import _import_bcc
 from probedsl.drivers.bcc_loader import BccLoader
+from probedsl.trust import cachedir
 
 
 class BccDriver:
@@ -25,10 +26,11 @@ class BccDriver:
         scope = program.scope
         self.pid = scope.pid if scope.mode in ("pid", "cmd") else 0
         # compiled while the session starts its tracker and the rest; loaded and attached in start()
-        self.compiled = Compilation(_import_bcc(), generated.text, self.pid)
+        self.compiled = Compilation(_import_bcc(), generated.text, self.pid, cachedir.Kept("bcc-programs"))
 
     def start(self, timeout: float = 60) -> None:
         self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.held_forks, self.compiled)
+        self.compiled.keep()
 
     def trace_from_exec(self, pid: int) -> None:
         if self.loader is not None:

@@ -1,15 +1,17 @@
 """BCC's compile of the generated C (clang, then LLVM: most of a BCC run's start), begun on a
 thread as soon as the text exists, so that what probedsl does meanwhile (the mapping tracker,
-the probes' placement checks, the unwinder's rows) is not added to it. BCC 0.26 cannot load a
-compiled object, so there is nothing to cache between runs; libbcc releases the GIL while it
-compiles, so the two overlap on another core."""
+the probes' placement checks, the unwinder's rows) is not added to it; libbcc releases the GIL
+while it compiles, so the two overlap on another core. A text compiled before reuses that
+compile's programs (probedsl.drivers.bcc_kept)."""
 
 from __future__ import annotations
 
 import os
+import re
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from probedsl.drivers import bcc_kept
 from probedsl.errors import ProbedslError
 from probedsl.process import btf, pidns
 
@@ -23,8 +25,21 @@ def check_headers() -> None:
         )
 
 
-def cflags(pid: int) -> List[str]:
-    flags = [f"-DPROBEDSL_PID={int(pid)}", f"-DPROBEDSL_SELF={os.getpid()}"]
+def per_run(c_text: str, pid: int) -> List[str]:
+    """This run's pids, for a text that filters by them in its code (--all, and a pid or command
+    whose forks are not followed); such a text is compiled at every run."""
+    flags = [f"-DPROBEDSL_PID={int(pid)}"] if re.search(r"\bPROBEDSL_PID\b", c_text) else []
+    return flags + ([f"-DPROBEDSL_SELF={os.getpid()}"] if re.search(r"\bPROBEDSL_SELF\b", c_text) else [])
+
+
+def cflags(c_text: str, pid: int) -> List[str]:
+    """Every flag a compile of c_text takes."""
+    return machine_flags() + per_run(c_text, pid)
+
+
+def machine_flags() -> List[str]:
+    """What the C text takes from this machine: the same at every run on it."""
+    flags = []
     layout = {}
     try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
         layout = {
@@ -51,24 +66,48 @@ def cflags(pid: int) -> List[str]:
 
 
 class Compilation:
-    """bcc.BPF(text=...) running on its own thread; result() waits for it."""
+    """bcc.BPF(text=...) running on its own thread; result() waits for it. kept
+    (probedsl.trust.cachedir.Kept): where compiled programs are kept between runs
+    (probedsl.drivers.bcc_kept); with it, a text compiled before builds only its tables."""
 
-    def __init__(self, bcc, c_text: str, pid: int):
+    def __init__(self, bcc, c_text: str, pid: int, kept=None):
         check_headers()
         self._bpf = None
         self._error: Optional[Exception] = None
+        self.reused = False  # the programs were kept from an earlier compile
+        self._keep: Optional[Callable[[], object]] = None
         self._thread = threading.Thread(
-            target=self._compile, args=(bcc, c_text, pid), name="probedsl-bcc-compile", daemon=True
+            target=self._compile, args=(bcc, c_text, pid, kept), name="probedsl-bcc-compile", daemon=True
         )
         self._thread.start()
 
-    def _compile(self, bcc, c_text: str, pid: int) -> None:
+    def _compile(self, bcc, c_text: str, pid: int, kept) -> None:
         try:  # the flags too (the kernel's BTF, a PID namespace's layout)
-            self._bpf = bcc.BPF(text=c_text, cflags=cflags(pid))
+            flags, own = machine_flags(), per_run(c_text, pid)
+            if own:
+                flags, kept = flags + own, None
+            key = bcc_kept.name(bcc, c_text, flags) if kept is not None else ""
+            earlier = kept.load(key) if kept is not None else None
+            if earlier is not None:
+                try:
+                    self._bpf, self.reused = bcc_kept.loaded(bcc, c_text, flags, earlier), True
+                    return
+                except Exception:  # damaged, or not loadable here: compiled afresh, which says why
+                    pass
+            self._bpf = bcc.BPF(text=c_text, cflags=flags)
+            if kept is not None:
+                self._keep = lambda: kept.keep(key, bcc_kept.dump(bcc, self._bpf))
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             self._error = ProbedslError(f"BCC could not compile the program: {exc}")
+
+    def keep(self) -> None:
+        """Keep a fresh compile for the next run, once its programs have loaded (the loader
+        started): a text the verifier refuses is not kept."""
+        if self._keep is not None:
+            self._keep, keep = None, self._keep
+            keep()
 
     def result(self):
         """The BPF object; a ProbedslError if BCC could not compile the program."""

@@ -1,0 +1,183 @@
+"""BCC's compiled programs kept between runs. Most of a BCC start is clang and LLVM building the
+probes' code; the tables are a small part. So a run whose C text (and flags, BCC, kernel) was
+compiled before compiles only the tables (the text with PROBEDSL_TABLES_ONLY, which leaves out
+every program) and loads the programs' instructions kept from that compile, each reference to a
+table moved to the new table of the same name. Kept files are loaded only when the trust checks
+pass them (probedsl.trust.cachedir.Kept): they become kernel programs."""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import struct
+from typing import Dict, List
+
+FORMAT = 1
+LD_IMM64 = 0x18
+PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2  # an ld_imm64 whose imm is a table's descriptor
+TABLES_ONLY = "-DPROBEDSL_TABLES_ONLY"
+
+
+class Unusable(Exception):
+    """A kept compile that does not fit this one (damaged, or its tables differ)."""
+
+
+def name(bcc, text: str, flags: List[str]) -> str:
+    """The kept file's name: what the compile's output depends on."""
+    lib = bcc.libbcc.lib
+    library = getattr(lib, "_name", "") or ""
+    try:
+        st = os.stat(library)
+        library += f":{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        pass
+    uname = os.uname()
+    parts = [str(FORMAT), getattr(bcc, "__version__", ""), library, uname.release, uname.version, text] + flags
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest() + ".json"
+
+
+def _declare(lib) -> None:
+    lib.bpf_num_tables.restype = ctypes.c_ulonglong
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_table_fd_id.restype = ctypes.c_int
+    lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    for size in (lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
+        size.restype = ctypes.c_size_t
+        size.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+
+
+def _tables(lib, module) -> Dict[str, dict]:
+    """Each table of a compiled module: its descriptor, and what must match in another compile."""
+    _declare(lib)
+    tables = {}
+    for i in range(lib.bpf_num_tables(module)):
+        tables[lib.bpf_table_name(module, i).decode()] = {
+            "fd": lib.bpf_table_fd_id(module, i),
+            "shape": [
+                lib.bpf_table_type_id(module, i),
+                lib.bpf_table_key_size_id(module, i),
+                lib.bpf_table_leaf_size_id(module, i),
+                lib.bpf_table_max_entries_id(module, i),
+                lib.bpf_table_flags_id(module, i),
+            ],
+        }
+    return tables
+
+
+def dump(bcc, bpf) -> bytes:
+    """What a full compile leaves to keep: its programs' instructions and its tables."""
+    lib = bcc.libbcc.lib
+    programs = {}
+    for i in range(lib.bpf_num_functions(bpf.module)):
+        fn = lib.bpf_function_name(bpf.module, i)
+        programs[fn.decode()] = base64.b64encode(bpf.dump_func(fn)).decode()
+    body = {"tables": _tables(lib, bpf.module), "programs": programs}
+    return json.dumps({"format": FORMAT, "sha256": _digest(body), **body}, sort_keys=True).encode()
+
+
+def _digest(body: dict) -> str:
+    """Damage (a disk's, a bug's) is found before anything reaches the kernel."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def retarget(insns: bytes, moved: Dict[int, int]) -> bytes:
+    """The instructions with each table descriptor (an ld_imm64's imm) moved; Unusable if one
+    is not a kept table's."""
+    if len(insns) % 8:
+        raise Unusable("a program's length is not whole instructions")
+    out = bytearray(insns)
+    i = 0
+    while i < len(out):
+        if out[i] == LD_IMM64:
+            if out[i + 1] >> 4 in (PSEUDO_MAP_FD, PSEUDO_MAP_VALUE):
+                (fd,) = struct.unpack_from("<i", out, i + 4)
+                if fd not in moved:
+                    raise Unusable(f"a program refers to descriptor {fd}, no kept table's")
+                struct.pack_into("<i", out, i + 4, moved[fd])
+            i += 16  # ld_imm64 takes two slots
+        else:
+            i += 8
+    return bytes(out)
+
+
+def loaded(bcc, text: str, flags: List[str], kept: bytes):
+    """A bcc.BPF whose module holds the tables alone and whose programs are the kept ones,
+    attached as BPF() attaches its own (tracepoint__ and raw_tracepoint__ at once)."""
+    try:
+        saved = json.loads(kept)
+        if saved.get("format") != FORMAT:
+            raise Unusable("another format")
+        if saved.get("sha256") != _digest({"tables": saved["tables"], "programs": saved["programs"]}):
+            raise Unusable("damaged: its digest differs")
+        programs = {k.encode(): base64.b64decode(v, validate=True) for k, v in saved["programs"].items()}
+        old = saved["tables"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Unusable(f"damaged: {exc}") from None
+    bpf = _with_kept_programs(bcc)(bcc, text, flags)
+    try:
+        new = _tables(bcc.libbcc.lib, bpf.module)
+        if {k: v["shape"] for k, v in new.items()} != {k: v.get("shape") for k, v in old.items()}:
+            raise Unusable("the tables differ")
+        moved = {old[k]["fd"]: new[k]["fd"] for k in new}
+        bpf.kept = {fn: retarget(insns, moved) for fn, insns in programs.items()}
+        bpf.attach_kept_tracepoints()
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf
+
+
+def _with_kept_programs(bcc):
+    class WithKeptPrograms(bcc.BPF):
+        """BPF() of the tables alone; load_func loads a kept program."""
+
+        def __init__(self, bcc, text: str, flags: List[str]):
+            self.kept: Dict[bytes, bytes] = {}
+            super().__init__(text=text, cflags=flags + [TABLES_ONLY])
+
+        def load_func(self, func_name, prog_type, device=None, attach_type=-1):
+            func_name = func_name if isinstance(func_name, bytes) else func_name.encode()
+            if func_name in self.funcs:
+                return self.funcs[func_name]
+            insns = self.kept.get(func_name)
+            if insns is None:
+                raise Exception(f"Unknown program {func_name.decode()}")
+            lib = bcc.libbcc.lib
+            code = ctypes.create_string_buffer(insns, len(insns))
+            fd = lib.bcc_func_load(
+                self.module,
+                prog_type,
+                func_name,
+                code,
+                len(insns),
+                lib.bpf_module_license(self.module),
+                lib.bpf_module_kern_version(self.module),
+                0,
+                None,
+                0,
+                device,
+                attach_type,
+            )
+            if fd < 0:
+                raise Exception(f"Failed to load BPF program {func_name.decode()}: {os.strerror(ctypes.get_errno())}")
+            self.funcs[func_name] = fn = bcc.BPF.Function(self, func_name, fd)
+            return fn
+
+        def dump_func(self, func_name):
+            return self.kept[func_name if isinstance(func_name, bytes) else func_name.encode()]
+
+        def attach_kept_tracepoints(self) -> None:
+            for fn_name in self.kept:
+                if fn_name.startswith(b"tracepoint__"):
+                    fn = self.load_func(fn_name, bcc.BPF.TRACEPOINT)
+                    self.attach_tracepoint(tp=fn_name[len(b"tracepoint__") :].replace(b"__", b":"), fn_name=fn.name)
+                elif fn_name.startswith(b"raw_tracepoint__"):
+                    fn = self.load_func(fn_name, bcc.BPF.RAW_TRACEPOINT)
+                    self.attach_raw_tracepoint(tp=fn_name[len(b"raw_tracepoint__") :], fn_name=fn.name)
+
+    return WithKeptPrograms

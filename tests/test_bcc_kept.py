@@ -1,0 +1,116 @@
+"""BCC's compiled programs kept between runs (probedsl.drivers.bcc_kept): a second run of the
+same text compiles the tables alone and loads the kept programs, and traces what the first
+traced; a kept file that is not trusted, damaged, or made for other tables is compiled again."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+
+import pytest
+
+from probedsl.drivers import bcc_kept
+
+from conftest import MEMLEAK, by_site, probedsl, report_json
+
+
+def insn(code: int, src: int, imm: int) -> bytes:
+    return struct.pack("<BBhi", code, src << 4 | 1, 0, imm)
+
+
+def test_only_the_table_descriptors_are_moved():
+    """An ld_imm64 naming a table (src 1) takes the new descriptor; a constant ld_imm64, its
+    second half and any other instruction keep their immediates."""
+    program = (
+        insn(0x18, bcc_kept.PSEUDO_MAP_FD, 5)
+        + insn(0, 0, 0)  # r1 = the table behind fd 5
+        + insn(0x18, 0, 5)
+        + insn(0, 0, 0)  # r1 = 5, a constant
+        + insn(0xB7, 0, 5)  # r1 = 5 (mov)
+        + insn(0x95, 0, 0)  # exit
+    )
+    moved = bcc_kept.retarget(program, {5: 9})
+    imms = [struct.unpack_from("<i", moved, i + 4)[0] for i in range(0, len(moved), 8)]
+    assert imms == [9, 0, 5, 0, 5, 0]
+    with pytest.raises(bcc_kept.Unusable):
+        bcc_kept.retarget(program, {6: 9})  # fd 5 is no kept table's
+    with pytest.raises(bcc_kept.Unusable):
+        bcc_kept.retarget(program[:-3], {5: 9})
+
+
+def memleak(cache, leak, *options) -> dict:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    argv = ["run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json", *options, "--", leak]
+    result = probedsl(*argv, input="\n", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return report_json(result.stdout)
+
+
+def traced(report: dict):
+    return report["resources"], by_site(report)
+
+
+def kept_files(cache):
+    return list((cache / "probedsl" / "bcc-programs").glob("*.json"))
+
+
+@pytest.mark.usefixtures("root_required")
+def test_a_kept_compile_is_reused_and_traces_the_same(build, tmp_path):
+    cache, leak = tmp_path / "cache", build("leak")
+    first = memleak(cache, leak)
+    (kept,) = kept_files(cache)
+    assert kept.stat().st_mode & 0o777 == 0o600
+    before = kept.stat().st_ino
+    second = memleak(cache, leak)
+    assert kept.stat().st_ino == before  # loaded, not compiled and kept again
+    assert traced(second) == traced(first)
+    assert by_site(first).get("wrapper1") == (40, 5)  # the seed's leak: 5 blocks of 8 bytes
+    # a text with this run's pid in its code (forks not followed) is compiled each time, never kept
+    memleak(cache, leak, "--no-follow-forks")
+    assert kept_files(cache) == [kept]
+
+
+def forged(kept, change) -> None:
+    saved = json.loads(kept.read_bytes())
+    change(saved)
+    kept.write_text(json.dumps(saved))
+
+
+def shape_changed(saved: dict) -> None:
+    """Another table's size, the digest made again: the file is whole, made for other tables."""
+    table = next(iter(saved["tables"].values()))
+    table["shape"][3] += 1
+    saved["sha256"] = bcc_kept._digest({"tables": saved["tables"], "programs": saved["programs"]})
+
+
+def program_changed(saved: dict) -> None:
+    """One program's first instruction replaced by an exit, the digest left: damage."""
+    name = next(iter(saved["programs"]))
+    code = base64.b64decode(saved["programs"][name])
+    saved["programs"][name] = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0) + code[8:]).decode()
+
+
+@pytest.mark.usefixtures("root_required")
+@pytest.mark.parametrize("why", ["writable by others", "damaged", "other tables"])
+def test_a_kept_compile_not_trusted_or_not_fitting_is_compiled_again(build, tmp_path, why):
+    """Each such file is left: the run compiles afresh (and keeps that compile in its place)
+    and traces what a first run traces."""
+    cache, leak = tmp_path / "cache", build("leak")
+    first = memleak(cache, leak)
+    (kept,) = kept_files(cache)
+    if why == "writable by others":
+        os.chmod(kept, 0o666)
+    else:
+        forged(kept, program_changed if why == "damaged" else shape_changed)
+    before = kept.stat().st_ino
+    again = memleak(cache, leak)
+    assert kept.stat().st_ino != before  # compiled afresh and kept anew
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert traced(again) == traced(first)
+    said = [n for n in again["notes"] if "bcc-programs" in n]
+    if why == "writable by others":  # a refusal is said (someone may have tried)
+        assert len(said) == 1 and "writable by others" in said[0], again["notes"]
+    else:
+        assert not said, again["notes"]
