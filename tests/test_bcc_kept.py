@@ -56,6 +56,7 @@ def kept_files(cache):
     return list((cache / "probedsl" / "bcc-programs").glob("*.json"))
 
 
+@pytest.mark.debian13
 @pytest.mark.usefixtures("root_required")
 def test_a_kept_compile_is_reused_and_traces_the_same(build, tmp_path):
     cache, leak = tmp_path / "cache", build("leak")
