@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from probedsl.drivers import bcc_kept
+from probedsl.trust import cachedir
 
 from conftest import MEMLEAK, by_site, probedsl, report_json
 
@@ -38,6 +39,17 @@ def test_only_the_table_descriptors_are_moved():
         bcc_kept.retarget(program, {6: 9})  # fd 5 is no kept table's
     with pytest.raises(bcc_kept.Unusable):
         bcc_kept.retarget(program[:-3], {5: 9})
+
+
+def test_a_kind_keeps_at_most_its_bound_the_oldest_going_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = cachedir.Kept("bcc-programs")
+    for i in range(4):
+        assert kept.keep(f"{i}.json", b"x", most=3)
+        os.utime(tmp_path / "probedsl" / "bcc-programs" / f"{i}.json", ns=(i * 10**9, i * 10**9))
+    assert kept.keep("4.json", b"x", most=3)  # now: the newest
+    assert sorted(p.name for p in (tmp_path / "probedsl" / "bcc-programs").iterdir()) == ["2.json", "3.json", "4.json"]
+    assert kept.load("4.json") == b"x" and kept.load("0.json") is None
 
 
 def memleak(cache, leak, *options) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from probedsl.drivers import bcc_kept
 from probedsl.errors import ProbedslError
@@ -74,8 +74,7 @@ class Compilation:
         check_headers()
         self._bpf = None
         self._error: Optional[Exception] = None
-        self.reused = False  # the programs were kept from an earlier compile
-        self._keep: Optional[Callable[[], object]] = None
+        self._unkept: Optional[tuple] = None  # (kept, name, bcc): a fresh compile to keep
         self._thread = threading.Thread(
             target=self._compile, args=(bcc, c_text, pid, kept), name="probedsl-bcc-compile", daemon=True
         )
@@ -90,13 +89,13 @@ class Compilation:
             earlier = kept.load(key) if kept is not None else None
             if earlier is not None:
                 try:
-                    self._bpf, self.reused = bcc_kept.loaded(bcc, c_text, flags, earlier), True
+                    self._bpf = bcc_kept.loaded(bcc, c_text, flags, earlier)
                     return
                 except Exception:  # damaged, or not loadable here: compiled afresh, which says why
                     pass
             self._bpf = bcc.BPF(text=c_text, cflags=flags)
             if kept is not None:
-                self._keep = lambda: kept.keep(key, bcc_kept.dump(bcc, self._bpf))
+                self._unkept = (kept, key, bcc)
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
@@ -105,9 +104,9 @@ class Compilation:
     def keep(self) -> None:
         """Keep a fresh compile for the next run, once its programs have loaded (the loader
         started): a text the verifier refuses is not kept."""
-        if self._keep is not None:
-            self._keep, keep = None, self._keep
-            keep()
+        if self._unkept is not None:
+            (kept, key, bcc), self._unkept = self._unkept, None
+            kept.keep(key, bcc_kept.dump(bcc, self._bpf), most=bcc_kept.MOST)
 
     def result(self):
         """The BPF object; a ProbedslError if BCC could not compile the program."""

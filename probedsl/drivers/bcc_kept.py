@@ -16,6 +16,7 @@ import struct
 from typing import Dict, List
 
 FORMAT = 1
+MOST = 64  # kept compiles (50-200 KB each; one per recipe, options and --comm name)
 LD_IMM64 = 0x18
 PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2  # an ld_imm64 whose imm is a table's descriptor
 TABLES_ONLY = "-DPROBEDSL_TABLES_ONLY"

@@ -10,6 +10,7 @@ sticky (/tmp). Otherwise the run says so once and uses a private place of its ow
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -207,6 +208,22 @@ class Kept:
         path = os.path.join(where, name) if where else ""
         return read_trusted(where, path) if path and os.path.lexists(path) else None
 
-    def keep(self, name: str, data: bytes) -> bool:
+    def keep(self, name: str, data: bytes, most: int = 0) -> bool:
+        """most: how many files the kind keeps (0: no bound); the oldest written go first."""
         where = self._dir()
-        return bool(where) and write_whole(os.path.join(where, name), data)
+        if not (where and write_whole(os.path.join(where, name), data)):
+            return False
+        if most:
+            _prune(where, most)
+        return True
+
+
+def _prune(where: str, most: int) -> None:
+    found = []
+    with os.scandir(where) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # one another run removed meanwhile
+                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+    for _, path in sorted(found)[: max(0, len(found) - most)]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
