@@ -105,6 +105,32 @@ def program_changed(saved: dict) -> None:
     saved["programs"][name] = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0) + code[8:]).decode()
 
 
+def refused(saved: dict) -> None:
+    """The malloc entry program made one the verifier refuses (r0 read before it is set), the
+    digest made again: a whole file, a program this kernel does not load."""
+    name = next(n for n in saved["programs"] if "malloc" in n and n.endswith("_entry"))
+    saved["programs"][name] = base64.b64encode(struct.pack("<BBhi", 0x95, 0, 0, 0)).decode()
+    saved["sha256"] = bcc_kept._digest({"tables": saved["tables"], "programs": saved["programs"]})
+
+
+@pytest.mark.usefixtures("root_required")
+def test_a_kept_program_the_kernel_refuses_is_forgotten(build, tmp_path):
+    """The run that meets it fails with a one-line error that says so; the next compiles afresh."""
+    cache, leak = tmp_path / "cache", build("leak")
+    first = memleak(cache, leak)
+    (kept,) = kept_files(cache)
+    forged(kept, refused)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    result = probedsl("run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--", leak, input="\n", env=env)
+    assert result.returncode == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("probedsl: error: ") and "compiles the program afresh" in error, result.stderr
+    assert "Traceback" not in result.stderr
+    assert kept_files(cache) == []
+    assert traced(memleak(cache, leak)) == traced(first)
+    assert len(kept_files(cache)) == 1
+
+
 @pytest.mark.usefixtures("root_required")
 @pytest.mark.parametrize("why", ["writable by others", "damaged", "other tables"])
 def test_a_kept_compile_not_trusted_or_not_fitting_is_compiled_again(build, tmp_path, why):

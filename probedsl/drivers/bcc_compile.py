@@ -12,7 +12,8 @@ import threading
 from typing import List, Optional
 
 from probedsl.drivers import bcc_kept
-from probedsl.errors import ProbedslError
+from probedsl.errors import ProbedslError, one_line
+from probedsl.notices import note
 from probedsl.process import btf, pidns
 
 
@@ -85,28 +86,48 @@ class Compilation:
             flags, own = machine_flags(), per_run(c_text, pid)
             if own:
                 flags, kept = flags + own, None
-            key = bcc_kept.name(bcc, c_text, flags) if kept is not None else ""
-            earlier = kept.load(key) if kept is not None else None
-            if earlier is not None:
-                try:
-                    self._bpf = bcc_kept.loaded(bcc, c_text, flags, earlier)
-                    return
-                except Exception:  # damaged, or not loadable here: compiled afresh, which says why
-                    pass
+            if kept is not None and self._reuse(bcc, c_text, flags, kept):
+                return
             self._bpf = bcc.BPF(text=c_text, cflags=flags)
-            if kept is not None:
-                self._unkept = (kept, key, bcc)
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             self._error = ProbedslError(f"BCC could not compile the program: {exc}")
 
+    def _reuse(self, bcc, c_text: str, flags: List[str], kept) -> bool:
+        """The programs of an earlier compile of this text, if one was kept and fits; else
+        (no file, or one that does not fit) False, and the text is compiled."""
+        try:
+            key = bcc_kept.name(bcc, c_text, flags)
+            earlier = kept.load(key)
+        except OSError:
+            return False
+        except Exception as exc:  # it only saves time: the run goes on, as said
+            note(f"compiles kept from earlier runs not used: {one_line(exc)}")
+            return False
+        self._unkept = (kept, key, bcc)
+        if earlier is None:
+            return False
+        try:
+            self._bpf = bcc_kept.loaded(bcc, c_text, flags, earlier, lambda: kept.forget(key))
+        except bcc_kept.Unusable:  # damaged, or made for other tables
+            return False
+        except Exception as exc:  # this BCC or kernel refuses it: compiled afresh, as said
+            note(f"a compile kept from an earlier run was not used ({one_line(exc)}): compiled afresh")
+            return False
+        self._unkept = None
+        kept.used(key)
+        return True
+
     def keep(self) -> None:
-        """Keep a fresh compile for the next run, once its programs have loaded (the loader
-        started): a text the verifier refuses is not kept."""
+        """Keep a fresh compile for the next run once the loader has started (the programs it
+        loads at once passed the verifier): a text the verifier refuses there is not kept."""
         if self._unkept is not None:
             (kept, key, bcc), self._unkept = self._unkept, None
-            kept.keep(key, bcc_kept.dump(bcc, self._bpf), most=bcc_kept.MOST)
+            try:
+                kept.keep(key, bcc_kept.dump(bcc, self._bpf), most=bcc_kept.MOST)
+            except Exception as exc:  # it only saves the next run's time
+                note(f"the compile could not be kept for the next run: {one_line(exc)}")
 
     def result(self):
         """The BPF object; a ProbedslError if BCC could not compile the program."""

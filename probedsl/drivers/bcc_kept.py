@@ -8,18 +8,22 @@ pass them (probedsl.trust.cachedir.Kept): they become kernel programs."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import struct
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 FORMAT = 1
 MOST = 64  # kept compiles (50-200 KB each; one per recipe, options and --comm name)
 LD_IMM64 = 0x18
 PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2  # an ld_imm64 whose imm is a table's descriptor
 TABLES_ONLY = "-DPROBEDSL_TABLES_ONLY"
+# programs BPF() attaches by their names' prefix: of those, the kept ones attached here
+AUTOLOADED = (b"kprobe__", b"kretprobe__", b"tracepoint__", b"raw_tracepoint__", b"kfunc__", b"kretfunc__", b"lsm__")
+ATTACHED_HERE = (b"tracepoint__", b"raw_tracepoint__")
 
 
 class Unusable(Exception):
@@ -27,17 +31,34 @@ class Unusable(Exception):
 
 
 def name(bcc, text: str, flags: List[str]) -> str:
-    """The kept file's name: what the compile's output depends on."""
-    lib = bcc.libbcc.lib
-    library = getattr(lib, "_name", "") or ""
-    try:
-        st = os.stat(library)
-        library += f":{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        pass
+    """The kept file's name: what the compile's output depends on (the text and its flags,
+    BCC, the clang and LLVM it runs, the kernel and the headers BCC compiles against)."""
     uname = os.uname()
-    parts = [str(FORMAT), getattr(bcc, "__version__", ""), library, uname.release, uname.version, text] + flags
+    headers = os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{uname.release}/build"
+    parts = [str(FORMAT), getattr(bcc, "__version__", ""), uname.release, uname.version, text, *flags]
+    parts += [_identity(headers), _identity(os.path.join(headers, "include/generated/autoconf.h"))]
+    parts += [_identity(path) for path in _compilers()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest() + ".json"
+
+
+def _compilers() -> List[str]:
+    """The files of libbcc, clang and LLVM this process has mapped (BCC loaded)."""
+    found = set()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if os.path.basename(path).startswith(("libbcc", "libclang", "libLLVM")):
+                found.add(path)
+    return sorted(found)
+
+
+def _identity(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}:-"
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _declare(lib) -> None:
@@ -106,9 +127,10 @@ def retarget(insns: bytes, moved: Dict[int, int]) -> bytes:
     return bytes(out)
 
 
-def loaded(bcc, text: str, flags: List[str], kept: bytes):
+def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], None]):
     """A bcc.BPF whose module holds the tables alone and whose programs are the kept ones,
-    attached as BPF() attaches its own (tracepoint__ and raw_tracepoint__ at once)."""
+    attached as BPF() attaches its own (tracepoint__ and raw_tracepoint__ at once). forget:
+    called when a kept program fails to load (the next run compiles afresh)."""
     try:
         saved = json.loads(kept)
         if saved.get("format") != FORMAT:
@@ -119,7 +141,10 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes):
         old = saved["tables"]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"damaged: {exc}") from None
-    bpf = _with_kept_programs(bcc)(bcc, text, flags)
+    others = [n for n in programs if n.startswith(AUTOLOADED) and not n.startswith(ATTACHED_HERE)]
+    if others:  # BPF() would attach them; this does not
+        raise Unusable(f"a program attached by its name: {others[0].decode()}")
+    bpf = _with_kept_programs(bcc)(bcc, text, flags, forget)
     try:
         new = _tables(bcc.libbcc.lib, bpf.module)
         if {k: v["shape"] for k, v in new.items()} != {k: v.get("shape") for k, v in old.items()}:
@@ -137,8 +162,9 @@ def _with_kept_programs(bcc):
     class WithKeptPrograms(bcc.BPF):
         """BPF() of the tables alone; load_func loads a kept program."""
 
-        def __init__(self, bcc, text: str, flags: List[str]):
+        def __init__(self, bcc, text: str, flags: List[str], forget: Callable[[], None]):
             self.kept: Dict[bytes, bytes] = {}
+            self.forget = forget
             super().__init__(text=text, cflags=flags + [TABLES_ONLY])
 
         def load_func(self, func_name, prog_type, device=None, attach_type=-1):
@@ -165,7 +191,12 @@ def _with_kept_programs(bcc):
                 attach_type,
             )
             if fd < 0:
-                raise Exception(f"Failed to load BPF program {func_name.decode()}: {os.strerror(ctypes.get_errno())}")
+                why = os.strerror(ctypes.get_errno())
+                self.forget()
+                raise Exception(
+                    f"Failed to load BPF program {func_name.decode()}: {why} (a compile kept from an "
+                    "earlier run: removed, the next run compiles the program afresh)"
+                )
             self.funcs[func_name] = fn = bcc.BPF.Function(self, func_name, fd)
             return fn
 

@@ -130,9 +130,9 @@ class HeldCommand:
         while self.poll() is None:
             if self.tether is not None and not self.tether.ended.is_set():
                 self.tether.ended.wait(0.05)  # it reaps the command: its status is the tether's
-                continue
-            _, status = os.waitpid(self.pid, 0)
-            self.status = shell_status(status)
+            elif self.poll() is None:  # (the tether may have reaped it as it ended)
+                _, status = os.waitpid(self.pid, 0)
+                self.status = shell_status(status)
         return self.status
 
 

@@ -140,6 +140,7 @@ class Tether:
             self._seize()
         except OSError as exc:
             self._error = f"{self.purpose}: cannot attach: {ptrace.why_refused(self.pid, exc)}"
+            self.ended.set()
             self._ready.set()
             return
         self._ready.set()

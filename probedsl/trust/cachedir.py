@@ -185,14 +185,15 @@ def write_whole(path: str, data: bytes) -> bool:
         os.replace(tmp, path)
         return True
     except OSError:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         return False
 
 
 class Kept:
     """Files of one cache kind that only save time (the recipe parser's tables, the compiled
-    templates): loaded only when read_trusted passes them, written whole; the directory found
-    at first use, quietly."""
+    templates, BCC's compiled programs): loaded only when read_trusted passes them, written
+    whole; the directory found at first use, quietly."""
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -208,8 +209,20 @@ class Kept:
         path = os.path.join(where, name) if where else ""
         return read_trusted(where, path) if path and os.path.lexists(path) else None
 
+    def used(self, name: str) -> None:
+        """A file loaded and used: the last that a bound (keep's most) removes."""
+        with contextlib.suppress(OSError):
+            if self._dir():
+                os.utime(os.path.join(self._dir(), name), follow_symlinks=False)
+
+    def forget(self, name: str) -> None:
+        """A file that failed where it was used: the next run builds it afresh."""
+        with contextlib.suppress(OSError):
+            if self._dir():
+                os.unlink(os.path.join(self._dir(), name))
+
     def keep(self, name: str, data: bytes, most: int = 0) -> bool:
-        """most: how many files the kind keeps (0: no bound); the oldest written go first."""
+        """most: how many files the kind keeps (0: no bound); the least recently used go first."""
         where = self._dir()
         if not (where and write_whole(os.path.join(where, name), data)):
             return False
@@ -222,6 +235,8 @@ def _prune(where: str, most: int) -> None:
     found = []
     with os.scandir(where) as entries:
         for entry in entries:
+            if entry.name.startswith(".new-"):  # another run's, being written
+                continue
             with contextlib.suppress(OSError):  # one another run removed meanwhile
                 found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
     for _, path in sorted(found)[: max(0, len(found) - most)]:
