@@ -87,8 +87,7 @@ class Tether:
     def start(self) -> None:
         """Attach to every thread; ProbedslError (one line) when the system refuses."""
         self._worker.start()
-        self._ready.wait()
-        if self._error:
+        if self._ready.wait() and self._error:
             raise ProbedslError(self._error)
 
     @property
