@@ -143,7 +143,7 @@ static __always_inline int probedsl_process_ends(void)
     return live == 0;
 }
 
-// the traced process and the children it forks (the loader adds the first)
+// the traced process (the loader adds it) and the children it forks
 BPF_HASH(probedsl_traced, u32, u8, 65536);
 
 #ifndef PROBEDSL_TABLES_ONLY

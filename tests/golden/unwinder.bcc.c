@@ -68,6 +68,7 @@ BPF_TABLE("lru_hash", u32, u64, probedsl_py_tstates, 16384);
 // freed soon after: the __main__ module's is, as its run ends)
 BPF_RINGBUF_OUTPUT(probedsl_py_doorbell, 16);
 
+#ifndef PROBEDSL_TABLES_ONLY
 static __always_inline u64 probedsl_py_u64(u64 address)
 {
     u64 value = 0;
@@ -140,8 +141,10 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
     s->rec.n = n;
     return &s->rec;
 }
+#endif
 
 // start a walk in this CPU's scratch at regs, the user registers (ctx itself in a uprobe)
+#ifndef PROBEDSL_TABLES_ONLY
 static __always_inline int probedsl_unw_begin(struct pt_regs *regs)
 {
     u32 zero = 0;
@@ -314,4 +317,5 @@ static __always_inline int probedsl_unw_begin_syscall(void)
     bpf_probe_read_kernel(&regs, sizeof(regs), (void *)bpf_task_pt_regs(bpf_get_current_task_btf()));
     return probedsl_unw_begin(&regs);
 }
+#endif
 // probedsl unwinder: end
