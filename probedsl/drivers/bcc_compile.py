@@ -76,38 +76,48 @@ class Compilation:
         self._bpf = None
         self._error: Optional[Exception] = None
         self._unkept: Optional[tuple] = None  # (kept, name, bcc): a fresh compile to keep
-        self._thread = threading.Thread(
-            target=self._compile, args=(bcc, c_text, pid, kept), name="probedsl-bcc-compile", daemon=True
-        )
-        self._thread.start()
-
-    def _compile(self, bcc, c_text: str, pid: int, kept) -> None:
-        try:  # the flags too (the kernel's BTF, a PID namespace's layout)
+        # the flags and a kept compile are found here, before the thread starts: there, this
+        # Python work would wait for the GIL behind the session's, and the compile start late
+        earlier, flags = None, []
+        try:  # the kernel's BTF, a PID namespace's layout
             flags, own = machine_flags(), per_run(c_text, pid)
-            if own:
-                flags, kept = flags + own, None
-            if kept is not None and self._reuse(bcc, c_text, flags, kept):
-                return
-            self._bpf = bcc.BPF(text=c_text, cflags=flags)
+        except ProbedslError as exc:
+            self._error = exc
+        else:
+            if kept is not None and not own:  # (a text with this run's pids is never kept)
+                earlier = self._kept(bcc, c_text, flags, kept)
+            flags += own
+        self._thread = threading.Thread(
+            target=self._compile, args=(bcc, c_text, flags, earlier), name="probedsl-bcc-compile", daemon=True
+        )
+        if self._error is None:
+            self._thread.start()
+
+    def _kept(self, bcc, c_text: str, flags: List[str], kept) -> Optional[bytes]:
+        """An earlier compile of this text, if one was kept (and this one to keep, if not)."""
+        try:
+            key = bcc_kept.name(bcc, c_text, flags)
+            earlier = kept.load(key)
+        except OSError:
+            return None
+        except Exception as exc:  # it only saves time: the run goes on, as said
+            note(f"compiles kept from earlier runs not used: {one_line(exc)}")
+            return None
+        self._unkept = (kept, key, bcc)
+        return earlier
+
+    def _compile(self, bcc, c_text: str, flags: List[str], earlier: Optional[bytes]) -> None:
+        try:
+            if earlier is None or not self._reuse(bcc, c_text, flags, earlier):
+                self._bpf = bcc.BPF(text=c_text, cflags=flags)
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors
             self._error = ProbedslError(f"BCC could not compile the program: {exc}")
 
-    def _reuse(self, bcc, c_text: str, flags: List[str], kept) -> bool:
-        """The programs of an earlier compile of this text, if one was kept and fits; else
-        (no file, or one that does not fit) False, and the text is compiled."""
-        try:
-            key = bcc_kept.name(bcc, c_text, flags)
-            earlier = kept.load(key)
-        except OSError:
-            return False
-        except Exception as exc:  # it only saves time: the run goes on, as said
-            note(f"compiles kept from earlier runs not used: {one_line(exc)}")
-            return False
-        self._unkept = (kept, key, bcc)
-        if earlier is None:
-            return False
+    def _reuse(self, bcc, c_text: str, flags: List[str], earlier: bytes) -> bool:
+        """The programs of the kept compile, if it fits (else False: the text is compiled)."""
+        kept, key, _ = self._unkept
         try:
             self._bpf = bcc_kept.loaded(bcc, c_text, flags, earlier, lambda: kept.forget(key))
         except bcc_kept.Unusable:  # damaged, or made for other tables
@@ -131,7 +141,8 @@ class Compilation:
 
     def result(self):
         """The BPF object; a ProbedslError if BCC could not compile the program."""
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._bpf
