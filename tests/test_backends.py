@@ -223,15 +223,17 @@ def test_bpftrace_accepts_generated_script(recipe, scope, tmp_path, root_require
 @pytest.mark.parallel
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 @pytest.mark.parametrize("scope", [ir.Scope(), ir.Scope("comm", comm="x")], ids=["all", "comm"])
-def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled):
+def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, sampled, capfd):
     """--comm with dwarf stacks (BCC's default), as inside a PID namespace (every pid read in it,
     by hand for a nested one) and with the kernel headers' layout (no BTF), --all with fp and a
     run's flags (the BTF's offsets: no kernel headers unless a tracepoint names kernel types):
     each program is verified; with dwarf, the unwinder is verified once, in its own programs,
-    which no acquire program inlines, a few frames at a time."""
-    from bcc import BPF
+    which no acquire program inlines, a few frames at a time. The text compiled with its tables
+    alone (as a run that loads a kept compile does) makes the same tables, no program, and no
+    warning."""
+    from bcc import BPF, libbcc
 
-    from probedsl.drivers import bcc_compile
+    from probedsl.drivers import bcc_compile, bcc_kept
 
     program = built(recipe, sampled).with_scope(scope).walking_stacks("dwarf" if scope.mode == "comm" else "fp")
     gen = backends.for_target(targets.detect("bcc")).generate(program)
@@ -277,8 +279,18 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
             assert all(verified_instructions(p.fd) < least / 2 for p in programs + unwinders)
             # a few frames at a time, not all 64 in one program (that verified ~280,000)
             assert all(verified_instructions(f.fd) < 80_000 for f in frames)
+        tables = {k: v["shape"] for k, v in bcc_kept._tables(libbcc.lib, bpf.module).items()}
     finally:
         bpf.cleanup()
+    capfd.readouterr()
+    alone = BPF(text=gen.text, cflags=flags + [bcc_kept.TABLES_ONLY])
+    try:
+        assert {k: v["shape"] for k, v in bcc_kept._tables(libbcc.lib, alone.module).items()} == tables
+        assert libbcc.lib.bpf_num_functions(alone.module) == 0
+    finally:
+        alone.cleanup()
+    said = capfd.readouterr().err
+    assert "warning" not in said and "error" not in said, said
 
 
 @pytest.mark.debian13

@@ -57,6 +57,7 @@ def memleak(cache, leak, *options) -> dict:
     argv = ["run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json", *options, "--", leak]
     result = probedsl(*argv, input="\n", env=env, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr  # (clang's, of a tables-only compile too)
     return report_json(result.stdout)
 
 
