@@ -846,6 +846,7 @@ int heap_free_10_entry(struct pt_regs *ctx)
     return 0;
 }
 #endif
+#ifndef PROBEDSL_TABLES_ONLY
 
 // the unwinder programs: take the stack, store the entries the calling program deferred
 static __always_inline void probedsl_finish_deferred(s64 ustack)
@@ -853,7 +854,6 @@ static __always_inline void probedsl_finish_deferred(s64 ustack)
     heap_store_pending(ustack);
     probedsl_unw_release();
 }
-#ifndef PROBEDSL_TABLES_ONLY
 
 int probedsl_unwinder(struct pt_regs *ctx)
 {
