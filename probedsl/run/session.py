@@ -213,8 +213,7 @@ class Session(Reporting):
                 self.say(estimate.startup_line(self.marks))
 
     def _release(self) -> None:
-        """Let the command exec; with dwarf stacks, held until the loader has mapped the
-        libraries it needs, whose rows then go in before the program's first instruction."""
+        """Let the command exec; with dwarf stacks, held until its libraries' rows are in."""
         env = self.private.env if self.private else None
         hold = {}
         if self.driver.unwinds_stacks():
@@ -335,12 +334,13 @@ class Session(Reporting):
             if self.ended():
                 break
             if next_report and time.monotonic() >= next_report:
-                next_report += opts.interval
-                reach = None
+                due, next_report = next_report, next_report + opts.interval
+                if opts.duration and due - self.started >= opts.duration - 1e-6:
+                    continue  # the report due as --duration ends is the final one, not one before it
                 if self.scanner and self.scanner.tether.attached:
                     snap, reach = self.scanner.scan(lambda: driver.snapshot(timeout=5))
                 else:
-                    snap = driver.snapshot(timeout=5)
+                    snap, reach = driver.snapshot(timeout=5), None
                 if snap is not None:
                     self.last_snapshot = snap
                     self.emit(snap, reachability=reach)
