@@ -212,14 +212,18 @@ class Kept:
     def used(self, name: str) -> None:
         """A file loaded and used: the last that a bound (keep's most) removes."""
         with contextlib.suppress(OSError):
-            if self._dir():
-                os.utime(os.path.join(self._dir(), name), follow_symlinks=False)
+            os.utime(self._path(name), follow_symlinks=False)
 
     def forget(self, name: str) -> None:
         """A file that failed where it was used: the next run builds it afresh."""
         with contextlib.suppress(OSError):
-            if self._dir():
-                os.unlink(os.path.join(self._dir(), name))
+            os.unlink(self._path(name))
+
+    def _path(self, name: str) -> str:
+        """name's path in the trusted directory (OSError when there is none)."""
+        if not self._dir():
+            raise FileNotFoundError(name)
+        return os.path.join(self._dir(), name)
 
     def keep(self, name: str, data: bytes, most: int = 0) -> bool:
         """most: how many files the kind keeps (0: no bound); the least recently used go first."""
