@@ -30,6 +30,26 @@ def test_rows_are_cached_on_disk_by_build_id(tmp_path, monkeypatch):
     assert unwind_tables.rows_of(LIBC) == decoded[:end]
 
 
+def test_rows_read_ahead_are_taken_once_and_only_for_the_same_file(tmp_path, monkeypatch, build):
+    """read_ahead finds the rows on its own thread (while the backend compiles); rows_of takes
+    them, waiting if they are still being found, but not for a file replaced meanwhile."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    exe = str(tmp_path / "leak")
+    subprocess.run(["cp", build("leak"), exe], check=True)
+    decoded = {p: unwind_tables.encode(cfi.table(p)) for p in (LIBC, exe, "/bin/true")}
+    found = []
+    real = unwind_tables._rows_of
+    monkeypatch.setattr(unwind_tables, "_rows_of", lambda path: found.append(path) or real(path))
+    unwind_tables.read_ahead([exe, LIBC, exe, str(tmp_path / "absent")])
+    assert unwind_tables.rows_of(LIBC) == decoded[LIBC]  # (found after exe's)
+    subprocess.run(["cp", "/bin/true", exe + ".new"], check=True)
+    os.replace(exe + ".new", exe)
+    assert unwind_tables.rows_of(exe) == decoded["/bin/true"]  # replaced: found again
+    assert unwind_tables.rows_of(LIBC) == decoded[LIBC]
+    assert found.count(LIBC) == 2 and found.count(exe) == 2, found  # ahead once, then asked again
+    assert unwind_tables._ahead == {}
+
+
 def test_a_file_without_build_id_is_decoded_every_time(tmp_path, monkeypatch, build):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     exe = str(tmp_path / "no-id")

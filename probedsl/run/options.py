@@ -14,9 +14,10 @@ from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HeldCommand
 from probedsl.process import pidns, procfs
 from probedsl.process.procfs import process_alive, processes_named
-from probedsl.process.libraries import LibraryResolver
+from probedsl.process.libraries import LibraryResolver, linked_libraries
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
+from probedsl.stacks import stacktrust, unwind_tables
 
 
 @dataclass
@@ -120,6 +121,22 @@ def traced(scope: ir.Scope, tracker: MappingTracker):
 
 def probed_files(program: ir.Program) -> List[str]:
     return sorted({f for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE for f in p.files})
+
+
+def read_ahead(
+    program: ir.Program, held: Optional[HeldCommand], env: Optional[dict], tracker: MappingTracker
+) -> List[str]:
+    """The call-frame tables the report (fp) or the unwinder (dwarf) will read, read on a thread
+    while the backend compiles: the probed libraries' and the command's; with dwarf stacks, the
+    unwinder's rows of every file a pid maps, or of those the loader maps for the command (with
+    env), which are returned."""
+    scope, dwarf = program.scope, program.stacks == "dwarf"
+    mapped = tracker.mappings(scope.pid) if dwarf and scope.mode == "pid" else []
+    linked = linked_libraries(held.exe, env) if held and dwarf else []
+    files = probed_files(program) + ([held.exe] if held else []) + linked
+    files += [m.path if m.file is None else m.file for m in mapped]
+    (unwind_tables if dwarf else stacktrust).read_ahead([f for f in files if f])
+    return linked
 
 
 def bystander_notes(

@@ -19,14 +19,14 @@ from probedsl.process import pidns, roots
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
 from probedsl.process.procfs import process_alive, processes_named
-from probedsl.process.libraries import linked_libraries, mapped_files
+from probedsl.process.libraries import mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
-from probedsl.stacks import stacktrust
 from probedsl.stacks.symbolizer import Symbolizer
 from probedsl.process.tree_tether import TreeTether
-from probedsl.run.options import RunOptions, scope_of, check_output, traced, probed_files, bystander_notes, end_command
+from probedsl.run.options import (RunOptions, scope_of, check_output, traced, probed_files, bystander_notes,
+                                  end_command, read_ahead)
 from probedsl.run.reporting import Reporting
 
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
@@ -173,8 +173,7 @@ class Session(Reporting):
             self.tracker.snapshot(pid)                  # mapped before we started listening
         faults.wait("attach")
         self._hold_forks()                             # before the probes: no fork is missed
-        if self.program.stacks == "fp":                # what the report reads, while the backend compiles
-            stacktrust.read_ahead(probed_files(self.program) + ([self.held.exe] if self.held else []))
+        self.linked = read_ahead(self.program, self.held, self.private.env if self.private else None, self.tracker)
         self.driver.start()                            # 2
         self._watch_bearers(self.follower)
         if self.follower and scope.tracks_children:
@@ -217,7 +216,7 @@ class Session(Reporting):
         env = self.private.env if self.private else None
         hold = {}
         if self.driver.unwinds_stacks():
-            needed = {os.path.realpath(p) for p in linked_libraries(self.held.exe, env)}
+            needed = {os.path.realpath(p) for p in self.linked}
 
             def at_exec():
                 faults.wait("exec-hold")

@@ -12,6 +12,7 @@ rows are kept on disk by its build id, so the next run does not decode its .eh_f
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -25,7 +26,7 @@ from elftools.elf.elffile import ELFFile
 
 from probedsl.trust import cachedir
 from probedsl.binaries import cfi, debuginfo, elf
-from probedsl import faults, notices
+from probedsl import faults, notices, threads
 from probedsl.errors import ProbedslError
 from probedsl.process.mappings import Mapping, read_proc_maps
 from probedsl.ir.stackformat import (
@@ -60,8 +61,56 @@ def cache_dir() -> str:
     return cachedir.directory("unwind-rows")
 
 
+# path -> (its identity then, its rows being found): read_ahead's, until rows_of takes them
+_ahead: Dict[str, Tuple[Tuple[int, ...], concurrent.futures.Future]] = {}
+_ahead_lock = threading.Lock()
+
+
+def _identity(path: str) -> Tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_ahead(paths: Iterable[str]) -> None:
+    """The files' rows found on a thread of their own while the backend compiles (the main
+    thread only waits then): decoding python3's and libc's took 0.65 s after a first compile,
+    reading them from the disk cache 0.05 s after a later one."""
+    found: Dict[str, concurrent.futures.Future] = {}
+    with _ahead_lock:
+        for path in dict.fromkeys(paths):
+            try:
+                identity = _identity(path)
+            except OSError:
+                continue
+            if path not in _ahead:
+                found[path] = concurrent.futures.Future()
+                _ahead[path] = identity, found[path]
+
+    def find():
+        for path, future in found.items():
+            try:
+                future.set_result(_rows_of(path))
+            except Exception as exc:  # raised again to rows_of's caller
+                future.set_exception(exc)
+
+    if found:
+        threads.start("probedsl-rows-ahead", find)
+
+
 def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
-    """The file's rows: from the disk cache by build id, else decoded (and then cached)."""
+    """The file's rows: read ahead (probedsl.stacks.unwind_tables.read_ahead), else from the
+    disk cache by build id, else decoded (and then cached)."""
+    with _ahead_lock:
+        identity, future = _ahead.pop(path, (None, None))
+    try:
+        if future is not None and identity == _identity(path):  # (not replaced meanwhile)
+            return future.result()
+    except OSError:
+        pass
+    return _rows_of(path)
+
+
+def _rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
     try:
         with open(path, "rb") as f:
             ident = debuginfo.build_id(ELFFile(f))
