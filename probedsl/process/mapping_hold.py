@@ -77,7 +77,7 @@ class MappingHold:
             self._release_all()
             if self._guard >= 0:
                 # a stop sent just before the switch went off is marked just after
-                time.sleep(hold_guard.AGAIN_S)
+                hold_guard.stops_in_flight_done()
                 self._release_all()
                 hold_guard.done(self._guard)
                 self._guard = -1
