@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 
+from probedsl.process import procfs
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.tether import Tether
 
@@ -73,3 +75,22 @@ def test_a_followed_command_killed_before_release_is_reaped_by_its_tether(ended_
     if ended_by == "kill":
         assert tether.exit_status == 128 + signal.SIGKILL  # the tether reaped it, not abandon
     tether.close()
+
+
+def test_the_run_loop_wakes_as_the_traced_process_ends():
+    """procfs.Ending: the loop's pause ends as the process does (its pidfd becomes readable),
+    then short pauses while whoever reaps it has not yet; nothing to wake on without a pid."""
+    child = subprocess.Popen(["sleep", "600"])
+    end = procfs.Ending(child.pid)
+    try:
+        pause, wake = end.turn(0.05)
+        assert pause == 0.05 and wake is not None
+        child.kill()
+        procfs.pause(600, wake)  # returns as it ends (else the test times out)
+        assert end.turn(0.05) == (procfs.Ending.QUICK_S, None)
+        child.wait()
+    finally:
+        end.close()
+        child.kill()
+        child.wait()
+    assert procfs.Ending(0).turn(0.05) == (0.05, None)

@@ -14,8 +14,9 @@ class Driver(Protocol):
     def snapshot(self, timeout: float = 30) -> Optional[Snapshot]:
         """The tracing state now; None if the tracer could not give it in time."""
 
-    def idle(self, seconds: float) -> None:
-        """The run loop's pause between turns (a driver may do its own work meanwhile)."""
+    def idle(self, seconds: float, wake: Optional[int] = None) -> None:
+        """The run loop's pause between turns (a driver may do its own work meanwhile), ended
+        early when wake (a descriptor) becomes readable."""
 
     def alive(self) -> bool:
         """Whether the tracer still runs."""

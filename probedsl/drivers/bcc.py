@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from typing import List, Optional
 
 from probedsl.drivers.bcc_compile import Compilation
+from probedsl.process import procfs
 from probedsl.process.procfs import map_memory
 from probedsl.drivers.rundata import Snapshot
 from probedsl.drivers.bcc_compat import _import_bcc
@@ -58,7 +58,7 @@ class BccDriver:
         """One process's live entries, for --reachability's scan at its exit (BccReading.live_of)."""
         return self.loader.live_of(pid) if self.loader is not None else None
 
-    def idle(self, seconds: float) -> None:
+    def idle(self, seconds: float, wake: Optional[int] = None) -> None:
         """The run loop's pause between turns; with --per-process it ends as soon as a process
         takes the name, which is then attached at once."""
         if self.loader is not None and self.loader.ended_images is not None and self.loader.ended_images.due():
@@ -66,9 +66,9 @@ class BccDriver:
         if self.loader is not None and (self.loader.per_process or self.loader.watch_roots):
             self.loader.admit(wait_s=seconds)
         elif self.loader is not None and self.loader.held_forks:
-            self.loader.reap(seconds)
+            self.loader.reap(seconds, wake)
         else:
-            time.sleep(seconds)
+            procfs.pause(seconds, wake)
 
     def alive(self) -> bool:
         return self.loader is not None

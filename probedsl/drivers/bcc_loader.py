@@ -18,6 +18,7 @@ from probedsl.errors import ProbedslError
 from probedsl.ir.layout import ResourceLayout
 from probedsl.drivers.bcc_images import EndedImages
 from probedsl.process.libraries import LibraryResolver
+from probedsl.process import procfs
 from probedsl.process.procfs import has_memory, is_process, live_task, process_alive, processes_named
 from probedsl.process.mapping_hold import MappingHold
 from probedsl.stacks.unwind_tables import UnwindTables
@@ -196,7 +197,7 @@ class BccLoader(BccReading):
         if failure:
             raise ProbedslError(failure)
 
-    def reap(self, wait_s: float) -> None:
+    def reap(self, wait_s: float, wake: Optional[int] = None) -> None:
         """Following held forks: the uprobes of children that ended are closed (perf events one
         a turn, once none has arrived for a while: bcc_uprobes.PerfEvents)."""
         with self.lock:
@@ -206,7 +207,7 @@ class BccLoader(BccReading):
             if closing:
                 self.uprobes.close_one()
         if not closing:
-            time.sleep(wait_s)
+            procfs.pause(wait_s, wake)
 
     def _attach_process(self, pid: int, last_try: bool = False, quiet: bool = True) -> None:
         """--per-process: uprobes on one process. A process between releasing its memory and

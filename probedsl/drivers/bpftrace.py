@@ -22,6 +22,7 @@ from probedsl.drivers import images
 from probedsl.ir import layout
 from probedsl.ir.layout import TALLY_SHIFT, Counter, counted
 from probedsl.targets.bpftrace import READY_MARK, SNAPSHOT_MARK, Bpftrace
+from probedsl.process import procfs
 from probedsl.process.procfs import map_memory
 from probedsl.errors import ProbedslError
 from probedsl import threads
@@ -314,9 +315,9 @@ class BpftraceDriver:
                 if time.monotonic() >= deadline:
                     return None
 
-    def idle(self, seconds: float) -> None:
+    def idle(self, seconds: float, wake: Optional[int] = None) -> None:
         """The run loop's pause between turns."""
-        time.sleep(seconds)
+        procfs.pause(seconds, wake)
 
     def unwind_memory(self) -> int:
         return 0

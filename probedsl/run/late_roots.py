@@ -201,10 +201,10 @@ class LateRoots(MergedDriver):
         return tether, ""
 
     # --- the run loop's thread ----------------------------------------------------------------
-    def idle(self, seconds: float) -> None:
+    def idle(self, seconds: float, wake: Optional[int] = None) -> None:
         """Between the run's turns: a bpftrace for each root queued since, then the pause."""
         self.start_pending()
-        self.main.idle(seconds)
+        self.main.idle(seconds, wake)
 
     def start_pending(self) -> None:
         """A bpftrace for each root queued; its processes let go after. A root met once the

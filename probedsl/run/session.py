@@ -18,7 +18,7 @@ from probedsl.errors import ProbedslError, one_line
 from probedsl.process import pidns, roots
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
-from probedsl.process.procfs import process_alive, processes_named
+from probedsl.process.procfs import Ending, process_alive, processes_named
 from probedsl.process.libraries import mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
@@ -328,6 +328,7 @@ class Session(Reporting):
         next_report = self.started + opts.interval if opts.interval else None
         # --prometheus without --interval: the gauges are refreshed this often, nothing printed
         next_metrics = self.started + METRICS_REFRESH_S if self.exporter and not opts.interval else None
+        self.cleanup.callback((end := Ending(self.program.scope.pid)).close)  # (0 but with a pid or command)
         while True:
             self._at_exit()
             if self.ended():
@@ -350,7 +351,7 @@ class Session(Reporting):
                     self.last_snapshot = snap
                     self.exporter.publish(self.build_report(snap))
             self._sample_if_due()
-            driver.idle(0.05)
+            driver.idle(*end.turn(0.05))
         if self.held and self.held.poll() is None and self.stop.signal is not None:
             end_command(self.held, self.stop.signal, self.notes, self._at_exit)
         if self.stop.signal is not None:
