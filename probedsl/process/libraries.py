@@ -45,14 +45,21 @@ def mapped_files(pid: int) -> List[str]:
     return list(dict.fromkeys(roots.inside(pid, m.path) for m in read_proc_maps(pid)))
 
 
+def dynamic_loader(root: str = "") -> str:
+    """The dynamic loader's path (inside root), "" if it has none."""
+    return next(
+        (p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(root + p)), ""
+    )
+
+
 def loader_map(command: str, env: Optional[dict] = None, root: str = "") -> List[Tuple[str, str]]:
     """(name asked for, file) for each library the dynamic loader would map for `command`,
     from `ld.so --list` (which loads but does not run it), under `env` added to ours; with
     `root`, as the command will see it chrooted there (paths inside the root)."""
-    loaders = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(root + p)]
-    if not loaders:
+    loader = dynamic_loader(root)
+    if not loader:
         return []
-    argv = (["chroot", root] if root else []) + [loaders[0], "--list", command]
+    argv = (["chroot", root] if root else []) + [loader, "--list", command]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10, env={**os.environ, **(env or {})}).stdout
     except (OSError, subprocess.TimeoutExpired):

@@ -14,7 +14,7 @@ from probedsl.errors import ProbedslError
 from probedsl.process.launcher import HeldCommand
 from probedsl.process import pidns, procfs
 from probedsl.process.procfs import process_alive, processes_named
-from probedsl.process.libraries import LibraryResolver, linked_libraries
+from probedsl.process.libraries import LibraryResolver, dynamic_loader, linked_libraries
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.stacks import stacktrust, unwind_tables
@@ -132,8 +132,10 @@ def read_ahead(
     env), which are returned."""
     scope, dwarf = program.scope, program.stacks == "dwarf"
     mapped = tracker.mappings(scope.pid) if dwarf and scope.mode == "pid" else []
-    linked = linked_libraries(held.exe, env) if held and dwarf else []
-    files = probed_files(program) + ([held.exe] if held else []) + linked
+    # as the kernel names them (/usr/lib/..., not ld.so's /lib/...): the unwinder asks by that name
+    linked = [os.path.realpath(p) for p in linked_libraries(held.exe, env)] if held and dwarf else []
+    loader = [os.path.realpath(dynamic_loader())] if linked else []  # read, not awaited: a static program never maps it
+    files = probed_files(program) + ([held.exe] if held else []) + linked + loader
     files += [m.path if m.file is None else m.file for m in mapped]
     (unwind_tables if dwarf else stacktrust).read_ahead([f for f in files if f])
     return linked

@@ -92,6 +92,7 @@ def read_ahead(paths: Iterable[str]) -> None:
                 future.set_result(_rows_of(path))
             except Exception as exc:  # raised again to rows_of's caller
                 future.set_exception(exc)
+            elf.symbols(path)  # (cached) its segments place the rows, its names the report's frames
 
     if found:
         threads.start("probedsl-rows-ahead", find)
