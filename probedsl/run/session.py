@@ -212,11 +212,11 @@ class Session(Reporting):
                 self.say(estimate.startup_line(self.marks))
 
     def _release(self) -> None:
-        """Let the command exec; with dwarf stacks, held until its libraries' rows are in."""
+        """Let the command exec; with dwarf stacks, its libraries' rows in first (mapping hold, else ptrace)."""
         env = self.private.env if self.private else None
         hold = {}
         if self.driver.unwinds_stacks():
-            needed = {os.path.realpath(p) for p in self.linked}
+            needed = set() if self.driver.holds_mappings() else {os.path.realpath(p) for p in self.linked}
 
             def at_exec():
                 faults.wait("exec-hold")
