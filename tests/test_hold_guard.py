@@ -11,6 +11,7 @@ def test_stops_in_flight_are_awaited_by_a_grace_period_or_else_a_pause(monkeypat
     refuses it (nohz_full) or has one CPU online (no grace period waited), the pause instead."""
     calls, pauses = [], []
     monkeypatch.setattr(hold_guard.time, "sleep", pauses.append)
+    monkeypatch.setattr(hold_guard.os, "sysconf", lambda name: 2)  # (whatever CPUs this machine has)
     monkeypatch.setattr(hold_guard, "_libc", type("L", (), {"syscall": lambda self, *a: calls.append(a) or 0})())
     hold_guard.stops_in_flight_done()
     assert calls == [(hold_guard._SYS_MEMBARRIER, 1, 0, 0)] and pauses == []

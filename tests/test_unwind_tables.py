@@ -72,3 +72,16 @@ def test_a_cfa_offset_the_kernel_row_cannot_hold_is_no_unwind_information():
     assert [r[0] for r in rules[1:]] == [stackformat.INVALID, stackformat.INVALID]
     for kind, cfa_off, rbp_kind, rbp_off in rules:
         unwind_tables._KERNEL_ROW.pack(0, kind, rbp_kind, rbp_off, cfa_off, 0)
+
+
+def test_rows_not_read_ahead_are_found_when_asked(tmp_path, monkeypatch):
+    """No thread to read them ahead (or one that ended early): rows_of finds them itself, never waits."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def refused(name, target):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(unwind_tables.threads, "start", refused)
+    unwind_tables.read_ahead([LIBC])
+    assert unwind_tables.rows_of(LIBC) == unwind_tables.encode(cfi.table(LIBC))
+    assert unwind_tables._ahead == {}

@@ -103,7 +103,7 @@ class BccDriver:
             unwind.following = True
             if self.loader.hold is not None:
                 tracker.on_turn(self.loader.hold.turn)
-                self.loader.hold.start()
+                self.loader.hold.start(tracker)
 
     def stop_following(self, tracker) -> None:
         if self.loader is not None and self.loader.unwind is not None:

@@ -43,8 +43,11 @@ class MappingHold:
         self.longest_ns = 0  # the longest of them, from the stop to SIGCONT
         self.finalizing_bounded = 0  # CPythons let go at their finalization by the bound
         self._guard = -1  # the write end of the guard's pipe (probedsl.process.hold_guard)
+        self._tracker = None  # the mapping tracker whose turns run this hold
+        self._lost = 0  # its records lost, as of the last turn
 
-    def start(self) -> None:
+    def start(self, tracker) -> None:
+        self._tracker = tracker
         # before the first stop: whatever ends probedsl, a stopped process is continued
         self._guard = hold_guard.start((self.marks.map_fd, self.finalizing.map_fd), self.switch.map_fd)
         self.switch[ctypes.c_int(0)] = ctypes.c_uint32(1)
@@ -61,6 +64,11 @@ class MappingHold:
             return
         faults.wait("mapping-hold")
         drain()
+        lost = self._tracker.lost if self._tracker is not None else 0
+        if lost > self._lost:  # records lost since: each one held is read whole (stopped: exact)
+            self._lost = lost
+            for pid in pids:
+                self._tracker.snapshot(pid)
         with self._lock:
             if not self.closed:
                 self._release(pids)

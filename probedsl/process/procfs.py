@@ -90,12 +90,12 @@ class Ending:
     def __init__(self, pid: int):
         try:
             self._fd = os.pidfd_open(pid) if pid else -1
-        except OSError:
+        except (OSError, AttributeError):  # (a Python built without it)
             self._fd = -1
         self._ended = 0.0
 
     def turn(self, pause: float) -> Tuple[float, Optional[int]]:
-        if self._fd >= 0 and select.select([self._fd], [], [], 0)[0]:
+        if self._fd >= 0 and _readable(self._fd, 0):
             self.close()
             self._ended = time.monotonic()
         if self._fd >= 0:
@@ -114,7 +114,13 @@ def pause(seconds: float, wake: Optional[int] = None) -> None:
     if wake is None:
         time.sleep(seconds)
     else:
-        select.select([wake], [], [], seconds)
+        _readable(wake, seconds)
+
+
+def _readable(fd: int, seconds: float) -> bool:
+    poller = select.poll()  # (not select(): a run holds many descriptors, this one may be over 1023)
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
 
 
 def live_threads(pid: int, tids: Iterable[int] = ()) -> List[int]:

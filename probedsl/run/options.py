@@ -130,12 +130,15 @@ def read_ahead(
     while the backend compiles: the probed libraries' and the command's; with dwarf stacks, the
     unwinder's rows of every file a pid maps, or of those the loader maps for the command (with
     env), which are returned."""
+    if not any(r.records("ustack") for r in program.resources):
+        return []
     scope, dwarf = program.scope, program.stacks == "dwarf"
     mapped = tracker.mappings(scope.pid) if dwarf and scope.mode == "pid" else []
     # as the kernel names them (/usr/lib/..., not ld.so's /lib/...): the unwinder asks by that name
     linked = [os.path.realpath(p) for p in linked_libraries(held.exe, env)] if held and dwarf else []
-    loader = [os.path.realpath(dynamic_loader())] if linked else []  # read, not awaited: a static program never maps it
-    files = probed_files(program) + ([held.exe] if held else []) + linked + loader
+    loader = [os.path.realpath(dynamic_loader())] if linked else []  # (its own PT_INTERP may be another)
+    # in the order the command needs them: its image and the loader at its exec, then its libraries
+    files = ([held.exe] if held else []) + loader + linked + probed_files(program)
     files += [m.path if m.file is None else m.file for m in mapped]
     (unwind_tables if dwarf else stacktrust).read_ahead([f for f in files if f])
     return linked

@@ -87,15 +87,23 @@ def read_ahead(paths: Iterable[str]) -> None:
                 _ahead[path] = identity, found[path]
 
     def find():
-        for path, future in found.items():
-            try:
-                future.set_result(_rows_of(path))
-            except Exception as exc:  # raised again to rows_of's caller
-                future.set_exception(exc)
-            elf.symbols(path)  # (cached) its segments place the rows, its names the report's frames
+        try:
+            for path, future in found.items():
+                try:
+                    future.set_result(_rows_of(path))
+                except Exception as exc:  # raised again to rows_of's caller
+                    future.set_exception(exc)
+                elf.symbols(path)  # (cached) its segments place the rows, its names the report's frames
+        finally:  # those not found (it ended early, or never began): rows_of finds them itself
+            for future in found.values():
+                future.cancel()
 
     if found:
-        threads.start("probedsl-rows-ahead", find)
+        try:
+            threads.start("probedsl-rows-ahead", find)
+        except RuntimeError:  # no thread to spare
+            for future in found.values():
+                future.cancel()
 
 
 def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
@@ -106,7 +114,7 @@ def rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
     try:
         if future is not None and identity == _identity(path):  # (not replaced meanwhile)
             return future.result()
-    except OSError:
+    except (OSError, concurrent.futures.CancelledError):
         pass
     return _rows_of(path)
 
