@@ -33,10 +33,6 @@ class Driver(Protocol):
     def unwinds_stacks(self) -> bool:
         """Whether it unwinds user stacks itself (and so needs each process's mappings)."""
 
-    def holds_mappings(self) -> bool:
-        """Whether a launched command is stopped at each mmap of code until its rows are in
-        (probedsl.process.mapping_hold), its exec's libraries too."""
-
     def follow_mappings(self, tracker, preload: List[str], wanted=None, python: bool = True) -> None:
         """Be told of processes' mappings (probedsl.process.mappings.MappingTracker); preload: files a
         command about to start will map; wanted(pid): whether a process is traced (None: all);

@@ -84,9 +84,6 @@ class BccDriver:
     def unwinds_stacks(self) -> bool:
         return self.loader is not None and self.loader.unwind is not None
 
-    def holds_mappings(self) -> bool:
-        return self.unwinds_stacks() and self.loader.hold is not None
-
     def follow_mappings(self, tracker, preload, wanted=None, python=True) -> None:
         if self.loader is not None and self.loader.unwind is not None:
             unwind = self.loader.unwind

@@ -325,9 +325,6 @@ class BpftraceDriver:
     def unwinds_stacks(self) -> bool:
         return False
 
-    def holds_mappings(self) -> bool:
-        return False
-
     def follow_mappings(self, tracker, preload, wanted=None, python=True) -> None:
         """bpftrace walks frame pointers in the kernel: nothing to load."""
 

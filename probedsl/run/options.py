@@ -123,15 +123,13 @@ def probed_files(program: ir.Program) -> List[str]:
     return sorted({f for r in program.resources for p in r.probes if p.kind == ir.ProbeKind.UPROBE for f in p.files})
 
 
-def read_ahead(
-    program: ir.Program, held: Optional[HeldCommand], env: Optional[dict], tracker: MappingTracker
-) -> List[str]:
+def read_ahead(program: ir.Program, held: Optional[HeldCommand], env: Optional[dict], tracker: MappingTracker) -> None:
     """The call-frame tables the report (fp) or the unwinder (dwarf) will read, read on a thread
     while the backend compiles: the probed libraries' and the command's; with dwarf stacks, the
     unwinder's rows of every file a pid maps, or of those the loader maps for the command (with
-    env), which are returned."""
+    env)."""
     if not any(r.records("ustack") for r in program.resources):
-        return []
+        return
     scope, dwarf = program.scope, program.stacks == "dwarf"
     mapped = tracker.mappings(scope.pid) if dwarf and scope.mode == "pid" else []
     # as the kernel names them (/usr/lib/..., not ld.so's /lib/...): the unwinder asks by that name
@@ -141,7 +139,6 @@ def read_ahead(
     files = ([held.exe] if held else []) + loader + linked + probed_files(program)
     files += [m.path if m.file is None else m.file for m in mapped]
     (unwind_tables if dwarf else stacktrust).read_ahead([f for f in files if f])
-    return linked
 
 
 def bystander_notes(

@@ -19,7 +19,6 @@ from probedsl.process import pidns, roots
 from probedsl.process.launcher import HeldCommand
 from probedsl.process.unprobed import UnprobedRoots
 from probedsl.process.procfs import Ending, process_alive, processes_named
-from probedsl.process.libraries import mapped_files
 from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
@@ -173,7 +172,7 @@ class Session(Reporting):
             self.tracker.snapshot(pid)                  # mapped before we started listening
         faults.wait("attach")
         self._hold_forks()                             # before the probes: no fork is missed
-        self.linked = read_ahead(self.program, self.held, self.private.env if self.private else None, self.tracker)
+        read_ahead(self.program, self.held, self.private.env if self.private else None, self.tracker)
         self.driver.start()                            # 2
         self._watch_bearers(self.follower)
         if self.follower and scope.tracks_children:
@@ -212,16 +211,15 @@ class Session(Reporting):
                 self.say(estimate.startup_line(self.marks))
 
     def _release(self) -> None:
-        """Let the command exec; with dwarf stacks, its libraries' rows in first (mapping hold, else ptrace)."""
+        """Let the command exec; with dwarf stacks, held at its exec until its image's and the loader's
+        rows are in (the mapping hold, on with the unwinder for a command, holds each library as it is mapped)."""
         env = self.private.env if self.private else None
         hold = {}
         if self.driver.unwinds_stacks():
-            needed = set() if self.driver.holds_mappings() else {os.path.realpath(p) for p in self.linked}
-
             def at_exec():
                 faults.wait("exec-hold")
                 self.tracker.snapshot(self.held.pid)
-            hold = dict(at_exec=at_exec, mapped=lambda: needed <= set(mapped_files(self.held.pid)))
+            hold = dict(at_exec=at_exec, mapped=lambda: True)
         if self.follower and hold:
             self.follower.hold_exec(hold["mapped"], hold["at_exec"])
         if self.opts.reachability:
