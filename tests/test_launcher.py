@@ -94,3 +94,18 @@ def test_the_run_loop_wakes_as_the_traced_process_ends():
         child.kill()
         child.wait()
     assert procfs.Ending(0).turn(0.05) == (0.05, None)
+
+
+def test_a_wait_for_a_child_returns_as_it_ends():
+    """procfs.await_end (the report's addr2line runs): back as the child ends, not reaped yet;
+    back after the time while it runs."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        procfs.await_end(child.pid, 0.01)
+        assert child.poll() is None
+        child.kill()
+        procfs.await_end(child.pid, 600)  # returns as it ends (else the test times out)
+        assert os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    finally:
+        child.kill()
+        child.wait()

@@ -22,11 +22,13 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elftools.elf.elffile import ELFFile
 
+from probedsl.process import procfs
 from probedsl.trust import bounds
 from probedsl.binaries.debuginfo import build_id_of
 from probedsl.notices import note
@@ -170,8 +172,10 @@ def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
                     resource.prlimit(proc.pid, limit, (value, value))
             except (OSError, ValueError):
                 pass  # it ended already
+            started = time.monotonic()
+            procfs.await_end(proc.pid, ADDR2LINE_SECONDS)
             try:
-                status = proc.wait(timeout=ADDR2LINE_SECONDS)
+                status = proc.wait(timeout=max(0.0, ADDR2LINE_SECONDS - (time.monotonic() - started)))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

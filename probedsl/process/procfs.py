@@ -117,6 +117,19 @@ def pause(seconds: float, wake: Optional[int] = None) -> None:
         _readable(wake, seconds)
 
 
+def await_end(pid: int, seconds: float) -> None:
+    """Return as the child pid ends (not yet reaped: its pidfd turns readable), or after seconds;
+    at once without pidfds. subprocess's timed wait polls, waking up to 50 ms after the end."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return
+    try:
+        _readable(fd, seconds)
+    finally:
+        os.close(fd)
+
+
 def _readable(fd: int, seconds: float) -> bool:
     poller = select.poll()  # (not select(): a run holds many descriptors, this one may be over 1023)
     poller.register(fd, select.POLLIN)
