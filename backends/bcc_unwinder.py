@@ -8,7 +8,7 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.ir import layout
-from probedsl.ir.layout import ResourceLayout
+from probedsl.ir.layout import Counter, ResourceLayout
 
 # frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
 # each of them (~4,200 instructions a frame); each tail call costs an acquisition some tens of
@@ -38,7 +38,7 @@ class UnwinderViews:
             *actions,
             "if (deferred) {",
             f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-            f"  {lay.name}_store_pending(-1);  // (it is not loaded: stored without a stack)",
+            f"  {lay.name}_unstored({int(Counter.UNTRACKED)});  // (it is not loaded: counted, untracked)",
             "  probedsl_unw_release();",
             "}",
         ]
