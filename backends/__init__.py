@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from probedsl.targets.base import Target
 
-from .base import Backend, keep_templates_in
+from .base import Backend, compile_templates, keep_templates_in
 from .bcc import BccBackend
 from .bpftrace import BpftraceBackend
 
 _BY_BACKEND = {"bcc": BccBackend, "bpftrace": BpftraceBackend}
 
 
-__all__ = ["Backend", "for_target", "keep_templates_in"]
+__all__ = ["Backend", "compile_templates", "for_target", "keep_templates_in"]
 
 
 def for_target(target: Target) -> Backend:

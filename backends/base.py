@@ -107,6 +107,13 @@ def keep_templates_in(kept) -> None:
     _environment.cache_clear()
 
 
+def compile_templates() -> None:
+    """Compile every template now (kept where keep_templates_in said)."""
+    env = _environment()
+    for name in env.list_templates():
+        env.get_template(name)
+
+
 def keep_no_templates() -> None:
     global _kept
     _kept = None

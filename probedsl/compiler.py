@@ -52,6 +52,14 @@ def keep_between_runs(kept: Callable[[str], parser.KeptFiles]) -> None:
     backends.keep_templates_in(kept("templates"))
 
 
+def build_once(kept: Callable[[str], parser.KeptFiles]) -> None:
+    """Build now what every first start would (the parser's tables, every template compiled),
+    kept in kept(kind): the install keeps them for all runs (probedsl.cli.build_once)."""
+    keep_between_runs(kept)
+    parser.build_tables()
+    backends.compile_templates()
+
+
 def load(path: str) -> ast.Recipe:
     """Parse and check a recipe file ("-": standard input, read once and kept); RecipeError
     lists every located problem."""

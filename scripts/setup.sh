@@ -75,4 +75,7 @@ say "probedsl's modules byte-compiled"
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ ! -e "$site/bcc" ]; then ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"; say "linked Debian's bcc module into .venv"; fi
 .venv/bin/python -c 'import bcc, lark, jinja2, click, elftools, numpy' || { echo "setup: Python dependencies do not import" >&2; exit 1; }
+# what every first run would build the same (the recipe parser's tables, the compiled templates)
+.venv/bin/python -c 'import probedsl.cli; probedsl.cli.build_once()' || { echo "setup: building the parser's tables and templates failed" >&2; exit 1; }
+say "the recipe parser's tables and the compiled templates built into .venv/share/probedsl"
 say "ready: .venv/bin/probedsl"

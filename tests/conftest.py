@@ -220,13 +220,15 @@ def by_site(report: dict) -> dict:
 
 @pytest.fixture
 def kept_between_runs(tmp_path, monkeypatch):
-    """As probedsl.cli does, under tmp_path/cache; the parser and templates are then built or
-    loaded again, and after the test forget that place."""
+    """As probedsl.cli does, under tmp_path/cache (and with nothing the install built: an empty
+    tmp_path/shipped); the parser and templates are then built or loaded again, and after the
+    test forget that place."""
     from backends import base
     from probedsl import compiler
     from probedsl.trust import cachedir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(tmp_path / "shipped"))
     compiler.keep_between_runs(cachedir.Kept)
     yield tmp_path / "cache" / "probedsl"
     from probedsl.language import parser

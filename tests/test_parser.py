@@ -333,3 +333,52 @@ def test_a_kept_grammar_others_could_write_is_never_loaded(how, kept_between_run
         parser._parser.cache_clear()
     assert not marker.exists()
     assert recipe.resources and any(str(kept) in s for s in said), said
+
+
+def test_the_install_builds_the_grammar_and_templates_once_for_every_run(kept_between_runs, tmp_path, monkeypatch):
+    """scripts/setup.sh's build_once keeps the parser's tables and the compiled templates in the
+    environment, readable by all and writable by no one else; a run with an empty cache loads
+    them from there (and keeps nothing of its own); one that others could write is not loaded."""
+    import os
+    import pickle
+    import stat
+
+    from backends import base
+    from probedsl import cli
+
+    shipped = tmp_path / "shipped"
+    cli.build_once()
+    base.keep_no_templates()
+    kept_grammar = list((shipped / "grammar").glob("recipe-*.pickle"))
+    templates = list((shipped / "templates").glob("*.jinja"))
+    assert len(kept_grammar) == 1 and len(templates) == len(base._environment().list_templates())
+    for path in [shipped, *shipped.iterdir(), *kept_grammar, *templates]:
+        assert stat.S_IMODE(os.stat(path).st_mode) in (0o755, 0o644), path
+
+    from probedsl import compiler
+    from probedsl.trust import cachedir
+
+    compiler.keep_between_runs(cachedir.Kept)  # a run's, with the empty tmp_path/cache
+    loads = []
+    load = parser.Lark.load
+    monkeypatch.setattr(parser.Lark, "load", classmethod(lambda cls, f: loads.append(f) or load(f)))
+    parser._parser.cache_clear()
+    try:
+        recipe = parser.parse(open(MEMLEAK).read(), MEMLEAK)
+        assert recipe.resources and len(loads) == 1
+        assert not list(kept_between_runs.glob("grammar/*"))  # (nothing built, so nothing kept)
+
+        (kept,) = kept_grammar
+        marker = tmp_path / "ran"
+
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        kept.write_bytes(pickle.dumps(Payload()))
+        os.chmod(kept, 0o666)
+        parser._parser.cache_clear()
+        assert parser.parse(open(MEMLEAK).read(), MEMLEAK).resources and len(loads) == 1
+        assert not marker.exists()
+    finally:
+        parser._parser.cache_clear()

@@ -68,6 +68,11 @@ def keep_tables_in(kept: Optional[KeptFiles]) -> None:
     _parser.cache_clear()
 
 
+def build_tables() -> None:
+    """Build the parser's tables now (kept where keep_tables_in said)."""
+    _parser()
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("probedsl.grammar").joinpath("recipe.lark").read_text()

@@ -15,6 +15,7 @@ import errno
 import os
 import pwd
 import stat
+import sys
 import tempfile
 from typing import Optional
 
@@ -190,24 +191,48 @@ def write_whole(path: str, data: bytes) -> bool:
         return False
 
 
+def shipped_root() -> str:
+    """Where the install keeps what it built once for every run (scripts/setup.sh runs
+    probedsl.cli.build_once): the Python environment's share/probedsl, which runs only read."""
+    return os.path.join(sys.prefix, "share", "probedsl")
+
+
+def share(root: str) -> None:
+    """What the install built, made readable by every user (it was made private, as caches
+    are); still writable by its owner alone."""
+    for where, _, files in os.walk(root):
+        os.chmod(where, 0o755)
+        for name in files:
+            os.chmod(os.path.join(where, name), 0o644)
+
+
 class Kept:
     """Files of one cache kind that only save time (the recipe parser's tables, the compiled
     templates, BCC's compiled programs): loaded only when read_trusted passes them, written
-    whole; the directory found at first use, quietly."""
+    whole; the directory found at first use, quietly. A file the user's cache lacks is looked
+    for in what the install built (shipped_root), under the same trust checks. root: keep under
+    root/kind instead of the user's cache (the install's build)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, root: Optional[str] = None):
         self.kind = kind
+        self._root = root
         self._where: Optional[str] = None
 
     def _dir(self) -> str:
         if self._where is None:
-            self._where = directory(self.kind, quiet=True)
+            self._where = directory(self.kind, self._root, self.kind if self._root else None, quiet=True)
         return self._where
 
     def load(self, name: str) -> Optional[bytes]:
         where = self._dir()
         path = os.path.join(where, name) if where else ""
-        return read_trusted(where, path) if path and os.path.lexists(path) else None
+        if path and os.path.lexists(path):
+            return read_trusted(where, path)
+        root = shipped_root()
+        path = os.path.join(root, self.kind, name)
+        if not os.path.lexists(path) or why_untrusted(root, path):  # (another user's install: built here)
+            return None
+        return read_trusted(os.path.dirname(path), path)
 
     def used(self, name: str) -> None:
         """A file loaded and used: the last that a bound (keep's most) removes."""
