@@ -51,14 +51,11 @@ class HeldCommand:
         self,
         env: Optional[dict] = None,
         at_exec: Optional[Callable[[], None]] = None,
-        mapped: Callable[[], bool] = lambda: True,
         tether=None,
     ) -> None:
         """Let the command exec, with `env` added to its environment. With at_exec, the command
-        is held from its exec (traced, stopped at each system call) until mapped() says its
-        loader has mapped what it waited for (or MAX_HELD_SYSCALLS), then at_exec() is called
-        and the command is let go, whatever at_exec does. With a tether (started, given the
-        same at_exec and mapped), the tether holds it so, and stays."""
+        is held (traced) at its exec while at_exec() runs, then let go, whatever at_exec does.
+        With a tether (started, given the same at_exec), the tether holds it so, and stays."""
         extra = b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items())
         if tether is not None:
             self.tether = tether
@@ -78,21 +75,10 @@ class HeldCommand:
         if at_exec is None:
             return
         _, status = os.waitpid(self.pid, 0)  # the stop after exec
+        if not os.WIFSTOPPED(status):  # the exec failed, or it ended: exited
+            self.status = shell_status(status)
+            return
         try:
-            for _ in range(MAX_HELD_SYSCALLS):
-                if not os.WIFSTOPPED(status):  # the exec failed, or it ended: exited
-                    self.status = shell_status(status)
-                    return
-                if mapped():
-                    break
-                # a signal that arrived meanwhile (not the trap of a system call) goes on to it;
-                # not the SIGSTOP of the mapping hold (probedsl.process.mapping_hold): held here already
-                sig = os.WSTOPSIG(status)
-                try:
-                    ptrace.request(ptrace.SYSCALL, self.pid, 0, 0 if sig in HOLD_SIGNALS else sig)
-                except ProcessLookupError:  # killed meanwhile: its exit is the next wait's
-                    pass
-                _, status = os.waitpid(self.pid, 0)
             at_exec()
         finally:
             if self.status is None:
@@ -134,10 +120,6 @@ class HeldCommand:
                 _, status = os.waitpid(self.pid, 0)
                 self.status = shell_status(status)
         return self.status
-
-
-HOLD_SIGNALS = (signal.SIGTRAP, signal.SIGSTOP)
-MAX_HELD_SYSCALLS = 2000  # the loader of a program with ~50 libraries makes ~1,000
 
 
 def shell_status(wait_status: int) -> int:

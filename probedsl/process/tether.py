@@ -23,10 +23,9 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from probedsl.process import procfs, ptrace, rebind
 from probedsl.errors import ProbedslError
-from probedsl.process.launcher import HOLD_SIGNALS, MAX_HELD_SYSCALLS, shell_status
+from probedsl.process.launcher import shell_status
 
 _STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-_SYSCALL_STOP = signal.SIGTRAP | 0x80
 _SYS_EXIT = 60                 # x86-64: exit(2), one thread; exit_group(2) is 231
 POLL_S = 0.005                 # a signal to the target waits at most this long for us
 BUSY_POLL_S = 0.0005           # for BUSY_S after a stop: a tree's fork, exec, exit come in bursts
@@ -52,12 +51,10 @@ class Thread:
 
 
 class Tether:
-    def __init__(self, pid: int, exec_hold: Optional[Tuple[Callable[[], bool], Callable[[], None]]] = None,
+    def __init__(self, pid: int, exec_hold: Optional[Callable[[], None]] = None,
                  forks: bool = False, hold_exit: bool = True, launched: bool = False, purpose: str = "--reachability"):
         """pid: a running process, or a launched command blocked before its exec (launched, or
-        given exec_hold); exec_hold (mapped, at_exec) holds it from its exec, stopped at each
-        system call, until mapped() says the loader has mapped what it waits for, calls
-        at_exec() and lets it go. forks: follow its children (see follow()). hold_exit: hold
+        given exec_hold); exec_hold() is called while it is held at its exec, then it goes on. forks: follow its children (see follow()). hold_exit: hold
         it at its exit until release_exit() (a scan); else it exits at once."""
         self.pid, self.purpose = pid, purpose
         self.forks, self.hold_exit = forks, hold_exit
@@ -74,7 +71,6 @@ class Tether:
         self.exec_done = threading.Event()
         self._exec_hold = exec_hold
         self._execed = exec_hold is None and not launched    # a running process: its exit is the one
-        self._steps = 0
         self._threads: Dict[int, Thread] = {}
         self._pausing = self._closing = False
         self._error: Optional[str] = None
@@ -95,9 +91,9 @@ class Tether:
         """Holding the process (not only children left running after it)."""
         return self._ready.is_set() and not self._error and not self.ended.is_set() and self.exit_status is None
 
-    def hold_exec(self, mapped: Callable[[], bool], at_exec: Callable[[], None]) -> None:
+    def hold_exec(self, at_exec: Callable[[], None]) -> None:
         """A launched command, before it is released: the exec hold (see __init__)."""
-        self._exec_hold = (mapped, at_exec)
+        self._exec_hold = at_exec
 
     def follow(self, on_fork: Callable[[int], None]) -> None:
         """Each child forked from now on, or waiting since, held until on_fork(its pid) returns (in our thread)."""
@@ -164,7 +160,7 @@ class Tether:
             self.ended.set()
 
     def _seize(self) -> None:
-        options = ptrace.O_TRACECLONE | ptrace.O_TRACEEXIT | ptrace.O_TRACEEXEC | ptrace.O_TRACESYSGOOD
+        options = ptrace.O_TRACECLONE | ptrace.O_TRACEEXIT | ptrace.O_TRACEEXEC
         if self.forks:
             options |= ptrace.O_TRACEFORK | ptrace.O_TRACEVFORK
         # a leader that ended alone (pthread_exit) is a zombie, never seized: its threads run on
@@ -235,7 +231,7 @@ class Tether:
             if self.on_exec is not None:
                 self.on_exec()
             if self._exec_hold and not self.exec_done.is_set():   # later execs: probedsl.process.mapping_hold
-                self._step(tid, 0)
+                self._held_at_exec(tid)
             else:
                 self.exec_done.set()
                 self._stopped(tid, 0)
@@ -248,9 +244,6 @@ class Tether:
             if thread.state == "new":
                 thread.state = "running"
             self._stopped(tid, 0, listen=sig in _STOP_SIGNALS)
-        elif self._exec_hold and not self.exec_done.is_set() and thread.process == self.pid:
-            # (the mapping hold's SIGSTOP is dropped: the exec hold holds it already)
-            self._step(tid, 0 if sig in (_SYSCALL_STOP, *HOLD_SIGNALS) else sig)
         else:
             self._stopped(tid, sig)              # a signal on its way: delivered when it goes on
 
@@ -301,19 +294,13 @@ class Tether:
             pass                                  # killed meanwhile: its exit comes next
         thread.state, thread.signal = "running", 0
 
-    def _step(self, tid: int, sig: int) -> None:
-        """The exec hold: one more system call, or done."""
-        self._steps += 1
-        mapped, at_exec = self._exec_hold
-        if self._steps > MAX_HELD_SYSCALLS or mapped():
-            try:
-                at_exec()
-            finally:
-                self.exec_done.set()
-                self._threads[tid].signal = sig
-                self._go(tid, self._threads[tid])
-            return
-        ptrace.request(ptrace.SYSCALL, tid, 0, sig)
+    def _held_at_exec(self, tid: int) -> None:
+        """The exec hold: at_exec() runs while the command waits at its exec."""
+        try:
+            self._exec_hold()
+        finally:
+            self.exec_done.set()
+            self._go(tid, self._threads[tid])
 
     def _exit_stop(self, tid: int) -> None:
         """A thread at its exit. One ending alone (exit(2), the others running on) goes on (its uprobes moved

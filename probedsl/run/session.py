@@ -214,23 +214,21 @@ class Session(Reporting):
         """Let the command exec; with dwarf stacks, held at its exec until its image's and the loader's
         rows are in (the mapping hold, on with the unwinder for a command, holds each library as it is mapped)."""
         env = self.private.env if self.private else None
-        hold = {}
+        at_exec = None
         if self.driver.unwinds_stacks():
             def at_exec():
                 faults.wait("exec-hold")
                 self.tracker.snapshot(self.held.pid)
-            hold = dict(at_exec=at_exec, mapped=lambda: True)
-        if self.follower and hold:
-            self.follower.hold_exec(hold["mapped"], hold["at_exec"])
+        if self.follower and at_exec:
+            self.follower.hold_exec(at_exec)
         if self.opts.reachability:
-            self._tie(self.held.pid, (hold["mapped"], hold["at_exec"]) if hold else None)
-        elif hold and self.opts.python_frames:
-            self.exit_hold = pyhold.ExitHold.start(self.held.pid, self.held.exe, (hold["mapped"], hold["at_exec"]),
-                                                   self.notes, self.follower)
+            self._tie(self.held.pid, at_exec)
+        elif at_exec and self.opts.python_frames:
+            self.exit_hold = pyhold.ExitHold.start(self.held.pid, self.held.exe, at_exec, self.notes, self.follower)
         tether = self.follower or (self.scanner.tether if self.scanner else None)
         tether = tether or (self.exit_hold.tether if self.exit_hold else None)
         self._watch_bearers(tether)
-        self.held.release(env, tether=tether, **hold)
+        self.held.release(env, at_exec, tether=tether)
 
     def _hold_forks(self) -> None:
         """--pid or a command where the target attaches uprobes per process: a tether (ptrace, the
