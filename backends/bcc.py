@@ -353,7 +353,7 @@ class BccBackend(UnwinderViews, Backend):
             resources.append({
                 "name": res.name, "layout": lay, "probes": rendered, "width": max(lay.scratch_width, 1),
                 "reentered": any(self.target.asks_reentry(p) for p in res.probes),
-                "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED),
+                "ncounters": len(Counter), "ungrouped": int(Counter.UNGROUPED), "untracked": int(Counter.UNTRACKED),
                 "key_names": ", ".join(res.key_names), "pending": 0})
             if self.defers(program, lay):
                 most = max(sum(a.kind == "acquire" for a in p.actions) for p in res.probes)

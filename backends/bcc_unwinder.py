@@ -8,7 +8,7 @@ from probedsl import ir
 from probedsl.errors import ProbedslError
 
 from probedsl.ir import layout
-from probedsl.ir.layout import Counter, ResourceLayout
+from probedsl.ir.layout import ResourceLayout
 
 # frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
 # each of them (~4,200 instructions a frame); each tail call costs an acquisition some tens of
@@ -36,12 +36,22 @@ class UnwinderViews:
         return [
             "int deferred = 0;",
             *actions,
-            "if (deferred) {",
+            "if (deferred == 1) {",
             f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-            f"  {lay.name}_unstored({int(Counter.UNTRACKED)});  // (it is not loaded: counted, untracked)",
+            f"  {lay.name}_unstored(1);  // (it is not loaded: counted, untracked)",
             "  probedsl_unw_release();",
+            "} else if (deferred == 2) {  // another program's walk was under way on this CPU",
+            f"  {array}.call({ctx}, {self.unstacked_slot(program, lay.name)});  // stored without a stack",
+            f"  {lay.name}_unstored(2);",
             "}",
         ]
+
+    def unstacked_slot(self, program: ir.Program, resource: str) -> int:
+        """Where in the unwinder's array a resource's unstacked program is."""
+        return 2 + self._deferring_resources(program).index(resource)
+
+    def _deferring_resources(self, program: ir.Program) -> List[str]:
+        return [res.name for res in program.resources if self.defers(program, layout.of(program, res))]
 
     def unwinder_programs(self, program: ir.Program) -> List[dict]:
         """The unwinder programs the acquire programs tail-call, one per program type: the
@@ -54,10 +64,11 @@ class UnwinderViews:
             if any(a.kind == "acquire" for a in p.actions)
         ]
         found = []
+        deferring = self._deferring_resources(program)
         if any(k in ("uprobe", "usdt") for k in kinds):
-            found.append(_unwinder("probedsl_unwinder", "probedsl_unwinders", "kprobe"))
+            found.append(_unwinder("probedsl_unwinder", "probedsl_unwinders", "kprobe", deferring))
         if any(k == "syscall" for k in kinds):
-            found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint"))
+            found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint", deferring))
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
@@ -99,7 +110,8 @@ class UnwinderViews:
         return self.unwinds(program) and len(probed) > 1
 
 
-def _unwinder(program: str, array: str, kind: str) -> dict:
+def _unwinder(program: str, array: str, kind: str, resources: List[str]) -> dict:
     """The manifest's entry for one program type's unwinder: its first program (slot 0 of the
-    array), its frames program (slot 1)."""
-    return {"program": program, "frames": f"{program}_frames", "array": array, "type": kind}
+    array), its frames program (slot 1), each resource's unstacked program (slots 2...)."""
+    unstacked = [{"program": f"{program}_unstacked_{r}", "resource": r, "slot": 2 + i} for i, r in enumerate(resources)]
+    return {"program": program, "frames": f"{program}_frames", "array": array, "type": kind, "unstacked": unstacked}

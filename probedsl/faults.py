@@ -23,6 +23,7 @@ POINTS = {
     "final": "waits before the final snapshot",
     "mapping-hold": "waits while a launched process is stopped by the mapping hold, before it is continued",
     "python-finalizing": "waits while a launched CPython is stopped as it begins finalization, before it is continued",
+    "unwinder-busy": "the unwinder's scratch is marked busy on every CPU: each acquisition takes the path of one that preempted another's walk",
     "image-sweep": "says (without waiting) each time BCC's loader freed entries of ended process images",
 }
 

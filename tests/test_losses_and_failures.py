@@ -44,6 +44,26 @@ def test_a_full_table_counts_what_it_could_not_track(backend, build):
     assert any("not tracked (table full" in note for note in report["notes"])
 
 
+def test_an_acquisition_that_preempted_another_walk_is_stored_without_a_stack(build):
+    """BCC --stacks dwarf: an acquire program that finds the unwinder's scratch busy (it preempted
+    another program's walk on the same CPU) hands its entries to its resource's unstacked program,
+    which stores them without a stack; nothing is lost. The fault marks the scratch busy on every
+    CPU, so each acquisition of the run goes that way."""
+    runs = {}
+    for fault in ("", "unwinder-busy"):
+        env = dict(os.environ, PROBEDSL_FAULTS=fault)
+        result = probedsl(
+            "run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json", "--", build("allocs"), env=env
+        )
+        assert result.returncode == 3, result.stderr
+        runs[fault] = report_json(result.stdout)["resources"]["heap"]
+    stacked, unstacked = runs[""], runs["unwinder-busy"]
+    assert stacked["live_blocks"] >= 11 and stacked["no_stack"] == 0, stacked
+    for field in ("live_blocks", "live_bytes", "acquired", "released"):
+        assert unstacked[field] == stacked[field], (field, stacked, unstacked)
+    assert unstacked["no_stack"] == unstacked["live_blocks"] and unstacked["untracked"] == 0, unstacked
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how,status", [("abort", 128 + signal.SIGABRT), ("segv", 128 + signal.SIGSEGV)])
 def test_a_crashing_command_still_gets_its_report(backend, how, status, build):

@@ -11,7 +11,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from probedsl.binaries import elf, x86
-from probedsl.drivers import teardown
+from probedsl.drivers import bcc_unwinders, teardown
 from probedsl.process import roots
 from probedsl.drivers.bcc_compile import Compilation
 from probedsl.errors import ProbedslError
@@ -60,7 +60,7 @@ class BccLoader(BccReading):
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
         self.bpf = compiled.result()
         self.uprobes = uprobes_for(bcc, self.bpf)  # links where the kernel has them
-        _load_unwinders(bcc, self.bpf, self.uprobes, manifest.get("unwinders", ()))
+        bcc_unwinders.load(bcc, self.bpf, self.uprobes, manifest.get("unwinders", ()))
         # entries of ended process images, freed between reports (not when every report reads them)
         self.ended_images = (
             EndedImages(self.bpf, self.layouts, _items)
@@ -360,23 +360,6 @@ class BccLoader(BccReading):
             holder.release()
         else:
             remove_tracefs_uprobes(os.getpid())
-
-
-def _load_unwinders(bcc, bpf, uprobes, unwinders) -> None:
-    """--stacks dwarf: load the unwinder programs (verified once each) into the arrays the
-    acquire programs tail-call, before any of those is attached; the uprobes' ones as the
-    same kind of program as they are (bcc_uprobes)."""
-    for u in unwinders:
-        # the frames program first: the first program can then tail-call it at once
-        for slot, name in ((1, u["frames"]), (0, u["program"])):
-            try:
-                if u["type"] == "tracepoint":
-                    fn = bpf.load_func(name, bcc.BPF.TRACEPOINT)
-                else:
-                    fn = uprobes.load(name)
-            except Exception as exc:  # BCC raises bare Exception when the kernel refuses it
-                raise ProbedslError(f"BCC could not load the unwinder: {exc}") from None
-            bpf.get_table(u["array"])[ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
 
 
 def _placed(p: dict) -> dict:

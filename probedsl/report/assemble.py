@@ -106,8 +106,10 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
             notes = [*notes, f"{t.ended_by_exec * scale} {res.name} entries ended with their process image at "
                              f"exec ({how}): not reported as leaks"]
         if t and t.untracked:
+            also = ("; or, rarely, on a CPU where two probes had preempted another's stack walk"
+                    if program.stacks == "dwarf" and backend == "bcc" else "")
             notes = [*notes, f"{t.untracked} {res.name} acquisitions not tracked (table full at "
-                             f"{res.max_live} live; raise --max-live)"]
+                             f"{res.max_live} live; raise --max-live{also})"]
         if t and t.ungrouped:
             notes = [*notes, f"{t.ungrouped} {res.name} entries are missing from the per-group tallies "
                              f"(tally table full); the totals above are exact"]
