@@ -298,10 +298,14 @@ static __always_inline void heap_tally(struct heap_live_t *v, s64 sign)
     }
 }
 
-// --stacks dwarf: the entries a program acquired, until the unwinder program stores them
+// --stacks dwarf: the entries a program acquired, until the unwinder program stores them; or,
+// when the program found the walk's scratch busy (it preempted another program on this CPU,
+// probedsl_unw_busy), until its unstacked program stores them without a stack. held: the
+// unstacked entries are a program's (a third preempting it counts its own as untracked).
 #define heap_PENDING 1
-struct heap_pending_t { u32 n; u32 pad; struct heap_key_t k[1]; struct heap_live_t v[1]; };
+struct heap_pending_t { u32 n; u32 held; struct heap_key_t k[1]; struct heap_live_t v[1]; };
 BPF_PERCPU_ARRAY(heap_pending, struct heap_pending_t, 1);
+BPF_PERCPU_ARRAY(heap_unstacked, struct heap_pending_t, 1);
 
 // store one new entry and add it to its tallies
 static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_live_t *vp)
@@ -325,23 +329,40 @@ static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_
     else heap_tally(&v, 1);
 }
 
-// keep a new entry for the unwinder program; *deferred: this program holds the walk's scratch
+// which entries a program keeps (*deferred, 0 at its start): 1, the unwinder's (this program
+// holds the walk's scratch); 2, the unstacked ones; 3, none (counted as untracked)
+static __always_inline struct heap_pending_t *heap_deferred(int deferred)
+{
+    u32 zero = 0;
+    if (deferred == 1) return heap_pending.lookup(&zero);
+    if (deferred == 2) return heap_unstacked.lookup(&zero);
+    return 0;
+}
+
+// keep a new entry for the unwinder program (or the unstacked one): the programs then hold no
+// copy of the store, verified and compiled once in those instead
 static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_live_t *v, int *deferred)
 {
     u32 zero = 0;
-    u32 *busy = probedsl_unw_busy.lookup(&zero);
-    struct heap_pending_t *p = heap_pending.lookup(&zero);
-    if (busy && p && !*deferred) {
-        if (*busy) p = 0;       // (a test and set: BCC's LLVM has no fetching atomics; only a
-        else {                  // preemption between these lines could still interleave)
-            *busy = 1;
-            p->n = 0;
+    int first = !*deferred;
+    if (first) {
+        u32 *busy = probedsl_unw_busy.lookup(&zero);
+        if (busy && !*busy) {   // (a test and set: BCC's LLVM has no fetching atomics; only a
+            *busy = 1;          // preemption between these lines could still interleave)
             *deferred = 1;
+        } else {
+            struct heap_pending_t *u = heap_unstacked.lookup(&zero);
+            *deferred = 3;
+            if (u && !u->held) {
+                u->held = 1;
+                *deferred = 2;
+            }
         }
     }
-    if (!busy || !p || p->n >= heap_PENDING) {     // no stack for this one
-        v->ustack = -1;
-        heap_store_entry(k, v);
+    struct heap_pending_t *p = heap_deferred(*deferred);
+    if (p && first) p->n = 0;
+    if (!p || p->n >= heap_PENDING) {
+        heap_counters.increment(3);  // untracked
         return;
     }
     u32 i = p->n & (heap_PENDING - 1);
@@ -350,10 +371,8 @@ static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_l
     p->n = i + 1;
 }
 
-static __always_inline void heap_store_pending(s64 ustack)
+static __always_inline void heap_store_kept(struct heap_pending_t *p, s64 ustack)
 {
-    u32 zero = 0;
-    struct heap_pending_t *p = heap_pending.lookup(&zero);
     if (!p) return;
 #pragma unroll
     for (u32 i = 0; i < heap_PENDING; i++) {
@@ -362,19 +381,24 @@ static __always_inline void heap_store_pending(s64 ustack)
         heap_store_entry(&p->k[i], &p->v[i]);
     }
     p->n = 0;
+    p->held = 0;
 }
 
-// the unwinder could not be called (not loaded: never while its callers are attached, the
-// loader fills its slot first): the pending entries are counted (untracked) and dropped. Storing
-// them here would put a second copy of the store in every acquire program, ~0.02 s of BCC's
-// compile each.
-static __always_inline void heap_unstored(u32 counter)
+static __always_inline void heap_store_pending(s64 ustack)
 {
-    u32 zero = 0;
-    struct heap_pending_t *p = heap_pending.lookup(&zero);
+    heap_store_kept(heap_deferred(1), ustack);
+}
+
+// the program that should store them could not be called (not loaded: never while its callers
+// are attached, the loader fills its slot first): the entries are counted (untracked) and
+// dropped; storing them here would put a copy of the store in every acquire program
+static __always_inline void heap_unstored(int deferred)
+{
+    struct heap_pending_t *p = heap_deferred(deferred);
     if (!p) return;
-    heap_counters.increment(counter, p->n);
+    heap_counters.increment(3, p->n);
     p->n = 0;
+    p->held = 0;
 }
 #ifndef PROBEDSL_TABLES_ONLY
 
@@ -415,10 +439,13 @@ int heap_malloc_1_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -463,10 +490,13 @@ int heap_calloc_2_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -525,10 +555,13 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -588,10 +621,13 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -636,10 +672,13 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -683,10 +722,13 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -730,10 +772,13 @@ int heap_memalign_7_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -777,10 +822,13 @@ int heap_valloc_8_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -824,10 +872,13 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
       v.image = probedsl_image();
       heap_defer_entry(&k, &v, &deferred);
     }
-    if (deferred) {
+    if (deferred == 1) {
       probedsl_unwinders.call(ctx, 0);  // the unwinder takes the stack and stores the entries
-      heap_unstored(3);  // (it is not loaded: counted, untracked)
+      heap_unstored(1);  // (it is not loaded: counted, untracked)
       probedsl_unw_release();
+    } else if (deferred == 2) {  // another program's walk was under way on this CPU
+      probedsl_unwinders.call(ctx, 2);  // stored without a stack
+      heap_unstored(2);
     }
     return 0;
 }
@@ -868,11 +919,18 @@ static __always_inline void probedsl_finish_deferred(s64 ustack)
     probedsl_unw_release();
 }
 
+// the frames program could not be called (see _unstored)
+static __always_inline void probedsl_unstored_deferred(void)
+{
+    heap_unstored(1);
+    probedsl_unw_release();
+}
+
 int probedsl_unwinder(struct pt_regs *ctx)
 {
     if (probedsl_unw_begin(ctx))
         probedsl_unwinders.call(ctx, PROBEDSL_UNW_FRAMES_PROGRAM);
-    probedsl_finish_deferred(-1);   // (the frames program is not loaded: stored without a stack)
+    probedsl_unstored_deferred();   // (not loaded: counted, untracked)
     return 0;
 }
 
@@ -886,6 +944,13 @@ int probedsl_unwinder_frames(struct pt_regs *ctx)
             probedsl_unwinders.call(ctx, PROBEDSL_UNW_FRAMES_PROGRAM);
     }
     probedsl_finish_deferred(probedsl_unw_store(ctx));
+    return 0;
+}
+
+// heap's entries of a program that found the walk's scratch busy: without a stack
+int probedsl_unwinder_unstacked_heap(struct pt_regs *ctx)
+{
+    heap_store_kept(heap_deferred(2), -1);
     return 0;
 }
 #endif

@@ -37,7 +37,7 @@ BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 // until the stack ends, then stores it. The verifier walks a loop's every iteration, and
 // walking all 64 frames in one program cost it ~280,000 instructions (0.3 s).
 #define PROBEDSL_UNW_FRAMES_PROGRAM 1
-BPF_PROG_ARRAY(probedsl_unwinders, 2);
+BPF_PROG_ARRAY(probedsl_unwinders, 3);   // then each resource's unstacked program
 BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
 // The walk's loops pass a loop counter through this at the top of each iteration: the compiler
 // then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
