@@ -202,7 +202,10 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         return
     versions = [("", sys.executable)] + [(f" ({v.split('=', 1)[0]})", v.split("=", 1)[1]) for v in args.version]
-    configs = configurations(set(filter(None, args.only.split(","))), versions, args.commands.split(","))
+    commands = args.commands.split(",")
+    if set(commands) - set(COMMANDS):
+        ap.error(f"--commands: {', '.join(sorted(set(commands) - set(COMMANDS)))} is not one of {', '.join(COMMANDS)}")
+    configs = configurations(set(filter(None, args.only.split(","))), versions, commands)
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     warm = {}
     busy = bystanders(args.bystanders)
