@@ -54,8 +54,9 @@ class Tether:
     def __init__(self, pid: int, exec_hold: Optional[Callable[[], None]] = None,
                  forks: bool = False, hold_exit: bool = True, launched: bool = False, purpose: str = "--reachability"):
         """pid: a running process, or a launched command blocked before its exec (launched, or
-        given exec_hold); exec_hold() is called while it is held at its exec, then it goes on. forks: follow its children (see follow()). hold_exit: hold
-        it at its exit until release_exit() (a scan); else it exits at once."""
+        given exec_hold); exec_hold() is called while it is held at its exec, then it goes on.
+        forks: follow its children (see follow()). hold_exit: hold it at its exit until
+        release_exit() (a scan); else it exits at once."""
         self.pid, self.purpose = pid, purpose
         self.forks, self.hold_exit = forks, hold_exit
         self._on_fork: Optional[Callable[[int], None]] = None
@@ -300,7 +301,9 @@ class Tether:
             self._exec_hold()
         finally:
             self.exec_done.set()
-            self._go(tid, self._threads[tid])
+            thread = self._threads[tid]
+            thread.signal, thread.listen = 0, False
+            self._go(tid, thread)
 
     def _exit_stop(self, tid: int) -> None:
         """A thread at its exit. One ending alone (exit(2), the others running on) goes on (its uprobes moved
