@@ -32,43 +32,62 @@ class UnwinderViews:
         if any(a.kind == "release" for a in probe.actions[[a.kind for a in probe.actions].index("acquire") :]):
             # a release after an acquire would run before the acquire's deferred store
             raise ProbedslError(f"{probe.label}: BCC --stacks dwarf cannot release after an acquire in one probe")
-        array = "probedsl_unwinders_syscall" if probe.kind == "syscall" else "probedsl_unwinders"
+        syscall = probe.kind == "syscall"
+        array = "probedsl_unwinders_syscall" if syscall else "probedsl_unwinders"
+        slot = 2 + self._deferring_resources(program, syscall).index(lay.name)
+        # BCC attaches a system call's tracepoint program as it compiles it, before the loader
+        # fills the array: such a program stores its entries itself meanwhile (a uprobe is
+        # attached after, and no other copy of the store is kept in it)
+        unstored = (
+            f"{lay.name}_store_pending(-1);  // (attached before the unwinder was loaded: without a stack)"
+            if syscall
+            else f"{lay.name}_unstored(1);  // (it is not loaded: counted, untracked)"
+        )
         return [
             "int deferred = 0;",
             *actions,
             "if (deferred == 1) {",
             f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-            f"  {lay.name}_unstored(1);  // (it is not loaded: counted, untracked)",
+            f"  {unstored}",
             "  probedsl_unw_release();",
             "} else if (deferred == 2) {  // another program's walk was under way on this CPU",
-            f"  {array}.call({ctx}, {self.unstacked_slot(program, lay.name)});  // stored without a stack",
+            f"  {array}.call({ctx}, {slot});  // stored without a stack",
             f"  {lay.name}_unstored(2);",
             "}",
         ]
 
-    def unstacked_slot(self, program: ir.Program, resource: str) -> int:
-        """Where in the unwinder's array a resource's unstacked program is."""
-        return 2 + self._deferring_resources(program).index(resource)
-
-    def _deferring_resources(self, program: ir.Program) -> List[str]:
-        return [res.name for res in program.resources if self.defers(program, layout.of(program, res))]
-
-    def unwinder_programs(self, program: ir.Program) -> List[dict]:
-        """The unwinder programs the acquire programs tail-call, one per program type: the
-        loader loads each and puts it in its array before attaching anything."""
-        kinds = [
-            p.kind
+    def _deferring_resources(self, program: ir.Program, syscall: bool) -> List[str]:
+        """The resources whose acquire programs of one array's kind (system calls', or the
+        uprobes' and usdt probes') defer: one unstacked program each, in this order from slot 2."""
+        return [
+            res.name
             for res in program.resources
             if self.defers(program, layout.of(program, res))
-            for p in res.probes
-            if any(a.kind == "acquire" for a in p.actions)
+            and any((p.kind == "syscall") == syscall for p in res.probes if any(a.kind == "acquire" for a in p.actions))
         ]
+
+    def unwinder_programs(self, program: ir.Program) -> List[dict]:
+        """The unwinder programs the acquire programs tail-call, one set per program type: the
+        loader loads each and puts it in its array before attaching anything."""
         found = []
-        deferring = self._deferring_resources(program)
-        if any(k in ("uprobe", "usdt") for k in kinds):
-            found.append(_unwinder("probedsl_unwinder", "probedsl_unwinders", "kprobe", deferring))
-        if any(k == "syscall" for k in kinds):
-            found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint", deferring))
+        if self._deferring_resources(program, syscall=False):
+            found.append(
+                _unwinder(
+                    "probedsl_unwinder",
+                    "probedsl_unwinders",
+                    "kprobe",
+                    self._deferring_resources(program, syscall=False),
+                )
+            )
+        if self._deferring_resources(program, syscall=True):
+            found.append(
+                _unwinder(
+                    "probedsl_unwinder_syscall",
+                    "probedsl_unwinders_syscall",
+                    "tracepoint",
+                    self._deferring_resources(program, syscall=True),
+                )
+            )
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:

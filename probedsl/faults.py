@@ -19,7 +19,7 @@ POINTS = {
     "slow-listener": "the unwinder's mapping listener sleeps 0.2 s before each write from the tracker's thread",
     "listener-raises": "the mapping listener raises at its first call once tracing has begun",
     "attach": "waits before the driver attaches its probes",
-    "exec-hold": "waits while a launched command is held at its exec (the loader hold)",
+    "exec-hold": "waits while a launched command is held at its exec",
     "final": "waits before the final snapshot",
     "mapping-hold": "waits while a launched process is stopped by the mapping hold, before it is continued",
     "python-finalizing": "waits while a launched CPython is stopped as it begins finalization, before it is continued",

@@ -259,7 +259,12 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
             bpf.load_func(u["frames"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
             for u in gen.manifest.get("unwinders", [])
         ]
-        assert bool(unwinders) == gen.manifest["dwarf"]
+        unstacked = [
+            bpf.load_func(u_s["program"], BPF.TRACEPOINT if u["type"] == "tracepoint" else BPF.KPROBE)
+            for u in gen.manifest.get("unwinders", [])
+            for u_s in u["unstacked"]
+        ]
+        assert bool(unwinders) == gen.manifest["dwarf"] == bool(unstacked)
         # BCC loaded and attached the system calls' tracepoint programs already; a release of a
         # range (close_range) walks its keys in a loop of its own, verified turn by turn
         ranges = {
@@ -276,7 +281,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
         if unwinders:  # (memleak: 26,600 instructions verified in the frames program, 450 in the
             # first, 800-1,100 in an acquire program; fdleak's pipe, two acquires: 10,300)
             least = min(verified_instructions(f.fd) for f in frames)
-            assert all(verified_instructions(p.fd) < least / 2 for p in programs + unwinders)
+            assert all(verified_instructions(p.fd) < least / 2 for p in programs + unwinders + unstacked)
             # a few frames at a time, not all 64 in one program (that verified ~280,000)
             assert all(verified_instructions(f.fd) < 80_000 for f in frames)
         tables = {k: v["shape"] for k, v in bcc_kept._tables(libbcc.lib, bpf.module).items()}
@@ -430,3 +435,43 @@ def test_kept_templates_generate_the_same_text_and_only_ours_are_loaded(trusted,
     # loaded (ours: not compiled and written again), or replaced by a private one of our own
     after = {f: os.stat(f) for f in files}
     assert all((after[f].st_ino == before[f]) == trusted and after[f].st_mode & 0o077 == 0 for f in files)
+
+
+def test_each_tail_call_to_an_unstacked_program_reaches_its_resource(tmp_path):
+    """--stacks dwarf with a resource on uprobes and one on system calls: each array holds the
+    unwinder, its frames program, then an unstacked program for each resource whose acquire
+    programs are of its kind (none for the others), and each acquire program tail-calls its own."""
+    recipe = tmp_path / "two.probe"
+    recipe.write_text(
+        'recipe two "a heap and descriptors"\n'
+        "resource heap keyed by (pid, address) {\n"
+        "  acquire libc:malloc(size) -> (pid, ret) when ret != 0 size = size\n"
+        "  release libc:free(ptr) -> (pid, ptr) when ptr != 0\n"
+        "  record size, ustack, pid\n"
+        "}\n"
+        "resource fd keyed by (pid, fd) {\n"
+        "  acquire syscall openat -> (pid, ret) when ret >= 0\n"
+        "  release syscall close -> (pid, fd)\n"
+        "  record ustack, pid\n"
+        "}\n"
+        "report outstanding heap by ustack: count() as blocks\n"
+        "report outstanding fd by ustack: count() as fds\n"
+    )
+    program = dataclasses.replace(recipe_program(str(recipe)), stacks="dwarf")
+    gen = backends.for_target(targets.for_version("bcc", None)).generate(program)
+    arrays = {u["array"]: u for u in gen.manifest["unwinders"]}
+    assert [s["resource"] for s in arrays["probedsl_unwinders"]["unstacked"]] == ["heap"]
+    assert [s["resource"] for s in arrays["probedsl_unwinders_syscall"]["unstacked"]] == ["fd"]
+    for name, u in arrays.items():
+        assert f"BPF_PROG_ARRAY({name}, {2 + len(u['unstacked'])});" in gen.text
+        for s in u["unstacked"]:
+            assert f"int {s['program']}(" in gen.text
+            assert f"{s['resource']}_store_kept({s['resource']}_deferred(2), -1);" in gen.text
+    calls = 0
+    for body in re.findall(r"^(?:int \w+|TRACEPOINT_PROBE)\([^)]*\)\n\{.*?^\}", gen.text, re.M | re.S):
+        for array, slot in re.findall(r"(probedsl_unwinders\w*)\.call\(\w+, (\d+)\)", body):
+            if int(slot) >= 2:
+                (s,) = [s for s in arrays[array]["unstacked"] if s["slot"] == int(slot)]
+                assert f"{s['resource']}_unstored(2);" in body, body
+                calls += 1
+    assert calls == 2  # malloc's return, openat's exit

@@ -26,9 +26,10 @@ ENDED_IMAGES = 65_536
 
 class Counter(enum.IntEnum):
     """In-kernel counters per resource, in slot order (rundata.Totals has the same order).
-    untracked: acquisitions the full live table refused; replaced: a key acquired again with
-    no release seen (the old entry is dropped); ungrouped: entries the full group-tally table
-    could not count; ended_by_exec: entries whose process image an exec ended (the kernel counts
+    untracked: acquisitions the full live table refused (with BCC's dwarf stacks, also the rare
+    ones no program could store: a third preempting two on a CPU); replaced: a key acquired
+    again with no release seen (the old entry is dropped); ungrouped: entries the full
+    group-tally table could not count; ended_by_exec: entries whose process image an exec ended (the kernel counts
     those a new image's acquisition found under its key, the driver the rest: probedsl.drivers.images)."""
 
     ACQUIRED = 0
