@@ -351,6 +351,8 @@ static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_l
             *busy = 1;          // preemption between these lines could still interleave)
             *deferred = 1;
         } else {
+            // (the same test and set: a third program between these lines could lose an entry
+            // uncounted; one that finds them held counts its own as untracked)
             struct heap_pending_t *u = heap_unstacked.lookup(&zero);
             *deferred = 3;
             if (u && !u->held) {
@@ -389,9 +391,10 @@ static __always_inline void heap_store_pending(s64 ustack)
     heap_store_kept(heap_deferred(1), ustack);
 }
 
-// the program that should store them could not be called (not loaded: never while its callers
-// are attached, the loader fills its slot first): the entries are counted (untracked) and
-// dropped; storing them here would put a copy of the store in every acquire program
+// the program that should store them could not be called (not loaded: never while a uprobe's
+// program is attached, the loader fills the slots first; a system call's stores the unwinder's
+// entries itself): the entries are counted (untracked) and dropped; storing them here would put
+// a copy of the store in every acquire program
 static __always_inline void heap_unstored(int deferred)
 {
     struct heap_pending_t *p = heap_deferred(deferred);

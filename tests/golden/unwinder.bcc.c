@@ -29,9 +29,10 @@ BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
 // program on the same CPU then gets no stack (counted as one without) rather than garbling it.
 // An acquire program sets it as it defers its first entry (the resource's _defer_entry), and
-// the unwinder clears it once it stored them (with a stack or, its tail call failing, without).
+// the unwinder clears it once it stored them (or the acquire program, its tail call failing).
 BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
-// The unwinder is two programs, one per program type, each verified once: every acquire program
+// The unwinder is two programs per program type, each verified once (and each resource's
+// unstacked program, from slot 2: entries stored without a stack): every acquire program
 // tail-calls the first (a tail call keeps the context: the registers to start from), which
 // starts the walk and tail-calls the second; it walks 4 frames and tail-calls itself
 // until the stack ends, then stores it. The verifier walks a loop's every iteration, and
