@@ -372,9 +372,10 @@ def _leave(status: int) -> None:
 
 def build_once() -> None:
     """scripts/setup.sh: what every first run would build (~0.09 s of its start), built into
-    the environment for every user's runs (cachedir.shipped_root)."""
-    compiler.build_once(lambda kind: cachedir.Kept(kind, root=cachedir.shipped_root()))
-    cachedir.share(cachedir.shipped_root())
+    the environment for every user's runs (cachedir.shipped_root); one line and exit 1 if not."""
+    why = cachedir.ship(compiler.build_once)
+    if why:
+        sys.exit(f"probedsl: {why}")
 
 
 def main():

@@ -337,8 +337,9 @@ def test_a_kept_grammar_others_could_write_is_never_loaded(how, kept_between_run
 
 def test_the_install_builds_the_grammar_and_templates_once_for_every_run(kept_between_runs, tmp_path, monkeypatch):
     """scripts/setup.sh's build_once keeps the parser's tables and the compiled templates in the
-    environment, readable by all and writable by no one else; a run with an empty cache loads
-    them from there (and keeps nothing of its own); one that others could write is not loaded."""
+    environment, readable by all and writable by no one else (and changes nothing a link there
+    points to); a run with an empty cache loads them from there and keeps nothing of its own;
+    one that others could write, or in a directory others could write, is not loaded."""
     import os
     import pickle
     import stat
@@ -347,13 +348,21 @@ def test_the_install_builds_the_grammar_and_templates_once_for_every_run(kept_be
     from probedsl import cli
 
     shipped = tmp_path / "shipped"
+    (shipped / "grammar").mkdir(parents=True, mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    os.chmod(elsewhere, 0o600)
+    (shipped / "grammar" / "a-link").symlink_to(elsewhere)
     cli.build_once()
     base.keep_no_templates()
     kept_grammar = list((shipped / "grammar").glob("recipe-*.pickle"))
     templates = list((shipped / "templates").glob("*.jinja"))
     assert len(kept_grammar) == 1 and len(templates) == len(base._environment().list_templates())
-    for path in [shipped, *shipped.iterdir(), *kept_grammar, *templates]:
-        assert stat.S_IMODE(os.stat(path).st_mode) in (0o755, 0o644), path
+    for path in [shipped, shipped / "grammar", shipped / "templates"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o755, path
+    for path in [*kept_grammar, *templates]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+    assert stat.S_IMODE(os.stat(elsewhere).st_mode) == 0o600
 
     from probedsl import compiler
     from probedsl.trust import cachedir
@@ -376,9 +385,32 @@ def test_the_install_builds_the_grammar_and_templates_once_for_every_run(kept_be
                 return (open, (str(marker), "w"))
 
         kept.write_bytes(pickle.dumps(Payload()))
-        os.chmod(kept, 0o666)
-        parser._parser.cache_clear()
-        assert parser.parse(open(MEMLEAK).read(), MEMLEAK).resources and len(loads) == 1
-        assert not marker.exists()
+        for untrusted, mode in ((kept, 0o666), (shipped / "grammar", 0o777)):
+            os.chmod(kept, 0o644)
+            os.chmod(untrusted, mode)
+            for built in kept_between_runs.glob("grammar/*"):  # (the one built after the last refusal)
+                built.unlink()
+            parser._parser.cache_clear()
+            assert parser.parse(open(MEMLEAK).read(), MEMLEAK).resources and len(loads) == 1
+            assert not marker.exists()
     finally:
         parser._parser.cache_clear()
+
+
+def test_the_install_refuses_to_build_where_others_could_write(tmp_path, monkeypatch):
+    """build_once into a directory others can write says so in one line and exits 1, writing
+    nothing there (and not into the user's own cache instead)."""
+    import os
+
+    from probedsl import cli
+    from probedsl.trust import cachedir
+
+    shipped = tmp_path / "open" / "shipped"
+    shipped.mkdir(parents=True)
+    os.chmod(tmp_path / "open", 0o777)
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(shipped))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exc:
+        cli.build_once()
+    assert "cannot build into" in str(exc.value) and "writable" in str(exc.value)
+    assert not list(shipped.iterdir()) and not (tmp_path / "cache").exists()

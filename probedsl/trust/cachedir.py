@@ -17,7 +17,7 @@ import pwd
 import stat
 import sys
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 from probedsl.notices import note
 
@@ -101,11 +101,14 @@ def private_root() -> str:
         return ""
 
 
-def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None, quiet: bool = False) -> str:
+def directory(
+    kind: str, root: Optional[str] = None, sub: Optional[str] = None, quiet: bool = False, fallback: bool = True
+) -> str:
     """A trusted directory for one cache (e.g. "unwind-rows"), created private (0700), or ""
     when there is none (then compute, do not cache). root: the cache root the environment
     names ($XDG_CACHE_HOME by default, with `probedsl/KIND` under it; sub overrides that).
-    quiet: no note when another place or none is used (a cache that only saves time)."""
+    quiet: no note when another place or none is used (a cache that only saves time);
+    fallback: else the user's private place (not for the install's build, which must be there)."""
     say = (lambda _: None) if quiet else note
     # resolved once: every later use goes through the components checked, never again
     # through a link (a user's symlink in sticky /tmp could be swapped after the check)
@@ -119,9 +122,9 @@ def directory(kind: str, root: Optional[str] = None, sub: Optional[str] = None, 
         why = why_untrusted(root, wanted)  # a component someone else made meanwhile
         if not why:
             return wanted
-    fallback = private_root()
-    place = os.path.join(fallback, kind) if fallback else ""
-    if place and not why_untrusted(fallback, place) and _make(place):
+    private = private_root() if fallback else ""
+    place = os.path.join(private, kind) if private else ""
+    if place and not why_untrusted(private, place) and _make(place):
         say(f"cache {wanted} not used: {why}; using {place}")
         return place
     say(f"cache {wanted} not used: {why}; computed, not cached")
@@ -193,17 +196,46 @@ def write_whole(path: str, data: bytes) -> bool:
 
 def shipped_root() -> str:
     """Where the install keeps what it built once for every run (scripts/setup.sh runs
-    probedsl.cli.build_once): the Python environment's share/probedsl, which runs only read."""
-    return os.path.join(sys.prefix, "share", "probedsl")
+    probedsl.cli.build_once): the Python environment's share/probedsl, which runs only read;
+    resolved once, as directory() does."""
+    return os.path.realpath(os.path.join(sys.prefix, "share", "probedsl"))
+
+
+def ship(build: Callable[[Callable[[str], "Kept"]], None]) -> str:
+    """build(kept) run into shipped_root() (kept(kind): that kind's place there), then made
+    readable by all: "" when done, else why not (an untrusted place, nothing written)."""
+    root = shipped_root()
+    why = why_untrusted(root, root)
+    if why:
+        return f"cannot build into {root}: {why}"
+    build(lambda kind: Kept(kind, root=root))
+    share(root)
+    if not any(files for _, _, files in os.walk(root)):
+        return f"cannot build into {root}: nothing could be written there"
+    return ""
 
 
 def share(root: str) -> None:
-    """What the install built, made readable by every user (it was made private, as caches
-    are); still writable by its owner alone."""
-    for where, _, files in os.walk(root):
-        os.chmod(where, 0o755)
+    """What the install built under root (a trusted directory), made readable by every user (it
+    was made private, as caches are), still writable by its owner alone. Each directory and
+    regular file is changed through a descriptor opened without following a link."""
+    for where, _, files in os.walk(root):  # (os.walk descends into no link)
+        _chmod(where, 0o755)
         for name in files:
-            os.chmod(os.path.join(where, name), 0o644)
+            _chmod(os.path.join(where, name), 0o644)
+
+
+def _chmod(path: str, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # a link (ELOOP), or gone: left as it is
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 class Kept:
@@ -220,7 +252,8 @@ class Kept:
 
     def _dir(self) -> str:
         if self._where is None:
-            self._where = directory(self.kind, self._root, self.kind if self._root else None, quiet=True)
+            sub = self.kind if self._root else None
+            self._where = directory(self.kind, self._root, sub, quiet=True, fallback=self._root is None)
         return self._where
 
     def load(self, name: str) -> Optional[bytes]:
