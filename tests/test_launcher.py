@@ -28,20 +28,36 @@ def test_a_command_held_at_exec_is_let_go_when_the_callback_fails():
     assert held.wait() == 7  # it ran to its end after all
 
 
-def test_a_command_is_held_at_its_exec_while_at_exec_runs():
+@pytest.mark.parametrize("by", ["launcher", "tether"])
+def test_a_command_is_held_at_its_exec_while_at_exec_runs(by):
     """Stopped at the exec: its new image is in, its loader has mapped nothing yet (the mapping
-    hold holds each library later, probedsl.process.mapping_hold)."""
-    held = HeldCommand(["sh", "-c", "exit 3"])
+    hold holds each library later, probedsl.process.mapping_hold); by the launcher alone, or by
+    the tether that follows it (then a signal sent meanwhile reaches it once it goes on)."""
+    held = HeldCommand(["sh", "-c", "sleep 30; exit 3"])
+    shell = os.path.realpath(held.exe)
     seen = []
 
     def at_exec() -> None:
         with open(f"/proc/{held.pid}/maps") as f:
             maps = f.read()
-        seen.append((procfs.status_field(held.pid, "State")[0], "/sh" in maps or "/dash" in maps, "libc.so" in maps))
+        seen.append((procfs.status_field(held.pid, "State")[0], shell in maps, "libc.so" in maps))
+        if by == "tether":
+            os.kill(held.pid, signal.SIGTERM)
 
-    held.release(at_exec=at_exec)
-    assert seen == [("t", True, False)], seen
-    assert held.wait() == 3
+    tether = None
+    if by == "tether":
+        tether = Tether(held.pid, hold_exit=False, launched=True, purpose="following forks")
+        tether.hold_exec(at_exec)
+        tether.start()
+    try:
+        held.release(at_exec=at_exec, tether=tether)  # (as the session does: back once at_exec ran)
+        if by == "launcher":
+            os.kill(held.pid, signal.SIGTERM)
+        assert seen == [("t", True, False)], seen
+        assert held.wait() == 128 + signal.SIGTERM
+    finally:
+        if tether is not None:
+            tether.close()
 
 
 def test_a_signal_sent_while_held_reaches_the_command():

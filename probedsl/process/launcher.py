@@ -74,7 +74,13 @@ class HeldCommand:
             return
         if at_exec is None:
             return
-        _, status = os.waitpid(self.pid, 0)  # the stop after exec
+        _, status = os.waitpid(self.pid, 0)  # the stop after exec (a SIGTRAP)
+        while os.WIFSTOPPED(status) and os.WSTOPSIG(status) != signal.SIGTRAP:
+            try:  # a signal that came before the exec (Ctrl-C): delivered, then the exec's stop
+                ptrace.request(ptrace.CONT, self.pid, 0, os.WSTOPSIG(status))
+            except ProcessLookupError:  # killed meanwhile: its exit is the next wait's
+                pass
+            _, status = os.waitpid(self.pid, 0)
         if not os.WIFSTOPPED(status):  # the exec failed, or it ended: exited
             self.status = shell_status(status)
             return
