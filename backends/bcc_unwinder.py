@@ -70,24 +70,11 @@ class UnwinderViews:
         """The unwinder programs the acquire programs tail-call, one set per program type: the
         loader loads each and puts it in its array before attaching anything."""
         found = []
-        if self._deferring_resources(program, syscall=False):
-            found.append(
-                _unwinder(
-                    "probedsl_unwinder",
-                    "probedsl_unwinders",
-                    "kprobe",
-                    self._deferring_resources(program, syscall=False),
-                )
-            )
-        if self._deferring_resources(program, syscall=True):
-            found.append(
-                _unwinder(
-                    "probedsl_unwinder_syscall",
-                    "probedsl_unwinders_syscall",
-                    "tracepoint",
-                    self._deferring_resources(program, syscall=True),
-                )
-            )
+        uprobes, syscalls = (self._deferring_resources(program, syscall) for syscall in (False, True))
+        if uprobes:
+            found.append(_unwinder("probedsl_unwinder", "probedsl_unwinders", "kprobe", uprobes))
+        if syscalls:
+            found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint", syscalls))
         return found
 
     def ustack(self, program: ir.Program, ctx: str) -> str:
