@@ -231,9 +231,10 @@ class Tether:
             self._execed = True
             if self.on_exec is not None:
                 self.on_exec()
-            if self._exec_hold and not self.exec_done.is_set():   # later execs: probedsl.process.mapping_hold
-                self._held_at_exec(tid)
-            else:
+            try:  # the exec hold: at_exec() runs while it waits here (later execs: probedsl.process.mapping_hold)
+                if self._exec_hold and not self.exec_done.is_set():
+                    self._exec_hold()
+            finally:
                 self.exec_done.set()
                 self._stopped(tid, 0)
         elif event == ptrace.EVENT_EXIT:
@@ -294,16 +295,6 @@ class Tether:
         except OSError:
             pass                                  # killed meanwhile: its exit comes next
         thread.state, thread.signal = "running", 0
-
-    def _held_at_exec(self, tid: int) -> None:
-        """The exec hold: at_exec() runs while the command waits at its exec."""
-        try:
-            self._exec_hold()
-        finally:
-            self.exec_done.set()
-            thread = self._threads[tid]
-            thread.signal, thread.listen = 0, False
-            self._go(tid, thread)
 
     def _exit_stop(self, tid: int) -> None:
         """A thread at its exit. One ending alone (exit(2), the others running on) goes on (its uprobes moved
