@@ -35,20 +35,12 @@ class UnwinderViews:
         syscall = probe.kind == "syscall"
         array = "probedsl_unwinders_syscall" if syscall else "probedsl_unwinders"
         slot = 2 + self._deferring_resources(program, syscall).index(lay.name)
-        # BCC attaches a system call's tracepoint program as it compiles it, before the loader
-        # fills the array: such a program stores its entries itself meanwhile (a uprobe is
-        # attached after, and no other copy of the store is kept in it)
-        unstored = (
-            f"{lay.name}_store_pending(-1);  // (attached before the unwinder was loaded: without a stack)"
-            if syscall
-            else f"{lay.name}_unstored(1);  // (it is not loaded: counted, untracked)"
-        )
         return [
             "int deferred = 0;",
             *actions,
             "if (deferred == 1) {",
             f"  {array}.call({ctx}, 0);  // the unwinder takes the stack and stores the entries",
-            f"  {unstored}",
+            f"  {lay.name}_unstored(1);  // (it is not loaded: counted, untracked)",
             "  probedsl_unw_release();",
             "} else if (deferred == 2) {  // another program's walk was under way on this CPU",
             f"  {array}.call({ctx}, {slot});  // stored without a stack",

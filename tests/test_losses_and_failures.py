@@ -68,9 +68,9 @@ def test_an_acquisition_that_preempted_another_walk_is_stored_without_a_stack(re
 
 
 def test_system_calls_made_while_bcc_loads_are_not_lost(build):
-    """BCC attaches a system call's tracepoint program as it compiles it, before the loader has
-    put the unwinder in its array: descriptors opened meanwhile by a process already running are
-    stored (without a stack), never dropped."""
+    """BCC would attach a system call's tracepoint program as it compiles it, before the loader
+    has put the unwinder in its array, and descriptors opened meanwhile by a process already
+    running would be lost (counted untracked): the loader attaches it after."""
     looping = subprocess.Popen([build("fdloop")], stdout=subprocess.PIPE)
     try:
         assert looping.stdout.readline() == b"looping\n"

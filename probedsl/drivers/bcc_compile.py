@@ -11,7 +11,7 @@ import re
 import threading
 from typing import List, Optional
 
-from probedsl.drivers import bcc_kept
+from probedsl.drivers import bcc_kept, bcc_tracepoints
 from probedsl.errors import ProbedslError, one_line
 from probedsl.notices import note
 from probedsl.process import btf, pidns
@@ -67,7 +67,8 @@ def machine_flags() -> List[str]:
 
 
 class Compilation:
-    """bcc.BPF(text=...) running on its own thread; result() waits for it. kept
+    """bcc.BPF(text=...) running on its own thread, its programs unattached (bcc_tracepoints);
+    result() waits for it. kept
     (probedsl.trust.cachedir.Kept): where compiled programs are kept between runs
     (probedsl.drivers.bcc_kept); with it, a text compiled before builds only its tables."""
 
@@ -109,7 +110,7 @@ class Compilation:
     def _compile(self, bcc, c_text: str, flags: List[str], earlier: Optional[bytes]) -> None:
         try:
             if earlier is None or not self._reuse(bcc, c_text, flags, earlier):
-                self._bpf = bcc.BPF(text=c_text, cflags=flags)
+                self._bpf = bcc_tracepoints.unattached(bcc)(text=c_text, cflags=flags)
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors

@@ -16,14 +16,13 @@ import os
 import struct
 from typing import Callable, Dict, List
 
+from probedsl.drivers.bcc_tracepoints import ATTACHED_HERE, AUTOLOADED, unattached
+
 FORMAT = 1
 MOST = 64  # kept compiles (50-200 KB each; one per recipe, options and --comm name)
 LD_IMM64 = 0x18
 PSEUDO_MAP_FD, PSEUDO_MAP_VALUE = 1, 2  # an ld_imm64 whose imm is a table's descriptor
 TABLES_ONLY = "-DPROBEDSL_TABLES_ONLY"
-# programs BPF() attaches by their names' prefix: of those, the kept ones attached here
-AUTOLOADED = (b"kprobe__", b"kretprobe__", b"tracepoint__", b"raw_tracepoint__", b"kfunc__", b"kretfunc__", b"lsm__")
-ATTACHED_HERE = (b"tracepoint__", b"raw_tracepoint__")
 
 
 class Unusable(Exception):
@@ -128,9 +127,9 @@ def retarget(insns: bytes, moved: Dict[int, int]) -> bytes:
 
 
 def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], None]):
-    """A bcc.BPF whose module holds the tables alone and whose programs are the kept ones,
-    attached as BPF() attaches its own (tracepoint__ and raw_tracepoint__ at once). forget:
-    called when a kept program fails to load (the next run compiles afresh)."""
+    """A bcc.BPF whose module holds the tables alone and whose programs are the kept ones (the
+    tracepoints' loaded, for bcc_tracepoints.attach). forget: called when a kept program fails
+    to load (the next run compiles afresh)."""
     try:
         saved = json.loads(kept)
         if saved.get("format") != FORMAT:
@@ -142,7 +141,7 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"damaged: {exc}") from None
     others = [n for n in programs if n.startswith(AUTOLOADED) and not n.startswith(ATTACHED_HERE)]
-    if others:  # BPF() would attach them; this does not
+    if others:  # never generated (bcc_tracepoints)
         raise Unusable(f"a program attached by its name: {others[0].decode()}")
     bpf = _with_kept_programs(bcc)(bcc, text, flags, forget)
     try:
@@ -151,7 +150,7 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
             raise Unusable("the tables differ")
         moved = {old[k]["fd"]: new[k]["fd"] for k in new}
         bpf.kept = {fn: retarget(insns, moved) for fn, insns in programs.items()}
-        bpf.attach_kept_tracepoints()
+        bpf.load_kept_tracepoints()  # (a refusal here: compiled afresh)
     except BaseException:
         bpf.cleanup()
         raise
@@ -159,7 +158,7 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
 
 
 def _with_kept_programs(bcc):
-    class WithKeptPrograms(bcc.BPF):
+    class WithKeptPrograms(unattached(bcc)):
         """BPF() of the tables alone; load_func loads a kept program."""
 
         def __init__(self, bcc, text: str, flags: List[str], forget: Callable[[], None]):
@@ -203,13 +202,14 @@ def _with_kept_programs(bcc):
         def dump_func(self, func_name):
             return self.kept[func_name if isinstance(func_name, bytes) else func_name.encode()]
 
-        def attach_kept_tracepoints(self) -> None:
+        def program_names(self) -> List[bytes]:
+            return list(self.kept)
+
+        def load_kept_tracepoints(self) -> None:
             for fn_name in self.kept:
                 if fn_name.startswith(b"tracepoint__"):
-                    fn = self.load_func(fn_name, bcc.BPF.TRACEPOINT)
-                    self.attach_tracepoint(tp=fn_name[len(b"tracepoint__") :].replace(b"__", b":"), fn_name=fn.name)
+                    self.load_func(fn_name, bcc.BPF.TRACEPOINT)
                 elif fn_name.startswith(b"raw_tracepoint__"):
-                    fn = self.load_func(fn_name, bcc.BPF.RAW_TRACEPOINT)
-                    self.attach_raw_tracepoint(tp=fn_name[len(b"raw_tracepoint__") :], fn_name=fn.name)
+                    self.load_func(fn_name, bcc.BPF.RAW_TRACEPOINT)
 
     return WithKeptPrograms

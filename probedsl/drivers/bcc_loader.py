@@ -11,7 +11,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from probedsl.binaries import elf, x86
-from probedsl.drivers import bcc_unwinders, teardown
+from probedsl.drivers import bcc_tracepoints, bcc_unwinders, teardown
 from probedsl.process import roots
 from probedsl.drivers.bcc_compile import Compilation
 from probedsl.errors import ProbedslError
@@ -61,6 +61,7 @@ class BccLoader(BccReading):
         self.bpf = compiled.result()
         self.uprobes = uprobes_for(bcc, self.bpf)  # links where the kernel has them
         bcc_unwinders.load(bcc, self.bpf, self.uprobes, manifest.get("unwinders", ()))
+        bcc_tracepoints.attach(bcc, self.bpf)  # (now that the arrays they tail-call are filled)
         # entries of ended process images, freed between reports (not when every report reads them)
         self.ended_images = (
             EndedImages(self.bpf, self.layouts, _items)
