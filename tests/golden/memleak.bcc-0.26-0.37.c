@@ -391,10 +391,9 @@ static __always_inline void heap_store_pending(s64 ustack)
     heap_store_kept(heap_deferred(1), ustack);
 }
 
-// the program that should store them could not be called (not loaded: never while a uprobe's
-// program is attached, the loader fills the slots first; a system call's stores the unwinder's
-// entries itself): the entries are counted (untracked) and dropped; storing them here would put
-// a copy of the store in every acquire program
+// the program that should store them could not be called (not loaded: never while a program is
+// attached, the loader fills the slots first): the entries are counted (untracked) and dropped;
+// storing them here would put a copy of the store in every acquire program
 static __always_inline void heap_unstored(int deferred)
 {
     struct heap_pending_t *p = heap_deferred(deferred);
