@@ -300,6 +300,53 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
 
 @pytest.mark.debian13
 @pytest.mark.parallel
+def test_the_compile_threads_two_kernel_symbols_change_nothing_else(root_required, sampled):
+    """The compile's thread reads a /proc/kallsyms of two lines (probedsl.drivers.bcc_ksyms):
+    memleak's programs compile to the same instructions as with the kernel's, and no other
+    thread or process sees that file."""
+    import threading
+
+    import bcc
+
+    from probedsl.drivers import bcc_compile, bcc_kept, bcc_ksyms, bcc_tracepoints
+
+    gen = backends.for_target(targets.detect("bcc")).generate(built(MEMLEAK, sampled).walking_stacks("dwarf"))
+    flags = bcc_compile.cflags(gen.text, 1)
+    seen: dict = {}
+
+    def compile_(narrowed: bool) -> None:
+        seen[narrowed] = narrowed and bcc_ksyms.narrow_for_this_thread()
+        with open("/proc/kallsyms", "rb") as f:
+            seen[narrowed, "kallsyms"] = f.read()
+        with open("/proc/thread-self/mountinfo") as f:
+            seen[narrowed, "mounts"] = f.read()
+        bpf = bcc_tracepoints.unattached(bcc)(text=gen.text, cflags=flags)
+        try:  # each table's descriptor in the instructions made its name's place in the list
+            tables = bcc_kept._tables(bcc.libbcc.lib, bpf.module)
+            names = sorted(tables)
+            moved = {t["fd"]: names.index(name) for name, t in tables.items()}
+            seen[narrowed, "programs"] = {n: bcc_kept.retarget(bpf.dump_func(n), moved) for n in bpf.program_names()}
+        finally:
+            bpf.cleanup()
+
+    for narrowed in (True, False):
+        thread = threading.Thread(target=compile_, args=(narrowed,))
+        thread.start()
+        thread.join()
+        with open("/proc/kallsyms", "rb") as f:  # the main thread's, meanwhile and after
+            assert f.read(1 << 16).count(b"\n") > 1000
+    assert seen[True] and seen[True, "kallsyms"] == bcc_ksyms.LINES
+    assert seen[False, "kallsyms"].count(b"\n") > 1000
+    assert " /proc/kallsyms " in seen[True, "mounts"] and " /proc/kallsyms " not in seen[False, "mounts"]
+    with open("/proc/self/mountinfo") as f:
+        assert " /proc/kallsyms " not in f.read()
+    others = subprocess.run(["grep", "-c", "", "/proc/kallsyms"], capture_output=True, text=True).stdout
+    assert int(others) > 1000
+    assert len(seen[True, "programs"]) > 10 and seen[True, "programs"] == seen[False, "programs"]
+
+
+@pytest.mark.debian13
+@pytest.mark.parallel
 def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     """--comm --per-process: the exit tracepoint that tells a thread ending alone from a group exit
     (signal->live and signal->flags at the running kernel's BTF offsets) is verified as BCC loads it."""

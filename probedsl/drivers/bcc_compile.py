@@ -11,7 +11,7 @@ import re
 import threading
 from typing import List, Optional
 
-from probedsl.drivers import bcc_kept, bcc_tracepoints
+from probedsl.drivers import bcc_kept, bcc_ksyms, bcc_tracepoints
 from probedsl.errors import ProbedslError, one_line
 from probedsl.notices import note
 from probedsl.process import btf, pidns
@@ -108,6 +108,7 @@ class Compilation:
         return earlier
 
     def _compile(self, bcc, c_text: str, flags: List[str], earlier: Optional[bytes]) -> None:
+        bcc_ksyms.narrow_for_this_thread()  # (its kernel symbols: BCC's compile asks for two)
         try:
             if earlier is None or not self._reuse(bcc, c_text, flags, earlier):
                 self._bpf = bcc_tracepoints.unattached(bcc)(text=c_text, cflags=flags)
