@@ -13,8 +13,8 @@ import functools
 import os
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -37,8 +37,7 @@ REGISTER_NAMES = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6:
 Rule = Optional[Tuple]
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):  # (a tuple: python3's 65,000 are made in a quarter of a frozen dataclass's time)
     address: int                 # first address (ELF view) the row holds for
     cfa_register: int            # EXPRESSION, or PLT (cfa_offset: the rip & 15 from which +16)
     cfa_offset: int
@@ -153,6 +152,10 @@ class _Cie:
     augmented: bool
     signal: bool
     initial: bytes
+    start: Optional["_State"] = None  # the state its initial instructions leave (_fde_rows)
+    # an FDE program's rows as offsets from its start, by its bytes: a file repeats many
+    # (python3: 5,202 distinct of 10,221); one that sets an absolute address (set_loc) is not kept
+    programs: Dict[bytes, List[Tuple]] = field(default_factory=dict)
 
 
 class _State:
@@ -167,11 +170,11 @@ class _State:
 
 
 def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], start: int,
-         rows: Optional[List[Row]], base: int, offset: int) -> int:
+         rows: Optional[List[Row]], base: int, offset: int) -> Tuple[int, bool]:
     """Execute CFA instructions from start; appends a row at each new address. Returns the
-    address reached."""
+    address reached, and whether an instruction set an absolute one (set_loc)."""
     r = _Reader(program, base + offset)
-    loc, stack = start, []
+    loc, stack, absolute = start, [], False
 
     def emit(new_loc: int) -> None:
         nonlocal loc
@@ -206,6 +209,7 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
             pass
         elif op == 0x01:                                   # set_loc
             emit(r.pointer(cie.fde_encoding))
+            absolute = True
         elif op in (0x02, 0x03, 0x04):                     # advance_loc1/2/4
             emit(loc + r.fixed({2: "<B", 3: "<H", 4: "<I"}[op]) * cie.code_align)
         elif op == 0x05:                                   # offset_extended
@@ -267,7 +271,7 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
             set_rule(reg, ("offset", -r.uleb() * cie.data_align))
         else:
             raise ValueError(f"unknown CFA instruction {op:#x}")
-    return loc
+    return loc, absolute
 
 
 def _push(rows: List[Row], loc: int, state: _State, signal: bool) -> None:
@@ -351,12 +355,18 @@ def _parse_cie(data: bytes, pos: int, end: int, address: int) -> _Cie:
 
 
 def _fde_rows(cie: _Cie, program: bytes, start: int, address: int, offset: int) -> List[Row]:
-    state = _State()
-    _run(cie.initial, cie, state, None, start, None, address, 0)
-    initial = state.copy()
+    relative = cie.programs.get(program)
+    if relative is not None:
+        return [tuple.__new__(Row, (start + row[0], *row[1:])) for row in relative]
+    if cie.start is None:
+        cie.start = _State()
+        _run(cie.initial, cie, cie.start, None, 0, None, address, 0)
+    state, initial = cie.start.copy(), cie.start
     rows: List[Row] = []
-    last = _run(program, cie, state, initial, start, rows, address, offset)
+    last, absolute = _run(program, cie, state, initial, start, rows, address, offset)
     _push(rows, last, state, cie.signal)
+    if not absolute:
+        cie.programs[program] = [(row[0] - start, *row[1:]) for row in rows]
     return rows
 
 
