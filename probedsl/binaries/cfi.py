@@ -19,6 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from probedsl.binaries.dwarf_bytes import Reader
 from probedsl.trust import bounds
 from probedsl.notices import note
 
@@ -86,63 +87,6 @@ class Table:
         return sum(len(rows) for _, _, rows in self.fdes)
 
 
-class _Reader:
-    def __init__(self, data: bytes, base: int):
-        self.data, self.base, self.pos = data, base, 0
-
-    def u8(self) -> int:
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def fixed(self, fmt: str) -> int:
-        v, self.pos = struct.unpack_from(fmt, self.data, self.pos)[0], self.pos + struct.calcsize(fmt)
-        return v
-
-    def uleb(self) -> int:
-        return self._leb(signed=False)
-
-    def sleb(self) -> int:
-        return self._leb(signed=True)
-
-    def _leb(self, signed: bool) -> int:
-        """A LEB128 number: 7 bits a byte, low first; signed ones extend the last byte's 0x40.
-        At most 10 bytes (64 bits): a longer run would build an ever larger integer."""
-        result = shift = 0
-        while True:
-            b = self.data[self.pos]
-            self.pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if shift > 70:
-                raise ValueError("LEB128 number over 64 bits")
-            if b < 0x80:
-                return result - (1 << shift) if signed and b & 0x40 else result
-
-    def skip_block(self) -> None:
-        """A ULEB128 length, then that many bytes."""
-        length = self.uleb()
-        self.pos += length
-
-    def cstring(self) -> bytes:
-        end = self.data.index(b"\0", self.pos)
-        s, self.pos = self.data[self.pos:end], end + 1
-        return s
-
-    def pointer(self, encoding: int) -> int:
-        """A DW_EH_PE-encoded pointer; pc-relative ones are resolved against the section's address."""
-        if encoding == 0xFF:
-            return 0
-        at = self.base + self.pos
-        fmt = encoding & 0x0F
-        value = {0x00: lambda: self.fixed("<Q"), 0x01: self.uleb, 0x02: lambda: self.fixed("<H"),
-                 0x03: lambda: self.fixed("<I"), 0x04: lambda: self.fixed("<Q"), 0x09: self.sleb,
-                 0x0A: lambda: self.fixed("<h"), 0x0B: lambda: self.fixed("<i"),
-                 0x0C: lambda: self.fixed("<q")}[fmt]()
-        if encoding & 0x70 == 0x10:
-            value += at
-        return value & 0xFFFFFFFFFFFFFFFF
-
-
 @dataclass
 class _Cie:
     code_align: int
@@ -152,9 +96,9 @@ class _Cie:
     augmented: bool
     signal: bool
     initial: bytes
-    start: Optional["_State"] = None  # the state its initial instructions leave (_fde_rows)
-    # an FDE program's rows as offsets from its start, by its bytes: a file repeats many
-    # (python3: 5,202 distinct of 10,221); one that sets an absolute address (set_loc) is not kept
+    start: "_State"  # the state its initial instructions leave
+    # FDE programs' rows as offsets from their start, by their bytes (python3: 10,221 FDEs, 5,202
+    # programs); not one that sets an absolute address (set_loc)
     programs: Dict[bytes, List[Tuple]] = field(default_factory=dict)
 
 
@@ -173,7 +117,7 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
          rows: Optional[List[Row]], base: int, offset: int) -> Tuple[int, bool]:
     """Execute CFA instructions from start; appends a row at each new address. Returns the
     address reached, and whether an instruction set an absolute one (set_loc)."""
-    r = _Reader(program, base + offset)
+    r = Reader(program, base + offset)
     loc, stack, absolute = start, [], False
 
     def emit(new_loc: int) -> None:
@@ -313,7 +257,7 @@ def _fdes(data: bytes, address: int, debug_frame: bool, deadline: Optional[bound
             if cie is None:                         # (a CIE always comes first in practice)
                 pos = end
                 continue
-            r = _Reader(data, address)
+            r = Reader(data, address)
             r.pos = body + 4
             start = r.pointer(cie.fde_encoding)
             size = r.pointer(cie.fde_encoding & 0x0F)
@@ -325,7 +269,7 @@ def _fdes(data: bytes, address: int, debug_frame: bool, deadline: Optional[bound
 
 
 def _parse_cie(data: bytes, pos: int, end: int, address: int) -> _Cie:
-    r = _Reader(data, address)
+    r = Reader(data, address)
     r.pos = pos
     version = r.u8()
     augmentation = r.cstring().decode(errors="replace")
@@ -350,20 +294,18 @@ def _parse_cie(data: bytes, pos: int, end: int, address: int) -> _Cie:
             elif c == "S":
                 signal = True
         r.pos = aug_end
-    return _Cie(code_align, data_align, ra_register, fde_encoding, augmentation.startswith("z"), signal,
-                bytes(data[r.pos:end]))
+    cie = _Cie(code_align, data_align, ra_register, fde_encoding, augmentation.startswith("z"), signal,
+               bytes(data[r.pos:end]), _State())
+    _run(cie.initial, cie, cie.start, None, 0, None, address, 0)
+    return cie
 
 
 def _fde_rows(cie: _Cie, program: bytes, start: int, address: int, offset: int) -> List[Row]:
     relative = cie.programs.get(program)
     if relative is not None:
         return [tuple.__new__(Row, (start + row[0], *row[1:])) for row in relative]
-    if cie.start is None:
-        cie.start = _State()
-        _run(cie.initial, cie, cie.start, None, 0, None, address, 0)
-    state, initial = cie.start.copy(), cie.start
-    rows: List[Row] = []
-    last, absolute = _run(program, cie, state, initial, start, rows, address, offset)
+    state, rows = cie.start.copy(), []
+    last, absolute = _run(program, cie, state, cie.start, start, rows, address, offset)
     _push(rows, last, state, cie.signal)
     if not absolute:
         cie.programs[program] = [(row[0] - start, *row[1:]) for row in rows]

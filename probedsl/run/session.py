@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
 import time
@@ -87,10 +86,6 @@ class Session(Reporting):
                                 "(probedsl doctor says what is missing)")
         check_output(self.opts.output)
         threads.reset()
-        # what a run decodes is long-lived (python3's call-frame rows: 65,000 tuples); the
-        # collector's passes over it, every 700 allocations, were 0.07 s of a start
-        gc.freeze()
-        gc.set_threshold(50_000)
         self.tracing = False
         with contextlib.ExitStack() as self.cleanup:          # end steps 6, 5 and 4, in that order
             handlers: dict = {}
