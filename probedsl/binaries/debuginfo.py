@@ -9,14 +9,11 @@ MiniDebugInfo: .gnu_debugdata, an xz-compressed ELF holding a .symtab (Fedora sh
 from __future__ import annotations
 
 import functools
-import http.client
 import lzma
 import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 import zlib
 from typing import Optional, Tuple
 
@@ -176,6 +173,10 @@ def fetch(ident: str) -> str:
 def _download(url: str, partial: str) -> bool:
     """url's body into partial, whole; False when it failed, ended short of its length, or
     went past MAX_DOWNLOAD bytes or FETCH_TIMEOUT_S seconds."""
+    import http.client  # (here: 13 ms of every start otherwise, for a fetch most runs never make)
+    import urllib.error
+    import urllib.request
+
     deadline = time.monotonic() + FETCH_TIMEOUT_S
     try:
         with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, open(partial, "wb") as f:

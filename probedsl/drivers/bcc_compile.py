@@ -39,8 +39,10 @@ def cflags(c_text: str, pid: int) -> List[str]:
 
 
 def machine_flags() -> List[str]:
-    """What the C text takes from this machine: the same at every run on it."""
-    flags = []
+    """The flags the same at every run on this machine: what the C text takes from it, and -g0
+    (BCC compiles with -g for the programs' BTF, whose line and type information only a
+    verifier's log would show: 12% of memleak's compile)."""
+    flags = ["-g0"]
     layout = {}
     try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
         layout = {

@@ -4,7 +4,6 @@ tracing, for a fleet's monitoring to scrape and alert on (docs/fleet.md)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import ipaddress
 import threading
 from typing import List, Tuple
@@ -40,6 +39,8 @@ class Exporter:
     """Serves /metrics from the report last published; nothing is read at scrape time."""
 
     def __init__(self, address: str):
+        import http.server  # (here: 15 ms of every start otherwise)
+
         host, port = parse_address(address)
         exporter = self
         self.text = "# probedsl: no report yet\n"
