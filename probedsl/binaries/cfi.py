@@ -140,17 +140,21 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
             rule = initial.rbp if reg == RBP else initial.ra if reg == cie.ra_register else dict(initial.saved).get(reg)
             set_rule(reg, rule)
 
-    while r.pos < len(program):
-        op = r.u8()
+    end = len(program)
+    while r.pos < end:                                     # (the commonest kinds first)
+        op = program[r.pos]
+        r.pos += 1
         high, low = op & 0xC0, op & 0x3F
         if high == 0x40:                                   # advance_loc
             emit(loc + low * cie.code_align)
+        elif op == 0x0E:                                   # def_cfa_offset
+            state.cfa_offset = r.uleb()
         elif high == 0x80:                                 # offset
             set_rule(low, ("offset", r.uleb() * cie.data_align))
-        elif high == 0xC0:                                 # restore
-            restore(low)
         elif op == 0x00:                                   # nop
             pass
+        elif high == 0xC0:                                 # restore
+            restore(low)
         elif op == 0x01:                                   # set_loc
             emit(r.pointer(cie.fde_encoding))
             absolute = True
@@ -181,8 +185,6 @@ def _run(program: bytes, cie: _Cie, state: _State, initial: Optional[_State], st
             state.cfa_offset = r.uleb()
         elif op == 0x0D:                                   # def_cfa_register
             state.cfa_register = r.uleb()
-        elif op == 0x0E:                                   # def_cfa_offset
-            state.cfa_offset = r.uleb()
         elif op == 0x0F:                                   # def_cfa_expression
             length = r.uleb()
             expr = r.data[r.pos:r.pos + length]

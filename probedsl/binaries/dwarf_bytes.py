@@ -22,6 +22,10 @@ class Reader:
         return v
 
     def uleb(self) -> int:
+        b = self.data[self.pos]
+        if b < 0x80:  # (one byte: most of them)
+            self.pos += 1
+            return b
         return self._leb(signed=False)
 
     def sleb(self) -> int:
