@@ -44,8 +44,10 @@ def reset() -> None:
     # back only when a thread decoding tables in Python gives it up: at the switch interval, 5 ms
     # by default. Attaching memleak's 17 uprobes for python3 took 0.25 s so, 0.03 s at 0.5 ms.
     sys.setswitchinterval(0.0005)
-    # what a run decodes is long-lived (python3's call-frame rows: 65,000 tuples); the
-    # collector's passes over it, every 700 allocations, were 0.07 s of a start
+    # the collector passes over every live object each 700 allocations by default: what was
+    # imported is kept out of its passes (freeze), and a run's decoding (python3's call-frame
+    # rows: 65,000 tuples, kept) passed over less often; 0.07 s of a start. Process-wide, for
+    # the process a run is.
     gc.freeze()
     gc.set_threshold(50_000)
 

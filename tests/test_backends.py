@@ -241,7 +241,7 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
         f"-DPROBEDSL_{name}={value}" for name, value in pidns.layout().items()
     ]
     flags = (
-        ["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + namespace
+        bcc_compile.FIXED_FLAGS + ["-DPROBEDSL_PID=1", "-DPROBEDSL_SELF=1"] + namespace
         if scope.mode == "comm"
         else bcc_compile.cflags(gen.text, 1)
     )
@@ -313,6 +313,7 @@ def test_the_compile_threads_two_kernel_symbols_change_nothing_else(root_require
     gen = backends.for_target(targets.detect("bcc")).generate(built(MEMLEAK, sampled).walking_stacks("dwarf"))
     flags = bcc_compile.cflags(gen.text, 1)
     seen: dict = {}
+    narrowed_now, compile_now = threading.Event(), threading.Event()
 
     def compile_(narrowed: bool) -> None:
         seen[narrowed] = narrowed and bcc_ksyms.narrow_for_this_thread()
@@ -320,6 +321,8 @@ def test_the_compile_threads_two_kernel_symbols_change_nothing_else(root_require
             seen[narrowed, "kallsyms"] = f.read()
         with open("/proc/thread-self/mountinfo") as f:
             seen[narrowed, "mounts"] = f.read()
+        narrowed_now.set()
+        compile_now.wait(30)
         bpf = bcc_tracepoints.unattached(bcc)(text=gen.text, cflags=flags)
         try:  # each table's descriptor in the instructions made its name's place in the list
             tables = bcc_kept._tables(bcc.libbcc.lib, bpf.module)
@@ -330,18 +333,27 @@ def test_the_compile_threads_two_kernel_symbols_change_nothing_else(root_require
             bpf.cleanup()
 
     for narrowed in (True, False):
+        narrowed_now.clear()
+        compile_now.clear()
         thread = threading.Thread(target=compile_, args=(narrowed,))
         thread.start()
-        thread.join()
-        with open("/proc/kallsyms", "rb") as f:  # the main thread's, meanwhile and after
-            assert f.read(1 << 16).count(b"\n") > 1000
+        narrowed_now.wait(30)
+        try:  # meanwhile: this thread's file, another process's, and this namespace's mounts
+            with open("/proc/kallsyms", "rb") as f:
+                assert f.read(1 << 16).count(b"\n") > 1000
+            others = subprocess.run(["grep", "-c", "", "/proc/kallsyms"], capture_output=True, text=True).stdout
+            assert int(others) > 1000
+            with open("/proc/self/mountinfo") as f:
+                assert " /proc/kallsyms " not in f.read()
+        finally:
+            compile_now.set()
+            thread.join()
     assert seen[True] and seen[True, "kallsyms"] == bcc_ksyms.LINES
     assert seen[False, "kallsyms"].count(b"\n") > 1000
     assert " /proc/kallsyms " in seen[True, "mounts"] and " /proc/kallsyms " not in seen[False, "mounts"]
-    with open("/proc/self/mountinfo") as f:
-        assert " /proc/kallsyms " not in f.read()
-    others = subprocess.run(["grep", "-c", "", "/proc/kallsyms"], capture_output=True, text=True).stdout
-    assert int(others) > 1000
+    # no mount under the thread's /proc propagates anywhere (where / is shared, as on systemd's)
+    proc = [line for line in seen[True, "mounts"].splitlines() if line.split()[4] == "/proc"]
+    assert proc and all("shared:" not in line for line in proc), proc
     assert len(seen[True, "programs"]) > 10 and seen[True, "programs"] == seen[False, "programs"]
 
 

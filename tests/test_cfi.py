@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 
 import pytest
@@ -120,3 +121,46 @@ def test_plt_stubs_have_their_own_rule():
     plt = next(int(line.split()[3], 16) for line in sections.splitlines() if " .plt " in line)
     row = cfi.table("/usr/bin/git").row_at(plt + 0x20)
     assert (row.cfa_register, row.cfa_offset) == (cfi.PLT, 11)
+
+
+def _section(address: int, fdes) -> bytes:
+    """An .eh_frame at address: one CIE (CFA = rsp+8, the return address at CFA-8, pointers
+    pc-relative 4-byte), then an FDE per (start, size, program(position of the program))."""
+
+    def entry(body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 4)  # (DW_CFA_nop)
+        return struct.pack("<I", len(body)) + body
+
+    data = entry(struct.pack("<I", 0) + b"\x01zR\0" + bytes([1, 0x78, 16, 1, 0x1B, 0x0C, 7, 8, 0x90, 1]))
+    for start, size, program in fdes:
+        body_at = len(data) + 4
+        pc_begin = start - (address + body_at + 4)
+        program_at = body_at + 4 + 4 + 4 + 1
+        data += entry(struct.pack("<Iii", body_at, pc_begin, size) + b"\0" + program(address + program_at))
+    return data + b"\0" * 4
+
+
+def test_fdes_with_one_program_share_its_rows_unless_it_sets_an_address(monkeypatch):
+    """A program seen before is not run again: its rows are moved to the new FDE's start; one
+    that sets an absolute address (DW_CFA_set_loc, here pc-relative) is run each time."""
+    address = 0x10000
+    plain = lambda at: bytes([0x41, 0x0E, 16, 0x44, 0x0E, 8])  # noqa: E731 (advance 1: CFA+16; 4 more: CFA+8)
+
+    placed = []
+
+    def set_loc(at: int) -> bytes:  # advance 1; set_loc to 0x100 past its operand (at + 2): CFA+24 there
+        placed.append(at + 2 + 0x100)
+        return bytes([0x41, 0x01]) + struct.pack("<i", 0x100) + bytes([0x0E, 24])
+
+    runs = []
+    real_run = cfi._run
+    monkeypatch.setattr(cfi, "_run", lambda *a: runs.append(a[4]) or real_run(*a))
+    starts = [0x1000, 0x2000, 0x3000, 0x4000]
+    data = _section(address, [(0x1000, 16, plain), (0x2000, 16, plain), (0x3000, 16, set_loc), (0x4000, 16, set_loc)])
+    fdes = cfi._fdes(data, address, debug_frame=False)
+    assert [f[0] for f in fdes] == starts
+    relative = [[(r.address - f[0], r.cfa_register, r.cfa_offset) for r in f[2]] for f in fdes]
+    assert relative[0] == relative[1] == [(0, cfi.RSP, 8), (1, cfi.RSP, 16), (5, cfi.RSP, 8)]
+    assert runs == [0, 0x1000, 0x3000, 0x4000]  # the CIE's instructions, then each program not seen
+    for fde, target in zip(fdes[2:], placed):
+        assert [(r.address, r.cfa_offset) for r in fde[2]] == [(fde[0], 8), (fde[0] + 1, 8), (target, 24)]

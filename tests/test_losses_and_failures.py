@@ -67,10 +67,10 @@ def test_an_acquisition_that_preempted_another_walk_is_stored_without_a_stack(re
     assert unstacked["no_stack"] == unstacked["live_blocks"] and unstacked["untracked"] == 0, unstacked
 
 
-def test_system_calls_made_while_bcc_loads_are_not_lost(build):
+def test_no_system_call_is_counted_untracked_while_bcc_loads(build):
     """BCC would attach a system call's tracepoint program as it compiles it, before the loader
     has put the unwinder in its array, and descriptors opened meanwhile by a process already
-    running would be lost (counted untracked): the loader attaches it after."""
+    running would be counted untracked: the loader attaches it after (bcc_tracepoints)."""
     looping = subprocess.Popen([build("fdloop")], stdout=subprocess.PIPE)
     try:
         assert looping.stdout.readline() == b"looping\n"

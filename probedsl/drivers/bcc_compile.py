@@ -38,11 +38,16 @@ def cflags(c_text: str, pid: int) -> List[str]:
     return machine_flags() + per_run(c_text, pid)
 
 
+# BCC compiles with -g for the programs' BTF: its lines and types show only in a verifier's log
+# and bpftool, as nothing probedsl generates needs it (no spin lock, timer, kptr, task storage
+# or global function); -g0 after it is 12% of memleak's compile
+FIXED_FLAGS = ["-g0"]
+
+
 def machine_flags() -> List[str]:
-    """The flags the same at every run on this machine: what the C text takes from it, and -g0
-    (BCC compiles with -g for the programs' BTF, whose line and type information only a
-    verifier's log would show: 12% of memleak's compile)."""
-    flags = ["-g0"]
+    """The flags the same at every run on this machine: FIXED_FLAGS, and what the C text takes
+    from the machine."""
+    flags = list(FIXED_FLAGS)
     layout = {}
     try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
         layout = {
@@ -113,7 +118,13 @@ class Compilation:
         bcc_ksyms.narrow_for_this_thread()  # (its kernel symbols: BCC's compile asks for two)
         try:
             if earlier is None or not self._reuse(bcc, c_text, flags, earlier):
-                self._bpf = bcc_tracepoints.unattached(bcc)(text=c_text, cflags=flags)
+                bpf = bcc_tracepoints.unattached(bcc)(text=c_text, cflags=flags)
+                try:
+                    bcc_tracepoints.load(bcc, bpf)  # (attached by the loader)
+                except BaseException:
+                    bpf.cleanup()
+                    raise
+                self._bpf = bpf
         except ProbedslError as exc:
             self._error = exc
         except Exception as exc:  # BCC raises bare Exception on compile/load errors

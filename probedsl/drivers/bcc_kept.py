@@ -16,7 +16,7 @@ import os
 import struct
 from typing import Callable, Dict, List
 
-from probedsl.drivers.bcc_tracepoints import ATTACHED_HERE, AUTOLOADED, unattached
+from probedsl.drivers import bcc_tracepoints
 
 FORMAT = 1
 MOST = 64  # kept compiles (50-200 KB each; one per recipe, options and --comm name)
@@ -92,12 +92,8 @@ def _tables(lib, module) -> Dict[str, dict]:
 
 def dump(bcc, bpf) -> bytes:
     """What a full compile leaves to keep: its programs' instructions and its tables."""
-    lib = bcc.libbcc.lib
-    programs = {}
-    for i in range(lib.bpf_num_functions(bpf.module)):
-        fn = lib.bpf_function_name(bpf.module, i)
-        programs[fn.decode()] = base64.b64encode(bpf.dump_func(fn)).decode()
-    body = {"tables": _tables(lib, bpf.module), "programs": programs}
+    programs = {fn.decode(): base64.b64encode(bpf.dump_func(fn)).decode() for fn in bpf.program_names()}
+    body = {"tables": _tables(bcc.libbcc.lib, bpf.module), "programs": programs}
     return json.dumps({"format": FORMAT, "sha256": _digest(body), **body}, sort_keys=True).encode()
 
 
@@ -140,9 +136,9 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
         old = saved["tables"]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"damaged: {exc}") from None
-    others = [n for n in programs if n.startswith(AUTOLOADED) and not n.startswith(ATTACHED_HERE)]
-    if others:  # never generated (bcc_tracepoints)
-        raise Unusable(f"a program attached by its name: {others[0].decode()}")
+    others = [n for n in programs if n.startswith(bcc_tracepoints.NEVER_GENERATED)]
+    if others:
+        raise Unusable(f"a program BPF() would attach by its name: {others[0].decode()}")
     bpf = _with_kept_programs(bcc)(bcc, text, flags, forget)
     try:
         new = _tables(bcc.libbcc.lib, bpf.module)
@@ -150,7 +146,7 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
             raise Unusable("the tables differ")
         moved = {old[k]["fd"]: new[k]["fd"] for k in new}
         bpf.kept = {fn: retarget(insns, moved) for fn, insns in programs.items()}
-        bpf.load_kept_tracepoints()  # (a refusal here: compiled afresh)
+        bcc_tracepoints.load(bcc, bpf)  # (a refusal here: compiled afresh)
     except BaseException:
         bpf.cleanup()
         raise
@@ -158,7 +154,7 @@ def loaded(bcc, text: str, flags: List[str], kept: bytes, forget: Callable[[], N
 
 
 def _with_kept_programs(bcc):
-    class WithKeptPrograms(unattached(bcc)):
+    class WithKeptPrograms(bcc_tracepoints.unattached(bcc)):
         """BPF() of the tables alone; load_func loads a kept program."""
 
         def __init__(self, bcc, text: str, flags: List[str], forget: Callable[[], None]):
@@ -204,12 +200,5 @@ def _with_kept_programs(bcc):
 
         def program_names(self) -> List[bytes]:
             return list(self.kept)
-
-        def load_kept_tracepoints(self) -> None:
-            for fn_name in self.kept:
-                if fn_name.startswith(b"tracepoint__"):
-                    self.load_func(fn_name, bcc.BPF.TRACEPOINT)
-                elif fn_name.startswith(b"raw_tracepoint__"):
-                    self.load_func(fn_name, bcc.BPF.RAW_TRACEPOINT)
 
     return WithKeptPrograms
