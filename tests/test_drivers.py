@@ -168,3 +168,23 @@ def test_the_kernels_layout_read_by_libbpf_is_the_one_parsed_by_hand(monkeypatch
         assert btf.size("upid") == 16 and btf.offset("upid", "nr") == 0
     finally:
         btf._struct.cache_clear()
+
+
+def test_raw_tracepoints_are_named_to_bpftrace_where_the_kernel_hides_its_traceable_functions(tmp_path, monkeypatch):
+    """0.25+ finds a raw tracepoint among the kernel's traceable functions; a locked-down kernel
+    refuses to list them (EPERM), and the fork probe a PID namespace's run needs was left out."""
+    from probedsl.targets import bpftrace as dialects
+
+    script = (
+        "BEGIN {}\nrawtracepoint:vmlinux:sched_process_fork /x/\n{\n}\nrawtracepoint:vmlinux:sched_process_fork {}\n"
+    )
+    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", str(tmp_path / "unreadable"))
+    options = dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options(script, str(tmp_path))
+    assert options == ["--traceable-functions", str(tmp_path / "traceable-functions")]
+    assert (tmp_path / "traceable-functions").read_text() == "__probestub_sched_process_fork\n"
+    assert dialects.Bpftrace020((0, 23, 2)).raw_tracepoint_options(script, str(tmp_path)) == []  # (no such option)
+    assert dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options("BEGIN {}\n", str(tmp_path)) == []
+    readable = tmp_path / "listed"
+    readable.write_text("__probestub_sched_process_fork\n")
+    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", str(readable))
+    assert dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options(script, str(tmp_path)) == []

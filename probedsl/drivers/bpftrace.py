@@ -218,7 +218,8 @@ class BpftraceDriver:
             f.write(self.generated.text)
         # "--": a name like "-x" is not an option
         scope = self.program.scope
-        argv = [exe, "-f", "json", *self.target.options(scope), "--", script, *self.target.positional(scope)]
+        options = [*self.target.options(scope), *self.target.raw_tracepoint_options(self.generated.text, self._dir)]
+        argv = [exe, "-f", "json", *options, "--", script, *self.target.positional(scope)]
         max_live = max((r.max_live for r in self.program.resources), default=1)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BPFTRACE_")}
         env.update(self.target.environment(max_live))

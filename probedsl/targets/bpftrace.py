@@ -7,6 +7,7 @@ the driver (probedsl.drivers.bpftrace) read these flags and nothing else about t
 from __future__ import annotations
 
 import os
+import re
 from typing import ClassVar, Dict, List, Tuple
 
 from probedsl import ir
@@ -43,6 +44,7 @@ class Bpftrace(Target):
     # `$deleted = delete(...)`: delete returns whether the key was there (0.24), and a discarded
     # result warns at compile time (0.25 "warn on all discarded expressions")
     delete_result_used: ClassVar[bool] = False
+    traceable_functions_option: ClassVar[bool] = False  # (raw_tracepoint_options)
     # subtraction is signed (0.26): `nsecs - $t` warns that both uint64 operands are cast to
     # int64 unless the casts are written
     signed_subtraction: ClassVar[bool] = False
@@ -84,6 +86,20 @@ class Bpftrace(Target):
     def options(self, scope: ir.Scope) -> List[str]:
         """Command-line options for a program traced in this scope."""
         return ["-p", str(int(scope.pid))] if self.scopes_uprobes(scope) else []
+
+    def raw_tracepoint_options(self, script: str, directory: str) -> List[str]:
+        """0.25+ finds raw tracepoints among the kernel's traceable functions (__probestub_NAME);
+        where it cannot read those (a locked-down kernel refuses available_filter_functions), it
+        finds none, and leaves the script's rawtracepoint probes out (missing_probes=warn): the
+        fork probe that follows children in a PID namespace. The ones the script uses are then
+        named in a file of their own (--traceable-functions, 0.25+)."""
+        names = re.findall(r"^rawtracepoint:vmlinux:(\w+)", script, re.M)
+        if not names or not self.traceable_functions_option or _readable(TRACEABLE_FUNCTIONS):
+            return []
+        path = os.path.join(directory, "traceable-functions")
+        with open(path, "w") as f:
+            f.write("".join(f"__probestub_{name}\n" for name in dict.fromkeys(names)))
+        return ["--traceable-functions", path]
 
     def attaches_at(self, probe: ir.Probe, path: str) -> int:
         """A probe with a uretprobe stays at the entry: bpftrace puts a uretprobe there only,
@@ -173,6 +189,7 @@ class Bpftrace025(Bpftrace024):
     default_max_live = ir.DEFAULT_MAX_LIVE
     delete_result_used = True
     signed_subtraction = True
+    traceable_functions_option = True
 
 
 class Bpftrace027(Bpftrace025):
@@ -184,3 +201,15 @@ class Bpftrace027(Bpftrace025):
 
 
 DIALECTS = (Bpftrace017, Bpftrace020, Bpftrace024, Bpftrace025, Bpftrace027)
+
+
+TRACEABLE_FUNCTIONS = "/sys/kernel/tracing/available_filter_functions"
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
