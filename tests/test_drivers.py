@@ -188,3 +188,21 @@ def test_raw_tracepoints_are_named_to_bpftrace_where_the_kernel_hides_its_tracea
     readable.write_text("__probestub_sched_process_fork\n")
     monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", str(readable))
     assert dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options(script, str(tmp_path)) == []
+
+
+def test_a_probe_bpftrace_left_out_is_said_in_the_report():
+    """With missing_probes=warn bpftrace goes on without a probe it could not attach (its
+    warnings here as 0.27.1 printed them on a kernel that hides its traceable functions)."""
+    from probedsl.drivers.bpftrace import BpftraceDriver
+
+    driver = BpftraceDriver.__new__(BpftraceDriver)
+    driver.stderr = [
+        "/tmp/probedsl-x/memleak.bt:30:1-41: WARNING: No matches for rawtracepoint vmlinux:sched_process_fork. Skipping.",
+        "rawtracepoint:vmlinux:sched_process_fork /x/",
+        "/tmp/probedsl-x/memleak.bt:30:1-41: WARNING: Probe has no valid attach points. It is being removed which "
+        "may cause issues with program behavior.",
+        "/tmp/probedsl-x/memleak.bt:12:1-9: WARNING: something else",
+    ]
+    assert driver.notes() == [
+        "bpftrace left a probe out: No matches for rawtracepoint vmlinux:sched_process_fork. Skipping."
+    ]

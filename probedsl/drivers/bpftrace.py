@@ -30,6 +30,7 @@ from probedsl.drivers.rundata import Live, Snapshot, Totals
 
 # harmless here: memory is accounted by cgroup; kernel-function lists matter to kprobes only
 NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
+LEFT_OUT = ("No matches for", "no valid attach points", "ailed to attach")  # (bpftrace 0.27.1's words)
 
 
 def errors_first(lines: List[str]) -> List[str]:
@@ -333,7 +334,14 @@ class BpftraceDriver:
         """Nothing follows mappings."""
 
     def notes(self) -> List[str]:
-        return []
+        """Probes bpftrace left out and went on without (missing_probes=warn), said in the
+        report: the first of its warnings for each (FILE.bt:LINE:COL: WARNING: ...)."""
+        said = {}
+        for line in self.stderr:
+            m = re.match(r"\S+\.bt:([\d:-]+): WARNING: (.*)", line)
+            if m and any(s in m.group(2) for s in LEFT_OUT):
+                said.setdefault(m.group(1), f"bpftrace left a probe out: {m.group(2)}")
+        return list(said.values())
 
     def map_memory(self) -> int:
         return map_memory(self.proc.pid) if self.proc is not None else 0
