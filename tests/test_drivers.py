@@ -178,7 +178,7 @@ def test_raw_tracepoints_are_named_to_bpftrace_where_the_kernel_hides_its_tracea
     script = (
         "BEGIN {}\nrawtracepoint:vmlinux:sched_process_fork /x/\n{\n}\nrawtracepoint:vmlinux:sched_process_fork {}\n"
     )
-    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", str(tmp_path / "unreadable"))
+    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", (str(tmp_path / "unreadable"),))
     options = dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options(script, str(tmp_path))
     assert options == ["--traceable-functions", str(tmp_path / "traceable-functions")]
     assert (tmp_path / "traceable-functions").read_text() == "__probestub_sched_process_fork\n"
@@ -186,7 +186,7 @@ def test_raw_tracepoints_are_named_to_bpftrace_where_the_kernel_hides_its_tracea
     assert dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options("BEGIN {}\n", str(tmp_path)) == []
     readable = tmp_path / "listed"
     readable.write_text("__probestub_sched_process_fork\n")
-    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", str(readable))
+    monkeypatch.setattr(dialects, "TRACEABLE_FUNCTIONS", (str(tmp_path / "unreadable"), str(readable)))
     assert dialects.Bpftrace027((0, 27, 1)).raw_tracepoint_options(script, str(tmp_path)) == []
 
 

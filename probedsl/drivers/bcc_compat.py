@@ -11,6 +11,7 @@ import tempfile
 from typing import Dict, List
 
 from probedsl.errors import ProbedslError
+from probedsl.process import tracefs
 
 
 def _import_bcc():
@@ -112,7 +113,7 @@ def _allow_many_uprobes() -> None:
     os.environ.setdefault("BCC_PROBE_LIMIT", str(max(1000, soft - 256)))  # 256 for everything else
 
 
-TRACEFS_UPROBES = ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
+TRACEFS_UPROBES = tracefs.files("uprobe_events")
 
 
 def remove_tracefs_uprobes(bcc_pid: int) -> int:

@@ -31,6 +31,7 @@ from probedsl.drivers.rundata import Live, Snapshot, Totals
 # harmless here: memory is accounted by cgroup; kernel-function lists matter to kprobes only
 NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
 LEFT_OUT = ("No matches for", "no valid attach points", "ailed to attach")  # (bpftrace 0.27.1's words)
+LOCATED = re.compile(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)")  # FILE.bt:LINE[-L]:COL[-C]: message
 
 
 def errors_first(lines: List[str]) -> List[str]:
@@ -257,7 +258,7 @@ class BpftraceDriver:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
         lines = []
         for line in errors_first(self.stderr):
-            m = re.match(r"\S+\.bt:(\d+)(?:-\d+)?:(?:[\d-]+:)?\s*(.*)", line)  # FILE.bt:LINE[-L]:COL[-C]: msg
+            m = LOCATED.match(line)
             span = self.generated.recipe_span(int(m.group(1))) if m else None
             if span:
                 line = f"{self.program.filename}:{span.line}:{span.column}: {m.group(2)}"
@@ -335,12 +336,12 @@ class BpftraceDriver:
 
     def notes(self) -> List[str]:
         """Probes bpftrace left out and went on without (missing_probes=warn), said in the
-        report: the first of its warnings for each (FILE.bt:LINE:COL: WARNING: ...)."""
+        report: the first of its warnings for each script line."""
         said = {}
-        for line in self.stderr:
-            m = re.match(r"\S+\.bt:([\d:-]+): WARNING: (.*)", line)
-            if m and any(s in m.group(2) for s in LEFT_OUT):
-                said.setdefault(m.group(1), f"bpftrace left a probe out: {m.group(2)}")
+        for m in filter(None, map(LOCATED.match, self.stderr)):
+            warning = m.group(2).removeprefix("WARNING: ")
+            if warning != m.group(2) and any(s in warning for s in LEFT_OUT):
+                said.setdefault(m.group(1), f"bpftrace left a probe out: {warning}")
         return list(said.values())
 
     def map_memory(self) -> int:

@@ -11,13 +11,14 @@ from typing import List
 from probedsl import targets
 from probedsl.drivers.bcc_uprobes import links_available
 from probedsl.errors import ProbedslError
+from probedsl.process import tracefs
 
 CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 21, 38, 39
 # what a run needs without root (tested with BCC): BPF programs and uprobes, perf side-band
 # records, and reading tracefs (tracepoint formats, root's only)
 TRACING_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_DAC_READ_SEARCH)
 CAP_NAMES = "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH"
-TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+TRACEFS = tracefs.ROOTS
 
 
 @dataclass

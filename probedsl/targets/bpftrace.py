@@ -12,6 +12,7 @@ from typing import ClassVar, Dict, List, Tuple
 
 from probedsl import ir
 from probedsl.ir.layout import TALLY_SHIFT
+from probedsl.process import tracefs
 
 from .base import Target
 
@@ -203,13 +204,16 @@ class Bpftrace027(Bpftrace025):
 DIALECTS = (Bpftrace017, Bpftrace020, Bpftrace024, Bpftrace025, Bpftrace027)
 
 
-TRACEABLE_FUNCTIONS = "/sys/kernel/tracing/available_filter_functions"
+TRACEABLE_FUNCTIONS = tracefs.files("available_filter_functions")
 
 
-def _readable(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-        return True
-    except OSError:
-        return False
+def _readable(paths: Tuple[str, ...]) -> bool:
+    """Whether one of the paths can be read (a locked-down kernel refuses even root: EPERM)."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+            return True
+        except OSError:
+            continue
+    return False
