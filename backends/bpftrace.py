@@ -139,7 +139,7 @@ class BpftraceBackend(Backend):
         return [self.u64(k) for k in action.key]
 
     def declarations(self, res: ir.Resource, lay: ResourceLayout) -> List[str]:
-        """Each keyed map sized for what it holds (aggregations live in per-CPU maps)."""
+        """Each keyed map sized for what it holds (sums and histograms live in per-CPU maps)."""
         maps = [("hash", lay.live, lay.live_size)]
         if any(p.at_return for p in res.probes):
             maps.append(("hash", lay.scratch, lay.scratch_size))
@@ -147,15 +147,15 @@ class BpftraceBackend(Backend):
             maps.append(("hash", self.reentered_map(lay), lay.scratch_size))
         for t in lay.tallies:
             if t.keys:
-                maps += [("percpuhash", t.map, t.size), ("percpuhash", t.seen_map, t.size)]
+                maps += [("percpuhash", t.map, t.size), ("hash", t.seen_map, t.size)]
         if lay.lifetime and lay.lifetime.keys:
             maps.append(("percpuhash", lay.lifetime.map, lay.lifetime.size))
         return [f"let @{name} = {kind}({int(size)});" for kind, name, size in maps]
 
     def tally(self, lay: ResourceLayout, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
-        tally of the resource: one per-CPU sum per event, of (bytes << TALLY_SHIFT) + 1, so
-        bytes and count travel in one map update (no two CPUs race on one counter)."""
+        tally of the resource: a per-CPU sum of (bytes << TALLY_SHIFT) + 1 per event (one update, no
+        race); the latest capture time is written (a per-CPU max() cost 0.23 0.17 s of start)."""
         fields = lay.fields
         lines = []
         for t in lay.tallies:
@@ -163,7 +163,7 @@ class BpftraceBackend(Backend):
             packed = f"(({record}.{fields.index('size')} << {TALLY_SHIFT}) + 1)" if "size" in fields else "1"
             lines.append(f"@{t.map}{key} = sum({sign}{packed});")
             if not sign:      # when its stack was captured: which process image names it
-                lines.append(f"@{t.seen_map}{key} = max({record}.0);")
+                lines.append(f"@{t.seen_map}{key} = {record}.0;")
         return lines
 
     def count(self, lay: ResourceLayout, counter: Counter) -> str:

@@ -29,7 +29,7 @@ SIZED_MAPS = """\\1
 let @heap_live = hash(1000000);
 let @heap_scratch = hash(65536);
 let @heap_tally0 = percpuhash(131072);
-let @heap_tally0_seen = percpuhash(131072);
+let @heap_tally0_seen = hash(131072);
 let @probedsl_images = hash(65536);
 let @probedsl_ended = hash(65536);
 let @probedsl_traced = hash(65536);
@@ -214,6 +214,21 @@ def test_build_features_are_read_from_bpftrace_info():
     """Debian 12's 0.17 and Debian sid's 0.27.1, as they print them."""
     assert targets.parse_info(INFO_017) == {"bfd": False, "dwarf": True}
     assert targets.parse_info(INFO_0271) == {"bfd": True, "dwarf": True, "blazesym": False, "dwunwind": True}
+    # the version too: a run starts bpftrace once to learn both
+    assert targets.info_version(INFO_017) == (0, 17, 0) and targets.info_version(INFO_0271) == (0, 27, 1)
+    assert targets.info_version("ERROR: bpftrace currently only supports running as the root user.") is None
+
+
+def test_live_tables_default_to_what_the_dialect_preallocates_in_reasonable_time():
+    """Before 0.25 every keyed map is sized at --max-live and preallocated, a per-CPU one entry
+    by entry (~0.17 s each at 262,144 on 0.23): 0.20-0.24 default to half 0.17's."""
+    defaults = {
+        v: targets.for_version("bpftrace", v).default_max_live for v in [(0, 17), (0, 23, 2), (0, 24), (0, 27, 1)]
+    }
+    assert defaults == {(0, 17): 262_144, (0, 23, 2): 131_072, (0, 24): 131_072, (0, 27, 1): ir.DEFAULT_MAX_LIVE}
+    target = targets.for_version("bpftrace", (0, 23, 2))
+    assert compiler.check_choices(target, compiler.Choices()) == 131_072
+    assert target.environment(131_072)["BPFTRACE_MAX_MAP_KEYS"] == "131072"
 
 
 def test_a_build_without_bfd_probes_at_entries_whatever_its_version():
