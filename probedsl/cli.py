@@ -266,8 +266,8 @@ def _positional(ctx, words, command_line):
               help="serve the latest report as Prometheus gauges at http://ADDR:PORT/metrics while tracing "
                    "(refreshed at each --interval report, else every 10 s; docs/fleet.md)")
 @click.option("--max-live", type=click.IntRange(min=1),
-              help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+, 262144 on "
-                   "older bpftrace, which sizes every keyed map so)")
+              help="live resources each table holds (default: 1000000 on bcc and bpftrace 0.25+; bpftrace "
+                   "0.17-0.19 262144, 0.20-0.24 131072, which size every keyed map so)")
 def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, private_libs, per_process, interval,
         live, duration, top, sets, fmt, output, color, allocator, obj, symbols_prefix, min_size, max_size, min_age, older,
         ages, sample, estimate, growth_intervals, stacks, probe_at, reachability, leaks_only, python_native, python_frames,
