@@ -37,6 +37,10 @@ def installed_version(backend: str) -> Optional[Version]:
         exe = shutil.which("bpftrace")
         if exe is None:
             return None
+        # --info names the version too (0.17-0.27), and a run asks it anyway: one start, not two
+        version = info_version(_info(exe))
+        if version:
+            return version
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
         return parse_version(out)
     try:
@@ -65,19 +69,30 @@ def parse_info(text: str) -> Dict[str, bool]:
     return found
 
 
+def info_version(text: str) -> Optional[Version]:
+    """The version `bpftrace --info` names under Build ("  version: v0.23.2"), None if none."""
+    m = re.search(r"^\s*version: (v?[\d.]+)", text, re.M)
+    return parse_version(m.group(1)) if m else None
+
+
 def build_info(exe: str) -> Dict[str, bool]:
-    """What this bpftrace binary was built with, asked once per binary (path, size, mtime)."""
+    """What this bpftrace binary was built with."""
+    return parse_info(_info(exe))
+
+
+def _info(exe: str) -> str:
+    """`bpftrace --info`'s text, asked once per binary (path, size, mtime); "" if it fails."""
     st = os.stat(exe)
-    return _build_info(exe, st.st_size, st.st_mtime_ns)
+    return _info_of(exe, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_info(exe: str, size: int, mtime: int) -> Dict[str, bool]:
+def _info_of(exe: str, size: int, mtime: int) -> str:
     try:
         out = subprocess.run([exe, "--info"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_info(out.stdout + out.stderr)
+        return ""
+    return out.stdout + out.stderr
 
 
 def _known(backend: str) -> str:
