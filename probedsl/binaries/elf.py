@@ -180,3 +180,11 @@ def symbols(path: str, root: str = "") -> Optional[ElfSymbols]:
     except OSError:
         return None
     return _load(path, root, st.st_mtime_ns, st.st_size)
+
+
+def read_ahead(path: str) -> None:
+    """Read path's symbols now, its debug files' names included (otherwise read at the first
+    address named): a read-ahead thread's, so the report finds them ready."""
+    syms = symbols(path)
+    if syms is not None:
+        syms._index()

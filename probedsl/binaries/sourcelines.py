@@ -22,9 +22,10 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elftools.elf.elffile import ELFFile
 
@@ -37,6 +38,7 @@ from probedsl.notices import note
 ADDR2LINE_SECONDS = 60
 ADDR2LINE_OUTPUT = 64 << 20  # bytes of output
 ADDR2LINE_MEMORY = 4 << 30  # bytes of address space
+ADDR2LINE_OPTIONS = ("-a", "-i", "-f", "-C")
 _LOCATION = re.compile(r"(.*):(\d+|\?)(?: \(discriminator \d+\))?")
 _MANGLED = re.compile(r"_Z[\x21-\x7e]+")
 
@@ -69,17 +71,19 @@ class SourceLines:
         return {a: self._cache[(module, a)] for a in vaddrs}
 
     def _run(self, module: str, addrs: List[int]) -> None:
+        warm = _take_warm(module)
         # addr2line prints one name a line, and a name (from the file's DWARF) may hold a
         # newline: after every address a sentinel address nobody can guess (random, outside
         # any code) whose three output lines close that address's record
-        sentinel = secrets.randbits(62) | 1 << 62
+        sentinel = warm.sentinel if warm else _sentinel()
         closing = [f"{sentinel:#018x}", "??", "??:0"]
-        with tempfile.TemporaryDirectory(prefix="probedsl-lines-") as alone:
-            os.symlink(os.path.abspath(module), os.path.join(alone, "m"))
-            argv = [self._addr2line, "-e", "m", "-a", "-i", "-f", "-C"]
-            for a in addrs:
-                argv += [f"{a:#x}", closing[0]]
-            out = _bounded_run(argv, alone)
+        asked = [text for a in addrs for text in (f"{a:#x}", closing[0])]
+        if warm:
+            out = warm.finish(asked)
+        else:
+            with tempfile.TemporaryDirectory(prefix="probedsl-lines-") as alone:
+                os.symlink(os.path.abspath(module), os.path.join(alone, "m"))
+                out = _bounded_run([self._addr2line, "-e", "m", *ADDR2LINE_OPTIONS, *asked], alone)
         if out is None:
             note(
                 f"{module}: addr2line exceeded its bounds ({ADDR2LINE_SECONDS} s, "
@@ -88,6 +92,8 @@ class SourceLines:
             return
         lines = out.decode("utf-8", "surrogateescape").split("\n")
         pos = 0
+        if warm:  # after the record of the address it was warmed with
+            pos = next((i + 3 for i in range(len(lines)) if lines[i : i + 3] == closing), len(lines))
         for a in addrs:
             if pos >= len(lines) or lines[pos] != f"{a:#018x}":
                 return  # not addr2line's framing: nothing from here on
@@ -161,17 +167,16 @@ def _own_dwarf(path: str) -> bool:
     return False
 
 
+def _sentinel() -> int:
+    return secrets.randbits(62) | 1 << 62
+
+
 def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
     """argv's output (b"" when it failed), or None when it went past the time, output or
     memory bound (the output goes to a file whose size the kernel limits)."""
     try:
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=cwd)
-            try:
-                for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
-                    resource.prlimit(proc.pid, limit, (value, value))
-            except (OSError, ValueError):
-                pass  # it ended already
+            proc = _bounded_start(argv, cwd, out, subprocess.DEVNULL)
             started = time.monotonic()
             procfs.await_end(proc.pid, ADDR2LINE_SECONDS)
             try:
@@ -180,11 +185,104 @@ def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
                 proc.kill()
                 proc.wait()
                 return None
-            if status < 0:  # killed: past the output or memory bound
-                return None
-            if status > 0:  # not a file it reads: nothing to say
-                return b""
-            out.seek(0)
-            return out.read()
+            return _bounded_output(status, out)
     except OSError:
         return None
+
+
+def _bounded_start(argv: List[str], cwd: str, out: IO[bytes], stdin) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=stdin, cwd=cwd)
+    try:
+        for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
+            resource.prlimit(proc.pid, limit, (value, value))
+    except (OSError, ValueError):
+        pass  # it ended already
+    return proc
+
+
+def _bounded_output(status: int, out: IO[bytes]) -> Optional[bytes]:
+    if status < 0:  # killed: past the output or memory bound
+        return None
+    if status > 0:  # not a file it reads: nothing to say
+        return b""
+    out.seek(0)
+    return out.read()
+
+
+class _Warm:
+    """An addr2line that has read a module's DWARF for a first address and waits on its input
+    for the report's: libc's debug file took 0.09 s to read, after the traced command ended."""
+
+    def __init__(self, addr2line: str, module: str):
+        self.sentinel = _sentinel()
+        self.alone = tempfile.mkdtemp(prefix="probedsl-lines-")
+        self.out = tempfile.TemporaryFile()
+        try:
+            os.symlink(os.path.abspath(module), os.path.join(self.alone, "m"))
+            self.proc = _bounded_start(
+                [addr2line, "-e", "m", *ADDR2LINE_OPTIONS], self.alone, self.out, subprocess.PIPE
+            )
+            # an address in its code: addr2line reads the DWARF at the first that falls in a section
+            self.proc.stdin.write(f"{_code_address(module):#x}\n{self.sentinel:#x}\n".encode())
+            self.proc.stdin.flush()
+        except BaseException:
+            self.close()
+            raise
+
+    def finish(self, asked: List[str]) -> Optional[bytes]:
+        """Its output once it has named `asked` too (None past a bound, as _bounded_run)."""
+        try:
+            self.proc.communicate("".join(f"{a}\n" for a in asked).encode(), timeout=ADDR2LINE_SECONDS)
+            return _bounded_output(self.proc.returncode, self.out)
+        except subprocess.TimeoutExpired:
+            return None
+        except OSError:
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.out.close()
+        shutil.rmtree(self.alone, ignore_errors=True)
+
+
+def _code_address(path: str) -> int:
+    """Where path's .text starts (0 if it has none)."""
+    with open(path, "rb") as f:
+        text = ELFFile(f).get_section_by_name(".text")
+        return text["sh_addr"] if text is not None else 0
+
+
+_warm: Dict[str, _Warm] = {}
+_warm_lock = threading.Lock()
+
+
+def warm(module: str) -> None:
+    """Start addr2line on module now (if it may read it), so that the report's lookups wait for
+    none of its DWARF reading: a read-ahead thread's, while the backend starts."""
+    addr2line = shutil.which("addr2line")
+    with _warm_lock:
+        if not addr2line or module in _warm or not _own_dwarf(module):
+            return
+        try:
+            _warm[module] = _Warm(addr2line, module)
+        except Exception:  # (pyelftools raises many kinds): looked up the usual way
+            pass
+
+
+def _take_warm(module: str) -> Optional[_Warm]:
+    with _warm_lock:
+        return _warm.pop(module, None)
+
+
+def stop_warm() -> None:
+    """End the addr2lines no report asked (the run's end)."""
+    with _warm_lock:
+        left = list(_warm.values())
+        _warm.clear()
+    for w in left:
+        w.close()

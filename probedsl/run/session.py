@@ -23,6 +23,7 @@ from probedsl.process.mappings import MappingTracker
 from probedsl.passes.private_libs import PrivateLibraries
 from probedsl.drivers.rundata import Snapshot
 from probedsl.stacks.symbolizer import Symbolizer
+from probedsl.binaries import sourcelines
 from probedsl.process.tree_tether import TreeTether
 from probedsl.run.options import (RunOptions, scope_of, check_output, traced, probed_files, bystander_notes,
                                   end_command, read_ahead)
@@ -156,6 +157,7 @@ class Session(Reporting):
         if scope.mode in ("pid", "cmd") and scope.follow_forks:
             self.tracker.follow(scope.pid)             # its children from their first fork
         self.cleanup.callback(self.tracker.close)      # after the report: it names the frames
+        self.cleanup.callback(sourcelines.stop_warm)   # (the read-ahead's addr2lines)
         if late_roots.applies(self.target, scope):
             self.unprobed = UnprobedRoots(scope.comm if scope.mode == "comm" else None, self.probed_roots, self.say)
             if isinstance(self.driver, late_roots.LateRoots):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence, Tuple
 
-from probedsl.binaries import cfi, elf
+from probedsl.binaries import cfi, elf, sourcelines
 from probedsl import ir, threads
 from probedsl.process import procfs
 from probedsl.ir.stackformat import DEPTH_LIMIT, FP_WALK, MARKERS, NO_FRAME_POINTER, NO_UNWIND_INFO
@@ -38,10 +38,22 @@ def reason(marker: int, module: str) -> str:
 
 
 def read_ahead(paths: Sequence[str]) -> None:
-    """The files' call-frame tables read on a thread of their own while the backend compiles
-    (the main thread only waits then): a report of python3 -c pass spent 0.5 s reading libc's
-    and python3's .eh_frame after the command ended."""
-    threads.start("probedsl-read-ahead", lambda: [cfi.table(path) for path in dict.fromkeys(paths)])
+    """The files' call-frame tables and symbols read on a thread of their own while the backend
+    compiles (the main thread only waits then), and addr2line started on those with DWARF: a
+    report of python3 -c pass spent 0.5 s reading libc's and python3's .eh_frame after the
+    command ended, 0.06 s their symbols and 0.09 s libc's debug file."""
+
+    def read():
+        files = list(dict.fromkeys(paths))
+        for path in files:  # first: each addr2line reads in a process of its own meanwhile
+            syms = elf.symbols(path)
+            if syms is not None:
+                sourcelines.warm(syms.dwarf_file)
+        for path in files:
+            cfi.table(path)
+            elf.read_ahead(path)
+
+    threads.start("probedsl-read-ahead", read)
 
 
 # resolve(address to look up) -> (file opened from here, address in its ELF view), or None

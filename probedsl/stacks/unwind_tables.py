@@ -93,7 +93,9 @@ def read_ahead(paths: Iterable[str]) -> None:
                     future.set_result(_rows_of(path))
                 except Exception as exc:  # raised again to rows_of's caller
                     future.set_exception(exc)
-                elf.symbols(path)  # (cached) its segments place the rows, its names the report's frames
+                elf.symbols(path)  # (cached) its segments place the rows
+            for path in found:  # the report's frame names, once no attach waits for rows
+                elf.read_ahead(path)
         finally:  # those not found (it ended early, or never began): rows_of finds them itself
             for future in found.values():
                 future.cancel()
