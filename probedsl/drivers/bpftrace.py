@@ -252,7 +252,7 @@ class BpftraceDriver:
             if cancelled is not None and cancelled():
                 self.kill()
                 raise ProbedslError("the run ended while bpftrace attached its probes")
-            self.ready.wait(0.02)
+            self.ready.wait(0.005)  # each getppid() asks: the command waits at most this after the attach
 
     def explain_failure(self) -> str:
         """bpftrace's own errors, with generated line numbers mapped back to the recipe."""
