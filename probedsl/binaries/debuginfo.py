@@ -56,10 +56,11 @@ def debuglink(elf: ELFFile) -> Optional[Tuple[str, int]]:
     return name, int.from_bytes(data[crc_at : crc_at + 4], "little")
 
 
-def find(path: str, elf: ELFFile, root: str = "") -> str:
+def find(path: str, elf: ELFFile, root: str = "", remote: bool = True) -> Optional[str]:
     """The separate debug file of path (an ELF opened from here), or "". root: the directory
     that is the file's process's root, seen from here ("" for ours). Every candidate must
-    carry the file's build id (when it has one): another file would name its frames wrongly."""
+    carry the file's build id (when it has one): another file would name its frames wrongly.
+    Without remote, None where only debuginfod could answer."""
     ident = build_id(elf)
     roots = [root, ""] if root else [""]
     if ident:
@@ -83,7 +84,7 @@ def find(path: str, elf: ELFFile, root: str = "") -> str:
             ):
                 return candidate
     if ident and os.environ.get("DEBUGINFOD_URLS"):
-        return fetch(ident)
+        return fetch(ident) if remote else None
     return ""
 
 

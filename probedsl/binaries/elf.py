@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,8 @@ class ElfSymbols:
         self._debug_file: Optional[str] = None
         self._spans: Dict[int, Tuple[int, str]] = {}
         self._addrs: Optional[List[int]] = None
+        self._entries: List[Tuple[int, str]] = []
+        self._lock = threading.Lock()  # the report's thread and a read-ahead's find names alike
         with open(path, "rb") as f:
             elf = ELFFile(f)
             try:
@@ -55,18 +58,36 @@ class ElfSymbols:
     @property
     def debug_file(self) -> str:
         """The separate debug file ("" when none is found), looked for once."""
+        with self._lock:
+            return self._debug(remote=True) or ""
+
+    def _debug(self, remote: bool) -> Optional[str]:
+        """(under the lock) Without remote, None where only debuginfod could answer."""
         if self._debug_file is None:
             try:
                 with open(self.path, "rb") as f:
-                    self._debug_file = debuginfo.find(self.path, ELFFile(f), self.root)
+                    found = debuginfo.find(self.path, ELFFile(f), self.root, remote)
             except Exception:  # unreadable or damaged: no debug file
-                self._debug_file = ""
+                found = ""
+            if found is None:
+                return None
+            self._debug_file = found
         return self._debug_file
 
     @property
     def dwarf_file(self) -> str:
         """The file addr2line reads for lines: the debug file, else the file itself."""
         return self.debug_file or self.path
+
+    def read_names(self) -> Optional[str]:
+        """Read the names for addresses now, those of a debug file found here included (a
+        read-ahead: nothing is asked of debuginfod); the dwarf_file, None if not known yet."""
+        with self._lock:
+            found = self._debug(remote=False)
+            if found is None:
+                return None
+            self._index_locked()
+            return found or self.path
 
     def _add(self, elf: ELFFile, sections, path: str = "") -> None:
         for name in sections:
@@ -104,11 +125,16 @@ class ElfSymbols:
                 self._spans[addr] = (max(size, old[0] if old else 0), base)
 
     def _index(self) -> List[int]:
+        with self._lock:
+            return self._index_locked()
+
+    def _index_locked(self) -> List[int]:
         if self._addrs is None:
-            if self.debug_file:
+            debug = self._debug(remote=True)
+            if debug:
                 try:
-                    with open(self.debug_file, "rb") as f:
-                        self._add(ELFFile(f), (".symtab",), self.debug_file)
+                    with open(debug, "rb") as f:
+                        self._add(ELFFile(f), (".symtab",), debug)
                 except Exception:  # unreadable or damaged: its names are left out
                     pass
             try:
@@ -118,8 +144,9 @@ class ElfSymbols:
                     self._add(ELFFile(io.BytesIO(mini)), (".symtab",), self.path + " MiniDebugInfo")
             except Exception:  # unreadable or damaged: its names are left out
                 pass
-            self._addrs = sorted(self._spans)
-            self._entries = [self._spans[a] for a in self._addrs]
+            addrs = sorted(self._spans)
+            self._entries = [self._spans[a] for a in addrs]
+            self._addrs = addrs  # last: set, it says the entries are there
         return self._addrs
 
     def address_of(self, name: str) -> Optional[int]:
@@ -182,9 +209,8 @@ def symbols(path: str, root: str = "") -> Optional[ElfSymbols]:
     return _load(path, root, st.st_mtime_ns, st.st_size)
 
 
-def read_ahead(path: str) -> None:
-    """Read path's symbols now, its debug files' names included (otherwise read at the first
-    address named): a read-ahead thread's, so the report finds them ready."""
+def read_ahead(path: str) -> Optional[str]:
+    """Read path's symbols and names now (ElfSymbols.read_names): a read-ahead thread's, so
+    the report finds them ready. The file addr2line would read, None if not known yet."""
     syms = symbols(path)
-    if syms is not None:
-        syms._index()
+    return syms.read_names() if syms is not None else None

@@ -2,7 +2,8 @@
 
 Why binutils: addr2line reads every DWARF version, compressed sections, inlined subroutines,
 all in C. One process per module per batch of addresses keeps thousands of frames fast;
-results are cached per address.
+results are cached per address. The first batch of a file the run probes may go to an
+addr2line started while the backend started (warm), which has read the DWARF by then.
 
 addr2line reads only what probedsl accepted: it is given a file that holds its own DWARF (the
 module, or the debug file probedsl.binaries.debuginfo checked against its build id), never a stripped
@@ -72,6 +73,9 @@ class SourceLines:
 
     def _run(self, module: str, addrs: List[int]) -> None:
         warm = _take_warm(module)
+        if warm is not None and warm.proc.poll() is not None:  # ended before it was asked
+            warm.close()
+            warm = None
         # addr2line prints one name a line, and a name (from the file's DWARF) may hold a
         # newline: after every address a sentinel address nobody can guess (random, outside
         # any code) whose three output lines close that address's record
@@ -191,9 +195,11 @@ def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
 
 
 def _bounded_start(argv: List[str], cwd: str, out: IO[bytes], stdin) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=stdin, cwd=cwd)
-    try:
-        for limit, value in ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY)):
+    # a session of its own: a Ctrl-C that ends the run reaches probedsl, which still reports
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=stdin, cwd=cwd, start_new_session=True)
+    limits = ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY))
+    try:  # CPU too: a warm one (below) waits the whole run before its time bound begins
+        for limit, value in (*limits, (resource.RLIMIT_CPU, ADDR2LINE_SECONDS)):
             resource.prlimit(proc.pid, limit, (value, value))
     except (OSError, ValueError):
         pass  # it ended already
@@ -215,9 +221,11 @@ class _Warm:
 
     def __init__(self, addr2line: str, module: str):
         self.sentinel = _sentinel()
-        self.alone = tempfile.mkdtemp(prefix="probedsl-lines-")
+        self.proc: Optional[subprocess.Popen] = None
         self.out = tempfile.TemporaryFile()
+        self.alone = ""
         try:
+            self.alone = tempfile.mkdtemp(prefix="probedsl-lines-")
             os.symlink(os.path.abspath(module), os.path.join(self.alone, "m"))
             self.proc = _bounded_start(
                 [addr2line, "-e", "m", *ADDR2LINE_OPTIONS], self.alone, self.out, subprocess.PIPE
@@ -242,12 +250,17 @@ class _Warm:
             self.close()
 
     def close(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         self.out.close()
-        shutil.rmtree(self.alone, ignore_errors=True)
+        if self.alone:
+            shutil.rmtree(self.alone, ignore_errors=True)
 
 
 def _code_address(path: str) -> int:
@@ -257,32 +270,47 @@ def _code_address(path: str) -> int:
         return text["sh_addr"] if text is not None else 0
 
 
-_warm: Dict[str, _Warm] = {}
+# module (its real path) -> its warm addr2line, None while one starts; none after stop_warm()
+_warm: Dict[str, Optional[_Warm]] = {}
 _warm_lock = threading.Lock()
+_stopped = False
 
 
 def warm(module: str) -> None:
     """Start addr2line on module now (if it may read it), so that the report's lookups wait for
     none of its DWARF reading: a read-ahead thread's, while the backend starts."""
-    addr2line = shutil.which("addr2line")
+    addr2line, module = shutil.which("addr2line"), os.path.realpath(module)
     with _warm_lock:
-        if not addr2line or module in _warm or not _own_dwarf(module):
+        if _stopped or not addr2line or module in _warm:
             return
-        try:
-            _warm[module] = _Warm(addr2line, module)
-        except Exception:  # (pyelftools raises many kinds): looked up the usual way
-            pass
+        _warm[module] = None
+    started = None
+    try:
+        if _own_dwarf(module):
+            started = _Warm(addr2line, module)
+    except Exception:  # (pyelftools raises many kinds): looked up the usual way
+        pass
+    with _warm_lock:  # the report may have looked it up meanwhile, or the run ended
+        kept = started is not None and not _stopped and module in _warm
+        if kept:
+            _warm[module] = started
+        else:
+            _warm.pop(module, None)
+    if started is not None and not kept:
+        started.close()
 
 
 def _take_warm(module: str) -> Optional[_Warm]:
     with _warm_lock:
-        return _warm.pop(module, None)
+        return _warm.pop(os.path.realpath(module), None)
 
 
 def stop_warm() -> None:
-    """End the addr2lines no report asked (the run's end)."""
+    """End the addr2lines no report asked, and start no more (the run's end)."""
+    global _stopped
     with _warm_lock:
-        left = list(_warm.values())
+        _stopped = True
+        left = [w for w in _warm.values() if w is not None]
         _warm.clear()
     for w in left:
         w.close()

@@ -46,12 +46,11 @@ def read_ahead(paths: Sequence[str]) -> None:
     def read():
         files = list(dict.fromkeys(paths))
         for path in files:  # first: each addr2line reads in a process of its own meanwhile
-            syms = elf.symbols(path)
-            if syms is not None:
-                sourcelines.warm(syms.dwarf_file)
+            dwarf = elf.read_ahead(path)
+            if dwarf:
+                sourcelines.warm(dwarf)
         for path in files:
             cfi.table(path)
-            elf.read_ahead(path)
 
     threads.start("probedsl-read-ahead", read)
 
