@@ -107,9 +107,11 @@ def test_a_crashing_command_still_gets_its_report(backend, how, status, build):
     assert by_site(report).get("leak_then") == (96, 3)
 
 
-def bpftrace_children(pid: int):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+def children(pid: int, name: str = ""):
+    """pid's children (those named `name`, if given): bpftrace, the command, addr2lines started
+    ahead of the report."""
+    out = subprocess.run(["pgrep", "-P", str(pid), *(["-x", name] if name else [])], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
 
 
 def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
@@ -119,30 +121,35 @@ def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
-        assert tracer.poll() is None
-    (child,) = bpftrace_children(tracer.pid)
-    os.kill(child, signal.SIGKILL)
-    out, err = tracer.communicate(timeout=60)
+    try:  # (a tracer left running by a failure would slow every later test: --comm is machine-wide)
+        deadline = time.monotonic() + 60
+        while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
+            assert tracer.poll() is None
+        (child,) = children(tracer.pid, "bpftrace")
+        os.kill(child, signal.SIGKILL)
+        out, err = tracer.communicate(timeout=60)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
     assert tracer.returncode == 3, err  # a report, marked incomplete (docs/usage.md)
     assert "the report is incomplete: bpftrace" in err and "ended early" in err, err
     assert "Traceback" not in err
-    assert bpftrace_children(tracer.pid) == []
+    assert children(tracer.pid) == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tracer_process_outlives_a_run(backend, build):
     tracer = start_run(MEMLEAK, "--backend", backend, "--", build("leak"), stdin=subprocess.PIPE)
-    children = bpftrace_children(tracer.pid)  # the command; bpftrace
+    started = children(tracer.pid)  # the command, bpftrace, addr2lines
     tracer.communicate(input="\n", timeout=120)
     assert tracer.returncode == 0
     # bpftrace is killed, not waited for: it ends by itself once the kernel has removed its
     # probes (a condition, bounded for a busy machine)
     deadline = time.monotonic() + 60
-    while any(os.path.exists(f"/proc/{p}") for p in children) and time.monotonic() < deadline:
+    while any(os.path.exists(f"/proc/{p}") for p in started) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [p for p in children if os.path.exists(f"/proc/{p}")] == []
+    assert [p for p in started if os.path.exists(f"/proc/{p}")] == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
