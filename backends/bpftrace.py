@@ -155,7 +155,7 @@ class BpftraceBackend(Backend):
     def tally(self, lay: ResourceLayout, record: str, sign: str) -> List[str]:
         """Add (sign "") or remove (sign "-") the live entry in tuple variable `record` from every
         tally of the resource: a per-CPU sum of (bytes << TALLY_SHIFT) + 1 per event (one update, no
-        race); the capture time written last, into a plain hash (a per-CPU one is slow to make)."""
+        race); the group's first capture time, into a plain hash (a per-CPU one is slow to make)."""
         fields = lay.fields
         lines = []
         for t in lay.tallies:
@@ -163,7 +163,7 @@ class BpftraceBackend(Backend):
             packed = f"(({record}.{fields.index('size')} << {TALLY_SHIFT}) + 1)" if "size" in fields else "1"
             lines.append(f"@{t.map}{key} = sum({sign}{packed});")
             if not sign:      # when its stack was captured: which process image names it
-                lines.append(f"@{t.seen_map}{key} = {record}.0;")
+                lines.append(f"if (@{t.seen_map}{key} == 0) {{ @{t.seen_map}{key} = {record}.0; }}")
         return lines
 
     def count(self, lay: ResourceLayout, counter: Counter) -> str:
