@@ -195,7 +195,7 @@ def _bounded_run(argv: List[str], cwd: str) -> Optional[bytes]:
 
 
 def _bounded_start(argv: List[str], cwd: str, out: IO[bytes], stdin) -> subprocess.Popen:
-    # a session of its own: a Ctrl-C that ends the run reaches probedsl, which still reports
+    # a session of its own: a Ctrl-C that ends the run is probedsl's alone (its report needs this)
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, stdin=stdin, cwd=cwd, start_new_session=True)
     limits = ((resource.RLIMIT_FSIZE, ADDR2LINE_OUTPUT), (resource.RLIMIT_AS, ADDR2LINE_MEMORY))
     try:  # CPU too: a warm one (below) waits the whole run before its time bound begins
@@ -207,7 +207,7 @@ def _bounded_start(argv: List[str], cwd: str, out: IO[bytes], stdin) -> subproce
 
 
 def _bounded_output(status: int, out: IO[bytes]) -> Optional[bytes]:
-    if status < 0:  # killed: past the output or memory bound
+    if status < 0:  # killed: past the output, memory or CPU bound
         return None
     if status > 0:  # not a file it reads: nothing to say
         return b""
