@@ -62,8 +62,8 @@ class SourceLines:
     def lookup(self, module: str, vaddrs: Iterable[int]) -> Dict[int, Tuple[SourceFrame, ...]]:
         """vaddr -> frames innermost first (inlined callees, then the real function)."""
         wanted = sorted({a for a in vaddrs if (module, a) not in self._cache})
-        if module not in self._readable and wanted:
-            self._readable[module] = _own_dwarf(module)
+        if module not in self._readable and wanted:  # (a warm one was checked before it started)
+            self._readable[module] = _is_warm(module) or _own_dwarf(module)
         if wanted and self._addr2line and self._readable[module]:
             for chunk in range(0, len(wanted), 4096):
                 self._run(module, wanted[chunk : chunk + 4096])
@@ -298,6 +298,11 @@ def warm(module: str) -> None:
             _warm.pop(module, None)
     if started is not None and not kept:
         started.close()
+
+
+def _is_warm(module: str) -> bool:
+    with _warm_lock:
+        return _warm.get(os.path.realpath(module)) is not None
 
 
 def _take_warm(module: str) -> Optional[_Warm]:

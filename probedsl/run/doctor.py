@@ -18,7 +18,6 @@ CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 2, 21, 38, 39
 # records, and reading tracefs (tracepoint formats, root's only)
 TRACING_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_DAC_READ_SEARCH)
 CAP_NAMES = "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH"
-TRACEFS = tracefs.ROOTS
 
 
 @dataclass
@@ -51,7 +50,7 @@ def _capabilities() -> int:
 
 
 def _tracefs() -> str:
-    return next((d for d in TRACEFS if os.path.isdir(os.path.join(d, "events"))), "")
+    return next((d for d in tracefs.ROOTS if os.path.isdir(os.path.join(d, "events"))), "")
 
 
 LOCKDOWN = "/sys/kernel/security/lockdown"
