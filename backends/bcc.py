@@ -37,6 +37,10 @@ def _arg(self, v: ir.Arg) -> str:
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
+# the stack table's buckets where only frame-pointer walks through a pending uretprobe use it
+# (rare): preallocated, 131,072 took up to 0.3 s of a start
+KERNEL_WALK_BUCKETS = 4096
+
 # the unwinder's numbers, as the runtime writes and reads them (probedsl.ir.stackformat)
 _UNWINDER = {
     "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
@@ -47,6 +51,7 @@ _UNWINDER = {
     "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
     "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),
     "depth_limit": hex(stackformat.DEPTH_LIMIT), "fp_walk": hex(stackformat.FP_WALK),
+    "hashed_id": hex(stackformat.HASHED_ID),
 }
 
 # the Python frame walk's numbers (probedsl.stacks.pyframes reads what it records)
@@ -208,7 +213,7 @@ class BccBackend(UnwinderViews, Backend):
             return self.usdt_view(program, lay, probe)
         if probe.kind not in (ir.ProbeKind.UPROBE, ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL):
             raise ProbedslError(f"{probe.label}: BCC has no lowering for a {probe.kind.value} probe")
-        n, scratch = lay.name, lay.scratch
+        n = lay.name
         ctx = "args" if probe.kind in (ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL) else "ctx"
         acquires = [a for a in probe.actions if a.kind == "acquire"]
         if self.defers(program, lay) and acquires:
@@ -217,11 +222,12 @@ class BccBackend(UnwinderViews, Backend):
             # one walk for all (pipe's two descriptors): the unwinder is inlined where it is
             # called, and two copies of it overflow the program
             guards = " || ".join(f"({self.expr(a.guard)})" if a.guard is not None else "1" for a in acquires)
-            actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx)} : -1;"]
+            actions = [f"s64 ustack = ({guards}) ? {self.ustack(program, ctx, probe)} : -1;"]
             actions += [line for a in probe.actions for line in self.action(program, lay, a, ctx, "ustack")]
         else:
             again = probe.kind == "uprobe" and self.target.asks_reentry(probe)
-            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx, again=again)]
+            taken = self.ustack(program, ctx, probe) if "ustack" in lay.fields and acquires else ""
+            actions = [line for a in probe.actions for line in self.action(program, lay, a, ctx, taken, again)]
         fn = f"{n}_{probe.function.replace(':', '_')}_{probe.id}"
         if probe.kind == ir.ProbeKind.TRACEPOINT:
             category, event = probe.function.split(":")
@@ -230,7 +236,7 @@ class BccBackend(UnwinderViews, Backend):
                     "return_fn": "", "return_body": [], "placed": ""}
         if probe.kind == ir.ProbeKind.SYSCALL:
             return self.syscall_views(probe, lay, actions)
-        nest = [f"struct {n}_scratch_t *pending = {scratch}.lookup(&tid);",
+        nest = [f"struct {n}_scratch_t *pending = {n}_in_call(tid);",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
                 "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
         if probe.entry_guard is not None:
@@ -241,11 +247,9 @@ class BccBackend(UnwinderViews, Backend):
         if probe.at_return:
             entry = nest + [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};", "s.sp = PT_REGS_SP(ctx);"]
             entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
-            entry.append(f"{scratch}.update(&tid, &s);")
+            entry.append(f"{n}_call_begin(tid, &s);")
             ret = ["probedsl_unw_drop_return(ctx, tid);"] if self.keeps_returns(program) else []
-            ret += [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
-                   f"if (!sp || sp->probe != {probe.id}) return 0;",
-                   f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
+            ret += [f"struct {n}_scratch_t s = {{}};", f"if (!{n}_call_end(tid, {probe.id}, &s)) return 0;"] + actions
         else:
             entry, ret = nest + actions, []
         sites = self.target.reentry_branches(probe)
@@ -273,13 +277,11 @@ class BccBackend(UnwinderViews, Backend):
             return {**view("sys_enter", actions), "then": []}
         if not probe.saved_args:          # nothing to carry: the exit alone
             return {**view("sys_exit", actions), "then": []}
-        n, scratch = lay.name, lay.scratch
+        n = lay.name
         entry = [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};"]
         entry += [f"s.a[{slot}] = {self.expr(ir.Field(probe.fields[i]))};" for slot, i in enumerate(probe.saved_args)]
-        entry.append(f"{scratch}.update(&tid, &s);")
-        ret = [f"struct {n}_scratch_t *sp = {scratch}.lookup(&tid);",
-               f"if (!sp || sp->probe != {probe.id}) return 0;",
-               f"struct {n}_scratch_t s = *sp;", f"{scratch}.delete(&tid);"] + actions
+        entry.append(f"{n}_call_begin(tid, &s);")
+        ret = [f"struct {n}_scratch_t s = {{}};", f"if (!{n}_call_end(tid, {probe.id}, &s)) return 0;"] + actions
         return {**view("sys_enter", entry), "then": [view("sys_exit", ret)]}
 
     def usdt_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:
@@ -359,12 +361,13 @@ class BccBackend(UnwinderViews, Backend):
                 most = max(sum(a.kind == "acquire" for a in p.actions) for p in res.probes)
                 resources[-1].update(store=self.store(lay), pending=1 << (most - 1).bit_length())
         unwinders = self.unwinder_programs(program)
-        stacks = any(res.records("ustack") or res.records("kstack") for res in program.resources)
+        kernel_stacks, fp_walk = self.stack_kinds(program)
         gen = self.render_template(program=program, description=self.comment(program.description),
                                    scope=program.scope, watch_arrivals=program.scope.mode in ("comm", "all"),
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
-                                   stacks=stacks, stack_depth=ir.STACK_DEPTH, stack_buckets=ir.STACK_BUCKETS,
+                                   kernel_stacks=kernel_stacks, fp_walk=fp_walk, stack_depth=ir.STACK_DEPTH,
+                                   stack_buckets=ir.STACK_BUCKETS, kernel_walk_buckets=KERNEL_WALK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
                                    hold_maps=self.holds_mappings(program),
                                    kernel_types=any(p.kind in (ir.ProbeKind.TRACEPOINT, ir.ProbeKind.SYSCALL)

@@ -69,12 +69,34 @@ class UnwinderViews:
             found.append(_unwinder("probedsl_unwinder_syscall", "probedsl_unwinders_syscall", "tracepoint", syscalls))
         return found
 
-    def ustack(self, program: ir.Program, ctx: str) -> str:
-        """The expression taking the user stack's id (with dwarf stacks no program takes one
-        itself: each defers its entries to the unwinder's programs)."""
+    def ustack(self, program: ir.Program, ctx: str, probe=None) -> str:
+        """The expression taking the user stack's id in probe's program (with dwarf stacks no
+        program takes one itself: each defers its entries to the unwinder's programs)."""
         if self.unwinds(program):
             raise ProbedslError("BCC --stacks dwarf: a stack is taken only by the unwinder's programs")
+        if probe is not None and self.walks_frames(probe):
+            return f"probedsl_fp_stack({ctx})"
         return f"probedsl_stacks.get_stackid({ctx}, BPF_F_USER_STACK)"
+
+    @staticmethod
+    def walks_frames(probe: ir.Probe) -> bool:
+        """A uretprobe's program walks the frame pointers itself (bcc.c.j2's probedsl_fp_stack);
+        any other takes the kernel's walk. At an entry the kernel adds the caller from [rsp]
+        where the instruction is push %rbp or endbr64 (stacktrust trusts it): at a return
+        there is no such case."""
+        return probe.kind == ir.ProbeKind.UPROBE and probe.at_return
+
+    def stack_kinds(self, program: ir.Program) -> tuple:
+        """(whether some program takes a kernel walk into the stack table, whether some walks
+        frame pointers itself)."""
+        kernel = walked = False
+        for res in program.resources:
+            acquiring = [p for p in res.probes if any(a.kind == "acquire" for a in p.actions)]
+            kernel |= res.records("kstack")
+            if res.records("ustack") and not self.unwinds(program):
+                kernel |= any(not self.walks_frames(p) for p in acquiring)
+                walked |= any(self.walks_frames(p) for p in acquiring)
+        return kernel, walked
 
     def unwinds(self, program: ir.Program) -> bool:
         """--stacks dwarf, for user stacks taken in uprobes and system calls (whose user

@@ -11,6 +11,7 @@ Configurations, each run in turn R times (interleaved, so drift hits all alike):
                     probes placed); -at-entry: --probe-at entry; -dwarf: --stacks dwarf
   probedsl-*-sample10  the same with --sample 10 (one acquisition in ten recorded)
   bcc-memleak       BCC's memleak-bpfcc -p PID (when installed)
+  NAME-bcc[-dwarf]  with --tree NAME=DIR: probedsl-bcc[-dwarf] run from another checkout (an A/B)
 and the bystander cost: an unrelated process's loop while probedsl traces --comm of another
 name (bystander-*; bystander-bcc-per-process: BCC attaching per matching process), or a launched command (bystander-of-cmd-*: probes on private copies on bpftrace, per-process
 uprobes on BCC). The workload times its own loop, so start-up and reporting are not in the numbers.
@@ -113,12 +114,13 @@ def run_floor_bcc(exe, args, placed: bool):
         tracer.wait()
 
 
-def run_probedsl(exe, args, backend, *more):
+def run_probedsl(exe, args, backend, *more, tree=None):
+    """tree: another checkout of probedsl (its own .venv) to run instead of this one."""
     proc = workload(exe, args, DELAY)
     extra = ["--no-follow-forks", *more]  # one process: a pid filter, and per-pid uprobes on BCC
     tracer = subprocess.Popen(
         [
-            sys.executable,
+            os.path.join(tree, ".venv", "bin", "python") if tree else sys.executable,
             "-m",
             "probedsl",
             "run",
@@ -133,7 +135,7 @@ def run_probedsl(exe, args, backend, *more):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        cwd=ROOT,
+        cwd=tree or ROOT,
     )
     try:
         return loop_seconds(proc)
@@ -210,6 +212,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=1_000_000)
     ap.add_argument("--only", help="comma-separated configurations to run (untraced and floor always run)")
+    ap.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run probedsl-bcc and -dwarf from another checkout (its .venv): rows NAME-bcc, NAME-bcc-dwarf",
+    )
     args = ap.parse_args()
     exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     configs = {
@@ -229,10 +238,18 @@ def main() -> None:
         "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
         "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc"),
     }
+    for name, tree in (t.split("=", 1) for t in args.tree):
+        configs[f"{name}-bcc"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "fp", tree=tree)
+        configs[f"{name}-bcc-dwarf"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "dwarf", tree=tree)
     if shutil.which("memleak-bpfcc"):
         configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
     if args.only:
-        wanted = {"untraced", "floor", *args.only.split(",")}
+        wanted = {
+            "untraced",
+            "floor",
+            *args.only.split(","),
+            *(f"{t.split('=')[0]}-bcc{d}" for t in args.tree for d in ("", "-dwarf")),
+        }
         configs = {name: fn for name, fn in configs.items() if name in wanted}
     times = {name: [] for name in configs}
     for r in range(args.runs):

@@ -291,7 +291,10 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
     alone = BPF(text=gen.text, cflags=flags + [bcc_kept.TABLES_ONLY])
     try:
         assert {k: v["shape"] for k, v in bcc_kept._tables(libbcc.lib, alone.module).items()} == tables
-        assert libbcc.lib.bpf_num_functions(alone.module) == 0
+        # (with task storage, one function no run loads: without it BCC keeps no BTF)
+        placeholder = [b"probedsl_tables_only"] if "-DPROBEDSL_TASK_STORAGE" in flags else []
+        n = libbcc.lib.bpf_num_functions(alone.module)
+        assert [libbcc.lib.bpf_function_name(alone.module, i) for i in range(n)] == placeholder
     finally:
         alone.cleanup()
     said = capfd.readouterr().err
@@ -370,7 +373,7 @@ def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_group_exits()" in gen.text
     flags = bcc_compile.cflags(gen.text, 1)
-    assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 5, flags  # BTF here
+    assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 9, flags  # BTF here
     bpf = BPF(text=gen.text, cflags=flags)
     try:  # BCC loads (and attaches) raw tracepoint programs as it starts
         assert b"raw_tracepoint__sched_process_exit" in bpf.funcs
@@ -534,3 +537,19 @@ def test_each_tail_call_to_an_unstacked_program_reaches_its_resource(tmp_path):
                 assert f"{s['resource']}_unstored(2);" in body, body
                 calls += 1
     assert calls == 2  # malloc's return, openat's exit
+
+
+def test_bcc_walks_frame_pointers_itself_at_returns_and_takes_the_kernels_walk_elsewhere():
+    """--stacks fp: a uretprobe's program walks the frames (bcc.c.j2's probedsl_fp_stack) and
+    keeps them by hash, leaving to the kernel's walk only those through a pending uretprobe (a
+    small stack table); a system call's takes the kernel's walk into the full-sized table."""
+    from probedsl.backends.bcc import KERNEL_WALK_BUCKETS
+
+    bcc = backend("bcc")
+    heap = bcc.generate(memleak_program().walking_stacks("fp")).text
+    acquires = re.findall(r"v\.ustack = (.*);", heap)
+    assert acquires and set(acquires) == {"probedsl_fp_stack(ctx)"}, acquires
+    assert f"probedsl_stacks, {KERNEL_WALK_BUCKETS});" in heap and "probedsl_ustacks" in heap
+    fds = bcc.generate(recipe_program(str(ROOT / "recipes" / "fdleak.probe")).walking_stacks("fp")).text
+    assert "probedsl_fp_stack" not in fds and "get_stackid(args, BPF_F_USER_STACK)" in fds
+    assert f"probedsl_stacks, {ir.STACK_BUCKETS});" in fds and "probedsl_ustacks" not in fds

@@ -39,15 +39,25 @@ def cflags(c_text: str, pid: int) -> List[str]:
 
 
 # BCC compiles with -g for the programs' BTF: its lines and types show only in a verifier's log
-# and bpftool, as nothing probedsl generates needs it (no spin lock, timer, kptr, task storage
-# or global function); -g0 after it is 12% of memleak's compile
+# and bpftool, and only a task storage map needs it (the kernel refuses one without its types);
+# -g0 after it is 12% of memleak's compile (0.12 s of 0.95, fp stacks, this VM)
 FIXED_FLAGS = ["-g0"]
+TASK_STORAGE = ["-DPROBEDSL_TASK_STORAGE"]  # (and BTF: no -g0)
+
+
+def task_storage() -> bool:
+    """A thread's scratch can be kept in its task storage (bcc.c.j2): the kernel has task
+    storage and bpf_get_current_task_btf (5.11+, with BTF), and PROBEDSL_TASK_STORAGE is not 0
+    (a hash by thread then, as on older kernels)."""
+    if os.environ.get("PROBEDSL_TASK_STORAGE", "1") == "0":
+        return False
+    return btf.has_function("bpf_task_storage_get") and btf.has_function("bpf_get_current_task_btf")
 
 
 def machine_flags() -> List[str]:
-    """The flags the same at every run on this machine: FIXED_FLAGS, and what the C text takes
-    from the machine."""
-    flags = list(FIXED_FLAGS)
+    """The flags the same at every run on this machine: FIXED_FLAGS (or TASK_STORAGE), and
+    what the C text takes from the machine."""
+    flags = list(TASK_STORAGE if task_storage() else FIXED_FLAGS)
     layout = {}
     try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
         layout = {
@@ -59,6 +69,16 @@ def machine_flags() -> List[str]:
         }
         flags.append("-DPROBEDSL_BTF_LAYOUT")  # all of them: bcc.c.j2 reads by offset
     except (OSError, KeyError, ValueError):  # no BTF: the installed headers' layout
+        pass
+    try:  # the thread's pending uretprobes: bcc.c.j2's frame-pointer walk leaves those stacks to the kernel's
+        returns = {
+            "OFF_TASK_UTASK": btf.offset("task_struct", "utask"),
+            "OFF_UTASK_RETURNS": btf.offset("uprobe_task", "return_instances"),
+            "OFF_RI_STACK": btf.offset("return_instance", "stack"),
+            "OFF_RI_NEXT": btf.offset("return_instance", "next"),
+        }
+        layout.update(returns)
+    except (OSError, KeyError, ValueError):  # then every walk past the probed frame is the kernel's
         pass
     ns = pidns.own()
     if ns:  # the program's pids become this namespace's (bcc.c.j2)

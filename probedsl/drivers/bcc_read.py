@@ -69,19 +69,16 @@ class BccReading:
         # self.bpf[name] caches each table: get_table() builds new ctypes key/leaf types on
         # every call, which are never freed (the hour-long soak grew ~32 MB that way)
         tables = {}
-        for field, name in (
-            ("kstack", "probedsl_stacks"),
-            ("ustack", "probedsl_stacks"),
-            ("ustack", "probedsl_ustacks"),
-        ):  # the unwinder's, when dwarf
+        for name in ("probedsl_stacks", "probedsl_ustacks"):  # the kernel's walks; those kept by hash
             try:
-                tables[field] = self.bpf[name]
+                tables[name] = self.bpf[name]
             except KeyError:  # the recipe records no such stacks
                 pass
         walked: Dict[Tuple[str, int], tuple] = {}
 
         def stack(stack_id: int, field: str = "ustack") -> tuple:
-            table = tables.get(field)
+            hashed = field == "ustack" and stack_id >= stackformat.HASHED_ID
+            table = tables.get("probedsl_ustacks" if hashed else "probedsl_stacks")
             if stack_id < 0 or table is None:
                 return ()
             if (field, stack_id) not in walked:

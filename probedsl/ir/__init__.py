@@ -293,7 +293,7 @@ class Program:
     # oldest ages, --min-age) is opt-in: a million entries take seconds to read
     read_live: bool = False
     sample: int = 1                        # record one acquisition in `sample` (1: all)
-    # how user stacks are walked: fp (the kernel's frame-pointer walk, cut where it stops
+    # how user stacks are walked: fp (a frame-pointer walk, cut where it stops
     # being certain) or dwarf (BCC's unwinder over the call-frame rows of each mapped file)
     stacks: str = "fp"
     # labels of optional probes whose function the library lacks (see Probe.optional)

@@ -11,6 +11,9 @@ NO_UNWIND_INFO = 0xFFFF_FFFF_FFFF_FF02
 DEPTH_LIMIT = 0xFFFF_FFFF_FFFF_FF03
 FP_WALK = 0xFFFF_FFFF_FFFF_FF04
 MARKERS = (COMPLETE, NO_FRAME_POINTER, NO_UNWIND_INFO, DEPTH_LIMIT, FP_WALK)
+# a stack kept by its hash (BCC's probedsl_ustacks: the unwinder's, and the frame-pointer walks
+# of uretprobes) has an id from here up; below it, an id in the kernel's stack table
+HASHED_ID = 1 << 62
 
 # row kinds, as the BPF program reads them
 INVALID, CFA_RSP, CFA_RBP, OUTERMOST, SIGNAL, PLT = 0, 1, 2, 3, 4, 5

@@ -147,7 +147,7 @@ def build(program: ir.Program, snapshot: Snapshot, symbolizer: Symbolizer, *, ba
            if e.stack and e.stack[-1].truncated.startswith("no frame pointer")}
     if cut:
         notes = [*notes, "stacks end at the first frame whose code keeps no frame pointer ("
-                         + ", ".join(sorted(cut)) + "): the kernel's frame-pointer walk cannot be "
+                         + ", ".join(sorted(cut)) + "): a frame-pointer walk cannot be "
                          "trusted past it, so those frames are not shown (marked [truncated: ...]); "
                          "--backend bcc --stacks dwarf unwinds them"]
     for sec in sections:
