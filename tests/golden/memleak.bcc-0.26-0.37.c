@@ -74,9 +74,6 @@ static __always_inline u64 probedsl_ns_pid_tgid(void)
 #define bpf_get_current_pid_tgid() probedsl_ns_pid_tgid()
 #endif
 
-// the innermost 64 frames of each stack: BPF_STACK_TRACE's 127 would fit half the buckets
-struct probedsl_stack_t { u64 ip[64]; };
-BPF_TABLE("stacktrace", int, struct probedsl_stack_t, probedsl_stacks, 131072);
 
 // (the unwinder: tests/golden/unwinder.bcc.c)
 // bytes and entries live in one group (a tally), updated at every acquire and release;
@@ -261,10 +258,58 @@ struct heap_live_t {
     s64 ustack;
     u64 image;
 };
-// entry arguments held per thread until the call returns
-struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 1000000, BPF_F_NO_PREALLOC);
+// entry arguments held per thread until the call returns: in the thread's own storage where
+// the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up, lock, fill
+// and empty at every call (bench/README.md); else in a hash by thread
+struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
+#ifdef PROBEDSL_TASK_STORAGE
+BPF_TASK_STORAGE(heap_scratch, struct heap_scratch_t);
+#else
 BPF_HASH(heap_scratch, u32, struct heap_scratch_t, 65536);
+#endif
+#ifndef PROBEDSL_TABLES_ONLY
+// the thread's call under way (its entry's scratch), or 0
+static __always_inline struct heap_scratch_t *heap_in_call(u32 tid)
+{
+#ifdef PROBEDSL_TASK_STORAGE
+    struct heap_scratch_t *s = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    return s && s->probe ? s : 0;
+#else
+    return heap_scratch.lookup(&tid);
+#endif
+}
+
+static __always_inline void heap_call_begin(u32 tid, struct heap_scratch_t *s)
+{
+#ifdef PROBEDSL_TASK_STORAGE
+    struct heap_scratch_t *kept = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (kept)
+        *kept = *s;
+#else
+    heap_scratch.update(&tid, s);
+#endif
+}
+
+// the call's entry into *s, if it was probe's; the thread's scratch is then free
+static __always_inline int heap_call_end(u32 tid, u64 probe, struct heap_scratch_t *s)
+{
+#ifdef PROBEDSL_TASK_STORAGE
+    struct heap_scratch_t *kept = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!kept || kept->probe != probe)
+        return 0;
+    *s = *kept;
+    kept->probe = 0;
+#else
+    struct heap_scratch_t *kept = heap_scratch.lookup(&tid);
+    if (!kept || kept->probe != probe)
+        return 0;
+    *s = *kept;
+    heap_scratch.delete(&tid);
+#endif
+    return 1;
+}
+#endif
 // per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
 BPF_PERCPU_ARRAY(heap_counters, u64, 7);  // slots: probedsl.ir.layout.Counter
 BPF_PERCPU_ARRAY(heap_lifetime, u64, 64);             // log2(ns) of released lifetimes
@@ -409,14 +454,14 @@ int heap_malloc_1_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 1;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -424,10 +469,8 @@ int heap_malloc_1_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 1) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 1, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -459,7 +502,7 @@ int heap_calloc_2_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
@@ -467,7 +510,7 @@ int heap_calloc_2_entry(struct pt_regs *ctx)
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -475,10 +518,8 @@ int heap_calloc_2_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 2) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 2, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -510,7 +551,7 @@ int heap_realloc_3_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
@@ -518,7 +559,7 @@ int heap_realloc_3_entry(struct pt_regs *ctx)
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -526,10 +567,8 @@ int heap_realloc_3_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 3) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 3, &s)) return 0;
     int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && (((s64)PT_REGS_RC(ctx) != (s64)0ULL) || ((s64)s.a[1] == (s64)0ULL)))) {
       struct heap_key_t k = {};
@@ -575,7 +614,7 @@ int heap_reallocarray_4_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
@@ -584,7 +623,7 @@ int heap_reallocarray_4_entry(struct pt_regs *ctx)
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
     s.a[2] = PT_REGS_PARM3(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -592,10 +631,8 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 4) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 4, &s)) return 0;
     int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && ((s64)PT_REGS_RC(ctx) != (s64)0ULL))) {
       struct heap_key_t k = {};
@@ -641,7 +678,7 @@ int heap_posix_memalign_5_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
@@ -649,7 +686,7 @@ int heap_posix_memalign_5_entry(struct pt_regs *ctx)
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM3(ctx);
     s.a[1] = PT_REGS_PARM1(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -657,10 +694,8 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 5) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 5, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -692,14 +727,14 @@ int heap_aligned_alloc_6_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 6;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM2(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -707,10 +742,8 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 6) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 6, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -742,14 +775,14 @@ int heap_memalign_7_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 7;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM2(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -757,10 +790,8 @@ int heap_memalign_7_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 7) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 7, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -792,14 +823,14 @@ int heap_valloc_8_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 8;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -807,10 +838,8 @@ int heap_valloc_8_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 8) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 8, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -842,14 +871,14 @@ int heap_pvalloc_9_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 9;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_scratch.update(&tid, &s);
+    heap_call_begin(tid, &s);
     return 0;
 }
 
@@ -857,10 +886,8 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *sp = heap_scratch.lookup(&tid);
-    if (!sp || sp->probe != 9) return 0;
-    struct heap_scratch_t s = *sp;
-    heap_scratch.delete(&tid);
+    struct heap_scratch_t s = {};
+    if (!heap_call_end(tid, 9, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
@@ -892,7 +919,7 @@ int heap_free_10_entry(struct pt_regs *ctx)
 {
     if (!probedsl_wanted()) return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_scratch.lookup(&tid);
+    struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
     if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
@@ -955,4 +982,8 @@ int probedsl_unwinder_unstacked_heap(struct pt_regs *ctx)
     heap_store_kept(heap_deferred(2), -1);
     return 0;
 }
+#endif
+#if defined(PROBEDSL_TABLES_ONLY) && defined(PROBEDSL_TASK_STORAGE)
+// never loaded: with no function BCC keeps no BTF, and a task storage map needs its types
+int probedsl_tables_only(void *ctx) { return 0; }
 #endif

@@ -296,8 +296,7 @@ static __always_inline s64 probedsl_unw_store(void *ctx)
     st->ip[n & 127] = end;
     hash = (hash ^ end) * 0x100000001b3ULL;
     struct probedsl_pystack_t *py = probedsl_py_walk(st->self, &hash);   // the process's own Python frames
-    u64 id = hash >> 1;               // non-negative: a negative id means no stack
-    if (!id) id = 1;
+    u64 id = hash >> 2 | 0x4000000000000000ULL;   // past the stack table's ids; non-negative (a negative id is no stack)
     probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
     if (py && !probedsl_pystacks.insert(&id, py))
         probedsl_py_doorbell.ringbuf_output(&id, sizeof(id), 0);
