@@ -37,8 +37,13 @@ def _arg(self, v: ir.Arg) -> str:
     return f"PT_REGS_PARM{v.index + 1}(ctx)"
 
 
-# the stack table's buckets where only frame-pointer walks through a pending uretprobe use it
-# (rare): preallocated, 131,072 took up to 0.3 s of a start
+def _call_ends(n: str, probe: ir.Probe) -> List[str]:
+    """A return's first lines: the entry's scratch taken into s, or nothing more done."""
+    return [f"struct {n}_scratch_t s = {{}};", f"if (!{n}_call_end(tid, {probe.id}, &s)) return 0;"]
+
+
+# the stack table's buckets where a program walks frame pointers itself and leaves to the kernel
+# only the stacks through a pending uretprobe (rare): preallocated, 131,072 took up to 0.3 s
 KERNEL_WALK_BUCKETS = 4096
 
 # the unwinder's numbers, as the runtime writes and reads them (probedsl.ir.stackformat)
@@ -249,7 +254,7 @@ class BccBackend(UnwinderViews, Backend):
             entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
             entry.append(f"{n}_call_begin(tid, &s);")
             ret = ["probedsl_unw_drop_return(ctx, tid);"] if self.keeps_returns(program) else []
-            ret += [f"struct {n}_scratch_t s = {{}};", f"if (!{n}_call_end(tid, {probe.id}, &s)) return 0;"] + actions
+            ret += _call_ends(n, probe) + actions
         else:
             entry, ret = nest + actions, []
         sites = self.target.reentry_branches(probe)
@@ -281,7 +286,7 @@ class BccBackend(UnwinderViews, Backend):
         entry = [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};"]
         entry += [f"s.a[{slot}] = {self.expr(ir.Field(probe.fields[i]))};" for slot, i in enumerate(probe.saved_args)]
         entry.append(f"{n}_call_begin(tid, &s);")
-        ret = [f"struct {n}_scratch_t s = {{}};", f"if (!{n}_call_end(tid, {probe.id}, &s)) return 0;"] + actions
+        ret = _call_ends(n, probe) + actions
         return {**view("sys_enter", entry), "then": [view("sys_exit", ret)]}
 
     def usdt_view(self, program: ir.Program, lay: ResourceLayout, probe: ir.Probe) -> dict:

@@ -140,7 +140,8 @@ def run_probedsl(exe, args, backend, *more, tree=None):
     try:
         return loop_seconds(proc)
     finally:
-        tracer.wait(timeout=120)
+        if tracer.wait(timeout=120):  # (else the loop ran untraced)
+            raise SystemExit(f"probedsl run {' '.join(more)} from {tree or ROOT} failed")
 
 
 def run_bcc_memleak(exe, args):
@@ -238,7 +239,10 @@ def main() -> None:
         "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
         "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc"),
     }
-    for name, tree in (t.split("=", 1) for t in args.tree):
+    for name, tree in (t.split("=", 1) if "=" in t else ap.error(f"--tree {t}: NAME=DIR") for t in args.tree):
+        tree = os.path.abspath(tree)
+        if f"{name}-bcc" in configs or not os.access(os.path.join(tree, ".venv", "bin", "python"), os.X_OK):
+            ap.error(f"--tree {name}={tree}: a new name, and a checkout with its .venv (scripts/setup.sh)")
         configs[f"{name}-bcc"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "fp", tree=tree)
         configs[f"{name}-bcc-dwarf"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "dwarf", tree=tree)
     if shutil.which("memleak-bpfcc"):

@@ -229,8 +229,8 @@ def test_bcc_compiles_and_loads_generated_program(recipe, scope, root_required, 
     run's flags (the BTF's offsets: no kernel headers unless a tracepoint names kernel types):
     each program is verified; with dwarf, the unwinder is verified once, in its own programs,
     which no acquire program inlines, a few frames at a time. The text compiled with its tables
-    alone (as a run that loads a kept compile does) makes the same tables, no program, and no
-    warning."""
+    alone (as a run that loads a kept compile does) makes the same tables, no program (but the
+    placeholder a task storage map needs), and no warning."""
     from bcc import BPF, libbcc
 
     from probedsl.drivers import bcc_compile, bcc_kept
@@ -362,6 +362,25 @@ def test_the_compile_threads_two_kernel_symbols_change_nothing_else(root_require
 
 @pytest.mark.debian13
 @pytest.mark.parallel
+def test_bcc_loads_frame_pointer_stacks_as_an_older_kernel_has_them(root_required, sampled):
+    """Without task storage (before 6.2) and the pending uretprobes' offsets (before 6.12):
+    the scratch is a hash by thread and every stack the kernel's walk, as the text says."""
+    from bcc import BPF
+
+    from probedsl.drivers import bcc_compile
+
+    gen = backends.for_target(targets.detect("bcc")).generate(built(MEMLEAK, sampled).walking_stacks("fp"))
+    older = [f for f in bcc_compile.cflags(gen.text, 1) if f not in bcc_compile.TASK_STORAGE and "UTASK" not in f]
+    bpf = BPF(text=gen.text, cflags=older + bcc_compile.FIXED_FLAGS)
+    try:
+        bpf.load_func(b"heap_malloc_1_return", BPF.KPROBE)
+        assert bpf["heap_scratch"].max_entries > 0 and bpf["probedsl_stacks"].max_entries == ir.STACK_BUCKETS
+    finally:
+        bpf.cleanup()
+
+
+@pytest.mark.debian13
+@pytest.mark.parallel
 def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     """--comm --per-process: the exit tracepoint that tells a thread ending alone from a group exit
     (signal->live and signal->flags at the running kernel's BTF offsets) is verified as BCC loads it."""
@@ -373,7 +392,7 @@ def test_bcc_loads_the_per_process_exit_probe(root_required, sampled):
     gen = backends.for_target(targets.detect("bcc")).generate(program)
     assert "probedsl_group_exits()" in gen.text
     flags = bcc_compile.cflags(gen.text, 1)
-    assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 9, flags  # BTF here
+    assert "-DPROBEDSL_BTF_LAYOUT" in flags and len([f for f in flags if "_OFF_" in f]) == 7, flags  # BTF here
     bpf = BPF(text=gen.text, cflags=flags)
     try:  # BCC loads (and attaches) raw tracepoint programs as it starts
         assert b"raw_tracepoint__sched_process_exit" in bpf.funcs

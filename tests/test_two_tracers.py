@@ -75,7 +75,7 @@ def test_a_stack_through_another_tracers_uretprobe_names_the_trampoline(tmp_path
     for e in through_hand_out(tmp_path, build):  # dwarf stacks, BCC's default
         after = callers_of_hand_out(e)
         assert after and after[0] == "[uretprobe trampoline: caller hidden by another tracer]", e["stack"]
-        assert e["truncated"] and "[no mapping]" not in " ".join(after), e["stack"]
+        assert e["truncated"] and "[no mapping]" not in " ".join(f["text"] for f in e["stack"]), e["stack"]
 
 
 def test_a_frame_pointer_walk_takes_the_return_address_another_tracers_uretprobe_replaced(tmp_path, build):

@@ -14,7 +14,7 @@ from typing import List, Optional
 from probedsl.drivers import bcc_kept, bcc_ksyms, bcc_tracepoints
 from probedsl.errors import ProbedslError, one_line
 from probedsl.notices import note
-from probedsl.process import btf, pidns
+from probedsl.process import btf, pidns, procfs
 
 
 def check_headers() -> None:
@@ -46,10 +46,10 @@ TASK_STORAGE = ["-DPROBEDSL_TASK_STORAGE"]  # (and BTF: no -g0)
 
 
 def task_storage() -> bool:
-    """A thread's scratch can be kept in its task storage (bcc.c.j2): the kernel has task
-    storage and bpf_get_current_task_btf (5.11+, with BTF), and PROBEDSL_TASK_STORAGE is not 0
-    (a hash by thread then, as on older kernels)."""
-    if os.environ.get("PROBEDSL_TASK_STORAGE", "1") == "0":
+    """A thread's scratch can be kept in its task storage (bcc.c.j2): Linux 6.2+ with BTF (before,
+    a get from a uprobe's program failed whenever another held the CPU's storage lock), and
+    PROBEDSL_TASK_STORAGE is not 0 (a hash by thread then, as on older kernels)."""
+    if os.environ.get("PROBEDSL_TASK_STORAGE", "1") == "0" or procfs.kernel_release() < (6, 2):
         return False
     return btf.has_function("bpf_task_storage_get") and btf.has_function("bpf_get_current_task_btf")
 
@@ -70,16 +70,15 @@ def machine_flags() -> List[str]:
         flags.append("-DPROBEDSL_BTF_LAYOUT")  # all of them: bcc.c.j2 reads by offset
     except (OSError, KeyError, ValueError):  # no BTF: the installed headers' layout
         pass
-    try:  # the thread's pending uretprobes: bcc.c.j2's frame-pointer walk leaves those stacks to the kernel's
-        returns = {
-            "OFF_TASK_UTASK": btf.offset("task_struct", "utask"),
-            "OFF_UTASK_RETURNS": btf.offset("uprobe_task", "return_instances"),
-            "OFF_RI_STACK": btf.offset("return_instance", "stack"),
-            "OFF_RI_NEXT": btf.offset("return_instance", "next"),
-        }
-        layout.update(returns)
-    except (OSError, KeyError, ValueError):  # then every walk past the probed frame is the kernel's
-        pass
+    # a thread's pending uretprobes: bcc.c.j2's frame-pointer walk leaves its stacks to the kernel,
+    # which puts back the return addresses they replaced since 6.12 (and takes the running one
+    # off the list first); without these every stack is the kernel's walk
+    try:
+        if procfs.kernel_release() >= (6, 12):
+            layout["OFF_TASK_UTASK"] = btf.offset("task_struct", "utask")
+            layout["OFF_UTASK_RETURNS"] = btf.offset("uprobe_task", "return_instances")
+    except (OSError, KeyError, ValueError):
+        layout.pop("OFF_TASK_UTASK", None)
     ns = pidns.own()
     if ns:  # the program's pids become this namespace's (bcc.c.j2)
         flags += [f"-DPROBEDSL_PIDNS_DEV={ns.dev}ULL", f"-DPROBEDSL_PIDNS_INO={ns.ino}ULL"]

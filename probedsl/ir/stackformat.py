@@ -4,7 +4,8 @@ probedsl.stacks.unwind_tables). A change here changes both sides at once."""
 
 # marker "addresses" ending a stack, above every user address. BCC's unwinder (--stacks
 # dwarf) ends each stack with one: COMPLETE, NO_UNWIND_INFO, DEPTH_LIMIT, or FP_WALK (it had
-# no rows for the process yet and took the frame-pointer walk, to be cut there)
+# no rows for the process yet and took the frame-pointer walk, to be cut there); BCC's own
+# frame-pointer walk (--stacks fp) ends each with FP_WALK
 COMPLETE = 0xFFFF_FFFF_FFFF_FF00
 NO_FRAME_POINTER = 0xFFFF_FFFF_FFFF_FF01
 NO_UNWIND_INFO = 0xFFFF_FFFF_FFFF_FF02

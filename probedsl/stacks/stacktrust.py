@@ -1,6 +1,6 @@
 """How much of a frame-pointer stack is certain.
 
-The kernel walks user stacks by frame pointers: the caller's return address is read at
+A frame-pointer walk (the kernel's, or BCC's program's own) reads the caller's return address at
 [rbp+8]. That holds only while each function on the way keeps rbp as its frame pointer.
 Code built without one (gcc -O2, most distribution libraries) leaves rbp to anything, and
 the walk goes on through garbage or skips callers. The call-frame information (.eh_frame)
