@@ -24,7 +24,7 @@ static long (*probedsl_read_user)(void *dst, u32 size, const void *unsafe_ptr) =
 #endif
 // The large hashes (entries, tallies, stacks, images) take memory as entries arrive
 // (BPF_F_NO_PREALLOC): preallocated to their limits, creating them took 0.6-1.6 s of each
-// start. The per-thread scratch, updated and deleted at every call, stays preallocated.
+// start. A per-thread scratch kept in a hash, updated and deleted at every call, stays preallocated.
 
 #ifdef PROBEDSL_PIDNS_INO
 // probedsl runs in a PID namespace (the loader adds its device and inode): every pid and tid
@@ -74,6 +74,14 @@ static __always_inline u64 probedsl_ns_pid_tgid(void)
 #define bpf_get_current_pid_tgid() probedsl_ns_pid_tgid()
 #endif
 
+// a stack kept by its hash: its frames, then a marker saying how it ended (probedsl/stacks/stacktrust.py)
+struct probedsl_ustack_t { u64 ip[65]; };
+BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
+// The walk's loops pass a loop counter through this at the top of each iteration: the compiler
+// then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
+// indices, which the verifier needs (clang 21 makes `i < 64 && i < n` a count-down of min(n, 64)
+// iterations without the mask, which the verifier cannot bound).
+#define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
 // (the unwinder: tests/golden/unwinder.bcc.c)
 // bytes and entries live in one group (a tally), updated at every acquire and release;
@@ -296,15 +304,15 @@ static __always_inline int heap_call_end(u32 tid, u64 probe, struct heap_scratch
 {
 #ifdef PROBEDSL_TASK_STORAGE
     struct heap_scratch_t *kept = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (!kept || kept->probe != probe)
-        return 0;
-    *s = *kept;
-    kept->probe = 0;
 #else
     struct heap_scratch_t *kept = heap_scratch.lookup(&tid);
+#endif
     if (!kept || kept->probe != probe)
         return 0;
     *s = *kept;
+#ifdef PROBEDSL_TASK_STORAGE
+    kept->probe = 0;
+#else
     heap_scratch.delete(&tid);
 #endif
     return 1;

@@ -16,8 +16,6 @@ BPF_TABLE("lru_hash", struct probedsl_unw_chunk_key_t, struct probedsl_unw_chunk
 BPF_ARRAY(probedsl_unw_rows, struct probedsl_unw_row_t, 2097152);
 // a traced process's children (a thread too), kept until they exec or end: child -> parent
 BPF_TABLE("lru_hash", u32, u32, probedsl_unw_parents, 65536);
-// a stack: its frames, then a marker saying how it ended (probedsl/stacks/stacktrust.py)
-struct probedsl_ustack_t { u64 ip[65]; };
 // the walk's scratch: twice the frames, so that the marker's index, masked, is in bounds; then
 // where the walk stands, from one run of the frames program to the next
 struct probedsl_unw_scratch_t {
@@ -39,12 +37,6 @@ BPF_PERCPU_ARRAY(probedsl_unw_busy, u32, 1);
 // walking all 64 frames in one program cost it ~280,000 instructions (0.3 s).
 #define PROBEDSL_UNW_FRAMES_PROGRAM 1
 BPF_PROG_ARRAY(probedsl_unwinders, 3);   // then each resource's unstacked program
-BPF_F_TABLE("hash", u64, struct probedsl_ustack_t, probedsl_ustacks, 131072, BPF_F_NO_PREALLOC);
-// The walk's loops pass a loop counter through this at the top of each iteration: the compiler
-// then cannot compute a trip count, so it keeps the loop's own bound checks and the masks on
-// indices, which the verifier needs (clang 21 makes `i < 64 && i < n` a count-down of min(n, 64)
-// iterations without the mask, which the verifier cannot bound).
-#define PROBEDSL_OPAQUE(v) asm volatile("" : "+r"(v))
 
 // Python frames (probedsl/stacks/pyframes.py): at each walk, the thread's CPython frame chain, found
 // from its PyThreadState (looked up once per thread in the interpreter's thread list by
