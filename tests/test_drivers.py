@@ -159,11 +159,11 @@ def test_the_kernels_layout_read_by_libbpf_is_the_one_parsed_by_hand(monkeypatch
     from probedsl.process import pidns
 
     assert btf._libbpf() is not None  # a machine with BCC has libbpf.so.1
-    fast = (bcc_compile.machine_flags(), pidns.layout())
+    fast = (bcc_compile.machine_flags(""), pidns.layout())
     monkeypatch.setattr(btf, "_libbpf", lambda: None)
     btf._struct.cache_clear()
     try:
-        assert (bcc_compile.machine_flags(), pidns.layout()) == fast
+        assert (bcc_compile.machine_flags(""), pidns.layout()) == fast
         assert any(flag.startswith("-DPROBEDSL_OFF_TASK_START_TIME=") for flag in fast[0])
         assert btf.size("upid") == 16 and btf.offset("upid", "nr") == 0
     finally:

@@ -35,7 +35,7 @@ def per_run(c_text: str, pid: int) -> List[str]:
 
 def cflags(c_text: str, pid: int) -> List[str]:
     """Every flag a compile of c_text takes."""
-    return machine_flags() + per_run(c_text, pid)
+    return machine_flags(c_text) + per_run(c_text, pid)
 
 
 # BCC compiles with -g for the programs' BTF: its lines and types show only in a verifier's log
@@ -45,19 +45,22 @@ FIXED_FLAGS = ["-g0"]
 TASK_STORAGE = ["-DPROBEDSL_TASK_STORAGE"]  # (and BTF: no -g0)
 
 
-def task_storage() -> bool:
-    """A thread's scratch can be kept in its task storage (bcc.c.j2): Linux 6.2+ with BTF (before,
-    a get from a uprobe's program failed whenever another held the CPU's storage lock), and
-    PROBEDSL_TASK_STORAGE is not 0 (a hash by thread then, as on older kernels)."""
+def task_storage(c_text: str) -> bool:
+    """A thread's scratch is kept in its task storage (bcc.c.j2): Linux 6.2+ with BTF (before,
+    a get from a uprobe's program failed whenever another held the CPU's storage lock), not
+    with the dwarf unwinder (its -g was 0.1 s more of a cold start, 0.88 -> 1.02 s to exec, for
+    ~15-75 ns per call), and PROBEDSL_TASK_STORAGE is not 0 (a hash by thread then)."""
     if os.environ.get("PROBEDSL_TASK_STORAGE", "1") == "0" or procfs.kernel_release() < (6, 2):
+        return False
+    if "PROBEDSL_UNW_MAPS" in c_text:
         return False
     return btf.has_function("bpf_task_storage_get") and btf.has_function("bpf_get_current_task_btf")
 
 
-def machine_flags() -> List[str]:
-    """The flags the same at every run on this machine: FIXED_FLAGS (or TASK_STORAGE), and
-    what the C text takes from the machine."""
-    flags = list(TASK_STORAGE if task_storage() else FIXED_FLAGS)
+def machine_flags(c_text: str) -> List[str]:
+    """The flags the same at every run of c_text on this machine: FIXED_FLAGS (or
+    TASK_STORAGE), and what the C text takes from the machine."""
+    flags = list(TASK_STORAGE if task_storage(c_text) else FIXED_FLAGS)
     layout = {}
     try:  # the running kernel's layout of what the program reads by hand (bcc.c.j2's PROBEDSL_FIELD)
         layout = {
@@ -107,7 +110,7 @@ class Compilation:
         # Python work would wait for the GIL behind the session's, and the compile start late
         earlier, flags = None, []
         try:  # the kernel's BTF, a PID namespace's layout
-            flags, own = machine_flags(), per_run(c_text, pid)
+            flags, own = machine_flags(c_text), per_run(c_text, pid)
         except ProbedslError as exc:
             self._error = exc
         else:
