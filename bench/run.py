@@ -239,21 +239,20 @@ def main() -> None:
         "bystander-of-cmd-bpftrace": lambda: run_bystander_of_command(exe, args, "bpftrace"),
         "bystander-of-cmd-bcc": lambda: run_bystander_of_command(exe, args, "bcc"),
     }
+    from_trees = {}  # --tree's rows: always run
     for name, tree in (t.split("=", 1) if "=" in t else ap.error(f"--tree {t}: NAME=DIR") for t in args.tree):
         tree = os.path.abspath(tree)
         if f"{name}-bcc" in configs or not os.access(os.path.join(tree, ".venv", "bin", "python"), os.X_OK):
             ap.error(f"--tree {name}={tree}: a new name, and a checkout with its .venv (scripts/setup.sh)")
-        configs[f"{name}-bcc"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "fp", tree=tree)
-        configs[f"{name}-bcc-dwarf"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "dwarf", tree=tree)
+        from_trees[f"{name}-bcc"] = lambda tree=tree: run_probedsl(exe, args, "bcc", "--stacks", "fp", tree=tree)
+        from_trees[f"{name}-bcc-dwarf"] = lambda tree=tree: run_probedsl(
+            exe, args, "bcc", "--stacks", "dwarf", tree=tree
+        )
+    configs.update(from_trees)
     if shutil.which("memleak-bpfcc"):
         configs["bcc-memleak"] = lambda: run_bcc_memleak(exe, args)
     if args.only:
-        wanted = {
-            "untraced",
-            "floor",
-            *args.only.split(","),
-            *(f"{t.split('=')[0]}-bcc{d}" for t in args.tree for d in ("", "-dwarf")),
-        }
+        wanted = {"untraced", "floor", *args.only.split(","), *from_trees}
         configs = {name: fn for name, fn in configs.items() if name in wanted}
     times = {name: [] for name in configs}
     for r in range(args.runs):
