@@ -75,8 +75,8 @@ class BccBackend(UnwinderViews, Backend):
         ir.Const: lambda self, v: f"{v.value}ULL" if v.value >= 0 else f"({v.value}LL)",
         ir.Arg: _arg,
         ir.Saved: lambda self, v: f"s.a[{v.slot}]",
-        ir.Builtin: lambda self, v: {"ret": "PT_REGS_RC(ctx)", "pid": "(bpf_get_current_pid_tgid() >> 32)",
-                                     "tid": "(u32)bpf_get_current_pid_tgid()"}[v.name],
+        ir.Builtin: lambda self, v: {"ret": "PT_REGS_RC(ctx)", "pid": "(probedsl_id >> 32)",
+                                     "tid": "(u32)probedsl_id"}[v.name],
         ir.Field: lambda self, v: f"(u64)args->{v.name}",
         ir.Deref: lambda self, v: (f"probedsl_read_u64({self.expr(v.address)} + {v.offset})" if v.size == 8
                                    else f"(u64)probedsl_read_s32({self.expr(v.address)} + {v.offset})"),
@@ -90,14 +90,14 @@ class BccBackend(UnwinderViews, Backend):
 
     def filter_lines(self, scope: ir.Scope) -> List[str]:
         if scope.tracks_children:
-            return ["u32 tgid = bpf_get_current_pid_tgid() >> 32;",
+            return ["u32 tgid = id >> 32;",
                     "if (!probedsl_traced.lookup(&tgid)) return 0;"]
         if scope.mode in ("pid", "cmd"):
             # the pid is filled in by the loader as a -D define, a validated integer
-            return ["if ((bpf_get_current_pid_tgid() >> 32) != PROBEDSL_PID) return 0;"]
+            return ["if ((id >> 32) != PROBEDSL_PID) return 0;"]
         if scope.mode == "all":
             # the loader fills in its own pid: its reading of the maps is not traced
-            return ["if ((bpf_get_current_pid_tgid() >> 32) == PROBEDSL_SELF) return 0;"]
+            return ["if ((id >> 32) == PROBEDSL_SELF) return 0;"]
         if scope.mode == "comm":
             name = scope.comm.encode()
             lines = ["char comm[TASK_COMM_LEN] = {};", "bpf_get_current_comm(&comm, sizeof(comm));"]
@@ -122,8 +122,8 @@ class BccBackend(UnwinderViews, Backend):
             deferred = self.defers(program, lay)
             setters = {
                 "size": f"v.size = {self.expr(action.size) if action.size is not None else '0'};",
-                "pid": "v.pid = bpf_get_current_pid_tgid() >> 32;",
-                "tid": "v.tid = (u32)bpf_get_current_pid_tgid();",
+                "pid": "v.pid = probedsl_id >> 32;",
+                "tid": "v.tid = (u32)probedsl_id;",
                 # deferred: the unwinder takes the stack once the program's actions are done
                 "ustack": "" if deferred else f"v.ustack = {ustack or self.ustack(program, ctx)};",
                 "kstack": f"v.kstack = probedsl_stacks.get_stackid({ctx}, 0);",
@@ -178,12 +178,12 @@ class BccBackend(UnwinderViews, Backend):
 
     def stamp(self, program: ir.Program, lay: ResourceLayout, action: ir.Action) -> str:
         """The image an acquisition or change stamps its entry with (layout.image_stamp): the
-        process's (probedsl_image() registers it), or 0 (the entry outlives every exec)."""
+        process's (probedsl_image registers it), or 0 (the entry outlives every exec)."""
         res = next(r for r in program.resources if r.name == lay.name)
         stamp = layout.image_stamp(res, action)
         if stamp is True or stamp is False:
-            return "probedsl_image()" if stamp else "0"
-        return f"({self.expr(stamp)}) ? probedsl_image() : 0"
+            return "probedsl_image(probedsl_id >> 32)" if stamp else "0"
+        return f"({self.expr(stamp)}) ? probedsl_image(probedsl_id >> 32) : 0"
 
     def store(self, lay: ResourceLayout) -> List[str]:
         """The lines storing a new entry v under key k, and adding it to its tallies."""
@@ -241,9 +241,11 @@ class BccBackend(UnwinderViews, Backend):
                     "return_fn": "", "return_body": [], "placed": ""}
         if probe.kind == ir.ProbeKind.SYSCALL:
             return self.syscall_views(probe, lay, actions)
-        nest = [f"struct {n}_scratch_t *pending = {n}_in_call(tid);",
+        # (at an entry, the thread's scratch is made there if it has none: the call begins)
+        pending = f"{n}_slot(tid)" if probe.at_return else f"{n}_in_call(tid)"
+        nest = [f"struct {n}_scratch_t *pending = {pending};",
                 "// skip calls made inside another call of this resource (realloc -> malloc)",
-                "if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;"]
+                "if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;"]
         if probe.entry_guard is not None:
             nest = [f"if (!({self.expr(probe.entry_guard)})) return 0;"] + nest
         if probe.at_return and self.keeps_returns(program):
@@ -252,7 +254,7 @@ class BccBackend(UnwinderViews, Backend):
         if probe.at_return:
             entry = nest + [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};", "s.sp = PT_REGS_SP(ctx);"]
             entry += [f"s.a[{slot}] = {self.expr(ir.Arg(i))};" for slot, i in enumerate(probe.saved_args)]
-            entry.append(f"{n}_call_begin(tid, &s);")
+            entry.append(f"{n}_call_begin(tid, pending, &s);")
             ret = ["probedsl_unw_drop_return(ctx, tid);"] if self.keeps_returns(program) else []
             ret += _call_ends(n, probe) + actions
         else:
@@ -276,7 +278,7 @@ class BccBackend(UnwinderViews, Backend):
         def view(event, body):
             return {"label": self.comment(probe.label), "line": probe.span.line, "column": probe.span.column,
                     "filtered": True, "tracepoint": ("syscalls", f"{event}_{probe.function}"), "entry_fn": "",
-                    "entry_body": ["u32 tid = (u32)bpf_get_current_pid_tgid();", *body] if body else [],
+                    "entry_body": ["u32 tid = (u32)probedsl_id;", *body] if body else [],
                     "return_fn": "", "return_body": [], "placed": ""}
         if not probe.at_return:
             return {**view("sys_enter", actions), "then": []}
@@ -285,7 +287,7 @@ class BccBackend(UnwinderViews, Backend):
         n = lay.name
         entry = [f"struct {n}_scratch_t s = {{}};", f"s.probe = {probe.id};"]
         entry += [f"s.a[{slot}] = {self.expr(ir.Field(probe.fields[i]))};" for slot, i in enumerate(probe.saved_args)]
-        entry.append(f"{n}_call_begin(tid, &s);")
+        entry.append(f"{n}_call_begin(tid, {n}_slot(tid), &s);")
         ret = _call_ends(n, probe) + actions
         return {**view("sys_enter", entry), "then": [view("sys_exit", ret)]}
 
