@@ -106,9 +106,8 @@ static __always_inline void probedsl_image_loss(void)
     if (lost) __sync_fetch_and_add(lost, 1);
 }
 
-static __always_inline u64 probedsl_image(void)
+static __always_inline u64 probedsl_image(u32 pid)
 {
-    u32 pid = bpf_get_current_pid_tgid() >> 32;
     u64 *image = probedsl_images.lookup(&pid);
     if (image) return *image;
     struct task_struct *task = (struct task_struct *)bpf_get_current_task(), *leader = 0;
@@ -218,14 +217,16 @@ static __always_inline int probedsl_running(void)
     return !(stopped && *stopped);
 }
 
-static __always_inline int probedsl_wanted(void)
+// id: the task's bpf_get_current_pid_tgid(), which a program reads once (a helper's call, and
+// in a PID namespace a walk of the task's pids)
+static __always_inline int probedsl_wanted(u64 id)
 {
     if (!probedsl_running()) return 0;
 #ifdef PROBEDSL_PIDNS_INO
     // a task outside probedsl's namespace has no pid there (0): not seen, whatever its name
-    if (!(bpf_get_current_pid_tgid() >> 32)) return 0;
+    if (!(id >> 32)) return 0;
 #endif
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = id >> 32;
     if (!probedsl_traced.lookup(&tgid)) return 0;
     return 1;
 }
@@ -288,12 +289,23 @@ static __always_inline struct heap_scratch_t *heap_in_call(u32 tid)
 #endif
 }
 
-static __always_inline void heap_call_begin(u32 tid, struct heap_scratch_t *s)
+// the thread's scratch, made if it has none (its probe is 0 between calls); in a hash, the
+// call under way or 0
+static __always_inline struct heap_scratch_t *heap_slot(u32 tid)
 {
 #ifdef PROBEDSL_TASK_STORAGE
-    struct heap_scratch_t *kept = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (kept)
-        *kept = *s;
+    return heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    return heap_scratch.lookup(&tid);
+#endif
+}
+
+// the call begins: s kept until its return (slot: the thread's, from _slot)
+static __always_inline void heap_call_begin(u32 tid, struct heap_scratch_t *slot, struct heap_scratch_t *s)
+{
+#ifdef PROBEDSL_TASK_STORAGE
+    if (slot)
+        *slot = *s;
 #else
     heap_scratch.update(&tid, s);
 #endif
@@ -460,36 +472,38 @@ static __always_inline void heap_unstored(int deferred)
 // libc:malloc  (recipe-line 9:11)
 int heap_malloc_1_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 1;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_malloc_1_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 1, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -508,37 +522,39 @@ int heap_malloc_1_return(struct pt_regs *ctx)
 // libc:calloc  (recipe-line 10:11)
 int heap_calloc_2_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 2;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_calloc_2_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 2, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[0] * s.a[1]);
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -557,30 +573,32 @@ int heap_calloc_2_return(struct pt_regs *ctx)
 // libc:realloc  (recipe-line 12:11)
 int heap_realloc_3_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 3;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_realloc_3_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 3, &s)) return 0;
     int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && (((s64)PT_REGS_RC(ctx) != (s64)0ULL) || ((s64)s.a[1] == (s64)0ULL)))) {
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = s.a[0];
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
@@ -595,13 +613,13 @@ int heap_realloc_3_return(struct pt_regs *ctx)
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[1];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -620,31 +638,33 @@ int heap_realloc_3_return(struct pt_regs *ctx)
 // libc:reallocarray  (recipe-line 14:11)
 int heap_reallocarray_4_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 4;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
     s.a[1] = PT_REGS_PARM2(ctx);
     s.a[2] = PT_REGS_PARM3(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_reallocarray_4_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 4, &s)) return 0;
     int deferred = 0;
     if ((((s64)s.a[0] != (s64)0ULL) && ((s64)PT_REGS_RC(ctx) != (s64)0ULL))) {
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = s.a[0];
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
@@ -659,13 +679,13 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = (s.a[1] * s.a[2]);
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -684,37 +704,39 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
 // libc:posix_memalign  (recipe-line 16:11)
 int heap_posix_memalign_5_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 5;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM3(ctx);
     s.a[1] = PT_REGS_PARM1(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_posix_memalign_5_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 5, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) == (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = probedsl_read_u64(s.a[1] + 0);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -733,36 +755,38 @@ int heap_posix_memalign_5_return(struct pt_regs *ctx)
 // libc:aligned_alloc  (recipe-line 17:11)
 int heap_aligned_alloc_6_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 6;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM2(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_aligned_alloc_6_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 6, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -781,36 +805,38 @@ int heap_aligned_alloc_6_return(struct pt_regs *ctx)
 // libc:memalign  (recipe-line 18:11)
 int heap_memalign_7_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 7;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM2(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_memalign_7_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 7, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -829,36 +855,38 @@ int heap_memalign_7_return(struct pt_regs *ctx)
 // libc:valloc  (recipe-line 19:11)
 int heap_valloc_8_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 8;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_valloc_8_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 8, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -877,36 +905,38 @@ int heap_valloc_8_return(struct pt_regs *ctx)
 // libc:pvalloc  (recipe-line 20:11)
 int heap_pvalloc_9_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct heap_scratch_t *pending = heap_in_call(tid);
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
+    struct heap_scratch_t *pending = heap_slot(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     struct heap_scratch_t s = {};
     s.probe = 9;
     s.sp = PT_REGS_SP(ctx);
     s.a[0] = PT_REGS_PARM1(ctx);
-    heap_call_begin(tid, &s);
+    heap_call_begin(tid, pending, &s);
     return 0;
 }
 
 int heap_pvalloc_9_return(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t s = {};
     if (!heap_call_end(tid, 9, &s)) return 0;
     int deferred = 0;
     if (((s64)PT_REGS_RC(ctx) != (s64)0ULL)) {
       heap_counters.increment(0);  // acquired
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_RC(ctx);
       struct heap_live_t v = {};
       v.time = bpf_ktime_get_ns();
       v.size = s.a[0];
-      v.pid = bpf_get_current_pid_tgid() >> 32;
-      v.image = probedsl_image();
+      v.pid = probedsl_id >> 32;
+      v.image = probedsl_image(probedsl_id >> 32);
       heap_defer_entry(&k, &v, &deferred);
     }
     if (deferred == 1) {
@@ -925,14 +955,15 @@ int heap_pvalloc_9_return(struct pt_regs *ctx)
 // libc:free  (recipe-line 21:11)
 int heap_free_10_entry(struct pt_regs *ctx)
 {
-    if (!probedsl_wanted()) return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 probedsl_id = bpf_get_current_pid_tgid();
+    if (!probedsl_wanted(probedsl_id)) return 0;
+    u32 tid = (u32)probedsl_id;
     struct heap_scratch_t *pending = heap_in_call(tid);
     // skip calls made inside another call of this resource (realloc -> malloc)
-    if (pending && pending->sp > PT_REGS_SP(ctx)) return 0;
+    if (pending && pending->probe && pending->sp > PT_REGS_SP(ctx)) return 0;
     if (((s64)PT_REGS_PARM1(ctx) != (s64)0ULL)) {
       struct heap_key_t k = {};
-      k.k[0] = (bpf_get_current_pid_tgid() >> 32);
+      k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_PARM1(ctx);
       struct heap_live_t *old = heap_live.lookup(&k);
       if (old) {
