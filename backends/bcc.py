@@ -45,6 +45,8 @@ def _call_ends(n: str, probe: ir.Probe) -> List[str]:
 # the stack table's buckets where a program walks frame pointers itself and leaves to the kernel
 # only the stacks through a pending uretprobe (rare): preallocated, 131,072 took up to 0.3 s
 KERNEL_WALK_BUCKETS = 4096
+# the places a key may take in its resource's front (bcc.c.j2): all are looked at for it
+FRONT_PROBES = 4
 
 # the unwinder's numbers, as the runtime writes and reads them (probedsl.ir.stackformat)
 _UNWINDER = {
@@ -115,7 +117,7 @@ class BccBackend(UnwinderViews, Backend):
         """ctx: the program's context argument (`args` in a TRACEPOINT_PROBE); ustack: a variable
         holding the stack already taken, else the action takes it; again: a release of an unknown
         key asks whether it is its call's second hit."""
-        n, live = lay.name, lay.live
+        n = lay.name
         key = [f"struct {n}_key_t k = {{}};"] + [f"k.k[{i}] = {self.expr(e)};" for i, e in enumerate(action.key)]
         if action.kind == "acquire":
             v = [f"struct {n}_live_t v = {{}};", "v.time = bpf_ktime_get_ns();"]
@@ -140,11 +142,11 @@ class BccBackend(UnwinderViews, Backend):
         elif action.kind == "change":
             # the live entry under the key, if any, stamped anew: out of its tallies' group and
             # back into the new one (the image is part of their keys)
-            body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
+            body = key + ["void *place;", f"struct {n}_live_t *old = {n}_live_find(&k, &place);", "if (old) {",
                           f"  u64 image = {self.stamp(program, lay, action)};", "  if (image != old->image) {",
                           f"    {n}_tally(old, -1);", "    old->image = image;", f"    {n}_tally(old, 1);", "  }", "}"]
         else:
-            hit = [f"{n}_tally(old, -1);", f"{live}.delete(&k);", self.count(lay, Counter.RELEASED)]
+            hit = [f"{n}_tally(old, -1);", f"{n}_live_drop(&k, place);", self.count(lay, Counter.RELEASED)]
             if lay.lifetime:
                 keys, hist = lay.lifetime.keys, lay.lifetime.map
                 if keys:
@@ -162,7 +164,7 @@ class BccBackend(UnwinderViews, Backend):
                 unknown = [f"u64 *again = {n}_reentered.lookup(&tid);",
                            f"if (again && *again == PT_REGS_SP(ctx)) {n}_reentered.delete(&tid);",
                            f"else {unknown[0]}"]
-            body = key + [f"struct {n}_live_t *old = {live}.lookup(&k);", "if (old) {",
+            body = key + ["void *place;", f"struct {n}_live_t *old = {n}_live_find(&k, &place);", "if (old) {",
                           *["  " + s for s in hit], "} else {", *["  " + s for s in unknown], "}"]
             if action.through is not None:
                 # the range's keys, one by one (the others' fields, the pid, read once); most were
@@ -187,7 +189,7 @@ class BccBackend(UnwinderViews, Backend):
 
     def store(self, lay: ResourceLayout) -> List[str]:
         """The lines storing a new entry v under key k, and adding it to its tallies."""
-        n, live = lay.name, lay.live
+        n = lay.name
         replaced = ["  " + self.count(lay, Counter.REPLACED)]
         if lay.ends_with_image:
             # the entry of an image an exec ended: that image's end, not a replacement
@@ -198,15 +200,16 @@ class BccBackend(UnwinderViews, Backend):
                         "    " + self.count(lay, Counter.REPLACED)]
         # insert, not update: a key acquired again without a release we saw replaces the
         # old entry, which must leave its group's tally first
-        return [f"int err = {live}.insert(&k, &v);",
+        return ["void *place;",
+                f"int err = {n}_live_insert(&k, &v, &place);",
                 "if (err == -17) {  // -EEXIST",
-                f"  struct {n}_live_t *stale = {live}.lookup(&k);",
+                f"  struct {n}_live_t *stale = {n}_live_at(&k, place);",
                 # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
                 "  if (stale) {",
                 f"    {n}_tally(stale, -1);",
                 *["  " + r for r in replaced],
                 "  }",
-                f"  err = {live}.update(&k, &v);",
+                f"  err = {n}_live_replace(&k, &v, stale, place);",
                 "}",
                 f"if (err) {self.count(lay, Counter.UNTRACKED)}",
                 f"else {n}_tally(&v, 1);"]
@@ -373,7 +376,7 @@ class BccBackend(UnwinderViews, Backend):
                                    scope=program.scope, watch_arrivals=program.scope.mode in ("comm", "all"),
                                    filename=self.comment(program.filename.rsplit("/", 1)[-1]),
                                    resources=resources, filter=self.filter_lines(program.scope),
-                                   kernel_stacks=kernel_stacks, fp_walk=fp_walk, stack_depth=ir.STACK_DEPTH,
+                                   kernel_stacks=kernel_stacks, fp_walk=fp_walk, stack_depth=ir.STACK_DEPTH, front_probes=FRONT_PROBES,
                                    stack_buckets=ir.STACK_BUCKETS, kernel_walk_buckets=KERNEL_WALK_BUCKETS,
                                    dwarf=self.unwinds(program), keep_returns=self.keeps_returns(program),
                                    hold_maps=self.holds_mappings(program),

@@ -26,8 +26,9 @@ SWEEP_S = 1.0  # at most one sweep this often (reading the set of ended images)
 
 
 class EndedImages:
-    def __init__(self, bpf, layouts: Iterable[ResourceLayout], items):
+    def __init__(self, bpf, layouts: Iterable[ResourceLayout], items, front):
         self.bpf, self.items = bpf, items  # items: the driver's batched table reader
+        self.front = front  # a resource's front (bcc_front.Front), from its layout
         self.layouts = [lay for lay in layouts if lay.ends_with_image]
         self.cleared: Set[Tuple[int, int]] = set()  # step 1 done, step 2 at the next sweep
         self.folded: Dict[str, int] = {lay.name: 0 for lay in self.layouts}
@@ -56,6 +57,9 @@ class EndedImages:
     def _free_live(self, pairs: Set[Tuple[int, int]]) -> int:
         freed = 0
         for lay in self.layouts:
+            if lay.front:
+                front = self.front(lay)
+                freed += sum(front.free(i, e) for i, e in front.items() if (e.v.pid, e.v.image) in pairs)
             table = self.bpf[lay.live]
             for k, v in self.items(table):
                 if (v.pid, v.image) in pairs:

@@ -64,7 +64,7 @@ class BccLoader(BccReading):
         bcc_tracepoints.attach(bcc, self.bpf)  # (now that the arrays they tail-call are filled)
         # entries of ended process images, freed between reports (not when every report reads them)
         self.ended_images = (
-            EndedImages(self.bpf, self.layouts, _items)
+            EndedImages(self.bpf, self.layouts, _items, self.front)
             if any(lay.ends_with_image for lay in self.layouts) and not manifest.get("read_live")
             else None
         )
@@ -356,6 +356,8 @@ class BccLoader(BccReading):
                 for fd in probes.values():
                     os.close(fd)
                 probes.clear()
+        for front in self.__dict__.get("fronts", {}).values():
+            front.close()
         self.bpf.cleanup()
         if holder is not None:
             holder.release()

@@ -7,8 +7,9 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from probedsl.drivers import images
+from probedsl.drivers.bcc_front import Front
 from probedsl.ir import stackformat
-from probedsl.ir.layout import Counter
+from probedsl.ir.layout import Counter, ResourceLayout
 from probedsl.process.procfs import process_alive
 from probedsl.drivers.rundata import Live, Snapshot, Totals
 
@@ -49,11 +50,24 @@ class BccReading:
             if "pid" not in lay.fields:
                 continue
             t = counted[lay.name]
-            for k, v in _sparse_items(self.bpf[lay.live], t.acquired - t.released - t.untracked):
+            for k, v in self.live_entries(lay, t.acquired - t.released - t.untracked):
                 if v.pid == pid and not ("image" in lay.fields and v.image in ended):
                     size = v.size if "size" in lay.fields else 0
                     out.append((lay.name, tuple(k.k[i] for i in range(lay.key_arity)), size))
         return out, sum(t.untracked for t in counted.values())
+
+    def live_entries(self, lay: ResourceLayout, population: Optional[int] = None) -> list:
+        """A resource's live entries (key, record): its front's, then its hash's (population:
+        about how many it holds, if known: a few are found without reading every bucket)."""
+        out = [(e.k, e.v) for _, e in self.front(lay).items()] if lay.front else []
+        table = self.bpf[lay.live]
+        return out + (_items(table) if population is None else _sparse_items(table, max(0, population - len(out))))
+
+    def front(self, lay: ResourceLayout) -> Front:
+        fronts = self.__dict__.setdefault("fronts", {})
+        if lay.name not in fronts:
+            fronts[lay.name] = Front(self.bpf[lay.front])
+        return fronts[lay.name]
 
     def _counters(self) -> Dict[str, List[int]]:
         out = {}
@@ -111,7 +125,7 @@ class BccReading:
                         comm=v.comm.decode(errors="replace") if "comm" in fields else "",
                         image=v.image if "image" in fields else 0,
                     )
-                    for k, v in _items(self.bpf[lay.live])
+                    for k, v in self.live_entries(lay)
                 ]
             t = Totals(*counted[name])
             if lay.lifetime:

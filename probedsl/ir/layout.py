@@ -14,6 +14,9 @@ from probedsl import ir
 # call; tallies one per group (keyed by stack: as many as the stack table has buckets);
 # grouped lifetime histograms one per group and log2 bucket
 THREADS = 65_536
+# BCC keeps a resource's live entries in an array of this many slots first (bcc.c.j2's front;
+# has_front): the hash then holds the rest
+FRONT_SLOTS = 65_536
 GROUPS = ir.STACK_BUCKETS
 HISTOGRAM_GROUPS = 65_536
 # bpftrace's tallies pack bytes above the low TALLY_SHIFT bits of the entry count (one map
@@ -84,6 +87,8 @@ class ResourceLayout:
     tallies: Tuple[Tally, ...]
     lifetime: Optional[Histogram]
     ends_with_image: bool = False  # entries end at exec (ends_with_image)
+    front: str = ""  # BCC: key -> live record in an array first (front_slots), then `live`
+    front_slots: int = 0
 
     def counter_map(self, counter: Counter) -> str:
         return f"{self.name}_{counter.label}"
@@ -110,6 +115,8 @@ class ResourceLayout:
             ),
             Histogram(hist["map"], tuple(hist["keys"]), hist["size"]) if hist else None,
             doc.get("ends_with_image", False),
+            doc.get("front", ""),
+            doc.get("front_slots", 0),
         )
 
 
@@ -178,7 +185,17 @@ def of(program: ir.Program, res: ir.Resource) -> ResourceLayout:
         tallies=tuple(tally(i, keys) for i, keys in enumerate(ir.tallies(program, res))),
         lifetime=Histogram(f"{res.name}_lifetime", tuple(ir.lifetime_keys(program, res))) if hist else None,
         ends_with_image=ends,
+        front=f"{res.name}_front" if has_front(res) else "",
+        front_slots=FRONT_SLOTS if has_front(res) else 0,
     )
+
+
+def has_front(res: ir.Resource) -> bool:
+    """Whether BCC keeps the resource's entries in a front first: where --max-live leaves room
+    for it, and no release takes a range of keys (close_range: its loop of look-ups in the
+    front, 1,024 keys of 4 places each, is more than the verifier walks)."""
+    ranged = any(a.through is not None for p in res.probes for a in p.actions)
+    return res.max_live >= 4 * FRONT_SLOTS and not ranged
 
 
 def dump(program: ir.Program) -> str:
@@ -187,6 +204,8 @@ def dump(program: ir.Program) -> str:
         lay = of(program, res)
         lines.append(f"layout {lay.name}")
         lines.append(f"  {lay.live}[{lay.live_size}]: ({', '.join(res.key_names)}) -> ({', '.join(lay.fields)})")
+        if lay.front:
+            lines.append(f"  BCC: {lay.front}[{lay.front_slots}] first, {lay.live} the rest")
         lines.append(f"  {lay.scratch}[{lay.scratch_size}]: tid -> (probe, sp, {lay.scratch_width} saved argument(s))")
         lines.append(f"  {lay.counters}: {', '.join(c.label for c in Counter)}")
         if lay.ends_with_image:
