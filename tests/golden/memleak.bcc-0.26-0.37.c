@@ -267,7 +267,120 @@ struct heap_live_t {
     s64 ustack;
     u64 image;
 };
-BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 1000000, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 934464, BPF_F_NO_PREALLOC);
+// The live entries go to a front first: an array whose slots are claimed by a compare-and-swap,
+// looked for at 4 places from the key's hash. No lock, no allocation, and the
+// verifier inlines each look-up: a hash's insert, look-up and delete were most of a traced
+// call's cost (bench/README.md). An entry whose places are all taken goes to the hash, and
+// from then on a key not in the front is looked for there too. The loader reads the front
+// through its mapping (probedsl/drivers/bcc_front.py).
+struct heap_front_t { u64 state; struct heap_key_t k; struct heap_live_t v; };   // state: 0 free, 1 being written, 2 live
+BPF_F_TABLE("array", u32, struct heap_front_t, heap_front, 65536, BPF_F_MMAPABLE);
+BPF_ARRAY(heap_spilled, u32, 1);   // 1 once an entry went to the hash
+#ifndef PROBEDSL_TABLES_ONLY
+static __always_inline u32 heap_front_hash(struct heap_key_t *k)
+{
+    u64 h = 0;
+    h = (h ^ k->k[0]) * 0x9e3779b97f4a7c15ULL;
+    h = (h ^ k->k[1]) * 0x9e3779b97f4a7c15ULL;
+    return h >> 32;
+}
+
+static __always_inline struct heap_front_t *heap_front_at(u32 h, u32 i)
+{
+    u32 slot = (h + i) & 65535;
+    return heap_front.lookup(&slot);
+}
+#endif
+#ifndef PROBEDSL_TABLES_ONLY
+// k's live entry, or 0; *slot: its place in the front (0: in the hash)
+static __always_inline struct heap_live_t *heap_live_find(struct heap_key_t *k, void **slot)
+{
+    *slot = 0;
+    u32 h = heap_front_hash(k), zero = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < 4; i++) {
+        struct heap_front_t *f = heap_front_at(h, i);
+        if (f && f->state == 2 && f->k.k[0] == k->k[0] && f->k.k[1] == k->k[1]) {
+            *slot = f;
+            return &f->v;
+        }
+    }
+    u32 *spilled = heap_spilled.lookup(&zero);
+    if (!spilled || !*spilled)
+        return 0;
+    return heap_live.lookup(k);
+}
+
+// k's entry is gone (its fields read): its place in the front freed, or deleted from the hash
+static __always_inline void heap_live_drop(struct heap_key_t *k, void *slot)
+{
+    if (slot) {
+        asm volatile("" ::: "memory");   // (the fields read before the place is given up)
+        ((struct heap_front_t *)slot)->state = 0;
+        return;
+    }
+    heap_live.delete(k);
+}
+
+// a new entry: 0, -EEXIST (-17) if k has one (*place: where, as _live_find's), or the hash's
+// error (full: not kept)
+static __always_inline int heap_live_insert(struct heap_key_t *k, struct heap_live_t *v, void **place)
+{
+    *place = 0;
+    // one pass over k's places: k's entry, else the first free place
+    u32 h = heap_front_hash(k), zero = 0;
+    struct heap_front_t *free = 0;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < 4; i++) {
+        struct heap_front_t *f = heap_front_at(h, i);
+        if (!f)
+            continue;
+        if (f->state == 2 && f->k.k[0] == k->k[0] && f->k.k[1] == k->k[1]) {
+            *place = f;
+            return -17;
+        }
+        if (!free && !f->state)
+            free = f;
+    }
+    u32 *spilled = heap_spilled.lookup(&zero);
+    if (!spilled)
+        return -12;
+    if (*spilled && heap_live.lookup(k))
+        return -17;
+    if (free && __sync_val_compare_and_swap(&free->state, 0, 1) == 0) {
+        free->k = *k;
+        free->v = *v;
+        asm volatile("" ::: "memory");   // (its fields written before it is seen)
+        free->state = 2;
+        return 0;
+    }
+    *spilled = 1;   // (before the insert: a look-up after it sees the flag)
+    return heap_live.insert(k, v);
+}
+
+// the entry at place (_live_insert's), or k's in the hash
+static __always_inline struct heap_live_t *heap_live_at(struct heap_key_t *k, void *place)
+{
+    if (place)
+        return &((struct heap_front_t *)place)->v;
+    return heap_live.lookup(k);
+}
+
+// k's entry (old, at place) replaced by v; v in the hash if old went meanwhile
+static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_live_t *v, struct heap_live_t *old, void *place)
+{
+    if (place) {
+        *old = *v;
+        return 0;
+    }
+    u32 zero = 0;
+    u32 *spilled = heap_spilled.lookup(&zero);
+    if (spilled)
+        *spilled = 1;
+    return heap_live.update(k, v);
+}
+#endif
 // entry arguments held per thread until the call returns: in the thread's own storage where
 // the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up, lock, fill
 // and empty at every call (bench/README.md); else in a hash by thread
@@ -377,9 +490,10 @@ static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_
 {
     struct heap_key_t k = *kp;
     struct heap_live_t v = *vp;
-    int err = heap_live.insert(&k, &v);
+    void *place;
+    int err = heap_live_insert(&k, &v, &place);
     if (err == -17) {  // -EEXIST
-      struct heap_live_t *stale = heap_live.lookup(&k);
+      struct heap_live_t *stale = heap_live_at(&k, place);
       if (stale) {
         heap_tally(stale, -1);
         struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
@@ -388,7 +502,7 @@ static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_
         else
           heap_counters.increment(4);  // replaced
       }
-      err = heap_live.update(&k, &v);
+      err = heap_live_replace(&k, &v, stale, place);
     }
     if (err) heap_counters.increment(3);  // untracked
     else heap_tally(&v, 1);
@@ -600,11 +714,12 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       struct heap_key_t k = {};
       k.k[0] = (probedsl_id >> 32);
       k.k[1] = s.a[0];
-      struct heap_live_t *old = heap_live.lookup(&k);
+      void *place;
+      struct heap_live_t *old = heap_live_find(&k, &place);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live.delete(&k);
+        heap_live_drop(&k, place);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
@@ -666,11 +781,12 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       struct heap_key_t k = {};
       k.k[0] = (probedsl_id >> 32);
       k.k[1] = s.a[0];
-      struct heap_live_t *old = heap_live.lookup(&k);
+      void *place;
+      struct heap_live_t *old = heap_live_find(&k, &place);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live.delete(&k);
+        heap_live_drop(&k, place);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
@@ -965,11 +1081,12 @@ int heap_free_10_entry(struct pt_regs *ctx)
       struct heap_key_t k = {};
       k.k[0] = (probedsl_id >> 32);
       k.k[1] = PT_REGS_PARM1(ctx);
-      struct heap_live_t *old = heap_live.lookup(&k);
+      void *place;
+      struct heap_live_t *old = heap_live_find(&k, &place);
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live.delete(&k);
+        heap_live_drop(&k, place);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
