@@ -277,7 +277,6 @@ BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 934464, BP
 struct heap_front_t { u64 state; struct heap_key_t k; struct heap_live_t v; };   // state: 0 free, 1 being written, 2 live
 BPF_F_TABLE("array", u32, struct heap_front_t, heap_front, 65536, BPF_F_MMAPABLE);
 BPF_ARRAY(heap_spilled, u32, 1);   // 1 once an entry went to the hash
-#ifndef PROBEDSL_TABLES_ONLY
 static __always_inline u32 heap_front_hash(struct heap_key_t *k)
 {
     u64 h = 0;
@@ -291,8 +290,7 @@ static __always_inline struct heap_front_t *heap_front_at(u32 h, u32 i)
     u32 slot = (h + i) & 65535;
     return heap_front.lookup(&slot);
 }
-#endif
-#ifndef PROBEDSL_TABLES_ONLY
+// (the tables-only compile keeps these too: the deferred store below uses them)
 // k's live entry, or 0; *slot: its place in the front (0: in the hash)
 static __always_inline struct heap_live_t *heap_live_find(struct heap_key_t *k, void **slot)
 {
@@ -380,7 +378,7 @@ static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_l
         *spilled = 1;
     return heap_live.update(k, v);
 }
-#endif
+
 // entry arguments held per thread until the call returns: in the thread's own storage where
 // the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up, lock, fill
 // and empty at every call (bench/README.md); else in a hash by thread
