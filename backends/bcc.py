@@ -144,9 +144,10 @@ class BccBackend(UnwinderViews, Backend):
             # back into the new one (the image is part of their keys)
             body = key + ["void *place;", f"struct {n}_live_t *old = {n}_live_find(&k, &place);", "if (old) {",
                           f"  u64 image = {self.stamp(program, lay, action)};", "  if (image != old->image) {",
-                          f"    {n}_tally(old, -1);", "    old->image = image;", f"    {n}_tally(old, 1);", "  }", "}"]
+                          f"    {n}_tally(old, -1);", "    old->image = image;", f"    {n}_tally(old, 1);", "  }",
+                          f"  {n}_live_done(&k, place, 0);", "}"]
         else:
-            hit = [f"{n}_tally(old, -1);", f"{n}_live_drop(&k, place);", self.count(lay, Counter.RELEASED)]
+            hit = [f"{n}_tally(old, -1);", f"{n}_live_done(&k, place, 1);", self.count(lay, Counter.RELEASED)]
             if lay.lifetime:
                 keys, hist = lay.lifetime.keys, lay.lifetime.map
                 if keys:
@@ -201,9 +202,9 @@ class BccBackend(UnwinderViews, Backend):
         # insert, not update: a key acquired again without a release we saw replaces the
         # old entry, which must leave its group's tally first
         return ["void *place;",
-                f"int err = {n}_live_insert(&k, &v, &place);",
+                f"struct {n}_live_t *stale;",
+                f"int err = {n}_live_insert(&k, &v, &stale, &place);",
                 "if (err == -17) {  // -EEXIST",
-                f"  struct {n}_live_t *stale = {n}_live_at(&k, place);",
                 # (gone meanwhile: its release, or the loader freeing an ended image's, counted it)
                 "  if (stale) {",
                 f"    {n}_tally(stale, -1);",

@@ -58,6 +58,7 @@ class BccLoader(BccReading):
         # placed probes checked once against the files (not again at each attach), while it compiles
         self.manifest = manifest = dict(manifest, probes=[_placed(p) for p in manifest["probes"]])
         self.layouts = [ResourceLayout.from_json(r) for r in manifest["resources"]]
+        self.fronts, self.fronts_lock = {}, threading.Lock()  # (bcc_read.front)
         self.bpf = compiled.result()
         self.uprobes = uprobes_for(bcc, self.bpf)  # links where the kernel has them
         bcc_unwinders.load(bcc, self.bpf, self.uprobes, manifest.get("unwinders", ()))
@@ -356,8 +357,7 @@ class BccLoader(BccReading):
                 for fd in probes.values():
                     os.close(fd)
                 probes.clear()
-        for front in self.__dict__.get("fronts", {}).values():
-            front.close()
+        self.close_fronts()
         self.bpf.cleanup()
         if holder is not None:
             holder.release()

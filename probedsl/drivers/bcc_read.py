@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -16,6 +17,9 @@ from probedsl.drivers.rundata import Live, Snapshot, Totals
 
 class BccReading:
     """The reading half of BccLoader (a base of it: it reads the loader's maps)."""
+
+    fronts: Dict[str, Front]
+    fronts_lock: threading.Lock
 
     def snapshot(self, final: bool = False) -> Snapshot:
         """What the maps hold. Read while processes run, the counters and the tallies can be
@@ -64,10 +68,20 @@ class BccReading:
         return out + (_items(table) if population is None else _sparse_items(table, max(0, population - len(out))))
 
     def front(self, lay: ResourceLayout) -> Front:
-        fronts = self.__dict__.setdefault("fronts", {})
-        if lay.name not in fronts:
-            fronts[lay.name] = Front(self.bpf[lay.front])
-        return fronts[lay.name]
+        """The resource's front, mapped once (by the first thread to ask)."""
+        with self.fronts_lock:
+            if lay.name not in self.fronts:
+                self.fronts[lay.name] = Front(self.bpf[lay.front])
+            return self.fronts[lay.name]
+
+    def close_fronts(self) -> None:
+        with self.fronts_lock:
+            for front in self.fronts.values():
+                try:
+                    front.close()
+                except BufferError:  # a reader's copy of the words still out: unmapped at exit
+                    pass
+            self.fronts.clear()
 
     def _counters(self) -> Dict[str, List[int]]:
         out = {}
