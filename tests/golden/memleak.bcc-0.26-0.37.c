@@ -268,15 +268,19 @@ struct heap_live_t {
     u64 image;
 };
 BPF_F_TABLE("hash", struct heap_key_t, struct heap_live_t, heap_live, 934464, BPF_F_NO_PREALLOC);
-// The live entries go to a front first: an array whose slots are claimed by a compare-and-swap,
-// looked for at 4 places from the key's hash. No lock, no allocation, and the
-// verifier inlines each look-up: a hash's insert, look-up and delete were most of a traced
-// call's cost (bench/README.md). An entry whose places are all taken goes to the hash, and
-// from then on a key not in the front is looked for there too. The loader reads the front
-// through its mapping (probedsl/drivers/bcc_front.py).
-struct heap_front_t { u64 state; struct heap_key_t k; struct heap_live_t v; };   // state: 0 free, 1 being written, 2 live
+// The live entries go to a front first: an array of places, 4 of which a key may
+// take (from its hash). No lock, no allocation, and the verifier inlines each look-up: a hash's
+// insert, look-up and delete were most of a traced call's cost (bench/README.md, "Per call: the
+// live entries' front"). An entry whose places are all taken goes to the hash, which is looked
+// in for the keys the front lacks while it holds any.
+// A place's word: its phase in the low 2 bits (0 free, 1 held by a program, 2 live), above them
+// a count each claim raises. A program changes a place only once its compare-and-swap from the
+// word it read succeeded (nothing changed it meanwhile), and gives it up by another; the loader's
+// copy of an entry is whole if the word reads the same before and after (drivers/bcc_front.py).
+struct heap_front_t { u64 word; struct heap_key_t k; struct heap_live_t v; };
 BPF_F_TABLE("array", u32, struct heap_front_t, heap_front, 65536, BPF_F_MMAPABLE);
-BPF_ARRAY(heap_spilled, u32, 1);   // 1 once an entry went to the hash
+BPF_ARRAY(heap_spilled, s64, 1);   // the hash's entries
+
 static __always_inline u32 heap_front_hash(struct heap_key_t *k)
 {
     u64 h = 0;
@@ -290,92 +294,108 @@ static __always_inline struct heap_front_t *heap_front_at(u32 h, u32 i)
     u32 slot = (h + i) & 65535;
     return heap_front.lookup(&slot);
 }
+
+// the place, held by this program if its word was still `word`
+static __always_inline int heap_front_claim(struct heap_front_t *f, u64 word)
+{
+    return __sync_val_compare_and_swap(&f->word, word, (word & ~3ULL) + 5) == word;
+}
+
+// a held place given up: live (2) or free (0)
+static __always_inline void heap_front_give(struct heap_front_t *f, u64 phase)
+{
+    u64 held = f->word;
+    __sync_val_compare_and_swap(&f->word, held, (held & ~3ULL) | phase);
+}
+
+static __always_inline void heap_spill(s64 delta)
+{
+    u32 zero = 0;
+    s64 *spilled = heap_spilled.lookup(&zero);
+    if (spilled)
+        __sync_fetch_and_add(spilled, delta);
+}
 // (the tables-only compile keeps these too: the deferred store below uses them)
-// k's live entry, or 0; *slot: its place in the front (0: in the hash)
-static __always_inline struct heap_live_t *heap_live_find(struct heap_key_t *k, void **slot)
-{
-    *slot = 0;
-    u32 h = heap_front_hash(k), zero = 0;
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < 4; i++) {
-        struct heap_front_t *f = heap_front_at(h, i);
-        if (f && f->state == 2 && f->k.k[0] == k->k[0] && f->k.k[1] == k->k[1]) {
-            *slot = f;
-            return &f->v;
-        }
-    }
-    u32 *spilled = heap_spilled.lookup(&zero);
-    if (!spilled || !*spilled)
-        return 0;
-    return heap_live.lookup(k);
-}
-
-// k's entry is gone (its fields read): its place in the front freed, or deleted from the hash
-static __always_inline void heap_live_drop(struct heap_key_t *k, void *slot)
-{
-    if (slot) {
-        asm volatile("" ::: "memory");   // (the fields read before the place is given up)
-        ((struct heap_front_t *)slot)->state = 0;
-        return;
-    }
-    heap_live.delete(k);
-}
-
-// a new entry: 0, -EEXIST (-17) if k has one (*place: where, as _live_find's), or the hash's
-// error (full: not kept)
-static __always_inline int heap_live_insert(struct heap_key_t *k, struct heap_live_t *v, void **place)
+// k's live entry, or 0. In the front (*place: its place) it is held by this program until
+// _live_done or _live_replace; in the hash, *place is 0.
+static __always_inline struct heap_live_t *heap_live_find(struct heap_key_t *k, void **place)
 {
     *place = 0;
-    // one pass over k's places: k's entry, else the first free place
     u32 h = heap_front_hash(k), zero = 0;
-    struct heap_front_t *free = 0;
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < 4; i++) {
         struct heap_front_t *f = heap_front_at(h, i);
         if (!f)
             continue;
-        if (f->state == 2 && f->k.k[0] == k->k[0] && f->k.k[1] == k->k[1]) {
+        u64 word = *(volatile u64 *)&f->word;
+        if ((word & 3) == 2 && f->k.k[0] == k->k[0] && f->k.k[1] == k->k[1]) {
+            if (!heap_front_claim(f, word))
+                return 0;   // (released or replaced meanwhile, by another program)
             *place = f;
-            return -17;
+            return &f->v;
         }
-        if (!free && !f->state)
-            free = f;
     }
-    u32 *spilled = heap_spilled.lookup(&zero);
-    if (!spilled)
-        return -12;
-    if (*spilled && heap_live.lookup(k))
-        return -17;
-    if (free && __sync_val_compare_and_swap(&free->state, 0, 1) == 0) {
-        free->k = *k;
-        free->v = *v;
-        asm volatile("" ::: "memory");   // (its fields written before it is seen)
-        free->state = 2;
+    s64 *spilled = heap_spilled.lookup(&zero);
+    if (!spilled || *spilled <= 0)
         return 0;
-    }
-    *spilled = 1;   // (before the insert: a look-up after it sees the flag)
-    return heap_live.insert(k, v);
-}
-
-// the entry at place (_live_insert's), or k's in the hash
-static __always_inline struct heap_live_t *heap_live_at(struct heap_key_t *k, void *place)
-{
-    if (place)
-        return &((struct heap_front_t *)place)->v;
     return heap_live.lookup(k);
 }
 
-// k's entry (old, at place) replaced by v; v in the hash if old went meanwhile
+// done with the entry _live_find found: gone (its place freed, or deleted from the hash), or
+// kept (its place live again)
+static __always_inline void heap_live_done(struct heap_key_t *k, void *place, int gone)
+{
+    if (place) {
+        heap_front_give(place, gone ? 0 : 2);
+        return;
+    }
+    if (gone && !heap_live.delete(k))
+        heap_spill(-1);
+}
+
+// a new entry: 0; -EEXIST (-17) if k has one (*old, found as _live_find finds it: its place
+// held, for _live_replace); or the hash's error (full: not kept)
+static __always_inline int heap_live_insert(struct heap_key_t *k, struct heap_live_t *v, struct heap_live_t **old, void **place)
+{
+    *old = heap_live_find(k, place);
+    if (*old)
+        return -17;
+    u32 h = heap_front_hash(k);
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < 4; i++) {
+        struct heap_front_t *f = heap_front_at(h, i);
+        if (!f)
+            continue;
+        u64 word = *(volatile u64 *)&f->word;
+        if (!(word & 3) && heap_front_claim(f, word)) {
+            f->k = *k;
+            f->v = *v;
+            heap_front_give(f, 2);
+            return 0;
+        }
+    }
+    heap_spill(1);   // (before the insert: a look-up after it looks in the hash)
+    int err = heap_live.insert(k, v);
+    if (err)
+        heap_spill(-1);
+    return err;
+}
+
+// k's entry (old, from _live_insert) replaced by v; v inserted if old went meanwhile
 static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_live_t *v, struct heap_live_t *old, void *place)
 {
     if (place) {
         *old = *v;
+        heap_front_give(place, 2);
         return 0;
     }
-    u32 zero = 0;
-    u32 *spilled = heap_spilled.lookup(&zero);
-    if (spilled)
-        *spilled = 1;
+    if (!old) {
+        heap_spill(1);
+        int err = heap_live.insert(k, v);
+        if (err)
+            heap_spill(-1);
+        return err;
+    }
     return heap_live.update(k, v);
 }
 
@@ -489,9 +509,9 @@ static __always_inline void heap_store_entry(struct heap_key_t *kp, struct heap_
     struct heap_key_t k = *kp;
     struct heap_live_t v = *vp;
     void *place;
-    int err = heap_live_insert(&k, &v, &place);
+    struct heap_live_t *stale;
+    int err = heap_live_insert(&k, &v, &stale, &place);
     if (err == -17) {  // -EEXIST
-      struct heap_live_t *stale = heap_live_at(&k, place);
       if (stale) {
         heap_tally(stale, -1);
         struct probedsl_ended_t was = {.pid = v.pid, .image = stale->image};
@@ -717,7 +737,7 @@ int heap_realloc_3_return(struct pt_regs *ctx)
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live_drop(&k, place);
+        heap_live_done(&k, place, 1);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
@@ -784,7 +804,7 @@ int heap_reallocarray_4_return(struct pt_regs *ctx)
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live_drop(&k, place);
+        heap_live_done(&k, place, 1);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
@@ -1084,7 +1104,7 @@ int heap_free_10_entry(struct pt_regs *ctx)
       if (old) {
         heap_lifetime.increment(bpf_log2l(bpf_ktime_get_ns() - old->time));
         heap_tally(old, -1);
-        heap_live_drop(&k, place);
+        heap_live_done(&k, place, 1);
         heap_counters.increment(1);  // released
       } else {
         heap_counters.increment(2);  // unknown_releases
