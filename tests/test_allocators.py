@@ -166,4 +166,4 @@ def test_size_range_is_filtered_in_the_kernel(backend, build):
     script = probedsl("compile", MEMLEAK, "--target", "bcc", "-z", "150")
     # malloc's test comes before its scratch is touched; realloc's guards its acquire only
     malloc_entry = script.stdout.split("heap_malloc_1_entry")[1].split("}")[0]
-    assert malloc_entry.index(">= (s64)150") < malloc_entry.index("heap_in_call(")
+    assert malloc_entry.index(">= (s64)150") < malloc_entry.index("heap_slot(")
