@@ -24,7 +24,8 @@ static long (*probedsl_read_user)(void *dst, u32 size, const void *unsafe_ptr) =
 #endif
 // The large hashes (entries, tallies, stacks, images) take memory as entries arrive
 // (BPF_F_NO_PREALLOC): preallocated to their limits, creating them took 0.6-1.6 s of each
-// start. A per-thread scratch kept in a hash, updated and deleted at every call, stays preallocated.
+// start. A per-thread scratch kept in a hash, updated and deleted at every call, stays
+// preallocated, as does a resource's front (an array: 4 MB for memleak's 65,536 places).
 
 #ifdef PROBEDSL_PIDNS_INO
 // probedsl runs in a PID namespace (the loader adds its device and inode): every pid and tid
@@ -544,8 +545,8 @@ static __always_inline void heap_defer_entry(struct heap_key_t *k, struct heap_l
     int first = !*deferred;
     if (first) {
         u32 *busy = probedsl_unw_busy.lookup(&zero);
-        if (busy && !*busy) {   // (a test and set: BCC's LLVM has no fetching atomics; only a
-            *busy = 1;          // preemption between these lines could still interleave)
+        if (busy && !*busy) {   // (a test and set: a u32's compare-and-swap needs BPF v3, not
+            *busy = 1;          // BCC's default; only a preemption between these lines interleaves)
             *deferred = 1;
         } else {
             // (the same test and set: a third program between these lines could lose an entry
