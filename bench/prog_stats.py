@@ -33,7 +33,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def program_name(pid: int, fd: int) -> str:
     """The name of the BPF program behind another process's descriptor (the first 15 bytes)."""
     pidfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
-    own = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    own = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0) if pidfd >= 0 else -1
+    if own < 0:
+        if pidfd >= 0:
+            os.close(pidfd)
+        return f"fd {fd}"
     try:
         info = ctypes.create_string_buffer(256)
         attr = ctypes.create_string_buffer(struct.pack("IIQ", own, len(info), ctypes.addressof(info)))
@@ -46,7 +50,8 @@ def program_name(pid: int, fd: int) -> str:
 
 
 def counts(pid: int) -> dict:
-    """{program name: ns per run} of the programs of pid that ran more than a thousand times."""
+    """{program name: [run_time_ns, run_cnt]} of the programs of pid that ran more than a
+    thousand times (names cut to 15 bytes: those alike add up)."""
     out = {}
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
@@ -56,7 +61,9 @@ def counts(pid: int) -> dict:
             continue
         runs = int(info.get("run_cnt", "0").strip() or 0)
         if runs > 1000:
-            out[program_name(pid, int(fd))] = int(info["run_time_ns"]) / runs
+            name = out.setdefault(program_name(pid, int(fd)), [0, 0])
+            name[0] += int(info["run_time_ns"])
+            name[1] += runs
     return out
 
 
@@ -73,7 +80,10 @@ def one_run(exe: str, args, tree: str) -> dict:
         workload.stdin.write("g")
         workload.stdin.flush()
         loop = float(workload.stdout.readline())
-        out = counts(tracer.pid)
+        programs = counts(tracer.pid)
+        out = {name: ns / runs for name, (ns, runs) in programs.items()}
+        # every program's time, per malloc/free pair (2 threads x calls)
+        out["(all, per pair)"] = sum(ns for ns, _ in programs.values()) / (2 * args.calls)
         out["(loop s)"] = loop
         return out
     finally:
@@ -120,8 +130,6 @@ def main() -> None:
             values = [r[p] for r in runs if p in r]
             shown = f"{statistics.median(values):.3f}" if p == "(loop s)" else f"{statistics.median(values):.0f}"
             print(f"| {name} | {p} | {shown} |")
-        pair = [sum(v for p, v in r.items() if p != "(loop s)") for r in runs]
-        print(f"| {name} | all (a malloc and a free) | {statistics.median(pair):.0f} |")
 
 
 if __name__ == "__main__":
