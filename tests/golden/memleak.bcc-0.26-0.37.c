@@ -236,7 +236,8 @@ static __always_inline int probedsl_wanted(u64 id)
 #ifndef PROBEDSL_TABLES_ONLY
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
     // the old image's entries end here (probedsl/drivers/images.py), if the process acquired any; fired
     // in the exec'ing task once the new image is in place
     u64 *was = probedsl_images.lookup(&pid);
@@ -316,6 +317,16 @@ static __always_inline void heap_spill(s64 delta)
     if (spilled)
         __sync_fetch_and_add(spilled, delta);
 }
+
+// a new entry in the hash, counted before it is there (a look-up meanwhile looks in the hash)
+static __always_inline int heap_spill_insert(struct heap_key_t *k, struct heap_live_t *v)
+{
+    heap_spill(1);
+    int err = heap_live.insert(k, v);
+    if (err)
+        heap_spill(-1);
+    return err;
+}
 // (the tables-only compile keeps these too: the deferred store below uses them)
 // k's live entry, or 0. In the front (*place: its place) it is held by this program until
 // _live_done or _live_replace; in the hash, *place is 0.
@@ -375,11 +386,7 @@ static __always_inline int heap_live_insert(struct heap_key_t *k, struct heap_li
             return 0;
         }
     }
-    heap_spill(1);   // (before the insert: a look-up after it looks in the hash)
-    int err = heap_live.insert(k, v);
-    if (err)
-        heap_spill(-1);
-    return err;
+    return heap_spill_insert(k, v);
 }
 
 // k's entry (old, from _live_insert) replaced by v; v inserted if old went meanwhile
@@ -390,13 +397,8 @@ static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_l
         heap_front_give(place, 2);
         return 0;
     }
-    if (!old) {
-        heap_spill(1);
-        int err = heap_live.insert(k, v);
-        if (err)
-            heap_spill(-1);
-        return err;
-    }
+    if (!old)
+        return heap_spill_insert(k, v);
     return heap_live.update(k, v);
 }
 
