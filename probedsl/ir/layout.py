@@ -87,8 +87,12 @@ class ResourceLayout:
     tallies: Tuple[Tally, ...]
     lifetime: Optional[Histogram]
     ends_with_image: bool = False  # entries end at exec (ends_with_image)
-    front: str = ""  # BCC: key -> live record in an array first (front_slots), then `live`
-    front_slots: int = 0
+    front_slots: int = 0  # BCC: key -> live record in an array of these first, then `live`
+
+    @property
+    def front(self) -> str:
+        """The front's array ("": none)."""
+        return f"{self.name}_front" if self.front_slots else ""
 
     def counter_map(self, counter: Counter) -> str:
         return f"{self.name}_{counter.label}"
@@ -115,7 +119,6 @@ class ResourceLayout:
             ),
             Histogram(hist["map"], tuple(hist["keys"]), hist["size"]) if hist else None,
             doc.get("ends_with_image", False),
-            doc.get("front", ""),
             doc.get("front_slots", 0),
         )
 
@@ -185,7 +188,6 @@ def of(program: ir.Program, res: ir.Resource) -> ResourceLayout:
         tallies=tuple(tally(i, keys) for i, keys in enumerate(ir.tallies(program, res))),
         lifetime=Histogram(f"{res.name}_lifetime", tuple(ir.lifetime_keys(program, res))) if hist else None,
         ends_with_image=ends,
-        front=f"{res.name}_front" if has_front(res) else "",
         front_slots=FRONT_SLOTS if has_front(res) else 0,
     )
 
