@@ -21,7 +21,7 @@ import struct
 import subprocess
 import tempfile
 
-from bench.run import ROOT
+from bench.run import ROOT, build
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 SYS_BPF, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 321, 434, 438
@@ -105,10 +105,7 @@ def main() -> None:
         if not name or not os.access(os.path.join(tree, ".venv", "bin", "python"), os.X_OK):
             ap.error(f"--tree {spec}: NAME=DIR, a checkout with its .venv (scripts/setup.sh)")
         trees[name] = os.path.abspath(tree)
-    exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-bench-"), "mallocfree")
-    subprocess.run(
-        ["gcc", "-O1", "-pthread", "-o", exe, str(ROOT / "bench" / "workloads" / "mallocfree.c")], check=True
-    )
+    exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     with open(STATS) as f:
         was = f.read().strip()
     samples = {name: [] for name in trees}
