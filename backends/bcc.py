@@ -13,7 +13,7 @@ from probedsl.ir.layout import Counter, ResourceLayout
 from probedsl.targets.base import Generated
 
 from .base import Backend
-from probedsl.backends.bcc_unwinder import FRAMES_PER_RUN, UnwinderViews
+from probedsl.backends.bcc_unwinder import FRAMES_PER_RUN, WINDOW, UnwinderViews
 
 
 def usdt_read(loc, ctx: str) -> str:
@@ -53,7 +53,7 @@ _UNWINDER = {
     "maps": stackformat.MAX_MAPS, "rows": stackformat.ROWS, "processes": stackformat.PROCESSES,
     "row_steps": stackformat.ROWS.bit_length(), "chunk_shift": stackformat.CHUNK_SHIFT,
     "per_chunk": stackformat.PER_CHUNK, "chunks": stackformat.CHUNKS, "returns": stackformat.RETURNS,
-    "ancestors": stackformat.ANCESTORS, "frames_per_run": FRAMES_PER_RUN,
+    "ancestors": stackformat.ANCESTORS, "frames_per_run": FRAMES_PER_RUN, "window": WINDOW,
     "invalid": stackformat.INVALID, "cfa_rbp": stackformat.CFA_RBP, "outermost": stackformat.OUTERMOST,
     "signal": stackformat.SIGNAL, "plt": stackformat.PLT, "rbp_at_cfa": stackformat.RBP_AT_CFA,
     "complete": hex(stackformat.COMPLETE), "no_info": hex(stackformat.NO_UNWIND_INFO),

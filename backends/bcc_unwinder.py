@@ -15,6 +15,9 @@ from probedsl.ir.layout import ResourceLayout
 # ns (bench.stacks at 64 frames: +0.6 us, near its run-to-run noise). 64 frames take 16 runs: 17
 # tail calls with the acquire program's, of the kernel's 33 in a row (tests/test_backends.py).
 FRAMES_PER_RUN = 4
+# bytes of the walked stack the unwinder copies at once (a power of two): at 1,024 bytes 16
+# nested calls' frames take one copy (bench.prog_stats --depth 16)
+WINDOW = 1024
 
 
 class UnwinderViews:

@@ -1,6 +1,6 @@
 """Every way a frame can be laid out in -O2 code, against valgrind's stacks for the same
-binaries: recursion, a variable-length array, a realigned (-mavx2) frame, a signal handler, a
-thread, a shared library and dlopen'ed code built without frame pointers, C++ containers and a
+binaries: recursion, a variable-length array, a frame of 3,000 bytes, a realigned (-mavx2)
+frame, a signal handler, a thread, a shared library and dlopen'ed code built without frame pointers, C++ containers and a
 thrown exception. BCC's unwinder must show valgrind's frames; the frame-pointer walk (both
 backends) only frames valgrind shows, in their place, and a marker where it stops."""
 
@@ -26,6 +26,7 @@ SHAPES = {
     105: "thread",
     106: "shared library",
     107: "dlopen'ed library",
+    108: "frame larger than the unwinder's copy of the stack",
 }
 
 
