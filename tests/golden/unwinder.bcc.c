@@ -21,7 +21,11 @@ BPF_TABLE("lru_hash", u32, u32, probedsl_unw_parents, 65536);
 struct probedsl_unw_scratch_t {
     u64 ip[128];
     u64 next_ip, sp, bp, back, hash, end;   // end: the marker, 0 while frames remain to walk
-    u32 n, pid, self, map;                  // pid: whose rows; map: the last frame's slot, from 1
+    u32 n, pid, self, map;                  // pid: whose rows; map: 1 while cur is the last frame's mapping
+    struct probedsl_unw_map_t cur;          // (kept here, a run need not look up the mappings)
+    u64 win_base;                           // the copy of the stack from win_base, win_len bytes
+    u32 win_len, win_pad;
+    u8 win[1024 + 8];                 // (+ 8: a word at any offset below the size is in bounds)
 };
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
@@ -174,20 +178,47 @@ static __always_inline int probedsl_unw_begin(struct pt_regs *regs)
     st->hash = 0xcbf29ce484222325ULL;
     st->n = 0;
     st->map = 0;
+    st->win_len = 0;
     st->end = maps ? 0 : 0xffffffffffffff02ULL;     // no rows for this process yet: no frames
     return 1;
+}
+
+// the stack's word at addr, from the scratch's copy of the stack: a read of user memory costs
+// ~77 ns whatever its size up to a page, most of what a frame cost when each read one word.
+// Copied again from sp, the frame's lowest address, where the walk leaves the copy; only to
+// sp's page's end where the stack ends within the copy's size.
+static __always_inline int probedsl_unw_peek(struct probedsl_unw_scratch_t *st, u64 sp, u64 addr, u64 *out)
+{
+    u64 off = addr - st->win_base;
+    if (off >= st->win_len || st->win_len - off < 8) {
+        u64 base = addr - sp <= 1024 - 64 ? sp : addr - 56;   // a large frame's words near its CFA
+        u32 len = 1024;
+        if (probedsl_read_user(st->win, len, (void *)base)) {
+            len = 4096 - (base & 4095);
+            if (len > 1024) len = 1024;
+            if (len < 8 || probedsl_read_user(st->win, len, (void *)base)) {
+                st->win_len = 0;
+                return probedsl_read_user(out, 8, (void *)addr);
+            }
+        }
+        st->win_base = base;
+        st->win_len = len;
+        off = addr - base;
+        if (off >= len || len - off < 8) return probedsl_read_user(out, 8, (void *)addr);
+    }
+    *out = *(u64 *)(st->win + (off & (1024 - 1)));
+    return 0;
 }
 
 // walk up to 4 more frames of the scratch's stack
 static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *st)
 {
     u32 pid = st->pid;
-    struct probedsl_unw_maps_t *maps = probedsl_unw_maps.lookup(&pid);
-    if (!maps) { st->end = 0xffffffffffffff02ULL; return; }   // evicted meanwhile
+    struct probedsl_unw_maps_t *maps = 0;         // looked up where a frame leaves the mapping before
     u64 ip = st->next_ip, sp = st->sp, bp = st->bp, back = st->back, hash = st->hash, end = 0;
-    u32 n = st->n, slot_of_m = st->map;
-    struct probedsl_unw_map_t *m = 0;             // the mapping of the frame before
-    if (slot_of_m) m = &maps->m[(slot_of_m - 1) & (PROBEDSL_UNW_MAPS - 1)];
+    u32 n = st->n, known = st->map;
+    u64 m_start = st->cur.start, m_end = st->cur.end, m_bias = st->cur.bias;   // the frame before's mapping
+    u32 m_first = st->cur.first, m_count = st->cur.count;
 #pragma clang loop unroll(disable)
     for (u32 k = 0; k < 4; k++) {
         u32 i = n;
@@ -197,23 +228,29 @@ static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *s
         hash = (hash ^ ip) * 0x100000001b3ULL;   // FNV-1a over the frames, then the marker
         n = i + 1;
         u64 pc = ip - back;               // a return address: its call is the byte before
-        if (!m || pc < m->start || pc >= m->end) {   // most frames stay in the last module
+        if (!known || pc < m_start || pc >= m_end) {   // most frames stay in the last module
+            if (!maps) maps = probedsl_unw_maps.lookup(&pid);
+            if (!maps) { end = 0xffffffffffffff02ULL; break; }   // evicted meanwhile
             struct probedsl_unw_chunk_key_t ck = {.pid = pid, .chunk = pc >> 18};
             struct probedsl_unw_chunk_t *chunk = probedsl_unw_chunks.lookup(&ck);
             if (!chunk) { end = 0xffffffffffffff02ULL; break; }
-            m = 0;
+            known = 0;
 #pragma unroll
             for (u32 j = 0; j < 8; j++) {
                 u8 slot = chunk->slot[j];
                 if (slot) {               // slots count from 1
                     struct probedsl_unw_map_t *c = &maps->m[(slot - 1) & (PROBEDSL_UNW_MAPS - 1)];
-                    if (c->start <= pc && pc < c->end) { m = c; slot_of_m = slot; }
+                    if (c->start <= pc && pc < c->end) {
+                        m_start = c->start; m_end = c->end; m_bias = c->bias;
+                        m_first = c->first; m_count = c->count;
+                        known = 1;
+                    }
                 }
             }
-            if (!m) { end = 0xffffffffffffff02ULL; break; }
+            if (!known) { end = 0xffffffffffffff02ULL; break; }
         }
-        u64 rel = pc - m->bias;
-        u32 first = m->first, rows = m->count;
+        u64 rel = pc - m_bias;
+        u32 first = m_first, rows = m_count;
 #pragma clang loop unroll(disable)
         for (u32 s = 0; s < 22; s++) {
             if (rows <= 1) break;
@@ -240,8 +277,8 @@ static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *s
             cfa = sp + ((ip & 15) >= row->cfa_off ? 16 : 8);
         else
             cfa = (row->kind == 2 ? bp : sp) + row->cfa_off;
-        if (probedsl_read_user(&ra, 8, (void *)(cfa - 8))) { end = 0xffffffffffffff02ULL; break; }
-        if (row->rbp_kind == 1 && probedsl_read_user(&bp, 8, (void *)(cfa + row->rbp_off))) {
+        if (probedsl_unw_peek(st, sp, cfa - 8, &ra)) { end = 0xffffffffffffff02ULL; break; }
+        if (row->rbp_kind == 1 && probedsl_unw_peek(st, sp, cfa + row->rbp_off, &bp)) {
             end = 0xffffffffffffff02ULL;
             break;
         }
@@ -256,7 +293,9 @@ static __always_inline void probedsl_unw_frames(struct probedsl_unw_scratch_t *s
     st->back = back;
     st->hash = hash;
     st->n = n;
-    st->map = m ? slot_of_m : 0;
+    st->map = known;
+    st->cur.start = m_start; st->cur.end = m_end; st->cur.bias = m_bias;
+    st->cur.first = m_first; st->cur.count = m_count;
     st->end = end;
 }
 
