@@ -23,6 +23,7 @@ struct probedsl_unw_scratch_t {
     u64 next_ip, sp, bp, back, hash, end;   // end: the marker, 0 while frames remain to walk
     u32 n, pid, self, map;                  // pid: whose rows; map: 1 while cur is the last frame's mapping
     struct probedsl_unw_map_t cur;          // (kept here, a run need not look up the mappings)
+    u64 last_id;                            // the stack this CPU stored last (a loop's, stored once)
     u64 win_base;                           // the copy of the stack from win_base, win_len bytes
     u32 win_len, win_pad;
     u8 win[1024 + 8];                 // (+ 8: a word at any offset below the size is in bounds)
@@ -328,7 +329,11 @@ static __always_inline s64 probedsl_unw_store(void *ctx)
     hash = (hash ^ end) * 0x100000001b3ULL;
     struct probedsl_pystack_t *py = probedsl_py_walk(st->self, &hash);   // the process's own Python frames
     u64 id = hash >> 2 | 0x4000000000000000ULL;   // past the stack table's ids; non-negative (a negative id is no stack)
-    probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
+    if (id != st->last_id) {   // (the table's entries stay to the end of the run)
+        long err = probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
+        if (!err || err == -17)   // (-EEXIST: stored before, or by another CPU meanwhile)
+            st->last_id = id;
+    }
     if (py && !probedsl_pystacks.insert(&id, py))
         probedsl_py_doorbell.ringbuf_output(&id, sizeof(id), 0);
     return id;
