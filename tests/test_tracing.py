@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -153,6 +155,65 @@ def test_threads_leak_exact_blocks_and_bytes_per_thread(backend, build):
         "leak_in_thread3": (11 * 136, 11),
     }
     assert {k: sites.get(k) for k in expected} == expected
+
+
+SYS_BPF, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 321, 434, 438
+BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET_INFO_BY_FD = 4, 15
+
+
+def map_keys(pid: int, name: str) -> int:
+    """How many keys the BPF map called name (its first 15 bytes) that process pid holds has,
+    read through a copy of its descriptor (the kernel's own count)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                if "map_type:" not in f.read():
+                    continue
+            own = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if own < 0:
+                continue
+            try:
+                info = ctypes.create_string_buffer(128)  # struct bpf_map_info: char name[16] at 24
+                attr = ctypes.create_string_buffer(struct.pack("IIQ", own, len(info), ctypes.addressof(info)))
+                if (
+                    libc.syscall(SYS_BPF, BPF_OBJ_GET_INFO_BY_FD, attr, len(attr))
+                    or info.raw[24:40].split(b"\0")[0] != name[:15].encode()
+                ):
+                    continue
+                key_size = struct.unpack_from("I", info.raw, 8)[0]
+                key, following, n = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size), 0
+                first = True
+                while True:
+                    attr = struct.pack(
+                        "IIQQ", own, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(following)
+                    )
+                    if libc.syscall(SYS_BPF, BPF_MAP_GET_NEXT_KEY, ctypes.create_string_buffer(attr), len(attr)):
+                        return n
+                    n, first = n + 1, False
+                    ctypes.memmove(key, following, key_size)
+            finally:
+                os.close(own)
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"process {pid} holds no BPF map named {name}")
+
+
+def test_bcc_threads_scratch_in_a_hash_goes_with_each_thread(build):
+    """With the dwarf unwinder a thread's entry arguments wait in a hash by thread, kept from
+    call to call: each thread's entry must go when the thread ends, or ended threads fill it."""
+    tracer = start_run(
+        MEMLEAK, "--backend", "bcc", "--format", "json", "--", build("threads"), "hold", stdin=subprocess.PIPE
+    )
+    try:
+        assert tracer.stdout.readline() == "joined\n"
+        assert map_keys(tracer.pid, "heap_scratch") <= 1  # the main thread's, of the 5 that called malloc
+    finally:
+        out, err = tracer.communicate("go\n", timeout=120)
+    assert tracer.returncode == 0, err
+    assert by_site(report_json(out))["leak_in_thread3"] == (11 * 136, 11)
 
 
 ALLOCS_EXPECTED = {
