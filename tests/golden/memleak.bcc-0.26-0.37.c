@@ -171,28 +171,6 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 }
 #endif
 
-#ifndef PROBEDSL_TABLES_ONLY
-TRACEPOINT_PROBE(sched, sched_process_exit)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    probedsl_unw_parents.delete(&tid);
-    // a thread's own entry (added at its clone) goes with it; the process's (its pid) only with
-    // the process: a main thread that ends alone (pthread_exit) leaves the others traced
-    if ((u32)(id >> 32) != tid) {
-        probedsl_traced.delete(&tid);
-        tid = id >> 32;
-    }
-    if (probedsl_process_ends())
-        probedsl_traced.delete(&tid);
-    if (probedsl_process_ends()) {   // a new process may take its pid
-        u32 pid = id >> 32;
-        probedsl_images.delete(&pid);
-    }
-    return 0;
-}
-#endif
-
 static __always_inline u64 probedsl_read_u64(u64 address)
 {
     u64 value = 0;
@@ -403,8 +381,9 @@ static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_l
 }
 
 // entry arguments held per thread until the call returns: in the thread's own storage where
-// the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up, lock, fill
-// and empty at every call (bench/README.md); else in a hash by thread
+// the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up at every
+// call (bench/README.md); else in a hash by thread, each thread's entry kept from its first
+// call to its end (sched_process_exit), its probe 0 between calls
 struct heap_scratch_t { u64 probe; u64 sp; u64 a[3]; };
 #ifdef PROBEDSL_TASK_STORAGE
 BPF_TASK_STORAGE(heap_scratch, struct heap_scratch_t);
@@ -417,14 +396,14 @@ static __always_inline struct heap_scratch_t *heap_in_call(u32 tid)
 {
 #ifdef PROBEDSL_TASK_STORAGE
     struct heap_scratch_t *s = heap_scratch.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    return s && s->probe ? s : 0;
 #else
-    return heap_scratch.lookup(&tid);
+    struct heap_scratch_t *s = heap_scratch.lookup(&tid);
 #endif
+    return s && s->probe ? s : 0;
 }
 
-// the thread's scratch, made if it has none (its probe is 0 between calls); in a hash, the
-// call under way or 0
+// the thread's scratch (its probe is 0 between calls): made if it has none in task storage; 0
+// in a hash before the thread's first call
 static __always_inline struct heap_scratch_t *heap_slot(u32 tid)
 {
 #ifdef PROBEDSL_TASK_STORAGE
@@ -437,11 +416,11 @@ static __always_inline struct heap_scratch_t *heap_slot(u32 tid)
 // the call begins: s kept until its return (slot: the thread's, from _slot)
 static __always_inline void heap_call_begin(u32 tid, struct heap_scratch_t *slot, struct heap_scratch_t *s)
 {
-#ifdef PROBEDSL_TASK_STORAGE
     if (slot)
-        *slot = *s;
-#else
-    heap_scratch.update(&tid, s);
+        *slot = *s;   // (only this thread writes its own)
+#ifndef PROBEDSL_TASK_STORAGE
+    else
+        heap_scratch.update(&tid, s);
 #endif
 }
 
@@ -456,11 +435,7 @@ static __always_inline int heap_call_end(u32 tid, u64 probe, struct heap_scratch
     if (!kept || kept->probe != probe)
         return 0;
     *s = *kept;
-#ifdef PROBEDSL_TASK_STORAGE
     kept->probe = 0;
-#else
-    heap_scratch.delete(&tid);
-#endif
     return 1;
 }
 #endif
@@ -1116,6 +1091,34 @@ int heap_free_10_entry(struct pt_regs *ctx)
     return 0;
 }
 #endif
+
+// a thread's end: what was kept for it, or for its process; with threads' scratch in a hash,
+// each thread's entry there too (kept between calls, so that no call pays an insert and a delete)
+#if !defined(PROBEDSL_TABLES_ONLY) && (1 || !defined(PROBEDSL_TASK_STORAGE))
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+#ifndef PROBEDSL_TASK_STORAGE
+    heap_scratch.delete(&tid);
+#endif
+    probedsl_unw_parents.delete(&tid);
+    // a thread's own entry (added at its clone) goes with it; the process's (its pid) only with
+    // the process: a main thread that ends alone (pthread_exit) leaves the others traced
+    if ((u32)(id >> 32) != tid) {
+        probedsl_traced.delete(&tid);
+        tid = id >> 32;
+    }
+    if (probedsl_process_ends())
+        probedsl_traced.delete(&tid);
+    if (probedsl_process_ends()) {   // a new process may take its pid
+        u32 pid = id >> 32;
+        probedsl_images.delete(&pid);
+    }
+    return 0;
+}
+#endif
+
 #ifndef PROBEDSL_TABLES_ONLY
 
 // the unwinder programs: take the stack, store the entries the calling program deferred
