@@ -65,7 +65,7 @@ _UNWINDER = {
 _PYTHON = {
     "frames": stackformat.PY_FRAMES, "entry_shift": stackformat.PY_ENTRY_SHIFT, "threads": stackformat.PY_THREADS,
     "processes": stackformat.PY_PROCESSES, "threads_known": stackformat.PY_THREADS_KNOWN,
-    "frame_read": stackformat.PY_FRAME_READ, "frame_buffer": stackformat.PY_FRAME_BUFFER,
+    "frame_read": stackformat.PY_FRAME_READ, "window": stackformat.PY_WINDOW,
     "truncated": hex(stackformat.PY_TRUNCATED),
 }
 
