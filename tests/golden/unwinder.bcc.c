@@ -56,9 +56,16 @@ struct probedsl_py_proc_t {
 };
 BPF_HASH(probedsl_py_procs, u32, struct probedsl_py_proc_t, 1024);
 struct probedsl_pystack_t { u32 pid; u32 n; u64 code[PROBEDSL_PY_FRAMES]; u64 meta[PROBEDSL_PY_FRAMES]; };
-// the walk's scratch: the record, then one frame's header read whole (fields at the offsets
-// of the process's version, masked into the buffer)
-struct probedsl_py_scratch_t { struct probedsl_pystack_t rec; u8 frame[136]; };
+// the walk's scratch: the record, then a copy of the memory below a frame's header's end
+// (fields at the offsets of the process's version, masked into the copy). A thread's frames
+// lie one after another in its data stack (3.11+), each caller below the frame it called, so
+// one read (~77 ns whatever its size up to a page) finds several frames' headers there.
+struct probedsl_py_scratch_t {
+    struct probedsl_pystack_t rec;
+    u64 win_base;
+    u32 win_len, pad;
+    u8 win[1024 + 8];   // (+ 8: a word at any offset below the size is in bounds)
+};
 BPF_PERCPU_ARRAY(probedsl_py_scratch, struct probedsl_py_scratch_t, 1);
 BPF_HASH(probedsl_pystacks, u64, struct probedsl_pystack_t, 131072);
 BPF_TABLE("lru_hash", u32, u64, probedsl_py_tstates, 16384);
@@ -74,11 +81,28 @@ static __always_inline u64 probedsl_py_u64(u64 address)
     return value;
 }
 
-static __always_inline u64 probedsl_py_field(struct probedsl_py_scratch_t *s, u16 off)
+// a field of the frame whose header is at offset at of the copy (at + 80 <= the copy's length)
+static __always_inline u64 probedsl_py_field(struct probedsl_py_scratch_t *s, u64 at, u16 off)
 {
     u64 value;
-    __builtin_memcpy(&value, &s->frame[off & 127], sizeof(value));
+    __builtin_memcpy(&value, &s->win[(at + off) & (1024 - 1)], sizeof(value));
     return value;
+}
+
+// where frame's header lies in the scratch's copy, copied now if it is not there: the copy
+// ends with the header and starts no lower than the header's page (the page below may not be
+// mapped, and a read that faults costs ~1 us)
+static __always_inline int probedsl_py_copy(struct probedsl_py_scratch_t *s, u64 frame, u64 *at)
+{
+    *at = frame - s->win_base;
+    if (*at < s->win_len && s->win_len - *at >= 80) return 0;
+    u32 len = (frame & 4095) + 80;
+    if (len > 1024) len = 1024;
+    if (probedsl_read_user(s->win, len, (void *)(frame + 80 - len))) return -1;
+    s->win_base = frame + 80 - len;
+    s->win_len = len;
+    *at = len - 80;
+    return 0;
 }
 
 // the record of this thread's Python frames (its frames and the pid folded into *hash), or 0.
@@ -112,19 +136,20 @@ static __always_inline struct probedsl_pystack_t *probedsl_py_walk(u32 pid, u64 
     u64 frame = probedsl_py_u64(tstate + cfg->tstate_frame);
     if (cfg->cframe_frame != 0xffff && frame)
         frame = probedsl_py_u64(frame + cfg->cframe_frame);
-    u64 tags = cfg->code_tag_bits, h = *hash;
+    u64 tags = cfg->code_tag_bits, h = *hash, at = 0;
     u32 n = 0;
+    s->win_len = 0;
     // branch-free per frame (the verifier follows each branch of each iteration): the entry
     // byte goes to user space raw, which knows what it means in that version
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < PROBEDSL_PY_FRAMES; i++) {
         PROBEDSL_OPAQUE(i);
         if (!frame || i >= PROBEDSL_PY_FRAMES) break;
-        if (probedsl_read_user(s->frame, 80, (void *)frame)) break;
-        u64 code = probedsl_py_field(s, cfg->frame_code) & ~tags;
-        u64 meta = ((probedsl_py_field(s, cfg->frame_instr) - code) & 0xffffffffULL) |
-            ((u64)s->frame[cfg->frame_entry & 127] << 40);
-        frame = probedsl_py_field(s, cfg->frame_previous);
+        if (probedsl_py_copy(s, frame, &at)) break;
+        u64 code = probedsl_py_field(s, at, cfg->frame_code) & ~tags;
+        u64 meta = ((probedsl_py_field(s, at, cfg->frame_instr) - code) & 0xffffffffULL) |
+            ((u64)s->win[(at + cfg->frame_entry) & (1024 - 1)] << 40);
+        frame = probedsl_py_field(s, at, cfg->frame_previous);
         s->rec.code[i & (PROBEDSL_PY_FRAMES - 1)] = code;
         s->rec.meta[i & (PROBEDSL_PY_FRAMES - 1)] = meta;
         h = (h ^ code) * 0x100000001b3ULL;
@@ -186,21 +211,19 @@ static __always_inline int probedsl_unw_begin(struct pt_regs *regs)
 
 // the stack's word at addr, from the scratch's copy of the stack: a read of user memory costs
 // ~77 ns whatever its size up to a page, most of what a frame cost when each read one word.
-// Copied again from sp, the frame's lowest address, where the walk leaves the copy; only to
-// sp's page's end where the stack ends within the copy's size.
+// Copied again from sp, the frame's lowest address, where the walk leaves the copy, to the end
+// of sp's page at most (the stack's last page may be followed by none, and a read that faults
+// costs ~1 us).
 static __always_inline int probedsl_unw_peek(struct probedsl_unw_scratch_t *st, u64 sp, u64 addr, u64 *out)
 {
     u64 off = addr - st->win_base;
     if (off >= st->win_len || st->win_len - off < 8) {
         u64 base = addr - sp <= 1024 - 64 ? sp : addr - 56;   // a large frame's words near its CFA
-        u32 len = 1024;
+        u32 len = 4096 - (base & 4095);
+        if (len > 1024) len = 1024;
         if (probedsl_read_user(st->win, len, (void *)base)) {
-            len = 4096 - (base & 4095);
-            if (len > 1024) len = 1024;
-            if (len < 8 || probedsl_read_user(st->win, len, (void *)base)) {
-                st->win_len = 0;
-                return probedsl_read_user(out, 8, (void *)addr);
-            }
+            st->win_len = 0;
+            return probedsl_read_user(out, 8, (void *)addr);
         }
         st->win_base = base;
         st->win_len = len;
