@@ -1,10 +1,12 @@
 """Benchmark: what each of memleak's BCC programs costs per hit, by the kernel's own count.
 
-    sudo .venv/bin/python -m bench.prog_stats [--runs 5] [--calls 300000] [--stacks fp] [--tree NAME=DIR]
+    sudo .venv/bin/python -m bench.prog_stats [--runs 5] [--calls 300000] [--stacks fp] [--depth N] [--tree NAME=DIR]
 
 bench.run's malloc/free loop (2 threads) traced by `probedsl run memleak --pid P
 --no-follow-forks --backend bcc`, with kernel.bpf_stats_enabled on: each loaded program's
-run_time_ns / run_cnt, read from the tracer's descriptors once the loop is done. This leaves out
+run_time_ns / run_cnt, read from the tracer's descriptors once the loop is done. --depth N
+runs bench.stacks' workload instead (one thread, each pair from N nested calls, -O2), to see
+what the unwinder's programs cost per frame. This leaves out
 what the uprobes cost whatever runs in them (the trap, the return trampoline), which is most of
 bench.run's loop time and most of its noise. The counting itself adds ~47 ns per hit on this VM
 (an empty program reads so): compare rows, not absolute values. --tree NAME=DIR adds the same
@@ -68,22 +70,21 @@ def counts(pid: int) -> dict:
 
 
 def one_run(exe: str, args, tree: str) -> dict:
-    workload = subprocess.Popen(
-        [exe, "2", str(args.calls), "0", "held"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    argv = [exe, str(args.depth), str(args.calls)] if args.depth else [exe, "2", str(args.calls), "0", "held"]
+    pairs = args.calls if args.depth else 2 * args.calls
+    workload = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     command = [os.path.join(tree, ".venv", "bin", "python"), "-m", "probedsl", "run", "memleak", "--backend", "bcc"]
     command += ["--stacks", args.stacks, "--pid", str(workload.pid), "--no-follow-forks", "--format", "json"]
     tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tree)
     try:
         while "tracing" not in (tracer.stderr.readline() or "tracing"):
             pass
-        workload.stdin.write("g")
+        workload.stdin.write("g\n")
         workload.stdin.flush()
         loop = float(workload.stdout.readline())
         programs = counts(tracer.pid)
         out = {name: ns / runs for name, (ns, runs) in programs.items()}
-        # every program's time, per malloc/free pair (2 threads x calls)
-        out["(all, per pair)"] = sum(ns for ns, _ in programs.values()) / (2 * args.calls)
+        out["(all, per pair)"] = sum(ns for ns, _ in programs.values()) / pairs
         out["(loop s)"] = loop
         return out
     finally:
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--calls", type=int, default=300_000)
     ap.add_argument("--stacks", choices=("fp", "dwarf"), default="fp")
+    ap.add_argument("--depth", type=int, default=0, help="bench.stacks' workload: pairs from DEPTH nested calls")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR")
     args = ap.parse_args()
     trees = {"this": str(ROOT)}
@@ -106,6 +108,9 @@ def main() -> None:
             ap.error(f"--tree {spec}: NAME=DIR, a checkout with its .venv (scripts/setup.sh)")
         trees[name] = os.path.abspath(tree)
     exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
+    if args.depth:
+        exe = os.path.join(os.path.dirname(exe), "deepchain")
+        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "bench", "workloads", "deepchain.c")], check=True)
     with open(STATS) as f:
         was = f.read().strip()
     samples = {name: [] for name in trees}
@@ -118,7 +123,8 @@ def main() -> None:
     finally:
         with open(STATS, "w") as f:
             f.write(was)
-    print(f"\nns per hit by bpf_stats, medians of {args.runs} interleaved runs (--stacks {args.stacks})\n")
+    shape = f", {args.depth} nested calls" if args.depth else ""
+    print(f"\nns per hit by bpf_stats, medians of {args.runs} interleaved runs (--stacks {args.stacks}{shape})\n")
     print("| tree | program | ns per hit |")
     print("|---|---|---:|")
     for name, runs in samples.items():
