@@ -184,7 +184,9 @@ def debug_offsets(pid: int, runtime: int, version: Tuple[int, int]) -> Optional[
     if (hexversion >> 24, (hexversion >> 16) & 0xFF) != version or free_threaded:
         return None
     got = {name: struct.unpack_from("<Q", raw, at)[0] for name, at in fields.items()}
-    if max(got.values()) > 0xFFFF or got["frame_entry"] + 1 > PY_FRAME_READ:
+    # (the walk reads a frame's fields from its header's PY_FRAME_READ bytes: past them is another frame)
+    words = max(got["frame_code"], got["frame_previous"], got["frame_instr"]) + 8
+    if max(got.values()) > 0xFFFF or max(words, got["frame_entry"] + 1) > PY_FRAME_READ:
         return None
     return Offsets(
         version=version,
