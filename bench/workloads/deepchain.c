@@ -1,6 +1,7 @@
 /* Benchmark workload: deepchain DEPTH CALLS
  * Built -O2 (no frame pointers). Waits for a line on stdin (a tracer attaching by pid), then
- * does CALLS malloc/free pairs, each from DEPTH nested calls; prints the loop's wall time. */
+ * does CALLS malloc/free pairs, each from DEPTH nested calls; prints the loop's wall time,
+ * then ends when its stdin does (a tracer's counts can be read meanwhile). */
 #include <stdlib.h>
 
 #include "held_loop.h"
@@ -29,5 +30,8 @@ int main(int argc, char **argv)
     for (long i = 0; i < calls; i++)
         dive(depth);
     print_loop_seconds(start);
+    fflush(stdout);
+    while (getchar() != EOF)
+        ;
     return 0;
 }
