@@ -24,7 +24,7 @@ static long (*probedsl_read_user)(void *dst, u32 size, const void *unsafe_ptr) =
 #endif
 // The large hashes (entries, tallies, stacks, images) take memory as entries arrive
 // (BPF_F_NO_PREALLOC): preallocated to their limits, creating them took 0.6-1.6 s of each
-// start. A per-thread scratch kept in a hash, updated and deleted at every call, stays
+// start. A per-thread scratch kept in a hash (an entry per thread that called) stays
 // preallocated, as does a resource's front (an array: 4 MB for memleak's 65,536 places).
 
 #ifdef PROBEDSL_PIDNS_INO
@@ -380,6 +380,9 @@ static __always_inline int heap_live_replace(struct heap_key_t *k, struct heap_l
     return heap_live.update(k, v);
 }
 
+// per-CPU counters (two threads on two CPUs never share a cache line)
+BPF_PERCPU_ARRAY(heap_counters, u64, 7);  // slots: probedsl.ir.layout.Counter
+
 // entry arguments held per thread until the call returns: in the thread's own storage where
 // the kernel has it (the loader defines PROBEDSL_TASK_STORAGE): no hash to look up at every
 // call (bench/README.md); else in a hash by thread, each thread's entry kept from its first
@@ -419,8 +422,8 @@ static __always_inline void heap_call_begin(u32 tid, struct heap_scratch_t *slot
     if (slot)
         *slot = *s;   // (only this thread writes its own)
 #ifndef PROBEDSL_TASK_STORAGE
-    else
-        heap_scratch.update(&tid, s);
+    else if (heap_scratch.update(&tid, s))   // full: as many threads as it holds
+        heap_counters.increment(3);  // untracked
 #endif
 }
 
@@ -439,8 +442,7 @@ static __always_inline int heap_call_end(u32 tid, u64 probe, struct heap_scratch
     return 1;
 }
 #endif
-// per-CPU counters, tallies and histograms: two threads on two CPUs never share a cache line
-BPF_PERCPU_ARRAY(heap_counters, u64, 7);  // slots: probedsl.ir.layout.Counter
+// per-CPU tallies and histograms: two threads on two CPUs never share a cache line
 BPF_PERCPU_ARRAY(heap_lifetime, u64, 64);             // log2(ns) of released lifetimes
 // live heap per ustack, pid, image: reports read these, not every entry
 struct heap_tally0_key_t {

@@ -26,7 +26,7 @@ struct probedsl_unw_scratch_t {
     u64 last_id;                            // the stack this CPU stored last (a loop's, stored once)
     u64 win_base;                           // the copy of the stack from win_base, win_len bytes
     u32 win_len, win_pad;
-    u8 win[1024 + 8];                 // (+ 8: a word at any offset below the size is in bounds)
+    u8 win[1024 + 8];   // (+ 8: a word at any offset below the size is in bounds)
 };
 BPF_PERCPU_ARRAY(probedsl_unw_scratch, struct probedsl_unw_scratch_t, 1);
 // set while a walk uses this CPU's scratch: a uprobe's program can be preempted, and another
@@ -210,16 +210,16 @@ static __always_inline int probedsl_unw_begin(struct pt_regs *regs)
 }
 
 // the stack's word at addr, from the scratch's copy of the stack: a read of user memory costs
-// ~77 ns whatever its size up to a page, most of what a frame cost when each read one word.
-// Copied again from sp, the frame's lowest address, where the walk leaves the copy, to the end
-// of sp's page at most (the stack's last page may be followed by none, and a read that faults
-// costs ~1 us).
+// ~77 ns whatever its size up to a page, so one copy serves many frames. Copied again where
+// the walk leaves it: from sp, the frame's lowest address (in a large frame, from just below
+// the word), to the end of the word's page at most (the stack's last page may be followed by
+// none, and a read that faults costs ~1 us).
 static __always_inline int probedsl_unw_peek(struct probedsl_unw_scratch_t *st, u64 sp, u64 addr, u64 *out)
 {
     u64 off = addr - st->win_base;
     if (off >= st->win_len || st->win_len - off < 8) {
-        u64 base = addr - sp <= 1024 - 64 ? sp : addr - 56;   // a large frame's words near its CFA
-        u32 len = 4096 - (base & 4095);
+        u64 base = addr - sp <= 1024 - 64 ? sp : addr - 56;
+        u64 len = ((addr + 8 + 4095) & ~4095ULL) - base;
         if (len > 1024) len = 1024;
         if (probedsl_read_user(st->win, len, (void *)base)) {
             st->win_len = 0;
@@ -354,8 +354,9 @@ static __always_inline s64 probedsl_unw_store(void *ctx)
     u64 id = hash >> 2 | 0x4000000000000000ULL;   // past the stack table's ids; non-negative (a negative id is no stack)
     if (id != st->last_id) {   // (the table's entries stay to the end of the run)
         long err = probedsl_ustacks.insert(&id, (struct probedsl_ustack_t *)st);
-        if (!err || err == -17)   // (-EEXIST: stored before, or by another CPU meanwhile)
-            st->last_id = id;
+        if (err && err != -17)   // (-EEXIST: stored before, or by another CPU meanwhile)
+            return -1;           // the table is full: no stack
+        st->last_id = id;
     }
     if (py && !probedsl_pystacks.insert(&id, py))
         probedsl_py_doorbell.ringbuf_output(&id, sizeof(id), 0);
