@@ -22,6 +22,7 @@ struct probedsl_unw_scratch_t {
     u64 ip[128];
     u64 next_ip, sp, bp, back, hash, end;   // end: the marker, 0 while frames remain to walk
     u32 n, pid, self, map;                  // pid: whose rows; map: 1 while cur is the last frame's mapping
+                                            // (a flag: with cur.end 0 for none the verifier walked 2x the states)
     struct probedsl_unw_map_t cur;          // (kept here, a run need not look up the mappings)
     u64 last_id;                            // the stack this CPU stored last (a loop's, stored once)
     u64 win_base;                           // the copy of the stack from win_base, win_len bytes
