@@ -13,7 +13,7 @@ from probedsl.ir.layout import Counter, ResourceLayout
 from probedsl.targets.base import Generated
 
 from .base import Backend
-from probedsl.backends.bcc_unwinder import FRAMES_PER_RUN, WINDOW, UnwinderViews
+from probedsl.backends.bcc_unwinder import FRAMES_PER_RUN, PY_WINDOW, WINDOW, UnwinderViews
 
 
 def usdt_read(loc, ctx: str) -> str:
@@ -65,7 +65,7 @@ _UNWINDER = {
 _PYTHON = {
     "frames": stackformat.PY_FRAMES, "entry_shift": stackformat.PY_ENTRY_SHIFT, "threads": stackformat.PY_THREADS,
     "processes": stackformat.PY_PROCESSES, "threads_known": stackformat.PY_THREADS_KNOWN,
-    "frame_read": stackformat.PY_FRAME_READ, "window": stackformat.PY_WINDOW,
+    "frame_read": stackformat.PY_FRAME_READ, "window": PY_WINDOW,
     "truncated": hex(stackformat.PY_TRUNCATED),
 }
 

@@ -19,6 +19,9 @@ FRAMES_PER_RUN = 4
 # measured the same on bench.prog_stats --depth 16's 16-byte frames; real frames of 100-500
 # bytes take fewer copies at 1,024
 WINDOW = 1024
+# bytes of a thread's CPython data stack the Python walk copies at once, a frame's header at
+# their end (a power of two: 2,048 and 4,096 measured slower, bench/README.md)
+PY_WINDOW = 1024
 
 
 class UnwinderViews:

@@ -37,4 +37,3 @@ PY_THREADS_KNOWN = 16384  # threads whose thread state is remembered
 PY_ENTRY_SHIFT = 40  # where a frame's record puts its entry byte
 PY_TRUNCATED = 1 << 33  # flag on the last frame kept: the chain went on
 PY_FRAME_READ = 80  # bytes of a frame header read whole (the largest, 3.14's)
-PY_WINDOW = 1024  # bytes of a thread's data stack copied at once, a frame's header at their end (a power of two; 2,048 and 4,096 measured slower)
