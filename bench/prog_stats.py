@@ -23,7 +23,8 @@ import struct
 import subprocess
 import tempfile
 
-from bench.run import ROOT, build
+from bench import run, stacks
+from bench.run import ROOT
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 SYS_BPF, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 321, 434, 438
@@ -107,10 +108,7 @@ def main() -> None:
         if not name or not os.access(os.path.join(tree, ".venv", "bin", "python"), os.X_OK):
             ap.error(f"--tree {spec}: NAME=DIR, a checkout with its .venv (scripts/setup.sh)")
         trees[name] = os.path.abspath(tree)
-    exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
-    if args.depth:
-        exe = os.path.join(os.path.dirname(exe), "deepchain")
-        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "bench", "workloads", "deepchain.c")], check=True)
+    exe = (stacks.build if args.depth else run.build)(tempfile.mkdtemp(prefix="probedsl-bench-"))
     with open(STATS) as f:
         was = f.read().strip()
     samples = {name: [] for name in trees}

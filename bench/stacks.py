@@ -25,6 +25,13 @@ from bench import held
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def build(tmp: str) -> str:
+    """bench/workloads/deepchain.c built -O2 (no frame pointers) in tmp."""
+    exe = os.path.join(tmp, "deepchain")
+    subprocess.run(["gcc", "-O2", "-o", exe, str(ROOT / "bench" / "workloads" / "deepchain.c")], check=True)
+    return exe
+
+
 def loop_seconds(exe: str, depth: int, calls: int, stacks: str) -> float:
     return held.loop_seconds(
         [exe, str(depth), str(calls)], ["memleak", "--backend", "bcc", "--stacks", stacks, "--top", "1"]
@@ -56,8 +63,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=100_000)
     ap.add_argument("--depths", default="16,64")
     args = ap.parse_args()
-    exe = os.path.join(tempfile.mkdtemp(prefix="probedsl-bench-"), "deepchain")
-    subprocess.run(["gcc", "-O2", "-o", exe, str(ROOT / "bench" / "workloads" / "deepchain.c")], check=True)
+    exe = build(tempfile.mkdtemp(prefix="probedsl-bench-"))
     print("| nested calls | fp loop (s) | dwarf loop (s) | extra us per acquisition (dwarf - fp) |")
     print("|---:|---:|---:|---:|")
     for depth in (int(d) for d in args.depths.split(",")):
