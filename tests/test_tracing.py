@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from probedsl.process import hold_guard
+
 from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run, stderr_line
 
 pytestmark = pytest.mark.usefixtures("root_required")
@@ -159,12 +161,12 @@ def test_threads_leak_exact_blocks_and_bytes_per_thread(backend, build):
 
 
 SYS_BPF, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 321, 434, 438
-BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET_INFO_BY_FD, BPF_MAP_TYPE_HASH = 4, 15, 1
+BPF_OBJ_GET_INFO_BY_FD, BPF_MAP_TYPE_HASH = 15, 1
 
 
 def hash_keys(pid: int, name: str) -> int:
-    """How many keys the BPF hash called name (its first 15 bytes) that process pid holds has,
-    read through a copy of its descriptor (the kernel's own count)."""
+    """How many keys the BPF hash of tids called name (its first 15 bytes) that process pid
+    holds has, read through a copy of its descriptor (the kernel's own count)."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
     assert pidfd >= 0, os.strerror(ctypes.get_errno())
@@ -186,17 +188,10 @@ def hash_keys(pid: int, name: str) -> int:
                     continue
                 map_type, _, key_size = struct.unpack_from("III", info.raw, 0)
                 assert map_type == BPF_MAP_TYPE_HASH, f"{name} is a map of type {map_type}, not a hash"
-                key, following, n = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size), 0
-                first = True
-                while True:
-                    attr = struct.pack(
-                        "IIQQ", own, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(following)
-                    )
-                    if libc.syscall(SYS_BPF, BPF_MAP_GET_NEXT_KEY, ctypes.create_string_buffer(attr), len(attr)):
-                        assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())  # (the end)
-                        return n
-                    n, first = n + 1, False
-                    ctypes.memmove(key, following, key_size)
+                assert key_size == 4, f"{name}'s keys are {key_size} bytes, not a tid's 4"
+                keys = hold_guard.u32_keys(own)
+                assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())  # (the walk's end)
+                return len(keys)
             finally:
                 os.close(own)
     finally:

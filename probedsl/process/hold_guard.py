@@ -75,16 +75,18 @@ def _bpf(cmd: int, elem: _Elem) -> int:
     return _libc.syscall(_SYS_BPF, cmd, ctypes.byref(elem), ctypes.sizeof(elem))
 
 
-def _marked(marks_fd: int) -> list:
-    pids, key, nxt = [], ctypes.c_uint32(0), ctypes.c_uint32(0)
+def u32_keys(map_fd: int) -> list:
+    """The keys of a BPF map keyed by u32 (at most 65,536); the walk stops at the first error
+    (ENOENT at the end: ctypes.get_errno() tells)."""
+    keys, key, nxt = [], ctypes.c_uint32(0), ctypes.c_uint32(0)
     first = True
-    while len(pids) < 65536:
-        elem = _Elem(marks_fd, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(nxt), 0)
+    while len(keys) < 65536:
+        elem = _Elem(map_fd, 0, 0 if first else ctypes.addressof(key), ctypes.addressof(nxt), 0)
         if _bpf(_NEXT_KEY, elem) != 0:
-            return pids
-        pids.append(nxt.value)
+            return keys
+        keys.append(nxt.value)
         key.value, first = nxt.value, False
-    return pids
+    return keys
 
 
 def _let_go(switch_fd: int, marks_fds: List[int]) -> None:
@@ -93,7 +95,7 @@ def _let_go(switch_fd: int, marks_fds: List[int]) -> None:
     for again in (False, True):
         if again:
             stops_in_flight_done()
-        for marks_fd, pid in [(fd, pid) for fd in marks_fds for pid in _marked(fd)]:
+        for marks_fd, pid in [(fd, pid) for fd in marks_fds for pid in u32_keys(fd)]:
             key = ctypes.c_uint32(pid)
             _bpf(_DELETE, _Elem(marks_fd, 0, ctypes.addressof(key), 0, 0))
             try:
