@@ -11,9 +11,10 @@ from probedsl.ir import layout
 from probedsl.ir.layout import ResourceLayout
 
 # frames the unwinder's frames program walks before it tail-calls itself: the verifier walks
-# each of them (the program: 49,225 instructions, bench.verify --stacks dwarf); each tail call
-# costs an acquisition some tens of ns (bench.stacks at 64 frames: +0.6 us, near its noise). 64 frames take 16 runs: 17
-# tail calls with the acquire program's, of the kernel's 33 in a row (tests/test_backends.py).
+# each of them (the program: ~49,000 instructions, bench.verify --stacks dwarf); each tail
+# call costs an acquisition some tens of ns (bench.stacks at 64 frames: +0.6 us, near its
+# noise). 64 frames take 16 runs: 17 tail calls with the acquire program's, of the kernel's 33
+# in a row (tests/test_backends.py).
 FRAMES_PER_RUN = 4
 # bytes of the walked stack the unwinder copies at once (a power of two): 512 and 1,024
 # measured the same on bench.prog_stats --depth 16's 16-byte frames; real frames of 100-500
