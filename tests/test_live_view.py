@@ -152,7 +152,10 @@ def test_the_live_view_shows_the_leak_growing_sorts_expands_and_quits_to_the_fin
         term.type("Enter")
         term.wait(lambda s: re.search(r"^ {14}drip\+\d+ \[drip\]", s, re.M), "the expanded stack's frames")
         term.type("q")
-        final = term.wait(lambda s: "probedsl-ended-" in s and s, "the end of the run", history=True)
+        # the echo's output at a line's start: the typed command line holds "probedsl-ended-$?" too
+        final = term.wait(
+            lambda s: re.search(r"^probedsl-ended-\d+$", s, re.M) and s, "the end of the run", history=True
+        )
         assert re.search(r"probedsl memleak report \(final\)", final)
         assert re.search(r"^\s+drip\+\d+ \[drip\]", final, re.M)  # the normal text report's frames
     finally:
