@@ -1,6 +1,7 @@
 """BCC's compiled programs kept between runs (probedsl.drivers.bcc_kept): a second run of the
 same text compiles the tables alone and loads the kept programs, and traces what the first
-traced; a kept file that is not trusted, damaged, or made for other tables is compiled again."""
+traced; a kept file that is not trusted, damaged, or made for other tables is compiled again.
+The install's compiles (probedsl.run.prebuilt) serve a first run the same way."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import base64
 import json
 import os
 import struct
+import sys
 
 import pytest
 
 from probedsl.drivers import bcc_kept
+from probedsl.run import prebuilt
 from probedsl.trust import cachedir
 
 from conftest import MEMLEAK, by_site, probedsl, report_json
@@ -52,8 +55,9 @@ def test_a_kind_keeps_at_most_its_bound_the_oldest_going_first(tmp_path, monkeyp
     assert kept.load("4.json") == b"x" and kept.load("0.json") is None
 
 
-def memleak(cache, leak, *options) -> dict:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+def memleak(cache, leak, *options, install: bool = False) -> dict:
+    """install: also use the compiles the install built (scripts/setup.sh); else the user's cache alone."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_COMPILES": "1" if install else "0"}
     argv = ["run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json", *options, "--", leak]
     result = probedsl(*argv, input="\n", env=env, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -121,7 +125,7 @@ def test_a_kept_program_the_kernel_refuses_is_forgotten(build, tmp_path):
     first = memleak(cache, leak)
     (kept,) = kept_files(cache)
     forged(kept, refused)
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_COMPILES": "0"}
     result = probedsl("run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--", leak, input="\n", env=env)
     assert result.returncode == 1, result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -154,3 +158,26 @@ def test_a_kept_compile_not_trusted_or_not_fitting_is_compiled_again(build, tmp_
         assert len(said) == 1 and "writable by others" in said[0], again["notes"]
     else:
         assert not said, again["notes"]
+
+
+@pytest.mark.usefixtures("root_required")
+def test_the_install_builds_the_compiles_a_first_run_uses(build, tmp_path, monkeypatch):
+    """prebuilt.build keeps, in what the install built, the compile each of its runs made: the
+    one a first run of memleak on a command makes too. A first run with the install's (the
+    checkout's own, scripts/setup.sh) keeps none of its own and traces what a compile traces."""
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(shipped))
+    said = prebuilt.build()
+    built = {p.name for p in (shipped / "bcc-programs").glob("*.json")}
+    assert len(built) >= 2 and f"({len(built)} texts)" in said  # dwarf and fp at least
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (shipped / "bcc-programs").iterdir())
+    leak = build("leak")
+    compiled = memleak(tmp_path / "own", leak)
+    (fresh,) = kept_files(tmp_path / "own")
+    assert fresh.name in built  # a first run's text, flags and compiler: a name the install kept
+    installed = os.path.join(os.path.realpath(sys.prefix), "share", "probedsl", "bcc-programs", fresh.name)
+    assert os.path.isfile(installed), "scripts/setup.sh builds the install's compiles (probedsl.run.prebuilt)"
+    first = memleak(tmp_path / "first", leak, install=True)
+    assert kept_files(tmp_path / "first") == []  # the install's compile was loaded, none made
+    assert traced(first) == traced(compiled)
+    assert by_site(first).get("wrapper1") == (40, 5)

@@ -242,12 +242,14 @@ class Kept:
     """Files of one cache kind that only save time (the recipe parser's tables, the compiled
     templates, BCC's compiled programs): loaded only when read_trusted passes them, written
     whole; the directory found at first use, quietly. A file the user's cache lacks is looked
-    for in what the install built (shipped_root), under the same trust checks. root: keep under
-    root/kind instead of the user's cache (the install's build)."""
+    for in what the install built (shipped_root), under the same trust checks (shipped: False
+    to look only in the user's cache). root: keep under root/kind instead of the user's cache
+    (the install's build)."""
 
-    def __init__(self, kind: str, root: Optional[str] = None):
+    def __init__(self, kind: str, root: Optional[str] = None, shipped: bool = True):
         self.kind = kind
         self._root = root
+        self._shipped = shipped
         self._where: Optional[str] = None
 
     def _dir(self) -> str:
@@ -261,6 +263,8 @@ class Kept:
         path = os.path.join(where, name) if where else ""
         if path and os.path.lexists(path):
             return read_trusted(where, path)
+        if not self._shipped:
+            return None
         root = shipped_root()
         path = os.path.join(root, self.kind, name)
         if not os.path.lexists(path) or why_untrusted(root, path):  # (another user's install: built here)
