@@ -4,9 +4,9 @@
 
 For memleak on `-- /bin/true` and `-- python3 -c pass`: probedsl with BCC (dwarf and fp
 stacks) and bpftrace, each with its cache cold (an empty XDG_CACHE_HOME: a first run, with what
-the install built, scripts/setup.sh) and warm (one run before); BCC also with nothing compiled
-before (`compile`: cold, and PROBEDSL_INSTALL_COMPILES=0, as a recipe, options or kernel the
-install did not build for), beside heaptrack and valgrind on the same commands. Runs are interleaved (drift hits
+the install built, scripts/setup.sh) and warm (one run before); BCC also with nothing kept
+anywhere (`none`: cold, and PROBEDSL_INSTALL_CACHE=0, as on an install that built nothing: the
+whole compile, every file's rows decoded), beside heaptrack and valgrind on the same commands. Runs are interleaved (drift hits
 all alike); the figures are medians. Columns:
   to exec   probedsl started -> the command let go ("probedsl: tracing" is said right before
             it execs; with dwarf stacks it is then held until its libraries are mapped, a few ms)
@@ -104,7 +104,7 @@ def configurations(only, versions, commands):
     for cmd in commands:
         for name, options in PROBEDSL.items():
             for label, python in versions:
-                for cache in ("cold", "warm") + (("compile",) if name.startswith("bcc") else ()):
+                for cache in ("cold", "warm") + (("none",) if name.startswith("bcc") else ()):
                     said = ["--estimate"] if not label else []  # the breakdown (older versions refuse it)
                     argv = [python, "-m", "probedsl", "run", "memleak", *options, *said, "--", *COMMANDS[cmd]]
                     out.append((f"{name}{label}", cmd, cache, argv))
@@ -223,10 +223,10 @@ def main() -> None:
                 env = dict(os.environ)
                 if cache == "warm":
                     env["XDG_CACHE_HOME"] = str(warm[name, cmd])
-                elif cache in ("cold", "compile"):
+                elif cache in ("cold", "none"):
                     env["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix=f"{cache}{i}-", dir=work)
-                if cache == "compile":
-                    env["PROBEDSL_INSTALL_COMPILES"] = "0"
+                if cache == "none":
+                    env["PROBEDSL_INSTALL_CACHE"] = "0"
                 results[name, cmd, cache].append(once(argv, env, work))
     finally:
         for p in busy:

@@ -78,7 +78,7 @@ if [ ! -e "$site/bcc" ]; then ln -sfn /usr/lib/python3/dist-packages/bcc "$site/
 # what every first run would build the same (the recipe parser's tables, the compiled templates)
 .venv/bin/python -c 'import probedsl.cli; probedsl.cli.build_once()' || { echo "setup: building the parser's tables and templates failed" >&2; exit 1; }
 say "the recipe parser's tables and the compiled templates built into .venv/share/probedsl"
-# memleak's BCC compiles for a first run (a command or a pid, dwarf or fp stacks; ~5 s): without
-# them a first run waits ~0.4-0.7 s more for clang (not fatal: it compiles)
+# memleak's BCC compiles for a first run (a command or a pid, dwarf or fp stacks) and python3's
+# unwind rows (~5 s): without them a first run waits ~0.4-0.7 s more (not fatal: it compiles)
 if out=$(.venv/bin/python -m probedsl.run.prebuilt 2>&1); then say "$out"; else say "note: $out"; fi
 say "ready: .venv/bin/probedsl"

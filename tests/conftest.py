@@ -107,6 +107,16 @@ def empty_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+@pytest.fixture(autouse=True)
+def nothing_shipped_in_process(tmp_path_factory, monkeypatch):
+    """probedsl's code in this process sees no install build (an absent shipped root): a test of
+    a cache means the user's. The probedsl processes tests start read the install's, as a
+    user's first run does (tests/test_bcc_kept.py tests that)."""
+    from probedsl.trust import cachedir
+
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(tmp_path_factory.getbasetemp() / "nothing-shipped"))
+
+
 @pytest.fixture(scope="session")
 def root_required():
     if os.geteuid() != 0:

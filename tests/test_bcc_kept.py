@@ -57,7 +57,7 @@ def test_a_kind_keeps_at_most_its_bound_the_oldest_going_first(tmp_path, monkeyp
 
 def memleak(cache, leak, *options, install: bool = False) -> dict:
     """install: also use the compiles the install built (scripts/setup.sh); else the user's cache alone."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_COMPILES": "1" if install else "0"}
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_CACHE": "1" if install else "0"}
     argv = ["run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--format", "json", *options, "--", leak]
     result = probedsl(*argv, input="\n", env=env, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -125,7 +125,7 @@ def test_a_kept_program_the_kernel_refuses_is_forgotten(build, tmp_path):
     first = memleak(cache, leak)
     (kept,) = kept_files(cache)
     forged(kept, refused)
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_COMPILES": "0"}
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PROBEDSL_INSTALL_CACHE": "0"}
     result = probedsl("run", MEMLEAK, "--backend", "bcc", "--stacks", "dwarf", "--", leak, input="\n", env=env)
     assert result.returncode == 1, result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -169,8 +169,10 @@ def test_the_install_builds_the_compiles_a_first_run_uses(build, tmp_path, monke
     monkeypatch.setattr(cachedir, "shipped_root", lambda: str(shipped))
     said = prebuilt.build()
     built = {p.name for p in (shipped / "bcc-programs").glob("*.json")}
-    assert len(built) >= 2 and f"({len(built)} texts)" in said  # dwarf and fp at least
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (shipped / "bcc-programs").iterdir())
+    rows = list((shipped / "unwind-rows").glob("*.v3"))  # the command's and its libraries' (dwarf)
+    assert len(built) >= 2 and f"({len(built)} texts, {len(rows)} files' rows)" in said  # dwarf and fp
+    assert len(rows) >= 2  # the command's, libc's, ld.so's...
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in [*(shipped / "bcc-programs").iterdir(), *rows])
     leak = build("leak")
     compiled = memleak(tmp_path / "own", leak)
     (fresh,) = kept_files(tmp_path / "own")

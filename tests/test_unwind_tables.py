@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from probedsl.binaries import cfi
 from probedsl.ir import stackformat
 from probedsl.stacks import unwind_tables
+from probedsl.trust import cachedir
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 
@@ -85,3 +88,26 @@ def test_rows_not_read_ahead_are_found_when_asked(tmp_path, monkeypatch):
     unwind_tables.read_ahead([LIBC])
     assert unwind_tables.rows_of(LIBC) == unwind_tables.encode(cfi.table(LIBC))
     assert unwind_tables._ahead == {}
+
+
+def test_rows_the_install_decoded_are_read_when_the_users_cache_has_none(tmp_path, monkeypatch):
+    """probedsl.run.prebuilt keeps libc's rows in the install's share/probedsl: a first run reads
+    them there (no decoding, nothing written to its own cache), under the cache's trust checks."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "built"))
+    decoded = unwind_tables.rows_of(LIBC)
+    shipped = tmp_path / "shipped"
+    (shipped / "unwind-rows").mkdir(parents=True, mode=0o755)
+    name = f"{build_id(LIBC)}.v3"
+    os.replace(tmp_path / "built" / "probedsl" / "unwind-rows" / name, shipped / "unwind-rows" / name)
+    os.chmod(shipped / "unwind-rows" / name, 0o644)
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(shipped))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "first"))
+    real_table = cfi.table
+    monkeypatch.setattr(cfi, "table", lambda path: pytest.fail(f"{path} decoded"))
+    assert unwind_tables.rows_of(LIBC) == decoded
+    assert not (tmp_path / "first" / "probedsl" / "unwind-rows" / name).exists()
+    os.chmod(shipped / "unwind-rows" / name, 0o666)  # another user could have written it
+    decodes = []
+    monkeypatch.setattr(cfi, "table", lambda path: decodes.append(path) or real_table(path))
+    assert unwind_tables.rows_of(LIBC) == decoded  # decoded again, and kept in the user's cache
+    assert decodes == [LIBC] and (tmp_path / "first" / "probedsl" / "unwind-rows" / name).exists()

@@ -26,8 +26,7 @@ class BccDriver:
         scope = program.scope
         self.pid = scope.pid if scope.mode in ("pid", "cmd") else 0
         # compiled while the session starts its tracker and the rest; loaded and attached in start()
-        kept = cachedir.Kept("bcc-programs", shipped=os.environ.get("PROBEDSL_INSTALL_COMPILES", "1") != "0")
-        self.compiled = Compilation(_import_bcc(), generated.text, self.pid, kept)
+        self.compiled = Compilation(_import_bcc(), generated.text, self.pid, cachedir.Kept("bcc-programs"))
 
     def start(self, timeout: float = 60) -> None:
         self.loader = BccLoader(self.generated.text, self.generated.manifest, self.pid, self.held_forks, self.compiled)

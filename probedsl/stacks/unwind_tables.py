@@ -5,9 +5,8 @@ Three maps, written here and read by the BPF program (backends/templates/bcc_unw
 - probedsl_unw_maps: per process, its executable mappings ordered by start, each with the
   file's rows (first, count) and the bias from a process address to the file's ELF address;
 - probedsl_unw_chunks: per process and 256 KB chunk of its address space, the mappings in it.
-Files are loaded once (by identity) and shared by every process that maps them. The tracker
-of process mappings (probedsl.process.mappings) says when a process maps, execs or forks. A file's
-rows are kept on disk by its build id, so the next run does not decode its .eh_frame again.
+Files are loaded once (by identity), shared by every process mapping them, as the mapping tracker
+(probedsl.process.mappings) reports maps, execs and forks; rows are kept on disk by build id.
 """
 
 from __future__ import annotations
@@ -129,12 +128,14 @@ def _rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
         return []
     except Exception:  # pyelftools on a damaged file: no rows from it
         return []
+    name, limit = f"{ident}.v{_DISK_FORMAT}", ROWS * _DISK_ROW.size + 1
     where = cache_dir() if ident else ""
-    cached = os.path.join(where, f"{ident}.v{_DISK_FORMAT}") if where else ""
-    data = (
-        cachedir.read_trusted(where, cached, ROWS * _DISK_ROW.size + 1) if cached and os.path.lexists(cached) else None
-    )
-    rows = _read_rows(cached, data) if data is not None else []
+    cached = os.path.join(where, name) if where else ""
+    source, data = cached, cachedir.read_trusted(where, cached, limit) if cached and os.path.lexists(cached) else None
+    if data is None and ident:  # none of the user's: what the install decoded (probedsl.run.prebuilt)
+        source = os.path.join(cachedir.shipped_root(), "unwind-rows", name)
+        data = cachedir.shipped_file("unwind-rows", name, limit)
+    rows = _read_rows(source, data) if data is not None else []
     if rows:
         return rows
     table = cfi.table(path)

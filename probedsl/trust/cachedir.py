@@ -201,6 +201,19 @@ def shipped_root() -> str:
     return os.path.realpath(os.path.join(sys.prefix, "share", "probedsl"))
 
 
+def shipped_file(kind: str, name: str, limit: int = -1) -> Optional[bytes]:
+    """The file of that kind the install built (shipped_root()/kind/name: at most limit bytes),
+    when it and every directory from / down pass the checks a cache's do; else None, and always
+    with PROBEDSL_INSTALL_CACHE=0 (a run as on an install that built nothing)."""
+    if os.environ.get("PROBEDSL_INSTALL_CACHE", "1") == "0":
+        return None
+    root = shipped_root()
+    path = os.path.join(root, kind, name)
+    if not os.path.lexists(path) or why_untrusted(root, path):  # (another user's install: built here)
+        return None
+    return read_trusted(os.path.dirname(path), path, limit)
+
+
 def ship(build: Callable[[Callable[[str], "Kept"]], None]) -> str:
     """build(kept) run into shipped_root() (kept(kind): that kind's place there), then made
     readable by all: "" when done, else why not (an untrusted place, nothing written)."""
@@ -242,14 +255,12 @@ class Kept:
     """Files of one cache kind that only save time (the recipe parser's tables, the compiled
     templates, BCC's compiled programs): loaded only when read_trusted passes them, written
     whole; the directory found at first use, quietly. A file the user's cache lacks is looked
-    for in what the install built (shipped_root), under the same trust checks (shipped: False
-    to look only in the user's cache). root: keep under root/kind instead of the user's cache
-    (the install's build)."""
+    for in what the install built (shipped_file). root: keep under root/kind instead of the
+    user's cache (the install's build)."""
 
-    def __init__(self, kind: str, root: Optional[str] = None, shipped: bool = True):
+    def __init__(self, kind: str, root: Optional[str] = None):
         self.kind = kind
         self._root = root
-        self._shipped = shipped
         self._where: Optional[str] = None
 
     def _dir(self) -> str:
@@ -263,13 +274,7 @@ class Kept:
         path = os.path.join(where, name) if where else ""
         if path and os.path.lexists(path):
             return read_trusted(where, path)
-        if not self._shipped:
-            return None
-        root = shipped_root()
-        path = os.path.join(root, self.kind, name)
-        if not os.path.lexists(path) or why_untrusted(root, path):  # (another user's install: built here)
-            return None
-        return read_trusted(os.path.dirname(path), path)
+        return shipped_file(self.kind, name)
 
     def used(self, name: str) -> None:
         """A file loaded and used: the last that a bound (keep's most) removes."""
