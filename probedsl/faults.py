@@ -21,6 +21,7 @@ POINTS = {
     "attach": "waits before the driver attaches its probes",
     "exec-hold": "waits while a launched command is held at its exec",
     "final": "waits before the final snapshot",
+    "report": "waits before each interval report's snapshot",
     "mapping-hold": "waits while a launched process is stopped by the mapping hold, before it is continued",
     "python-finalizing": "waits while a launched CPython is stopped as it begins finalization, before it is continued",
     "unwinder-busy": "the unwinder's scratch is marked busy on every CPU: each acquisition takes the path of one that preempted another's walk",

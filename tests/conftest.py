@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,29 @@ def stderr_line(proc) -> str:
             break
         line += byte
     return line.decode(errors="replace")
+
+
+MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
+
+
+def uprobes_open(pid: int) -> int:
+    """The uprobe perf events and links the process holds open (an fd closed meanwhile is not one)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") in ("anon_inode:[perf_event]", "anon_inode:bpf_link")
+        except OSError:
+            pass
+    return count
+
+
+def wait_uprobes(tracer, at_least: int, limit_s: float = 120) -> None:
+    """Until the tracer holds at least that many uprobes open (a process attached)."""
+    deadline = time.monotonic() + limit_s
+    while uprobes_open(tracer.pid) < at_least:
+        assert time.monotonic() < deadline, f"the tracer did not hold {at_least} uprobes within {limit_s} s"
+        assert tracer.poll() is None, "the tracer ended"
+        time.sleep(0.01)
 
 
 class Held:

@@ -7,6 +7,7 @@ No fixed waits."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -505,3 +506,33 @@ def test_a_killed_probedsl_leaves_no_process_stopped_by_a_hold(hold):
         if command and state(command) in ("T", "t"):
             os.kill(command, signal.SIGKILL)
         tracer.communicate()
+
+
+def test_a_late_interval_report_skips_the_times_it_overran(build):
+    """Reports every second, the first held at its fault point for 2.5 s more: the next comes an
+    interval after it, not the ones it overran back to back (each would show nothing changed)."""
+    gate = Gate("report")
+    argv = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--interval", "1", "--format", "json"]
+    run = subprocess.Popen(
+        [*argv, "--", build("drip"), "7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env
+    )
+    try:
+        wait_said(run, "fault report reached")
+        late = time.monotonic() + 2.5
+        while time.monotonic() < late:  # the report's lateness, not a wait for the run
+            time.sleep(0.05)
+        gate.open()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    docs, i, dec = [], 0, json.JSONDecoder()
+    while (i := out.find("{", i)) >= 0:
+        doc, i = dec.raw_decode(out, i)
+        docs.append(doc)
+    times = [d["duration_s"] for d in docs if not d["final"]]
+    assert len(times) >= 3, times
+    assert times[0] >= 3.4  # the late one
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.8, times

@@ -12,12 +12,11 @@ import time
 
 import pytest
 
-from conftest import MEMLEAK, Held, probedsl, report_json, start_run
+from conftest import MEMLEAK, MEMLEAK_UPROBES, Held, probedsl, report_json, start_run, uprobes_open
 from probedsl.drivers.bcc_uprobes import links_available
 
 AFTER_MAIN = {"lose": (144, 2), "keep": (88, 1)}  # frame under last_thread -> (bytes, blocks)
 KEPT = "kept them in every process"  # BCC's links after a main thread ended alone (bcc_moves)
-MEMLEAK_UPROBES = 17  # the uprobes (and uretprobes) --per-process opens on each process for memleak
 
 
 def after_main(report: dict, thread: str = "last_thread") -> dict:
@@ -98,17 +97,6 @@ def test_a_process_whose_main_thread_had_ended_is_traced(backend, scope, build, 
     assert len(everywhere) == (backend == "bcc" and links_available()), report["notes"]
     unsaid = [n for n in report["notes"] if n not in everywhere and ("main thread" in n or "not recorded" in n)]
     assert not unsaid, report["notes"]
-
-
-def uprobes_open(pid: int) -> int:
-    """The uprobe perf events and links the process holds open (an fd closed meanwhile is not one)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}") in ("anon_inode:[perf_event]", "anon_inode:bpf_link")
-        except OSError:
-            pass
-    return count
 
 
 def per_process_run(exe, mode: str, links: bool = True):

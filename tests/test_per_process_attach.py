@@ -14,7 +14,17 @@ from probedsl.drivers import bcc as bcc_driver
 from probedsl.drivers import bcc_loader
 from probedsl.drivers import bcc_compat, bcc_uprobes
 
-from conftest import MEMLEAK, by_site, probedsl, report_json, start_run
+from conftest import (
+    MEMLEAK,
+    MEMLEAK_UPROBES,
+    Held,
+    by_site,
+    probedsl,
+    report_json,
+    start_run,
+    uprobes_open,
+    wait_uprobes,
+)
 
 
 def start_tracer(*args, env=None):
@@ -28,13 +38,20 @@ def loop_seconds(exe, calls=100_000):
 
 def test_per_process_comm_traces_the_named_process_and_spares_the_others(build, mallocfree, root_required):
     tracer = start_tracer("--backend", "bcc", "--comm", "leak_delayed", "--per-process")
+    target = None
     try:
         # ~3 us per trapped call: 200,000 calls would take ~0.6 s if this process paid the trap
         bystander = loop_seconds(mallocfree)
-        subprocess.run([build("leak_delayed"), "1", "0"], check=True)  # attached within ~50 ms of exec
+        before = uprobes_open(tracer.pid)
+        target = Held([build("leak_delayed"), "wait", "0"])
+        wait_uprobes(tracer, before + MEMLEAK_UPROBES)  # (a new process is not held: let go once on)
+        target.go()
+        assert target.proc.wait(timeout=60) == 0
     finally:
         tracer.send_signal(signal.SIGINT)
         out, err = tracer.communicate(timeout=60)
+        if target is not None:
+            target.end()
     assert tracer.returncode == 0, err
     assert bystander < 0.2, f"an untraced process took {bystander:.3f} s: it paid the uprobe trap"
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)
@@ -53,20 +70,26 @@ def test_per_process_closes_the_uprobes_of_processes_that_ended(build, tmp_path,
     tracer = start_tracer(
         "--backend", "bcc", "--comm", "pp_churn", "--per-process", env={**os.environ, "BCC_PROBE_LIMIT": "60"}
     )  # room for 3 processes
-    open_files = lambda: len(os.listdir(f"/proc/{tracer.pid}/fd"))
+    target = None
     try:
-        idle = open_files()
+        idle = uprobes_open(tracer.pid)
         for _ in range(4):
-            subprocess.run([str(churn), "0.5"], check=True)  # alive long enough to be attached
-            assert open_files() > idle, "the process was not traced"  # closing 17 takes ~1.5 s
-            deadline = time.monotonic() + 15  # ~90 ms per uprobe, some after a quiet 3 s
-            while (now_open := open_files()) > idle and time.monotonic() < deadline:
-                time.sleep(0.1)  # (a /proc file the tracer reads meanwhile counts too)
+            with subprocess.Popen([str(churn), "600"]) as sleeper:
+                wait_uprobes(tracer, idle + MEMLEAK_UPROBES)  # traced: its uprobes are on
+                sleeper.kill()
+            deadline = time.monotonic() + 60  # (perf events: ~90 ms each, some after a quiet 3 s)
+            while (now_open := uprobes_open(tracer.pid)) > idle and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert now_open <= idle, "the uprobes of an ended process are still open"
-        subprocess.run([str(final), "1", "0"], check=True)
+        target = Held([str(final), "wait", "0"])
+        wait_uprobes(tracer, idle + MEMLEAK_UPROBES)
+        target.go()
+        assert target.proc.wait(timeout=60) == 0
     finally:
         tracer.send_signal(signal.SIGINT)
         out, err = tracer.communicate(timeout=120)
+        if target is not None:
+            target.end()
     assert tracer.returncode == 0, err
     assert "not traced" not in err, err
     assert by_site(report_json(out)).get("wrapper1") == (40, 5)

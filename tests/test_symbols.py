@@ -119,7 +119,7 @@ def test_interval_reports_flag_a_steady_leak_but_not_a_filled_cache(backend, bui
         "2",
         "--",
         build("drip"),
-        "6",
+        "10",  # >= 4 reports however slow one is (a late one skips the times it overran)
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -264,7 +264,7 @@ def test_both_backends_agree_on_totals(build):
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_interval_prints_reports_while_running(backend, build):
-    target = Held([build("leak_delayed"), "wait", "3"])
+    target = Held([build("leak_delayed"), "wait", "6"])  # (a slow report skips the times it overran)
     try:
         tracer = start_run(MEMLEAK, "--backend", backend, "--interval", "1", "--pid", str(target.pid))
         target.go()

@@ -43,8 +43,7 @@ class Session(Reporting):
 
     prepare   the program compiled for the target and the scope resolved (a `-- CMD` is
               forked, blocked before its exec); nothing is attached yet
-    start     1. the mapping tracker (perf rings, thread probedsl-mappings): before any probe,
-                 so no mmap is missed
+    start     1. the mapping tracker (perf rings, its thread): before any probe, so no mmap is missed
               2. the driver: program loaded, maps created, every probe attached
               3. feeders: the driver's unwinder told of mappings (tracker -> kernel maps)
               4. the tether (--reachability), then the command let go ("tracing ..." is said)
@@ -332,16 +331,19 @@ class Session(Reporting):
             if self.ended():
                 break
             if next_report and time.monotonic() >= next_report:
-                due, next_report = next_report, next_report + opts.interval
-                if opts.duration and due - self.started >= opts.duration - 1e-6:
-                    continue  # the report due as --duration ends is the final one, not one before it
-                if self.scanner and self.scanner.tether.attached:
-                    snap, reach = self.scanner.scan(lambda: driver.snapshot(timeout=5))
-                else:
-                    snap, reach = driver.snapshot(timeout=5), None
-                if snap is not None:
-                    self.last_snapshot = snap
-                    self.emit(snap, reachability=reach)
+                # the report due as --duration ends is the final one, not one before it
+                if not (opts.duration and next_report - self.started >= opts.duration - 1e-6):
+                    faults.wait("report")
+                    if self.scanner and self.scanner.tether.attached:
+                        snap, reach = self.scanner.scan(lambda: driver.snapshot(timeout=5))
+                    else:
+                        snap, reach = driver.snapshot(timeout=5), None
+                    if snap is not None:
+                        self.last_snapshot = snap
+                        self.emit(snap, reachability=reach)
+                next_report += opts.interval
+                if next_report <= time.monotonic():  # late: the next an interval from now, as top's
+                    next_report = time.monotonic() + opts.interval  # (not reports back to back)
             if next_metrics and time.monotonic() >= next_metrics:
                 next_metrics += METRICS_REFRESH_S
                 snap = driver.snapshot(timeout=5)
