@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import BACKENDS, MEMLEAK, by_site, probedsl, report_json, start_run, stderr_line
+from conftest import BACKENDS, MEMLEAK, by_site, probedsl, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -115,16 +114,8 @@ def children(pid: int, name: str = ""):
 
 
 def test_a_killed_tracer_is_reported_and_nothing_is_left_behind(build):
-    tracer = subprocess.Popen(
-        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--comm", "nosuchprog"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tracer = start_run(MEMLEAK, "--comm", "nosuchprog")
     try:  # (a tracer left running by a failure would slow every later test: --comm is machine-wide)
-        deadline = time.monotonic() + 60
-        while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
-            assert tracer.poll() is None
         (child,) = children(tracer.pid, "bpftrace")
         os.kill(child, signal.SIGKILL)
         out, err = tracer.communicate(timeout=60)
@@ -154,11 +145,11 @@ def test_no_tracer_process_outlives_a_run(backend, build):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_short_interval_soak_keeps_the_tracers_memory_flat(backend, build):
-    """bench/soak.py runs this for an hour; here 12 reports over ~12 s."""
+    """bench/soak.py runs this for an hour; here up to 15 reports over ~15 s."""
     from bench.soak import soak
 
-    samples = soak(backend, seconds=12, interval=1, exe=build("drip"))
-    assert len(samples) >= 10
+    samples = soak(backend, seconds=15, interval=1, exe=build("drip"))
+    assert len(samples) >= 8  # (a late report skips the times it overran)
     # after warm-up (caches, first symbolization), RSS may not keep climbing
     settled = [s["rss_kb"] for s in samples[3:]]
     assert max(settled) - min(settled) < 8 * 1024, json.dumps(samples)

@@ -115,8 +115,8 @@ def test_zstream_finds_streams_never_ended(backend, build):
 @pytest.mark.debian13
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kmemleak_sees_kernel_objects_made_for_the_process(backend, build):
-    # the report is taken while the fixture still holds its 40 eventfds open
-    _, report = run("kmemleak", backend, build("kmem"), "4", extra=("--duration", "2"))
+    # the report is taken while the fixture still holds its 40 eventfds open (for 6 s)
+    _, report = run("kmemleak", backend, build("kmem"), "6", extra=("--duration", "2"))
     ctx = [
         e
         for e in report["reports"][0]["entries"]

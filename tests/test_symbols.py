@@ -147,7 +147,8 @@ def test_min_age_hides_young_blocks(build):
     report = report_json(result.stdout)
     sites = by_site(report)
     assert "fill_cache" in sites  # 4 s old at the end
-    assert sites.get("drip", (0, 0))[1] < 10  # only the first second's drips are 3 s old
+    # the first second's drips are 3 s old, more if the final snapshot comes late: not all 20
+    assert 0 < sites.get("drip", (0, 0))[1] < 20
 
 
 def test_output_file_holds_the_final_report_and_report_rerenders_it(build, tmp_path):

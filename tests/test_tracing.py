@@ -9,7 +9,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +16,7 @@ import pytest
 
 from probedsl.process import hold_guard
 
-from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run, stderr_line
+from conftest import BACKENDS, MEMLEAK, Held, by_site, probedsl, report_json, start_run
 
 pytestmark = pytest.mark.usefixtures("root_required")
 
@@ -358,15 +357,7 @@ def test_hostile_process_names_are_matched_not_executed(backend, comm, tmp_path,
     exe = tmp_path / comm
     exe.write_bytes(open(build("leak_delayed"), "rb").read())
     exe.chmod(0o755)
-    tracer = subprocess.Popen(
-        [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", backend, "--format", "json", "--comm", comm],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while "tracing" not in (stderr_line(tracer) or "") and time.monotonic() < deadline:
-        assert tracer.poll() is None, tracer.stderr.read()
+    tracer = start_run(MEMLEAK, "--backend", backend, "--format", "json", "--comm", comm)
     subprocess.run([str(exe), "0", "0"], check=True)
     tracer.send_signal(signal.SIGINT)
     out, err = tracer.communicate(timeout=60)
