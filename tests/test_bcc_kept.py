@@ -173,6 +173,7 @@ def test_the_install_builds_the_compiles_a_first_run_uses(build, tmp_path, monke
     assert len(built) >= 2 and f"({len(built)} texts, {len(rows)} files' rows)" in said  # dwarf and fp
     assert len(rows) >= 2  # the command's, libc's, ld.so's...
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in [*(shipped / "bcc-programs").iterdir(), *rows])
+    assert "already built" in prebuilt.build()  # built from the same code, kernel, BCC...: not again
     leak = build("leak")
     compiled = memleak(tmp_path / "own", leak)
     (fresh,) = kept_files(tmp_path / "own")
