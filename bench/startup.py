@@ -6,8 +6,8 @@ For memleak on `-- /bin/true` and `-- python3 -c pass`: probedsl with BCC (dwarf
 stacks) and bpftrace, each with its cache cold (an empty XDG_CACHE_HOME: a first run, with what
 the install built, scripts/setup.sh) and warm (one run before); BCC also with nothing kept
 anywhere (`none`: cold, and PROBEDSL_INSTALL_CACHE=0, as on an install that built nothing: the
-whole compile, every file's rows decoded), beside heaptrack and valgrind on the same commands. Runs are interleaved (drift hits
-all alike); the figures are medians. Columns:
+whole compile, every file's rows decoded); beside heaptrack and valgrind on the same commands.
+Runs are interleaved (drift hits all alike); the figures are medians. Columns:
   to exec   probedsl started -> the command let go ("probedsl: tracing" is said right before
             it execs; with dwarf stacks it is then held until its libraries are mapped, a few ms)
   to exit   started -> the tool returned control (the report printed)
