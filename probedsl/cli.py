@@ -279,10 +279,8 @@ def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, p
     if every is not None and interval is not None and every != interval:
         raise ProbedslError(f"interval given twice: {every} and --interval {interval}")
     interval = interval or every
-    if count is not None:
-        if duration:
-            raise ProbedslError("COUNT and --duration both say when to stop: give one")
-        duration = interval * count             # the count-th report is the final one
+    if count is not None and duration:
+        raise ProbedslError("COUNT and --duration both say when to stop: give one")
     if older is not None:
         if min_age is not None:
             raise ProbedslError("--older and --min-age both set the age: give one")
@@ -296,7 +294,7 @@ def run(recipe, command, backend, comm, pid, command_line, all_, follow_forks, p
                               growth_intervals=growth_intervals, stacks=stacks, probe_at=probe_at,
                               reachability=reachability, leaks_only=leaks_only, prometheus=prometheus,
                               max_live=max_live, python_native=python_native,
-                              python_frames=python_frames)
+                              python_frames=python_frames, count=count or 0)
     _leave(session.run(opts))
 
 

@@ -131,9 +131,27 @@ def test_a_kept_program_the_kernel_refuses_is_forgotten(build, tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("probedsl: error: ") and "compiles the program afresh" in error, result.stderr
     assert "Traceback" not in result.stderr
-    assert kept_files(cache) == []
+    assert [p.stat().st_size for p in kept_files(cache)] == [0]  # set aside: an empty file in its place
     assert traced(memleak(cache, leak)) == traced(first)
-    assert len(kept_files(cache)) == 1
+    assert len(kept_files(cache)) == 1 and kept_files(cache)[0].stat().st_size > 0
+
+
+def test_a_forgotten_file_the_install_built_is_set_aside_for_the_user(tmp_path, monkeypatch):
+    """forget() on a file read from the install (which the run cannot change) leaves an empty
+    file of that name in the user's cache: the next load finds that one first, reads it as
+    damaged, and builds afresh (bcc_kept: Unusable), then keeps the new one over it."""
+    shipped = tmp_path / "shipped" / "bcc-programs"
+    shipped.mkdir(parents=True, mode=0o755)
+    (shipped / "x.json").write_bytes(b"{}")
+    os.chmod(shipped / "x.json", 0o644)
+    monkeypatch.setattr(cachedir, "shipped_root", lambda: str(tmp_path / "shipped"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kept = cachedir.Kept("bcc-programs")
+    assert kept.load("x.json") == b"{}"
+    kept.forget("x.json")
+    assert kept.load("x.json") == b"" and (shipped / "x.json").read_bytes() == b"{}"
+    kept.keep("x.json", b"new")
+    assert kept.load("x.json") == b"new"
 
 
 @pytest.mark.usefixtures("root_required")

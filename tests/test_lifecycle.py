@@ -536,3 +536,34 @@ def test_a_late_interval_report_skips_the_times_it_overran(build):
     assert len(times) >= 3, times
     assert times[0] >= 3.4  # the late one
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.8, times
+
+
+def test_count_gives_count_reports_however_late_one_is(build):
+    """memleak -p PID 1 3 with its first report held 2.5 s: still three reports, the third final
+    (COUNT counts reports; a time limit of 3 s would end the run after two)."""
+    gate = Gate("report")
+    held = Held([build("leak_delayed"), "wait", "600"])
+    try:
+        argv = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format", "json"]
+        run = subprocess.Popen(
+            [*argv, "-p", str(held.pid), "1", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=gate.env,
+        )
+        wait_said(run, "fault report reached")
+        late = time.monotonic() + 2.5
+        while time.monotonic() < late:  # the report's lateness, not a wait for the run
+            time.sleep(0.05)
+        gate.open()
+        out, err = run.communicate(timeout=120)
+    finally:
+        held.proc.kill()
+        held.end()
+    assert run.returncode == 0, err
+    docs, i, dec = [], 0, json.JSONDecoder()
+    while (i := out.find("{", i)) >= 0:
+        doc, i = dec.raw_decode(out, i)
+        docs.append(doc)
+    assert [(d["sequence"], d["final"]) for d in docs] == [(1, False), (2, False), (3, True)]

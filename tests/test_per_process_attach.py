@@ -74,9 +74,12 @@ def test_per_process_closes_the_uprobes_of_processes_that_ended(build, tmp_path,
     try:
         idle = uprobes_open(tracer.pid)
         for _ in range(4):
-            with subprocess.Popen([str(churn), "600"]) as sleeper:
+            sleeper = subprocess.Popen([str(churn), "600"])
+            try:
                 wait_uprobes(tracer, idle + MEMLEAK_UPROBES)  # traced: its uprobes are on
+            finally:
                 sleeper.kill()
+                sleeper.wait()
             deadline = time.monotonic() + 60  # (perf events: ~90 ms each, some after a quiet 3 s)
             while (now_open := uprobes_open(tracer.pid)) > idle and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -190,7 +190,7 @@ def _with_kept_programs(bcc):
                 self.forget()
                 raise Exception(
                     f"Failed to load BPF program {func_name.decode()}: {why} (a compile kept from an "
-                    "earlier run: removed, the next run compiles the program afresh)"
+                    "earlier run or the install: set aside, the next run compiles the program afresh)"
                 )
             self.funcs[func_name] = fn = bcc.BPF.Function(self, func_name, fd)
             return fn

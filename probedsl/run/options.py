@@ -32,6 +32,7 @@ class RunOptions:
     command: List[str] = field(default_factory=list)
     interval: int = 0
     duration: float = 0
+    count: int = 0  # COUNT after INTERVAL: the count-th report, the final one, ends the run
     top: Optional[int] = None
     sets: dict = field(default_factory=dict)
     format: str = "text"

@@ -19,12 +19,16 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from typing import Dict, List
 
+from probedsl.drivers import bcc_kept
+from probedsl.drivers.bcc_compat import _import_bcc
 from probedsl.trust import cachedir
 
 STACKS = ("dwarf", "fp")
@@ -46,18 +50,19 @@ def runs(pid: int) -> List[List[str]]:
 
 
 def inputs() -> str:
-    """A digest of what the build depends on: probedsl's code, the kernel, its headers, BCC, the
-    command and libc. Built from the same, it is not built again (set-up runs at every test
-    command). What it misses costs no more than a first run's compile: the kept files are
-    named by exactly what they were compiled from."""
-    digest = hashlib.sha256(" ".join(os.uname()).encode())
-    code = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # probedsl/, backends/ beside it
-    for pattern in ("**/*.py", "**/*.j2", "../backends/**/*.py", "../backends/**/*.j2"):
-        for path in sorted(glob.glob(os.path.join(code, pattern), recursive=True)):
-            with open(path, "rb") as f:
-                digest.update(path.encode() + f.read())
-    libs = sorted(glob.glob("/usr/lib/x86_64-linux-gnu/libbcc*.so*")) + ["/usr/lib/x86_64-linux-gnu/libc.so.6"]
-    for path in [f"/lib/modules/{os.uname().release}/build", COMMAND[0], *libs]:
+    """A digest of what the build depends on: probedsl's code and recipes, what a kept compile's
+    name holds (BCC, clang and LLVM, the kernel and its headers: bcc_kept.name), the command and
+    the C library. Built from the same, it is not built again (set-up runs at every test
+    command); what it missed would cost a first run its compile, never a wrong program (a
+    compile is used only under the name of exactly what it was compiled from)."""
+    digest = hashlib.sha256(bcc_kept.name(_import_bcc(), "", []).encode())
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # probedsl/, backends/ beside it
+    for top in (here, os.path.join(os.path.dirname(here), "backends"), str(resources.files("probedsl.recipes"))):
+        for path in sorted(glob.glob(os.path.join(top, "**", "*"), recursive=True)):
+            if os.path.isfile(path) and "__pycache__" not in path:
+                with open(path, "rb") as f:
+                    digest.update(path.encode() + f.read())
+    for path in (COMMAND[0], "/lib/x86_64-linux-gnu/libc.so.6"):
         with contextlib.suppress(OSError):
             st = os.stat(path)
             digest.update(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -70,18 +75,20 @@ def build() -> str:
     why = cachedir.why_untrusted(root, root)
     if why:
         raise ValueError(f"cannot build into {root}: {why}")
-    stamp, built_from = os.path.join(root, "bcc-programs", ".built-from"), inputs()
-    with contextlib.suppress(OSError), open(stamp) as f:
-        if f.read() == built_from:
+    stamp, built_from = os.path.join(root, ".memleak-built-from"), inputs()
+    with contextlib.suppress(OSError, ValueError), open(stamp) as f:
+        was = json.load(f)
+        if was["from"] == built_from and all(os.path.isfile(os.path.join(root, p)) for p in was["files"]):
             return f"memleak's BCC compiles and its command's unwind rows already built into {root}"
     shipped = {kind: cachedir.Kept(kind, root=root) for kind in MOST}
     built: Dict[str, set] = {kind: set() for kind in MOST}
     with tempfile.TemporaryDirectory(prefix="probedsl-prebuilt-") as work:
-        sleeper = subprocess.Popen(["sleep", "600"])  # the --pid runs' process
+        sleeper = subprocess.Popen(["/bin/sleep", "600"])  # the --pid runs' process
         try:
             for i, argv in enumerate(runs(sleeper.pid)):
                 cache = os.path.join(work, str(i))
-                env = dict(os.environ, XDG_CACHE_HOME=cache, PROBEDSL_INSTALL_CACHE="0")  # all made afresh
+                env = {k: v for k, v in os.environ.items() if not k.startswith("PROBEDSL_FAULT")}  # (the tests')
+                env.update(XDG_CACHE_HOME=cache, PROBEDSL_INSTALL_CACHE="0")  # all made afresh
                 result = subprocess.run(
                     [sys.executable, "-m", "probedsl", *argv], env=env, capture_output=True, text=True, timeout=300
                 )
@@ -99,7 +106,8 @@ def build() -> str:
         finally:
             sleeper.kill()
             sleeper.wait()
-    cachedir.write_whole(stamp, built_from.encode())
+    files = [os.path.join(kind, name) for kind, names in built.items() for name in sorted(names)]
+    cachedir.write_whole(stamp, json.dumps({"from": built_from, "files": files}).encode())
     cachedir.share(root)
     return (
         f"memleak's BCC compiles and the unwind rows of its command built into {root} for a first run "

@@ -7,7 +7,7 @@ import signal
 import time
 
 from probedsl.report import assemble
-from probedsl import notices, report, targets, threads
+from probedsl import faults, notices, report, targets, threads
 from probedsl.outputs import formats
 from probedsl.outputs import live
 from probedsl.report import timeseries
@@ -15,8 +15,32 @@ from probedsl.outputs.write import write_report
 from probedsl.run.options import use_color
 
 
+def next_time(due: float, every: float) -> float:
+    """The time after due: every later or, when that has passed (a late report), every after
+    now, as top's: the times a late one overran are not made up back to back."""
+    return due + every if due + every > time.monotonic() else time.monotonic() + every
+
+
 class Reporting:
     """What Session does at each report (a base of Session: it reads the session's state)."""
+
+    def interval_report(self, due: float) -> float:
+        """The report due (none as --duration ends: the final one is), then when the next is
+        due (next_time; never just before --duration's end)."""
+        opts = self.opts
+        if not (opts.duration and due - self.started >= opts.duration - 1e-6):
+            faults.wait("report")
+            if self.scanner and self.scanner.tether.attached:
+                snap, reach = self.scanner.scan(lambda: self.driver.snapshot(timeout=5))
+            else:
+                snap, reach = self.driver.snapshot(timeout=5), None
+            if snap is not None:
+                self.last_snapshot = snap
+                self.emit(snap, reachability=reach)
+        due = next_time(due, opts.interval)
+        if opts.duration and due - self.started > opts.duration - opts.interval / 2:
+            return self.started + opts.duration  # (the final's)
+        return due
 
     def build_report(self, snap, exit_status=None, reachability=None) -> report.Report:
         program, tracker = self.program, self.tracker

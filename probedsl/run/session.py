@@ -27,7 +27,7 @@ from probedsl.binaries import sourcelines
 from probedsl.process.tree_tether import TreeTether
 from probedsl.run.options import (RunOptions, scope_of, check_output, traced, probed_files, bystander_notes,
                                   end_command, read_ahead)
-from probedsl.run.reporting import Reporting
+from probedsl.run.reporting import Reporting, next_time
 
 METRICS_REFRESH_S = 10         # --prometheus alone: how often the gauges are refreshed
 INCOMPLETE = 3                 # exit status: the report says "complete": false (docs/usage.md)
@@ -331,21 +331,11 @@ class Session(Reporting):
             if self.ended():
                 break
             if next_report and time.monotonic() >= next_report:
-                # the report due as --duration ends is the final one, not one before it
-                if not (opts.duration and next_report - self.started >= opts.duration - 1e-6):
-                    faults.wait("report")
-                    if self.scanner and self.scanner.tether.attached:
-                        snap, reach = self.scanner.scan(lambda: driver.snapshot(timeout=5))
-                    else:
-                        snap, reach = driver.snapshot(timeout=5), None
-                    if snap is not None:
-                        self.last_snapshot = snap
-                        self.emit(snap, reachability=reach)
-                next_report += opts.interval
-                if next_report <= time.monotonic():  # late: the next an interval from now, as top's
-                    next_report = time.monotonic() + opts.interval  # (not reports back to back)
+                if opts.count and self.sequence >= opts.count - 1:
+                    break  # the count-th report is the final one
+                next_report = self.interval_report(next_report)
             if next_metrics and time.monotonic() >= next_metrics:
-                next_metrics += METRICS_REFRESH_S
+                next_metrics = next_time(next_metrics, METRICS_REFRESH_S)
                 snap = driver.snapshot(timeout=5)
                 if snap is not None:
                     self.last_snapshot = snap
@@ -396,5 +386,4 @@ class Session(Reporting):
         if not self.saved:
             return status or 1
         return INCOMPLETE if rep.incomplete and status == 0 else status
-
 

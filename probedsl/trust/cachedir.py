@@ -282,9 +282,11 @@ class Kept:
             os.utime(self._path(name), follow_symlinks=False)
 
     def forget(self, name: str) -> None:
-        """A file that failed where it was used: the next run builds it afresh."""
+        """A file that failed where it was used: the next run builds it afresh. An empty file
+        takes its place in the user's cache (one the install built stays there): the next
+        load gives b"", which no kind reads as one of its files."""
         with contextlib.suppress(OSError):
-            os.unlink(self._path(name))
+            write_whole(self._path(name), b"")
 
     def _path(self, name: str) -> str:
         """name's path in the trusted directory (OSError when there is none)."""
