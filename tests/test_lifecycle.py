@@ -7,7 +7,6 @@ No fixed waits."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
@@ -20,6 +19,7 @@ import time
 import pytest
 
 from conftest import BACKENDS, MEMLEAK, Held, by_site, report_json, stderr_line
+from test_memleak_habits import json_documents
 from test_tracing import child_named, wait_for_sleep
 
 pytestmark = [pytest.mark.usefixtures("root_required"), pytest.mark.lifecycle]
@@ -508,14 +508,12 @@ def test_a_killed_probedsl_leaves_no_process_stopped_by_a_hold(hold):
         tracer.communicate()
 
 
-def test_a_late_interval_report_skips_the_times_it_overran(build):
-    """Reports every second, the first held at its fault point for 2.5 s more: the next comes an
-    interval after it, not the ones it overran back to back (each would show nothing changed)."""
+def reports_with_a_late_first(*args) -> list:
+    """The json reports of `probedsl run MEMLEAK --format json ARGS`, its first interval report
+    held 2.5 s at its fault point."""
     gate = Gate("report")
-    argv = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--interval", "1", "--format", "json"]
-    run = subprocess.Popen(
-        [*argv, "--", build("drip"), "7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env
-    )
+    argv = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--format", "json", *args]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env)
     try:
         wait_said(run, "fault report reached")
         late = time.monotonic() + 2.5
@@ -528,11 +526,17 @@ def test_a_late_interval_report_skips_the_times_it_overran(build):
             run.kill()
             run.communicate()
     assert run.returncode == 0, err
-    docs, i, dec = [], 0, json.JSONDecoder()
-    while (i := out.find("{", i)) >= 0:
-        doc, i = dec.raw_decode(out, i)
-        docs.append(doc)
-    times = [d["duration_s"] for d in docs if not d["final"]]
+    return json_documents(out)
+
+
+def test_a_late_interval_report_skips_the_times_it_overran(build):
+    """Reports every second, the first held 2.5 s more: the next comes an interval after it, not
+    the ones it overran back to back (each would show nothing changed)."""
+    times = [
+        d["duration_s"]
+        for d in reports_with_a_late_first("--interval", "1", "--", build("drip"), "7")
+        if not d["final"]
+    ]
     assert len(times) >= 3, times
     assert times[0] >= 3.4  # the late one
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.8, times
@@ -541,29 +545,10 @@ def test_a_late_interval_report_skips_the_times_it_overran(build):
 def test_count_gives_count_reports_however_late_one_is(build):
     """memleak -p PID 1 3 with its first report held 2.5 s: still three reports, the third final
     (COUNT counts reports; a time limit of 3 s would end the run after two)."""
-    gate = Gate("report")
     held = Held([build("leak_delayed"), "wait", "600"])
     try:
-        argv = [sys.executable, "-m", "probedsl", "run", MEMLEAK, "--backend", "bcc", "--format", "json"]
-        run = subprocess.Popen(
-            [*argv, "-p", str(held.pid), "1", "3"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=gate.env,
-        )
-        wait_said(run, "fault report reached")
-        late = time.monotonic() + 2.5
-        while time.monotonic() < late:  # the report's lateness, not a wait for the run
-            time.sleep(0.05)
-        gate.open()
-        out, err = run.communicate(timeout=120)
+        docs = reports_with_a_late_first("--backend", "bcc", "-p", str(held.pid), "1", "3")
     finally:
         held.proc.kill()
         held.end()
-    assert run.returncode == 0, err
-    docs, i, dec = [], 0, json.JSONDecoder()
-    while (i := out.find("{", i)) >= 0:
-        doc, i = dec.raw_decode(out, i)
-        docs.append(doc)
     assert [(d["sequence"], d["final"]) for d in docs] == [(1, False), (2, False), (3, True)]
