@@ -95,12 +95,13 @@ def build() -> str:
                 if result.returncode != 0:
                     said = (result.stderr.strip().splitlines() or ["no message"])[-1]
                     raise ValueError(f"`probedsl {' '.join(argv)}` failed: {said}")
-                if not glob.glob(os.path.join(cache, "probedsl", "bcc-programs", "*")):
+                made = {kind: glob.glob(os.path.join(cache, "probedsl", kind, "*")) for kind in MOST}
+                if not made["bcc-programs"]:
                     raise ValueError(f"`probedsl {' '.join(argv)}` kept no compile")
-                for kind, kept in shipped.items():
-                    for path in glob.glob(os.path.join(cache, "probedsl", kind, "*")):
+                for kind, paths in made.items():
+                    for path in paths:
                         with open(path, "rb") as f:
-                            if not kept.keep(os.path.basename(path), f.read(), most=MOST[kind]):
+                            if not shipped[kind].keep(os.path.basename(path), f.read(), most=MOST[kind]):
                                 raise ValueError(f"cannot write into {root}")
                         built[kind].add(os.path.basename(path))
         finally:

@@ -133,7 +133,7 @@ def _rows_of(path: str) -> List[Tuple[int, int, int, int, int]]:
     cached = os.path.join(where, name) if where else ""
     source, data = cached, cachedir.read_trusted(where, cached, limit) if cached and os.path.lexists(cached) else None
     if data is None and ident:  # none of the user's: what the install decoded (probedsl.run.prebuilt)
-        source = os.path.join(cachedir.shipped_root(), "unwind-rows", name)
+        source = cachedir.shipped_path("unwind-rows", name)
         data = cachedir.shipped_file("unwind-rows", name, limit)
     rows = _read_rows(source, data) if data is not None else []
     if rows:

@@ -201,14 +201,18 @@ def shipped_root() -> str:
     return os.path.realpath(os.path.join(sys.prefix, "share", "probedsl"))
 
 
+def shipped_path(kind: str, name: str) -> str:
+    """Where the install keeps the file of that kind (read by shipped_file)."""
+    return os.path.join(shipped_root(), kind, name)
+
+
 def shipped_file(kind: str, name: str, limit: int = -1) -> Optional[bytes]:
-    """The file of that kind the install built (shipped_root()/kind/name: at most limit bytes),
-    when it and every directory from / down pass the checks a cache's do; else None, and always
-    with PROBEDSL_INSTALL_CACHE=0 (a run as on an install that built nothing)."""
+    """The file of that kind the install built (shipped_path: at most limit bytes), when it
+    and every directory from / down pass the checks a cache's do; else None, and always with
+    PROBEDSL_INSTALL_CACHE=0 (a run as on an install that built nothing)."""
     if os.environ.get("PROBEDSL_INSTALL_CACHE", "1") == "0":
         return None
-    root = shipped_root()
-    path = os.path.join(root, kind, name)
+    root, path = shipped_root(), shipped_path(kind, name)
     if not os.path.lexists(path) or why_untrusted(root, path):  # (another user's install: built here)
         return None
     return read_trusted(os.path.dirname(path), path, limit)
